@@ -1,0 +1,175 @@
+"""The canonical in-memory model of a LoRA adapter (DESIGN.md section 2).
+
+Format-neutral: names of on-disk keys (lora_A, lora_down, ...) never appear here. Tensors are
+lazy TensorRefs, so building an Adapter from a file reads only its header (and kohya's 0-d alphas).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from loratool.st import TensorRef
+
+Kind = Literal["linear", "conv", "embedding"]
+AlphaSource = Literal["tensor", "config", "pattern", "metadata", "implied"]
+
+
+@dataclass
+class LoraModule:
+    """One adapted layer: ΔW = scale · up @ down (reshaped per kind).
+
+    Attributes:
+        name: module path in the base model without `.weight` (kohya: the stored underscore name).
+        down: A, (r, in) or conv (r, in, kh, kw); embedding: (r, num_embeddings).
+        up: B, (out, r) or conv (out, r, 1, 1); embedding: (embedding_dim, r).
+        alpha: the stored or implied alpha.
+        alpha_source: where alpha came from; wrong alpha is the most common user complaint.
+        rslora: scale is alpha / sqrt(r) instead of alpha / r.
+        magnitude: DoRA magnitude, one value per output row (PEFT convention), or None.
+        bias: a LoRA bias delta (PEFT lora_bias) added to the base bias, or None.
+        kind: linear, conv or embedding.
+        fan_in_fan_out: the base weight is stored (in, out) (GPT-2 Conv1D).
+    """
+
+    name: str
+    down: TensorRef
+    up: TensorRef
+    alpha: float
+    alpha_source: AlphaSource = "implied"
+    rslora: bool = False
+    magnitude: TensorRef | None = None
+    bias: TensorRef | None = None
+    kind: Kind = "linear"
+    fan_in_fan_out: bool = False
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return scale_for(self.alpha, self.rank, self.rslora)
+
+    @property
+    def out_features(self) -> int:
+        return self.up.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        """Input width (embedding: vocabulary size); conv: input channels."""
+        return self.down.shape[1]
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        return tuple(self.down.shape[2:])
+
+    @property
+    def dtype(self) -> str:
+        return self.up.dtype
+
+    @property
+    def base_shape(self) -> tuple[int, ...]:
+        """The shape of the base weight this module adapts (as stored in the checkpoint)."""
+        if self.kind == "embedding":
+            return (self.in_features, self.out_features)
+        if self.kind == "conv":
+            return (self.out_features, self.in_features, *self.kernel)
+        if self.fan_in_fan_out:
+            return (self.in_features, self.out_features)
+        return (self.out_features, self.in_features)
+
+    @property
+    def params(self) -> int:
+        return self.down.numel + self.up.numel
+
+    @property
+    def short_name(self) -> str:
+        """The last component of the module name (q_proj, to_k, ...), for summaries."""
+        return short_name(self.name)
+
+    def with_(self, **changes: Any) -> LoraModule:
+        return replace(self, **changes)
+
+
+def scale_for(alpha: float, rank: int, rslora: bool) -> float:
+    if rank == 0:
+        return 0.0
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+_KOHYA_SHORT_HINTS = (
+    "to_q", "to_k", "to_v", "to_out_0", "proj_in", "proj_out", "ff_net_0_proj", "ff_net_2",
+    "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "img_attn_qkv", "img_attn_proj",
+    "txt_attn_qkv", "txt_attn_proj", "img_mlp_0", "img_mlp_2", "txt_mlp_0", "txt_mlp_2",
+    "linear1", "linear2", "conv1", "conv2", "conv_shortcut", "time_emb_proj",
+)
+
+
+def short_name(name: str) -> str:
+    if "." in name:
+        return name.rsplit(".", 1)[1]
+    # kohya names lost their dots: match known layer names, else the last two parts
+    for hint in sorted(_KOHYA_SHORT_HINTS, key=len, reverse=True):
+        if name.endswith("_" + hint):
+            return hint
+    parts = name.split("_")
+    return "_".join(parts[-2:]) if len(parts) >= 2 else name
+
+
+@dataclass
+class Adapter:
+    """An adapter: ordered modules plus the full tensors and configuration that travel with them.
+
+    Attributes:
+        modules: LoraModules by name, in file order.
+        extras: full tensors (PEFT modules_to_save, e.g. `classifier.weight`) by base key.
+        config: the format's own configuration (PEFT adapter_config.json), kept for round trips.
+        metadata: the safetensors `__metadata__`.
+        source_format: "peft", "kohya" or "diffusers".
+        base_model: the base model's name when recorded, else None.
+        unsupported: keys of tensors that are not plain LoRA (LyCORIS, OFT, ...), never touched.
+        path: where it was read from.
+        files: the files it was read from (for provenance hashes).
+    """
+
+    modules: dict[str, LoraModule]
+    source_format: str
+    extras: dict[str, TensorRef] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    base_model: str | None = None
+    unsupported: list[str] = field(default_factory=list)
+    path: Path | None = None
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def ranks(self) -> list[int]:
+        return [m.rank for m in self.modules.values()]
+
+    @property
+    def lora_params(self) -> int:
+        return sum(m.params for m in self.modules.values())
+
+    @property
+    def dora(self) -> bool:
+        return any(m.magnitude is not None for m in self.modules.values())
+
+    @property
+    def rslora(self) -> bool:
+        return any(m.rslora for m in self.modules.values())
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return any(m.fan_in_fan_out for m in self.modules.values())
+
+    def most_common(self, attr: str) -> Any:
+        values = Counter(getattr(m, attr) for m in self.modules.values())
+        return values.most_common(1)[0][0] if values else None
+
+    def with_modules(self, modules: dict[str, LoraModule], **changes: Any) -> Adapter:
+        """A new Adapter with the given modules (and other fields changed); self is untouched."""
+        return replace(self, modules=modules, **changes)

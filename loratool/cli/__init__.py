@@ -1,0 +1,79 @@
+"""The `loratool` command: a click group over loratool.ops. Thin: parse, call one op, render, exit.
+
+Exit codes: 0 success; 1 validate found problems; 2 could not do it (one `Error:` line naming the
+file and key, plus a `Hint:`); 3 internal bug (traceback only with LORATOOL_DEBUG=1); 130 interrupted.
+This module is the one place that maps exceptions to exit codes and messages.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import click
+
+from loratool import __version__
+from loratool.cli import inspect as _inspect
+from loratool.cli import validate as _validate
+from loratool.errors import LoratoolError
+
+EXIT_FINDINGS = 1
+EXIT_USER = 2
+EXIT_BUG = 3
+EXIT_INTERRUPTED = 130
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "-V", "--version", prog_name="loratool")
+def cli() -> None:
+    """Inspect, validate, rescale, resize, combine and merge LoRA adapters.
+
+    Reads PEFT directories, kohya .safetensors and diffusers files. Exact maths, bounded memory,
+    clear errors. Set LORATOOL_DEBUG=1 for tracebacks.
+
+    Example: loratool inspect fixtures/peft_llama
+    """
+
+
+cli.add_command(_inspect.inspect)
+cli.add_command(_validate.validate)
+
+
+def _fail(message: str, hint: str | None) -> None:
+    click.echo(f"Error: {message}", err=True)
+    if hint:
+        click.echo(f"Hint: {hint}", err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the CLI and turn every outcome into an exit code."""
+    debug = os.environ.get("LORATOOL_DEBUG") == "1"
+    try:
+        code = cli.main(args=argv, prog_name="loratool", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Interrupted.", err=True)
+        code = EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        code = EXIT_INTERRUPTED
+    except click.ClickException as e:
+        e.show()
+        code = EXIT_USER
+    except LoratoolError as e:
+        if debug:
+            traceback.print_exc()
+        _fail(e.message, e.hint)
+        code = EXIT_USER
+    except BrokenPipeError:
+        code = 0
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), sys.stdout.fileno())
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        first = str(e).splitlines()[0] if str(e) else ""
+        _fail(f"internal error: {type(e).__name__}: {first}",
+              "this is a bug in loratool; rerun with LORATOOL_DEBUG=1 and report the traceback")
+        code = EXIT_BUG
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,206 @@
+"""All terminal rendering: tables, summaries, progress bars. The only module that imports rich.
+
+Results go to stdout; progress and warnings to stderr. Progress bars appear only when stderr is a
+TTY and the command is not --quiet/--json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+_out: Console | None = None
+_err: Console | None = None
+
+
+def out() -> Console:
+    global _out
+    if _out is None:
+        tty = sys.stdout.isatty()
+        _out = Console(file=sys.stdout, width=None if tty else 160, highlight=False, soft_wrap=not tty)
+    return _out
+
+
+def err() -> Console:
+    global _err
+    if _err is None:
+        _err = Console(file=sys.stderr, highlight=False, width=None if sys.stderr.isatty() else 160)
+    return _err
+
+
+def print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def warn(message: str) -> None:
+    err().print(f"[yellow]Warning:[/yellow] {message}", markup=True, highlight=False)
+
+
+@contextlib.contextmanager
+def progress(description: str, enabled: bool) -> Iterator[Callable[[int, int], None]]:
+    """Yield a (done, total) callback driving a transient rich bar on stderr (no-op when disabled)."""
+    if not enabled or not sys.stderr.isatty():
+        yield lambda done, total: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=err(), transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def _fmt(x: float) -> str:
+    if float(x).is_integer():
+        return str(int(x))
+    return f"{x:.6g}"
+
+
+def _counts(d: dict[str, int], limit: int = 12) -> str:
+    items = [f"{k}: {v}" for k, v in d.items()]
+    if len(items) > limit:
+        items = [*items[:limit], f"... ({len(items) - limit} more)"]
+    return ", ".join(items)
+
+
+def _yes(b: bool) -> str:
+    return "yes" if b else "no"
+
+
+BLOCKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 32) -> str:
+    """Singular values as bars, scaled to the largest; buckets (max) when there are many."""
+    if not values:
+        return ""
+    if len(values) > width:
+        step = len(values) / width
+        values = [max(values[int(i * step): max(int((i + 1) * step), int(i * step) + 1)]) for i in range(width)]
+    top = values[0] or 1.0
+    return "".join(BLOCKS[min(len(BLOCKS) - 1, max(0, math.ceil(v / top * len(BLOCKS)) - 1))] if v > 0 else " "
+                   for v in values)
+
+
+def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool) -> None:
+    c = out()
+    head = Text()
+    head.append(doc["path"], style="bold")
+    head.append(f"  ({doc['format']}, {doc['num_modules']} modules, {human_size(doc['file_size'])})")
+    c.print(head)
+    t = Table.grid(padding=(0, 2))
+    t.add_column(style="dim")
+    t.add_column()
+    ranks = doc["ranks"]
+    alphas = doc["alphas"]
+    rank_txt = (f"{ranks['min']}" if ranks["min"] == ranks["max"]
+                else f"min {ranks['min']}, max {ranks['max']}, most common {ranks['most_common']}")
+    t.add_row("base model", doc["base_model"] or "(not recorded)")
+    t.add_row("rank", rank_txt if ranks["min"] is not None else "-")
+    t.add_row("alpha", _counts(alphas, 6) if len(alphas) > 1 else next(iter(alphas), "-"))
+    t.add_row("alpha from", _counts(doc["alpha_sources"]) or "-")
+    scales = doc["scales"]
+    t.add_row("scale", _counts(scales, 6) if len(scales) > 1 else next(iter(scales), "-"))
+    t.add_row("rslora", _yes(doc["rslora"]))
+    t.add_row("DoRA", _yes(doc["dora"]))
+    t.add_row("fan_in_fan_out", _yes(doc["fan_in_fan_out"]))
+    t.add_row("kinds", _counts(doc["kinds"]) or "-")
+    t.add_row("targets", _counts(doc["targets"]) or "-")
+    t.add_row("dtypes", _counts(doc["dtypes"]) or "-")
+    t.add_row("LoRA params", f"{doc['lora_params']:,}")
+    t.add_row("file size", human_size(doc["file_size"]))
+    extras = doc["extras"]
+    t.add_row("extras", ", ".join(f"{e['name']} {tuple(e['shape'])} {e['dtype']}" for e in extras[:8])
+              + (f" ... ({len(extras)} total)" if len(extras) > 8 else "") if extras else "none")
+    uns = doc["unsupported"]
+    t.add_row("unsupported", f"{len(uns)} tensor(s), e.g. {', '.join(uns[:3])}" if uns else "none")
+    c.print(t)
+    meta = doc["metadata"]
+    if meta:
+        c.print(Text("metadata", style="bold"))
+        m = Table.grid(padding=(0, 2))
+        m.add_column(style="dim")
+        m.add_column(overflow="fold")
+        for k in sorted(meta):
+            m.add_row(k, _readable(meta[k]))
+        c.print(m)
+    if modules or spectrum:
+        _module_table(doc, spectrum)
+
+
+def _readable(value: str, limit: int = 200) -> str:
+    """Metadata values: JSON made compact and legible, long values cut."""
+    text = value
+    if value[:1] in "{[":
+        try:
+            parsed = json.loads(value)
+            text = json.dumps(parsed, separators=(", ", ": "), ensure_ascii=False)
+        except json.JSONDecodeError:
+            pass
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+
+
+def _module_table(doc: dict[str, Any], spectrum: bool) -> None:
+    t = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+    t.add_column("module", overflow="fold")
+    t.add_column("kind")
+    for name in ("out", "in", "rank", "alpha"):
+        t.add_column(name, justify="right")
+    t.add_column("from")
+    t.add_column("scale", justify="right")
+    t.add_column("dtype")
+    if spectrum:
+        t.add_column("r90", justify="right")
+        t.add_column("r99", justify="right")
+        t.add_column("σ1", justify="right")
+        t.add_column("spectrum")
+    for m in doc["modules"]:
+        row = [m["name"], m["kind"], str(m["out_features"]), str(m["in_features"]), str(m["rank"]),
+               _fmt(m["alpha"]), m["alpha_source"], f"{m['scale']:.4g}", m["dtype"]]
+        if spectrum:
+            s = m.get("singular_values") or []
+            row += [str(m.get("rank_90", "")), str(m.get("rank_99", "")), f"{s[0]:.3g}" if s else "",
+                    sparkline(s)]
+        t.add_row(*row)
+    out().print(t)
+
+
+def render_validate(doc: dict[str, Any]) -> None:
+    c = out()
+    findings = doc["findings"]
+    if findings:
+        t = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+        t.add_column("severity")
+        t.add_column("code")
+        t.add_column("message", overflow="fold")
+        for f in findings:
+            sev = Text(f["severity"], style="red" if f["severity"] == "error" else "yellow")
+            t.add_row(sev, f["code"], f["message"])
+        c.print(t)
+    base = f", {doc['matched']} matched in {doc['base']}" if doc["base"] else ""
+    verdict = "OK" if doc["ok"] else "FAILED"
+    c.print(f"{verdict}: {doc['path']} ({doc['format']}, {doc['num_modules']} modules{base}): "
+            f"{doc['errors']} error(s), {doc['warnings']} warning(s)")

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import click
+
+from loratool.cli._options import allow_pickle_option, device_option, json_option, quiet_option
+
+
+@click.command()
+@click.argument("path", type=click.Path())
+@json_option
+@click.option("--modules", "show_modules", is_flag=True, help="One row per module.")
+@click.option("--spectrum", is_flag=True, help="Exact singular values per module (reads tensor bytes).")
+@allow_pickle_option
+@device_option
+@quiet_option
+def inspect(path: str, as_json: bool, show_modules: bool, spectrum: bool, allow_pickle: bool, device: str,
+            quiet: bool) -> int:
+    """Show what an adapter holds: format, ranks, alphas (and where they came from), targets, metadata.
+
+    Reads only the file header unless --spectrum is given.
+
+    Example: loratool inspect adapter_dir --modules
+    """
+    from loratool.cli import _render
+    from loratool.ops.inspect import inspect_adapter
+
+    dev = "cpu"
+    if spectrum:
+        from loratool.cli._options import resolve_device
+
+        dev = resolve_device(device)
+    with _render.progress("spectrum", enabled=spectrum and not (quiet or as_json)) as cb:
+        report = inspect_adapter(path, spectrum=spectrum, allow_pickle=allow_pickle, device=dev, progress=cb)
+    doc = report.to_dict()
+    if as_json:
+        _render.print_json(doc)
+    else:
+        _render.render_inspect(doc, modules=show_modules, spectrum=spectrum)
+    return 0

@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import click
+
+from loratool.cli._options import allow_pickle_option, json_option, quiet_option
+
+
+@click.command()
+@click.argument("path", type=click.Path())
+@click.option("--base", type=click.Path(), help="Base checkpoint (.safetensors, model dir or sharded dir).")
+@click.option("--strict", is_flag=True, help="Treat warnings as failures.")
+@json_option
+@allow_pickle_option
+@quiet_option
+def validate(path: str, base: str | None, strict: bool, as_json: bool, allow_pickle: bool, quiet: bool) -> int:
+    """Check an adapter for broken pairs, shape/rank mismatches, NaN/Inf, bad configs and base fit.
+
+    Exit 0 when clean (warnings allowed unless --strict), 1 when problems were found, 2 when the
+    input cannot be read at all.
+
+    Example: loratool validate adapter_dir --base ./Llama-3.2-1B
+    """
+    from loratool.cli import _render
+    from loratool.ops.validate import validate_adapter
+
+    with _render.progress("checking tensors", enabled=not (quiet or as_json)) as cb:
+        report = validate_adapter(path, base=base, strict=strict, allow_pickle=allow_pickle, progress=cb)
+    doc = report.to_dict()
+    if as_json:
+        _render.print_json(doc)
+    else:
+        _render.render_validate(doc)
+    return 0 if report.ok else 1

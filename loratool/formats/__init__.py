@@ -1,0 +1,215 @@
+"""On-disk dialects. Key-name translation lives only in this package.
+
+`detect(path)` decides from directory contents and key names (never the file name); `read` gives
+the canonical Adapter; `write` writes PEFT or kohya atomically with provenance metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from loratool.adapter import Adapter
+from loratool.errors import FormatError, IncompatibleError
+from loratool.formats import diffusers, kohya, peft
+from loratool.formats._common import (
+    PICKLE_SUFFIXES,
+    Finding,
+    Findings,
+    TensorFile,
+    is_unsupported,
+    open_tensor_file,
+    unsupported_family,
+)
+
+__all__ = ["FORMATS", "Finding", "Findings", "detect", "provenance", "read", "write"]
+
+FORMATS = ("peft", "kohya", "diffusers")
+WRITABLE = ("peft", "kohya")
+
+
+def _classify(tf: TensorFile) -> str:
+    keys = list(tf.tensors)
+    if any(k.startswith(peft.PREFIX) for k in keys) and any(peft.split_key(k) for k in keys):
+        return "peft"
+    if kohya.looks_like(keys):
+        return "kohya"
+    if diffusers.looks_like(keys):
+        return "diffusers"
+    if any(peft.split_key(k) for k in keys):
+        return "peft"
+    unsupported = [k for k in keys if is_unsupported(k)]
+    if unsupported:
+        return "kohya"  # LyCORIS files use kohya names; reported as unsupported modules
+    shown = ", ".join(keys[:5]) + (f", ... ({len(keys)} tensors)" if len(keys) > 5 else "")
+    raise FormatError(
+        f"{tf.path}: holds no LoRA tensors (found: {shown or 'no tensors'})",
+        hint="expected keys ending in .lora_A.weight/.lora_B.weight (PEFT, diffusers) "
+        "or .lora_down.weight/.lora_up.weight (kohya)",
+    )
+
+
+def _resolve(path: Path) -> Path:
+    if not path.exists():
+        raise FormatError(f"{path}: no such file or directory")
+    return path
+
+
+def detect(path: str | Path, *, allow_pickle: bool = False) -> str:
+    """'peft', 'kohya' or 'diffusers', from the directory contents and key names.
+
+    Raises:
+        FormatError: missing path, unreadable file, or no LoRA tensors (the message lists what was found).
+    """
+    p = _resolve(Path(path))
+    if p.is_dir():
+        return "peft"
+    return _classify(open_tensor_file(p, allow_pickle=allow_pickle))
+
+
+def read(path: str | Path, *, allow_pickle: bool = False, findings: Findings | None = None) -> Adapter:
+    """Read an adapter in any supported format into the canonical model.
+
+    Args:
+        path: a PEFT directory, or a .safetensors file (PEFT with its config beside it, kohya,
+            diffusers); .bin/.pt only with allow_pickle.
+        allow_pickle: load pickle files with torch.load(weights_only=True).
+        findings: a lenient collector (validate); None raises at the first problem.
+
+    Raises:
+        FormatError: unreadable or unknown layout. IncompatibleError: inconsistent tensors.
+    """
+    findings = findings if findings is not None else Findings()
+    p = _resolve(Path(path))
+    if p.is_dir():
+        if not (p / peft.CONFIG_NAME).exists() and not (p / peft.WEIGHTS_NAME).exists():
+            found = sorted(x.name for x in p.iterdir())[:10]
+            raise FormatError(
+                f"{p}: not an adapter directory: no {peft.CONFIG_NAME} or {peft.WEIGHTS_NAME} "
+                f"(found: {', '.join(found) or 'nothing'})",
+                hint="pass the adapter directory or its .safetensors file",
+            )
+        adapter = peft.read(p, allow_pickle=allow_pickle, findings=findings)
+    else:
+        tf = open_tensor_file(p, allow_pickle=allow_pickle)
+        fmt = _classify(tf)
+        if fmt == "peft":
+            config_path = p.parent / peft.CONFIG_NAME
+            config: dict[str, Any] = {}
+            if config_path.exists():
+                from loratool.formats._common import json_config
+
+                config = json_config(config_path, findings) or {}
+            else:
+                findings.warning("config-missing", None,
+                                 f"{config_path}: not found; alpha is implied (= rank) for every module")
+            adapter = peft.from_tensors(tf, config, findings, root=p,
+                                        config_path=config_path if config_path.exists() else None)
+        elif fmt == "kohya":
+            adapter = kohya.from_tensors(tf, findings)
+        else:
+            adapter = diffusers.from_tensors(tf, findings)
+    _check_duplicates(adapter, findings)
+    if not adapter.modules and not findings.items:
+        what = f"only unsupported tensors ({unsupported_family(adapter.unsupported[0])}, e.g. " \
+               f"'{adapter.unsupported[0]}')" if adapter.unsupported else "no LoRA modules"
+        findings.error("no-lora-tensors", None, f"{p}: holds {what}",
+                       hint="loratool operates on plain LoRA; LyCORIS types are reported by inspect only",
+                       exc=FormatError)
+    return adapter
+
+
+def _check_duplicates(adapter: Adapter, findings: Findings) -> None:
+    seen: dict[str, str] = {}
+    for name in adapter.modules:
+        norm = name.replace(".", "_")
+        if norm in seen:
+            findings.error(
+                "duplicate-module", name,
+                f"{adapter.path}: modules '{seen[norm]}' and '{name}' are the same layer after name "
+                "normalisation; merging would apply it twice",
+            )
+        seen[norm] = name
+
+
+def require_plain(adapter: Adapter, op: str) -> None:
+    """Operations refuse adapters that hold tensors they would silently drop."""
+    if adapter.unsupported:
+        key = adapter.unsupported[0]
+        raise IncompatibleError(
+            f"{adapter.path}: tensor '{key}' is {unsupported_family(key)}, which {op} does not support "
+            f"({len(adapter.unsupported)} such tensor(s))",
+            hint="loratool operates on plain LoRA factors only",
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def provenance(op: str, params: Mapping[str, Any], sources: list[Path]) -> dict[str, str]:
+    """The `__metadata__` entries every file we write carries."""
+    from loratool import __version__
+    from loratool.st import sha256_file
+
+    hashes = {str(s): sha256_file(s) for s in sources if s.is_file()}
+    return {
+        "loratool.version": __version__,
+        "loratool.op": op,
+        "loratool.params": json.dumps(dict(params), sort_keys=True, default=str),
+        "loratool.sources": json.dumps(hashes, sort_keys=True),
+    }
+
+
+def output_is_directory(fmt: str) -> bool:
+    return fmt == "peft"
+
+
+def write(
+    adapter: Adapter,
+    out: str | Path,
+    *,
+    fmt: str | None = None,
+    force: bool = False,
+    op: str = "write",
+    params: Mapping[str, Any] | None = None,
+    sources: list[Path] | None = None,
+) -> Path:
+    """Write an adapter atomically and re-read it before it is moved into place.
+
+    Args:
+        fmt: "peft" (a directory) or "kohya" (one file); default: the adapter's own format.
+        op, params, sources: provenance recorded in the file's metadata.
+
+    Returns:
+        The output path.
+
+    Raises:
+        OutputExistsError, IncompatibleError, FormatError.
+    """
+    from loratool.st import atomic_output
+
+    fmt = fmt or adapter.source_format
+    if fmt not in WRITABLE:
+        raise IncompatibleError(
+            f"cannot write the {fmt} format", hint=f"choose one of: {', '.join(WRITABLE)} (--format)"
+        )
+    meta = provenance(op, params or {}, sources if sources is not None else adapter.files)
+    out = Path(out)
+    with atomic_output(out, force=force, directory=output_is_directory(fmt)) as tmp:
+        if fmt == "peft":
+            peft.write(adapter, tmp, meta)
+        else:
+            kohya.write(adapter, tmp, meta)
+        check = read(tmp)
+        if len(check.modules) != len(adapter.modules):
+            raise IncompatibleError(
+                f"{out}: re-reading the written adapter gave {len(check.modules)} modules, "
+                f"expected {len(adapter.modules)}"
+            )
+    return out
+
+
+__all__ += ["PICKLE_SUFFIXES", "WRITABLE", "require_plain"]

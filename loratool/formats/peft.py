@@ -1,0 +1,316 @@
+"""PEFT: a directory with adapter_config.json + adapter_model.safetensors.
+
+Keys: `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` (`.lora_B.bias` with lora_bias),
+`.lora_magnitude_vector` (DoRA), `.lora_embedding_A` / `.lora_embedding_B`, and modules_to_save
+copies as `base_model.model.<module>.weight`. Alpha and rank come from the config: `r`,
+`lora_alpha`, `use_rslora`, and per-module `rank_pattern` / `alpha_pattern` matched as peft does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from loratool.adapter import Adapter, LoraModule, scale_for
+from loratool.errors import FormatError
+from loratool.formats._common import (
+    Findings,
+    RawModule,
+    TensorFile,
+    build_module,
+    is_unsupported,
+    json_config,
+    open_tensor_file,
+)
+from loratool.st import TensorRef
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+
+# key suffix -> (role in RawModule, is embedding)
+_SUFFIXES: tuple[tuple[str, str, bool], ...] = (
+    (".lora_A.weight", "down", False),
+    (".lora_B.weight", "up", False),
+    (".lora_B.bias", "bias", False),
+    (".lora_embedding_A", "down", True),
+    (".lora_embedding_B", "up", True),
+    (".lora_magnitude_vector.weight", "magnitude", False),
+    (".lora_magnitude_vector", "magnitude", False),
+)
+
+# LoraConfig defaults that matter for reading (peft's own defaults)
+_DEFAULT_R = 8
+_DEFAULT_ALPHA = 8
+
+
+def split_key(key: str) -> tuple[str, str, bool] | None:
+    """'<prefix><module><suffix>' -> (module, role, embedding), or None for a non-LoRA key."""
+    for suffix, role, embedding in _SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role, embedding
+    return None
+
+
+def strip_prefix(key: str) -> str:
+    return key[len(PREFIX):] if key.startswith(PREFIX) else key
+
+
+def base_key(extra: str) -> str:
+    """The base-model key a saved full tensor replaces (peft stores wrapped layers' copies under
+    `.base_layer.`, e.g. `model.embed_tokens.base_layer.weight`)."""
+    return extra.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+
+
+def pattern_key(patterns: dict[str, Any], name: str) -> str | None:
+    """The first pattern that matches `name` the way peft's get_pattern_key does (suffix or regex)."""
+    for key in patterns:
+        try:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return key
+        except re.error:
+            continue
+    return None
+
+
+def locate(path: Path) -> tuple[Path, Path]:
+    """(config path, weights path) for a PEFT directory or a weights file beside its config.
+
+    Raises:
+        FormatError: no weights file in the directory.
+    """
+    if path.is_dir():
+        weights = path / WEIGHTS_NAME
+        if not weights.exists() and (path / PICKLE_NAME).exists():
+            weights = path / PICKLE_NAME
+        if not weights.exists():
+            found = sorted(p.name for p in path.iterdir())[:10]
+            raise FormatError(
+                f"{path}: PEFT adapter directory without {WEIGHTS_NAME} "
+                f"(found: {', '.join(found) or 'nothing'})"
+            )
+        return path / CONFIG_NAME, weights
+    return path.parent / CONFIG_NAME, path
+
+
+def read(path: Path, *, allow_pickle: bool = False, findings: Findings | None = None) -> Adapter:
+    """Read a PEFT adapter directory (or its weights file with the config beside it).
+
+    Raises:
+        FormatError / IncompatibleError: when strict (the default) and the adapter is broken.
+    """
+    findings = findings or Findings()
+    config_path, weights_path = locate(path)
+    tf = open_tensor_file(weights_path, allow_pickle=allow_pickle)
+    config: dict[str, Any] = {}
+    if config_path.exists():
+        config = json_config(config_path, findings) or {}
+    else:
+        findings.warning(
+            "config-missing", None,
+            f"{config_path}: not found; alpha is implied (= rank) for every module",
+        )
+    return from_tensors(tf, config, findings, root=path, config_path=config_path)
+
+
+def from_tensors(
+    tf: TensorFile, config: dict[str, Any], findings: Findings, *, root: Path, config_path: Path | None
+) -> Adapter:
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        findings.error("unsupported-type", None,
+                       f"{config_path}: peft_type is {peft_type}; only LORA adapters are supported",
+                       exc=FormatError)
+    has_config = bool(config)
+    r_default = _int(config.get("r", _DEFAULT_R), "r", config_path, findings)
+    alpha_default = _num(config.get("lora_alpha", _DEFAULT_ALPHA), "lora_alpha", config_path, findings)
+    rank_pattern = _dict(config.get("rank_pattern"), "rank_pattern", config_path, findings)
+    alpha_pattern = _dict(config.get("alpha_pattern"), "alpha_pattern", config_path, findings)
+    rslora = bool(config.get("use_rslora", False))
+    use_dora = bool(config.get("use_dora", False))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+
+    raw: dict[str, RawModule] = {}
+    extras: dict[str, TensorRef] = {}
+    unsupported: list[str] = []
+    for key, ref in tf.tensors.items():
+        parts = split_key(key)
+        if parts is None:
+            if is_unsupported(key) or "trainable_tokens" in key:
+                unsupported.append(key)
+            else:
+                extras[strip_prefix(key)] = ref
+            continue
+        name, role, embedding = parts
+        name = strip_prefix(name)
+        rm = raw.setdefault(name, RawModule())
+        rm.put(role, ref, key, name, findings, tf.path)
+        rm.embedding = rm.embedding or embedding
+
+    modules: dict[str, LoraModule] = {}
+    for name, rm in raw.items():
+        alpha_key = pattern_key(alpha_pattern, name)
+        if not has_config:
+            alpha, source = None, "implied"
+        elif alpha_key is not None:
+            alpha, source = float(alpha_pattern[alpha_key]), "pattern"
+        else:
+            alpha, source = alpha_default, "config"
+        module = build_module(
+            name, rm, alpha=alpha, alpha_source=source, rslora=rslora,  # type: ignore[arg-type]
+            fan_in_fan_out=fan_in_fan_out, findings=findings, where=tf.path,
+        )
+        if module is None:
+            continue
+        if has_config:
+            rank_key = pattern_key(rank_pattern, name)
+            expected = int(rank_pattern[rank_key]) if rank_key is not None else r_default
+            if module.rank != expected:
+                origin = f"rank_pattern['{rank_key}']" if rank_key is not None else "r"
+                findings.error(
+                    "config-rank-mismatch", name,
+                    f"{tf.path}: module '{name}' has rank {module.rank} (down {module.down.shape}) "
+                    f"but {config_path.name if config_path else 'the config'} {origin} says {expected}",
+                    hint="peft will refuse to load it; fix r / rank_pattern in adapter_config.json",
+                )
+                continue
+            if use_dora and module.magnitude is None:
+                findings.error("config-inconsistent", name,
+                               f"{tf.path}: use_dora is true but module '{name}' has no lora_magnitude_vector")
+                continue
+        modules[name] = module
+    if has_config and not use_dora and any(m.magnitude is not None for m in modules.values()):
+        findings.error("config-inconsistent", None,
+                       f"{tf.path}: has lora_magnitude_vector tensors but use_dora is false in {CONFIG_NAME}")
+    base_model = config.get("base_model_name_or_path") or None
+    return Adapter(
+        modules=modules, source_format="peft", extras=extras, config=config, metadata=tf.metadata,
+        base_model=str(base_model) if base_model else None, unsupported=unsupported, path=root,
+        files=[tf.path] + ([config_path] if config_path and config_path.exists() else []),
+    )
+
+
+def _int(v: Any, field: str, where: Path | None, findings: Findings) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        findings.error("config-invalid", None, f"{where}: '{field}' must be a positive integer, got {v!r}",
+                       exc=FormatError)
+        return _DEFAULT_R
+    return v
+
+
+def _num(v: Any, field: str, where: Path | None, findings: Findings) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        findings.error("config-invalid", None, f"{where}: '{field}' must be a number, got {v!r}",
+                       exc=FormatError)
+        return float(_DEFAULT_ALPHA)
+    return float(v)
+
+
+def _dict(v: Any, field: str, where: Path | None, findings: Findings) -> dict[str, Any]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        findings.error("config-invalid", None, f"{where}: '{field}' must be an object, got {v!r}",
+                       exc=FormatError)
+        return {}
+    return v
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def build_config(adapter: Adapter) -> tuple[dict[str, Any], dict[str, float]]:
+    """The adapter_config.json for `adapter`, and the alpha to store per module.
+
+    Global r / lora_alpha are the most common values; other modules go to rank_pattern /
+    alpha_pattern under their exact (escaped) names. use_rslora is per adapter in PEFT, so when
+    modules disagree, rslora modules get their alpha converted to keep the scale exactly.
+    """
+    mods = list(adapter.modules.values())
+    use_rslora = bool(mods) and all(m.rslora for m in mods)
+    alphas = {m.name: (m.alpha if m.rslora == use_rslora else _converted_alpha(m, use_rslora)) for m in mods}
+    r = Counter(m.rank for m in mods).most_common(1)[0][0] if mods else _DEFAULT_R
+    alpha = Counter(alphas.values()).most_common(1)[0][0] if mods else float(_DEFAULT_ALPHA)
+    rank_pattern = {re.escape(m.name): m.rank for m in mods if m.rank != r}
+    alpha_pattern = {re.escape(m.name): _number(alphas[m.name]) for m in mods if alphas[m.name] != alpha}
+
+    config: dict[str, Any] = dict(adapter.config) if adapter.source_format == "peft" else {}
+    short = sorted({m.name.rsplit(".", 1)[-1] for m in mods})
+    targets = config.get("target_modules")
+    if not _targets_cover(targets, [m.name for m in mods]):
+        targets = short
+    extras_modules = sorted({k.rsplit(".", 1)[0] for k in adapter.extras})
+    modules_to_save = config.get("modules_to_save") or (extras_modules or None)
+    config.update(
+        peft_type="LORA",
+        r=r,
+        lora_alpha=_number(alpha),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        use_rslora=use_rslora,
+        use_dora=any(m.magnitude is not None for m in mods),
+        fan_in_fan_out=any(m.fan_in_fan_out for m in mods),
+        target_modules=targets,
+        modules_to_save=modules_to_save,
+        base_model_name_or_path=adapter.base_model or config.get("base_model_name_or_path"),
+        lora_bias=any(m.bias is not None for m in mods),
+    )
+    config.setdefault("task_type", None)
+    config.setdefault("bias", "none")
+    config.setdefault("lora_dropout", 0.0)
+    config.setdefault("inference_mode", True)
+    return config, alphas
+
+
+def _targets_cover(targets: Any, names: list[str]) -> bool:
+    if isinstance(targets, str):
+        return all(re.fullmatch(targets, n) for n in names)
+    if isinstance(targets, list) and targets:
+        return all(any(n == t or n.endswith("." + t) for t in targets) for n in names)
+    return False
+
+
+def _converted_alpha(m: LoraModule, to_rslora: bool) -> float:
+    s = m.scale
+    return s * (m.rank**0.5) if to_rslora else s * m.rank
+
+
+def state_dict(adapter: Adapter, alphas: dict[str, float]) -> dict[str, Any]:
+    """Tensors in PEFT key layout. The factors are stored as they are (alpha carries the scale)."""
+    out: dict[str, Any] = {}
+    for m in adapter.modules.values():
+        base = PREFIX + m.name
+        if m.kind == "embedding":
+            out[base + ".lora_embedding_A"] = m.down.load()
+            out[base + ".lora_embedding_B"] = m.up.load()
+        else:
+            out[base + ".lora_A.weight"] = m.down.load()
+            out[base + ".lora_B.weight"] = m.up.load()
+        if m.bias is not None:
+            out[base + ".lora_B.bias"] = m.bias.load()
+        if m.magnitude is not None:
+            out[base + ".lora_magnitude_vector"] = m.magnitude.load().reshape(-1)
+    for key, ref in adapter.extras.items():
+        out[PREFIX + key] = ref.load()
+    return out
+
+
+def write(adapter: Adapter, out_dir: Path, metadata: dict[str, str]) -> None:
+    """Write `adapter` as a PEFT directory into the (empty, temporary) directory `out_dir`."""
+    from loratool.st import save_tensors
+
+    config, alphas = build_config(adapter)
+    for m in adapter.modules.values():
+        # the written alpha must reproduce the module's scale exactly
+        assert abs(scale_for(alphas[m.name], m.rank, config["use_rslora"]) - m.scale) <= 1e-9 * max(1, abs(m.scale))
+    save_tensors(out_dir / WEIGHTS_NAME, state_dict(adapter, alphas), {"format": "pt", **metadata})
+    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,140 @@
+"""inspect: what an adapter holds, from its header alone (bytes only with spectrum=True)."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loratool.adapter import Adapter, LoraModule
+from loratool.formats import read
+
+SCHEMA = 1
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class ModuleSpectrum:
+    singular_values: list[float]  # of the effective ΔW (scale included), descending
+    rank_90: int  # smallest k keeping 90% of the Frobenius norm
+    rank_99: int
+
+
+@dataclass
+class InspectReport:
+    """Everything `loratool inspect` shows; to_dict() is the --json document."""
+
+    adapter: Adapter
+    path: Path
+    file_size: int
+    spectra: dict[str, ModuleSpectrum] = field(default_factory=dict)
+
+    @property
+    def modules(self) -> list[LoraModule]:
+        return list(self.adapter.modules.values())
+
+    def summary(self) -> dict[str, Any]:
+        mods = self.modules
+        ranks = [m.rank for m in mods]
+        alpha_sources = Counter(m.alpha_source for m in mods)
+        return {
+            "ranks": {
+                "min": min(ranks) if ranks else None,
+                "max": max(ranks) if ranks else None,
+                "most_common": Counter(ranks).most_common(1)[0][0] if ranks else None,
+            },
+            "alphas": _counts(_num(m.alpha) for m in mods),
+            "alpha_sources": dict(alpha_sources.most_common()),
+            "scales": _counts(round(m.scale, 6) for m in mods),
+            "targets": dict(Counter(m.short_name for m in mods).most_common()),
+            "kinds": dict(Counter(m.kind for m in mods).most_common()),
+            "dtypes": dict(Counter(t.dtype for m in mods for t in (m.down, m.up)).most_common()),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        a = self.adapter
+        modules = []
+        for m in self.modules:
+            row: dict[str, Any] = {
+                "name": m.name,
+                "kind": m.kind,
+                "out_features": m.out_features,
+                "in_features": m.in_features,
+                "rank": m.rank,
+                "alpha": _num(m.alpha),
+                "alpha_source": m.alpha_source,
+                "scale": m.scale,
+                "rslora": m.rslora,
+                "dora": m.magnitude is not None,
+                "fan_in_fan_out": m.fan_in_fan_out,
+                "dtype": m.dtype,
+                "down_shape": list(m.down.shape),
+                "up_shape": list(m.up.shape),
+            }
+            if m.name in self.spectra:
+                sp = self.spectra[m.name]
+                row.update(singular_values=sp.singular_values, rank_90=sp.rank_90, rank_99=sp.rank_99)
+            modules.append(row)
+        return {
+            "schema": SCHEMA,
+            "format": a.source_format,
+            "path": str(self.path),
+            "base_model": a.base_model,
+            "num_modules": len(a.modules),
+            "lora_params": a.lora_params,
+            "file_size": self.file_size,
+            "fan_in_fan_out": a.fan_in_fan_out,
+            "rslora": a.rslora,
+            "dora": a.dora,
+            **self.summary(),
+            "metadata": dict(a.metadata),
+            "config": a.config or None,
+            "extras": [{"name": k, "shape": list(t.shape), "dtype": t.dtype} for k, t in a.extras.items()],
+            "unsupported": list(a.unsupported),
+            "modules": modules,
+        }
+
+
+def _num(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x
+
+
+def _counts(values: Any) -> dict[str, int]:
+    return {str(k): v for k, v in Counter(values).most_common()}
+
+
+def inspect_adapter(
+    path: str | os.PathLike[str],
+    *,
+    spectrum: bool = False,
+    allow_pickle: bool = False,
+    device: str = "cpu",
+    progress: Progress | None = None,
+) -> InspectReport:
+    """Describe an adapter. Header-only (no torch import) unless spectrum=True.
+
+    Args:
+        spectrum: also compute each module's exact singular values by the low-rank route.
+        device: where the spectrum is computed.
+        progress: called with (done, total) modules while computing spectra.
+
+    Raises:
+        FormatError, IncompatibleError: the adapter cannot be read.
+    """
+    p = Path(path)
+    adapter = read(p, allow_pickle=allow_pickle)
+    size = sum(f.stat().st_size for f in adapter.files if f.exists())
+    report = InspectReport(adapter, p, size)
+    if spectrum:
+        from loratool.linalg import energy_rank, singular_values
+
+        mods = report.modules
+        for i, m in enumerate(mods):
+            s = singular_values(m, device=device).cpu().tolist()
+            report.spectra[m.name] = ModuleSpectrum(s, energy_rank(s, 0.9), energy_rank(s, 0.99))
+            if progress:
+                progress(i + 1, len(mods))
+    return report

@@ -1,0 +1,161 @@
+"""validate: structural and numerical checks of an adapter, optionally against a base checkpoint."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loratool.adapter import Adapter
+from loratool.formats import Finding, Findings, read
+from loratool.formats._common import unsupported_family
+
+SCHEMA = 1
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class ValidationReport:
+    path: Path
+    format: str | None
+    num_modules: int
+    findings: list[Finding]
+    strict: bool = False
+    base: Path | None = None
+    matched: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and not (self.strict and self.warnings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "ok": self.ok,
+            "path": str(self.path),
+            "format": self.format,
+            "num_modules": self.num_modules,
+            "base": str(self.base) if self.base else None,
+            "matched": len(self.matched) if self.base else None,
+            "errors": len(self.errors),
+            "warnings": len(self.warnings),
+            "findings": [f.to_dict() for f in self.findings],
+        }
+
+
+def validate_adapter(
+    path: str | os.PathLike[str],
+    *,
+    base: str | os.PathLike[str] | None = None,
+    strict: bool = False,
+    allow_pickle: bool = False,
+    progress: Progress | None = None,
+) -> ValidationReport:
+    """Check an adapter: structure, config consistency, values (NaN/Inf, zero up), and base fit.
+
+    Returns a report whose findings carry stable codes; ok is False when any error (or, with
+    strict, any warning) was found.
+
+    Raises:
+        FormatError: the adapter (or base) cannot be read at all (corrupt header, not a LoRA file).
+    """
+    p = Path(path)
+    findings = Findings(strict=False)
+    adapter = read(p, allow_pickle=allow_pickle, findings=findings)
+    report = ValidationReport(p, adapter.source_format, len(adapter.modules), findings.items, strict)
+    _check_unsupported(adapter, findings)
+    _check_dtypes(adapter, findings)
+    _check_values(adapter, findings, progress)
+    if base is not None:
+        report.base = Path(base)
+        report.matched = _check_base(adapter, Path(base), findings)
+    return report
+
+
+def _check_unsupported(adapter: Adapter, findings: Findings) -> None:
+    families = Counter(unsupported_family(k) for k in adapter.unsupported)
+    for family, n in families.items():
+        example = next(k for k in adapter.unsupported if unsupported_family(k) == family)
+        findings.warning("unsupported-tensor", None,
+                         f"{adapter.path}: {n} {family} tensor(s), e.g. '{example}'; operations will refuse them")
+
+
+def _check_dtypes(adapter: Adapter, findings: Findings) -> None:
+    dtypes = Counter(t.dtype for m in adapter.modules.values() for t in (m.down, m.up))
+    if len(dtypes) > 1:
+        shown = ", ".join(f"{d} ({n})" for d, n in dtypes.most_common())
+        findings.warning("mixed-dtypes", None, f"{adapter.path}: factor tensors mix dtypes: {shown}")
+
+
+def _check_values(adapter: Adapter, findings: Findings, progress: Progress | None) -> None:
+    import torch
+
+    mods = list(adapter.modules.values())
+    for i, m in enumerate(mods):
+        for role, ref in (("down", m.down), ("up", m.up), ("magnitude", m.magnitude), ("bias", m.bias)):
+            if ref is None:
+                continue
+            t = ref.load()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                nan = int(torch.isnan(t).sum())
+                inf = int(torch.isinf(t).sum())
+                findings.error("non-finite", m.name,
+                               f"{ref.source}: {role} of module '{m.name}' has {nan} NaN and {inf} Inf values")
+            elif role == "up" and not bool(t.any()):
+                findings.warning("zero-up", m.name,
+                                 f"{ref.source}: up of module '{m.name}' is all zeros; the delta is zero")
+        if progress:
+            progress(i + 1, len(mods))
+    for key, ref in adapter.extras.items():
+        t = ref.load()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            findings.error("non-finite", key, f"{ref.source}: extra tensor '{key}' has NaN or Inf values")
+
+
+def _check_base(adapter: Adapter, base: Path, findings: Findings) -> dict[str, str]:
+    from loratool.formats.peft import base_key as peft_base_key
+    from loratool.keymap import KeyIndex, match_modules
+    from loratool.st import open_checkpoint
+
+    ckpt = open_checkpoint(base)
+    match = match_modules(list(adapter.modules.values()), ckpt.tensors)
+    for name in match.unmatched:
+        findings.error("unmatched-module", name,
+                       f"{adapter.path}: module '{name}' matches no weight in {base}")
+    for name, keys in match.ambiguous.items():
+        findings.error("ambiguous-module", name,
+                       f"{adapter.path}: module '{name}' matches {len(keys)} base weights: {', '.join(keys[:4])}")
+    for name, key, want, got in match.shape_mismatch:
+        findings.error("base-shape-mismatch", name,
+                       f"{adapter.path}: module '{name}' needs a base weight of shape {want} "
+                       f"but {base}: '{key}' is {got}")
+    index = KeyIndex(list(ckpt.tensors))
+    for stored, ref in adapter.extras.items():
+        key = peft_base_key(stored)
+        stem = key[: -len(".weight")] if key.endswith(".weight") else key
+        hits = [key] if key in ckpt.tensors else [
+            k for k in index.candidates(stem) if key.endswith(".weight")
+        ]
+        if len(hits) != 1:
+            findings.error("unmatched-module", key, f"{adapter.path}: saved module tensor '{key}' matches "
+                           f"{'no' if not hits else len(hits)} tensor(s) in {base}")
+        elif tuple(ckpt.tensors[hits[0]].shape) != tuple(ref.shape):
+            findings.error("base-shape-mismatch", key,
+                           f"{adapter.path}: saved module tensor '{key}' is {ref.shape} but {base}: "
+                           f"'{hits[0]}' is {ckpt.tensors[hits[0]].shape}")
+    if adapter.modules and not match.matched:
+        findings.items.append(Finding("error", "no-match", None,
+                                      f"{adapter.path}: none of its {len(adapter.modules)} modules match {base}; "
+                                      "is this the right base model?"))
+    return match.matched

@@ -1,0 +1,470 @@
+"""safetensors plumbing: header-only reads, lazy tensors, checkpoints, streaming writes, atomic outputs.
+
+This is the only module that touches the bytes of a file. The header is parsed in pure Python (no
+torch import) and checked against the file size, so a corrupt or truncated file fails here with one
+clean FormatError that names the file and the tensor key, before any tensor is read.
+
+Format: 8 bytes little-endian header length N, N bytes of JSON header, then raw little-endian
+tensor bytes; each header entry gives dtype, shape and [begin, end) offsets into the data section.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loratool.errors import FormatError, OutputExistsError
+
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype code -> (torch dtype name, bytes per element)
+DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U64": ("uint64", 8),
+    "U32": ("uint32", 4),
+    "U16": ("uint16", 2),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+}
+CODE_OF: dict[str, str] = {name: code for code, (name, _) in DTYPES.items()}
+ITEMSIZE: dict[str, int] = {name: size for name, size in DTYPES.values()}
+
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses larger headers too
+METADATA_KEY = "__metadata__"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a safetensors file (absolute byte offsets)."""
+
+    key: str
+    dtype: str  # torch dtype name, e.g. "bfloat16"
+    shape: tuple[int, ...]
+    path: Path
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class SafetensorsFile:
+    """A parsed, size-checked safetensors header. Reads no tensor bytes."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]  # in header order
+    metadata: dict[str, str]
+    size: int
+    header_len: int
+
+
+def read_header(path: str | os.PathLike[str]) -> SafetensorsFile:
+    """Parse and check the header of a safetensors file.
+
+    Raises:
+        FormatError: the file is missing, too small, its header is not JSON, an entry is malformed
+            or points outside the file (truncated data).
+    """
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise FormatError(
+                    f"{p}: not a safetensors file ({size} bytes; the header length alone takes 8)"
+                )
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise FormatError(
+                    f"{p}: header length {n} exceeds the file size {size} (truncated or not safetensors)"
+                )
+            if n > MAX_HEADER_BYTES:
+                raise FormatError(f"{p}: header length {n} is implausibly large")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise FormatError(f"{p}: no such file") from None
+    except IsADirectoryError:
+        raise FormatError(f"{p}: is a directory, expected a .safetensors file") from None
+    except PermissionError:
+        raise FormatError(f"{p}: permission denied") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{p}: header is not valid JSON ({e})", hint="is this a safetensors file?") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{p}: header is a JSON {type(header).__name__}, expected an object")
+    data_start = 8 + n
+    data_size = size - data_start
+    metadata_raw = header.pop(METADATA_KEY, None) or {}
+    if not isinstance(metadata_raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata_raw.items()
+    ):
+        raise FormatError(f"{p}: __metadata__ must map strings to strings")
+    tensors: dict[str, TensorInfo] = {}
+    for key, entry in header.items():
+        tensors[key] = _parse_entry(p, key, entry, data_start, data_size)
+    return SafetensorsFile(p, tensors, dict(metadata_raw), size, n)
+
+
+def _parse_entry(p: Path, key: str, entry: Any, data_start: int, data_size: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise FormatError(f"{p}: tensor '{key}': header entry is not an object")
+    code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if code not in DTYPES:
+        raise FormatError(f"{p}: tensor '{key}': unknown dtype {code!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise FormatError(f"{p}: tensor '{key}': bad shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise FormatError(f"{p}: tensor '{key}': bad data_offsets {offsets!r}")
+    name, itemsize = DTYPES[code]
+    expected = math.prod(shape) * itemsize
+    begin, end = offsets
+    if end - begin != expected:
+        raise FormatError(
+            f"{p}: tensor '{key}': data_offsets {offsets} hold {end - begin} bytes "
+            f"but dtype {code} shape {tuple(shape)} needs {expected}"
+        )
+    if end > data_size:
+        raise FormatError(
+            f"{p}: tensor '{key}': data ends at byte {end} of the data section "
+            f"but the file has only {data_size} (truncated?)",
+            hint="re-download or re-create the file",
+        )
+    return TensorInfo(key, name, tuple(shape), p, data_start + begin, data_start + end)
+
+
+def read_bytes(info: TensorInfo) -> bytes:
+    with open(info.path, "rb") as f:
+        f.seek(info.start)
+        data = f.read(info.nbytes)
+    if len(data) != info.nbytes:
+        raise FormatError(f"{info.path}: tensor '{info.key}': file ended early (truncated?)")
+    return data
+
+
+def load_tensor(info: TensorInfo) -> torch.Tensor:
+    """Read one tensor's bytes into a new CPU tensor."""
+    import torch
+
+    dtype = getattr(torch, info.dtype)
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=dtype)
+    buf = bytearray(read_bytes(info))
+    return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+
+
+def _bf16_to_float(raw: bytes) -> float:
+    (bits,) = struct.unpack("<H", raw)
+    return float(struct.unpack("<f", struct.pack("<I", bits << 16))[0])
+
+
+_SCALAR_DECODERS = {
+    "float64": lambda b: float(struct.unpack("<d", b)[0]),
+    "float32": lambda b: float(struct.unpack("<f", b)[0]),
+    "float16": lambda b: float(struct.unpack("<e", b)[0]),
+    "bfloat16": _bf16_to_float,
+    "int64": lambda b: float(struct.unpack("<q", b)[0]),
+    "int32": lambda b: float(struct.unpack("<i", b)[0]),
+}
+
+
+def read_scalar(info: TensorInfo) -> float:
+    """Read a one-element tensor (e.g. a kohya .alpha) as a float without importing torch."""
+    if math.prod(info.shape) != 1 or info.dtype not in _SCALAR_DECODERS:
+        raise FormatError(
+            f"{info.path}: tensor '{info.key}': expected a single number, got dtype {info.dtype} "
+            f"shape {info.shape}"
+        )
+    return _SCALAR_DECODERS[info.dtype](read_bytes(info))
+
+
+class TensorRef:
+    """A lazy tensor: shape and dtype known up front, bytes read on load().
+
+    Either backed by a safetensors entry (nothing read until load) or by an in-memory tensor.
+    """
+
+    __slots__ = ("_info", "_value", "dtype", "shape")
+
+    def __init__(self, shape: tuple[int, ...], dtype: str, info: TensorInfo | None, value: Any) -> None:
+        self.shape = shape
+        self.dtype = dtype
+        self._info = info
+        self._value = value
+
+    @classmethod
+    def from_info(cls, info: TensorInfo) -> TensorRef:
+        return cls(info.shape, info.dtype, info, None)
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> TensorRef:
+        return cls(tuple(t.shape), str(t.dtype).removeprefix("torch."), None, t)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ITEMSIZE[self.dtype]
+
+    @property
+    def source(self) -> str:
+        """'file:key' for file-backed tensors, for error messages."""
+        return f"{self._info.path}: '{self._info.key}'" if self._info else "<memory>"
+
+    def load(self) -> torch.Tensor:
+        """The tensor, in its stored dtype, on the CPU."""
+        if self._info is not None:
+            return load_tensor(self._info)
+        return self._value
+
+    def scalar(self) -> float:
+        if self._info is not None:
+            return read_scalar(self._info)
+        if self._value.numel() != 1:
+            raise FormatError(f"expected a single number, got shape {self.shape}")
+        return float(self._value.reshape(()).float().item())
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints (base models): one file, a directory with model.safetensors, or a sharded index
+
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass
+class Checkpoint:
+    """A base checkpoint's tensor list (header-only) across one or more safetensors files."""
+
+    root: Path  # the directory holding the files (or the file's parent)
+    files: list[Path]  # weight files in index/file order
+    tensors: dict[str, TensorInfo]  # every tensor, in file then header order
+    index: dict[str, Any] | None = None  # parsed model.safetensors.index.json, if sharded
+    metadata: dict[Path, dict[str, str]] = field(default_factory=dict)
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Open a base model: a .safetensors file, a directory with model.safetensors, or a sharded dir.
+
+    Raises:
+        FormatError: nothing readable, a bad index, or a corrupt shard.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FormatError(f"{p}: no such file or directory")
+    if p.is_file():
+        if p.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+            raise FormatError(
+                f"{p}: pickle checkpoints are not supported as a base",
+                hint="convert the base to .safetensors first",
+            )
+        st = read_header(p)
+        return Checkpoint(p.parent, [p], dict(st.tensors), None, {p: st.metadata})
+    index_path = p / INDEX_NAME
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())
+            weight_map = index["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (ValueError, KeyError, TypeError) as e:
+            raise FormatError(f"{index_path}: not a valid safetensors index ({e})") from None
+        files: list[Path] = []
+        for fname in weight_map.values():
+            fp = p / fname
+            if fp not in files:
+                files.append(fp)
+        tensors: dict[str, TensorInfo] = {}
+        metadata: dict[Path, dict[str, str]] = {}
+        for fp in files:
+            st = read_header(fp)
+            metadata[fp] = st.metadata
+            tensors.update(st.tensors)
+        missing = [k for k in weight_map if k not in tensors]
+        if missing:
+            raise FormatError(
+                f"{index_path}: {len(missing)} tensor(s) listed in weight_map are in no shard, "
+                f"e.g. '{missing[0]}' (expected in {weight_map[missing[0]]})"
+            )
+        return Checkpoint(p, files, tensors, index, metadata)
+    single = p / "model.safetensors"
+    if single.is_file():
+        st = read_header(single)
+        return Checkpoint(p, [single], dict(st.tensors), None, {single: st.metadata})
+    found = sorted(x.name for x in p.iterdir())[:10]
+    raise FormatError(
+        f"{p}: no model.safetensors or {INDEX_NAME} (found: {', '.join(found) or 'nothing'})",
+        hint="pass a .safetensors file or a Hugging Face model directory",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def _header_bytes(entries: list[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str]) -> bytes:
+    header: dict[str, Any] = {}
+    if metadata:
+        header[METADATA_KEY] = dict(metadata)
+    offset = 0
+    for key, dtype, shape in entries:
+        n = math.prod(shape) * ITEMSIZE[dtype]
+        header[key] = {"dtype": CODE_OF[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class StreamingWriter:
+    """Writes a safetensors file one tensor at a time: header first, then bytes in header order.
+
+    Peak memory is one tensor: the layout (keys, dtypes, shapes) is known before any data.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        entries: list[tuple[str, str, tuple[int, ...]]],
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self._entries = entries
+        self._next = 0
+        self._f = open(self.path, "wb")  # noqa: SIM115 - closed by close()/abort()
+        self._f.write(_header_bytes(entries, metadata or {}))
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        exp_key, exp_dtype, exp_shape = self._entries[self._next]
+        got_dtype = str(tensor.dtype).removeprefix("torch.")
+        if key != exp_key or got_dtype != exp_dtype or tuple(tensor.shape) != exp_shape:
+            raise ValueError(
+                f"writer expected {exp_key} {exp_dtype} {exp_shape}, got {key} {got_dtype} "
+                f"{tuple(tensor.shape)}"
+            )
+        if tensor.numel():
+            t = tensor.detach().to("cpu").contiguous().reshape(-1).view(_torch().uint8)
+            self._f.write(memoryview(t.numpy()))  # type: ignore[arg-type]
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._entries):
+            self._f.close()
+            raise ValueError(f"writer closed after {self._next} of {len(self._entries)} tensors")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+    def abort(self) -> None:
+        self._f.close()
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+def save_tensors(
+    path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write tensors (in mapping order) to a safetensors file. Not atomic: see atomic_output."""
+    entries = [(k, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for k, t in tensors.items()]
+    w = StreamingWriter(path, entries, metadata)
+    try:
+        for k, t in tensors.items():
+            w.write(k, t)
+    except BaseException:
+        w.abort()
+        raise
+    w.close()
+
+
+@contextlib.contextmanager
+def atomic_output(out: str | os.PathLike[str], *, force: bool, directory: bool) -> Iterator[Path]:
+    """Yield a temporary sibling of `out`; move it into place only when the block completes.
+
+    A crash, an exception or Ctrl-C leaves either no output or the previous one, never a
+    half-written one. The caller re-opens/validates the temporary inside the block.
+
+    Raises:
+        OutputExistsError: `out` exists and force is False.
+    """
+    target = Path(out)
+    if target.exists() or target.is_symlink():
+        if not force:
+            raise OutputExistsError(f"{target}: already exists", hint="pass --force to replace it")
+        if target.is_dir() != directory:
+            kind = "a directory" if target.is_dir() else "a file"
+            raise OutputExistsError(f"{target}: exists and is {kind}; refusing to replace it with the other kind")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise FormatError(f"{target}: parent directory {parent} does not exist")
+    prefix = f".{target.name}.tmp-"
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if directory:
+            os.chmod(tmp, 0o755)
+        else:
+            os.chmod(tmp, 0o644)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
+            os.replace(target, old / "x")
+            os.replace(tmp, target)
+            _remove(old)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,1 @@
+"""Shared test fixtures: factories that build adapters and bases in tmp_path."""
