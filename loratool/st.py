@@ -259,6 +259,7 @@ class TensorRef:
 
 
 INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 
 
 @dataclass
@@ -289,42 +290,49 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             )
         st = read_header(p)
         return Checkpoint(p.parent, [p], dict(st.tensors), None, {p: st.metadata})
-    index_path = p / INDEX_NAME
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text())
-            weight_map = index["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (ValueError, KeyError, TypeError) as e:
-            raise FormatError(f"{index_path}: not a valid safetensors index ({e})") from None
-        files: list[Path] = []
-        for fname in weight_map.values():
-            fp = p / fname
-            if fp not in files:
-                files.append(fp)
-        tensors: dict[str, TensorInfo] = {}
-        metadata: dict[Path, dict[str, str]] = {}
-        for fp in files:
-            st = read_header(fp)
-            metadata[fp] = st.metadata
-            tensors.update(st.tensors)
-        missing = [k for k in weight_map if k not in tensors]
-        if missing:
-            raise FormatError(
-                f"{index_path}: {len(missing)} tensor(s) listed in weight_map are in no shard, "
-                f"e.g. '{missing[0]}' (expected in {weight_map[missing[0]]})"
-            )
-        return Checkpoint(p, files, tensors, index, metadata)
-    single = p / "model.safetensors"
-    if single.is_file():
-        st = read_header(single)
-        return Checkpoint(p, [single], dict(st.tensors), None, {single: st.metadata})
+    indexes = sorted(p.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise FormatError(f"{p}: several safetensors indexes ({', '.join(i.name for i in indexes)})",
+                          hint="pass the component directory or a single file")
+    if indexes:
+        return _open_sharded(p, indexes[0])
+    singles = [p / n for n in SINGLE_NAMES if (p / n).is_file()] or sorted(p.glob("*.safetensors"))
+    if len(singles) == 1:
+        st = read_header(singles[0])
+        return Checkpoint(p, [singles[0]], dict(st.tensors), None, {singles[0]: st.metadata})
     found = sorted(x.name for x in p.iterdir())[:10]
     raise FormatError(
         f"{p}: no model.safetensors or {INDEX_NAME} (found: {', '.join(found) or 'nothing'})",
         hint="pass a .safetensors file or a Hugging Face model directory",
     )
+
+
+def _open_sharded(p: Path, index_path: Path) -> Checkpoint:
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (ValueError, KeyError, TypeError) as e:
+        raise FormatError(f"{index_path}: not a valid safetensors index ({e})") from None
+    files: list[Path] = []
+    for fname in weight_map.values():
+        fp = p / fname
+        if fp not in files:
+            files.append(fp)
+    tensors: dict[str, TensorInfo] = {}
+    metadata: dict[Path, dict[str, str]] = {}
+    for fp in files:
+        st = read_header(fp)
+        metadata[fp] = st.metadata
+        tensors.update(st.tensors)
+    missing = [k for k in weight_map if k not in tensors]
+    if missing:
+        raise FormatError(
+            f"{index_path}: {len(missing)} tensor(s) listed in weight_map are in no shard, "
+            f"e.g. '{missing[0]}' (expected in {weight_map[missing[0]]})"
+        )
+    return Checkpoint(p, files, tensors, index, metadata)
 
 
 # ---------------------------------------------------------------------------------------------
