@@ -134,6 +134,7 @@ class Adapter:
         unsupported: keys of tensors that are not plain LoRA (LyCORIS, OFT, ...), never touched.
         path: where it was read from.
         files: the files it was read from (for provenance hashes).
+        source_modules: the module names the source file held.
     """
 
     modules: dict[str, LoraModule]
@@ -145,6 +146,7 @@ class Adapter:
     unsupported: list[str] = field(default_factory=list)
     path: Path | None = None
     files: list[Path] = field(default_factory=list)
+    source_modules: tuple[str, ...] = ()  # module names as read (PEFT writer: is target_modules still exact?)
 
     @property
     def ranks(self) -> list[int]:

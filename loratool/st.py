@@ -111,8 +111,11 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsFile:
         raise FormatError(f"{p}: permission denied") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{p}: header is not valid JSON ({e})", hint="is this a safetensors file?") from None
+    except (ValueError, RecursionError) as e:
+        # ValueError covers JSONDecodeError, UnicodeDecodeError and over-long integer literals;
+        # RecursionError a maliciously deep nesting
+        raise FormatError(f"{p}: header is not valid JSON ({_first_line(e)})",
+                          hint="is this a safetensors file?") from None
     if not isinstance(header, dict):
         raise FormatError(f"{p}: header is a JSON {type(header).__name__}, expected an object")
     data_start = 8 + n
@@ -126,6 +129,11 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsFile:
     for key, entry in header.items():
         tensors[key] = _parse_entry(p, key, entry, data_start, data_size)
     return SafetensorsFile(p, tensors, dict(metadata_raw), size, n)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def _parse_entry(p: Path, key: str, entry: Any, data_start: int, data_size: int) -> TensorInfo:
@@ -311,9 +319,9 @@ def _open_sharded(p: Path, index_path: Path) -> Checkpoint:
     try:
         index = json.loads(index_path.read_text())
         weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (ValueError, KeyError, TypeError) as e:
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map is not an object of file names")
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise FormatError(f"{index_path}: not a valid safetensors index ({e})") from None
     files: list[Path] = []
     for fname in weight_map.values():

@@ -15,6 +15,8 @@ import click
 
 from loratool import __version__
 from loratool.cli import inspect as _inspect
+from loratool.cli import rescale as _rescale
+from loratool.cli import resize as _resize
 from loratool.cli import validate as _validate
 from loratool.errors import LoratoolError
 
@@ -38,12 +40,19 @@ def cli() -> None:
 
 cli.add_command(_inspect.inspect)
 cli.add_command(_validate.validate)
+cli.add_command(_rescale.rescale)
+cli.add_command(_resize.resize)
 
 
 def _fail(message: str, hint: str | None) -> None:
-    click.echo(f"Error: {message}", err=True)
+    # exactly one Error: line and at most one Hint: line, whatever text an exception carried
+    click.echo(f"Error: {_one_line(message)}", err=True)
     if hint:
-        click.echo(f"Hint: {hint}", err=True)
+        click.echo(f"Hint: {_one_line(hint)}", err=True)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,3 +38,23 @@ def resolve_device(device: str) -> str:
     except RuntimeError:
         raise IncompatibleError(f"--device {device}: not a device", hint="use auto, cpu, cuda or cuda:N") from None
     return device
+
+format_option = click.option(
+    "--format", "fmt", type=click.Choice(["peft", "kohya"]), default=None,
+    help="Output format (default: the input's).",
+)
+dtype_option = click.option(
+    "--dtype", type=click.Choice(["keep", "fp32", "fp16", "bf16"]), default="keep", show_default=True,
+    help="dtype of the written factors.",
+)
+modules_option = click.option(
+    "--modules", "modules", metavar="REGEX", default=None,
+    help="Only modules whose name matches this regex (re.search); others are copied unchanged.",
+)
+
+
+def write_options(f):  # type: ignore[no-untyped-def]
+    """-o/--out, --force, --format, --json, -q and --allow-pickle, in that order of --help."""
+    for opt in reversed((out_option, force_option, format_option, json_option, quiet_option, allow_pickle_option)):
+        f = opt(f)
+    return f

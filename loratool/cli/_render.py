@@ -23,7 +23,7 @@ _err: Console | None = None
 
 def out() -> Console:
     global _out
-    if _out is None:
+    if _out is None or _out.file is not sys.stdout:  # sys.stdout may be swapped (CliRunner, capture)
         tty = sys.stdout.isatty()
         _out = Console(file=sys.stdout, width=None if tty else 160, highlight=False, soft_wrap=not tty)
     return _out
@@ -31,7 +31,7 @@ def out() -> Console:
 
 def err() -> Console:
     global _err
-    if _err is None:
+    if _err is None or _err.file is not sys.stderr:
         _err = Console(file=sys.stderr, highlight=False, width=None if sys.stderr.isatty() else 160)
     return _err
 
@@ -158,7 +158,7 @@ def _readable(value: str, limit: int = 200) -> str:
         try:
             parsed = json.loads(value)
             text = json.dumps(parsed, separators=(", ", ": "), ensure_ascii=False)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             pass
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 
@@ -204,3 +204,51 @@ def render_validate(doc: dict[str, Any]) -> None:
     verdict = "OK" if doc["ok"] else "FAILED"
     c.print(f"{verdict}: {doc['path']} ({doc['format']}, {doc['num_modules']} modules{base}): "
             f"{doc['errors']} error(s), {doc['warnings']} warning(s)")
+
+
+def wrote(out_path: str, what: str, size: int) -> None:
+    """The one closing line of every write command."""
+    out().print(f"Wrote {out_path} ({what}, {human_size(size)})")
+
+
+def _rank_span(values: list[int]) -> str:
+    lo, hi = min(values), max(values)
+    return str(lo) if lo == hi else f"{lo}..{hi}"
+
+
+def render_resize(doc: dict[str, Any]) -> None:
+    rows = doc["modules"]
+    t = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+    t.add_column("module", overflow="fold")
+    t.add_column("rank", justify="right")
+    t.add_column("new", justify="right")
+    t.add_column("kept (fro)", justify="right")
+    t.add_column("rel. error", justify="right")
+    for m in rows:
+        t.add_row(m["name"], str(m["old_rank"]), str(m["new_rank"]), f"{m['fro_retained']:.2%}",
+                  f"{m['rel_error']:.3g}")
+    out().print(t)
+    if rows:
+        old = _rank_span([m["old_rank"] for m in rows])
+        new = _rank_span([m["new_rank"] for m in rows])
+        out().print(f"mean Frobenius retention {doc['mean_fro_retained']:.2%}; "
+                    f"params {doc['old_params']:,} -> {doc['new_params']:,}")
+        what = f"{doc['num_modules']} modules, rank {old} -> {new}"
+    else:
+        what = f"{doc['num_modules']} modules"
+    wrote(doc["out"], what, doc["size"])
+
+
+def render_rescale(doc: dict[str, Any]) -> None:
+    rows = doc["modules"]
+    t = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+    t.add_column("module", overflow="fold")
+    for name in ("alpha", "new alpha", "scale", "new scale"):
+        t.add_column(name, justify="right")
+    for m in rows:
+        t.add_row(m["name"], _fmt(m["old_alpha"]), _fmt(m["new_alpha"]), f"{m['old_scale']:.6g}",
+                  f"{m['new_scale']:.6g}")
+    out().print(t)
+    value = f" {doc['value']:g}" if doc["value"] is not None else ""
+    wrote(doc["out"], f"{len(rows)} of {doc['num_modules']} modules, {doc['mode'].replace('_', '-')}{value}",
+          doc["size"])

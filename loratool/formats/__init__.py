@@ -7,6 +7,7 @@ the canonical Adapter; `write` writes PEFT or kohya atomically with provenance m
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -112,11 +113,11 @@ def read(path: str | Path, *, allow_pickle: bool = False, findings: Findings | N
         else:
             adapter = diffusers.from_tensors(tf, findings)
     _check_duplicates(adapter, findings)
-    if not adapter.modules and not findings.items:
-        what = f"only unsupported tensors ({unsupported_family(adapter.unsupported[0])}, e.g. " \
-               f"'{adapter.unsupported[0]}')" if adapter.unsupported else "no LoRA modules"
-        findings.error("no-lora-tensors", None, f"{p}: holds {what}",
-                       hint="loratool operates on plain LoRA; LyCORIS types are reported by inspect only",
+    # A file of only LyCORIS/other tensors is readable: inspect and validate report it by name and
+    # operations refuse it through require_plain, which names the key.
+    if not adapter.modules and not adapter.unsupported and not findings.items:
+        findings.error("no-lora-tensors", None, f"{p}: holds no LoRA modules",
+                       hint="expected lora_A/lora_B (PEFT, diffusers) or lora_down/lora_up (kohya) tensors",
                        exc=FormatError)
     return adapter
 
@@ -169,7 +170,7 @@ def output_is_directory(fmt: str) -> bool:
 
 def write(
     adapter: Adapter,
-    out: str | Path,
+    out: str | os.PathLike[str],
     *,
     fmt: str | None = None,
     force: bool = False,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,16 +83,32 @@ def _load_pickle(path: Path) -> TensorFile:
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FormatError(f"{path}: cannot load pickle with weights_only=True ({first})") from None
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise FormatError(
+            f"{path}: refused by the safe (weights_only) unpickler: {_unpickler_reason(e)}; "
+            "it holds something other than plain tensors",
+            hint="ask for a .safetensors version of this adapter; never load it with weights_only=False",
+        ) from None
+    except Exception as e:  # torch.load on a corrupt file raises a zoo of types: all are the file's fault
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise FormatError(f"{path}: not a readable torch pickle ({type(e).__name__}: {first})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise FormatError(f"{path}: pickle holds a {type(obj).__name__}, expected a dict of tensors")
     tensors = {str(k): TensorRef.from_tensor(v) for k, v in obj.items() if isinstance(v, torch.Tensor)}
     return TensorFile(path, tensors, {})
+
+
+def _unpickler_reason(e: Exception) -> str:
+    """The useful line of torch's weights_only error (its boilerplate advises weights_only=False)."""
+    text = str(e)
+    _, marker, rest = text.partition("WeightsUnpickler error:")
+    lines = [ln.strip() for ln in (rest if marker else text).splitlines() if ln.strip()]
+    return lines[0][:200] if lines else type(e).__name__
 
 
 # LyCORIS / other adapter types whose tensors we recognise by name but do not operate on.
@@ -170,13 +188,17 @@ def build_module(
     kind: Kind = "embedding" if raw.embedding else ("conv" if len(down.shape) > 2 else "linear")
     shape_problem = _shape_problem(kind, down.shape, up.shape)
     if shape_problem:
-        code = "rank-mismatch" if shape_problem.startswith("rank") else "bad-shape"
+        code = "rank-mismatch" if shape_problem.startswith("rank differs") else "bad-shape"
         findings.error(code, shown, f"{where}: module '{shown}': {shape_problem}")
         return None
     rank = down.shape[0]
     source: AlphaSource = alpha_source
     if alpha is None:
         alpha, source = float(rank), "implied"
+    elif not math.isfinite(alpha):
+        findings.error("non-finite", shown, f"{where}: module '{shown}': alpha is {alpha} ({alpha_source}); "
+                       "every delta of the module would be NaN or Inf")
+        return None
     if raw.magnitude is not None and raw.magnitude.numel != up.shape[0]:
         findings.error(
             "bad-shape", shown,
@@ -218,7 +240,7 @@ def json_config(path: Path, findings: Findings) -> dict[str, Any] | None:
 
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON/UTF-8, over-long integers
         findings.error("config-invalid", None, f"{path}: not valid JSON ({e})",
                        hint="fix or re-create the config file", exc=FormatError)
         return None

@@ -56,7 +56,7 @@ def component_config(metadata: dict[str, str], component: str) -> dict[str, Any]
         return {}
     try:
         data = json.loads(raw)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, over-long integers, absurd nesting
         return {}
     if not isinstance(data, dict):
         return {}

@@ -105,6 +105,11 @@ def kohya_name(m: LoraModule, source_format: str) -> str:
     return "lora_unet_" + name.replace(".", "_")
 
 
+def kohya_alpha(m: LoraModule) -> float:
+    """The alpha to store: kohya scale is always alpha / r, so an rslora module's alpha is converted."""
+    return m.scale * m.rank if m.rslora else m.alpha
+
+
 def state_dict(adapter: Adapter) -> dict[str, Any]:
     import torch
 
@@ -116,8 +121,7 @@ def state_dict(adapter: Adapter) -> dict[str, Any]:
         out[stem + ".lora_down.weight"] = m.down.load()
         out[stem + ".lora_up.weight"] = m.up.load()
         # alpha stays float32 whatever the weights are: a bf16 alpha rounds the scale (kohya bug)
-        alpha = m.alpha if not m.rslora else m.scale * m.rank
-        out[stem + ".alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        out[stem + ".alpha"] = torch.tensor(kohya_alpha(m), dtype=torch.float32)
         if m.magnitude is not None:
             mag = m.magnitude.load()
             out[stem + ".dora_scale"] = mag.reshape(m.out_features, *([1] * (len(m.up.shape) - 1)))
@@ -138,11 +142,15 @@ def write(adapter: Adapter, out_file: Path, metadata: dict[str, str]) -> None:
         )
     meta = dict(adapter.metadata) if adapter.source_format == "kohya" else {}
     ranks = {m.rank for m in adapter.modules.values()}
-    alphas = {m.alpha for m in adapter.modules.values()}
+    alphas = {kohya_alpha(m) for m in adapter.modules.values()}
     meta.setdefault("ss_network_module", "networks.lora")
     if ranks:
-        meta["ss_network_dim"] = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
-        meta["ss_network_alpha"] = _fmt(alphas.pop()) if len(alphas) == 1 else "Dynamic"
+        # recomputed from the modules (kohya's resize records only the last module's alpha);
+        # "Dynamic" set by the caller (dynamic resize) is kept
+        if meta.get("ss_network_dim") != "Dynamic":
+            meta["ss_network_dim"] = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
+        if meta.get("ss_network_alpha") != "Dynamic":
+            meta["ss_network_alpha"] = _fmt(alphas.pop()) if len(alphas) == 1 else "Dynamic"
     meta.update(metadata)
     save_tensors(out_file, state_dict(adapter), meta)
 

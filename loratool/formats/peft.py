@@ -77,6 +77,15 @@ def pattern_key(patterns: dict[str, Any], name: str) -> str | None:
     return None
 
 
+# GPT-2-family Conv1D layers (weights stored (in, out)): peft sets fan_in_fan_out=True for them at
+# load time whatever the config says, so their deltas are transposed even in such adapters.
+_GPT2_CONV1D = re.compile(r"(^|\.)h\.\d+\.(attn\.c_attn|attn\.c_proj|attn\.q_attn|mlp\.c_fc|mlp\.c_proj)$")
+
+
+def raw_names(tf: TensorFile) -> list[str]:
+    return [strip_prefix(parts[0]) for k in tf.tensors if (parts := split_key(k))]
+
+
 def locate(path: Path) -> tuple[Path, Path]:
     """(config path, weights path) for a PEFT directory or a weights file beside its config.
 
@@ -126,13 +135,19 @@ def from_tensors(
                        f"{config_path}: peft_type is {peft_type}; only LORA adapters are supported",
                        exc=FormatError)
     has_config = bool(config)
-    r_default = _int(config.get("r", _DEFAULT_R), "r", config_path, findings)
+    r_default = _int(config.get("r", _DEFAULT_R), "r", config_path, findings)  # None: invalid, reported
     alpha_default = _num(config.get("lora_alpha", _DEFAULT_ALPHA), "lora_alpha", config_path, findings)
     rank_pattern = _dict(config.get("rank_pattern"), "rank_pattern", config_path, findings)
     alpha_pattern = _dict(config.get("alpha_pattern"), "alpha_pattern", config_path, findings)
     rslora = bool(config.get("use_rslora", False))
     use_dora = bool(config.get("use_dora", False))
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    if config.get("fan_in_fan_out") is False and any(_GPT2_CONV1D.search(n) for n in raw_names(tf)):
+        findings.warning(
+            "fan-in-fan-out-forced", None,
+            f"{config_path}: fan_in_fan_out is false but GPT-2 Conv1D layers are targeted; peft forces it "
+            "to true for those layers, and so does loratool",
+        )
 
     raw: dict[str, RawModule] = {}
     extras: dict[str, TensorRef] = {}
@@ -157,19 +172,21 @@ def from_tensors(
         if not has_config:
             alpha, source = None, "implied"
         elif alpha_key is not None:
-            alpha, source = float(alpha_pattern[alpha_key]), "pattern"
+            alpha, source = _num(alpha_pattern[alpha_key], f"alpha_pattern['{alpha_key}']", config_path,
+                                 findings), "pattern"
         else:
             alpha, source = alpha_default, "config"
         module = build_module(
             name, rm, alpha=alpha, alpha_source=source, rslora=rslora,  # type: ignore[arg-type]
-            fan_in_fan_out=fan_in_fan_out, findings=findings, where=tf.path,
+            fan_in_fan_out=fan_in_fan_out or bool(_GPT2_CONV1D.search(name)), findings=findings, where=tf.path,
         )
         if module is None:
             continue
         if has_config:
             rank_key = pattern_key(rank_pattern, name)
-            expected = int(rank_pattern[rank_key]) if rank_key is not None else r_default
-            if module.rank != expected:
+            expected = (_int(rank_pattern[rank_key], f"rank_pattern['{rank_key}']", config_path, findings)
+                        if rank_key is not None else r_default)
+            if expected is not None and module.rank != expected:
                 origin = f"rank_pattern['{rank_key}']" if rank_key is not None else "r"
                 findings.error(
                     "config-rank-mismatch", name,
@@ -191,14 +208,16 @@ def from_tensors(
         modules=modules, source_format="peft", extras=extras, config=config, metadata=tf.metadata,
         base_model=str(base_model) if base_model else None, unsupported=unsupported, path=root,
         files=[tf.path] + ([config_path] if config_path and config_path.exists() else []),
+        source_modules=tuple(modules),
     )
 
 
-def _int(v: Any, field: str, where: Path | None, findings: Findings) -> int:
+def _int(v: Any, field: str, where: Path | None, findings: Findings) -> int | None:
+    """A positive integer config value; None (after a config-invalid finding) when it is not one."""
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         findings.error("config-invalid", None, f"{where}: '{field}' must be a positive integer, got {v!r}",
                        exc=FormatError)
-        return _DEFAULT_R
+        return None
     return v
 
 
@@ -240,15 +259,21 @@ def build_config(adapter: Adapter) -> tuple[dict[str, Any], dict[str, float]]:
     alphas = {m.name: (m.alpha if m.rslora == use_rslora else _converted_alpha(m, use_rslora)) for m in mods}
     r = Counter(m.rank for m in mods).most_common(1)[0][0] if mods else _DEFAULT_R
     alpha = Counter(alphas.values()).most_common(1)[0][0] if mods else float(_DEFAULT_ALPHA)
-    rank_pattern = {re.escape(m.name): m.rank for m in mods if m.rank != r}
-    alpha_pattern = {re.escape(m.name): _number(alphas[m.name]) for m in mods if alphas[m.name] != alpha}
+    key = _exact_pattern_keys([m.name for m in mods])
+    rank_pattern = {key[m.name]: m.rank for m in mods if m.rank != r}
+    alpha_pattern = {key[m.name]: _number(alphas[m.name]) for m in mods if alphas[m.name] != alpha}
 
     config: dict[str, Any] = dict(adapter.config) if adapter.source_format == "peft" else {}
-    short = sorted({m.name.rsplit(".", 1)[-1] for m in mods})
+    names = [m.name for m in mods]
     targets = config.get("target_modules")
-    if not _targets_cover(targets, [m.name for m in mods]):
-        targets = short
-    extras_modules = sorted({k.rsplit(".", 1)[0] for k in adapter.extras})
+    if set(names) != set(adapter.source_modules) or not _targets_cover(targets, names):
+        # the source's target_modules may name layers this adapter no longer holds (peft would
+        # create them, randomly initialised with init_lora_weights=false): list exact paths instead
+        targets = sorted(names)
+    # `<layer>.base_layer.weight` extras are peft's save_embedding_layers copies of a LoRA layer's
+    # base weight: they load straight into the base layer, and naming them in modules_to_save would
+    # make peft wrap (and train, and save) a second copy
+    extras_modules = sorted({k.rsplit(".", 1)[0] for k in adapter.extras if ".base_layer." not in k})
     modules_to_save = config.get("modules_to_save") or (extras_modules or None)
     config.update(
         peft_type="LORA",
@@ -269,6 +294,17 @@ def build_config(adapter: Adapter) -> tuple[dict[str, Any], dict[str, float]]:
     config.setdefault("lora_dropout", 0.0)
     config.setdefault("inference_mode", True)
     return config, alphas
+
+
+def _exact_pattern_keys(names: list[str]) -> dict[str, str]:
+    """A rank_pattern / alpha_pattern key per module name that peft matches to that module only.
+
+    peft matches a key against any dotted suffix of a module path (`(.*\\.)?(key)$`), so the escaped
+    name of `layers.0.q_proj` would also claim `model.layers.0.q_proj`; such names get a `^` anchor
+    (it only matches when nothing precedes the key). Other names stay plain for readability.
+    """
+    suffixes = {n.split(".", i)[i] for n in names for i in range(1, n.count(".") + 1)}
+    return {n: ("^" if n in suffixes else "") + re.escape(n) for n in names}
 
 
 def _targets_cover(targets: Any, names: list[str]) -> bool:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from loratool.adapter import Adapter, LoraModule
+from loratool.errors import IncompatibleError
 from loratool.formats import read
 
 SCHEMA = 1
@@ -129,12 +130,31 @@ def inspect_adapter(
     size = sum(f.stat().st_size for f in adapter.files if f.exists())
     report = InspectReport(adapter, p, size)
     if spectrum:
-        from loratool.linalg import energy_rank, singular_values
+        from loratool.linalg import energy_rank
 
         mods = report.modules
         for i, m in enumerate(mods):
-            s = singular_values(m, device=device).cpu().tolist()
+            s = _spectrum(m, p, device)
             report.spectra[m.name] = ModuleSpectrum(s, energy_rank(s, 0.9), energy_rank(s, 0.99))
             if progress:
                 progress(i + 1, len(mods))
     return report
+
+
+def _spectrum(m: LoraModule, path: Path, device: str) -> list[float]:
+    """The module's singular values; NaN/Inf factors are the user's file, not a bug: a clean error."""
+    import torch
+
+    from loratool.linalg import singular_values
+
+    try:
+        s = singular_values(m, device=device)
+    except torch.linalg.LinAlgError:
+        s = None
+    if s is None or not bool(torch.isfinite(s).all()):
+        bad = next((ref for ref in (m.down, m.up) if not bool(torch.isfinite(ref.load()).all())), m.down)
+        raise IncompatibleError(
+            f"{bad.source}: module '{m.name}' has NaN or Inf values; its spectrum is undefined",
+            hint=f"loratool validate {path}",
+        )
+    return [float(x) for x in s.cpu().tolist()]

@@ -84,6 +84,11 @@ def validate_adapter(
 
 
 def _check_unsupported(adapter: Adapter, findings: Findings) -> None:
+    if adapter.unsupported and not adapter.modules and not findings.items:
+        key = adapter.unsupported[0]
+        findings.error("no-lora-tensors", None,
+                       f"{adapter.path}: holds only unsupported tensors ({unsupported_family(key)}, e.g. '{key}'); "
+                       "loratool operations will refuse it")
     families = Counter(unsupported_family(k) for k in adapter.unsupported)
     for family, n in families.items():
         example = next(k for k in adapter.unsupported if unsupported_family(k) == family)

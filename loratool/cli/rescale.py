@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import click
+
+from loratool.cli._options import modules_option, write_options
+from loratool.errors import IncompatibleError
+
+
+@click.command()
+@click.argument("path", type=click.Path())
+@click.option("--factor", type=float, default=None, help="Multiply every delta by F (negative allowed).")
+@click.option("--alpha", type=float, default=None, help="Set alpha to A, keeping every delta.")
+@click.option("--normalize", is_flag=True, help="Set alpha = rank everywhere, keeping every delta.")
+@click.option("--to-rslora", is_flag=True, help="Switch to rsLoRA scaling (alpha/sqrt(r)), keeping every delta.")
+@click.option("--from-rslora", is_flag=True, help="Switch to plain scaling (alpha/r), keeping every delta.")
+@modules_option
+@write_options
+def rescale(path: str, factor: float | None, alpha: float | None, normalize: bool, to_rslora: bool,
+            from_rslora: bool, modules: str | None, out: str, force: bool, fmt: str | None, as_json: bool,
+            quiet: bool, allow_pickle: bool) -> int:
+    """Change an adapter's strength, or its alpha convention without changing what it does.
+
+    --factor multiplies the delta (only alpha changes; factors stay bit-identical). --alpha,
+    --normalize, --to-rslora and --from-rslora keep the delta exactly.
+
+    Example: loratool rescale style.safetensors -o style_half.safetensors --factor 0.5
+    """
+    from loratool.cli import _render
+    from loratool.ops.rescale import rescale as run
+
+    chosen = [(name, v) for name, v in (("factor", factor), ("alpha", alpha), ("normalize", normalize or None),
+                                        ("to_rslora", to_rslora or None), ("from_rslora", from_rslora or None))
+              if v is not None]
+    if len(chosen) != 1:
+        raise IncompatibleError(
+            "rescale needs exactly one of --factor, --alpha, --normalize, --to-rslora, --from-rslora"
+            + (f" (got {', '.join('--' + n.replace('_', '-') for n, _ in chosen)})" if chosen else ""),
+        )
+    mode, value = chosen[0]
+    report = run(path, out, mode=mode, value=value if mode in ("factor", "alpha") else None, modules=modules,
+                 fmt=fmt, force=force, allow_pickle=allow_pickle)
+    doc = report.to_dict()
+    if as_json:
+        _render.print_json(doc)
+    else:
+        _render.render_rescale(doc)
+    return 0

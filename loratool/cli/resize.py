@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import click
+
+from loratool.cli._options import device_option, dtype_option, modules_option, write_options
+
+
+@click.command()
+@click.argument("path", type=click.Path())
+@click.option("--rank", "-r", type=int, default=None, help="Target rank (with --method: the cap).")
+@click.option("--method", type=click.Choice(["sv_ratio", "sv_fro", "sv_cumulative", "max_error"]), default=None,
+              help="Dynamic rank rule (smallest rank meeting --threshold).")
+@click.option("--threshold", type=float, default=None,
+              help="sv_ratio: keep σ ≥ σ_max/T; sv_fro / sv_cumulative: kept share; max_error: relative error.")
+@click.option("--conv-rank", type=int, default=None, help="Fixed rank for conv modules with kernels > 1x1.")
+@modules_option
+@device_option
+@dtype_option
+@write_options
+def resize(path: str, rank: int | None, method: str | None, threshold: float | None, conv_rank: int | None,
+           modules: str | None, device: str, dtype: str, out: str, force: bool, fmt: str | None, as_json: bool,
+           quiet: bool, allow_pickle: bool) -> int:
+    """Resize an adapter to a lower rank with an exact truncated SVD (no dense out x in matrices).
+
+    Fixed: --rank K. Dynamic: --method sv_fro --threshold 0.9 [--rank CAP] keeps, per module, the
+    smallest rank that meets the threshold. Alpha is chosen so each module keeps its scale.
+
+    Example: loratool resize adapter_dir -o adapter_r16 --rank 16
+    """
+    from loratool.cli import _render
+    from loratool.cli._options import resolve_device
+    from loratool.ops.resize import resize as run
+
+    with _render.progress("resizing", enabled=not (quiet or as_json)) as cb:
+        report = run(path, out, rank=rank, method=method, threshold=threshold, conv_rank=conv_rank,
+                     modules=modules, fmt=fmt, device=resolve_device(device), dtype=dtype, force=force,
+                     allow_pickle=allow_pickle, progress=cb)
+    doc = report.to_dict()
+    if as_json:
+        _render.print_json(doc)
+    else:
+        if not quiet:
+            for w in report.warnings:
+                _render.warn(w)
+        _render.render_resize(doc)
+    return 0
