@@ -11,6 +11,7 @@ tensor bytes; each header entry gives dtype, shape and [begin, end) offsets into
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loratool.errors import FormatError, OutputExistsError
+from loratool.errors import FormatError, LoratoolError, OutputExistsError
 
 if TYPE_CHECKING:
     import torch
@@ -140,7 +141,7 @@ def _parse_entry(p: Path, key: str, entry: Any, data_start: int, data_size: int)
     if not isinstance(entry, dict):
         raise FormatError(f"{p}: tensor '{key}': header entry is not an object")
     code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if code not in DTYPES:
+    if not isinstance(code, str) or code not in DTYPES:
         raise FormatError(f"{p}: tensor '{key}': unknown dtype {code!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise FormatError(f"{p}: tensor '{key}': bad shape {shape!r}")
@@ -347,24 +348,31 @@ def _open_sharded(p: Path, index_path: Path) -> Checkpoint:
 # writing
 
 
-def _header_bytes(entries: list[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str]) -> bytes:
-    header: dict[str, Any] = {}
-    if metadata:
-        header[METADATA_KEY] = dict(metadata)
+def _header_bytes(
+    entries: list[tuple[str, str, tuple[int, ...]]],
+    metadata: Mapping[str, str],
+    header_order: list[str] | None = None,
+) -> bytes:
+    """The 8-byte length + JSON header; data offsets follow `entries` order, JSON keys `header_order`."""
+    layout: dict[str, Any] = {}
     offset = 0
     for key, dtype, shape in entries:
         n = math.prod(shape) * ITEMSIZE[dtype]
-        header[key] = {"dtype": CODE_OF[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        layout[key] = {"dtype": CODE_OF[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
+    header: dict[str, Any] = {METADATA_KEY: dict(metadata)} if metadata else {}
+    for key in header_order or layout:
+        header[key] = layout[key]
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
     return struct.pack("<Q", len(raw)) + raw
 
 
 class StreamingWriter:
-    """Writes a safetensors file one tensor at a time: header first, then bytes in header order.
+    """Writes a safetensors file one tensor at a time: header first, then bytes in `entries` order.
 
     Peak memory is one tensor: the layout (keys, dtypes, shapes) is known before any data.
+    `header_order` lists the keys in the order the JSON header should show them (default: entries).
     """
 
     def __init__(
@@ -372,12 +380,35 @@ class StreamingWriter:
         path: str | os.PathLike[str],
         entries: list[tuple[str, str, tuple[int, ...]]],
         metadata: Mapping[str, str] | None = None,
+        header_order: list[str] | None = None,
     ) -> None:
         self.path = Path(path)
         self._entries = entries
         self._next = 0
+        self._header = _header_bytes(entries, metadata or {}, header_order)
         self._f = open(self.path, "wb")  # noqa: SIM115 - closed by close()/abort()
-        self._f.write(_header_bytes(entries, metadata or {}))
+        self._f.write(self._header)
+
+    def write_raw(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        """Append a tensor's bytes as they are (a copy without conversion)."""
+        exp_key, exp_dtype, exp_shape = self._entries[self._next]
+        if key != exp_key or len(data) != math.prod(exp_shape) * ITEMSIZE[exp_dtype]:
+            raise ValueError(f"writer expected {exp_key} ({exp_dtype} {exp_shape}), got {key} ({len(data)} bytes)")
+        self._f.write(data)
+        self._next += 1
+
+    def patch_header(self, placeholder: str, value: str) -> None:
+        """Overwrite a same-length placeholder in the written header (e.g. a sha256 known only later)."""
+        old, new = placeholder.encode(), value.encode()
+        if len(old) != len(new) or self._header.count(old) != 1:
+            raise ValueError("header placeholder must occur once and keep its length")
+        pos = self._header.index(old)
+        self._f.flush()
+        here = self._f.tell()
+        self._f.seek(pos)
+        self._f.write(new)
+        self._f.seek(here)
+        self._header = self._header.replace(old, new)
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         exp_key, exp_dtype, exp_shape = self._entries[self._next]
@@ -453,7 +484,17 @@ def atomic_output(out: str | os.PathLike[str], *, force: bool, directory: bool) 
         os.close(fd)
         tmp = Path(name)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:
+            if e.errno in _USER_OS_ERRORS:
+                reason = os.strerror(e.errno) if e.errno else str(e)
+                where = e.filename or tmp
+                raise LoratoolError(
+                    f"{target}: {reason.lower()} while writing ({where}); nothing was written",
+                    hint="free some space or write elsewhere with -o" if e.errno in _FULL else None,
+                ) from None
+            raise
         if directory:
             os.chmod(tmp, 0o755)
         else:
@@ -468,6 +509,10 @@ def atomic_output(out: str | os.PathLike[str], *, force: bool, directory: bool) 
     except BaseException:
         _remove(tmp)
         raise
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_USER_OS_ERRORS = (*_FULL, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
 
 
 def _remove(p: Path) -> None:

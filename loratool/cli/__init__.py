@@ -14,7 +14,9 @@ import traceback
 import click
 
 from loratool import __version__
+from loratool.cli import combine as _combine
 from loratool.cli import inspect as _inspect
+from loratool.cli import merge as _merge
 from loratool.cli import rescale as _rescale
 from loratool.cli import resize as _resize
 from loratool.cli import validate as _validate
@@ -42,6 +44,8 @@ cli.add_command(_inspect.inspect)
 cli.add_command(_validate.validate)
 cli.add_command(_rescale.rescale)
 cli.add_command(_resize.resize)
+cli.add_command(_combine.combine)
+cli.add_command(_merge.merge)
 
 
 def _fail(message: str, hint: str | None) -> None:

@@ -46,15 +46,24 @@ def warn(message: str) -> None:
 
 
 @contextlib.contextmanager
-def progress(description: str, enabled: bool) -> Iterator[Callable[[int, int], None]]:
+def progress(description: str, enabled: bool, unit: str = "items") -> Iterator[Callable[[int, int], None]]:
     """Yield a (done, total) callback driving a transient rich bar on stderr (no-op when disabled)."""
     if not enabled or not sys.stderr.isatty():
         yield lambda done, total: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
+    counts = [DownloadColumn(), TransferSpeedColumn()] if unit == "bytes" else [MofNCompleteColumn()]
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        TextColumn("{task.description}"), BarColumn(), *counts, TimeRemainingColumn(),
         console=err(), transient=True,
     ) as bar:
         task = bar.add_task(description, total=None)
@@ -252,3 +261,41 @@ def render_rescale(doc: dict[str, Any]) -> None:
     value = f" {doc['value']:g}" if doc["value"] is not None else ""
     wrote(doc["out"], f"{len(rows)} of {doc['num_modules']} modules, {doc['mode'].replace('_', '-')}{value}",
           doc["size"])
+
+
+def render_merge(doc: dict[str, Any]) -> None:
+    if doc["unmatched"]:
+        out().print(f"skipped {len(doc['unmatched'])} unmatched module(s)")
+    verb = "unmerged" if doc["unmerge"] else "merged"
+    adapters = len(doc["adapters"])
+    what = (f"{doc['merged_tensors']} tensors {verb} from {adapters} adapter{'s' if adapters > 1 else ''}"
+            + (f", {doc['replaced_tensors']} replaced" if doc["replaced_tensors"] else "")
+            + f", {doc['copied_tensors']} copied, {doc['files']} file{'s' if doc['files'] > 1 else ''}"
+            + f", max cast error {doc['max_cast_error']:.3g}")
+    wrote(doc["out"], what, doc["size"])
+
+
+def render_combine(doc: dict[str, Any]) -> None:
+    rows = doc["modules"]
+    t = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+    t.add_column("module", overflow="fold")
+    t.add_column("input ranks", justify="right")
+    t.add_column("rank", justify="right")
+    t.add_column("kept (fro)", justify="right")
+    t.add_column("rel. error", justify="right")
+    for m in rows:
+        ranks = " + ".join("-" if r is None else str(r) for r in m["input_ranks"])
+        kept = "-" if m["kept_energy"] is None else f"{m['kept_energy']:.2%}"
+        err = "-" if m["rel_error"] is None else f"{m['rel_error']:.3g}"
+        t.add_row(m["name"], ranks, str(m["rank"]), kept, err)
+    out().print(t)
+    weights = ", ".join(_fmt(w) for w in doc["weights"])
+    extra = "".join(f", {k.replace('_', ' ')} {doc[k]}" for k in ("density", "majority_sign", "seed")
+                    if doc[k] is not None)
+    worst = doc["max_rel_error"]
+    out().print(f"{doc['method']} of {len(doc['inputs'])} adapters, weights {weights}{extra}; "
+                f"largest relative error to the exact weighted sum {'-' if worst is None else f'{worst:.3g}'}")
+    what = f"{doc['num_modules']} modules"
+    if rows:
+        what += f", rank {_rank_span([m['rank'] for m in rows])}"
+    wrote(doc["out"], what, doc["size"])

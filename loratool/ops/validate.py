@@ -7,11 +7,14 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loratool.adapter import Adapter
 from loratool.formats import Finding, Findings, read
 from loratool.formats._common import unsupported_family
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA = 1
 Progress = Callable[[int, int], None]
@@ -111,7 +114,7 @@ def _check_values(adapter: Adapter, findings: Findings, progress: Progress | Non
         for role, ref in (("down", m.down), ("up", m.up), ("magnitude", m.magnitude), ("bias", m.bias)):
             if ref is None:
                 continue
-            t = ref.load()
+            t = _checkable(ref.load())
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 nan = int(torch.isnan(t).sum())
                 inf = int(torch.isinf(t).sum())
@@ -123,9 +126,14 @@ def _check_values(adapter: Adapter, findings: Findings, progress: Progress | Non
         if progress:
             progress(i + 1, len(mods))
     for key, ref in adapter.extras.items():
-        t = ref.load()
+        t = _checkable(ref.load())
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             findings.error("non-finite", key, f"{ref.source}: extra tensor '{key}' has NaN or Inf values")
+
+
+def _checkable(t: torch.Tensor) -> torch.Tensor:
+    """float8 tensors widened to float32 (torch has no isfinite for float8_e4m3fn); others as they are."""
+    return t.float() if t.is_floating_point() and t.element_size() == 1 else t
 
 
 def _check_base(adapter: Adapter, base: Path, findings: Findings) -> dict[str, str]:

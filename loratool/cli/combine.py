@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import click
+
+from loratool.cli._options import device_option, dtype_option, write_options
+from loratool.errors import IncompatibleError
+from loratool.ops.combine import METHODS
+
+
+def _weights(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise IncompatibleError(f"--weights {text!r}: expected comma-separated numbers, e.g. 0.5,0.5") from None
+
+
+@click.command()
+@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@click.option("--weights", "-w", required=True, metavar="W1,W2,...",
+              help="One weight per adapter, in order; negative values subtract.")
+@click.option("--method", "-m", type=click.Choice(METHODS), required=True,
+              help="cat / svd: exact sum (svd truncated to --rank); ties, dare_*, magnitude_prune: peft's "
+                   "merge methods on dense deltas, then truncated; linear: peft's factor averaging (inexact).")
+@click.option("--rank", "-r", type=int, default=None,
+              help="Output rank for svd, ties, dare_*, magnitude_prune (default: per module, the largest input rank).")
+@click.option("--density", type=float, default=None,
+              help="ties, dare_*, magnitude_prune: share of each delta's entries kept, in (0, 1].")
+@click.option("--majority-sign", type=click.Choice(["total", "frequency"]), default="total", show_default=True,
+              help="ties, dare_ties: elect each entry's sign by the sum of values or by the count of signs.")
+@click.option("--seed", type=int, default=None,
+              help="dare_*: seed for the random masks (default: drawn, and printed in the report).")
+@device_option
+@dtype_option
+@write_options
+def combine(adapters: tuple[str, ...], weights: str, method: str, rank: int | None, density: float | None,
+            majority_sign: str, seed: int | None, device: str, dtype: str, out: str, force: bool, fmt: str | None,
+            as_json: bool, quiet: bool, allow_pickle: bool) -> int:
+    """Combine adapters with weights into one adapter.
+
+    Inputs may differ in format, rank, alpha, rsLoRA and target modules; the result covers the union.
+    cat is the exact weighted sum of the deltas (rank = sum of ranks); svd is that sum truncated to
+    --rank, computed without dense matrices. DoRA inputs are refused.
+
+    Example: loratool combine style/ subject/ -o both/ --weights 0.7,0.5 --method svd --rank 32
+    """
+    from loratool.cli import _render
+    from loratool.cli._options import resolve_device
+    from loratool.ops.combine import combine as run
+
+    if len(adapters) < 2:
+        raise IncompatibleError(f"combine needs at least two adapters, got {len(adapters)}",
+                                hint="to scale one adapter use: loratool rescale ADAPTER -o OUT --factor F")
+    with _render.progress("combining", enabled=not (quiet or as_json)) as cb:
+        report = run(list(adapters), out, weights=_weights(weights), method=method, rank=rank, density=density,
+                     majority_sign=majority_sign, seed=seed, fmt=fmt, dtype=dtype, device=resolve_device(device),
+                     force=force, allow_pickle=allow_pickle, progress=cb)
+    doc = report.to_dict()
+    if as_json:
+        _render.print_json(doc)
+    else:
+        if not quiet:
+            for w in report.warnings:
+                _render.warn(w)
+        _render.render_combine(doc)
+    return 0

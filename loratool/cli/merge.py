@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import json
+
+import click
+
+from loratool.cli._options import (
+    allow_pickle_option,
+    device_option,
+    force_option,
+    json_option,
+    out_option,
+    quiet_option,
+)
+from loratool.errors import IncompatibleError
+
+
+def parse_weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise IncompatibleError(f"--weights {text!r}: expected comma-separated numbers, e.g. 0.7,0.3") from None
+
+
+@click.command()
+@click.argument("base", type=click.Path())
+@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@out_option
+@click.option("--weights", default=None, metavar="W1,W2,...", help="One weight per adapter (default 1 each).")
+@click.option("--dtype", type=click.Choice(["keep", "bf16", "fp16", "fp32"]), default="keep", show_default=True,
+              help="dtype of the output's floating tensors.")
+@device_option
+@click.option("--unmerge", is_flag=True, help="Subtract the deltas instead of adding them (not for DoRA).")
+@click.option("--allow-unmatched", is_flag=True, help="Skip adapter modules that match no base weight (warn).")
+@click.option("--report", "report_file", type=click.Path(), default=None,
+              help="Write per-tensor statistics (delta norm, relative change, max cast error) as JSON.")
+@force_option
+@json_option
+@quiet_option
+@allow_pickle_option
+def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, dtype: str, device: str,
+          unmerge: bool, allow_unmatched: bool, report_file: str | None, force: bool, as_json: bool, quiet: bool,
+          allow_pickle: bool) -> int:
+    """Merge one or more adapters into a base model, streaming tensor by tensor.
+
+    BASE is a .safetensors file, a directory with model.safetensors, or a sharded Hugging Face
+    directory. OUT mirrors it (file names, shards, key order, dtypes, config and tokenizer files).
+    Deltas are summed in float32 and cast once; memory stays bounded by the largest tensor.
+
+    Example: loratool merge ./Llama-3.2-1B ./my-adapter -o ./Llama-3.2-1B-merged
+    """
+    from loratool.cli import _render
+    from loratool.cli._options import resolve_device
+    from loratool.ops.merge import merge as run
+
+    with _render.progress("merging", enabled=not (quiet or as_json), unit="bytes") as cb:
+        report = run(base, list(adapters), out, weights=parse_weights(weights), dtype=dtype,
+                     device=resolve_device(device), unmerge=unmerge, allow_unmatched=allow_unmatched, force=force,
+                     allow_pickle=allow_pickle, progress=cb)
+    if report_file:
+        with open(report_file, "w") as f:
+            json.dump(report.to_dict(tensors=True), f, indent=2)
+    doc = report.to_dict()
+    if as_json:
+        _render.print_json(doc)
+    else:
+        if not quiet:
+            for w in report.warnings:
+                _render.warn(w)
+        _render.render_merge(doc)
+    return 0

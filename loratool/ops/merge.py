@@ -1,0 +1,498 @@
+"""merge: stream adapters into base weights, W' = W + Σ w_i·ΔW_i, in bounded memory.
+
+The base is processed file by file and tensor by tensor, in on-disk order: the next tensor's bytes
+are read in a background thread while the current one is merged and written. Tensors without a
+delta are copied byte for byte. Peak memory is one tensor (plus its float32 copy and delta) and the
+adapters, whatever the model or shard size. The output mirrors the base: same file names, shard
+split, header key order, data order and dtypes (unless --dtype), the index, and every other file.
+
+Maths per merged tensor, in float32: acc = Σ w_i·ΔW_i (ΔW = scale·up@down in the base layout);
+W' = W + acc (or W − acc with unmerge); DoRA: W' = m / ||W + acc||_row · (W + acc) (PEFT's
+convention). The result is cast to the output dtype once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loratool.adapter import Adapter, LoraModule
+from loratool.errors import IncompatibleError
+from loratool.st import Checkpoint, SafetensorsFile, StreamingWriter, TensorInfo, TensorRef
+
+if TYPE_CHECKING:
+    import torch
+
+SCHEMA = 1
+Progress = Callable[[int, int], None]
+OUT_DTYPES = {"keep": None, "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+_FLOAT = ("float64", "float32", "float16", "bfloat16")
+
+
+@dataclass
+class Contribution:
+    """One adapter module's weighted delta aimed at one base tensor."""
+
+    module: LoraModule
+    weight: float
+    adapter: Path
+
+
+@dataclass
+class Plan:
+    """Which base tensors change, and how. Built from headers only."""
+
+    deltas: dict[str, list[Contribution]] = field(default_factory=dict)  # base weight key -> deltas
+    biases: dict[str, list[Contribution]] = field(default_factory=dict)  # base bias key -> lora_B.bias deltas
+    replacements: dict[str, TensorRef] = field(default_factory=dict)  # base key -> modules_to_save tensor
+    unmatched: list[str] = field(default_factory=list)
+    num_modules: int = 0
+
+
+@dataclass
+class TensorStat:
+    key: str
+    file: str
+    modules: list[str]
+    delta_fro: float  # ||Σ w_i ΔW_i||_F (0 for replaced tensors)
+    rel_change: float  # ||W' − W||_F / ||W||_F, measured in float32 before the cast
+    max_cast_error: float  # max |W'_fp32 − cast(W'_fp32)|
+    replaced: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class MergeReport:
+    out: Path
+    base: Path
+    adapters: list[Path]
+    weights: list[float]
+    unmerge: bool
+    dtype: str
+    device: str
+    files: int = 0
+    merged: int = 0  # tensors that received a delta
+    replaced: int = 0  # tensors replaced by modules_to_save copies
+    copied: int = 0  # tensors copied byte for byte
+    size: int = 0
+    unmatched: list[str] = field(default_factory=list)
+    tensors: list[TensorStat] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self, *, tensors: bool = False) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "schema": SCHEMA,
+            "out": str(self.out),
+            "base": str(self.base),
+            "adapters": [str(a) for a in self.adapters],
+            "weights": self.weights,
+            "unmerge": self.unmerge,
+            "dtype": self.dtype,
+            "device": self.device,
+            "files": self.files,
+            "merged_tensors": self.merged,
+            "replaced_tensors": self.replaced,
+            "copied_tensors": self.copied,
+            "size": self.size,
+            "unmatched": self.unmatched,
+            "max_cast_error": max((t.max_cast_error for t in self.tensors), default=0.0),
+            "warnings": self.warnings,
+        }
+        if tensors:
+            doc["tensors"] = [t.to_dict() for t in self.tensors]
+        return doc
+
+
+# ---------------------------------------------------------------------------------------------
+# planning (headers only)
+
+
+def plan_merge(
+    adapters: list[Adapter], weights: list[float], ckpt: Checkpoint, *, allow_unmatched: bool, unmerge: bool
+) -> tuple[Plan, list[str]]:
+    """Match every adapter module and saved tensor to one base tensor.
+
+    Raises:
+        IncompatibleError: unmatched/ambiguous modules (unless allow_unmatched), shape mismatches,
+            DoRA with unmerge or shared with another adapter, conflicting modules_to_save.
+    """
+    from loratool.formats.peft import base_key as saved_tensor_key
+    from loratool.keymap import KeyIndex, match_modules
+
+    plan = Plan()
+    warnings: list[str] = []
+    index = KeyIndex(list(ckpt.tensors))
+    for adapter, w in zip(adapters, weights):
+        where = adapter.path
+        mods = list(adapter.modules.values())
+        plan.num_modules += len(mods)
+        match = match_modules(mods, ckpt.tensors)
+        if match.shape_mismatch:
+            name, key, want, got = match.shape_mismatch[0]
+            raise IncompatibleError(
+                f"{where}: module '{name}' needs a base weight of shape {want} but {key} is {got}"
+                + (f" ({len(match.shape_mismatch)} modules mismatch)" if len(match.shape_mismatch) > 1 else ""),
+                hint="is this adapter for this base model? check with: loratool validate ADAPTER --base BASE",
+            )
+        problems = [*match.unmatched, *match.ambiguous]
+        if problems:
+            listing = ", ".join(problems[:5]) + (f", ... ({len(problems)} in all)" if len(problems) > 5 else "")
+            what = f"{len(match.unmatched)} unmatched"
+            if match.ambiguous:
+                what += f", {len(match.ambiguous)} ambiguous"
+            if not allow_unmatched:
+                raise IncompatibleError(
+                    f"{where}: {what} module(s) of {len(mods)} in {ckpt.root}: {listing}",
+                    hint="merging would silently skip them; check the base with: loratool validate ADAPTER --base "
+                    "BASE, or pass --allow-unmatched to merge the rest",
+                )
+            warnings.append(f"{where}: skipped {what} module(s): {listing}")
+            plan.unmatched.extend(problems)
+        for name, key in match.matched.items():
+            m = adapter.modules[name]
+            if m.magnitude is not None:
+                if unmerge:
+                    raise IncompatibleError(
+                        f"{where}: module '{name}' is DoRA; unmerging DoRA needs the pre-merge weight norm",
+                        hint="merge into the original base instead of unmerging",
+                    )
+                if m.kind == "embedding":
+                    raise IncompatibleError(f"{where}: module '{name}': DoRA on an embedding is not supported")
+            plan.deltas.setdefault(key, []).append(Contribution(m, w, Path(str(where))))
+            if m.bias is not None:
+                bias_key = key[: -len(".weight")] + ".bias" if key.endswith(".weight") else key + ".bias"
+                if bias_key not in ckpt.tensors:
+                    raise IncompatibleError(f"{where}: module '{name}' has a lora_B bias but {ckpt.root} has no "
+                                            f"'{bias_key}'")
+                plan.biases.setdefault(bias_key, []).append(Contribution(m, w, Path(str(where))))
+        for stored, ref in adapter.extras.items():
+            if ".base_layer." in stored:
+                continue  # peft's copy of a LoRA layer's own base weight (save_embedding_layers): not a change
+            key = saved_tensor_key(stored)
+            hits = [key] if key in ckpt.tensors else (
+                index.candidates(key[: -len(".weight")]) if key.endswith(".weight") else [])
+            if len(hits) != 1:
+                raise IncompatibleError(
+                    f"{where}: saved tensor '{stored}' matches {len(hits) or 'no'} tensor(s) in {ckpt.root}",
+                    hint="the adapter's modules_to_save do not fit this base",
+                )
+            if tuple(ckpt.tensors[hits[0]].shape) != tuple(ref.shape):
+                raise IncompatibleError(f"{where}: saved tensor '{stored}' is {ref.shape} but {hits[0]} in the base "
+                                        f"is {ckpt.tensors[hits[0]].shape}")
+            if unmerge:
+                raise IncompatibleError(
+                    f"{where}: saved tensor '{stored}' replaces a base tensor; --unmerge cannot restore it",
+                    hint="merge into the original base instead of unmerging",
+                )
+            if hits[0] in plan.replacements:
+                raise IncompatibleError(f"{where}: '{hits[0]}' is replaced by saved tensors of two adapters")
+            plan.replacements[hits[0]] = ref
+    for key, contribs in plan.deltas.items():
+        if len(contribs) > 1 and any(c.module.magnitude is not None for c in contribs):
+            raise IncompatibleError(
+                f"base tensor '{key}' is targeted by {len(contribs)} adapters and at least one is DoRA; "
+                "the normalised sum is not well defined",
+                hint="merge the adapters one after another, DoRA last",
+            )
+        if key in plan.replacements:
+            raise IncompatibleError(f"base tensor '{key}' is both replaced (modules_to_save) and given a LoRA delta")
+    return plan, warnings
+
+
+# ---------------------------------------------------------------------------------------------
+# maths per tensor
+
+
+def merged_tensor(
+    stored: torch.Tensor, contribs: list[Contribution], *, device: str, unmerge: bool, bias: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W' in float32, acc = Σ w_i ΔW_i) for one base tensor."""
+    import torch
+
+    from loratool.linalg import delta
+
+    w = stored.to(device=device, dtype=torch.float32)
+    acc: torch.Tensor | None = None
+    for c in contribs:
+        if bias:
+            assert c.module.bias is not None
+            d = c.module.bias.load().to(device=device, dtype=torch.float32) * c.module.scale
+        else:
+            d = delta(c.module, device=device)  # (scale · up @ down) in the base layout, as peft computes it
+        d = d.reshape(w.shape)  # a 2-D delta onto a (out, in, 1, 1) conv weight
+        if c.weight != 1.0:
+            d = d * c.weight
+        acc = d if acc is None else acc + d
+    assert acc is not None
+    new = w - acc if unmerge else w + acc
+    dora = [c.module for c in contribs if c.module.magnitude is not None and not bias]
+    if dora:
+        m = dora[0]
+        assert m.magnitude is not None
+        rows = new.T if m.fan_in_fan_out else new  # (out, ...)
+        norm = rows.reshape(rows.shape[0], -1).norm(p=2, dim=1)  # per output row, as peft
+        factor = m.magnitude.load().to(device=device, dtype=torch.float32).reshape(-1) / norm
+        rows = rows * factor.reshape(-1, *([1] * (rows.dim() - 1)))
+        new = rows.T if m.fan_in_fan_out else rows
+    return new, acc
+
+
+def _finite_or_raise(new: torch.Tensor, key: str, contribs: list[Contribution]) -> None:
+    import torch
+
+    if not bool(torch.isfinite(new).all()):
+        names = ", ".join(sorted({f"{c.adapter}: '{c.module.name}'" for c in contribs})) or "a saved tensor"
+        raise IncompatibleError(
+            f"merging into '{key}' gives NaN/Inf values (from {names})",
+            hint="check the adapter with: loratool validate ADAPTER",
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# streaming
+
+
+def _read_range(fd: int, start: int, n: int) -> bytearray:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        chunk = os.preadv(fd, [view[got:]], start + got)
+        if chunk == 0:
+            raise OSError(f"unexpected end of file at byte {start + got}")
+        got += chunk
+    return buf
+
+
+def _tensor_from(data: bytearray, info: TensorInfo) -> torch.Tensor:
+    import torch
+
+    dtype = getattr(torch, info.dtype)
+    if not data:
+        return torch.empty(info.shape, dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype).reshape(info.shape)
+
+
+def _out_dtype(info: TensorInfo, dtype: str) -> str:
+    target = OUT_DTYPES[dtype]
+    return target if target is not None and info.dtype in _FLOAT else info.dtype
+
+
+def _stream_file(
+    src: SafetensorsFile,
+    dst: Path,
+    plan: Plan,
+    report: MergeReport,
+    meta: dict[str, str],
+    placeholder: str,
+    *,
+    device: str,
+    dtype: str,
+    unmerge: bool,
+    tick: Callable[[int], None],
+) -> None:
+    import torch
+
+    order = sorted(src.tensors.values(), key=lambda i: i.start)  # on-disk order: sequential reads
+    entries = [(i.key, _out_dtype(i, dtype), i.shape) for i in order]
+    writer = StreamingWriter(dst, entries, meta, header_order=list(src.tensors))
+    hasher = hashlib.sha256()
+    fd = os.open(src.path, os.O_RDONLY)
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        data_start = 8 + src.header_len
+        hasher.update(_read_range(fd, 0, data_start))
+        pos = data_start
+
+        def fetch(i: int) -> Future[bytearray] | None:
+            return pool.submit(_read_range, fd, order[i].start, order[i].nbytes) if i < len(order) else None
+
+        ahead = fetch(0)
+        for n, info in enumerate(order):
+            assert ahead is not None
+            data = ahead.result()
+            ahead = fetch(n + 1)  # read the next tensor while this one is merged and written
+            if info.start > pos:  # a gap in the data section: hash the file exactly anyway
+                hasher.update(_read_range(fd, pos, info.start - pos))
+            hasher.update(data)
+            pos = max(pos, info.end)
+            out_dtype = _out_dtype(info, dtype)
+            key = info.key
+            if key in plan.deltas or key in plan.biases:
+                contribs = plan.deltas.get(key) or plan.biases[key]
+                stored = _tensor_from(data, info)
+                new, acc = merged_tensor(stored, contribs, device=device, unmerge=unmerge, bias=key in plan.biases)
+                _finite_or_raise(new, key, contribs)
+                out = new.to(getattr(torch, out_dtype))
+                w32 = stored.to(device=device, dtype=torch.float32)
+                report.tensors.append(TensorStat(
+                    key, dst.name, sorted({c.module.name for c in contribs}),
+                    float(acc.norm()), float((new - w32).norm() / max(float(w32.norm()), 1e-30)),
+                    float((out.to(torch.float32) - new).abs().max()) if out.numel() else 0.0,
+                ))
+                writer.write(key, out.cpu())
+                report.merged += 1
+            elif key in plan.replacements:
+                ref = plan.replacements[key]
+                new = ref.load().to(torch.float32)
+                _finite_or_raise(new, key, [])
+                out = ref.load().to(getattr(torch, out_dtype))
+                report.tensors.append(TensorStat(key, dst.name, [], 0.0, 0.0, 0.0, replaced=True))
+                writer.write(key, out)
+                report.replaced += 1
+            elif out_dtype != info.dtype:
+                writer.write(key, _tensor_from(data, info).to(getattr(torch, out_dtype)))
+                report.copied += 1
+            else:
+                writer.write_raw(key, data)  # untouched: byte for byte, no conversion
+                report.copied += 1
+            tick(info.nbytes)
+        if pos < src.size:
+            hasher.update(_read_range(fd, pos, src.size - pos))
+        writer.patch_header(placeholder, hasher.hexdigest())
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        os.close(fd)
+
+
+def _provenance(params: dict[str, Any], adapters: list[Adapter], base_file: Path) -> tuple[dict[str, str], str]:
+    """Metadata for one output file; the base file's sha256 is a placeholder patched after streaming."""
+    from loratool.formats import provenance
+
+    meta = provenance("merge", params, [f for a in adapters for f in a.files])
+    sources = json.loads(meta["loratool.sources"])
+    placeholder = secrets.token_hex(32)
+    sources[str(base_file)] = placeholder
+    meta["loratool.sources"] = json.dumps(sources, sort_keys=True)
+    return meta, placeholder
+
+
+def merge(
+    base: str | os.PathLike[str],
+    adapters: list[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    weights: list[float] | None = None,
+    dtype: str = "keep",
+    device: str = "cpu",
+    unmerge: bool = False,
+    allow_unmatched: bool = False,
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: Progress | None = None,
+) -> MergeReport:
+    """Merge adapters into a base checkpoint and write a complete copy of it.
+
+    Args:
+        base: a .safetensors file, a directory with model.safetensors, or a sharded directory.
+        adapters: one or more adapter paths (any supported format).
+        weights: one per adapter (default 1.0 each); negative allowed.
+        dtype: keep | fp32 | fp16 | bf16 for floating tensors of the output.
+        unmerge: subtract the deltas instead (refused for DoRA and modules_to_save).
+        allow_unmatched: skip modules that match no base weight (with a warning) instead of failing.
+        progress: called with (bytes done, bytes total).
+
+    Raises:
+        IncompatibleError, FormatError, OutputExistsError, LoratoolError (disk full).
+    """
+    from loratool.formats import read, require_plain
+    from loratool.st import atomic_output, open_checkpoint, read_header
+
+    if not adapters:
+        raise IncompatibleError("merge needs at least one adapter")
+    weights = list(weights) if weights is not None else [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise IncompatibleError(f"--weights has {len(weights)} value(s) for {len(adapters)} adapter(s)")
+    if not all(math.isfinite(w) for w in weights):
+        raise IncompatibleError(f"--weights must be finite numbers, got {weights}")
+    if dtype not in OUT_DTYPES:
+        raise IncompatibleError(f"--dtype {dtype}: unknown", hint="use keep, fp32, fp16 or bf16")
+    base_path = Path(base)
+    ckpt = open_checkpoint(base_path)
+    loaded = []
+    for p in adapters:
+        a = read(Path(p), allow_pickle=allow_pickle)
+        require_plain(a, "merge")
+        loaded.append(a)
+    plan, warnings = plan_merge(loaded, weights, ckpt, allow_unmatched=allow_unmatched, unmerge=unmerge)
+    report = MergeReport(Path(out), base_path, [Path(p) for p in adapters], weights, unmerge, dtype, device,
+                         unmatched=plan.unmatched, warnings=warnings)
+    if not plan.deltas and not plan.replacements:
+        raise IncompatibleError(f"nothing to merge: no adapter module matches {base_path}",
+                                hint="check with: loratool validate ADAPTER --base BASE")
+    single_file = base_path.is_file()
+    params = {"weights": weights, "dtype": dtype, "unmerge": unmerge, "allow_unmatched": allow_unmatched,
+              "adapters": [str(p) for p in adapters]}
+    total = sum(i.nbytes for i in ckpt.tensors.values())
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    with atomic_output(out, force=force, directory=not single_file) as tmp:
+        headers = [read_header(f) for f in ckpt.files]
+        for src in headers:
+            dst = tmp if single_file else tmp / src.path.relative_to(ckpt.root)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            meta, placeholder = _provenance(params, loaded, src.path)
+            meta = {**src.metadata, **meta}
+            _stream_file(src, dst, plan, report, meta, placeholder, device=device, dtype=dtype, unmerge=unmerge,
+                         tick=tick)
+        if not single_file:
+            _copy_other_files(ckpt, tmp, dtype_changed=dtype != "keep")
+        # re-open what was written before it is moved into place
+        for src in headers:
+            dst = tmp if single_file else tmp / src.path.relative_to(ckpt.root)
+            written = read_header(dst)
+            if list(written.tensors) != list(src.tensors) or any(
+                written.tensors[k].shape != i.shape for k, i in src.tensors.items()
+            ):
+                raise IncompatibleError(f"{dst}: written file does not mirror {src.path}")
+        report.files = len(headers)
+        report.size = sum(f.stat().st_size for f in (tmp.rglob("*") if not single_file else [tmp]) if f.is_file())
+    return report
+
+
+def _copy_other_files(ckpt: Checkpoint, tmp: Path, *, dtype_changed: bool) -> None:
+    """Copy every non-weight file (config, tokenizer, ...) and rewrite the index's total_size."""
+    weight_files = set(ckpt.files)
+    for src in ckpt.root.rglob("*"):
+        rel = src.relative_to(ckpt.root)
+        if src in weight_files or any(part.startswith(".") for part in rel.parts):
+            continue
+        dst = tmp / rel
+        if src.is_dir():
+            dst.mkdir(parents=True, exist_ok=True)
+        elif re.search(r"\.safetensors\.index\.json$", src.name) and ckpt.index is not None:
+            index = json.loads(src.read_text())
+            if dtype_changed:
+                total = 0
+                for f in ckpt.files:
+                    from loratool.st import read_header
+
+                    total += sum(i.nbytes for i in read_header(tmp / f.relative_to(ckpt.root)).tensors.values())
+                index.setdefault("metadata", {})["total_size"] = total
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_text(json.dumps(index, indent=2) + "\n")
+        elif src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
