@@ -101,8 +101,12 @@ def singular_values(module: LoraModule, *, device: str | torch.device = "cpu") -
 
 
 def energy_rank(s: list[float] | torch.Tensor, share: float) -> int:
-    """Smallest k whose top-k singular values keep `share` of the Frobenius norm (sv_fro)."""
-    return choose_rank(s, "sv_fro", share)
+    """Smallest k whose top-k singular values keep `share` of the energy Σσ² (= ||ΔW||_F²).
+
+    Equal to the sv_fro rule at threshold sqrt(share): rank_90 is what
+    `resize --method sv_fro --threshold 0.949` keeps.
+    """
+    return choose_rank(s, "sv_fro", math.sqrt(share))
 
 
 def choose_rank(

@@ -386,29 +386,14 @@ class StreamingWriter:
         self._entries = entries
         self._next = 0
         self._header = _header_bytes(entries, metadata or {}, header_order)
-        self._f = open(self.path, "wb")  # noqa: SIM115 - closed by close()/abort()
-        self._f.write(self._header)
+        # unbuffered: raw writes and copy_file_range share one file offset
+        self._f = open(self.path, "wb", buffering=0)  # noqa: SIM115 - closed by close()/abort()
+        _write_all(self._f.fileno(), self._header)
 
-    def write_raw(self, key: str, data: bytes | bytearray | memoryview) -> None:
-        """Append a tensor's bytes as they are (a copy without conversion)."""
+    def _expect(self, key: str, nbytes: int) -> None:
         exp_key, exp_dtype, exp_shape = self._entries[self._next]
-        if key != exp_key or len(data) != math.prod(exp_shape) * ITEMSIZE[exp_dtype]:
-            raise ValueError(f"writer expected {exp_key} ({exp_dtype} {exp_shape}), got {key} ({len(data)} bytes)")
-        self._f.write(data)
-        self._next += 1
-
-    def patch_header(self, placeholder: str, value: str) -> None:
-        """Overwrite a same-length placeholder in the written header (e.g. a sha256 known only later)."""
-        old, new = placeholder.encode(), value.encode()
-        if len(old) != len(new) or self._header.count(old) != 1:
-            raise ValueError("header placeholder must occur once and keep its length")
-        pos = self._header.index(old)
-        self._f.flush()
-        here = self._f.tell()
-        self._f.seek(pos)
-        self._f.write(new)
-        self._f.seek(here)
-        self._header = self._header.replace(old, new)
+        if key != exp_key or nbytes != math.prod(exp_shape) * ITEMSIZE[exp_dtype]:
+            raise ValueError(f"writer expected {exp_key} ({exp_dtype} {exp_shape}), got {key} ({nbytes} bytes)")
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         exp_key, exp_dtype, exp_shape = self._entries[self._next]
@@ -420,19 +405,66 @@ class StreamingWriter:
             )
         if tensor.numel():
             t = tensor.detach().to("cpu").contiguous().reshape(-1).view(_torch().uint8)
-            self._f.write(memoryview(t.numpy()))  # type: ignore[arg-type]
+            _write_all(self._f.fileno(), memoryview(t.numpy()))  # type: ignore[arg-type]
         self._next += 1
+
+    def write_raw(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        """Append a tensor's bytes as they are (a copy without conversion)."""
+        self._expect(key, len(data))
+        _write_all(self._f.fileno(), data)
+        self._next += 1
+
+    def copy_range(self, key: str, src_fd: int, offset: int, nbytes: int) -> None:
+        """Append `nbytes` of another file from `offset`, in the kernel where it can (no user copy)."""
+        self._expect(key, nbytes)
+        dst = self._f.fileno()
+        done = 0
+        try:
+            while done < nbytes:
+                n = os.copy_file_range(src_fd, dst, nbytes - done, offset + done)
+                if n == 0:
+                    raise OSError(errno.EIO, f"source ended early at byte {offset + done}")
+                done += n
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            while done < nbytes:  # filesystems without copy_file_range: plain chunked copy
+                chunk = os.pread(src_fd, min(_CHUNK, nbytes - done), offset + done)
+                if not chunk:
+                    raise OSError(errno.EIO, f"source ended early at byte {offset + done}") from None
+                _write_all(dst, chunk)
+                done += len(chunk)
+        self._next += 1
+
+    def patch_header(self, placeholder: str, value: str) -> None:
+        """Overwrite a same-length placeholder in the written header (e.g. a sha256 known only later)."""
+        old, new = placeholder.encode(), value.encode()
+        if len(old) != len(new) or self._header.count(old) != 1:
+            raise ValueError("header placeholder must occur once and keep its length")
+        pos = self._header.index(old)
+        os.pwrite(self._f.fileno(), new, pos)
+        self._header = self._header.replace(old, new)
 
     def close(self) -> None:
         if self._next != len(self._entries):
             self._f.close()
             raise ValueError(f"writer closed after {self._next} of {len(self._entries)} tensors")
-        self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
 
     def abort(self) -> None:
         self._f.close()
+
+
+_CHUNK = 64 << 20
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """os.write until done (one write() call moves at most ~2 GB on Linux)."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.write(fd, view[:_CHUNK])
+        view = view[n:]
 
 
 def _torch() -> Any:

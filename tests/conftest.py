@@ -1,1 +1,39 @@
-"""Shared test fixtures: factories that build adapters and bases in tmp_path."""
+"""Shared pytest fixtures; the factories themselves live in tests/factories.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from factories import Shape, build_adapter, build_base
+
+
+@pytest.fixture
+def make_adapter(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: make_adapter(**kwargs) -> Path; see build_adapter for the keyword arguments.
+
+    Each call writes to a fresh subdirectory of tmp_path, so one test may build several adapters.
+    """
+    counter = iter(range(1_000_000))
+
+    def make(**kwargs: Any) -> Path:
+        root = tmp_path / f"adapter{next(counter)}"
+        root.mkdir()
+        return build_adapter(root, **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def make_base(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: make_base(shapes, layout="file"|"dir"|"sharded", dtype=..., shards=2) -> Path."""
+    counter = iter(range(1_000_000))
+
+    def make(shapes: Mapping[str, Shape], **kwargs: Any) -> Path:
+        root = tmp_path / f"base{next(counter)}"
+        root.mkdir()
+        return build_base(root, shapes, **kwargs)
+
+    return make

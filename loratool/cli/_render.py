@@ -271,7 +271,7 @@ def render_merge(doc: dict[str, Any]) -> None:
     what = (f"{doc['merged_tensors']} tensors {verb} from {adapters} adapter{'s' if adapters > 1 else ''}"
             + (f", {doc['replaced_tensors']} replaced" if doc["replaced_tensors"] else "")
             + f", {doc['copied_tensors']} copied, {doc['files']} file{'s' if doc['files'] > 1 else ''}"
-            + f", max cast error {doc['max_cast_error']:.3g}")
+            + (f", max cast error {doc['max_cast_error']:.3g}" if doc["max_cast_error"] is not None else ""))
     wrote(doc["out"], what, doc["size"])
 
 
@@ -299,3 +299,38 @@ def render_combine(doc: dict[str, Any]) -> None:
     if rows:
         what += f", rank {_rank_span([m['rank'] for m in rows])}"
     wrote(doc["out"], what, doc["size"])
+
+
+def _holds(doc: dict[str, Any]) -> str:
+    """One line saying what a pulled path holds (the inspect header, plus ranks/alpha/targets/base)."""
+    s = doc["summary"]
+    if doc["kind"] == "adapter":
+        ranks = s["ranks"]
+        rank = "-" if ranks["min"] is None else (str(ranks["min"]) if ranks["min"] == ranks["max"]
+                                                 else f"{ranks['min']}..{ranks['max']}")
+        alphas = ", ".join(s["alphas"]) or "-"
+        targets = ", ".join(list(s["targets"])[:8]) + (", ..." if len(s["targets"]) > 8 else "")
+        return (f"{s['format']}, {s['num_modules']} modules, rank {rank}, alpha {alphas}, targets {targets or '-'}, "
+                f"base {s['base_model'] or '(not recorded)'}, {human_size(s['file_size'])}")
+    if doc["kind"] == "checkpoint":
+        return (f"checkpoint, {s['tensors']} tensors ({s['params']:,} params) in {s['files']} file(s), "
+                f"{human_size(s['size'])}")
+    return f"not an adapter or checkpoint: {s['files']} file(s), {human_size(s['size'])}"
+
+
+def render_pull(doc: dict[str, Any]) -> None:
+    """The local path alone on the first line (scripts take it), then what it holds and where from."""
+    c = out()
+    c.print(doc["path"], markup=False, soft_wrap=True)
+    rev = doc["revision"] + (f" ({doc['commit'][:12]})" if doc["commit"] else "")
+    c.print(f"{_holds(doc)}; from {doc['repo_id']}@{rev}", markup=False)
+
+
+def render_push(doc: dict[str, Any]) -> None:
+    out().print(doc["commit_url"], markup=False, soft_wrap=True)
+    card = {"generated": "card generated", "replaced": "card replaced", "kept": "existing card kept",
+            "uploaded": "your README.md"}[doc["card"]]
+    what = f"{len(doc['files'])} files, {card}, commit {doc['commit'][:12]}"
+    if not doc["changed"]:
+        what += ", nothing changed"
+    wrote(f"hf://{doc['repo_id']}@{doc['revision']}", what, doc["size"])

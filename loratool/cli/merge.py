@@ -58,7 +58,7 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, d
     with _render.progress("merging", enabled=not (quiet or as_json), unit="bytes") as cb:
         report = run(base, list(adapters), out, weights=parse_weights(weights), dtype=dtype,
                      device=resolve_device(device), unmerge=unmerge, allow_unmatched=allow_unmatched, force=force,
-                     allow_pickle=allow_pickle, progress=cb)
+                     allow_pickle=allow_pickle, stats=report_file is not None, progress=cb)
     if report_file:
         with open(report_file, "w") as f:
             json.dump(report.to_dict(tensors=True), f, indent=2)

@@ -20,7 +20,7 @@ Progress = Callable[[int, int], None]
 @dataclass
 class ModuleSpectrum:
     singular_values: list[float]  # of the effective ΔW (scale included), descending
-    rank_90: int  # smallest k keeping 90% of the Frobenius norm
+    rank_90: int  # smallest k keeping 90% of the Frobenius energy Σσ²
     rank_99: int
 
 

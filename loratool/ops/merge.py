@@ -107,7 +107,7 @@ class MergeReport:
             "copied_tensors": self.copied,
             "size": self.size,
             "unmatched": self.unmatched,
-            "max_cast_error": max((t.max_cast_error for t in self.tensors), default=0.0),
+            "max_cast_error": max((t.max_cast_error for t in self.tensors), default=0.0) if self.tensors else None,
             "warnings": self.warnings,
         }
         if tensors:
@@ -216,13 +216,34 @@ def plan_merge(
 
 
 def merged_tensor(
-    stored: torch.Tensor, contribs: list[Contribution], *, device: str, unmerge: bool, bias: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W' in float32, acc = Σ w_i ΔW_i) for one base tensor."""
+    stored: torch.Tensor, contribs: list[Contribution], *, device: str, unmerge: bool, bias: bool = False,
+    keep_delta: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(W, W', acc = Σ w_i ΔW_i or None), float32 on `device`, for one base tensor.
+
+    Plain LoRA takes the fast path: each delta is formed and added in place into a float32 copy of W
+    (bit-identical to peft's `W + (B @ A) * scale`; no sum tensor is kept). DoRA, LoRA biases and
+    keep_delta (statistics) hold acc explicitly.
+    """
     import torch
 
-    from loratool.linalg import delta
+    from loratool.linalg import delta, factors
 
+    sign = -1.0 if unmerge else 1.0
+    dora = [c.module for c in contribs if c.module.magnitude is not None and not bias]
+    if not (dora or bias or keep_delta):
+        w = stored.to(device=device, dtype=torch.float32)
+        new = w.clone() if keep_delta else w
+        rows = new.view(new.shape[0], -1)  # conv (out, in, kh, kw) -> (out, in·kh·kw), as down flattens
+        for c in contribs:
+            up, down = factors(c.module, device=device)  # (out, r), (r, in·k)
+            d = torch.mm(up, down).mul_(c.module.scale)  # (out, in·k), rounded exactly as peft's (B @ A) * s
+            if c.weight != 1.0 or unmerge:
+                d.mul_(sign * c.weight)
+            transposed = c.module.kind == "embedding" or c.module.fan_in_fan_out  # W is (in, out)
+            rows.add_(d.T if transposed else d)
+            del d
+        return w, new, None
     w = stored.to(device=device, dtype=torch.float32)
     acc: torch.Tensor | None = None
     for c in contribs:
@@ -237,7 +258,6 @@ def merged_tensor(
         acc = d if acc is None else acc + d
     assert acc is not None
     new = w - acc if unmerge else w + acc
-    dora = [c.module for c in contribs if c.module.magnitude is not None and not bias]
     if dora:
         m = dora[0]
         assert m.magnitude is not None
@@ -246,18 +266,27 @@ def merged_tensor(
         factor = m.magnitude.load().to(device=device, dtype=torch.float32).reshape(-1) / norm
         rows = rows * factor.reshape(-1, *([1] * (rows.dim() - 1)))
         new = rows.T if m.fan_in_fan_out else rows
-    return new, acc
+    return w, new, acc
 
 
-def _finite_or_raise(new: torch.Tensor, key: str, contribs: list[Contribution]) -> None:
+def _finite_or_raise(new: torch.Tensor, out_dtype: str, key: str, contribs: list[Contribution]) -> None:
+    """NaN/Inf in the float32 result, or values the output dtype cannot hold (one pass: aminmax)."""
     import torch
 
-    if not bool(torch.isfinite(new).all()):
-        names = ", ".join(sorted({f"{c.adapter}: '{c.module.name}'" for c in contribs})) or "a saved tensor"
-        raise IncompatibleError(
-            f"merging into '{key}' gives NaN/Inf values (from {names})",
-            hint="check the adapter with: loratool validate ADAPTER",
-        )
+    if not new.is_floating_point() or new.numel() == 0:
+        return
+    lo, hi = (float(v) for v in torch.aminmax(new))
+    limit = torch.finfo(getattr(torch, out_dtype)).max if out_dtype in _FLOAT else math.inf
+    if math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) <= limit:
+        return
+    names = ", ".join(sorted({f"{c.adapter}: '{c.module.name}'" for c in contribs})) or "a saved tensor"
+    problem = "NaN/Inf values" if not (math.isfinite(lo) and math.isfinite(hi)) else \
+        f"values up to {max(-lo, hi):.3g}, beyond what {out_dtype} holds"
+    raise IncompatibleError(
+        f"merging into '{key}' gives {problem} (from {names})",
+        hint="check the adapter with: loratool validate ADAPTER" + (", or keep a wider --dtype"
+                                                                     if "beyond" in problem else ""),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,6 +303,23 @@ def _read_range(fd: int, start: int, n: int) -> bytearray:
             raise OSError(f"unexpected end of file at byte {start + got}")
         got += chunk
     return buf
+
+
+def _hash_range(hasher: Any, fd: int, start: int, n: int, chunk: int = 8 << 20) -> None:
+    for off in range(start, start + n, chunk):
+        hasher.update(_read_range(fd, off, min(chunk, start + n - off)))
+
+
+def _stat(key: str, file: str, contribs: list[Contribution], w: torch.Tensor, new: torch.Tensor, acc: torch.Tensor,
+          out: torch.Tensor) -> TensorStat:
+    import torch
+
+    acc_norm = float(acc.norm())
+    dora = any(c.module.magnitude is not None for c in contribs)
+    change = float((new - w).norm()) if dora else acc_norm  # without DoRA, W' − W = ±acc
+    cast = float((out.to(torch.float32) - new).abs().max()) if out.numel() else 0.0
+    return TensorStat(key, file, sorted({c.module.name for c in contribs}), acc_norm,
+                      change / max(float(w.norm()), 1e-30), cast)
 
 
 def _tensor_from(data: bytearray, info: TensorInfo) -> torch.Tensor:
@@ -301,6 +347,7 @@ def _stream_file(
     device: str,
     dtype: str,
     unmerge: bool,
+    stats: bool,
     tick: Callable[[int], None],
 ) -> None:
     import torch
@@ -310,57 +357,70 @@ def _stream_file(
     writer = StreamingWriter(dst, entries, meta, header_order=list(src.tensors))
     hasher = hashlib.sha256()
     fd = os.open(src.path, os.O_RDONLY)
-    pool = ThreadPoolExecutor(max_workers=1)
+    pool = ThreadPoolExecutor(max_workers=1)  # one worker: reads (and hashes) strictly in file order
+    data_start = 8 + src.header_len
+    pos = data_start
+
+    def needs_bytes(info: TensorInfo) -> bool:
+        return info.key in plan.deltas or info.key in plan.biases or (
+            info.key not in plan.replacements and _out_dtype(info, dtype) != info.dtype)
+
+    def read_and_hash(info: TensorInfo) -> bytearray | None:
+        """The tensor's bytes when they are needed; untouched tensors are only hashed, in chunks."""
+        nonlocal pos
+        if info.start > pos:  # a gap in the data section: hash the file exactly anyway
+            _hash_range(hasher, fd, pos, info.start - pos)
+        pos = max(pos, info.end)
+        if needs_bytes(info):
+            data = _read_range(fd, info.start, info.nbytes)
+            hasher.update(data)
+            return data
+        _hash_range(hasher, fd, info.start, info.nbytes)
+        return None
+
+    def fetch(i: int) -> Future[bytearray | None] | None:
+        return pool.submit(read_and_hash, order[i]) if i < len(order) else None
+
     try:
-        data_start = 8 + src.header_len
         hasher.update(_read_range(fd, 0, data_start))
-        pos = data_start
-
-        def fetch(i: int) -> Future[bytearray] | None:
-            return pool.submit(_read_range, fd, order[i].start, order[i].nbytes) if i < len(order) else None
-
         ahead = fetch(0)
         for n, info in enumerate(order):
             assert ahead is not None
             data = ahead.result()
-            ahead = fetch(n + 1)  # read the next tensor while this one is merged and written
-            if info.start > pos:  # a gap in the data section: hash the file exactly anyway
-                hasher.update(_read_range(fd, pos, info.start - pos))
-            hasher.update(data)
-            pos = max(pos, info.end)
+            ahead = fetch(n + 1)  # read and hash the next tensor while this one is merged and written
             out_dtype = _out_dtype(info, dtype)
             key = info.key
             if key in plan.deltas or key in plan.biases:
+                assert data is not None
                 contribs = plan.deltas.get(key) or plan.biases[key]
-                stored = _tensor_from(data, info)
-                new, acc = merged_tensor(stored, contribs, device=device, unmerge=unmerge, bias=key in plan.biases)
-                _finite_or_raise(new, key, contribs)
+                w32, new, acc = merged_tensor(_tensor_from(data, info), contribs, device=device, unmerge=unmerge,
+                                              bias=key in plan.biases, keep_delta=stats)
+                del data
+                _finite_or_raise(new, out_dtype, key, contribs)
                 out = new.to(getattr(torch, out_dtype))
-                w32 = stored.to(device=device, dtype=torch.float32)
-                report.tensors.append(TensorStat(
-                    key, dst.name, sorted({c.module.name for c in contribs}),
-                    float(acc.norm()), float((new - w32).norm() / max(float(w32.norm()), 1e-30)),
-                    float((out.to(torch.float32) - new).abs().max()) if out.numel() else 0.0,
-                ))
+                if stats:
+                    assert acc is not None
+                    report.tensors.append(_stat(key, dst.name, contribs, w32, new, acc, out))
+                del w32, new, acc
                 writer.write(key, out.cpu())
                 report.merged += 1
             elif key in plan.replacements:
-                ref = plan.replacements[key]
-                new = ref.load().to(torch.float32)
-                _finite_or_raise(new, key, [])
-                out = ref.load().to(getattr(torch, out_dtype))
-                report.tensors.append(TensorStat(key, dst.name, [], 0.0, 0.0, 0.0, replaced=True))
+                saved = plan.replacements[key].load()
+                _finite_or_raise(saved.to(torch.float32), out_dtype, key, [])
+                out = saved.to(getattr(torch, out_dtype))
+                if stats:
+                    report.tensors.append(TensorStat(key, dst.name, [], 0.0, 0.0, 0.0, replaced=True))
                 writer.write(key, out)
                 report.replaced += 1
-            elif out_dtype != info.dtype:
+            elif data is not None:  # a dtype change only
                 writer.write(key, _tensor_from(data, info).to(getattr(torch, out_dtype)))
                 report.copied += 1
             else:
-                writer.write_raw(key, data)  # untouched: byte for byte, no conversion
+                writer.copy_range(key, fd, info.start, info.nbytes)  # untouched: byte for byte, in the kernel
                 report.copied += 1
             tick(info.nbytes)
         if pos < src.size:
-            hasher.update(_read_range(fd, pos, src.size - pos))
+            _hash_range(hasher, fd, pos, src.size - pos)
         writer.patch_header(placeholder, hasher.hexdigest())
         writer.close()
     except BaseException:
@@ -395,6 +455,7 @@ def merge(
     allow_unmatched: bool = False,
     force: bool = False,
     allow_pickle: bool = False,
+    stats: bool = False,
     progress: Progress | None = None,
 ) -> MergeReport:
     """Merge adapters into a base checkpoint and write a complete copy of it.
@@ -406,6 +467,8 @@ def merge(
         dtype: keep | fp32 | fp16 | bf16 for floating tensors of the output.
         unmerge: subtract the deltas instead (refused for DoRA and modules_to_save).
         allow_unmatched: skip modules that match no base weight (with a warning) instead of failing.
+        stats: measure per merged tensor the delta norm, relative change and max cast error
+            (report.tensors; costs three passes over each merged tensor).
         progress: called with (bytes done, bytes total).
 
     Raises:
@@ -456,7 +519,7 @@ def merge(
             meta, placeholder = _provenance(params, loaded, src.path)
             meta = {**src.metadata, **meta}
             _stream_file(src, dst, plan, report, meta, placeholder, device=device, dtype=dtype, unmerge=unmerge,
-                         tick=tick)
+                         stats=stats, tick=tick)
         if not single_file:
             _copy_other_files(ckpt, tmp, dtype_changed=dtype != "keep")
         # re-open what was written before it is moved into place

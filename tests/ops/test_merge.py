@@ -315,7 +315,7 @@ def test_allow_unmatched_merges_the_rest(tmp_path):
     del base["transformer.h.1.mlp.c_fc.weight"]
     (tmp_path / "b").mkdir()
     save_file(base, str(tmp_path / "b" / "model.safetensors"))
-    with pytest.raises(loratool.IncompatibleError, match="transformer.h.1.mlp.c_fc"):
+    with pytest.raises(loratool.IncompatibleError, match=r"transformer\.h\.1\.mlp\.c_fc"):
         merge(tmp_path / "b", [FIXTURES / "peft_gpt2"], tmp_path / "o")
     report = merge(tmp_path / "b", [FIXTURES / "peft_gpt2"], tmp_path / "o", allow_unmatched=True)
     assert report.unmatched == ["transformer.h.1.mlp.c_fc"]
@@ -368,7 +368,7 @@ def test_dtype_option_and_report_file(tmp_path, capsys):
     report = json.loads((tmp_path / "r.json").read_text())
     stats = {t["key"]: t for t in report["tensors"]}
     base = load_file(str(FIXTURES / "base_gpt2" / "model.safetensors"))
-    fp32 = merge(FIXTURES / "base_gpt2", [FIXTURES / "peft_gpt2"], tmp_path / "f32")
+    fp32 = merge(FIXTURES / "base_gpt2", [FIXTURES / "peft_gpt2"], tmp_path / "f32", stats=True)
     exact = load_file(str(tmp_path / "f32" / "model.safetensors"))
     for key, t in stats.items():
         new, old = exact[key].double(), base[key].double()
@@ -396,15 +396,15 @@ def test_disk_full_leaves_nothing(tmp_path, monkeypatch, capsys):
     from loratool import st
 
     calls = {"n": 0}
-    real = st.StreamingWriter.write_raw
+    real = st.StreamingWriter.copy_range
 
-    def failing(self, key, data):
+    def failing(self, key, *args):
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
-        return real(self, key, data)
+        return real(self, key, *args)
 
-    monkeypatch.setattr(st.StreamingWriter, "write_raw", failing)
+    monkeypatch.setattr(st.StreamingWriter, "copy_range", failing)
     code, _, err = run_main(capsys, ["merge", FIXTURES / "base_llama", FIXTURES / "peft_llama", "-o", tmp_path / "o"])
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("Error:")]

@@ -1,0 +1,526 @@
+"""A corpus of malformed inputs, each run through `loratool inspect` and `loratool validate`.
+
+The contract (DESIGN.md section 7): a user-caused failure exits 2 with exactly one `Error: ...`
+line on stderr that names the file (an optional `Hint: ...` line may follow) and no traceback;
+validate exits 1 with findings on stdout when it could read the adapter and found errors, and 2
+only when it could not read it at all.
+
+`validate` imports torch (it reads tensor bytes), which costs seconds per process on a small CI
+machine, so the runs share one driver process that imports torch once and forks a child process
+per run; each child calls the entry point `python -m loratool` calls (loratool.cli.main) with its
+stdout/stderr going to files, and an exception escaping it is printed as the interpreter would.
+A few cases also run as plain `python -m loratool` subprocesses and must give identical results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import struct
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from factories import build_adapter
+from safetensors.torch import save_file
+
+# ---------------------------------------------------------------------------------------------
+# builders
+
+
+def st_bytes(header: dict[str, Any] | bytes, data: bytes = b"") -> bytes:
+    """A safetensors file from a header (dict -> JSON) and a raw data section."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def write(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    return path
+
+
+F32_4x4 = {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}
+
+
+def kohya(root: Path, **kwargs: Any) -> Path:
+    return build_adapter(root, fmt="kohya", **kwargs)
+
+
+def peft(root: Path, **kwargs: Any) -> Path:
+    return build_adapter(root, fmt="peft", **kwargs)
+
+
+def truncated(root: Path) -> Path:
+    whole = kohya(root).read_bytes()
+    return write(root / "truncated.safetensors", whole[:-100])
+
+
+def random_bytes(root: Path) -> Path:
+    return write(root / "random.safetensors", random.Random(0).randbytes(4096))
+
+
+def dir_without_adapter(root: Path) -> Path:
+    d = root / "not_an_adapter"
+    d.mkdir()
+    (d / "README.md").write_text("hello\n")
+    return d
+
+
+def peft_with_config_text(text: str) -> Callable[[Path], Path]:
+    def build(root: Path) -> Path:
+        d = peft(root, name="bad_config")
+        (d / "adapter_config.json").write_text(text)
+        return d
+
+    return build
+
+
+Q = "model.layers.0.self_attn.q_proj"
+KQ = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+
+
+def rank_mismatch(root: Path) -> Path:
+    # down says rank 4, up says rank 8
+    return kohya(root, modules={KQ: (32, 32)}, drop=[f"{KQ}.lora_up.weight"],
+                 extra_tensors={f"{KQ}.lora_up.weight": torch.zeros(32, 8)}, name="rank_mismatch.safetensors")
+
+
+def pickle_adapter(root: Path) -> Path:
+    d = peft(root, name="pickled")
+    tensors = {}
+    from safetensors.torch import load_file
+
+    tensors = load_file(d / "adapter_model.safetensors")
+    (d / "adapter_model.safetensors").unlink()
+    torch.save(tensors, d / "adapter_model.bin")
+    return d
+
+
+MARKER = "PWNED_BY_PICKLE"
+
+
+class _Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> Any:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def malicious_pickle(root: Path) -> Path:
+    d = peft(root, name="malicious")
+    (d / "adapter_model.safetensors").unlink()
+    with open(d / "adapter_model.bin", "wb") as f:
+        pickle.dump({"base_model.model.x.lora_A.weight": _Evil(root / MARKER)}, f)
+    return d
+
+
+def no_lora_tensors(root: Path) -> Path:
+    path = root / "base_model.safetensors"
+    save_file({"model.embed_tokens.weight": torch.zeros(8, 4), "lm_head.weight": torch.zeros(8, 4)}, str(path))
+    return path
+
+
+def loha_only(root: Path) -> Path:
+    path = root / "loha.safetensors"
+    stem = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file({f"{stem}.hada_w1_a": torch.ones(32, 4), f"{stem}.hada_w1_b": torch.ones(4, 32),
+               f"{stem}.hada_w2_a": torch.ones(32, 4), f"{stem}.hada_w2_b": torch.ones(4, 32),
+               f"{stem}.alpha": torch.tensor(4.0)}, str(path))
+    return path
+
+
+def one_d_down(root: Path) -> Path:
+    return kohya(root, modules={KQ: (32, 32)}, drop=[f"{KQ}.lora_down.weight"],
+                 extra_tensors={f"{KQ}.lora_down.weight": torch.ones(4)}, name="one_d.safetensors")
+
+
+def rank_zero(root: Path) -> Path:
+    return kohya(root, modules={KQ: (32, 32)}, drop=[f"{KQ}.lora_down.weight", f"{KQ}.lora_up.weight"],
+                 extra_tensors={f"{KQ}.lora_down.weight": torch.ones(0, 32),
+                                f"{KQ}.lora_up.weight": torch.ones(32, 0)}, name="rank0.safetensors")
+
+
+def empty_peft(root: Path) -> Path:
+    d = peft(root, name="empty_peft")
+    write(d / "adapter_model.safetensors", st_bytes({}))
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# the corpus
+
+
+@dataclass
+class Case:
+    id: str
+    build: Callable[[Path], Path]
+    inspect_rc: int | None  # None: inspect not run for this case
+    validate_rc: int
+    codes: set[str] = field(default_factory=set)  # every finding code validate --json reports
+    mention: str | None = None  # text the Error: line must contain (default: the input's file name)
+    inspect_args: tuple[str, ...] = ()
+    validate_args: tuple[str, ...] = ()
+
+
+UNREADABLE = 2
+
+CASES = [
+    Case("truncated", truncated, 2, 2),
+    Case("header-length-beyond-file",
+         lambda r: write(r / "hlen.safetensors", struct.pack("<Q", 10_000) + b'{"a": 1}'), 2, 2),
+    Case("header-not-json", lambda r: write(r / "notjson.safetensors", st_bytes(b"{this is not json"))
+         , 2, 2),
+    Case("header-not-utf8", lambda r: write(r / "latin1.safetensors", st_bytes(b'{"\xff\xfe": 1}')), 2, 2),
+    Case("header-json-list", lambda r: write(r / "list.safetensors", st_bytes(b"[1, 2, 3]")), 2, 2),
+    Case("header-deeply-nested",
+         lambda r: write(r / "deep.safetensors", st_bytes(b"[" * 100_000 + b"]" * 100_000)), 2, 2),
+    Case("header-5000-digit-integer",
+         lambda r: write(r / "bigint.safetensors",
+                         st_bytes(b'{"a.lora_down.weight": {"dtype": "F32", "shape": [' + b"9" * 5000
+                                  + b'], "data_offsets": [0, 4]}}', b"\0" * 4)), 2, 2),
+    Case("header-entry-not-object",
+         lambda r: write(r / "entry.safetensors", st_bytes({"a.lora_down.weight": [1, 2]})), 2, 2,
+         mention="a.lora_down.weight"),
+    Case("offsets-out-of-range",
+         lambda r: write(r / "offsets.safetensors",
+                         st_bytes({"a.lora_down.weight": {**F32_4x4, "data_offsets": [1000, 1064]}}, b"\0" * 64)),
+         2, 2, mention="a.lora_down.weight"),
+    Case("offsets-not-dtype-times-shape",
+         lambda r: write(r / "size.safetensors",
+                         st_bytes({"a.lora_down.weight": {**F32_4x4, "data_offsets": [0, 60]}}, b"\0" * 64)),
+         2, 2, mention="a.lora_down.weight"),
+    Case("unknown-dtype",
+         lambda r: write(r / "dtype.safetensors",
+                         st_bytes({"a.lora_down.weight": {**F32_4x4, "dtype": "F128"}}, b"\0" * 64)),
+         2, 2, mention="F128"),
+    Case("metadata-non-string",
+         lambda r: write(r / "meta.safetensors",
+                         st_bytes({"__metadata__": {"ss_network_dim": 4}, "a.lora_down.weight": F32_4x4},
+                                  b"\0" * 64)), 2, 2),
+    Case("empty-file", lambda r: write(r / "empty.safetensors", b""), 2, 2),
+    Case("five-bytes", lambda r: write(r / "five.safetensors", b"\x01\x02\x03\x04\x05"), 2, 2),
+    Case("random-bytes", random_bytes, 2, 2),
+    Case("valid-file-no-tensors", lambda r: write(r / "nothing.safetensors", st_bytes({})), 2, 2),
+    Case("directory-without-adapter", dir_without_adapter, 2, 2),
+    Case("missing-path", lambda r: r / "does_not_exist.safetensors", 2, 2),
+    Case("no-lora-tensors", no_lora_tensors, 2, 2),
+    Case("pickle-refused", pickle_adapter, 2, 2, mention="adapter_model.bin"),
+    Case("pickle-allowed", pickle_adapter, 0, 0, inspect_args=("--allow-pickle",),
+         validate_args=("--allow-pickle",)),
+    Case("malicious-pickle-allowed", malicious_pickle, 2, 2, mention="adapter_model.bin",
+         inspect_args=("--allow-pickle",), validate_args=("--allow-pickle",)),
+    Case("validate-base-missing", lambda r: kohya(r, name="ok.safetensors"), None, 2,
+         mention="no_base_here", validate_args=("--base", "no_base_here")),
+    # readable adapters with problems: inspect stops (2), validate reports findings (1)
+    Case("config-not-json", peft_with_config_text("{r: 4,"), 2, 1, {"config-invalid"},
+         mention="adapter_config.json"),
+    Case("config-json-list", peft_with_config_text("[4, 8]"), 2, 1, {"config-invalid"},
+         mention="adapter_config.json"),
+    Case("config-r-not-an-int",
+         lambda r: peft(r, name="bad_r", config={"r": "eight"}), 2, 1, {"config-invalid"},
+         mention="'r'"),
+    Case("config-rank-pattern-not-an-int",
+         lambda r: peft(r, name="bad_pattern", config={"rank_pattern": {"q_proj": "x"}}), 2, 1,
+         {"config-invalid"}, mention="rank_pattern"),
+    Case("down-without-up", lambda r: kohya(r, drop=[f"{KQ}.lora_up.weight"], name="no_up.safetensors"),
+         2, 1, {"missing-up"}, mention=KQ),
+    Case("up-without-down", lambda r: peft(r, drop=[f"base_model.model.{Q}.lora_A.weight"], name="no_down"),
+         2, 1, {"missing-down"}, mention=Q),
+    Case("rank-differs-down-up", rank_mismatch, 2, 1, {"rank-mismatch"}, mention=KQ),
+    Case("rank-zero", rank_zero, 2, 1, {"bad-shape"}, mention=KQ),
+    Case("one-d-down", one_d_down, 2, 1, {"bad-shape"}, mention=KQ),
+    Case("rank-not-config-r", lambda r: peft(r, rank=4, config={"r": 8}, name="wrong_r"), 2, 1,
+         {"config-rank-mismatch"}, mention="adapter_model.safetensors"),
+    Case("rank-not-rank-pattern",
+         lambda r: peft(r, rank=4, config={"rank_pattern": {"q_proj": 16}}, name="wrong_pattern"), 2, 1,
+         {"config-rank-mismatch"}, mention=Q),
+    Case("empty-peft-weights", empty_peft, 2, 1, {"no-lora-tensors"}, mention="empty_peft"),
+    Case("alpha-nan", lambda r: kohya(r, alpha=float("nan"), name="alpha_nan.safetensors"), 2, 1,
+         {"non-finite"}),
+    # header-only inspect cannot see values; validate reads them
+    Case("nan-in-factor", lambda r: kohya(r, nan=True, name="nan.safetensors"), 0, 1, {"non-finite"}),
+    Case("inf-in-factor", lambda r: peft(r, inf=True, name="inf"), 0, 1, {"non-finite"}),
+    Case("nan-in-factor-spectrum", lambda r: kohya(r, nan=True, name="nan_spec.safetensors"), 2, 1,
+         {"non-finite"}, inspect_args=("--spectrum",)),
+    # a LyCORIS file is reported (inspect) and refused for operations (validate: no LoRA modules)
+    Case("loha-only", loha_only, 0, 1, {"no-lora-tensors", "unsupported-tensor"}),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+
+@dataclass
+class Run:
+    rc: int
+    stdout: str
+    stderr: str
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("LORATOOL_DEBUG", None)
+    env["COLUMNS"] = "200"
+    return env
+
+
+def run_subprocess(args: list[str], cwd: Path) -> Run:
+    p = subprocess.run([sys.executable, "-m", "loratool", *args], capture_output=True, text=True, cwd=cwd,
+                       env=_env(), timeout=120)
+    return Run(p.returncode, p.stdout, p.stderr)
+
+
+_DRIVER = r"""
+import gc, json, os, sys, traceback
+# imported once here (the CLI imports them lazily); every forked child then runs the entry point
+import torch, rich.table, loratool.cli._render, loratool.ops.inspect, loratool.ops.validate, loratool.linalg
+from loratool.cli import main
+
+gc.freeze()  # children's garbage collections then leave the shared pages alone
+codes = []
+for argv, out, err in json.load(sys.stdin):
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 1)
+        os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+        code = 1
+        try:
+            main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()  # as the interpreter prints an exception that escapes
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+print(json.dumps(codes))
+"""
+
+
+def run_batch(jobs: list[list[str]], cwd: Path) -> list[Run]:
+    """Run `loratool <argv>` for each argv in forked children of one torch-importing process."""
+    files = [(str(cwd / f".run{i}.out"), str(cwd / f".run{i}.err")) for i in range(len(jobs))]
+    p = subprocess.run([sys.executable, "-c", _DRIVER], input=json.dumps([[a, o, e] for a, (o, e) in
+                                                                        zip(jobs, files)]),
+                       capture_output=True, text=True, cwd=cwd, env=_env(), timeout=300)
+    assert p.returncode == 0, p.stderr
+    codes = json.loads(p.stdout)
+    return [Run(c, Path(o).read_text(), Path(e).read_text()) for c, (o, e) in zip(codes, files)]
+
+
+@dataclass
+class Results:
+    path: Path
+    inspect: Run | None
+    validate: Run
+    validate_json: Run
+
+
+# cases also run as a plain `python -m loratool inspect` subprocess, to show the driver is faithful
+REAL_SUBPROCESS = ("truncated", "header-deeply-nested", "missing-path", "down-without-up", "loha-only")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Results]:
+    root = tmp_path_factory.mktemp("corpus")
+    paths: dict[str, Path] = {}
+    for case in CASES:
+        d = root / case.id
+        d.mkdir()
+        paths[case.id] = case.build(d)
+    # relative paths, as a user types them; cwd is the corpus root
+    rel = {k: str(p.relative_to(root)) for k, p in paths.items()}
+    jobs: list[list[str]] = []
+    for case in CASES:
+        jobs.append(["validate", rel[case.id], *case.validate_args])
+        jobs.append(["validate", rel[case.id], "--json", *case.validate_args])
+        jobs.append(["inspect", rel[case.id], *case.inspect_args])
+    batch = run_batch(jobs, root)
+    results = {}
+    for i, case in enumerate(CASES):
+        insp = batch[3 * i + 2] if case.inspect_rc is not None else None
+        results[case.id] = Results(paths[case.id], insp, batch[3 * i], batch[3 * i + 1])
+    for case_id in REAL_SUBPROCESS:
+        real = run_subprocess(["inspect", rel[case_id]], root)
+        assert real == results[case_id].inspect, (case_id, real)
+    return results
+
+
+def check_no_traceback(run: Run) -> None:
+    assert "Traceback" not in run.stdout + run.stderr
+    assert "internal error" not in run.stderr
+
+
+def check_one_error_line(run: Run, mention: str) -> None:
+    lines = run.stderr.splitlines()
+    errors = [ln for ln in lines if ln.startswith("Error:")]
+    assert len(errors) == 1, run.stderr
+    assert mention in errors[0], (mention, errors[0])
+    # nothing else but an optional hint
+    others = [ln for ln in lines if not ln.startswith(("Error:", "Hint:"))]
+    assert others == [], run.stderr
+    assert sum(ln.startswith("Hint:") for ln in lines) <= 1
+
+
+def _mention(case: Case, res: Results) -> str:
+    return case.mention or res.path.name
+
+
+# ---------------------------------------------------------------------------------------------
+# tests
+
+
+def test_corpus_is_big_enough():
+    assert len(CASES) >= 18
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.inspect_rc is not None], ids=lambda c: c.id)
+def test_inspect(case: Case, corpus: dict[str, Results]) -> None:
+    res = corpus[case.id]
+    run = res.inspect
+    assert run is not None
+    check_no_traceback(run)
+    assert run.rc == case.inspect_rc, run.stderr
+    if case.inspect_rc == 2:
+        check_one_error_line(run, _mention(case, res))
+        assert run.stdout == ""
+    else:
+        assert not any(ln.startswith("Error:") for ln in run.stderr.splitlines())
+        assert res.path.name in run.stdout
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_validate(case: Case, corpus: dict[str, Results]) -> None:
+    res = corpus[case.id]
+    for run in (res.validate, res.validate_json):
+        check_no_traceback(run)
+        assert run.rc == case.validate_rc, run.stdout + run.stderr
+        if case.validate_rc == UNREADABLE:
+            check_one_error_line(run, _mention(case, res))
+            assert run.stdout == ""  # no half-written report, no partial JSON
+        else:
+            assert not any(ln.startswith("Error:") for ln in run.stderr.splitlines())
+    if case.validate_rc == UNREADABLE:
+        return
+    doc = json.loads(res.validate_json.stdout)
+    assert doc["schema"] == 1
+    assert doc["ok"] is (case.validate_rc == 0)
+    assert {f["code"] for f in doc["findings"]} == case.codes
+    for f in doc["findings"]:
+        assert set(f) >= {"severity", "code", "module", "message"}
+        assert f["severity"] in ("error", "warning")
+    if case.validate_rc == 1:
+        assert any(f["severity"] == "error" for f in doc["findings"])
+        errors = [f for f in doc["findings"] if f["severity"] == "error"]
+        assert any(_mention(case, res) in f["message"] or f["module"] == case.mention for f in errors)
+        human = res.validate.stdout
+        assert "FAILED" in human
+        for code in case.codes:
+            assert code in human
+
+
+def test_pickle_refusal_hints_at_allow_pickle(corpus: dict[str, Results]) -> None:
+    run = corpus["pickle-refused"].inspect
+    assert run is not None
+    assert "--allow-pickle" in run.stderr
+
+
+def test_malicious_pickle_never_runs(corpus: dict[str, Results]) -> None:
+    root = corpus["malicious-pickle-allowed"].path.parent
+    assert not (root / MARKER).exists()
+
+
+def test_loha_is_reported_by_name(corpus: dict[str, Results]) -> None:
+    run = corpus["loha-only"].inspect
+    assert run is not None
+    assert "hada_w1_a" in run.stdout
+    doc = json.loads(corpus["loha-only"].validate_json.stdout)
+    messages = " ".join(f["message"] for f in doc["findings"])
+    assert "LoHa" in messages and "hada_w" in messages
+
+
+def test_pickle_allowed_reads_the_same_modules(corpus: dict[str, Results]) -> None:
+    run = corpus["pickle-allowed"].inspect
+    assert run is not None
+    assert "3 modules" in run.stdout
+
+
+def test_debug_env_shows_traceback(tmp_path: Path) -> None:
+    """LORATOOL_DEBUG=1 is the only way to get a traceback for a user error."""
+    path = write(tmp_path / "empty.safetensors", b"")
+    env = _env()
+    env["LORATOOL_DEBUG"] = "1"
+    p = subprocess.run([sys.executable, "-m", "loratool", "inspect", str(path)], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert p.returncode == 2
+    assert "Traceback" in p.stderr
+    assert p.stderr.rstrip().splitlines()[-1].startswith(("Error:", "Hint:"))
+
+
+# ---------------------------------------------------------------------------------------------
+# the other exits: internal bugs (3) and interruption (130), in-process through the entry point
+
+
+def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    from loratool.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out = capsys.readouterr()
+    assert isinstance(exc.value.code, int)
+    return exc.value.code, out.out, out.err
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_internal_bug_exits_3(tmp_path, monkeypatch, capsys, debug):
+    import loratool.ops.inspect
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise ZeroDivisionError("division by zero\nsecond line")
+
+    monkeypatch.setattr(loratool.ops.inspect, "inspect_adapter", broken)
+    if debug:
+        monkeypatch.setenv("LORATOOL_DEBUG", "1")
+    else:
+        monkeypatch.delenv("LORATOOL_DEBUG", raising=False)
+    code, out, err = _main(["inspect", str(tmp_path)], capsys)
+    assert code == 3 and out == ""
+    errors = [ln for ln in err.splitlines() if ln.startswith("Error:")]
+    assert errors == ["Error: internal error: ZeroDivisionError: division by zero"]
+    assert ("Traceback" in err) is debug
+    assert "LORATOOL_DEBUG=1" in err  # the hint says how to get the traceback
+
+
+def test_interrupt_exits_130(tmp_path, monkeypatch, capsys):
+    import loratool.ops.inspect
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loratool.ops.inspect, "inspect_adapter", interrupted)
+    code, _, err = _main(["inspect", str(tmp_path)], capsys)
+    assert code == 130 and "Traceback" not in err
+
+
+def test_multiline_messages_stay_one_error_line(tmp_path, monkeypatch, capsys):
+    import loratool.ops.inspect
+    from loratool.errors import FormatError
+
+    def fails(*args: Any, **kwargs: Any) -> None:
+        raise FormatError("x.safetensors: first\nsecond", hint="try\nthis")
+
+    monkeypatch.setattr(loratool.ops.inspect, "inspect_adapter", fails)
+    code, _, err = _main(["inspect", str(tmp_path)], capsys)
+    assert code == 2
+    assert err.splitlines() == ["Error: x.safetensors: first second", "Hint: try this"]
