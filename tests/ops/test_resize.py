@@ -362,3 +362,60 @@ def test_existing_output_refused_without_force(tmp_path):
     r = run(["resize", str(src), "-o", str(tmp_path / "o.safetensors"), "--rank", "2", "--force"])
     assert r.exit_code == 0
     assert loratool.read(tmp_path / "o.safetensors").modules["lora_unet_a_to_q"].rank == 2
+
+
+@pytest.mark.slow
+def test_resized_peft_adapter_loads_in_peft_with_truncated_deltas(tmp_path):
+    """A real peft adapter (rslora, rank_pattern) resized dynamically: peft loads the output with no
+    missing keys, and its get_delta_weight equals numpy's best rank-k approximation of the input."""
+    import warnings
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    lora = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        init_lora_weights=False,
+        rank_pattern={"gate_proj": 6},
+        target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"), lora)
+        with torch.no_grad():  # q_proj: one dominant direction, so the dynamic rule keeps rank 1 there
+            for name, layer in pm.named_modules():
+                if name.endswith("q_proj") and hasattr(layer, "lora_B"):
+                    layer.lora_B["default"].weight[:, 1:] *= 0.01
+        pm.save_pretrained(tmp_path / "in")
+    report = resize(tmp_path / "in", tmp_path / "out", method="sv_fro", threshold=0.8, dtype="fp32")
+    ranks = {m.name: m.new_rank for m in report.modules}
+    assert len(set(ranks.values())) > 1  # a genuinely per-module result
+    raw = load_file(str(tmp_path / "in" / "adapter_model.safetensors"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "out")
+    assert not [w for w in caught if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
+    seen = 0
+    for name, layer in model.base_model.model.named_modules():
+        if not hasattr(layer, "lora_A") or "default" not in layer.lora_A:
+            continue
+        a = raw[f"base_model.model.{name}.lora_A.weight"].double().numpy()
+        b = raw[f"base_model.model.{name}.lora_B.weight"].double().numpy()
+        ref, _ = best_rank_k(dense_np(b, a, 16 / np.sqrt(a.shape[0])), ranks[name])
+        got = layer.get_delta_weight("default").double().numpy()
+        assert layer.r["default"] == ranks[name]
+        assert np.linalg.norm(got - ref) <= 1e-5 * np.linalg.norm(ref), name
+        seen += 1
+    assert seen == len(ranks) == 8
