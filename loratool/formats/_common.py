@@ -158,6 +158,28 @@ class RawModule:
         setattr(self, role, ref)
 
 
+def group_tensors(
+    tf: TensorFile, split: Callable[[str], tuple[str, str] | None], findings: Findings
+) -> tuple[dict[str, RawModule], list[str]]:
+    """Group a file's tensors by module with `split(key) -> (name, role) | None`.
+
+    Returns the groups that hold a factor, and the leftover keys: those `split` rejects and groups
+    with no factor at all (an .alpha of a LyCORIS module, a stray .dora_scale).
+    """
+    raw: dict[str, RawModule] = {}
+    leftovers: list[str] = []
+    for key, ref in tf.tensors.items():
+        parts = split(key)
+        if parts is None:
+            leftovers.append(key)
+            continue
+        name, role = parts
+        raw.setdefault(name, RawModule()).put(role, ref, key, name, findings, tf.path)
+    for name in [n for n, rm in raw.items() if rm.down is None and rm.up is None]:
+        leftovers.extend(raw.pop(name).keys)
+    return raw, leftovers
+
+
 def build_module(
     name: str,
     raw: RawModule,

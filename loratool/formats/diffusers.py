@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from loratool.adapter import Adapter, AlphaSource, LoraModule
-from loratool.formats._common import Findings, RawModule, TensorFile, build_module, is_unsupported
+from loratool.formats._common import Findings, TensorFile, build_module, group_tensors, is_unsupported
 from loratool.formats.peft import pattern_key
 
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior", "controlnet")
@@ -67,21 +67,9 @@ def component_config(metadata: dict[str, str], component: str) -> dict[str, Any]
 
 
 def from_tensors(tf: TensorFile, findings: Findings) -> Adapter:
-    raw: dict[str, RawModule] = {}
-    unsupported: list[str] = []
-    for key, ref in tf.tensors.items():
-        parts = split_key(key)
-        if parts is None or is_unsupported(key):
-            unsupported.append(key)
-            continue
-        name, role = parts
-        rm = raw.setdefault(name, RawModule())
-        rm.put(role, ref, key, name, findings, tf.path)
+    raw, unsupported = group_tensors(tf, lambda k: None if is_unsupported(k) else split_key(k), findings)
     modules: dict[str, LoraModule] = {}
     for name, rm in raw.items():
-        if rm.down is None and rm.up is None:
-            unsupported.extend(rm.keys)
-            continue
         component, _, local = name.partition(".")
         cfg = component_config(tf.metadata, component) if component in COMPONENTS else {}
         alpha: float | None

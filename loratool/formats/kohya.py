@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from loratool.adapter import Adapter, LoraModule
-from loratool.formats._common import Findings, RawModule, TensorFile, build_module
+from loratool.formats._common import Findings, RawModule, TensorFile, build_module, group_tensors
 
 PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lycoris_", "lora_transformer_")
 
@@ -36,22 +36,9 @@ def looks_like(keys: list[str]) -> bool:
 
 
 def from_tensors(tf: TensorFile, findings: Findings) -> Adapter:
-    raw: dict[str, RawModule] = {}
-    unsupported: list[str] = []
-    for key, ref in tf.tensors.items():
-        parts = split_key(key)
-        if parts is None:
-            unsupported.append(key)
-            continue
-        name, role = parts
-        rm = raw.setdefault(name, RawModule())
-        rm.put(role, ref, key, name, findings, tf.path)
+    raw, unsupported = group_tensors(tf, split_key, findings)
     modules: dict[str, LoraModule] = {}
     for name, rm in raw.items():
-        if rm.down is None and rm.up is None:
-            # an .alpha / .dora_scale of a LyCORIS module (hada_*, lokr_*) or a stray: not ours
-            unsupported.extend(rm.keys)
-            continue
         alpha = _alpha(rm, name, tf, findings) if rm.alpha is not None else None
         if rm.alpha is None and rm.down is not None and rm.up is not None:
             findings.warning("alpha-missing", name,
