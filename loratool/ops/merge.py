@@ -344,6 +344,7 @@ def _stream_file(
     meta: dict[str, str],
     placeholder: str,
     *,
+    name: str,
     device: str,
     dtype: str,
     unmerge: bool,
@@ -400,7 +401,7 @@ def _stream_file(
                 out = new.to(getattr(torch, out_dtype))
                 if stats:
                     assert acc is not None
-                    report.tensors.append(_stat(key, dst.name, contribs, w32, new, acc, out))
+                    report.tensors.append(_stat(key, name, contribs, w32, new, acc, out))
                 del w32, new, acc
                 writer.write(key, out.cpu())
                 report.merged += 1
@@ -409,7 +410,7 @@ def _stream_file(
                 _finite_or_raise(saved.to(torch.float32), out_dtype, key, [])
                 out = saved.to(getattr(torch, out_dtype))
                 if stats:
-                    report.tensors.append(TensorStat(key, dst.name, [], 0.0, 0.0, 0.0, replaced=True))
+                    report.tensors.append(TensorStat(key, name, [], 0.0, 0.0, 0.0, replaced=True))
                 writer.write(key, out)
                 report.replaced += 1
             elif data is not None:  # a dtype change only
@@ -518,8 +519,9 @@ def merge(
             dst.parent.mkdir(parents=True, exist_ok=True)
             meta, placeholder = _provenance(params, loaded, src.path)
             meta = {**src.metadata, **meta}
-            _stream_file(src, dst, plan, report, meta, placeholder, device=device, dtype=dtype, unmerge=unmerge,
-                         stats=stats, tick=tick)
+            name = Path(out).name if single_file else str(src.path.relative_to(ckpt.root))
+            _stream_file(src, dst, plan, report, meta, placeholder, name=name, device=device, dtype=dtype,
+                         unmerge=unmerge, stats=stats, tick=tick)
         if not single_file:
             _copy_other_files(ckpt, tmp, dtype_changed=dtype != "keep")
         # re-open what was written before it is moved into place
