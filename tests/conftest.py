@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
+# huggingface_hub reads this at import time; without it the first Hub request of a test would also
+# ask the real endpoint for telemetry. Tests never touch the network.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any

@@ -17,6 +17,8 @@ from loratool import __version__
 from loratool.cli import combine as _combine
 from loratool.cli import inspect as _inspect
 from loratool.cli import merge as _merge
+from loratool.cli import pull as _pull
+from loratool.cli import push as _push
 from loratool.cli import rescale as _rescale
 from loratool.cli import resize as _resize
 from loratool.cli import validate as _validate
@@ -46,6 +48,8 @@ cli.add_command(_rescale.rescale)
 cli.add_command(_resize.resize)
 cli.add_command(_combine.combine)
 cli.add_command(_merge.merge)
+cli.add_command(_pull.pull)
+cli.add_command(_push.push)
 
 
 def _fail(message: str, hint: str | None) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import overload
+
 import click
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
@@ -58,3 +60,30 @@ def write_options(f):  # type: ignore[no-untyped-def]
     for opt in reversed((out_option, force_option, format_option, json_option, quiet_option, allow_pickle_option)):
         f = opt(f)
     return f
+
+
+token_option = click.option(
+    "--token", default=None, metavar="TOKEN",
+    help="Hugging Face token (default: HF_TOKEN, then the token saved by `hf auth login`). Never printed.",
+)
+
+
+@overload
+def input_path(path: str, *, quiet: bool = False) -> str: ...
+@overload
+def input_path(path: None, *, quiet: bool = False) -> None: ...
+def input_path(path: str | None, *, quiet: bool = False) -> str | None:
+    """The one place input paths meet the Hub: hf://OWNER/REPO[@REVISION][/PATH] -> a local path.
+
+    Call it at the start of every command, on every argument/option that names an input (adapter,
+    base model). Plain paths come back unchanged; hf:// ones are downloaded through the Hugging Face
+    cache (HF_HUB_OFFLINE=1: from the cache only) and the local path is returned. Download bars
+    appear on stderr only when it is a terminal and not `quiet`. Raises HubError (exit 2).
+    """
+    if path is None or not path.startswith("hf://"):
+        return path
+    import sys
+
+    from loratool.hub import resolve_path
+
+    return str(resolve_path(path, progress=not quiet and sys.stderr.isatty()))

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import click
 
-from loratool.cli._options import allow_pickle_option, device_option, json_option, quiet_option
+from loratool.cli._options import allow_pickle_option, device_option, input_path, json_option, quiet_option
 
 
 @click.command()
@@ -24,6 +24,7 @@ def inspect(path: str, as_json: bool, show_modules: bool, spectrum: bool, allow_
     from loratool.cli import _render
     from loratool.ops.inspect import inspect_adapter
 
+    path = input_path(path, quiet=quiet or as_json)
     dev = "cpu"
     if spectrum:
         from loratool.cli._options import resolve_device

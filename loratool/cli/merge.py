@@ -52,9 +52,11 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, d
     Example: loratool merge ./Llama-3.2-1B ./my-adapter -o ./Llama-3.2-1B-merged
     """
     from loratool.cli import _render
-    from loratool.cli._options import resolve_device
+    from loratool.cli._options import input_path, resolve_device
     from loratool.ops.merge import merge as run
 
+    base = input_path(base, quiet=quiet or as_json)
+    adapters = tuple(input_path(a, quiet=quiet or as_json) for a in adapters)
     with _render.progress("merging", enabled=not (quiet or as_json), unit="bytes") as cb:
         report = run(base, list(adapters), out, weights=parse_weights(weights), dtype=dtype,
                      device=resolve_device(device), unmerge=unmerge, allow_unmatched=allow_unmatched, force=force,

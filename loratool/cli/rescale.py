@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import click
 
-from loratool.cli._options import modules_option, write_options
+from loratool.cli._options import input_path, modules_option, write_options
 from loratool.errors import IncompatibleError
 
 
@@ -37,6 +37,7 @@ def rescale(path: str, factor: float | None, alpha: float | None, normalize: boo
             + (f" (got {', '.join('--' + n.replace('_', '-') for n, _ in chosen)})" if chosen else ""),
         )
     mode, value = chosen[0]
+    path = input_path(path, quiet=quiet or as_json)
     report = run(path, out, mode=mode, value=value if mode in ("factor", "alpha") else None, modules=modules,
                  fmt=fmt, force=force, allow_pickle=allow_pickle)
     doc = report.to_dict()

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import click
 
-from loratool.cli._options import allow_pickle_option, json_option, quiet_option
+from loratool.cli._options import allow_pickle_option, input_path, json_option, quiet_option
 
 
 @click.command()
@@ -23,6 +23,8 @@ def validate(path: str, base: str | None, strict: bool, as_json: bool, allow_pic
     from loratool.cli import _render
     from loratool.ops.validate import validate_adapter
 
+    path = input_path(path, quiet=quiet or as_json)
+    base = input_path(base, quiet=quiet or as_json)
     with _render.progress("checking tensors", enabled=not (quiet or as_json)) as cb:
         report = validate_adapter(path, base=base, strict=strict, allow_pickle=allow_pickle, progress=cb)
     doc = report.to_dict()
