@@ -1,0 +1,385 @@
+"""The documentation stays honest (in the spirit of sqlite-utils' tests/test_docs.py).
+
+- every command registered in `loratool.cli.cli` has a page docs/commands/<name>.md, an entry in
+  docs/cli.md, a mention in README.md, and a --help that ends with an `Example:` line;
+- every option of a command is named on its page;
+- every key an inspect / validate / resize / rescale `--json` document emits on the fixtures is
+  listed in that command's section of docs/json.md, and every command with `--json` has a section;
+- every validate finding code in the source is explained in docs/commands/validate.md;
+- (slow) every command line in README.md's ```console / ```bash blocks that touches only fixtures/
+  and /tmp runs with exit code 0 (and prints the `exit code N` the README shows, where it shows one).
+
+A command added later therefore needs its page, its options and its JSON keys documented: that is
+the point.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from loratool.cli import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+README = ROOT / "README.md"
+FIXTURES = ROOT / "fixtures"
+COMMANDS = sorted(cli.commands)
+
+# adapter fixture -> its base (fixtures/README.md)
+PAIRS = {
+    "peft_llama": "base_llama",
+    "peft_dora": "base_llama",
+    "peft_gpt2": "base_gpt2",
+    "peft_cls": "base_cls",
+    "kohya_sd.safetensors": "base_sd.safetensors",
+    "diffusers_sd.safetensors": "base_unet",
+    "diffusers_legacy.safetensors": "base_unet",
+}
+
+# JSON objects whose keys are data (metadata entries, config fields, alpha values, short module
+# names, ...), not schema: their keys are not looked up in docs/json.md
+FREE_FORM = {"metadata", "config", "alphas", "alpha_sources", "scales", "targets", "kinds", "dtypes"}
+
+PLACEHOLDER = re.compile(r"<!--[^>]*\bfills? in\b[^>]*-->")
+
+
+def _text(path: Path) -> str:
+    return path.read_text(encoding="utf-8")
+
+
+def _page(name: str) -> Path:
+    return DOCS / "commands" / f"{name}.md"
+
+
+def _mentions(text: str, word: str) -> bool:
+    """`word` (an option like --rank) appears as a whole token."""
+    return re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# every command documented
+
+
+def test_commands_are_registered():
+    assert {"inspect", "validate", "resize", "rescale"} <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_command_has_a_page(name):
+    assert _page(name).is_file(), f"loratool {name} has no docs/commands/{name}.md"
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_command_is_listed_in_cli_md(name):
+    assert f"commands/{name}.md" in _text(DOCS / "cli.md"), f"docs/cli.md does not link commands/{name}.md"
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_command_is_in_readme(name):
+    assert re.search(rf"\bloratool {name}\b", _text(README)), f"README.md never mentions `loratool {name}`"
+
+
+@pytest.mark.parametrize("name", [None, *COMMANDS])
+def test_help_ends_with_an_example(name):
+    args = [name, "--help"] if name else ["--help"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert re.search(r"^\s*Example: loratool ", r.output, re.M), f"`loratool {' '.join(args)}` has no Example: line"
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_option_is_on_the_command_page(name):
+    page = _page(name)
+    if not page.is_file():
+        pytest.fail(f"docs/commands/{name}.md is missing")
+    text = _text(page)
+    missing = []
+    for param in cli.commands[name].params:
+        if not isinstance(param, click.Option):
+            continue
+        names = [*param.opts, *param.secondary_opts]
+        wanted = [o for o in names if o.startswith("--")] or names
+        if not any(_mentions(text, o) for o in wanted):
+            missing.append("/".join(names))
+    assert not missing, f"docs/commands/{name}.md does not mention: {', '.join(missing)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# --json keys documented
+
+
+def _json_sections() -> dict[str, str]:
+    """docs/json.md split at its `## ` headings: first word of the heading -> section text."""
+    sections: dict[str, str] = {}
+    current = None
+    for line in _text(DOCS / "json.md").splitlines():
+        if line.startswith("## "):
+            current = line[3:].split()[0].strip("`")
+            sections[current] = ""
+        elif current is not None:
+            sections[current] += line + "\n"
+    return sections
+
+
+def _keys(doc: Any, out: set[str]) -> set[str]:
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            out.add(k)
+            if k not in FREE_FORM:
+                _keys(v, out)
+    elif isinstance(doc, list):
+        for v in doc:
+            _keys(v, out)
+    return out
+
+
+def _documented(section: str, key: str) -> bool:
+    # `key`, or a path ending in it: `modules[].key`, `ranks.key`
+    return re.search(rf"`(?:[\w\[\]]+\.)*{re.escape(key)}`", section) is not None
+
+
+def _run_json(args: list[str]) -> dict[str, Any]:
+    r = CliRunner().invoke(cli, [*args, "--json"])
+    assert r.exception is None or isinstance(r.exception, SystemExit), (args, r.exception, r.output)
+    return json.loads(r.stdout)
+
+
+def _broken_copy(tmp: Path) -> Path:
+    """peft_llama with a rank_pattern that lies, a NaN, and one module without each factor."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp / "broken_llama"
+    shutil.copytree(FIXTURES / "peft_llama", out)
+    cfg = json.loads(_text(out / "adapter_config.json"))
+    cfg["rank_pattern"]["q_proj"] = 16
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    weights = out / "adapter_model.safetensors"
+    t = load_file(weights)
+    t["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"][0, 0] = float("nan")
+    del t["base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"]
+    del t["base_model.model.model.layers.1.mlp.gate_proj.lora_A.weight"]
+    save_file(t, weights)
+    return out
+
+
+@pytest.fixture(scope="module")
+def json_documents(tmp_path_factory) -> dict[str, list[dict[str, Any]]]:
+    """The --json documents of inspect, validate, resize and rescale on every fixture."""
+    tmp = tmp_path_factory.mktemp("json_docs")
+    docs: dict[str, list[dict[str, Any]]] = {"inspect": [], "validate": [], "resize": [], "rescale": []}
+    for adapter, base in PAIRS.items():
+        path = str(FIXTURES / adapter)
+        docs["inspect"].append(_run_json(["inspect", path, "--spectrum", "--device", "cpu"]))
+        docs["inspect"].append(_run_json(["inspect", path]))
+        docs["validate"].append(_run_json(["validate", path, "--base", str(FIXTURES / base)]))
+        docs["validate"].append(_run_json(["validate", path]))
+    docs["validate"].append(_run_json(["validate", str(_broken_copy(tmp))]))
+    kohya = str(FIXTURES / "kohya_sd.safetensors")
+    docs["resize"].append(_run_json(["resize", str(FIXTURES / "peft_dora"), "-o", str(tmp / "r1"), "--rank", "2"]))
+    docs["resize"].append(_run_json(["resize", kohya, "-o", str(tmp / "r2.safetensors"), "--method", "sv_fro",
+                                     "--threshold", "0.9", "--modules", "unet", "--device", "cpu"]))
+    docs["rescale"].append(_run_json(["rescale", str(FIXTURES / "peft_llama"), "-o", str(tmp / "s1"),
+                                      "--factor", "0.5", "--modules", "q_proj"]))
+    docs["rescale"].append(_run_json(["rescale", kohya, "-o", str(tmp / "s2.safetensors"), "--normalize"]))
+    return docs
+
+
+@pytest.mark.parametrize("name", ["inspect", "validate", "resize", "rescale"])
+def test_json_keys_are_documented(name, json_documents):
+    sections = _json_sections()
+    assert name in sections, f"docs/json.md has no `## {name}` section"
+    keys: set[str] = set()
+    for doc in json_documents[name]:
+        assert doc.get("schema") == 1
+        _keys(doc, keys)
+    missing = sorted(k for k in keys if not _documented(sections[name], k))
+    assert not missing, f"docs/json.md `## {name}` does not list: {', '.join(missing)}"
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_json_commands_have_a_section(name):
+    if not any(isinstance(p, click.Option) and "--json" in p.opts for p in cli.commands[name].params):
+        pytest.skip(f"{name} has no --json")
+    assert name in _json_sections(), f"loratool {name} has --json but docs/json.md has no `## {name}` section"
+
+
+# ---------------------------------------------------------------------------------------------
+# validate finding codes documented
+
+_CODE = re.compile(r"^[a-z][a-z0-9]*(?:-[a-z0-9]+)+$")
+
+
+def _source_codes() -> tuple[set[str], list[re.Pattern[str]]]:
+    """Finding codes in loratool's source: literal codes, and f-string codes as patterns."""
+    literal: set[str] = set()
+    patterns: list[re.Pattern[str]] = []
+    for path in (ROOT / "loratool").rglob("*.py"):
+        tree = ast.parse(_text(path))
+        assigned: dict[str, set[str]] = {}  # name -> every string constant ever assigned to it
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign):
+                consts = {c.value for c in ast.walk(node.value)
+                          if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+                for target in node.targets:
+                    if isinstance(target, ast.Name):
+                        assigned.setdefault(target.id, set()).update(consts)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            if isinstance(func, ast.Attribute) and func.attr in ("error", "warning") and node.args:
+                arg = node.args[0]
+            elif isinstance(func, ast.Name) and func.id == "Finding" and len(node.args) > 1:
+                arg = node.args[1]
+            else:
+                continue
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                literal.add(arg.value)
+            elif isinstance(arg, ast.Name):
+                literal.update(assigned.get(arg.id, set()))
+            elif isinstance(arg, ast.JoinedStr):
+                parts = [re.escape(v.value) if isinstance(v, ast.Constant) else "[a-z]+" for v in arg.values]
+                patterns.append(re.compile("".join(parts)))
+    return {c for c in literal if _CODE.match(c)}, patterns
+
+
+def test_every_finding_code_is_documented(json_documents):
+    page = _text(_page("validate"))
+    documented = set(re.findall(r"`([a-z][a-z0-9]*(?:-[a-z0-9]+)+)`", page))
+    literal, patterns = _source_codes()
+    emitted = {f["code"] for doc in json_documents["validate"] for f in doc["findings"]}
+    assert {"non-finite", "config-rank-mismatch", "missing-up", "missing-down", "alpha-missing"} <= emitted
+    missing = sorted((literal | emitted) - documented)
+    assert not missing, f"docs/commands/validate.md does not explain: {', '.join(missing)}"
+    for p in patterns:
+        assert any(p.fullmatch(c) for c in documented), f"no documented code matches the f-string code {p.pattern}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the README's commands run
+
+
+def _split_and(command: str) -> list[str]:
+    """Split a shell line at top-level `&&` (outside quotes)."""
+    parts, buf, quote, i = [], "", None, 0
+    while i < len(command):
+        ch = command[i]
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif command.startswith("&&", i):
+            parts.append(buf)
+            buf, i = "", i + 2
+            continue
+        buf += ch
+        i += 1
+    parts.append(buf)
+    return [" ".join(p.split()) for p in parts if p.strip()]
+
+
+def readme_commands(text: str) -> list[tuple[str, str, bool]]:
+    """(command, output shown under it, followed by a placeholder) for every command in a
+    ```console block (`$ ` lines) or ```bash block (every line, `&&` chains split), in order."""
+    events: list[list[Any]] = []  # [command, shown output, placeholder after it]
+    block = None
+    pending = ""  # a command continued with a trailing backslash
+    for line in text.splitlines():
+        fence = re.match(r"^```(\w*)\s*$", line)
+        if fence:
+            block = None if block is not None else fence.group(1)
+            continue
+        if PLACEHOLDER.search(line):
+            if events:
+                events[-1][2] = True
+            continue
+        if block not in ("console", "bash"):
+            continue
+        if block == "console" and not pending:
+            if not line.startswith("$ "):
+                if events:
+                    events[-1][1] += line + "\n"
+                continue
+            line = line[2:]
+        if block == "bash" and not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        for cmd in _split_and(pending + line):
+            events.append([cmd, "", False])
+        pending = ""
+    return [(c, out, ph) for c, out, ph in events]
+
+
+def _runnable(command: str) -> bool:
+    """Documentation examples to run: no installs, no test runs, only fixtures/ and /tmp paths."""
+    words = command.split()
+    if not words or words[0] == "pip" or "pytest" in words:
+        return False
+    try:
+        tokens = shlex.split(command)
+    except ValueError:
+        return False
+    for tok in tokens:
+        tok = tok.rstrip(";|&")
+        is_path = "/" in tok and not re.search(r"\s", tok) and not tok.startswith("-")
+        if is_path and not tok.startswith(("fixtures/", "/tmp/")):
+            return False
+    return True
+
+
+def test_readme_commands_are_found():
+    cmds = [c for c, _, _ in readme_commands(_text(README))]
+    assert "loratool inspect fixtures/peft_llama" in cmds
+    assert "pip install torch==2.13.0" in cmds
+    merge = "loratool merge fixtures/base_llama fixtures/peft_llama -o /tmp/merged --force"
+    assert merge in cmds
+
+
+@pytest.mark.slow
+def test_readme_commands_run(tmp_path):
+    events = readme_commands(_text(README))
+    skipped = {c for c, _, placeholder in events if placeholder}
+    shown: dict[str, str] = {}
+    order: list[str] = []
+    for cmd, out, _ in events:
+        if cmd not in shown:
+            order.append(cmd)
+            shown[cmd] = ""
+        shown[cmd] += out
+    env = {k: v for k, v in os.environ.items() if k != "LORATOOL_DEBUG"}
+    py = shlex.quote(sys.executable)
+    ran: set[str] = set()
+    failures = []
+    for cmd in order:
+        if cmd in skipped or not _runnable(cmd):
+            continue
+        line = cmd.replace("/tmp/", f"{tmp_path}/")
+        line = re.sub(r"(^|[;|]\s*)loratool\b", rf"\g<1>{py} -m loratool", line)
+        line = re.sub(r"(^|[;|]\s*)python\b", rf"\g<1>{py}", line)
+        r = subprocess.run(["bash", "-c", line], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            failures.append(f"$ {cmd}\nexit {r.returncode}\n{(r.stdout + r.stderr)[-2000:]}")
+            continue
+        want = re.findall(r"^exit code \d+$", shown[cmd], re.M)
+        got = re.findall(r"^exit code \d+$", r.stdout, re.M)
+        if want != got:
+            failures.append(f"$ {cmd}\nthe README shows {want} but the command printed {got}")
+        if cmd.startswith("loratool "):
+            ran.add(cmd.split()[1])
+    assert not failures, "\n\n".join(failures)
+    assert {"inspect", "validate", "resize", "rescale"} <= ran, f"only ran: {sorted(ran)}"
