@@ -110,14 +110,17 @@ _KOHYA_SHORT_HINTS = (
 
 
 def short_name(name: str) -> str:
+    """The layer's own name: `q_proj`; `to_out.0` and `ff.net.2` keep their index."""
     if "." in name:
-        return name.rsplit(".", 1)[1]
-    # kohya names lost their dots: match known layer names, else the last two parts
+        parts = name.split(".")
+        return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+    # kohya names lost their dots: match known layer names, else the last two (three) parts
     for hint in sorted(_KOHYA_SHORT_HINTS, key=len, reverse=True):
         if name.endswith("_" + hint):
             return hint
     parts = name.split("_")
-    return "_".join(parts[-2:]) if len(parts) >= 2 else name
+    keep = 3 if parts[-1].isdigit() else 2
+    return "_".join(parts[-keep:]) if len(parts) >= keep else name
 
 
 @dataclass

@@ -309,7 +309,7 @@ def test_provenance_metadata(tmp_path: Path, fmt: str) -> None:
     assert meta["loratool.version"] == loratool.__version__
     assert meta["loratool.op"] == "convert"
     assert json.loads(meta["loratool.params"]) == {"to": "peft", "rank": 4}
-    assert json.loads(meta["loratool.sources"]) == {str(s): sha256(s) for s in sources}
+    assert json.loads(meta["loratool.sources"]) == {f"{s.parent.name}/{s.name}": sha256(s) for s in sources}
 
 
 def test_provenance_default_op_and_explicit_sources(tmp_path: Path) -> None:
@@ -321,7 +321,7 @@ def test_provenance_default_op_and_explicit_sources(tmp_path: Path) -> None:
     meta = header_metadata(out)
     assert meta["loratool.op"] == "write"
     assert json.loads(meta["loratool.params"]) == {}
-    assert json.loads(meta["loratool.sources"]) == {str(src): sha256(src), str(other): sha256(other)}
+    assert json.loads(meta["loratool.sources"]) == {f"{p.parent.name}/{p.name}": sha256(p) for p in (src, other)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import click
 
 from loratool import __version__
 from loratool.cli import combine as _combine
+from loratool.cli import convert as _convert
+from loratool.cli import extract as _extract
 from loratool.cli import inspect as _inspect
 from loratool.cli import merge as _merge
 from loratool.cli import pull as _pull
@@ -38,6 +40,7 @@ def cli() -> None:
     Reads PEFT directories, kohya .safetensors and diffusers files. Exact maths, bounded memory,
     clear errors. Set LORATOOL_DEBUG=1 for tracebacks.
 
+    \b
     Example: loratool inspect fixtures/peft_llama
     """
 
@@ -48,6 +51,8 @@ cli.add_command(_rescale.rescale)
 cli.add_command(_resize.resize)
 cli.add_command(_combine.combine)
 cli.add_command(_merge.merge)
+cli.add_command(_extract.extract)
+cli.add_command(_convert.convert)
 cli.add_command(_pull.pull)
 cli.add_command(_push.push)
 

@@ -11,7 +11,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import IO, Any, cast
 
 from rich.console import Console
 from rich.table import Table
@@ -21,11 +21,36 @@ _out: Console | None = None
 _err: Console | None = None
 
 
+class _NoTrailingSpaces:
+    """A stdout wrapper that drops the spaces rich pads table cells with at line ends."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        *lines, self._pending = (self._pending + text).split("\n")
+        for line in lines:
+            self.f.write(line.rstrip(" ") + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            self.f.write(self._pending)
+            self._pending = ""
+        self.f.flush()
+
+    def isatty(self) -> bool:
+        return bool(self.f.isatty())
+
+
 def out() -> Console:
     global _out
-    if _out is None or _out.file is not sys.stdout:  # sys.stdout may be swapped (CliRunner, capture)
+    # sys.stdout may be swapped between calls (CliRunner, capture): follow it
+    if _out is None or getattr(_out.file, "f", None) is not sys.stdout:
         tty = sys.stdout.isatty()
-        _out = Console(file=sys.stdout, width=None if tty else 160, highlight=False, soft_wrap=not tty)
+        _out = Console(file=cast(IO[str], _NoTrailingSpaces(sys.stdout)), width=None if tty else 160, highlight=False,
+                       soft_wrap=not tty, force_terminal=tty)
     return _out
 
 
@@ -132,6 +157,7 @@ def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool) -> Non
     t.add_row("alpha", _counts(alphas, 6) if len(alphas) > 1 else next(iter(alphas), "-"))
     t.add_row("alpha from", _counts(doc["alpha_sources"]) or "-")
     scales = doc["scales"]
+    scales = {_fmt(float(k)): v for k, v in scales.items()}
     t.add_row("scale", _counts(scales, 6) if len(scales) > 1 else next(iter(scales), "-"))
     t.add_row("rslora", _yes(doc["rslora"]))
     t.add_row("DoRA", _yes(doc["dora"]))
@@ -242,7 +268,10 @@ def render_resize(doc: dict[str, Any]) -> None:
         new = _rank_span([m["new_rank"] for m in rows])
         out().print(f"mean Frobenius retention {doc['mean_fro_retained']:.2%}; "
                     f"params {doc['old_params']:,} -> {doc['new_params']:,}")
-        what = f"{doc['num_modules']} modules, rank {old} -> {new}"
+        resized = len(rows)
+        count = f"{doc['num_modules']} modules" if resized == doc["num_modules"] else \
+            f"{resized} of {doc['num_modules']} modules"
+        what = f"{count}, rank {old} -> {new}"
     else:
         what = f"{doc['num_modules']} modules"
     wrote(doc["out"], what, doc["size"])
@@ -252,11 +281,11 @@ def render_rescale(doc: dict[str, Any]) -> None:
     rows = doc["modules"]
     t = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
     t.add_column("module", overflow="fold")
-    for name in ("alpha", "new alpha", "scale", "new scale"):
+    for name in ("alpha", "new alpha", "scale", "new scale", "delta ×"):
         t.add_column(name, justify="right")
     for m in rows:
         t.add_row(m["name"], _fmt(m["old_alpha"]), _fmt(m["new_alpha"]), f"{m['old_scale']:.6g}",
-                  f"{m['new_scale']:.6g}")
+                  f"{m['new_scale']:.6g}", f"{m['delta_factor']:.6g}")
     out().print(t)
     value = f" {doc['value']:g}" if doc["value"] is not None else ""
     wrote(doc["out"], f"{len(rows)} of {doc['num_modules']} modules, {doc['mode'].replace('_', '-')}{value}",
@@ -334,3 +363,57 @@ def render_push(doc: dict[str, Any]) -> None:
     if not doc["changed"]:
         what += ", nothing changed"
     wrote(f"hf://{doc['repo_id']}@{doc['revision']}", what, doc["size"])
+
+
+def render_extract(doc: dict[str, Any]) -> None:
+    rows = doc["modules"]
+    t = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+    t.add_column("module", overflow="fold")
+    t.add_column("kind")
+    t.add_column("shape", justify="right")
+    t.add_column("rank", justify="right")
+    t.add_column("kept energy", justify="right")
+    t.add_column("rel. error", justify="right")
+    t.add_column("svd")
+    for m in rows:
+        t.add_row(m["name"] + (" (+bias)" if m["bias"] else ""), m["kind"], "x".join(map(str, m["shape"])),
+                  str(m["rank"]), f"{m['kept_energy']:.4%}", f"{m['rel_error']:.3g}", m["method"])
+    out().print(t)
+    changed = doc["changed"]
+    saved = [c["key"] for c in changed if c["action"] == "saved"]
+    skipped = [c for c in changed if c["action"] == "skipped"]
+    if saved:
+        out().print(f"stored whole (modules_to_save): {_names(saved)}")
+    if skipped:
+        listed = _names([f"{c['key']} ({c['reason']})" for c in skipped])
+        out().print(f"changed but not stored: {listed}")
+    out().print(f"{doc['unchanged']} unchanged tensor(s) skipped; SVD exact for {doc['methods']['exact']}, "
+                f"randomized for {doc['methods']['randomized']} module(s)")
+    what = f"{doc['num_modules']} modules"
+    if rows:
+        what += f", rank {_rank_span([m['rank'] for m in rows])}"
+    if saved:
+        what += f", {len(saved)} saved tensor{'s' if len(saved) > 1 else ''}"
+    wrote(doc["out"], what, doc["size"])
+
+
+def _names(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def render_convert(doc: dict[str, Any]) -> None:
+    rows = doc["modules"]
+    t = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+    t.add_column("module", overflow="fold")
+    t.add_column("from", overflow="fold")
+    t.add_column("rank", justify="right")
+    t.add_column("scale", justify="right")
+    t.add_column("placed by")
+    for m in rows:
+        t.add_row(m["new_name"], "=" if m["name"] == m["new_name"] else m["name"], str(m["rank"]),
+                  f"{m['scale']:.6g}", m["placed_by"])
+    out().print(t)
+    what = f"{doc['num_modules']} modules, {doc['source_format']} -> {doc['format']}"
+    if doc["extras"]:
+        what += f", {len(doc['extras'])} saved tensors"
+    wrote(doc["out"], what, doc["size"])

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import click
 
-from loratool.cli._options import device_option, dtype_option, write_options
+from loratool.cli._options import device_option, dtype_option, input_path, write_options
 from loratool.errors import IncompatibleError
 from loratool.ops.combine import METHODS
 
@@ -41,6 +41,9 @@ def combine(adapters: tuple[str, ...], weights: str, method: str, rank: int | No
     cat is the exact weighted sum of the deltas (rank = sum of ranks); svd is that sum truncated to
     --rank, computed without dense matrices. DoRA inputs are refused.
 
+    ADAPTER is a PEFT directory, a kohya or diffusers .safetensors file, or hf://OWNER/REPO[@REV][/PATH].
+
+    \b
     Example: loratool combine style/ subject/ -o both/ --weights 0.7,0.5 --method svd --rank 32
     """
     from loratool.cli import _render
@@ -50,8 +53,9 @@ def combine(adapters: tuple[str, ...], weights: str, method: str, rank: int | No
     if len(adapters) < 2:
         raise IncompatibleError(f"combine needs at least two adapters, got {len(adapters)}",
                                 hint="to scale one adapter use: loratool rescale ADAPTER -o OUT --factor F")
+    paths = [input_path(p, quiet=quiet or as_json) for p in adapters]
     with _render.progress("combining", enabled=not (quiet or as_json)) as cb:
-        report = run(list(adapters), out, weights=_weights(weights), method=method, rank=rank, density=density,
+        report = run(paths, out, weights=_weights(weights), method=method, rank=rank, density=density,
                      majority_sign=majority_sign, seed=seed, fmt=fmt, dtype=dtype, device=resolve_device(device),
                      force=force, allow_pickle=allow_pickle, progress=cb)
     doc = report.to_dict()

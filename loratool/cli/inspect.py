@@ -19,6 +19,7 @@ def inspect(path: str, as_json: bool, show_modules: bool, spectrum: bool, allow_
 
     Reads only the file header unless --spectrum is given.
 
+    \b
     Example: loratool inspect adapter_dir --modules
     """
     from loratool.cli import _render
@@ -36,5 +37,8 @@ def inspect(path: str, as_json: bool, show_modules: bool, spectrum: bool, allow_
     if as_json:
         _render.print_json(doc)
     else:
+        if not quiet:
+            for w in report.warnings:
+                _render.warn(w)
         _render.render_inspect(doc, modules=show_modules, spectrum=spectrum)
     return 0

@@ -49,6 +49,7 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, d
     directory. OUT mirrors it (file names, shards, key order, dtypes, config and tokenizer files).
     Deltas are summed in float32 and cast once; memory stays bounded by the largest tensor.
 
+    \b
     Example: loratool merge ./Llama-3.2-1B ./my-adapter -o ./Llama-3.2-1B-merged
     """
     from loratool.cli import _render

@@ -23,6 +23,7 @@ def pull(repo: str, subfolder: str | None, out: str | None, force: bool, token: 
     fetched once; with HF_HUB_OFFLINE=1 the cache alone is used. REVISION is a branch ('/' allowed),
     tag or commit sha; an hf://OWNER/REPO[@REVISION][/PATH] URL is accepted too.
 
+    \b
     Example: loratool pull my-org/style-lora@v2 -o ./style-lora
     """
     import sys

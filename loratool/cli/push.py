@@ -25,6 +25,7 @@ def push(path: str, repo_id: str, private: bool, revision: str | None, message: 
     loratool provenance); a README.md already on the Hub is kept unless --overwrite-card. REPO_ID
     without an owner means your own namespace. Needs a token with write access.
 
+    \b
     Example: loratool push ./style-lora my-org/style-lora --private
     """
     import sys

@@ -23,6 +23,7 @@ def rescale(path: str, factor: float | None, alpha: float | None, normalize: boo
     --factor multiplies the delta (only alpha changes; factors stay bit-identical). --alpha,
     --normalize, --to-rslora and --from-rslora keep the delta exactly.
 
+    \b
     Example: loratool rescale style.safetensors -o style_half.safetensors --factor 0.5
     """
     from loratool.cli import _render

@@ -25,6 +25,7 @@ def resize(path: str, rank: int | None, method: str | None, threshold: float | N
     Fixed: --rank K. Dynamic: --method sv_fro --threshold 0.9 [--rank CAP] keeps, per module, the
     smallest rank that meets the threshold. Alpha is chosen so each module keeps its scale.
 
+    \b
     Example: loratool resize adapter_dir -o adapter_r16 --rank 16
     """
     from loratool.cli import _render

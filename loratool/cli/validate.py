@@ -18,6 +18,7 @@ def validate(path: str, base: str | None, strict: bool, as_json: bool, allow_pic
     Exit 0 when clean (warnings allowed unless --strict), 1 when problems were found, 2 when the
     input cannot be read at all.
 
+    \b
     Example: loratool validate adapter_dir --base ./Llama-3.2-1B
     """
     from loratool.cli import _render

@@ -1,7 +1,7 @@
 """On-disk dialects. Key-name translation lives only in this package.
 
 `detect(path)` decides from directory contents and key names (never the file name); `read` gives
-the canonical Adapter; `write` writes PEFT or kohya atomically with provenance metadata.
+the canonical Adapter; `write` writes PEFT, kohya or diffusers atomically with provenance metadata.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from loratool.formats._common import (
 __all__ = ["FORMATS", "Finding", "Findings", "detect", "provenance", "read", "write"]
 
 FORMATS = ("peft", "kohya", "diffusers")
-WRITABLE = ("peft", "kohya")
+WRITABLE = ("peft", "kohya", "diffusers")
 
 
 def _classify(tf: TensorFile) -> str:
@@ -150,17 +150,36 @@ def require_plain(adapter: Adapter, op: str) -> None:
 # writing
 
 
-def provenance(op: str, params: Mapping[str, Any], sources: list[Path]) -> dict[str, str]:
-    """The `__metadata__` entries every file we write carries."""
+def source_label(path: str | os.PathLike[str]) -> str:
+    """How a source file is named in provenance: `folder/file`, never the absolute path (which
+    would leak local directory names into files users publish)."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+
+
+def provenance(
+    op: str, params: Mapping[str, Any], sources: list[Path], hashes: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The `__metadata__` entries every file we write carries.
+
+    `hashes` are sha256 sums the caller already computed (e.g. while streaming a checkpoint),
+    by path; `sources` are hashed here.
+    """
     from loratool import __version__
     from loratool.st import sha256_file
 
-    hashes = {str(s): sha256_file(s) for s in sources if s.is_file()}
+    by_path = {**(hashes or {}), **{str(s): sha256_file(s) for s in sources if s.is_file()}}
+    labelled: dict[str, str] = {}
+    for path, digest in by_path.items():
+        label = source_label(path)
+        while label in labelled:  # two sources with the same folder and file name
+            label += "'"
+        labelled[label] = digest
     return {
         "loratool.version": __version__,
         "loratool.op": op,
         "loratool.params": json.dumps(dict(params), sort_keys=True, default=str),
-        "loratool.sources": json.dumps(hashes, sort_keys=True),
+        "loratool.sources": json.dumps(labelled, sort_keys=True),
     }
 
 
@@ -177,12 +196,14 @@ def write(
     op: str = "write",
     params: Mapping[str, Any] | None = None,
     sources: list[Path] | None = None,
+    hashes: Mapping[str, str] | None = None,
 ) -> Path:
     """Write an adapter atomically and re-read it before it is moved into place.
 
     Args:
-        fmt: "peft" (a directory) or "kohya" (one file); default: the adapter's own format.
-        op, params, sources: provenance recorded in the file's metadata.
+        fmt: "peft" (a directory), "kohya" or "diffusers" (one file); default: the adapter's own format.
+        op, params, sources: provenance recorded in the file's metadata; hashes: sha256 sums already
+            computed, by path (merged with those of sources).
 
     Returns:
         The output path.
@@ -197,11 +218,13 @@ def write(
         raise IncompatibleError(
             f"cannot write the {fmt} format", hint=f"choose one of: {', '.join(WRITABLE)} (--format)"
         )
-    meta = provenance(op, params or {}, sources if sources is not None else adapter.files)
+    meta = provenance(op, params or {}, sources if sources is not None else adapter.files, hashes)
     out = Path(out)
     with atomic_output(out, force=force, directory=output_is_directory(fmt)) as tmp:
         if fmt == "peft":
             peft.write(adapter, tmp, meta)
+        elif fmt == "diffusers":
+            diffusers.write(adapter, tmp, meta)
         else:
             kohya.write(adapter, tmp, meta)
         check = read(tmp)

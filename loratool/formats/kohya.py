@@ -8,6 +8,7 @@ is `.dora_scale`; header metadata holds `ss_*` training facts and `modelspec.*`.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,19 +77,146 @@ def _alpha(rm: RawModule, name: str, tf: TensorFile, findings: Findings) -> floa
 
 
 # ---------------------------------------------------------------------------------------------
+# name recovery: kohya names lost their dots
+
+
+# kohya prefix -> the diffusers pipeline component whose modules it names
+COMPONENT_OF_PREFIX: dict[str, str] = {
+    "lora_unet_": "unet",
+    "lora_transformer_": "transformer",
+    "lycoris_": "unet",
+    "lora_te_": "text_encoder",
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+    "lora_te3_": "text_encoder_3",
+}
+
+# Module-path segments the naming rules know (diffusers U-Net / DiT, original SD (SGM) U-Net, CLIP
+# text encoders, Llama-style LLMs). A stem is placed only when it splits into these words and
+# numbers in exactly one way; words that would make common names ambiguous are left out on
+# purpose (`out`: proj_out = proj.out?; `linear`: linear_1 = linear.1?; `proj_mlp` = proj.mlp?; T5's single letters
+# `q`, `k`, `v`, `o`: q_proj = q.proj?).
+SEGMENTS: frozenset[str] = frozenset({
+    # diffusers U-Net
+    "down_blocks", "up_blocks", "mid_block", "attentions", "resnets", "transformer_blocks", "attn1", "attn2",
+    "to_q", "to_k", "to_v", "to_out", "proj_in", "proj_out", "ff", "net", "proj", "norm", "norm1", "norm2",
+    "norm3", "conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers", "upsamplers", "conv", "conv_in",
+    "conv_out", "time_embedding", "linear_1", "linear_2", "add_embedding",
+    # diffusers DiT (SD3, Flux)
+    "single_transformer_blocks", "attn", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context",
+    "norm1_context", "x_embedder", "context_embedder",
+    # original SD / SDXL U-Net (single-file checkpoints)
+    "input_blocks", "middle_block", "output_blocks", "in_layers", "out_layers", "emb_layers", "skip_connection",
+    "time_embed", "label_emb",
+    # CLIP text encoders
+    "text_model", "encoder", "layers", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "mlp", "fc1",
+    "fc2", "embeddings", "token_embedding", "position_embedding", "text_projection",
+    # Llama-style LLMs
+    "model", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head",
+})
+
+
+def split_prefix(name: str) -> tuple[str, str] | None:
+    """'lora_unet_down_blocks_0_...' -> ('lora_unet_', 'down_blocks_0_...'), or None."""
+    for prefix in PREFIXES:
+        if name.startswith(prefix):
+            return prefix, name[len(prefix):]
+    return None
+
+
+def restore_dots(stem: str) -> str | None:
+    """The dotted module path a kohya stem stands for, when the naming rules allow exactly one.
+
+    Every underscore-separated part must belong to a SEGMENTS word or be a number; the stem is
+    placed only when there is exactly one way to split it (`down_blocks_0_attentions_0_proj_in` ->
+    `down_blocks.0.attentions.0.proj_in`). Otherwise None.
+    """
+    tokens = stem.split("_")
+    n = len(tokens)
+    # ways[i] = (number of splittings of tokens[i:], capped at 2; one such splitting)
+    none: list[str] = []
+    ways: list[tuple[int, list[str]]] = [(0, none)] * n + [(1, none)]
+    for i in range(n - 1, -1, -1):
+        count, first = 0, none
+        for j in range(i + 1, n + 1):
+            word = "_".join(tokens[i:j])
+            if ways[j][0] and (word in SEGMENTS or (j == i + 1 and word.isdigit())):
+                if count == 0:
+                    first = [word, *ways[j][1]]
+                count += ways[j][0]
+        ways[i] = (min(count, 2), first)
+    return ".".join(ways[0][1]) if ways[0][0] == 1 else None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a kohya-named module lives once its dots are back.
+
+    Attributes:
+        component: the diffusers component its kohya prefix names (None for an unknown prefix).
+        path: with a base: the matched base key without `.weight` (container prefix included, e.g.
+            `model.diffusion_model.input_blocks.4.1.proj_in`); else the path the naming rules give,
+            inside the component (`down_blocks.0.attentions.0.proj_in`).
+        by: "base" or "rules".
+    """
+
+    component: str | None
+    path: str
+    by: str
+
+
+def place(name: str, base_key: str | None = None) -> Placement | None:
+    """Recover a kohya name's module path: from the base key it matched, else by the naming rules.
+
+    Returns None when the rules cannot place it unambiguously (the caller lists such names).
+    """
+    parts = split_prefix(name)
+    component = COMPONENT_OF_PREFIX[parts[0]] if parts else None
+    if base_key is not None:
+        return Placement(component, base_key.removesuffix(".weight"), "base")
+    if parts is None:
+        return None
+    path = restore_dots(parts[1])
+    return Placement(component, path, "rules") if path else None
+
+
+# ---------------------------------------------------------------------------------------------
 # writing
 
 
+# The module-path prefixes that stand for a kohya prefix: single-file checkpoint containers (SD1/2,
+# SDXL, SD3) and diffusers components, longest first. The inverse of keymap.KOHYA_PREFIXES, so a
+# name written here matches the same base key again.
+_KOHYA_PREFIX_OF: tuple[tuple[str, str], ...] = (
+    ("conditioner.embedders.0.transformer.", "lora_te1_"),
+    ("conditioner.embedders.1.model.", "lora_te2_"),
+    ("cond_stage_model.transformer.", "lora_te_"),
+    ("text_encoders.clip_l.transformer.", "lora_te1_"),
+    ("text_encoders.clip_g.transformer.", "lora_te2_"),
+    ("text_encoders.t5xxl.transformer.", "lora_te3_"),
+    ("model.diffusion_model.", "lora_unet_"),
+    ("diffusion_model.", "lora_unet_"),
+    ("unet.", "lora_unet_"),
+    ("transformer.", "lora_unet_"),
+    ("text_encoder_2.", "lora_te2_"),
+    ("text_encoder_3.", "lora_te3_"),
+    ("text_encoder.", "lora_te1_"),
+)
+
+
 def kohya_name(m: LoraModule, source_format: str) -> str:
-    """The kohya key stem for a module: stored names stay; dotted names get underscores."""
+    """The kohya key stem for a module: stored names stay; dotted names get underscores.
+
+    A known container or component prefix (`model.diffusion_model.`, `conditioner.embedders.0.
+    transformer.`, `unet.`, `text_encoder.`, ...) becomes its kohya prefix; anything else goes under
+    `lora_unet_` whole.
+    """
     if "." not in m.name:
         return m.name
     name = m.name
-    for component, prefix in (("unet.", "lora_unet_"), ("transformer.", "lora_unet_"),
-                              ("text_encoder_2.", "lora_te2_"), ("text_encoder_3.", "lora_te3_"),
-                              ("text_encoder.", "lora_te1_")):
-        if name.startswith(component):
-            return prefix + name[len(component):].replace(".", "_")
+    for container, prefix in _KOHYA_PREFIX_OF:
+        if name.startswith(container):
+            return prefix + name[len(container):].replace(".", "_")
     return "lora_unet_" + name.replace(".", "_")
 
 

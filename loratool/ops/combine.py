@@ -25,10 +25,11 @@ the dotted name. Inputs of different formats that share no module at all are an 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -377,12 +378,33 @@ def _bias(items: list[tuple[LoraModule, float]], out_dtype: torch.dtype) -> Tens
     return TensorRef.from_tensor(total.to(out_dtype).contiguous())
 
 
+@contextlib.contextmanager
+def _single_threaded(active: bool) -> Iterator[None]:
+    """Run torch's CPU ops on one intra-op thread, restoring the setting after.
+
+    The low-rank methods work on (out+in)×r factors and r×r cores: tensors too small for an OpenMP
+    team to pay off, and on a busy machine its spinning threads make every tiny op 10-100× slower
+    (measured: 33 s instead of 2.3 s for the two 1B-dims r16 adapters of tests/perf/bench_combine.py
+    at load average 4 on 2 cores). The dense methods keep every thread for their SVDs.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if active and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------------------------------------
 # the operation
 
 
 def combine(
-    paths: list[str | os.PathLike[str]],
+    paths: Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str],
     *,
     weights: list[float],
@@ -453,19 +475,21 @@ def combine(
 
     new_modules: dict[str, LoraModule] = {}
     alpha_source = "config" if fmt == "peft" else "tensor"
-    for n, (name, items) in enumerate(groups.items()):
-        present = {i: m for i, m in items}
-        stored = {m.dtype for _, m in items}
-        out_dtype = target_dtype(dtype, stored.pop() if len(stored) == 1 else "float32")
-        module, k, kept, err = combine_module(
-            [(m, weights[i]) for i, m in items], method, rank=rank, density=density, majority_sign=majority_sign,
-            generator=generator, device=device, dtype=out_dtype, alpha_source=alpha_source,
-        )
-        new_modules[name] = module
-        report.modules.append(ModuleCombine(
-            name, [present[i].rank if i in present else None for i in range(len(adapters))], k, kept, err))
-        if progress:
-            progress(n + 1, len(groups))
+    with _single_threaded(method not in DENSE and str(device) == "cpu"):
+        for n, (name, items) in enumerate(groups.items()):
+            present = {i: m for i, m in items}
+            stored = {m.dtype for _, m in items}
+            out_dtype = target_dtype(dtype, stored.pop() if len(stored) == 1 else "float32")
+            module, k, kept, err = combine_module(
+                [(m, weights[i]) for i, m in items], method, rank=rank, density=density,
+                majority_sign=majority_sign, generator=generator, device=device, dtype=out_dtype,
+                alpha_source=alpha_source,
+            )
+            new_modules[name] = module
+            report.modules.append(ModuleCombine(
+                name, [present[i].rank if i in present else None for i in range(len(adapters))], k, kept, err))
+            if progress:
+                progress(n + 1, len(groups))
     if method == "linear" and (worst := report.max_rel_error):
         report.warnings.append(f"linear averages factors, which is not the weighted sum of deltas "
                                f"(largest relative error {worst:.3g}); --method cat or svd is exact")

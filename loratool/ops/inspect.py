@@ -11,7 +11,7 @@ from typing import Any
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import IncompatibleError
-from loratool.formats import read
+from loratool.formats import Findings, read
 
 SCHEMA = 1
 Progress = Callable[[int, int], None]
@@ -32,6 +32,7 @@ class InspectReport:
     path: Path
     file_size: int
     spectra: dict[str, ModuleSpectrum] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # reader warnings, e.g. alpha implied
 
     @property
     def modules(self) -> list[LoraModule]:
@@ -95,6 +96,7 @@ class InspectReport:
             "config": a.config or None,
             "extras": [{"name": k, "shape": list(t.shape), "dtype": t.dtype} for k, t in a.extras.items()],
             "unsupported": list(a.unsupported),
+            "warnings": self.warnings,
             "modules": modules,
         }
 
@@ -126,9 +128,10 @@ def inspect_adapter(
         FormatError, IncompatibleError: the adapter cannot be read.
     """
     p = Path(path)
-    adapter = read(p, allow_pickle=allow_pickle)
+    findings = Findings()  # strict: errors raise; warnings (implied alpha, missing config) are kept
+    adapter = read(p, allow_pickle=allow_pickle, findings=findings)
     size = sum(f.stat().st_size for f in adapter.files if f.exists())
-    report = InspectReport(adapter, p, size)
+    report = InspectReport(adapter, p, size, warnings=[f.message for f in findings.items])
     if spectrum:
         from loratool.linalg import energy_rank
 

@@ -436,11 +436,8 @@ def _provenance(params: dict[str, Any], adapters: list[Adapter], base_file: Path
     """Metadata for one output file; the base file's sha256 is a placeholder patched after streaming."""
     from loratool.formats import provenance
 
-    meta = provenance("merge", params, [f for a in adapters for f in a.files])
-    sources = json.loads(meta["loratool.sources"])
     placeholder = secrets.token_hex(32)
-    sources[str(base_file)] = placeholder
-    meta["loratool.sources"] = json.dumps(sources, sort_keys=True)
+    meta = provenance("merge", params, [f for a in adapters for f in a.files], hashes={str(base_file): placeholder})
     return meta, placeholder
 
 
@@ -501,8 +498,7 @@ def merge(
         raise IncompatibleError(f"nothing to merge: no adapter module matches {base_path}",
                                 hint="check with: loratool validate ADAPTER --base BASE")
     single_file = base_path.is_file()
-    params = {"weights": weights, "dtype": dtype, "unmerge": unmerge, "allow_unmatched": allow_unmatched,
-              "adapters": [str(p) for p in adapters]}
+    params = {"weights": weights, "dtype": dtype, "unmerge": unmerge, "allow_unmatched": allow_unmatched}
     total = sum(i.nbytes for i in ckpt.tensors.values())
     done = 0
 

@@ -76,7 +76,10 @@ def validate_adapter(
     p = Path(path)
     findings = Findings(strict=False)
     adapter = read(p, allow_pickle=allow_pickle, findings=findings)
-    report = ValidationReport(p, adapter.source_format, len(adapter.modules), findings.items, strict)
+    # modules the reader had to drop (broken pairs, shape or config mismatches) still count
+    broken = {f.module for f in findings.items if f.severity == "error" and f.module} - set(adapter.modules)
+    broken -= set(adapter.extras)
+    report = ValidationReport(p, adapter.source_format, len(adapter.modules) + len(broken), findings.items, strict)
     _check_unsupported(adapter, findings)
     _check_dtypes(adapter, findings)
     _check_values(adapter, findings, progress)

@@ -12,7 +12,6 @@ Run: python tests/perf/bench_merge.py [--layers 16 8] [--workdir /tmp/bench_merg
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess

@@ -1,0 +1,300 @@
+"""convert: move an adapter between PEFT, kohya and diffusers without changing what it does.
+
+The factors are copied bit for bit; only module names, the way alpha is stored and the DoRA
+magnitude's key change, and each module's effective scale is kept exactly (the writers check it).
+
+Names. kohya names lost their dots, so kohya -> PEFT / diffusers needs the module paths back:
+with `base`, every module is matched against the base's key list (keymap.match_modules) and its
+path is the matched key without `.weight`; without a base, the kohya naming rules place a name only
+when they allow exactly one reading (formats.kohya.restore_dots). Names that cannot be placed are
+listed in one error. The target layouts:
+
+- PEFT: with `base`, the base's own key paths (container prefixes such as `model.diffusion_model.`
+  kept: PEFT names modules inside the model whose state dict is that checkpoint); without one, the
+  path inside the component when the adapter spans one component, else `<component>.<path>`.
+- diffusers: `<component>.<path inside the component>`, containers replaced by their component
+  (formats.diffusers.place); layouts that diffusers names differently are refused.
+- kohya: formats.kohya.kohya_name.
+
+With `base`, every module must match a base weight of a compatible shape, and 1x1-conv factors are
+reshaped to the base weight's layout (linear <-> 1x1 conv) so the consumer finds what it expects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loratool.adapter import Adapter, LoraModule
+from loratool.errors import IncompatibleError
+from loratool.st import TensorRef
+
+SCHEMA = 1
+TARGETS = ("peft", "kohya", "diffusers")
+
+
+@dataclass
+class ModuleConvert:
+    name: str  # as read
+    new_name: str  # as written (kohya: the key stem; diffusers: with its component)
+    kind: str
+    rank: int
+    alpha: float  # as read
+    scale: float  # the effective scale, unchanged by conversion
+    placed_by: str  # "base", "rules" (kohya naming rules) or "name" (translated from the name alone)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ConvertReport:
+    out: Path
+    source: Path
+    source_format: str
+    format: str
+    base: Path | None
+    modules: list[ModuleConvert] = field(default_factory=list)
+    extras: list[str] = field(default_factory=list)  # modules_to_save tensors carried over (PEFT)
+    size: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "out": str(self.out),
+            "source": str(self.source),
+            "source_format": self.source_format,
+            "format": self.format,
+            "base": None if self.base is None else str(self.base),
+            "num_modules": len(self.modules),
+            "modules": [m.to_dict() for m in self.modules],
+            "extras": self.extras,
+            "size": self.size,
+            "warnings": self.warnings,
+        }
+
+
+def _listing(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _base_class(ckpt_root: Path) -> str | None:
+    """The diffusers `_class_name` of a component directory's config.json, if there is one."""
+    cfg = ckpt_root / "config.json"
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = data.get("_class_name") if isinstance(data, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _match_base(adapter: Adapter, base: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]], str | None]:
+    """Module name -> base key and base key -> shape; every module must match exactly one weight.
+
+    Raises:
+        IncompatibleError: unmatched, ambiguous or shape-mismatched modules (all listed).
+    """
+    from loratool.keymap import match_modules
+    from loratool.st import open_checkpoint
+
+    ckpt = open_checkpoint(base)
+    match = match_modules(list(adapter.modules.values()), ckpt.tensors)
+    if match.shape_mismatch:
+        name, key, want, got = match.shape_mismatch[0]
+        raise IncompatibleError(
+            f"{adapter.path}: module '{name}' needs a base weight of shape {want} but {key} in {base} is {got}"
+            + (f" ({len(match.shape_mismatch)} modules mismatch)" if len(match.shape_mismatch) > 1 else ""),
+            hint="is this adapter for this base model? check with: loratool validate ADAPTER --base BASE",
+        )
+    problems = [*match.unmatched, *(f"{n} (ambiguous: {', '.join(k)})" for n, k in match.ambiguous.items())]
+    if problems:
+        raise IncompatibleError(
+            f"{adapter.path}: {len(problems)} module(s) match no single weight of {base}: {_listing(problems)}",
+            hint="pass the base model the adapter was trained for (check with: loratool validate ADAPTER --base BASE)",
+        )
+    shapes = {key: tuple(ckpt.tensors[key].shape) for key in match.matched.values()}
+    return match.matched, shapes, _base_class(ckpt.root)
+
+
+def _fit_layout(m: LoraModule, shape: tuple[int, ...]) -> LoraModule:
+    """Reshape a module's factors to its base weight's layout: linear <-> 1x1 conv (same delta)."""
+    if m.kind == "conv" and len(shape) == 2 and all(k == 1 for k in m.kernel):
+        down = m.down.load().reshape(m.rank, -1)  # (r, in, 1, 1) -> (r, in)
+        up = m.up.load().reshape(m.out_features, m.rank)  # (out, r, 1, 1) -> (out, r)
+        return m.with_(down=TensorRef.from_tensor(down), up=TensorRef.from_tensor(up), kind="linear")
+    if m.kind == "linear" and not m.fan_in_fan_out and len(shape) > 2 and all(k == 1 for k in shape[2:]):
+        ones = (1,) * (len(shape) - 2)
+        down = m.down.load().reshape(m.rank, m.in_features, *ones)
+        up = m.up.load().reshape(m.out_features, m.rank, *ones)
+        return m.with_(down=TensorRef.from_tensor(down), up=TensorRef.from_tensor(up), kind="conv")
+    return m
+
+
+NO_RULE = "the kohya naming rules allow no single reading"
+
+
+def _new_names(
+    adapter: Adapter, to: str, matched: dict[str, str] | None, base_class: str | None, warnings: list[str]
+) -> tuple[dict[str, tuple[str, str]], dict[str, list[str]]]:
+    """Module name -> (new name, placed_by), and the names that cannot be placed, by reason."""
+    from loratool.formats import diffusers, kohya
+
+    names: dict[str, tuple[str, str]] = {}
+    unplaced: dict[str, list[str]] = {}
+    hint_class = diffusers.component_of_class(base_class)
+    for name, m in adapter.modules.items():
+        base_key = matched.get(name) if matched is not None else None
+        if to == "kohya":
+            names[name] = (kohya.kohya_name(m, adapter.source_format), "name")
+            continue
+        component: str | None = None
+        if adapter.source_format == "kohya":  # the names lost their dots: recover them
+            placed = kohya.place(name, base_key)
+            if placed is None:
+                unplaced.setdefault(NO_RULE, []).append(name)
+                continue
+            path, by, component = placed.path, placed.by, placed.component
+        elif base_key is not None:
+            path, by = base_key.removesuffix(".weight"), "base"
+        else:
+            path, by = name, "name"
+        if to == "peft":
+            names[name] = (path, by)  # components are settled below, over the whole adapter
+            if by == "rules":
+                names[name] = (f"{component}.{path}", by)
+            continue
+        # diffusers
+        if adapter.source_format == "diffusers" and base_key is None:
+            names[name] = (name, "name")
+            continue
+        # the base's class settles U-Net vs transformer; a kohya text-encoder prefix stays what it says
+        hint = hint_class if component in (None, "unet", "transformer") and hint_class else component
+        where = diffusers.place(path, hint)
+        if isinstance(where, str):
+            unplaced.setdefault(where, []).append(name)
+        else:
+            names[name] = (f"{where[0]}.{where[1]}", by)
+    if to == "peft":
+        _settle_components(names, adapter, warnings)
+    return names, unplaced
+
+
+def _settle_components(names: dict[str, tuple[str, str]], adapter: Adapter, warnings: list[str]) -> None:
+    """PEFT wraps one model: drop the diffusers component from the names when only one occurs."""
+    from loratool.formats.diffusers import split_component
+
+    loose = {n: v for n, v in names.items()
+             if v[1] == "rules" or (v[1] == "name" and adapter.source_format == "diffusers")}
+    if not loose:
+        return
+    components = {parts[0] for new, _ in loose.values() if (parts := split_component(new))}
+    if len(components) == 1:
+        for n, (new, by) in loose.items():
+            parts = split_component(new)
+            if parts:
+                names[n] = (parts[1], by)
+    elif len(components) > 1:
+        warnings.append(
+            f"the adapter spans {len(components)} components ({', '.join(sorted(components))}); the PEFT module "
+            "names keep them as a prefix (unet., text_encoder., ...), so peft loads it only into a model holding "
+            "those components as attributes. Pass --base to name modules by the base checkpoint's keys"
+        )
+
+
+def convert(
+    path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    to: str,
+    base: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+) -> ConvertReport:
+    """Convert an adapter to another format (or rewrite it in its own), keeping every delta exact.
+
+    Args:
+        to: "peft" (a directory), "kohya" or "diffusers" (one file).
+        base: the base model (file or directory); kohya names are placed by its keys, every module
+            must match one of its weights, and factors take its layout (linear vs 1x1 conv).
+
+    Raises:
+        IncompatibleError: names that cannot be placed (listed), modules that do not fit `base`,
+            content the target cannot hold (embeddings/fan_in_fan_out for kohya and diffusers,
+            modules_to_save tensors), or two modules with one target name.
+        FormatError, OutputExistsError.
+    """
+    from loratool.formats import diffusers, read, require_plain, source_label, write
+
+    if to not in TARGETS:
+        raise IncompatibleError(f"--to {to}: unknown format", hint=f"use one of {', '.join(TARGETS)}")
+    adapter = read(Path(path), allow_pickle=allow_pickle)
+    require_plain(adapter, "convert")
+    if not adapter.modules:
+        raise IncompatibleError(f"{path}: holds no LoRA modules to convert")
+    report = ConvertReport(Path(out), Path(path), adapter.source_format, to, Path(base) if base is not None else None)
+    extras = {k: v for k, v in adapter.extras.items() if ".base_layer." not in k}
+    if extras and to != "peft":
+        raise IncompatibleError(
+            f"{path}: full tensor '{next(iter(extras))}' (modules_to_save) cannot be stored in a {to} file "
+            f"({len(extras)} such tensor(s))",
+            hint="convert to PEFT instead (--to peft), or drop the modules_to_save tensors",
+        )
+    if to != "peft":
+        bad = [n for n, m in adapter.modules.items() if m.kind == "embedding" or m.fan_in_fan_out]
+        if bad:
+            raise IncompatibleError(
+                f"{path}: module '{bad[0]}' is an embedding or fan_in_fan_out (GPT-2 Conv1D) layer, which {to} "
+                f"files cannot hold ({len(bad)} such)",
+                hint="convert to PEFT instead (--to peft)",
+            )
+    matched: dict[str, str] | None = None
+    shapes: dict[str, tuple[int, ...]] = {}
+    base_class = None
+    if base is not None:
+        matched, shapes, base_class = _match_base(adapter, Path(base))
+    names, unplaced = _new_names(adapter, to, matched, base_class, report.warnings)
+    if unplaced:
+        count = sum(len(v) for v in unplaced.values())
+        reasons = "; ".join(f"{reason}: {_listing(names_)}" for reason, names_ in unplaced.items())
+        foreign = all(diffusers.FOREIGN in reason for reason in unplaced)
+        raise IncompatibleError(
+            f"{path}: cannot place {count} module name(s) in the {to} layout: {reasons}",
+            hint="write kohya instead (--to kohya): diffusers' load_lora_weights converts that layout itself "
+            "when it loads a kohya file" if foreign else
+            "pass --base BASE (the model the adapter was made for) to match the names against its keys",
+        )
+    seen: dict[str, str] = {}
+    for name, (new, _) in names.items():
+        if new in seen:
+            raise IncompatibleError(f"{path}: modules '{seen[new]}' and '{name}' would both be written as '{new}'")
+        seen[new] = name
+
+    modules: dict[str, LoraModule] = {}
+    for name, m in adapter.modules.items():
+        new, by = names[name]
+        fitted = _fit_layout(m, shapes[matched[name]]) if matched is not None else m
+        modules[new] = fitted.with_(name=new)
+        report.modules.append(ModuleConvert(name, new, fitted.kind, m.rank, m.alpha, m.scale, by))
+    # a PEFT source keeps its config (task_type, modules_to_save, ...) when its names stay; any other
+    # source gets a fresh one from the writer. kohya metadata (ss_*) stays only in kohya files.
+    keep_config = adapter.source_format == "peft" and to == "peft"
+    converted = adapter.with_modules(
+        modules,
+        extras=adapter.extras if to == "peft" else {},
+        config=adapter.config if keep_config else {},
+        metadata=adapter.metadata if adapter.source_format == to == "kohya" else {},
+        source_format=to,
+        source_modules=adapter.source_modules if keep_config else (),
+    )
+    report.extras = sorted(converted.extras)
+    params = {"to": to, "base": None if base is None else source_label(base)}
+    written = write(converted, out, fmt=to, force=force, op="convert", params=params, sources=adapter.files)
+    report.size = sum(f.stat().st_size for f in written.iterdir() if f.is_file()) if written.is_dir() else \
+        written.stat().st_size
+    return report
