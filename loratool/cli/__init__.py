@@ -35,10 +35,12 @@ EXIT_INTERRUPTED = 130
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "-V", "--version", prog_name="loratool")
 def cli() -> None:
-    """Inspect, validate, rescale, resize, combine and merge LoRA adapters.
+    """Inspect, validate, rescale, resize, combine, merge, extract and convert LoRA adapters, and
+    pull and push them to the Hugging Face Hub.
 
-    Reads PEFT directories, kohya .safetensors and diffusers files. Exact maths, bounded memory,
-    clear errors. Set LORATOOL_DEBUG=1 for tracebacks.
+    Reads PEFT directories, kohya .safetensors and diffusers files; every input path also takes
+    hf://OWNER/REPO[@REVISION][/PATH]. Exact maths, bounded memory, clear errors. Set
+    LORATOOL_DEBUG=1 for tracebacks.
 
     \b
     Example: loratool inspect fixtures/peft_llama

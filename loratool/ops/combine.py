@@ -443,7 +443,7 @@ def combine(
     """
     import torch
 
-    from loratool.formats import WRITABLE, read, write
+    from loratool.formats import WRITABLE, read, source_label, write
 
     check_options(len(paths), weights, method, rank, density, majority_sign, seed)
     if fmt is not None and fmt not in WRITABLE:
@@ -500,7 +500,7 @@ def combine(
     report.params = result.lora_params
     params = {"method": method, "weights": list(weights), "rank": rank, "density": density,
               "majority_sign": report.majority_sign, "seed": seed, "dtype": dtype,
-              "inputs": [str(p) for p in paths]}
+              "inputs": [source_label(p) for p in paths]}
     written = write(result, out, fmt=fmt, force=force, op="combine", params=params, sources=result.files)
     report.size = _size(written)
     return report
