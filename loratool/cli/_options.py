@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import overload
 
 import click
@@ -23,6 +24,19 @@ device_option = click.option(
 out_option = click.option(
     "-o", "--out", "out", required=True, type=click.Path(), help="Output path (a directory for PEFT, a file for kohya)."
 )
+
+
+def parse_weights(text: str) -> list[float]:
+    """'0.7,0.3' -> [0.7, 0.3]; anything but finite numbers is the user's error."""
+    from loratool.errors import IncompatibleError
+
+    try:
+        weights = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise IncompatibleError(f"--weights {text!r}: expected comma-separated numbers, e.g. 0.7,0.3") from None
+    if not all(math.isfinite(w) for w in weights):
+        raise IncompatibleError(f"--weights {text!r}: every weight must be a finite number")
+    return weights
 
 
 def resolve_device(device: str) -> str:

@@ -2,16 +2,9 @@ from __future__ import annotations
 
 import click
 
-from loratool.cli._options import device_option, dtype_option, input_path, write_options
+from loratool.cli._options import device_option, dtype_option, input_path, parse_weights, write_options
 from loratool.errors import IncompatibleError
 from loratool.ops.combine import METHODS
-
-
-def _weights(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",")]
-    except ValueError:
-        raise IncompatibleError(f"--weights {text!r}: expected comma-separated numbers, e.g. 0.5,0.5") from None
 
 
 @click.command()
@@ -55,7 +48,7 @@ def combine(adapters: tuple[str, ...], weights: str, method: str, rank: int | No
                                 hint="to scale one adapter use: loratool rescale ADAPTER -o OUT --factor F")
     paths = [input_path(p, quiet=quiet or as_json) for p in adapters]
     with _render.progress("combining", enabled=not (quiet or as_json)) as cb:
-        report = run(paths, out, weights=_weights(weights), method=method, rank=rank, density=density,
+        report = run(paths, out, weights=parse_weights(weights), method=method, rank=rank, density=density,
                      majority_sign=majority_sign, seed=seed, fmt=fmt, dtype=dtype, device=resolve_device(device),
                      force=force, allow_pickle=allow_pickle, progress=cb)
     doc = report.to_dict()

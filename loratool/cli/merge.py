@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -10,18 +11,11 @@ from loratool.cli._options import (
     force_option,
     json_option,
     out_option,
+    parse_weights,
     quiet_option,
 )
-from loratool.errors import IncompatibleError
-
-
-def parse_weights(text: str | None) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(x) for x in text.split(",")]
-    except ValueError:
-        raise IncompatibleError(f"--weights {text!r}: expected comma-separated numbers, e.g. 0.7,0.3") from None
+from loratool.errors import OutputExistsError
+from loratool.st import atomic_output
 
 
 @click.command()
@@ -56,15 +50,19 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, d
     from loratool.cli._options import input_path, resolve_device
     from loratool.ops.merge import merge as run
 
+    parsed = None if weights is None else parse_weights(weights)
+    if report_file and Path(report_file).exists() and not force:
+        # checked before the merge, which can take long, rather than after it
+        raise OutputExistsError(f"{report_file}: already exists", hint="pass --force to replace it")
     base = input_path(base, quiet=quiet or as_json)
     adapters = tuple(input_path(a, quiet=quiet or as_json) for a in adapters)
     with _render.progress("merging", enabled=not (quiet or as_json), unit="bytes") as cb:
-        report = run(base, list(adapters), out, weights=parse_weights(weights), dtype=dtype,
+        report = run(base, list(adapters), out, weights=parsed, dtype=dtype,
                      device=resolve_device(device), unmerge=unmerge, allow_unmatched=allow_unmatched, force=force,
                      allow_pickle=allow_pickle, stats=report_file is not None, progress=cb)
     if report_file:
-        with open(report_file, "w") as f:
-            json.dump(report.to_dict(tensors=True), f, indent=2)
+        with atomic_output(report_file, force=force, directory=False) as tmp:
+            tmp.write_text(json.dumps(report.to_dict(tensors=True), indent=2) + "\n")
     doc = report.to_dict()
     if as_json:
         _render.print_json(doc)

@@ -525,3 +525,23 @@ def test_peak_memory_is_bounded_by_one_tensor(tmp_path):
     assert [i.shape for i in read_header(tmp_path / "o.safetensors").tensors.values()] == [
         i.shape for i in read_header(base).tensors.values()
     ]
+
+
+def test_existing_report_file_is_refused_before_merging(tmp_path, capsys):
+    (tmp_path / "r.json").write_text("keep me")
+    args = ["merge", FIXTURES / "base_gpt2", FIXTURES / "peft_gpt2", "-o", tmp_path / "o"]
+    args += ["--report", tmp_path / "r.json"]
+    code, _, err = run_main(capsys, args)
+    assert code == 2 and "r.json" in err and "--force" in err
+    assert not (tmp_path / "o").exists() and (tmp_path / "r.json").read_text() == "keep me"
+    code, _, _ = run_main(capsys, [*args, "--force"])
+    assert code == 0 and json.loads((tmp_path / "r.json").read_text())["tensors"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("weights", ["nan", "1,x", "inf", ""])
+def test_bad_weights_are_refused_before_any_work(tmp_path, capsys, weights):
+    args = ["merge", FIXTURES / "base_gpt2", FIXTURES / "peft_gpt2", "-o", tmp_path / "o", "--weights", weights]
+    code, _, err = run_main(capsys, args)
+    assert code == 2 and err.startswith("Error: --weights") and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
