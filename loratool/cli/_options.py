@@ -34,8 +34,9 @@ def parse_weights(text: str) -> list[float]:
         weights = [float(x) for x in text.split(",")]
     except ValueError:
         raise IncompatibleError(f"--weights {text!r}: expected comma-separated numbers, e.g. 0.7,0.3") from None
-    if not all(math.isfinite(w) for w in weights):
-        raise IncompatibleError(f"--weights {text!r}: every weight must be a finite number")
+    for word, w in zip(text.split(","), weights):
+        if not math.isfinite(w):
+            raise IncompatibleError(f"--weights {text!r}: {word.strip()!r} is not a finite number")
     return weights
 
 

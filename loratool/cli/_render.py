@@ -314,7 +314,7 @@ def render_combine(doc: dict[str, Any]) -> None:
     t.add_column("rel. error", justify="right")
     for m in rows:
         ranks = " + ".join("-" if r is None else str(r) for r in m["input_ranks"])
-        kept = "-" if m["kept_energy"] is None else f"{m['kept_energy']:.2%}"
+        kept = "-" if m["fro_retained"] is None else f"{m['fro_retained']:.2%}"
         err = "-" if m["rel_error"] is None else f"{m['rel_error']:.3g}"
         t.add_row(m["name"], ranks, str(m["rank"]), kept, err)
     out().print(t)

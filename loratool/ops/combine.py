@@ -58,7 +58,7 @@ class ModuleCombine:
     name: str
     input_ranks: list[int | None]  # per input, None where the input lacks the module
     rank: int  # output rank
-    kept_energy: float | None  # Frobenius share kept by the rank truncation (svd: of the exact sum)
+    fro_retained: float | None  # Frobenius share kept by the rank truncation (svd: of the exact sum)
     rel_error: float | None  # ||result − Σ w_i·ΔW_i||_F / ||Σ w_i·ΔW_i||_F (None when the sum is 0)
 
     def to_dict(self) -> dict[str, Any]:

@@ -235,7 +235,7 @@ def test_cat_is_exact_weighted_sum_of_mixed_peft_inputs(tmp_path):
         assert up.shape[1] == sum(s.modules[name][1].shape[0] for s in specs if name in s.modules)
         assert rel(dense(up, down, scale), ref) <= 1e-6, name
         assert rows[name].input_ranks == [s.modules[name][1].shape[0] if name in s.modules else None for s in specs]
-        assert rows[name].kept_energy == 1.0 and rows[name].rel_error < 1e-6
+        assert rows[name].fro_retained == 1.0 and rows[name].rel_error < 1e-6
     assert report.to_dict()["schema"] == 1
 
 
@@ -325,7 +325,7 @@ def test_svd_is_best_rank_k_approximation_of_the_sum(tmp_path, rank):
         assert up.shape[1] == k and scale == pytest.approx(1.0)
         assert rel(dense(up, down, scale), ref) <= 1e-5, name
         kept = math.sqrt(np.sum(sig[:k] ** 2) / np.sum(sig**2))
-        assert rows[name].kept_energy == pytest.approx(kept, rel=1e-6)
+        assert rows[name].fro_retained == pytest.approx(kept, rel=1e-6)
         assert rows[name].rel_error == pytest.approx(math.sqrt(max(0.0, 1 - kept**2)), abs=1e-5)
 
 
@@ -620,7 +620,7 @@ def test_cli_table_summary_and_json(tmp_path):
     assert r.exit_code == 0, r.output
     doc = json.loads(r.output)
     assert doc["schema"] == 1 and doc["method"] == "svd" and doc["weights"] == [-1.0, 0.5]
-    assert set(doc["modules"][0]) == {"name", "input_ranks", "rank", "kept_energy", "rel_error"}
+    assert set(doc["modules"][0]) == {"name", "input_ranks", "rank", "fro_retained", "rel_error"}
     te = next(m for m in doc["modules"] if m["name"].startswith("lora_te1"))
     assert te["input_ranks"] == [None, 3]
 
