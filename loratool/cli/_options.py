@@ -7,6 +7,8 @@ from typing import overload
 
 import click
 
+from loratool.device import resolve_device  # noqa: F401  (re-exported for the commands)
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars or warnings on stderr.")
 force_option = click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -39,22 +41,6 @@ def parse_weights(text: str) -> list[float]:
             raise IncompatibleError(f"--weights {text!r}: {word.strip()!r} is not a finite number")
     return weights
 
-
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when available, else 'cpu'; other values are checked."""
-    import torch
-
-    from loratool.errors import IncompatibleError
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise IncompatibleError(f"--device {device}: CUDA is not available here", hint="use --device cpu")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise IncompatibleError(f"--device {device}: not a device", hint="use auto, cpu, cuda or cuda:N") from None
-    return device
 
 format_option = click.option(
     "--format", "fmt", type=click.Choice(["peft", "kohya"]), default=None,

@@ -47,7 +47,7 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, d
     Example: loratool merge ./Llama-3.2-1B ./my-adapter -o ./Llama-3.2-1B-merged
     """
     from loratool.cli import _render
-    from loratool.cli._options import input_path, resolve_device
+    from loratool.cli._options import input_path
     from loratool.ops.merge import merge as run
 
     parsed = None if weights is None else parse_weights(weights)
@@ -58,7 +58,7 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, d
     adapters = tuple(input_path(a, quiet=quiet or as_json) for a in adapters)
     with _render.progress("merging", enabled=not (quiet or as_json), unit="bytes") as cb:
         report = run(base, list(adapters), out, weights=parsed, dtype=dtype,
-                     device=resolve_device(device), unmerge=unmerge, allow_unmatched=allow_unmatched, force=force,
+                     device=device, unmerge=unmerge, allow_unmatched=allow_unmatched, force=force,
                      allow_pickle=allow_pickle, stats=report_file is not None, progress=cb)
     if report_file:
         with atomic_output(report_file, force=force, directory=False) as tmp:

@@ -250,7 +250,8 @@ def _number(x: float) -> int | float:
 def build_config(adapter: Adapter) -> tuple[dict[str, Any], dict[str, float]]:
     """The adapter_config.json for `adapter`, and the alpha to store per module.
 
-    Global r / lora_alpha are the most common values; other modules go to rank_pattern /
+    Global r is the config's r when a module has that rank (extract asks for the largest), else the
+    most common rank; lora_alpha is the most common alpha; other modules go to rank_pattern /
     alpha_pattern under their exact (escaped) names. use_rslora is per adapter in PEFT, so when
     modules disagree, rslora modules get their alpha converted to keep the scale exactly.
     """
@@ -258,6 +259,9 @@ def build_config(adapter: Adapter) -> tuple[dict[str, Any], dict[str, float]]:
     use_rslora = bool(mods) and all(m.rslora for m in mods)
     alphas = {m.name: (m.alpha if m.rslora == use_rslora else _converted_alpha(m, use_rslora)) for m in mods}
     r = Counter(m.rank for m in mods).most_common(1)[0][0] if mods else _DEFAULT_R
+    wanted = adapter.config.get("r") if adapter.source_format == "peft" else None
+    if isinstance(wanted, int) and any(m.rank == wanted for m in mods):
+        r = wanted  # the config's own r while some module still has it (a read -> write keeps it)
     alpha = Counter(alphas.values()).most_common(1)[0][0] if mods else float(_DEFAULT_ALPHA)
     key = _exact_pattern_keys([m.name for m in mods])
     rank_pattern = {key[m.name]: m.rank for m in mods if m.rank != r}

@@ -495,6 +495,7 @@ def _extract(
     archs = cfg.get("architectures") or []
     config: dict[str, Any] = {
         "target_modules": _target_modules(list(lora), base_ckpt),
+        "r": max((m.rank for m in lora.values()), default=None),  # the rest go to rank_pattern
         "base_model_name_or_path": base_name,
         "task_type": "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in archs) else None,
     }

@@ -215,15 +215,41 @@ def plan_merge(
 # maths per tensor
 
 
+class Workspace:
+    """Buffers reused from one tensor to the next, so the merge loop allocates nothing large.
+
+    A fresh large allocation is a fresh mapping: every page faults and is zeroed again. For a 1B
+    model that is over 8 GB of zeroed pages (the float32 copy of W, the delta, the cast result per
+    tensor) and most of the system time; reusing buffers sized to the largest tensor removes it.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[str, Any, str], torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: str) -> torch.Tensor:
+        import torch
+
+        numel = math.prod(shape)
+        key = (name, dtype, str(device))
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < numel:
+            self._bufs.pop(key, None)
+            del buf
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._bufs[key] = buf
+        return buf[:numel].view(tuple(shape))
+
+
 def merged_tensor(
     stored: torch.Tensor, contribs: list[Contribution], *, device: str, unmerge: bool, bias: bool = False,
-    keep_delta: bool = False,
+    keep_delta: bool = False, work: Workspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(W, W', acc = Σ w_i ΔW_i or None), float32 on `device`, for one base tensor.
 
     Plain LoRA takes the fast path: each delta is formed and added in place into a float32 copy of W
-    (bit-identical to peft's `W + (B @ A) * scale`; no sum tensor is kept). DoRA, LoRA biases and
-    keep_delta (statistics) hold acc explicitly.
+    (bit-identical to peft's `W + (B @ A) * scale`; no sum tensor is kept), in `work`'s buffers when
+    given (the result then lives there until the next call). DoRA, LoRA biases and keep_delta
+    (statistics) hold acc explicitly.
     """
     import torch
 
@@ -232,18 +258,19 @@ def merged_tensor(
     sign = -1.0 if unmerge else 1.0
     dora = [c.module for c in contribs if c.module.magnitude is not None and not bias]
     if not (dora or bias or keep_delta):
-        w = stored.to(device=device, dtype=torch.float32)
-        new = w.clone() if keep_delta else w
-        rows = new.view(new.shape[0], -1)  # conv (out, in, kh, kw) -> (out, in·kh·kw), as down flattens
+        work = work if work is not None else Workspace()
+        w = work.get("w", stored.shape, torch.float32, device).copy_(stored)  # widened exactly
+        rows = w.view(w.shape[0], -1)  # conv (out, in, kh, kw) -> (out, in·kh·kw), as down flattens
         for c in contribs:
             up, down = factors(c.module, device=device)  # (out, r), (r, in·k)
-            d = torch.mm(up, down).mul_(c.module.scale)  # (out, in·k), rounded exactly as peft's (B @ A) * s
+            d = torch.mm(up, down, out=work.get("d", (up.shape[0], down.shape[1]), torch.float32, device))
+            d.mul_(c.module.scale)  # (out, in·k), rounded exactly as peft's (B @ A) * s
             if c.weight != 1.0 or unmerge:
                 d.mul_(sign * c.weight)
             transposed = c.module.kind == "embedding" or c.module.fan_in_fan_out  # W is (in, out)
             rows.add_(d.T if transposed else d)
             del d
-        return w, new, None
+        return w, w, None
     w = stored.to(device=device, dtype=torch.float32)
     acc: torch.Tensor | None = None
     for c in contribs:
@@ -293,21 +320,17 @@ def _finite_or_raise(new: torch.Tensor, out_dtype: str, key: str, contribs: list
 # streaming
 
 
-def _read_range(fd: int, start: int, n: int) -> bytearray:
-    buf = bytearray(n)
-    view = memoryview(buf)
+def _read_range(fd: int, start: int, n: int, into: bytearray | None = None) -> bytearray | memoryview:
+    """n bytes of fd from start, into `into` (reused) when given, else into a new bytearray."""
+    buf = bytearray(n) if into is None else into
+    view = memoryview(buf)[:n]
     got = 0
     while got < n:
         chunk = os.preadv(fd, [view[got:]], start + got)
         if chunk == 0:
             raise OSError(f"unexpected end of file at byte {start + got}")
         got += chunk
-    return buf
-
-
-def _hash_range(hasher: Any, fd: int, start: int, n: int, chunk: int = 8 << 20) -> None:
-    for off in range(start, start + n, chunk):
-        hasher.update(_read_range(fd, off, min(chunk, start + n - off)))
+    return buf if into is None else view
 
 
 def _stat(key: str, file: str, contribs: list[Contribution], w: torch.Tensor, new: torch.Tensor, acc: torch.Tensor,
@@ -322,11 +345,11 @@ def _stat(key: str, file: str, contribs: list[Contribution], w: torch.Tensor, ne
                       change / max(float(w.norm()), 1e-30), cast)
 
 
-def _tensor_from(data: bytearray, info: TensorInfo) -> torch.Tensor:
+def _tensor_from(data: bytearray | memoryview, info: TensorInfo) -> torch.Tensor:
     import torch
 
     dtype = getattr(torch, info.dtype)
-    if not data:
+    if not len(data):
         return torch.empty(info.shape, dtype=dtype)
     return torch.frombuffer(data, dtype=dtype).reshape(info.shape)
 
@@ -334,6 +357,62 @@ def _tensor_from(data: bytearray, info: TensorInfo) -> torch.Tensor:
 def _out_dtype(info: TensorInfo, dtype: str) -> str:
     target = OUT_DTYPES[dtype]
     return target if target is not None and info.dtype in _FLOAT else info.dtype
+
+
+class _Sha256Ahead:
+    """sha256 of the base files in a background thread, from the moment merge starts.
+
+    It runs while torch is imported and the adapters are read (a core is idle then), and later
+    stays at most `lead` bytes ahead of the merge, so each byte it reads is still in the page cache
+    when the merge reads it: the disk is read once, and hashing is off the merge's critical path.
+    """
+
+    def __init__(self, paths: list[Path], lead: int = 1 << 30) -> None:
+        import threading
+
+        self.digests: list[Future[str]] = [Future() for _ in paths]
+        self._paths = paths
+        self._allowed = lead
+        self._stopped = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="loratool-sha256", daemon=True)
+        self._thread.start()
+
+    def advance(self, nbytes: int) -> None:
+        """The merge has consumed nbytes more: the hasher may run that much further."""
+        with self._cond:
+            self._allowed += nbytes
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        done = 0
+        buf = bytearray(8 << 20)
+        view = memoryview(buf)
+        try:
+            for path, digest in zip(self._paths, self.digests):
+                hasher = hashlib.sha256()
+                with open(path, "rb", buffering=0) as f:
+                    while True:
+                        with self._cond:
+                            while not self._stopped and done >= self._allowed:
+                                self._cond.wait()
+                            if self._stopped:
+                                return
+                        n = f.readinto(buf)
+                        if not n:
+                            break
+                        hasher.update(view[:n])
+                        done += n
+                digest.set_result(hasher.hexdigest())
+        except BaseException as e:  # handed to whoever waits for a digest
+            for digest in self.digests:
+                if not digest.done():
+                    digest.set_exception(e)
 
 
 def _stream_file(
@@ -350,60 +429,80 @@ def _stream_file(
     unmerge: bool,
     stats: bool,
     tick: Callable[[int], None],
+    digest: Future[str],
 ) -> None:
+    """Merge one base file into `dst`: three stages in step, each in its own thread.
+
+    A reader reads tensor i+1, the main thread merges tensor i, a writer writes tensor i-1; the
+    file's sha256 (for the provenance) comes from `digest`, computed alongside. Byte buffers are
+    reused in rotation (two for reading, two for cast results), and the float32 work in one
+    Workspace, so memory stays at a few times the largest tensor.
+    """
     import torch
 
     order = sorted(src.tensors.values(), key=lambda i: i.start)  # on-disk order: sequential reads
     entries = [(i.key, _out_dtype(i, dtype), i.shape) for i in order]
     writer = StreamingWriter(dst, entries, meta, header_order=list(src.tensors))
-    hasher = hashlib.sha256()
     fd = os.open(src.path, os.O_RDONLY)
-    pool = ThreadPoolExecutor(max_workers=1)  # one worker: reads (and hashes) strictly in file order
-    data_start = 8 + src.header_len
-    pos = data_start
+    reader = ThreadPoolExecutor(max_workers=1)  # one worker: reads strictly in file order
+    writes = ThreadPoolExecutor(max_workers=1)  # one worker: writes strictly in file order
+    pending: list[Future[None]] = []
 
     def needs_bytes(info: TensorInfo) -> bool:
         return info.key in plan.deltas or info.key in plan.biases or (
             info.key not in plan.replacements and _out_dtype(info, dtype) != info.dtype)
 
-    def read_and_hash(info: TensorInfo) -> bytearray | None:
-        """The tensor's bytes when they are needed; untouched tensors are only hashed, in chunks."""
-        nonlocal pos
-        if info.start > pos:  # a gap in the data section: hash the file exactly anyway
-            _hash_range(hasher, fd, pos, info.start - pos)
-        pos = max(pos, info.end)
-        if needs_bytes(info):
-            data = _read_range(fd, info.start, info.nbytes)
-            hasher.update(data)
-            return data
-        _hash_range(hasher, fd, info.start, info.nbytes)
-        return None
+    largest = max((i.nbytes for i in order if needs_bytes(i)), default=0)
+    in_bufs = [bytearray(largest), bytearray(largest)] if largest else []
+    out_slots: list[tuple[Workspace, Future[None] | None]] = [(Workspace(), None), (Workspace(), None)]
+    work = Workspace()
 
-    def fetch(i: int) -> Future[bytearray | None] | None:
-        return pool.submit(read_and_hash, order[i]) if i < len(order) else None
+    def read(n: int) -> bytearray | memoryview | None:
+        """Tensor n's bytes (in buffer n % 2) when they are needed; None for those copied as they are."""
+        info = order[n]
+        return _read_range(fd, info.start, info.nbytes, into=in_bufs[n % 2]) if needs_bytes(info) else None
+
+    def fetch(n: int) -> Future[bytearray | memoryview | None] | None:
+        # buffer n % 2 was last used by tensor n - 2: the main thread is done with it (it converts
+        # a tensor's bytes before it asks for the next one)
+        return reader.submit(read, n) if n < len(order) else None
+
+    def submit(fn: Callable[..., None], *args: Any) -> Future[None]:
+        while pending and pending[0].done():
+            pending.pop(0).result()  # a failed write (ENOSPC, ...) surfaces here, not at the end
+        fut = writes.submit(fn, *args)
+        pending.append(fut)
+        return fut
+
+    def cast(new: torch.Tensor, out_dtype: str, n: int) -> tuple[torch.Tensor, int]:
+        """new cast to out_dtype on the CPU, in the output slot that is free again."""
+        slot = n % 2
+        ws, busy = out_slots[slot]
+        if busy is not None:
+            busy.result()  # written out: its buffer may be reused
+        return ws.get("out", new.shape, getattr(torch, out_dtype), "cpu").copy_(new), slot
 
     try:
-        hasher.update(_read_range(fd, 0, data_start))
         ahead = fetch(0)
         for n, info in enumerate(order):
             assert ahead is not None
             data = ahead.result()
-            ahead = fetch(n + 1)  # read and hash the next tensor while this one is merged and written
+            ahead = fetch(n + 1)  # into the other buffer: read and hash the next tensor meanwhile
             out_dtype = _out_dtype(info, dtype)
             key = info.key
             if key in plan.deltas or key in plan.biases:
                 assert data is not None
                 contribs = plan.deltas.get(key) or plan.biases[key]
                 w32, new, acc = merged_tensor(_tensor_from(data, info), contribs, device=device, unmerge=unmerge,
-                                              bias=key in plan.biases, keep_delta=stats)
+                                              bias=key in plan.biases, keep_delta=stats, work=work)
                 del data
                 _finite_or_raise(new, out_dtype, key, contribs)
-                out = new.to(getattr(torch, out_dtype))
+                out, slot = cast(new, out_dtype, n)
                 if stats:
                     assert acc is not None
                     report.tensors.append(_stat(key, name, contribs, w32, new, acc, out))
                 del w32, new, acc
-                writer.write(key, out.cpu())
+                out_slots[slot] = (out_slots[slot][0], submit(writer.write, key, out))
                 report.merged += 1
             elif key in plan.replacements:
                 saved = plan.replacements[key].load()
@@ -411,24 +510,27 @@ def _stream_file(
                 out = saved.to(getattr(torch, out_dtype))
                 if stats:
                     report.tensors.append(TensorStat(key, name, [], 0.0, 0.0, 0.0, replaced=True))
-                writer.write(key, out)
+                submit(writer.write, key, out)
                 report.replaced += 1
             elif data is not None:  # a dtype change only
-                writer.write(key, _tensor_from(data, info).to(getattr(torch, out_dtype)))
+                out, slot = cast(_tensor_from(data, info), out_dtype, n)
+                out_slots[slot] = (out_slots[slot][0], submit(writer.write, key, out))
                 report.copied += 1
             else:
-                writer.copy_range(key, fd, info.start, info.nbytes)  # untouched: byte for byte, in the kernel
+                submit(writer.copy_range, key, fd, info.start, info.nbytes)  # byte for byte, in the kernel
                 report.copied += 1
             tick(info.nbytes)
-        if pos < src.size:
-            _hash_range(hasher, fd, pos, src.size - pos)
-        writer.patch_header(placeholder, hasher.hexdigest())
+        for fut in pending:
+            fut.result()
+        writer.patch_header(placeholder, digest.result())
         writer.close()
     except BaseException:
+        writes.shutdown(wait=True, cancel_futures=True)  # no write may touch the file after abort
         writer.abort()
         raise
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        writes.shutdown(wait=True, cancel_futures=True)
+        reader.shutdown(wait=True, cancel_futures=True)
         os.close(fd)
 
 
@@ -463,6 +565,7 @@ def merge(
         adapters: one or more adapter paths (any supported format).
         weights: one per adapter (default 1.0 each); negative allowed.
         dtype: keep | fp32 | fp16 | bf16 for floating tensors of the output.
+        device: auto | cpu | cuda | cuda:N (auto: cuda when available).
         unmerge: subtract the deltas instead (refused for DoRA and modules_to_save).
         allow_unmatched: skip modules that match no base weight (with a warning) instead of failing.
         stats: measure per merged tensor the delta norm, relative change and max cast error
@@ -472,8 +575,7 @@ def merge(
     Raises:
         IncompatibleError, FormatError, OutputExistsError, LoratoolError (disk full).
     """
-    from loratool.formats import read, require_plain
-    from loratool.st import atomic_output, open_checkpoint, read_header
+    from loratool.st import open_checkpoint
 
     if not adapters:
         raise IncompatibleError("merge needs at least one adapter")
@@ -486,6 +588,25 @@ def merge(
         raise IncompatibleError(f"--dtype {dtype}: unknown", hint="use keep, fp32, fp16 or bf16")
     base_path = Path(base)
     ckpt = open_checkpoint(base_path)
+    sha256 = _Sha256Ahead(list(ckpt.files))  # starts now: torch's import and the adapters' reading overlap it
+    try:
+        return _merge(ckpt, sha256, base_path, adapters, out, weights, dtype=dtype, device=device, unmerge=unmerge,
+                      allow_unmatched=allow_unmatched, force=force, allow_pickle=allow_pickle, stats=stats,
+                      progress=progress)
+    finally:
+        sha256.stop()
+
+
+def _merge(
+    ckpt: Checkpoint, sha256: _Sha256Ahead, base_path: Path, adapters: list[str | os.PathLike[str]],
+    out: str | os.PathLike[str], weights: list[float], *, dtype: str, device: str, unmerge: bool,
+    allow_unmatched: bool, force: bool, allow_pickle: bool, stats: bool, progress: Progress | None,
+) -> MergeReport:
+    from loratool.device import resolve_device
+    from loratool.formats import read, require_plain
+    from loratool.st import atomic_output, read_header
+
+    device = resolve_device(device)
     loaded = []
     for p in adapters:
         a = read(Path(p), allow_pickle=allow_pickle)
@@ -505,19 +626,20 @@ def merge(
     def tick(n: int) -> None:
         nonlocal done
         done += n
+        sha256.advance(n)
         if progress:
             progress(done, total)
 
     with atomic_output(out, force=force, directory=not single_file) as tmp:
         headers = [read_header(f) for f in ckpt.files]
-        for src in headers:
+        for src, digest in zip(headers, sha256.digests):
             dst = tmp if single_file else tmp / src.path.relative_to(ckpt.root)
             dst.parent.mkdir(parents=True, exist_ok=True)
             meta, placeholder = _provenance(params, loaded, src.path)
             meta = {**src.metadata, **meta}
             name = Path(out).name if single_file else str(src.path.relative_to(ckpt.root))
             _stream_file(src, dst, plan, report, meta, placeholder, name=name, device=device, dtype=dtype,
-                         unmerge=unmerge, stats=stats, tick=tick)
+                         unmerge=unmerge, stats=stats, tick=tick, digest=digest)
         if not single_file:
             _copy_other_files(ckpt, tmp, dtype_changed=dtype != "keep")
         # re-open what was written before it is moved into place
