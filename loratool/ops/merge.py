@@ -21,7 +21,7 @@ import re
 import secrets
 import shutil
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -359,6 +359,22 @@ def _out_dtype(info: TensorInfo, dtype: str) -> str:
     return target if target is not None and info.dtype in _FLOAT else info.dtype
 
 
+@dataclass
+class _Buffers:
+    """What the files of one merge share: read buffers, output slots, the float32 workspace."""
+
+    work: Workspace = field(default_factory=Workspace)
+    # two cast-result slots, each busy until the write that uses it is done
+    out_slots: list[tuple[Workspace, Future[None] | None]] = field(
+        default_factory=lambda: [(Workspace(), None), (Workspace(), None)])
+    reads: list[bytearray] = field(default_factory=list)
+
+    def read_buffers(self, nbytes: int) -> list[bytearray]:
+        if not self.reads or len(self.reads[0]) < nbytes:
+            self.reads = [bytearray(nbytes), bytearray(nbytes)]
+        return self.reads
+
+
 class _Sha256Ahead:
     """sha256 of the base files in a background thread, from the moment merge starts.
 
@@ -430,13 +446,17 @@ def _stream_file(
     stats: bool,
     tick: Callable[[int], None],
     digest: Future[str],
-) -> None:
+    buffers: _Buffers,
+) -> Future[None]:
     """Merge one base file into `dst`: three stages in step, each in its own thread.
 
     A reader reads tensor i+1, the main thread merges tensor i, a writer writes tensor i-1; the
     file's sha256 (for the provenance) comes from `digest`, computed alongside. Byte buffers are
     reused in rotation (two for reading, two for cast results), and the float32 work in one
     Workspace, so memory stays at a few times the largest tensor.
+
+    Returns the future of the file's completion (its last writes, header patch and fsync), which
+    runs while the next file is merged.
     """
     import torch
 
@@ -453,9 +473,9 @@ def _stream_file(
             info.key not in plan.replacements and _out_dtype(info, dtype) != info.dtype)
 
     largest = max((i.nbytes for i in order if needs_bytes(i)), default=0)
-    in_bufs = [bytearray(largest), bytearray(largest)] if largest else []
-    out_slots: list[tuple[Workspace, Future[None] | None]] = [(Workspace(), None), (Workspace(), None)]
-    work = Workspace()
+    in_bufs = buffers.read_buffers(largest) if largest else []
+    out_slots = buffers.out_slots
+    work = buffers.work
 
     def read(n: int) -> bytearray | memoryview | None:
         """Tensor n's bytes (in buffer n % 2) when they are needed; None for those copied as they are."""
@@ -520,18 +540,25 @@ def _stream_file(
                 submit(writer.copy_range, key, fd, info.start, info.nbytes)  # byte for byte, in the kernel
                 report.copied += 1
             tick(info.nbytes)
-        for fut in pending:
-            fut.result()
-        writer.patch_header(placeholder, digest.result())
-        writer.close()
+        earlier = list(pending)
+
+        def finish() -> None:
+            for fut in earlier:  # run before this one, in order: a failed write fails the file
+                fut.result()
+            writer.patch_header(placeholder, digest.result())
+            writer.close()
+            os.close(fd)
+
+        done = submit(finish)
     except BaseException:
         writes.shutdown(wait=True, cancel_futures=True)  # no write may touch the file after abort
         writer.abort()
+        os.close(fd)
         raise
     finally:
-        writes.shutdown(wait=True, cancel_futures=True)
         reader.shutdown(wait=True, cancel_futures=True)
-        os.close(fd)
+    writes.shutdown(wait=False)  # its thread finishes the queued writes and finish(), then ends
+    return done
 
 
 def _provenance(params: dict[str, Any], adapters: list[Adapter], base_file: Path) -> tuple[dict[str, str], str]:
@@ -632,14 +659,24 @@ def _merge(
 
     with atomic_output(out, force=force, directory=not single_file) as tmp:
         headers = [read_header(f) for f in ckpt.files]
-        for src, digest in zip(headers, sha256.digests):
-            dst = tmp if single_file else tmp / src.path.relative_to(ckpt.root)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            meta, placeholder = _provenance(params, loaded, src.path)
-            meta = {**src.metadata, **meta}
-            name = Path(out).name if single_file else str(src.path.relative_to(ckpt.root))
-            _stream_file(src, dst, plan, report, meta, placeholder, name=name, device=device, dtype=dtype,
-                         unmerge=unmerge, stats=stats, tick=tick, digest=digest)
+        buffers = _Buffers()
+        finishing: list[Future[None]] = []
+        try:
+            for src, digest in zip(headers, sha256.digests):
+                sha256.advance(src.size - sum(i.nbytes for i in src.tensors.values()))  # header: not ticked
+                dst = tmp if single_file else tmp / src.path.relative_to(ckpt.root)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                meta, placeholder = _provenance(params, loaded, src.path)
+                meta = {**src.metadata, **meta}
+                name = Path(out).name if single_file else str(src.path.relative_to(ckpt.root))
+                finishing.append(_stream_file(src, dst, plan, report, meta, placeholder, name=name, device=device,
+                                              dtype=dtype, unmerge=unmerge, stats=stats, tick=tick, digest=digest,
+                                              buffers=buffers))
+            for fut in finishing:
+                fut.result()
+        except BaseException:
+            wait(finishing)  # an earlier file may still be finishing: let it end before tmp is removed
+            raise
         if not single_file:
             _copy_other_files(ckpt, tmp, dtype_changed=dtype != "keep")
         # re-open what was written before it is moved into place
