@@ -503,3 +503,31 @@ def test_property_peft_roundtrip_mixed_rslora_keeps_scales(adapter: Adapter) -> 
         got = again.modules[name]
         assert got.scale == pytest.approx(m.scale, rel=1e-12), name
         torch.testing.assert_close(linalg.delta(got), linalg.delta(m), rtol=1e-6, atol=0)
+
+
+def test_peft_rewrite_keeps_the_configs_own_r(tmp_path: Path) -> None:
+    """r = 8 with two modules at 4 (rank_pattern): a read -> write keeps r = 8 rather than the most
+    common rank, and every module its rank; once no module has rank 8, the most common rank is used."""
+    g = torch.Generator().manual_seed(1)
+    p = "base_model.model.model.layers.0."
+    ranks = {"self_attn.q_proj": 8, "self_attn.k_proj": 4, "self_attn.v_proj": 4}
+    tensors = {}
+    for name, r in ranks.items():
+        tensors[f"{p}{name}.lora_A.weight"] = torch.randn(r, 16, generator=g)
+        tensors[f"{p}{name}.lora_B.weight"] = torch.randn(16, r, generator=g)
+    src = tmp_path / "in"
+    src.mkdir()
+    save_file(tensors, str(src / "adapter_model.safetensors"))
+    (src / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 8, "lora_alpha": 8, "rank_pattern": {"k_proj": 4, "v_proj": 4},
+        "target_modules": ["q_proj", "k_proj", "v_proj"]}))
+    first = loratool.read(src)
+    out = loratool.write(first, tmp_path / "out", fmt="peft")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 8 and sorted(config["rank_pattern"].values()) == [4, 4]
+    again = loratool.read(out)
+    assert {n: m.rank for n, m in again.modules.items()} == {n: m.rank for n, m in first.modules.items()}
+    assert {n: m.scale for n, m in again.modules.items()} == {n: m.scale for n, m in first.modules.items()}
+    without_q = first.with_modules({n: m for n, m in first.modules.items() if not n.endswith("q_proj")})
+    config = json.loads((loratool.write(without_q, tmp_path / "out2", fmt="peft") / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["rank_pattern"] == {}

@@ -1,10 +1,13 @@
 """merge: stream adapters into base weights, W' = W + Σ w_i·ΔW_i, in bounded memory.
 
-The base is processed file by file and tensor by tensor, in on-disk order: the next tensor's bytes
-are read in a background thread while the current one is merged and written. Tensors without a
-delta are copied byte for byte. Peak memory is one tensor (plus its float32 copy and delta) and the
-adapters, whatever the model or shard size. The output mirrors the base: same file names, shard
-split, header key order, data order and dtypes (unless --dtype), the index, and every other file.
+The base is processed file by file and tensor by tensor, in on-disk order, in a pipeline: a reader
+thread reads tensor i+1, the main thread merges tensor i, a writer thread writes tensor i-1 (and
+finishes a file while the next is merged), and a fourth thread computes the base files' sha256
+from the start (while torch is imported), at most 1 GiB ahead of the merge. Tensors without a
+delta are copied byte for byte in the kernel. All buffers are reused from tensor to tensor, so
+peak memory is a few times the largest tensor plus the adapters, whatever the model or shard size.
+The output mirrors the base: same file names, shard split, header key order, data order and
+dtypes (unless --dtype), the index, and every other file.
 
 Maths per merged tensor, in float32: acc = Σ w_i·ΔW_i (ΔW = scale·up@down in the base layout);
 W' = W + acc (or W − acc with unmerge); DoRA: W' = m / ||W + acc||_row · (W + acc) (PEFT's

@@ -6,7 +6,10 @@ adapter on q,k,v,o,gate,up,down. Each contender runs whole-process in a subproce
 `sync`; peak RSS is the child's ru_maxrss. The outputs of loratool and peft are compared tensor by
 tensor (bit-identical expected: both add the fp32 delta once into bf16).
 
-Run: python tests/perf/bench_merge.py [--layers 16 8] [--workdir /tmp/bench_merge] [--keep]
+Each contender runs --repeat times (default 3), alternating, its output removed and `sync` run
+between runs; the table reports the median wall time and the largest peak RSS.
+
+Run: python tests/perf/bench_merge.py [--layers 16 8] [--repeat 3] [--workdir /tmp/bench_merge] [--keep]
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -81,6 +85,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, nargs="+", default=[16, 8])
     ap.add_argument("--workdir", default="/tmp/bench_merge")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     work = Path(args.workdir)
     rows = []
@@ -95,16 +100,28 @@ def main() -> None:
         size = sum(f.stat().st_size for f in base.iterdir())
         shards = len(list(base.glob("*.safetensors")))
         subprocess.run(["sync"], check=True)
-        t_cp, _ = rss_of(["cp", "-r", str(base), str(d / "copy")])
-        t_ours, rss_ours = rss_of([sys.executable, "-m", "loratool", "merge", str(base), str(adapter), "-o",
-                                   str(d / "ours"), "-q"])
-        t_peft, rss_peft = rss_of([sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(d / "peft")])
+        runs: dict[str, list[tuple[float, float]]] = {"cp": [], "ours": [], "peft": []}
+        commands = {
+            "cp": ["cp", "-r", str(base), str(d / "cp")],
+            "ours": [sys.executable, "-m", "loratool", "merge", str(base), str(adapter), "-o", str(d / "ours"), "-q"],
+            "peft": [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(d / "peft")],
+        }
+        for i in range(args.repeat):
+            for name, cmd in commands.items():
+                if i:  # keep the last run's outputs for the comparison below
+                    shutil.rmtree(d / name, ignore_errors=True)
+                    subprocess.run(["sync"], check=True)
+                runs[name].append(rss_of(cmd))
+        t_cp, t_ours, t_peft = (statistics.median(w for w, _ in runs[n]) for n in ("cp", "ours", "peft"))
+        rss_ours, rss_peft = (max(r for _, r in runs[n]) for n in ("ours", "peft"))
+        spread = {n: " ".join(f"{w:.1f}" for w, _ in runs[n]) for n in runs}
         differing = compare(d / "ours", d / "peft")
         rows.append((layers, params, size, shards, t_cp, t_ours, rss_ours, t_peft, rss_peft, differing))
         print(f"{layers:2d} layers, {params / 1e9:.2f}B params, {size / 1e9:.2f} GB in {shards} shards: "
               f"cp+sync {t_cp:.1f} s | loratool {t_ours:.1f} s ({t_ours / t_cp:.2f}x cp), peak {rss_ours:.0f} MB | "
               f"peft {t_peft:.1f} s, peak {rss_peft:.0f} MB ({t_peft / t_ours:.1f}x slower) | "
-              f"tensors differing from peft: {differing}", flush=True)
+              f"tensors differing from peft: {differing}\n    runs (s): cp {spread['cp']} | "
+              f"loratool {spread['ours']} | peft {spread['peft']}", flush=True)
         if not args.keep:
             shutil.rmtree(d)
     print(f"machine: {os.cpu_count()} cpus; load average {os.getloadavg()}")
