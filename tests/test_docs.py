@@ -425,7 +425,7 @@ def _doc_failures(page: Path, tmp_path: Path) -> tuple[list[str], set[str]]:
         got = re.findall(r"^exit code \d+$", r.stdout, re.M)
         if want != got:
             failures.append(f"$ {cmd}\nthe page shows {want} but the command printed {got}")
-        for doc in documented if cmd.startswith("loratool ") else []:
+        for doc in documented:
             out_part = "\n".join(x for x in doc.splitlines() if not STDERR_LINE.match(x))
             err_part = [x for x in doc.splitlines() if STDERR_LINE.match(x)]
             stdout, stderr = local(r.stdout), " ".join(local(r.stderr).split())
