@@ -510,7 +510,7 @@ def _stream_file(
         for n, info in enumerate(order):
             assert ahead is not None
             data = ahead.result()
-            ahead = fetch(n + 1)  # into the other buffer: read and hash the next tensor meanwhile
+            ahead = fetch(n + 1)  # into the other buffer: read the next tensor meanwhile
             out_dtype = _out_dtype(info, dtype)
             key = info.key
             if key in plan.deltas or key in plan.biases:
