@@ -225,6 +225,8 @@ def test_kohya_roundtrip_bit_identical(tmp_path: Path) -> None:
     assert meta["ss_base_model_version"] == "sd_v1"
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert meta["ss_network_dim"] == "Dynamic" and meta["ss_network_alpha"] == "Dynamic"
+    # the one 3x3 conv (rank 4, alpha 1) is described by kohya's conv_dim / conv_alpha
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "1"}
 
 
 def test_kohya_overwrite_own_input_in_place(tmp_path: Path) -> None:

@@ -256,18 +256,44 @@ def write(adapter: Adapter, out_file: Path, metadata: dict[str, str]) -> None:
             hint="write PEFT instead (--format peft)",
         )
     meta = dict(adapter.metadata) if adapter.source_format == "kohya" else {}
-    ranks = {m.rank for m in adapter.modules.values()}
-    alphas = {kohya_alpha(m) for m in adapter.modules.values()}
     meta.setdefault("ss_network_module", "networks.lora")
-    if ranks:
-        # recomputed from the modules (kohya's resize records only the last module's alpha);
+    # kohya's network_dim / network_alpha describe linear and 1x1 conv modules; 3x3 convs have
+    # their own conv_dim / conv_alpha in ss_network_args. All are recomputed from the modules
+    # (kohya's resize records only the last module's alpha); "Dynamic" when they differ.
+    conv3 = [m for m in adapter.modules.values() if m.kind == "conv" and tuple(m.down.shape[2:]) != (1, 1)]
+    lin = [m for m in adapter.modules.values() if m not in conv3]
+
+    def one(values: set[float]) -> str:
+        return _fmt(values.pop()) if len(values) == 1 else "Dynamic"
+
+    if lin:
         # "Dynamic" set by the caller (dynamic resize) is kept
         if meta.get("ss_network_dim") != "Dynamic":
-            meta["ss_network_dim"] = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
+            meta["ss_network_dim"] = one({m.rank for m in lin})
         if meta.get("ss_network_alpha") != "Dynamic":
-            meta["ss_network_alpha"] = _fmt(alphas.pop()) if len(alphas) == 1 else "Dynamic"
+            meta["ss_network_alpha"] = one({kohya_alpha(m) for m in lin})
+    args = _network_args(meta.get("ss_network_args"))
+    if args is not None and (args or conv3):
+        if conv3:
+            args["conv_dim"] = one({m.rank for m in conv3})
+            args["conv_alpha"] = one({kohya_alpha(m) for m in conv3})
+        else:
+            args.pop("conv_dim", None)
+            args.pop("conv_alpha", None)
+        meta["ss_network_args"] = json.dumps(args)
     meta.update(metadata)
     save_tensors(out_file, state_dict(adapter), meta)
+
+
+def _network_args(text: str | None) -> dict[str, Any] | None:
+    """kohya's ss_network_args (a JSON object), {} when absent, None when it is not an object."""
+    if text is None:
+        return {}
+    try:
+        args = json.loads(text)
+    except ValueError:
+        return None  # not ours to repair: kept as it is
+    return args if isinstance(args, dict) else None
 
 
 def _fmt(x: float) -> str:

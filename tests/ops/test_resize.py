@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ import loratool
 from loratool.cli import cli, main
 from loratool.linalg import choose_rank
 from loratool.ops.resize import resize
+
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
 TORCH = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -230,7 +233,9 @@ def test_conv_rank_and_modules_regex(tmp_path):
     assert out.modules["lora_unet_in_conv1"].rank == 2
     assert out.modules["lora_unet_in_proj_in"].rank == 4  # 1x1 conv follows --rank, as in kohya
     assert out.modules["lora_unet_attn_to_q"].rank == 4
-    assert out.metadata["ss_network_dim"] == "Dynamic"  # mixed ranks
+    # linear and 1x1 modules share rank 4; the 3x3 conv's rank 2 is kohya's conv_dim
+    assert out.metadata["ss_network_dim"] == "4"
+    assert json.loads(out.metadata["ss_network_args"])["conv_dim"] == "2"
     resize(src, tmp_path / "p.safetensors", rank=2, modules="to_q$")
     out = loratool.read(tmp_path / "p.safetensors")
     raw = load_file(str(src))
@@ -419,3 +424,27 @@ def test_resized_peft_adapter_loads_in_peft_with_truncated_deltas(tmp_path):
         assert np.linalg.norm(got - ref) <= 1e-5 * np.linalg.norm(ref), name
         seen += 1
     assert seen == len(ranks) == 8
+
+
+def test_kohya_network_metadata_follows_the_resize(tmp_path):
+    """ss_network_dim / ss_network_alpha describe the linear and 1x1 modules, ss_network_args'
+    conv_dim / conv_alpha the 3x3 convs, all as the resized file holds them."""
+    from loratool.formats.kohya import kohya_alpha
+    from loratool.ops.resize import resize
+
+    src = FIXTURES / "kohya_sd.safetensors"
+    with safe_open(str(src), "pt") as f:
+        assert json.loads(f.metadata()["ss_network_args"]) == {"conv_alpha": "1", "conv_dim": "4"}
+    out = tmp_path / "r.safetensors"
+    resize(src, out, rank=4, conv_rank=2)
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    adapter = loratool.read(out)
+    conv3 = [m for m in adapter.modules.values() if m.kind == "conv" and tuple(m.down.shape[2:]) == (3, 3)]
+    lin = [m for m in adapter.modules.values() if m not in conv3]
+    assert conv3 and {m.rank for m in conv3} == {2} and {m.rank for m in lin} == {4}
+    assert meta["ss_network_dim"] == "4"
+    alphas = {kohya_alpha(m) for m in lin}
+    assert meta["ss_network_alpha"] == ("Dynamic" if len(alphas) > 1 else f"{alphas.pop():g}")
+    args = json.loads(meta["ss_network_args"])
+    assert args["conv_dim"] == "2" and float(args["conv_alpha"]) == kohya_alpha(conv3[0])
