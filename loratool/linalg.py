@@ -303,3 +303,79 @@ def merge_dense(
         mask = majority_sign_mask(stacked, majority_sign)
         return disjoint_merge(stacked * w, mask)
     return (stacked * w).sum(dim=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# truncated SVD of a dense matrix (extract: the difference of two checkpoints' weights)
+
+EXACT_MAX_DIM = 1024  # matrices whose smaller side is at most this take the exact SVD
+POWER_ITERATIONS = 4
+PROBE_RANK = 64  # first sketch size for a threshold on a large matrix; doubled until the share is met
+SEED = 0  # the randomized sketch is seeded per matrix: results do not depend on --modules or order
+
+
+def _oversample(k: int) -> int:
+    return max(10, k // 2)
+
+
+def randomized_svd(m: torch.Tensor, q: int, *, niter: int = POWER_ITERATIONS, seed: int = SEED
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Approximate top-q SVD of m (rows, cols) by a Gaussian sketch and `niter` power iterations.
+
+    Each power iteration re-orthonormalises (QR) so small singular directions are not lost to
+    rounding. Returns U (rows, q), S (q,) descending, Vh (q, cols), in m's dtype and device.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    omega = torch.randn(m.shape[1], q, generator=gen, dtype=m.dtype).to(m.device)  # (cols, q)
+    basis, _ = torch.linalg.qr(m @ omega)  # (rows, q)
+    for _ in range(niter):
+        z, _ = torch.linalg.qr(m.T @ basis)  # (cols, q)
+        basis, _ = torch.linalg.qr(m @ z)  # (rows, q)
+    ub, s, vh = torch.linalg.svd(basis.T @ m, full_matrices=False)  # (q, q), (q,), (q, cols)
+    return basis @ ub, s, vh
+
+
+def energy_share_rank(s: torch.Tensor, total: float, threshold: float) -> int | None:
+    """Smallest k with Σ_{i<k} σ_i² ≥ threshold·total, or None when s does not get there.
+
+    `total` is ||m||_F², not Σσ² of `s`: s may be the top of a spectrum (a randomized SVD).
+    """
+    import torch
+
+    cum = torch.cumsum(s.double() ** 2, dim=0)
+    hit = torch.nonzero(cum >= threshold * total * (1 - _TOL))
+    return int(hit[0]) + 1 if hit.numel() else None
+
+
+def truncated_svd(
+    m: torch.Tensor, rank: int | None, threshold: float | None, *, exact_max_dim: int = EXACT_MAX_DIM
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str, float]:
+    """The top-k SVD of a float32 matrix, k from `rank` and/or the energy `threshold`.
+
+    Returns:
+        U_k (rows, k), S_k (k,), Vh_k (k, cols), "exact" or "randomized", and ||m||_F².
+    """
+    import torch
+
+    d = min(m.shape)
+    cap = d if rank is None else min(rank, d)
+    total = float(torch.linalg.vector_norm(m, dtype=torch.float64)) ** 2
+    method = "exact"
+    u = s = vh = None
+    if d > exact_max_dim:
+        want = cap if threshold is None else min(cap, PROBE_RANK)
+        while 2 * (want + _oversample(want)) <= d:  # beyond that a sketch costs as much as the exact SVD
+            u, s, vh = randomized_svd(m, want + _oversample(want))
+            if threshold is None or want >= cap or energy_share_rank(s[:want], total, threshold) is not None:
+                u, s, vh, method = u[:, :want], s[:want], vh[:want], "randomized"
+                break
+            want = min(cap, 2 * want)
+            u = s = vh = None
+    if u is None or s is None or vh is None:
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        u, s, vh = u[:, :cap], s[:cap], vh[:cap]
+    k = s.shape[0] if threshold is None else (energy_share_rank(s, total, threshold) or s.shape[0])
+    k = max(1, min(k, s.shape[0]))
+    return u[:, :k], s[:k], vh[:k], method, total

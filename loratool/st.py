@@ -561,3 +561,65 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+class BackgroundSha256:
+    """sha256 of whole files, computed in a daemon thread while other work goes on (provenance).
+
+    With `lead`, the thread stays at most that many bytes ahead of what the caller reports as
+    consumed (`advance`), so a file read by both is still in the page cache the second time and
+    the disk is read once. `stop` ends it between chunks: an error or Ctrl-C never waits for the
+    rest of a large checkpoint to be hashed.
+    """
+
+    def __init__(self, paths: list[Path], *, lead: int | None = None) -> None:
+        import threading
+        from concurrent.futures import Future
+
+        self.paths = list(paths)
+        self.digests: list[Future[str]] = [Future() for _ in self.paths]
+        self._allowed = math.inf if lead is None else lead
+        self._stopped = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="loratool-sha256", daemon=True)
+        self._thread.start()
+
+    def advance(self, nbytes: int) -> None:
+        """The caller has consumed nbytes more: the hasher may run that much further."""
+        with self._cond:
+            self._allowed += nbytes
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    def result(self) -> dict[str, str]:
+        """{str(path): hex digest} once every file is hashed; re-raises a read error."""
+        return {str(p): d.result() for p, d in zip(self.paths, self.digests)}
+
+    def _run(self) -> None:
+        done = 0
+        buf = bytearray(8 << 20)
+        view = memoryview(buf)
+        try:
+            for path, digest in zip(self.paths, self.digests):
+                hasher = hashlib.sha256()
+                with open(path, "rb", buffering=0) as f:
+                    while True:
+                        with self._cond:
+                            while not self._stopped and done >= self._allowed:
+                                self._cond.wait()
+                            if self._stopped:
+                                return
+                        n = f.readinto(buf)
+                        if not n:
+                            break
+                        hasher.update(view[:n])
+                        done += n
+                digest.set_result(hasher.hexdigest())
+        except BaseException as e:  # handed to whoever waits for a digest
+            for digest in self.digests:
+                if not digest.done():
+                    digest.set_exception(e)

@@ -25,12 +25,10 @@ one's module is stored whole (all its tensors, from the tuned model) as modules_
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import re
-import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,7 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 from loratool.adapter import Adapter, Kind, LoraModule
 from loratool.errors import IncompatibleError
-from loratool.st import Checkpoint, TensorInfo, TensorRef
+from loratool.linalg import EXACT_MAX_DIM, truncated_svd
+from loratool.st import BackgroundSha256, Checkpoint, TensorInfo, TensorRef
 
 if TYPE_CHECKING:
     import torch
@@ -47,11 +46,6 @@ if TYPE_CHECKING:
 SCHEMA = 1
 Progress = Callable[[int, int], None]
 
-EXACT_MAX_DIM = 1024  # matrices whose smaller side is at most this take the exact SVD
-POWER_ITERATIONS = 4
-PROBE_RANK = 64  # first sketch size for a threshold on a large matrix; doubled until the share is met
-SEED = 0  # the randomized sketch is seeded per matrix: results do not depend on --modules or order
-_TOL = 1e-6  # a threshold met up to float rounding counts as met
 _FLOAT = ("float64", "float32", "float16", "bfloat16")
 
 # Leaf names of token/position embedding layers (nn.Embedding) and of output heads (nn.Linear over
@@ -216,112 +210,7 @@ def _plan(base: Checkpoint, tuned: Checkpoint, *, modules: str | None, embedding
 
 
 # ---------------------------------------------------------------------------------------------
-# maths per matrix
-
-
-def _oversample(k: int) -> int:
-    return max(10, k // 2)
-
-
-def randomized_svd(m: torch.Tensor, q: int, *, niter: int = POWER_ITERATIONS, seed: int = SEED
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Approximate top-q SVD of m (rows, cols) by a Gaussian sketch and `niter` power iterations.
-
-    Each power iteration re-orthonormalises (QR) so small singular directions are not lost to
-    rounding. Returns U (rows, q), S (q,) descending, Vh (q, cols), in m's dtype and device.
-    """
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    omega = torch.randn(m.shape[1], q, generator=gen, dtype=m.dtype).to(m.device)  # (cols, q)
-    basis, _ = torch.linalg.qr(m @ omega)  # (rows, q)
-    for _ in range(niter):
-        z, _ = torch.linalg.qr(m.T @ basis)  # (cols, q)
-        basis, _ = torch.linalg.qr(m @ z)  # (rows, q)
-    ub, s, vh = torch.linalg.svd(basis.T @ m, full_matrices=False)  # (q, q), (q,), (q, cols)
-    return basis @ ub, s, vh
-
-
-def _share_rank(s: torch.Tensor, total: float, threshold: float) -> int | None:
-    """Smallest k with Σ_{i<k} σ_i² ≥ threshold·total, or None when s does not get there."""
-    import torch
-
-    cum = torch.cumsum(s.double() ** 2, dim=0)
-    hit = torch.nonzero(cum >= threshold * total * (1 - _TOL))
-    return int(hit[0]) + 1 if hit.numel() else None
-
-
-def truncated_svd(
-    m: torch.Tensor, rank: int | None, threshold: float | None, *, exact_max_dim: int = EXACT_MAX_DIM
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str, float]:
-    """The top-k SVD of a float32 matrix, k from `rank` and/or the energy `threshold`.
-
-    Returns:
-        U_k (rows, k), S_k (k,), Vh_k (k, cols), "exact" or "randomized", and ||m||_F².
-    """
-    import torch
-
-    d = min(m.shape)
-    cap = d if rank is None else min(rank, d)
-    total = float(torch.linalg.vector_norm(m, dtype=torch.float64)) ** 2
-    method = "exact"
-    u = s = vh = None
-    if d > exact_max_dim:
-        want = cap if threshold is None else min(cap, PROBE_RANK)
-        while 2 * (want + _oversample(want)) <= d:  # beyond that a sketch costs as much as the exact SVD
-            u, s, vh = randomized_svd(m, want + _oversample(want))
-            if threshold is None or want >= cap or _share_rank(s[:want], total, threshold) is not None:
-                u, s, vh, method = u[:, :want], s[:want], vh[:want], "randomized"
-                break
-            want = min(cap, 2 * want)
-            u = s = vh = None
-    if u is None or s is None or vh is None:
-        u, s, vh = torch.linalg.svd(m, full_matrices=False)
-        u, s, vh = u[:, :cap], s[:cap], vh[:cap]
-    k = s.shape[0] if threshold is None else (_share_rank(s, total, threshold) or s.shape[0])
-    k = max(1, min(k, s.shape[0]))
-    return u[:, :k], s[:k], vh[:k], method, total
-
-
-# ---------------------------------------------------------------------------------------------
 # streaming
-
-
-class _Hasher:
-    """sha256 of the source files (provenance), computed in a background thread alongside the work.
-
-    A daemon thread that checks a stop flag between chunks: an error or Ctrl-C never waits for the
-    rest of a large checkpoint to be hashed.
-    """
-
-    def __init__(self, paths: list[Path]) -> None:
-        self._stop = threading.Event()
-        self._digests: dict[str, str] = {}
-        self._error: OSError | None = None
-        self._thread = threading.Thread(target=self._run, args=(paths,), daemon=True)
-        self._thread.start()
-
-    def _run(self, paths: list[Path]) -> None:
-        try:
-            for p in paths:
-                h = hashlib.sha256()
-                with open(p, "rb") as f:
-                    while chunk := f.read(8 << 20):
-                        if self._stop.is_set():
-                            return
-                        h.update(chunk)
-                self._digests[str(p)] = h.hexdigest()
-        except OSError as e:
-            self._error = e
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def result(self) -> dict[str, str]:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._digests
 
 
 def _source_files(ckpt: Checkpoint) -> list[Path]:
@@ -405,7 +294,7 @@ def extract(
             raise IncompatibleError(f"'{bad[0]}' is an embedding or GPT-2 Conv1D weight, which kohya files cannot "
                                     f"hold ({len(bad)} such)", hint="write PEFT (--format peft)")
 
-    hasher = _Hasher([*_source_files(base_ckpt), *_source_files(tuned_ckpt)])
+    hasher = BackgroundSha256([*_source_files(base_ckpt), *_source_files(tuned_ckpt)])
     try:
         return _extract(base_ckpt, tuned_ckpt, pairs, report, hasher, rank=rank, threshold=threshold,
                         modules=modules, embeddings=embeddings, save_changed=save_changed, fmt=fmt, device=device,
@@ -415,7 +304,8 @@ def extract(
 
 
 def _extract(
-    base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, pairs: list[_Pair], report: ExtractReport, hasher: _Hasher, *,
+    base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, pairs: list[_Pair], report: ExtractReport,
+    hasher: BackgroundSha256, *,
     rank: int | None, threshold: float | None, modules: str | None, embeddings: bool, save_changed: bool, fmt: str,
     device: str, force: bool, exact_max_dim: int, progress: Progress | None,
 ) -> ExtractReport:

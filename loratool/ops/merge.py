@@ -16,7 +16,6 @@ convention). The result is cast to the output dtype once.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -31,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import IncompatibleError
-from loratool.st import Checkpoint, SafetensorsFile, StreamingWriter, TensorInfo, TensorRef
+from loratool.st import BackgroundSha256, Checkpoint, SafetensorsFile, StreamingWriter, TensorInfo, TensorRef
 
 if TYPE_CHECKING:
     import torch
@@ -378,62 +377,6 @@ class _Buffers:
         return self.reads
 
 
-class _Sha256Ahead:
-    """sha256 of the base files in a background thread, from the moment merge starts.
-
-    It runs while torch is imported and the adapters are read (a core is idle then), and later
-    stays at most `lead` bytes ahead of the merge, so each byte it reads is still in the page cache
-    when the merge reads it: the disk is read once, and hashing is off the merge's critical path.
-    """
-
-    def __init__(self, paths: list[Path], lead: int = 1 << 30) -> None:
-        import threading
-
-        self.digests: list[Future[str]] = [Future() for _ in paths]
-        self._paths = paths
-        self._allowed = lead
-        self._stopped = False
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="loratool-sha256", daemon=True)
-        self._thread.start()
-
-    def advance(self, nbytes: int) -> None:
-        """The merge has consumed nbytes more: the hasher may run that much further."""
-        with self._cond:
-            self._allowed += nbytes
-            self._cond.notify()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-
-    def _run(self) -> None:
-        done = 0
-        buf = bytearray(8 << 20)
-        view = memoryview(buf)
-        try:
-            for path, digest in zip(self._paths, self.digests):
-                hasher = hashlib.sha256()
-                with open(path, "rb", buffering=0) as f:
-                    while True:
-                        with self._cond:
-                            while not self._stopped and done >= self._allowed:
-                                self._cond.wait()
-                            if self._stopped:
-                                return
-                        n = f.readinto(buf)
-                        if not n:
-                            break
-                        hasher.update(view[:n])
-                        done += n
-                digest.set_result(hasher.hexdigest())
-        except BaseException as e:  # handed to whoever waits for a digest
-            for digest in self.digests:
-                if not digest.done():
-                    digest.set_exception(e)
-
-
 def _stream_file(
     src: SafetensorsFile,
     dst: Path,
@@ -618,7 +561,9 @@ def merge(
         raise IncompatibleError(f"--dtype {dtype}: unknown", hint="use keep, fp32, fp16 or bf16")
     base_path = Path(base)
     ckpt = open_checkpoint(base_path)
-    sha256 = _Sha256Ahead(list(ckpt.files))  # starts now: torch's import and the adapters' reading overlap it
+    # the base's sha256 starts now, while torch is imported and the adapters are read (a core is
+    # idle then), and later stays at most 1 GiB ahead of the merge, so the disk is read once
+    sha256 = BackgroundSha256(list(ckpt.files), lead=1 << 30)
     try:
         return _merge(ckpt, sha256, base_path, adapters, out, weights, dtype=dtype, device=device, unmerge=unmerge,
                       allow_unmatched=allow_unmatched, force=force, allow_pickle=allow_pickle, stats=stats,
@@ -628,7 +573,7 @@ def merge(
 
 
 def _merge(
-    ckpt: Checkpoint, sha256: _Sha256Ahead, base_path: Path, adapters: list[str | os.PathLike[str]],
+    ckpt: Checkpoint, sha256: BackgroundSha256, base_path: Path, adapters: list[str | os.PathLike[str]],
     out: str | os.PathLike[str], weights: list[float], *, dtype: str, device: str, unmerge: bool,
     allow_unmatched: bool, force: bool, allow_pickle: bool, stats: bool, progress: Progress | None,
 ) -> MergeReport:

@@ -547,8 +547,8 @@ def test_bad_weights_are_refused_before_any_work(tmp_path, capsys, weights):
     assert not (tmp_path / "o").exists()
 
 
-def test_background_sha256_follows_the_merge_and_stops(tmp_path):
-    from loratool.ops.merge import _Sha256Ahead
+def test_background_sha256_follows_the_caller_and_stops(tmp_path):
+    from loratool.st import BackgroundSha256
 
     rng = np.random.default_rng(0)
     paths = []
@@ -556,11 +556,11 @@ def test_background_sha256_follows_the_merge_and_stops(tmp_path):
         p = tmp_path / f"f{i}"
         p.write_bytes(rng.bytes(size))
         paths.append(p)
-    h = _Sha256Ahead(paths, lead=1 << 20)
+    h = BackgroundSha256(paths, lead=1 << 20)
     assert not h.digests[0].done()  # held back: at most 1 MiB ahead of a merge that has not started
     h.advance(1 << 40)
     assert [d.result(timeout=30) for d in h.digests] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
-    held = _Sha256Ahead(paths, lead=0)
+    held = BackgroundSha256(paths, lead=0)
     held.stop()
     held._thread.join(timeout=10)
     assert not held._thread.is_alive() and not any(d.done() for d in held.digests)
