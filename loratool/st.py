@@ -488,6 +488,21 @@ def save_tensors(
     w.close()
 
 
+def check_output(out: str | os.PathLike[str], *, force: bool, directory: bool) -> None:
+    """Refuse an existing `out` unless force, and never replace a file by a directory or back.
+
+    Raises:
+        OutputExistsError
+    """
+    target = Path(out)
+    if target.exists() or target.is_symlink():
+        if not force:
+            raise OutputExistsError(f"{target}: already exists", hint="pass --force to replace it")
+        if target.is_dir() != directory:
+            kind = "a directory" if target.is_dir() else "a file"
+            raise OutputExistsError(f"{target}: exists and is {kind}; refusing to replace it with the other kind")
+
+
 @contextlib.contextmanager
 def atomic_output(out: str | os.PathLike[str], *, force: bool, directory: bool) -> Iterator[Path]:
     """Yield a temporary sibling of `out`; move it into place only when the block completes.
@@ -499,12 +514,7 @@ def atomic_output(out: str | os.PathLike[str], *, force: bool, directory: bool) 
         OutputExistsError: `out` exists and force is False.
     """
     target = Path(out)
-    if target.exists() or target.is_symlink():
-        if not force:
-            raise OutputExistsError(f"{target}: already exists", hint="pass --force to replace it")
-        if target.is_dir() != directory:
-            kind = "a directory" if target.is_dir() else "a file"
-            raise OutputExistsError(f"{target}: exists and is {kind}; refusing to replace it with the other kind")
+    check_output(target, force=force, directory=directory)
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise FormatError(f"{target}: parent directory {parent} does not exist")

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
@@ -14,8 +13,7 @@ from loratool.cli._options import (
     parse_weights,
     quiet_option,
 )
-from loratool.errors import OutputExistsError
-from loratool.st import atomic_output
+from loratool.st import atomic_output, check_output
 
 
 @click.command()
@@ -51,9 +49,8 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, d
     from loratool.ops.merge import merge as run
 
     parsed = None if weights is None else parse_weights(weights)
-    if report_file and Path(report_file).exists() and not force:
-        # checked before the merge, which can take long, rather than after it
-        raise OutputExistsError(f"{report_file}: already exists", hint="pass --force to replace it")
+    if report_file:
+        check_output(report_file, force=force, directory=False)  # before the merge, which can take long
     base = input_path(base, quiet=quiet or as_json)
     adapters = tuple(input_path(a, quiet=quiet or as_json) for a in adapters)
     with _render.progress("merging", enabled=not (quiet or as_json), unit="bytes") as cb:

@@ -260,8 +260,10 @@ def write(adapter: Adapter, out_file: Path, metadata: dict[str, str]) -> None:
     # kohya's network_dim / network_alpha describe linear and 1x1 conv modules; 3x3 convs have
     # their own conv_dim / conv_alpha in ss_network_args. All are recomputed from the modules
     # (kohya's resize records only the last module's alpha); "Dynamic" when they differ.
-    conv3 = [m for m in adapter.modules.values() if m.kind == "conv" and tuple(m.down.shape[2:]) != (1, 1)]
-    lin = [m for m in adapter.modules.values() if m not in conv3]
+    conv3: list[LoraModule] = []
+    lin: list[LoraModule] = []
+    for m in adapter.modules.values():
+        (conv3 if m.kind == "conv" and tuple(m.down.shape[2:]) != (1, 1) else lin).append(m)
 
     def one(values: set[float]) -> str:
         return _fmt(values.pop()) if len(values) == 1 else "Dynamic"
