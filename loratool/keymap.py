@@ -162,9 +162,13 @@ class MergePlan:
 
 
 def plan_merge(
-    adapters: list[Adapter], weights: list[float], ckpt: Checkpoint, *, allow_unmatched: bool, unmerge: bool
+    adapters: list[Adapter], weights: list[float], ckpt: Checkpoint, *, allow_unmatched: bool, unmerge: bool,
+    tensors: dict[str, TensorInfo] | None = None,
 ) -> tuple[MergePlan, list[str]]:
     """Match every adapter module and saved tensor to one base tensor.
+
+    `tensors` (default ckpt.tensors) is the base as a merge sees it: a quantized base's weights
+    with their logical shapes, their scales left out (storage.BaseStorage.logical).
 
     Raises:
         IncompatibleError: unmatched/ambiguous modules (unless allow_unmatched), shape mismatches,
@@ -174,12 +178,13 @@ def plan_merge(
 
     plan = MergePlan()
     warnings: list[str] = []
-    index = KeyIndex(list(ckpt.tensors))
+    base = ckpt.tensors if tensors is None else tensors
+    index = KeyIndex(list(base))
     for adapter, w in zip(adapters, weights):
         where = adapter.path
         mods = list(adapter.modules.values())
         plan.num_modules += len(mods)
-        match = match_modules(mods, ckpt.tensors)
+        match = match_modules(mods, base)
         if match.shape_mismatch:
             name, key, want, got = match.shape_mismatch[0]
             raise IncompatibleError(
@@ -214,7 +219,7 @@ def plan_merge(
             plan.deltas.setdefault(key, []).append(Contribution(m, w, Path(str(where))))
             if m.bias is not None:
                 bias_key = key[: -len(".weight")] + ".bias" if key.endswith(".weight") else key + ".bias"
-                if bias_key not in ckpt.tensors:
+                if bias_key not in base:
                     raise IncompatibleError(f"{where}: module '{name}' has a lora_B bias but {ckpt.root} has no "
                                             f"'{bias_key}'")
                 plan.biases.setdefault(bias_key, []).append(Contribution(m, w, Path(str(where))))
@@ -222,16 +227,16 @@ def plan_merge(
             if ".base_layer." in stored:
                 continue  # peft's copy of a LoRA layer's own base weight (save_embedding_layers): not a change
             key = saved_tensor_key(stored)
-            hits = [key] if key in ckpt.tensors else (
+            hits = [key] if key in base else (
                 index.candidates(key[: -len(".weight")]) if key.endswith(".weight") else [])
             if len(hits) != 1:
                 raise IncompatibleError(
                     f"{where}: saved tensor '{stored}' matches {len(hits) or 'no'} tensor(s) in {ckpt.root}",
                     hint="the adapter's modules_to_save do not fit this base",
                 )
-            if tuple(ckpt.tensors[hits[0]].shape) != tuple(ref.shape):
+            if tuple(base[hits[0]].shape) != tuple(ref.shape):
                 raise IncompatibleError(f"{where}: saved tensor '{stored}' is {ref.shape} but {hits[0]} in the base "
-                                        f"is {ckpt.tensors[hits[0]].shape}")
+                                        f"is {base[hits[0]].shape}")
             if unmerge:
                 raise IncompatibleError(
                     f"{where}: saved tensor '{stored}' replaces a base tensor; --unmerge cannot restore it",

@@ -422,7 +422,7 @@ def merged_tensor(
 
     Plain LoRA takes the fast path: each delta is formed and added in place into a float32 copy of W
     (bit-identical to peft's `W + (B @ A) * scale`; no sum tensor is kept), in `work`'s buffers when
-    given (the result then lives there until the next call). DoRA, LoRA biases and keep_delta
+    given (W and W' then live there until the next call). DoRA, LoRA biases and keep_delta
     (statistics) hold acc explicitly.
     """
     import torch
@@ -432,7 +432,8 @@ def merged_tensor(
     if not (dora or bias or keep_delta):
         work = work if work is not None else Workspace()
         w = work.get("w", stored.shape, torch.float32, device).copy_(stored)  # widened exactly
-        rows = w.view(w.shape[0], -1)  # conv (out, in, kh, kw) -> (out, in·kh·kw), as down flattens
+        new = work.get("new", stored.shape, torch.float32, device).copy_(w)  # W kept: the realized delta needs it
+        rows = new.view(new.shape[0], -1)  # conv (out, in, kh, kw) -> (out, in·kh·kw), as down flattens
         for module, weight in terms:
             up, down = factors(module, device=device)  # (out, r), (r, in·k)
             d = torch.mm(up, down, out=work.get("d", (up.shape[0], down.shape[1]), torch.float32, device))
@@ -442,7 +443,7 @@ def merged_tensor(
             transposed = module.kind == "embedding" or module.fan_in_fan_out  # W is (in, out)
             rows.add_(d.T if transposed else d)
             del d
-        return w, w, None
+        return w, new, None
     w = stored.to(device=device, dtype=torch.float32)
     acc: torch.Tensor | None = None
     for module, weight in terms:
@@ -468,15 +469,176 @@ def merged_tensor(
     return w, new, acc
 
 
-def merge_change(w: torch.Tensor, new: torch.Tensor, acc: torch.Tensor, out: torch.Tensor, *, dora: bool
-                 ) -> tuple[float, float, float]:
-    """(||acc||_F, ||W' − W||_F / ||W||_F, max |W' − cast(W')|) for one merged tensor.
+# ---------------------------------------------------------------------------------------------
+# quantized storage: exact dequantization to float32 and requantization with the same scheme
+# (the descriptors that choose among these live in storage.py)
 
-    Without DoRA W' − W = ±acc, so its norm is acc's; `out` is W' as written (the cast result).
+NF4_CODE: tuple[float, ...] = (  # the 16 NormalFloat4 levels of QLoRA (bitsandbytes' quant_map for nf4)
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+_INV127 = 7.874015718698502e-3  # bitsandbytes' float32 1/127 for LLM.int8 dequantization
+
+
+def fp8_max(dtype: str) -> float:
+    import torch
+
+    return float(torch.finfo(getattr(torch, dtype)).max)
+
+
+def round_fp8(x: torch.Tensor, dtype: str, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """x (float32) saturated to ±max and rounded to float8 `dtype`.
+
+    Nearest (ties to even, torch's conversion) without a generator; with one, stochastic: each value
+    goes to the fp8 neighbour above with probability (x − lo) / (hi − lo), so E[result] = x exactly.
     """
     import torch
 
-    acc_norm = float(acc.norm())
-    change = float((new - w).norm()) if dora else acc_norm
-    cast = float((out.to(torch.float32) - new).abs().max()) if out.numel() else 0.0
-    return acc_norm, change / max(float(w.norm()), 1e-30), cast
+    fdtype = getattr(torch, dtype)
+    top = fp8_max(dtype)
+    x = x.clamp(-top, top)
+    if generator is None:
+        return x.to(fdtype)
+    mag = x.abs()
+    near = mag.to(fdtype)  # a neighbour of |x|, bits 0..max (sign 0)
+    bits = near.view(torch.uint8).to(torch.int16)
+    near_val = near.to(torch.float32)
+    above = near_val < mag
+    below = near_val > mag
+    other = torch.where(above, bits + 1, torch.where(below, bits - 1, bits)).to(torch.uint8)
+    other_val = other.view(fdtype).to(torch.float32)
+    lo = torch.where(above, near_val, other_val)
+    hi = torch.where(above, other_val, near_val)
+    gap = hi - lo
+    p = torch.where(gap > 0, (mag - lo) / torch.where(gap > 0, gap, torch.ones_like(gap)), torch.zeros_like(gap))
+    u = torch.rand(x.shape, generator=generator, dtype=torch.float32, device=x.device)
+    pick_hi = u < p
+    chosen = torch.where(pick_hi, torch.where(above, other, bits.to(torch.uint8)),
+                         torch.where(above, bits.to(torch.uint8), other))
+    sign = (x < 0).to(torch.uint8) << 7
+    return (chosen | sign).view(fdtype)
+
+
+def block_dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """float32 W = q · scale per (block[0] × block[1]) tile; edge tiles may be partial. q is (out, in)."""
+    import torch
+
+    rows, cols = q.shape
+    s = scale.to(torch.float32).repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return q.to(torch.float32) * s
+
+
+def block_quantize_fp8(w: torch.Tensor, block: tuple[int, int], dtype: str, *, pow2: bool = False,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale_inv) with scale_inv = amax/max per tile (transformers' fine-grained fp8 convention:
+    scale = max / amax, scale_inv = 1 / scale, q = clamp(w · scale)); an all-zero tile keeps scale 1.
+    pow2 rounds scale_inv up to a power of two first (scale_fmt "ue8m0")."""
+    import torch
+
+    rows, cols = w.shape
+    br, bc = block
+    nr, nc = -(-rows // br), -(-cols // bc)
+    pad = torch.nn.functional.pad(w.abs(), (0, nc * bc - cols, 0, nr * br - rows))
+    amax = pad.reshape(nr, br, nc, bc).amax(dim=(1, 3))  # (nr, nc)
+    top = fp8_max(dtype)
+    scale = torch.where(amax > 0, top / torch.where(amax > 0, amax, torch.ones_like(amax)), torch.ones_like(amax))
+    inv = 1.0 / scale
+    if pow2:
+        inv = torch.pow(2.0, torch.ceil(torch.log2(inv.clamp(min=torch.finfo(torch.float32).tiny))))
+        scale = 1.0 / inv
+    full = scale.repeat_interleave(br, 0)[:rows].repeat_interleave(bc, 1)[:, :cols]
+    return round_fp8(w * full, dtype, generator=generator), inv.to(torch.float32)
+
+
+def codebook_dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                        numel: int) -> torch.Tensor:
+    """Flat float32 values code[codes[i]] · absmax[i // blocksize] for i < numel (bitsandbytes blockwise)."""
+    import torch
+
+    vals = code.to(torch.float32)[codes[:numel].to(torch.int64)]
+    scale = absmax.to(torch.float32).repeat_interleave(blocksize)[:numel]
+    return vals * scale
+
+
+def codebook_quantize(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes int64 (numel,), absmax float32 (blocks,)) for flat x: per block absmax, then the nearest
+    level of the sorted-or-not codebook to x / absmax (clamped to [-1, 1]); ties go to the lower level,
+    as bitsandbytes' bucketize over the midpoints does."""
+    import torch
+
+    flat = x.reshape(-1).to(torch.float32)
+    n = flat.numel()
+    blocks = -(-n // blocksize)
+    pad = torch.nn.functional.pad(flat, (0, blocks * blocksize - n))
+    absmax = pad.abs().reshape(blocks, blocksize).amax(dim=1)
+    inv = 1.0 / absmax.clamp(min=1e-38)
+    scaled = (pad.reshape(blocks, blocksize) * inv[:, None]).clamp(-1, 1).reshape(-1)[:n]
+    levels = code.to(torch.float32)
+    order = torch.argsort(levels, stable=True)
+    ordered = levels[order]
+    bounds = (ordered[:-1] + ordered[1:]) / 2
+    idx = torch.bucketize(scaled, bounds)
+    return order[idx], absmax
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes (first of each pair in the high nibble, bitsandbytes' order) -> (ceil(n/2), 1) uint8."""
+    import torch
+
+    c = codes.to(torch.uint8)
+    if c.numel() % 2:
+        c = torch.cat([c, c.new_zeros(1)])
+    return ((c[0::2] << 4) | c[1::2]).reshape(-1, 1)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 bytes -> int64 codes, two per byte, high nibble first."""
+    import torch
+
+    b = packed.reshape(-1).view(torch.uint8).to(torch.int64)
+    return torch.stack([b >> 4, b & 0xF], dim=1).reshape(-1)
+
+
+def int8_row_dequantize(q: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
+    """LLM.int8 weights: W = q · SCB_row / 127 (bitsandbytes' vectorwise dequantization)."""
+    import torch
+
+    return q.to(torch.float32) * scb.to(torch.float32).reshape(-1, 1) * _INV127
+
+
+def int8_row_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8, SCB float32): SCB = row absmax, q = round(w · 127 / SCB) (half to even)."""
+    import torch
+
+    scb = w.abs().amax(dim=1).to(torch.float32)
+    q = torch.round(w * (127.0 / scb.reshape(-1, 1))).nan_to_num(0.0).clamp(-127, 127).to(torch.int8)
+    return q, scb
+
+
+def nf4_roundtrip(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
+    """dequant(quant_nf4(w)) in float32, as a QLoRA adapter saw its frozen base (absmax per block, float32)."""
+    import torch
+
+    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=w.device)
+    codes, absmax = codebook_quantize(w, code, blocksize)
+    return codebook_dequantize(codes, absmax, code, blocksize, w.numel()).reshape(w.shape)
+
+
+def realized_delta(w: torch.Tensor, new: torch.Tensor, written: torch.Tensor) -> tuple[float, float, float, float]:
+    """How much of the intended change survived the storage: (||ΔW||, <R, ΔW>, ||R − ΔW||, max|R − ΔW|).
+
+    ΔW = new − w (the float32 merge), R = written − w (what the stored result changes). retained =
+    <R, ΔW> / ||ΔW||² and the relative error ||R − ΔW|| / ||ΔW|| follow. Overwrites w (with ΔW)
+    and new (with R − ΔW = written − new): the callers pass their work buffers.
+    """
+    import torch
+
+    torch.sub(new, w, out=w)  # ΔW
+    torch.sub(written, new, out=new)  # R − ΔW, the storage's rounding of the sum
+    dw, err = w.reshape(-1), new.reshape(-1)
+    dd = float(torch.dot(dw, dw))
+    de = float(torch.dot(dw, err))
+    ee = float(torch.dot(err, err))
+    worst = float(err.abs().max()) if err.numel() else 0.0
+    return math.sqrt(dd), dd + de, math.sqrt(ee), worst

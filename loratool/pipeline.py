@@ -28,10 +28,14 @@ if TYPE_CHECKING:
     import torch
 
 # compute(info, stored, cast) -> the tensor to write, or None for "as stored" (copied byte for
-# byte when its bytes were not read, else cast to the output dtype). `stored` is None when
-# needs_bytes(info) is false; cast(new, dtype) copies a result into a reused output slot.
+# byte when its bytes were not read, else cast to the output dtype), or a dict holding this key's
+# tensor and those of later or reserved entries it determines (a quantized weight's recomputed
+# scales). `stored` is None when needs_bytes(info) is false; cast(new, dtype) copies a result into
+# a reused output slot.
 Cast = Callable[["torch.Tensor", str], "torch.Tensor"]
-Compute = Callable[[TensorInfo, "torch.Tensor | None", Cast], "torch.Tensor | None"]
+Compute = Callable[[TensorInfo, "torch.Tensor | None", Cast], "torch.Tensor | dict[str, torch.Tensor] | None"]
+# out_entry(info) -> (dtype, shape) written for this tensor, or None to leave it out
+OutEntry = Callable[[TensorInfo], "tuple[str, tuple[int, ...]] | None"]
 
 
 def read_range(fd: int, start: int, n: int, into: bytearray | None = None) -> bytearray | memoryview:
@@ -66,6 +70,10 @@ class Buffers:
     out_slots: list[tuple[Workspace, Future[None] | None]] = field(
         default_factory=lambda: [(Workspace(), None), (Workspace(), None)])
     reads: list[bytearray] = field(default_factory=list)
+    # tensors computed before their turn (siblings of a weight that comes earlier), and the keys
+    # already written: a later computation of the same key is dropped (computations are seeded)
+    stash: dict[str, torch.Tensor] = field(default_factory=dict)
+    written: set[str] = field(default_factory=set)
 
     def read_buffers(self, nbytes: int) -> list[bytearray]:
         if not self.reads or len(self.reads[0]) < nbytes:
@@ -79,9 +87,10 @@ def stream_file(
     meta: dict[str, str],
     placeholder: str,
     *,
-    out_dtype: Callable[[TensorInfo], str],
+    out_entry: OutEntry,
     needs_bytes: Callable[[TensorInfo], bool],
     compute: Compute,
+    produced_by: Callable[[str], str | None] = lambda key: None,
     tick: Callable[[int], None],
     digest: Future[str],
     buffers: Buffers,
@@ -93,14 +102,22 @@ def stream_file(
     `digest`, computed alongside. Byte buffers are reused in rotation (two for reading, two for
     cast results), so memory stays at a few times the largest tensor.
 
+    A tensor that `produced_by` names another key for (a scale recomputed with its weight) is
+    written from the stash when that key came first, or reserved and filled in place when it comes
+    later in this file; the caller stashes, before streaming, those whose producer lies in a later file.
+
     Returns the future of the file's completion (its last writes, header patch and fsync), which
     runs while the next file is computed.
     """
     import torch
 
-    order = sorted(src.tensors.values(), key=lambda i: i.start)  # on-disk order: sequential reads
-    entries = [(i.key, out_dtype(i), i.shape) for i in order]
-    writer = StreamingWriter(dst, entries, meta, header_order=list(src.tensors))
+    layout = {i.key: out_entry(i) for i in src.tensors.values()}
+    order = [i for i in sorted(src.tensors.values(), key=lambda i: i.start) if layout[i.key] is not None]
+    position = {i.key: n for n, i in enumerate(order)}
+    entries = [(i.key, *layout[i.key]) for i in order]  # type: ignore[misc]
+    writer = StreamingWriter(dst, entries, meta, header_order=[k for k in src.tensors if layout[k] is not None])
+    reserved: set[str] = set()
+    stash = buffers.stash
     fd = os.open(src.path, os.O_RDONLY)
     reader = ThreadPoolExecutor(max_workers=1)  # one worker: reads strictly in file order
     writes = ThreadPoolExecutor(max_workers=1)  # one worker: writes strictly in file order
@@ -140,6 +157,9 @@ def stream_file(
             return ws.get("out", new.shape, getattr(torch, dtype), "cpu").copy_(new)
         return cast
 
+    skipped = sum(i.nbytes for i in src.tensors.values() if layout[i.key] is None)
+    if skipped:
+        tick(skipped)  # tensors left out of the output (a dequantized base's scales)
     try:
         ahead = fetch(0)
         for n, info in enumerate(order):
@@ -147,20 +167,45 @@ def stream_file(
             data = ahead.result()
             ahead = fetch(n + 1)  # into the other buffer: read the next tensor meanwhile
             key = info.key
+            if key in stash:  # computed with an earlier tensor
+                submit(writer.write, key, stash.pop(key))
+                buffers.written.add(key)
+                tick(info.nbytes)
+                continue
+            producer = produced_by(key)
+            if producer is not None and producer in position and position[producer] > n:
+                submit(writer.reserve, key)  # filled in place once its producer is computed
+                reserved.add(key)
+                tick(info.nbytes)
+                continue
             slot_used.clear()
             cast = cast_into_slot(n)
             stored = tensor_from(data, info) if data is not None else None
             del data
-            out = compute(info, stored, cast)
+            result = compute(info, stored, cast)
+            out: torch.Tensor | None
+            if isinstance(result, dict):
+                out = result.pop(key)
+                for other, t in result.items():
+                    if other in reserved:
+                        reserved.discard(other)
+                        submit(writer.write_at, other, t)
+                    elif other not in buffers.written:
+                        stash[other] = t
+            else:
+                out = result
             if out is None and stored is not None:  # a dtype change only
-                out = cast(stored, out_dtype(info))
-            del stored
+                entry = layout[key]
+                assert entry is not None
+                out = cast(stored, entry[0])
+            del stored, result
             if out is None:
                 submit(writer.copy_range, key, fd, info.start, info.nbytes)  # byte for byte, in the kernel
             else:
                 fut = submit(writer.write, key, out)
                 for slot in slot_used:
                     out_slots[slot] = (out_slots[slot][0], fut)
+            buffers.written.add(key)
             del out
             tick(info.nbytes)
         earlier = list(pending)
@@ -184,8 +229,13 @@ def stream_file(
     return done
 
 
-def copy_other_files(ckpt: Checkpoint, tmp: Path, *, dtype_changed: bool) -> None:
-    """Copy every non-weight file (config, tokenizer, ...) and rewrite the index's total_size."""
+def copy_other_files(ckpt: Checkpoint, tmp: Path, *, dtype_changed: bool, dropped: set[str] | None = None,
+                     drop_quantization: bool = False) -> None:
+    """Copy every non-weight file (config, tokenizer, ...) and rewrite the index's total_size.
+
+    `dropped` keys leave the index's weight_map; drop_quantization removes config.json's
+    quantization_config (a dequantized copy of a quantized base).
+    """
     from loratool.st import read_header
 
     weight_files = set(ckpt.files)
@@ -198,6 +248,8 @@ def copy_other_files(ckpt: Checkpoint, tmp: Path, *, dtype_changed: bool) -> Non
             dst.mkdir(parents=True, exist_ok=True)
         elif re.search(r"\.safetensors\.index\.json$", src.name) and ckpt.index is not None:
             index = json.loads(src.read_text())
+            if dropped and isinstance(index.get("weight_map"), dict):
+                index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k not in dropped}
             if dtype_changed:
                 total = 0
                 for f in ckpt.files:
@@ -205,6 +257,11 @@ def copy_other_files(ckpt: Checkpoint, tmp: Path, *, dtype_changed: bool) -> Non
                 index.setdefault("metadata", {})["total_size"] = total
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_text(json.dumps(index, indent=2) + "\n")
+        elif drop_quantization and rel == Path("config.json"):
+            config = json.loads(src.read_text(encoding="utf-8"))
+            config.pop("quantization_config", None)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         elif src.is_file():
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)

@@ -386,6 +386,7 @@ class StreamingWriter:
         self._entries = entries
         self._next = 0
         self._header = _header_bytes(entries, metadata or {}, header_order)
+        self._reserved: dict[str, tuple[int, str, tuple[int, ...]]] = {}  # key -> (file offset, dtype, shape)
         # unbuffered: raw writes and copy_file_range share one file offset
         self._f = open(self.path, "wb", buffering=0)  # noqa: SIM115 - closed by close()/abort()
         _write_all(self._f.fileno(), self._header)
@@ -407,6 +408,28 @@ class StreamingWriter:
             t = tensor.detach().to("cpu").contiguous().reshape(-1).view(_torch().uint8)
             _write_all(self._f.fileno(), memoryview(t.numpy()))  # type: ignore[arg-type]
         self._next += 1
+
+    def reserve(self, key: str) -> None:
+        """Leave `key`'s bytes for later (write_at), keeping the file order: the next entry follows it."""
+        exp_key, exp_dtype, exp_shape = self._entries[self._next]
+        if key != exp_key:
+            raise ValueError(f"writer expected {exp_key}, got {key} to reserve")
+        n = math.prod(exp_shape) * ITEMSIZE[exp_dtype]
+        offset = os.lseek(self._f.fileno(), n, os.SEEK_CUR) - n
+        self._reserved[key] = (offset, exp_dtype, exp_shape)
+        self._next += 1
+
+    def write_at(self, key: str, tensor: torch.Tensor) -> None:
+        """Fill a reserved entry (a small tensor known only after a later one, e.g. recomputed scales)."""
+        offset, exp_dtype, exp_shape = self._reserved.pop(key)
+        got_dtype = str(tensor.dtype).removeprefix("torch.")
+        if got_dtype != exp_dtype or tuple(tensor.shape) != exp_shape:
+            raise ValueError(f"writer expected {key} {exp_dtype} {exp_shape}, got {got_dtype} {tuple(tensor.shape)}")
+        if tensor.numel():
+            raw = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(_torch().uint8).numpy())  # type: ignore[arg-type]
+            done = 0
+            while done < len(raw):
+                done += os.pwrite(self._f.fileno(), raw[done:], offset + done)
 
     def write_raw(self, key: str, data: bytes | bytearray | memoryview) -> None:
         """Append a tensor's bytes as they are (a copy without conversion)."""
@@ -446,9 +469,10 @@ class StreamingWriter:
         self._header = self._header.replace(old, new)
 
     def close(self) -> None:
-        if self._next != len(self._entries):
+        if self._next != len(self._entries) or self._reserved:
             self._f.close()
-            raise ValueError(f"writer closed after {self._next} of {len(self._entries)} tensors")
+            raise ValueError(f"writer closed after {self._next} of {len(self._entries)} tensors"
+                             + (f", {sorted(self._reserved)} never written" if self._reserved else ""))
         os.fsync(self._f.fileno())
         self._f.close()
 

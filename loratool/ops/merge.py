@@ -18,18 +18,20 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratool.adapter import Adapter
 from loratool.errors import IncompatibleError
 from loratool.keymap import Contribution, MergePlan, plan_merge
-from loratool.linalg import Workspace, merge_change, merged_tensor
+from loratool.linalg import Workspace, merged_tensor, nf4_roundtrip, realized_delta
 from loratool.pipeline import Buffers, Cast, Compute, copy_other_files, stream_file
 from loratool.st import BackgroundSha256, Checkpoint, TensorInfo
+from loratool.storage import FP8_DTYPES, BaseStorage, dequantize, detect, quantize
 
 if TYPE_CHECKING:
     import torch
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 SCHEMA = 1
 Progress = Callable[[int, int], None]
 OUT_DTYPES = {"keep": None, "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+ROUNDINGS = ("nearest", "stochastic")
 _FLOAT = ("float64", "float32", "float16", "bfloat16")
 
 
@@ -45,9 +48,12 @@ class TensorStat:
     key: str
     file: str
     modules: list[str]
-    delta_fro: float  # ||Σ w_i ΔW_i||_F (0 for replaced tensors)
+    delta_fro: float  # ||ΔW||_F, the float32 change W' − W (0 for replaced tensors)
     rel_change: float  # ||W' − W||_F / ||W||_F, measured in float32 before the cast
-    max_cast_error: float  # max |W'_fp32 − cast(W'_fp32)|
+    max_cast_error: float  # max |stored(W') − W'|, the storage's rounding of the merged tensor
+    retained: float | None = None  # <R, ΔW> / ||ΔW||², R = stored(W') − W (None: ΔW = 0)
+    rel_error: float | None = None  # ||R − ΔW|| / ||ΔW||
+    storage: str = "float"  # how the tensor is stored (storage.Storage.describe())
     replaced: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,12 +73,33 @@ class MergeReport:
     merged: int = 0  # tensors that received a delta
     replaced: int = 0  # tensors replaced by modules_to_save copies
     copied: int = 0  # tensors copied byte for byte
+    changed: int = 0  # merged tensors whose stored values changed, plus replaced ones
     size: int = 0
+    storage: str = "plain float (no quantized weights)"  # what the base's weights are stored as
+    rounding: str = "nearest"
+    min_retained: float = 0.5
     unmatched: list[str] = field(default_factory=list)
-    tensors: list[TensorStat] = field(default_factory=list)
+    tensors: list[TensorStat] = field(default_factory=list)  # per tensor (with stats)
     warnings: list[str] = field(default_factory=list)
+    # (key, retained, rel_error, max_cast_error) of every merged tensor, kept even without stats
+    realized: list[tuple[str, float | None, float | None, float]] = field(default_factory=list)
+
+    @property
+    def worst_retained(self) -> tuple[str, float] | None:
+        vals = [(k, r) for k, r, _, _ in self.realized if r is not None]
+        return min(vals, key=lambda kv: kv[1]) if vals else None
+
+    @property
+    def worst_rel_error(self) -> tuple[str, float] | None:
+        vals = [(k, e) for k, _, e, _ in self.realized if e is not None]
+        return max(vals, key=lambda kv: kv[1]) if vals else None
+
+    @property
+    def low_retained(self) -> list[str]:
+        return [k for k, r, _, _ in self.realized if r is not None and r < self.min_retained]
 
     def to_dict(self, *, tensors: bool = False) -> dict[str, Any]:
+        worst_r, worst_e = self.worst_retained, self.worst_rel_error
         doc: dict[str, Any] = {
             "schema": SCHEMA,
             "out": str(self.out),
@@ -88,7 +115,14 @@ class MergeReport:
             "copied_tensors": self.copied,
             "size": self.size,
             "unmatched": self.unmatched,
-            "max_cast_error": max((t.max_cast_error for t in self.tensors), default=0.0) if self.tensors else None,
+            "storage": self.storage,
+            "rounding": self.rounding,
+            "max_cast_error": max((c for *_, c in self.realized), default=0.0) if self.realized else None,
+            "min_retained": worst_r[1] if worst_r else None,
+            "min_retained_tensor": worst_r[0] if worst_r else None,
+            "max_rel_error": worst_e[1] if worst_e else None,
+            "max_rel_error_tensor": worst_e[0] if worst_e else None,
+            "low_retained_tensors": len(self.low_retained),
             "warnings": self.warnings,
         }
         if tensors:
@@ -107,7 +141,7 @@ def _finite_or_raise(new: torch.Tensor, out_dtype: str, key: str, contribs: list
     if not new.is_floating_point() or new.numel() == 0:
         return
     lo, hi = (float(v) for v in torch.aminmax(new))
-    limit = torch.finfo(getattr(torch, out_dtype)).max if out_dtype in _FLOAT else math.inf
+    limit = torch.finfo(getattr(torch, out_dtype)).max if out_dtype in _FLOAT + FP8_DTYPES else math.inf
     if math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) <= limit:
         return
     names = ", ".join(sorted({f"{c.adapter}: '{c.module.name}'" for c in contribs})) or "a saved tensor"
@@ -125,45 +159,125 @@ def _out_dtype(info: TensorInfo, dtype: str) -> str:
     return target if target is not None and info.dtype in _FLOAT else info.dtype
 
 
-def _needs_bytes(info: TensorInfo, plan: MergePlan, dtype: str) -> bool:
-    return info.key in plan.deltas or info.key in plan.biases or (
-        info.key not in plan.replacements and _out_dtype(info, dtype) != info.dtype)
+def _seed_for(seed: int, key: str) -> int:
+    """One stochastic-rounding stream per tensor: results do not depend on order or sharding."""
+    return (seed * 1_000_003 + zlib.crc32(key.encode())) % (1 << 63)
 
 
-def _tensor_step(
-    plan: MergePlan, report: MergeReport, *, name: str, device: str, dtype: str, unmerge: bool, stats: bool,
-    work: Workspace,
-) -> Compute:
+@dataclass
+class _Setup:
+    """What every tensor of one merge shares."""
+
+    plan: MergePlan
+    storage: BaseStorage
+    ckpt: Checkpoint
+    dtype: str
+    device: str
+    unmerge: bool
+    stats: bool
+    rounding: str
+    seed: int
+    qlora_base: str | None
+    dequantize: bool  # --dtype on a quantized base: write plain floats, leave the scales out
+    dropped: set[str] = field(default_factory=set)  # keys the output leaves out
+    produced: dict[str, str] = field(default_factory=dict)  # recomputed sibling key -> its weight key
+
+    def out_entry(self, info: TensorInfo) -> tuple[str, tuple[int, ...]] | None:
+        if info.key in self.dropped:
+            return None
+        s = self.storage.of(info.key)
+        if s is not None and self.dequantize:
+            target = OUT_DTYPES[self.dtype]
+            assert target is not None
+            return target, s.shape
+        return _out_dtype(info, self.dtype), info.shape
+
+    def needs_bytes(self, info: TensorInfo) -> bool:
+        key = info.key
+        if key in self.dropped or key in self.produced:
+            return False
+        if key in self.plan.deltas or key in self.plan.biases:
+            return True
+        if key in self.plan.replacements:
+            return False
+        if self.storage.of(key) is not None:
+            return self.dequantize
+        return _out_dtype(info, self.dtype) != info.dtype
+
+    def load(self, key: str) -> torch.Tensor:
+        from loratool.st import load_tensor
+
+        return load_tensor(self.ckpt.tensors[key])
+
+
+def _tensor_step(setup: _Setup, report: MergeReport, *, name: str, work: Workspace) -> Compute:
     """What each tensor of one base file becomes: merged, replaced, or as stored (counted in report)."""
+    plan = setup.plan
 
-    def compute(info: TensorInfo, stored: torch.Tensor | None, cast: Cast) -> torch.Tensor | None:
+    def compute(info: TensorInfo, stored: torch.Tensor | None, cast: Cast
+                ) -> torch.Tensor | dict[str, torch.Tensor] | None:
         import torch
 
         key = info.key
-        out_dtype = _out_dtype(info, dtype)
+        s = setup.storage.of(key)
+        requantize = s is not None and not setup.dequantize
+        entry = setup.out_entry(info)
+        assert entry is not None
+        out_dtype = entry[0]
+        generator = None
+        if setup.rounding == "stochastic":
+            generator = torch.Generator(device="cpu").manual_seed(_seed_for(setup.seed, key))
         if key in plan.deltas or key in plan.biases:
             assert stored is not None
             contribs = plan.deltas.get(key) or plan.biases[key]
-            w32, new, acc = merged_tensor(stored, [(c.module, c.weight) for c in contribs], device=device,
-                                          unmerge=unmerge, bias=key in plan.biases, keep_delta=stats, work=work)
-            _finite_or_raise(new, out_dtype, key, contribs)
-            out = cast(new, out_dtype)
-            if stats:
-                assert acc is not None
-                dora = any(c.module.magnitude is not None for c in contribs)
-                acc_norm, rel_change, cast_error = merge_change(w32, new, acc, out, dora=dora)
-                report.tensors.append(TensorStat(key, name, sorted({c.module.name for c in contribs}), acc_norm,
-                                                 rel_change, cast_error))
+            base = stored
+            if s is not None:
+                base = dequantize(s, stored, setup.load)
+            if setup.qlora_base and key in plan.deltas:
+                base = nf4_roundtrip(base.to(torch.float32))
+            w32, new, _ = merged_tensor(base, [(c.module, c.weight) for c in contribs], device=setup.device,
+                                        unmerge=setup.unmerge, bias=key in plan.biases, work=work)
+            limit = out_dtype if not requantize else (s.dtype if s is not None and s.scheme == "fp8" else "float32")
+            _finite_or_raise(new, limit, key, contribs)
+            outs: dict[str, torch.Tensor] = {}
+            if s is not None and requantize:
+                outs = quantize(s, new.to("cpu"), setup.load, generator=generator)
+                out = outs[key]
+                written = dequantize(s, out, lambda k: outs[k] if k in outs else setup.load(k)).to(new.device)
+            else:
+                out = cast(new, out_dtype)
+                written = out.to(new.device) if out.device != new.device else out
+            w_norm = float(w32.norm()) if setup.stats else 0.0
+            dd_root, de_sum, err_norm, worst = realized_delta(w32, new, written)
+            retained = de_sum / (dd_root * dd_root) if dd_root > 0 else None
+            rel_error = err_norm / dd_root if dd_root > 0 else None
+            report.realized.append((key, retained, rel_error, worst))
+            changed = dd_root * dd_root + 2 * (de_sum - dd_root * dd_root) + err_norm * err_norm
+            if dd_root > 0 and changed > 1e-12 * dd_root * dd_root:
+                report.changed += 1
+            if setup.stats:
+                report.tensors.append(TensorStat(
+                    key, name, sorted({c.module.name for c in contribs}), dd_root, dd_root / max(w_norm, 1e-30),
+                    worst, retained, rel_error, s.describe() if s is not None else "float"))
             report.merged += 1
-            return out
+            del w32, new, written
+            return {**outs, key: out} if outs else out
         if key in plan.replacements:
-            saved = plan.replacements[key].load()
-            _finite_or_raise(saved.to(torch.float32), out_dtype, key, [])
-            if stats:
-                report.tensors.append(TensorStat(key, name, [], 0.0, 0.0, 0.0, replaced=True))
+            saved = plan.replacements[key].load().to(torch.float32)
+            _finite_or_raise(saved, out_dtype if not requantize else "float32", key, [])
+            if setup.stats:
+                report.tensors.append(TensorStat(key, name, [], 0.0, 0.0, 0.0, replaced=True,
+                                                 storage=s.describe() if s is not None else "float"))
             report.replaced += 1
+            report.changed += 1
+            if s is not None and requantize:
+                outs = quantize(s, saved, setup.load, generator=generator)
+                return outs if len(outs) > 1 else outs[key]
             return saved.to(getattr(torch, out_dtype))
-        report.copied += 1  # as stored: byte for byte, or cast to --dtype
+        report.copied += 1  # as stored: byte for byte, cast to --dtype, or dequantized
+        if s is not None and setup.dequantize:
+            assert stored is not None
+            return cast(dequantize(s, stored, setup.load), out_dtype)
         return None
 
     return compute
@@ -195,20 +309,37 @@ def merge(
     force: bool = False,
     allow_pickle: bool = False,
     stats: bool = False,
+    rounding: str = "nearest",
+    seed: int | None = None,
+    min_retained: float = 0.5,
+    strict: bool = False,
+    qlora_base: str | None = None,
     progress: Progress | None = None,
 ) -> MergeReport:
     """Merge adapters into a base checkpoint and write a complete copy of it.
+
+    A quantized base (fp8, ComfyUI scaled fp8, block fp8, bitsandbytes nf4/fp4/int8; see storage.py)
+    is dequantized exactly, merged in float32 and quantized back with the same scheme, tensor by
+    tensor; with a --dtype other than keep it is written dequantized instead. Every merged tensor's
+    realized delta is measured (report.realized): retained = <R, ΔW> / ||ΔW||² with R the change
+    the stored result makes.
 
     Args:
         base: a .safetensors file, a directory with model.safetensors, or a sharded directory.
         adapters: one or more adapter paths (any supported format).
         weights: one per adapter (default 1.0 each); negative allowed.
-        dtype: keep | fp32 | fp16 | bf16 for floating tensors of the output.
+        dtype: keep | fp32 | fp16 | bf16 for floating tensors of the output (on a quantized base:
+            write it dequantized, without its scales and config.json's quantization_config).
         device: auto | cpu | cuda | cuda:N (auto: cuda when available).
         unmerge: subtract the deltas instead (refused for DoRA and modules_to_save).
         allow_unmatched: skip modules that match no base weight (with a warning) instead of failing.
-        stats: measure per merged tensor the delta norm, relative change and max cast error
-            (report.tensors; costs three passes over each merged tensor).
+        stats: keep per merged tensor the delta norm, relative change, cast error, retention
+            (report.tensors, for --report).
+        rounding: nearest (ties to even) | stochastic, for fp8 storage.
+        seed: the stochastic rounding seed (default 0); each tensor draws from its own stream.
+        min_retained: below this retention a merged tensor is a warning (an error with strict).
+        strict: refuse (write nothing) when a tensor keeps less than min_retained of its delta.
+        qlora_base: "nf4": merge into dequant(quant_nf4(W)), the base a QLoRA adapter trained on.
         progress: called with (bytes done, bytes total).
 
     Raises:
@@ -225,6 +356,14 @@ def merge(
         raise IncompatibleError(f"--weights must be finite numbers, got {weights}")
     if dtype not in OUT_DTYPES:
         raise IncompatibleError(f"--dtype {dtype}: unknown", hint="use keep, fp32, fp16 or bf16")
+    if rounding not in ROUNDINGS:
+        raise IncompatibleError(f"--rounding {rounding}: unknown", hint="use nearest or stochastic")
+    if seed is not None and rounding != "stochastic":
+        raise IncompatibleError("--seed applies to --rounding stochastic only")
+    if qlora_base not in (None, "nf4"):
+        raise IncompatibleError(f"--qlora-base {qlora_base}: unknown", hint="use --qlora-base nf4")
+    if not (math.isfinite(min_retained) and 0.0 <= min_retained <= 1.0):
+        raise IncompatibleError(f"--min-retained must be between 0 and 1, got {min_retained}")
     base_path = Path(base)
     ckpt = open_checkpoint(base_path)
     # the base's sha256 starts now, while torch is imported and the adapters are read (a core is
@@ -233,7 +372,8 @@ def merge(
     try:
         return _merge(ckpt, sha256, base_path, adapters, out, weights, dtype=dtype, device=device, unmerge=unmerge,
                       allow_unmatched=allow_unmatched, force=force, allow_pickle=allow_pickle, stats=stats,
-                      progress=progress)
+                      rounding=rounding, seed=seed or 0, min_retained=min_retained, strict=strict,
+                      qlora_base=qlora_base, progress=progress)
     finally:
         sha256.stop()
 
@@ -241,26 +381,47 @@ def merge(
 def _merge(
     ckpt: Checkpoint, sha256: BackgroundSha256, base_path: Path, adapters: list[str | os.PathLike[str]],
     out: str | os.PathLike[str], weights: list[float], *, dtype: str, device: str, unmerge: bool,
-    allow_unmatched: bool, force: bool, allow_pickle: bool, stats: bool, progress: Progress | None,
+    allow_unmatched: bool, force: bool, allow_pickle: bool, stats: bool, rounding: str, seed: int,
+    min_retained: float, strict: bool, qlora_base: str | None, progress: Progress | None,
 ) -> MergeReport:
     from loratool.device import resolve_device
     from loratool.formats import read, require_plain
     from loratool.st import atomic_output, read_header
 
     device = resolve_device(device)
+    storage = detect(ckpt)
+    storage.refuse_unsupported(base_path)  # up front: never a delta added to bytes we cannot read
+    if qlora_base and storage.quantized:
+        raise IncompatibleError(
+            f"--qlora-base {qlora_base}: {base_path} is already stored quantized ({storage.line()})",
+            hint="--qlora-base simulates a 4-bit base on a 16-bit one; on a quantized base, merge without it",
+        )
     loaded = []
     for p in adapters:
         a = read(Path(p), allow_pickle=allow_pickle)
         require_plain(a, "merge")
         loaded.append(a)
-    plan, warnings = plan_merge(loaded, weights, ckpt, allow_unmatched=allow_unmatched, unmerge=unmerge)
+    plan, warnings = plan_merge(loaded, weights, ckpt, allow_unmatched=allow_unmatched, unmerge=unmerge,
+                                tensors=storage.logical(ckpt.tensors))
     report = MergeReport(Path(out), base_path, [Path(p) for p in adapters], weights, unmerge, dtype, device,
+                         storage=storage.line(), rounding=rounding, min_retained=min_retained,
                          unmatched=plan.unmatched, warnings=warnings)
     if not plan.deltas and not plan.replacements:
         raise IncompatibleError(f"nothing to merge: no adapter module matches {base_path}",
                                 hint="check with: loratool validate ADAPTER --base BASE")
+    dequantizing = dtype != "keep" and storage.quantized
+    setup = _Setup(plan, storage, ckpt, dtype, device, unmerge, stats, rounding, seed, qlora_base, dequantizing)
+    if dequantizing:
+        setup.dropped = set(storage.siblings) | set(storage.markers)
+    else:
+        for key in [*plan.deltas, *plan.replacements]:
+            s = storage.of(key)
+            for sib in s.changing if s is not None else []:
+                setup.produced[sib] = key
     single_file = base_path.is_file()
-    params = {"weights": weights, "dtype": dtype, "unmerge": unmerge, "allow_unmatched": allow_unmatched}
+    params = {"weights": weights, "dtype": dtype, "unmerge": unmerge, "allow_unmatched": allow_unmatched,
+              "rounding": rounding, **({"seed": seed} if rounding == "stochastic" else {}),
+              **({"qlora_base": qlora_base} if qlora_base else {})}
     total = sum(i.nbytes for i in ckpt.tensors.values())
     done = 0
 
@@ -274,6 +435,7 @@ def _merge(
     with atomic_output(out, force=force, directory=not single_file) as tmp:
         headers = [read_header(f) for f in ckpt.files]
         buffers = Buffers()
+        _stash_early_siblings(setup, headers, buffers)
         finishing: list[Future[None]] = []
         try:
             for src, digest in zip(headers, sha256.digests):
@@ -283,27 +445,73 @@ def _merge(
                 meta, placeholder = _provenance(params, loaded, src.path)
                 meta = {**src.metadata, **meta}
                 name = Path(out).name if single_file else str(src.path.relative_to(ckpt.root))
-                step = _tensor_step(plan, report, name=name, device=device, dtype=dtype, unmerge=unmerge,
-                                    stats=stats, work=buffers.work)
+                step = _tensor_step(setup, report, name=name, work=buffers.work)
                 finishing.append(stream_file(
-                    src, dst, meta, placeholder, out_dtype=lambda i: _out_dtype(i, dtype),
-                    needs_bytes=lambda i: _needs_bytes(i, plan, dtype), compute=step, tick=tick, digest=digest,
-                    buffers=buffers))
+                    src, dst, meta, placeholder, out_entry=setup.out_entry, needs_bytes=setup.needs_bytes,
+                    compute=step, produced_by=setup.produced.get, tick=tick, digest=digest, buffers=buffers))
             for fut in finishing:
                 fut.result()
         except BaseException:
             wait(finishing)  # an earlier file may still be finishing: let it end before tmp is removed
             raise
+        _check_realized(report, strict=strict)
         if not single_file:
-            copy_other_files(ckpt, tmp, dtype_changed=dtype != "keep")
+            copy_other_files(ckpt, tmp, dtype_changed=dtype != "keep", dropped=setup.dropped,
+                             drop_quantization=dequantizing)
         # re-open what was written before it is moved into place
         for src in headers:
             dst = tmp if single_file else tmp / src.path.relative_to(ckpt.root)
             written = read_header(dst)
-            if list(written.tensors) != list(src.tensors) or any(
-                written.tensors[k].shape != i.shape for k, i in src.tensors.items()
+            expected = {k: setup.out_entry(i) for k, i in src.tensors.items()}
+            if list(written.tensors) != [k for k, e in expected.items() if e is not None] or any(
+                written.tensors[k].shape != e[1] for k, e in expected.items() if e is not None
             ):
                 raise IncompatibleError(f"{dst}: written file does not mirror {src.path}")
         report.files = len(headers)
         report.size = sum(f.stat().st_size for f in (tmp.rglob("*") if not single_file else [tmp]) if f.is_file())
     return report
+
+
+def _stash_early_siblings(setup: _Setup, headers: list[Any], buffers: Buffers) -> None:
+    """Recomputed scales stored in an earlier file than their weight: compute them before streaming.
+
+    Rare (a shard boundary between a weight and its scales); the weight is computed again at its
+    turn, with the same seeded rounding, so both agree.
+    """
+    file_of = {k: n for n, h in enumerate(headers) for k in h.tensors}
+    early = {w for sib, w in setup.produced.items() if file_of[sib] < file_of[w]}
+    for key in sorted(early):
+        info = setup.ckpt.tensors[key]
+        scratch = MergeReport(Path(), Path(), [], [], False, setup.dtype, setup.device)
+        step = _tensor_step(replace(setup, stats=False), scratch, name="", work=buffers.work)
+        stored = setup.load(key) if setup.needs_bytes(info) else None
+        result = step(info, stored, lambda t, d: t.to(getattr(__import__("torch"), d)))
+        if isinstance(result, dict):
+            for k, t in result.items():
+                if k != key and file_of.get(k, -1) < file_of[key]:
+                    buffers.stash[k] = t.clone()
+
+
+def _check_realized(report: MergeReport, *, strict: bool) -> None:
+    """Warn (or with strict refuse) when tensors kept too little of their delta; refuse a no-op merge."""
+    if report.merged and not report.changed:
+        worst = report.worst_retained
+        raise IncompatibleError(
+            f"the merge changed no stored value: all {report.merged} merged tensors are as in the base"
+            + (f" (storage: {report.storage})" if report.storage else ""),
+            hint="the deltas are zero or below the storage's resolution; merge into a 16-bit base, or write "
+            "a dequantized model with --dtype bf16" if worst is None or worst[1] < 1 else None,
+        )
+    low = report.low_retained
+    if not low:
+        return
+    worst = report.worst_retained
+    assert worst is not None
+    rel = dict((k, e) for k, _, e, _ in report.realized)
+    message = (f"{len(low)} of {report.merged} merged tensors kept less than {report.min_retained:.0%} of their "
+               f"delta (worst: '{worst[0]}' retained {worst[1]:.3f}, rel. error {rel[worst[0]] or 0:.3f}; "
+               f"storage: {report.storage})")
+    if strict:
+        raise IncompatibleError(message, hint="the storage cannot hold such small changes: merge into a 16-bit "
+                                "base, write a dequantized model with --dtype bf16, or try --rounding stochastic")
+    report.warnings.append(message)

@@ -1,0 +1,385 @@
+"""How each base tensor is stored (DESIGN.md section 9, "Base storage"): one descriptor per tensor.
+
+A base weight is plain float (float32/16, bfloat16), or quantized in one of the schemes below,
+recognised from its dtype, its sibling tensors and config.json's `quantization_config`:
+
+    fp8         float8_e4m3fn / float8_e5m2, no scale: W = q
+    fp8_scaled  ComfyUI scaled fp8: `<m>.scale_weight` (a scalar or one per output row), W = q · s;
+                `<m>.scale_input` and the `scaled_fp8` marker are copied as they are
+    fp8_block   Hugging Face fine-grained fp8 (DeepSeek-V3, Qwen3-FP8): `<m>.weight_scale_inv`, one
+                float32 per weight_block_size tile (config.json quant_method "fp8"), W = q · s_tile
+    bnb_nf4 / bnb_fp4
+                bitsandbytes 4-bit as transformers saves it: `<m>.weight` packed uint8 (n/2, 1),
+                `<m>.weight.absmax`, `.quant_map` (the 16 levels), optionally nested (`absmax` uint8 +
+                `.nested_absmax`, `.nested_quant_map`, an offset), and `.quant_state.bitsandbytes__nf4`
+                (JSON: blocksize, shape, dtype, ...): W = quant_map[code] · absmax[block]
+    bnb_int8    LLM.int8: `<m>.weight` int8 and `<m>.SCB` (row absmax): W = q · SCB / 127
+
+Everything else that is recognisably quantized (GPTQ, AWQ, HQQ, EXL2, nvfp4, mxfp4, compressed-tensors,
+fp8 with a `weight_scale`, ...) is "known but unsupported": merge refuses it up front, never passing
+the delta through wrong. Dequantization is exact (float32); quantize() writes the same scheme back,
+block sizes kept, scales recomputed from the data where the scheme computes them (block fp8 tiles,
+bnb absmax, int8 SCB) and kept where they are fixed (ComfyUI scale_weight, the nested bnb offset,
+codebooks). The maths is in linalg.py; this module only decides which of it applies, and reads
+only headers plus the few-byte bnb quant_state JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loratool.errors import IncompatibleError
+
+if TYPE_CHECKING:
+    import torch
+
+    from loratool.st import Checkpoint, TensorInfo
+
+FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
+SUPPORTED = ("fp8", "fp8_scaled", "fp8_block", "bnb_nf4", "bnb_fp4", "bnb_int8")
+
+# the suffix of a packed weight tensor -> its scheme (all refused)
+_UNSUPPORTED_WEIGHTS = {
+    ".qweight": "GPTQ/AWQ (qweight)",
+    ".q_weight": "EXL2 (q_weight)",
+    ".W_q": "HQQ (W_q)",
+    ".weight_packed": "compressed-tensors (weight_packed)",
+}
+# the suffix of a sibling of `<m>.weight` -> the scheme it gives away (all refused)
+_UNSUPPORTED_SIBLINGS = {
+    ".weight_scale_2": "nvfp4 (ModelOpt weight_scale_2)",
+    ".comfy_quant": "ComfyUI mixed precision (comfy_quant)",
+    ".weight_scale": "quantized weight with weight_scale (compressed-tensors / ModelOpt)",
+}
+_SUPPORTED_METHODS = ("fp8", "bitsandbytes")
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How one base weight is stored, and which tensors hold it."""
+
+    key: str  # the weight's key
+    scheme: str  # one of SUPPORTED, or an unsupported scheme's name
+    dtype: str  # the stored dtype of `key` (uint8 for packed bnb 4-bit)
+    shape: tuple[int, ...]  # the logical (dequantized) shape
+    siblings: dict[str, str] = field(default_factory=dict)  # role -> key
+    block: tuple[int, ...] = ()  # fp8_block: (rows, cols); bnb 4-bit: (blocksize,)
+    params: dict[str, Any] = field(default_factory=dict)  # bnb quant_state JSON; fp8_block: pow2
+    supported: bool = True
+
+    @property
+    def changing(self) -> list[str]:
+        """The sibling keys whose values a requantization recomputes (written with the weight)."""
+        roles = {"fp8_block": ("scale_inv",), "bnb_nf4": ("absmax", "nested_absmax"),
+                 "bnb_fp4": ("absmax", "nested_absmax"), "bnb_int8": ("scb",)}.get(self.scheme, ())
+        return [self.siblings[r] for r in roles if r in self.siblings]
+
+    @property
+    def dropped(self) -> list[str]:
+        """Sibling keys that a dequantized output (--dtype) leaves out."""
+        return [k for r, k in self.siblings.items()]
+
+    def describe(self) -> str:
+        if self.scheme == "fp8_block":
+            return f"fp8_block {self.dtype} {self.block[0]}x{self.block[1]}"
+        if self.scheme in ("bnb_nf4", "bnb_fp4"):
+            nested = ", nested absmax" if "nested_absmax" in self.siblings else ""
+            return f"{self.scheme} blocksize {self.block[0]}{nested}"
+        if self.scheme in ("fp8", "fp8_scaled"):
+            return f"{self.scheme} {self.dtype}"
+        return self.scheme
+
+
+@dataclass
+class BaseStorage:
+    """Every quantized weight of a checkpoint (plain float tensors are absent), and what was refused."""
+
+    tensors: dict[str, Storage] = field(default_factory=dict)  # weight key -> storage
+    siblings: dict[str, str] = field(default_factory=dict)  # sibling key -> weight key
+    markers: list[str] = field(default_factory=list)  # tensors that only flag a scheme (scaled_fp8)
+    quant_method: str | None = None  # config.json quantization_config.quant_method
+    config: dict[str, Any] | None = None
+
+    @property
+    def unsupported(self) -> list[Storage]:
+        return [s for s in self.tensors.values() if not s.supported]
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.tensors)
+
+    def of(self, key: str) -> Storage | None:
+        return self.tensors.get(key)
+
+    def logical(self, tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+        """The checkpoint's tensors as a merge sees them: weights with logical shapes, siblings left out."""
+        import dataclasses
+
+        out = {}
+        for k, info in tensors.items():
+            if k in self.siblings or k in self.markers:
+                continue
+            s = self.tensors.get(k)
+            out[k] = dataclasses.replace(info, shape=s.shape) if s is not None and s.shape else info
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        counts = Counter(s.describe() for s in self.tensors.values())
+        return {
+            "quantized": self.quantized,
+            "quant_method": self.quant_method,
+            "schemes": dict(counts.most_common()),
+            "unsupported": [{"scheme": s.scheme, "tensor": s.key} for s in self.unsupported[:10]],
+        }
+
+    def line(self) -> str:
+        """One human line: what the base's weights are stored as."""
+        if not self.tensors:
+            return "plain float (no quantized weights)"
+        parts = [f"{n} × {d}" for d, n in Counter(s.describe() for s in self.tensors.values()).most_common()]
+        return ", ".join(parts)
+
+    def refuse_unsupported(self, where: Path | str, keys: set[str] | None = None) -> None:
+        """One Error naming the first unsupported scheme (among `keys` when given) and its tensor."""
+        bad = [s for s in self.unsupported if keys is None or s.key in keys]
+        if not bad:
+            return
+        s = bad[0]
+        more = f" ({len(bad)} tensors)" if len(bad) > 1 else ""
+        raise IncompatibleError(
+            f"{where}: '{s.key}' is stored as {s.scheme}{more}, which loratool cannot dequantize and requantize",
+            hint="merge into the unquantized (16-bit) base, then quantize the merged model with your tool",
+        )
+
+
+def _read_json_tensor(info: TensorInfo) -> dict[str, Any]:
+    from loratool.st import read_bytes
+
+    try:
+        doc = json.loads(read_bytes(info).rstrip(b"\0").decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        from loratool.errors import FormatError
+
+        raise FormatError(f"{info.path}: '{info.key}' is not the JSON bitsandbytes writes ({e})") from None
+    if not isinstance(doc, dict):
+        from loratool.errors import FormatError
+
+        raise FormatError(f"{info.path}: '{info.key}' is not a JSON object")
+    return doc
+
+
+def _config(root: Path) -> dict[str, Any] | None:
+    p = root / "config.json"
+    if not p.is_file():
+        return None
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def detect(ckpt: Checkpoint, *, read_small: bool = True) -> BaseStorage:
+    """Describe every quantized weight of `ckpt` from dtypes, siblings and config.json.
+
+    Args:
+        read_small: read the bnb quant_state JSON tensors (a few hundred bytes each) for their
+            logical shape and block size; without it (header-only inspection) bnb shapes stay packed.
+
+    Raises:
+        FormatError: a bnb quant_state that is not JSON.
+    """
+    tensors = ckpt.tensors
+    cfg = _config(ckpt.root)
+    qcfg = cfg.get("quantization_config") if cfg else None
+    qcfg = qcfg if isinstance(qcfg, dict) else None
+    method = str(qcfg.get("quant_method")) if qcfg and qcfg.get("quant_method") is not None else None
+    base = BaseStorage(quant_method=method, config=qcfg)
+
+    def add(s: Storage) -> None:
+        base.tensors[s.key] = s
+        for k in s.siblings.values():
+            base.siblings[k] = s.key
+
+    for key, info in tensors.items():
+        if key.endswith("scaled_fp8") and info.dtype in FP8_DTYPES and math.prod(info.shape) <= 2:
+            base.markers.append(key)  # ComfyUI's flag tensor
+        # bitsandbytes 4-bit: <w>.quant_state.bitsandbytes__nf4 next to <w>
+        for qt in ("nf4", "fp4"):
+            qs = f"{key}.quant_state.bitsandbytes__{qt}"
+            if qs in tensors:
+                sib = {"quant_state": qs}
+                for role in ("absmax", "quant_map", "nested_absmax", "nested_quant_map"):
+                    if f"{key}.{role}" in tensors:
+                        sib[role] = f"{key}.{role}"
+                params: dict[str, Any] = _read_json_tensor(tensors[qs]) if read_small else {}
+                shape = tuple(int(d) for d in params.get("shape", ())) or info.shape
+                block = (int(params.get("blocksize", 64)),)
+                ok = "absmax" in sib and "quant_map" in sib and (
+                    ("nested_absmax" in sib) == ("nested_quant_map" in sib))
+                add(Storage(key, f"bnb_{qt}" if ok else f"bnb_{qt} (incomplete quant_state)", info.dtype, shape,
+                            sib, block, params, supported=ok))
+        if key in base.tensors:
+            continue
+        stem = key[: -len(".weight")] if key.endswith(".weight") else None
+        if stem is None:
+            packed = next((v for k, v in _UNSUPPORTED_WEIGHTS.items() if key.endswith(k)), None)
+            if packed is None and key.endswith("_blocks") and key[: -len("_blocks")] + "_scales" in tensors:
+                packed = "mxfp4 (_blocks/_scales)"
+            if packed is not None:
+                add(Storage(key, packed, info.dtype, info.shape, supported=False))
+            continue
+        for suffix, scheme in _UNSUPPORTED_SIBLINGS.items():
+            if stem + suffix in tensors and not (suffix == ".weight_scale" and info.dtype in FLOAT_DTYPES):
+                add(Storage(key, scheme, info.dtype, info.shape, {"marker": stem + suffix}, supported=False))
+                break
+        if key in base.tensors:
+            continue
+        if stem + ".scale_weight" in tensors and info.dtype in FP8_DTYPES:
+            scale = tensors[stem + ".scale_weight"]
+            n = math.prod(scale.shape)
+            ok = n == 1 or (n == info.shape[0] and len(info.shape) >= 1)
+            add(Storage(key, "fp8_scaled" if ok else f"fp8_scaled (scale_weight {scale.shape})", info.dtype,
+                        info.shape, {"scale": stem + ".scale_weight"}
+                        | ({"scale_input": stem + ".scale_input"} if stem + ".scale_input" in tensors else {}),
+                        supported=ok))
+        elif stem + ".weight_scale_inv" in tensors and info.dtype in FP8_DTYPES:
+            add(_block_fp8(key, info, tensors[stem + ".weight_scale_inv"], qcfg))
+        elif stem + ".SCB" in tensors and info.dtype == "int8":
+            sib = {"scb": stem + ".SCB"}
+            if stem + ".weight_format" in tensors:
+                sib["weight_format"] = stem + ".weight_format"
+            ok = len(info.shape) == 2 and math.prod(tensors[stem + ".SCB"].shape) == info.shape[0]
+            add(Storage(key, "bnb_int8" if ok else "bnb_int8 (SCB shape)", info.dtype, info.shape, sib,
+                        supported=ok))
+        elif info.dtype in FP8_DTYPES:
+            add(Storage(key, "fp8", info.dtype, info.shape))
+    if method is not None and method not in _SUPPORTED_METHODS:
+        # a scheme this module does not know tensor by tensor: every integer-stored weight is its
+        for key, info in tensors.items():
+            if key.endswith(".weight") and key not in base.tensors and key not in base.siblings and (
+                    info.dtype not in FLOAT_DTYPES):
+                add(Storage(key, method, info.dtype, info.shape, supported=False))
+        if not base.tensors:
+            first = next((k for k in tensors if k.endswith((".qweight", ".weight"))), next(iter(tensors), ""))
+            add(Storage(first, method, tensors[first].dtype if first else "", (), supported=False))
+    return base
+
+
+def _block_fp8(key: str, info: TensorInfo, scale: TensorInfo, qcfg: dict[str, Any] | None) -> Storage:
+    sib = {"scale_inv": scale.key}
+    if len(info.shape) != 2:
+        return Storage(key, f"fp8_block ({len(info.shape)}-D weight)", info.dtype, info.shape, sib, supported=False)
+    rows, cols = info.shape
+    block = qcfg.get("weight_block_size") if qcfg else None
+    pow2 = bool(qcfg and qcfg.get("scale_fmt") == "ue8m0")
+    if math.prod(scale.shape) == 1:  # one scale for the whole tensor
+        return Storage(key, "fp8_block", info.dtype, info.shape, sib, (rows, cols), {"pow2": pow2})
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        return Storage(key, "fp8_block (no weight_block_size in config.json)", info.dtype, info.shape, sib,
+                       supported=False)
+    want = (-(-rows // block[0]), -(-cols // block[1]))
+    if tuple(scale.shape) != want or scale.dtype not in ("float32", "bfloat16", "float16"):
+        return Storage(key, f"fp8_block (weight_scale_inv {scale.dtype} {scale.shape}, expected {want})",
+                       info.dtype, info.shape, sib, supported=False)
+    return Storage(key, "fp8_block", info.dtype, info.shape, sib, (block[0], block[1]), {"pow2": pow2})
+
+
+# ---------------------------------------------------------------------------------------------
+# dequantize / quantize one weight (with its siblings)
+
+Load = Callable[[str], "torch.Tensor"]
+
+
+def dequantize(s: Storage, stored: torch.Tensor, load: Load) -> torch.Tensor:
+    """The weight in float32, logical shape, exactly as the scheme defines it. `load(key)` reads a sibling."""
+    import torch
+
+    from loratool import linalg
+
+    if s.scheme == "fp8":
+        return stored.to(torch.float32)
+    if s.scheme == "fp8_scaled":
+        scale = load(s.siblings["scale"]).to(torch.float32)
+        if scale.numel() == 1:
+            return stored.to(torch.float32) * scale.reshape(())
+        return stored.to(torch.float32) * scale.reshape(-1, *([1] * (stored.dim() - 1)))
+    if s.scheme == "fp8_block":
+        scale = load(s.siblings["scale_inv"])
+        if scale.numel() == 1:
+            return stored.to(torch.float32) * scale.to(torch.float32).reshape(())
+        return linalg.block_dequantize(stored, scale, (s.block[0], s.block[1]))
+    if s.scheme in ("bnb_nf4", "bnb_fp4"):
+        n = math.prod(s.shape)
+        absmax = _bnb_absmax(s, load)
+        codes = linalg.unpack_nibbles(stored)
+        return linalg.codebook_dequantize(codes, absmax, load(s.siblings["quant_map"]), s.block[0], n).reshape(s.shape)
+    if s.scheme == "bnb_int8":
+        return linalg.int8_row_dequantize(stored, load(s.siblings["scb"]))
+    raise IncompatibleError(f"'{s.key}': {s.scheme} cannot be dequantized")
+
+
+def _bnb_absmax(s: Storage, load: Load) -> torch.Tensor:
+    import torch
+
+    from loratool import linalg
+
+    absmax = load(s.siblings["absmax"])
+    if "nested_absmax" not in s.siblings:
+        return absmax.to(torch.float32)
+    nb = int(s.params.get("nested_blocksize", 256))
+    offset = float(s.params.get("nested_offset", 0.0))
+    nested = linalg.codebook_dequantize(absmax.reshape(-1).to(torch.int64), load(s.siblings["nested_absmax"]),
+                                        load(s.siblings["nested_quant_map"]), nb, absmax.numel())
+    return nested + offset
+
+
+def quantize(s: Storage, w: torch.Tensor, load: Load, *, generator: torch.Generator | None = None
+             ) -> dict[str, torch.Tensor]:
+    """w (float32, logical shape) stored with s's scheme: the weight and every recomputed sibling.
+
+    Kept fixed: ComfyUI's scale_weight, codebooks, the nested bnb offset and quant_state JSON. The
+    generator (stochastic rounding) applies to the fp8 schemes; the others round to nearest.
+    """
+    import torch
+
+    from loratool import linalg
+
+    if s.scheme == "fp8":
+        return {s.key: linalg.round_fp8(w, s.dtype, generator=generator)}
+    if s.scheme == "fp8_scaled":
+        scale = load(s.siblings["scale"]).to(torch.float32)
+        scale = scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1, *([1] * (w.dim() - 1)))
+        return {s.key: linalg.round_fp8(w / scale, s.dtype, generator=generator)}
+    if s.scheme == "fp8_block":
+        scale_key = s.siblings["scale_inv"]
+        old = load(scale_key)
+        q, inv = linalg.block_quantize_fp8(w, (s.block[0], s.block[1]), s.dtype, pow2=bool(s.params.get("pow2")),
+                                           generator=generator)
+        return {s.key: q, scale_key: inv.reshape(old.shape).to(old.dtype)}
+    if s.scheme in ("bnb_nf4", "bnb_fp4"):
+        codes, absmax = linalg.codebook_quantize(w, load(s.siblings["quant_map"]), s.block[0])
+        out = {s.key: linalg.pack_nibbles(codes).view(getattr(torch, s.dtype))}
+        old_absmax = load(s.siblings["absmax"])
+        if "nested_absmax" in s.siblings:
+            nb = int(s.params.get("nested_blocksize", 256))
+            offset = float(s.params.get("nested_offset", 0.0))
+            ncodes, nabs = linalg.codebook_quantize(absmax - offset, load(s.siblings["nested_quant_map"]), nb)
+            out[s.siblings["absmax"]] = ncodes.to(torch.uint8).reshape(old_absmax.shape)
+            old_nested = load(s.siblings["nested_absmax"])
+            out[s.siblings["nested_absmax"]] = nabs.reshape(old_nested.shape).to(old_nested.dtype)
+        else:
+            out[s.siblings["absmax"]] = absmax.reshape(old_absmax.shape).to(old_absmax.dtype)
+        return out
+    if s.scheme == "bnb_int8":
+        q, scb = linalg.int8_row_quantize(w)
+        old = load(s.siblings["scb"])
+        return {s.key: q, s.siblings["scb"]: scb.reshape(old.shape).to(old.dtype)}
+    raise IncompatibleError(f"'{s.key}': {s.scheme} cannot be quantized")
