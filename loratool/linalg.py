@@ -531,8 +531,9 @@ def block_dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int
 
 def block_quantize_fp8(w: torch.Tensor, block: tuple[int, int], dtype: str, *, pow2: bool = False,
                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, scale_inv) with scale_inv = amax/max per tile (transformers' fine-grained fp8 convention:
-    scale = max / amax, scale_inv = 1 / scale, q = clamp(w · scale)); an all-zero tile keeps scale 1.
+    """(q, scale_inv) per tile as transformers' fine-grained fp8 quantizer computes them: scale =
+    max · (1 / amax) (two float32 roundings, as torch evaluates `max / amax`), scale_inv = 1 / scale,
+    q = clamp(w · scale) rounded to fp8; an all-zero tile keeps scale 1.
     pow2 rounds scale_inv up to a power of two first (scale_fmt "ue8m0")."""
     import torch
 
@@ -542,7 +543,8 @@ def block_quantize_fp8(w: torch.Tensor, block: tuple[int, int], dtype: str, *, p
     pad = torch.nn.functional.pad(w.abs(), (0, nc * bc - cols, 0, nr * br - rows))
     amax = pad.reshape(nr, br, nc, bc).amax(dim=(1, 3))  # (nr, nc)
     top = fp8_max(dtype)
-    scale = torch.where(amax > 0, top / torch.where(amax > 0, amax, torch.ones_like(amax)), torch.ones_like(amax))
+    scale = torch.where(amax > 0, top * torch.reciprocal(torch.where(amax > 0, amax, torch.ones_like(amax))),
+                        torch.ones_like(amax))
     inv = 1.0 / scale
     if pow2:
         inv = torch.pow(2.0, torch.ceil(torch.log2(inv.clamp(min=torch.finfo(torch.float32).tiny))))

@@ -236,6 +236,9 @@ def render_validate(doc: dict[str, Any]) -> None:
             t.add_row(sev, f["code"], f["message"])
         c.print(t)
     base = f", {doc['matched']} matched in {doc['base']}" if doc["base"] else ""
+    storage = doc.get("base_storage")
+    if storage and storage["quantized"]:
+        base += f", base stored as {storage['description']}"
     verdict = "OK" if doc["ok"] else "FAILED"
     c.print(f"{verdict}: {doc['path']} ({doc['format']}, {doc['num_modules']} modules{base}): "
             f"{doc['errors']} error(s), {doc['warnings']} warning(s)")
@@ -300,7 +303,9 @@ def render_merge(doc: dict[str, Any]) -> None:
     what = (f"{doc['merged_tensors']} tensors {verb} from {adapters} adapter{'s' if adapters > 1 else ''}"
             + (f", {doc['replaced_tensors']} replaced" if doc["replaced_tensors"] else "")
             + f", {doc['copied_tensors']} copied, {doc['files']} file{'s' if doc['files'] > 1 else ''}"
-            + (f", max cast error {doc['max_cast_error']:.3g}" if doc["max_cast_error"] is not None else ""))
+            + (f", max cast error {doc['max_cast_error']:.3g}" if doc["max_cast_error"] is not None else "")
+            + (f", delta retained ≥ {doc['min_retained']:.3f} (rel. error ≤ {doc['max_rel_error']:.3g})"
+               if doc.get("min_retained") is not None else ""))
     wrote(doc["out"], what, doc["size"])
 
 

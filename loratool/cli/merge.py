@@ -27,19 +27,31 @@ from loratool.st import atomic_output, check_output
 @click.option("--unmerge", is_flag=True, help="Subtract the deltas instead of adding them (not for DoRA).")
 @click.option("--allow-unmatched", is_flag=True, help="Skip adapter modules that match no base weight (warn).")
 @click.option("--report", "report_file", type=click.Path(), default=None,
-              help="Write per-tensor statistics (delta norm, relative change, max cast error) as JSON.")
+              help="Write per-tensor statistics (delta norm, relative change, cast error, retained delta) as JSON.")
+@click.option("--rounding", type=click.Choice(["nearest", "stochastic"]), default="nearest", show_default=True,
+              help="How merged values round back to fp8 storage (stochastic: unbiased, seeded).")
+@click.option("--seed", type=int, default=None, help="Seed for --rounding stochastic (default 0).")
+@click.option("--min-retained", type=float, default=0.5, show_default=True,
+              help="Warn when a merged tensor keeps less than this share of its delta after rounding.")
+@click.option("--strict", is_flag=True, help="Refuse (write nothing) when a tensor keeps less than --min-retained.")
+@click.option("--qlora-base", type=click.Choice(["nf4"]), default=None,
+              help="Merge into dequant(quant_nf4(W)), the base a QLoRA adapter was trained on.")
 @force_option
 @json_option
 @quiet_option
 @allow_pickle_option
 def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, dtype: str, device: str,
-          unmerge: bool, allow_unmatched: bool, report_file: str | None, force: bool, as_json: bool, quiet: bool,
+          unmerge: bool, allow_unmatched: bool, report_file: str | None, rounding: str, seed: int | None,
+          min_retained: float, strict: bool, qlora_base: str | None, force: bool, as_json: bool, quiet: bool,
           allow_pickle: bool) -> int:
     """Merge one or more adapters into a base model, streaming tensor by tensor.
 
     BASE is a .safetensors file, a directory with model.safetensors, or a sharded Hugging Face
     directory. OUT mirrors it (file names, shards, key order, dtypes, config and tokenizer files).
     Deltas are summed in float32 and cast once; memory stays bounded by the largest tensor.
+    A quantized base (fp8, scaled or block fp8, bitsandbytes nf4/fp4/int8) is dequantized,
+    merged and quantized back with the same scheme (or written dequantized with --dtype); how
+    much of each delta survives is measured and reported.
 
     \b
     Example: loratool merge ./Llama-3.2-1B ./my-adapter -o ./Llama-3.2-1B-merged
@@ -56,7 +68,8 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, d
     with _render.progress("merging", enabled=not (quiet or as_json), unit="bytes") as cb:
         report = run(base, list(adapters), out, weights=parsed, dtype=dtype,
                      device=device, unmerge=unmerge, allow_unmatched=allow_unmatched, force=force,
-                     allow_pickle=allow_pickle, stats=report_file is not None, progress=cb)
+                     allow_pickle=allow_pickle, stats=report_file is not None, rounding=rounding, seed=seed,
+                     min_retained=min_retained, strict=strict, qlora_base=qlora_base, progress=cb)
     if report_file:
         with atomic_output(report_file, force=force, directory=False) as tmp:
             tmp.write_text(json.dumps(report.to_dict(tensors=True), indent=2) + "\n")

@@ -117,7 +117,7 @@ class MergeReport:
             "unmatched": self.unmatched,
             "storage": self.storage,
             "rounding": self.rounding,
-            "max_cast_error": max((c for *_, c in self.realized), default=0.0) if self.realized else None,
+            "max_cast_error": max((c for *_, c in self.realized), default=0.0) if self.tensors else None,
             "min_retained": worst_r[1] if worst_r else None,
             "min_retained_tensor": worst_r[0] if worst_r else None,
             "max_rel_error": worst_e[1] if worst_e else None,

@@ -29,6 +29,7 @@ class ValidationReport:
     strict: bool = False
     base: Path | None = None
     matched: dict[str, str] = field(default_factory=dict)
+    base_storage: dict[str, Any] | None = None  # storage.BaseStorage.summary() of the base
 
     @property
     def errors(self) -> list[Finding]:
@@ -51,6 +52,7 @@ class ValidationReport:
             "num_modules": self.num_modules,
             "base": str(self.base) if self.base else None,
             "matched": len(self.matched) if self.base else None,
+            "base_storage": self.base_storage,
             "errors": len(self.errors),
             "warnings": len(self.warnings),
             "findings": [f.to_dict() for f in self.findings],
@@ -85,7 +87,7 @@ def validate_adapter(
     _check_values(adapter, findings, progress)
     if base is not None:
         report.base = Path(base)
-        report.matched = _check_base(adapter, Path(base), findings)
+        report.matched, report.base_storage = _check_base(adapter, Path(base), findings)
     return report
 
 
@@ -139,13 +141,21 @@ def _checkable(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.is_floating_point() and t.element_size() == 1 else t
 
 
-def _check_base(adapter: Adapter, base: Path, findings: Findings) -> dict[str, str]:
+def _check_base(adapter: Adapter, base: Path, findings: Findings) -> tuple[dict[str, str], dict[str, Any]]:
     from loratool.formats.peft import base_key as peft_base_key
     from loratool.keymap import KeyIndex, match_modules
     from loratool.st import open_checkpoint
+    from loratool.storage import detect
 
     ckpt = open_checkpoint(base)
-    match = match_modules(list(adapter.modules.values()), ckpt.tensors)
+    storage = detect(ckpt)
+    tensors = storage.logical(ckpt.tensors)  # quantized weights with their logical shapes, scales left out
+    for s in storage.unsupported[:1]:
+        more = f" ({len(storage.unsupported)} tensors)" if len(storage.unsupported) > 1 else ""
+        findings.error("unsupported-base-storage", None,
+                       f"{base}: '{s.key}' is stored as {s.scheme}{more}; merge cannot dequantize it",
+                       hint="merge into the unquantized (16-bit) base, then quantize the merged model")
+    match = match_modules(list(adapter.modules.values()), tensors)
     for name in match.unmatched:
         findings.error("unmatched-module", name,
                        f"{adapter.path}: module '{name}' matches no weight in {base}")
@@ -156,22 +166,22 @@ def _check_base(adapter: Adapter, base: Path, findings: Findings) -> dict[str, s
         findings.error("base-shape-mismatch", name,
                        f"{adapter.path}: module '{name}' needs a base weight of shape {want} "
                        f"but {base}: '{key}' is {got}")
-    index = KeyIndex(list(ckpt.tensors))
+    index = KeyIndex(list(tensors))
     for stored, ref in adapter.extras.items():
         key = peft_base_key(stored)
         stem = key[: -len(".weight")] if key.endswith(".weight") else key
-        hits = [key] if key in ckpt.tensors else [
+        hits = [key] if key in tensors else [
             k for k in index.candidates(stem) if key.endswith(".weight")
         ]
         if len(hits) != 1:
             findings.error("unmatched-module", key, f"{adapter.path}: saved module tensor '{key}' matches "
                            f"{'no' if not hits else len(hits)} tensor(s) in {base}")
-        elif tuple(ckpt.tensors[hits[0]].shape) != tuple(ref.shape):
+        elif tuple(tensors[hits[0]].shape) != tuple(ref.shape):
             findings.error("base-shape-mismatch", key,
                            f"{adapter.path}: saved module tensor '{key}' is {ref.shape} but {base}: "
-                           f"'{hits[0]}' is {ckpt.tensors[hits[0]].shape}")
+                           f"'{hits[0]}' is {tensors[hits[0]].shape}")
     if adapter.modules and not match.matched:
         findings.items.append(Finding("error", "no-match", None,
                                       f"{adapter.path}: none of its {len(adapter.modules)} modules match {base}; "
                                       "is this the right base model?"))
-    return match.matched
+    return match.matched, storage.summary() | {"description": storage.line()}
