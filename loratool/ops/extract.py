@@ -25,6 +25,7 @@ one's module is stored whole (all its tensors, from the tuned model) as modules_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -143,6 +144,23 @@ class _Pair:
     kind: Kind = "linear"
     transposed: bool = False  # decompose ΔWᵀ: embeddings (vocab, dim), GPT-2 Conv1D (in, out)
     reason: str | None = None  # why a "skip" pair is not extracted
+    base_src: Any = None  # (Checkpoint, BaseStorage) the base tensor is read from (dequantized if quantized)
+    tuned_src: Any = None
+
+    def load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return _load(self.base, self.base_src), _load(self.tuned, self.tuned_src)
+
+
+def _load(info: TensorInfo, src: Any) -> torch.Tensor:
+    """One tensor as stored, or dequantized to float32 when its checkpoint stores it quantized."""
+    from loratool.st import load_tensor
+    from loratool.storage import dequantize
+
+    if src is None or src[1].of(info.key) is None:
+        return load_tensor(info)
+    ckpt, store = src
+    return dequantize(store.of(info.key), load_tensor(ckpt.tensors[info.key]),
+                      lambda k: load_tensor(ckpt.tensors[k]))
 
 
 def _leaf(name: str) -> str:
@@ -150,7 +168,7 @@ def _leaf(name: str) -> str:
 
 
 def _plan(base: Checkpoint, tuned: Checkpoint, *, modules: str | None, embeddings: bool,
-          report: ExtractReport) -> list[_Pair]:
+          report: ExtractReport, quantized: set[str] | None = None) -> list[_Pair]:
     """The tensor pairs to compare, in the base's order. Raises on a shape mismatch it would use."""
     from loratool.formats.peft import _GPT2_CONV1D  # GPT-2 Conv1D layers store their weight (in, out)
 
@@ -177,7 +195,8 @@ def _plan(base: Checkpoint, tuned: Checkpoint, *, modules: str | None, embedding
         if rx is not None and not rx.search(module or key):
             continue
         selected += 1
-        if bi.dtype not in _FLOAT or ti.dtype not in _FLOAT or not bi.shape or math.prod(bi.shape) == 0:
+        floats = key in (quantized or ()) or (bi.dtype in _FLOAT and ti.dtype in _FLOAT)
+        if not floats or not bi.shape or math.prod(bi.shape) == 0:
             continue
         weight = leaf == "weight" and len(bi.shape) >= 2
         vocab = weight and len(bi.shape) == 2 and (_leaf(module) in EMBEDDING_NAMES or _leaf(module) in HEAD_NAMES)
@@ -285,9 +304,20 @@ def extract(
     if fmt == "kohya" and save_changed:
         raise IncompatibleError("--save-changed stores full tensors, which kohya files cannot hold",
                                 hint="write PEFT (--format peft), or drop --save-changed")
+    from loratool.storage import detect
+
     base_ckpt, tuned_ckpt = open_checkpoint(base), open_checkpoint(tuned)
+    # quantized weights (fp8, bitsandbytes, ...) are compared dequantized; unknown schemes are refused
+    stores = {id(c): detect(c) for c in (base_ckpt, tuned_ckpt)}
+    for c, where in ((base_ckpt, base), (tuned_ckpt, tuned)):
+        stores[id(c)].refuse_unsupported(Path(where))
     report = ExtractReport(Path(out), Path(base), Path(tuned), fmt, rank, threshold, device)
-    pairs = _plan(base_ckpt, tuned_ckpt, modules=modules, embeddings=embeddings, report=report)
+    quantized = {k for st in stores.values() for k in st.tensors}
+    views = [dataclasses.replace(c, tensors=stores[id(c)].logical(c.tensors)) for c in (base_ckpt, tuned_ckpt)]
+    pairs = _plan(views[0], views[1], modules=modules, embeddings=embeddings, report=report, quantized=quantized)
+    readers = {id(views[0]): (base_ckpt, stores[id(base_ckpt)]), id(views[1]): (tuned_ckpt, stores[id(tuned_ckpt)])}
+    for pair in pairs:
+        pair.base_src, pair.tuned_src = readers[id(views[0])], readers[id(views[1])]
     if fmt == "kohya":
         bad = [p.key for p in pairs if p.role == "lora" and p.transposed]
         if bad:
@@ -313,14 +343,13 @@ def _extract(
     import torch
 
     from loratool.formats import source_label, write
-    from loratool.st import load_tensor
 
     pool = ThreadPoolExecutor(max_workers=1)  # reads the next pair while this one is decomposed
 
     def fetch(i: int) -> Future[tuple[torch.Tensor, torch.Tensor]] | None:
         if i >= len(pairs):
             return None
-        return pool.submit(lambda p: (load_tensor(p.base), load_tensor(p.tuned)), pairs[i])
+        return pool.submit(lambda p: p.load(), pairs[i])
 
     lora: dict[str, LoraModule] = {}
     rows: dict[str, ModuleExtract] = {}

@@ -420,7 +420,7 @@ def _merge(
                 setup.produced[sib] = key
     single_file = base_path.is_file()
     params = {"weights": weights, "dtype": dtype, "unmerge": unmerge, "allow_unmatched": allow_unmatched,
-              "rounding": rounding, **({"seed": seed} if rounding == "stochastic" else {}),
+              **({"rounding": rounding, "seed": seed} if rounding == "stochastic" else {}),
               **({"qlora_base": qlora_base} if qlora_base else {})}
     total = sum(i.nbytes for i in ckpt.tensors.values())
     done = 0

@@ -673,3 +673,32 @@ def test_validate_base_says_how_the_base_is_stored(tmp_path):
     doc = json.loads(res.stdout)
     assert doc["base_storage"]["schemes"] == {"fp8_block float8_e4m3fn 32x32": 1}
     assert doc["matched"] == 1
+
+
+def test_extract_against_a_quantized_base_uses_its_dequantized_weights(tmp_path):
+    """extract shares the storage descriptors: ΔW = W_tuned − dequant(W_base), nothing silently skipped."""
+    from loratool.ops.extract import extract
+
+    base, tensors, deq = make_base(tmp_path, "block")
+    a, b = exact_factors(4, seed=13, scale=0.5)
+    tuned = tmp_path / "tuned"
+    tuned.mkdir()
+    save_file({KEY + ".weight": t((deq + b @ a).astype(np.float32)), OTHER + ".weight": tensors[OTHER + ".weight"],
+               "model.norm.weight": tensors["model.norm.weight"]}, str(tuned / "model.safetensors"))
+    report = extract(base, tuned, tmp_path / "lora", rank=4)
+    assert [m.name for m in report.modules] == [KEY]
+    got = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    up, down = got[f"base_model.model.{KEY}.lora_B.weight"].float(), got[f"base_model.model.{KEY}.lora_A.weight"].float()
+    delta = (up @ down).numpy() * json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["lora_alpha"] / 4
+    assert np.linalg.norm(delta - b @ a) / np.linalg.norm(b @ a) < 1e-3
+
+
+def test_extract_refuses_an_unsupported_base(tmp_path):
+    from loratool.errors import IncompatibleError
+    from loratool.ops.extract import extract
+
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file({KEY + ".qweight": torch.zeros((8, OUT), dtype=torch.int32)}, str(base / "model.safetensors"))
+    with pytest.raises(IncompatibleError, match="GPTQ"):
+        extract(base, base, tmp_path / "lora", rank=4)
