@@ -688,7 +688,8 @@ def test_extract_against_a_quantized_base_uses_its_dequantized_weights(tmp_path)
     report = extract(base, tuned, tmp_path / "lora", rank=4)
     assert [m.name for m in report.modules] == [KEY]
     got = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
-    up, down = got[f"base_model.model.{KEY}.lora_B.weight"].float(), got[f"base_model.model.{KEY}.lora_A.weight"].float()
+    up = got[f"base_model.model.{KEY}.lora_B.weight"].float()
+    down = got[f"base_model.model.{KEY}.lora_A.weight"].float()
     delta = (up @ down).numpy() * json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["lora_alpha"] / 4
     assert np.linalg.norm(delta - b @ a) / np.linalg.norm(b @ a) < 1e-3
 
