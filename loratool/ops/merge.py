@@ -130,7 +130,7 @@ def plan_merge(
         IncompatibleError: unmatched/ambiguous modules (unless allow_unmatched), shape mismatches,
             DoRA with unmerge or shared with another adapter, conflicting modules_to_save.
     """
-    from loratool.formats.peft import base_key as saved_tensor_key
+    from loratool.formats import extra_base_key as saved_tensor_key
     from loratool.keymap import KeyIndex, match_modules
 
     plan = Plan()
