@@ -478,5 +478,6 @@ def merge_change(w: torch.Tensor, new: torch.Tensor, acc: torch.Tensor, out: tor
 
     acc_norm = float(acc.norm())
     change = float((new - w).norm()) if dora else acc_norm
-    cast = float((out.to(torch.float32) - new).abs().max()) if out.numel() else 0.0
+    out32 = out.to(device=new.device, dtype=torch.float32)  # out lives on the CPU, new on the merge's device
+    cast = float((out32 - new).abs().max()) if out.numel() else 0.0
     return acc_norm, change / max(float(w.norm()), 1e-30), cast
