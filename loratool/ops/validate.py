@@ -72,7 +72,10 @@ def validate_adapter(
     Raises:
         FormatError: the adapter (or base) cannot be read at all (corrupt header, not a LoRA file).
     """
-    p = Path(path)
+    from loratool.hub import resolve_path
+
+    p = resolve_path(path)
+    base = resolve_path(base) if base is not None else None
     findings = Findings(strict=False)
     adapter = read(p, allow_pickle=allow_pickle, findings=findings)
     # modules the reader had to drop (broken pairs, shape or config mismatches) still count
