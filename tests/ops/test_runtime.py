@@ -150,7 +150,7 @@ def test_modules_to_save_refused_then_dropped_with_a_warning(make_adapter, tmp_p
     assert any(f.code == "runtime-rejects" and f.module == "lm_head.weight" for f in findings)
     with pytest.raises(IncompatibleError, match="modules_to_save"):
         convert(src, tmp_path / "x", for_runtime="vllm")
-    code, out, err = run_main(capsys, ["convert", src, "--for", "vllm", "-o", tmp_path / "y", "--drop"])
+    code, _, err = run_main(capsys, ["convert", src, "--for", "vllm", "-o", tmp_path / "y", "--drop"])
     assert code == 0, err
     assert "dropped full tensors (modules_to_save) for vllm: lm_head.weight" in err
     cfg = json.loads((tmp_path / "y" / "adapter_config.json").read_text())
