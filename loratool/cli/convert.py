@@ -10,13 +10,13 @@ from loratool.cli._options import (
     out_option,
     quiet_option,
 )
-from loratool.ops.convert import TARGETS
+from loratool.formats import writable_formats
 from loratool.runtimes import RUNTIMES
 
 
 @click.command()
 @click.argument("path", type=click.Path())
-@click.option("--to", "to", type=click.Choice(list(TARGETS)), default=None,
+@click.option("--to", "to", type=click.Choice(writable_formats()), default=None,
               help="Output format: peft (a directory), kohya or diffusers (a .safetensors file).")
 @click.option("--for", "for_runtime", type=click.Choice(list(RUNTIMES)), default=None,
               help="Write what this runtime serves exactly (implies --to): one rank and one alpha where it "
