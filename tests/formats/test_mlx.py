@@ -131,7 +131,8 @@ def _mlx_files(tmp_path: Path, *, npz: bool, config: dict | None) -> tuple[Path,
 
 
 CONFIG = {"fine_tune_type": "lora", "num_layers": 8,
-          "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "self_attn.v_proj"]}}
+          "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0,
+                              "keys": ["self_attn.q_proj", "self_attn.v_proj"]}}
 
 
 @pytest.mark.parametrize("npz", [False, True])
@@ -164,7 +165,7 @@ def test_npz_with_pickled_objects_is_refused(tmp_path, capsys):
 def test_config_rank_mismatch(tmp_path):
     root, _ = _mlx_files(tmp_path, npz=False, config={**CONFIG, "lora_parameters": {**CONFIG["lora_parameters"],
                                                                                        "rank": 8}})
-    with pytest.raises(IncompatibleError, match="lora_parameters.rank says 8"):
+    with pytest.raises(IncompatibleError, match=r"lora_parameters\.rank says 8"):
         read(root)
 
 
