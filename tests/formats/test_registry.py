@@ -106,7 +106,7 @@ def test_cli_format_choices_come_from_the_registry():
         assert _choices(cli.commands[name], "fmt") == writable_formats(), name
     assert _choices(cli.commands["convert"], "to") == writable_formats()
     # extract names modules by checkpoint paths: the writable formats that do not need components
-    assert _choices(cli.commands["extract"], "fmt") == ("peft", "kohya")
+    assert _choices(cli.commands["extract"], "fmt") == ("peft", "kohya", "mlx")
 
 
 def test_cli_writes_diffusers(tmp_path):
