@@ -3,6 +3,7 @@ from __future__ import annotations
 import click
 
 from loratool.cli._options import device_option, force_option, input_path, json_option, out_option, quiet_option
+from loratool.ops.extract import output_formats
 
 
 @click.command()
@@ -20,7 +21,7 @@ from loratool.cli._options import device_option, force_option, input_path, json_
 @click.option("--save-changed", is_flag=True,
               help="Store changed 1-D tensors (norms, biases) too: as modules_to_save, or as the LoRA bias of an "
               "extracted layer. PEFT only.")
-@click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), default="peft", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(output_formats()), default="peft", show_default=True,
               help="Output format.")
 @device_option
 @force_option
@@ -41,14 +42,13 @@ def extract(base: str, tuned: str, out: str, rank: int | None, threshold: float 
     Example: loratool extract ./Llama-3.2-1B ./Llama-3.2-1B-sft -o ./sft-lora --rank 16
     """
     from loratool.cli import _render
-    from loratool.cli._options import resolve_device
     from loratool.ops.extract import extract as run
 
     base = input_path(base, quiet=quiet or as_json)
     tuned = input_path(tuned, quiet=quiet or as_json)
     with _render.progress("extracting", enabled=not (quiet or as_json)) as cb:
         report = run(base, tuned, out, rank=rank, threshold=threshold, modules=modules, embeddings=embeddings,
-                     save_changed=save_changed, fmt=fmt, device=resolve_device(device), force=force, progress=cb)
+                     save_changed=save_changed, fmt=fmt, device=device, force=force, progress=cb)
     doc = report.to_dict()
     if as_json:
         _render.print_json(doc)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import time
 import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, wait
@@ -97,6 +98,7 @@ class MergeReport:
     @property
     def low_retained(self) -> list[str]:
         return [k for k, r, _, _ in self.realized if r is not None and r < self.min_retained]
+    timings: dict[str, float] = field(default_factory=dict)  # pipeline.Timings: where the wall time went
 
     def to_dict(self, *, tensors: bool = False) -> dict[str, Any]:
         worst_r, worst_e = self.worst_retained, self.worst_rel_error
@@ -127,6 +129,7 @@ class MergeReport:
         }
         if tensors:
             doc["tensors"] = [t.to_dict() for t in self.tensors]
+            doc["timings"] = self.timings
         return doc
 
 
@@ -345,6 +348,7 @@ def merge(
     Raises:
         IncompatibleError, FormatError, OutputExistsError, LoratoolError (disk full).
     """
+    from loratool.hub import resolve_path
     from loratool.st import open_checkpoint
 
     if not adapters:
@@ -364,7 +368,8 @@ def merge(
         raise IncompatibleError(f"--qlora-base {qlora_base}: unknown", hint="use --qlora-base nf4")
     if not (math.isfinite(min_retained) and 0.0 <= min_retained <= 1.0):
         raise IncompatibleError(f"--min-retained must be between 0 and 1, got {min_retained}")
-    base_path = Path(base)
+    base_path = resolve_path(base)
+    adapters = [resolve_path(a) for a in adapters]
     ckpt = open_checkpoint(base_path)
     # the base's sha256 starts now, while torch is imported and the adapters are read (a core is
     # idle then), and later stays at most 1 GiB ahead of the merge, so the disk is read once
@@ -449,8 +454,10 @@ def _merge(
                 finishing.append(stream_file(
                     src, dst, meta, placeholder, out_entry=setup.out_entry, needs_bytes=setup.needs_bytes,
                     compute=step, produced_by=setup.produced.get, tick=tick, digest=digest, buffers=buffers))
+            t = time.perf_counter()
             for fut in finishing:
                 fut.result()
+            buffers.timings.finish_wait += time.perf_counter() - t
         except BaseException:
             wait(finishing)  # an earlier file may still be finishing: let it end before tmp is removed
             raise
@@ -467,6 +474,7 @@ def _merge(
                 written.tensors[k].shape != e[1] for k, e in expected.items() if e is not None
             ):
                 raise IncompatibleError(f"{dst}: written file does not mirror {src.path}")
+        report.timings = buffers.timings.to_dict()
         report.files = len(headers)
         report.size = sum(f.stat().st_size for f in (tmp.rglob("*") if not single_file else [tmp]) if f.is_file())
     return report
