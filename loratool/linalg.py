@@ -519,13 +519,26 @@ def round_fp8(x: torch.Tensor, dtype: str, *, generator: torch.Generator | None 
     return (chosen | sign).view(fdtype)
 
 
+def _tiled(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """x (rows, cols) as (rows/b0, b0, cols/b1, b1) tiles: a view when the blocks divide it, else zero-padded."""
+    import torch
+
+    rows, cols = x.shape
+    br, bc = block
+    nr, nc = -(-rows // br), -(-cols // bc)
+    if nr * br != rows or nc * bc != cols:
+        x = torch.nn.functional.pad(x, (0, nc * bc - cols, 0, nr * br - rows))
+    return x.reshape(nr, br, nc, bc)
+
+
 def block_dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """float32 W = q · scale per (block[0] × block[1]) tile; edge tiles may be partial. q is (out, in)."""
     import torch
 
     rows, cols = q.shape
-    s = scale.to(torch.float32).repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
-    return q.to(torch.float32) * s
+    tiles = _tiled(q.to(torch.float32), block)
+    tiles.mul_(scale.to(torch.float32)[:, None, :, None])
+    return tiles.reshape(tiles.shape[0] * tiles.shape[1], -1)[:rows, :cols]
 
 
 def block_quantize_fp8(w: torch.Tensor, block: tuple[int, int], dtype: str, *, pow2: bool = False,
@@ -537,10 +550,8 @@ def block_quantize_fp8(w: torch.Tensor, block: tuple[int, int], dtype: str, *, p
     import torch
 
     rows, cols = w.shape
-    br, bc = block
-    nr, nc = -(-rows // br), -(-cols // bc)
-    pad = torch.nn.functional.pad(w.abs(), (0, nc * bc - cols, 0, nr * br - rows))
-    amax = pad.reshape(nr, br, nc, bc).amax(dim=(1, 3))  # (nr, nc)
+    tiles = _tiled(w, block)  # padding zeros change no tile's amax
+    amax = torch.maximum(tiles.amax(dim=(1, 3)), -tiles.amin(dim=(1, 3)))  # (nr, nc), without an |w| copy
     top = fp8_max(dtype)
     scale = torch.where(amax > 0, top * torch.reciprocal(torch.where(amax > 0, amax, torch.ones_like(amax))),
                         torch.ones_like(amax))
@@ -548,8 +559,8 @@ def block_quantize_fp8(w: torch.Tensor, block: tuple[int, int], dtype: str, *, p
     if pow2:
         inv = torch.pow(2.0, torch.ceil(torch.log2(inv.clamp(min=torch.finfo(torch.float32).tiny))))
         scale = 1.0 / inv
-    full = scale.repeat_interleave(br, 0)[:rows].repeat_interleave(bc, 1)[:, :cols]
-    return round_fp8(w * full, dtype, generator=generator), inv.to(torch.float32)
+    scaled = (tiles * scale[:, None, :, None]).reshape(tiles.shape[0] * tiles.shape[1], -1)[:rows, :cols]
+    return round_fp8(scaled, dtype, generator=generator), inv.to(torch.float32)
 
 
 def codebook_dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
