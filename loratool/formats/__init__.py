@@ -115,7 +115,7 @@ def read(path: str | Path, *, allow_pickle: bool = False, findings: Findings | N
     _check_duplicates(adapter, findings)
     # A file of only LyCORIS/other tensors is readable: inspect and validate report it by name and
     # operations refuse it through require_plain, which names the key.
-    if not adapter.modules and not adapter.unsupported and not findings.items:
+    if not adapter.modules and not adapter.lycoris and not adapter.unsupported and not findings.items:
         findings.error("no-lora-tensors", None, f"{p}: holds no LoRA modules",
                        hint="expected lora_A/lora_B (PEFT, diffusers) or lora_down/lora_up (kohya) tensors",
                        exc=FormatError)
@@ -135,8 +135,18 @@ def _check_duplicates(adapter: Adapter, findings: Findings) -> None:
         seen[norm] = name
 
 
-def require_plain(adapter: Adapter, op: str) -> None:
-    """Operations refuse adapters that hold tensors they would silently drop."""
+def require_plain(adapter: Adapter, op: str, *, lycoris: bool = False) -> None:
+    """Operations refuse adapters that hold tensors they would silently drop.
+
+    lycoris: the operation handles LyCORIS modules (merge, convert); else they are refused too.
+    """
+    if adapter.lycoris and not lycoris:
+        name, m = next(iter(adapter.lycoris.items()))
+        raise IncompatibleError(
+            f"{adapter.path}: module '{name}' is {LYCO_NAMES[m.algo]}, which {op} does not support "
+            f"({len(adapter.lycoris)} LyCORIS module(s))",
+            hint=f"convert it to plain LoRA first: loratool convert {adapter.path} --to lora --out OUT",
+        )
     if adapter.unsupported:
         key = adapter.unsupported[0]
         raise IncompatibleError(
@@ -236,4 +246,9 @@ def write(
     return out
 
 
-__all__ += ["PICKLE_SUFFIXES", "WRITABLE", "require_plain"]
+LYCO_NAMES = {
+    "loha": "LoHa (LyCORIS)", "lokr": "LoKr (LyCORIS)", "tucker": "LoCon with Tucker (LyCORIS)",
+    "full": "a full weight diff (.diff)", "norm": "a norm-layer diff (.w_norm)", "bias": "a bias diff (.diff_b)",
+}
+
+__all__ += ["LYCO_NAMES", "PICKLE_SUFFIXES", "WRITABLE", "require_plain"]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from loratool.adapter import Adapter, LoraModule
+from loratool.formats import lycoris
 from loratool.formats._common import Findings, RawModule, TensorFile, build_module, group_tensors
 
 PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lycoris_", "lora_transformer_")
@@ -22,6 +23,7 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_up.weight", "up"),
     (".alpha", "alpha"),
     (".dora_scale", "magnitude"),
+    (".diff_b", "bias"),  # ComfyUI / LyCORIS: the module's bias delta, added unscaled
 )
 
 
@@ -33,11 +35,16 @@ def split_key(key: str) -> tuple[str, str] | None:
 
 
 def looks_like(keys: list[str]) -> bool:
-    return any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys)
+    return any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys) or lycoris.looks_like(keys)
 
 
 def from_tensors(tf: TensorFile, findings: Findings) -> Adapter:
-    raw, unsupported = group_tensors(tf, split_key, findings)
+    lyco_names = lycoris.partition(list(tf.tensors))
+    lyco, lyco_left = lycoris.read_modules(tf.tensors, lyco_names, findings, tf.path)
+    plain = TensorFile(tf.path, {k: v for k, v in tf.tensors.items()
+                                 if (p := lycoris.split_key(k)) is None or p[0] not in lyco_names}, tf.metadata)
+    raw, unsupported = group_tensors(plain, split_key, findings)
+    unsupported = [*unsupported, *lyco_left]
     modules: dict[str, LoraModule] = {}
     for name, rm in raw.items():
         alpha = _alpha(rm, name, tf, findings) if rm.alpha is not None else None
@@ -58,13 +65,19 @@ def from_tensors(tf: TensorFile, findings: Findings) -> Adapter:
             name, rm, alpha=alpha, alpha_source="tensor", rslora=False, fan_in_fan_out=False,
             findings=findings, where=tf.path,
         )
+        if module is not None and module.bias is not None:
+            if tuple(module.bias.shape) != (module.out_features,):
+                findings.error("bad-shape", name, f"{tf.path}: '{name}.diff_b' has shape {module.bias.shape} but "
+                               f"the module has {module.out_features} outputs")
+                continue
+            module = module.with_(bias_scaled=False)
         if module is not None:
             modules[name] = module
     meta = tf.metadata
     base_model = meta.get("ss_sd_model_name") or meta.get("modelspec.architecture") or None
     return Adapter(
         modules=modules, source_format="kohya", metadata=meta, base_model=base_model,
-        unsupported=unsupported, path=tf.path, files=[tf.path],
+        unsupported=unsupported, path=tf.path, files=[tf.path], lycoris=lyco,
     )
 
 
