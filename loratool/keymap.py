@@ -8,10 +8,11 @@ silently.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from loratool.adapter import LoraModule
+from loratool.adapter import LoraModule, LycoModule
 from loratool.st import TensorInfo
 
 # kohya prefix -> base-key prefixes it stands for, most specific first
@@ -103,8 +104,10 @@ def _strip_known(name: str) -> str:
     return name
 
 
-def compatible(module: LoraModule, shape: tuple[int, ...]) -> bool:
+def compatible(module: LoraModule | LycoModule, shape: tuple[int, ...]) -> bool:
     """Whether the module's delta fits a base weight of `shape` (1x1 conv == linear)."""
+    if isinstance(module, LycoModule):
+        return module.algo == "bias" or module.fits(tuple(shape))
     want = module.base_shape
     if tuple(shape) == want:
         return True
@@ -113,7 +116,7 @@ def compatible(module: LoraModule, shape: tuple[int, ...]) -> bool:
     return squeeze == want_sq
 
 
-def match_modules(modules: list[LoraModule], base: dict[str, TensorInfo]) -> Match:
+def match_modules(modules: Sequence[LoraModule | LycoModule], base: dict[str, TensorInfo]) -> Match:
     """Map every module to exactly one base weight of a compatible shape."""
     index = KeyIndex(list(base))
     result = Match()
@@ -126,7 +129,8 @@ def match_modules(modules: list[LoraModule], base: dict[str, TensorInfo]) -> Mat
         else:
             key = cands[0]
             if not compatible(m, base[key].shape):
-                result.shape_mismatch.append((m.name, key, m.base_shape, base[key].shape))
+                want = m.base_shape if isinstance(m, LoraModule) else m.delta_shape
+                result.shape_mismatch.append((m.name, key, want, base[key].shape))
             else:
                 result.matched[m.name] = key
     return result

@@ -14,18 +14,22 @@ from loratool.cli._options import (
 
 @click.command()
 @click.argument("path", type=click.Path())
-@click.option("--to", "to", type=click.Choice(["peft", "kohya", "diffusers"]), required=True,
-              help="Output format: peft (a directory), kohya or diffusers (a .safetensors file).")
+@click.option("--to", "to", type=click.Choice(["peft", "kohya", "diffusers", "lora"]), required=True,
+              help="Output format: peft (a directory), kohya or diffusers (a .safetensors file); lora: the "
+              "source's own format with LyCORIS modules turned into plain LoRA.")
 @out_option
 @click.option("--base", default=None, type=click.Path(),
               help="The base model: kohya names are placed by its keys, every module must match one of its "
               "weights, and factors take its layout (linear or 1x1 conv).")
+@click.option("--rank", "rank", type=click.IntRange(min=1), default=None,
+              help="LyCORIS modules become LoRA of at most this rank (best truncation, error reported); "
+              "default: exact.")
 @force_option
 @json_option
 @quiet_option
 @allow_pickle_option
-def convert(path: str, to: str, out: str, base: str | None, force: bool, as_json: bool, quiet: bool,
-            allow_pickle: bool) -> int:
+def convert(path: str, to: str, out: str, base: str | None, rank: int | None, force: bool, as_json: bool,
+            quiet: bool, allow_pickle: bool) -> int:
     """Convert an adapter between PEFT, kohya and diffusers, keeping every delta exact.
 
     The factors are copied bit for bit; module names, the way alpha is stored (each module's scale
@@ -33,6 +37,10 @@ def convert(path: str, to: str, out: str, base: str | None, force: bool, as_json
     lost their dots: --base places them by the base's keys; without it, the kohya naming rules
     place a name only when they allow exactly one reading, and the names they cannot place are
     listed in the error.
+
+    LyCORIS modules become plain LoRA: LoHa exactly (rank r1·r2), LoCon Tucker exactly (rank r),
+    LoKr exactly or, with --rank, truncated through the SVDs of its Kronecker factors (the error is
+    reported per module); full and norm diffs without a LoRA form stay as they are (kohya only).
 
     \b
     Example: loratool convert lora.safetensors --to peft -o lora_peft --base ./sd_xl_base_1.0.safetensors
@@ -42,7 +50,7 @@ def convert(path: str, to: str, out: str, base: str | None, force: bool, as_json
 
     path = input_path(path, quiet=quiet or as_json)
     base = input_path(base, quiet=quiet or as_json)
-    report = run(path, out, to=to, base=base, force=force, allow_pickle=allow_pickle)
+    report = run(path, out, to=to, base=base, force=force, allow_pickle=allow_pickle, rank=rank)
     doc = report.to_dict()
     if as_json:
         _render.print_json(doc)

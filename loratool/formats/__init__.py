@@ -135,16 +135,18 @@ def _check_duplicates(adapter: Adapter, findings: Findings) -> None:
         seen[norm] = name
 
 
-def require_plain(adapter: Adapter, op: str, *, lycoris: bool = False) -> None:
+def require_plain(adapter: Adapter, op: str, *, lycoris: bool = False, diffs: bool = False) -> None:
     """Operations refuse adapters that hold tensors they would silently drop.
 
     lycoris: the operation handles LyCORIS modules (merge, convert); else they are refused too.
+    diffs: the operation passes full / norm / bias diffs through unchanged (resize).
     """
-    if adapter.lycoris and not lycoris:
-        name, m = next(iter(adapter.lycoris.items()))
+    refused = {n: m for n, m in adapter.lycoris.items() if not (diffs and m.algo in ("full", "norm", "bias"))}
+    if refused and not lycoris:
+        name, m = next(iter(refused.items()))
         raise IncompatibleError(
             f"{adapter.path}: module '{name}' is {LYCO_NAMES[m.algo]}, which {op} does not support "
-            f"({len(adapter.lycoris)} LyCORIS module(s))",
+            f"({len(refused)} LyCORIS module(s))",
             hint=f"convert it to plain LoRA first: loratool convert {adapter.path} --to lora --out OUT",
         )
     if adapter.unsupported:
@@ -228,6 +230,12 @@ def write(
         raise IncompatibleError(
             f"cannot write the {fmt} format", hint=f"choose one of: {', '.join(WRITABLE)} (--format)"
         )
+    if adapter.lycoris and fmt != "kohya":
+        name, lm = next(iter(adapter.lycoris.items()))
+        raise IncompatibleError(
+            f"module '{name}' is {LYCO_NAMES[lm.algo]}, which {fmt} files cannot hold",
+            hint="write kohya (--to kohya), or convert LyCORIS modules to LoRA first (loratool convert --to lora)",
+        )
     meta = provenance(op, params or {}, sources if sources is not None else adapter.files, hashes)
     out = Path(out)
     with atomic_output(out, force=force, directory=output_is_directory(fmt)) as tmp:
@@ -238,10 +246,10 @@ def write(
         else:
             kohya.write(adapter, tmp, meta)
         check = read(tmp)
-        if len(check.modules) != len(adapter.modules):
+        if len(check.modules) != len(adapter.modules) or len(check.lycoris) != len(adapter.lycoris):
             raise IncompatibleError(
-                f"{out}: re-reading the written adapter gave {len(check.modules)} modules, "
-                f"expected {len(adapter.modules)}"
+                f"{out}: re-reading the written adapter gave {len(check.modules)} + {len(check.lycoris)} modules, "
+                f"expected {len(adapter.modules)} + {len(adapter.lycoris)}"
             )
     return out
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loratool.adapter import Adapter, LoraModule
+from loratool.adapter import Adapter, LoraModule, LycoModule
 from loratool.formats import lycoris
 from loratool.formats._common import Findings, RawModule, TensorFile, build_module, group_tensors
 
@@ -217,7 +217,7 @@ _KOHYA_PREFIX_OF: tuple[tuple[str, str], ...] = (
 )
 
 
-def kohya_name(m: LoraModule, source_format: str) -> str:
+def kohya_name(m: LoraModule | LycoModule, source_format: str) -> str:
     """The kohya key stem for a module: stored names stay; dotted names get underscores.
 
     A known container or component prefix (`model.diffusion_model.`, `conditioner.embedders.0.
@@ -253,7 +253,26 @@ def state_dict(adapter: Adapter) -> dict[str, Any]:
         if m.magnitude is not None:
             mag = m.magnitude.load()
             out[stem + ".dora_scale"] = mag.reshape(m.out_features, *([1] * (len(m.up.shape) - 1)))
+        if m.bias is not None:  # ComfyUI's .diff_b: the bias delta as it is added (unscaled)
+            bias = m.bias.load()
+            out[stem + ".diff_b"] = bias if m.bias_scale == 1.0 else (bias.float() * m.bias_scale).to(bias.dtype)
+    for lm in adapter.lycoris.values():
+        stem = kohya_name(lm, adapter.source_format)
+        if lm.algo not in _RAW_ROLES or stem + _RAW_ROLES[lm.algo][0][1] in out:
+            raise ValueError(f"LyCORIS module {lm.name} ({lm.algo}) cannot be written as kohya diffs")
+        for role, suffix in _RAW_ROLES[lm.algo]:
+            ref = lm.bias if role == "bias" else lm.tensors.get(role)
+            if ref is not None:
+                out[stem + suffix] = ref.load()
     return out
+
+
+# LyCORIS modules the kohya writer keeps as they are (ComfyUI reads them): role -> key suffix
+_RAW_ROLES: dict[str, tuple[tuple[str, str], ...]] = {
+    "full": (("diff", ".diff"), ("bias", ".diff_b")),
+    "norm": (("w_norm", ".w_norm"), ("bias", ".b_norm")),
+    "bias": (("bias", ".diff_b"),),
+}
 
 
 def write(adapter: Adapter, out_file: Path, metadata: dict[str, str]) -> None:

@@ -77,15 +77,15 @@ def read_modules(
         parts = split_key(key)
         if parts is None or parts[0] not in names:
             continue
-        name, algo, role = parts
+        name, key_algo, role = parts
         group = groups.setdefault(name, {})
         if role in group:
             findings.error("duplicate-module", name,
                            f"{where}: module '{name}' has two {role} tensors ('{group[role][0]}' and '{key}')")
             continue
         group[role] = (key, ref)
-        if algo is not None:
-            algos.setdefault(name, set()).add(algo)
+        if key_algo is not None:
+            algos.setdefault(name, set()).add(key_algo)
     modules: dict[str, LycoModule] = {}
     leftover: list[str] = []
     for name, group in groups.items():
@@ -129,7 +129,7 @@ def read_modules(
             findings.error("bad-shape", name, f"{where}: module '{name}': bias diff has {bias.shape[0]} values "
                            f"but the weight delta has {module.out_features} outputs")
             continue
-        if alpha is None and algo in ("loha", "tucker") or (algo == "lokr" and module.rank and alpha is None):
+        if alpha is None and (algo in ("loha", "tucker") or (algo == "lokr" and module.rank)):
             findings.warning("alpha-missing", name, f"{where}: module '{name}' has no .alpha tensor; "
                              "alpha is implied (= rank)")
             module.alpha = float(module.rank)

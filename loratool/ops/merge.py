@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loratool.adapter import Adapter, LoraModule
+from loratool.adapter import Adapter, LoraModule, LycoModule
 from loratool.errors import IncompatibleError
 from loratool.st import BackgroundSha256, Checkpoint, SafetensorsFile, StreamingWriter, TensorInfo, TensorRef
 
@@ -45,7 +45,7 @@ _FLOAT = ("float64", "float32", "float16", "bfloat16")
 class Contribution:
     """One adapter module's weighted delta aimed at one base tensor."""
 
-    module: LoraModule
+    module: LoraModule | LycoModule
     weight: float
     adapter: Path
 
@@ -138,7 +138,7 @@ def plan_merge(
     index = KeyIndex(list(ckpt.tensors))
     for adapter, w in zip(adapters, weights):
         where = adapter.path
-        mods = list(adapter.modules.values())
+        mods: list[LoraModule | LycoModule] = [*adapter.modules.values(), *adapter.lycoris.values()]
         plan.num_modules += len(mods)
         match = match_modules(mods, ckpt.tensors)
         if match.shape_mismatch:
@@ -163,8 +163,11 @@ def plan_merge(
             warnings.append(f"{where}: skipped {what} module(s): {listing}")
             plan.unmatched.extend(problems)
         for name, key in match.matched.items():
-            m = adapter.modules[name]
-            if m.magnitude is not None:
+            m = adapter.modules[name] if name in adapter.modules else adapter.lycoris[name]
+            if isinstance(m, LycoModule):
+                if m.algo != "bias":  # a bias-only module matched its layer's weight for the bias key
+                    plan.deltas.setdefault(key, []).append(Contribution(m, w, Path(str(where))))
+            elif m.magnitude is not None:
                 if unmerge:
                     raise IncompatibleError(
                         f"{where}: module '{name}' is DoRA; unmerging DoRA needs the pre-merge weight norm",
@@ -172,12 +175,14 @@ def plan_merge(
                     )
                 if m.kind == "embedding":
                     raise IncompatibleError(f"{where}: module '{name}': DoRA on an embedding is not supported")
-            plan.deltas.setdefault(key, []).append(Contribution(m, w, Path(str(where))))
+            if not isinstance(m, LycoModule):
+                plan.deltas.setdefault(key, []).append(Contribution(m, w, Path(str(where))))
             if m.bias is not None:
                 bias_key = key[: -len(".weight")] + ".bias" if key.endswith(".weight") else key + ".bias"
                 if bias_key not in ckpt.tensors:
-                    raise IncompatibleError(f"{where}: module '{name}' has a lora_B bias but {ckpt.root} has no "
-                                            f"'{bias_key}'")
+                    raise IncompatibleError(f"{where}: module '{name}' has a bias delta but {ckpt.root} has no "
+                                            f"'{bias_key}'", hint="the base layer has no bias; the bias delta "
+                                            "would be dropped")
                 plan.biases.setdefault(bias_key, []).append(Contribution(m, w, Path(str(where))))
         for stored, ref in adapter.extras.items():
             if ".base_layer." in stored:
@@ -202,7 +207,7 @@ def plan_merge(
                 raise IncompatibleError(f"{where}: '{hits[0]}' is replaced by saved tensors of two adapters")
             plan.replacements[hits[0]] = ref
     for key, contribs in plan.deltas.items():
-        if len(contribs) > 1 and any(c.module.magnitude is not None for c in contribs):
+        if len(contribs) > 1 and any(_magnitude(c) is not None for c in contribs):
             raise IncompatibleError(
                 f"base tensor '{key}' is targeted by {len(contribs)} adapters and at least one is DoRA; "
                 "the normalised sum is not well defined",
@@ -255,15 +260,21 @@ def merged_tensor(
     """
     import torch
 
-    from loratool.linalg import delta, factors
+    from loratool.linalg import delta, factors, lyco_delta
 
     sign = -1.0 if unmerge else 1.0
-    dora = [c.module for c in contribs if c.module.magnitude is not None and not bias]
+    dora = [m for c in contribs if isinstance(m := c.module, LoraModule) and m.magnitude is not None and not bias]
     if not (dora or bias or keep_delta):
         work = work if work is not None else Workspace()
         w = work.get("w", stored.shape, torch.float32, device).copy_(stored)  # widened exactly
         rows = w.view(w.shape[0], -1)  # conv (out, in, kh, kw) -> (out, in·kh·kw), as down flattens
         for c in contribs:
+            if isinstance(c.module, LycoModule):
+                d = lyco_delta(c.module, device=device).reshape(rows.shape)  # LyCORIS: dense ΔW, scale included
+                if c.weight != 1.0 or unmerge:
+                    d = d * (sign * c.weight)
+                rows.add_(d)
+                continue
             up, down = factors(c.module, device=device)  # (out, r), (r, in·k)
             d = torch.mm(up, down, out=work.get("d", (up.shape[0], down.shape[1]), torch.float32, device))
             d.mul_(c.module.scale)  # (out, in·k), rounded exactly as peft's (B @ A) * s
@@ -278,7 +289,9 @@ def merged_tensor(
     for c in contribs:
         if bias:
             assert c.module.bias is not None
-            d = c.module.bias.load().to(device=device, dtype=torch.float32) * c.module.scale
+            d = c.module.bias.load().to(device=device, dtype=torch.float32) * c.module.bias_scale
+        elif isinstance(c.module, LycoModule):
+            d = lyco_delta(c.module, device=device)
         else:
             d = delta(c.module, device=device)  # (scale · up @ down) in the base layout, as peft computes it
         d = d.reshape(w.shape)  # a 2-D delta onto a (out, in, 1, 1) conv weight
@@ -296,6 +309,10 @@ def merged_tensor(
         rows = rows * factor.reshape(-1, *([1] * (rows.dim() - 1)))
         new = rows.T if m.fan_in_fan_out else rows
     return w, new, acc
+
+
+def _magnitude(c: Contribution) -> TensorRef | None:
+    return c.module.magnitude if isinstance(c.module, LoraModule) else None
 
 
 def _finite_or_raise(new: torch.Tensor, out_dtype: str, key: str, contribs: list[Contribution]) -> None:
@@ -340,7 +357,7 @@ def _stat(key: str, file: str, contribs: list[Contribution], w: torch.Tensor, ne
     import torch
 
     acc_norm = float(acc.norm())
-    dora = any(c.module.magnitude is not None for c in contribs)
+    dora = any(_magnitude(c) is not None for c in contribs)
     change = float((new - w).norm()) if dora else acc_norm  # without DoRA, W' − W = ±acc
     cast = float((out.to(torch.float32) - new).abs().max()) if out.numel() else 0.0
     return TensorStat(key, file, sorted({c.module.name for c in contribs}), acc_norm,
@@ -585,7 +602,7 @@ def _merge(
     loaded = []
     for p in adapters:
         a = read(Path(p), allow_pickle=allow_pickle)
-        require_plain(a, "merge")
+        require_plain(a, "merge", lycoris=True)
         loaded.append(a)
     plan, warnings = plan_merge(loaded, weights, ckpt, allow_unmatched=allow_unmatched, unmerge=unmerge)
     report = MergeReport(Path(out), base_path, [Path(p) for p in adapters], weights, unmerge, dtype, device,

@@ -182,7 +182,7 @@ def resize(
             raise IncompatibleError(f"{opt} {val}: must be at least 1")
 
     adapter = read(Path(path), allow_pickle=allow_pickle)
-    require_plain(adapter, "resize")
+    require_plain(adapter, "resize", diffs=True)  # full / norm / bias diffs are written back unchanged
     chosen = set(select(adapter, modules))
     report = ResizeReport(Path(out), fmt or adapter.source_format, method or "rank", threshold, rank)
     new_modules: dict[str, LoraModule] = {}

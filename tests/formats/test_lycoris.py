@@ -143,7 +143,7 @@ def test_lokr_lora_form_never_forms_the_dense_matrix(tmp_path: Path, monkeypatch
     sd, ref = lycoris_module(LokrModule, nn.Linear(256, 384, bias=False), seed=1, lora_dim=4, alpha=4, factor=16)
     (m,) = read(save_module(tmp_path, sd)).lycoris.values()
     seen: list[tuple[int, ...]] = []
-    real_svd, real_kron = torch.linalg.svd, torch.kron
+    real_svd = torch.linalg.svd
 
     def svd(a: torch.Tensor, *args: Any, **kw: Any) -> Any:
         seen.append(tuple(a.shape))
