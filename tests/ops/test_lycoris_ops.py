@@ -39,7 +39,8 @@ def np_deltas(t: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     q = KB + "attn1_to_q."
     s = f[q + "alpha"] / f[q + "hada_w1_b"].shape[0]
-    out[BLK + "attn1.to_q.weight"] = (f[q + "hada_w1_a"] @ f[q + "hada_w1_b"]) * (f[q + "hada_w2_a"] @ f[q + "hada_w2_b"]) * s
+    w1, w2 = f[q + "hada_w1_a"] @ f[q + "hada_w1_b"], f[q + "hada_w2_a"] @ f[q + "hada_w2_b"]
+    out[BLK + "attn1.to_q.weight"] = w1 * w2 * s
     c = "lora_unet_input_blocks_1_0_in_layers_2."
     s = f[c + "alpha"] / f[c + "hada_w1_b"].shape[0]
     r1 = np.einsum("ijkl,jr,ip->prkl", f[c + "hada_t1"], f[c + "hada_w1_b"], f[c + "hada_w1_a"])
@@ -84,7 +85,7 @@ def test_merge_adds_every_lycoris_delta_exactly(tmp_path: Path) -> None:
 def test_lycoris_bias_refused_where_the_base_has_none(tmp_path: Path) -> None:
     path = tmp_path / "b.safetensors"
     save_file({KB + "attn2_to_k.diff_b": torch.ones(32)}, str(path))  # attn2.to_k has no bias
-    with pytest.raises(IncompatibleError, match="no .*attn2.to_k.bias"):
+    with pytest.raises(IncompatibleError, match=r"no .*attn2\.to_k\.bias"):
         merge(BASE, [path], tmp_path / "m.safetensors")
 
 
@@ -169,7 +170,7 @@ def test_convert_to_peft_refuses_diffs_without_a_lora_form(tmp_path: Path) -> No
 def test_other_operations_refuse_lycoris_with_a_hint(tmp_path: Path) -> None:
     from loratool.ops.rescale import rescale
 
-    with pytest.raises(IncompatibleError, match="LoHa|LoKr|Tucker|diff") as e:
+    with pytest.raises(IncompatibleError, match=r"LoHa|LoKr|Tucker|diff") as e:
         rescale(LYCO, tmp_path / "x.safetensors", mode="factor", value=2.0)
     assert "--to lora" in (e.value.hint or "")
 
