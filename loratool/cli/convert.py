@@ -10,11 +10,12 @@ from loratool.cli._options import (
     out_option,
     quiet_option,
 )
+from loratool.formats import writable_formats
 
 
 @click.command()
 @click.argument("path", type=click.Path())
-@click.option("--to", "to", type=click.Choice(["peft", "kohya", "diffusers", "lora"]), required=True,
+@click.option("--to", "to", type=click.Choice([*writable_formats(), "lora"]), required=True,
               help="Output format: peft (a directory), kohya or diffusers (a .safetensors file); lora: the "
               "source's own format with LyCORIS modules turned into plain LoRA.")
 @out_option
