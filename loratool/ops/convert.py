@@ -63,9 +63,17 @@ class ConvertReport:
     extras: list[str] = field(default_factory=list)  # modules_to_save tensors carried over (PEFT)
     size: int = 0
     warnings: list[str] = field(default_factory=list)
+    runtime: str | None = None  # convert --for: the runtime the output is laid out for
+    prepared: dict[str, Any] | None = None  # convert --for: one rank/alpha, baked and dropped modules
+    dora_errors: dict[str, float] | None = None  # --dora-to-lora: relative error per folded module
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        extra: dict[str, Any] = {}
+        if self.runtime is not None:
+            extra = {"runtime": self.runtime, **(self.prepared or {})}
+        if self.dora_errors is not None:
+            extra["dora_to_lora"] = self.dora_errors
+        return {**extra,
             "schema": SCHEMA,
             "out": str(self.out),
             "source": str(self.source),
@@ -142,17 +150,25 @@ def convert(
     path: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
-    to: str,
+    to: str | None = None,
     base: str | os.PathLike[str] | None = None,
     force: bool = False,
     allow_pickle: bool = False,
     rank: int | None = None,
+    for_runtime: str | None = None,
+    drop: bool = False,
+    dora_to_lora: str | os.PathLike[str] | None = None,
 ) -> ConvertReport:
     """Convert an adapter to another format (or rewrite it in its own), keeping every delta exact.
 
     Args:
-        to: "peft" (a directory), "kohya" or "diffusers" (one file), or "lora": the source's own
-            format with every LyCORIS module turned into plain LoRA factors.
+        to: "peft" (a directory), "kohya" or "diffusers" (one file); default: the runtime's format;
+            "lora": the source's own format with every LyCORIS module turned into plain LoRA factors.
+        for_runtime: a runtime name (loratool.runtimes): write the layout it serves exactly (one rank
+            and one alpha where it reads one, see ops.runtime.prepare_for).
+        drop: with for_runtime, remove what the runtime cannot hold (with a warning) instead of refusing.
+        dora_to_lora: a base model: every DoRA module becomes the best plain LoRA of its rank for that
+            base's weights, an approximation whose relative error per module is reported.
         base: the base model (file or directory); kohya names are placed by its keys, every module
             must match one of its weights, and factors take its layout (linear vs 1x1 conv).
         rank: LyCORIS modules become LoRA factors of at most this rank (the best truncation, its
@@ -168,6 +184,17 @@ def convert(
     from loratool.formats import check_writable, get_format, read, require_plain, source_label, write
     from loratool.formats.rename import FOREIGN, stored_name, target_names
 
+    runtime = None
+    if for_runtime is not None:
+        from loratool.ops.runtime import get_runtime
+
+        runtime = get_runtime(for_runtime)
+        if to is not None and to != runtime.writes:
+            raise IncompatibleError(f"--to {to} --for {for_runtime}: {for_runtime} loads {runtime.writes} adapters",
+                                    hint=f"drop --to (--for {for_runtime} writes {runtime.writes})")
+        to = runtime.writes
+    if to is None:
+        raise IncompatibleError("no output format", hint="give --to FORMAT or --for RUNTIME")
     if to != "lora":
         get_format(to, writing=True)  # an unknown target is refused before anything is read
     adapter = read(Path(path), allow_pickle=allow_pickle)
@@ -186,6 +213,22 @@ def convert(
         raise IncompatibleError(f"{path}: holds no LoRA modules to convert")
     report = ConvertReport(Path(out), Path(path), adapter.source_format, to, Path(base) if base is not None else None,
                            warnings=lyco_warnings)
+    as_read = adapter.modules  # the report shows each module's rank, alpha and scale as read
+    if dora_to_lora is not None:
+        from loratool.ops.runtime import dora_to_lora as fold
+
+        adapter, errors = fold(adapter, dora_to_lora)
+        report.dora_errors = errors
+        for name, err in errors.items():
+            report.warnings.append(f"{name}: DoRA written as plain LoRA for {source_label(dora_to_lora)}, "
+                                   f"relative error {err:.3g} (an approximation, valid for that base only)")
+    if runtime is not None:
+        from loratool.ops.runtime import prepare_for
+
+        prepared = prepare_for(adapter, runtime, drop=drop)
+        adapter = prepared.adapter
+        report.runtime, report.prepared = runtime.name, prepared.to_dict()
+        report.warnings.extend(prepared.warnings)
     # peft's save_embedding_layers copies of a LoRA layer's base weight (`.base_layer.`) go only
     # where full tensors can; other full tensors (modules_to_save) must be kept or the user told
     extras = adapter.extras if target.capabilities.extras else \
@@ -219,8 +262,10 @@ def convert(
         new, by = names[name]
         fitted = _fit_layout(m, shapes[matched[name]]) if matched is not None else m
         modules[new] = fitted.with_(name=new)
+        orig = as_read[name]
         algo, exact, err = lyco_rows.get(name, ("lora", None, 0.0))
-        report.modules.append(ModuleConvert(name, new, fitted.kind, m.rank, m.alpha, m.scale, by, algo, exact, err))
+        report.modules.append(ModuleConvert(name, new, fitted.kind, orig.rank, orig.alpha, orig.scale, by, algo,
+                                            exact, err))
     for name, lm in adapter.lycoris.items():  # full / norm / bias diffs kept as they are (kohya only)
         new = stored_name(to, name)
         if new in seen:
@@ -241,7 +286,11 @@ def convert(
         lycoris=kept_lyco,
     )
     report.extras = sorted(converted.extras)
-    params = {"to": to, "base": None if base is None else source_label(base)}
+    params: dict[str, Any] = {"to": to, "base": None if base is None else source_label(base)}
+    if runtime is not None:
+        params.update({"for": runtime.name, "drop": drop})
+    if dora_to_lora is not None:
+        params["dora_to_lora"] = source_label(dora_to_lora)
     written = write(converted, out, fmt=to, force=force, op="convert", params=params, sources=adapter.files)
     report.size = sum(f.stat().st_size for f in written.iterdir() if f.is_file()) if written.is_dir() else \
         written.stat().st_size
