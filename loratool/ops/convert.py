@@ -184,6 +184,7 @@ def convert(
     """
     from loratool.formats import check_writable, get_format, read, require_plain, source_label, write
     from loratool.formats.rename import FOREIGN, stored_name, target_names
+    from loratool.hub import resolve_path
 
     runtime = None
     if for_runtime is not None:
@@ -202,7 +203,9 @@ def convert(
         runtime = get_runtime(RUNTIME_OF_FORMAT[to])
     if to != "lora":
         get_format(to, writing=True)  # an unknown target is refused before anything is read
-    adapter = read(Path(path), allow_pickle=allow_pickle)
+    path = resolve_path(path)
+    base = resolve_path(base) if base is not None else None
+    adapter = read(path, allow_pickle=allow_pickle)
     require_plain(adapter, "convert", lycoris=True)
     if to == "lora":
         to = adapter.source_format
