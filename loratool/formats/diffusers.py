@@ -19,7 +19,13 @@ from typing import Any
 
 from loratool.adapter import Adapter, AlphaSource, LoraModule
 from loratool.errors import IncompatibleError
-from loratool.formats._common import Findings, TensorFile, build_module, group_tensors, is_unsupported
+from loratool.formats._common import (
+    Findings,
+    TensorFile,
+    build_module,
+    group_tensors,
+    is_unsupported,
+)
 from loratool.formats.names import COMPONENTS, CONTAINERS, split_component
 from loratool.formats.peft import pattern_key
 from loratool.formats.registry import Capabilities, Format

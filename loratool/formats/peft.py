@@ -23,6 +23,7 @@ from loratool.formats._common import (
     build_module,
     is_unsupported,
     json_config,
+    lora_b_bias,
     open_tensor_file,
 )
 from loratool.formats.names import PEFT_PREFIX
@@ -345,7 +346,7 @@ def module_tensors(key: str, m: LoraModule) -> dict[str, Any]:
     else:
         out = {key + ".lora_A.weight": m.down.load(), key + ".lora_B.weight": m.up.load()}
     if m.bias is not None:
-        out[key + ".lora_B.bias"] = m.bias.load()
+        out[key + ".lora_B.bias"] = lora_b_bias(m)
     if m.magnitude is not None:
         out[key + ".lora_magnitude_vector"] = m.magnitude.load().reshape(-1)
     return out
