@@ -164,6 +164,14 @@ def unsupported_family(key: str) -> str:
     return "non-LoRA"
 
 
+def split_by_suffix(key: str, suffixes: tuple[tuple[str, str], ...]) -> tuple[str, str] | None:
+    """'<module><suffix>' -> (module, role) for the first (suffix, role) that `key` ends with, else None."""
+    for suffix, role in suffixes:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role
+    return None
+
+
 @dataclass
 class RawModule:
     """Tensors grouped under one module name before checks."""

@@ -30,6 +30,7 @@ from typing import Any
 
 from loratool.adapter import Adapter, LoraModule, LycoModule
 from loratool.errors import IncompatibleError
+from loratool.ops import Row, output_size
 from loratool.runtimes import RUNTIME_OF_FORMAT
 from loratool.st import TensorRef
 
@@ -37,7 +38,7 @@ SCHEMA = 1
 
 
 @dataclass
-class ModuleConvert:
+class ModuleConvert(Row):
     name: str  # as read
     new_name: str  # as written (kohya: the key stem; diffusers: with its component)
     kind: str
@@ -48,9 +49,6 @@ class ModuleConvert:
     from_algo: str = "lora"  # the LyCORIS algo a module was converted from (loha, lokr, tucker, full)
     exact_rank: int | None = None  # rank of the exact LoRA form of a LyCORIS module
     rel_error: float = 0.0  # ||ΔW − ΔW_lora||_F / ||ΔW||_F (0 unless truncated)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -116,13 +114,7 @@ def _match_base(adapter: Adapter, base: Path) -> tuple[dict[str, str], dict[str,
 
     ckpt = open_checkpoint(base)
     match = match_modules(list(adapter.modules.values()), ckpt.tensors)
-    if match.shape_mismatch:
-        name, key, want, got = match.shape_mismatch[0]
-        raise IncompatibleError(
-            f"{adapter.path}: module '{name}' needs a base weight of shape {want} but {key} in {base} is {got}"
-            + (f" ({len(match.shape_mismatch)} modules mismatch)" if len(match.shape_mismatch) > 1 else ""),
-            hint="is this adapter for this base model? check with: loratool validate ADAPTER --base BASE",
-        )
+    match.refuse_shape_mismatch(adapter.path, base)
     problems = [*match.unmatched, *(f"{n} (ambiguous: {', '.join(k)})" for n, k in match.ambiguous.items())]
     if problems:
         raise IncompatibleError(
@@ -314,8 +306,7 @@ def convert(
     if dora_to_lora is not None:
         params["dora_to_lora"] = source_label(dora_to_lora)
     written = write(converted, out, fmt=to, force=force, op="convert", params=params, sources=adapter.files)
-    report.size = sum(f.stat().st_size for f in written.iterdir() if f.is_file()) if written.is_dir() else \
-        written.stat().st_size
+    report.size = output_size(written)
     return report
 
 
