@@ -30,6 +30,7 @@ from loratool.adapter import Adapter
 from loratool.errors import IncompatibleError
 from loratool.keymap import Contribution, MergePlan, plan_merge
 from loratool.linalg import Workspace, merged_tensor, nf4_roundtrip, realized_delta
+from loratool.ops import Row
 from loratool.pipeline import Buffers, Cast, Compute, copy_other_files, stream_file
 from loratool.st import BackgroundSha256, Checkpoint, TensorInfo
 from loratool.storage import FP8_DTYPES, BaseStorage, dequantize, detect, quantize
@@ -45,7 +46,7 @@ _FLOAT = ("float64", "float32", "float16", "bfloat16")
 
 
 @dataclass
-class TensorStat:
+class TensorStat(Row):
     key: str
     file: str
     modules: list[str]
@@ -56,9 +57,6 @@ class TensorStat:
     rel_error: float | None = None  # ||R − ΔW|| / ||ΔW||
     storage: str = "float"  # how the tensor is stored (storage.Storage.describe())
     replaced: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -404,7 +402,7 @@ def _merge(
     loaded = []
     for p in adapters:
         a = read(Path(p), allow_pickle=allow_pickle)
-        require_plain(a, "merge")
+        require_plain(a, "merge", lycoris=True)
         loaded.append(a)
     plan, warnings = plan_merge(loaded, weights, ckpt, allow_unmatched=allow_unmatched, unmerge=unmerge,
                                 tensors=storage.logical(ckpt.tensors))

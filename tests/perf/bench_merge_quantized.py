@@ -157,7 +157,8 @@ def main() -> None:
     from loratool.st import open_checkpoint
 
     a, b = open_checkpoint(base), open_checkpoint(work / "fp8")
-    assert [(k, i.shape, i.dtype) for k, i in a.tensors.items()] == [(k, i.shape, i.dtype) for k, i in b.tensors.items()]
+    layout = [[(k, i.shape, i.dtype) for k, i in c.tensors.items()] for c in (a, b)]
+    assert layout[0] == layout[1], "the merged checkpoint does not mirror the base"
     print(f"machine: {os.cpu_count()} cpus; load average {os.getloadavg()}")
     if not args.keep:
         shutil.rmtree(work)
