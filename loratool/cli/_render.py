@@ -475,7 +475,7 @@ def render_verify(doc: dict[str, Any], *, show_all: bool) -> None:
         if doc[key]:
             c.print(f"{len(doc[key])} tensor(s) {what}: {_names(doc[key])}")
     counts = ", ".join(f"{n} {v}" for v, n in sorted(doc["verdicts"].items(), key=lambda kv: (-kv[1], kv[0])))
-    verdict = "OK" if doc["ok"] else "FAILED"
-    c.print(f"{verdict}: {doc['merged']}: {doc['num_tensors']} tensors: {counts or 'none'}"
+    outcome = "OK" if doc["ok"] else "FAILED"
+    c.print(f"{outcome}: {doc['merged']}: {doc['num_tensors']} tensors: {counts or 'none'}"
             + (f"; {doc['dtype_changed']} with another dtype" if doc["dtype_changed"] else "")
             + (f"; {doc['num_findings']} finding(s)" if doc["num_findings"] else ""))

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -83,7 +83,7 @@ class TensorCheck:
         text = self.verdict
         if self.verdict == "wrong weight":
             ks = self.factors if self.factors and len(self.factors) > 1 else [self.factor or 0.0]
-            text += " (≈ " + ", ".join(f"{k:.3g}×" for k in ks) + ")"
+            text += " (≈ " + ", ".join(f"{k:.2g}×" for k in ks) + ")"
         if self.dtype_changed:
             text += f"; dtype {self.dtype}, expected {self.expected_dtype}"
         return text
@@ -307,7 +307,7 @@ def _check_replaced(w: torch.Tensor, m: torch.Tensor, saved: torch.Tensor, unit:
 def verify(
     merged: str | os.PathLike[str],
     base: str | os.PathLike[str],
-    adapters: list[str | os.PathLike[str]],
+    adapters: Sequence[str | os.PathLike[str]],
     *,
     weights: list[float] | None = None,
     dtype: str = "keep",
