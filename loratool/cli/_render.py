@@ -288,8 +288,9 @@ def render_rescale(doc: dict[str, Any]) -> None:
                   f"{m['new_scale']:.6g}", f"{m['delta_factor']:.6g}")
     out().print(t)
     value = f" {doc['value']:g}" if doc["value"] is not None else ""
-    wrote(doc["out"], f"{len(rows)} of {doc['num_modules']} modules, {doc['mode'].replace('_', '-')}{value}",
-          doc["size"])
+    removed = f", {len(doc['removed'])} removed" if doc.get("removed") else ""
+    wrote(doc["out"], f"{len(rows)} of {doc['num_modules']} modules, {doc['mode'].replace('_', '-')}{value}"
+          f"{removed}", doc["size"])
 
 
 def render_merge(doc: dict[str, Any]) -> None:

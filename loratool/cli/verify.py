@@ -2,7 +2,14 @@ from __future__ import annotations
 
 import click
 
-from loratool.cli._options import allow_pickle_option, json_option, parse_weights, quiet_option
+from loratool.cli._options import (
+    allow_pickle_option,
+    blocks_option,
+    json_option,
+    module_weights_option,
+    parse_weights,
+    quiet_option,
+)
 
 
 @click.command()
@@ -10,6 +17,8 @@ from loratool.cli._options import allow_pickle_option, json_option, parse_weight
 @click.option("--base", required=True, type=click.Path(), help="The base checkpoint MERGED was made from.")
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
 @click.option("--weights", default=None, metavar="W1,W2,...", help="One weight per adapter, as given to merge.")
+@module_weights_option
+@blocks_option
 @click.option("--dtype", type=click.Choice(["keep", "bf16", "fp16", "fp32"]), default="keep", show_default=True,
               help="The dtype merge was asked for; tensors stored in another dtype are findings.")
 @click.option("--allow-unmatched", is_flag=True, help="Skip adapter modules that match no base weight, as merge.")
@@ -17,7 +26,8 @@ from loratool.cli._options import allow_pickle_option, json_option, parse_weight
 @json_option
 @quiet_option
 @allow_pickle_option
-def verify(merged: str, base: str, adapters: tuple[str, ...], weights: str | None, dtype: str,
+def verify(merged: str, base: str, adapters: tuple[str, ...], weights: str | None, module_weights: str | None,
+           blocks: str | None, dtype: str,
            allow_unmatched: bool, show_all: bool, as_json: bool, quiet: bool, allow_pickle: bool) -> int:
     """Check that MERGED really is BASE plus the adapters' deltas, tensor by tensor.
 
@@ -39,7 +49,7 @@ def verify(merged: str, base: str, adapters: tuple[str, ...], weights: str | Non
     paths = [input_path(a, quiet=quiet or as_json) for a in adapters]
     with _render.progress("verifying", enabled=not (quiet or as_json), unit="bytes") as cb:
         report = run(merged, base, paths, weights=parsed, dtype=dtype, allow_unmatched=allow_unmatched,
-                     allow_pickle=allow_pickle, progress=cb)
+                     allow_pickle=allow_pickle, module_weights=module_weights, blocks=blocks, progress=cb)
     doc = report.to_dict()
     if as_json:
         _render.print_json(doc)

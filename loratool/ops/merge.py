@@ -122,9 +122,13 @@ class MergeReport:
 
 
 def plan_merge(
-    adapters: list[Adapter], weights: list[float], ckpt: Checkpoint, *, allow_unmatched: bool, unmerge: bool
+    adapters: list[Adapter], weights: list[float], ckpt: Checkpoint, *, allow_unmatched: bool, unmerge: bool,
+    module_weights: list[dict[str, float]] | None = None,
 ) -> tuple[Plan, list[str]]:
     """Match every adapter module and saved tensor to one base tensor.
+
+    module_weights: per adapter, a multiplier per module name (formats.blocks.module_weights); a
+    module whose weight comes to 0 is left out of the plan.
 
     Raises:
         IncompatibleError: unmatched/ambiguous modules (unless allow_unmatched), shape mismatches,
@@ -136,8 +140,9 @@ def plan_merge(
     plan = Plan()
     warnings: list[str] = []
     index = KeyIndex(list(ckpt.tensors))
-    for adapter, w in zip(adapters, weights):
+    for n_adapter, (adapter, w) in enumerate(zip(adapters, weights)):
         where = adapter.path
+        per_module = module_weights[n_adapter] if module_weights is not None else {}
         mods = list(adapter.modules.values())
         plan.num_modules += len(mods)
         match = match_modules(mods, ckpt.tensors)
@@ -164,6 +169,9 @@ def plan_merge(
             plan.unmatched.extend(problems)
         for name, key in match.matched.items():
             m = adapter.modules[name]
+            mw = per_module.get(name, 1.0)
+            if mw == 0.0:
+                continue  # --module-weights / --blocks weight 0: the module is left out
             if m.magnitude is not None:
                 if unmerge:
                     raise IncompatibleError(
@@ -172,13 +180,13 @@ def plan_merge(
                     )
                 if m.kind == "embedding":
                     raise IncompatibleError(f"{where}: module '{name}': DoRA on an embedding is not supported")
-            plan.deltas.setdefault(key, []).append(Contribution(m, w, Path(str(where))))
+            plan.deltas.setdefault(key, []).append(Contribution(m, w * mw, Path(str(where))))
             if m.bias is not None:
                 bias_key = key[: -len(".weight")] + ".bias" if key.endswith(".weight") else key + ".bias"
                 if bias_key not in ckpt.tensors:
                     raise IncompatibleError(f"{where}: module '{name}' has a lora_B bias but {ckpt.root} has no "
                                             f"'{bias_key}'")
-                plan.biases.setdefault(bias_key, []).append(Contribution(m, w, Path(str(where))))
+                plan.biases.setdefault(bias_key, []).append(Contribution(m, w * mw, Path(str(where))))
         for stored, ref in adapter.extras.items():
             if ".base_layer." in stored:
                 continue  # peft's copy of a LoRA layer's own base weight (save_embedding_layers): not a change
@@ -211,6 +219,21 @@ def plan_merge(
         if key in plan.replacements:
             raise IncompatibleError(f"base tensor '{key}' is both replaced (modules_to_save) and given a LoRA delta")
     return plan, warnings
+
+
+def adapter_module_weights(adapters: list[Adapter], module_weights: str | None, blocks: str | None
+                           ) -> tuple[list[dict[str, float]] | None, list[str]]:
+    """Per adapter, each module's --module-weights / --blocks multiplier (None when neither is given)."""
+    from loratool.formats.blocks import module_weights as resolve
+
+    if module_weights is None and blocks is None:
+        return None, []
+    out, warnings = [], []
+    for a in adapters:
+        mw = resolve(list(a.modules), module_weights, blocks)
+        out.append(mw.weights)
+        warnings += [f"{a.path}: {w}" for w in mw.warnings(blocks.partition(":")[0] if blocks else None)]
+    return out, warnings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,6 +552,8 @@ def merge(
     force: bool = False,
     allow_pickle: bool = False,
     stats: bool = False,
+    module_weights: str | None = None,
+    blocks: str | None = None,
     progress: Progress | None = None,
 ) -> MergeReport:
     """Merge adapters into a base checkpoint and write a complete copy of it.
@@ -543,6 +568,9 @@ def merge(
         allow_unmatched: skip modules that match no base weight (with a warning) instead of failing.
         stats: measure per merged tensor the delta norm, relative change and max cast error
             (report.tensors; costs three passes over each merged tensor).
+        module_weights: 'REGEX=W,...' per-module multipliers of every adapter's weight (first
+            match wins, on the module names); blocks: 'PRESET:W1,W2,...' per-block multipliers
+            (formats/blocks.py). A module at weight 0 is not merged.
         progress: called with (bytes done, bytes total).
 
     Raises:
@@ -567,7 +595,7 @@ def merge(
     try:
         return _merge(ckpt, sha256, base_path, adapters, out, weights, dtype=dtype, device=device, unmerge=unmerge,
                       allow_unmatched=allow_unmatched, force=force, allow_pickle=allow_pickle, stats=stats,
-                      progress=progress)
+                      module_weights=module_weights, blocks=blocks, progress=progress)
     finally:
         sha256.stop()
 
@@ -576,6 +604,7 @@ def _merge(
     ckpt: Checkpoint, sha256: BackgroundSha256, base_path: Path, adapters: list[str | os.PathLike[str]],
     out: str | os.PathLike[str], weights: list[float], *, dtype: str, device: str, unmerge: bool,
     allow_unmatched: bool, force: bool, allow_pickle: bool, stats: bool, progress: Progress | None,
+    module_weights: str | None = None, blocks: str | None = None,
 ) -> MergeReport:
     from loratool.device import resolve_device
     from loratool.formats import read, require_plain
@@ -587,14 +616,19 @@ def _merge(
         a = read(Path(p), allow_pickle=allow_pickle)
         require_plain(a, "merge")
         loaded.append(a)
-    plan, warnings = plan_merge(loaded, weights, ckpt, allow_unmatched=allow_unmatched, unmerge=unmerge)
+    per_module, mw_warnings = adapter_module_weights(loaded, module_weights, blocks)
+    plan, warnings = plan_merge(loaded, weights, ckpt, allow_unmatched=allow_unmatched, unmerge=unmerge,
+                                module_weights=per_module)
+    warnings = mw_warnings + warnings
     report = MergeReport(Path(out), base_path, [Path(p) for p in adapters], weights, unmerge, dtype, device,
                          unmatched=plan.unmatched, warnings=warnings)
     if not plan.deltas and not plan.replacements:
         raise IncompatibleError(f"nothing to merge: no adapter module matches {base_path}",
                                 hint="check with: loratool validate ADAPTER --base BASE")
     single_file = base_path.is_file()
-    params = {"weights": weights, "dtype": dtype, "unmerge": unmerge, "allow_unmatched": allow_unmatched}
+    params: dict[str, Any] = {"weights": weights, "dtype": dtype, "unmerge": unmerge,
+                              "allow_unmatched": allow_unmatched}
+    params.update({k: v for k, v in (("module_weights", module_weights), ("blocks", blocks)) if v is not None})
     total = sum(i.nbytes for i in ckpt.tensors.values())
     done = 0
 

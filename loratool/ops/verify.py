@@ -313,6 +313,8 @@ def verify(
     dtype: str = "keep",
     allow_unmatched: bool = False,
     allow_pickle: bool = False,
+    module_weights: str | None = None,
+    blocks: str | None = None,
     progress: Progress | None = None,
 ) -> VerifyReport:
     """Check, tensor by tensor, that MERGED = BASE + Σ w_i·ΔW_i (what `loratool merge` writes).
@@ -325,6 +327,7 @@ def verify(
         dtype: the dtype merge was asked for (keep | fp32 | fp16 | bf16); a tensor stored in another
             dtype is a finding.
         allow_unmatched: adapter modules that match no base weight are skipped (as merge would).
+        module_weights, blocks: per-module multipliers, as given to merge.
         progress: called with (bytes of the base checked, total).
 
     Returns:
@@ -334,7 +337,7 @@ def verify(
         IncompatibleError, FormatError: unreadable inputs, adapters that do not fit the base.
     """
     from loratool.formats import read, require_plain
-    from loratool.ops.merge import OUT_DTYPES, plan_merge
+    from loratool.ops.merge import OUT_DTYPES, adapter_module_weights, plan_merge
     from loratool.st import open_checkpoint
 
     if not adapters:
@@ -353,7 +356,10 @@ def verify(
         a = read(Path(p), allow_pickle=allow_pickle)
         require_plain(a, "verify")
         loaded.append(a)
-    plan, warnings = plan_merge(loaded, weights, base_ckpt, allow_unmatched=allow_unmatched, unmerge=False)
+    per_module, mw_warnings = adapter_module_weights(loaded, module_weights, blocks)
+    plan, warnings = plan_merge(loaded, weights, base_ckpt, allow_unmatched=allow_unmatched, unmerge=False,
+                                module_weights=per_module)
+    warnings = mw_warnings + warnings
     report = VerifyReport(Path(merged), Path(base), [Path(p) for p in adapters], weights, dtype,
                           unmatched=plan.unmatched, warnings=warnings)
     report.extra = [k for k in merged_ckpt.tensors if k not in base_ckpt.tensors]
