@@ -10,11 +10,12 @@ from loratool.cli._options import (
     out_option,
     quiet_option,
 )
+from loratool.formats import writable_formats
 
 
 @click.command()
 @click.argument("path", type=click.Path())
-@click.option("--to", "to", type=click.Choice(["peft", "kohya", "diffusers"]), required=True,
+@click.option("--to", "to", type=click.Choice(writable_formats()), required=True,
               help="Output format: peft (a directory), kohya or diffusers (a .safetensors file).")
 @out_option
 @click.option("--base", default=None, type=click.Path(),

@@ -33,7 +33,6 @@ from loratool.errors import IncompatibleError
 from loratool.st import TensorRef
 
 SCHEMA = 1
-TARGETS = ("peft", "kohya", "diffusers")
 
 
 @dataclass
@@ -136,77 +135,6 @@ def _fit_layout(m: LoraModule, shape: tuple[int, ...]) -> LoraModule:
     return m
 
 
-NO_RULE = "the kohya naming rules allow no single reading"
-
-
-def _new_names(
-    adapter: Adapter, to: str, matched: dict[str, str] | None, base_class: str | None, warnings: list[str]
-) -> tuple[dict[str, tuple[str, str]], dict[str, list[str]]]:
-    """Module name -> (new name, placed_by), and the names that cannot be placed, by reason."""
-    from loratool.formats import diffusers, kohya
-
-    names: dict[str, tuple[str, str]] = {}
-    unplaced: dict[str, list[str]] = {}
-    hint_class = diffusers.component_of_class(base_class)
-    for name, m in adapter.modules.items():
-        base_key = matched.get(name) if matched is not None else None
-        if to == "kohya":
-            names[name] = (kohya.kohya_name(m, adapter.source_format), "name")
-            continue
-        component: str | None = None
-        if adapter.source_format == "kohya":  # the names lost their dots: recover them
-            placed = kohya.place(name, base_key)
-            if placed is None:
-                unplaced.setdefault(NO_RULE, []).append(name)
-                continue
-            path, by, component = placed.path, placed.by, placed.component
-        elif base_key is not None:
-            path, by = base_key.removesuffix(".weight"), "base"
-        else:
-            path, by = name, "name"
-        if to == "peft":
-            names[name] = (path, by)  # components are settled below, over the whole adapter
-            if by == "rules":
-                names[name] = (f"{component}.{path}", by)
-            continue
-        # diffusers
-        if adapter.source_format == "diffusers" and base_key is None:
-            names[name] = (name, "name")
-            continue
-        # the base's class settles U-Net vs transformer; a kohya text-encoder prefix stays what it says
-        hint = hint_class if component in (None, "unet", "transformer") and hint_class else component
-        where = diffusers.place(path, hint)
-        if isinstance(where, str):
-            unplaced.setdefault(where, []).append(name)
-        else:
-            names[name] = (f"{where[0]}.{where[1]}", by)
-    if to == "peft":
-        _settle_components(names, adapter, warnings)
-    return names, unplaced
-
-
-def _settle_components(names: dict[str, tuple[str, str]], adapter: Adapter, warnings: list[str]) -> None:
-    """PEFT wraps one model: drop the diffusers component from the names when only one occurs."""
-    from loratool.formats.diffusers import split_component
-
-    loose = {n: v for n, v in names.items()
-             if v[1] == "rules" or (v[1] == "name" and adapter.source_format == "diffusers")}
-    if not loose:
-        return
-    components = {parts[0] for new, _ in loose.values() if (parts := split_component(new))}
-    if len(components) == 1:
-        for n, (new, by) in loose.items():
-            parts = split_component(new)
-            if parts:
-                names[n] = (parts[1], by)
-    elif len(components) > 1:
-        warnings.append(
-            f"the adapter spans {len(components)} components ({', '.join(sorted(components))}); the PEFT module "
-            "names keep them as a prefix (unet., text_encoder., ...), so peft loads it only into a model holding "
-            "those components as attributes. Pass --base to name modules by the base checkpoint's keys"
-        )
-
-
 def convert(
     path: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -229,40 +157,30 @@ def convert(
             modules_to_save tensors), or two modules with one target name.
         FormatError, OutputExistsError.
     """
-    from loratool.formats import diffusers, read, require_plain, source_label, write
+    from loratool.formats import check_writable, get_format, read, require_plain, source_label, write
+    from loratool.formats.rename import FOREIGN, target_names
 
-    if to not in TARGETS:
-        raise IncompatibleError(f"--to {to}: unknown format", hint=f"use one of {', '.join(TARGETS)}")
+    target = get_format(to, writing=True)
     adapter = read(Path(path), allow_pickle=allow_pickle)
     require_plain(adapter, "convert")
     if not adapter.modules:
         raise IncompatibleError(f"{path}: holds no LoRA modules to convert")
     report = ConvertReport(Path(out), Path(path), adapter.source_format, to, Path(base) if base is not None else None)
-    extras = {k: v for k, v in adapter.extras.items() if ".base_layer." not in k}
-    if extras and to != "peft":
-        raise IncompatibleError(
-            f"{path}: full tensor '{next(iter(extras))}' (modules_to_save) cannot be stored in a {to} file "
-            f"({len(extras)} such tensor(s))",
-            hint="convert to PEFT instead (--to peft), or drop the modules_to_save tensors",
-        )
-    if to != "peft":
-        bad = [n for n, m in adapter.modules.items() if m.kind == "embedding" or m.fan_in_fan_out]
-        if bad:
-            raise IncompatibleError(
-                f"{path}: module '{bad[0]}' is an embedding or fan_in_fan_out (GPT-2 Conv1D) layer, which {to} "
-                f"files cannot hold ({len(bad)} such)",
-                hint="convert to PEFT instead (--to peft)",
-            )
+    # peft's save_embedding_layers copies of a LoRA layer's base weight (`.base_layer.`) go only
+    # where full tensors can; other full tensors (modules_to_save) must be kept or the user told
+    extras = adapter.extras if target.capabilities.extras else \
+        {k: v for k, v in adapter.extras.items() if ".base_layer." not in k}
+    check_writable(adapter.with_modules(adapter.modules, extras=extras), to)
     matched: dict[str, str] | None = None
     shapes: dict[str, tuple[int, ...]] = {}
     base_class = None
     if base is not None:
         matched, shapes, base_class = _match_base(adapter, Path(base))
-    names, unplaced = _new_names(adapter, to, matched, base_class, report.warnings)
+    names, unplaced = target_names(adapter, to, matched, base_class, report.warnings)
     if unplaced:
         count = sum(len(v) for v in unplaced.values())
         reasons = "; ".join(f"{reason}: {_listing(names_)}" for reason, names_ in unplaced.items())
-        foreign = all(diffusers.FOREIGN in reason for reason in unplaced)
+        foreign = all(FOREIGN in reason for reason in unplaced)
         raise IncompatibleError(
             f"{path}: cannot place {count} module name(s) in the {to} layout: {reasons}",
             hint="write kohya instead (--to kohya): diffusers' load_lora_weights converts that layout itself "
@@ -286,7 +204,7 @@ def convert(
     keep_config = adapter.source_format == "peft" and to == "peft"
     converted = adapter.with_modules(
         modules,
-        extras=adapter.extras if to == "peft" else {},
+        extras=extras,
         config=adapter.config if keep_config else {},
         metadata=adapter.metadata if adapter.source_format == to == "kohya" else {},
         source_format=to,

@@ -9,7 +9,7 @@ between the two deltas ΔA = s_A·B_A·A_A and ΔB = s_B·B_B·A_B:
 with the cosine <ΔA, ΔB> / (||ΔA||·||ΔB||). Modules are sorted by distance, largest first.
 
 Matching works across formats: names are compared as stored first, then by their kohya key stem
-(formats.kohya.kohya_name), so a kohya file and its PEFT or diffusers conversion pair up.
+(formats.rename.stored_name), so a kohya file and its PEFT or diffusers conversion pair up.
 DoRA magnitudes are compared separately (they are not part of B·A).
 """
 
@@ -104,7 +104,10 @@ def pair_modules(a: Adapter, b: Adapter) -> tuple[list[tuple[LoraModule, LoraMod
 
     Exact names first; the rest by kohya key stem, when that stem is unique on both sides.
     """
-    from loratool.formats.kohya import kohya_name
+    from loratool.formats.rename import stored_name
+
+    def kohya_name(m: LoraModule, _fmt: str) -> str:
+        return stored_name("kohya", m.name)
 
     pairs: list[tuple[LoraModule, LoraModule]] = []
     rest_a = [m for n, m in a.modules.items() if n not in b.modules]

@@ -134,7 +134,7 @@ def rescale(
     Raises:
         IncompatibleError: bad option values; FormatError; OutputExistsError.
     """
-    from loratool.formats import read, require_plain, write
+    from loratool.formats import check_writable, read, require_plain, write
 
     if mode not in MODES:
         raise IncompatibleError(f"unknown rescale mode {mode!r}")
@@ -149,6 +149,7 @@ def rescale(
                                 f"not with --{mode.replace('_', '-')}")
     adapter = read(Path(path), allow_pickle=allow_pickle)
     require_plain(adapter, "rescale")
+    check_writable(adapter, fmt or adapter.source_format)  # before the maths; write checks again
     chosen = set(select(adapter, modules))
     report = RescaleReport(Path(out), fmt or adapter.source_format, mode, value)
     weights: dict[str, float] = {}

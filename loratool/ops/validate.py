@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratool.adapter import Adapter
-from loratool.formats import Finding, Findings, read
-from loratool.formats._common import unsupported_family
+from loratool.formats import Finding, Findings, read, unsupported_family
 
 if TYPE_CHECKING:
     import torch
@@ -140,7 +139,7 @@ def _checkable(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check_base(adapter: Adapter, base: Path, findings: Findings) -> dict[str, str]:
-    from loratool.formats.peft import base_key as peft_base_key
+    from loratool.formats import extra_base_key
     from loratool.keymap import KeyIndex, match_modules
     from loratool.st import open_checkpoint
 
@@ -158,7 +157,7 @@ def _check_base(adapter: Adapter, base: Path, findings: Findings) -> dict[str, s
                        f"but {base}: '{key}' is {got}")
     index = KeyIndex(list(ckpt.tensors))
     for stored, ref in adapter.extras.items():
-        key = peft_base_key(stored)
+        key = extra_base_key(stored)
         stem = key[: -len(".weight")] if key.endswith(".weight") else key
         hits = [key] if key in ckpt.tensors else [
             k for k in index.candidates(stem) if key.endswith(".weight")

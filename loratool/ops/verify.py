@@ -40,7 +40,7 @@ from loratool.st import Checkpoint, TensorInfo
 if TYPE_CHECKING:
     import torch
 
-    from loratool.ops.merge import Contribution
+    from loratool.keymap import Contribution
 
 SCHEMA = 1
 Progress = Callable[[int, int], None]
@@ -337,7 +337,8 @@ def verify(
         IncompatibleError, FormatError: unreadable inputs, adapters that do not fit the base.
     """
     from loratool.formats import read, require_plain
-    from loratool.ops.merge import OUT_DTYPES, adapter_module_weights, plan_merge
+    from loratool.keymap import plan_merge
+    from loratool.ops.merge import OUT_DTYPES, adapter_module_weights
     from loratool.st import open_checkpoint
 
     if not adapters:
@@ -386,8 +387,8 @@ def verify(
 
 def _check_tensor(info: TensorInfo, merged_ckpt: Checkpoint, plan: Any, dtype: str, name: str
                   ) -> TensorCheck | None:
-    from loratool.linalg import sq_norm
-    from loratool.ops.merge import _out_dtype, merged_tensor
+    from loratool.linalg import merged_tensor, sq_norm
+    from loratool.ops.merge import _out_dtype
     from loratool.st import load_tensor
 
     key = info.key
@@ -410,8 +411,8 @@ def _check_tensor(info: TensorInfo, merged_ckpt: Checkpoint, plan: Any, dtype: s
             return check
         dense = key in plan.biases or any(c.module.magnitude is not None for c in contribs)
         if dense:
-            _, expected, _ = merged_tensor(w, contribs, device="cpu", unmerge=False, bias=key in plan.biases,
-                                           keep_delta=True)
+            _, expected, _ = merged_tensor(w, [(c.module, c.weight) for c in contribs], device="cpu", unmerge=False,
+                                           bias=key in plan.biases, keep_delta=True)
             verdict, k, ks, res, tol = _check_dense(w, m, expected, unit)
         else:
             verdict, k, ks, res, tol = _check_lowrank(w, m, contribs, unit)
