@@ -536,6 +536,30 @@ def sq_norm(t: torch.Tensor, *, chunk_elems: int = 1 << 22) -> float:
     return total
 
 
+def pair_products(up1: torch.Tensor, down1: torch.Tensor, up2: torch.Tensor, down2: torch.Tensor, *,
+                  scales: tuple[float, float] = (1.0, 1.0)) -> tuple[float, float, float]:
+    """(||B₁A₁||², ||B₂A₂||², <B₁A₁, B₂A₂>) from one Gram matrix per side: [B₁ B₂]ᵀ[B₁ B₂] and
+    [A₁; A₂][A₁; A₂]ᵀ, each ((r₁+r₂), (r₁+r₂)); the three numbers are sums over its blocks.
+
+    Computed in float32 first; when s₁B₁A₁ and s₂B₂A₂ (`scales`, applied only to decide) nearly
+    cancel — their distance under 1% of their size, where float32 loses the digits — again in
+    float64, so the distance of nearly equal deltas keeps ~1e-8 of their norm.
+    """
+    import torch
+
+    r1 = up1.shape[1]
+    s1, s2 = scales
+    for dtype in (torch.float32, torch.float64):
+        u = torch.cat([up1.to(dtype), up2.to(dtype)], dim=1)  # (out, r1 + r2)
+        d = torch.cat([down1.to(dtype), down2.to(dtype)], dim=0)  # (r1 + r2, in)
+        g = (u.T @ u) * (d @ d.T)  # (r1 + r2, r1 + r2)
+        n1, n2, inner = float(g[:r1, :r1].sum()), float(g[r1:, r1:].sum()), float(g[:r1, r1:].sum())
+        size = s1 * s1 * n1 + s2 * s2 * n2
+        if dtype == torch.float64 or size - 2 * s1 * s2 * inner > 1e-2 * size:
+            break
+    return n1, n2, inner
+
+
 def delta_distance(n1_sq: float, n2_sq: float, inner: float) -> tuple[float, float | None]:
     """(||Δ₁ − Δ₂||_F, cosine) from ||Δ₁||², ||Δ₂||² and <Δ₁, Δ₂> (cosine None for a zero delta).
 

@@ -134,19 +134,11 @@ def pair_modules(a: Adapter, b: Adapter) -> tuple[list[tuple[LoraModule, LoraMod
     return pairs, only_a, list(rest_b)
 
 
-def _scaled(m: LoraModule, device: str) -> tuple[Any, Any]:
-    """(s·up (out, r), down (r, in·k)) in float64: the module's ΔW in factor layout."""
-    import torch
-
-    from loratool.linalg import factors
-
-    up, down = factors(m, dtype=torch.float64, device=device)
-    return up * m.scale, down
-
-
 def diff_module(ma: LoraModule, mb: LoraModule, *, device: str = "cpu") -> ModuleDiff:
     """Compare two modules adapting the same layer (factor maths only)."""
-    from loratool.linalg import delta_distance, factor_inner
+    import torch
+
+    from loratool.linalg import delta_distance, factor_inner, factors, pair_products
 
     differences = []
     if ma.rank != mb.rank:
@@ -172,14 +164,16 @@ def diff_module(ma: LoraModule, mb: LoraModule, *, device: str = "cpu") -> Modul
         differences.append("shape")
         return ModuleDiff(ma.name, mb.name, (ma.rank, mb.rank), (ma.alpha, mb.alpha), (ma.scale, mb.scale),
                           (ma.dtype, mb.dtype), math.nan, math.nan, math.nan, None, None, differences)
-    ua, da = _scaled(ma, device)
-    ub, db = _scaled(mb, device)
-    na2 = factor_inner(ua, da, ua, da)
-    nb2 = factor_inner(ub, db, ub, db)
-    inner = factor_inner(ua, da, ub, db)
-    dist, cosine = delta_distance(na2, nb2, inner)
-    if na2 == nb2 == inner:
-        dist = 0.0  # bit-identical deltas (the same factors and scale)
+    ua, da = factors(ma, device=device)  # (out, r), (r, in·k), unscaled
+    ub, db = factors(mb, device=device)
+    sa, sb = ma.scale, mb.scale
+    if sa == sb and ua.shape == ub.shape and da.shape == db.shape and torch.equal(ua, ub) and torch.equal(da, db):
+        na2 = nb2 = inner = sa * sa * factor_inner(ua, da, ua, da)  # bit-identical deltas
+        dist, cosine = 0.0, (1.0 if na2 > 0 else None)
+    else:
+        pa, pb, pab = pair_products(ua, da, ub, db, scales=(sa, sb))
+        na2, nb2, inner = sa * sa * pa, sb * sb * pb, sa * sb * pab
+        dist, cosine = delta_distance(na2, nb2, inner)
     norm_a, norm_b = math.sqrt(max(na2, 0.0)), math.sqrt(max(nb2, 0.0))
     rel = dist / norm_a if norm_a > 0 else (0.0 if dist == 0 else None)
     return ModuleDiff(ma.name, mb.name, (ma.rank, mb.rank), (ma.alpha, mb.alpha), (ma.scale, mb.scale),

@@ -11,7 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from loratool.cli import main
-from loratool.linalg import delta_distance, dense_lowrank_inner, factor_inner, realized_projection
+from loratool.linalg import (
+    delta_distance,
+    dense_lowrank_inner,
+    factor_inner,
+    pair_products,
+    realized_projection,
+)
 from loratool.ops.diff import diff
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
@@ -164,3 +170,17 @@ def test_unreadable_input_is_a_clean_error(tmp_path, capsys, make_adapter):
     bad.write_bytes(b"not a file")
     code, _, err = run_main(capsys, ["diff", make_adapter(), bad])
     assert code == 2 and err.startswith("Error: ") and "Traceback" not in err
+
+
+def test_nearly_equal_deltas_keep_their_distance():
+    """Distances far below float32's resolution of the norms (the float64 route) match numpy."""
+    rng = np.random.default_rng(11)
+    b, a = rng.standard_normal((64, 8)).astype(np.float32), rng.standard_normal((8, 48)).astype(np.float32)
+    a2 = a.copy()
+    a2[0, 0] += np.float32(1e-4)  # ΔB − ΔA = 1e-4 · b[:, 0] ⊗ e₀: ~1e-5 of the norm
+    n1, n2, inner = pair_products(*(torch.from_numpy(x) for x in (b, a, b, a2)))
+    dist, _ = delta_distance(n1, n2, inner)
+    b64 = b.astype(np.float64)
+    want = float(np.linalg.norm(b64 @ a.astype(np.float64) - b64 @ a2.astype(np.float64)))
+    assert want < 1e-4 * float(np.linalg.norm(b64 @ a.astype(np.float64)))
+    assert dist == pytest.approx(want, rel=1e-3)
