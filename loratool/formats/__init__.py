@@ -18,7 +18,7 @@ from typing import Any
 
 from loratool.adapter import Adapter
 from loratool.errors import FormatError, IncompatibleError
-from loratool.formats import diffusers, kohya, peft
+from loratool.formats import diffusers, kohya, mlx, peft
 from loratool.formats._common import (
     PICKLE_SUFFIXES,
     Finding,
@@ -38,7 +38,7 @@ __all__ = [
 
 # The built-in formats, in detection order (ties between equal detection scores go to the first).
 # A new format: its module defines FORMAT (a registry.Format record); add it here.
-for _record in (peft.FORMAT, kohya.FORMAT, diffusers.FORMAT):
+for _record in (peft.FORMAT, kohya.FORMAT, diffusers.FORMAT, mlx.FORMAT):
     register(_record)
 
 get_format = get

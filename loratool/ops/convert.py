@@ -30,6 +30,7 @@ from typing import Any
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import IncompatibleError
+from loratool.runtimes import RUNTIME_OF_FORMAT
 from loratool.st import TensorRef
 
 SCHEMA = 1
@@ -60,9 +61,17 @@ class ConvertReport:
     extras: list[str] = field(default_factory=list)  # modules_to_save tensors carried over (PEFT)
     size: int = 0
     warnings: list[str] = field(default_factory=list)
+    runtime: str | None = None  # convert --for: the runtime the output is laid out for
+    prepared: dict[str, Any] | None = None  # convert --for: one rank/alpha, baked and dropped modules
+    dora_errors: dict[str, float] | None = None  # --dora-to-lora: relative error per folded module
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        extra: dict[str, Any] = {}
+        if self.runtime is not None:
+            extra = {"runtime": self.runtime, **(self.prepared or {})}
+        if self.dora_errors is not None:
+            extra["dora_to_lora"] = self.dora_errors
+        return {**extra,
             "schema": SCHEMA,
             "out": str(self.out),
             "source": str(self.source),
@@ -139,15 +148,23 @@ def convert(
     path: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
-    to: str,
+    to: str | None = None,
     base: str | os.PathLike[str] | None = None,
     force: bool = False,
     allow_pickle: bool = False,
+    for_runtime: str | None = None,
+    drop: bool = False,
+    dora_to_lora: str | os.PathLike[str] | None = None,
 ) -> ConvertReport:
     """Convert an adapter to another format (or rewrite it in its own), keeping every delta exact.
 
     Args:
-        to: "peft" (a directory), "kohya" or "diffusers" (one file).
+        to: "peft" (a directory), "kohya" or "diffusers" (one file); default: the runtime's format.
+        for_runtime: a runtime name (loratool.runtimes): write the layout it serves exactly (one rank
+            and one alpha where it reads one, see ops.runtime.prepare_for).
+        drop: with for_runtime, remove what the runtime cannot hold (with a warning) instead of refusing.
+        dora_to_lora: a base model: every DoRA module becomes the best plain LoRA of its rank for that
+            base's weights, an approximation whose relative error per module is reported.
         base: the base model (file or directory); kohya names are placed by its keys, every module
             must match one of its weights, and factors take its layout (linear vs 1x1 conv).
 
@@ -160,12 +177,43 @@ def convert(
     from loratool.formats import check_writable, get_format, read, require_plain, source_label, write
     from loratool.formats.rename import FOREIGN, target_names
 
+    runtime = None
+    if for_runtime is not None:
+        from loratool.ops.runtime import get_runtime
+
+        runtime = get_runtime(for_runtime)
+        if to is not None and to != runtime.writes:
+            raise IncompatibleError(f"--to {to} --for {for_runtime}: {for_runtime} loads {runtime.writes} adapters",
+                                    hint=f"drop --to (--for {for_runtime} writes {runtime.writes})")
+        to = runtime.writes
+    if to is None:
+        raise IncompatibleError("no output format", hint="give --to FORMAT or --for RUNTIME")
+    if runtime is None and to in RUNTIME_OF_FORMAT:
+        from loratool.ops.runtime import get_runtime
+
+        runtime = get_runtime(RUNTIME_OF_FORMAT[to])
     target = get_format(to, writing=True)
     adapter = read(Path(path), allow_pickle=allow_pickle)
     require_plain(adapter, "convert")
     if not adapter.modules:
         raise IncompatibleError(f"{path}: holds no LoRA modules to convert")
     report = ConvertReport(Path(out), Path(path), adapter.source_format, to, Path(base) if base is not None else None)
+    as_read = adapter.modules  # the report shows each module's rank, alpha and scale as read
+    if dora_to_lora is not None:
+        from loratool.ops.runtime import dora_to_lora as fold
+
+        adapter, errors = fold(adapter, dora_to_lora)
+        report.dora_errors = errors
+        for name, err in errors.items():
+            report.warnings.append(f"{name}: DoRA written as plain LoRA for {source_label(dora_to_lora)}, "
+                                   f"relative error {err:.3g} (an approximation, valid for that base only)")
+    if runtime is not None:
+        from loratool.ops.runtime import prepare_for
+
+        prepared = prepare_for(adapter, runtime, drop=drop)
+        adapter = prepared.adapter
+        report.runtime, report.prepared = runtime.name, prepared.to_dict()
+        report.warnings.extend(prepared.warnings)
     # peft's save_embedding_layers copies of a LoRA layer's base weight (`.base_layer.`) go only
     # where full tensors can; other full tensors (modules_to_save) must be kept or the user told
     extras = adapter.extras if target.capabilities.extras else \
@@ -198,7 +246,8 @@ def convert(
         new, by = names[name]
         fitted = _fit_layout(m, shapes[matched[name]]) if matched is not None else m
         modules[new] = fitted.with_(name=new)
-        report.modules.append(ModuleConvert(name, new, fitted.kind, m.rank, m.alpha, m.scale, by))
+        orig = as_read[name]
+        report.modules.append(ModuleConvert(name, new, fitted.kind, orig.rank, orig.alpha, orig.scale, by))
     # a PEFT source keeps its config (task_type, modules_to_save, ...) when its names stay; any other
     # source gets a fresh one from the writer. kohya metadata (ss_*) stays only in kohya files.
     keep_config = adapter.source_format == "peft" and to == "peft"
@@ -211,7 +260,11 @@ def convert(
         source_modules=adapter.source_modules if keep_config else (),
     )
     report.extras = sorted(converted.extras)
-    params = {"to": to, "base": None if base is None else source_label(base)}
+    params: dict[str, Any] = {"to": to, "base": None if base is None else source_label(base)}
+    if runtime is not None:
+        params.update({"for": runtime.name, "drop": drop})
+    if dora_to_lora is not None:
+        params["dora_to_lora"] = source_label(dora_to_lora)
     written = write(converted, out, fmt=to, force=force, op="convert", params=params, sources=adapter.files)
     report.size = sum(f.stat().st_size for f in written.iterdir() if f.is_file()) if written.is_dir() else \
         written.stat().st_size

@@ -28,6 +28,7 @@ class ValidationReport:
     strict: bool = False
     base: Path | None = None
     matched: dict[str, str] = field(default_factory=dict)
+    runtime: str | None = None
 
     @property
     def errors(self) -> list[Finding]:
@@ -53,6 +54,7 @@ class ValidationReport:
             "errors": len(self.errors),
             "warnings": len(self.warnings),
             "findings": [f.to_dict() for f in self.findings],
+            **({"runtime": self.runtime} if self.runtime else {}),
         }
 
 
@@ -63,8 +65,12 @@ def validate_adapter(
     strict: bool = False,
     allow_pickle: bool = False,
     progress: Progress | None = None,
+    for_runtime: str | None = None,
 ) -> ValidationReport:
     """Check an adapter: structure, config consistency, values (NaN/Inf, zero up), and base fit.
+
+    With `for_runtime` (a loratool.runtimes name), also what that runtime rejects, ignores or
+    mis-scales, per module, each message ending in the fix.
 
     Returns a report whose findings carry stable codes; ok is False when any error (or, with
     strict, any warning) was found.
@@ -73,6 +79,11 @@ def validate_adapter(
         FormatError: the adapter (or base) cannot be read at all (corrupt header, not a LoRA file).
     """
     p = Path(path)
+    runtime = None
+    if for_runtime is not None:
+        from loratool.ops.runtime import get_runtime
+
+        runtime = get_runtime(for_runtime)
     findings = Findings(strict=False)
     adapter = read(p, allow_pickle=allow_pickle, findings=findings)
     # modules the reader had to drop (broken pairs, shape or config mismatches) still count
@@ -85,6 +96,11 @@ def validate_adapter(
     if base is not None:
         report.base = Path(base)
         report.matched = _check_base(adapter, Path(base), findings)
+    if runtime is not None:
+        from loratool.ops.runtime import runtime_findings
+
+        report.runtime = runtime.name
+        runtime_findings(adapter, runtime, findings)
     return report
 
 
