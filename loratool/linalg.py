@@ -648,7 +648,7 @@ def delta_distance(n1_sq: float, n2_sq: float, inner: float) -> tuple[float, flo
 
 def realized_projection(
     merged: torch.Tensor, base: torch.Tensor, terms: list[tuple[torch.Tensor, torch.Tensor]], *,
-    chunk_elems: int = 1 << 20,
+    chunk_elems: int = 1 << 20, dtype: torch.dtype | None = None,
 ) -> tuple[float, float, list[float]]:
     """What a merge changed, measured against low-rank expected deltas, without dense products.
 
@@ -661,21 +661,26 @@ def realized_projection(
         merged, base: (out, in·k) views in the layout of up @ down (transpose embeddings and
             fan_in_fan_out weights before calling); any float dtype.
         terms: (up (out, r), down (r, in·k)) per expected delta.
+        dtype: the working precision, float64 by default. float32 suffices for 16-bit tensors: the
+            difference of two bf16 / fp16 values is exact in float32, and the products' rounding
+            (~1e-6 relative) stays far below one rounding of a 16-bit dtype. Sums are float64.
     """
     import torch
 
-    downs = [d.to(torch.float64) for _, d in terms]  # (r, in·k)
-    ups = [u.to(torch.float64) for u, _ in terms]  # (out, r)
+    work = dtype or torch.float64
+    downs = [d.to(work) for _, d in terms]  # (r, in·k)
+    ups = [u.to(work) for u, _ in terms]  # (out, r)
     rows = max(1, chunk_elems // max(1, merged.shape[1]))
     m_sq = r_sq = 0.0
     inner = [0.0] * len(terms)
     for i in range(0, merged.shape[0], rows):
-        m = merged[i:i + rows].to(torch.float64)  # (rows, in·k)
-        r = m - base[i:i + rows].to(torch.float64)  # exact: both are at most float32
-        m_sq += float((m * m).sum())
-        r_sq += float((r * r).sum())
+        m = merged[i:i + rows].to(work)  # (rows, in·k)
+        r = m - base[i:i + rows].to(work)  # exact in float64; in float32 for 16-bit inputs
+        m_sq += float(torch.linalg.vector_norm(m, dtype=torch.float64) ** 2)
+        r_sq += float(torch.linalg.vector_norm(r, dtype=torch.float64) ** 2)
         for t, (u, d) in enumerate(zip(ups, downs)):
-            inner[t] += float((u[i:i + rows] * (r @ d.T)).sum())  # (rows, in·k) @ (in·k, r) -> (rows, r)
+            prod = u[i:i + rows] * (r @ d.T)  # (rows, in·k) @ (in·k, r) -> (rows, r)
+            inner[t] += float(prod.sum(dtype=torch.float64))
     return m_sq, r_sq, inner
 
 

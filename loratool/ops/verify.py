@@ -221,7 +221,12 @@ def _check_lowrank(w: torch.Tensor, m: torch.Tensor, contribs: list[Contribution
     for c in contribs:
         up, down = factors(c.module)  # (out, r), (r, in·k), float32
         terms.append((up.double() * (c.weight * c.module.scale), down.double()))
-    m_sq, r_sq, inner = realized_projection(_rows(m, flip), _rows(w, flip), terms)
+    import torch
+
+    # 16-bit tensors: float32 is exact for R and precise enough (linalg.realized_projection)
+    work = torch.float32 if unit >= UNIT_ROUNDOFF["float16"] and {w.dtype, m.dtype} <= {
+        torch.float16, torch.bfloat16} else torch.float64
+    m_sq, r_sq, inner = realized_projection(_rows(m, flip), _rows(w, flip), terms, dtype=work)
     gram = [[factor_inner(u1, d1, u2, d2) for u2, d2 in terms] for u1, d1 in terms]
     return classify(m_sq, r_sq, inner, gram, numel=w.numel(), unit=unit)
 
