@@ -24,13 +24,12 @@ def diff(a: str, b: str, show_all: bool, device: str, as_json: bool, quiet: bool
     Example: loratool diff style_v1.safetensors style_v2.safetensors
     """
     from loratool.cli import _render
-    from loratool.cli._options import resolve_device
     from loratool.ops.diff import diff as run
 
     a = input_path(a, quiet=quiet or as_json)
     b = input_path(b, quiet=quiet or as_json)
     with _render.progress("comparing", enabled=not (quiet or as_json)) as cb:
-        report = run(a, b, device=resolve_device(device), allow_pickle=allow_pickle, progress=cb)
+        report = run(a, b, device=device, allow_pickle=allow_pickle, progress=cb)
     doc = report.to_dict()
     if as_json:
         _render.print_json(doc)

@@ -29,21 +29,21 @@ import contextlib
 import math
 import os
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import IncompatibleError
-from loratool.ops.resize import _size, target_dtype
+from loratool.ops import Progress, Row, output_size
+from loratool.ops.resize import target_dtype
 from loratool.st import TensorRef
 
 if TYPE_CHECKING:
     import torch
 
 SCHEMA = 1
-Progress = Callable[[int, int], None]
 
 METHODS: tuple[str, ...] = ("cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune", "linear")
 DENSE: tuple[str, ...] = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -54,15 +54,12 @@ MAJORITY_SIGN: tuple[str, ...] = ("total", "frequency")
 
 
 @dataclass
-class ModuleCombine:
+class ModuleCombine(Row):
     name: str
     input_ranks: list[int | None]  # per input, None where the input lacks the module
     rank: int  # output rank
     fro_retained: float | None  # Frobenius share kept by the rank truncation (svd: of the exact sum)
     rel_error: float | None  # ||result − Σ w_i·ΔW_i||_F / ||Σ w_i·ΔW_i||_F (None when the sum is 0)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -377,7 +374,7 @@ def _bias(items: list[tuple[LoraModule, float]], out_dtype: torch.dtype) -> Tens
     terms = [(m, w) for m, w in items if m.bias is not None]
     if not terms:
         return None
-    total = sum((m.bias.load().to(torch.float64) * (w * m.scale) for m, w in terms if m.bias is not None),
+    total = sum((m.bias.load().to(torch.float64) * (w * m.bias_scale) for m, w in terms if m.bias is not None),
                 torch.zeros(terms[0][0].out_features, dtype=torch.float64))
     return TensorRef.from_tensor(total.to(out_dtype).contiguous())
 
@@ -452,12 +449,16 @@ def combine(
     """
     import torch
 
+    from loratool.device import resolve_device
     from loratool.formats import check_writable, get_format, read, source_label, writable_formats, write
+    from loratool.hub import resolve_path
 
     check_options(len(paths), weights, method, rank, density, majority_sign, seed)
     if fmt is not None:
         get_format(fmt, writing=True)
-    adapters = [read(Path(p), allow_pickle=allow_pickle) for p in paths]
+    local = [resolve_path(p) for p in paths]
+    device = resolve_device(device)
+    adapters = [read(p, allow_pickle=allow_pickle) for p in local]
     for a in adapters:
         _refuse_unsupported(a)
     groups, warnings = match_modules(adapters)
@@ -485,7 +486,7 @@ def combine(
         Path(out), fmt, method, list(weights), rank, density,
         majority_sign if method in SIGNED else None, seed,
         inputs=[{"path": str(p), "format": a.source_format, "num_modules": len(a.modules)}
-                for p, a in zip(paths, adapters)],
+                for p, a in zip(local, adapters)],
         warnings=warnings,
     )
     base_model, bases = _common([a.base_model for a in adapters])
@@ -521,10 +522,10 @@ def combine(
     report.params = result.lora_params
     params = {"method": method, "weights": list(weights), "rank": rank, "density": density,
               "majority_sign": report.majority_sign, "seed": seed, "dtype": dtype,
-              "inputs": [source_label(p) for p in paths]}
+              "inputs": [source_label(p) for p in local]}
     params.update({k: v for k, v in (("module_weights", module_weights), ("blocks", blocks)) if v is not None})
     written = write(result, out, fmt=fmt, force=force, op="combine", params=params, sources=result.files)
-    report.size = _size(written)
+    report.size = output_size(written)
     return report
 
 

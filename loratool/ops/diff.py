@@ -191,7 +191,7 @@ def diff(
     a: str | os.PathLike[str],
     b: str | os.PathLike[str],
     *,
-    device: str = "cpu",
+    device: str = "auto",
     allow_pickle: bool = False,
     progress: Progress | None = None,
 ) -> DiffReport:
@@ -204,8 +204,11 @@ def diff(
     Raises:
         FormatError: an input cannot be read.
     """
+    from loratool.device import resolve_device
     from loratool.formats import read
     from loratool.ops.combine import _single_threaded
+
+    device = resolve_device(device)
 
     ad = read(Path(a), allow_pickle=allow_pickle)
     bd = read(Path(b), allow_pickle=allow_pickle)

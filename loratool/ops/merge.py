@@ -29,6 +29,7 @@ from loratool.adapter import Adapter
 from loratool.errors import IncompatibleError
 from loratool.keymap import Contribution, MergePlan, plan_merge
 from loratool.linalg import Workspace, merge_change, merged_tensor
+from loratool.ops import Row
 from loratool.pipeline import Buffers, Cast, Compute, copy_other_files, stream_file
 from loratool.st import BackgroundSha256, Checkpoint, TensorInfo
 
@@ -42,7 +43,7 @@ _FLOAT = ("float64", "float32", "float16", "bfloat16")
 
 
 @dataclass
-class TensorStat:
+class TensorStat(Row):
     key: str
     file: str
     modules: list[str]
@@ -50,9 +51,6 @@ class TensorStat:
     rel_change: float  # ||W' − W||_F / ||W||_F, measured in float32 before the cast
     max_cast_error: float  # max |W'_fp32 − cast(W'_fp32)|
     replaced: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -153,7 +151,7 @@ def _tensor_step(
             out = cast(new, out_dtype)
             if stats:
                 assert acc is not None
-                dora = any(c.module.magnitude is not None for c in contribs)
+                dora = any(getattr(c.module, "magnitude", None) is not None for c in contribs)
                 acc_norm, rel_change, cast_error = merge_change(w32, new, acc, out, dora=dora)
                 report.tensors.append(TensorStat(key, name, sorted({c.module.name for c in contribs}), acc_norm,
                                                  rel_change, cast_error))
@@ -194,7 +192,7 @@ def adapter_module_weights(adapters: list[Adapter], module_weights: str | None, 
         return None, []
     out, warnings = [], []
     for a in adapters:
-        mw = resolve(list(a.modules), module_weights, blocks)
+        mw = resolve([*a.modules, *a.lycoris], module_weights, blocks)
         out.append(mw.weights)
         warnings += [f"{a.path}: {w}" for w in mw.warnings(blocks.partition(":")[0] if blocks else None)]
     return out, warnings
@@ -237,6 +235,7 @@ def merge(
     Raises:
         IncompatibleError, FormatError, OutputExistsError, LoratoolError (disk full).
     """
+    from loratool.hub import resolve_path
     from loratool.st import open_checkpoint
 
     if not adapters:
@@ -248,7 +247,8 @@ def merge(
         raise IncompatibleError(f"--weights must be finite numbers, got {weights}")
     if dtype not in OUT_DTYPES:
         raise IncompatibleError(f"--dtype {dtype}: unknown", hint="use keep, fp32, fp16 or bf16")
-    base_path = Path(base)
+    base_path = resolve_path(base)
+    adapters = [resolve_path(a) for a in adapters]
     ckpt = open_checkpoint(base_path)
     # the base's sha256 starts now, while torch is imported and the adapters are read (a core is
     # idle then), and later stays at most 1 GiB ahead of the merge, so the disk is read once
@@ -275,7 +275,7 @@ def _merge(
     loaded = []
     for p in adapters:
         a = read(Path(p), allow_pickle=allow_pickle)
-        require_plain(a, "merge")
+        require_plain(a, "merge", lycoris=True)
         loaded.append(a)
     per_module, mw_warnings = adapter_module_weights(loaded, module_weights, blocks)
     plan, warnings = plan_merge(loaded, weights, ckpt, allow_unmatched=allow_unmatched, unmerge=unmerge,

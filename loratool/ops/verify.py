@@ -8,7 +8,7 @@ should have put there (merge's own plan: the same key matching, weights and modu
 - tensors with low-rank deltas E_t = w_t·s_t·B_t·A_t: the least-squares coefficients k of R on the
   E_t come from <R, B A> = Σ B ⊙ (R Aᵀ) and <B₁A₁, B₂A₂> = tr((B₁ᵀB₂)(A₂A₁ᵀ)) (linalg.realized_projection,
   linalg.factor_inner) — R is read in row blocks, no dense out×in product is formed;
-- DoRA and lora_B bias deltas are not low-rank sums: they are formed densely (merge's maths).
+- DoRA, LyCORIS and lora_B bias deltas are not low-rank sums: formed densely (merge's maths).
 
 Verdict from k̄ = <R, ΣE>/||ΣE||² and the residual ||R − Σ k_t E_t||, against a tolerance of one
 rounding of the stored dtype (u·||MERGED||_F, u = 2⁻⁸ bf16, 2⁻¹¹ fp16, 2⁻²⁴ fp32):
@@ -210,17 +210,21 @@ def _rows(t: torch.Tensor, transposed: bool) -> torch.Tensor:
 
 def _check_lowrank(w: torch.Tensor, m: torch.Tensor, contribs: list[Contribution], unit: float
                    ) -> tuple[str, float | None, list[float] | None, float, float]:
+    from loratool.adapter import LoraModule
     from loratool.linalg import factor_inner, factors, realized_projection
 
-    transposed = {c.module.kind == "embedding" or c.module.fan_in_fan_out for c in contribs}
+    mods = [c.module for c in contribs]
+    assert all(isinstance(m, LoraModule) for m in mods)  # the others take the dense route
+    loras = [m for m in mods if isinstance(m, LoraModule)]
+    transposed = {m.kind == "embedding" or m.fan_in_fan_out for m in loras}
     if len(transposed) != 1:
         raise IncompatibleError(f"modules {', '.join(c.module.name for c in contribs)} disagree on the layout "
                                 "of one base weight")
     flip = transposed.pop()
     terms = []
-    for c in contribs:
-        up, down = factors(c.module)  # (out, r), (r, in·k), float32
-        terms.append((up.double() * (c.weight * c.module.scale), down.double()))
+    for c, mod in zip(contribs, loras):
+        up, down = factors(mod)  # (out, r), (r, in·k), float32
+        terms.append((up.double() * (c.weight * mod.scale), down.double()))
     import torch
 
     # 16-bit tensors: float32 is exact for R and precise enough (linalg.realized_projection)
@@ -360,7 +364,7 @@ def verify(
     loaded = []
     for p in adapters:
         a = read(Path(p), allow_pickle=allow_pickle)
-        require_plain(a, "verify")
+        require_plain(a, "verify", lycoris=True)
         loaded.append(a)
     per_module, mw_warnings = adapter_module_weights(loaded, module_weights, blocks)
     plan, warnings = plan_merge(loaded, weights, base_ckpt, allow_unmatched=allow_unmatched, unmerge=False,
@@ -392,6 +396,7 @@ def verify(
 
 def _check_tensor(info: TensorInfo, merged_ckpt: Checkpoint, plan: Any, dtype: str, name: str
                   ) -> TensorCheck | None:
+    from loratool.adapter import LoraModule
     from loratool.linalg import merged_tensor, sq_norm
     from loratool.ops.merge import _out_dtype
     from loratool.st import load_tensor
@@ -414,7 +419,9 @@ def _check_tensor(info: TensorInfo, merged_ckpt: Checkpoint, plan: Any, dtype: s
         if not (w.is_floating_point() and m.is_floating_point()):
             check.verdict = "other change"
             return check
-        dense = key in plan.biases or any(c.module.magnitude is not None for c in contribs)
+        # DoRA, LyCORIS and bias deltas are not low-rank sums: merge's own arithmetic, densely
+        dense = key in plan.biases or any(not isinstance(c.module, LoraModule) or c.module.magnitude is not None
+                                          for c in contribs)
         if dense:
             _, expected, _ = merged_tensor(w, [(c.module, c.weight) for c in contribs], device="cpu", unmerge=False,
                                            bias=key in plan.biases, keep_delta=True)
