@@ -16,6 +16,7 @@ from loratool.st import TensorRef
 
 Kind = Literal["linear", "conv", "embedding"]
 AlphaSource = Literal["tensor", "config", "pattern", "metadata", "implied"]
+DoraAxis = Literal["out", "in"]
 
 
 @dataclass
@@ -29,7 +30,9 @@ class LoraModule:
         alpha: the stored or implied alpha.
         alpha_source: where alpha came from; wrong alpha is the most common user complaint.
         rslora: scale is alpha / sqrt(r) instead of alpha / r.
-        magnitude: DoRA magnitude, one value per output row (PEFT convention), or None.
+        magnitude: DoRA magnitude, or None: one value per output row (PEFT, LyCORIS wd_on_out=True), or
+            with dora_axis "in" one per input column (OneTrainer, LyCORIS wd_on_out=False).
+        dora_axis: the axis the DoRA weight norm runs over: "out" (per output row) or "in".
         bias: a LoRA bias delta (PEFT lora_bias) added to the base bias, or None.
         kind: linear, conv or embedding.
         fan_in_fan_out: the base weight is stored (in, out) (GPT-2 Conv1D).
@@ -45,6 +48,7 @@ class LoraModule:
     bias: TensorRef | None = None
     kind: Kind = "linear"
     fan_in_fan_out: bool = False
+    dora_axis: DoraAxis = "out"
 
     @property
     def rank(self) -> int:
@@ -138,6 +142,10 @@ class Adapter:
         path: where it was read from.
         files: the files it was read from (for provenance hashes).
         source_modules: the module names the source file held.
+        key_prefix: for PEFT-style keys read from one file without a config beside it (diffusers
+            `save_lora_adapter`, ComfyUI `diffusion_model.` files): the prefix its keys carried before
+            the module name ('' or 'base_model.model.'), so a write keeps that single-file dialect.
+            None for a PEFT directory and for the kohya / diffusers dialects (always one file).
     """
 
     modules: dict[str, LoraModule]
@@ -150,6 +158,7 @@ class Adapter:
     path: Path | None = None
     files: list[Path] = field(default_factory=list)
     source_modules: tuple[str, ...] = ()  # module names as read (PEFT writer: is target_modules still exact?)
+    key_prefix: str | None = None
 
     @property
     def ranks(self) -> list[int]:

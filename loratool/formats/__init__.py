@@ -20,6 +20,7 @@ from loratool.formats._common import (
     Finding,
     Findings,
     TensorFile,
+    header_config,
     is_unsupported,
     open_tensor_file,
     unsupported_family,
@@ -99,15 +100,21 @@ def read(path: str | Path, *, allow_pickle: bool = False, findings: Findings | N
         if fmt == "peft":
             config_path = p.parent / peft.CONFIG_NAME
             config: dict[str, Any] = {}
+            header = None
             if config_path.exists():
                 from loratool.formats._common import json_config
 
                 config = json_config(config_path, findings) or {}
             else:
-                findings.warning("config-missing", None,
-                                 f"{config_path}: not found; alpha is implied (= rank) for every module")
+                # one file on its own (diffusers save_lora_adapter, ComfyUI, SimpleTuner): the LoRA
+                # config, if any, is in its header
+                header = header_config(tf.metadata, None, p, findings)
+                if header is None:
+                    findings.warning("config-missing", None,
+                                     f"{p}: no {peft.CONFIG_NAME} beside it and no LoRA config in its header "
+                                     "metadata; alpha is implied (= rank) for every module")
             adapter = peft.from_tensors(tf, config, findings, root=p,
-                                        config_path=config_path if config_path.exists() else None)
+                                        config_path=config_path if config_path.exists() else None, header=header)
         elif fmt == "kohya":
             adapter = kohya.from_tensors(tf, findings)
         else:
@@ -187,6 +194,20 @@ def output_is_directory(fmt: str) -> bool:
     return fmt == "peft"
 
 
+def single_file_output(adapter: Adapter, out: Path, fmt: str, explicit: bool) -> bool:
+    """Whether a PEFT-style output is one file rather than a PEFT directory.
+
+    A path ending in .safetensors is a file. A single-file input (PEFT-style keys with no config
+    beside them, Adapter.key_prefix set) stays a single file in its own dialect unless the format
+    was asked for explicitly.
+    """
+    if fmt != "peft":
+        return True
+    if out.suffix == ".safetensors":
+        return True
+    return not explicit and adapter.source_format == "peft" and adapter.key_prefix is not None
+
+
 def write(
     adapter: Adapter,
     out: str | os.PathLike[str],
@@ -213,6 +234,7 @@ def write(
     """
     from loratool.st import atomic_output
 
+    explicit = fmt is not None
     fmt = fmt or adapter.source_format
     if fmt not in WRITABLE:
         raise IncompatibleError(
@@ -220,8 +242,13 @@ def write(
         )
     meta = provenance(op, params or {}, sources if sources is not None else adapter.files, hashes)
     out = Path(out)
-    with atomic_output(out, force=force, directory=output_is_directory(fmt)) as tmp:
-        if fmt == "peft":
+    single = single_file_output(adapter, out, fmt, explicit)
+    with atomic_output(out, force=force, directory=output_is_directory(fmt) and not single) as tmp:
+        if fmt == "peft" and single:
+            keep = adapter.source_format == "peft" and adapter.key_prefix is not None
+            peft.write_file(adapter, tmp, meta, adapter.key_prefix if keep and adapter.key_prefix is not None
+                            else peft.PREFIX)
+        elif fmt == "peft":
             peft.write(adapter, tmp, meta)
         elif fmt == "diffusers":
             diffusers.write(adapter, tmp, meta)

@@ -48,6 +48,11 @@ class Findings:
         self.items.append(Finding("warning", code, module, message))
 
 
+def count_of(names: list[str], noun: str) -> str:
+    """'1 module has' / '128 modules have': one warning line for many modules, not one each."""
+    return f"{len(names)} {noun} has" if len(names) == 1 else f"{len(names)} {noun}s have"
+
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -271,3 +276,105 @@ def json_config(path: Path, findings: Findings) -> dict[str, Any] | None:
                        exc=FormatError)
         return None
     return data
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA config stored in the safetensors header
+
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' save_lora_adapter / save_lora_weights
+_HEADER_ALPHA_KEYS = ("lora_alpha", "alpha")  # plain header keys trainers write (SimpleTuner, LightX2V)
+
+
+@dataclass
+class HeaderConfig:
+    """A LoRA config found in a file's header metadata, and where (for messages and inspect)."""
+
+    config: dict[str, Any]
+    origin: str  # e.g. "lora_adapter_metadata" or "header key 'transformer.lora_alpha'"
+
+
+def header_config(metadata: dict[str, str], component: str | None, where: Path,
+                  findings: Findings) -> HeaderConfig | None:
+    """The LoRA config a single file carries in its header, for one component (None: no prefix).
+
+    Looked for, in order: `lora_adapter_metadata` (JSON; a LoraConfig dict as `save_lora_adapter`
+    writes it, or per component flat `<component>.r` / nested `{"<component>": {...}}` as
+    `save_lora_weights` writes it), then plain header keys `<component>.lora_alpha` / `.r`,
+    `lora_alpha` / `alpha` / `r`. A file without a prefix whose metadata names exactly one component
+    takes that component's config. Values of the wrong type are config-invalid errors naming the key.
+    """
+    raw = metadata.get(ADAPTER_METADATA_KEY)
+    if raw:
+        data = _metadata_json(raw, where, findings)
+        if data is not None:
+            picked = _pick_component(data, component)
+            if picked:
+                return HeaderConfig(picked, ADAPTER_METADATA_KEY)
+    # plain keys: the component's own, or un-namespaced
+    found: dict[str, tuple[str, str]] = {}  # field -> (header key, value)
+    spaces = {k.split(".", 1)[0] for k in metadata if "." in k and k.split(".", 1)[1] in ("lora_alpha", "r")}
+    space = component if component is not None else (next(iter(spaces)) if len(spaces) == 1 else None)
+    for fld, names in (("lora_alpha", _HEADER_ALPHA_KEYS), ("r", ("r",))):
+        keys = [k for k in ([f"{space}.{n}" for n in names] if space else []) + list(names) if k in metadata]
+        values = {metadata[k].strip() for k in keys}
+        if len(values) > 1:
+            shown = ", ".join(f"{k}={metadata[k]!r}" for k in keys)
+            findings.error("config-invalid", None, f"{where}: header metadata disagrees about {fld}: {shown}",
+                           hint="remove the wrong key, or pass the adapter's adapter_config.json beside it",
+                           exc=FormatError)
+            return None
+        if keys:
+            found[fld] = (keys[0], metadata[keys[0]])
+    if "lora_alpha" not in found:
+        return None
+    cfg: dict[str, Any] = {}
+    for fld, (key, text) in found.items():
+        try:
+            value = float(text)
+        except ValueError:
+            findings.error("config-invalid", None, f"{where}: header metadata '{key}' must be a number, got {text!r}",
+                           exc=FormatError)
+            return None
+        cfg[fld] = int(value) if fld == "r" and value.is_integer() else value
+    return HeaderConfig(cfg, f"header key '{found['lora_alpha'][0]}'")
+
+
+def _metadata_json(raw: str, where: Path, findings: Findings) -> dict[str, Any] | None:
+    import json
+
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # not JSON, over-long integers, absurd nesting
+        findings.error("config-invalid", None,
+                       f"{where}: header metadata '{ADAPTER_METADATA_KEY}' is not valid JSON ({e})",
+                       hint="alpha cannot be known; re-export the adapter", exc=FormatError)
+        return None
+    if not isinstance(data, dict):
+        findings.error("config-invalid", None,
+                       f"{where}: header metadata '{ADAPTER_METADATA_KEY}' is a JSON {type(data).__name__}, "
+                       "expected an object", exc=FormatError)
+        return None
+    return data
+
+
+_LORA_CONFIG_FIELDS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "target_modules")
+
+
+def _pick_component(data: dict[str, Any], component: str | None) -> dict[str, Any]:
+    def of(space: str) -> dict[str, Any]:
+        if isinstance(data.get(space), dict):
+            return dict(data[space])
+        prefix = space + "."
+        return {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)}
+
+    if component is not None:
+        cfg = of(component)
+        if cfg:
+            return cfg
+    if any(k in data for k in _LORA_CONFIG_FIELDS):
+        return dict(data)  # one LoraConfig, as a model's save_lora_adapter writes it
+    if component is None:
+        spaces = {k.split(".", 1)[0] for k in data if "." in k} | {k for k, v in data.items() if isinstance(v, dict)}
+        if len(spaces) == 1:
+            return of(next(iter(spaces)))
+    return {}

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from loratool.adapter import Adapter, LoraModule
-from loratool.formats._common import Findings, RawModule, TensorFile, build_module, group_tensors
+from loratool.formats._common import Findings, RawModule, TensorFile, build_module, count_of, group_tensors
 
 PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lycoris_", "lora_transformer_")
 
@@ -39,11 +39,11 @@ def looks_like(keys: list[str]) -> bool:
 def from_tensors(tf: TensorFile, findings: Findings) -> Adapter:
     raw, unsupported = group_tensors(tf, split_key, findings)
     modules: dict[str, LoraModule] = {}
+    implied: list[str] = []
     for name, rm in raw.items():
         alpha = _alpha(rm, name, tf, findings) if rm.alpha is not None else None
         if rm.alpha is None and rm.down is not None and rm.up is not None:
-            findings.warning("alpha-missing", name,
-                             f"{tf.path}: module '{name}' has no .alpha tensor; alpha is implied (= rank)")
+            implied.append(name)
         magnitude = rm.magnitude
         if magnitude is not None and rm.up is not None and magnitude.numel == rm.up.shape[0]:
             pass  # per-output-row magnitude (LyCORIS wd_on_out=True, PEFT convention)
@@ -60,6 +60,12 @@ def from_tensors(tf: TensorFile, findings: Findings) -> Adapter:
         )
         if module is not None:
             modules[name] = module
+    if implied:
+        findings.warning(
+            "alpha-missing", implied[0] if len(implied) == 1 else None,
+            f"{tf.path}: {count_of(implied, 'module')} no .alpha tensor; alpha is implied (= rank) for "
+            f"{'it' if len(implied) == 1 else 'them'} (e.g. {implied[0]})",
+        )
     meta = tf.metadata
     base_model = meta.get("ss_sd_model_name") or meta.get("modelspec.architecture") or None
     return Adapter(
