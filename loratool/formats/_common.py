@@ -48,9 +48,18 @@ class Findings:
         self.items.append(Finding("warning", code, module, message))
 
 
-def count_of(names: list[str], noun: str) -> str:
-    """'1 module has' / '128 modules have': one warning line for many modules, not one each."""
-    return f"{len(names)} {noun} has" if len(names) == 1 else f"{len(names)} {noun}s have"
+def alpha_missing(findings: Findings, where: Path, names: list[str], lacks: str) -> None:
+    """One alpha-missing warning for all modules without an alpha, with their count (a file of 128
+    such modules gets one line, not 128)."""
+    if not names:
+        return
+    if len(names) == 1:
+        findings.warning("alpha-missing", names[0],
+                         f"{where}: module '{names[0]}' has no {lacks}; alpha is implied (= rank)")
+        return
+    findings.warning("alpha-missing", None,
+                     f"{where}: {len(names)} modules have no {lacks}; alpha is implied (= rank) for each "
+                     f"(e.g. '{names[0]}')")
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")

@@ -23,8 +23,8 @@ from loratool.formats._common import (
     Findings,
     HeaderConfig,
     TensorFile,
+    alpha_missing,
     build_module,
-    count_of,
     group_tensors,
     header_config,
     is_unsupported,
@@ -135,12 +135,7 @@ def from_tensors(tf: TensorFile, findings: Findings) -> Adapter:
         )
         if module is not None:
             modules[name] = module
-    if implied:
-        findings.warning(
-            "alpha-missing", implied[0] if len(implied) == 1 else None,
-            f"{tf.path}: {count_of(implied, 'module')} no alpha tensor or header metadata; alpha is implied "
-            f"(= rank) for {'it' if len(implied) == 1 else 'them'} (e.g. {implied[0]})",
-        )
+    alpha_missing(findings, tf.path, implied, "alpha tensor or header metadata")
     return Adapter(
         modules=modules, source_format="diffusers", metadata=tf.metadata, unsupported=unsupported,
         path=tf.path, files=[tf.path],

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from loratool.adapter import Adapter, LoraModule
-from loratool.formats._common import Findings, RawModule, TensorFile, build_module, count_of, group_tensors
+from loratool.formats._common import Findings, RawModule, TensorFile, alpha_missing, build_module, group_tensors
 
 PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lycoris_", "lora_transformer_")
 
@@ -60,12 +60,7 @@ def from_tensors(tf: TensorFile, findings: Findings) -> Adapter:
         )
         if module is not None:
             modules[name] = module
-    if implied:
-        findings.warning(
-            "alpha-missing", implied[0] if len(implied) == 1 else None,
-            f"{tf.path}: {count_of(implied, 'module')} no .alpha tensor; alpha is implied (= rank) for "
-            f"{'it' if len(implied) == 1 else 'them'} (e.g. {implied[0]})",
-        )
+    alpha_missing(findings, tf.path, implied, ".alpha tensor")
     meta = tf.metadata
     base_model = meta.get("ss_sd_model_name") or meta.get("modelspec.architecture") or None
     return Adapter(

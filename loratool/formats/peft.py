@@ -67,7 +67,10 @@ def base_key(extra: str) -> str:
     return extra.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
 
 
-_REGEX_META = frozenset(".^$*+?{}[]\\|()")
+# a name with escapes (`\.`, `\-`: re.escape's output) and unescaped `.` wildcards, nothing else of regex
+_NAME_LIKE = re.compile(r"(?:\\[^0-9A-Za-z_]|[^\\^$*+?{}\[\]|()])*", re.S)
+_ESCAPE = re.compile(r"(\\.)", re.S)
+_DOT = re.compile(r"\.")
 
 
 def _plain_key(key: str) -> tuple[bool, str, frozenset[int]] | None:
@@ -75,23 +78,23 @@ def _plain_key(key: str) -> tuple[bool, str, frozenset[int]] | None:
     `^`, the name, positions of the wildcard dots); None when it is a real regex."""
     anchored = key.startswith("^")
     text = key[1:] if anchored else key
+    if not _NAME_LIKE.fullmatch(text):
+        return None
+    if "\\" not in text:
+        return anchored, text, frozenset(m.start() for m in _DOT.finditer(text))
+    if "." not in _ESCAPE.sub("", text):  # re.escape's output: every dot escaped, no wildcards
+        return anchored, _ESCAPE.sub(lambda m: m.group(0)[1], text), frozenset()
     out: list[str] = []
-    wild: set[int] = set()
-    i = 0
-    while i < len(text):
-        c = text[i]
-        if c == "\\":
-            if i + 1 >= len(text) or text[i + 1].isalnum() or text[i + 1] == "_":
-                return None  # \d, \w, a trailing backslash...: a regex
-            out.append(text[i + 1])
-            i += 2
-            continue
-        if c == ".":
-            wild.add(len(out))
-        elif c in _REGEX_META:
-            return None
-        out.append(c)
-        i += 1
+    wild: list[int] = []
+    size = 0
+    for part in _ESCAPE.split(text):
+        if part.startswith("\\") and len(part) == 2:
+            out.append(part[1])
+            size += 1
+        else:
+            wild.extend(size + m.start() for m in _DOT.finditer(part))
+            out.append(part)
+            size += len(part)
     return anchored, "".join(out), frozenset(wild)
 
 
