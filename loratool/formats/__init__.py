@@ -143,7 +143,15 @@ def _check_duplicates(adapter: Adapter, findings: Findings) -> None:
 
 
 def require_plain(adapter: Adapter, op: str) -> None:
-    """Operations refuse adapters that hold tensors they would silently drop."""
+    """Operations refuse adapters that hold tensors they would silently drop or misread."""
+    per_column = [m.name for m in adapter.modules.values() if m.magnitude is not None and m.dora_axis == "in"]
+    if per_column:
+        raise IncompatibleError(
+            f"{adapter.path}: module '{per_column[0]}' is DoRA with one magnitude per input column "
+            f"(LyCORIS wd_on_out=False / OneTrainer; {len(per_column)} such module(s)); {op} supports only "
+            "per-output-row DoRA (PEFT, LyCORIS wd_on_out=True)",
+            hint=f"loratool inspect {adapter.path} shows it; re-train or re-export with per-output-row DoRA",
+        )
     if adapter.unsupported:
         key = adapter.unsupported[0]
         raise IncompatibleError(
@@ -244,16 +252,19 @@ def write(
     out = Path(out)
     single = single_file_output(adapter, out, fmt, explicit)
     with atomic_output(out, force=force, directory=output_is_directory(fmt) and not single) as tmp:
-        if fmt == "peft" and single:
-            keep = adapter.source_format == "peft" and adapter.key_prefix is not None
-            peft.write_file(adapter, tmp, meta, adapter.key_prefix if keep and adapter.key_prefix is not None
-                            else peft.PREFIX)
-        elif fmt == "peft":
-            peft.write(adapter, tmp, meta)
-        elif fmt == "diffusers":
-            diffusers.write(adapter, tmp, meta)
-        else:
-            kohya.write(adapter, tmp, meta)
+        try:
+            if fmt == "peft" and single:
+                keep = adapter.source_format == "peft" and adapter.key_prefix is not None
+                peft.write_file(adapter, tmp, meta, adapter.key_prefix if keep and adapter.key_prefix is not None
+                                else peft.PREFIX)
+            elif fmt == "peft":
+                peft.write(adapter, tmp, meta)
+            elif fmt == "diffusers":
+                diffusers.write(adapter, tmp, meta)
+            else:
+                kohya.write(adapter, tmp, meta)
+        except IncompatibleError as e:  # what the format cannot hold: name the output, not the temporary
+            raise IncompatibleError(f"{out}: {e.message}", hint=e.hint) from None
         check = read(tmp)
         if len(check.modules) != len(adapter.modules):
             raise IncompatibleError(

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from loratool.adapter import AlphaSource, Kind, LoraModule
+from loratool.adapter import AlphaSource, DoraAxis, Kind, LoraModule
 from loratool.errors import FormatError, IncompatibleError, LoratoolError
 from loratool.st import TensorRef, read_header
 
@@ -77,18 +77,109 @@ class TensorFile:
 def open_tensor_file(path: Path, *, allow_pickle: bool) -> TensorFile:
     """Open a .safetensors file (header only) or, with allow_pickle, a torch pickle (weights only).
 
+    The container is recognised from the file's first bytes, not its name: a safetensors file
+    named .bin is read as safetensors, a torch.save zip named .safetensors is a pickle, and other
+    containers (NumPy .npz / .npy, GGUF, HDF5, other zip archives) are named in the error.
+
     Raises:
-        FormatError: pickle without allow_pickle, or an unreadable file.
+        FormatError: pickle without allow_pickle, another container, or an unreadable file.
     """
-    if path.suffix in PICKLE_SUFFIXES:
+    kind = sniff_container(path)
+    if kind == "pickle" or (kind is None and path.suffix in PICKLE_SUFFIXES):
         if not allow_pickle:
+            calls = pickle_calls(path)
+            shown = f"; this one would call {', '.join(calls[:3])} when loaded" if calls else ""
             raise FormatError(
-                f"{path}: is a pickle file; loading pickles can run arbitrary code",
-                hint="convert it to .safetensors, or pass --allow-pickle if you trust its source",
+                f"{path}: is a pickle file, not loaded: unpickling can execute arbitrary code (a pickle may call "
+                f"any Python function){shown}",
+                hint="convert it to .safetensors, or pass --allow-pickle if you trust its source (plain tensors "
+                "only are then loaded, with torch.load(weights_only=True))",
             )
         return _load_pickle(path)
+    if kind is not None and kind != "safetensors":
+        raise FormatError(
+            f"{path}: is {kind}, not a safetensors or torch file",
+            hint=_CONTAINER_HINTS.get(kind, "loratool reads .safetensors adapters (torch pickles with --allow-pickle)"),
+        )
     st = read_header(path)
     return TensorFile(path, {k: TensorRef.from_info(i) for k, i in st.tensors.items()}, st.metadata)
+
+
+NPZ = "a NumPy .npz archive (zip; e.g. an old MLX adapter)"
+NPY = "a NumPy .npy array"
+GGUF = "a GGUF file (llama.cpp)"
+HDF5 = "an HDF5 file (Keras .h5)"
+ZIP = "a zip archive"
+_CONTAINER_HINTS = {
+    NPZ: "convert it to .safetensors (mlx-lm writes adapters.safetensors; numpy.load + safetensors.numpy.save_file)",
+    NPY: "save the arrays as .safetensors (safetensors.numpy.save_file)",
+    GGUF: "loratool reads .safetensors adapters; convert the GGUF adapter back with llama.cpp's tools",
+}
+
+
+def sniff_container(path: Path) -> str | None:
+    """What the file's first bytes say it is: "safetensors", "pickle", one of the container names
+    above, or None (too short, unreadable, or unknown: the safetensors reader then explains)."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    if head.startswith(b"GGUF"):
+        return GGUF
+    if head.startswith(b"\x93NUMPY"):
+        return NPY
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        return HDF5
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return ZIP
+        if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            return "pickle"  # torch.save's zip format
+        if names and all(n.endswith(".npy") for n in names):
+            return NPZ
+        return ZIP
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"  # checked first: a header length may begin with the byte 0x80
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"  # a legacy (non-zip) torch.save or plain pickle
+    return None
+
+
+def pickle_calls(path: Path) -> list[str]:
+    """The functions and classes a pickle names (GLOBAL / STACK_GLOBAL), found by reading its
+    opcodes without executing anything; those torch needs to rebuild tensors are left out."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                member = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                data = z.read(member) if member else b""
+        else:
+            data = path.read_bytes()[:50_000_000]
+        calls: list[str] = []
+        strings: list[str] = []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL" and isinstance(arg, str):
+                calls.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                calls.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # a corrupt pickle: no names to show, the refusal stands
+        return []
+    seen: list[str] = []
+    for c in calls:
+        if not c.startswith(("torch.", "collections.OrderedDict", "_codecs.encode")) and c not in seen:
+            seen.append(c)
+    return seen
 
 
 def _load_pickle(path: Path) -> TensorFile:
@@ -101,10 +192,13 @@ def _load_pickle(path: Path) -> TensorFile:
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        calls = pickle_calls(path)
+        what = (f"it would call {', '.join(calls[:3])} when loaded" if calls
+                else f"it holds something other than plain tensors ({_unpickler_reason(e)})")
         raise FormatError(
-            f"{path}: refused by the safe (weights_only) unpickler: {_unpickler_reason(e)}; "
-            "it holds something other than plain tensors",
-            hint="ask for a .safetensors version of this adapter; never load it with weights_only=False",
+            f"{path}: refused by the safe unpickler: {what}; a pickle that calls functions can execute "
+            "arbitrary code, so loratool loads plain tensors only",
+            hint="ask for a .safetensors version of this adapter",
         ) from None
     except Exception as e:  # torch.load on a corrupt file raises a zoo of types: all are the file's fault
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -235,11 +329,13 @@ def build_module(
         findings.error("non-finite", shown, f"{where}: module '{shown}': alpha is {alpha} ({alpha_source}); "
                        "every delta of the module would be NaN or Inf")
         return None
-    if raw.magnitude is not None and raw.magnitude.numel != up.shape[0]:
+    dora_axis = magnitude_axis(raw.magnitude.shape, up.shape[0], down.shape[1]) if raw.magnitude is not None else "out"
+    if dora_axis is None:
+        assert raw.magnitude is not None
         findings.error(
             "bad-shape", shown,
             f"{where}: module '{shown}': DoRA magnitude has shape {raw.magnitude.shape} but the "
-            f"module has {up.shape[0]} output features",
+            f"module has {up.shape[0]} output features and {down.shape[1]} input features",
         )
         return None
     return LoraModule(
@@ -253,7 +349,24 @@ def build_module(
         bias=raw.bias,
         kind=kind,
         fan_in_fan_out=fan_in_fan_out and kind == "linear",
+        dora_axis=dora_axis,
     )
+
+
+def magnitude_axis(shape: tuple[int, ...], out: int, inp: int) -> DoraAxis | None:
+    """The axis a DoRA magnitude runs along, from its stored shape, or None when it fits neither.
+
+    One value per output row: `(out,)` (PEFT lora_magnitude_vector) or `(out, 1, ...)` (LyCORIS
+    wd_on_out=True). One per input column: `(1, in, ...)` (LyCORIS wd_on_out=False, OneTrainer).
+    The shape decides, so a square layer's per-column magnitude is never taken as per-row.
+    """
+    if len(shape) == 1:
+        return "out" if shape[0] == out else None
+    if len(shape) >= 2 and shape[0] == out and all(d == 1 for d in shape[1:]):
+        return "out"
+    if len(shape) >= 2 and shape[0] == 1 and shape[1] == inp and all(d == 1 for d in shape[2:]):
+        return "in"
+    return None
 
 
 def _shape_problem(kind: Kind, down: tuple[int, ...], up: tuple[int, ...]) -> str | None:
@@ -275,8 +388,15 @@ def json_config(path: Path, findings: Findings) -> dict[str, Any] | None:
     import json
 
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON/UTF-8, over-long integers
+        text = path.read_bytes()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        findings.error("config-unreadable", None, f"{path}: cannot be read ({reason.lower()})",
+                       hint="check the file's permissions", exc=FormatError)
+        return None
+    try:
+        data = json.loads(text.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # ValueError: bad JSON/UTF-8, over-long integers
         findings.error("config-invalid", None, f"{path}: not valid JSON ({e})",
                        hint="fix or re-create the config file", exc=FormatError)
         return None

@@ -44,16 +44,6 @@ def from_tensors(tf: TensorFile, findings: Findings) -> Adapter:
         alpha = _alpha(rm, name, tf, findings) if rm.alpha is not None else None
         if rm.alpha is None and rm.down is not None and rm.up is not None:
             implied.append(name)
-        magnitude = rm.magnitude
-        if magnitude is not None and rm.up is not None and magnitude.numel == rm.up.shape[0]:
-            pass  # per-output-row magnitude (LyCORIS wd_on_out=True, PEFT convention)
-        elif magnitude is not None and rm.down is not None and magnitude.numel == rm.down.shape[1]:
-            findings.error(
-                "unsupported-dora-axis", name,
-                f"{tf.path}: module '{name}': .dora_scale {magnitude.shape} is per input column "
-                "(LyCORIS wd_on_out=False); only per-output-row DoRA is supported",
-            )
-            continue
         module = build_module(
             name, rm, alpha=alpha, alpha_source="tensor", rslora=False, fan_in_fan_out=False,
             findings=findings, where=tf.path,
@@ -221,6 +211,9 @@ def kohya_name(m: LoraModule, source_format: str) -> str:
     return "lora_unet_" + name.replace(".", "_")
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def kohya_alpha(m: LoraModule) -> float:
     """The alpha to store: kohya scale is always alpha / r, so an rslora module's alpha is converted."""
     return m.scale * m.rank if m.rslora else m.alpha
@@ -234,10 +227,19 @@ def state_dict(adapter: Adapter) -> dict[str, Any]:
         stem = kohya_name(m, adapter.source_format)
         if stem + ".lora_down.weight" in out:
             raise ValueError(f"two modules map to the kohya name {stem}")
+        alpha = kohya_alpha(m)
+        if not abs(alpha) <= _FLOAT32_MAX:
+            from loratool.errors import IncompatibleError
+
+            raise IncompatibleError(
+                f"module '{m.name}': alpha {alpha:.6g} does not fit kohya's float32 .alpha tensor "
+                f"(largest {_FLOAT32_MAX:.6g}); the file would hold an infinite scale",
+                hint="use a smaller --factor / --alpha, or write PEFT (--format peft), whose config holds any alpha",
+            )
         out[stem + ".lora_down.weight"] = m.down.load()
         out[stem + ".lora_up.weight"] = m.up.load()
         # alpha stays float32 whatever the weights are: a bf16 alpha rounds the scale (kohya bug)
-        out[stem + ".alpha"] = torch.tensor(kohya_alpha(m), dtype=torch.float32)
+        out[stem + ".alpha"] = torch.tensor(alpha, dtype=torch.float32)
         if m.magnitude is not None:
             mag = m.magnitude.load()
             out[stem + ".dora_scale"] = mag.reshape(m.out_features, *([1] * (len(m.up.shape) - 1)))

@@ -20,6 +20,7 @@ from loratool.errors import FormatError
 from loratool.formats import read
 from loratool.formats.peft import PatternLookup
 from loratool.ops.inspect import inspect_adapter
+from loratool.ops.rescale import rescale
 from loratool.ops.resize import resize
 
 ATTN = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
@@ -273,3 +274,61 @@ def test_string_booleans_are_refused(make_adapter, field: str) -> None:
     path = make_adapter(fmt="peft", config={field: "false"})
     with pytest.raises(FormatError, match=f"'{field}' must be true or false"):
         read(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# item 11: DoRA axis; item 20: messages
+
+
+def test_dora_axis_from_the_stored_shape(tmp_path: Path) -> None:
+    k = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    down, up = _pair(32, 32, 4, 0)
+    for shape, axis in (((32, 1), "out"), ((1, 32), "in")):  # square: only the shape tells them apart
+        path = tmp_path / f"dora_{axis}.safetensors"
+        save_file({f"{k}.lora_down.weight": down, f"{k}.lora_up.weight": up, f"{k}.alpha": torch.tensor(4.0),
+                   f"{k}.dora_scale": torch.rand(*shape)}, path)
+        doc = inspect_adapter(path).to_dict()
+        assert doc["modules"][0]["dora_axis"] == axis
+        assert doc["dora_axes"] == {axis: 1}
+
+
+def test_unreadable_input_is_not_an_error_while_writing(tmp_path: Path, make_adapter, monkeypatch) -> None:
+    import errno
+
+    import loratool.st as st
+
+    src = make_adapter(fmt="kohya")
+    real_open = open
+
+    def failing_open(path, mode="r", *args, **kwargs):  # type: ignore[no-untyped-def]
+        if "r" in mode and str(path) == str(src):
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(st, "open", failing_open, raising=False)
+    with pytest.raises(Exception) as info:
+        resize(src, tmp_path / "out.safetensors", rank=2)
+    msg = str(info.value)
+    assert str(src) in msg and "while writing" not in msg
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_kohya_alpha_overflow_names_the_output_not_a_temporary(tmp_path: Path, make_adapter) -> None:
+    from loratool.errors import IncompatibleError
+
+    src = make_adapter(fmt="kohya", alpha=8)
+    out = tmp_path / "huge.safetensors"
+    with pytest.raises(IncompatibleError) as info:
+        rescale(src, out, mode="factor", value=1e38)
+    msg = str(info.value)
+    assert msg.startswith(f"{out}: ") and ".tmp" not in msg and "alpha is inf" not in msg
+    assert "float32" in msg
+
+
+def test_unreadable_config_is_not_called_invalid_json(make_adapter) -> None:
+    d = make_adapter(fmt="peft")
+    (d / "adapter_config.json").unlink()
+    (d / "adapter_config.json").mkdir()
+    with pytest.raises(FormatError) as info:
+        read(d)
+    assert "cannot be read" in str(info.value) and "JSON" not in str(info.value)
