@@ -18,7 +18,7 @@ from typing import Any
 
 from loratool.adapter import Adapter
 from loratool.errors import FormatError, IncompatibleError
-from loratool.formats import diffusers, kohya, peft
+from loratool.formats import diffusers, kohya, mlx, peft
 from loratool.formats._common import (
     PICKLE_SUFFIXES,
     Finding,
@@ -38,7 +38,7 @@ __all__ = [
 
 # The built-in formats, in detection order (ties between equal detection scores go to the first).
 # A new format: its module defines FORMAT (a registry.Format record); add it here.
-for _record in (peft.FORMAT, kohya.FORMAT, diffusers.FORMAT):
+for _record in (peft.FORMAT, kohya.FORMAT, diffusers.FORMAT, mlx.FORMAT):
     register(_record)
 
 get_format = get
@@ -218,14 +218,14 @@ def output_is_directory(fmt: str) -> bool:
 
 
 def single_file_output(adapter: Adapter, out: Path, fmt: str, explicit: bool) -> bool:
-    """Whether a PEFT-style output is one file rather than a PEFT directory.
+    """Whether a PEFT output is one file rather than a PEFT directory.
 
     A path ending in .safetensors is a file. A single-file input (PEFT-style keys with no config
     beside them, Adapter.key_prefix set) stays a single file in its own dialect unless the format
     was asked for explicitly.
     """
     if fmt != "peft":
-        return True
+        return False  # the other formats have one layout each (kohya, diffusers: a file; MLX: a directory)
     if out.suffix == ".safetensors":
         return True
     return not explicit and adapter.source_format == "peft" and adapter.key_prefix is not None

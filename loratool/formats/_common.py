@@ -85,6 +85,8 @@ def open_tensor_file(path: Path, *, allow_pickle: bool) -> TensorFile:
         FormatError: pickle without allow_pickle, another container, or an unreadable file.
     """
     kind = sniff_container(path)
+    if path.suffix == ".npz" or kind == NPZ:
+        return _open_npz(path)  # MLX's older adapters.npz (numpy, allow_pickle=False)
     if kind == "pickle" or (kind is None and path.suffix in PICKLE_SUFFIXES):
         if not allow_pickle:
             calls = pickle_calls(path)
@@ -105,7 +107,7 @@ def open_tensor_file(path: Path, *, allow_pickle: bool) -> TensorFile:
     return TensorFile(path, {k: TensorRef.from_info(i) for k, i in st.tensors.items()}, st.metadata)
 
 
-NPZ = "a NumPy .npz archive (zip; e.g. an old MLX adapter)"
+NPZ = "a NumPy .npz archive"
 NPY = "a NumPy .npy array"
 GGUF = "a GGUF file (llama.cpp)"
 HDF5 = "an HDF5 file (Keras .h5)"
@@ -180,6 +182,20 @@ def pickle_calls(path: Path) -> list[str]:
         if not c.startswith(("torch.", "collections.OrderedDict", "_codecs.encode")) and c not in seen:
             seen.append(c)
     return seen
+
+
+def _open_npz(path: Path) -> TensorFile:
+    """An .npz archive (older MLX adapters) as tensors, loaded with numpy's allow_pickle=False."""
+    import numpy as np
+    import torch
+
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {k: archive[k] for k in archive.files}
+    except (OSError, ValueError, EOFError) as e:  # ValueError: pickled object arrays, bad members
+        raise FormatError(f"{path}: not a readable .npz archive of plain arrays ({e})") from None
+    tensors = {k: TensorRef.from_tensor(torch.from_numpy(np.ascontiguousarray(a))) for k, a in arrays.items()}
+    return TensorFile(path, tensors, {})
 
 
 def _load_pickle(path: Path) -> TensorFile:

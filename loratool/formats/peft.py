@@ -35,6 +35,7 @@ PREFIX = PEFT_PREFIX
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
+MLX_WEIGHTS = ("adapters.safetensors", "adapters.npz")
 
 # key suffix -> (role in RawModule, is embedding)
 _SUFFIXES: tuple[tuple[str, str, bool], ...] = (
@@ -527,7 +528,10 @@ def _detect(keys: list[str]) -> int:
 
 
 def _is_adapter_dir(path: Path) -> bool:
-    return (path / CONFIG_NAME).exists() or (path / WEIGHTS_NAME).exists()
+    if (path / WEIGHTS_NAME).exists():
+        return True
+    # mlx-lm directories also hold an adapter_config.json (beside adapters.safetensors / .npz)
+    return (path / CONFIG_NAME).exists() and not any((path / n).exists() for n in MLX_WEIGHTS)
 
 
 FORMAT = Format(

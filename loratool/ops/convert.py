@@ -30,6 +30,7 @@ from typing import Any
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import IncompatibleError
+from loratool.runtimes import RUNTIME_OF_FORMAT
 from loratool.st import TensorRef
 
 SCHEMA = 1
@@ -187,6 +188,10 @@ def convert(
         to = runtime.writes
     if to is None:
         raise IncompatibleError("no output format", hint="give --to FORMAT or --for RUNTIME")
+    if runtime is None and to in RUNTIME_OF_FORMAT:
+        from loratool.ops.runtime import get_runtime
+
+        runtime = get_runtime(RUNTIME_OF_FORMAT[to])
     target = get_format(to, writing=True)
     adapter = read(Path(path), allow_pickle=allow_pickle)
     require_plain(adapter, "convert")
