@@ -465,7 +465,7 @@ def _converted_alpha(m: LoraModule, to_rslora: bool) -> float:
     return s * (m.rank**0.5) if to_rslora else s * m.rank
 
 
-def state_dict(adapter: Adapter, alphas: dict[str, float], prefix: str = PREFIX) -> dict[str, Any]:
+def state_dict(adapter: Adapter, prefix: str = PREFIX) -> dict[str, Any]:
     """Tensors in PEFT key layout. The factors are stored as they are (alpha carries the scale)."""
     out: dict[str, Any] = {}
     for m in adapter.modules.values():
@@ -493,7 +493,7 @@ def write(adapter: Adapter, out_dir: Path, metadata: dict[str, str]) -> None:
     for m in adapter.modules.values():
         # the written alpha must reproduce the module's scale exactly
         assert abs(scale_for(alphas[m.name], m.rank, config["use_rslora"]) - m.scale) <= 1e-9 * max(1, abs(m.scale))
-    save_tensors(out_dir / WEIGHTS_NAME, state_dict(adapter, alphas), {"format": "pt", **metadata})
+    save_tensors(out_dir / WEIGHTS_NAME, state_dict(adapter), {"format": "pt", **metadata})
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -517,7 +517,7 @@ def write_file(adapter: Adapter, out_file: Path, metadata: dict[str, str], prefi
         meta = {k: v for k, v in adapter.metadata.items()
                 if not k.startswith("loratool.") and k.rsplit(".", 1)[-1] not in _STALE_HEADER_KEYS}
     meta.update({"format": "pt", ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True), **metadata})
-    save_tensors(out_file, state_dict(adapter, alphas, prefix), meta)
+    save_tensors(out_file, state_dict(adapter, prefix), meta)
 
 def _detect(keys: list[str]) -> int:
     """3: PEFT-prefixed LoRA keys; 1: LoRA keys in PEFT style without the prefix (after kohya and

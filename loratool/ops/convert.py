@@ -176,6 +176,7 @@ def convert(
     """
     from loratool.formats import check_writable, get_format, read, require_plain, source_label, write
     from loratool.formats.rename import FOREIGN, target_names
+    from loratool.hub import resolve_path
 
     runtime = None
     if for_runtime is not None:
@@ -193,7 +194,9 @@ def convert(
 
         runtime = get_runtime(RUNTIME_OF_FORMAT[to])
     target = get_format(to, writing=True)
-    adapter = read(Path(path), allow_pickle=allow_pickle)
+    path = resolve_path(path)
+    base = resolve_path(base) if base is not None else None
+    adapter = read(path, allow_pickle=allow_pickle)
     require_plain(adapter, "convert")
     if not adapter.modules:
         raise IncompatibleError(f"{path}: holds no LoRA modules to convert")
