@@ -32,7 +32,8 @@ from loratool.formats.registry import Capabilities, Format, all_formats, check_w
 
 __all__ = [
     "PICKLE_SUFFIXES", "Capabilities", "Finding", "Findings", "Format", "check_writable", "detect",
-    "extra_base_key", "format_names", "get_format", "is_transposed_layer", "output_is_directory", "provenance",
+    "extra_base_key", "format_names", "get_format", "is_transposed_layer", "kohya_paths_metadata",
+    "output_is_directory", "provenance",
     "read", "require_plain", "source_label", "unsupported_family", "writable_formats", "write",
 ]
 
@@ -57,6 +58,12 @@ def writable_formats() -> tuple[str, ...]:
 def extra_base_key(extra: str) -> str:
     """The base-model key a full tensor of Adapter.extras replaces."""
     return peft.base_key(extra)
+
+
+def kohya_paths_metadata(paths: Mapping[str, str]) -> dict[str, str]:
+    """Header metadata for a kohya file recording each stem's dotted module path ({stem: path}):
+    kohya names lose the dots (and some prefixes), so the file keeps what converting back needs."""
+    return kohya.paths_metadata(dict(paths))
 
 
 def is_transposed_layer(name: str) -> bool:

@@ -138,8 +138,9 @@ class Placement:
     by: str
 
 
-def place(name: str, base_key: str | None = None) -> Placement | None:
-    """Recover a kohya name's module path: from the base key it matched, else by the naming rules.
+def place(name: str, base_key: str | None = None, paths: dict[str, str] | None = None) -> Placement | None:
+    """Recover a kohya name's module path: from the base key it matched, else from the paths the
+    file recorded (module_paths), else by the naming rules.
 
     Returns None when the rules cannot place it unambiguously (the caller lists such names).
     """
@@ -147,6 +148,8 @@ def place(name: str, base_key: str | None = None) -> Placement | None:
     component = component_of_kohya_prefix(parts[0]) if parts else None
     if base_key is not None:
         return Placement(component, base_key.removesuffix(".weight"), "base")
+    if paths and name in paths:
+        return Placement(component, paths[name], "metadata")
     if parts is None:
         return None
     path = restore_dots(parts[1])
@@ -173,6 +176,28 @@ def kohya_name(name: str) -> str:
 
 
 _FLOAT32_MAX = 3.4028234663852886e38
+
+
+# header metadata: JSON {kohya stem: dotted module path} for every module written from a dotted name.
+# The stem lost the dots (and `transformer.` of BLOOM's `transformer.h.0.self_attention.query_key_value`
+# became `lora_unet_`), so no rule can give the path back for every model family; the file keeps it.
+MODULE_PATHS_KEY = "loratool.module_paths"
+
+
+def module_paths(metadata: dict[str, str]) -> dict[str, str]:
+    """The stem -> module path map a kohya file written by loratool records ({} when absent or bad)."""
+    try:
+        data = json.loads(metadata.get(MODULE_PATHS_KEY) or "{}")
+    except (ValueError, RecursionError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def paths_metadata(paths: dict[str, str]) -> dict[str, str]:
+    """The header entry recording {stem: dotted module path} ({} when there is nothing to record)."""
+    return {MODULE_PATHS_KEY: json.dumps(dict(paths), sort_keys=True)} if paths else {}
 
 
 def kohya_alpha(m: LoraModule) -> float:
@@ -240,6 +265,12 @@ def write(adapter: Adapter, out_file: Path, metadata: dict[str, str]) -> None:
             args.pop("conv_dim", None)
             args.pop("conv_alpha", None)
         meta["ss_network_args"] = json.dumps(args)
+    stems = {kohya_name(m.name): m.name for m in adapter.modules.values()}
+    paths = {stem: path for stem, path in module_paths(meta).items() if stem in stems}
+    paths.update({stem: name for stem, name in stems.items() if "." in name})
+    meta.pop(MODULE_PATHS_KEY, None)
+    if paths:
+        meta[MODULE_PATHS_KEY] = json.dumps(paths, sort_keys=True)
     meta.update(metadata)
     save_tensors(out_file, state_dict(adapter), meta)
 

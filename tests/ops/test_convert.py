@@ -418,3 +418,28 @@ def test_converted_peft_loads_in_peft(tmp_path, source):
     convert(tmp_path / "k.safetensors", tmp_path / "p", to="peft", base=BASE_LLAMA)
     ours, theirs = _logits(tmp_path / "p"), _logits(source)
     assert torch.allclose(ours, theirs, atol=1e-5, rtol=0), float((ours - theirs).abs().max())
+
+
+def test_kohya_names_of_any_family_come_back_without_a_base(make_adapter, tmp_path):
+    """Issue #11 item 10: BLOOM's `transformer.h.N.self_attention.query_key_value` lost its
+    `transformer.` in the kohya name; the kohya file records the paths, so converting back needs no
+    base and gives the same module paths and bytes."""
+    from safetensors import safe_open
+
+    from loratool.formats import read
+
+    mods = {"transformer.h.0.self_attention.query_key_value": (48, 16), "transformer.h.0.mlp.dense_4h_to_h": (16, 64),
+            "model.layers.0.self_attn.q_proj": (16, 16)}
+    src = make_adapter(fmt="peft", modules=mods, rank=4, alpha=8)
+    k = tmp_path / "k.safetensors"
+    convert(src, k, to="kohya")
+    with safe_open(k, "pt") as f:
+        keys = f.keys()
+    assert any(key.startswith("lora_unet_h_0_self_attention") for key in keys)
+    back = tmp_path / "back"
+    convert(k, back, to="peft")
+    a, b = read(src), read(back)
+    assert set(b.modules) == set(mods)
+    for name in mods:
+        assert torch.equal(a.modules[name].down.load(), b.modules[name].down.load())
+        assert a.modules[name].scale == pytest.approx(b.modules[name].scale)
