@@ -257,6 +257,14 @@ def unsupported_family(key: str) -> str:
     return "non-LoRA"
 
 
+def split_by_suffix(key: str, suffixes: tuple[tuple[str, str], ...]) -> tuple[str, str] | None:
+    """'<module><suffix>' -> (module, role) for the first (suffix, role) that `key` ends with, else None."""
+    for suffix, role in suffixes:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role
+    return None
+
+
 @dataclass
 class RawModule:
     """Tensors grouped under one module name before checks."""
@@ -523,3 +531,22 @@ def _pick_component(data: dict[str, Any], component: str | None) -> dict[str, An
         if len(spaces) == 1:
             return of(next(iter(spaces)))
     return {}
+
+
+def lora_b_bias(m: LoraModule) -> Any:
+    """The bias delta as PEFT's lora_B.bias stores it (it is scaled like the weight delta).
+
+    An unscaled `.diff_b` is divided by the module's scale (in float32, cast back); exact when the
+    scale is 1.
+
+    Raises:
+        IncompatibleError: a zero scale, which no lora_B.bias can reproduce.
+    """
+    assert m.bias is not None
+    bias = m.bias.load()
+    if m.bias_scaled or m.scale == 1.0:
+        return bias
+    if m.scale == 0.0:
+        raise IncompatibleError(f"module '{m.name}': its bias delta cannot be stored as lora_B.bias with scale 0",
+                                hint="write kohya instead (.diff_b)")
+    return (bias.float() / m.scale).to(bias.dtype)

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,13 +37,13 @@ from typing import TYPE_CHECKING, Any
 from loratool.adapter import Adapter, Kind, LoraModule
 from loratool.errors import IncompatibleError
 from loratool.linalg import EXACT_MAX_DIM, truncated_svd
+from loratool.ops import Progress, Row, output_size
 from loratool.st import BackgroundSha256, Checkpoint, TensorInfo, TensorRef
 
 if TYPE_CHECKING:
     import torch
 
 SCHEMA = 1
-Progress = Callable[[int, int], None]
 
 _FLOAT = ("float64", "float32", "float16", "bfloat16")
 
@@ -58,7 +57,7 @@ HEAD_NAMES = frozenset({"lm_head", "embed_out"})
 
 
 @dataclass
-class ModuleExtract:
+class ModuleExtract(Row):
     name: str
     kind: str  # linear, conv or embedding
     shape: list[int]  # the weight's stored shape
@@ -69,12 +68,9 @@ class ModuleExtract:
     method: str  # "exact" or "randomized"
     bias: bool = False  # its changed bias is stored as the LoRA bias delta
 
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
 
 @dataclass
-class ChangedTensor:
+class ChangedTensor(Row):
     """A changed tensor that is not a LoRA module's weight: stored whole, as a bias delta, or skipped."""
 
     key: str
@@ -82,9 +78,6 @@ class ChangedTensor:
     action: str  # "saved" (modules_to_save), "bias" (LoRA bias delta) or "skipped"
     reason: str | None  # why it was skipped
     rel_change: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -410,8 +403,7 @@ def _extract(
               "save_changed": save_changed, "base": source_label(report.base), "tuned": source_label(report.tuned)}
     written = write(adapter, report.out, fmt=fmt, force=force, op="extract", params=params, sources=[],
                     hashes=hasher.result())
-    report.size = sum(f.stat().st_size for f in written.iterdir() if f.is_file()) if written.is_dir() else \
-        written.stat().st_size
+    report.size = output_size(written)
     return report
 
 

@@ -10,21 +10,20 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import IncompatibleError
+from loratool.ops import Progress, Row, output_size
 from loratool.st import TensorRef
 
 SCHEMA = 1
-Progress = Callable[[int, int], None]
 
 
 @dataclass
-class ModuleResize:
+class ModuleResize(Row):
     name: str
     old_rank: int
     new_rank: int
@@ -33,9 +32,6 @@ class ModuleResize:
     # the rank asked for exceeded the layer's smaller dimension (a 6-class head): kept exact at that
     # dimension, the largest rank its delta can have
     at_min_dimension: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -191,7 +187,7 @@ def resize(
 
     adapter = read(resolve_path(path), allow_pickle=allow_pickle)
     device = resolve_device(device)
-    require_plain(adapter, "resize")
+    require_plain(adapter, "resize", diffs=True)  # full / norm / bias diffs are written back unchanged
     check_writable(adapter, fmt or adapter.source_format)  # before the maths; write checks again
     chosen = set(select(adapter, modules))
     report = ResizeReport(Path(out), fmt or adapter.source_format, method or "rank", threshold, rank)
@@ -228,7 +224,7 @@ def resize(
     params = {"rank": rank, "method": method, "threshold": threshold, "conv_rank": conv_rank, "modules": modules,
               "dtype": dtype}
     written = write(resized, out, fmt=fmt, force=force, op="resize", params=params, sources=adapter.files)
-    report.size = _size(written)
+    report.size = output_size(written)
     return report
 
 
@@ -250,9 +246,3 @@ def _metadata(adapter: Adapter, method: str | None) -> dict[str, str]:
         if method is not None:
             meta[key] = "Dynamic"
     return meta
-
-
-def _size(p: Path) -> int:
-    if p.is_dir():
-        return sum(f.stat().st_size for f in p.iterdir() if f.is_file())
-    return p.stat().st_size

@@ -62,13 +62,17 @@ WRITES = {
 
 
 @pytest.mark.parametrize("op", sorted(WRITES))
-def test_kohya_output_refuses_lora_bias(make_adapter, tmp_path, op):
+def test_kohya_output_keeps_lora_bias_as_diff_b(make_adapter, tmp_path, op):
+    # kohya files hold a bias delta as ComfyUI's unscaled `.diff_b` (issue #15): the bias as applied,
+    # scale · lora_B.bias, times the operation's own factor (rescale 0.5), is kept, never dropped
     src = _with_bias(make_adapter)
     out = tmp_path / "k.safetensors"
-    with pytest.raises(IncompatibleError, match=rf"'{Q}' has a LoRA bias delta.*kohya files cannot hold") as exc:
-        WRITES[op](src, out)
-    assert "peft" in (exc.value.hint or "")
-    assert not out.exists()
+    WRITES[op](src, out)
+    bias = load_file(str(src / "adapter_model.safetensors"))[f"base_model.model.{Q}.lora_B.bias"]
+    scale = 8 / 4  # the factory's alpha / rank
+    factor = 0.5 if op == "rescale" else 1.0
+    got = load_file(str(out))["lora_unet_model_layers_0_self_attn_q_proj.diff_b"]
+    torch.testing.assert_close(got, bias * scale * factor)
 
 
 @pytest.mark.parametrize("op", sorted(WRITES))
@@ -104,7 +108,7 @@ def test_cli_format_choices_come_from_the_registry():
     assert "diffusers" in writable_formats()
     for name in ("rescale", "resize", "combine"):
         assert _choices(cli.commands[name], "fmt") == writable_formats(), name
-    assert _choices(cli.commands["convert"], "to") == writable_formats()
+    assert _choices(cli.commands["convert"], "to") == (*writable_formats(), "lora")  # lora: LyCORIS -> LoRA
     # extract names modules by checkpoint paths: the writable formats that do not need components
     assert _choices(cli.commands["extract"], "fmt") == ("peft", "kohya", "mlx")
 
@@ -201,3 +205,30 @@ def test_one_alpha_formats_refuse_mixed_scales(tmp_path):
         check_writable(same, "one_alpha")
     finally:
         registry._REGISTRY.pop("one_alpha")
+
+
+def test_the_capability_table_in_the_docs_is_the_registry():
+    """docs/formats.md "What each format can hold" states each record's capabilities."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "formats.md").read_text()
+    section = text.split("## What each format can hold", 1)[1].split("\n## ", 1)[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("|") and not line.startswith("|---")]
+    columns = rows[0][1:]
+    assert columns == list(writable_formats())
+    fields = {"LoRA bias deltas": "bias", "`modules_to_save` tensors": "extras", "embedding LoRA": "embedding",
+              "`fan_in_fan_out`": "fan_in_fan_out", "conv layers": "conv", "DoRA": "dora",
+              "per-module alpha": "per_module_alpha", "LyCORIS full / norm diffs": "diffs"}
+    seen = set()
+    for row in rows[1:]:
+        label, cells = row[0], row[1:]
+        if label == "output":
+            for name, cell in zip(columns, cells):
+                assert (cell == "directory") == get_format(name).capabilities.directory, (name, cell)
+            continue
+        field = next((f for prefix, f in fields.items() if label.startswith(prefix)), None)
+        if field is None:
+            continue
+        seen.add(field)
+        for name, cell in zip(columns, cells):
+            assert cell.startswith("yes") == getattr(get_format(name).capabilities, field), (label, name, cell)
+    assert seen == set(fields.values())
