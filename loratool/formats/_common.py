@@ -75,18 +75,23 @@ class TensorFile:
 
 
 def open_tensor_file(path: Path, *, allow_pickle: bool) -> TensorFile:
-    """Open a .safetensors file (header only) or, with allow_pickle, a torch pickle (weights only).
+    """Open a .safetensors file (header only), an .npz (MLX) or GGUF file, or, with allow_pickle, a
+    torch pickle (weights only).
 
     The container is recognised from the file's first bytes, not its name: a safetensors file
     named .bin is read as safetensors, a torch.save zip named .safetensors is a pickle, and other
-    containers (NumPy .npz / .npy, GGUF, HDF5, other zip archives) are named in the error.
+    containers (NumPy .npy, HDF5, other zip archives) are named in the error.
 
     Raises:
         FormatError: pickle without allow_pickle, another container, or an unreadable file.
     """
     kind = sniff_container(path)
-    if path.suffix == ".npz" or kind == NPZ:
+    if kind == NPZ or (kind == ZIP and path.suffix == ".npz"):
         return _open_npz(path)  # MLX's older adapters.npz (numpy, allow_pickle=False)
+    if kind == GGUF:
+        from loratool.formats.gguf import open_gguf
+
+        return open_gguf(path)
     if kind == "pickle" or (kind is None and path.suffix in PICKLE_SUFFIXES):
         if not allow_pickle:
             calls = pickle_calls(path)
@@ -192,8 +197,8 @@ def _open_npz(path: Path) -> TensorFile:
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in archive.files}
-    except (OSError, ValueError, EOFError) as e:  # ValueError: pickled object arrays, bad members
-        raise FormatError(f"{path}: not a readable .npz archive of plain arrays ({e})") from None
+    except Exception as e:  # numpy/zipfile raise many types on a corrupt archive; ValueError: pickled objects
+        raise FormatError(f"{path}: not a readable .npz archive of plain arrays ({type(e).__name__}: {e})") from None
     tensors = {k: TensorRef.from_tensor(torch.from_numpy(np.ascontiguousarray(a))) for k, a in arrays.items()}
     return TensorFile(path, tensors, {})
 
