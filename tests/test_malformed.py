@@ -356,8 +356,10 @@ CASES = [
     Case("dora-per-input-column", dora_per_input_column, 0, 0, {"unsupported-dora-axis"}),
     Case("npz-half-an-mlx-adapter", npz_adapter, 2, 2),  # read as MLX (export): no lora_b, exit 2
     Case("npy-container", lambda r: write(r / "a.npy", b"\x93NUMPY\x01\x00v\x00" + b" " * 118), 2, 2, mention="NumPy"),
-    Case("gguf-container", lambda r: write(r / "adapter.gguf", b"GGUF\x03\x00\x00\x00" + b"\0" * 64), 2, 2,
-         mention="GGUF"),
+    # GGUF is read (formats/gguf.py): an empty one and a corrupt one are clean errors
+    Case("gguf-without-tensors", lambda r: write(r / "adapter.gguf", b"GGUF\x03\x00\x00\x00" + b"\0" * 64), 2, 2),
+    Case("gguf-corrupt", lambda r: write(r / "bad.gguf", b"GGUF" + b"\0" * 64), 2, 2),
+    Case("hdf5-container", lambda r: write(r / "model.h5", b"\x89HDF\r\n\x1a\n" + b"\0" * 64), 2, 2, mention="HDF5"),
     Case("zip-container", lambda r: write(r / "x.zip", _zip_bytes()), 2, 2, mention="zip archive"),
     Case("torch-zip-named-safetensors", torch_zip_named_safetensors, 2, 2, mention="pickle"),
     Case("legacy-ckpt-pickle", legacy_ckpt, 2, 2, mention="pickle"),
