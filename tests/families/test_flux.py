@@ -132,7 +132,7 @@ def test_round_trip_through_every_dialect(tmp_path: Path, target: str) -> None:
 
 def test_diffusers_side_to_kohya_needs_the_family(tmp_path: Path) -> None:
     src = write(tmp_path, "d.safetensors", flux_lora("diffusers"))
-    with pytest.raises(IncompatibleError, match="flux.1") as e:
+    with pytest.raises(IncompatibleError, match=r"flux\.1") as e:
         convert(src, tmp_path / "k.safetensors", to="kohya")
     assert "--family flux.1" in (e.value.hint or "")
     with pytest.raises(IncompatibleError, match="comfyui"):
