@@ -297,6 +297,21 @@ def _provenance(params: dict[str, Any], adapters: list[Adapter], base_file: Path
     return meta, placeholder
 
 
+def adapter_module_weights(adapters: list[Adapter], module_weights: str | None, blocks: str | None
+                           ) -> tuple[list[dict[str, float]] | None, list[str]]:
+    """Per adapter, each module's --module-weights / --blocks multiplier (None when neither is given)."""
+    from loratool.formats.blocks import module_weights as resolve
+
+    if module_weights is None and blocks is None:
+        return None, []
+    out, warnings = [], []
+    for a in adapters:
+        mw = resolve([*a.modules, *a.lycoris], module_weights, blocks)
+        out.append(mw.weights)
+        warnings += [f"{a.path}: {w}" for w in mw.warnings(blocks.partition(":")[0] if blocks else None)]
+    return out, warnings
+
+
 def merge(
     base: str | os.PathLike[str],
     adapters: list[str | os.PathLike[str]],
@@ -315,6 +330,8 @@ def merge(
     min_retained: float = 0.5,
     strict: bool = False,
     qlora_base: str | None = None,
+    module_weights: str | None = None,
+    blocks: str | None = None,
     progress: Progress | None = None,
 ) -> MergeReport:
     """Merge adapters into a base checkpoint and write a complete copy of it.
@@ -326,7 +343,9 @@ def merge(
     the stored result makes.
 
     Args:
-        base: a .safetensors file, a directory with model.safetensors, or a sharded directory.
+        base: a .safetensors file, a directory with model.safetensors, a sharded directory, or a GGUF
+            model file (ops/merge_gguf.py: each adapted tensor dequantized, merged, and written in its
+            own type where the gguf package can quantize to it, else refused unless `dtype` is given).
         adapters: one or more adapter paths (any supported format).
         weights: one per adapter (default 1.0 each); negative allowed.
         dtype: keep | fp32 | fp16 | bf16 for floating tensors of the output (on a quantized base:
@@ -341,6 +360,9 @@ def merge(
         min_retained: below this retention a merged tensor is a warning (an error with strict).
         strict: refuse (write nothing) when a tensor keeps less than min_retained of its delta.
         qlora_base: "nf4": merge into dequant(quant_nf4(W)), the base a QLoRA adapter trained on.
+        module_weights: 'REGEX=W,...' per-module multipliers of every adapter's weight (first
+            match wins, on the module names); blocks: 'PRESET:W1,W2,...' per-block multipliers
+            (formats/blocks.py). A module at weight 0 is not merged.
         progress: called with (bytes done, bytes total).
 
     Raises:
@@ -368,6 +390,14 @@ def merge(
         raise IncompatibleError(f"--min-retained must be between 0 and 1, got {min_retained}")
     base_path = resolve_path(base)
     adapters = [resolve_path(a) for a in adapters]
+    from loratool.ops.merge_gguf import is_gguf, merge_into_gguf
+
+    if base_path.is_file() and is_gguf(base_path):  # a llama.cpp model: dequantize, add, requantize
+        if unmerge:
+            raise IncompatibleError(f"{base_path}: --unmerge is not supported for GGUF bases")
+        return merge_into_gguf(base_path, [Path(a) for a in adapters], out, weights=weights, dtype=dtype, force=force,
+                               allow_pickle=allow_pickle, allow_unmatched=allow_unmatched, stats=stats,
+                               progress=progress)
     ckpt = open_checkpoint(base_path)
     # the base's sha256 starts now, while torch is imported and the adapters are read (a core is
     # idle then), and later stays at most 1 GiB ahead of the merge, so the disk is read once
@@ -376,7 +406,7 @@ def merge(
         return _merge(ckpt, sha256, base_path, adapters, out, weights, dtype=dtype, device=device, unmerge=unmerge,
                       allow_unmatched=allow_unmatched, force=force, allow_pickle=allow_pickle, stats=stats,
                       rounding=rounding, seed=seed or 0, min_retained=min_retained, strict=strict,
-                      qlora_base=qlora_base, progress=progress)
+                      qlora_base=qlora_base, module_weights=module_weights, blocks=blocks, progress=progress)
     finally:
         sha256.stop()
 
@@ -386,6 +416,7 @@ def _merge(
     out: str | os.PathLike[str], weights: list[float], *, dtype: str, device: str, unmerge: bool,
     allow_unmatched: bool, force: bool, allow_pickle: bool, stats: bool, rounding: str, seed: int,
     min_retained: float, strict: bool, qlora_base: str | None, progress: Progress | None,
+    module_weights: str | None = None, blocks: str | None = None,
 ) -> MergeReport:
     from loratool.device import resolve_device
     from loratool.formats import read, require_plain
@@ -404,8 +435,10 @@ def _merge(
         a = read(Path(p), allow_pickle=allow_pickle)
         require_plain(a, "merge", lycoris=True)
         loaded.append(a)
+    per_module, mw_warnings = adapter_module_weights(loaded, module_weights, blocks)
     plan, warnings = plan_merge(loaded, weights, ckpt, allow_unmatched=allow_unmatched, unmerge=unmerge,
-                                tensors=storage.logical(ckpt.tensors))
+                                tensors=storage.logical(ckpt.tensors), module_weights=per_module)
+    warnings = mw_warnings + warnings
     report = MergeReport(Path(out), base_path, [Path(p) for p in adapters], weights, unmerge, dtype, device,
                          storage=storage.line(), rounding=rounding, min_retained=min_retained,
                          unmatched=plan.unmatched, warnings=warnings)
@@ -422,9 +455,11 @@ def _merge(
             for sib in s.changing if s is not None else []:
                 setup.produced[sib] = key
     single_file = base_path.is_file()
-    params = {"weights": weights, "dtype": dtype, "unmerge": unmerge, "allow_unmatched": allow_unmatched,
-              **({"rounding": rounding, "seed": seed} if rounding == "stochastic" else {}),
-              **({"qlora_base": qlora_base} if qlora_base else {})}
+    params: dict[str, Any] = {"weights": weights, "dtype": dtype, "unmerge": unmerge,
+                              "allow_unmatched": allow_unmatched}
+    params.update({k: v for k, v in (("module_weights", module_weights), ("blocks", blocks)) if v is not None})
+    params.update({"rounding": rounding, "seed": seed} if rounding == "stochastic" else {})
+    params.update({"qlora_base": qlora_base} if qlora_base else {})
     total = sum(i.nbytes for i in ckpt.tensors.values())
     done = 0
 
