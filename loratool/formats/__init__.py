@@ -197,6 +197,7 @@ def write(
     params: Mapping[str, Any] | None = None,
     sources: list[Path] | None = None,
     hashes: Mapping[str, str] | None = None,
+    inputs: list[Path] | None = None,
 ) -> Path:
     """Write an adapter atomically and re-read it before it is moved into place.
 
@@ -204,6 +205,8 @@ def write(
         fmt: "peft" (a directory), "kohya" or "diffusers" (one file); default: the adapter's own format.
         op, params, sources: provenance recorded in the file's metadata; hashes: sha256 sums already
             computed, by path (merged with those of sources).
+        inputs: what the command read (default: sources, the adapter's files and path); the output
+            may not be, contain or lie inside any of them.
 
     Returns:
         The output path.
@@ -220,7 +223,11 @@ def write(
         )
     meta = provenance(op, params or {}, sources if sources is not None else adapter.files, hashes)
     out = Path(out)
-    with atomic_output(out, force=force, directory=output_is_directory(fmt)) as tmp:
+    if inputs is None:
+        inputs = [*(sources or []), *adapter.files, *([adapter.path] if adapter.path else [])]
+    directory = output_is_directory(fmt)
+    with atomic_output(out, force=force, directory=directory, inputs=inputs,
+                       kind="adapter" if directory else None) as tmp:
         if fmt == "peft":
             peft.write(adapter, tmp, meta)
         elif fmt == "diffusers":

@@ -405,7 +405,7 @@ def _extract(
     params = {"rank": rank, "threshold": threshold, "modules": modules, "embeddings": embeddings,
               "save_changed": save_changed, "base": source_label(report.base), "tuned": source_label(report.tuned)}
     written = write(adapter, report.out, fmt=fmt, force=force, op="extract", params=params, sources=[],
-                    hashes=hasher.result())
+                    hashes=hasher.result(), inputs=[report.base, report.tuned])
     report.size = sum(f.stat().st_size for f in written.iterdir() if f.is_file()) if written.is_dir() else \
         written.stat().st_size
     return report

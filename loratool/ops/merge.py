@@ -21,7 +21,6 @@ import math
 import os
 import re
 import secrets
-import shutil
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -29,8 +28,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratool.adapter import Adapter, LoraModule
-from loratool.errors import IncompatibleError
-from loratool.st import BackgroundSha256, Checkpoint, SafetensorsFile, StreamingWriter, TensorInfo, TensorRef
+from loratool.errors import FormatError, IncompatibleError
+from loratool.st import (
+    BackgroundSha256,
+    Checkpoint,
+    SafetensorsFile,
+    StreamingWriter,
+    TensorInfo,
+    TensorRef,
+    copy_input_file,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -330,9 +337,17 @@ def _read_range(fd: int, start: int, n: int, into: bytearray | None = None) -> b
     while got < n:
         chunk = os.preadv(fd, [view[got:]], start + got)
         if chunk == 0:
-            raise OSError(f"unexpected end of file at byte {start + got}")
+            raise FormatError(f"{_name_of(fd)}: ended at byte {start + got} while being read (truncated "
+                              "during the merge?)", hint="leave the base alone while merging, then run again")
         got += chunk
     return buf if into is None else view
+
+
+def _name_of(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "an input file"
 
 
 def _stat(key: str, file: str, contribs: list[Contribution], w: torch.Tensor, new: torch.Tensor, acc: torch.Tensor,
@@ -605,7 +620,8 @@ def _merge(
         if progress:
             progress(done, total)
 
-    with atomic_output(out, force=force, directory=not single_file) as tmp:
+    with atomic_output(out, force=force, directory=not single_file, inputs=[base_path, *ckpt.files, *adapters],
+                       kind="model") as tmp:
         headers = [read_header(f) for f in ckpt.files]
         buffers = _Buffers()
         finishing: list[Future[None]] = []
@@ -641,26 +657,29 @@ def _merge(
 
 
 def _copy_other_files(ckpt: Checkpoint, tmp: Path, *, dtype_changed: bool) -> None:
-    """Copy every non-weight file (config, tokenizer, ...) and rewrite the index's total_size."""
-    weight_files = set(ckpt.files)
-    for src in ckpt.root.rglob("*"):
-        rel = src.relative_to(ckpt.root)
-        if src in weight_files or any(part.startswith(".") for part in rel.parts):
+    """Copy every non-weight file (config, tokenizer, ...) and rewrite the index's total_size.
+
+    Hidden entries (.git, .cache) stay behind. Symbolic links are followed (a Hugging Face cache
+    snapshot is made of them); a file that cannot be read, a special file, a broken link or a loop
+    fails the merge, naming it, rather than leaving an incomplete copy.
+    """
+    from loratool.st import copy_tree_files
+
+    weight_files = {os.path.realpath(f) for f in ckpt.files} | {os.path.abspath(f) for f in ckpt.files}
+    for src, rel in copy_tree_files(ckpt.root):
+        if os.path.abspath(src) in weight_files:
             continue
         dst = tmp / rel
-        if src.is_dir():
-            dst.mkdir(parents=True, exist_ok=True)
-        elif re.search(r"\.safetensors\.index\.json$", src.name) and ckpt.index is not None:
-            index = json.loads(src.read_text())
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if re.search(r"\.safetensors\.index\.json$", src.name) and ckpt.index is not None and src.parent == ckpt.root:
+            index = dict(ckpt.index)
             if dtype_changed:
+                from loratool.st import read_header
+
                 total = 0
                 for f in ckpt.files:
-                    from loratool.st import read_header
-
                     total += sum(i.nbytes for i in read_header(tmp / f.relative_to(ckpt.root)).tensors.values())
-                index.setdefault("metadata", {})["total_size"] = total
-            dst.parent.mkdir(parents=True, exist_ok=True)
+                index["metadata"] = {**(index.get("metadata") or {}), "total_size": total}
             dst.write_text(json.dumps(index, indent=2) + "\n")
-        elif src.is_file():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst)
+        else:
+            copy_input_file(src, dst)
