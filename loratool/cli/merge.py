@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
@@ -65,6 +66,8 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, d
                 tmp.write_text(json.dumps(report.to_dict(tensors=True), indent=2) + "\n")
         except LoratoolError as e:  # say what is on disk: the merged model is there, the report is not
             raise LoratoolError(f"{e.message}; the merged model was written to {out}", e.hint) from None
+    if os.environ.get("LORATOOL_TIMINGS") == "1":  # per-stage pipeline timings (tests/perf/device_check.py)
+        click.echo("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in report.timings.items()), err=True)
     doc = report.to_dict()
     if as_json:
         _render.print_json(doc)
