@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loratool.errors import FormatError
 from loratool.linalg import Workspace
-from loratool.st import Checkpoint, SafetensorsFile, StreamingWriter, TensorInfo
+from loratool.st import Checkpoint, SafetensorsFile, StreamingWriter, TensorInfo, ended_early
 
 if TYPE_CHECKING:
     import torch
@@ -35,13 +34,6 @@ Cast = Callable[["torch.Tensor", str], "torch.Tensor"]
 Compute = Callable[[TensorInfo, "torch.Tensor | None", Cast], "torch.Tensor | None"]
 
 
-def _name_of(fd: int) -> str:
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return "an input file"
-
-
 def read_range(fd: int, start: int, n: int, into: bytearray | None = None) -> bytearray | memoryview:
     """n bytes of fd from start, into `into` (reused) when given, else into a new bytearray."""
     buf = bytearray(n) if into is None else into
@@ -50,8 +42,7 @@ def read_range(fd: int, start: int, n: int, into: bytearray | None = None) -> by
     while got < n:
         chunk = os.preadv(fd, [view[got:]], start + got)
         if chunk == 0:
-            raise FormatError(f"{_name_of(fd)}: ended at byte {start + got} while being read (truncated "
-                              "during the merge?)", hint="leave the base alone while merging, then run again")
+            raise ended_early(fd, start + got)
         got += chunk
     return buf if into is None else view
 

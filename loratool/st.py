@@ -340,6 +340,11 @@ class TensorRef:
         return self.numel * ITEMSIZE[self.dtype]
 
     @property
+    def file(self) -> str:
+        """The file it is read from, for error messages."""
+        return str(self._info.path) if self._info else "<memory>"
+
+    @property
     def source(self) -> str:
         """'file:key' for file-backed tensors, for error messages."""
         return f"{self._info.path}: '{self._info.key}'" if self._info else "<memory>"
@@ -590,7 +595,7 @@ class StreamingWriter:
             while done < nbytes:
                 n = os.copy_file_range(src_fd, dst, nbytes - done, offset + done)
                 if n == 0:
-                    raise OSError(errno.EIO, f"source ended early at byte {offset + done}")
+                    raise ended_early(src_fd, offset + done)
                 done += n
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
@@ -598,7 +603,7 @@ class StreamingWriter:
             while done < nbytes:  # filesystems without copy_file_range: plain chunked copy
                 chunk = os.pread(src_fd, min(_CHUNK, nbytes - done), offset + done)
                 if not chunk:
-                    raise OSError(errno.EIO, f"source ended early at byte {offset + done}") from None
+                    raise ended_early(src_fd, offset + done) from None
                 _write_all(dst, chunk)
                 done += len(chunk)
         self._next += 1
@@ -624,6 +629,19 @@ class StreamingWriter:
 
 
 _CHUNK = 64 << 20
+
+
+def fd_name(fd: int) -> str:
+    """The path an open file descriptor refers to, for messages (Linux /proc), or 'an input file'."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "an input file"
+
+
+def ended_early(fd: int, at: int) -> FormatError:
+    return FormatError(f"{fd_name(fd)}: ended at byte {at} while being read (truncated while loratool was "
+                       "reading it?)", hint="leave the inputs alone while the command runs, then run it again")
 
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -727,6 +745,8 @@ def check_output(
     target = Path(os.path.abspath(out))
     _check_place(shown, target)
     _check_collisions(shown, target, inputs, others)
+    if not target.parent.is_dir():
+        raise FormatError(f"{shown}: parent directory {shown.parent} does not exist")
     try:
         info = os.lstat(target)
     except FileNotFoundError:
@@ -897,8 +917,6 @@ def atomic_output(
     shown = Path(out)
     target = Path(os.path.abspath(out))
     parent = target.parent
-    if not parent.is_dir():
-        raise FormatError(f"{shown}: parent directory {shown.parent} does not exist")
     stem = _stem(target.name)
     state = OutputState(shown, os.path.lexists(target))
     OUTPUTS.append(state)
@@ -1317,6 +1335,9 @@ class BackgroundSha256:
                         done += n
                 digest.set_result(hasher.hexdigest())
         except BaseException as e:  # handed to whoever waits for a digest
+            if isinstance(e, OSError):  # removed or unreadable meanwhile: the user's doing, not a bug
+                e = FormatError(f"{getattr(e, 'filename', None) or 'an input file'}: cannot read it to compute "
+                                f"its sha256 ({_strerror(e)})", hint="leave the inputs alone while the command runs")
             for digest in self.digests:
                 if not digest.done():
                     digest.set_exception(e)

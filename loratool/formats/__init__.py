@@ -7,6 +7,7 @@ the canonical Adapter; `write` writes PEFT, kohya or diffusers atomically with p
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -94,7 +95,7 @@ def read(path: str | Path, *, allow_pickle: bool = False, findings: Findings | N
             )
         adapter = peft.read(p, allow_pickle=allow_pickle, findings=findings)
     else:
-        tf = open_tensor_file(p, allow_pickle=allow_pickle)
+        tf = open_tensor_file(p, allow_pickle=allow_pickle, findings=findings)
         fmt = _classify(tf)
         if fmt == "peft":
             config_path = p.parent / peft.CONFIG_NAME
@@ -221,6 +222,7 @@ def write(
         raise IncompatibleError(
             f"cannot write the {fmt} format", hint=f"choose one of: {', '.join(WRITABLE)} (--format)"
         )
+    _require_usable_values(adapter, Path(out))
     meta = provenance(op, params or {}, sources if sources is not None else adapter.files, hashes)
     out = Path(out)
     if inputs is None:
@@ -241,6 +243,33 @@ def write(
                 f"expected {len(adapter.modules)}"
             )
     return out
+
+
+def _require_usable_values(adapter: Adapter, out: Path) -> None:
+    """Refuse to write NaN/Inf, or a delta no float32 runtime can apply (an alpha or factor overflowed).
+
+    Raises:
+        IncompatibleError: naming the module.
+    """
+    import torch
+
+    from loratool.linalg import F32_MAX, factors, product_fro_norm, require_finite
+
+    for m in adapter.modules.values():
+        if not math.isfinite(m.alpha) or not math.isfinite(m.scale):
+            raise IncompatibleError(f"{out}: module '{m.name}': alpha {m.alpha:g} (scale {m.scale:g}) is not a finite number",
+                                    hint="use a smaller --factor / --alpha / --weights")
+        up, down = factors(m, dtype=torch.float32)
+        require_finite(m.name, str(out), up=up, down=down)
+        size = product_fro_norm(up, down) * abs(m.scale)
+        if not size <= F32_MAX or abs(m.alpha) > F32_MAX:
+            raise IncompatibleError(
+                f"{out}: module '{m.name}': its delta (Frobenius norm {size:.3g}, alpha {m.alpha:.3g}) is beyond float32; "
+                "no runtime could apply it", hint="use a smaller --factor / --alpha / --weights")
+    for key, ref in adapter.extras.items():
+        t = ref.load()
+        if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
+            raise IncompatibleError(f"{out}: saved tensor '{key}' holds NaN or Inf values")
 
 
 __all__ += ["PICKLE_SUFFIXES", "WRITABLE", "require_plain"]

@@ -60,8 +60,11 @@ class TensorFile:
     metadata: dict[str, str]
 
 
-def open_tensor_file(path: Path, *, allow_pickle: bool) -> TensorFile:
+def open_tensor_file(path: Path, *, allow_pickle: bool, findings: Findings | None = None) -> TensorFile:
     """Open a .safetensors file (header only) or, with allow_pickle, a torch pickle (weights only).
+
+    With lenient `findings` (validate), layout problems the safetensors library refuses (overlapping
+    or gapped data, trailing bytes, duplicate keys) are recorded as `bad-layout` errors instead.
 
     Raises:
         FormatError: pickle without allow_pickle, or an unreadable file.
@@ -73,7 +76,11 @@ def open_tensor_file(path: Path, *, allow_pickle: bool) -> TensorFile:
                 hint="convert it to .safetensors, or pass --allow-pickle if you trust its source",
             )
         return _load_pickle(path)
-    st = read_header(path)
+    problems: list[str] | None = [] if findings is not None and not findings.strict else None
+    st = read_header(path, problems=problems)
+    for message in problems or []:
+        assert findings is not None
+        findings.error("bad-layout", None, message, exc=FormatError)
     return TensorFile(path, {k: TensorRef.from_info(i) for k, i in st.tensors.items()}, st.metadata)
 
 
@@ -207,6 +214,12 @@ def build_module(
         )
         return None
     down, up = raw.down, raw.up
+    for role, ref in (("down", down), ("up", up), ("magnitude", raw.magnitude), ("bias", raw.bias)):
+        if ref is not None and not _floating(ref.dtype):
+            # integers would be cast silently (and wrap: uint64 1.8e19); they are no LoRA factors
+            findings.error("bad-dtype", shown, f"{where}: module '{shown}': {role} is {ref.dtype}; LoRA factors "
+                           "must be floating point", exc=FormatError)
+            return None
     kind: Kind = "embedding" if raw.embedding else ("conv" if len(down.shape) > 2 else "linear")
     shape_problem = _shape_problem(kind, down.shape, up.shape)
     if shape_problem:
@@ -240,6 +253,10 @@ def build_module(
         kind=kind,
         fan_in_fan_out=fan_in_fan_out and kind == "linear",
     )
+
+
+def _floating(dtype: str) -> bool:
+    return dtype.startswith(("float", "bfloat"))
 
 
 def _shape_problem(kind: Kind, down: tuple[int, ...], up: tuple[int, ...]) -> str | None:

@@ -114,7 +114,7 @@ def read(path: Path, *, allow_pickle: bool = False, findings: Findings | None = 
     """
     findings = findings or Findings()
     config_path, weights_path = locate(path)
-    tf = open_tensor_file(weights_path, allow_pickle=allow_pickle)
+    tf = open_tensor_file(weights_path, allow_pickle=allow_pickle, findings=findings)
     config: dict[str, Any] = {}
     if config_path.exists():
         config = json_config(config_path, findings) or {}
@@ -139,6 +139,14 @@ def from_tensors(
     alpha_default = _num(config.get("lora_alpha", _DEFAULT_ALPHA), "lora_alpha", config_path, findings)
     rank_pattern = _dict(config.get("rank_pattern"), "rank_pattern", config_path, findings)
     alpha_pattern = _dict(config.get("alpha_pattern"), "alpha_pattern", config_path, findings)
+    targets = config.get("target_modules")
+    if isinstance(targets, str):  # peft reads a string as one regex (re.fullmatch)
+        try:
+            re.compile(targets)
+        except (re.error, RecursionError, OverflowError) as e:
+            findings.error("config-invalid", None,
+                           f"{config_path}: 'target_modules' is not a valid regular expression ({e})",
+                           hint="peft cannot load this adapter either; fix target_modules", exc=FormatError)
     rslora = bool(config.get("use_rslora", False))
     use_dora = bool(config.get("use_dora", False))
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
@@ -226,7 +234,12 @@ def _num(v: Any, field: str, where: Path | None, findings: Findings) -> float:
         findings.error("config-invalid", None, f"{where}: '{field}' must be a number, got {v!r}",
                        exc=FormatError)
         return float(_DEFAULT_ALPHA)
-    return float(v)
+    try:
+        return float(v)
+    except OverflowError:  # an integer literal such as 10**400
+        findings.error("config-invalid", None, f"{where}: '{field}' is {len(str(v))} digits long, beyond any "
+                       "floating-point number", exc=FormatError)
+        return float(_DEFAULT_ALPHA)
 
 
 def _dict(v: Any, field: str, where: Path | None, findings: Findings) -> dict[str, Any]:
@@ -313,7 +326,10 @@ def _exact_pattern_keys(names: list[str]) -> dict[str, str]:
 
 def _targets_cover(targets: Any, names: list[str]) -> bool:
     if isinstance(targets, str):
-        return all(re.fullmatch(targets, n) for n in names)
+        try:
+            return all(re.fullmatch(targets, n) for n in names)
+        except re.error:
+            return False
     if isinstance(targets, list) and targets:
         return all(any(n == t or n.endswith("." + t) for t in targets) for n in names)
     return False
