@@ -257,15 +257,15 @@ def _require_usable_values(adapter: Adapter, out: Path) -> None:
 
     for m in adapter.modules.values():
         if not math.isfinite(m.alpha) or not math.isfinite(m.scale):
-            raise IncompatibleError(f"{out}: module '{m.name}': alpha {m.alpha:g} (scale {m.scale:g}) is not a finite number",
-                                    hint="use a smaller --factor / --alpha / --weights")
+            raise IncompatibleError(f"{out}: module '{m.name}': alpha {m.alpha:g} (scale {m.scale:g}) is not a "
+                                    "finite number", hint="use a smaller --factor / --alpha / --weights")
         up, down = factors(m, dtype=torch.float32)
         require_finite(m.name, str(out), up=up, down=down)
         size = product_fro_norm(up, down) * abs(m.scale)
         if not size <= F32_MAX or abs(m.alpha) > F32_MAX:
             raise IncompatibleError(
-                f"{out}: module '{m.name}': its delta (Frobenius norm {size:.3g}, alpha {m.alpha:.3g}) is beyond float32; "
-                "no runtime could apply it", hint="use a smaller --factor / --alpha / --weights")
+                f"{out}: module '{m.name}': its delta (Frobenius norm {size:.3g}, alpha {m.alpha:.3g}) is beyond "
+                "float32; no runtime could apply it", hint="use a smaller --factor / --alpha / --weights")
     for key, ref in adapter.extras.items():
         t = ref.load()
         if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
