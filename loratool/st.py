@@ -792,12 +792,14 @@ def _forms(p: str | os.PathLike[str]) -> set[str]:
 def _check_collisions(shown: Path, target: Path, inputs: Iterable[str | os.PathLike[str]],
                       others: Iterable[str | os.PathLike[str]]) -> None:
     mine = _forms(target)
+    inputs = list(inputs)
+    for inp in inputs:
+        if mine & _forms(inp):
+            raise IncompatibleError(f"{shown}: is an input of this command ({inp}); refusing to write it",
+                                    hint="write to a new path with -o")
     for inp in inputs:
         for t in mine:
             for i in _forms(inp):
-                if t == i:
-                    raise IncompatibleError(f"{shown}: is an input of this command ({inp}); refusing to write it",
-                                            hint="write to a new path with -o")
                 if _inside(i, t):
                     raise IncompatibleError(f"{shown}: contains an input of this command ({inp}); refusing to "
                                             "write it", hint="write to a new path with -o")
