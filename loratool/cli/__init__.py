@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = cli.main(args=argv, prog_name="loratool", standalone_mode=False)
-    except click.exceptions.Abort:
-        code = _interrupted(EXIT_INTERRUPTED)
+    except click.exceptions.Abort as e:  # click turns KeyboardInterrupt (and so SIGTERM) into Abort
+        code = _interrupted(EXIT_TERMINATED if isinstance(e.__context__, _Terminated) else EXIT_INTERRUPTED)
     except _Terminated:
         code = _interrupted(EXIT_TERMINATED)
     except KeyboardInterrupt:
