@@ -104,7 +104,7 @@ def wait_for(path: Path, proc: subprocess.Popen[str]) -> None:
     deadline = time.monotonic() + DEADLINE
     while not path.exists():
         if proc.poll() is not None:
-            out, err = proc.communicate()
+            _out, err = proc.communicate()
             pytest.fail(f"the run ended (exit {proc.returncode}) before reaching the marker: {err}")
         if time.monotonic() > deadline:
             proc.kill()
