@@ -15,7 +15,6 @@ if TYPE_CHECKING:
 
     from loratool.adapter import LoraModule
 
-RankMethod = Literal["sv_ratio", "sv_fro", "sv_cumulative", "max_error"]
 RANK_METHODS: tuple[str, ...] = ("sv_ratio", "sv_fro", "sv_cumulative", "max_error")
 
 _TOL = 1e-6  # relative slack: a boundary met up to float32 rounding of the stored factors counts as met

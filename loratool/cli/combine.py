@@ -40,7 +40,6 @@ def combine(adapters: tuple[str, ...], weights: str, method: str, rank: int | No
     Example: loratool combine style/ subject/ -o both/ --weights 0.7,0.5 --method svd --rank 32
     """
     from loratool.cli import _render
-    from loratool.cli._options import resolve_device
     from loratool.ops.combine import combine as run
 
     if len(adapters) < 2:
@@ -49,7 +48,7 @@ def combine(adapters: tuple[str, ...], weights: str, method: str, rank: int | No
     paths = [input_path(p, quiet=quiet or as_json) for p in adapters]
     with _render.progress("combining", enabled=not (quiet or as_json)) as cb:
         report = run(paths, out, weights=parse_weights(weights), method=method, rank=rank, density=density,
-                     majority_sign=majority_sign, seed=seed, fmt=fmt, dtype=dtype, device=resolve_device(device),
+                     majority_sign=majority_sign, seed=seed, fmt=fmt, dtype=dtype, device=device,
                      force=force, allow_pickle=allow_pickle, progress=cb)
     doc = report.to_dict()
     if as_json:

@@ -42,14 +42,13 @@ def extract(base: str, tuned: str, out: str, rank: int | None, threshold: float 
     Example: loratool extract ./Llama-3.2-1B ./Llama-3.2-1B-sft -o ./sft-lora --rank 16
     """
     from loratool.cli import _render
-    from loratool.cli._options import resolve_device
     from loratool.ops.extract import extract as run
 
     base = input_path(base, quiet=quiet or as_json)
     tuned = input_path(tuned, quiet=quiet or as_json)
     with _render.progress("extracting", enabled=not (quiet or as_json)) as cb:
         report = run(base, tuned, out, rank=rank, threshold=threshold, modules=modules, embeddings=embeddings,
-                     save_changed=save_changed, fmt=fmt, device=resolve_device(device), force=force, progress=cb)
+                     save_changed=save_changed, fmt=fmt, device=device, force=force, progress=cb)
     doc = report.to_dict()
     if as_json:
         _render.print_json(doc)

@@ -26,13 +26,8 @@ def inspect(path: str, as_json: bool, show_modules: bool, spectrum: bool, allow_
     from loratool.ops.inspect import inspect_adapter
 
     path = input_path(path, quiet=quiet or as_json)
-    dev = "cpu"
-    if spectrum:
-        from loratool.cli._options import resolve_device
-
-        dev = resolve_device(device)
     with _render.progress("spectrum", enabled=spectrum and not (quiet or as_json)) as cb:
-        report = inspect_adapter(path, spectrum=spectrum, allow_pickle=allow_pickle, device=dev, progress=cb)
+        report = inspect_adapter(path, spectrum=spectrum, allow_pickle=allow_pickle, device=device, progress=cb)
     doc = report.to_dict()
     if as_json:
         _render.print_json(doc)

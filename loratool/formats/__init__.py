@@ -19,7 +19,7 @@ from typing import Any
 
 from loratool.adapter import Adapter
 from loratool.errors import FormatError, IncompatibleError
-from loratool.formats import diffusers, kohya, peft
+from loratool.formats import diffusers, kohya, mlx, peft
 from loratool.formats._common import (
     PICKLE_SUFFIXES,
     Finding,
@@ -39,7 +39,7 @@ __all__ = [
 
 # The built-in formats, in detection order (ties between equal detection scores go to the first).
 # A new format: its module defines FORMAT (a registry.Format record); add it here.
-for _record in (peft.FORMAT, kohya.FORMAT, diffusers.FORMAT):
+for _record in (peft.FORMAT, kohya.FORMAT, diffusers.FORMAT, mlx.FORMAT):
     register(_record)
 
 get_format = get
@@ -94,30 +94,34 @@ def _dir_format(p: Path) -> Format:
     )
 
 
-def _resolve(path: Path) -> Path:
-    if not path.exists():
-        raise FormatError(f"{path}: no such file or directory")
-    return path
+def _resolve(path: str | os.PathLike[str]) -> Path:
+    """A local path: hf:// inputs are fetched through the Hugging Face cache (hub.resolve_path)."""
+    from loratool.hub import resolve_path
+
+    local = resolve_path(path)
+    if not local.exists():
+        raise FormatError(f"{local}: no such file or directory")
+    return local
 
 
-def detect(path: str | Path, *, allow_pickle: bool = False) -> str:
+def detect(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> str:
     """The name of the format of an adapter file or directory, from its contents and key names.
 
     Raises:
         FormatError: missing path, unreadable file, or no LoRA tensors (the message lists what was found).
     """
-    p = _resolve(Path(path))
+    p = _resolve(path)
     if p.is_dir():
         return _dir_format(p).name
     return _classify(open_tensor_file(p, allow_pickle=allow_pickle)).name
 
 
-def read(path: str | Path, *, allow_pickle: bool = False, findings: Findings | None = None) -> Adapter:
+def read(path: str | os.PathLike[str], *, allow_pickle: bool = False, findings: Findings | None = None) -> Adapter:
     """Read an adapter in any supported format into the canonical model.
 
     Args:
         path: a PEFT directory, or a .safetensors file (PEFT with its config beside it, kohya,
-            diffusers); .bin/.pt only with allow_pickle.
+            diffusers); .bin/.pt only with allow_pickle; or hf://OWNER/REPO[@REVISION][/PATH].
         allow_pickle: load pickle files with torch.load(weights_only=True).
         findings: a lenient collector (validate); None raises at the first problem.
 
@@ -125,7 +129,7 @@ def read(path: str | Path, *, allow_pickle: bool = False, findings: Findings | N
         FormatError: unreadable or unknown layout. IncompatibleError: inconsistent tensors.
     """
     findings = findings if findings is not None else Findings()
-    p = _resolve(Path(path))
+    p = _resolve(path)
     if p.is_dir():
         fmt = _dir_format(p)
         assert fmt.read_dir is not None
@@ -174,8 +178,16 @@ def require_plain(adapter: Adapter, op: str) -> None:
 
 
 def source_label(path: str | os.PathLike[str]) -> str:
-    """How a source file is named in provenance: `folder/file`, never the absolute path (which
-    would leak local directory names into files users publish)."""
+    """How a source file is named in provenance: `hf://OWNER/REPO@SHA/PATH` for a file that came
+    from the Hub (through the Hugging Face cache), else `folder/file`, never the absolute path
+    (which would leak local directory names into files users publish)."""
+    from loratool.hub import cached_url
+
+    if isinstance(path, str) and path.startswith("hf://"):
+        return path
+    url = cached_url(path)
+    if url is not None:
+        return url
     p = Path(path)
     return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
 

@@ -69,6 +69,8 @@ def open_tensor_file(path: Path, *, allow_pickle: bool, findings: Findings | Non
     Raises:
         FormatError: pickle without allow_pickle, or an unreadable file.
     """
+    if path.suffix == ".npz":
+        return _open_npz(path)
     if path.suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise FormatError(
@@ -82,6 +84,20 @@ def open_tensor_file(path: Path, *, allow_pickle: bool, findings: Findings | Non
         assert findings is not None
         findings.error("bad-layout", None, message, exc=FormatError)
     return TensorFile(path, {k: TensorRef.from_info(i) for k, i in st.tensors.items()}, st.metadata)
+
+
+def _open_npz(path: Path) -> TensorFile:
+    """An .npz archive (older MLX adapters) as tensors, loaded with numpy's allow_pickle=False."""
+    import numpy as np
+    import torch
+
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {k: archive[k] for k in archive.files}
+    except (OSError, ValueError, EOFError) as e:  # ValueError: pickled object arrays, bad members
+        raise FormatError(f"{path}: not a readable .npz archive of plain arrays ({e})") from None
+    tensors = {k: TensorRef.from_tensor(torch.from_numpy(np.ascontiguousarray(a))) for k, a in arrays.items()}
+    return TensorFile(path, tensors, {})
 
 
 def _load_pickle(path: Path) -> TensorFile:

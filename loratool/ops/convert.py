@@ -30,6 +30,7 @@ from typing import Any
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import IncompatibleError
+from loratool.runtimes import RUNTIME_OF_FORMAT
 from loratool.st import TensorRef
 
 SCHEMA = 1
@@ -175,6 +176,7 @@ def convert(
     """
     from loratool.formats import check_writable, get_format, read, require_plain, source_label, write
     from loratool.formats.rename import FOREIGN, target_names
+    from loratool.hub import resolve_path
 
     runtime = None
     if for_runtime is not None:
@@ -187,8 +189,14 @@ def convert(
         to = runtime.writes
     if to is None:
         raise IncompatibleError("no output format", hint="give --to FORMAT or --for RUNTIME")
+    if runtime is None and to in RUNTIME_OF_FORMAT:
+        from loratool.ops.runtime import get_runtime
+
+        runtime = get_runtime(RUNTIME_OF_FORMAT[to])
     target = get_format(to, writing=True)
-    adapter = read(Path(path), allow_pickle=allow_pickle)
+    path = resolve_path(path)
+    base = resolve_path(base) if base is not None else None
+    adapter = read(path, allow_pickle=allow_pickle)
     require_plain(adapter, "convert")
     if not adapter.modules:
         raise IncompatibleError(f"{path}: holds no LoRA modules to convert")

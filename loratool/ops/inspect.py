@@ -127,14 +127,18 @@ def inspect_adapter(
     Raises:
         FormatError, IncompatibleError: the adapter cannot be read.
     """
-    p = Path(path)
+    from loratool.hub import resolve_path
+
+    p = resolve_path(path)
     findings = Findings()  # strict: errors raise; warnings (implied alpha, missing config) are kept
     adapter = read(p, allow_pickle=allow_pickle, findings=findings)
     size = sum(f.stat().st_size for f in adapter.files if f.exists())
     report = InspectReport(adapter, p, size, warnings=[f.message for f in findings.items])
     if spectrum:
+        from loratool.device import resolve_device
         from loratool.linalg import energy_rank
 
+        device = resolve_device(device)
         mods = report.modules
         for i, m in enumerate(mods):
             s = _spectrum(m, p, device)

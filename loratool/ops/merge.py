@@ -217,6 +217,7 @@ def merge(
     Raises:
         IncompatibleError, FormatError, OutputExistsError, LoratoolError (disk full).
     """
+    from loratool.hub import resolve_path
     from loratool.st import open_checkpoint
 
     if not adapters:
@@ -228,7 +229,8 @@ def merge(
         raise IncompatibleError(f"--weights must be finite numbers, got {weights}")
     if dtype not in OUT_DTYPES:
         raise IncompatibleError(f"--dtype {dtype}: unknown", hint="use keep, fp32, fp16 or bf16")
-    base_path = Path(base)
+    base_path = resolve_path(base)
+    adapters = [resolve_path(a) for a in adapters]
     ckpt = open_checkpoint(base_path)
     # the base's sha256 starts now, while torch is imported and the adapters are read (a core is
     # idle then), and later stays at most 1 GiB ahead of the merge, so the disk is read once

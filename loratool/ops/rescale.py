@@ -127,6 +127,7 @@ def rescale(
         IncompatibleError: bad option values; FormatError; OutputExistsError.
     """
     from loratool.formats import check_writable, read, require_plain, write
+    from loratool.hub import resolve_path
 
     if mode not in MODES:
         raise IncompatibleError(f"unknown rescale mode {mode!r}")
@@ -135,7 +136,7 @@ def rescale(
             raise IncompatibleError(f"--{mode} needs a finite number, got {value}")
         if mode == "alpha" and value == 0:
             raise IncompatibleError("--alpha 0 would make every delta zero", hint="use --factor 0 to zero an adapter")
-    adapter = read(Path(path), allow_pickle=allow_pickle)
+    adapter = read(resolve_path(path), allow_pickle=allow_pickle)
     require_plain(adapter, "rescale")
     check_writable(adapter, fmt or adapter.source_format)  # before the maths; write checks again
     chosen = set(select(adapter, modules))

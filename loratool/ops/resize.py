@@ -164,7 +164,9 @@ def resize(
         IncompatibleError: bad option combination, no module selected, unsupported tensors.
         FormatError, OutputExistsError.
     """
+    from loratool.device import resolve_device
     from loratool.formats import check_writable, read, require_plain, write
+    from loratool.hub import resolve_path
     from loratool.linalg import RANK_METHODS
 
     if threshold is not None and method is None:
@@ -182,7 +184,8 @@ def resize(
         if val is not None and val < 1:
             raise IncompatibleError(f"{opt} {val}: must be at least 1")
 
-    adapter = read(Path(path), allow_pickle=allow_pickle)
+    adapter = read(resolve_path(path), allow_pickle=allow_pickle)
+    device = resolve_device(device)
     require_plain(adapter, "resize")
     check_writable(adapter, fmt or adapter.source_format)  # before the maths; write checks again
     chosen = set(select(adapter, modules))

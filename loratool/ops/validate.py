@@ -78,7 +78,10 @@ def validate_adapter(
     Raises:
         FormatError: the adapter (or base) cannot be read at all (corrupt header, not a LoRA file).
     """
-    p = Path(path)
+    from loratool.hub import resolve_path
+
+    p = resolve_path(path)
+    base = resolve_path(base) if base is not None else None
     runtime = None
     if for_runtime is not None:
         from loratool.ops.runtime import get_runtime
