@@ -812,11 +812,11 @@ def _not_replaceable(target: Path, info: os.stat_result, *, directory: bool, kin
     if stat.S_ISLNK(mode):
         return f"it is a symbolic link (to {os.readlink(target)})"
     if stat.S_ISREG(mode):
-        return "it is a file and the output is a folder" if directory else None
+        return "it is a file and the output is a directory" if directory else None
     if not stat.S_ISDIR(mode):
         return f"it is {_kind_of(mode)}"
     if not directory:
-        return "it is a folder and the output is a file"
+        return "it is a directory and the output is a file"
     return _foreign_contents(target, kind)
 
 
@@ -928,7 +928,8 @@ def atomic_output(
                 if e.errno in _USER_OS_ERRORS:
                     where = e.filename or tmp
                     raise LoratoolError(
-                        f"{shown}: {_strerror(e)} while writing ({where}); {state.describe()}",
+                        f"{shown}: {_strerror(e)} while writing ({where}); nothing was written to {shown}"
+                        + (" (the previous one is unchanged)" if state.existed else ""),
                         hint="free some space or write elsewhere with -o" if e.errno in _FULL else None,
                     ) from None
                 raise
