@@ -143,7 +143,8 @@ def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool) -> Non
     c = out()
     head = Text()
     head.append(doc["path"], style="bold")
-    head.append(f"  ({doc['format']}, {doc['num_modules']} modules, {human_size(doc['file_size'])})")
+    lyco = f", {doc['num_lycoris']} LyCORIS modules" if doc.get("num_lycoris") else ""
+    head.append(f"  ({doc['format']}, {doc['num_modules']} modules{lyco}, {human_size(doc['file_size'])})")
     c.print(head)
     t = Table.grid(padding=(0, 2))
     t.add_column(style="dim")
@@ -170,6 +171,8 @@ def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool) -> Non
     extras = doc["extras"]
     t.add_row("extras", ", ".join(f"{e['name']} {tuple(e['shape'])} {e['dtype']}" for e in extras[:8])
               + (f" ... ({len(extras)} total)" if len(extras) > 8 else "") if extras else "none")
+    if doc.get("num_lycoris"):
+        t.add_row("LyCORIS", f"{_counts(doc['lycoris_kinds'])} ({doc['lycoris_params']:,} params)")
     uns = doc["unsupported"]
     t.add_row("unsupported", f"{len(uns)} tensor(s), e.g. {', '.join(uns[:3])}" if uns else "none")
     c.print(t)
@@ -220,6 +223,11 @@ def _module_table(doc: dict[str, Any], spectrum: bool) -> None:
             row += [str(m.get("rank_90", "")), str(m.get("rank_99", "")), f"{s[0]:.3g}" if s else "",
                     sparkline(s)]
         t.add_row(*row)
+    for m in doc.get("lycoris_modules", []):
+        alpha = "-" if m["alpha"] is None else _fmt(m["alpha"])
+        row = [m["name"], f"{m['algo']} {m['kind']}", str(m["out_features"]), str(m["in_features"]),
+               str(m["rank"] or "-"), alpha, m["alpha_source"], f"{m['scale']:.4g}", m["dtype"]]
+        t.add_row(*(row + [""] * 4 if spectrum else row))
     out().print(t)
 
 
@@ -409,9 +417,18 @@ def render_convert(doc: dict[str, Any]) -> None:
     t.add_column("rank", justify="right")
     t.add_column("scale", justify="right")
     t.add_column("placed by")
+    lyco = any(m.get("from_algo", "lora") != "lora" for m in rows)
+    if lyco:
+        t.add_column("was")
+        t.add_column("error", justify="right")
     for m in rows:
-        t.add_row(m["new_name"], "=" if m["name"] == m["new_name"] else m["name"], str(m["rank"]),
-                  f"{m['scale']:.6g}", m["placed_by"])
+        row = [m["new_name"], "=" if m["name"] == m["new_name"] else m["name"], str(m["rank"] or "-"),
+               f"{m['scale']:.6g}", m["placed_by"]]
+        if lyco:
+            exact = f" r{m['exact_rank']}" if m.get("exact_rank") else ""
+            kept = m["from_algo"] in ("full", "norm", "bias") and not m.get("exact_rank")
+            row += [m["from_algo"] + exact, "kept" if kept else f"{m['rel_error']:.2e}" if m["rel_error"] else "exact"]
+        t.add_row(*row)
     out().print(t)
     what = f"{doc['num_modules']} modules, {doc['source_format']} -> {doc['format']}"
     if doc["extras"]:

@@ -32,7 +32,7 @@ from loratool.formats._common import (
 from loratool.formats.registry import Capabilities, Format, all_formats, check_writable, get, names, register
 
 __all__ = [
-    "PICKLE_SUFFIXES", "Capabilities", "Finding", "Findings", "Format", "check_writable", "detect",
+    "LYCO_NAMES", "PICKLE_SUFFIXES", "Capabilities", "Finding", "Findings", "Format", "check_writable", "detect",
     "extra_base_key", "format_names", "get_format", "is_transposed_layer", "output_is_directory", "provenance",
     "read", "require_plain", "source_label", "unsupported_family", "writable_formats", "write",
 ]
@@ -142,7 +142,7 @@ def read(path: str | os.PathLike[str], *, allow_pickle: bool = False, findings: 
     _check_duplicates(adapter, findings)
     # A file of only LyCORIS/other tensors is readable: inspect and validate report it by name and
     # operations refuse it through require_plain, which names the key.
-    if not adapter.modules and not adapter.unsupported and not findings.items:
+    if not adapter.modules and not adapter.lycoris and not adapter.unsupported and not findings.items:
         findings.error("no-lora-tensors", None, f"{p}: holds no LoRA modules",
                        hint="expected lora_A/lora_B (PEFT, diffusers) or lora_down/lora_up (kohya) tensors",
                        exc=FormatError)
@@ -162,8 +162,20 @@ def _check_duplicates(adapter: Adapter, findings: Findings) -> None:
         seen[norm] = name
 
 
-def require_plain(adapter: Adapter, op: str) -> None:
-    """Operations refuse adapters that hold tensors they would silently drop."""
+def require_plain(adapter: Adapter, op: str, *, lycoris: bool = False, diffs: bool = False) -> None:
+    """Operations refuse adapters that hold tensors they would silently drop.
+
+    lycoris: the operation handles LyCORIS modules (merge, convert); else they are refused too.
+    diffs: the operation passes full / norm / bias diffs through unchanged (resize).
+    """
+    refused = {n: m for n, m in adapter.lycoris.items() if not (diffs and m.algo in ("full", "norm", "bias"))}
+    if refused and not lycoris:
+        name, m = next(iter(refused.items()))
+        raise IncompatibleError(
+            f"{adapter.path}: module '{name}' is {LYCO_NAMES[m.algo]}, which {op} does not support "
+            f"({len(refused)} LyCORIS module(s))",
+            hint=f"convert it to plain LoRA first: loratool convert {adapter.path} --to lora --out OUT",
+        )
     if adapter.unsupported:
         key = adapter.unsupported[0]
         raise IncompatibleError(
@@ -265,10 +277,10 @@ def write(
                        kind="adapter" if directory else None) as tmp:
         record.write(adapter, tmp, meta)
         check = read(tmp)
-        if len(check.modules) != len(adapter.modules):
+        if len(check.modules) != len(adapter.modules) or len(check.lycoris) != len(adapter.lycoris):
             raise IncompatibleError(
-                f"{out}: re-reading the written adapter gave {len(check.modules)} modules, "
-                f"expected {len(adapter.modules)}"
+                f"{out}: re-reading the written adapter gave {len(check.modules)} + {len(check.lycoris)} modules, "
+                f"expected {len(adapter.modules)} + {len(adapter.lycoris)}"
             )
     return out
 
@@ -299,3 +311,8 @@ def _require_usable_values(adapter: Adapter, out: Path) -> None:
         if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
             raise IncompatibleError(f"{out}: saved tensor '{key}' holds NaN or Inf values")
 
+
+LYCO_NAMES = {
+    "loha": "LoHa (LyCORIS)", "lokr": "LoKr (LyCORIS)", "tucker": "LoCon with Tucker (LyCORIS)",
+    "full": "a full weight diff (.diff)", "norm": "a norm-layer diff (.w_norm)", "bias": "a bias diff (.diff_b)",
+}

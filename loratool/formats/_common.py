@@ -304,3 +304,22 @@ def json_config(path: Path, findings: Findings) -> dict[str, Any] | None:
                        exc=FormatError)
         return None
     return data
+
+
+def lora_b_bias(m: LoraModule) -> Any:
+    """The bias delta as PEFT's lora_B.bias stores it (it is scaled like the weight delta).
+
+    An unscaled `.diff_b` is divided by the module's scale (in float32, cast back); exact when the
+    scale is 1.
+
+    Raises:
+        IncompatibleError: a zero scale, which no lora_B.bias can reproduce.
+    """
+    assert m.bias is not None
+    bias = m.bias.load()
+    if m.bias_scaled or m.scale == 1.0:
+        return bias
+    if m.scale == 0.0:
+        raise IncompatibleError(f"module '{m.name}': its bias delta cannot be stored as lora_B.bias with scale 0",
+                                hint="write kohya instead (.diff_b)")
+    return (bias.float() / m.scale).to(bias.dtype)

@@ -23,6 +23,7 @@ from loratool.formats._common import (
     build_module,
     is_unsupported,
     json_config,
+    lora_b_bias,
     open_tensor_file,
 )
 from loratool.formats.names import PEFT_PREFIX
@@ -365,7 +366,7 @@ def state_dict(adapter: Adapter) -> dict[str, Any]:
             out[base + ".lora_A.weight"] = m.down.load()
             out[base + ".lora_B.weight"] = m.up.load()
         if m.bias is not None:
-            out[base + ".lora_B.bias"] = m.bias.load()
+            out[base + ".lora_B.bias"] = lora_b_bias(m)
         if m.magnitude is not None:
             out[base + ".lora_magnitude_vector"] = m.magnitude.load().reshape(-1)
     for key, ref in adapter.extras.items():

@@ -384,7 +384,7 @@ def _bias(items: list[tuple[LoraModule, float]], out_dtype: torch.dtype) -> Tens
     terms = [(m, w) for m, w in items if m.bias is not None]
     if not terms:
         return None
-    total = sum((m.bias.load().to(torch.float64) * (w * m.scale) for m, w in terms if m.bias is not None),
+    total = sum((m.bias.load().to(torch.float64) * (w * m.bias_scale) for m, w in terms if m.bias is not None),
                 torch.zeros(terms[0][0].out_features, dtype=torch.float64))
     return TensorRef.from_tensor(total.to(out_dtype).contiguous())
 

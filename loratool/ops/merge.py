@@ -153,7 +153,7 @@ def _tensor_step(
             out = cast(new, out_dtype)
             if stats:
                 assert acc is not None
-                dora = any(c.module.magnitude is not None for c in contribs)
+                dora = any(getattr(c.module, "magnitude", None) is not None for c in contribs)
                 acc_norm, rel_change, cast_error = merge_change(w32, new, acc, out, dora=dora)
                 report.tensors.append(TensorStat(key, name, sorted({c.module.name for c in contribs}), acc_norm,
                                                  rel_change, cast_error))
@@ -256,7 +256,7 @@ def _merge(
     loaded = []
     for p in adapters:
         a = read(Path(p), allow_pickle=allow_pickle)
-        require_plain(a, "merge")
+        require_plain(a, "merge", lycoris=True)
         loaded.append(a)
     plan, warnings = plan_merge(loaded, weights, ckpt, allow_unmatched=allow_unmatched, unmerge=unmerge)
     report = MergeReport(Path(out), base_path, [Path(p) for p in adapters], weights, unmerge, dtype, device,

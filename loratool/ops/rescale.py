@@ -100,6 +100,12 @@ def rescale_module(m: LoraModule, mode: str, value: float | None) -> tuple[LoraM
         new = m.with_(rslora=False, alpha=m.scale * m.rank)
     else:
         raise IncompatibleError(f"unknown rescale mode {mode!r}")
+    if m.bias is not None and new.bias_scale != 0.0:
+        # the bias delta as applied (stored · bias_scale) follows the weight delta: × factor
+        ratio_b = factor * m.bias_scale / new.bias_scale
+        if ratio_b != 1.0:
+            bias = m.bias.load()
+            new = new.with_(bias=TensorRef.from_tensor((bias.float() * ratio_b).to(bias.dtype)))
     if new.alpha != m.alpha:
         new = new.with_(alpha_source="config" if m.alpha_source in ("config", "pattern") else new.alpha_source)
     return new, ModuleRescale(m.name, m.alpha, new.alpha, m.scale, new.scale, factor)

@@ -186,7 +186,7 @@ def resize(
 
     adapter = read(resolve_path(path), allow_pickle=allow_pickle)
     device = resolve_device(device)
-    require_plain(adapter, "resize")
+    require_plain(adapter, "resize", diffs=True)  # full / norm / bias diffs are written back unchanged
     check_writable(adapter, fmt or adapter.source_format)  # before the maths; write checks again
     chosen = set(select(adapter, modules))
     report = ResizeReport(Path(out), fmt or adapter.source_format, method or "rank", threshold, rank)
