@@ -156,6 +156,10 @@ def stream_file(
             ws, busy = out_slots[slot]
             if busy is not None:
                 t = time.perf_counter()
+                if busy.exception() is not None:  # waits; writes after a failed one fail too:
+                    for fut in pending:  # surface the first failure (ENOSPC), not a later symptom
+                        if fut.done() and fut.exception() is not None:
+                            fut.result()
                 busy.result()  # written out: its buffer may be reused
                 timings.write_wait += time.perf_counter() - t
             slot_used.append(slot)
