@@ -61,7 +61,8 @@ class TensorFile:
 
 
 def open_tensor_file(path: Path, *, allow_pickle: bool, findings: Findings | None = None) -> TensorFile:
-    """Open a .safetensors file (header only) or, with allow_pickle, a torch pickle (weights only).
+    """Open a .safetensors file (header only), an .npz or GGUF file (told by their first bytes), or, with
+    allow_pickle, a torch pickle (weights only).
 
     With lenient `findings` (validate), layout problems the safetensors library refuses (overlapping
     or gapped data, trailing bytes, duplicate keys) are recorded as `bad-layout` errors instead.
@@ -69,8 +70,6 @@ def open_tensor_file(path: Path, *, allow_pickle: bool, findings: Findings | Non
     Raises:
         FormatError: pickle without allow_pickle, or an unreadable file.
     """
-    if path.suffix == ".npz":
-        return _open_npz(path)
     if path.suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise FormatError(
@@ -78,12 +77,30 @@ def open_tensor_file(path: Path, *, allow_pickle: bool, findings: Findings | Non
                 hint="convert it to .safetensors, or pass --allow-pickle if you trust its source",
             )
         return _load_pickle(path)
+    magic = _magic(path)
+    if magic == b"PK\x03\x04":  # a zip archive: numpy's .npz (older MLX adapters); torch zips are .bin/.pt
+        return _open_npz(path)
+    if magic == b"GGUF":
+        from loratool.formats.gguf import open_gguf
+
+        return open_gguf(path)
     problems: list[str] | None = [] if findings is not None and not findings.strict else None
     st = read_header(path, problems=problems)
     for message in problems or []:
         assert findings is not None
         findings.error("bad-layout", None, message, exc=FormatError)
     return TensorFile(path, {k: TensorRef.from_info(i) for k, i in st.tensors.items()}, st.metadata)
+
+
+def _magic(path: Path) -> bytes:
+    """The first four bytes of a file (the container is told by its contents, not its name)."""
+    from loratool.st import open_input
+
+    try:
+        with open_input(path) as f:  # a FIFO or device is refused here, not read (it would block)
+            return f.read(4)
+    except (OSError, LoratoolError):
+        return b""  # read_header reports it
 
 
 def _open_npz(path: Path) -> TensorFile:
@@ -94,8 +111,8 @@ def _open_npz(path: Path) -> TensorFile:
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in archive.files}
-    except (OSError, ValueError, EOFError) as e:  # ValueError: pickled object arrays, bad members
-        raise FormatError(f"{path}: not a readable .npz archive of plain arrays ({e})") from None
+    except Exception as e:  # numpy/zipfile raise many types on a corrupt archive; ValueError: pickled objects
+        raise FormatError(f"{path}: not a readable .npz archive of plain arrays ({type(e).__name__}: {e})") from None
     tensors = {k: TensorRef.from_tensor(torch.from_numpy(np.ascontiguousarray(a))) for k, a in arrays.items()}
     return TensorFile(path, tensors, {})
 
@@ -154,6 +171,14 @@ def unsupported_family(key: str) -> str:
         if marker in key:
             return family
     return "non-LoRA"
+
+
+def split_by_suffix(key: str, suffixes: tuple[tuple[str, str], ...]) -> tuple[str, str] | None:
+    """'<module><suffix>' -> (module, role) for the first (suffix, role) that `key` ends with, else None."""
+    for suffix, role in suffixes:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role
+    return None
 
 
 @dataclass

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from loratool.adapter import Adapter, AlphaSource, LoraModule, scale_for
+from loratool.adapter import Adapter, AlphaSource, LoraModule
 from loratool.errors import IncompatibleError
 from loratool.formats._common import (
     Findings,
@@ -25,7 +25,6 @@ from loratool.formats._common import (
     build_module,
     group_tensors,
     is_unsupported,
-    lora_b_bias,
 )
 from loratool.formats.names import COMPONENTS, CONTAINERS, split_component
 from loratool.formats.peft import pattern_key
@@ -199,7 +198,7 @@ def state_and_metadata(adapter: Adapter) -> tuple[dict[str, Any], dict[str, Any]
         IncompatibleError: a module without a component prefix (what the format cannot hold at
             all was refused before, by registry.check_writable).
     """
-    from loratool.formats.peft import build_config
+    from loratool.formats.peft import build_config, module_tensors
 
     groups: dict[str, dict[str, LoraModule]] = {}
     for m in adapter.modules.values():
@@ -214,17 +213,9 @@ def state_and_metadata(adapter: Adapter) -> tuple[dict[str, Any], dict[str, Any]
     tensors: dict[str, Any] = {}
     flat: dict[str, Any] = {}
     for component, mods in groups.items():
-        config, alphas = build_config(Adapter(modules=mods, source_format="diffusers"))
+        config, _ = build_config(Adapter(modules=mods, source_format="diffusers"))
         for local, m in mods.items():
-            # the written alpha must reproduce the module's scale exactly
-            assert abs(scale_for(alphas[local], m.rank, config["use_rslora"]) - m.scale) <= 1e-9 * max(1, abs(m.scale))
-            key = f"{component}.{local}"
-            tensors[key + ".lora_A.weight"] = m.down.load()
-            tensors[key + ".lora_B.weight"] = m.up.load()
-            if m.bias is not None:
-                tensors[key + ".lora_B.bias"] = lora_b_bias(m)
-            if m.magnitude is not None:
-                tensors[key + ".lora_magnitude_vector"] = m.magnitude.load().reshape(-1)
+            tensors.update(module_tensors(f"{component}.{local}", m))
         fields = {k: config[k] for k in _CONFIG_FIELDS}
         fields["init_lora_weights"] = True
         flat.update({f"{component}.{k}": v for k, v in fields.items()})
@@ -244,8 +235,7 @@ FORMAT = Format(
     name="diffusers",
     summary="diffusers LoRA .safetensors (lora_A / lora_B under unet., transformer., text_encoder., ...)",
     naming="component",
-    capabilities=Capabilities(bias=True, extras=False, fan_in_fan_out=False, embedding=False, conv=True, dora=True,
-                              dora_axis="out", per_module_alpha=True, metadata=True, directory=False),
+    capabilities=Capabilities(bias=True, dora=True),
     detect=lambda keys: 2 if looks_like(keys) else 0,
     read_file=from_tensors,
     write=write,

@@ -15,7 +15,7 @@ from typing import Any
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import IncompatibleError
 from loratool.formats import lycoris
-from loratool.formats._common import Findings, RawModule, TensorFile, build_module, group_tensors
+from loratool.formats._common import Findings, RawModule, TensorFile, build_module, group_tensors, split_by_suffix
 from loratool.formats.names import KOHYA_PREFIX_OF, component_of_kohya_prefix, split_kohya_prefix
 from loratool.formats.registry import Capabilities, Format
 
@@ -29,10 +29,7 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
 
 
 def split_key(key: str) -> tuple[str, str] | None:
-    for suffix, role in _SUFFIXES:
-        if key.endswith(suffix):
-            return key[: -len(suffix)], role
-    return None
+    return split_by_suffix(key, _SUFFIXES)
 
 
 def looks_like(keys: list[str]) -> bool:
@@ -294,8 +291,7 @@ FORMAT = Format(
     name="kohya",
     summary="kohya sd-scripts .safetensors (lora_down / lora_up / alpha per module)",
     naming="stem",
-    capabilities=Capabilities(bias=True, extras=False, fan_in_fan_out=False, embedding=False, conv=True, dora=True,
-                              dora_axis="out", per_module_alpha=True, metadata=True, directory=False, diffs=True),
+    capabilities=Capabilities(bias=True, dora=True, diffs=True),  # bias: `.diff_b`; dora: `.dora_scale`
     detect=lambda keys: 2 if looks_like(keys) else 0,
     read_file=from_tensors,
     write=write,

@@ -324,6 +324,8 @@ def build_config(adapter: Adapter) -> tuple[dict[str, Any], dict[str, float]]:
     config.setdefault("bias", "none")
     config.setdefault("lora_dropout", 0.0)
     config.setdefault("inference_mode", True)
+    for m in mods:  # the written alpha must reproduce the module's scale exactly
+        assert abs(scale_for(alphas[m.name], m.rank, use_rslora) - m.scale) <= 1e-9 * max(1, abs(m.scale))
     return config, alphas
 
 
@@ -354,21 +356,24 @@ def _converted_alpha(m: LoraModule, to_rslora: bool) -> float:
     return s * (m.rank**0.5) if to_rslora else s * m.rank
 
 
+def module_tensors(key: str, m: LoraModule) -> dict[str, Any]:
+    """One module's tensors in PEFT's key layout under `key` (diffusers files use the same suffixes)."""
+    if m.kind == "embedding":
+        out = {key + ".lora_embedding_A": m.down.load(), key + ".lora_embedding_B": m.up.load()}
+    else:
+        out = {key + ".lora_A.weight": m.down.load(), key + ".lora_B.weight": m.up.load()}
+    if m.bias is not None:
+        out[key + ".lora_B.bias"] = lora_b_bias(m)
+    if m.magnitude is not None:
+        out[key + ".lora_magnitude_vector"] = m.magnitude.load().reshape(-1)
+    return out
+
+
 def state_dict(adapter: Adapter) -> dict[str, Any]:
     """Tensors in PEFT key layout. The factors are stored as they are (alpha carries the scale)."""
     out: dict[str, Any] = {}
     for m in adapter.modules.values():
-        base = PREFIX + m.name
-        if m.kind == "embedding":
-            out[base + ".lora_embedding_A"] = m.down.load()
-            out[base + ".lora_embedding_B"] = m.up.load()
-        else:
-            out[base + ".lora_A.weight"] = m.down.load()
-            out[base + ".lora_B.weight"] = m.up.load()
-        if m.bias is not None:
-            out[base + ".lora_B.bias"] = lora_b_bias(m)
-        if m.magnitude is not None:
-            out[base + ".lora_magnitude_vector"] = m.magnitude.load().reshape(-1)
+        out.update(module_tensors(PREFIX + m.name, m))
     for key, ref in adapter.extras.items():
         out[PREFIX + key] = ref.load()
     return out
@@ -378,10 +383,7 @@ def write(adapter: Adapter, out_dir: Path, metadata: dict[str, str]) -> None:
     """Write `adapter` as a PEFT directory into the (empty, temporary) directory `out_dir`."""
     from loratool.st import save_tensors
 
-    config, alphas = build_config(adapter)
-    for m in adapter.modules.values():
-        # the written alpha must reproduce the module's scale exactly
-        assert abs(scale_for(alphas[m.name], m.rank, config["use_rslora"]) - m.scale) <= 1e-9 * max(1, abs(m.scale))
+    config, _ = build_config(adapter)
     save_tensors(out_dir / WEIGHTS_NAME, state_dict(adapter), {"format": "pt", **metadata})
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
@@ -405,8 +407,7 @@ FORMAT = Format(
     name="peft",
     summary="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)",
     naming="path",
-    capabilities=Capabilities(bias=True, extras=True, fan_in_fan_out=True, embedding=True, conv=True, dora=True,
-                              dora_axis="out", per_module_alpha=True, metadata=True, directory=True),
+    capabilities=Capabilities(bias=True, extras=True, fan_in_fan_out=True, embedding=True, dora=True, directory=True),
     detect=_detect,
     read_file=from_file,
     detect_dir=_is_adapter_dir,

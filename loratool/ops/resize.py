@@ -10,29 +10,25 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import IncompatibleError
+from loratool.ops import Progress, Row, output_size
 from loratool.st import TensorRef
 
 SCHEMA = 1
-Progress = Callable[[int, int], None]
 
 
 @dataclass
-class ModuleResize:
+class ModuleResize(Row):
     name: str
     old_rank: int
     new_rank: int
     fro_retained: float  # sqrt(Σ kept σ²) / ||σ||
     rel_error: float  # ||ΔW - ΔW_k||_F / ||ΔW||_F
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -215,7 +211,7 @@ def resize(
     params = {"rank": rank, "method": method, "threshold": threshold, "conv_rank": conv_rank, "modules": modules,
               "dtype": dtype}
     written = write(resized, out, fmt=fmt, force=force, op="resize", params=params, sources=adapter.files)
-    report.size = _size(written)
+    report.size = output_size(written)
     return report
 
 
@@ -237,9 +233,3 @@ def _metadata(adapter: Adapter, method: str | None) -> dict[str, str]:
         if method is not None:
             meta[key] = "Dynamic"
     return meta
-
-
-def _size(p: Path) -> int:
-    if p.is_dir():
-        return sum(f.stat().st_size for f in p.iterdir() if f.is_file())
-    return p.stat().st_size
