@@ -265,9 +265,13 @@ def _parse_entry(p: Path, key: str, entry: Any, data_start: int, data_size: int)
 
 
 def read_bytes(info: TensorInfo) -> bytes:
-    with open(info.path, "rb") as f:
-        f.seek(info.start)
-        data = f.read(info.nbytes)
+    try:
+        with open(info.path, "rb") as f:
+            f.seek(info.start)
+            data = f.read(info.nbytes)
+    except OSError as e:  # an input that cannot be read is the input's problem, not the output's
+        reason = (e.strerror or type(e).__name__).lower()
+        raise FormatError(f"{info.path}: tensor '{info.key}': cannot be read ({reason})") from None
     if len(data) != info.nbytes:
         raise FormatError(f"{info.path}: tensor '{info.key}': file ended early (truncated?)")
     return data
@@ -883,6 +887,13 @@ def _written_by_loratool(path: str) -> bool:
         return False
 
 
+def _in_temporary(p: Path, tmp: Path) -> bool:
+    try:
+        return p.resolve() == tmp.resolve() or tmp.resolve() in p.resolve().parents
+    except OSError:
+        return True
+
+
 @contextlib.contextmanager
 def atomic_output(
     out: str | os.PathLike[str],
@@ -927,6 +938,10 @@ def atomic_output(
             except OSError as e:
                 if e.errno in _USER_OS_ERRORS:
                     where = e.filename or tmp
+                    if e.filename and not _in_temporary(Path(os.fsdecode(e.filename)), tmp):
+                        # not the output: an input (or another file) could not be read
+                        raise LoratoolError(f"{e.filename}: {_strerror(e)} (reading it); nothing was written to "
+                                            f"{shown}") from None
                     raise LoratoolError(
                         f"{shown}: {_strerror(e)} while writing ({where}); nothing was written to {shown}"
                         + (" (the previous one is unchanged)" if state.existed else ""),
