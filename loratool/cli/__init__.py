@@ -26,7 +26,6 @@ from loratool.cli import resize as _resize
 from loratool.cli import validate as _validate
 from loratool.errors import LoratoolError
 
-EXIT_FINDINGS = 1
 EXIT_USER = 2
 EXIT_BUG = 3
 EXIT_INTERRUPTED = 130
