@@ -18,7 +18,7 @@ from typing import Any
 
 from loratool.adapter import Adapter
 from loratool.errors import FormatError, IncompatibleError
-from loratool.formats import diffusers, kohya, mlx, peft
+from loratool.formats import diffusers, gguf, kohya, mlx, peft
 from loratool.formats._common import (
     PICKLE_SUFFIXES,
     Finding,
@@ -32,13 +32,14 @@ from loratool.formats.registry import Capabilities, Format, all_formats, check_w
 
 __all__ = [
     "LYCO_NAMES", "PICKLE_SUFFIXES", "Capabilities", "Finding", "Findings", "Format", "check_writable", "detect",
-    "extra_base_key", "format_names", "get_format", "is_transposed_layer", "output_is_directory", "provenance",
+    "extra_base_key", "format_names", "get_format", "gguf_layout", "is_transposed_layer", "output_is_directory",
+    "provenance",
     "read", "require_plain", "source_label", "unsupported_family", "writable_formats", "write",
 ]
 
 # The built-in formats, in detection order (ties between equal detection scores go to the first).
 # A new format: its module defines FORMAT (a registry.Format record); add it here.
-for _record in (peft.FORMAT, kohya.FORMAT, diffusers.FORMAT, mlx.FORMAT):
+for _record in (peft.FORMAT, kohya.FORMAT, diffusers.FORMAT, mlx.FORMAT, gguf.FORMAT):
     register(_record)
 
 get_format = get
@@ -52,6 +53,12 @@ def format_names() -> tuple[str, ...]:
 def writable_formats() -> tuple[str, ...]:
     """Every format loratool writes (the CLI's --format / --to choices)."""
     return names(writable=True)
+
+
+def gguf_layout(adapter: Adapter, base: Path) -> Adapter:
+    """The adapter with GGUF tensor names and layout for the architecture of `base` (a transformers
+    config / model directory or a GGUF model file); see formats/gguf.py."""
+    return gguf.to_gguf_layout(adapter, gguf.arch_info(base))
 
 
 def extra_base_key(extra: str) -> str:

@@ -61,13 +61,12 @@ class TensorFile:
 
 
 def open_tensor_file(path: Path, *, allow_pickle: bool) -> TensorFile:
-    """Open a .safetensors file (header only) or, with allow_pickle, a torch pickle (weights only).
+    """Open a .safetensors file (header only), an .npz or GGUF file (told by their first bytes), or, with
+    allow_pickle, a torch pickle (weights only).
 
     Raises:
         FormatError: pickle without allow_pickle, or an unreadable file.
     """
-    if path.suffix == ".npz":
-        return _open_npz(path)
     if path.suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise FormatError(
@@ -75,8 +74,24 @@ def open_tensor_file(path: Path, *, allow_pickle: bool) -> TensorFile:
                 hint="convert it to .safetensors, or pass --allow-pickle if you trust its source",
             )
         return _load_pickle(path)
+    magic = _magic(path)
+    if magic == b"PK\x03\x04":  # a zip archive: numpy's .npz (older MLX adapters); torch zips are .bin/.pt
+        return _open_npz(path)
+    if magic == b"GGUF":
+        from loratool.formats.gguf import open_gguf
+
+        return open_gguf(path)
     st = read_header(path)
     return TensorFile(path, {k: TensorRef.from_info(i) for k, i in st.tensors.items()}, st.metadata)
+
+
+def _magic(path: Path) -> bytes:
+    """The first four bytes of a file (the container is told by its contents, not its name)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4)
+    except OSError:
+        return b""
 
 
 def _open_npz(path: Path) -> TensorFile:
@@ -87,8 +102,8 @@ def _open_npz(path: Path) -> TensorFile:
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in archive.files}
-    except (OSError, ValueError, EOFError) as e:  # ValueError: pickled object arrays, bad members
-        raise FormatError(f"{path}: not a readable .npz archive of plain arrays ({e})") from None
+    except Exception as e:  # numpy/zipfile raise many types on a corrupt archive; ValueError: pickled objects
+        raise FormatError(f"{path}: not a readable .npz archive of plain arrays ({type(e).__name__}: {e})") from None
     tensors = {k: TensorRef.from_tensor(torch.from_numpy(np.ascontiguousarray(a))) for k, a in arrays.items()}
     return TensorFile(path, tensors, {})
 

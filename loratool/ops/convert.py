@@ -214,6 +214,7 @@ def convert(
     report = ConvertReport(Path(out), Path(path), adapter.source_format, to, Path(base) if base is not None else None,
                            warnings=lyco_warnings)
     as_read = adapter.modules  # the report shows each module's rank, alpha and scale as read
+    origin: dict[str, str] = {}  # a module renamed before target_names -> its name as read
     if dora_to_lora is not None:
         from loratool.ops.runtime import dora_to_lora as fold
 
@@ -229,6 +230,18 @@ def convert(
         adapter = prepared.adapter
         report.runtime, report.prepared = runtime.name, prepared.to_dict()
         report.warnings.extend(prepared.warnings)
+    if to == "gguf" and adapter.source_format != "gguf":
+        from loratool.formats import gguf_layout
+
+        if base is None:
+            raise IncompatibleError(
+                f"{path}: GGUF tensor names and the q/k row order depend on the model architecture",
+                hint="pass --base: the base model's transformers directory (config.json is enough) or its GGUF file",
+            )
+        order = list(adapter.modules)
+        adapter = gguf_layout(adapter, Path(base))
+        origin = dict(zip(adapter.modules, order))  # GGUF tensor name -> the module name as read
+        base = None  # used: the names are GGUF's now, not the checkpoint's
     # peft's save_embedding_layers copies of a LoRA layer's base weight (`.base_layer.`) go only
     # where full tensors can; other full tensors (modules_to_save) must be kept or the user told
     extras = adapter.extras if target.capabilities.extras else \
@@ -262,9 +275,10 @@ def convert(
         new, by = names[name]
         fitted = _fit_layout(m, shapes[matched[name]]) if matched is not None else m
         modules[new] = fitted.with_(name=new)
-        orig = as_read[name]
+        read_as = origin.get(name, name)
+        orig = as_read[read_as]
         algo, exact, err = lyco_rows.get(name, ("lora", None, 0.0))
-        report.modules.append(ModuleConvert(name, new, fitted.kind, orig.rank, orig.alpha, orig.scale, by, algo,
+        report.modules.append(ModuleConvert(read_as, new, fitted.kind, orig.rank, orig.alpha, orig.scale, by, algo,
                                             exact, err))
     for name, lm in adapter.lycoris.items():  # full / norm / bias diffs kept as they are (kohya only)
         new = stored_name(to, name)
@@ -279,7 +293,7 @@ def convert(
     converted = adapter.with_modules(
         modules,
         extras=extras,
-        config=adapter.config if keep_config else {},
+        config=adapter.config if keep_config or to == "gguf" else {},  # gguf: its architecture
         metadata=adapter.metadata if adapter.source_format == to == "kohya" else {},
         source_format=to,
         source_modules=adapter.source_modules if keep_config else (),

@@ -124,10 +124,11 @@ class ExtractReport:
 
 def output_formats() -> tuple[str, ...]:
     """The formats extract writes: those that name modules by key paths or their stems. Formats that
-    name modules under a pipeline component (diffusers) are reached with `convert --base` after."""
+    name modules under a pipeline component (diffusers) are reached with `convert --base` after, and so
+    is GGUF, whose tensor names come from the architecture's map (`convert --to gguf --base`)."""
     from loratool.formats import get_format, writable_formats
 
-    return tuple(n for n in writable_formats() if get_format(n).naming != "component")
+    return tuple(n for n in writable_formats() if get_format(n).naming != "component" and n != "gguf")
 
 
 # ---------------------------------------------------------------------------------------------
