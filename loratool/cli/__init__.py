@@ -16,6 +16,7 @@ import click
 from loratool import __version__
 from loratool.cli import combine as _combine
 from loratool.cli import convert as _convert
+from loratool.cli import diff as _diff
 from loratool.cli import extract as _extract
 from loratool.cli import inspect as _inspect
 from loratool.cli import merge as _merge
@@ -24,6 +25,7 @@ from loratool.cli import push as _push
 from loratool.cli import rescale as _rescale
 from loratool.cli import resize as _resize
 from loratool.cli import validate as _validate
+from loratool.cli import verify as _verify
 from loratool.errors import LoratoolError
 
 EXIT_USER = 2
@@ -54,6 +56,8 @@ cli.add_command(_combine.combine)
 cli.add_command(_merge.merge)
 cli.add_command(_extract.extract)
 cli.add_command(_convert.convert)
+cli.add_command(_diff.diff)
+cli.add_command(_verify.verify)
 cli.add_command(_pull.pull)
 cli.add_command(_push.push)
 

@@ -45,7 +45,8 @@ class ModuleConvert(Row):
     rank: int
     alpha: float  # as read
     scale: float  # the effective scale, unchanged by conversion
-    placed_by: str  # "base", "rules" (kohya naming rules) or "name" (translated from the name alone)
+    placed_by: str  # "base", "metadata" (recorded by loratool in a kohya file), "rules" (kohya naming
+    # rules) or "name" (translated from the name alone)
     from_algo: str = "lora"  # the LyCORIS algo a module was converted from (loha, lokr, tucker, full)
     exact_rank: int | None = None  # rank of the exact LoRA form of a LyCORIS module
     rel_error: float = 0.0  # ||ΔW − ΔW_lora||_F / ||ΔW||_F (0 unless truncated)
@@ -174,7 +175,15 @@ def convert(
             modules_to_save tensors), or two modules with one target name.
         FormatError, OutputExistsError.
     """
-    from loratool.formats import check_writable, get_format, read, require_plain, source_label, write
+    from loratool.formats import (
+        check_writable,
+        get_format,
+        kohya_paths_metadata,
+        read,
+        require_plain,
+        source_label,
+        write,
+    )
     from loratool.formats.rename import FOREIGN, stored_name, target_names
     from loratool.hub import resolve_path
 
@@ -294,7 +303,9 @@ def convert(
         modules,
         extras=extras,
         config=adapter.config if keep_config or to == "gguf" else {},  # gguf: its architecture
-        metadata=adapter.metadata if adapter.source_format == to == "kohya" else {},
+        metadata={**(adapter.metadata if adapter.source_format == to == "kohya" else {}),
+                  **(kohya_paths_metadata({new: name for name, (new, _) in names.items() if "." in name})
+                     if to == "kohya" else {})},
         source_format=to,
         source_modules=adapter.source_modules if keep_config else (),
         lycoris=kept_lyco,

@@ -29,6 +29,9 @@ class ModuleResize(Row):
     new_rank: int
     fro_retained: float  # sqrt(Σ kept σ²) / ||σ||
     rel_error: float  # ||ΔW - ΔW_k||_F / ||ΔW||_F
+    # the rank asked for exceeded the layer's smaller dimension (a 6-class head): kept exact at that
+    # dimension, the largest rank its delta can have
+    at_min_dimension: bool = False
 
 
 @dataclass
@@ -114,6 +117,9 @@ def truncate_module(
     else:
         assert threshold is not None
         k = choose_rank(sigma, method, threshold, cap=rank)
+    # the delta's rank is at most min(out, in, r): s has that many values
+    at_min_dimension = k > len(sigma)
+    k = min(k, len(sigma))
     root = s[:k].sqrt()
     new_up = u[:, :k] * root  # (out, k)
     new_down = root[:, None] * vh[:k]  # (k, in·k)
@@ -127,7 +133,7 @@ def truncate_module(
         alpha_source="tensor" if m.alpha_source == "tensor" else m.alpha_source,
     )
     err = max(0.0, 1.0 - kept * kept) ** 0.5
-    return resized, ModuleResize(m.name, m.rank, k, kept, err)
+    return resized, ModuleResize(m.name, m.rank, k, kept, err, at_min_dimension)
 
 
 def resize(
@@ -200,6 +206,14 @@ def resize(
             report.modules.append(row)
         if progress:
             progress(i + 1, total)
+    exact = [r for r in report.modules if r.at_min_dimension]
+    if exact:
+        first = adapter.modules[exact[0].name]
+        report.warnings.append(
+            f"{len(exact)} module(s) have a smaller dimension than the rank asked for and were kept exact at "
+            f"rank = that dimension (e.g. {exact[0].name}: {first.out_features} x {first.in_features}, rank "
+            f"{exact[0].new_rank})"
+        )
     if adapter.dora:
         report.warnings.append(
             "DoRA: the low-rank part was resized and the magnitude kept; the normalised merge changes slightly"
