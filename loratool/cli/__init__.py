@@ -34,7 +34,6 @@ from loratool.cli import validate as _validate
 from loratool.cli import verify as _verify
 from loratool.errors import LoratoolError, LoratoolWarning, register_secret, scrub
 
-EXIT_FINDINGS = 1
 EXIT_USER = 2
 EXIT_BUG = 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
