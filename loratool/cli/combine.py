@@ -2,7 +2,15 @@ from __future__ import annotations
 
 import click
 
-from loratool.cli._options import device_option, dtype_option, input_path, parse_weights, write_options
+from loratool.cli._options import (
+    blocks_option,
+    device_option,
+    dtype_option,
+    input_path,
+    module_weights_option,
+    parse_weights,
+    write_options,
+)
 from loratool.errors import IncompatibleError
 from loratool.ops.combine import METHODS
 
@@ -11,6 +19,8 @@ from loratool.ops.combine import METHODS
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
 @click.option("--weights", "-w", required=True, metavar="W1,W2,...",
               help="One weight per adapter, in order; negative values subtract.")
+@module_weights_option
+@blocks_option
 @click.option("--method", "-m", type=click.Choice(METHODS), required=True,
               help="cat / svd: exact sum (svd truncated to --rank); ties, dare_*, magnitude_prune: peft's "
                    "merge methods on dense deltas, then truncated; linear: peft's factor averaging (inexact).")
@@ -25,7 +35,8 @@ from loratool.ops.combine import METHODS
 @device_option
 @dtype_option
 @write_options
-def combine(adapters: tuple[str, ...], weights: str, method: str, rank: int | None, density: float | None,
+def combine(adapters: tuple[str, ...], weights: str, module_weights: str | None, blocks: str | None, method: str,
+            rank: int | None, density: float | None,
             majority_sign: str, seed: int | None, device: str, dtype: str, out: str, force: bool, fmt: str | None,
             as_json: bool, quiet: bool, allow_pickle: bool) -> int:
     """Combine adapters with weights into one adapter.
@@ -49,7 +60,8 @@ def combine(adapters: tuple[str, ...], weights: str, method: str, rank: int | No
     with _render.progress("combining", enabled=not (quiet or as_json)) as cb:
         report = run(paths, out, weights=parse_weights(weights), method=method, rank=rank, density=density,
                      majority_sign=majority_sign, seed=seed, fmt=fmt, dtype=dtype, device=device,
-                     force=force, allow_pickle=allow_pickle, progress=cb)
+                     force=force, allow_pickle=allow_pickle, module_weights=module_weights, blocks=blocks,
+                     progress=cb)
     doc = report.to_dict()
     if as_json:
         _render.print_json(doc)

@@ -7,13 +7,16 @@ import click
 
 from loratool.cli._options import (
     allow_pickle_option,
+    blocks_option,
     device_option,
     force_option,
     json_option,
+    module_weights_option,
     out_option,
     parse_weights,
     quiet_option,
 )
+from loratool.errors import LoratoolError
 from loratool.st import atomic_output, check_output
 
 
@@ -22,6 +25,8 @@ from loratool.st import atomic_output, check_output
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
 @out_option
 @click.option("--weights", default=None, metavar="W1,W2,...", help="One weight per adapter (default 1 each).")
+@module_weights_option
+@blocks_option
 @click.option("--dtype", type=click.Choice(["keep", "bf16", "fp16", "fp32"]), default="keep", show_default=True,
               help="dtype of the output's floating tensors.")
 @device_option
@@ -33,7 +38,8 @@ from loratool.st import atomic_output, check_output
 @json_option
 @quiet_option
 @allow_pickle_option
-def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, dtype: str, device: str,
+def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, module_weights: str | None,
+          blocks: str | None, dtype: str, device: str,
           unmerge: bool, allow_unmatched: bool, report_file: str | None, force: bool, as_json: bool, quiet: bool,
           allow_pickle: bool) -> int:
     """Merge one or more adapters into a base model, streaming tensor by tensor.
@@ -50,17 +56,22 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, d
     from loratool.ops.merge import merge as run
 
     parsed = None if weights is None else parse_weights(weights)
-    if report_file:
-        check_output(report_file, force=force, directory=False)  # before the merge, which can take long
     base = input_path(base, quiet=quiet or as_json)
     adapters = tuple(input_path(a, quiet=quiet or as_json) for a in adapters)
+    if report_file:  # before the merge, which can take long; the two outputs may not collide
+        check_output(report_file, force=force, directory=False, inputs=[base, *adapters], others=[out])
     with _render.progress("merging", enabled=not (quiet or as_json), unit="bytes") as cb:
         report = run(base, list(adapters), out, weights=parsed, dtype=dtype,
                      device=device, unmerge=unmerge, allow_unmatched=allow_unmatched, force=force,
-                     allow_pickle=allow_pickle, stats=report_file is not None, progress=cb)
+                     allow_pickle=allow_pickle, stats=report_file is not None, module_weights=module_weights,
+                     blocks=blocks, progress=cb)
     if report_file:
-        with atomic_output(report_file, force=force, directory=False) as tmp:
-            tmp.write_text(json.dumps(report.to_dict(tensors=True), indent=2) + "\n")
+        try:
+            with atomic_output(report_file, force=force, directory=False, inputs=[base, *adapters],
+                               others=[out]) as tmp:
+                tmp.write_text(json.dumps(report.to_dict(tensors=True), indent=2) + "\n")
+        except LoratoolError as e:  # say what is on disk: the merged model is there, the report is not
+            raise LoratoolError(f"{e.message}; the merged model was written to {out}", e.hint) from None
     if os.environ.get("LORATOOL_TIMINGS") == "1":  # per-stage pipeline timings (tests/perf/device_check.py)
         click.echo("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in report.timings.items()), err=True)
     doc = report.to_dict()
