@@ -204,7 +204,8 @@ def read(path: Path, *, allow_pickle: bool = False, findings: Findings | None = 
     """
     findings = findings or Findings()
     _, weights_path = locate(path)
-    return _with_config(open_tensor_file(weights_path, allow_pickle=allow_pickle), findings, root=path)
+    tf = open_tensor_file(weights_path, allow_pickle=allow_pickle, findings=findings)
+    return _with_config(tf, findings, root=path)
 
 
 def from_file(tf: TensorFile, findings: Findings) -> Adapter:
@@ -265,6 +266,14 @@ def from_tensors(
     fan_in_fan_out = _bool(config.get("fan_in_fan_out", False), "fan_in_fan_out", where, findings)
     rank_lookup = PatternLookup(rank_pattern)
     alpha_lookup = PatternLookup(alpha_pattern)
+    targets = config.get("target_modules")
+    if isinstance(targets, str):  # peft reads a string as one regex (re.fullmatch)
+        try:
+            re.compile(targets)
+        except (re.error, RecursionError, OverflowError) as e:
+            findings.error("config-invalid", None,
+                           f"{where}: 'target_modules' is not a valid regular expression ({e})",
+                           hint="peft cannot load this adapter either; fix target_modules", exc=FormatError)
     if config.get("fan_in_fan_out") is False and any(GPT2_CONV1D.search(n) for n in raw_names(tf)):
         findings.warning(
             "fan-in-fan-out-forced", None,
@@ -288,6 +297,7 @@ def from_tensors(
         rm = raw.setdefault(name, RawModule())
         rm.put(role, ref, key, name, findings, tf.path)
         rm.embedding = rm.embedding or embedding
+    _set_aside_wrapped_copies(raw, extras, unsupported)
 
     modules: dict[str, LoraModule] = {}
     for name, rm in raw.items():
@@ -339,6 +349,27 @@ def from_tensors(
     )
 
 
+_WRAPPED = (".modules_to_save", ".original_module")
+
+
+def _set_aside_wrapped_copies(raw: dict[str, RawModule], extras: dict[str, TensorRef], unsupported: list[str]) -> None:
+    """A LoRA on a layer that is also in modules_to_save (older peft wrote `classifier.lora_A`,
+    `classifier.modules_to_save.lora_A`, `classifier.original_module.lora_A` and the trained copy
+    `classifier.base_layer.weight`) is one layer in several wrapped copies, of which peft uses one at
+    a time; reading them as separate modules would apply the layer's delta two or three times. Until
+    the layout is modelled, the whole group is set aside as unsupported: inspect lists it, validate
+    warns, and operations refuse it by name instead of rewriting target_modules / modules_to_save."""
+    wrapped = {n.rsplit(".", 1)[0] for n in raw if n.endswith(_WRAPPED)}
+    for layer in sorted(wrapped):
+        group = [n for n in raw if n == layer or n in (layer + w for w in _WRAPPED)]
+        # the wrapped copies' keys first, so messages name the layout by its marker
+        for n in sorted(group, key=lambda n: not n.endswith(_WRAPPED)):
+            unsupported.extend(raw.pop(n).keys)
+        for key in [k for k in extras if k.startswith(layer + ".")]:
+            extras.pop(key)
+            unsupported.append(PREFIX + key)
+
+
 def _config_label(config_path: Path | None, header: HeaderConfig | None) -> str:
     if header is not None:
         return f"the header metadata ({header.origin})"
@@ -368,7 +399,12 @@ def _num(v: Any, field: str, where: Path | str | None, findings: Findings) -> fl
         findings.error("config-invalid", None, f"{where}: '{field}' must be a number, got {v!r}",
                        exc=FormatError)
         return float(_DEFAULT_ALPHA)
-    return float(v)
+    try:
+        return float(v)
+    except OverflowError:  # an integer literal such as 10**400
+        findings.error("config-invalid", None, f"{where}: '{field}' is {len(str(v))} digits long, beyond any "
+                       "floating-point number", exc=FormatError)
+        return float(_DEFAULT_ALPHA)
 
 
 def _dict(v: Any, field: str, where: Path | str | None, findings: Findings) -> dict[str, Any]:
@@ -457,7 +493,10 @@ def _exact_pattern_keys(names: list[str]) -> dict[str, str]:
 
 def _targets_cover(targets: Any, names: list[str]) -> bool:
     if isinstance(targets, str):
-        return all(re.fullmatch(targets, n) for n in names)
+        try:
+            return all(re.fullmatch(targets, n) for n in names)
+        except re.error:
+            return False
     if isinstance(targets, list) and targets:
         return all(any(n == t or n.endswith("." + t) for t in targets) for n in names)
     return False
