@@ -8,7 +8,9 @@ Measured, best of --repeat runs:
   * start-up: `python -m loratool --version` (interpreter + imports);
   * kohya -> diffusers (the 76 fused qkv / linear1 modules split: 608 modules written);
   * diffusers -> kohya --family flux.1 (fuse back, shared A: bit-identical);
-  * the work beyond start-up = convert time − start-up.
+  * the work beyond start-up = convert time − start-up;
+  * in-process (torch already imported): the whole `ops.convert.convert` call, and the family
+    maths alone (`families.convert.convert_family` on the read adapter: the split / fuse, no I/O).
 
 Run: python tests/perf/bench_family_convert.py [--repeat 3] [--keep DIR]
 """
@@ -66,6 +68,26 @@ def main() -> None:
     print(f"diffusers -> kohya --family flux.1: best {min(fuse):.3f} s ({', '.join(f'{t:.3f}' for t in fuse)}); "
           f"beyond start-up {min(fuse) - start:.3f} s")
     print(f"round trip bit-identical: {identical}")
+    from loratool.families import get
+    from loratool.families.convert import convert_family
+    from loratool.formats import read
+    from loratool.ops.convert import convert
+
+    for label, path, to, extra in (("kohya -> diffusers", src, "diffusers", {}),
+                                   ("diffusers -> kohya", dif, "kohya", {"family": "flux.1"})):
+        whole, maths = [], []
+        for _ in range(opts.repeat):
+            t = time.perf_counter()
+            convert(path, root / "inproc.safetensors", to=to, force=True, **extra)
+            whole.append(time.perf_counter() - t)
+            adapter = read(path)
+            torch.set_num_threads(1)
+            t = time.perf_counter()
+            conv = convert_family(adapter, get("flux.1"), "kohya" if to == "diffusers" else "diffusers", to)
+            for m in conv.modules.values():  # the factors as written (lazy slices are materialised)
+                m.up.load().contiguous()
+            maths.append(time.perf_counter() - t)
+        print(f"in-process {label}: convert() best {min(whole):.3f} s; split/fuse maths alone best {min(maths):.3f} s")
 
 
 if __name__ == "__main__":
