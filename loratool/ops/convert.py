@@ -442,10 +442,10 @@ def _family_for(adapter: Adapter, to: str, family: str | None, other_mode: bool)
 
 def _convert_family(adapter: Adapter, report: ConvertReport, fam: Any, source: str, to: str,
                     out: str | os.PathLike[str], *, force: bool, fuse_rank: int | None) -> ConvertReport:
+    import torch
+
     from loratool.families.convert import convert_family
     from loratool.formats import write
-
-    import torch
 
     # the work is many small row copies and comparisons (memory-bound): OpenMP's fork/join per call
     # costs more than the copy, 3000x on a busy 2-core machine (80 ms vs 0.03 ms per torch.cat)
