@@ -33,8 +33,8 @@ from loratool.formats.registry import Capabilities, Format, all_formats, check_w
 
 __all__ = [
     "LYCO_NAMES", "PICKLE_SUFFIXES", "Capabilities", "Finding", "Findings", "Format", "check_writable", "detect",
-    "extra_base_key", "format_names", "get_format", "gguf_layout", "is_transposed_layer", "kohya_paths_metadata",
-    "output_is_directory", "provenance",
+    "extra_base_key", "format_names", "from_gguf_layout", "get_format", "gguf_layout", "is_transposed_layer",
+    "kohya_paths_metadata", "output_is_directory", "provenance",
     "read", "require_plain", "source_label", "unsupported_family", "writable_formats", "write",
 ]
 
@@ -60,6 +60,11 @@ def gguf_layout(adapter: Adapter, base: Path) -> Adapter:
     """The adapter with GGUF tensor names and layout for the architecture of `base` (a transformers
     config / model directory or a GGUF model file); see formats/gguf.py."""
     return gguf.to_gguf_layout(adapter, gguf.arch_info(base))
+
+
+def from_gguf_layout(adapter: Adapter, base: Path) -> Adapter:
+    """A GGUF adapter in transformers naming and row order for the checkpoint `base`; see formats/gguf.py."""
+    return gguf.from_gguf_layout(adapter, base)
 
 
 def extra_base_key(extra: str) -> str:
