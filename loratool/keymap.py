@@ -4,15 +4,20 @@ Order: exact `name + ".weight"`; then known prefix rules (PEFT `base_model.model
 components, kohya `lora_unet_` <-> `model.diffusion_model.` ...); then an underscore-normalised
 suffix match that must be unique. Unmatched and ambiguous modules are reported, never skipped
 silently.
+
+Merge planning lives here too (plan_merge): from headers only, which base tensor receives which
+adapter module's delta, which bias gets a lora_B bias, and which tensor a modules_to_save copy replaces.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from loratool.adapter import LoraModule
-from loratool.st import TensorInfo
+from loratool.adapter import Adapter, LoraModule
+from loratool.errors import IncompatibleError
+from loratool.st import Checkpoint, TensorInfo, TensorRef
 
 # kohya prefix -> base-key prefixes it stands for, most specific first
 KOHYA_PREFIXES: dict[str, tuple[str, ...]] = {
@@ -130,3 +135,118 @@ def match_modules(modules: list[LoraModule], base: dict[str, TensorInfo]) -> Mat
             else:
                 result.matched[m.name] = key
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# merge planning (headers only): which base tensor gets which delta
+
+
+@dataclass
+class Contribution:
+    """One adapter module's weighted delta aimed at one base tensor."""
+
+    module: LoraModule
+    weight: float
+    adapter: Path
+
+
+@dataclass
+class MergePlan:
+    """Which base tensors change, and how. Built from headers only."""
+
+    deltas: dict[str, list[Contribution]] = field(default_factory=dict)  # base weight key -> deltas
+    biases: dict[str, list[Contribution]] = field(default_factory=dict)  # base bias key -> lora_B.bias deltas
+    replacements: dict[str, TensorRef] = field(default_factory=dict)  # base key -> modules_to_save tensor
+    unmatched: list[str] = field(default_factory=list)
+    num_modules: int = 0
+
+
+def plan_merge(
+    adapters: list[Adapter], weights: list[float], ckpt: Checkpoint, *, allow_unmatched: bool, unmerge: bool
+) -> tuple[MergePlan, list[str]]:
+    """Match every adapter module and saved tensor to one base tensor.
+
+    Raises:
+        IncompatibleError: unmatched/ambiguous modules (unless allow_unmatched), shape mismatches,
+            DoRA with unmerge or shared with another adapter, conflicting modules_to_save.
+    """
+    from loratool.formats.peft import base_key as saved_tensor_key
+
+    plan = MergePlan()
+    warnings: list[str] = []
+    index = KeyIndex(list(ckpt.tensors))
+    for adapter, w in zip(adapters, weights):
+        where = adapter.path
+        mods = list(adapter.modules.values())
+        plan.num_modules += len(mods)
+        match = match_modules(mods, ckpt.tensors)
+        if match.shape_mismatch:
+            name, key, want, got = match.shape_mismatch[0]
+            raise IncompatibleError(
+                f"{where}: module '{name}' needs a base weight of shape {want} but {key} is {got}"
+                + (f" ({len(match.shape_mismatch)} modules mismatch)" if len(match.shape_mismatch) > 1 else ""),
+                hint="is this adapter for this base model? check with: loratool validate ADAPTER --base BASE",
+            )
+        problems = [*match.unmatched, *match.ambiguous]
+        if problems:
+            listing = ", ".join(problems[:5]) + (f", ... ({len(problems)} in all)" if len(problems) > 5 else "")
+            what = f"{len(match.unmatched)} unmatched"
+            if match.ambiguous:
+                what += f", {len(match.ambiguous)} ambiguous"
+            if not allow_unmatched:
+                raise IncompatibleError(
+                    f"{where}: {what} module(s) of {len(mods)} in {ckpt.root}: {listing}",
+                    hint="merging would silently skip them; check the base with: loratool validate ADAPTER --base "
+                    "BASE, or pass --allow-unmatched to merge the rest",
+                )
+            warnings.append(f"{where}: skipped {what} module(s): {listing}")
+            plan.unmatched.extend(problems)
+        for name, key in match.matched.items():
+            m = adapter.modules[name]
+            if m.magnitude is not None:
+                if unmerge:
+                    raise IncompatibleError(
+                        f"{where}: module '{name}' is DoRA; unmerging DoRA needs the pre-merge weight norm",
+                        hint="merge into the original base instead of unmerging",
+                    )
+                if m.kind == "embedding":
+                    raise IncompatibleError(f"{where}: module '{name}': DoRA on an embedding is not supported")
+            plan.deltas.setdefault(key, []).append(Contribution(m, w, Path(str(where))))
+            if m.bias is not None:
+                bias_key = key[: -len(".weight")] + ".bias" if key.endswith(".weight") else key + ".bias"
+                if bias_key not in ckpt.tensors:
+                    raise IncompatibleError(f"{where}: module '{name}' has a lora_B bias but {ckpt.root} has no "
+                                            f"'{bias_key}'")
+                plan.biases.setdefault(bias_key, []).append(Contribution(m, w, Path(str(where))))
+        for stored, ref in adapter.extras.items():
+            if ".base_layer." in stored:
+                continue  # peft's copy of a LoRA layer's own base weight (save_embedding_layers): not a change
+            key = saved_tensor_key(stored)
+            hits = [key] if key in ckpt.tensors else (
+                index.candidates(key[: -len(".weight")]) if key.endswith(".weight") else [])
+            if len(hits) != 1:
+                raise IncompatibleError(
+                    f"{where}: saved tensor '{stored}' matches {len(hits) or 'no'} tensor(s) in {ckpt.root}",
+                    hint="the adapter's modules_to_save do not fit this base",
+                )
+            if tuple(ckpt.tensors[hits[0]].shape) != tuple(ref.shape):
+                raise IncompatibleError(f"{where}: saved tensor '{stored}' is {ref.shape} but {hits[0]} in the base "
+                                        f"is {ckpt.tensors[hits[0]].shape}")
+            if unmerge:
+                raise IncompatibleError(
+                    f"{where}: saved tensor '{stored}' replaces a base tensor; --unmerge cannot restore it",
+                    hint="merge into the original base instead of unmerging",
+                )
+            if hits[0] in plan.replacements:
+                raise IncompatibleError(f"{where}: '{hits[0]}' is replaced by saved tensors of two adapters")
+            plan.replacements[hits[0]] = ref
+    for key, contribs in plan.deltas.items():
+        if len(contribs) > 1 and any(c.module.magnitude is not None for c in contribs):
+            raise IncompatibleError(
+                f"base tensor '{key}' is targeted by {len(contribs)} adapters and at least one is DoRA; "
+                "the normalised sum is not well defined",
+                hint="merge the adapters one after another, DoRA last",
+            )
+        if key in plan.replacements:
+            raise IncompatibleError(f"base tensor '{key}' is both replaced (modules_to_save) and given a LoRA delta")
+    return plan, warnings

@@ -379,3 +379,104 @@ def truncated_svd(
     k = s.shape[0] if threshold is None else (energy_share_rank(s, total, threshold) or s.shape[0])
     k = max(1, min(k, s.shape[0]))
     return u[:, :k], s[:k], vh[:k], method, total
+
+
+# ---------------------------------------------------------------------------------------------
+# merge: W' = W + Σ w_i·ΔW_i per base tensor, in float32, in reused buffers
+
+
+class Workspace:
+    """Buffers reused from one tensor to the next, so the merge loop allocates nothing large.
+
+    A fresh large allocation is a fresh mapping: every page faults and is zeroed again. For a 1B
+    model that is over 8 GB of zeroed pages (the float32 copy of W, the delta, the cast result per
+    tensor) and most of the system time; reusing buffers sized to the largest tensor removes it.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[str, Any, str], torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: str) -> torch.Tensor:
+        import torch
+
+        numel = math.prod(shape)
+        key = (name, dtype, str(device))
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < numel:
+            self._bufs.pop(key, None)
+            del buf
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._bufs[key] = buf
+        return buf[:numel].view(tuple(shape))
+
+
+def merged_tensor(
+    stored: torch.Tensor, terms: list[tuple[LoraModule, float]], *, device: str, unmerge: bool, bias: bool = False,
+    keep_delta: bool = False, work: Workspace | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(W, W', acc = Σ w_i ΔW_i or None), float32 on `device`, for one base tensor.
+
+    W' = W + acc (W − acc with unmerge); with a DoRA term, W' = m / ||W + acc||_row · (W + acc),
+    the norm per output row (PEFT's convention). `terms` are (module, weight) pairs; with `bias`
+    the deltas are the modules' lora_B biases (scale · bias).
+
+    Plain LoRA takes the fast path: each delta is formed and added in place into a float32 copy of W
+    (bit-identical to peft's `W + (B @ A) * scale`; no sum tensor is kept), in `work`'s buffers when
+    given (the result then lives there until the next call). DoRA, LoRA biases and keep_delta
+    (statistics) hold acc explicitly.
+    """
+    import torch
+
+    sign = -1.0 if unmerge else 1.0
+    dora = [m for m, _ in terms if m.magnitude is not None and not bias]
+    if not (dora or bias or keep_delta):
+        work = work if work is not None else Workspace()
+        w = work.get("w", stored.shape, torch.float32, device).copy_(stored)  # widened exactly
+        rows = w.view(w.shape[0], -1)  # conv (out, in, kh, kw) -> (out, in·kh·kw), as down flattens
+        for module, weight in terms:
+            up, down = factors(module, device=device)  # (out, r), (r, in·k)
+            d = torch.mm(up, down, out=work.get("d", (up.shape[0], down.shape[1]), torch.float32, device))
+            d.mul_(module.scale)  # (out, in·k), rounded exactly as peft's (B @ A) * s
+            if weight != 1.0 or unmerge:
+                d.mul_(sign * weight)
+            transposed = module.kind == "embedding" or module.fan_in_fan_out  # W is (in, out)
+            rows.add_(d.T if transposed else d)
+            del d
+        return w, w, None
+    w = stored.to(device=device, dtype=torch.float32)
+    acc: torch.Tensor | None = None
+    for module, weight in terms:
+        if bias:
+            assert module.bias is not None
+            d = module.bias.load().to(device=device, dtype=torch.float32) * module.scale
+        else:
+            d = delta(module, device=device)  # (scale · up @ down) in the base layout, as peft computes it
+        d = d.reshape(w.shape)  # a 2-D delta onto a (out, in, 1, 1) conv weight
+        if weight != 1.0:
+            d = d * weight
+        acc = d if acc is None else acc + d
+    assert acc is not None
+    new = w - acc if unmerge else w + acc
+    if dora:
+        m = dora[0]
+        assert m.magnitude is not None
+        rows = new.T if m.fan_in_fan_out else new  # (out, ...)
+        norm = rows.reshape(rows.shape[0], -1).norm(p=2, dim=1)  # per output row, as peft
+        factor = m.magnitude.load().to(device=device, dtype=torch.float32).reshape(-1) / norm
+        rows = rows * factor.reshape(-1, *([1] * (rows.dim() - 1)))
+        new = rows.T if m.fan_in_fan_out else rows
+    return w, new, acc
+
+
+def merge_change(w: torch.Tensor, new: torch.Tensor, acc: torch.Tensor, out: torch.Tensor, *, dora: bool
+                 ) -> tuple[float, float, float]:
+    """(||acc||_F, ||W' − W||_F / ||W||_F, max |W' − cast(W')|) for one merged tensor.
+
+    Without DoRA W' − W = ±acc, so its norm is acc's; `out` is W' as written (the cast result).
+    """
+    import torch
+
+    acc_norm = float(acc.norm())
+    change = float((new - w).norm()) if dora else acc_norm
+    cast = float((out.to(torch.float32) - new).abs().max()) if out.numel() else 0.0
+    return acc_norm, change / max(float(w.norm()), 1e-30), cast

@@ -1,0 +1,210 @@
+"""The streaming read/compute/write pipeline over safetensors files (merge's engine).
+
+One base file is rewritten tensor by tensor, in on-disk order, in three stages in step: a reader
+thread reads tensor i+1, the calling thread computes tensor i, a writer thread writes tensor i-1
+(and finishes a file, header patch and fsync, while the next file is computed). Tensors without a
+change are copied byte for byte in the kernel. Read buffers and cast-result slots are reused from
+tensor to tensor (and across files), so peak memory is a few times the largest tensor, whatever
+the model or shard size. What each tensor becomes is the caller's business (`compute`); this
+module only moves bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loratool.linalg import Workspace
+from loratool.st import Checkpoint, SafetensorsFile, StreamingWriter, TensorInfo
+
+if TYPE_CHECKING:
+    import torch
+
+# compute(info, stored, cast) -> the tensor to write, or None for "as stored" (copied byte for
+# byte when its bytes were not read, else cast to the output dtype). `stored` is None when
+# needs_bytes(info) is false; cast(new, dtype) copies a result into a reused output slot.
+Cast = Callable[["torch.Tensor", str], "torch.Tensor"]
+Compute = Callable[[TensorInfo, "torch.Tensor | None", Cast], "torch.Tensor | None"]
+
+
+def read_range(fd: int, start: int, n: int, into: bytearray | None = None) -> bytearray | memoryview:
+    """n bytes of fd from start, into `into` (reused) when given, else into a new bytearray."""
+    buf = bytearray(n) if into is None else into
+    view = memoryview(buf)[:n]
+    got = 0
+    while got < n:
+        chunk = os.preadv(fd, [view[got:]], start + got)
+        if chunk == 0:
+            raise OSError(f"unexpected end of file at byte {start + got}")
+        got += chunk
+    return buf if into is None else view
+
+
+def tensor_from(data: bytearray | memoryview, info: TensorInfo) -> torch.Tensor:
+    """A tensor viewing `data` (no copy), with info's dtype and shape."""
+    import torch
+
+    dtype = getattr(torch, info.dtype)
+    if not len(data):
+        return torch.empty(info.shape, dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype).reshape(info.shape)
+
+
+@dataclass
+class Buffers:
+    """What the files of one run share: read buffers, output slots, the float32 workspace."""
+
+    work: Workspace = field(default_factory=Workspace)
+    # two cast-result slots, each busy until the write that uses it is done
+    out_slots: list[tuple[Workspace, Future[None] | None]] = field(
+        default_factory=lambda: [(Workspace(), None), (Workspace(), None)])
+    reads: list[bytearray] = field(default_factory=list)
+
+    def read_buffers(self, nbytes: int) -> list[bytearray]:
+        if not self.reads or len(self.reads[0]) < nbytes:
+            self.reads = [bytearray(nbytes), bytearray(nbytes)]
+        return self.reads
+
+
+def stream_file(
+    src: SafetensorsFile,
+    dst: Path,
+    meta: dict[str, str],
+    placeholder: str,
+    *,
+    out_dtype: Callable[[TensorInfo], str],
+    needs_bytes: Callable[[TensorInfo], bool],
+    compute: Compute,
+    tick: Callable[[int], None],
+    digest: Future[str],
+    buffers: Buffers,
+) -> Future[None]:
+    """Rewrite one safetensors file into `dst`: three stages in step, each in its own thread.
+
+    A reader reads tensor i+1, the calling thread computes tensor i, a writer writes tensor i-1;
+    the file's sha256 (for the provenance, patched over `placeholder` in the header) comes from
+    `digest`, computed alongside. Byte buffers are reused in rotation (two for reading, two for
+    cast results), so memory stays at a few times the largest tensor.
+
+    Returns the future of the file's completion (its last writes, header patch and fsync), which
+    runs while the next file is computed.
+    """
+    import torch
+
+    order = sorted(src.tensors.values(), key=lambda i: i.start)  # on-disk order: sequential reads
+    entries = [(i.key, out_dtype(i), i.shape) for i in order]
+    writer = StreamingWriter(dst, entries, meta, header_order=list(src.tensors))
+    fd = os.open(src.path, os.O_RDONLY)
+    reader = ThreadPoolExecutor(max_workers=1)  # one worker: reads strictly in file order
+    writes = ThreadPoolExecutor(max_workers=1)  # one worker: writes strictly in file order
+    pending: list[Future[None]] = []
+
+    largest = max((i.nbytes for i in order if needs_bytes(i)), default=0)
+    in_bufs = buffers.read_buffers(largest) if largest else []
+    out_slots = buffers.out_slots
+
+    def read(n: int) -> bytearray | memoryview | None:
+        """Tensor n's bytes (in buffer n % 2) when they are needed; None for those copied as they are."""
+        info = order[n]
+        return read_range(fd, info.start, info.nbytes, into=in_bufs[n % 2]) if needs_bytes(info) else None
+
+    def fetch(n: int) -> Future[bytearray | memoryview | None] | None:
+        # buffer n % 2 was last used by tensor n - 2: the main thread is done with it (it converts
+        # a tensor's bytes before it asks for the next one)
+        return reader.submit(read, n) if n < len(order) else None
+
+    def submit(fn: Callable[..., None], *args: Any) -> Future[None]:
+        while pending and pending[0].done():
+            pending.pop(0).result()  # a failed write (ENOSPC, ...) surfaces here, not at the end
+        fut = writes.submit(fn, *args)
+        pending.append(fut)
+        return fut
+
+    slot_used: list[int] = []  # the output slot the current tensor's result lives in, if any
+
+    def cast_into_slot(n: int) -> Cast:
+        def cast(new: torch.Tensor, dtype: str) -> torch.Tensor:
+            """new cast to dtype on the CPU, in the output slot that is free again."""
+            slot = n % 2
+            ws, busy = out_slots[slot]
+            if busy is not None:
+                busy.result()  # written out: its buffer may be reused
+            slot_used.append(slot)
+            return ws.get("out", new.shape, getattr(torch, dtype), "cpu").copy_(new)
+        return cast
+
+    try:
+        ahead = fetch(0)
+        for n, info in enumerate(order):
+            assert ahead is not None
+            data = ahead.result()
+            ahead = fetch(n + 1)  # into the other buffer: read the next tensor meanwhile
+            key = info.key
+            slot_used.clear()
+            cast = cast_into_slot(n)
+            stored = tensor_from(data, info) if data is not None else None
+            del data
+            out = compute(info, stored, cast)
+            if out is None and stored is not None:  # a dtype change only
+                out = cast(stored, out_dtype(info))
+            del stored
+            if out is None:
+                submit(writer.copy_range, key, fd, info.start, info.nbytes)  # byte for byte, in the kernel
+            else:
+                fut = submit(writer.write, key, out)
+                for slot in slot_used:
+                    out_slots[slot] = (out_slots[slot][0], fut)
+            del out
+            tick(info.nbytes)
+        earlier = list(pending)
+
+        def finish() -> None:
+            for fut in earlier:  # run before this one, in order: a failed write fails the file
+                fut.result()
+            writer.patch_header(placeholder, digest.result())
+            writer.close()
+            os.close(fd)
+
+        done = submit(finish)
+    except BaseException:
+        writes.shutdown(wait=True, cancel_futures=True)  # no write may touch the file after abort
+        writer.abort()
+        os.close(fd)
+        raise
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)
+    writes.shutdown(wait=False)  # its thread finishes the queued writes and finish(), then ends
+    return done
+
+
+def copy_other_files(ckpt: Checkpoint, tmp: Path, *, dtype_changed: bool) -> None:
+    """Copy every non-weight file (config, tokenizer, ...) and rewrite the index's total_size."""
+    from loratool.st import read_header
+
+    weight_files = set(ckpt.files)
+    for src in ckpt.root.rglob("*"):
+        rel = src.relative_to(ckpt.root)
+        if src in weight_files or any(part.startswith(".") for part in rel.parts):
+            continue
+        dst = tmp / rel
+        if src.is_dir():
+            dst.mkdir(parents=True, exist_ok=True)
+        elif re.search(r"\.safetensors\.index\.json$", src.name) and ckpt.index is not None:
+            index = json.loads(src.read_text())
+            if dtype_changed:
+                total = 0
+                for f in ckpt.files:
+                    total += sum(i.nbytes for i in read_header(tmp / f.relative_to(ckpt.root)).tensors.values())
+                index.setdefault("metadata", {})["total_size"] = total
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_text(json.dumps(index, indent=2) + "\n")
+        elif src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
