@@ -2,14 +2,27 @@
 
 Exit codes: 0 success; 1 validate found problems; 2 could not do it (one `Error:` line naming the
 file and key, plus a `Hint:`); 3 internal bug (traceback only with LORATOOL_DEBUG=1); 130 interrupted.
-This module is the one place that maps exceptions to exit codes and messages.
+LoratoolGroup.main is the one place that maps exceptions to exit codes and messages, so the
+console script, `python -m loratool` and click's CliRunner behave the same.
+
+Adding a command:
+1. write loratool/cli/<name>.py with one `@click.command()` function; take the shared options from
+   cli/_options.py (an option name means one thing in every command: tests/cli/test_options.py
+   checks it), turn every input path with `input_path()` (hf:// support), call ONE library op, and
+   end with `return emit(doc, _render.render_<name>, as_json=..., quiet=...)` (cli/_output.py);
+2. add it to COMMANDS below;
+3. add docs/commands/<name>.md (every option named, a console example that runs), a row in
+   docs/cli.md, a mention in README.md, its `--json` keys in docs/json.md and an example
+   invocation in tests/test_docs.py JSON_EXAMPLES (tests/test_docs.py checks all of these).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
+from typing import Any
 
 import click
 
@@ -32,7 +45,89 @@ EXIT_BUG = 3
 EXIT_INTERRUPTED = 130
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+COMMANDS: list[click.Command] = [
+    _inspect.inspect, _validate.validate, _rescale.rescale, _resize.resize, _combine.combine, _merge.merge,
+    _extract.extract, _convert.convert, _pull.pull, _push.push,
+]
+
+
+def scrub(text: str) -> str:
+    """The one place every error text passes before it is printed: secrets (Hub tokens) are
+    removed here. The Hub code scrubs the tokens it knows about itself (loratool.hub.errors)."""
+    return text
+
+
+class LoratoolGroup(click.Group):
+    """A click group whose main() maps every outcome to loratool's exit codes and messages.
+
+    CliRunner.invoke, `python -m loratool` and the console script all go through main(), so they
+    print the same `Error:` / `Hint:` lines and exit with the same codes. With
+    standalone_mode=False, main() returns the exit code instead of calling sys.exit.
+    """
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        code = run_mapped(lambda: super(LoratoolGroup, self).main(
+            args=args, prog_name=prog_name or "loratool", complete_var=complete_var, standalone_mode=False, **extra))
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def run_mapped(call: Any) -> int:
+    """Run the CLI and turn every outcome into an exit code (printing Error:/Hint: where one failed)."""
+    debug = os.environ.get("LORATOOL_DEBUG") == "1"
+    try:
+        code = call()
+        code = code if isinstance(code, int) else 0
+        _flush()  # inside the try: a Ctrl-C or a closed pipe while flushing is handled here
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _quiet_echo("Interrupted.")
+        code = EXIT_INTERRUPTED
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.ClickException as e:
+        e.show()
+        code = EXIT_USER
+    except LoratoolError as e:
+        if debug:
+            traceback.print_exc()
+        _fail(e.message, e.hint)
+        code = EXIT_USER
+    except BrokenPipeError:
+        code = 0
+        _devnull_stdout()
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        first = str(e).splitlines()[0] if str(e) else ""
+        _fail(f"internal error: {type(e).__name__}: {first}",
+              "this is a bug in loratool; rerun with LORATOOL_DEBUG=1 and report the traceback")
+        code = EXIT_BUG
+    return code
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+
+
+def _quiet_echo(text: str) -> None:
+    with contextlib.suppress(OSError, ValueError, KeyboardInterrupt):
+        click.echo(text, err=True)
+
+
+def _devnull_stdout() -> None:
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError, AttributeError):
+        return  # not a real file (CliRunner's capture)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), fd)
+
+
+@click.group(cls=LoratoolGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "-V", "--version", prog_name="loratool")
 def cli() -> None:
     """Inspect, validate, rescale, resize, combine, merge, extract and convert LoRA adapters, and
@@ -47,23 +142,15 @@ def cli() -> None:
     """
 
 
-cli.add_command(_inspect.inspect)
-cli.add_command(_validate.validate)
-cli.add_command(_rescale.rescale)
-cli.add_command(_resize.resize)
-cli.add_command(_combine.combine)
-cli.add_command(_merge.merge)
-cli.add_command(_extract.extract)
-cli.add_command(_convert.convert)
-cli.add_command(_pull.pull)
-cli.add_command(_push.push)
+for _command in COMMANDS:
+    cli.add_command(_command)
 
 
 def _fail(message: str, hint: str | None) -> None:
     # exactly one Error: line and at most one Hint: line, whatever text an exception carried
-    click.echo(f"Error: {_one_line(message)}", err=True)
+    click.echo(f"Error: {scrub(_one_line(message))}", err=True)
     if hint:
-        click.echo(f"Hint: {_one_line(hint)}", err=True)
+        click.echo(f"Hint: {scrub(_one_line(hint))}", err=True)
 
 
 def _one_line(text: str) -> str:
@@ -71,33 +158,31 @@ def _one_line(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the CLI and turn every outcome into an exit code."""
-    debug = os.environ.get("LORATOOL_DEBUG") == "1"
-    try:
-        code = cli.main(args=argv, prog_name="loratool", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Interrupted.", err=True)
-        code = EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
-        code = EXIT_INTERRUPTED
-    except click.ClickException as e:
-        e.show()
-        code = EXIT_USER
-    except LoratoolError as e:
-        if debug:
-            traceback.print_exc()
-        _fail(e.message, e.hint)
-        code = EXIT_USER
-    except BrokenPipeError:
-        code = 0
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), sys.stdout.fileno())
-    except Exception as e:
-        if debug:
-            traceback.print_exc()
-        first = str(e).splitlines()[0] if str(e) else ""
-        _fail(f"internal error: {type(e).__name__}: {first}",
-              "this is a bug in loratool; rerun with LORATOOL_DEBUG=1 and report the traceback")
-        code = EXIT_BUG
-    sys.exit(code if isinstance(code, int) else 0)
+    """Console entry point (`loratool`, `python -m loratool`): the group's main, then a clean exit."""
+    code = cli.main(args=argv, prog_name="loratool", standalone_mode=False)
+    _exit(code)
+
+
+def _exit(code: int) -> None:
+    """Exit with `code`, with no traceback if Ctrl-C lands while the interpreter shuts down.
+
+    The results were flushed before this point; from here on a SIGINT (the user pressing Ctrl-C
+    just after `Wrote ...`) ends the process at once with 130 instead of raising KeyboardInterrupt
+    inside atexit handlers or thread joins, which prints a traceback and keeps exit code 0.
+    """
+    import signal
+
+    if sys.stdout is sys.__stdout__ and _in_main_thread():
+        signal.signal(signal.SIGINT, _exit_interrupted)
+    sys.exit(code)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _exit_interrupted(signum: int, frame: Any) -> None:
+    _quiet_echo("Interrupted.")
+    os._exit(EXIT_INTERRUPTED)

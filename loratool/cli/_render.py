@@ -238,7 +238,7 @@ def render_validate(doc: dict[str, Any]) -> None:
     base = f", {doc['matched']} matched in {doc['base']}" if doc["base"] else ""
     verdict = "OK" if doc["ok"] else "FAILED"
     c.print(f"{verdict}: {doc['path']} ({doc['format']}, {doc['num_modules']} modules{base}): "
-            f"{doc['errors']} error(s), {doc['warnings']} warning(s)")
+            f"{doc['num_errors']} error(s), {doc['num_warnings']} warning(s)")
 
 
 def wrote(out_path: str, what: str, size: int) -> None:
@@ -299,7 +299,7 @@ def render_merge(doc: dict[str, Any]) -> None:
     adapters = len(doc["adapters"])
     what = (f"{doc['merged_tensors']} tensors {verb} from {adapters} adapter{'s' if adapters > 1 else ''}"
             + (f", {doc['replaced_tensors']} replaced" if doc["replaced_tensors"] else "")
-            + f", {doc['copied_tensors']} copied, {doc['files']} file{'s' if doc['files'] > 1 else ''}"
+            + f", {doc['copied_tensors']} copied, {doc['num_files']} file{'s' if doc['num_files'] > 1 else ''}"
             + (f", max cast error {doc['max_cast_error']:.3g}" if doc["max_cast_error"] is not None else ""))
     wrote(doc["out"], what, doc["size"])
 
@@ -342,9 +342,9 @@ def _holds(doc: dict[str, Any]) -> str:
         return (f"{s['format']}, {s['num_modules']} modules, rank {rank}, alpha {alphas}, targets {targets or '-'}, "
                 f"base {s['base_model'] or '(not recorded)'}, {human_size(s['file_size'])}")
     if doc["kind"] == "checkpoint":
-        return (f"checkpoint, {s['tensors']} tensors ({s['params']:,} params) in {s['files']} file(s), "
+        return (f"checkpoint, {s['tensors']} tensors ({s['params']:,} params) in {s['num_files']} file(s), "
                 f"{human_size(s['size'])}")
-    return f"not an adapter or checkpoint: {s['files']} file(s), {human_size(s['size'])}"
+    return f"not an adapter or checkpoint: {s['num_files']} file(s), {human_size(s['size'])}"
 
 
 def render_pull(doc: dict[str, Any]) -> None:
@@ -360,7 +360,7 @@ def render_push(doc: dict[str, Any]) -> None:
     card = {"generated": "card generated", "replaced": "card replaced", "kept": "existing card kept",
             "uploaded": "your README.md"}[doc["card"]]
     what = f"{len(doc['files'])} files, {card}, commit {doc['commit'][:12]}"
-    if not doc["changed"]:
+    if not doc["new_commit"]:
         what += ", nothing changed"
     wrote(f"hf://{doc['repo_id']}@{doc['revision']}", what, doc["size"])
 

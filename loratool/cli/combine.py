@@ -41,6 +41,7 @@ def combine(adapters: tuple[str, ...], weights: str, method: str, rank: int | No
     """
     from loratool.cli import _render
     from loratool.cli._options import resolve_device
+    from loratool.cli._output import emit
     from loratool.ops.combine import combine as run
 
     if len(adapters) < 2:
@@ -51,12 +52,4 @@ def combine(adapters: tuple[str, ...], weights: str, method: str, rank: int | No
         report = run(paths, out, weights=parse_weights(weights), method=method, rank=rank, density=density,
                      majority_sign=majority_sign, seed=seed, fmt=fmt, dtype=dtype, device=resolve_device(device),
                      force=force, allow_pickle=allow_pickle, progress=cb)
-    doc = report.to_dict()
-    if as_json:
-        _render.print_json(doc)
-    else:
-        if not quiet:
-            for w in report.warnings:
-                _render.warn(w)
-        _render.render_combine(doc)
-    return 0
+    return emit(report.to_dict(), _render.render_combine, as_json=as_json, quiet=quiet)

@@ -38,17 +38,10 @@ def convert(path: str, to: str, out: str, base: str | None, force: bool, as_json
     Example: loratool convert lora.safetensors --to peft -o lora_peft --base ./sd_xl_base_1.0.safetensors
     """
     from loratool.cli import _render
+    from loratool.cli._output import emit
     from loratool.ops.convert import convert as run
 
     path = input_path(path, quiet=quiet or as_json)
     base = input_path(base, quiet=quiet or as_json)
     report = run(path, out, to=to, base=base, force=force, allow_pickle=allow_pickle)
-    doc = report.to_dict()
-    if as_json:
-        _render.print_json(doc)
-    else:
-        if not quiet:
-            for w in report.warnings:
-                _render.warn(w)
-        _render.render_convert(doc)
-    return 0
+    return emit(report.to_dict(), _render.render_convert, as_json=as_json, quiet=quiet)

@@ -23,6 +23,7 @@ def inspect(path: str, as_json: bool, show_modules: bool, spectrum: bool, allow_
     Example: loratool inspect adapter_dir --modules
     """
     from loratool.cli import _render
+    from loratool.cli._output import emit
     from loratool.ops.inspect import inspect_adapter
 
     path = input_path(path, quiet=quiet or as_json)
@@ -33,12 +34,5 @@ def inspect(path: str, as_json: bool, show_modules: bool, spectrum: bool, allow_
         dev = resolve_device(device)
     with _render.progress("spectrum", enabled=spectrum and not (quiet or as_json)) as cb:
         report = inspect_adapter(path, spectrum=spectrum, allow_pickle=allow_pickle, device=dev, progress=cb)
-    doc = report.to_dict()
-    if as_json:
-        _render.print_json(doc)
-    else:
-        if not quiet:
-            for w in report.warnings:
-                _render.warn(w)
-        _render.render_inspect(doc, modules=show_modules, spectrum=spectrum)
-    return 0
+    return emit(report.to_dict(), lambda d: _render.render_inspect(d, modules=show_modules, spectrum=spectrum),
+                as_json=as_json, quiet=quiet)

@@ -46,6 +46,7 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, d
     """
     from loratool.cli import _render
     from loratool.cli._options import input_path
+    from loratool.cli._output import emit
     from loratool.ops.merge import merge as run
 
     parsed = None if weights is None else parse_weights(weights)
@@ -60,12 +61,4 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, d
     if report_file:
         with atomic_output(report_file, force=force, directory=False) as tmp:
             tmp.write_text(json.dumps(report.to_dict(tensors=True), indent=2) + "\n")
-    doc = report.to_dict()
-    if as_json:
-        _render.print_json(doc)
-    else:
-        if not quiet:
-            for w in report.warnings:
-                _render.warn(w)
-        _render.render_merge(doc)
-    return 0
+    return emit(report.to_dict(), _render.render_merge, as_json=as_json, quiet=quiet)

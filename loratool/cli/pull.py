@@ -29,6 +29,7 @@ def pull(repo: str, subfolder: str | None, out: str | None, force: bool, token: 
     import sys
 
     from loratool.cli import _render
+    from loratool.cli._output import emit
     from loratool.hub import is_hf_url, parse_hf_url, split_repo_ref
     from loratool.hub import pull as run
 
@@ -39,9 +40,4 @@ def pull(repo: str, subfolder: str | None, out: str | None, force: bool, token: 
         repo_id, revision = split_repo_ref(repo)
     result = run(repo_id, revision, subfolder, out, token, force=force,
                  progress=not (quiet or as_json) and sys.stderr.isatty())
-    doc = result.to_dict()
-    if as_json:
-        _render.print_json(doc)
-    else:
-        _render.render_pull(doc)
-    return 0
+    return emit(result.to_dict(), _render.render_pull, as_json=as_json, quiet=quiet)

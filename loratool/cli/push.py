@@ -31,16 +31,9 @@ def push(path: str, repo_id: str, private: bool, revision: str | None, message: 
     import sys
 
     from loratool.cli import _render
+    from loratool.cli._output import emit
     from loratool.hub import push as run
 
     result = run(path, repo_id, private=private, revision=revision, message=message, token=token,
                  overwrite_card=overwrite_card, progress=not (quiet or as_json) and sys.stderr.isatty())
-    doc = result.to_dict()
-    if as_json:
-        _render.print_json(doc)
-    else:
-        if not quiet:
-            for w in result.warnings:
-                _render.warn(w)
-        _render.render_push(doc)
-    return 0
+    return emit(result.to_dict(), _render.render_push, as_json=as_json, quiet=quiet)

@@ -22,15 +22,11 @@ def validate(path: str, base: str | None, strict: bool, as_json: bool, allow_pic
     Example: loratool validate adapter_dir --base ./Llama-3.2-1B
     """
     from loratool.cli import _render
+    from loratool.cli._output import emit
     from loratool.ops.validate import validate_adapter
 
     path = input_path(path, quiet=quiet or as_json)
     base = input_path(base, quiet=quiet or as_json)
     with _render.progress("checking tensors", enabled=not (quiet or as_json)) as cb:
         report = validate_adapter(path, base=base, strict=strict, allow_pickle=allow_pickle, progress=cb)
-    doc = report.to_dict()
-    if as_json:
-        _render.print_json(doc)
-    else:
-        _render.render_validate(doc)
-    return 0 if report.ok else 1
+    return emit(report.to_dict(), _render.render_validate, as_json=as_json, quiet=quiet, code=0 if report.ok else 1)
