@@ -3,8 +3,9 @@
 - every command registered in `loratool.cli.cli` has a page docs/commands/<name>.md, an entry in
   docs/cli.md, a mention in README.md, and a --help that ends with an `Example:` line;
 - every option of a command is named on its page;
-- every key an inspect / validate / resize / rescale `--json` document emits on the fixtures is
-  listed in that command's section of docs/json.md, and every command with `--json` has a section;
+- every command with `--json` is run (_json_examples; pull and push against the local Hub server
+  of tests/hub/), every key its document emits is listed in its section of docs/json.md, a key
+  has one JSON type across all commands, and every document but validate's has a `warnings` list;
 - every validate finding code in the source is explained in docs/commands/validate.md;
 - (slow) every command line in the ```console / ```bash blocks of README.md, docs/commands/*.md,
   docs/cli.md and docs/formats.md that touches only fixtures/ and /tmp runs, in order, and prints
@@ -33,6 +34,7 @@ from typing import Any
 import click
 import pytest
 from click.testing import CliRunner
+from clirun import run_cli
 
 from loratool.cli import cli
 
@@ -56,6 +58,9 @@ PAIRS = {
 # JSON objects whose keys are data (metadata entries, config fields, alpha values, short module
 # names, ...), not schema: their keys are not looked up in docs/json.md
 FREE_FORM = {"metadata", "config", "alphas", "alpha_sources", "scales", "targets", "kinds", "dtypes"}
+
+# documents that embed another command's document (pull's `summary` is inspect's)
+REFERS = {"pull": ("inspect",)}
 
 PLACEHOLDER = re.compile(r"<!--[^>]*\bfills? in\b[^>]*-->")
 
@@ -155,10 +160,10 @@ def _documented(section: str, key: str) -> bool:
     return re.search(rf"`(?:[\w\[\]]+\.)*{re.escape(key)}`", section) is not None
 
 
-def _run_json(args: list[str]) -> dict[str, Any]:
-    r = CliRunner().invoke(cli, [*args, "--json"])
-    assert r.exception is None or isinstance(r.exception, SystemExit), (args, r.exception, r.output)
-    return json.loads(r.stdout)
+def _run_json(args: list[str], env: dict[str, str | None] | None = None) -> dict[str, Any]:
+    r = run_cli([*args, "--json"], env=env)
+    assert r.code in (0, 1), (args, r.code, r.err)
+    return json.loads(r.out)
 
 
 def _broken_copy(tmp: Path) -> Path:
@@ -179,38 +184,107 @@ def _broken_copy(tmp: Path) -> Path:
     return out
 
 
+def _json_examples(tmp: Path, hub_url: str) -> dict[str, list[list[str]]]:
+    """Every command with --json, run on the fixtures so that its document has all its keys."""
+    f = {name: str(FIXTURES / name) for name in (*PAIRS, *PAIRS.values())}
+    kohya, llama = f["kohya_sd.safetensors"], f["peft_llama"]
+    ex: dict[str, list[list[str]]] = {"inspect": [], "validate": []}
+    for adapter, base in PAIRS.items():
+        ex["inspect"] += [["inspect", f[adapter], "--spectrum", "--device", "cpu"], ["inspect", f[adapter]]]
+        ex["validate"] += [["validate", f[adapter], "--base", f[base]], ["validate", f[adapter]]]
+    ex["validate"].append(["validate", str(_broken_copy(tmp))])
+    ex["resize"] = [["resize", f["peft_dora"], "-o", str(tmp / "r1"), "--rank", "2"],
+                    ["resize", kohya, "-o", str(tmp / "r2.safetensors"), "--method", "sv_fro", "--threshold", "0.9",
+                     "--modules", "unet", "--device", "cpu"]]
+    ex["rescale"] = [["rescale", llama, "-o", str(tmp / "s1"), "--factor", "0.5", "--modules", "q_proj"],
+                     ["rescale", kohya, "-o", str(tmp / "s2.safetensors"), "--normalize"]]
+    ex["merge"] = [["merge", f["base_llama"], llama, "-o", str(tmp / "m1"), "--weights", "0.5"],
+                   ["merge", f["base_sd.safetensors"], kohya, "-o", str(tmp / "m2.safetensors")]]
+    ex["combine"] = [["combine", llama, llama, "-o", str(tmp / "c1"), "--weights", "0.5,0.5",
+                      "--method", "svd", "--rank", "4"],
+                     ["combine", kohya, kohya, "-o", str(tmp / "c2.safetensors"), "--weights", "1,-0.5",
+                      "--method", "dare_ties", "--density", "0.5", "--seed", "1"]]
+    ex["extract"] = [["extract", f["base_llama"], str(tmp / "m1"), "-o", str(tmp / "e1"), "--rank", "4"]]
+    ex["convert"] = [["convert", llama, "--to", "kohya", "-o", str(tmp / "k1.safetensors")],
+                     ["convert", kohya, "--to", "peft", "-o", str(tmp / "p1")]]
+    ex["push"] = [["push", llama, "alice/json-lora"]]
+    ex["pull"] = [["pull", "alice/json-lora"], ["pull", "alice/json-base"]]
+    return ex
+
+
 @pytest.fixture(scope="module")
 def json_documents(tmp_path_factory) -> dict[str, list[dict[str, Any]]]:
-    """The --json documents of inspect, validate, resize and rescale on every fixture."""
+    """The --json documents of every command (_json_examples), pull and push against the local Hub server."""
+    from hub.hubserver import HubServer
+
     tmp = tmp_path_factory.mktemp("json_docs")
-    docs: dict[str, list[dict[str, Any]]] = {"inspect": [], "validate": [], "resize": [], "rescale": []}
-    for adapter, base in PAIRS.items():
-        path = str(FIXTURES / adapter)
-        docs["inspect"].append(_run_json(["inspect", path, "--spectrum", "--device", "cpu"]))
-        docs["inspect"].append(_run_json(["inspect", path]))
-        docs["validate"].append(_run_json(["validate", path, "--base", str(FIXTURES / base)]))
-        docs["validate"].append(_run_json(["validate", path]))
-    docs["validate"].append(_run_json(["validate", str(_broken_copy(tmp))]))
-    kohya = str(FIXTURES / "kohya_sd.safetensors")
-    docs["resize"].append(_run_json(["resize", str(FIXTURES / "peft_dora"), "-o", str(tmp / "r1"), "--rank", "2"]))
-    docs["resize"].append(_run_json(["resize", kohya, "-o", str(tmp / "r2.safetensors"), "--method", "sv_fro",
-                                     "--threshold", "0.9", "--modules", "unet", "--device", "cpu"]))
-    docs["rescale"].append(_run_json(["rescale", str(FIXTURES / "peft_llama"), "-o", str(tmp / "s1"),
-                                      "--factor", "0.5", "--modules", "q_proj"]))
-    docs["rescale"].append(_run_json(["rescale", kohya, "-o", str(tmp / "s2.safetensors"), "--normalize"]))
+    token = "hf_docsTestToken0123456789abcdef"
+    with HubServer(users={token: "alice"}) as hub:
+        files = {p.relative_to(FIXTURES / "base_llama").as_posix(): p.read_bytes()
+                 for p in (FIXTURES / "base_llama").rglob("*") if p.is_file()}
+        hub.add_repo("alice/json-base", files)
+        env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp / "hf_home"), "HF_TOKEN": token, "HF_HUB_OFFLINE": None}
+        docs: dict[str, list[dict[str, Any]]] = {}
+        for name, runs in _json_examples(tmp, hub.url).items():
+            docs[name] = [_run_json(args, env) for args in runs]
     return docs
 
 
-@pytest.mark.parametrize("name", ["inspect", "validate", "resize", "rescale"])
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "str", list: "list", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _key_types(doc: Any, where: str, out: dict[str, dict[str, str]]) -> None:
+    """key -> {JSON type -> first place seen}; null goes with any type."""
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            if v is not None:
+                out.setdefault(k, {}).setdefault(_json_type(v), f"{where}.{k}")
+            if k not in FREE_FORM:
+                _key_types(v, f"{where}.{k}", out)
+    elif isinstance(doc, list):
+        for v in doc:
+            _key_types(v, f"{where}[]", out)
+
+
+@pytest.mark.parametrize("name", COMMANDS)
 def test_json_keys_are_documented(name, json_documents):
+    if not any(isinstance(p, click.Option) and "--json" in p.opts for p in cli.commands[name].params):
+        pytest.skip(f"{name} has no --json")
+    assert json_documents.get(name), f"loratool {name} has --json but no example in _json_examples"
     sections = _json_sections()
     assert name in sections, f"docs/json.md has no `## {name}` section"
     keys: set[str] = set()
     for doc in json_documents[name]:
         assert doc.get("schema") == 1
         _keys(doc, keys)
-    missing = sorted(k for k in keys if not _documented(sections[name], k))
+    # pull's `summary` is the inspect document (docs/json.md says so): its keys are listed under inspect
+    text = sections[name] + "".join(sections.get(other, "") for other in REFERS.get(name, ()))
+    missing = sorted(k for k in keys if not _documented(text, k))
     assert not missing, f"docs/json.md `## {name}` does not list: {', '.join(missing)}"
+
+
+def test_json_keys_have_one_type_across_commands(json_documents):
+    types: dict[str, dict[str, str]] = {}
+    for name, docs in json_documents.items():
+        for doc in docs:
+            _key_types(doc, name, types)
+    mixed = {k: v for k, v in types.items() if len(v) > 1}
+    assert not mixed, "keys with more than one JSON type: " + "; ".join(
+        f"{k}: " + ", ".join(f"{t} at {w}" for t, w in v.items()) for k, v in sorted(mixed.items()))
+
+
+def test_every_document_but_validate_has_a_warnings_list(json_documents):
+    for name, docs in json_documents.items():
+        for doc in docs:
+            if name != "validate":
+                assert isinstance(doc.get("warnings"), list), (name, doc.get("warnings"))
+            else:
+                assert "warnings" not in doc and isinstance(doc["num_warnings"], int)
 
 
 @pytest.mark.parametrize("name", COMMANDS)

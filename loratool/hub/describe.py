@@ -38,13 +38,13 @@ def describe(path: str | os.PathLike[str]) -> Described:
         ckpt = open_checkpoint(p)
     except LoratoolError:
         files = [f for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()]
-        return Described("files", {"files": len(files), "size": sum(f.stat().st_size for f in files)}, note)
+        return Described("files", {"num_files": len(files), "size": sum(f.stat().st_size for f in files)}, note)
     params = 0
     for info in ckpt.tensors.values():
         n = 1
         for d in info.shape:
             n *= d
         params += n
-    return Described("checkpoint", {"tensors": len(ckpt.tensors), "params": params, "files": len(ckpt.files),
+    return Described("checkpoint", {"tensors": len(ckpt.tensors), "params": params, "num_files": len(ckpt.files),
                                     "size": sum(f.stat().st_size for f in ckpt.files)}, note)
 

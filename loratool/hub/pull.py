@@ -50,6 +50,7 @@ class PullResult:
             "kind": self.described.kind,
             "summary": self.described.summary,
             "note": self.described.note,
+            "warnings": [],
         }
 
 

@@ -47,7 +47,7 @@ class PushResult:
             "card": self.card,
             "created_repo": self.created_repo,
             "created_branch": self.created_branch,
-            "changed": self.changed,
+            "new_commit": self.changed,
             "warnings": self.warnings,
         }
 

@@ -44,6 +44,7 @@ class RescaleReport:
     modules: list[ModuleRescale] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     size: int = 0
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -56,6 +57,7 @@ class RescaleReport:
             "size": self.size,
             "modules": [m.to_dict() for m in self.modules],
             "skipped": self.skipped,
+            "warnings": self.warnings,
         }
 
 

@@ -254,7 +254,7 @@ def test_pull_out_dir_copies_real_files_atomically(hub: HubServer, cache: Path, 
 def test_pull_base_model_is_described_as_checkpoint(hub: HubServer, cache: Path) -> None:
     hub.add_repo("alice/base", {**fixture_files("base_llama"), "pytorch_model.bin": b"pickle", "run.py": b"x"})
     p = _pull(hub, cache, "alice/base")
-    assert p.described.kind == "checkpoint" and p.described.summary["files"] == 2
+    assert p.described.kind == "checkpoint" and p.described.summary["num_files"] == 2
     assert "pytorch_model.bin" not in p.files and "run.py" not in p.files  # no pickles, no code
 
 
