@@ -17,20 +17,11 @@ from typing import Any
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import IncompatibleError
+from loratool.formats.names import COMPONENTS, PEFT_PREFIX, kohya_base_prefixes, split_kohya_prefix, strip_known_prefix
 from loratool.st import Checkpoint, TensorInfo, TensorRef
 
-# kohya prefix -> base-key prefixes it stands for, most specific first
-KOHYA_PREFIXES: dict[str, tuple[str, ...]] = {
-    "lora_unet_": ("model.diffusion_model.", "diffusion_model.", "unet.", "transformer.", ""),
-    "lora_transformer_": ("transformer.", "model.diffusion_model.", ""),
-    "lora_te_": ("cond_stage_model.transformer.", "text_encoder.", ""),
-    "lora_te1_": ("conditioner.embedders.0.transformer.", "text_encoders.clip_l.transformer.", "text_encoder.", ""),
-    "lora_te2_": ("conditioner.embedders.1.model.", "text_encoders.clip_g.transformer.", "text_encoder_2.", ""),
-    "lora_te3_": ("text_encoders.t5xxl.transformer.", "text_encoder_3.", ""),
-    "lycoris_": ("model.diffusion_model.", "transformer.", ""),
-}
-DIFFUSERS_COMPONENTS = ("unet.", "transformer.", "text_encoder.", "text_encoder_2.", "text_encoder_3.")
-PEFT_PREFIXES = ("base_model.model.",)
+# the prefix tables are the formats package's (formats/names.py), not copies
+_PREFIXES = (PEFT_PREFIX, *(c + "." for c in COMPONENTS))
 
 
 def _norm(s: str) -> str:
@@ -80,32 +71,20 @@ class KeyIndex:
         for alt in _prefix_variants(name):
             if alt + ".weight" in self.keys:
                 return [alt + ".weight"]
-        for kprefix, bases in KOHYA_PREFIXES.items():
-            if name.startswith(kprefix):
-                stem = name[len(kprefix):]
-                for base in bases:
-                    hits = self.stems.get(_norm(base) + stem)
-                    if hits:
-                        return hits
-                break
+        kohya = split_kohya_prefix(name)
+        if kohya is not None:
+            kprefix, stem = kohya
+            for base in kohya_base_prefixes(kprefix):
+                hits = self.stems.get(_norm(base) + stem)
+                if hits:
+                    return hits
         # 3. unique underscore-normalised suffix
-        stem = _norm(_strip_known(name))
+        stem = _norm(strip_known_prefix(name))
         return [k for s, ks in self.stems.items() if s == stem or s.endswith("_" + stem) for k in ks]
 
 
 def _prefix_variants(name: str) -> list[str]:
-    out = []
-    for p in PEFT_PREFIXES + DIFFUSERS_COMPONENTS:
-        if name.startswith(p):
-            out.append(name[len(p):])
-    return out
-
-
-def _strip_known(name: str) -> str:
-    for p in (*KOHYA_PREFIXES, *PEFT_PREFIXES, *DIFFUSERS_COMPONENTS):
-        if name.startswith(p):
-            return name[len(p):]
-    return name
+    return [name[len(p):] for p in _PREFIXES if name.startswith(p)]
 
 
 def compatible(module: LoraModule, shape: tuple[int, ...]) -> bool:
@@ -170,7 +149,7 @@ def plan_merge(
         IncompatibleError: unmatched/ambiguous modules (unless allow_unmatched), shape mismatches,
             DoRA with unmerge or shared with another adapter, conflicting modules_to_save.
     """
-    from loratool.formats.peft import base_key as saved_tensor_key
+    from loratool.formats import extra_base_key as saved_tensor_key
 
     plan = MergePlan()
     warnings: list[str] = []

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -58,6 +59,24 @@ def tensor_from(data: bytearray | memoryview, info: TensorInfo) -> torch.Tensor:
 
 
 @dataclass
+class Timings:
+    """Where the calling thread's time went, in seconds, summed over the files of one run.
+
+    read_wait: waiting for the reader thread; compute: the tensor maths and casts; write_wait:
+    waiting for an output slot to be written out; finish_wait: waiting for the files' last writes,
+    header patches (hence the sha256) and fsyncs. A pipeline at disk speed spends its time waiting.
+    """
+
+    read_wait: float = 0.0
+    compute: float = 0.0
+    write_wait: float = 0.0
+    finish_wait: float = 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in self.__dict__.items()}
+
+
+@dataclass
 class Buffers:
     """What the files of one run share: read buffers, output slots, the float32 workspace."""
 
@@ -66,6 +85,7 @@ class Buffers:
     out_slots: list[tuple[Workspace, Future[None] | None]] = field(
         default_factory=lambda: [(Workspace(), None), (Workspace(), None)])
     reads: list[bytearray] = field(default_factory=list)
+    timings: Timings = field(default_factory=Timings)
 
     def read_buffers(self, nbytes: int) -> list[bytearray]:
         if not self.reads or len(self.reads[0]) < nbytes:
@@ -109,6 +129,7 @@ def stream_file(
     largest = max((i.nbytes for i in order if needs_bytes(i)), default=0)
     in_bufs = buffers.read_buffers(largest) if largest else []
     out_slots = buffers.out_slots
+    timings = buffers.timings
 
     def read(n: int) -> bytearray | memoryview | None:
         """Tensor n's bytes (in buffer n % 2) when they are needed; None for those copied as they are."""
@@ -135,7 +156,9 @@ def stream_file(
             slot = n % 2
             ws, busy = out_slots[slot]
             if busy is not None:
+                t = time.perf_counter()
                 busy.result()  # written out: its buffer may be reused
+                timings.write_wait += time.perf_counter() - t
             slot_used.append(slot)
             return ws.get("out", new.shape, getattr(torch, dtype), "cpu").copy_(new)
         return cast
@@ -144,7 +167,11 @@ def stream_file(
         ahead = fetch(0)
         for n, info in enumerate(order):
             assert ahead is not None
+            t = time.perf_counter()
             data = ahead.result()
+            t_read = time.perf_counter()
+            timings.read_wait += t_read - t
+            wait_before = timings.write_wait
             ahead = fetch(n + 1)  # into the other buffer: read the next tensor meanwhile
             key = info.key
             slot_used.clear()
@@ -155,6 +182,7 @@ def stream_file(
             if out is None and stored is not None:  # a dtype change only
                 out = cast(stored, out_dtype(info))
             del stored
+            timings.compute += time.perf_counter() - t_read - (timings.write_wait - wait_before)
             if out is None:
                 submit(writer.copy_range, key, fd, info.start, info.nbytes)  # byte for byte, in the kernel
             else:

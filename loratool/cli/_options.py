@@ -8,6 +8,7 @@ from typing import overload
 import click
 
 from loratool.device import resolve_device  # noqa: F401  (re-exported for the commands)
+from loratool.formats import writable_formats
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars or warnings on stderr.")
@@ -43,7 +44,7 @@ def parse_weights(text: str) -> list[float]:
 
 
 format_option = click.option(
-    "--format", "fmt", type=click.Choice(["peft", "kohya"]), default=None,
+    "--format", "fmt", type=click.Choice(writable_formats()), default=None,
     help="Output format (default: the input's).",
 )
 dtype_option = click.option(

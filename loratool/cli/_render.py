@@ -416,4 +416,10 @@ def render_convert(doc: dict[str, Any]) -> None:
     what = f"{doc['num_modules']} modules, {doc['source_format']} -> {doc['format']}"
     if doc["extras"]:
         what += f", {len(doc['extras'])} saved tensors"
+    if doc.get("runtime"):
+        what += f", for {doc['runtime']}"
+        if doc.get("rank") is not None:
+            what += f": rank {doc['rank']}, alpha {doc['alpha']:.6g}, {len(doc['baked'])} scale(s) baked"
+        if doc.get("dropped"):
+            what += f", {len(doc['dropped'])} dropped"
     wrote(doc["out"], what, doc["size"])

@@ -10,12 +10,23 @@ from loratool.cli._options import (
     out_option,
     quiet_option,
 )
+from loratool.formats import writable_formats
+from loratool.runtimes import RUNTIMES
 
 
 @click.command()
 @click.argument("path", type=click.Path())
-@click.option("--to", "to", type=click.Choice(["peft", "kohya", "diffusers"]), required=True,
+@click.option("--to", "to", type=click.Choice(writable_formats()), default=None,
               help="Output format: peft (a directory), kohya or diffusers (a .safetensors file).")
+@click.option("--for", "for_runtime", type=click.Choice(list(RUNTIMES)), default=None,
+              help="Write what this runtime serves exactly (implies --to): one rank and one alpha where it "
+              "reads one, scales baked into the factors; see docs/commands/convert.md.")
+@click.option("--dora-to-lora", "dora_base", default=None, type=click.Path(),
+              help="A base model: write every DoRA module as the best plain LoRA of its rank for this base "
+              "(an approximation; the relative error of each module is printed).")
+@click.option("--drop", is_flag=True,
+              help="With --for: remove what the runtime cannot hold (DoRA magnitudes, modules_to_save, ...) "
+              "with a warning saying what is lost, instead of refusing.")
 @out_option
 @click.option("--base", default=None, type=click.Path(),
               help="The base model: kohya names are placed by its keys, every module must match one of its "
@@ -24,8 +35,8 @@ from loratool.cli._options import (
 @json_option
 @quiet_option
 @allow_pickle_option
-def convert(path: str, to: str, out: str, base: str | None, force: bool, as_json: bool, quiet: bool,
-            allow_pickle: bool) -> int:
+def convert(path: str, to: str | None, for_runtime: str | None, dora_base: str | None, drop: bool, out: str,
+            base: str | None, force: bool, as_json: bool, quiet: bool, allow_pickle: bool) -> int:
     """Convert an adapter between PEFT, kohya and diffusers, keeping every delta exact.
 
     The factors are copied bit for bit; module names, the way alpha is stored (each module's scale
@@ -35,7 +46,14 @@ def convert(path: str, to: str, out: str, base: str | None, force: bool, as_json
     listed in the error.
 
     \b
+    --for RUNTIME (vllm, sglang, llama.cpp, mlx, diffusers, comfyui) writes the layout that runtime
+    serves exactly: for vLLM and SGLang one rank and one alpha for every module (ranks zero-padded,
+    per-module scales baked into the factors); DoRA and modules_to_save are refused, or removed by
+    --drop with a warning.
+
+    \b
     Example: loratool convert lora.safetensors --to peft -o lora_peft --base ./sd_xl_base_1.0.safetensors
+    Example: loratool convert adapter_dir --for vllm -o adapter_vllm
     """
     from loratool.cli import _render
     from loratool.cli._output import emit
@@ -43,5 +61,11 @@ def convert(path: str, to: str, out: str, base: str | None, force: bool, as_json
 
     path = input_path(path, quiet=quiet or as_json)
     base = input_path(base, quiet=quiet or as_json)
-    report = run(path, out, to=to, base=base, force=force, allow_pickle=allow_pickle)
+    if to is None and for_runtime is None:
+        raise click.UsageError("give --to FORMAT or --for RUNTIME")
+    if drop and for_runtime is None:
+        raise click.UsageError("--drop needs --for RUNTIME")
+    dora_base = input_path(dora_base, quiet=quiet or as_json)
+    report = run(path, out, to=to, base=base, force=force, allow_pickle=allow_pickle, for_runtime=for_runtime,
+                 drop=drop, dora_to_lora=dora_base)
     return emit(report.to_dict(), _render.render_convert, as_json=as_json, quiet=quiet)

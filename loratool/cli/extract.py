@@ -3,6 +3,7 @@ from __future__ import annotations
 import click
 
 from loratool.cli._options import device_option, force_option, input_path, json_option, out_option, quiet_option
+from loratool.ops.extract import output_formats
 
 
 @click.command()
@@ -20,7 +21,7 @@ from loratool.cli._options import device_option, force_option, input_path, json_
 @click.option("--save-changed", is_flag=True,
               help="Store changed 1-D tensors (norms, biases) too: as modules_to_save, or as the LoRA bias of an "
               "extracted layer. PEFT only.")
-@click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), default="peft", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(output_formats()), default="peft", show_default=True,
               help="Output format.")
 @device_option
 @force_option

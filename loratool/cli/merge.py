@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
@@ -61,4 +62,6 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, d
     if report_file:
         with atomic_output(report_file, force=force, directory=False) as tmp:
             tmp.write_text(json.dumps(report.to_dict(tensors=True), indent=2) + "\n")
+    if os.environ.get("LORATOOL_TIMINGS") == "1":  # per-stage pipeline timings (tests/perf/device_check.py)
+        click.echo("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in report.timings.items()), err=True)
     return emit(report.to_dict(), _render.render_merge, as_json=as_json, quiet=quiet)

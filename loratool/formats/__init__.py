@@ -1,7 +1,11 @@
 """On-disk dialects. Key-name translation lives only in this package.
 
-`detect(path)` decides from directory contents and key names (never the file name); `read` gives
-the canonical Adapter; `write` writes PEFT, kohya or diffusers atomically with provenance metadata.
+Each format is one record in the registry (registry.py): its detection, reader, writer and what it
+can hold. `detect(path)` decides from directory contents and key names (never the file name);
+`read` gives the canonical Adapter; `write` refuses what the target format cannot hold
+(registry.check_writable) and writes atomically with provenance metadata.
+
+Operations use this package's public names only (those in __all__), never a format module's.
 """
 
 from __future__ import annotations
@@ -24,31 +28,68 @@ from loratool.formats._common import (
     open_tensor_file,
     unsupported_family,
 )
+from loratool.formats.registry import Capabilities, Format, all_formats, check_writable, get, names, register
 
-__all__ = ["FORMATS", "Finding", "Findings", "detect", "provenance", "read", "write"]
+__all__ = [
+    "PICKLE_SUFFIXES", "Capabilities", "Finding", "Findings", "Format", "check_writable", "detect",
+    "extra_base_key", "format_names", "get_format", "is_transposed_layer", "output_is_directory", "provenance",
+    "read", "require_plain", "source_label", "unsupported_family", "writable_formats", "write",
+]
 
-FORMATS = ("peft", "kohya", "diffusers")
-WRITABLE = ("peft", "kohya", "diffusers")
+# The built-in formats, in detection order (ties between equal detection scores go to the first).
+# A new format: its module defines FORMAT (a registry.Format record); add it here.
+for _record in (peft.FORMAT, kohya.FORMAT, diffusers.FORMAT):
+    register(_record)
+
+get_format = get
 
 
-def _classify(tf: TensorFile) -> str:
+def format_names() -> tuple[str, ...]:
+    """Every format loratool reads."""
+    return names()
+
+
+def writable_formats() -> tuple[str, ...]:
+    """Every format loratool writes (the CLI's --format / --to choices)."""
+    return names(writable=True)
+
+
+def extra_base_key(extra: str) -> str:
+    """The base-model key a full tensor of Adapter.extras replaces."""
+    return peft.base_key(extra)
+
+
+def is_transposed_layer(name: str) -> bool:
+    """Whether a module path is a GPT-2 Conv1D layer, whose weight is stored (in, out)."""
+    return bool(peft.GPT2_CONV1D.search(name))
+
+
+def _classify(tf: TensorFile) -> Format:
     keys = list(tf.tensors)
-    if any(k.startswith(peft.PREFIX) for k in keys) and any(peft.split_key(k) for k in keys):
-        return "peft"
-    if kohya.looks_like(keys):
-        return "kohya"
-    if diffusers.looks_like(keys):
-        return "diffusers"
-    if any(peft.split_key(k) for k in keys):
-        return "peft"
+    scored = [(f.detect(keys), -i, f) for i, f in enumerate(all_formats()) if f.detect is not None]
+    score, _, best = max(scored, key=lambda t: t[:2])
+    if score > 0:
+        return best
     unsupported = [k for k in keys if is_unsupported(k)]
     if unsupported:
-        return "kohya"  # LyCORIS files use kohya names; reported as unsupported modules
+        return get("kohya")  # LyCORIS files use kohya names; reported as unsupported modules
     shown = ", ".join(keys[:5]) + (f", ... ({len(keys)} tensors)" if len(keys) > 5 else "")
     raise FormatError(
         f"{tf.path}: holds no LoRA tensors (found: {shown or 'no tensors'})",
         hint="expected keys ending in .lora_A.weight/.lora_B.weight (PEFT, diffusers) "
         "or .lora_down.weight/.lora_up.weight (kohya)",
+    )
+
+
+def _dir_format(p: Path) -> Format:
+    for f in all_formats():
+        if f.detect_dir is not None and f.detect_dir(p):
+            return f
+    found = sorted(x.name for x in p.iterdir())[:10]
+    raise FormatError(
+        f"{p}: not an adapter directory: no {peft.CONFIG_NAME} or {peft.WEIGHTS_NAME} "
+        f"(found: {', '.join(found) or 'nothing'})",
+        hint="pass the adapter directory or its .safetensors file",
     )
 
 
@@ -59,15 +100,15 @@ def _resolve(path: Path) -> Path:
 
 
 def detect(path: str | Path, *, allow_pickle: bool = False) -> str:
-    """'peft', 'kohya' or 'diffusers', from the directory contents and key names.
+    """The name of the format of an adapter file or directory, from its contents and key names.
 
     Raises:
         FormatError: missing path, unreadable file, or no LoRA tensors (the message lists what was found).
     """
     p = _resolve(Path(path))
     if p.is_dir():
-        return "peft"
-    return _classify(open_tensor_file(p, allow_pickle=allow_pickle))
+        return _dir_format(p).name
+    return _classify(open_tensor_file(p, allow_pickle=allow_pickle)).name
 
 
 def read(path: str | Path, *, allow_pickle: bool = False, findings: Findings | None = None) -> Adapter:
@@ -85,33 +126,14 @@ def read(path: str | Path, *, allow_pickle: bool = False, findings: Findings | N
     findings = findings if findings is not None else Findings()
     p = _resolve(Path(path))
     if p.is_dir():
-        if not (p / peft.CONFIG_NAME).exists() and not (p / peft.WEIGHTS_NAME).exists():
-            found = sorted(x.name for x in p.iterdir())[:10]
-            raise FormatError(
-                f"{p}: not an adapter directory: no {peft.CONFIG_NAME} or {peft.WEIGHTS_NAME} "
-                f"(found: {', '.join(found) or 'nothing'})",
-                hint="pass the adapter directory or its .safetensors file",
-            )
-        adapter = peft.read(p, allow_pickle=allow_pickle, findings=findings)
+        fmt = _dir_format(p)
+        assert fmt.read_dir is not None
+        adapter = fmt.read_dir(p, allow_pickle, findings)
     else:
         tf = open_tensor_file(p, allow_pickle=allow_pickle)
         fmt = _classify(tf)
-        if fmt == "peft":
-            config_path = p.parent / peft.CONFIG_NAME
-            config: dict[str, Any] = {}
-            if config_path.exists():
-                from loratool.formats._common import json_config
-
-                config = json_config(config_path, findings) or {}
-            else:
-                findings.warning("config-missing", None,
-                                 f"{config_path}: not found; alpha is implied (= rank) for every module")
-            adapter = peft.from_tensors(tf, config, findings, root=p,
-                                        config_path=config_path if config_path.exists() else None)
-        elif fmt == "kohya":
-            adapter = kohya.from_tensors(tf, findings)
-        else:
-            adapter = diffusers.from_tensors(tf, findings)
+        assert fmt.read_file is not None
+        adapter = fmt.read_file(tf, findings)
     _check_duplicates(adapter, findings)
     # A file of only LyCORIS/other tensors is readable: inspect and validate report it by name and
     # operations refuse it through require_plain, which names the key.
@@ -184,7 +206,7 @@ def provenance(
 
 
 def output_is_directory(fmt: str) -> bool:
-    return fmt == "peft"
+    return get(fmt).capabilities.directory
 
 
 def write(
@@ -201,7 +223,7 @@ def write(
     """Write an adapter atomically and re-read it before it is moved into place.
 
     Args:
-        fmt: "peft" (a directory), "kohya" or "diffusers" (one file); default: the adapter's own format.
+        fmt: a writable format name (writable_formats()); default: the adapter's own format.
         op, params, sources: provenance recorded in the file's metadata; hashes: sha256 sums already
             computed, by path (merged with those of sources).
 
@@ -209,24 +231,18 @@ def write(
         The output path.
 
     Raises:
-        OutputExistsError, IncompatibleError, FormatError.
+        OutputExistsError; IncompatibleError: content the format cannot hold (check_writable);
+        FormatError.
     """
     from loratool.st import atomic_output
 
-    fmt = fmt or adapter.source_format
-    if fmt not in WRITABLE:
-        raise IncompatibleError(
-            f"cannot write the {fmt} format", hint=f"choose one of: {', '.join(WRITABLE)} (--format)"
-        )
+    record = get(fmt or adapter.source_format, writing=True)
+    check_writable(adapter, record.name)
+    assert record.write is not None
     meta = provenance(op, params or {}, sources if sources is not None else adapter.files, hashes)
     out = Path(out)
-    with atomic_output(out, force=force, directory=output_is_directory(fmt)) as tmp:
-        if fmt == "peft":
-            peft.write(adapter, tmp, meta)
-        elif fmt == "diffusers":
-            diffusers.write(adapter, tmp, meta)
-        else:
-            kohya.write(adapter, tmp, meta)
+    with atomic_output(out, force=force, directory=record.capabilities.directory) as tmp:
+        record.write(adapter, tmp, meta)
         check = read(tmp)
         if len(check.modules) != len(adapter.modules):
             raise IncompatibleError(
@@ -235,5 +251,3 @@ def write(
             )
     return out
 
-
-__all__ += ["PICKLE_SUFFIXES", "WRITABLE", "require_plain"]

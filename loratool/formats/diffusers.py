@@ -20,9 +20,10 @@ from typing import Any
 from loratool.adapter import Adapter, AlphaSource, LoraModule, scale_for
 from loratool.errors import IncompatibleError
 from loratool.formats._common import Findings, TensorFile, build_module, group_tensors, is_unsupported
+from loratool.formats.names import COMPONENTS, CONTAINERS, split_component
 from loratool.formats.peft import pattern_key
+from loratool.formats.registry import Capabilities, Format
 
-COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior", "controlnet")
 METADATA_KEY = "lora_adapter_metadata"
 
 _SUFFIXES: tuple[tuple[str, str], ...] = (
@@ -109,17 +110,6 @@ def from_tensors(tf: TensorFile, findings: Findings) -> Adapter:
 # placing module paths under a component
 
 
-# single-file checkpoint containers -> the component their modules belong to, longest first
-CONTAINERS: tuple[tuple[str, str], ...] = (
-    ("conditioner.embedders.0.transformer.", "text_encoder"),
-    ("conditioner.embedders.1.model.", "text_encoder_2"),
-    ("cond_stage_model.transformer.", "text_encoder"),
-    ("text_encoders.clip_l.transformer.", "text_encoder"),
-    ("text_encoders.clip_g.transformer.", "text_encoder_2"),
-    ("text_encoders.t5xxl.transformer.", "text_encoder_3"),
-    ("model.diffusion_model.", "unet"),
-    ("diffusion_model.", "unet"),
-)
 # top-level modules of a diffusers UNet2DConditionModel and of the diffusers DiT transformers
 UNET_TOP = frozenset({
     "conv_in", "conv_out", "conv_norm_out", "time_proj", "time_embedding", "add_embedding", "add_time_proj",
@@ -195,28 +185,15 @@ _CONFIG_FIELDS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_mo
                   "lora_bias", "fan_in_fan_out", "bias", "lora_dropout", "peft_type")
 
 
-def split_component(name: str) -> tuple[str, str] | None:
-    """'unet.down_blocks.0...' -> ('unet', 'down_blocks.0...'), or None without a component."""
-    head, _, rest = name.partition(".")
-    return (head, rest) if head in COMPONENTS and rest else None
-
-
 def state_and_metadata(adapter: Adapter) -> tuple[dict[str, Any], dict[str, Any]]:
     """The tensors in diffusers key layout and the flat `lora_adapter_metadata` object.
 
     Raises:
-        IncompatibleError: a module without a component prefix, an embedding or fan_in_fan_out
-            module, or full tensors (modules_to_save), none of which a diffusers file holds.
+        IncompatibleError: a module without a component prefix (what the format cannot hold at
+            all was refused before, by registry.check_writable).
     """
     from loratool.formats.peft import build_config
 
-    if adapter.extras:
-        first = next(iter(adapter.extras))
-        raise IncompatibleError(
-            f"full tensor '{first}' (modules_to_save) cannot be stored in a diffusers LoRA file "
-            f"({len(adapter.extras)} such tensor(s))",
-            hint="write PEFT instead (--to peft / --format peft)",
-        )
     groups: dict[str, dict[str, LoraModule]] = {}
     for m in adapter.modules.values():
         parts = split_component(m.name)
@@ -224,11 +201,6 @@ def state_and_metadata(adapter: Adapter) -> tuple[dict[str, Any], dict[str, Any]
             raise IncompatibleError(
                 f"module '{m.name}' is under no diffusers component ({', '.join(c + '.' for c in COMPONENTS)})",
                 hint="convert it with: loratool convert PATH --to diffusers --base BASE",
-            )
-        if m.kind == "embedding" or m.fan_in_fan_out:
-            raise IncompatibleError(
-                f"module '{m.name}' is an embedding or fan_in_fan_out layer, which diffusers LoRA files cannot hold",
-                hint="write PEFT instead (--to peft / --format peft)",
             )
         component, local = parts
         groups.setdefault(component, {})[local] = m.with_(name=local)
@@ -259,3 +231,15 @@ def write(adapter: Adapter, out_file: Path, metadata: dict[str, str]) -> None:
     tensors, flat = state_and_metadata(adapter)
     meta = {"format": "pt", METADATA_KEY: json.dumps(flat, indent=2, sort_keys=True), **metadata}
     save_tensors(out_file, tensors, meta)
+
+
+FORMAT = Format(
+    name="diffusers",
+    summary="diffusers LoRA .safetensors (lora_A / lora_B under unet., transformer., text_encoder., ...)",
+    naming="component",
+    capabilities=Capabilities(bias=True, extras=False, fan_in_fan_out=False, embedding=False, conv=True, dora=True,
+                              dora_axis="out", per_module_alpha=True, metadata=True, directory=False),
+    detect=lambda keys: 2 if looks_like(keys) else 0,
+    read_file=from_tensors,
+    write=write,
+)

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from loratool.adapter import Adapter, LoraModule
+from loratool.errors import IncompatibleError
 from loratool.formats._common import Findings, RawModule, TensorFile, build_module, group_tensors
-
-PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lycoris_", "lora_transformer_")
+from loratool.formats.names import KOHYA_PREFIX_OF, component_of_kohya_prefix, split_kohya_prefix
+from loratool.formats.registry import Capabilities, Format
 
 _SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_down.weight", "down"),
@@ -80,17 +81,6 @@ def _alpha(rm: RawModule, name: str, tf: TensorFile, findings: Findings) -> floa
 # name recovery: kohya names lost their dots
 
 
-# kohya prefix -> the diffusers pipeline component whose modules it names
-COMPONENT_OF_PREFIX: dict[str, str] = {
-    "lora_unet_": "unet",
-    "lora_transformer_": "transformer",
-    "lycoris_": "unet",
-    "lora_te_": "text_encoder",
-    "lora_te1_": "text_encoder",
-    "lora_te2_": "text_encoder_2",
-    "lora_te3_": "text_encoder_3",
-}
-
 # Module-path segments the naming rules know (diffusers U-Net / DiT, original SD (SGM) U-Net, CLIP
 # text encoders, Llama-style LLMs). A stem is placed only when it splits into these words and
 # numbers in exactly one way; words that would make common names ambiguous are left out on
@@ -114,14 +104,6 @@ SEGMENTS: frozenset[str] = frozenset({
     # Llama-style LLMs
     "model", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head",
 })
-
-
-def split_prefix(name: str) -> tuple[str, str] | None:
-    """'lora_unet_down_blocks_0_...' -> ('lora_unet_', 'down_blocks_0_...'), or None."""
-    for prefix in PREFIXES:
-        if name.startswith(prefix):
-            return prefix, name[len(prefix):]
-    return None
 
 
 def restore_dots(stem: str) -> str | None:
@@ -170,8 +152,8 @@ def place(name: str, base_key: str | None = None) -> Placement | None:
 
     Returns None when the rules cannot place it unambiguously (the caller lists such names).
     """
-    parts = split_prefix(name)
-    component = COMPONENT_OF_PREFIX[parts[0]] if parts else None
+    parts = split_kohya_prefix(name)
+    component = component_of_kohya_prefix(parts[0]) if parts else None
     if base_key is not None:
         return Placement(component, base_key.removesuffix(".weight"), "base")
     if parts is None:
@@ -184,37 +166,16 @@ def place(name: str, base_key: str | None = None) -> Placement | None:
 # writing
 
 
-# The module-path prefixes that stand for a kohya prefix: single-file checkpoint containers (SD1/2,
-# SDXL, SD3) and diffusers components, longest first. The inverse of keymap.KOHYA_PREFIXES, so a
-# name written here matches the same base key again.
-_KOHYA_PREFIX_OF: tuple[tuple[str, str], ...] = (
-    ("conditioner.embedders.0.transformer.", "lora_te1_"),
-    ("conditioner.embedders.1.model.", "lora_te2_"),
-    ("cond_stage_model.transformer.", "lora_te_"),
-    ("text_encoders.clip_l.transformer.", "lora_te1_"),
-    ("text_encoders.clip_g.transformer.", "lora_te2_"),
-    ("text_encoders.t5xxl.transformer.", "lora_te3_"),
-    ("model.diffusion_model.", "lora_unet_"),
-    ("diffusion_model.", "lora_unet_"),
-    ("unet.", "lora_unet_"),
-    ("transformer.", "lora_unet_"),
-    ("text_encoder_2.", "lora_te2_"),
-    ("text_encoder_3.", "lora_te3_"),
-    ("text_encoder.", "lora_te1_"),
-)
-
-
-def kohya_name(m: LoraModule, source_format: str) -> str:
-    """The kohya key stem for a module: stored names stay; dotted names get underscores.
+def kohya_name(name: str) -> str:
+    """The kohya key stem for a module name: stored names stay; dotted names get underscores.
 
     A known container or component prefix (`model.diffusion_model.`, `conditioner.embedders.0.
-    transformer.`, `unet.`, `text_encoder.`, ...) becomes its kohya prefix; anything else goes under
-    `lora_unet_` whole.
+    transformer.`, `unet.`, `text_encoder.`, ...) becomes its kohya prefix (names.KOHYA_PREFIX_OF);
+    anything else goes under `lora_unet_` whole.
     """
-    if "." not in m.name:
-        return m.name
-    name = m.name
-    for container, prefix in _KOHYA_PREFIX_OF:
+    if "." not in name:
+        return name
+    for container, prefix in KOHYA_PREFIX_OF:
         if name.startswith(container):
             return prefix + name[len(container):].replace(".", "_")
     return "lora_unet_" + name.replace(".", "_")
@@ -229,10 +190,13 @@ def state_dict(adapter: Adapter) -> dict[str, Any]:
     import torch
 
     out: dict[str, Any] = {}
+    stems: dict[str, str] = {}
     for m in adapter.modules.values():
-        stem = kohya_name(m, adapter.source_format)
-        if stem + ".lora_down.weight" in out:
-            raise ValueError(f"two modules map to the kohya name {stem}")
+        stem = kohya_name(m.name)
+        if stem in stems:
+            raise IncompatibleError(f"modules '{stems[stem]}' and '{m.name}' have the same kohya name '{stem}'",
+                                    hint="write PEFT instead (--format peft), or leave one of them out")
+        stems[stem] = m.name
         out[stem + ".lora_down.weight"] = m.down.load()
         out[stem + ".lora_up.weight"] = m.up.load()
         # alpha stays float32 whatever the weights are: a bf16 alpha rounds the scale (kohya bug)
@@ -247,14 +211,6 @@ def write(adapter: Adapter, out_file: Path, metadata: dict[str, str]) -> None:
     """Write `adapter` as one kohya .safetensors file at the (temporary) path `out_file`."""
     from loratool.st import save_tensors
 
-    unsupported = [m.name for m in adapter.modules.values() if m.kind == "embedding" or m.fan_in_fan_out]
-    if unsupported:
-        from loratool.errors import IncompatibleError
-
-        raise IncompatibleError(
-            f"module '{unsupported[0]}' is an embedding or fan_in_fan_out layer, which kohya files cannot hold",
-            hint="write PEFT instead (--format peft)",
-        )
     meta = dict(adapter.metadata) if adapter.source_format == "kohya" else {}
     meta.setdefault("ss_network_module", "networks.lora")
     # kohya's network_dim / network_alpha describe linear and 1x1 conv modules; 3x3 convs have
@@ -300,3 +256,15 @@ def _network_args(text: str | None) -> dict[str, Any] | None:
 
 def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else json.dumps(x)
+
+
+FORMAT = Format(
+    name="kohya",
+    summary="kohya sd-scripts .safetensors (lora_down / lora_up / alpha per module)",
+    naming="stem",
+    capabilities=Capabilities(bias=False, extras=False, fan_in_fan_out=False, embedding=False, conv=True, dora=True,
+                              dora_axis="out", per_module_alpha=True, metadata=True, directory=False),
+    detect=lambda keys: 2 if looks_like(keys) else 0,
+    read_file=from_tensors,
+    write=write,
+)

@@ -25,9 +25,11 @@ from loratool.formats._common import (
     json_config,
     open_tensor_file,
 )
+from loratool.formats.names import PEFT_PREFIX
+from loratool.formats.registry import Capabilities, Format
 from loratool.st import TensorRef
 
-PREFIX = "base_model.model."
+PREFIX = PEFT_PREFIX
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
@@ -79,7 +81,7 @@ def pattern_key(patterns: dict[str, Any], name: str) -> str | None:
 
 # GPT-2-family Conv1D layers (weights stored (in, out)): peft sets fan_in_fan_out=True for them at
 # load time whatever the config says, so their deltas are transposed even in such adapters.
-_GPT2_CONV1D = re.compile(r"(^|\.)h\.\d+\.(attn\.c_attn|attn\.c_proj|attn\.q_attn|mlp\.c_fc|mlp\.c_proj)$")
+GPT2_CONV1D = re.compile(r"(^|\.)h\.\d+\.(attn\.c_attn|attn\.c_proj|attn\.q_attn|mlp\.c_fc|mlp\.c_proj)$")
 
 
 def raw_names(tf: TensorFile) -> list[str]:
@@ -113,8 +115,17 @@ def read(path: Path, *, allow_pickle: bool = False, findings: Findings | None = 
         FormatError / IncompatibleError: when strict (the default) and the adapter is broken.
     """
     findings = findings or Findings()
-    config_path, weights_path = locate(path)
-    tf = open_tensor_file(weights_path, allow_pickle=allow_pickle)
+    _, weights_path = locate(path)
+    return _with_config(open_tensor_file(weights_path, allow_pickle=allow_pickle), findings, root=path)
+
+
+def from_file(tf: TensorFile, findings: Findings) -> Adapter:
+    """A PEFT weights file read on its own: its config is looked for beside it."""
+    return _with_config(tf, findings, root=tf.path)
+
+
+def _with_config(tf: TensorFile, findings: Findings, *, root: Path) -> Adapter:
+    config_path = tf.path.parent / CONFIG_NAME
     config: dict[str, Any] = {}
     if config_path.exists():
         config = json_config(config_path, findings) or {}
@@ -123,7 +134,7 @@ def read(path: Path, *, allow_pickle: bool = False, findings: Findings | None = 
             "config-missing", None,
             f"{config_path}: not found; alpha is implied (= rank) for every module",
         )
-    return from_tensors(tf, config, findings, root=path, config_path=config_path)
+    return from_tensors(tf, config, findings, root=root, config_path=config_path if config_path.exists() else None)
 
 
 def from_tensors(
@@ -142,7 +153,7 @@ def from_tensors(
     rslora = bool(config.get("use_rslora", False))
     use_dora = bool(config.get("use_dora", False))
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
-    if config.get("fan_in_fan_out") is False and any(_GPT2_CONV1D.search(n) for n in raw_names(tf)):
+    if config.get("fan_in_fan_out") is False and any(GPT2_CONV1D.search(n) for n in raw_names(tf)):
         findings.warning(
             "fan-in-fan-out-forced", None,
             f"{config_path}: fan_in_fan_out is false but GPT-2 Conv1D layers are targeted; peft forces it "
@@ -178,7 +189,7 @@ def from_tensors(
             alpha, source = alpha_default, "config"
         module = build_module(
             name, rm, alpha=alpha, alpha_source=source, rslora=rslora,  # type: ignore[arg-type]
-            fan_in_fan_out=fan_in_fan_out or bool(_GPT2_CONV1D.search(name)), findings=findings, where=tf.path,
+            fan_in_fan_out=fan_in_fan_out or bool(GPT2_CONV1D.search(name)), findings=findings, where=tf.path,
         )
         if module is None:
             continue
@@ -354,3 +365,30 @@ def write(adapter: Adapter, out_dir: Path, metadata: dict[str, str]) -> None:
         assert abs(scale_for(alphas[m.name], m.rank, config["use_rslora"]) - m.scale) <= 1e-9 * max(1, abs(m.scale))
     save_tensors(out_dir / WEIGHTS_NAME, state_dict(adapter, alphas), {"format": "pt", **metadata})
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _detect(keys: list[str]) -> int:
+    """3: PEFT-prefixed LoRA keys; 1: LoRA keys in PEFT style without the prefix (after kohya and
+    diffusers, whose layouts also use lora_A/lora_B names, had their say)."""
+    if not any(split_key(k) for k in keys):
+        return 0
+    return 3 if any(k.startswith(PREFIX) for k in keys) else 1
+
+
+def _is_adapter_dir(path: Path) -> bool:
+    return (path / CONFIG_NAME).exists() or (path / WEIGHTS_NAME).exists()
+
+
+FORMAT = Format(
+    name="peft",
+    summary="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)",
+    naming="path",
+    capabilities=Capabilities(bias=True, extras=True, fan_in_fan_out=True, embedding=True, conv=True, dora=True,
+                              dora_axis="out", per_module_alpha=True, metadata=True, directory=True),
+    detect=_detect,
+    read_file=from_file,
+    detect_dir=_is_adapter_dir,
+    read_dir=lambda path, allow_pickle, findings: read(path, allow_pickle=allow_pickle, findings=findings),
+    write=write,
+    suffix="",
+)

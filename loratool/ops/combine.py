@@ -19,7 +19,7 @@ Methods, per module, over the inputs that hold it:
 
 Module matching: by the canonical module name (LoraModule.name). kohya files keep their stored
 underscore names; when they are combined with dotted-name inputs (PEFT, diffusers), a kohya name
-matches the dotted module whose kohya name (formats.kohya.kohya_name) it equals, and the result uses
+matches the dotted module whose kohya name (formats.rename.stored_name) it equals, and the result uses
 the dotted name. Inputs of different formats that share no module at all are an error.
 """
 
@@ -187,7 +187,10 @@ def _refuse_unsupported(adapter: Adapter) -> None:
 
 
 def _family(adapter: Adapter) -> str:
-    return "kohya" if adapter.source_format == "kohya" else "dotted"
+    """"stem" for inputs whose names lost their dots (kohya), else "dotted"."""
+    from loratool.formats import get_format
+
+    return "stem" if get_format(adapter.source_format).naming == "stem" else "dotted"
 
 
 def match_modules(adapters: list[Adapter]) -> tuple[dict[str, list[tuple[int, LoraModule]]], list[str]]:
@@ -199,21 +202,22 @@ def match_modules(adapters: list[Adapter]) -> tuple[dict[str, list[tuple[int, Lo
     Raises:
         IncompatibleError: inputs of different formats that share no module.
     """
-    from loratool.formats.kohya import kohya_name
+    from loratool.formats.rename import stored_name
 
     families = {_family(a) for a in adapters}
     translate: dict[str, str] = {}
     if len(families) > 1:
+        stem_format = next(a.source_format for a in adapters if _family(a) == "stem")
         for a in adapters:
             if _family(a) == "dotted":
                 for m in a.modules.values():
-                    translate.setdefault(kohya_name(m, a.source_format), m.name)
+                    translate.setdefault(stored_name(stem_format, m.name), m.name)
     groups: dict[str, list[tuple[int, LoraModule]]] = {}
     names_of: list[set[str]] = []
     for i, a in enumerate(adapters):
         names: set[str] = set()
         for m in a.modules.values():
-            key = translate.get(m.name, m.name) if _family(a) == "kohya" else m.name
+            key = translate.get(m.name, m.name) if _family(a) == "stem" else m.name
             groups.setdefault(key, []).append((i, m))
             names.add(key)
         names_of.append(names)
@@ -443,19 +447,21 @@ def combine(
     """
     import torch
 
-    from loratool.formats import WRITABLE, read, source_label, write
+    from loratool.formats import check_writable, get_format, read, source_label, writable_formats, write
 
     check_options(len(paths), weights, method, rank, density, majority_sign, seed)
-    if fmt is not None and fmt not in WRITABLE:
-        raise IncompatibleError(f"cannot write the {fmt} format", hint=f"choose one of: {', '.join(WRITABLE)}")
+    if fmt is not None:
+        get_format(fmt, writing=True)
     adapters = [read(Path(p), allow_pickle=allow_pickle) for p in paths]
     for a in adapters:
         _refuse_unsupported(a)
     groups, warnings = match_modules(adapters)
     if not groups:
         raise IncompatibleError("the inputs hold no LoRA modules")
-    fmt = fmt or (adapters[0].source_format if adapters[0].source_format in WRITABLE else "peft")
-    _check_writable(groups, adapters, fmt)
+    fmt = fmt or (adapters[0].source_format if adapters[0].source_format in writable_formats() else "peft")
+    for a in adapters:  # the result holds what its inputs hold (bias deltas, kinds): refuse before the maths
+        check_writable(a, fmt)
+    _check_names(groups, adapters, fmt)
 
     if method in RANDOM and seed is None:
         seed = secrets.randbits(32)
@@ -506,19 +512,16 @@ def combine(
     return report
 
 
-def _check_writable(groups: dict[str, list[tuple[int, LoraModule]]], adapters: list[Adapter], fmt: str) -> None:
-    if fmt == "kohya":
-        bad = next((n for n, items in groups.items() if any(m.bias is not None for _, m in items)), None)
-        if bad is not None:
-            raise IncompatibleError(f"module '{bad}' has a lora_bias, which kohya files cannot hold",
-                                    hint="write PEFT instead (--format peft)")
-    elif fmt == "peft" and len({_family(a) for a in adapters}) > 1:
+def _check_names(groups: dict[str, list[tuple[int, LoraModule]]], adapters: list[Adapter], fmt: str) -> None:
+    from loratool.formats import get_format
+
+    if get_format(fmt).naming != "stem" and len({_family(a) for a in adapters}) > 1:
         # a kohya name that matched no dotted module has no module path to write under PEFT's prefix
-        bad = next((n for n, items in groups.items() if all(_family(adapters[i]) == "kohya" for i, _ in items)),
+        bad = next((n for n, items in groups.items() if all(_family(adapters[i]) == "stem" for i, _ in items)),
                    None)
         if bad is not None:
             raise IncompatibleError(
                 f"module '{bad}' comes only from kohya input(s) and matches no module of the other inputs, "
-                "so it has no module path to write in PEFT format",
+                f"so it has no module path to write in {fmt} format",
                 hint="write kohya instead (--format kohya)",
             )

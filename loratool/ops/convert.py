@@ -33,7 +33,6 @@ from loratool.errors import IncompatibleError
 from loratool.st import TensorRef
 
 SCHEMA = 1
-TARGETS = ("peft", "kohya", "diffusers")
 
 
 @dataclass
@@ -61,9 +60,17 @@ class ConvertReport:
     extras: list[str] = field(default_factory=list)  # modules_to_save tensors carried over (PEFT)
     size: int = 0
     warnings: list[str] = field(default_factory=list)
+    runtime: str | None = None  # convert --for: the runtime the output is laid out for
+    prepared: dict[str, Any] | None = None  # convert --for: one rank/alpha, baked and dropped modules
+    dora_errors: dict[str, float] | None = None  # --dora-to-lora: relative error per folded module
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        extra: dict[str, Any] = {}
+        if self.runtime is not None:
+            extra = {"runtime": self.runtime, **(self.prepared or {})}
+        if self.dora_errors is not None:
+            extra["dora_to_lora"] = self.dora_errors
+        return {**extra,
             "schema": SCHEMA,
             "out": str(self.out),
             "source": str(self.source),
@@ -136,90 +143,27 @@ def _fit_layout(m: LoraModule, shape: tuple[int, ...]) -> LoraModule:
     return m
 
 
-NO_RULE = "the kohya naming rules allow no single reading"
-
-
-def _new_names(
-    adapter: Adapter, to: str, matched: dict[str, str] | None, base_class: str | None, warnings: list[str]
-) -> tuple[dict[str, tuple[str, str]], dict[str, list[str]]]:
-    """Module name -> (new name, placed_by), and the names that cannot be placed, by reason."""
-    from loratool.formats import diffusers, kohya
-
-    names: dict[str, tuple[str, str]] = {}
-    unplaced: dict[str, list[str]] = {}
-    hint_class = diffusers.component_of_class(base_class)
-    for name, m in adapter.modules.items():
-        base_key = matched.get(name) if matched is not None else None
-        if to == "kohya":
-            names[name] = (kohya.kohya_name(m, adapter.source_format), "name")
-            continue
-        component: str | None = None
-        if adapter.source_format == "kohya":  # the names lost their dots: recover them
-            placed = kohya.place(name, base_key)
-            if placed is None:
-                unplaced.setdefault(NO_RULE, []).append(name)
-                continue
-            path, by, component = placed.path, placed.by, placed.component
-        elif base_key is not None:
-            path, by = base_key.removesuffix(".weight"), "base"
-        else:
-            path, by = name, "name"
-        if to == "peft":
-            names[name] = (path, by)  # components are settled below, over the whole adapter
-            if by == "rules":
-                names[name] = (f"{component}.{path}", by)
-            continue
-        # diffusers
-        if adapter.source_format == "diffusers" and base_key is None:
-            names[name] = (name, "name")
-            continue
-        # the base's class settles U-Net vs transformer; a kohya text-encoder prefix stays what it says
-        hint = hint_class if component in (None, "unet", "transformer") and hint_class else component
-        where = diffusers.place(path, hint)
-        if isinstance(where, str):
-            unplaced.setdefault(where, []).append(name)
-        else:
-            names[name] = (f"{where[0]}.{where[1]}", by)
-    if to == "peft":
-        _settle_components(names, adapter, warnings)
-    return names, unplaced
-
-
-def _settle_components(names: dict[str, tuple[str, str]], adapter: Adapter, warnings: list[str]) -> None:
-    """PEFT wraps one model: drop the diffusers component from the names when only one occurs."""
-    from loratool.formats.diffusers import split_component
-
-    loose = {n: v for n, v in names.items()
-             if v[1] == "rules" or (v[1] == "name" and adapter.source_format == "diffusers")}
-    if not loose:
-        return
-    components = {parts[0] for new, _ in loose.values() if (parts := split_component(new))}
-    if len(components) == 1:
-        for n, (new, by) in loose.items():
-            parts = split_component(new)
-            if parts:
-                names[n] = (parts[1], by)
-    elif len(components) > 1:
-        warnings.append(
-            f"the adapter spans {len(components)} components ({', '.join(sorted(components))}); the PEFT module "
-            "names keep them as a prefix (unet., text_encoder., ...), so peft loads it only into a model holding "
-            "those components as attributes. Pass --base to name modules by the base checkpoint's keys"
-        )
-
-
 def convert(
     path: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
-    to: str,
+    to: str | None = None,
     base: str | os.PathLike[str] | None = None,
     force: bool = False,
     allow_pickle: bool = False,
+    for_runtime: str | None = None,
+    drop: bool = False,
+    dora_to_lora: str | os.PathLike[str] | None = None,
 ) -> ConvertReport:
     """Convert an adapter to another format (or rewrite it in its own), keeping every delta exact.
 
     Args:
-        to: "peft" (a directory), "kohya" or "diffusers" (one file).
+        to: "peft" (a directory), "kohya" or "diffusers" (one file); default: the runtime's format.
+        for_runtime: a runtime name (loratool.runtimes): write the layout it serves exactly (one rank
+            and one alpha where it reads one, see ops.runtime.prepare_for).
+        drop: with for_runtime, remove what the runtime cannot hold (with a warning) instead of refusing.
+        dora_to_lora: a base model: every DoRA module becomes the best plain LoRA of its rank for that
+            base's weights, an approximation whose relative error per module is reported.
         base: the base model (file or directory); kohya names are placed by its keys, every module
             must match one of its weights, and factors take its layout (linear vs 1x1 conv).
 
@@ -229,40 +173,57 @@ def convert(
             modules_to_save tensors), or two modules with one target name.
         FormatError, OutputExistsError.
     """
-    from loratool.formats import diffusers, read, require_plain, source_label, write
+    from loratool.formats import check_writable, get_format, read, require_plain, source_label, write
+    from loratool.formats.rename import FOREIGN, target_names
 
-    if to not in TARGETS:
-        raise IncompatibleError(f"--to {to}: unknown format", hint=f"use one of {', '.join(TARGETS)}")
+    runtime = None
+    if for_runtime is not None:
+        from loratool.ops.runtime import get_runtime
+
+        runtime = get_runtime(for_runtime)
+        if to is not None and to != runtime.writes:
+            raise IncompatibleError(f"--to {to} --for {for_runtime}: {for_runtime} loads {runtime.writes} adapters",
+                                    hint=f"drop --to (--for {for_runtime} writes {runtime.writes})")
+        to = runtime.writes
+    if to is None:
+        raise IncompatibleError("no output format", hint="give --to FORMAT or --for RUNTIME")
+    target = get_format(to, writing=True)
     adapter = read(Path(path), allow_pickle=allow_pickle)
     require_plain(adapter, "convert")
     if not adapter.modules:
         raise IncompatibleError(f"{path}: holds no LoRA modules to convert")
     report = ConvertReport(Path(out), Path(path), adapter.source_format, to, Path(base) if base is not None else None)
-    extras = {k: v for k, v in adapter.extras.items() if ".base_layer." not in k}
-    if extras and to != "peft":
-        raise IncompatibleError(
-            f"{path}: full tensor '{next(iter(extras))}' (modules_to_save) cannot be stored in a {to} file "
-            f"({len(extras)} such tensor(s))",
-            hint="convert to PEFT instead (--to peft), or drop the modules_to_save tensors",
-        )
-    if to != "peft":
-        bad = [n for n, m in adapter.modules.items() if m.kind == "embedding" or m.fan_in_fan_out]
-        if bad:
-            raise IncompatibleError(
-                f"{path}: module '{bad[0]}' is an embedding or fan_in_fan_out (GPT-2 Conv1D) layer, which {to} "
-                f"files cannot hold ({len(bad)} such)",
-                hint="convert to PEFT instead (--to peft)",
-            )
+    as_read = adapter.modules  # the report shows each module's rank, alpha and scale as read
+    if dora_to_lora is not None:
+        from loratool.ops.runtime import dora_to_lora as fold
+
+        adapter, errors = fold(adapter, dora_to_lora)
+        report.dora_errors = errors
+        for name, err in errors.items():
+            report.warnings.append(f"{name}: DoRA written as plain LoRA for {source_label(dora_to_lora)}, "
+                                   f"relative error {err:.3g} (an approximation, valid for that base only)")
+    if runtime is not None:
+        from loratool.ops.runtime import prepare_for
+
+        prepared = prepare_for(adapter, runtime, drop=drop)
+        adapter = prepared.adapter
+        report.runtime, report.prepared = runtime.name, prepared.to_dict()
+        report.warnings.extend(prepared.warnings)
+    # peft's save_embedding_layers copies of a LoRA layer's base weight (`.base_layer.`) go only
+    # where full tensors can; other full tensors (modules_to_save) must be kept or the user told
+    extras = adapter.extras if target.capabilities.extras else \
+        {k: v for k, v in adapter.extras.items() if ".base_layer." not in k}
+    check_writable(adapter.with_modules(adapter.modules, extras=extras), to)
     matched: dict[str, str] | None = None
     shapes: dict[str, tuple[int, ...]] = {}
     base_class = None
     if base is not None:
         matched, shapes, base_class = _match_base(adapter, Path(base))
-    names, unplaced = _new_names(adapter, to, matched, base_class, report.warnings)
+    names, unplaced = target_names(adapter, to, matched, base_class, report.warnings)
     if unplaced:
         count = sum(len(v) for v in unplaced.values())
         reasons = "; ".join(f"{reason}: {_listing(names_)}" for reason, names_ in unplaced.items())
-        foreign = all(diffusers.FOREIGN in reason for reason in unplaced)
+        foreign = all(FOREIGN in reason for reason in unplaced)
         raise IncompatibleError(
             f"{path}: cannot place {count} module name(s) in the {to} layout: {reasons}",
             hint="write kohya instead (--to kohya): diffusers' load_lora_weights converts that layout itself "
@@ -280,20 +241,25 @@ def convert(
         new, by = names[name]
         fitted = _fit_layout(m, shapes[matched[name]]) if matched is not None else m
         modules[new] = fitted.with_(name=new)
-        report.modules.append(ModuleConvert(name, new, fitted.kind, m.rank, m.alpha, m.scale, by))
+        orig = as_read[name]
+        report.modules.append(ModuleConvert(name, new, fitted.kind, orig.rank, orig.alpha, orig.scale, by))
     # a PEFT source keeps its config (task_type, modules_to_save, ...) when its names stay; any other
     # source gets a fresh one from the writer. kohya metadata (ss_*) stays only in kohya files.
     keep_config = adapter.source_format == "peft" and to == "peft"
     converted = adapter.with_modules(
         modules,
-        extras=adapter.extras if to == "peft" else {},
+        extras=extras,
         config=adapter.config if keep_config else {},
         metadata=adapter.metadata if adapter.source_format == to == "kohya" else {},
         source_format=to,
         source_modules=adapter.source_modules if keep_config else (),
     )
     report.extras = sorted(converted.extras)
-    params = {"to": to, "base": None if base is None else source_label(base)}
+    params: dict[str, Any] = {"to": to, "base": None if base is None else source_label(base)}
+    if runtime is not None:
+        params.update({"for": runtime.name, "drop": drop})
+    if dora_to_lora is not None:
+        params["dora_to_lora"] = source_label(dora_to_lora)
     written = write(converted, out, fmt=to, force=force, op="convert", params=params, sources=adapter.files)
     report.size = sum(f.stat().st_size for f in written.iterdir() if f.is_file()) if written.is_dir() else \
         written.stat().st_size

@@ -129,6 +129,14 @@ class ExtractReport:
         }
 
 
+def output_formats() -> tuple[str, ...]:
+    """The formats extract writes: those that name modules by key paths or their stems. Formats that
+    name modules under a pipeline component (diffusers) are reached with `convert --base` after."""
+    from loratool.formats import get_format, writable_formats
+
+    return tuple(n for n in writable_formats() if get_format(n).naming != "component")
+
+
 # ---------------------------------------------------------------------------------------------
 # planning (headers only)
 
@@ -152,7 +160,7 @@ def _leaf(name: str) -> str:
 def _plan(base: Checkpoint, tuned: Checkpoint, *, modules: str | None, embeddings: bool,
           report: ExtractReport) -> list[_Pair]:
     """The tensor pairs to compare, in the base's order. Raises on a shape mismatch it would use."""
-    from loratool.formats.peft import _GPT2_CONV1D  # GPT-2 Conv1D layers store their weight (in, out)
+    from loratool.formats import is_transposed_layer  # GPT-2 Conv1D layers store their weight (in, out)
 
     rx = None
     if modules is not None:
@@ -195,7 +203,7 @@ def _plan(base: Checkpoint, tuned: Checkpoint, *, modules: str | None, embedding
             pairs.append(_Pair(key, module, "skip", bi, ti, reason="embedding or output head: pass --embeddings"))
         elif weight:
             is_embedding = vocab and _leaf(module) in EMBEDDING_NAMES
-            conv1d = len(bi.shape) == 2 and bool(_GPT2_CONV1D.search(module))
+            conv1d = len(bi.shape) == 2 and bool(is_transposed_layer(module))
             kind: Kind = "embedding" if is_embedding else ("conv" if len(bi.shape) > 2 else "linear")
             pairs.append(_Pair(key, module, "lora", bi, ti, kind=kind, transposed=is_embedding or conv1d))
         elif len(bi.shape) == 1:
@@ -264,7 +272,7 @@ def extract(
         embeddings: also extract embeddings (PEFT embedding LoRA) and output heads (`lm_head`).
         save_changed: store changed 1-D tensors (biases of extracted modules as LoRA bias deltas,
             the rest whole as modules_to_save); PEFT only.
-        fmt: "peft" or "kohya".
+        fmt: one of output_formats() ("peft" or "kohya").
         exact_max_dim: matrices whose smaller side exceeds this use the randomized SVD.
         progress: called with (pairs done, pairs total).
 
@@ -272,6 +280,7 @@ def extract(
         IncompatibleError: bad options, shape mismatches, nothing changed, content the format
             cannot hold. FormatError, OutputExistsError.
     """
+    from loratool.formats import get_format
     from loratool.st import open_checkpoint
 
     if rank is None and threshold is None:
@@ -280,19 +289,21 @@ def extract(
         raise IncompatibleError(f"--rank {rank}: must be at least 1")
     if threshold is not None and not 0.0 < threshold <= 1.0:
         raise IncompatibleError(f"--threshold {threshold}: an energy share in (0, 1]", hint="e.g. --threshold 0.9")
-    if fmt not in ("peft", "kohya"):
-        raise IncompatibleError(f"--format {fmt}: extract writes peft or kohya")
-    if fmt == "kohya" and save_changed:
-        raise IncompatibleError("--save-changed stores full tensors, which kohya files cannot hold",
+    if fmt not in output_formats():
+        raise IncompatibleError(f"--format {fmt}: extract writes {' or '.join(output_formats())}",
+                                hint=f"write peft, then convert: loratool convert OUT --to {fmt} --base BASE")
+    caps = get_format(fmt, writing=True).capabilities
+    if save_changed and not (caps.extras and caps.bias):
+        raise IncompatibleError(f"--save-changed stores full tensors and bias deltas, which {fmt} files cannot hold",
                                 hint="write PEFT (--format peft), or drop --save-changed")
     base_ckpt, tuned_ckpt = open_checkpoint(base), open_checkpoint(tuned)
     report = ExtractReport(Path(out), Path(base), Path(tuned), fmt, rank, threshold, device)
     pairs = _plan(base_ckpt, tuned_ckpt, modules=modules, embeddings=embeddings, report=report)
-    if fmt == "kohya":
-        bad = [p.key for p in pairs if p.role == "lora" and p.transposed]
-        if bad:
-            raise IncompatibleError(f"'{bad[0]}' is an embedding or GPT-2 Conv1D weight, which kohya files cannot "
-                                    f"hold ({len(bad)} such)", hint="write PEFT (--format peft)")
+    bad = [p.key for p in pairs if p.role == "lora" and p.transposed
+           and not (caps.embedding if p.kind == "embedding" else caps.fan_in_fan_out)]
+    if bad:  # refused here, before any SVD, as the writer would (formats.check_writable)
+        raise IncompatibleError(f"'{bad[0]}' is an embedding or GPT-2 Conv1D weight, which {fmt} files cannot "
+                                f"hold ({len(bad)} such)", hint="write PEFT (--format peft)")
 
     hasher = BackgroundSha256([*_source_files(base_ckpt), *_source_files(tuned_ckpt)])
     try:
@@ -391,16 +402,6 @@ def _extract(
     }
     adapter = Adapter(modules=lora, source_format="peft", extras=extras, config=config, base_model=base_name,
                       source_modules=tuple(lora))
-    if fmt == "kohya":
-        from loratool.formats.kohya import kohya_name
-
-        seen: dict[str, str] = {}
-        for m in lora.values():
-            stem = kohya_name(m, "peft")
-            if stem in seen:
-                raise IncompatibleError(f"modules '{seen[stem]}' and '{m.name}' have the same kohya name '{stem}'",
-                                        hint="write PEFT (--format peft), or leave one out with --modules")
-            seen[stem] = m.name
     report.lora_params = adapter.lora_params
     params = {"rank": rank, "threshold": threshold, "modules": modules, "embeddings": embeddings,
               "save_changed": save_changed, "base": source_label(report.base), "tuned": source_label(report.tuned)}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ class MergeReport:
     unmatched: list[str] = field(default_factory=list)
     tensors: list[TensorStat] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # pipeline.Timings: where the wall time went
 
     def to_dict(self, *, tensors: bool = False) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -93,6 +95,7 @@ class MergeReport:
         }
         if tensors:
             doc["tensors"] = [t.to_dict() for t in self.tensors]
+            doc["timings"] = self.timings
         return doc
 
 
@@ -289,8 +292,10 @@ def _merge(
                     src, dst, meta, placeholder, out_dtype=lambda i: _out_dtype(i, dtype),
                     needs_bytes=lambda i: _needs_bytes(i, plan, dtype), compute=step, tick=tick, digest=digest,
                     buffers=buffers))
+            t = time.perf_counter()
             for fut in finishing:
                 fut.result()
+            buffers.timings.finish_wait += time.perf_counter() - t
         except BaseException:
             wait(finishing)  # an earlier file may still be finishing: let it end before tmp is removed
             raise
@@ -304,6 +309,7 @@ def _merge(
                 written.tensors[k].shape != i.shape for k, i in src.tensors.items()
             ):
                 raise IncompatibleError(f"{dst}: written file does not mirror {src.path}")
+        report.timings = buffers.timings.to_dict()
         report.files = len(headers)
         report.size = sum(f.stat().st_size for f in (tmp.rglob("*") if not single_file else [tmp]) if f.is_file())
     return report

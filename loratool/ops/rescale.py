@@ -128,7 +128,7 @@ def rescale(
     Raises:
         IncompatibleError: bad option values; FormatError; OutputExistsError.
     """
-    from loratool.formats import read, require_plain, write
+    from loratool.formats import check_writable, read, require_plain, write
 
     if mode not in MODES:
         raise IncompatibleError(f"unknown rescale mode {mode!r}")
@@ -139,6 +139,7 @@ def rescale(
             raise IncompatibleError("--alpha 0 would make every delta zero", hint="use --factor 0 to zero an adapter")
     adapter = read(Path(path), allow_pickle=allow_pickle)
     require_plain(adapter, "rescale")
+    check_writable(adapter, fmt or adapter.source_format)  # before the maths; write checks again
     chosen = set(select(adapter, modules))
     report = RescaleReport(Path(out), fmt or adapter.source_format, mode, value)
     new_modules: dict[str, LoraModule] = {}

@@ -163,7 +163,7 @@ def resize(
         IncompatibleError: bad option combination, no module selected, unsupported tensors.
         FormatError, OutputExistsError.
     """
-    from loratool.formats import read, require_plain, write
+    from loratool.formats import check_writable, read, require_plain, write
     from loratool.linalg import RANK_METHODS
 
     if threshold is not None and method is None:
@@ -183,6 +183,7 @@ def resize(
 
     adapter = read(Path(path), allow_pickle=allow_pickle)
     require_plain(adapter, "resize")
+    check_writable(adapter, fmt or adapter.source_format)  # before the maths; write checks again
     chosen = set(select(adapter, modules))
     report = ResizeReport(Path(out), fmt or adapter.source_format, method or "rank", threshold, rank)
     new_modules: dict[str, LoraModule] = {}

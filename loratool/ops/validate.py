@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratool.adapter import Adapter
-from loratool.formats import Finding, Findings, read
-from loratool.formats._common import unsupported_family
+from loratool.formats import Finding, Findings, read, unsupported_family
 
 if TYPE_CHECKING:
     import torch
@@ -29,6 +28,7 @@ class ValidationReport:
     strict: bool = False
     base: Path | None = None
     matched: dict[str, str] = field(default_factory=dict)
+    runtime: str | None = None
 
     @property
     def errors(self) -> list[Finding]:
@@ -54,6 +54,7 @@ class ValidationReport:
             "num_errors": len(self.errors),
             "num_warnings": len(self.warnings),
             "findings": [f.to_dict() for f in self.findings],
+            **({"runtime": self.runtime} if self.runtime else {}),
         }
 
 
@@ -64,8 +65,12 @@ def validate_adapter(
     strict: bool = False,
     allow_pickle: bool = False,
     progress: Progress | None = None,
+    for_runtime: str | None = None,
 ) -> ValidationReport:
     """Check an adapter: structure, config consistency, values (NaN/Inf, zero up), and base fit.
+
+    With `for_runtime` (a loratool.runtimes name), also what that runtime rejects, ignores or
+    mis-scales, per module, each message ending in the fix.
 
     Returns a report whose findings carry stable codes; ok is False when any error (or, with
     strict, any warning) was found.
@@ -74,6 +79,11 @@ def validate_adapter(
         FormatError: the adapter (or base) cannot be read at all (corrupt header, not a LoRA file).
     """
     p = Path(path)
+    runtime = None
+    if for_runtime is not None:
+        from loratool.ops.runtime import get_runtime
+
+        runtime = get_runtime(for_runtime)
     findings = Findings(strict=False)
     adapter = read(p, allow_pickle=allow_pickle, findings=findings)
     # modules the reader had to drop (broken pairs, shape or config mismatches) still count
@@ -86,6 +96,11 @@ def validate_adapter(
     if base is not None:
         report.base = Path(base)
         report.matched = _check_base(adapter, Path(base), findings)
+    if runtime is not None:
+        from loratool.ops.runtime import runtime_findings
+
+        report.runtime = runtime.name
+        runtime_findings(adapter, runtime, findings)
     return report
 
 
@@ -140,7 +155,7 @@ def _checkable(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check_base(adapter: Adapter, base: Path, findings: Findings) -> dict[str, str]:
-    from loratool.formats.peft import base_key as peft_base_key
+    from loratool.formats import extra_base_key
     from loratool.keymap import KeyIndex, match_modules
     from loratool.st import open_checkpoint
 
@@ -158,7 +173,7 @@ def _check_base(adapter: Adapter, base: Path, findings: Findings) -> dict[str, s
                        f"but {base}: '{key}' is {got}")
     index = KeyIndex(list(ckpt.tensors))
     for stored, ref in adapter.extras.items():
-        key = peft_base_key(stored)
+        key = extra_base_key(stored)
         stem = key[: -len(".weight")] if key.endswith(".weight") else key
         hits = [key] if key in ckpt.tensors else [
             k for k in index.candidates(stem) if key.endswith(".weight")

@@ -1,0 +1,302 @@
+"""What a runtime (vLLM, SGLang, llama.cpp, MLX, diffusers, ComfyUI) does with an adapter, and the
+adapter it serves exactly.
+
+`runtime_findings` (validate --for) lists, per module, what the runtime rejects, ignores or
+mis-scales, each with the fix. `prepare_for` (convert --for) returns an adapter the runtime serves
+exactly: one rank and one alpha for every module where the runtime reads one global pair (ranks
+zero-padded, each module's scale baked into its up factor, both exact), with what the runtime cannot
+hold refused, or removed with `drop` and a warning that says what is lost. The facts themselves are
+data in loratool.runtimes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from loratool.adapter import Adapter, LoraModule, scale_for
+from loratool.errors import IncompatibleError
+from loratool.formats._common import Findings
+from loratool.runtimes import NAMES, RUNTIMES, Runtime
+from loratool.st import TensorRef
+
+
+def get_runtime(name: str) -> Runtime:
+    """The runtime record for `name`.
+
+    Raises:
+        IncompatibleError: an unknown name (the message lists the known ones).
+    """
+    if name not in RUNTIMES:
+        raise IncompatibleError(f"--for {name}: unknown runtime", hint=f"use one of: {', '.join(NAMES)}")
+    return RUNTIMES[name]
+
+
+def _fix(adapter: Adapter, rt: Runtime, extra: str = "") -> str:
+    src = adapter.path if adapter.path is not None else "ADAPTER"
+    return f"loratool convert {src} --for {rt.name} -o OUT{extra}"
+
+
+def _runtime_scales(adapter: Adapter, rt: Runtime) -> dict[str, float] | None:
+    """The scale the runtime applies to each module when it loads this file as it is, or None when
+    it does not load this format at all (or applies the file's own per-module scales)."""
+    fmt = adapter.source_format
+    if rt.scale_rule == "peft_global" and fmt == "peft":
+        cfg = adapter.config
+        r = cfg.get("r", 8)
+        alpha = cfg.get("lora_alpha", 8)
+        if not isinstance(r, int) or isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or r <= 0:
+            return None
+        s = scale_for(float(alpha), r, bool(cfg.get("use_rslora", False)) and rt.honours_rslora)
+        return {n: s for n in adapter.modules}
+    if rt.scale_rule == "gguf_global_alpha" and fmt == "peft":
+        # what llama.cpp serves after its own converter: the config's lora_alpha over each tensor's rank
+        alpha = adapter.config.get("lora_alpha", 8)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            return None
+        return {n: (float(alpha) / m.rank if alpha else 1.0) for n, m in adapter.modules.items()}
+    if rt.scale_rule == "per_module" and fmt in rt.loads and rt.name == "comfyui":
+        # alpha kept only in header metadata is not read: such modules load with alpha = rank
+        return {n: (1.0 if m.alpha_source == "metadata" else m.alpha / m.rank) for n, m in adapter.modules.items()}
+    return None
+
+
+def runtime_findings(adapter: Adapter, rt: Runtime, findings: Findings) -> None:
+    """Add what `rt` rejects, ignores or mis-scales in `adapter`, per module, with the fix."""
+    fix = _fix(adapter, rt)
+    where = adapter.path
+    if adapter.source_format not in rt.loads:
+        via = " (through llama.cpp's convert_lora_to_gguf.py: see the scales below)" \
+            if rt.name == "llama.cpp" and adapter.source_format == "peft" else ""
+        findings.error("runtime-format", None,
+                       f"{where}: {rt.name} loads {' or '.join(rt.loads)} adapters, not {adapter.source_format}{via}; "
+                       f"fix: {fix}")
+    rejects = "runtime-rejects"
+    for name, m in adapter.modules.items():
+        if m.magnitude is not None and not rt.dora:
+            verb = "refuses" if rt.dora_refused else "ignores the magnitude of"
+            findings.error(rejects if rt.dora_refused else "runtime-ignores", name,
+                           f"{where}: {rt.name} {verb} DoRA module '{name}'; fix: "
+                           f"{_fix(adapter, rt, ' --dora-to-lora BASE')} (a plain LoRA fitted for that base, error "
+                           "reported) or --drop (plain LoRA without the magnitude)")
+        if m.bias is not None and not rt.bias:
+            findings.error("runtime-ignores", name,
+                           f"{where}: {rt.name} has no LoRA bias; the bias delta of module '{name}' would be lost; "
+                           f"fix: {fix} --drop (drops it, with a warning)")
+        if m.kind == "embedding" and not rt.embeddings:
+            findings.error(rejects, name,
+                           f"{where}: {rt.name} does not load LoRA on embedding module '{name}'; "
+                           f"fix: {fix} --drop (drops the module)")
+        if m.kind == "conv" and not rt.conv:
+            findings.error(rejects, name,
+                           f"{where}: {rt.name} does not load LoRA on conv module '{name}'; "
+                           f"fix: {fix} --drop (drops the module)")
+        if rt.max_rank is not None and m.rank > rt.max_rank:
+            findings.error("runtime-rank", name,
+                           f"{where}: module '{name}' has rank {m.rank}, above {rt.name}'s ceiling {rt.max_rank}; "
+                           f"fix: loratool resize {adapter.path} --rank {rt.max_rank} -o OUT")
+    for key in adapter.extras:
+        if ".base_layer." in key or rt.modules_to_save:
+            continue
+        verb = "refuses adapters with" if rt.name in ("vllm", "sglang") else "cannot load"
+        findings.error(rejects, key,
+                       f"{where}: {rt.name} {verb} full tensors (modules_to_save) such as '{key}'; "
+                       f"fix: {fix} --drop (the served model keeps the base's own tensor)")
+    scales = _runtime_scales(adapter, rt)
+    if scales is not None:
+        for name, m in adapter.modules.items():
+            got = scales[name]
+            if not math.isclose(got, m.scale, rel_tol=1e-6, abs_tol=0.0):
+                ratio = got / m.scale if m.scale else math.inf
+                findings.error("runtime-misscales", name,
+                               f"{where}: {rt.name} scales module '{name}' by {got:.6g}, the adapter by {m.scale:.6g} "
+                               f"({ratio:.4g}x); fix: {fix}")
+    if rt.rank_settings and adapter.modules:
+        top = max(m.rank for m in adapter.modules.values())
+        setting = next((s for s in rt.rank_settings if s >= top), None)
+        if setting is not None and setting > rt.rank_settings[0] and top > 16:
+            findings.warning("runtime-setting", None,
+                             f"{where}: rank {top} needs {rt.name} started with --max-lora-rank {setting} or more "
+                             "(default 16)")
+
+
+# ---------------------------------------------------------------------------------------------
+# convert --for
+
+
+@dataclass
+class Prepared:
+    """The adapter as the runtime will serve it, and what was changed on the way."""
+
+    adapter: Adapter
+    rank: int | None = None  # the one rank every module now has (None: ranks kept)
+    alpha: float | None = None  # the one alpha every module now has
+    baked: list[str] = field(default_factory=list)  # modules whose scale went into their up factor
+    widened: list[str] = field(default_factory=list)  # 16-bit up factors written as float32 (see linalg.bake_scale)
+    dropped: list[str] = field(default_factory=list)  # modules or tensors removed with --drop
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "alpha": self.alpha, "baked": self.baked, "widened": self.widened,
+                "dropped": self.dropped}
+
+
+def _listing(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def prepare_for(adapter: Adapter, rt: Runtime, *, drop: bool = False) -> Prepared:
+    """The adapter `rt` serves exactly (see the module docstring).
+
+    Raises:
+        IncompatibleError: content the runtime cannot hold without --drop (named), or a rank above
+            the runtime's ceiling.
+    """
+    path = adapter.path
+    warnings: list[str] = []
+    dropped: list[str] = []
+    modules = dict(adapter.modules)
+    extras = dict(adapter.extras)
+
+    def refuse_or_drop(what: str, names: list[str], lost: str, hint: str | None = None) -> None:
+        if not names:
+            return
+        if not drop:
+            raise IncompatibleError(
+                f"{path}: {rt.name} cannot serve {what}: {_listing(names)}",
+                hint=hint or f"add --drop to remove them ({lost}), or serve the adapter with another runtime",
+            )
+        dropped.extend(names)
+        warnings.append(f"dropped {what} for {rt.name}: {_listing(names)}; {lost}")
+
+    saved = [k for k in extras if ".base_layer." not in k]
+    if not rt.modules_to_save:
+        refuse_or_drop("full tensors (modules_to_save)", saved,
+                       "the served model keeps the base's own tensors there, not the trained copies")
+        for k in saved:
+            extras.pop(k)
+    for kind, allowed in (("embedding", rt.embeddings), ("conv", rt.conv)):
+        if allowed:
+            continue
+        names = [n for n, m in modules.items() if m.kind == kind]
+        refuse_or_drop(f"LoRA on {kind} modules", names, "those layers stay as in the base model")
+        for n in names:
+            modules.pop(n)
+    if not rt.dora:
+        names = [n for n, m in modules.items() if m.magnitude is not None]
+        refuse_or_drop("DoRA magnitudes", names,
+                       "those modules now apply their plain LoRA delta without DoRA's per-row renormalisation, so "
+                       "outputs differ from the DoRA adapter",
+                       hint="add --dora-to-lora BASE to write the closest plain LoRA for that base (error reported per "
+                       "module), or --drop to remove the magnitudes (outputs then differ from the DoRA adapter)")
+        for n in names:
+            modules[n] = modules[n].with_(magnitude=None)
+    if not rt.bias:
+        names = [n for n, m in modules.items() if m.bias is not None]
+        refuse_or_drop("LoRA bias deltas", names, "the layers' biases stay as in the base model")
+        for n in names:
+            modules[n] = modules[n].with_(bias=None)
+    if not modules:
+        raise IncompatibleError(f"{path}: no module left for {rt.name}")
+    top = max(m.rank for m in modules.values())
+    if rt.max_rank is not None and top > rt.max_rank:
+        worst = next(n for n, m in modules.items() if m.rank == top)
+        raise IncompatibleError(
+            f"{path}: module '{worst}' has rank {top}, above {rt.name}'s ceiling {rt.max_rank}",
+            hint=f"loratool resize {path} --rank {rt.max_rank} -o SMALLER, then convert SMALLER --for {rt.name}",
+        )
+    prepared = Prepared(adapter, dropped=dropped, warnings=warnings)
+    config = dict(adapter.config)
+    config["modules_to_save"] = None
+    if rt.scale_rule in ("peft_global", "direct_scale"):
+        modules = uniform(modules, prepared)
+    prepared.adapter = adapter.with_modules(modules, extras=extras, config=config)
+    return prepared
+
+
+def uniform(modules: dict[str, LoraModule], prepared: Prepared) -> dict[str, LoraModule]:
+    """One rank R (the largest) and one alpha for every module, every delta kept.
+
+    The global scale is the most common module scale s_g, written as alpha = s_g·R (plain, not
+    rsLoRA); a module with scale s_m ≠ s_g gets s_m / s_g baked into its up factor, and a module of
+    rank r < R gets R − r zero rows in down and zero columns in up. Both are exact (the bake up to
+    float32 rounding when a 16-bit factor must be widened, see linalg.bake_scale).
+    """
+    from loratool.linalg import bake_scale, pad_rank
+
+    rank = max(m.rank for m in modules.values())
+    counts = Counter(m.scale for m in modules.values() if m.scale != 0)
+    s_g = counts.most_common(1)[0][0] if counts else 1.0
+    alpha = s_g * rank
+    out: dict[str, LoraModule] = {}
+    for name, m in modules.items():
+        c = m.scale / s_g
+        up, down = m.up, m.down
+        if c != 1.0 or m.rank != rank:
+            up_t, widened = bake_scale(m.up.load(), c)
+            down_t = m.down.load()
+            if widened:  # keep the pair in one dtype (widening is exact)
+                down_t = down_t.to(up_t.dtype)
+            up_t, down_t = pad_rank(up_t, down_t, rank)
+            up, down = TensorRef.from_tensor(up_t), TensorRef.from_tensor(down_t)
+            if c != 1.0:
+                prepared.baked.append(name)
+            if widened:
+                prepared.widened.append(name)
+        out[name] = m.with_(up=up, down=down, alpha=alpha, rslora=False, alpha_source="config")
+    prepared.rank, prepared.alpha = rank, alpha
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# DoRA -> plain LoRA for a given base (an approximation, reported per module)
+
+
+def dora_to_lora(adapter: Adapter, base: str | os.PathLike[str]) -> tuple[Adapter, dict[str, float]]:
+    """Replace every DoRA module by the best plain LoRA of its rank for the weights of `base`.
+
+    Each module's DoRA result on that base, W' − W, is full rank in general; its best rank-r
+    factors are written (scale 1) and the relative Frobenius error of each is returned, by module.
+    Exact only where the magnitude equals the merged row norm. Valid for that base only.
+
+    Raises:
+        IncompatibleError: a DoRA module that matches no single base weight, or one whose layout
+            (embedding, fan_in_fan_out) has no per-row DoRA here.
+    """
+    import torch
+
+    from loratool.keymap import match_modules
+    from loratool.linalg import dora_as_lora, factors
+    from loratool.st import load_tensor, open_checkpoint
+
+    dora = [m for m in adapter.modules.values() if m.magnitude is not None]
+    if not dora:
+        return adapter, {}
+    ckpt = open_checkpoint(base)
+    match = match_modules(dora, ckpt.tensors)
+    missing = [m.name for m in dora if m.name not in match.matched]
+    if missing:
+        raise IncompatibleError(
+            f"{adapter.path}: DoRA module(s) match no single weight of {base}: {_listing(missing)}",
+            hint="pass the base model the adapter was trained for (check with: loratool validate ADAPTER --base BASE)",
+        )
+    modules = dict(adapter.modules)
+    errors: dict[str, float] = {}
+    for m in dora:
+        if m.kind == "embedding" or m.fan_in_fan_out:
+            raise IncompatibleError(f"{adapter.path}: DoRA module '{m.name}' is an embedding or fan_in_fan_out layer; "
+                                    "only per-output-row DoRA on linear and conv layers is folded")
+        assert m.magnitude is not None
+        w = load_tensor(ckpt.tensors[match.matched[m.name]]).to(torch.float32).reshape(m.out_features, -1)
+        up, down = factors(m)
+        new_up, new_down, err = dora_as_lora(w, up, down, m.scale, m.magnitude.load(), m.rank)
+        dtype = m.up.load().dtype
+        new_up = new_up.to(dtype).reshape(m.out_features, -1, *([1] * (len(m.up.shape) - 2)))
+        new_down = new_down.to(dtype).reshape(-1, *m.down.shape[1:])
+        modules[m.name] = m.with_(up=TensorRef.from_tensor(new_up), down=TensorRef.from_tensor(new_down),
+                                  alpha=float(new_down.shape[0]), rslora=False, magnitude=None, alpha_source="config")
+        errors[m.name] = err
+    return adapter.with_modules(modules), errors
