@@ -11,6 +11,60 @@ from typing import Any
 
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
+# Seconds to wait for the Hub to answer one request (connect, or the next bytes of an answer);
+# LORATOOL_HUB_TIMEOUT or the `timeout` argument change it. A server that accepts the connection
+# and never answers then ends in one HubError, and downloads fall back to the local cache.
+DEFAULT_TIMEOUT = 10.0
+TIMEOUT_ENV = "LORATOOL_HUB_TIMEOUT"
+
+
+def _timeout(timeout: float | None) -> float:
+    """The Hub request timeout in seconds: the argument, else LORATOOL_HUB_TIMEOUT, else 10."""
+    from loratool.errors import HubError
+
+    if timeout is None:
+        raw = os.environ.get(TIMEOUT_ENV, "").strip()
+        if not raw:
+            return DEFAULT_TIMEOUT
+        try:
+            timeout = float(raw)
+        except ValueError:
+            timeout = float("nan")
+        shown = f"{TIMEOUT_ENV}={raw}"
+    else:
+        shown = f"timeout={timeout!r}"
+    if not timeout > 0 or timeout == float("inf"):
+        raise HubError(f"{shown}: not a positive number of seconds", hint=f"e.g. {TIMEOUT_ENV}=30")
+    return float(timeout)
+
+
+@contextlib.contextmanager
+def _client_timeout(seconds: float) -> Iterator[None]:
+    """huggingface_hub's shared HTTP client with a timeout for the duration (it has none by
+    default, so a server that never answers blocks forever); its own factory is put back after."""
+    try:
+        from huggingface_hub.utils import _http
+    except ImportError:  # pragma: no cover - an older huggingface_hub (requests): per-call timeouts only
+        yield
+        return
+    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", None)
+    set_factory = getattr(_http, "set_client_factory", None)
+    if previous is None or set_factory is None:  # pragma: no cover
+        yield
+        return
+
+    def factory() -> Any:
+        client = previous()
+        with contextlib.suppress(Exception):
+            client.timeout = seconds  # httpx: connect, read, write and pool timeouts
+        return client
+
+    set_factory(factory)
+    try:
+        yield
+    finally:
+        set_factory(previous)
+
 
 def _endpoint(endpoint: str | None) -> str:
     ep = endpoint or os.environ.get("HF_ENDPOINT")

@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterator
 
 from loratool.errors import HubError, LoratoolError
-from loratool.hub._env import _hf_quiet
+from loratool.hub._env import TIMEOUT_ENV, _client_timeout, _hf_quiet
 from loratool.hub.urls import _repo_of
 
 
@@ -55,8 +55,19 @@ def _token_hint(token: str | None) -> str:
     return "if it is private, log in with `hf auth login`, set HF_TOKEN or pass --token"
 
 
+def _is_timeout(e: BaseException) -> bool:
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, TimeoutError) or "Timeout" in type(cur).__name__:
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
 def _as_hub_error(e: BaseException, *, where: str, endpoint: str, token: str | None, offline: bool,
-                  writing: bool = False) -> HubError | None:
+                  writing: bool = False, timeout: float | None = None) -> HubError | None:
     """Translate a huggingface_hub / transport exception into our HubError; None for anything else."""
     from huggingface_hub import errors as hfe
 
@@ -98,6 +109,12 @@ def _as_hub_error(e: BaseException, *, where: str, endpoint: str, token: str | N
         return err(f"{where}: permission denied (403 Forbidden): this token cannot {what} it" + _server_says(e, token),
                    "use a token with write access to that namespace, or push to your own namespace"
                    if writing else _token_hint(token))
+    if timeout is not None and not isinstance(e, not_cached) and _is_timeout(e):
+        hint = f"check the network and HF_ENDPOINT; {TIMEOUT_ENV}=SECONDS waits longer"
+        if writing:
+            return err(f"{where}: the Hub at {endpoint} did not answer within {timeout:g} s", hint)
+        return err(f"{where}: the Hub at {endpoint} did not answer within {timeout:g} s and the files are not "
+                   "in the local cache", hint + "; files pulled before work offline with HF_HUB_OFFLINE=1")
     if isinstance(e, not_cached) or _is_network_error(e):
         why = "" if isinstance(e, not_cached) else f" ({type(e).__name__})"
         if writing:
@@ -118,15 +135,17 @@ def _as_hub_error(e: BaseException, *, where: str, endpoint: str, token: str | N
 
 @contextlib.contextmanager
 def _boundary(*, where: str, endpoint: str, token: str | None, offline: bool, writing: bool = False,
-              progress: bool = False) -> Iterator[None]:
-    """Run Hub calls; turn their failures into HubError (anything unrecognised is a bug and propagates)."""
+              progress: bool = False, timeout: float | None = None) -> Iterator[None]:
+    """Run Hub calls (each request bounded by `timeout` seconds); turn their failures into HubError
+    (anything unrecognised is a bug and propagates)."""
     try:
-        with _hf_quiet(progress):
+        with _hf_quiet(progress), (_client_timeout(timeout) if timeout else contextlib.nullcontext()):
             yield
     except LoratoolError:
         raise
     except Exception as e:
-        mapped = _as_hub_error(e, where=where, endpoint=endpoint, token=token, offline=offline, writing=writing)
+        mapped = _as_hub_error(e, where=where, endpoint=endpoint, token=token, offline=offline, writing=writing,
+                               timeout=timeout)
         if mapped is None:
             raise
         raise mapped from e

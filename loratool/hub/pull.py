@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from loratool.errors import HubError
-from loratool.hub._env import _api, _cache_dir, _endpoint, _offline, _token
+from loratool.hub._env import _api, _cache_dir, _endpoint, _offline, _timeout, _token
 from loratool.hub.describe import Described, describe
 from loratool.hub.errors import _boundary, _is_network_error
 from loratool.hub.urls import _SHA, DEFAULT_REVISION, HfUrl, _check_repo_id, is_hf_url, parse_hf_url
@@ -56,7 +56,8 @@ class PullResult:
 
 
 def resolve_path(path_str: str | os.PathLike[str], *, token: str | None = None, endpoint: str | None = None,
-                 cache_dir: str | os.PathLike[str] | None = None, progress: bool = False) -> Path:
+                 cache_dir: str | os.PathLike[str] | None = None, progress: bool = False,
+                 timeout: float | None = None) -> Path:
     """Turn an input path into a local one: plain paths pass through, hf:// paths are downloaded.
 
     `hf://OWNER/REPO[@REV]` gives the repo's snapshot directory (adapter/model files only);
@@ -68,6 +69,8 @@ def resolve_path(path_str: str | os.PathLike[str], *, token: str | None = None, 
         endpoint: Hub URL; default HF_ENDPOINT or https://huggingface.co.
         cache_dir: default HF_HUB_CACHE, HF_HOME/hub, or huggingface_hub's default.
         progress: let huggingface_hub draw its download bars on stderr.
+        timeout: seconds to wait for each answer of the Hub; default LORATOOL_HUB_TIMEOUT or 10.
+            When the Hub does not answer (or cannot be reached), the files come from the cache.
 
     Raises:
         HubError: malformed URL, or the Hub could not give the files (the message names the repo).
@@ -76,7 +79,7 @@ def resolve_path(path_str: str | os.PathLike[str], *, token: str | None = None, 
         return Path(path_str)
     url = parse_hf_url(str(path_str))
     fetched = _fetch(url.repo_id, url.revision, url.path, token=token, endpoint=endpoint, cache_dir=cache_dir,
-                     progress=progress, shown=str(url))
+                     progress=progress, shown=str(url), timeout=timeout)
     return fetched.path
 
 
@@ -88,7 +91,8 @@ class _Fetched:
 
 
 def _fetch(repo_id: str, revision: str | None, subpath: str, *, token: str | None, endpoint: str | None,
-           cache_dir: str | os.PathLike[str] | None, progress: bool, shown: str) -> _Fetched:
+           cache_dir: str | os.PathLike[str] | None, progress: bool, shown: str,
+           timeout: float | None = None) -> _Fetched:
     from huggingface_hub import snapshot_download
 
     ep = _endpoint(endpoint)
@@ -96,22 +100,25 @@ def _fetch(repo_id: str, revision: str | None, subpath: str, *, token: str | Non
     cache = _cache_dir(cache_dir)
     rev = revision or DEFAULT_REVISION
     offline = _offline()
-    with _boundary(where=shown, endpoint=ep, token=tok, offline=offline, progress=progress):
+    secs = _timeout(timeout)
+    with _boundary(where=shown, endpoint=ep, token=tok, offline=offline, progress=progress, timeout=secs):
         api = _api(ep, tok)
         local_only = offline
         unreachable: BaseException | None = None
         if not offline:
             # One call that fails fast: repo_info is not retried, whereas a refused connection inside
             # snapshot_download/hf_hub_download is retried for ~20 s. It also sorts out 401/404/revision.
+            # A Hub that accepts the connection and never answers times out here (secs), and the
+            # files then come from the cache.
             try:
-                api.repo_info(repo_id, revision=rev)
+                api.repo_info(repo_id, revision=rev, timeout=secs)
             except Exception as e:
                 if not _is_network_error(e):
                     raise
                 local_only = True  # unreachable: serve from the cache, else report the connection error
                 unreachable = e
         common: dict[str, Any] = {"repo_id": repo_id, "revision": rev, "cache_dir": cache, "endpoint": ep,
-                                  "token": tok, "local_files_only": local_only}
+                                  "token": tok, "local_files_only": local_only, "etag_timeout": secs}
         try:
             if not subpath:
                 snap = Path(snapshot_download(allow_patterns=list(FILE_PATTERNS), **common))
@@ -214,7 +221,8 @@ def _commit_of(snap: Path) -> str | None:
 
 def pull(repo_id: str, revision: str | None = None, subfolder: str | None = None,
          out_dir: str | os.PathLike[str] | None = None, token: str | None = None, *, endpoint: str | None = None,
-         cache_dir: str | os.PathLike[str] | None = None, force: bool = False, progress: bool = False) -> PullResult:
+         cache_dir: str | os.PathLike[str] | None = None, force: bool = False, progress: bool = False,
+         timeout: float | None = None) -> PullResult:
     """Download an adapter (or a base model) into the Hugging Face cache, and optionally copy it to out_dir.
 
     Args:
@@ -222,7 +230,7 @@ def pull(repo_id: str, revision: str | None = None, subfolder: str | None = None
         revision: branch ('/' allowed), tag or commit sha; default the default branch.
         subfolder: a folder (or file) inside the repo; default the repo root.
         out_dir: also copy the files here (atomically; refused if it exists unless force).
-        token, endpoint, cache_dir, progress: as for resolve_path.
+        token, endpoint, cache_dir, progress, timeout: as for resolve_path.
 
     Raises:
         HubError: the Hub could not give the files. OutputExistsError: out_dir exists.
@@ -231,7 +239,7 @@ def pull(repo_id: str, revision: str | None = None, subfolder: str | None = None
     sub = (subfolder or "").strip("/")
     shown = str(HfUrl(repo_id, revision, sub))
     fetched = _fetch(repo_id, revision, sub, token=token, endpoint=endpoint, cache_dir=cache_dir,
-                     progress=progress, shown=shown)
+                     progress=progress, shown=shown, timeout=timeout)
     path = fetched.path
     if out_dir is not None:
         path = _copy_out(fetched, Path(out_dir), force=force)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from loratool.errors import FormatError, HubError
-from loratool.hub._env import _api, _endpoint, _offline, _token
+from loratool.hub._env import _api, _endpoint, _offline, _timeout, _token
 from loratool.hub.card import model_card
 from loratool.hub.describe import Described, describe
 from loratool.hub.errors import _boundary
@@ -67,7 +67,7 @@ def _upload_files(path: Path) -> list[tuple[str, Path]]:
 
 def push(path: str | os.PathLike[str], repo_id: str, private: bool = False, revision: str | None = None,
          message: str | None = None, token: str | None = None, endpoint: str | None = None, *,
-         overwrite_card: bool = False, progress: bool = False) -> PushResult:
+         overwrite_card: bool = False, progress: bool = False, timeout: float | None = None) -> PushResult:
     """Upload an adapter directory or file to a Hub model repo in one commit.
 
     Creates the repo (private when asked) and the branch when missing. Without a README.md among the
@@ -79,6 +79,7 @@ def push(path: str | os.PathLike[str], repo_id: str, private: bool = False, revi
         repo_id: OWNER/NAME, or NAME alone for the token's own namespace.
         revision: branch to commit to ('/' allowed), created from the default branch if missing.
         message: commit message.
+        timeout: seconds to wait for each answer of the Hub; default LORATOOL_HUB_TIMEOUT or 10.
 
     Raises:
         FormatError: path missing, empty or not a readable adapter. HubError: any Hub failure.
@@ -105,7 +106,8 @@ def push(path: str | os.PathLike[str], repo_id: str, private: bool = False, revi
     if _offline():
         raise HubError(f"{where}: HF_HUB_OFFLINE=1 forbids uploading", hint="unset HF_HUB_OFFLINE to push")
     warnings: list[str] = []
-    with _boundary(where=where, endpoint=ep, token=tok, offline=False, writing=True, progress=progress):
+    secs = _timeout(timeout)
+    with _boundary(where=where, endpoint=ep, token=tok, offline=False, writing=True, progress=progress, timeout=secs):
         api = _api(ep, tok)
         user = api.whoami()["name"]
         if "/" not in repo_id:
