@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Iterator
 from typing import IO, Any, cast
@@ -139,7 +140,7 @@ def sparkline(values: list[float], width: int = 32) -> str:
                    for v in values)
 
 
-def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool) -> None:
+def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool, only: re.Pattern[str] | None = None) -> None:
     c = out()
     head = Text()
     head.append(doc["path"], style="bold")
@@ -183,7 +184,7 @@ def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool) -> Non
             m.add_row(k, _readable(meta[k]))
         c.print(m)
     if modules or spectrum:
-        _module_table(doc, spectrum)
+        _module_table(doc, spectrum, only)
 
 
 def _readable(value: str, limit: int = 200) -> str:
@@ -198,7 +199,7 @@ def _readable(value: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 
 
-def _module_table(doc: dict[str, Any], spectrum: bool) -> None:
+def _module_table(doc: dict[str, Any], spectrum: bool, only: re.Pattern[str] | None = None) -> None:
     t = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
     t.add_column("module", overflow="fold")
     t.add_column("kind")
@@ -213,6 +214,8 @@ def _module_table(doc: dict[str, Any], spectrum: bool) -> None:
         t.add_column("σ1", justify="right")
         t.add_column("spectrum")
     for m in doc["modules"]:
+        if only is not None and not only.search(m["name"]):
+            continue
         row = [m["name"], m["kind"], str(m["out_features"]), str(m["in_features"]), str(m["rank"]),
                _fmt(m["alpha"]), m["alpha_source"], f"{m['scale']:.4g}", m["dtype"]]
         if spectrum:

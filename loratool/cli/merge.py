@@ -7,12 +7,14 @@ import click
 
 from loratool.cli._options import (
     allow_pickle_option,
+    check_adapter_args,
     device_option,
     force_option,
     json_option,
     out_option,
     parse_weights,
     quiet_option,
+    weights_option,
 )
 from loratool.st import atomic_output, check_output
 
@@ -21,7 +23,7 @@ from loratool.st import atomic_output, check_output
 @click.argument("base", type=click.Path())
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
 @out_option
-@click.option("--weights", default=None, metavar="W1,W2,...", help="One weight per adapter (default 1 each).")
+@weights_option
 @click.option("--dtype", type=click.Choice(["keep", "bf16", "fp16", "fp32"]), default="keep", show_default=True,
               help="dtype of the output's floating tensors.")
 @device_option
@@ -50,6 +52,7 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, d
     from loratool.cli._output import emit
     from loratool.ops.merge import merge as run
 
+    check_adapter_args(adapters, weights)
     parsed = None if weights is None else parse_weights(weights)
     if report_file:
         check_output(report_file, force=force, directory=False)  # before the merge, which can take long

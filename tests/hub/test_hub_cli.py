@@ -182,3 +182,21 @@ def test_token_saved_by_hf_auth_login_is_used(run_cli: Cli, repos: HubServer, hf
 def test_debug_traceback_never_shows_the_token(run_cli: Cli, repos: HubServer) -> None:
     r = run_cli("pull", "alice/lora", "--token", BAD, token=None, env={"LORATOOL_DEBUG": "1"})
     assert r.code == 2 and "Traceback" in r.stderr and "401" in r.stderr  # run_cli checked: no token
+
+
+def test_pull_and_push_spell_revisions_alike(run_main, hub: HubServer, tmp_path: Path) -> None:
+    """push takes REPO_ID@BRANCH and hf://OWNER/REPO[@BRANCH] like pull; pull takes --revision like push."""
+    hub.add_repo("alice/lora", fixture_files("peft_llama"))
+    llama = str(FIXTURES / "peft_llama")
+    r = run_main("push", llama, "alice/lora@exp/a", "--json")
+    assert r.code == 0, r.stderr
+    assert r.json()["revision"] == "exp/a" and "exp/a" in hub.repos["alice/lora"].branches
+    r = run_main("push", llama, "hf://alice/lora@exp%2Fb", "--json")
+    assert r.code == 0, r.stderr
+    assert r.json()["revision"] == "exp/b" and r.json()["repo_id"] == "alice/lora"
+    r = run_main("pull", "alice/lora", "--revision", "exp/a", "--json")
+    assert r.code == 0 and r.json()["revision"] == "exp/a"
+    r = run_main("pull", "alice/lora@exp/a", "--revision", "main")
+    assert r.code == 2 and "--revision" in r.stderr
+    r = run_main("push", llama, "hf://alice/lora/sub")
+    assert r.code == 2 and "folder" in r.stderr
