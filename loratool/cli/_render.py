@@ -406,7 +406,7 @@ def render_pull(doc: dict[str, Any]) -> None:
 def render_push(doc: dict[str, Any]) -> None:
     out().print(doc["commit_url"], markup=False, soft_wrap=True)
     card = {"generated": "card generated", "replaced": "card replaced", "kept": "existing card kept",
-            "uploaded": "your README.md"}[doc["card"]]
+            "uploaded": "your README.md", "fixed": "your README.md with its base_model fixed"}[doc["card"]]
     what = f"{len(doc['files'])} files, {card}, commit {doc['commit'][:12]}"
     if not doc["new_commit"]:
         what += ", nothing changed"

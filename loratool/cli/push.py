@@ -12,11 +12,13 @@ from loratool.cli._options import json_option, quiet_option, repo_ref, revision_
 @revision_option
 @click.option("-m", "--message", default=None, help="Commit message.")
 @click.option("--overwrite-card", is_flag=True, help="Replace a README.md already on the Hub with a generated card.")
+@click.option("--base-model", metavar="ID", default=None,
+              help="Hub id of the base model for the card's base_model (default: the adapter's, when it is one).")
 @token_option
 @json_option
 @quiet_option
 def push(path: str, repo_id: str, private: bool, revision: str | None, message: str | None, overwrite_card: bool,
-         token: str | None, as_json: bool, quiet: bool) -> int:
+         base_model: str | None, token: str | None, as_json: bool, quiet: bool) -> int:
     """Upload an adapter directory or file to a Hugging Face Hub model repo, in one commit.
 
     Creates the repo and the branch when missing. Without a README.md among the files, a model card
@@ -40,5 +42,6 @@ def push(path: str, repo_id: str, private: bool, revision: str | None, message: 
         raise click.UsageError(f"push uploads to the root of a repo, not to a folder in it ({in_repo!r}); "
                                "put the files in a folder of that name and push the folder")
     result = run(path, repo_id, private=private, revision=revision, message=message, token=token,
-                 overwrite_card=overwrite_card, progress=not (quiet or as_json) and sys.stderr.isatty())
+                 overwrite_card=overwrite_card, base_model=base_model,
+                 progress=not (quiet or as_json) and sys.stderr.isatty())
     return emit(result.to_dict(), _render.render_push, as_json=as_json, quiet=quiet)

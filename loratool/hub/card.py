@@ -4,12 +4,77 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
-from loratool.errors import LoratoolError
+from loratool.errors import HubError, LoratoolError
 from loratool.hub.describe import Described
-from loratool.hub.urls import _REPO_ID
+from loratool.hub.urls import _NAME
+
+# A Hub model id: OWNER/NAME, or a canonical NAME without owner (gpt2, bert-base-uncased).
+_MODEL_ID = re.compile(rf"^(?:{_NAME}/)?{_NAME}$")
+
+
+def hub_model_id(value: Any) -> str | None:
+    """`value` when it can stand in a card's `base_model:` (a Hub model id), else None.
+
+    Empty strings and local paths (what PEFT records for a model loaded from disk: `/home/me/llama`,
+    `./llama`, an existing directory) are not model ids; the Hub refuses a card that names them.
+    """
+    if not isinstance(value, str) or not _MODEL_ID.fullmatch(value) or "--" in value or ".." in value:
+        return None
+    if Path(value).exists():  # a local model directory that happens to look like an id
+        return None
+    return value
+
+
+def check_base_model(value: str) -> str:
+    """--base-model: a Hub model id, or HubError."""
+    if hub_model_id(value) is None or Path(value).exists():
+        raise HubError(f"--base-model {value!r}: not a Hub model id",
+                       hint="write the base model's Hub id, e.g. meta-llama/Llama-3.2-1B or gpt2")
+    return value
+
+
+def fix_front_matter(text: str, base: str | None, fallback: str | None = None) -> tuple[str, str | None]:
+    """Repair a README.md's front matter the way the Hub would refuse it: a `base_model` that is
+    empty, not a string, or no model id (PEFT's save_pretrained writes `base_model: ''` for a model
+    loaded from disk). Returns (text, what was changed or None).
+
+    `base` (push --base-model) is set in any case; otherwise an invalid `base_model` is replaced by
+    `fallback` (the adapter's own base model id) or dropped. The body is kept byte for byte.
+    """
+    import yaml
+
+    if not text.startswith("---"):
+        if base is None:
+            return text, None
+        return f"---\nbase_model: {_yaml_str(base)}\n---\n" + text, f"added base_model {base!r}"
+    end = text.find("\n---", 3)
+    if end < 0:
+        return text, None
+    try:
+        meta = yaml.safe_load(text[3:end])
+    except yaml.YAMLError:
+        return text, None
+    meta = {} if meta is None else meta
+    if not isinstance(meta, dict):
+        return text, None
+    had = "base_model" in meta
+    old = meta.get("base_model")
+    valid = all(hub_model_id(v) is not None for v in (old if isinstance(old, list) else [old]))
+    new = base if base is not None else (None if not had or valid else fallback)
+    if new is not None and new != old:
+        what = f"base_model {old!r} -> {new!r}" if had else f"added base_model {new!r}"
+        meta["base_model"] = new
+    elif had and not valid:
+        del meta["base_model"]
+        what = f"removed base_model {old!r} (not a Hub model id; --base-model ID sets one)"
+    else:
+        return text, None
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) if meta else ""
+    return f"---\n{front}---{text[end + len(chr(10) + '---'):]}", what
 
 
 def _yaml_str(s: str) -> str:
@@ -32,17 +97,21 @@ def _counts(d: dict[str, Any], what: str = "modules") -> str:
     return ", ".join(f"{k} ({v} {what})" for k, v in d.items())
 
 
-def model_card(described: Described, *, repo_id: str, files: list[tuple[str, Path]], source: Path) -> str:
-    """README.md for a pushed adapter or model: YAML front matter, summary table, provenance, usage."""
+def model_card(described: Described, *, repo_id: str, files: list[tuple[str, Path]], source: Path,
+               base_model: str | None = None) -> str:
+    """README.md for a pushed adapter or model: YAML front matter, summary table, provenance, usage.
+
+    base_model (push --base-model) replaces the base model the adapter records."""
     s = described.summary
     adapter = described.kind == "adapter"
-    base = s.get("base_model") if adapter else None
+    base = base_model or (s.get("base_model") if adapter else None)
     meta: dict[str, str] = dict(s.get("metadata") or {}) if adapter else _checkpoint_metadata(source)
     fmt = s.get("format") if adapter else None
 
     front = ["---"]
-    if base and _REPO_ID.fullmatch(base):  # a local path is no Hub base_model (the Hub rejects it)
-        front.append(f"base_model: {_yaml_str(base)}")
+    hub_base = hub_model_id(base)
+    if hub_base:  # a local path is no Hub base_model (the Hub rejects it)
+        front.append(f"base_model: {_yaml_str(hub_base)}")
     if fmt == "peft":
         front.append("library_name: peft")
     front += ["tags:", "- lora", "- loratool", "---", ""]
@@ -75,7 +144,7 @@ def model_card(described: Described, *, repo_id: str, files: list[tuple[str, Pat
     body += ["| | |", "|---|---|"] + [f"| {k} | {v.replace('|', '/')} |" for k, v in rows] + [""]
 
     body += _provenance(meta)
-    body += _usage(fmt, repo_id, files, source, base if base and _REPO_ID.fullmatch(base) else None,
+    body += _usage(fmt, repo_id, files, source, hub_model_id(base),
                    (s.get("config") or {}).get("task_type") if adapter else None)
     return "\n".join(front + body).rstrip() + "\n"
 

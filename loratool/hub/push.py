@@ -10,7 +10,7 @@ from typing import Any
 
 from loratool.errors import FormatError, HubError
 from loratool.hub._env import _api, _endpoint, _offline, _timeout, _token
-from loratool.hub.card import model_card
+from loratool.hub.card import check_base_model, fix_front_matter, hub_model_id, model_card
 from loratool.hub.describe import Described, describe
 from loratool.hub.errors import _boundary
 from loratool.hub.pull import PEFT_CONFIG
@@ -67,7 +67,8 @@ def _upload_files(path: Path) -> list[tuple[str, Path]]:
 
 def push(path: str | os.PathLike[str], repo_id: str, private: bool = False, revision: str | None = None,
          message: str | None = None, token: str | None = None, endpoint: str | None = None, *,
-         overwrite_card: bool = False, progress: bool = False, timeout: float | None = None) -> PushResult:
+         overwrite_card: bool = False, progress: bool = False, timeout: float | None = None,
+         base_model: str | None = None) -> PushResult:
     """Upload an adapter directory or file to a Hub model repo in one commit.
 
     Creates the repo (private when asked) and the branch when missing. Without a README.md among the
@@ -79,6 +80,10 @@ def push(path: str | os.PathLike[str], repo_id: str, private: bool = False, revi
         repo_id: OWNER/NAME, or NAME alone for the token's own namespace.
         revision: branch to commit to ('/' allowed), created from the default branch if missing.
         message: commit message.
+        base_model: the Hub id of the base model for the card's `base_model:` (default: what the
+            adapter records, when it is a Hub model id). A README.md among the files whose
+            `base_model` the Hub would refuse (PEFT writes `base_model: ''`) is uploaded repaired
+            (card "fixed"; the file on disk is not changed).
         timeout: seconds to wait for each answer of the Hub; default LORATOOL_HUB_TIMEOUT or 10.
 
     Raises:
@@ -94,6 +99,8 @@ def push(path: str | os.PathLike[str], repo_id: str, private: bool = False, revi
     if not files:
         raise FormatError(f"{src}: nothing to upload (no files outside hidden folders)")
     described = _describe_for_push(src)
+    if base_model is not None:
+        check_base_model(base_model)
     if "/" in repo_id or not re.fullmatch(_NAME, repo_id):
         _check_repo_id(repo_id, repo_id)
     branch = revision or DEFAULT_REVISION
@@ -137,6 +144,15 @@ def push(path: str | os.PathLike[str], repo_id: str, private: bool = False, revi
         ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(f)) for rel, f in files]
         if "README.md" in names:
             card = "uploaded"
+            readme = dict(files)["README.md"]
+            recorded = described.summary.get("base_model") if described.kind == "adapter" else None
+            text, fixed = fix_front_matter(readme.read_text(encoding="utf-8", errors="replace"), base_model,
+                                           hub_model_id(recorded))
+            if fixed:
+                card = "fixed"
+                warnings.append(f"README.md: {fixed} in the uploaded copy (the file on disk is unchanged)")
+                i = names.index("README.md")
+                ops[i] = CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=text.encode())
         else:
             exists = api.file_exists(repo_id, "README.md", revision=branch)
             if exists and not overwrite_card:
@@ -144,7 +160,7 @@ def push(path: str | os.PathLike[str], repo_id: str, private: bool = False, revi
                 warnings.append("README.md already exists on the Hub; kept it (--overwrite-card replaces it)")
             else:
                 card = "replaced" if exists else "generated"
-                text = model_card(described, repo_id=repo_id, files=files, source=src)
+                text = model_card(described, repo_id=repo_id, files=files, source=src, base_model=base_model)
                 ops.insert(0, CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=text.encode()))
                 names.insert(0, "README.md")
         commit = api.create_commit(

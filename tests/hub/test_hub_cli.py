@@ -30,7 +30,7 @@ def test_push_then_pull_into_a_fresh_cache(run_cli: Cli, hub: HubServer, tmp_pat
     assert doc["card"] == "generated" and doc["created_repo"] and doc["revision"] == "main"
     assert doc["commit"] == hub.repos["alice/llama-lora"].branches["main"]
     assert doc["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
-    assert hub.files_at("alice/llama-lora")["README.md"].startswith(b"---\nlibrary_name: peft\n")
+    assert hub.files_at("alice/llama-lora")["README.md"].startswith(b'---\nbase_model: "tiny-llama"\nlibrary_name: peft\n')
 
     fresh = tmp_path / "fresh_home"
     r = run_cli("pull", "alice/llama-lora", home=fresh)
@@ -87,7 +87,7 @@ def test_hf_inputs_for_merge(run_main: Cli, repos: HubServer, tmp_path: Path) ->
 
 def test_hf_inputs_for_combine(run_main: Cli, repos: HubServer, tmp_path: Path) -> None:
     r = run_main("combine", "hf://alice/lora", f"hf://alice/lora@{repos.repos['alice/lora'].branches['main']}",
-                 "-w", "0.5,0.5", "-m", "cat", "-o", str(tmp_path / "both"), "--json")
+                 "-w", "0.5,0.5", "--method", "cat", "-o", str(tmp_path / "both"), "--json")
     assert r.code == 0, r.stderr
     assert r.json()["num_modules"] == 14
 
