@@ -127,8 +127,43 @@ def _devnull_stdout() -> None:
         os.dup2(devnull.fileno(), fd)
 
 
+def version_text() -> str:
+    """`loratool --version`: loratool, Python, and the libraries that decide what it can do (torch
+    is imported here to ask whether CUDA works; --help never imports it)."""
+    import platform
+    from importlib import metadata
+
+    def dist(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    lines = [f"loratool {__version__}", f"Python {platform.python_version()}"]
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            cuda = f"CUDA {torch.version.cuda} available, {torch.cuda.device_count()} device(s)"
+        else:
+            cuda = "CUDA not available" + (f" (built for CUDA {torch.version.cuda})" if torch.version.cuda else "")
+        lines.append(f"torch {torch.__version__} ({cuda})")
+    except ImportError:
+        lines.append("torch not installed")
+    lines += [f"safetensors {dist('safetensors')}", f"huggingface_hub {dist('huggingface_hub')}"]
+    return "\n".join(lines)
+
+
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(version_text())
+        ctx.exit()
+
+
 @click.group(cls=LoratoolGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, "-V", "--version", prog_name="loratool")
+@click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the versions of loratool, Python, torch (and whether CUDA works), safetensors and "
+                   "huggingface_hub, and exit.")
 def cli() -> None:
     """Inspect, validate, rescale, resize, combine, merge, extract and convert LoRA adapters, and
     pull and push them to the Hugging Face Hub.
