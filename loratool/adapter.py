@@ -16,6 +16,8 @@ from loratool.st import TensorRef
 
 Kind = Literal["linear", "conv", "embedding"]
 AlphaSource = Literal["tensor", "config", "pattern", "metadata", "implied"]
+# LyCORIS module algorithms whose ΔW loratool computes exactly (linalg.lyco_delta)
+LycoAlgo = Literal["loha", "lokr", "tucker", "full", "norm", "bias"]
 
 
 @dataclass
@@ -30,7 +32,8 @@ class LoraModule:
         alpha_source: where alpha came from; wrong alpha is the most common user complaint.
         rslora: scale is alpha / sqrt(r) instead of alpha / r.
         magnitude: DoRA magnitude, one value per output row (PEFT convention), or None.
-        bias: a LoRA bias delta (PEFT lora_bias) added to the base bias, or None.
+        bias: a bias delta added to the base bias, or None: PEFT's lora_B.bias (scaled like the
+            weight delta) or, with bias_scaled False, a ComfyUI/LyCORIS `.diff_b` (added as it is).
         kind: linear, conv or embedding.
         fan_in_fan_out: the base weight is stored (in, out) (GPT-2 Conv1D).
     """
@@ -45,10 +48,16 @@ class LoraModule:
     bias: TensorRef | None = None
     kind: Kind = "linear"
     fan_in_fan_out: bool = False
+    bias_scaled: bool = True
 
     @property
     def rank(self) -> int:
         return self.down.shape[0]
+
+    @property
+    def bias_scale(self) -> float:
+        """The factor the stored bias delta is applied with: scale (lora_B.bias) or 1 (.diff_b)."""
+        return self.scale if self.bias_scaled else 1.0
 
     @property
     def scale(self) -> float:
@@ -95,6 +104,131 @@ class LoraModule:
         return replace(self, **changes)
 
 
+@dataclass
+class LycoModule:
+    """A LyCORIS module that is not a plain LoRA: its ΔW is computed exactly from its own tensors.
+
+    Roles in `tensors` per algo (shapes as LyCORIS stores them; k = kernel dims, flattened when 2-D):
+        loha: w1a (out, r), w1b (r, in·k), w2a (out, r), w2b (r, in·k); Tucker (conv): t1, t2
+            (r, r, *k), w1a/w2a (r, out), w1b/w2b (r, in).  ΔW = s·(w1a@w1b) ⊙ (w2a@w2b).
+        lokr: w1 (a, c) or w1a (a, r) + w1b (r, c); w2 (b, d[, *k]) or w2a (b, r) + w2b (r, d·k), or
+            Tucker t2 (r, r, *k) with w2a (r, b), w2b (r, d).  ΔW = s·kron(W1, W2), out = a·b, in = c·d.
+        tucker: down (r, in, 1, ..), mid (r, r, *k), up (out, r, 1, ..) (LoCon with CP/Tucker).
+        full: diff (the whole ΔW, any shape).   norm: w_norm (dim,).   bias: no weight delta.
+
+    Attributes:
+        alpha: the stored alpha (None: implied); scale = alpha / rank for loha, lokr (1 when
+            neither LoKr factor is decomposed), tucker; full/norm/bias deltas are unscaled.
+        bias: an unscaled bias delta (`.diff_b`, `.b_norm`), or None.
+        keys: the file's keys of this module, for messages.
+    """
+
+    name: str
+    algo: LycoAlgo
+    tensors: dict[str, TensorRef]
+    alpha: float | None = None
+    alpha_source: AlphaSource = "implied"
+    bias: TensorRef | None = None
+    keys: tuple[str, ...] = ()
+
+    @property
+    def rank(self) -> int:
+        """The rank alpha divides by (0 for unscaled kinds)."""
+        t = self.tensors
+        if self.algo == "loha":
+            return t["w1b"].shape[0]
+        if self.algo == "lokr":
+            low = t["w2b"] if "w2b" in t else t.get("w1b")  # ComfyUI's reading: w2b's rank wins
+            return low.shape[0] if low is not None else 0
+        if self.algo == "tucker":
+            return t["down"].shape[0]
+        return 0
+
+    @property
+    def scale(self) -> float:
+        if self.algo in ("full", "norm", "bias"):
+            return 1.0
+        r = self.rank
+        if r == 0 or self.alpha is None:  # LoKr with both factors full: LyCORIS uses scale 1
+            return 1.0
+        return self.alpha / r
+
+    @property
+    def bias_scale(self) -> float:
+        return 1.0
+
+    @property
+    def delta_shape(self) -> tuple[int, ...]:
+        """The shape ΔW is computed in: the base layout, or (out, in·k) when the file flattens a conv."""
+        t = self.tensors
+        if self.algo == "loha":
+            if "t1" in t:
+                return (t["w1a"].shape[1], t["w1b"].shape[1], *t["t1"].shape[2:])
+            return (t["w1a"].shape[0], t["w1b"].shape[1])
+        if self.algo == "lokr":
+            w1 = (t["w1"].shape if "w1" in t else (t["w1a"].shape[0], t["w1b"].shape[1]))
+            if "w2" in t:
+                w2 = t["w2"].shape
+            elif "t2" in t:
+                w2 = (t["w2a"].shape[1], t["w2b"].shape[1], *t["t2"].shape[2:])
+            else:
+                w2 = (t["w2a"].shape[0], t["w2b"].shape[1])
+            return (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
+        if self.algo == "tucker":
+            return (t["up"].shape[0], t["down"].shape[1], *t["mid"].shape[2:])
+        if self.algo == "full":
+            return tuple(t["diff"].shape)
+        if self.algo == "norm":
+            return tuple(t["w_norm"].shape)
+        return ()
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """Whether ΔW fits a base weight of `shape` (a flattened conv delta fits its conv weight)."""
+        want = self.delta_shape
+        shape = tuple(shape)
+        if shape == want:
+            return True
+        if len(want) == 2 and len(shape) > 2:
+            return shape[0] == want[0] and math.prod(shape[1:]) == want[1]
+        squeeze = tuple(d for i, d in enumerate(shape) if i < 2 or d != 1)
+        return squeeze == tuple(d for i, d in enumerate(want) if i < 2 or d != 1)
+
+    @property
+    def out_features(self) -> int:
+        shape = self.delta_shape or (self.bias.shape if self.bias is not None else (0,))
+        return shape[0]
+
+    @property
+    def in_features(self) -> int:
+        shape = self.delta_shape
+        return shape[1] if len(shape) > 1 else 0
+
+    @property
+    def kind(self) -> str:
+        shape = self.delta_shape
+        return "conv" if len(shape) > 2 else ("linear" if len(shape) == 2 else "vector")
+
+    @property
+    def dtype(self) -> str:
+        ref = next(iter(self.tensors.values()), self.bias)
+        return ref.dtype if ref is not None else "float32"
+
+    @property
+    def params(self) -> int:
+        return sum(t.numel for t in self.tensors.values()) + (self.bias.numel if self.bias is not None else 0)
+
+    @property
+    def short_name(self) -> str:
+        return short_name(self.name)
+
+    def refs(self) -> list[tuple[str, TensorRef]]:
+        """Every tensor of the module with its role (bias included)."""
+        out = list(self.tensors.items())
+        if self.bias is not None:
+            out.append(("bias", self.bias))
+        return out
+
+
 def scale_for(alpha: float, rank: int, rslora: bool) -> float:
     if rank == 0:
         return 0.0
@@ -134,7 +268,8 @@ class Adapter:
         metadata: the safetensors `__metadata__`.
         source_format: "peft", "kohya" or "diffusers".
         base_model: the base model's name when recorded, else None.
-        unsupported: keys of tensors that are not plain LoRA (LyCORIS, OFT, ...), never touched.
+        lycoris: LyCORIS modules (LoHa, LoKr, LoCon Tucker, full and norm diffs, bias-only diffs) by name.
+        unsupported: keys of tensors loratool does not interpret (OFT, IA3, ...), never touched.
         path: where it was read from.
         files: the files it was read from (for provenance hashes).
         source_modules: the module names the source file held.
@@ -150,6 +285,7 @@ class Adapter:
     path: Path | None = None
     files: list[Path] = field(default_factory=list)
     source_modules: tuple[str, ...] = ()  # module names as read (PEFT writer: is target_modules still exact?)
+    lycoris: dict[str, LycoModule] = field(default_factory=dict)
 
     @property
     def ranks(self) -> list[int]:

@@ -11,11 +11,12 @@ adapter module's delta, which bias gets a lora_B bias, and which tensor a module
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loratool.adapter import Adapter, LoraModule
+from loratool.adapter import Adapter, LoraModule, LycoModule
 from loratool.errors import IncompatibleError
 from loratool.formats.names import COMPONENTS, PEFT_PREFIX, kohya_base_prefixes, split_kohya_prefix, strip_known_prefix
 from loratool.st import Checkpoint, TensorInfo, TensorRef
@@ -87,8 +88,10 @@ def _prefix_variants(name: str) -> list[str]:
     return [name[len(p):] for p in _PREFIXES if name.startswith(p)]
 
 
-def compatible(module: LoraModule, shape: tuple[int, ...]) -> bool:
+def compatible(module: LoraModule | LycoModule, shape: tuple[int, ...]) -> bool:
     """Whether the module's delta fits a base weight of `shape` (1x1 conv == linear)."""
+    if isinstance(module, LycoModule):
+        return module.algo == "bias" or module.fits(tuple(shape))
     want = module.base_shape
     if tuple(shape) == want:
         return True
@@ -97,7 +100,7 @@ def compatible(module: LoraModule, shape: tuple[int, ...]) -> bool:
     return squeeze == want_sq
 
 
-def match_modules(modules: list[LoraModule], base: dict[str, TensorInfo]) -> Match:
+def match_modules(modules: Sequence[LoraModule | LycoModule], base: dict[str, TensorInfo]) -> Match:
     """Map every module to exactly one base weight of a compatible shape."""
     index = KeyIndex(list(base))
     result = Match()
@@ -110,7 +113,8 @@ def match_modules(modules: list[LoraModule], base: dict[str, TensorInfo]) -> Mat
         else:
             key = cands[0]
             if not compatible(m, base[key].shape):
-                result.shape_mismatch.append((m.name, key, m.base_shape, base[key].shape))
+                want = m.base_shape if isinstance(m, LoraModule) else m.delta_shape
+                result.shape_mismatch.append((m.name, key, want, base[key].shape))
             else:
                 result.matched[m.name] = key
     return result
@@ -124,7 +128,7 @@ def match_modules(modules: list[LoraModule], base: dict[str, TensorInfo]) -> Mat
 class Contribution:
     """One adapter module's weighted delta aimed at one base tensor."""
 
-    module: LoraModule
+    module: LoraModule | LycoModule
     weight: float
     adapter: Path
 
@@ -156,7 +160,7 @@ def plan_merge(
     index = KeyIndex(list(ckpt.tensors))
     for adapter, w in zip(adapters, weights):
         where = adapter.path
-        mods = list(adapter.modules.values())
+        mods: list[LoraModule | LycoModule] = [*adapter.modules.values(), *adapter.lycoris.values()]
         plan.num_modules += len(mods)
         match = match_modules(mods, ckpt.tensors)
         if match.shape_mismatch:
@@ -181,8 +185,11 @@ def plan_merge(
             warnings.append(f"{where}: skipped {what} module(s): {listing}")
             plan.unmatched.extend(problems)
         for name, key in match.matched.items():
-            m = adapter.modules[name]
-            if m.magnitude is not None:
+            m = adapter.modules[name] if name in adapter.modules else adapter.lycoris[name]
+            if isinstance(m, LycoModule):
+                if m.algo != "bias":  # a bias-only module matched its layer's weight for the bias key
+                    plan.deltas.setdefault(key, []).append(Contribution(m, w, Path(str(where))))
+            elif m.magnitude is not None:
                 if unmerge:
                     raise IncompatibleError(
                         f"{where}: module '{name}' is DoRA; unmerging DoRA needs the pre-merge weight norm",
@@ -190,12 +197,14 @@ def plan_merge(
                     )
                 if m.kind == "embedding":
                     raise IncompatibleError(f"{where}: module '{name}': DoRA on an embedding is not supported")
-            plan.deltas.setdefault(key, []).append(Contribution(m, w, Path(str(where))))
+            if isinstance(m, LoraModule):
+                plan.deltas.setdefault(key, []).append(Contribution(m, w, Path(str(where))))
             if m.bias is not None:
                 bias_key = key[: -len(".weight")] + ".bias" if key.endswith(".weight") else key + ".bias"
                 if bias_key not in ckpt.tensors:
-                    raise IncompatibleError(f"{where}: module '{name}' has a lora_B bias but {ckpt.root} has no "
-                                            f"'{bias_key}'")
+                    raise IncompatibleError(f"{where}: module '{name}' has a bias delta but {ckpt.root} has no "
+                                            f"'{bias_key}'", hint="the base layer has no bias; the bias delta "
+                                            "would be dropped")
                 plan.biases.setdefault(bias_key, []).append(Contribution(m, w, Path(str(where))))
         for stored, ref in adapter.extras.items():
             if ".base_layer." in stored:
@@ -220,7 +229,8 @@ def plan_merge(
                 raise IncompatibleError(f"{where}: '{hits[0]}' is replaced by saved tensors of two adapters")
             plan.replacements[hits[0]] = ref
     for key, contribs in plan.deltas.items():
-        if len(contribs) > 1 and any(c.module.magnitude is not None for c in contribs):
+        if len(contribs) > 1 and any(isinstance(c.module, LoraModule) and c.module.magnitude is not None
+                                     for c in contribs):
             raise IncompatibleError(
                 f"base tensor '{key}' is targeted by {len(contribs)} adapters and at least one is DoRA; "
                 "the normalised sum is not well defined",

@@ -181,3 +181,7 @@ RUNTIMES: dict[str, Runtime] = {
 }
 
 NAMES: tuple[str, ...] = tuple(RUNTIMES)
+
+# formats that only one runtime's rules can describe (one scale per file, ...): writing one of these
+# goes through that runtime's preparation even without --for
+RUNTIME_OF_FORMAT: dict[str, str] = {"mlx": "mlx"}

@@ -408,12 +408,6 @@ class StreamingWriter:
             _write_all(self._f.fileno(), memoryview(t.numpy()))  # type: ignore[arg-type]
         self._next += 1
 
-    def write_raw(self, key: str, data: bytes | bytearray | memoryview) -> None:
-        """Append a tensor's bytes as they are (a copy without conversion)."""
-        self._expect(key, len(data))
-        _write_all(self._f.fileno(), data)
-        self._next += 1
-
     def copy_range(self, key: str, src_fd: int, offset: int, nbytes: int) -> None:
         """Append `nbytes` of another file from `offset`, in the kernel where it can (no user copy)."""
         self._expect(key, nbytes)

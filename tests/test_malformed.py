@@ -128,6 +128,13 @@ def no_lora_tensors(root: Path) -> Path:
     return path
 
 
+def oft_only(root: Path) -> Path:
+    path = root / "oft.safetensors"
+    stem = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file({f"{stem}.oft_blocks": torch.ones(4, 8, 8), f"{stem}.alpha": torch.tensor(4.0)}, str(path))
+    return path
+
+
 def loha_only(root: Path) -> Path:
     path = root / "loha.safetensors"
     stem = "lora_unet_down_blocks_0_attentions_0_proj_in"
@@ -250,8 +257,10 @@ CASES = [
     Case("inf-in-factor", lambda r: peft(r, inf=True, name="inf"), 0, 1, {"non-finite"}),
     Case("nan-in-factor-spectrum", lambda r: kohya(r, nan=True, name="nan_spec.safetensors"), 2, 1,
          {"non-finite"}, inspect_args=("--spectrum",)),
-    # a LyCORIS file is reported (inspect) and refused for operations (validate: no LoRA modules)
-    Case("loha-only", loha_only, 0, 1, {"no-lora-tensors", "unsupported-tensor"}),
+    # an OFT file is reported (inspect) and refused for operations (validate: no LoRA modules)
+    Case("oft-only", oft_only, 0, 1, {"no-lora-tensors", "unsupported-tensor"}),
+    # a LoHa file is read: inspect shows it, validate finds nothing wrong
+    Case("loha-only", loha_only, 0, 0),
 ]
 
 
@@ -327,7 +336,7 @@ class Results:
 
 
 # cases also run as a plain `python -m loratool inspect` subprocess, to show the driver is faithful
-REAL_SUBPROCESS = ("truncated", "header-deeply-nested", "missing-path", "down-without-up", "loha-only")
+REAL_SUBPROCESS = ("truncated", "header-deeply-nested", "missing-path", "down-without-up", "oft-only")
 
 
 @pytest.fixture(scope="module")
@@ -441,13 +450,21 @@ def test_malicious_pickle_never_runs(corpus: dict[str, Results]) -> None:
     assert not (root / MARKER).exists()
 
 
-def test_loha_is_reported_by_name(corpus: dict[str, Results]) -> None:
+def test_unsupported_is_reported_by_name(corpus: dict[str, Results]) -> None:
+    run = corpus["oft-only"].inspect
+    assert run is not None
+    assert "oft_blocks" in run.stdout
+    doc = json.loads(corpus["oft-only"].validate_json.stdout)
+    messages = " ".join(f["message"] for f in doc["findings"])
+    assert "OFT" in messages and "oft_blocks" in messages
+
+
+def test_loha_is_read(corpus: dict[str, Results]) -> None:
     run = corpus["loha-only"].inspect
     assert run is not None
-    assert "hada_w1_a" in run.stdout
+    assert "1 LyCORIS modules" in run.stdout and "loha: 1" in run.stdout
     doc = json.loads(corpus["loha-only"].validate_json.stdout)
-    messages = " ".join(f["message"] for f in doc["findings"])
-    assert "LoHa" in messages and "hada_w" in messages
+    assert doc["ok"] and doc["num_modules"] == 1
 
 
 def test_pickle_allowed_reads_the_same_modules(corpus: dict[str, Results]) -> None:

@@ -12,7 +12,6 @@ from typing import overload
 
 import click
 
-from loratool.device import resolve_device  # noqa: F401  (re-exported for the commands)
 from loratool.formats import writable_formats
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")

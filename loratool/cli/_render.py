@@ -194,7 +194,8 @@ def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool, only: 
     c = out()
     head = Text()
     head.append(doc["path"], style="bold")
-    head.append(f"  ({doc['format']}, {doc['num_modules']} modules, {human_size(doc['file_size'])})")
+    lyco = f", {doc['num_lycoris']} LyCORIS modules" if doc.get("num_lycoris") else ""
+    head.append(f"  ({doc['format']}, {doc['num_modules']} modules{lyco}, {human_size(doc['file_size'])})")
     c.print(head)
     t = Table.grid(padding=(0, 2))
     t.add_column(style="dim")
@@ -221,6 +222,8 @@ def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool, only: 
     extras = doc["extras"]
     t.add_row("extras", ", ".join(f"{e['name']} {tuple(e['shape'])} {e['dtype']}" for e in extras[:8])
               + (f" ... ({len(extras)} total)" if len(extras) > 8 else "") if extras else "none")
+    if doc.get("num_lycoris"):
+        t.add_row("LyCORIS", f"{_counts(doc['lycoris_kinds'])} ({doc['lycoris_params']:,} params)")
     uns = doc["unsupported"]
     t.add_row("unsupported", f"{len(uns)} tensor(s), e.g. {', '.join(uns[:3])}" if uns else "none")
     c.print(t)
@@ -255,14 +258,19 @@ def _module_table(doc: dict[str, Any], spectrum: bool, only: re.Pattern[str] | N
     right = {2, 3, 4, 5, 7}
     rows = [[m["name"], m["kind"], str(m["out_features"]), str(m["in_features"]), str(m["rank"]), _fmt(m["alpha"]),
              m["alpha_source"], f"{m['scale']:.4g}", m["dtype"]] for m in mods]
+    # LyCORIS modules (LoHa, LoKr, ...): no LoRA factors, so no spectrum
+    lyco = [m for m in doc.get("lycoris_modules", []) if only is None or only.search(m["name"])]
+    rows += [[m["name"], f"{m['algo']} {m['kind']}", str(m["out_features"]), str(m["in_features"]),
+              str(m["rank"] or "-"), "-" if m["alpha"] is None else _fmt(m["alpha"]), m["alpha_source"],
+              f"{m['scale']:.4g}", m["dtype"]] for m in lyco]
     if not spectrum:
         name_table(headers, rows, right=right)
         return
-    values = [m.get("singular_values") or [] for m in mods]
+    values = [m.get("singular_values") or [] for m in mods] + [[] for _ in lyco]
     stats = [[str(m.get("rank_90", "")), str(m.get("rank_99", "")), f"{v[0]:.3g}" if v else ""]
-             for m, v in zip(mods, values)]
+             for m, v in zip(mods, values)] + [["", "", ""] for _ in lyco]
     width = out().width
-    longest = max((len(m["name"]) for m in mods), default=0)
+    longest = max((len(r[0]) for r in rows), default=0)
     spark = max((len(v) for v in values), default=1)
     # one line per module when it fits with the full sparkline; else names on their own lines, and
     # at narrow widths (80 columns) the spectrum keeps what it is about: shape, rank, alpha, scale,
@@ -446,11 +454,19 @@ def _names(names: list[str], limit: int = 4) -> str:
 def render_convert(doc: dict[str, Any]) -> None:
     rows = doc["modules"]
     headers = ["module", "from", "rank", "scale", "placed by"]
-    table = [[
-        m["new_name"], "=" if m["name"] == m["new_name"] else m["name"], str(m["rank"]), f"{m['scale']:.6g}",
-        m["placed_by"]
-    ] for m in rows]
-    name_table(headers, table, names=2, right={2, 3})
+    lyco = any(m.get("from_algo", "lora") != "lora" for m in rows)
+    if lyco:
+        headers += ["was", "error"]
+    table = []
+    for m in rows:
+        row = [m["new_name"], "=" if m["name"] == m["new_name"] else m["name"], str(m["rank"] or "-"),
+               f"{m['scale']:.6g}", m["placed_by"]]
+        if lyco:
+            exact = f" r{m['exact_rank']}" if m.get("exact_rank") else ""
+            kept = m["from_algo"] in ("full", "norm", "bias") and not m.get("exact_rank")
+            row += [m["from_algo"] + exact, "kept" if kept else f"{m['rel_error']:.2e}" if m["rel_error"] else "exact"]
+        table.append(row)
+    name_table(headers, table, names=2, right={2, 3, 6})
     what = f"{doc['num_modules']} modules, {doc['source_format']} -> {doc['format']}"
     if doc["extras"]:
         what += f", {len(doc['extras'])} saved tensors"

@@ -47,7 +47,6 @@ def combine(adapters: tuple[str, ...], weights: str | None, method: str, rank: i
     Example: loratool combine style/ subject/ -o both/ --weights 0.7,0.5 --method svd --rank 32
     """
     from loratool.cli import _render
-    from loratool.cli._options import resolve_device
     from loratool.cli._output import emit
     from loratool.ops.combine import combine as run
 
@@ -59,6 +58,6 @@ def combine(adapters: tuple[str, ...], weights: str | None, method: str, rank: i
     paths = [input_path(p, quiet=quiet or as_json) for p in adapters]
     with _render.progress("combining", enabled=not (quiet or as_json)) as cb:
         report = run(paths, out, weights=parsed, method=method, rank=rank, density=density,
-                     majority_sign=majority_sign, seed=seed, fmt=fmt, dtype=dtype, device=resolve_device(device),
+                     majority_sign=majority_sign, seed=seed, fmt=fmt, dtype=dtype, device=device,
                      force=force, allow_pickle=allow_pickle, progress=cb)
     return emit(report.to_dict(), _render.render_combine, as_json=as_json, quiet=quiet)

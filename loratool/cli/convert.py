@@ -16,8 +16,9 @@ from loratool.runtimes import RUNTIMES
 
 @click.command()
 @click.argument("path", type=click.Path())
-@click.option("--to", "to", type=click.Choice(writable_formats()), default=None,
-              help="Output format: peft (a directory), kohya or diffusers (a .safetensors file).")
+@click.option("--to", "to", type=click.Choice([*writable_formats(), "lora"]), default=None,
+              help="Output format: peft (a directory), kohya or diffusers (a .safetensors file); lora: the "
+              "source's own format with LyCORIS modules turned into plain LoRA.")
 @click.option("--for", "for_runtime", type=click.Choice(list(RUNTIMES)), default=None,
               help="Write what this runtime serves exactly (implies --to): one rank and one alpha where it "
               "reads one, scales baked into the factors; see docs/commands/convert.md.")
@@ -31,12 +32,15 @@ from loratool.runtimes import RUNTIMES
 @click.option("--base", default=None, type=click.Path(),
               help="The base model: kohya names are placed by its keys, every module must match one of its "
               "weights, and factors take its layout (linear or 1x1 conv).")
+@click.option("--rank", "rank", type=click.IntRange(min=1), default=None,
+              help="LyCORIS modules become LoRA of at most this rank (best truncation, error reported); "
+              "default: exact.")
 @force_option
 @json_option
 @quiet_option
 @allow_pickle_option
 def convert(path: str, to: str | None, for_runtime: str | None, dora_base: str | None, drop: bool, out: str,
-            base: str | None, force: bool, as_json: bool, quiet: bool, allow_pickle: bool) -> int:
+            base: str | None, rank: int | None, force: bool, as_json: bool, quiet: bool, allow_pickle: bool) -> int:
     """Convert an adapter between PEFT, kohya and diffusers, keeping every delta exact.
 
     The factors are copied bit for bit; module names, the way alpha is stored (each module's scale
@@ -44,6 +48,10 @@ def convert(path: str, to: str | None, for_runtime: str | None, dora_base: str |
     lost their dots: --base places them by the base's keys; without it, the kohya naming rules
     place a name only when they allow exactly one reading, and the names they cannot place are
     listed in the error.
+
+    LyCORIS modules become plain LoRA: LoHa exactly (rank r1·r2), LoCon Tucker exactly (rank r),
+    LoKr exactly or, with --rank, truncated through the SVDs of its Kronecker factors (the error is
+    reported per module); full and norm diffs without a LoRA form stay as they are (kohya only).
 
     \b
     --for RUNTIME (vllm, sglang, llama.cpp, mlx, diffusers, comfyui) writes the layout that runtime
@@ -67,5 +75,5 @@ def convert(path: str, to: str | None, for_runtime: str | None, dora_base: str |
         raise click.UsageError("--drop needs --for RUNTIME")
     dora_base = input_path(dora_base, quiet=quiet or as_json)
     report = run(path, out, to=to, base=base, force=force, allow_pickle=allow_pickle, for_runtime=for_runtime,
-                 drop=drop, dora_to_lora=dora_base)
+                 drop=drop, dora_to_lora=dora_base, rank=rank)
     return emit(report.to_dict(), _render.render_convert, as_json=as_json, quiet=quiet)

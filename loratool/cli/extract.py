@@ -42,7 +42,6 @@ def extract(base: str, tuned: str, out: str, rank: int | None, threshold: float 
     Example: loratool extract ./Llama-3.2-1B ./Llama-3.2-1B-sft -o ./sft-lora --rank 16
     """
     from loratool.cli import _render
-    from loratool.cli._options import resolve_device
     from loratool.cli._output import emit
     from loratool.ops.extract import extract as run
 
@@ -50,5 +49,5 @@ def extract(base: str, tuned: str, out: str, rank: int | None, threshold: float 
     tuned = input_path(tuned, quiet=quiet or as_json)
     with _render.progress("extracting", enabled=not (quiet or as_json)) as cb:
         report = run(base, tuned, out, rank=rank, threshold=threshold, modules=modules, embeddings=embeddings,
-                     save_changed=save_changed, fmt=fmt, device=resolve_device(device), force=force, progress=cb)
+                     save_changed=save_changed, fmt=fmt, device=device, force=force, progress=cb)
     return emit(report.to_dict(), _render.render_extract, as_json=as_json, quiet=quiet)

@@ -31,13 +31,8 @@ def inspect(path: str, as_json: bool, modules: str | None, spectrum: bool, allow
     from loratool.ops.inspect import inspect_adapter
 
     path = input_path(path, quiet=quiet or as_json)
-    dev = "cpu"
-    if spectrum:
-        from loratool.cli._options import resolve_device
-
-        dev = resolve_device(device)
     with _render.progress("spectrum", enabled=spectrum and not (quiet or as_json)) as cb:
-        report = inspect_adapter(path, spectrum=spectrum, allow_pickle=allow_pickle, device=dev, progress=cb)
+        report = inspect_adapter(path, spectrum=spectrum, allow_pickle=allow_pickle, device=device, progress=cb)
     pattern = _pattern(modules) if modules else None
     return emit(report.to_dict(), lambda d: _render.render_inspect(d, modules=modules is not None, spectrum=spectrum,
                                                                    only=pattern), as_json=as_json, quiet=quiet)

@@ -3,12 +3,13 @@ from __future__ import annotations
 import click
 
 from loratool.cli._options import device_option, dtype_option, input_path, modules_option, write_options
+from loratool.linalg import RANK_METHODS
 
 
 @click.command()
 @click.argument("path", type=click.Path())
 @click.option("--rank", "-r", type=int, default=None, help="Target rank (with --method: the cap).")
-@click.option("--method", type=click.Choice(["sv_ratio", "sv_fro", "sv_cumulative", "max_error"]), default=None,
+@click.option("--method", type=click.Choice(RANK_METHODS), default=None,
               help="Dynamic rank rule (smallest rank meeting --threshold).")
 @click.option("--threshold", type=float, default=None,
               help="sv_ratio: keep σ ≥ σ_max/T; sv_fro / sv_cumulative: kept share; max_error: relative error.")
@@ -29,13 +30,12 @@ def resize(path: str, rank: int | None, method: str | None, threshold: float | N
     Example: loratool resize adapter_dir -o adapter_r16 --rank 16
     """
     from loratool.cli import _render
-    from loratool.cli._options import resolve_device
     from loratool.cli._output import emit
     from loratool.ops.resize import resize as run
 
     path = input_path(path, quiet=quiet or as_json)
     with _render.progress("resizing", enabled=not (quiet or as_json)) as cb:
         report = run(path, out, rank=rank, method=method, threshold=threshold, conv_rank=conv_rank,
-                     modules=modules, fmt=fmt, device=resolve_device(device), dtype=dtype, force=force,
+                     modules=modules, fmt=fmt, device=device, dtype=dtype, force=force,
                      allow_pickle=allow_pickle, progress=cb)
     return emit(report.to_dict(), _render.render_resize, as_json=as_json, quiet=quiet)

@@ -18,7 +18,7 @@ from typing import Any
 
 from loratool.adapter import Adapter
 from loratool.errors import FormatError, IncompatibleError
-from loratool.formats import diffusers, kohya, peft
+from loratool.formats import diffusers, kohya, mlx, peft
 from loratool.formats._common import (
     PICKLE_SUFFIXES,
     Finding,
@@ -31,14 +31,14 @@ from loratool.formats._common import (
 from loratool.formats.registry import Capabilities, Format, all_formats, check_writable, get, names, register
 
 __all__ = [
-    "PICKLE_SUFFIXES", "Capabilities", "Finding", "Findings", "Format", "check_writable", "detect",
+    "LYCO_NAMES", "PICKLE_SUFFIXES", "Capabilities", "Finding", "Findings", "Format", "check_writable", "detect",
     "extra_base_key", "format_names", "get_format", "is_transposed_layer", "output_is_directory", "provenance",
     "read", "require_plain", "source_label", "unsupported_family", "writable_formats", "write",
 ]
 
 # The built-in formats, in detection order (ties between equal detection scores go to the first).
 # A new format: its module defines FORMAT (a registry.Format record); add it here.
-for _record in (peft.FORMAT, kohya.FORMAT, diffusers.FORMAT):
+for _record in (peft.FORMAT, kohya.FORMAT, diffusers.FORMAT, mlx.FORMAT):
     register(_record)
 
 get_format = get
@@ -93,30 +93,34 @@ def _dir_format(p: Path) -> Format:
     )
 
 
-def _resolve(path: Path) -> Path:
-    if not path.exists():
-        raise FormatError(f"{path}: no such file or directory")
-    return path
+def _resolve(path: str | os.PathLike[str]) -> Path:
+    """A local path: hf:// inputs are fetched through the Hugging Face cache (hub.resolve_path)."""
+    from loratool.hub import resolve_path
+
+    local = resolve_path(path)
+    if not local.exists():
+        raise FormatError(f"{local}: no such file or directory")
+    return local
 
 
-def detect(path: str | Path, *, allow_pickle: bool = False) -> str:
+def detect(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> str:
     """The name of the format of an adapter file or directory, from its contents and key names.
 
     Raises:
         FormatError: missing path, unreadable file, or no LoRA tensors (the message lists what was found).
     """
-    p = _resolve(Path(path))
+    p = _resolve(path)
     if p.is_dir():
         return _dir_format(p).name
     return _classify(open_tensor_file(p, allow_pickle=allow_pickle)).name
 
 
-def read(path: str | Path, *, allow_pickle: bool = False, findings: Findings | None = None) -> Adapter:
+def read(path: str | os.PathLike[str], *, allow_pickle: bool = False, findings: Findings | None = None) -> Adapter:
     """Read an adapter in any supported format into the canonical model.
 
     Args:
         path: a PEFT directory, or a .safetensors file (PEFT with its config beside it, kohya,
-            diffusers); .bin/.pt only with allow_pickle.
+            diffusers); .bin/.pt only with allow_pickle; or hf://OWNER/REPO[@REVISION][/PATH].
         allow_pickle: load pickle files with torch.load(weights_only=True).
         findings: a lenient collector (validate); None raises at the first problem.
 
@@ -124,7 +128,7 @@ def read(path: str | Path, *, allow_pickle: bool = False, findings: Findings | N
         FormatError: unreadable or unknown layout. IncompatibleError: inconsistent tensors.
     """
     findings = findings if findings is not None else Findings()
-    p = _resolve(Path(path))
+    p = _resolve(path)
     if p.is_dir():
         fmt = _dir_format(p)
         assert fmt.read_dir is not None
@@ -137,7 +141,7 @@ def read(path: str | Path, *, allow_pickle: bool = False, findings: Findings | N
     _check_duplicates(adapter, findings)
     # A file of only LyCORIS/other tensors is readable: inspect and validate report it by name and
     # operations refuse it through require_plain, which names the key.
-    if not adapter.modules and not adapter.unsupported and not findings.items:
+    if not adapter.modules and not adapter.lycoris and not adapter.unsupported and not findings.items:
         findings.error("no-lora-tensors", None, f"{p}: holds no LoRA modules",
                        hint="expected lora_A/lora_B (PEFT, diffusers) or lora_down/lora_up (kohya) tensors",
                        exc=FormatError)
@@ -157,8 +161,20 @@ def _check_duplicates(adapter: Adapter, findings: Findings) -> None:
         seen[norm] = name
 
 
-def require_plain(adapter: Adapter, op: str) -> None:
-    """Operations refuse adapters that hold tensors they would silently drop."""
+def require_plain(adapter: Adapter, op: str, *, lycoris: bool = False, diffs: bool = False) -> None:
+    """Operations refuse adapters that hold tensors they would silently drop.
+
+    lycoris: the operation handles LyCORIS modules (merge, convert); else they are refused too.
+    diffs: the operation passes full / norm / bias diffs through unchanged (resize).
+    """
+    refused = {n: m for n, m in adapter.lycoris.items() if not (diffs and m.algo in ("full", "norm", "bias"))}
+    if refused and not lycoris:
+        name, m = next(iter(refused.items()))
+        raise IncompatibleError(
+            f"{adapter.path}: module '{name}' is {LYCO_NAMES[m.algo]}, which {op} does not support "
+            f"({len(refused)} LyCORIS module(s))",
+            hint=f"convert it to plain LoRA first: loratool convert {adapter.path} --to lora --out OUT",
+        )
     if adapter.unsupported:
         key = adapter.unsupported[0]
         raise IncompatibleError(
@@ -173,8 +189,16 @@ def require_plain(adapter: Adapter, op: str) -> None:
 
 
 def source_label(path: str | os.PathLike[str]) -> str:
-    """How a source file is named in provenance: `folder/file`, never the absolute path (which
-    would leak local directory names into files users publish)."""
+    """How a source file is named in provenance: `hf://OWNER/REPO@SHA/PATH` for a file that came
+    from the Hub (through the Hugging Face cache), else `folder/file`, never the absolute path
+    (which would leak local directory names into files users publish)."""
+    from loratool.hub import cached_url
+
+    if isinstance(path, str) and path.startswith("hf://"):
+        return path
+    url = cached_url(path)
+    if url is not None:
+        return url
     p = Path(path)
     return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
 
@@ -244,10 +268,16 @@ def write(
     with atomic_output(out, force=force, directory=record.capabilities.directory) as tmp:
         record.write(adapter, tmp, meta)
         check = read(tmp)
-        if len(check.modules) != len(adapter.modules):
+        if len(check.modules) != len(adapter.modules) or len(check.lycoris) != len(adapter.lycoris):
             raise IncompatibleError(
-                f"{out}: re-reading the written adapter gave {len(check.modules)} modules, "
-                f"expected {len(adapter.modules)}"
+                f"{out}: re-reading the written adapter gave {len(check.modules)} + {len(check.lycoris)} modules, "
+                f"expected {len(adapter.modules)} + {len(adapter.lycoris)}"
             )
     return out
 
+
+
+LYCO_NAMES = {
+    "loha": "LoHa (LyCORIS)", "lokr": "LoKr (LyCORIS)", "tucker": "LoCon with Tucker (LyCORIS)",
+    "full": "a full weight diff (.diff)", "norm": "a norm-layer diff (.w_norm)", "bias": "a bias diff (.diff_b)",
+}

@@ -66,6 +66,8 @@ def open_tensor_file(path: Path, *, allow_pickle: bool) -> TensorFile:
     Raises:
         FormatError: pickle without allow_pickle, or an unreadable file.
     """
+    if path.suffix == ".npz":
+        return _open_npz(path)
     if path.suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise FormatError(
@@ -75,6 +77,20 @@ def open_tensor_file(path: Path, *, allow_pickle: bool) -> TensorFile:
         return _load_pickle(path)
     st = read_header(path)
     return TensorFile(path, {k: TensorRef.from_info(i) for k, i in st.tensors.items()}, st.metadata)
+
+
+def _open_npz(path: Path) -> TensorFile:
+    """An .npz archive (older MLX adapters) as tensors, loaded with numpy's allow_pickle=False."""
+    import numpy as np
+    import torch
+
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {k: archive[k] for k in archive.files}
+    except (OSError, ValueError, EOFError) as e:  # ValueError: pickled object arrays, bad members
+        raise FormatError(f"{path}: not a readable .npz archive of plain arrays ({e})") from None
+    tensors = {k: TensorRef.from_tensor(torch.from_numpy(np.ascontiguousarray(a))) for k, a in arrays.items()}
+    return TensorFile(path, tensors, {})
 
 
 def _load_pickle(path: Path) -> TensorFile:
@@ -271,3 +287,22 @@ def json_config(path: Path, findings: Findings) -> dict[str, Any] | None:
                        exc=FormatError)
         return None
     return data
+
+
+def lora_b_bias(m: LoraModule) -> Any:
+    """The bias delta as PEFT's lora_B.bias stores it (it is scaled like the weight delta).
+
+    An unscaled `.diff_b` is divided by the module's scale (in float32, cast back); exact when the
+    scale is 1.
+
+    Raises:
+        IncompatibleError: a zero scale, which no lora_B.bias can reproduce.
+    """
+    assert m.bias is not None
+    bias = m.bias.load()
+    if m.bias_scaled or m.scale == 1.0:
+        return bias
+    if m.scale == 0.0:
+        raise IncompatibleError(f"module '{m.name}': its bias delta cannot be stored as lora_B.bias with scale 0",
+                                hint="write kohya instead (.diff_b)")
+    return (bias.float() / m.scale).to(bias.dtype)

@@ -19,7 +19,14 @@ from typing import Any
 
 from loratool.adapter import Adapter, AlphaSource, LoraModule, scale_for
 from loratool.errors import IncompatibleError
-from loratool.formats._common import Findings, TensorFile, build_module, group_tensors, is_unsupported
+from loratool.formats._common import (
+    Findings,
+    TensorFile,
+    build_module,
+    group_tensors,
+    is_unsupported,
+    lora_b_bias,
+)
 from loratool.formats.names import COMPONENTS, CONTAINERS, split_component
 from loratool.formats.peft import pattern_key
 from loratool.formats.registry import Capabilities, Format
@@ -215,7 +222,7 @@ def state_and_metadata(adapter: Adapter) -> tuple[dict[str, Any], dict[str, Any]
             tensors[key + ".lora_A.weight"] = m.down.load()
             tensors[key + ".lora_B.weight"] = m.up.load()
             if m.bias is not None:
-                tensors[key + ".lora_B.bias"] = m.bias.load()
+                tensors[key + ".lora_B.bias"] = lora_b_bias(m)
             if m.magnitude is not None:
                 tensors[key + ".lora_magnitude_vector"] = m.magnitude.load().reshape(-1)
         fields = {k: config[k] for k in _CONFIG_FIELDS}

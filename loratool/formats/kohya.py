@@ -14,6 +14,7 @@ from typing import Any
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import IncompatibleError
+from loratool.formats import lycoris
 from loratool.formats._common import Findings, RawModule, TensorFile, build_module, group_tensors
 from loratool.formats.names import KOHYA_PREFIX_OF, component_of_kohya_prefix, split_kohya_prefix
 from loratool.formats.registry import Capabilities, Format
@@ -23,6 +24,7 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_up.weight", "up"),
     (".alpha", "alpha"),
     (".dora_scale", "magnitude"),
+    (".diff_b", "bias"),  # ComfyUI / LyCORIS: the module's bias delta, added unscaled
 )
 
 
@@ -34,11 +36,16 @@ def split_key(key: str) -> tuple[str, str] | None:
 
 
 def looks_like(keys: list[str]) -> bool:
-    return any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys)
+    return any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys) or lycoris.looks_like(keys)
 
 
 def from_tensors(tf: TensorFile, findings: Findings) -> Adapter:
-    raw, unsupported = group_tensors(tf, split_key, findings)
+    lyco_names = lycoris.partition(list(tf.tensors))
+    lyco, lyco_left = lycoris.read_modules(tf.tensors, lyco_names, findings, tf.path)
+    plain = TensorFile(tf.path, {k: v for k, v in tf.tensors.items()
+                                 if (p := lycoris.split_key(k)) is None or p[0] not in lyco_names}, tf.metadata)
+    raw, unsupported = group_tensors(plain, split_key, findings)
+    unsupported = [*unsupported, *lyco_left]
     modules: dict[str, LoraModule] = {}
     for name, rm in raw.items():
         alpha = _alpha(rm, name, tf, findings) if rm.alpha is not None else None
@@ -59,13 +66,19 @@ def from_tensors(tf: TensorFile, findings: Findings) -> Adapter:
             name, rm, alpha=alpha, alpha_source="tensor", rslora=False, fan_in_fan_out=False,
             findings=findings, where=tf.path,
         )
+        if module is not None and module.bias is not None:
+            if tuple(module.bias.shape) != (module.out_features,):
+                findings.error("bad-shape", name, f"{tf.path}: '{name}.diff_b' has shape {module.bias.shape} but "
+                               f"the module has {module.out_features} outputs")
+                continue
+            module = module.with_(bias_scaled=False)
         if module is not None:
             modules[name] = module
     meta = tf.metadata
     base_model = meta.get("ss_sd_model_name") or meta.get("modelspec.architecture") or None
     return Adapter(
         modules=modules, source_format="kohya", metadata=meta, base_model=base_model,
-        unsupported=unsupported, path=tf.path, files=[tf.path],
+        unsupported=unsupported, path=tf.path, files=[tf.path], lycoris=lyco,
     )
 
 
@@ -204,7 +217,26 @@ def state_dict(adapter: Adapter) -> dict[str, Any]:
         if m.magnitude is not None:
             mag = m.magnitude.load()
             out[stem + ".dora_scale"] = mag.reshape(m.out_features, *([1] * (len(m.up.shape) - 1)))
+        if m.bias is not None:  # ComfyUI's .diff_b: the bias delta as it is added (unscaled)
+            bias = m.bias.load()
+            out[stem + ".diff_b"] = bias if m.bias_scale == 1.0 else (bias.float() * m.bias_scale).to(bias.dtype)
+    for lm in adapter.lycoris.values():
+        stem = kohya_name(lm.name)
+        if lm.algo not in _RAW_ROLES or stem + _RAW_ROLES[lm.algo][0][1] in out:
+            raise ValueError(f"LyCORIS module {lm.name} ({lm.algo}) cannot be written as kohya diffs")
+        for role, suffix in _RAW_ROLES[lm.algo]:
+            ref = lm.bias if role == "bias" else lm.tensors.get(role)
+            if ref is not None:
+                out[stem + suffix] = ref.load()
     return out
+
+
+# LyCORIS modules the kohya writer keeps as they are (ComfyUI reads them): role -> key suffix
+_RAW_ROLES: dict[str, tuple[tuple[str, str], ...]] = {
+    "full": (("diff", ".diff"), ("bias", ".diff_b")),
+    "norm": (("w_norm", ".w_norm"), ("bias", ".b_norm")),
+    "bias": (("bias", ".diff_b"),),
+}
 
 
 def write(adapter: Adapter, out_file: Path, metadata: dict[str, str]) -> None:
@@ -262,8 +294,8 @@ FORMAT = Format(
     name="kohya",
     summary="kohya sd-scripts .safetensors (lora_down / lora_up / alpha per module)",
     naming="stem",
-    capabilities=Capabilities(bias=False, extras=False, fan_in_fan_out=False, embedding=False, conv=True, dora=True,
-                              dora_axis="out", per_module_alpha=True, metadata=True, directory=False),
+    capabilities=Capabilities(bias=True, extras=False, fan_in_fan_out=False, embedding=False, conv=True, dora=True,
+                              dora_axis="out", per_module_alpha=True, metadata=True, directory=False, diffs=True),
     detect=lambda keys: 2 if looks_like(keys) else 0,
     read_file=from_tensors,
     write=write,

@@ -23,6 +23,7 @@ from loratool.formats._common import (
     build_module,
     is_unsupported,
     json_config,
+    lora_b_bias,
     open_tensor_file,
 )
 from loratool.formats.names import PEFT_PREFIX
@@ -33,6 +34,7 @@ PREFIX = PEFT_PREFIX
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
+MLX_WEIGHTS = ("adapters.safetensors", "adapters.npz")
 
 # key suffix -> (role in RawModule, is embedding)
 _SUFFIXES: tuple[tuple[str, str, bool], ...] = (
@@ -335,7 +337,7 @@ def _converted_alpha(m: LoraModule, to_rslora: bool) -> float:
     return s * (m.rank**0.5) if to_rslora else s * m.rank
 
 
-def state_dict(adapter: Adapter, alphas: dict[str, float]) -> dict[str, Any]:
+def state_dict(adapter: Adapter) -> dict[str, Any]:
     """Tensors in PEFT key layout. The factors are stored as they are (alpha carries the scale)."""
     out: dict[str, Any] = {}
     for m in adapter.modules.values():
@@ -347,7 +349,7 @@ def state_dict(adapter: Adapter, alphas: dict[str, float]) -> dict[str, Any]:
             out[base + ".lora_A.weight"] = m.down.load()
             out[base + ".lora_B.weight"] = m.up.load()
         if m.bias is not None:
-            out[base + ".lora_B.bias"] = m.bias.load()
+            out[base + ".lora_B.bias"] = lora_b_bias(m)
         if m.magnitude is not None:
             out[base + ".lora_magnitude_vector"] = m.magnitude.load().reshape(-1)
     for key, ref in adapter.extras.items():
@@ -363,7 +365,7 @@ def write(adapter: Adapter, out_dir: Path, metadata: dict[str, str]) -> None:
     for m in adapter.modules.values():
         # the written alpha must reproduce the module's scale exactly
         assert abs(scale_for(alphas[m.name], m.rank, config["use_rslora"]) - m.scale) <= 1e-9 * max(1, abs(m.scale))
-    save_tensors(out_dir / WEIGHTS_NAME, state_dict(adapter, alphas), {"format": "pt", **metadata})
+    save_tensors(out_dir / WEIGHTS_NAME, state_dict(adapter), {"format": "pt", **metadata})
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -376,7 +378,10 @@ def _detect(keys: list[str]) -> int:
 
 
 def _is_adapter_dir(path: Path) -> bool:
-    return (path / CONFIG_NAME).exists() or (path / WEIGHTS_NAME).exists()
+    if (path / WEIGHTS_NAME).exists():
+        return True
+    # mlx-lm directories also hold an adapter_config.json (beside adapters.safetensors / .npz)
+    return (path / CONFIG_NAME).exists() and not any((path / n).exists() for n in MLX_WEIGHTS)
 
 
 FORMAT = Format(

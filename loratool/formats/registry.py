@@ -46,6 +46,9 @@ class Capabilities:
         per_module_alpha: each module its own alpha/scale (otherwise one alpha for the whole file).
         metadata: string metadata in the file (our provenance goes there).
         directory: the output is a directory (else one file).
+        diffs: LyCORIS full / norm / bias diffs kept as they are (`.diff`, `.w_norm`, `.diff_b`:
+            kohya files, which ComfyUI loads). LoHa / LoKr / Tucker modules no writer holds: they
+            are converted to LoRA first (convert --to lora).
     """
 
     bias: bool = False
@@ -58,6 +61,7 @@ class Capabilities:
     per_module_alpha: bool = True
     metadata: bool = True
     directory: bool = False
+    diffs: bool = False
 
 
 # readers: (the opened tensor file, findings) -> Adapter; directory readers: (path, allow_pickle, findings)
@@ -185,6 +189,15 @@ def check_writable(adapter: Adapter, name: str, *, extras: bool = True) -> None:
             if not getattr(caps, capability):
                 subject, _, count = problems.get(capability, (f"module '{m.name}'", why, 0))
                 problems[capability] = (subject, why, count + 1)
+    for lm in adapter.lycoris.values():
+        if lm.algo not in ("full", "norm", "bias"):
+            raise IncompatibleError(
+                f"{where}module '{lm.name}' is a LyCORIS {lm.algo} module, which no writer stores as it is",
+                hint="convert it to plain LoRA: loratool convert PATH --to lora -o OUT",
+            )
+        if not caps.diffs:
+            subject, _, count = problems.get("diffs", (f"module '{lm.name}'", f"is a LyCORIS {lm.algo} diff", 0))
+            problems["diffs"] = (subject, f"is a LyCORIS {lm.algo} diff", count + 1)
     if extras and adapter.extras and not caps.extras:
         problems["extras"] = (f"full tensor '{next(iter(adapter.extras))}'", "is a modules_to_save tensor",
                               len(adapter.extras))

@@ -21,10 +21,18 @@ from loratool.hub.card import model_card
 from loratool.hub.describe import Described, describe
 from loratool.hub.pull import FILE_PATTERNS, PEFT_CONFIG, PICKLE_PATTERNS, PullResult, pull, resolve_path
 from loratool.hub.push import PushResult, push
-from loratool.hub.urls import DEFAULT_REVISION, HF_SCHEME, HfUrl, is_hf_url, parse_hf_url, split_repo_ref
+from loratool.hub.urls import (
+    DEFAULT_REVISION,
+    HF_SCHEME,
+    HfUrl,
+    cached_url,
+    is_hf_url,
+    parse_hf_url,
+    split_repo_ref,
+)
 
 __all__ = [
     "DEFAULT_REVISION", "FILE_PATTERNS", "HF_SCHEME", "PEFT_CONFIG", "PICKLE_PATTERNS", "Described", "HfUrl",
-    "PullResult", "PushResult", "describe", "is_hf_url", "model_card", "parse_hf_url", "pull", "push",
+    "PullResult", "PushResult", "cached_url", "describe", "is_hf_url", "model_card", "parse_hf_url", "pull", "push",
     "resolve_path", "split_repo_ref",
 ]

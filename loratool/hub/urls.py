@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import unquote
 
 from loratool.errors import HubError
@@ -80,6 +81,24 @@ def parse_hf_url(url: str) -> HfUrl:
         raise HubError(f"{url}: bad path inside the repo '{path}'",
                        hint="write the path relative to the repo root, without '.', '..' or '//'")
     return HfUrl(repo_id, revision, path)
+
+
+# a file or folder in the Hugging Face cache: <cache>/models--OWNER--NAME/snapshots/<commit>[/PATH]
+# (the Hub forbids '--' inside names, so the split is unambiguous)
+_CACHED = re.compile(
+    r"(?:^|/)models--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<sha>[0-9a-f]{40})(?:/(?P<path>.*))?$"
+)
+
+
+def cached_url(path: str | os.PathLike[str]) -> str | None:
+    """The hf:// URL, pinned to its commit, of a path in the Hugging Face cache: a file that an
+    `hf://alice/lora` input resolved to is `hf://alice/lora@<sha>/adapter_model.safetensors`.
+    None for any other path. Used for provenance, so outputs name the repo, not a cache folder.
+    """
+    m = _CACHED.search(Path(path).as_posix())
+    if m is None:
+        return None
+    return str(HfUrl(f"{m['owner']}/{m['name']}", m["sha"], (m["path"] or "").strip("/")))
 
 
 def split_repo_ref(ref: str) -> tuple[str, str | None]:

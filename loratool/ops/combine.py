@@ -377,7 +377,7 @@ def _bias(items: list[tuple[LoraModule, float]], out_dtype: torch.dtype) -> Tens
     terms = [(m, w) for m, w in items if m.bias is not None]
     if not terms:
         return None
-    total = sum((m.bias.load().to(torch.float64) * (w * m.scale) for m, w in terms if m.bias is not None),
+    total = sum((m.bias.load().to(torch.float64) * (w * m.bias_scale) for m, w in terms if m.bias is not None),
                 torch.zeros(terms[0][0].out_features, dtype=torch.float64))
     return TensorRef.from_tensor(total.to(out_dtype).contiguous())
 
@@ -447,12 +447,16 @@ def combine(
     """
     import torch
 
+    from loratool.device import resolve_device
     from loratool.formats import check_writable, get_format, read, source_label, writable_formats, write
+    from loratool.hub import resolve_path
 
     check_options(len(paths), weights, method, rank, density, majority_sign, seed)
     if fmt is not None:
         get_format(fmt, writing=True)
-    adapters = [read(Path(p), allow_pickle=allow_pickle) for p in paths]
+    local = [resolve_path(p) for p in paths]
+    device = resolve_device(device)
+    adapters = [read(p, allow_pickle=allow_pickle) for p in local]
     for a in adapters:
         _refuse_unsupported(a)
     groups, warnings = match_modules(adapters)
@@ -470,7 +474,7 @@ def combine(
         Path(out), fmt, method, list(weights), rank, density,
         majority_sign if method in SIGNED else None, seed,
         inputs=[{"path": str(p), "format": a.source_format, "num_modules": len(a.modules)}
-                for p, a in zip(paths, adapters)],
+                for p, a in zip(local, adapters)],
         warnings=warnings,
     )
     base_model, bases = _common([a.base_model for a in adapters])
@@ -506,7 +510,7 @@ def combine(
     report.params = result.lora_params
     params = {"method": method, "weights": list(weights), "rank": rank, "density": density,
               "majority_sign": report.majority_sign, "seed": seed, "dtype": dtype,
-              "inputs": [source_label(p) for p in paths]}
+              "inputs": [source_label(p) for p in local]}
     written = write(result, out, fmt=fmt, force=force, op="combine", params=params, sources=result.files)
     report.size = _size(written)
     return report

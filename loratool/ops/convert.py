@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from loratool.adapter import Adapter, LoraModule
+from loratool.adapter import Adapter, LoraModule, LycoModule
 from loratool.errors import IncompatibleError
+from loratool.runtimes import RUNTIME_OF_FORMAT
 from loratool.st import TensorRef
 
 SCHEMA = 1
@@ -44,6 +45,9 @@ class ModuleConvert:
     alpha: float  # as read
     scale: float  # the effective scale, unchanged by conversion
     placed_by: str  # "base", "rules" (kohya naming rules) or "name" (translated from the name alone)
+    from_algo: str = "lora"  # the LyCORIS algo a module was converted from (loha, lokr, tucker, full)
+    exact_rank: int | None = None  # rank of the exact LoRA form of a LyCORIS module
+    rel_error: float = 0.0  # ||ΔW − ΔW_lora||_F / ||ΔW||_F (0 unless truncated)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -151,6 +155,7 @@ def convert(
     base: str | os.PathLike[str] | None = None,
     force: bool = False,
     allow_pickle: bool = False,
+    rank: int | None = None,
     for_runtime: str | None = None,
     drop: bool = False,
     dora_to_lora: str | os.PathLike[str] | None = None,
@@ -158,7 +163,8 @@ def convert(
     """Convert an adapter to another format (or rewrite it in its own), keeping every delta exact.
 
     Args:
-        to: "peft" (a directory), "kohya" or "diffusers" (one file); default: the runtime's format.
+        to: "peft" (a directory), "kohya" or "diffusers" (one file); default: the runtime's format;
+            "lora": the source's own format with every LyCORIS module turned into plain LoRA factors.
         for_runtime: a runtime name (loratool.runtimes): write the layout it serves exactly (one rank
             and one alpha where it reads one, see ops.runtime.prepare_for).
         drop: with for_runtime, remove what the runtime cannot hold (with a warning) instead of refusing.
@@ -166,6 +172,9 @@ def convert(
             base's weights, an approximation whose relative error per module is reported.
         base: the base model (file or directory); kohya names are placed by its keys, every module
             must match one of its weights, and factors take its layout (linear vs 1x1 conv).
+        rank: LyCORIS modules become LoRA factors of at most this rank (the best truncation, its
+            error reported per module); None keeps them exact. Full 2-D diffs become LoRA only
+            with a rank; without one they stay full diffs (kohya output only).
 
     Raises:
         IncompatibleError: names that cannot be placed (listed), modules that do not fit `base`,
@@ -174,7 +183,8 @@ def convert(
         FormatError, OutputExistsError.
     """
     from loratool.formats import check_writable, get_format, read, require_plain, source_label, write
-    from loratool.formats.rename import FOREIGN, target_names
+    from loratool.formats.rename import FOREIGN, stored_name, target_names
+    from loratool.hub import resolve_path
 
     runtime = None
     if for_runtime is not None:
@@ -187,12 +197,30 @@ def convert(
         to = runtime.writes
     if to is None:
         raise IncompatibleError("no output format", hint="give --to FORMAT or --for RUNTIME")
+    if runtime is None and to in RUNTIME_OF_FORMAT:
+        from loratool.ops.runtime import get_runtime
+
+        runtime = get_runtime(RUNTIME_OF_FORMAT[to])
+    if to != "lora":
+        get_format(to, writing=True)  # an unknown target is refused before anything is read
+    path = resolve_path(path)
+    base = resolve_path(base) if base is not None else None
+    adapter = read(path, allow_pickle=allow_pickle)
+    require_plain(adapter, "convert", lycoris=True)
+    if to == "lora":
+        to = adapter.source_format
     target = get_format(to, writing=True)
-    adapter = read(Path(path), allow_pickle=allow_pickle)
-    require_plain(adapter, "convert")
-    if not adapter.modules:
+    if rank is not None and rank < 1:
+        raise IncompatibleError(f"--rank {rank}: must be at least 1")
+    lyco_rows: dict[str, tuple[str, int, float]] = {}
+    lyco_warnings: list[str] = []
+    if adapter.lycoris:
+        base_path = Path(base) if base is not None else None
+        adapter, lyco_rows, lyco_warnings = _lycoris_to_lora(adapter, to, rank, base_path)
+    if not adapter.modules and not adapter.lycoris:
         raise IncompatibleError(f"{path}: holds no LoRA modules to convert")
-    report = ConvertReport(Path(out), Path(path), adapter.source_format, to, Path(base) if base is not None else None)
+    report = ConvertReport(Path(out), Path(path), adapter.source_format, to, Path(base) if base is not None else None,
+                           warnings=lyco_warnings)
     as_read = adapter.modules  # the report shows each module's rank, alpha and scale as read
     if dora_to_lora is not None:
         from loratool.ops.runtime import dora_to_lora as fold
@@ -237,12 +265,22 @@ def convert(
         seen[new] = name
 
     modules: dict[str, LoraModule] = {}
+    kept_lyco: dict[str, LycoModule] = {}
     for name, m in adapter.modules.items():
         new, by = names[name]
         fitted = _fit_layout(m, shapes[matched[name]]) if matched is not None else m
         modules[new] = fitted.with_(name=new)
         orig = as_read[name]
-        report.modules.append(ModuleConvert(name, new, fitted.kind, orig.rank, orig.alpha, orig.scale, by))
+        algo, exact, err = lyco_rows.get(name, ("lora", None, 0.0))
+        report.modules.append(ModuleConvert(name, new, fitted.kind, orig.rank, orig.alpha, orig.scale, by, algo,
+                                            exact, err))
+    for name, lm in adapter.lycoris.items():  # full / norm / bias diffs kept as they are (kohya only)
+        new = stored_name(to, name)
+        if new in seen:
+            raise IncompatibleError(f"{path}: modules '{seen[new]}' and '{name}' would both be written as '{new}'")
+        seen[new] = name
+        kept_lyco[new] = replace(lm, name=new)
+        report.modules.append(ModuleConvert(name, new, lm.kind, lm.rank, lm.alpha or 0.0, lm.scale, "name", lm.algo))
     # a PEFT source keeps its config (task_type, modules_to_save, ...) when its names stay; any other
     # source gets a fresh one from the writer. kohya metadata (ss_*) stays only in kohya files.
     keep_config = adapter.source_format == "peft" and to == "peft"
@@ -253,6 +291,7 @@ def convert(
         metadata=adapter.metadata if adapter.source_format == to == "kohya" else {},
         source_format=to,
         source_modules=adapter.source_modules if keep_config else (),
+        lycoris=kept_lyco,
     )
     report.extras = sorted(converted.extras)
     params: dict[str, Any] = {"to": to, "base": None if base is None else source_label(base)}
@@ -264,3 +303,71 @@ def convert(
     report.size = sum(f.stat().st_size for f in written.iterdir() if f.is_file()) if written.is_dir() else \
         written.stat().st_size
     return report
+
+
+# conv-like module names: a LyCORIS conv stored flattened (LoHa, LoKr w2_b) cannot show its kernel
+_CONV_HINTS = ("conv", "resnets", "downsamplers", "upsamplers", "skip_connection", "in_layers", "out_layers",
+               "_op", ".op")
+
+
+def _lycoris_to_lora(
+    adapter: Adapter, to: str, rank: int | None, base: Path | None
+) -> tuple[Adapter, dict[str, tuple[str, int, float]], list[str]]:
+    """LoRA factors for every LyCORIS module that has them (linalg.lyco_to_lora), in the stored dtype.
+
+    The base (when given) decides the layout of convs a LyCORIS file stores flattened; full/norm/bias
+    diffs without a LoRA form stay LycoModules, which only kohya files hold.
+
+    Returns:
+        the adapter with the new LoraModules, name -> (algo, exact rank, relative error), warnings.
+    """
+    import torch
+
+    from loratool.linalg import lyco_to_lora
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    if base is not None:
+        from loratool.keymap import match_modules
+        from loratool.st import open_checkpoint
+
+        ckpt = open_checkpoint(base)
+        match = match_modules(list(adapter.lycoris.values()), ckpt.tensors)
+        shapes = {n: tuple(ckpt.tensors[k].shape) for n, k in match.matched.items()}
+    modules = dict(adapter.modules)
+    kept: dict[str, LycoModule] = {}
+    rows: dict[str, tuple[str, int, float]] = {}
+    flattened: list[str] = []
+    for name, lm in adapter.lycoris.items():
+        convertible = lm.algo in ("loha", "lokr", "tucker") or (
+            lm.algo == "full" and len(lm.delta_shape) >= 2 and rank is not None)
+        if not convertible:
+            kept[name] = lm
+            continue
+        form = lyco_to_lora(lm, rank)
+        shape = shapes.get(name, lm.delta_shape)
+        if name not in shapes and len(shape) == 2 and any(h in name for h in _CONV_HINTS):
+            flattened.append(name)
+        k = form.up.shape[1]
+        dtype = getattr(torch, next(iter(lm.tensors.values())).dtype)
+        down = form.down.reshape(k, *shape[1:]) if len(shape) > 2 else form.down
+        up = form.up.reshape(shape[0], k, *([1] * (len(shape) - 2)))
+        modules[name] = LoraModule(
+            name=name, down=TensorRef.from_tensor(down.to(dtype).contiguous()),
+            up=TensorRef.from_tensor(up.to(dtype).contiguous()), alpha=float(k), alpha_source="tensor",
+            bias=lm.bias, bias_scaled=False, kind="conv" if len(shape) > 2 else "linear",
+        )
+        rows[name] = (lm.algo, form.exact_rank, form.rel_error)
+    from loratool.formats import LYCO_NAMES, get_format
+
+    if kept and not get_format(to).capabilities.diffs:
+        name, lm = next(iter(kept.items()))
+        raise IncompatibleError(
+            f"{adapter.path}: module '{name}' is {LYCO_NAMES[lm.algo]}, which has no LoRA form and which {to} "
+            f"files cannot hold ({len(kept)} such module(s))",
+            hint="convert to kohya (--to kohya keeps .diff/.w_norm/.diff_b tensors, which ComfyUI loads)"
+            + ("; a full 2-D diff becomes LoRA with --rank N" if lm.algo == "full" else ""),
+        )
+    warnings = [f"{len(flattened)} LyCORIS module(s) look like convolutions stored flattened "
+                f"({', '.join(flattened[:3])}); their LoRA factors are 2-D (out, in·kh·kw). Pass --base to "
+                "write them in the conv layout"] if flattened else []
+    return adapter.with_modules(modules, lycoris=kept), rows, warnings

@@ -280,7 +280,9 @@ def extract(
         IncompatibleError: bad options, shape mismatches, nothing changed, content the format
             cannot hold. FormatError, OutputExistsError.
     """
+    from loratool.device import resolve_device
     from loratool.formats import get_format
+    from loratool.hub import resolve_path
     from loratool.st import open_checkpoint
 
     if rank is None and threshold is None:
@@ -296,6 +298,7 @@ def extract(
     if save_changed and not (caps.extras and caps.bias):
         raise IncompatibleError(f"--save-changed stores full tensors and bias deltas, which {fmt} files cannot hold",
                                 hint="write PEFT (--format peft), or drop --save-changed")
+    base, tuned, device = resolve_path(base), resolve_path(tuned), resolve_device(device)
     base_ckpt, tuned_ckpt = open_checkpoint(base), open_checkpoint(tuned)
     report = ExtractReport(Path(out), Path(base), Path(tuned), fmt, rank, threshold, device)
     pairs = _plan(base_ckpt, tuned_ckpt, modules=modules, embeddings=embeddings, report=report)

@@ -80,6 +80,23 @@ class InspectReport:
                 sp = self.spectra[m.name]
                 row.update(singular_values=sp.singular_values, rank_90=sp.rank_90, rank_99=sp.rank_99)
             modules.append(row)
+        lyco = [
+            {
+                "name": m.name,
+                "algo": m.algo,
+                "kind": m.kind,
+                "out_features": m.out_features,
+                "in_features": m.in_features,
+                "rank": m.rank,
+                "alpha": None if m.alpha is None else _num(m.alpha),
+                "alpha_source": m.alpha_source,
+                "scale": m.scale,
+                "bias": m.bias is not None,
+                "dtype": m.dtype,
+                "tensors": {role: list(ref.shape) for role, ref in m.refs()},
+            }
+            for m in a.lycoris.values()
+        ]
         return {
             "schema": SCHEMA,
             "format": a.source_format,
@@ -96,6 +113,10 @@ class InspectReport:
             "config": a.config or None,
             "extras": [{"name": k, "shape": list(t.shape), "dtype": t.dtype} for k, t in a.extras.items()],
             "unsupported": list(a.unsupported),
+            "num_lycoris": len(lyco),
+            "lycoris_kinds": dict(Counter(m.algo for m in a.lycoris.values()).most_common()),
+            "lycoris_params": sum(m.params for m in a.lycoris.values()),
+            "lycoris_modules": lyco,
             "warnings": self.warnings,
             "modules": modules,
         }
@@ -127,14 +148,18 @@ def inspect_adapter(
     Raises:
         FormatError, IncompatibleError: the adapter cannot be read.
     """
-    p = Path(path)
+    from loratool.hub import resolve_path
+
+    p = resolve_path(path)
     findings = Findings()  # strict: errors raise; warnings (implied alpha, missing config) are kept
     adapter = read(p, allow_pickle=allow_pickle, findings=findings)
     size = sum(f.stat().st_size for f in adapter.files if f.exists())
     report = InspectReport(adapter, p, size, warnings=[f.message for f in findings.items])
     if spectrum:
+        from loratool.device import resolve_device
         from loratool.linalg import energy_rank
 
+        device = resolve_device(device)
         mods = report.modules
         for i, m in enumerate(mods):
             s = _spectrum(m, p, device)

@@ -153,7 +153,7 @@ def _tensor_step(
             out = cast(new, out_dtype)
             if stats:
                 assert acc is not None
-                dora = any(c.module.magnitude is not None for c in contribs)
+                dora = any(getattr(c.module, "magnitude", None) is not None for c in contribs)
                 acc_norm, rel_change, cast_error = merge_change(w32, new, acc, out, dora=dora)
                 report.tensors.append(TensorStat(key, name, sorted({c.module.name for c in contribs}), acc_norm,
                                                  rel_change, cast_error))
@@ -217,6 +217,7 @@ def merge(
     Raises:
         IncompatibleError, FormatError, OutputExistsError, LoratoolError (disk full).
     """
+    from loratool.hub import resolve_path
     from loratool.st import open_checkpoint
 
     if not adapters:
@@ -228,7 +229,8 @@ def merge(
         raise IncompatibleError(f"--weights must be finite numbers, got {weights}")
     if dtype not in OUT_DTYPES:
         raise IncompatibleError(f"--dtype {dtype}: unknown", hint="use keep, fp32, fp16 or bf16")
-    base_path = Path(base)
+    base_path = resolve_path(base)
+    adapters = [resolve_path(a) for a in adapters]
     ckpt = open_checkpoint(base_path)
     # the base's sha256 starts now, while torch is imported and the adapters are read (a core is
     # idle then), and later stays at most 1 GiB ahead of the merge, so the disk is read once
@@ -254,7 +256,7 @@ def _merge(
     loaded = []
     for p in adapters:
         a = read(Path(p), allow_pickle=allow_pickle)
-        require_plain(a, "merge")
+        require_plain(a, "merge", lycoris=True)
         loaded.append(a)
     plan, warnings = plan_merge(loaded, weights, ckpt, allow_unmatched=allow_unmatched, unmerge=unmerge)
     report = MergeReport(Path(out), base_path, [Path(p) for p in adapters], weights, unmerge, dtype, device,

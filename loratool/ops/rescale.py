@@ -102,6 +102,12 @@ def rescale_module(m: LoraModule, mode: str, value: float | None) -> tuple[LoraM
         new = m.with_(rslora=False, alpha=m.scale * m.rank)
     else:
         raise IncompatibleError(f"unknown rescale mode {mode!r}")
+    if m.bias is not None and new.bias_scale != 0.0:
+        # the bias delta as applied (stored · bias_scale) follows the weight delta: × factor
+        ratio_b = factor * m.bias_scale / new.bias_scale
+        if ratio_b != 1.0:
+            bias = m.bias.load()
+            new = new.with_(bias=TensorRef.from_tensor((bias.float() * ratio_b).to(bias.dtype)))
     if new.alpha != m.alpha:
         new = new.with_(alpha_source="config" if m.alpha_source in ("config", "pattern") else new.alpha_source)
     return new, ModuleRescale(m.name, m.alpha, new.alpha, m.scale, new.scale, factor)
@@ -129,6 +135,7 @@ def rescale(
         IncompatibleError: bad option values; FormatError; OutputExistsError.
     """
     from loratool.formats import check_writable, read, require_plain, write
+    from loratool.hub import resolve_path
 
     if mode not in MODES:
         raise IncompatibleError(f"unknown rescale mode {mode!r}")
@@ -137,7 +144,7 @@ def rescale(
             raise IncompatibleError(f"--{mode} needs a finite number, got {value}")
         if mode == "alpha" and value == 0:
             raise IncompatibleError("--alpha 0 would make every delta zero", hint="use --factor 0 to zero an adapter")
-    adapter = read(Path(path), allow_pickle=allow_pickle)
+    adapter = read(resolve_path(path), allow_pickle=allow_pickle)
     require_plain(adapter, "rescale")
     check_writable(adapter, fmt or adapter.source_format)  # before the maths; write checks again
     chosen = set(select(adapter, modules))

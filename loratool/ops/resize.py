@@ -163,7 +163,9 @@ def resize(
         IncompatibleError: bad option combination, no module selected, unsupported tensors.
         FormatError, OutputExistsError.
     """
+    from loratool.device import resolve_device
     from loratool.formats import check_writable, read, require_plain, write
+    from loratool.hub import resolve_path
     from loratool.linalg import RANK_METHODS
 
     if threshold is not None and method is None:
@@ -181,8 +183,9 @@ def resize(
         if val is not None and val < 1:
             raise IncompatibleError(f"{opt} {val}: must be at least 1")
 
-    adapter = read(Path(path), allow_pickle=allow_pickle)
-    require_plain(adapter, "resize")
+    adapter = read(resolve_path(path), allow_pickle=allow_pickle)
+    device = resolve_device(device)
+    require_plain(adapter, "resize", diffs=True)  # full / norm / bias diffs are written back unchanged
     check_writable(adapter, fmt or adapter.source_format)  # before the maths; write checks again
     chosen = set(select(adapter, modules))
     report = ResizeReport(Path(out), fmt or adapter.source_format, method or "rank", threshold, rank)

@@ -19,7 +19,7 @@ from typing import Any
 
 from loratool.adapter import Adapter, LoraModule, scale_for
 from loratool.errors import IncompatibleError
-from loratool.formats._common import Findings
+from loratool.formats import Findings
 from loratool.runtimes import NAMES, RUNTIMES, Runtime
 from loratool.st import TensorRef
 

@@ -78,7 +78,10 @@ def validate_adapter(
     Raises:
         FormatError: the adapter (or base) cannot be read at all (corrupt header, not a LoRA file).
     """
-    p = Path(path)
+    from loratool.hub import resolve_path
+
+    p = resolve_path(path)
+    base = resolve_path(base) if base is not None else None
     runtime = None
     if for_runtime is not None:
         from loratool.ops.runtime import get_runtime
@@ -89,7 +92,9 @@ def validate_adapter(
     # modules the reader had to drop (broken pairs, shape or config mismatches) still count
     broken = {f.module for f in findings.items if f.severity == "error" and f.module} - set(adapter.modules)
     broken -= set(adapter.extras)
-    report = ValidationReport(p, adapter.source_format, len(adapter.modules) + len(broken), findings.items, strict)
+    broken -= set(adapter.lycoris)
+    report = ValidationReport(p, adapter.source_format, len(adapter.modules) + len(adapter.lycoris) + len(broken),
+                              findings.items, strict)
     _check_unsupported(adapter, findings)
     _check_dtypes(adapter, findings)
     _check_values(adapter, findings, progress)
@@ -105,7 +110,7 @@ def validate_adapter(
 
 
 def _check_unsupported(adapter: Adapter, findings: Findings) -> None:
-    if adapter.unsupported and not adapter.modules and not findings.items:
+    if adapter.unsupported and not adapter.modules and not adapter.lycoris and not findings.items:
         key = adapter.unsupported[0]
         findings.error("no-lora-tensors", None,
                        f"{adapter.path}: holds only unsupported tensors ({unsupported_family(key)}, e.g. '{key}'); "
@@ -143,6 +148,14 @@ def _check_values(adapter: Adapter, findings: Findings, progress: Progress | Non
                                  f"{ref.source}: up of module '{m.name}' is all zeros; the delta is zero")
         if progress:
             progress(i + 1, len(mods))
+    for lm in adapter.lycoris.values():
+        for role, ref in lm.refs():
+            t = _checkable(ref.load())
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                nan = int(torch.isnan(t).sum())
+                inf = int(torch.isinf(t).sum())
+                findings.error("non-finite", lm.name,
+                               f"{ref.source}: {role} of module '{lm.name}' has {nan} NaN and {inf} Inf values")
     for key, ref in adapter.extras.items():
         t = _checkable(ref.load())
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -160,7 +173,7 @@ def _check_base(adapter: Adapter, base: Path, findings: Findings) -> dict[str, s
     from loratool.st import open_checkpoint
 
     ckpt = open_checkpoint(base)
-    match = match_modules(list(adapter.modules.values()), ckpt.tensors)
+    match = match_modules([*adapter.modules.values(), *adapter.lycoris.values()], ckpt.tensors)
     for name in match.unmatched:
         findings.error("unmatched-module", name,
                        f"{adapter.path}: module '{name}' matches no weight in {base}")
@@ -185,7 +198,7 @@ def _check_base(adapter: Adapter, base: Path, findings: Findings) -> dict[str, s
             findings.error("base-shape-mismatch", key,
                            f"{adapter.path}: saved module tensor '{key}' is {ref.shape} but {base}: "
                            f"'{hits[0]}' is {ckpt.tensors[hits[0]].shape}")
-    if adapter.modules and not match.matched:
+    if (adapter.modules or adapter.lycoris) and not match.matched:
         findings.items.append(Finding("error", "no-match", None,
                                       f"{adapter.path}: none of its {len(adapter.modules)} modules match {base}; "
                                       "is this the right base model?"))

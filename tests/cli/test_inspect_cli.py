@@ -100,11 +100,11 @@ def test_kohya_json_document(make_adapter):
     path = make_adapter(fmt="kohya", modules={stored: (32, 24), conv: (16, 8, 3, 3)}, rank=4,
                         alpha={stored: 2, conv: None}, dtype="float16",
                         metadata={"ss_network_dim": "4", "ss_sd_model_name": "sd15.ckpt", "modelspec.title": "x"},
-                        extra_tensors={"lora_unet_mid_block_attentions_0_proj_out.hada_w1_a": torch.ones(4, 2)})
+                        extra_tensors={"lora_unet_mid_block_attentions_0_proj_out.oft_blocks": torch.ones(4, 2, 2)})
     doc = inspect_json(path)
     assert doc["format"] == "kohya" and doc["base_model"] == "sd15.ckpt"
     assert doc["metadata"] == {"ss_network_dim": "4", "ss_sd_model_name": "sd15.ckpt", "modelspec.title": "x"}
-    assert doc["unsupported"] == ["lora_unet_mid_block_attentions_0_proj_out.hada_w1_a"]
+    assert doc["unsupported"] == ["lora_unet_mid_block_attentions_0_proj_out.oft_blocks"]
     assert doc["lora_params"] == lora_numel(load_file(path))
     rows = {m["name"]: m for m in doc["modules"]}
     assert {k: rows[stored][k] for k in MODULE_KEYS} == {

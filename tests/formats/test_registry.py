@@ -62,13 +62,17 @@ WRITES = {
 
 
 @pytest.mark.parametrize("op", sorted(WRITES))
-def test_kohya_output_refuses_lora_bias(make_adapter, tmp_path, op):
+def test_kohya_output_keeps_lora_bias_as_diff_b(make_adapter, tmp_path, op):
+    # kohya files hold a bias delta as ComfyUI's unscaled `.diff_b` (issue #15): the bias as applied,
+    # scale · lora_B.bias, times the operation's own factor (rescale 0.5), is kept, never dropped
     src = _with_bias(make_adapter)
     out = tmp_path / "k.safetensors"
-    with pytest.raises(IncompatibleError, match=rf"'{Q}' has a LoRA bias delta.*kohya files cannot hold") as exc:
-        WRITES[op](src, out)
-    assert "peft" in (exc.value.hint or "")
-    assert not out.exists()
+    WRITES[op](src, out)
+    bias = load_file(str(src / "adapter_model.safetensors"))[f"base_model.model.{Q}.lora_B.bias"]
+    scale = 8 / 4  # the factory's alpha / rank
+    factor = 0.5 if op == "rescale" else 1.0
+    got = load_file(str(out))["lora_unet_model_layers_0_self_attn_q_proj.diff_b"]
+    torch.testing.assert_close(got, bias * scale * factor)
 
 
 @pytest.mark.parametrize("op", sorted(WRITES))
@@ -104,9 +108,9 @@ def test_cli_format_choices_come_from_the_registry():
     assert "diffusers" in writable_formats()
     for name in ("rescale", "resize", "combine"):
         assert _choices(cli.commands[name], "fmt") == writable_formats(), name
-    assert _choices(cli.commands["convert"], "to") == writable_formats()
+    assert _choices(cli.commands["convert"], "to") == (*writable_formats(), "lora")  # lora: LyCORIS -> LoRA
     # extract names modules by checkpoint paths: the writable formats that do not need components
-    assert _choices(cli.commands["extract"], "fmt") == ("peft", "kohya")
+    assert _choices(cli.commands["extract"], "fmt") == ("peft", "kohya", "mlx")
 
 
 def test_cli_writes_diffusers(tmp_path):
@@ -126,7 +130,7 @@ def test_cli_writes_diffusers(tmp_path):
 
 
 def test_every_builtin_format_has_a_complete_record():
-    assert format_names() == ("peft", "kohya", "diffusers")
+    assert format_names()[:3] == ("peft", "kohya", "diffusers") and "mlx" in format_names()
     for name in format_names():
         rec = get_format(name)
         assert rec.name == name and rec.summary and rec.naming in ("path", "component", "stem")
@@ -135,8 +139,8 @@ def test_every_builtin_format_has_a_complete_record():
 
 
 def test_unknown_and_read_only_formats_are_refused():
-    with pytest.raises(IncompatibleError, match="'gguf'") as exc:
-        get_format("gguf", writing=True)
+    with pytest.raises(IncompatibleError, match="'onnx'") as exc:
+        get_format("onnx", writing=True)
     assert "peft, kohya, diffusers" in (exc.value.hint or "")
 
 

@@ -30,7 +30,8 @@ def test_push_then_pull_into_a_fresh_cache(run_cli: Cli, hub: HubServer, tmp_pat
     assert doc["card"] == "generated" and doc["created_repo"] and doc["revision"] == "main"
     assert doc["commit"] == hub.repos["alice/llama-lora"].branches["main"]
     assert doc["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
-    assert hub.files_at("alice/llama-lora")["README.md"].startswith(b'---\nbase_model: "tiny-llama"\nlibrary_name: peft\n')
+    card = hub.files_at("alice/llama-lora")["README.md"]
+    assert card.startswith(b'---\nbase_model: "tiny-llama"\nlibrary_name: peft\n')
 
     fresh = tmp_path / "fresh_home"
     r = run_cli("pull", "alice/llama-lora", home=fresh)

@@ -676,7 +676,7 @@ def test_cli_needs_two_adapters_and_respects_force(tmp_path, capsys):
         assert "lora_unet_in_blocks_0_attn1_to_q.lora_up.weight" in f.keys()  # noqa: SIM118
 
 
-def test_lora_bias_is_summed_exactly_and_kohya_refuses_it(tmp_path):
+def test_lora_bias_is_summed_exactly_and_kohya_keeps_it(tmp_path):
     specs, biases = [], []
     for i, (rank, alpha, rslora) in enumerate(((4, 8.0, True), (2, 1.0, False))):
         spec = peft_adapter(tmp_path / f"in{i}", llama(("q_proj",), layers=(0,)), rank=rank, alpha=alpha,
@@ -696,8 +696,11 @@ def test_lora_bias_is_summed_exactly_and_kohya_refuses_it(tmp_path):
     ref = sum(w * s.modules[name][2] * b for s, w, b in zip(specs, weights, biases))
     np.testing.assert_allclose(sd[f"{PREFIX}{name}.lora_B.bias"].double().numpy(), ref, rtol=1e-6, atol=1e-7)
     assert json.loads((tmp_path / "o" / "adapter_config.json").read_text())["lora_bias"] is True
-    with pytest.raises(IncompatibleError, match="lora_bias"):
-        combine([s.path for s in specs], tmp_path / "k.safetensors", weights=weights, method="cat", fmt="kohya")
+    # kohya keeps the summed bias as ComfyUI's unscaled .diff_b (issue #15), never drops it
+    combine([s.path for s in specs], tmp_path / "k.safetensors", weights=weights, method="cat", fmt="kohya")
+    kd = load_file(str(tmp_path / "k.safetensors"))
+    np.testing.assert_allclose(kd["lora_unet_model_layers_0_self_attn_q_proj.diff_b"].double().numpy(), ref,
+                               rtol=1e-6, atol=1e-7)
 
 
 def test_provenance_names_inputs_without_absolute_paths(tmp_path):

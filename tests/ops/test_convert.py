@@ -380,7 +380,8 @@ def test_cli_json_and_summary(tmp_path, capsys):
     assert doc["num_modules"] == 14 and doc["base"] is None
     row = next(m for m in doc["modules"] if m["name"] == "model.layers.0.self_attn.v_proj")
     assert row == {"name": "model.layers.0.self_attn.v_proj", "new_name": "lora_unet_model_layers_0_self_attn_v_proj",
-                   "kind": "linear", "rank": 4, "alpha": 16.0, "scale": 4.0, "placed_by": "name"}
+                   "kind": "linear", "rank": 4, "alpha": 16.0, "scale": 4.0, "placed_by": "name",
+                   "from_algo": "lora", "exact_rank": None, "rel_error": 0.0}
     code, out, _ = run_cli(["convert", PEFT_LLAMA, "--to", "kohya", "-o", tmp_path / "k.safetensors",
                                      "--force"])
     assert code == 0 and out.strip().splitlines()[-1].startswith(

@@ -119,22 +119,21 @@ def test_duplicate_module_two_naming_styles(tmp_path):
 
 
 def test_unsupported_tensor_is_a_warning_next_to_plain_lora(make_adapter):
-    loha = "lora_unet_mid_block_attentions_0_proj_out"
-    path = make_adapter(fmt="kohya", extra_tensors={f"{loha}.hada_w1_a": torch.ones(8, 2),
-                                                    f"{loha}.hada_w1_b": torch.ones(2, 8)})
+    oft = "lora_unet_mid_block_attentions_0_proj_out"
+    path = make_adapter(fmt="kohya", extra_tensors={f"{oft}.oft_blocks": torch.ones(4, 2, 2)})
     report = validate_adapter(path)
     f = finding(report, "unsupported-tensor")
-    assert f.severity == "warning" and "LoHa" in f.message and "hada_w1" in f.message
+    assert f.severity == "warning" and "OFT" in f.message and "oft_blocks" in f.message
     assert report.ok  # the plain LoRA part is fine
     assert not validate_adapter(path, strict=True).ok
 
 
 def test_only_unsupported_tensors_is_an_error(tmp_path):
-    path = tmp_path / "lokr.safetensors"
-    save_file({"lora_unet_x.lokr_w1": torch.ones(4, 4), "lora_unet_x.lokr_w2": torch.ones(8, 8)}, str(path))
+    path = tmp_path / "oft.safetensors"
+    save_file({"lora_unet_x.oft_blocks": torch.ones(4, 4, 4), "lora_unet_x.alpha": torch.tensor(1.0)}, str(path))
     report = validate_adapter(path)
     assert codes(report, "error") == ["no-lora-tensors"]
-    assert "LoKr" in finding(report, "no-lora-tensors").message
+    assert "OFT" in finding(report, "no-lora-tensors").message
     assert not report.ok
 
 

@@ -1,0 +1,243 @@
+"""MLX (mlx-lm): a directory with adapters.safetensors + adapter_config.json, or an older adapters.npz.
+
+Facts read from ml-explore/mlx-lm (mlx_lm/tuner/lora.py, mlx_lm/tuner/dora.py, mlx_lm/tuner/utils.py):
+
+- keys are the module paths of the MLX model (`model.layers.0.self_attn.q_proj`, the same paths as
+  transformers for the common LLMs) + `.lora_a` / `.lora_b`; DoRA adds `.m` (one magnitude per output
+  row, as peft);
+- factors are stored transposed: `lora_a` is (in, r) and `lora_b` (r, out), the layer computing
+  `y + scale · (x @ lora_a) @ lora_b`; so down = lora_aᵀ and up = lora_bᵀ. An embedding stores
+  `lora_a` (num_embeddings, r) and `lora_b` (r, dims) with ΔW = scale · lora_a @ lora_b: the same
+  transposition of peft's lora_embedding_A / _B;
+- the config holds one `lora_parameters` {rank, scale, dropout, keys} for every module, where
+  `scale` is the direct multiplier (no alpha / r), `keys` the module paths inside each transformer
+  block (or from the model root) that get a LoRA layer, `num_layers` how many blocks from the end
+  get them (-1: all), `fine_tune_type` "lora", "dora" or "full". load_adapters builds every listed
+  layer with that one rank and scale, then loads the file.
+
+One rank and one scale is all the format can say, so the writer is handed an adapter already made
+uniform (ops.runtime.prepare_for pads ranks and bakes scales, both exact).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from loratool.adapter import Adapter, LoraModule
+from loratool.errors import FormatError, IncompatibleError
+from loratool.formats._common import Findings, RawModule, TensorFile, build_module, json_config, open_tensor_file
+from loratool.formats.registry import Capabilities, Format
+from loratool.st import TensorRef
+
+WEIGHTS_NAME = "adapters.safetensors"
+NPZ_NAME = "adapters.npz"
+CONFIG_NAME = "adapter_config.json"
+DEFAULT_SCALE = 20.0  # LoRALinear's default scale in mlx-lm, for an .npz with no config beside it
+
+_SUFFIXES = ((".lora_a", "down"), (".lora_b", "up"), (".m", "magnitude"))
+# module paths of embedding layers (their lora_a is (num_embeddings, r)); the names say it, the shapes cannot
+_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings|embed_in)$")
+_LAYER = re.compile(r"^(?:.*\.)?layers\.\d+\.(.+)$")
+
+
+class Transposed(TensorRef):
+    """A lazy transpose of a 2-D TensorRef: the shape is known at once, the bytes read on load()."""
+
+    __slots__ = ("_inner",)
+
+    def __init__(self, inner: TensorRef) -> None:
+        super().__init__(tuple(reversed(inner.shape)), inner.dtype, None, None)
+        self._inner = inner
+
+    @property
+    def source(self) -> str:
+        return self._inner.source
+
+    def load(self) -> Any:
+        return self._inner.load().T.contiguous()
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    for suffix, role in _SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role
+    return None
+
+
+def looks_like(keys: list[str]) -> bool:
+    return any(k.endswith(".lora_a") for k in keys) and any(k.endswith(".lora_b") for k in keys)
+
+
+def is_mlx_dir(path: Path) -> bool:
+    return (path / WEIGHTS_NAME).is_file() or (path / NPZ_NAME).is_file()
+
+
+def read(path: Path, *, findings: Findings) -> Adapter:
+    """Read an MLX adapter directory, or its adapters.safetensors / adapters.npz file."""
+    root = path if path.is_dir() else path.parent
+    weights = path
+    if path.is_dir():
+        weights = root / WEIGHTS_NAME if (root / WEIGHTS_NAME).is_file() else root / NPZ_NAME
+    tf = open_tensor_file(weights, allow_pickle=False)
+    config_path = root / CONFIG_NAME
+    config: dict[str, Any] = {}
+    if config_path.is_file():
+        config = json_config(config_path, findings) or {}
+    return from_tensors(tf, config, findings, root=path, config_path=config_path if config else None)
+
+
+def from_file(tf: TensorFile, findings: Findings) -> Adapter:
+    """An adapters.safetensors / .npz read on its own: its config is looked for beside it."""
+    config_path = tf.path.parent / CONFIG_NAME
+    config = (json_config(config_path, findings) or {}) if config_path.is_file() else {}
+    return from_tensors(tf, config, findings, root=tf.path, config_path=config_path if config else None)
+
+
+def from_tensors(tf: TensorFile, config: dict[str, Any], findings: Findings, *, root: Path,
+                 config_path: Path | None) -> Adapter:
+    fine_tune = str(config.get("fine_tune_type", "lora"))
+    if fine_tune not in ("lora", "dora"):
+        findings.error("unsupported-type", None,
+                       f"{config_path}: fine_tune_type is {fine_tune!r}; only lora and dora adapters are supported",
+                       exc=FormatError)
+    found = config.get("lora_parameters")
+    params: dict[str, Any] = found if isinstance(found, dict) else {}
+    scale = params.get("scale")
+    rank = params.get("rank")
+    if config_path is None:
+        findings.warning("config-missing", None,
+                         f"{tf.path}: no {CONFIG_NAME} beside it; scale assumed {DEFAULT_SCALE:g} (mlx-lm's default)")
+        scale = DEFAULT_SCALE
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        findings.error("config-invalid", None,
+                       f"{config_path}: lora_parameters.scale must be a number, got {scale!r}", exc=FormatError)
+        scale = DEFAULT_SCALE
+    raw: dict[str, RawModule] = {}
+    unsupported: list[str] = []
+    for key, ref in tf.tensors.items():
+        parts = split_key(key)
+        if parts is None or (parts[1] != "magnitude" and len(ref.shape) != 2):
+            unsupported.append(key)  # quantized LoRA (lora_a_scales ...), MoE switch layers (3-D), full weights
+            continue
+        name, role = parts
+        if role != "magnitude":
+            ref = Transposed(ref)
+        rm = raw.setdefault(name, RawModule())
+        rm.put(role, ref, key, name, findings, tf.path)
+        rm.embedding = bool(_EMBEDDING.search(name))
+    modules: dict[str, LoraModule] = {}
+    for name, rm in raw.items():
+        if rm.down is None and rm.up is None:
+            unsupported.extend(rm.keys)
+            continue
+        r = rm.down.shape[0] if rm.down is not None else None
+        module = build_module(name, rm, alpha=float(scale) * r if r else None, alpha_source="config", rslora=False,
+                              fan_in_fan_out=False, findings=findings, where=tf.path)
+        if module is None:
+            continue
+        if isinstance(rank, int) and not isinstance(rank, bool) and module.rank != rank:
+            findings.error("config-rank-mismatch", name,
+                           f"{tf.path}: module '{name}' has rank {module.rank} but {CONFIG_NAME} "
+                           f"lora_parameters.rank says {rank}",
+                           hint="mlx-lm builds every layer with the config's rank and will refuse the file")
+            continue
+        if (fine_tune == "dora") != (module.magnitude is not None):
+            findings.error("config-inconsistent", name,
+                           f"{tf.path}: module '{name}' {'has no' if fine_tune == 'dora' else 'has a'} DoRA magnitude "
+                           f"(.m) but fine_tune_type is {fine_tune!r}")
+            continue
+        modules[name] = module
+    base = config.get("model")
+    return Adapter(modules=modules, source_format="mlx", config=config, metadata=tf.metadata,
+                   base_model=str(base) if isinstance(base, str) else None, unsupported=unsupported, path=root,
+                   files=[tf.path] + ([config_path] if config_path else []), source_modules=tuple(modules))
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def layer_key(name: str) -> str:
+    """The `lora_parameters.keys` entry that makes mlx-lm wrap this module: its path inside a block."""
+    m = _LAYER.match(name)
+    return m.group(1) if m else name
+
+
+def check_writable(adapter: Adapter) -> None:
+    """Refuse what an MLX adapter cannot hold (one check, before anything is written).
+
+    Raises:
+        IncompatibleError: several ranks or scales (make it uniform first), conv or fan_in_fan_out
+            layers, LoRA bias, full tensors, DoRA on some modules only or on embeddings.
+    """
+    mods = list(adapter.modules.values())
+    ranks = {m.rank for m in mods}
+    scales = {m.scale for m in mods}
+    if len(ranks) > 1 or len(scales) > 1:
+        raise IncompatibleError(f"{adapter.path}: MLX adapters hold one rank and one scale, this one has ranks "
+                                f"{sorted(ranks)} and {len(scales)} scales",
+                                hint="convert with --for mlx (pads ranks and bakes scales, exactly)")
+    bad = [m.name for m in mods if m.kind == "conv" or m.fan_in_fan_out or m.bias is not None]
+    if bad:
+        raise IncompatibleError(f"{adapter.path}: module '{bad[0]}' is a conv or fan_in_fan_out layer or has a "
+                                f"LoRA bias, which mlx-lm adapters cannot hold ({len(bad)} such)")
+    saved = [k for k in adapter.extras if ".base_layer." not in k]
+    if saved:
+        raise IncompatibleError(f"{adapter.path}: full tensor '{saved[0]}' (modules_to_save) cannot be stored in an "
+                                "MLX adapter", hint="convert with --for mlx --drop to leave it out")
+    dora = {m.magnitude is not None for m in mods}
+    if len(dora) > 1 or (True in dora and any(m.kind == "embedding" for m in mods)):
+        raise IncompatibleError(f"{adapter.path}: DoRA on some modules only (or on an embedding); mlx-lm's "
+                                "fine_tune_type is one for all layers",
+                                hint="--dora-to-lora BASE writes plain LoRA for every module")
+
+
+def write(adapter: Adapter, out_dir: Path, metadata: dict[str, str]) -> None:
+    """Write `adapter` (uniform: see check_writable) as an MLX directory into the empty `out_dir`."""
+    from loratool.st import save_tensors
+
+    check_writable(adapter)
+    mods = list(adapter.modules.values())
+    tensors: dict[str, Any] = {}
+    for m in mods:
+        tensors[m.name + ".lora_a"] = m.down.load().T.contiguous()  # (r, in) -> (in, r)
+        tensors[m.name + ".lora_b"] = m.up.load().T.contiguous()  # (out, r) -> (r, out)
+        if m.magnitude is not None:
+            tensors[m.name + ".m"] = m.magnitude.load().reshape(-1)
+    save_tensors(out_dir / WEIGHTS_NAME, tensors, {"format": "mlx", **metadata})
+    dora = any(m.magnitude is not None for m in mods)
+    config: dict[str, Any] = {
+        "fine_tune_type": "dora" if dora else "lora",
+        "num_layers": -1,  # every block: mlx-lm slices layers[-max(num_layers, 0):]
+        "lora_parameters": {
+            "rank": mods[0].rank,
+            "scale": mods[0].scale,
+            "dropout": 0.0,
+            "keys": sorted({layer_key(m.name) for m in mods}),
+        },
+    }
+    if adapter.base_model:
+        config["model"] = adapter.base_model
+    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _detect(keys: list[str]) -> int:
+    return 3 if looks_like(keys) else 0
+
+
+FORMAT = Format(
+    name="mlx",
+    summary="mlx-lm adapter directory (adapters.safetensors + adapter_config.json; factors transposed, one scale)",
+    naming="path",
+    capabilities=Capabilities(bias=False, extras=False, fan_in_fan_out=False, embedding=True, conv=False, dora=True,
+                              dora_axis="out", per_module_alpha=False, metadata=True, directory=True),
+    detect=_detect,
+    read_file=from_file,
+    detect_dir=is_mlx_dir,
+    read_dir=lambda path, allow_pickle, findings: read(path, findings=findings),
+    write=write,
+    suffix="",
+)

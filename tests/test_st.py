@@ -1,0 +1,291 @@
+"""st.py on its own: header parsing against files the safetensors library writes, the streaming
+writer against what the safetensors library reads back, atomic outputs, checkpoints, hashing."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from loratool import st
+from loratool.errors import FormatError, LoratoolError, OutputExistsError
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "a.weight": torch.randn(3, 5, generator=gen),
+        "b.bf16": torch.randn(4, generator=gen).to(torch.bfloat16),
+        "c.half": torch.randn(2, 2, 1, 1, generator=gen).half(),
+        "d.ints": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "e.empty": torch.zeros(0, 7),
+        "f.scalar": torch.tensor(2.5),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# header parsing
+
+
+def test_header_of_a_safetensors_library_file(tmp_path):
+    path = tmp_path / "x.safetensors"
+    tensors = _tensors()
+    save_file(tensors, str(path), metadata={"format": "pt", "k": "v"})
+    parsed = st.read_header(path)
+    assert parsed.metadata == {"format": "pt", "k": "v"}
+    assert parsed.size == path.stat().st_size
+    assert set(parsed.tensors) == set(tensors)
+    for key, t in tensors.items():
+        info = parsed.tensors[key]
+        assert (info.dtype, info.shape) == (str(t.dtype).removeprefix("torch."), tuple(t.shape))
+        assert info.nbytes == t.numel() * t.element_size()
+        assert torch.equal(st.load_tensor(info), t)
+    assert st.read_scalar(parsed.tensors["f.scalar"]) == 2.5
+
+
+@pytest.mark.parametrize(("dtype", "value"), [(torch.float32, 0.1), (torch.float16, -3.5), (torch.bfloat16, 1.25),
+                                              (torch.float64, 1e-300), (torch.int32, -7), (torch.int64, 2**40)])
+def test_scalars_decode_without_torch(tmp_path, dtype, value):
+    path = tmp_path / "s.safetensors"
+    t = torch.tensor([value], dtype=dtype)
+    save_file({"alpha": t}, str(path))
+    assert st.read_scalar(st.read_header(path).tensors["alpha"]) == float(t.item())
+
+
+def _raw_file(path: Path, header: object, data: bytes = b"", *, length: int | None = None) -> Path:
+    raw = json.dumps(header).encode() if not isinstance(header, bytes) else header
+    path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+    return path
+
+
+GOOD = {"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+
+
+@pytest.mark.parametrize(("header", "data", "length", "message"), [
+    (b"", b"", 3, "exceeds the file size"),
+    (b"not json", b"", None, "header is not valid JSON"),
+    ([1, 2], b"", None, "header is a JSON list"),
+    ({"__metadata__": {"a": 1}}, b"", None, "__metadata__ must map strings to strings"),
+    ({"t": {"dtype": "F33", "shape": [2], "data_offsets": [0, 8]}}, bytes(8), None, "tensor 't': unknown dtype"),
+    ({"t": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, bytes(8), None, "tensor 't': bad shape"),
+    ({"t": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, bytes(8), None, "tensor 't': bad data_offsets"),
+    ({"t": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8), None, "hold 8 bytes but dtype F32"),
+    (GOOD, bytes(4), None, "tensor 't': data ends at byte 8 of the data section but the file has only 4"),
+    ({"t": [1]}, b"", None, "tensor 't': header entry is not an object"),
+])
+def test_header_problems_name_the_file_and_key(tmp_path, header, data, length, message):
+    path = _raw_file(tmp_path / "bad.safetensors", header, data, length=length)
+    with pytest.raises(FormatError, match=message) as exc:
+        st.read_header(path)
+    assert str(path) in str(exc.value)
+
+
+def test_short_missing_and_directory_paths(tmp_path):
+    (tmp_path / "short").write_bytes(b"abc")
+    with pytest.raises(FormatError, match="3 bytes"):
+        st.read_header(tmp_path / "short")
+    with pytest.raises(FormatError, match="no such file"):
+        st.read_header(tmp_path / "nope")
+    with pytest.raises(FormatError, match="is a directory"):
+        st.read_header(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorRef
+
+
+def test_tensor_refs_are_lazy_and_equal_to_their_data(tmp_path):
+    path = tmp_path / "x.safetensors"
+    tensors = _tensors()
+    save_file(tensors, str(path))
+    info = st.read_header(path).tensors["a.weight"]
+    ref = st.TensorRef.from_info(info)
+    assert (ref.shape, ref.dtype, ref.numel, ref.nbytes) == ((3, 5), "float32", 15, 60)
+    assert str(path) in ref.source and "'a.weight'" in ref.source
+    assert torch.equal(ref.load(), tensors["a.weight"])
+    mem = st.TensorRef.from_tensor(tensors["b.bf16"])
+    assert (mem.shape, mem.dtype, mem.nbytes, mem.source) == ((4,), "bfloat16", 8, "<memory>")
+    assert st.TensorRef.from_tensor(torch.tensor([[3.0]])).scalar() == 3.0
+    with pytest.raises(FormatError, match="single number"):
+        mem.scalar()
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def test_save_tensors_is_read_back_by_the_safetensors_library(tmp_path):
+    path = tmp_path / "w.safetensors"
+    tensors = _tensors()
+    st.save_tensors(path, tensors, {"who": "loratool"})
+    back = load_file(str(path))
+    assert set(back) == set(tensors)
+    for key, t in tensors.items():
+        assert torch.equal(back[key], t), key
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"who": "loratool"}
+    (n,) = struct.unpack("<Q", path.read_bytes()[:8])
+    assert n % 8 == 0  # the data section starts 8-byte aligned, as safetensors writes it
+
+
+def test_streaming_writer_layout_order_copy_and_patch(tmp_path):
+    src = tmp_path / "src.safetensors"
+    big = torch.arange(1000, dtype=torch.float32)
+    save_file({"big": big}, str(src))
+    info = st.read_header(src).tensors["big"]
+    small = torch.ones(2, 3, dtype=torch.float16)
+    entries = [("z.small", "float16", (2, 3)), ("a.big", "float32", (1000,))]
+    placeholder = "0" * 64
+    out = tmp_path / "out.safetensors"
+    w = st.StreamingWriter(out, entries, {"sha": placeholder}, header_order=["a.big", "z.small"])
+    w.write("z.small", small)
+    with open(src, "rb") as f:
+        w.copy_range("a.big", f.fileno(), info.start, info.nbytes)
+    digest = hashlib.sha256(b"x").hexdigest()
+    w.patch_header(placeholder, digest)
+    w.close()
+    parsed = st.read_header(out)
+    assert list(parsed.tensors) == ["a.big", "z.small"]  # header order as asked
+    assert parsed.tensors["z.small"].start < parsed.tensors["a.big"].start  # data in entries order
+    assert parsed.metadata == {"sha": digest}
+    back = load_file(str(out))
+    assert torch.equal(back["a.big"], big) and torch.equal(back["z.small"], small)
+
+
+def test_streaming_writer_refuses_what_its_layout_did_not_announce(tmp_path):
+    w = st.StreamingWriter(tmp_path / "o.safetensors", [("a", "float32", (2,)), ("b", "float32", (1,))])
+    with pytest.raises(ValueError, match="expected a float32"):
+        w.write("a", torch.zeros(2, dtype=torch.float16))
+    with pytest.raises(ValueError, match="expected a float32"):
+        w.write("b", torch.zeros(1))
+    w.write("a", torch.zeros(2))
+    with pytest.raises(ValueError, match="closed after 1 of 2"):
+        w.close()
+    with pytest.raises(ValueError, match="placeholder"):
+        st.StreamingWriter(tmp_path / "p.safetensors", [], {"k": "v"}).patch_header("nothere", "nothing")
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic outputs
+
+
+def _entries(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir())
+
+
+@pytest.mark.parametrize("directory", [False, True])
+def test_atomic_output_appears_only_when_complete(tmp_path, directory):
+    out = tmp_path / "out"
+    with st.atomic_output(out, force=False, directory=directory) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".out.tmp-") and not out.exists()
+        if directory:
+            (tmp / "f").write_text("new")
+        else:
+            tmp.write_text("new")
+    assert _entries(tmp_path) == ["out"]
+    assert (out / "f" if directory else out).read_text() == "new"
+
+
+@pytest.mark.parametrize("directory", [False, True])
+def test_atomic_output_failure_leaves_the_previous_output(tmp_path, directory):
+    out = tmp_path / "out"
+    if directory:
+        out.mkdir()
+        (out / "f").write_text("old")
+    else:
+        out.write_text("old")
+    with pytest.raises(RuntimeError, match="boom"), st.atomic_output(out, force=True, directory=directory) as tmp:
+        (tmp / "f" if directory else tmp).write_text("half")
+        raise RuntimeError("boom")
+    assert _entries(tmp_path) == ["out"]
+    assert (out / "f" if directory else out).read_text() == "old"
+    with st.atomic_output(out, force=True, directory=directory) as tmp:  # force replaces it whole
+        (tmp / "g" if directory else tmp).write_text("new")
+    assert _entries(tmp_path) == ["out"]
+    if directory:
+        assert _entries(out) == ["g"]
+    else:
+        assert out.read_text() == "new"
+
+
+def test_atomic_output_refusals(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(OutputExistsError, match="already exists"), \
+            st.atomic_output(tmp_path / "file", force=False, directory=False):
+        pass
+    with pytest.raises(OutputExistsError, match="is a directory"), \
+            st.atomic_output(tmp_path / "dir", force=True, directory=False):
+        pass
+    with pytest.raises(OutputExistsError, match="is a file"), \
+            st.atomic_output(tmp_path / "file", force=True, directory=True):
+        pass
+    with pytest.raises(FormatError, match="parent directory"), \
+            st.atomic_output(tmp_path / "no" / "out", force=False, directory=False):
+        pass
+    assert _entries(tmp_path) == ["dir", "file"] and (tmp_path / "file").read_text() == "x"
+
+
+def test_disk_full_is_a_user_error_and_leaves_nothing(tmp_path):
+    with pytest.raises(LoratoolError, match=r"no space left on device while writing.*nothing was written") as exc, \
+            st.atomic_output(tmp_path / "out", force=False, directory=False) as tmp:
+        tmp.write_text("partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+    assert exc.value.hint and "free some space" in exc.value.hint
+    assert _entries(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints and hashing
+
+
+def test_checkpoint_layouts(tmp_path):
+    a, b = {"x.weight": torch.ones(2, 2)}, {"y.weight": torch.zeros(3)}
+    single = tmp_path / "single.safetensors"
+    save_file({**a, **b}, str(single))
+    assert list(st.open_checkpoint(single).tensors) == ["x.weight", "y.weight"]
+
+    d = tmp_path / "dir"
+    d.mkdir()
+    save_file(a, str(d / "model.safetensors"))
+    ckpt = st.open_checkpoint(d)
+    assert ckpt.files == [d / "model.safetensors"] and ckpt.index is None
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    save_file(a, str(sharded / "m-1.safetensors"))
+    save_file(b, str(sharded / "m-2.safetensors"))
+    index = {"metadata": {}, "weight_map": {"x.weight": "m-1.safetensors", "y.weight": "m-2.safetensors"}}
+    (sharded / st.INDEX_NAME).write_text(json.dumps(index))
+    ckpt = st.open_checkpoint(sharded)
+    assert [f.name for f in ckpt.files] == ["m-1.safetensors", "m-2.safetensors"]
+    assert ckpt.tensors["y.weight"].path == sharded / "m-2.safetensors"
+
+    index["weight_map"]["z.weight"] = "m-2.safetensors"
+    (sharded / st.INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(FormatError, match=r"'z\.weight'"):
+        st.open_checkpoint(sharded)
+    (tmp_path / "w.bin").write_bytes(b"x")
+    with pytest.raises(FormatError, match="pickle checkpoints are not supported"):
+        st.open_checkpoint(tmp_path / "w.bin")
+
+
+def test_background_sha256_matches_hashlib(tmp_path):
+    files = []
+    for i, size in enumerate((0, 1000, 3 << 20)):
+        p = tmp_path / f"f{i}"
+        p.write_bytes(np.random.default_rng(i).integers(0, 256, size, dtype=np.uint8).tobytes())
+        files.append(p)
+    hasher = st.BackgroundSha256(files, lead=1 << 20)
+    hasher.advance(10 << 20)
+    want = {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    assert hasher.result() == want
+    assert st.sha256_file(files[2]) == want[str(files[2])]
