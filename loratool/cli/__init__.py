@@ -13,7 +13,7 @@ Adding a command:
 2. add it to COMMANDS below;
 3. add docs/commands/<name>.md (every option named, a console example that runs), a row in
    docs/cli.md, a mention in README.md, its `--json` keys in docs/json.md and an example
-   invocation in tests/test_docs.py JSON_EXAMPLES (tests/test_docs.py checks all of these).
+   invocation in tests/test_docs.py `_json_examples` (tests/test_docs.py checks all of these).
 """
 
 from __future__ import annotations
