@@ -32,7 +32,7 @@ from loratool.runtimes import RUNTIMES
 @click.option("--base", default=None, type=click.Path(),
               help="The base model: kohya names are placed by its keys, every module must match one of its "
               "weights, and factors take its layout (linear or 1x1 conv).")
-@click.option("--rank", "rank", type=click.IntRange(min=1), default=None,
+@click.option("--rank", "-r", "rank", type=click.IntRange(min=1), default=None,
               help="LyCORIS modules become LoRA of at most this rank (best truncation, error reported); "
               "default: exact.")
 @force_option

@@ -31,7 +31,11 @@ def _kind(p: click.Option) -> str:
         return "choice"
     if isinstance(t, click.Path):
         return "path"
-    return {"integer": "int", "float": "float"}.get(t.name, "value")
+    if isinstance(t, click.types.IntParamType):  # IntRange too
+        return "int"
+    if isinstance(t, click.types.FloatParamType):
+        return "float"
+    return "value"
 
 
 def _options() -> dict[str, list[tuple[str, click.Option]]]:
