@@ -16,6 +16,7 @@ from loratool.st import TensorRef
 
 Kind = Literal["linear", "conv", "embedding"]
 AlphaSource = Literal["tensor", "config", "pattern", "metadata", "implied"]
+DoraAxis = Literal["out", "in"]
 # LyCORIS module algorithms whose ΔW loratool computes exactly (linalg.lyco_delta)
 LycoAlgo = Literal["loha", "lokr", "tucker", "full", "norm", "bias"]
 
@@ -31,7 +32,9 @@ class LoraModule:
         alpha: the stored or implied alpha.
         alpha_source: where alpha came from; wrong alpha is the most common user complaint.
         rslora: scale is alpha / sqrt(r) instead of alpha / r.
-        magnitude: DoRA magnitude, one value per output row (PEFT convention), or None.
+        magnitude: DoRA magnitude, or None: one value per output row (PEFT, LyCORIS wd_on_out=True), or
+            with dora_axis "in" one per input column (OneTrainer, LyCORIS wd_on_out=False).
+        dora_axis: the axis the DoRA weight norm runs over: "out" (per output row) or "in".
         bias: a bias delta added to the base bias, or None: PEFT's lora_B.bias (scaled like the
             weight delta) or, with bias_scaled False, a ComfyUI/LyCORIS `.diff_b` (added as it is).
         kind: linear, conv or embedding.
@@ -49,6 +52,7 @@ class LoraModule:
     kind: Kind = "linear"
     fan_in_fan_out: bool = False
     bias_scaled: bool = True
+    dora_axis: DoraAxis = "out"
 
     @property
     def rank(self) -> int:
@@ -273,6 +277,10 @@ class Adapter:
         path: where it was read from.
         files: the files it was read from (for provenance hashes).
         source_modules: the module names the source file held.
+        key_prefix: for PEFT-style keys read from one file without a config beside it (diffusers
+            `save_lora_adapter`, ComfyUI `diffusion_model.` files): the prefix its keys carried before
+            the module name ('' or 'base_model.model.'), so a write keeps that single-file dialect.
+            None for a PEFT directory and for the kohya / diffusers dialects (always one file).
     """
 
     modules: dict[str, LoraModule]
@@ -286,6 +294,7 @@ class Adapter:
     files: list[Path] = field(default_factory=list)
     source_modules: tuple[str, ...] = ()  # module names as read (PEFT writer: is target_modules still exact?)
     lycoris: dict[str, LycoModule] = field(default_factory=dict)
+    key_prefix: str | None = None
 
     @property
     def ranks(self) -> list[int]:

@@ -42,6 +42,22 @@ class Match:
     def ok(self) -> bool:
         return not (self.unmatched or self.ambiguous or self.shape_mismatch)
 
+    def refuse_shape_mismatch(self, where: object, base: object | None = None) -> None:
+        """Raise for the first module whose delta does not fit its base weight (and say how many).
+
+        Raises:
+            IncompatibleError: naming the adapter (`where`), the module, both shapes and the base key.
+        """
+        if not self.shape_mismatch:
+            return
+        name, key, want, got = self.shape_mismatch[0]
+        raise IncompatibleError(
+            f"{where}: module '{name}' needs a base weight of shape {want} but {key}"
+            + (f" in {base}" if base is not None else "") + f" is {got}"
+            + (f" ({len(self.shape_mismatch)} modules mismatch)" if len(self.shape_mismatch) > 1 else ""),
+            hint="is this adapter for this base model? check with: loratool validate ADAPTER --base BASE",
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "matched": self.matched,
@@ -163,13 +179,7 @@ def plan_merge(
         mods: list[LoraModule | LycoModule] = [*adapter.modules.values(), *adapter.lycoris.values()]
         plan.num_modules += len(mods)
         match = match_modules(mods, ckpt.tensors)
-        if match.shape_mismatch:
-            name, key, want, got = match.shape_mismatch[0]
-            raise IncompatibleError(
-                f"{where}: module '{name}' needs a base weight of shape {want} but {key} is {got}"
-                + (f" ({len(match.shape_mismatch)} modules mismatch)" if len(match.shape_mismatch) > 1 else ""),
-                hint="is this adapter for this base model? check with: loratool validate ADAPTER --base BASE",
-            )
+        match.refuse_shape_mismatch(where)
         problems = [*match.unmatched, *match.ambiguous]
         if problems:
             listing = ", ".join(problems[:5]) + (f", ... ({len(problems)} in all)" if len(problems) > 5 else "")

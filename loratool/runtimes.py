@@ -119,7 +119,7 @@ RUNTIMES: dict[str, Runtime] = {
             dora=False,
             dora_refused=True,
             modules_to_save=False,
-            embeddings=False,
+            embeddings=True,
             bias=False,
             notes="one adapter.lora.alpha per file, divided by each tensor's rank; convert_lora_to_gguf.py "
             "writes the config's lora_alpha and ignores use_rslora, rank_pattern's alphas and alpha_pattern",
@@ -184,4 +184,4 @@ NAMES: tuple[str, ...] = tuple(RUNTIMES)
 
 # formats that only one runtime's rules can describe (one scale per file, ...): writing one of these
 # goes through that runtime's preparation even without --for
-RUNTIME_OF_FORMAT: dict[str, str] = {"mlx": "mlx"}
+RUNTIME_OF_FORMAT: dict[str, str] = {"mlx": "mlx", "gguf": "llama.cpp"}

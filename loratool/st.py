@@ -170,9 +170,13 @@ def _parse_entry(p: Path, key: str, entry: Any, data_start: int, data_size: int)
 
 
 def read_bytes(info: TensorInfo) -> bytes:
-    with open(info.path, "rb") as f:
-        f.seek(info.start)
-        data = f.read(info.nbytes)
+    try:
+        with open(info.path, "rb") as f:
+            f.seek(info.start)
+            data = f.read(info.nbytes)
+    except OSError as e:  # an input that cannot be read is the input's problem, not the output's
+        reason = (e.strerror or type(e).__name__).lower()
+        raise FormatError(f"{info.path}: tensor '{info.key}': cannot be read ({reason})") from None
     if len(data) != info.nbytes:
         raise FormatError(f"{info.path}: tensor '{info.key}': file ended early (truncated?)")
     return data
@@ -497,6 +501,13 @@ def check_output(out: str | os.PathLike[str], *, force: bool, directory: bool) -
             raise OutputExistsError(f"{target}: exists and is {kind}; refusing to replace it with the other kind")
 
 
+def _inside(p: Path, tmp: Path) -> bool:
+    try:
+        return p.resolve() == tmp.resolve() or tmp.resolve() in p.resolve().parents
+    except OSError:
+        return True
+
+
 @contextlib.contextmanager
 def atomic_output(out: str | os.PathLike[str], *, force: bool, directory: bool) -> Iterator[Path]:
     """Yield a temporary sibling of `out`; move it into place only when the block completes.
@@ -526,6 +537,9 @@ def atomic_output(out: str | os.PathLike[str], *, force: bool, directory: bool) 
             if e.errno in _USER_OS_ERRORS:
                 reason = os.strerror(e.errno) if e.errno else str(e)
                 where = e.filename or tmp
+                if e.filename and not _inside(Path(os.fsdecode(e.filename)), tmp):
+                    # not the output: an input (or another file) could not be read
+                    raise LoratoolError(f"{e.filename}: {reason.lower()} (reading it); nothing was written") from None
                 raise LoratoolError(
                     f"{target}: {reason.lower()} while writing ({where}); nothing was written",
                     hint="free some space or write elsewhere with -o" if e.errno in _FULL else None,

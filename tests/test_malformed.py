@@ -73,6 +73,24 @@ def dir_without_adapter(root: Path) -> Path:
     return d
 
 
+def peft_with_config_dir(root: Path) -> Path:
+    """adapter_config.json that exists but cannot be read as a file (works as root, unlike chmod)."""
+    d = peft(root, name="config_dir")
+    (d / "adapter_config.json").unlink()
+    (d / "adapter_config.json").mkdir()
+    return d
+
+
+def _zip_bytes() -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("readme.txt", "not an adapter")
+    return buf.getvalue()
+
+
 def peft_with_config_text(text: str) -> Callable[[Path], Path]:
     def build(root: Path) -> Path:
         d = peft(root, name="bad_config")
@@ -159,6 +177,62 @@ def empty_peft(root: Path) -> Path:
     d = peft(root, name="empty_peft")
     write(d / "adapter_model.safetensors", st_bytes({}))
     return d
+
+
+ATTN = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+
+
+def legacy_processor(root: Path, *, as_bin: bool = False) -> Path:
+    """The 2023 diffusers attention-processor layout (`unet.save_attn_procs`), no alpha anywhere."""
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for proj in ("to_q", "to_k", "to_v", "to_out"):
+        sd[f"{ATTN}.processor.{proj}_lora.down.weight"] = torch.randn(4, 32, generator=g)
+        sd[f"{ATTN}.processor.{proj}_lora.up.weight"] = torch.randn(32, 4, generator=g)
+    if as_bin:
+        torch.save(sd, root / "pytorch_lora_weights.bin")
+        return root / "pytorch_lora_weights.bin"
+    save_file(sd, root / "pytorch_lora_weights.safetensors")
+    return root / "pytorch_lora_weights.safetensors"
+
+
+def single_file(metadata: dict[str, str], name: str = "single.safetensors") -> Callable[[Path], Path]:
+    """PEFT-style keys without a prefix and no config beside them (diffusers save_lora_adapter)."""
+    def build(root: Path) -> Path:
+        g = torch.Generator().manual_seed(0)
+        sd = {f"{ATTN}.to_q.lora_A.weight": torch.randn(4, 32, generator=g),
+              f"{ATTN}.to_q.lora_B.weight": torch.randn(32, 4, generator=g)}
+        save_file(sd, root / name, metadata={"format": "pt", **metadata})
+        return root / name
+    return build
+
+
+def dora_per_input_column(root: Path) -> Path:
+    """kohya keys with a `.dora_scale` of shape (1, in) (LyCORIS wd_on_out=False, OneTrainer) on a
+    square layer, where a per-row reading would silently fit the element count."""
+    g = torch.Generator().manual_seed(0)
+    sd = {f"{KQ}.lora_down.weight": torch.randn(4, 32, generator=g),
+          f"{KQ}.lora_up.weight": torch.randn(32, 4, generator=g), f"{KQ}.alpha": torch.tensor(4.0),
+          f"{KQ}.dora_scale": torch.rand(1, 32, generator=g)}
+    save_file(sd, root / "dora_in.safetensors")
+    return root / "dora_in.safetensors"
+
+
+def npz_adapter(root: Path) -> Path:
+    import numpy as np
+
+    np.savez(root / "adapters.npz", **{"model.layers.0.self_attn.q_proj.lora_a": np.zeros((32, 4), np.float32)})
+    return root / "adapters.npz"
+
+
+def torch_zip_named_safetensors(root: Path) -> Path:
+    torch.save({"a.lora_down.weight": torch.zeros(2, 2)}, root / "renamed.safetensors")
+    return root / "renamed.safetensors"
+
+
+def legacy_ckpt(root: Path) -> Path:
+    torch.save({"state_dict": {"a.weight": torch.zeros(2)}}, root / "model.ckpt", _use_new_zipfile_serialization=False)
+    return root / "model.ckpt"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,6 +335,34 @@ CASES = [
     Case("oft-only", oft_only, 0, 1, {"no-lora-tensors", "unsupported-tensor"}),
     # a LoHa file is read: inspect shows it, validate finds nothing wrong
     Case("loha-only", loha_only, 0, 0),
+    # files from the wild (issue #11)
+    Case("legacy-attn-processor", legacy_processor, 0, 0, {"alpha-missing"}),
+    Case("legacy-attn-processor-bin", lambda r: legacy_processor(r, as_bin=True), 0, 0, {"alpha-missing"},
+         inspect_args=("--allow-pickle",), validate_args=("--allow-pickle",)),
+    Case("single-file-header-alpha",
+         single_file({"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 16, "peft_type": "LORA"})}),
+         0, 0),
+    Case("single-file-no-config", single_file({}), 0, 0, {"config-missing"}),
+    Case("header-alpha-conflict", single_file({"lora_alpha": "8", "alpha": "16"}), 2, 1,
+         {"config-invalid", "config-missing"}, mention="lora_alpha"),
+    Case("header-metadata-not-json", single_file({"lora_adapter_metadata": "{r: 4"}), 2, 1,
+         {"config-invalid", "config-missing"}, mention="lora_adapter_metadata"),
+    Case("header-alpha-a-string",
+         single_file({"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": "16"})}), 2, 1,
+         {"config-invalid"}, mention="lora_alpha"),
+    Case("config-use-dora-a-string", lambda r: peft(r, name="dora_str", config={"use_dora": "false"}), 2, 1,
+         {"config-invalid"}, mention="use_dora"),
+    Case("config-unreadable", peft_with_config_dir, 2, 1, {"config-unreadable"}, mention="adapter_config.json"),
+    Case("dora-per-input-column", dora_per_input_column, 0, 0, {"unsupported-dora-axis"}),
+    Case("npz-half-an-mlx-adapter", npz_adapter, 2, 2),  # read as MLX (export): no lora_b, exit 2
+    Case("npy-container", lambda r: write(r / "a.npy", b"\x93NUMPY\x01\x00v\x00" + b" " * 118), 2, 2, mention="NumPy"),
+    # GGUF is read (formats/gguf.py): an empty one and a corrupt one are clean errors
+    Case("gguf-without-tensors", lambda r: write(r / "adapter.gguf", b"GGUF\x03\x00\x00\x00" + b"\0" * 64), 2, 2),
+    Case("gguf-corrupt", lambda r: write(r / "bad.gguf", b"GGUF" + b"\0" * 64), 2, 2),
+    Case("hdf5-container", lambda r: write(r / "model.h5", b"\x89HDF\r\n\x1a\n" + b"\0" * 64), 2, 2, mention="HDF5"),
+    Case("zip-container", lambda r: write(r / "x.zip", _zip_bytes()), 2, 2, mention="zip archive"),
+    Case("torch-zip-named-safetensors", torch_zip_named_safetensors, 2, 2, mention="pickle"),
+    Case("legacy-ckpt-pickle", legacy_ckpt, 2, 2, mention="pickle"),
 ]
 
 
@@ -437,6 +539,26 @@ def test_validate(case: Case, corpus: dict[str, Results]) -> None:
         assert "FAILED" in human
         for code in case.codes:
             assert code in human
+
+
+def test_pickle_refusals_give_the_reason(corpus: dict[str, Results]) -> None:
+    """Issue #11 item 20: the refusal states the reason (arbitrary code execution) and the call the
+    file would make, and never reads like advice to load it with weights_only=False."""
+    for case_id in ("malicious-pickle-allowed", "pickle-refused"):
+        run = corpus[case_id].inspect
+        assert run is not None
+        assert "arbitrary code" in run.stderr
+        assert "weights_only=False" not in run.stderr
+    allowed = corpus["malicious-pickle-allowed"].inspect
+    assert allowed is not None and "system" in allowed.stderr  # os.system (posix.system) is named
+
+
+def test_dora_axis_is_shown_and_refused(corpus: dict[str, Results], tmp_path: Path) -> None:
+    res = corpus["dora-per-input-column"]
+    assert res.inspect is not None and "input column" in res.inspect.stdout
+    run = run_subprocess(["resize", str(res.path), "-o", str(tmp_path / "x.safetensors"), "--rank", "2"], tmp_path)
+    assert run.rc == 2
+    check_one_error_line(run, "per input column")
 
 
 def test_pickle_refusal_hints_at_allow_pickle(corpus: dict[str, Results]) -> None:

@@ -212,7 +212,11 @@ def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool, only: 
     scales = {_fmt(float(k)): v for k, v in scales.items()}
     t.add_row("scale", _counts(scales, 6) if len(scales) > 1 else next(iter(scales), "-"))
     t.add_row("rslora", _yes(doc["rslora"]))
-    t.add_row("DoRA", _yes(doc["dora"]))
+    axes = doc.get("dora_axes") or {}
+    dora = _yes(doc["dora"])
+    if axes.get("in"):
+        dora += f" ({axes['in']} with a magnitude per input column: operations refuse them)"
+    t.add_row("DoRA", dora)
     t.add_row("fan_in_fan_out", _yes(doc["fan_in_fan_out"]))
     t.add_row("kinds", _counts(doc["kinds"]) or "-")
     t.add_row("targets", _counts(doc["targets"]) or "-")

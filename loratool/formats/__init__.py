@@ -18,7 +18,7 @@ from typing import Any
 
 from loratool.adapter import Adapter
 from loratool.errors import FormatError, IncompatibleError
-from loratool.formats import diffusers, kohya, mlx, peft
+from loratool.formats import diffusers, gguf, kohya, mlx, peft
 from loratool.formats._common import (
     PICKLE_SUFFIXES,
     Finding,
@@ -32,13 +32,14 @@ from loratool.formats.registry import Capabilities, Format, all_formats, check_w
 
 __all__ = [
     "LYCO_NAMES", "PICKLE_SUFFIXES", "Capabilities", "Finding", "Findings", "Format", "check_writable", "detect",
-    "extra_base_key", "format_names", "get_format", "is_transposed_layer", "output_is_directory", "provenance",
+    "extra_base_key", "format_names", "get_format", "gguf_layout", "is_transposed_layer", "kohya_paths_metadata",
+    "output_is_directory", "provenance",
     "read", "require_plain", "source_label", "unsupported_family", "writable_formats", "write",
 ]
 
 # The built-in formats, in detection order (ties between equal detection scores go to the first).
 # A new format: its module defines FORMAT (a registry.Format record); add it here.
-for _record in (peft.FORMAT, kohya.FORMAT, diffusers.FORMAT, mlx.FORMAT):
+for _record in (peft.FORMAT, kohya.FORMAT, diffusers.FORMAT, mlx.FORMAT, gguf.FORMAT):
     register(_record)
 
 get_format = get
@@ -54,9 +55,21 @@ def writable_formats() -> tuple[str, ...]:
     return names(writable=True)
 
 
+def gguf_layout(adapter: Adapter, base: Path) -> Adapter:
+    """The adapter with GGUF tensor names and layout for the architecture of `base` (a transformers
+    config / model directory or a GGUF model file); see formats/gguf.py."""
+    return gguf.to_gguf_layout(adapter, gguf.arch_info(base))
+
+
 def extra_base_key(extra: str) -> str:
     """The base-model key a full tensor of Adapter.extras replaces."""
     return peft.base_key(extra)
+
+
+def kohya_paths_metadata(paths: Mapping[str, str]) -> dict[str, str]:
+    """Header metadata for a kohya file recording each stem's dotted module path ({stem: path}):
+    kohya names lose the dots (and some prefixes), so the file keeps what converting back needs."""
+    return kohya.paths_metadata(dict(paths))
 
 
 def is_transposed_layer(name: str) -> bool:
@@ -167,6 +180,14 @@ def require_plain(adapter: Adapter, op: str, *, lycoris: bool = False, diffs: bo
     lycoris: the operation handles LyCORIS modules (merge, convert); else they are refused too.
     diffs: the operation passes full / norm / bias diffs through unchanged (resize).
     """
+    per_column = [m.name for m in adapter.modules.values() if m.magnitude is not None and m.dora_axis == "in"]
+    if per_column:
+        raise IncompatibleError(
+            f"{adapter.path}: module '{per_column[0]}' is DoRA with one magnitude per input column "
+            f"(LyCORIS wd_on_out=False / OneTrainer; {len(per_column)} such module(s)); {op} supports only "
+            "per-output-row DoRA (PEFT, LyCORIS wd_on_out=True)",
+            hint=f"loratool inspect {adapter.path} shows it; re-train or re-export with per-output-row DoRA",
+        )
     refused = {n: m for n, m in adapter.lycoris.items() if not (diffs and m.algo in ("full", "norm", "bias"))}
     if refused and not lycoris:
         name, m = next(iter(refused.items()))
@@ -233,6 +254,20 @@ def output_is_directory(fmt: str) -> bool:
     return get(fmt).capabilities.directory
 
 
+def single_file_output(adapter: Adapter, out: Path, fmt: str, explicit: bool) -> bool:
+    """Whether a PEFT output is one file rather than a PEFT directory.
+
+    A path ending in .safetensors is a file. A single-file input (PEFT-style keys with no config
+    beside them, Adapter.key_prefix set) stays a single file in its own dialect unless the format
+    was asked for explicitly.
+    """
+    if fmt != "peft":
+        return False  # the other formats have one layout each (kohya, diffusers: a file; MLX: a directory)
+    if out.suffix == ".safetensors":
+        return True
+    return not explicit and adapter.source_format == "peft" and adapter.key_prefix is not None
+
+
 def write(
     adapter: Adapter,
     out: str | os.PathLike[str],
@@ -260,13 +295,23 @@ def write(
     """
     from loratool.st import atomic_output
 
+    explicit = fmt is not None
     record = get(fmt or adapter.source_format, writing=True)
     check_writable(adapter, record.name)
     assert record.write is not None
     meta = provenance(op, params or {}, sources if sources is not None else adapter.files, hashes)
     out = Path(out)
-    with atomic_output(out, force=force, directory=record.capabilities.directory) as tmp:
-        record.write(adapter, tmp, meta)
+    single = single_file_output(adapter, out, record.name, explicit)
+    with atomic_output(out, force=force, directory=record.capabilities.directory and not single) as tmp:
+        try:
+            if record.name == "peft" and single:
+                keep = adapter.source_format == "peft" and adapter.key_prefix is not None
+                peft.write_file(adapter, tmp, meta, adapter.key_prefix if keep and adapter.key_prefix is not None
+                                else peft.PREFIX)
+            else:
+                record.write(adapter, tmp, meta)
+        except IncompatibleError as e:  # what the format cannot hold: name the output, not the temporary
+            raise IncompatibleError(f"{out}: {e.message}", hint=e.hint) from None
         check = read(tmp)
         if len(check.modules) != len(adapter.modules) or len(check.lycoris) != len(adapter.lycoris):
             raise IncompatibleError(

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from loratool.adapter import AlphaSource, Kind, LoraModule
+from loratool.adapter import AlphaSource, DoraAxis, Kind, LoraModule
 from loratool.errors import FormatError, IncompatibleError, LoratoolError
 from loratool.st import TensorRef, read_header
 
@@ -48,6 +48,20 @@ class Findings:
         self.items.append(Finding("warning", code, module, message))
 
 
+def alpha_missing(findings: Findings, where: Path, names: list[str], lacks: str) -> None:
+    """One alpha-missing warning for all modules without an alpha, with their count (a file of 128
+    such modules gets one line, not 128)."""
+    if not names:
+        return
+    if len(names) == 1:
+        findings.warning("alpha-missing", names[0],
+                         f"{where}: module '{names[0]}' has no {lacks}; alpha is implied (= rank)")
+        return
+    findings.warning("alpha-missing", None,
+                     f"{where}: {len(names)} modules have no {lacks}; alpha is implied (= rank) for each "
+                     f"(e.g. '{names[0]}')")
+
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -61,22 +75,118 @@ class TensorFile:
 
 
 def open_tensor_file(path: Path, *, allow_pickle: bool) -> TensorFile:
-    """Open a .safetensors file (header only) or, with allow_pickle, a torch pickle (weights only).
+    """Open a .safetensors file (header only), an .npz (MLX) or GGUF file, or, with allow_pickle, a
+    torch pickle (weights only).
+
+    The container is recognised from the file's first bytes, not its name: a safetensors file
+    named .bin is read as safetensors, a torch.save zip named .safetensors is a pickle, and other
+    containers (NumPy .npy, HDF5, other zip archives) are named in the error.
 
     Raises:
-        FormatError: pickle without allow_pickle, or an unreadable file.
+        FormatError: pickle without allow_pickle, another container, or an unreadable file.
     """
-    if path.suffix == ".npz":
-        return _open_npz(path)
-    if path.suffix in PICKLE_SUFFIXES:
+    kind = sniff_container(path)
+    if kind == NPZ or (kind == ZIP and path.suffix == ".npz"):
+        return _open_npz(path)  # MLX's older adapters.npz (numpy, allow_pickle=False)
+    if kind == GGUF:
+        from loratool.formats.gguf import open_gguf
+
+        return open_gguf(path)
+    if kind == "pickle" or (kind is None and path.suffix in PICKLE_SUFFIXES):
         if not allow_pickle:
+            calls = pickle_calls(path)
+            shown = f"; this one would call {', '.join(calls[:3])} when loaded" if calls else ""
             raise FormatError(
-                f"{path}: is a pickle file; loading pickles can run arbitrary code",
-                hint="convert it to .safetensors, or pass --allow-pickle if you trust its source",
+                f"{path}: is a pickle file, not loaded: unpickling can execute arbitrary code (a pickle may call "
+                f"any Python function){shown}",
+                hint="convert it to .safetensors, or pass --allow-pickle if you trust its source (plain tensors "
+                "only are then loaded, with torch.load(weights_only=True))",
             )
         return _load_pickle(path)
+    if kind is not None and kind != "safetensors":
+        raise FormatError(
+            f"{path}: is {kind}, not a safetensors or torch file",
+            hint=_CONTAINER_HINTS.get(kind, "loratool reads .safetensors adapters (torch pickles with --allow-pickle)"),
+        )
     st = read_header(path)
     return TensorFile(path, {k: TensorRef.from_info(i) for k, i in st.tensors.items()}, st.metadata)
+
+
+NPZ = "a NumPy .npz archive"
+NPY = "a NumPy .npy array"
+GGUF = "a GGUF file (llama.cpp)"
+HDF5 = "an HDF5 file (Keras .h5)"
+ZIP = "a zip archive"
+_CONTAINER_HINTS = {
+    NPZ: "convert it to .safetensors (mlx-lm writes adapters.safetensors; numpy.load + safetensors.numpy.save_file)",
+    NPY: "save the arrays as .safetensors (safetensors.numpy.save_file)",
+    GGUF: "loratool reads .safetensors adapters; convert the GGUF adapter back with llama.cpp's tools",
+}
+
+
+def sniff_container(path: Path) -> str | None:
+    """What the file's first bytes say it is: "safetensors", "pickle", one of the container names
+    above, or None (too short, unreadable, or unknown: the safetensors reader then explains)."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    if head.startswith(b"GGUF"):
+        return GGUF
+    if head.startswith(b"\x93NUMPY"):
+        return NPY
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        return HDF5
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return ZIP
+        if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            return "pickle"  # torch.save's zip format
+        if names and all(n.endswith(".npy") for n in names):
+            return NPZ
+        return ZIP
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"  # checked first: a header length may begin with the byte 0x80
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"  # a legacy (non-zip) torch.save or plain pickle
+    return None
+
+
+def pickle_calls(path: Path) -> list[str]:
+    """The functions and classes a pickle names (GLOBAL / STACK_GLOBAL), found by reading its
+    opcodes without executing anything; those torch needs to rebuild tensors are left out."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                member = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                data = z.read(member) if member else b""
+        else:
+            data = path.read_bytes()[:50_000_000]
+        calls: list[str] = []
+        strings: list[str] = []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL" and isinstance(arg, str):
+                calls.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                calls.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # a corrupt pickle: no names to show, the refusal stands
+        return []
+    seen: list[str] = []
+    for c in calls:
+        if not c.startswith(("torch.", "collections.OrderedDict", "_codecs.encode")) and c not in seen:
+            seen.append(c)
+    return seen
 
 
 def _open_npz(path: Path) -> TensorFile:
@@ -87,8 +197,8 @@ def _open_npz(path: Path) -> TensorFile:
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in archive.files}
-    except (OSError, ValueError, EOFError) as e:  # ValueError: pickled object arrays, bad members
-        raise FormatError(f"{path}: not a readable .npz archive of plain arrays ({e})") from None
+    except Exception as e:  # numpy/zipfile raise many types on a corrupt archive; ValueError: pickled objects
+        raise FormatError(f"{path}: not a readable .npz archive of plain arrays ({type(e).__name__}: {e})") from None
     tensors = {k: TensorRef.from_tensor(torch.from_numpy(np.ascontiguousarray(a))) for k, a in arrays.items()}
     return TensorFile(path, tensors, {})
 
@@ -103,10 +213,13 @@ def _load_pickle(path: Path) -> TensorFile:
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        calls = pickle_calls(path)
+        what = (f"it would call {', '.join(calls[:3])} when loaded" if calls
+                else f"it holds something other than plain tensors ({_unpickler_reason(e)})")
         raise FormatError(
-            f"{path}: refused by the safe (weights_only) unpickler: {_unpickler_reason(e)}; "
-            "it holds something other than plain tensors",
-            hint="ask for a .safetensors version of this adapter; never load it with weights_only=False",
+            f"{path}: refused by the safe unpickler: {what}; a pickle that calls functions can execute "
+            "arbitrary code, so loratool loads plain tensors only",
+            hint="ask for a .safetensors version of this adapter",
         ) from None
     except Exception as e:  # torch.load on a corrupt file raises a zoo of types: all are the file's fault
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -147,6 +260,14 @@ def unsupported_family(key: str) -> str:
         if marker in key:
             return family
     return "non-LoRA"
+
+
+def split_by_suffix(key: str, suffixes: tuple[tuple[str, str], ...]) -> tuple[str, str] | None:
+    """'<module><suffix>' -> (module, role) for the first (suffix, role) that `key` ends with, else None."""
+    for suffix, role in suffixes:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role
+    return None
 
 
 @dataclass
@@ -237,11 +358,13 @@ def build_module(
         findings.error("non-finite", shown, f"{where}: module '{shown}': alpha is {alpha} ({alpha_source}); "
                        "every delta of the module would be NaN or Inf")
         return None
-    if raw.magnitude is not None and raw.magnitude.numel != up.shape[0]:
+    dora_axis = magnitude_axis(raw.magnitude.shape, up.shape[0], down.shape[1]) if raw.magnitude is not None else "out"
+    if dora_axis is None:
+        assert raw.magnitude is not None
         findings.error(
             "bad-shape", shown,
             f"{where}: module '{shown}': DoRA magnitude has shape {raw.magnitude.shape} but the "
-            f"module has {up.shape[0]} output features",
+            f"module has {up.shape[0]} output features and {down.shape[1]} input features",
         )
         return None
     return LoraModule(
@@ -255,7 +378,24 @@ def build_module(
         bias=raw.bias,
         kind=kind,
         fan_in_fan_out=fan_in_fan_out and kind == "linear",
+        dora_axis=dora_axis,
     )
+
+
+def magnitude_axis(shape: tuple[int, ...], out: int, inp: int) -> DoraAxis | None:
+    """The axis a DoRA magnitude runs along, from its stored shape, or None when it fits neither.
+
+    One value per output row: `(out,)` (PEFT lora_magnitude_vector) or `(out, 1, ...)` (LyCORIS
+    wd_on_out=True). One per input column: `(1, in, ...)` (LyCORIS wd_on_out=False, OneTrainer).
+    The shape decides, so a square layer's per-column magnitude is never taken as per-row.
+    """
+    if len(shape) == 1:
+        return "out" if shape[0] == out else None
+    if len(shape) >= 2 and shape[0] == out and all(d == 1 for d in shape[1:]):
+        return "out"
+    if len(shape) >= 2 and shape[0] == 1 and shape[1] == inp and all(d == 1 for d in shape[2:]):
+        return "in"
+    return None
 
 
 def _shape_problem(kind: Kind, down: tuple[int, ...], up: tuple[int, ...]) -> str | None:
@@ -277,8 +417,15 @@ def json_config(path: Path, findings: Findings) -> dict[str, Any] | None:
     import json
 
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON/UTF-8, over-long integers
+        text = path.read_bytes()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        findings.error("config-unreadable", None, f"{path}: cannot be read ({reason.lower()})",
+                       hint="check the file's permissions", exc=FormatError)
+        return None
+    try:
+        data = json.loads(text.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # ValueError: bad JSON/UTF-8, over-long integers
         findings.error("config-invalid", None, f"{path}: not valid JSON ({e})",
                        hint="fix or re-create the config file", exc=FormatError)
         return None
@@ -287,6 +434,108 @@ def json_config(path: Path, findings: Findings) -> dict[str, Any] | None:
                        exc=FormatError)
         return None
     return data
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA config stored in the safetensors header
+
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' save_lora_adapter / save_lora_weights
+_HEADER_ALPHA_KEYS = ("lora_alpha", "alpha")  # plain header keys trainers write (SimpleTuner, LightX2V)
+
+
+@dataclass
+class HeaderConfig:
+    """A LoRA config found in a file's header metadata, and where (for messages and inspect)."""
+
+    config: dict[str, Any]
+    origin: str  # e.g. "lora_adapter_metadata" or "header key 'transformer.lora_alpha'"
+
+
+def header_config(metadata: dict[str, str], component: str | None, where: Path,
+                  findings: Findings) -> HeaderConfig | None:
+    """The LoRA config a single file carries in its header, for one component (None: no prefix).
+
+    Looked for, in order: `lora_adapter_metadata` (JSON; a LoraConfig dict as `save_lora_adapter`
+    writes it, or per component flat `<component>.r` / nested `{"<component>": {...}}` as
+    `save_lora_weights` writes it), then plain header keys `<component>.lora_alpha` / `.r`,
+    `lora_alpha` / `alpha` / `r`. A file without a prefix whose metadata names exactly one component
+    takes that component's config. Values of the wrong type are config-invalid errors naming the key.
+    """
+    raw = metadata.get(ADAPTER_METADATA_KEY)
+    if raw:
+        data = _metadata_json(raw, where, findings)
+        if data is not None:
+            picked = _pick_component(data, component)
+            if picked:
+                return HeaderConfig(picked, ADAPTER_METADATA_KEY)
+    # plain keys: the component's own, or un-namespaced
+    found: dict[str, tuple[str, str]] = {}  # field -> (header key, value)
+    spaces = {k.split(".", 1)[0] for k in metadata if "." in k and k.split(".", 1)[1] in ("lora_alpha", "r")}
+    space = component if component is not None else (next(iter(spaces)) if len(spaces) == 1 else None)
+    for fld, names in (("lora_alpha", _HEADER_ALPHA_KEYS), ("r", ("r",))):
+        keys = [k for k in ([f"{space}.{n}" for n in names] if space else []) + list(names) if k in metadata]
+        values = {metadata[k].strip() for k in keys}
+        if len(values) > 1:
+            shown = ", ".join(f"{k}={metadata[k]!r}" for k in keys)
+            findings.error("config-invalid", None, f"{where}: header metadata disagrees about {fld}: {shown}",
+                           hint="remove the wrong key, or pass the adapter's adapter_config.json beside it",
+                           exc=FormatError)
+            return None
+        if keys:
+            found[fld] = (keys[0], metadata[keys[0]])
+    if "lora_alpha" not in found:
+        return None
+    cfg: dict[str, Any] = {}
+    for fld, (key, text) in found.items():
+        try:
+            value = float(text)
+        except ValueError:
+            findings.error("config-invalid", None, f"{where}: header metadata '{key}' must be a number, got {text!r}",
+                           exc=FormatError)
+            return None
+        cfg[fld] = int(value) if fld == "r" and value.is_integer() else value
+    return HeaderConfig(cfg, f"header key '{found['lora_alpha'][0]}'")
+
+
+def _metadata_json(raw: str, where: Path, findings: Findings) -> dict[str, Any] | None:
+    import json
+
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # not JSON, over-long integers, absurd nesting
+        findings.error("config-invalid", None,
+                       f"{where}: header metadata '{ADAPTER_METADATA_KEY}' is not valid JSON ({e})",
+                       hint="alpha cannot be known; re-export the adapter", exc=FormatError)
+        return None
+    if not isinstance(data, dict):
+        findings.error("config-invalid", None,
+                       f"{where}: header metadata '{ADAPTER_METADATA_KEY}' is a JSON {type(data).__name__}, "
+                       "expected an object", exc=FormatError)
+        return None
+    return data
+
+
+_LORA_CONFIG_FIELDS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "target_modules")
+
+
+def _pick_component(data: dict[str, Any], component: str | None) -> dict[str, Any]:
+    def of(space: str) -> dict[str, Any]:
+        if isinstance(data.get(space), dict):
+            return dict(data[space])
+        prefix = space + "."
+        return {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)}
+
+    if component is not None:
+        cfg = of(component)
+        if cfg:
+            return cfg
+    if any(k in data for k in _LORA_CONFIG_FIELDS):
+        return dict(data)  # one LoraConfig, as a model's save_lora_adapter writes it
+    if component is None:
+        spaces = {k.split(".", 1)[0] for k in data if "." in k} | {k for k, v in data.items() if isinstance(v, dict)}
+        if len(spaces) == 1:
+            return of(next(iter(spaces)))
+    return {}
 
 
 def lora_b_bias(m: LoraModule) -> Any:

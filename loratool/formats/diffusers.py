@@ -17,18 +17,20 @@ import json
 from pathlib import Path
 from typing import Any
 
-from loratool.adapter import Adapter, AlphaSource, LoraModule, scale_for
-from loratool.errors import IncompatibleError
+from loratool.adapter import Adapter, AlphaSource, LoraModule
+from loratool.errors import FormatError, IncompatibleError
 from loratool.formats._common import (
     Findings,
+    HeaderConfig,
     TensorFile,
+    alpha_missing,
     build_module,
     group_tensors,
+    header_config,
     is_unsupported,
-    lora_b_bias,
 )
 from loratool.formats.names import COMPONENTS, CONTAINERS, split_component
-from loratool.formats.peft import pattern_key
+from loratool.formats.peft import PatternLookup
 from loratool.formats.registry import Capabilities, Format
 
 METADATA_KEY = "lora_adapter_metadata"
@@ -44,73 +46,105 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_magnitude_vector", "magnitude"),
     (".alpha", "alpha"),
 )
-_PROCESSOR = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
+# 2023 attention processors (`unet.save_attn_procs`): `<attn>.processor.to_q_lora.down.weight` holds
+# the LoRA of `<attn>.to_q`; to_out's is that of `to_out.0` (diffusers' UNET_TO_DIFFUSERS)
+_PROCESSOR = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0",
+              "add_k_proj_lora": "add_k_proj", "add_v_proj_lora": "add_v_proj"}
+# the text encoder's attention LoRA of the same vintage used those names for CLIP's projections
+# (diffusers' DIFFUSERS_OLD_TO_PEFT: to_q_lora -> q_proj, to_out_lora -> out_proj)
+_TEXT_PROCESSOR = {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj", "to_out_lora": "out_proj"}
+_LEGACY_ROLES = ((".down.weight", "down"), (".up.weight", "up"))
 
 
 def split_key(key: str) -> tuple[str, str] | None:
-    for suffix, role in _SUFFIXES:
+    """'<component>.<path><suffix>' -> (module name with its component, role), or None.
+
+    Legacy keys without a component are placed as diffusers' loaders place them: under
+    `text_encoder.` when they start with `text_model.`, else under `unet.`.
+    """
+    name = role = None
+    for suffix, r in _SUFFIXES:
         if key.endswith(suffix):
-            name = key[: -len(suffix)]
-            head, _, last = name.rpartition(".")
-            if head.endswith(".processor") and last in _PROCESSOR:
-                name = head[: -len(".processor")] + "." + _PROCESSOR[last]
-            return name, role
-    return None
+            name, role = key[: -len(suffix)], r
+            break
+    else:
+        for suffix, r in _LEGACY_ROLES:
+            if key.endswith(suffix):
+                head, _, last = key[: -len(suffix)].rpartition(".")
+                if last in _PROCESSOR and head:
+                    text = ".processor" not in head and ".self_attn" in ("." + head)
+                    head = head.removesuffix(".processor")
+                    name, role = head + "." + (_TEXT_PROCESSOR if text else _PROCESSOR)[last], r
+                break
+    if name is None or role is None:
+        return None
+    name = name.replace(".processor.", ".")
+    if name.split(".", 1)[0] not in COMPONENTS:
+        if role == "alpha" or not _is_legacy(key):
+            return name, role  # a modern key without a component: the caller decides (no guess here)
+        name = ("text_encoder." if name.startswith("text_model.") else "unet.") + name
+    return name, role
+
+
+def _is_legacy(key: str) -> bool:
+    return ".lora." in key or "_lora." in key or ".lora_linear_layer." in key
 
 
 def looks_like(keys: list[str]) -> bool:
     lora = [k for k in keys if split_key(k) and not k.endswith(".alpha")]
-    return bool(lora) and all(k.split(".", 1)[0] in COMPONENTS or ".lora." in k or "_lora." in k for k in lora)
-
-
-def component_config(metadata: dict[str, str], component: str) -> dict[str, Any]:
-    """The LoRA config diffusers stored for one component (flat `comp.key` or nested)."""
-    raw = metadata.get(METADATA_KEY)
-    if not raw:
-        return {}
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError):  # not JSON, over-long integers, absurd nesting
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    if isinstance(data.get(component), dict):
-        return dict(data[component])
-    prefix = component + "."
-    return {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)}
+    return bool(lora) and all(k.split(".", 1)[0] in COMPONENTS or _is_legacy(k) for k in lora)
 
 
 def from_tensors(tf: TensorFile, findings: Findings) -> Adapter:
     raw, unsupported = group_tensors(tf, lambda k: None if is_unsupported(k) else split_key(k), findings)
     modules: dict[str, LoraModule] = {}
+    configs: dict[str, tuple[HeaderConfig | None, PatternLookup]] = {}
+    implied: list[str] = []
     for name, rm in raw.items():
         component, _, local = name.partition(".")
-        cfg = component_config(tf.metadata, component) if component in COMPONENTS else {}
+        if component not in configs:
+            header = header_config(tf.metadata, component, tf.path, findings) if component in COMPONENTS else None
+            cfg = header.config if header else {}
+            pattern = cfg.get("alpha_pattern") or {}
+            for fld, ok in (("lora_alpha", _is_num), ("alpha_pattern", lambda v: isinstance(v, dict)),
+                            ("use_rslora", lambda v: isinstance(v, bool))):
+                if fld in cfg and not ok(cfg[fld]):
+                    findings.error("config-invalid", None,
+                                   f"{tf.path}: header metadata ({header.origin if header else ''}) "
+                                   f"'{component}.{fld}' has the wrong type: {cfg[fld]!r}", exc=FormatError)
+                    cfg = {}
+                    pattern = {}
+            configs[component] = (HeaderConfig(cfg, header.origin) if header else None,
+                                  PatternLookup(pattern if isinstance(pattern, dict) else {}))
+        header, lookup = configs[component]
+        cfg = header.config if header else {}
         alpha: float | None
         source: AlphaSource
         if rm.alpha is not None:
             alpha, source = rm.alpha.scalar(), "tensor"
-        elif (pkey := pattern_key(cfg.get("alpha_pattern") or {}, local)) is not None:
+        elif (pkey := lookup.key(local)) is not None and _is_num(cfg["alpha_pattern"][pkey]):
             alpha, source = float(cfg["alpha_pattern"][pkey]), "metadata"
-        elif isinstance(cfg.get("lora_alpha"), (int, float)):
+        elif _is_num(cfg.get("lora_alpha")):
             alpha, source = float(cfg["lora_alpha"]), "metadata"
         else:
             alpha, source = None, "implied"
             if rm.down is not None and rm.up is not None:
-                findings.warning(
-                    "alpha-missing", name,
-                    f"{tf.path}: module '{name}' has no alpha tensor or metadata; alpha is implied (= rank)",
-                )
+                implied.append(name)
         module = build_module(
             name, rm, alpha=alpha, alpha_source=source, rslora=bool(cfg.get("use_rslora", False)),
             fan_in_fan_out=False, findings=findings, where=tf.path,
         )
         if module is not None:
             modules[name] = module
+    alpha_missing(findings, tf.path, implied, "alpha tensor or header metadata")
     return Adapter(
         modules=modules, source_format="diffusers", metadata=tf.metadata, unsupported=unsupported,
         path=tf.path, files=[tf.path],
     )
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +233,7 @@ def state_and_metadata(adapter: Adapter) -> tuple[dict[str, Any], dict[str, Any]
         IncompatibleError: a module without a component prefix (what the format cannot hold at
             all was refused before, by registry.check_writable).
     """
-    from loratool.formats.peft import build_config
+    from loratool.formats.peft import build_config, module_tensors
 
     groups: dict[str, dict[str, LoraModule]] = {}
     for m in adapter.modules.values():
@@ -214,17 +248,9 @@ def state_and_metadata(adapter: Adapter) -> tuple[dict[str, Any], dict[str, Any]
     tensors: dict[str, Any] = {}
     flat: dict[str, Any] = {}
     for component, mods in groups.items():
-        config, alphas = build_config(Adapter(modules=mods, source_format="diffusers"))
+        config, _ = build_config(Adapter(modules=mods, source_format="diffusers"))
         for local, m in mods.items():
-            # the written alpha must reproduce the module's scale exactly
-            assert abs(scale_for(alphas[local], m.rank, config["use_rslora"]) - m.scale) <= 1e-9 * max(1, abs(m.scale))
-            key = f"{component}.{local}"
-            tensors[key + ".lora_A.weight"] = m.down.load()
-            tensors[key + ".lora_B.weight"] = m.up.load()
-            if m.bias is not None:
-                tensors[key + ".lora_B.bias"] = lora_b_bias(m)
-            if m.magnitude is not None:
-                tensors[key + ".lora_magnitude_vector"] = m.magnitude.load().reshape(-1)
+            tensors.update(module_tensors(f"{component}.{local}", m))
         fields = {k: config[k] for k in _CONFIG_FIELDS}
         fields["init_lora_weights"] = True
         flat.update({f"{component}.{k}": v for k, v in fields.items()})
@@ -244,8 +270,7 @@ FORMAT = Format(
     name="diffusers",
     summary="diffusers LoRA .safetensors (lora_A / lora_B under unet., transformer., text_encoder., ...)",
     naming="component",
-    capabilities=Capabilities(bias=True, extras=False, fan_in_fan_out=False, embedding=False, conv=True, dora=True,
-                              dora_axis="out", per_module_alpha=True, metadata=True, directory=False),
+    capabilities=Capabilities(bias=True, dora=True),
     detect=lambda keys: 2 if looks_like(keys) else 0,
     read_file=from_tensors,
     write=write,

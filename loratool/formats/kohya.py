@@ -15,7 +15,15 @@ from typing import Any
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import IncompatibleError
 from loratool.formats import lycoris
-from loratool.formats._common import Findings, RawModule, TensorFile, build_module, group_tensors
+from loratool.formats._common import (
+    Findings,
+    RawModule,
+    TensorFile,
+    alpha_missing,
+    build_module,
+    group_tensors,
+    split_by_suffix,
+)
 from loratool.formats.names import KOHYA_PREFIX_OF, component_of_kohya_prefix, split_kohya_prefix
 from loratool.formats.registry import Capabilities, Format
 
@@ -29,10 +37,7 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
 
 
 def split_key(key: str) -> tuple[str, str] | None:
-    for suffix, role in _SUFFIXES:
-        if key.endswith(suffix):
-            return key[: -len(suffix)], role
-    return None
+    return split_by_suffix(key, _SUFFIXES)
 
 
 def looks_like(keys: list[str]) -> bool:
@@ -47,21 +52,11 @@ def from_tensors(tf: TensorFile, findings: Findings) -> Adapter:
     raw, unsupported = group_tensors(plain, split_key, findings)
     unsupported = [*unsupported, *lyco_left]
     modules: dict[str, LoraModule] = {}
+    implied: list[str] = []
     for name, rm in raw.items():
         alpha = _alpha(rm, name, tf, findings) if rm.alpha is not None else None
         if rm.alpha is None and rm.down is not None and rm.up is not None:
-            findings.warning("alpha-missing", name,
-                             f"{tf.path}: module '{name}' has no .alpha tensor; alpha is implied (= rank)")
-        magnitude = rm.magnitude
-        if magnitude is not None and rm.up is not None and magnitude.numel == rm.up.shape[0]:
-            pass  # per-output-row magnitude (LyCORIS wd_on_out=True, PEFT convention)
-        elif magnitude is not None and rm.down is not None and magnitude.numel == rm.down.shape[1]:
-            findings.error(
-                "unsupported-dora-axis", name,
-                f"{tf.path}: module '{name}': .dora_scale {magnitude.shape} is per input column "
-                "(LyCORIS wd_on_out=False); only per-output-row DoRA is supported",
-            )
-            continue
+            implied.append(name)
         module = build_module(
             name, rm, alpha=alpha, alpha_source="tensor", rslora=False, fan_in_fan_out=False,
             findings=findings, where=tf.path,
@@ -74,6 +69,7 @@ def from_tensors(tf: TensorFile, findings: Findings) -> Adapter:
             module = module.with_(bias_scaled=False)
         if module is not None:
             modules[name] = module
+    alpha_missing(findings, tf.path, implied, ".alpha tensor")
     meta = tf.metadata
     base_model = meta.get("ss_sd_model_name") or meta.get("modelspec.architecture") or None
     return Adapter(
@@ -160,8 +156,9 @@ class Placement:
     by: str
 
 
-def place(name: str, base_key: str | None = None) -> Placement | None:
-    """Recover a kohya name's module path: from the base key it matched, else by the naming rules.
+def place(name: str, base_key: str | None = None, paths: dict[str, str] | None = None) -> Placement | None:
+    """Recover a kohya name's module path: from the base key it matched, else from the paths the
+    file recorded (module_paths), else by the naming rules.
 
     Returns None when the rules cannot place it unambiguously (the caller lists such names).
     """
@@ -169,6 +166,8 @@ def place(name: str, base_key: str | None = None) -> Placement | None:
     component = component_of_kohya_prefix(parts[0]) if parts else None
     if base_key is not None:
         return Placement(component, base_key.removesuffix(".weight"), "base")
+    if paths and name in paths:
+        return Placement(component, paths[name], "metadata")
     if parts is None:
         return None
     path = restore_dots(parts[1])
@@ -194,6 +193,31 @@ def kohya_name(name: str) -> str:
     return "lora_unet_" + name.replace(".", "_")
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+# header metadata: JSON {kohya stem: dotted module path} for every module written from a dotted name.
+# The stem lost the dots (and `transformer.` of BLOOM's `transformer.h.0.self_attention.query_key_value`
+# became `lora_unet_`), so no rule can give the path back for every model family; the file keeps it.
+MODULE_PATHS_KEY = "loratool.module_paths"
+
+
+def module_paths(metadata: dict[str, str]) -> dict[str, str]:
+    """The stem -> module path map a kohya file written by loratool records ({} when absent or bad)."""
+    try:
+        data = json.loads(metadata.get(MODULE_PATHS_KEY) or "{}")
+    except (ValueError, RecursionError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def paths_metadata(paths: dict[str, str]) -> dict[str, str]:
+    """The header entry recording {stem: dotted module path} ({} when there is nothing to record)."""
+    return {MODULE_PATHS_KEY: json.dumps(dict(paths), sort_keys=True)} if paths else {}
+
+
 def kohya_alpha(m: LoraModule) -> float:
     """The alpha to store: kohya scale is always alpha / r, so an rslora module's alpha is converted."""
     return m.scale * m.rank if m.rslora else m.alpha
@@ -210,10 +234,17 @@ def state_dict(adapter: Adapter) -> dict[str, Any]:
             raise IncompatibleError(f"modules '{stems[stem]}' and '{m.name}' have the same kohya name '{stem}'",
                                     hint="write PEFT instead (--format peft), or leave one of them out")
         stems[stem] = m.name
+        alpha = kohya_alpha(m)
+        if not abs(alpha) <= _FLOAT32_MAX:
+            raise IncompatibleError(
+                f"module '{m.name}': alpha {alpha:.6g} does not fit kohya's float32 .alpha tensor "
+                f"(largest {_FLOAT32_MAX:.6g}); the file would hold an infinite scale",
+                hint="use a smaller --factor / --alpha, or write PEFT (--format peft), whose config holds any alpha",
+            )
         out[stem + ".lora_down.weight"] = m.down.load()
         out[stem + ".lora_up.weight"] = m.up.load()
         # alpha stays float32 whatever the weights are: a bf16 alpha rounds the scale (kohya bug)
-        out[stem + ".alpha"] = torch.tensor(kohya_alpha(m), dtype=torch.float32)
+        out[stem + ".alpha"] = torch.tensor(alpha, dtype=torch.float32)
         if m.magnitude is not None:
             mag = m.magnitude.load()
             out[stem + ".dora_scale"] = mag.reshape(m.out_features, *([1] * (len(m.up.shape) - 1)))
@@ -271,6 +302,12 @@ def write(adapter: Adapter, out_file: Path, metadata: dict[str, str]) -> None:
             args.pop("conv_dim", None)
             args.pop("conv_alpha", None)
         meta["ss_network_args"] = json.dumps(args)
+    stems = {kohya_name(m.name): m.name for m in adapter.modules.values()}
+    paths = {stem: path for stem, path in module_paths(meta).items() if stem in stems}
+    paths.update({stem: name for stem, name in stems.items() if "." in name})
+    meta.pop(MODULE_PATHS_KEY, None)
+    if paths:
+        meta[MODULE_PATHS_KEY] = json.dumps(paths, sort_keys=True)
     meta.update(metadata)
     save_tensors(out_file, state_dict(adapter), meta)
 
@@ -294,8 +331,7 @@ FORMAT = Format(
     name="kohya",
     summary="kohya sd-scripts .safetensors (lora_down / lora_up / alpha per module)",
     naming="stem",
-    capabilities=Capabilities(bias=True, extras=False, fan_in_fan_out=False, embedding=False, conv=True, dora=True,
-                              dora_axis="out", per_module_alpha=True, metadata=True, directory=False, diffs=True),
+    capabilities=Capabilities(bias=True, dora=True, diffs=True),  # bias: `.diff_b`; dora: `.dora_scale`
     detect=lambda keys: 2 if looks_like(keys) else 0,
     read_file=from_tensors,
     write=write,

@@ -28,7 +28,15 @@ from typing import Any
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import FormatError, IncompatibleError
-from loratool.formats._common import Findings, RawModule, TensorFile, build_module, json_config, open_tensor_file
+from loratool.formats._common import (
+    Findings,
+    RawModule,
+    TensorFile,
+    build_module,
+    json_config,
+    open_tensor_file,
+    split_by_suffix,
+)
 from loratool.formats.registry import Capabilities, Format
 from loratool.st import TensorRef
 
@@ -61,10 +69,7 @@ class Transposed(TensorRef):
 
 
 def split_key(key: str) -> tuple[str, str] | None:
-    for suffix, role in _SUFFIXES:
-        if key.endswith(suffix):
-            return key[: -len(suffix)], role
-    return None
+    return split_by_suffix(key, _SUFFIXES)
 
 
 def looks_like(keys: list[str]) -> bool:
@@ -232,8 +237,7 @@ FORMAT = Format(
     name="mlx",
     summary="mlx-lm adapter directory (adapters.safetensors + adapter_config.json; factors transposed, one scale)",
     naming="path",
-    capabilities=Capabilities(bias=False, extras=False, fan_in_fan_out=False, embedding=True, conv=False, dora=True,
-                              dora_axis="out", per_module_alpha=False, metadata=True, directory=True),
+    capabilities=Capabilities(embedding=True, conv=False, dora=True, per_module_alpha=False, directory=True),
     detect=_detect,
     read_file=from_file,
     detect_dir=is_mlx_dir,

@@ -18,9 +18,11 @@ from loratool.adapter import Adapter, LoraModule, scale_for
 from loratool.errors import FormatError
 from loratool.formats._common import (
     Findings,
+    HeaderConfig,
     RawModule,
     TensorFile,
     build_module,
+    header_config,
     is_unsupported,
     json_config,
     lora_b_bias,
@@ -70,15 +72,99 @@ def base_key(extra: str) -> str:
     return extra.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
 
 
+# a name with escapes (`\.`, `\-`: re.escape's output) and unescaped `.` wildcards, nothing else of regex
+_NAME_LIKE = re.compile(r"(?:\\[^0-9A-Za-z_]|[^\\^$*+?{}\[\]|()])*", re.S)
+_ESCAPE = re.compile(r"(\\.)", re.S)
+_DOT = re.compile(r"\.")
+
+
+def _plain_key(key: str) -> tuple[bool, str, frozenset[int]] | None:
+    """A pattern key that is a name, possibly with unescaped `.` wildcards: (anchored by a leading
+    `^`, the name, positions of the wildcard dots); None when it is a real regex."""
+    anchored = key.startswith("^")
+    text = key[1:] if anchored else key
+    if not _NAME_LIKE.fullmatch(text):
+        return None
+    if "\\" not in text:
+        return anchored, text, frozenset(m.start() for m in _DOT.finditer(text))
+    if "." not in _ESCAPE.sub("", text):  # re.escape's output: every dot escaped, no wildcards
+        return anchored, _ESCAPE.sub(lambda m: m.group(0)[1], text), frozenset()
+    out: list[str] = []
+    wild: list[int] = []
+    size = 0
+    for part in _ESCAPE.split(text):
+        if part.startswith("\\") and len(part) == 2:
+            out.append(part[1])
+            size += 1
+        else:
+            wild.extend(size + m.start() for m in _DOT.finditer(part))
+            out.append(part)
+            size += len(part)
+    return anchored, "".join(out), frozenset(wild)
+
+
+class PatternLookup:
+    r"""rank_pattern / alpha_pattern lookup with peft's rule, built once per pattern dict.
+
+    peft's get_pattern_key returns the first key (in dict order) for which
+    `re.match(rf"(.*\.)?({key})$", name)` matches, compiling a regex per key per module; with a
+    pattern per module (what dynamic resize writes) that is quadratic and thrashes re's cache.
+    Here keys that are names (escaped or not; unescaped dots match any character, as in the regex)
+    are looked up in hash tables by every dotted suffix of the name, and only real regexes are
+    compiled (once) and tried in order.
+    """
+
+    def __init__(self, patterns: dict[str, Any]) -> None:
+        self._keys = list(patterns)
+        # length -> [(anchored, wildcard positions, masked name -> first index)]
+        self._tables: dict[int, dict[tuple[bool, frozenset[int]], dict[str, int]]] = {}
+        self._regexes: list[tuple[int, re.Pattern[str]]] = []
+        for i, key in enumerate(self._keys):
+            plain = _plain_key(key)
+            if plain is None:
+                try:
+                    self._regexes.append((i, re.compile(rf"(.*\.)?({key})$")))
+                except re.error:
+                    continue  # never matches (peft would fail to load such a config)
+                continue
+            anchored, text, wild = plain
+            group = self._tables.setdefault(len(text), {}).setdefault((anchored, wild), {})
+            group.setdefault(_mask(text, wild), i)
+
+    def key(self, name: str) -> str | None:
+        """The first pattern key that matches `name`, or None."""
+        best: int | None = None
+        if self._tables:
+            starts = [0] + [j + 1 for j, c in enumerate(name) if c == "."]
+            for start in starts:
+                suffix = name[start:]
+                for (anchored, wild), table in self._tables.get(len(suffix), {}).items():
+                    if anchored and start:
+                        continue
+                    if wild and any(suffix[j] == "\n" for j in wild):
+                        continue
+                    i = table.get(_mask(suffix, wild))
+                    if i is not None and (best is None or i < best):
+                        best = i
+        for i, rx in self._regexes:
+            if best is not None and i > best:
+                break
+            if rx.match(name):
+                best = i
+                break
+        return None if best is None else self._keys[best]
+
+
+def _mask(text: str, wild: frozenset[int]) -> str:
+    if not wild:
+        return text
+    return "".join("." if j in wild else c for j, c in enumerate(text))
+
+
 def pattern_key(patterns: dict[str, Any], name: str) -> str | None:
-    """The first pattern that matches `name` the way peft's get_pattern_key does (suffix or regex)."""
-    for key in patterns:
-        try:
-            if re.match(rf"(.*\.)?({key})$", name):
-                return key
-        except re.error:
-            continue
-    return None
+    """The first pattern that matches `name` the way peft's get_pattern_key does (suffix or regex).
+    For many lookups in one dict build a PatternLookup once."""
+    return PatternLookup(patterns).key(name)
 
 
 # GPT-2-family Conv1D layers (weights stored (in, out)): peft sets fan_in_fan_out=True for them at
@@ -129,32 +215,56 @@ def from_file(tf: TensorFile, findings: Findings) -> Adapter:
 def _with_config(tf: TensorFile, findings: Findings, *, root: Path) -> Adapter:
     config_path = tf.path.parent / CONFIG_NAME
     config: dict[str, Any] = {}
+    header = None
     if config_path.exists():
         config = json_config(config_path, findings) or {}
+    elif root == tf.path:
+        # one file on its own (diffusers save_lora_adapter, ComfyUI, SimpleTuner): the LoRA config,
+        # if any, is in its header
+        header = header_config(tf.metadata, None, tf.path, findings)
+        if header is None:
+            findings.warning("config-missing", None,
+                             f"{tf.path}: no {CONFIG_NAME} beside it and no LoRA config in its header metadata; "
+                             "alpha is implied (= rank) for every module")
     else:
         findings.warning(
             "config-missing", None,
             f"{config_path}: not found; alpha is implied (= rank) for every module",
         )
-    return from_tensors(tf, config, findings, root=root, config_path=config_path if config_path.exists() else None)
+    return from_tensors(tf, config, findings, root=root, config_path=config_path if config_path.exists() else None,
+                        header=header)
 
 
 def from_tensors(
-    tf: TensorFile, config: dict[str, Any], findings: Findings, *, root: Path, config_path: Path | None
+    tf: TensorFile, config: dict[str, Any], findings: Findings, *, root: Path, config_path: Path | None,
+    header: HeaderConfig | None = None,
 ) -> Adapter:
+    """Build the Adapter from a file's tensors and its config (adapter_config.json).
+
+    With `header` (a single file without a config beside it, whose header metadata holds the LoRA
+    config), that config is used instead and alpha comes from "metadata"; the file's key prefix is
+    recorded (Adapter.key_prefix) so writing keeps the single-file dialect.
+    """
+    where: Path | str | None = config_path
+    if header is not None:
+        config, where = header.config, f"{tf.path}: {header.origin}"
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         findings.error("unsupported-type", None,
-                       f"{config_path}: peft_type is {peft_type}; only LORA adapters are supported",
+                       f"{where}: peft_type is {peft_type}; only LORA adapters are supported",
                        exc=FormatError)
     has_config = bool(config)
-    r_default = _int(config.get("r", _DEFAULT_R), "r", config_path, findings)  # None: invalid, reported
-    alpha_default = _num(config.get("lora_alpha", _DEFAULT_ALPHA), "lora_alpha", config_path, findings)
-    rank_pattern = _dict(config.get("rank_pattern"), "rank_pattern", config_path, findings)
-    alpha_pattern = _dict(config.get("alpha_pattern"), "alpha_pattern", config_path, findings)
-    rslora = bool(config.get("use_rslora", False))
-    use_dora = bool(config.get("use_dora", False))
-    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    # a config file without r means peft's default; header metadata without r says nothing about rank
+    r_value = config.get("r", _DEFAULT_R if header is None else None)
+    r_default = None if r_value is None else _int(r_value, "r", where, findings)  # None: unknown or invalid
+    alpha_default = _num(config.get("lora_alpha", _DEFAULT_ALPHA), "lora_alpha", where, findings)
+    rank_pattern = _dict(config.get("rank_pattern"), "rank_pattern", where, findings)
+    alpha_pattern = _dict(config.get("alpha_pattern"), "alpha_pattern", where, findings)
+    rslora = _bool(config.get("use_rslora", False), "use_rslora", where, findings)
+    use_dora = _bool(config.get("use_dora", False), "use_dora", where, findings)
+    fan_in_fan_out = _bool(config.get("fan_in_fan_out", False), "fan_in_fan_out", where, findings)
+    rank_lookup = PatternLookup(rank_pattern)
+    alpha_lookup = PatternLookup(alpha_pattern)
     if config.get("fan_in_fan_out") is False and any(GPT2_CONV1D.search(n) for n in raw_names(tf)):
         findings.warning(
             "fan-in-fan-out-forced", None,
@@ -181,14 +291,14 @@ def from_tensors(
 
     modules: dict[str, LoraModule] = {}
     for name, rm in raw.items():
-        alpha_key = pattern_key(alpha_pattern, name)
+        alpha_key = alpha_lookup.key(name)
         if not has_config:
             alpha, source = None, "implied"
         elif alpha_key is not None:
-            alpha, source = _num(alpha_pattern[alpha_key], f"alpha_pattern['{alpha_key}']", config_path,
-                                 findings), "pattern"
+            alpha, source = _num(alpha_pattern[alpha_key], f"alpha_pattern['{alpha_key}']", where,
+                                 findings), "pattern" if header is None else "metadata"
         else:
-            alpha, source = alpha_default, "config"
+            alpha, source = alpha_default, "config" if header is None else "metadata"
         module = build_module(
             name, rm, alpha=alpha, alpha_source=source, rslora=rslora,  # type: ignore[arg-type]
             fan_in_fan_out=fan_in_fan_out or bool(GPT2_CONV1D.search(name)), findings=findings, where=tf.path,
@@ -196,16 +306,17 @@ def from_tensors(
         if module is None:
             continue
         if has_config:
-            rank_key = pattern_key(rank_pattern, name)
-            expected = (_int(rank_pattern[rank_key], f"rank_pattern['{rank_key}']", config_path, findings)
+            rank_key = rank_lookup.key(name)
+            expected = (_int(rank_pattern[rank_key], f"rank_pattern['{rank_key}']", where, findings)
                         if rank_key is not None else r_default)
             if expected is not None and module.rank != expected:
                 origin = f"rank_pattern['{rank_key}']" if rank_key is not None else "r"
                 findings.error(
                     "config-rank-mismatch", name,
                     f"{tf.path}: module '{name}' has rank {module.rank} (down {module.down.shape}) "
-                    f"but {config_path.name if config_path else 'the config'} {origin} says {expected}",
-                    hint="peft will refuse to load it; fix r / rank_pattern in adapter_config.json",
+                    f"but {_config_label(config_path, header)} {origin} says {expected}",
+                    hint="peft will refuse to load it; fix r / rank_pattern in adapter_config.json"
+                    if header is None else "the header metadata does not describe these tensors",
                 )
                 continue
             if use_dora and module.magnitude is None:
@@ -217,15 +328,33 @@ def from_tensors(
         findings.error("config-inconsistent", None,
                        f"{tf.path}: has lora_magnitude_vector tensors but use_dora is false in {CONFIG_NAME}")
     base_model = config.get("base_model_name_or_path") or None
+    key_prefix = None
+    if config_path is None or not config_path.exists() or header is not None:
+        key_prefix = PREFIX if any(k.startswith(PREFIX) for k in tf.tensors) else ""
     return Adapter(
         modules=modules, source_format="peft", extras=extras, config=config, metadata=tf.metadata,
         base_model=str(base_model) if base_model else None, unsupported=unsupported, path=root,
-        files=[tf.path] + ([config_path] if config_path and config_path.exists() else []),
-        source_modules=tuple(modules),
+        files=[tf.path] + ([config_path] if config_path and config_path.exists() and header is None else []),
+        source_modules=tuple(modules), key_prefix=key_prefix,
     )
 
 
-def _int(v: Any, field: str, where: Path | None, findings: Findings) -> int | None:
+def _config_label(config_path: Path | None, header: HeaderConfig | None) -> str:
+    if header is not None:
+        return f"the header metadata ({header.origin})"
+    return config_path.name if config_path else "the config"
+
+
+def _bool(v: Any, field: str, where: Path | str | None, findings: Findings) -> bool:
+    """A true/false config value; a string such as "false" is an error, never taken as true."""
+    if not isinstance(v, bool):
+        findings.error("config-invalid", None, f"{where}: '{field}' must be true or false, got {v!r}",
+                       hint="write JSON true/false without quotes", exc=FormatError)
+        return False
+    return v
+
+
+def _int(v: Any, field: str, where: Path | str | None, findings: Findings) -> int | None:
     """A positive integer config value; None (after a config-invalid finding) when it is not one."""
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         findings.error("config-invalid", None, f"{where}: '{field}' must be a positive integer, got {v!r}",
@@ -234,7 +363,7 @@ def _int(v: Any, field: str, where: Path | None, findings: Findings) -> int | No
     return v
 
 
-def _num(v: Any, field: str, where: Path | None, findings: Findings) -> float:
+def _num(v: Any, field: str, where: Path | str | None, findings: Findings) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         findings.error("config-invalid", None, f"{where}: '{field}' must be a number, got {v!r}",
                        exc=FormatError)
@@ -242,7 +371,7 @@ def _num(v: Any, field: str, where: Path | None, findings: Findings) -> float:
     return float(v)
 
 
-def _dict(v: Any, field: str, where: Path | None, findings: Findings) -> dict[str, Any]:
+def _dict(v: Any, field: str, where: Path | str | None, findings: Findings) -> dict[str, Any]:
     if v is None:
         return {}
     if not isinstance(v, dict):
@@ -310,6 +439,8 @@ def build_config(adapter: Adapter) -> tuple[dict[str, Any], dict[str, float]]:
     config.setdefault("bias", "none")
     config.setdefault("lora_dropout", 0.0)
     config.setdefault("inference_mode", True)
+    for m in mods:  # the written alpha must reproduce the module's scale exactly
+        assert abs(scale_for(alphas[m.name], m.rank, use_rslora) - m.scale) <= 1e-9 * max(1, abs(m.scale))
     return config, alphas
 
 
@@ -337,23 +468,26 @@ def _converted_alpha(m: LoraModule, to_rslora: bool) -> float:
     return s * (m.rank**0.5) if to_rslora else s * m.rank
 
 
-def state_dict(adapter: Adapter) -> dict[str, Any]:
+def module_tensors(key: str, m: LoraModule) -> dict[str, Any]:
+    """One module's tensors in PEFT's key layout under `key` (diffusers files use the same suffixes)."""
+    if m.kind == "embedding":
+        out = {key + ".lora_embedding_A": m.down.load(), key + ".lora_embedding_B": m.up.load()}
+    else:
+        out = {key + ".lora_A.weight": m.down.load(), key + ".lora_B.weight": m.up.load()}
+    if m.bias is not None:
+        out[key + ".lora_B.bias"] = lora_b_bias(m)
+    if m.magnitude is not None:
+        out[key + ".lora_magnitude_vector"] = m.magnitude.load().reshape(-1)
+    return out
+
+
+def state_dict(adapter: Adapter, prefix: str = PREFIX) -> dict[str, Any]:
     """Tensors in PEFT key layout. The factors are stored as they are (alpha carries the scale)."""
     out: dict[str, Any] = {}
     for m in adapter.modules.values():
-        base = PREFIX + m.name
-        if m.kind == "embedding":
-            out[base + ".lora_embedding_A"] = m.down.load()
-            out[base + ".lora_embedding_B"] = m.up.load()
-        else:
-            out[base + ".lora_A.weight"] = m.down.load()
-            out[base + ".lora_B.weight"] = m.up.load()
-        if m.bias is not None:
-            out[base + ".lora_B.bias"] = lora_b_bias(m)
-        if m.magnitude is not None:
-            out[base + ".lora_magnitude_vector"] = m.magnitude.load().reshape(-1)
+        out.update(module_tensors(prefix + m.name, m))
     for key, ref in adapter.extras.items():
-        out[PREFIX + key] = ref.load()
+        out[prefix + key] = ref.load()
     return out
 
 
@@ -361,13 +495,32 @@ def write(adapter: Adapter, out_dir: Path, metadata: dict[str, str]) -> None:
     """Write `adapter` as a PEFT directory into the (empty, temporary) directory `out_dir`."""
     from loratool.st import save_tensors
 
-    config, alphas = build_config(adapter)
-    for m in adapter.modules.values():
-        # the written alpha must reproduce the module's scale exactly
-        assert abs(scale_for(alphas[m.name], m.rank, config["use_rslora"]) - m.scale) <= 1e-9 * max(1, abs(m.scale))
+    config, _ = build_config(adapter)
     save_tensors(out_dir / WEIGHTS_NAME, state_dict(adapter), {"format": "pt", **metadata})
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
+
+# header keys a single file's LoRA config may be stored under (formats._common.header_config);
+# a write replaces them all by one lora_adapter_metadata so no stale alpha survives a rescale
+_STALE_HEADER_KEYS = ("lora_alpha", "alpha", "r")
+
+
+def write_file(adapter: Adapter, out_file: Path, metadata: dict[str, str], prefix: str) -> None:
+    """Write `adapter` as one .safetensors file with PEFT-style keys under `prefix` ('' as diffusers'
+    save_lora_adapter writes them, or 'base_model.model.'), its LoraConfig in the header metadata
+    `lora_adapter_metadata` (where diffusers puts it and where read() finds it again)."""
+    from loratool.formats._common import ADAPTER_METADATA_KEY
+    from loratool.st import save_tensors
+
+    config, alphas = build_config(adapter)
+    for m in adapter.modules.values():
+        assert abs(scale_for(alphas[m.name], m.rank, config["use_rslora"]) - m.scale) <= 1e-9 * max(1, abs(m.scale))
+    meta = {}
+    if adapter.source_format == "peft" and adapter.key_prefix is not None:
+        meta = {k: v for k, v in adapter.metadata.items()
+                if not k.startswith("loratool.") and k.rsplit(".", 1)[-1] not in _STALE_HEADER_KEYS}
+    meta.update({"format": "pt", ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True), **metadata})
+    save_tensors(out_file, state_dict(adapter, prefix), meta)
 
 def _detect(keys: list[str]) -> int:
     """3: PEFT-prefixed LoRA keys; 1: LoRA keys in PEFT style without the prefix (after kohya and
@@ -388,8 +541,7 @@ FORMAT = Format(
     name="peft",
     summary="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)",
     naming="path",
-    capabilities=Capabilities(bias=True, extras=True, fan_in_fan_out=True, embedding=True, conv=True, dora=True,
-                              dora_axis="out", per_module_alpha=True, metadata=True, directory=True),
+    capabilities=Capabilities(bias=True, extras=True, fan_in_fan_out=True, embedding=True, dora=True, directory=True),
     detect=_detect,
     read_file=from_file,
     detect_dir=_is_adapter_dir,

@@ -33,7 +33,8 @@ Naming = Literal["path", "component", "stem"]
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a format can hold. A writer is never asked to write anything outside these.
+    """What a format can hold. A writer is never asked to write anything outside these. The
+    defaults are a single-file format of plain linear and conv LoRA with per-module alphas.
 
     Attributes:
         bias: LoRA bias deltas (PEFT lora_bias: `lora_B.bias`).
@@ -57,7 +58,7 @@ class Capabilities:
     embedding: bool = False
     conv: bool = True
     dora: bool = False
-    dora_axis: Literal["out", "in"] | None = None
+    dora_axis: Literal["out", "in"] = "out"
     per_module_alpha: bool = True
     metadata: bool = True
     directory: bool = False

@@ -34,13 +34,15 @@ def target_names(
         warnings: where to append what the caller should tell the user.
 
     Returns:
-        Module name -> (new name, placed_by: "base", "rules" or "name"), and the names that
+        Module name -> (new name, placed_by: "base", "metadata" (the path a kohya file recorded),
+        "rules" or "name"), and the names that
         cannot be placed, by reason (FOREIGN in a reason: a layout diffusers names differently).
     """
     source, target = get(adapter.source_format).naming, get(to).naming
     names: dict[str, tuple[str, str]] = {}
     unplaced: dict[str, list[str]] = {}
     hint_class = diffusers.component_of_class(base_class)
+    recorded = kohya.module_paths(adapter.metadata) if source == "stem" else {}
     for name in adapter.modules:
         base_key = matched.get(name) if matched is not None else None
         if target == "stem":
@@ -48,7 +50,7 @@ def target_names(
             continue
         component: str | None = None
         if source == "stem":  # the names lost their dots: recover them
-            placed = kohya.place(name, base_key)
+            placed = kohya.place(name, base_key, recorded)
             if placed is None:
                 unplaced.setdefault(NO_RULE, []).append(name)
                 continue

@@ -2,3 +2,25 @@
 
 Nothing here prints or exits; long loops take a progress callback (done, total).
 """
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Progress = Callable[[int, int], None]
+
+
+class Row:
+    """A report row (one module, one tensor): a dataclass whose fields are its JSON object."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def output_size(path: Path) -> int:
+    """Bytes written: a file's size, or the sum over a directory's files."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    return path.stat().st_size

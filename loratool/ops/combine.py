@@ -29,21 +29,21 @@ import contextlib
 import math
 import os
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import IncompatibleError
-from loratool.ops.resize import _size, target_dtype
+from loratool.ops import Progress, Row, output_size
+from loratool.ops.resize import target_dtype
 from loratool.st import TensorRef
 
 if TYPE_CHECKING:
     import torch
 
 SCHEMA = 1
-Progress = Callable[[int, int], None]
 
 METHODS: tuple[str, ...] = ("cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune", "linear")
 DENSE: tuple[str, ...] = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -54,15 +54,12 @@ MAJORITY_SIGN: tuple[str, ...] = ("total", "frequency")
 
 
 @dataclass
-class ModuleCombine:
+class ModuleCombine(Row):
     name: str
     input_ranks: list[int | None]  # per input, None where the input lacks the module
     rank: int  # output rank
     fro_retained: float | None  # Frobenius share kept by the rank truncation (svd: of the exact sum)
     rel_error: float | None  # ||result − Σ w_i·ΔW_i||_F / ||Σ w_i·ΔW_i||_F (None when the sum is 0)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -512,7 +509,7 @@ def combine(
               "majority_sign": report.majority_sign, "seed": seed, "dtype": dtype,
               "inputs": [source_label(p) for p in local]}
     written = write(result, out, fmt=fmt, force=force, op="combine", params=params, sources=result.files)
-    report.size = _size(written)
+    report.size = output_size(written)
     return report
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from loratool.adapter import Adapter, LoraModule, LycoModule
 from loratool.errors import IncompatibleError
+from loratool.ops import Row, output_size
 from loratool.runtimes import RUNTIME_OF_FORMAT
 from loratool.st import TensorRef
 
@@ -37,20 +38,18 @@ SCHEMA = 1
 
 
 @dataclass
-class ModuleConvert:
+class ModuleConvert(Row):
     name: str  # as read
     new_name: str  # as written (kohya: the key stem; diffusers: with its component)
     kind: str
     rank: int
     alpha: float  # as read
     scale: float  # the effective scale, unchanged by conversion
-    placed_by: str  # "base", "rules" (kohya naming rules) or "name" (translated from the name alone)
+    placed_by: str  # "base", "metadata" (recorded by loratool in a kohya file), "rules" (kohya naming
+    # rules) or "name" (translated from the name alone)
     from_algo: str = "lora"  # the LyCORIS algo a module was converted from (loha, lokr, tucker, full)
     exact_rank: int | None = None  # rank of the exact LoRA form of a LyCORIS module
     rel_error: float = 0.0  # ||ΔW − ΔW_lora||_F / ||ΔW||_F (0 unless truncated)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -116,13 +115,7 @@ def _match_base(adapter: Adapter, base: Path) -> tuple[dict[str, str], dict[str,
 
     ckpt = open_checkpoint(base)
     match = match_modules(list(adapter.modules.values()), ckpt.tensors)
-    if match.shape_mismatch:
-        name, key, want, got = match.shape_mismatch[0]
-        raise IncompatibleError(
-            f"{adapter.path}: module '{name}' needs a base weight of shape {want} but {key} in {base} is {got}"
-            + (f" ({len(match.shape_mismatch)} modules mismatch)" if len(match.shape_mismatch) > 1 else ""),
-            hint="is this adapter for this base model? check with: loratool validate ADAPTER --base BASE",
-        )
+    match.refuse_shape_mismatch(adapter.path, base)
     problems = [*match.unmatched, *(f"{n} (ambiguous: {', '.join(k)})" for n, k in match.ambiguous.items())]
     if problems:
         raise IncompatibleError(
@@ -182,7 +175,15 @@ def convert(
             modules_to_save tensors), or two modules with one target name.
         FormatError, OutputExistsError.
     """
-    from loratool.formats import check_writable, get_format, read, require_plain, source_label, write
+    from loratool.formats import (
+        check_writable,
+        get_format,
+        kohya_paths_metadata,
+        read,
+        require_plain,
+        source_label,
+        write,
+    )
     from loratool.formats.rename import FOREIGN, stored_name, target_names
     from loratool.hub import resolve_path
 
@@ -222,6 +223,7 @@ def convert(
     report = ConvertReport(Path(out), Path(path), adapter.source_format, to, Path(base) if base is not None else None,
                            warnings=lyco_warnings)
     as_read = adapter.modules  # the report shows each module's rank, alpha and scale as read
+    origin: dict[str, str] = {}  # a module renamed before target_names -> its name as read
     if dora_to_lora is not None:
         from loratool.ops.runtime import dora_to_lora as fold
 
@@ -237,6 +239,18 @@ def convert(
         adapter = prepared.adapter
         report.runtime, report.prepared = runtime.name, prepared.to_dict()
         report.warnings.extend(prepared.warnings)
+    if to == "gguf" and adapter.source_format != "gguf":
+        from loratool.formats import gguf_layout
+
+        if base is None:
+            raise IncompatibleError(
+                f"{path}: GGUF tensor names and the q/k row order depend on the model architecture",
+                hint="pass --base: the base model's transformers directory (config.json is enough) or its GGUF file",
+            )
+        order = list(adapter.modules)
+        adapter = gguf_layout(adapter, Path(base))
+        origin = dict(zip(adapter.modules, order))  # GGUF tensor name -> the module name as read
+        base = None  # used: the names are GGUF's now, not the checkpoint's
     # peft's save_embedding_layers copies of a LoRA layer's base weight (`.base_layer.`) go only
     # where full tensors can; other full tensors (modules_to_save) must be kept or the user told
     extras = adapter.extras if target.capabilities.extras else \
@@ -270,9 +284,10 @@ def convert(
         new, by = names[name]
         fitted = _fit_layout(m, shapes[matched[name]]) if matched is not None else m
         modules[new] = fitted.with_(name=new)
-        orig = as_read[name]
+        read_as = origin.get(name, name)
+        orig = as_read[read_as]
         algo, exact, err = lyco_rows.get(name, ("lora", None, 0.0))
-        report.modules.append(ModuleConvert(name, new, fitted.kind, orig.rank, orig.alpha, orig.scale, by, algo,
+        report.modules.append(ModuleConvert(read_as, new, fitted.kind, orig.rank, orig.alpha, orig.scale, by, algo,
                                             exact, err))
     for name, lm in adapter.lycoris.items():  # full / norm / bias diffs kept as they are (kohya only)
         new = stored_name(to, name)
@@ -287,8 +302,10 @@ def convert(
     converted = adapter.with_modules(
         modules,
         extras=extras,
-        config=adapter.config if keep_config else {},
-        metadata=adapter.metadata if adapter.source_format == to == "kohya" else {},
+        config=adapter.config if keep_config or to == "gguf" else {},  # gguf: its architecture
+        metadata={**(adapter.metadata if adapter.source_format == to == "kohya" else {}),
+                  **(kohya_paths_metadata({new: name for name, (new, _) in names.items() if "." in name})
+                     if to == "kohya" else {})},
         source_format=to,
         source_modules=adapter.source_modules if keep_config else (),
         lycoris=kept_lyco,
@@ -300,8 +317,7 @@ def convert(
     if dora_to_lora is not None:
         params["dora_to_lora"] = source_label(dora_to_lora)
     written = write(converted, out, fmt=to, force=force, op="convert", params=params, sources=adapter.files)
-    report.size = sum(f.stat().st_size for f in written.iterdir() if f.is_file()) if written.is_dir() else \
-        written.stat().st_size
+    report.size = output_size(written)
     return report
 
 

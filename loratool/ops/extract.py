@@ -29,7 +29,6 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,13 +37,13 @@ from typing import TYPE_CHECKING, Any
 from loratool.adapter import Adapter, Kind, LoraModule
 from loratool.errors import IncompatibleError
 from loratool.linalg import EXACT_MAX_DIM, truncated_svd
+from loratool.ops import Progress, Row, output_size
 from loratool.st import BackgroundSha256, Checkpoint, TensorInfo, TensorRef
 
 if TYPE_CHECKING:
     import torch
 
 SCHEMA = 1
-Progress = Callable[[int, int], None]
 
 _FLOAT = ("float64", "float32", "float16", "bfloat16")
 
@@ -58,7 +57,7 @@ HEAD_NAMES = frozenset({"lm_head", "embed_out"})
 
 
 @dataclass
-class ModuleExtract:
+class ModuleExtract(Row):
     name: str
     kind: str  # linear, conv or embedding
     shape: list[int]  # the weight's stored shape
@@ -69,12 +68,9 @@ class ModuleExtract:
     method: str  # "exact" or "randomized"
     bias: bool = False  # its changed bias is stored as the LoRA bias delta
 
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
 
 @dataclass
-class ChangedTensor:
+class ChangedTensor(Row):
     """A changed tensor that is not a LoRA module's weight: stored whole, as a bias delta, or skipped."""
 
     key: str
@@ -82,9 +78,6 @@ class ChangedTensor:
     action: str  # "saved" (modules_to_save), "bias" (LoRA bias delta) or "skipped"
     reason: str | None  # why it was skipped
     rel_change: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -131,10 +124,11 @@ class ExtractReport:
 
 def output_formats() -> tuple[str, ...]:
     """The formats extract writes: those that name modules by key paths or their stems. Formats that
-    name modules under a pipeline component (diffusers) are reached with `convert --base` after."""
+    name modules under a pipeline component (diffusers) are reached with `convert --base` after, and so
+    is GGUF, whose tensor names come from the architecture's map (`convert --to gguf --base`)."""
     from loratool.formats import get_format, writable_formats
 
-    return tuple(n for n in writable_formats() if get_format(n).naming != "component")
+    return tuple(n for n in writable_formats() if get_format(n).naming != "component" and n != "gguf")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,8 +404,7 @@ def _extract(
               "save_changed": save_changed, "base": source_label(report.base), "tuned": source_label(report.tuned)}
     written = write(adapter, report.out, fmt=fmt, force=force, op="extract", params=params, sources=[],
                     hashes=hasher.result())
-    report.size = sum(f.stat().st_size for f in written.iterdir() if f.is_file()) if written.is_dir() else \
-        written.stat().st_size
+    report.size = output_size(written)
     return report
 
 

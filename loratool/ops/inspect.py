@@ -53,6 +53,7 @@ class InspectReport:
             "scales": _counts(round(m.scale, 6) for m in mods),
             "targets": dict(Counter(m.short_name for m in mods).most_common()),
             "kinds": dict(Counter(m.kind for m in mods).most_common()),
+            "dora_axes": dict(Counter(m.dora_axis for m in mods if m.magnitude is not None).most_common()),
             "dtypes": dict(Counter(t.dtype for m in mods for t in (m.down, m.up)).most_common()),
         }
 
@@ -71,6 +72,7 @@ class InspectReport:
                 "scale": m.scale,
                 "rslora": m.rslora,
                 "dora": m.magnitude is not None,
+                "dora_axis": m.dora_axis if m.magnitude is not None else None,
                 "fan_in_fan_out": m.fan_in_fan_out,
                 "dtype": m.dtype,
                 "down_shape": list(m.down.shape),

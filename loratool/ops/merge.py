@@ -29,6 +29,7 @@ from loratool.adapter import Adapter
 from loratool.errors import IncompatibleError
 from loratool.keymap import Contribution, MergePlan, plan_merge
 from loratool.linalg import Workspace, merge_change, merged_tensor
+from loratool.ops import Row
 from loratool.pipeline import Buffers, Cast, Compute, copy_other_files, stream_file
 from loratool.st import BackgroundSha256, Checkpoint, TensorInfo
 
@@ -42,7 +43,7 @@ _FLOAT = ("float64", "float32", "float16", "bfloat16")
 
 
 @dataclass
-class TensorStat:
+class TensorStat(Row):
     key: str
     file: str
     modules: list[str]
@@ -50,9 +51,6 @@ class TensorStat:
     rel_change: float  # ||W' − W||_F / ||W||_F, measured in float32 before the cast
     max_cast_error: float  # max |W'_fp32 − cast(W'_fp32)|
     replaced: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass

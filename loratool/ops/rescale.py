@@ -15,7 +15,8 @@ from typing import Any
 
 from loratool.adapter import LoraModule, scale_for
 from loratool.errors import IncompatibleError
-from loratool.ops.resize import _size, select
+from loratool.ops import Row, output_size
+from loratool.ops.resize import select
 from loratool.st import TensorRef
 
 SCHEMA = 1
@@ -23,16 +24,13 @@ MODES = ("factor", "alpha", "normalize", "to_rslora", "from_rslora")
 
 
 @dataclass
-class ModuleRescale:
+class ModuleRescale(Row):
     name: str
     old_alpha: float
     new_alpha: float
     old_scale: float
     new_scale: float
     delta_factor: float  # ΔW_new = delta_factor · ΔW_old
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -160,5 +158,5 @@ def rescale(
     result = adapter.with_modules(new_modules)
     params = {"mode": mode, "value": value, "modules": modules}
     written = write(result, out, fmt=fmt, force=force, op="rescale", params=params, sources=adapter.files)
-    report.size = _size(written)
+    report.size = output_size(written)
     return report

@@ -10,29 +10,28 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import IncompatibleError
+from loratool.ops import Progress, Row, output_size
 from loratool.st import TensorRef
 
 SCHEMA = 1
-Progress = Callable[[int, int], None]
 
 
 @dataclass
-class ModuleResize:
+class ModuleResize(Row):
     name: str
     old_rank: int
     new_rank: int
     fro_retained: float  # sqrt(Σ kept σ²) / ||σ||
     rel_error: float  # ||ΔW - ΔW_k||_F / ||ΔW||_F
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+    # the rank asked for exceeded the layer's smaller dimension (a 6-class head): kept exact at that
+    # dimension, the largest rank its delta can have
+    at_min_dimension: bool = False
 
 
 @dataclass
@@ -118,6 +117,9 @@ def truncate_module(
     else:
         assert threshold is not None
         k = choose_rank(sigma, method, threshold, cap=rank)
+    # the delta's rank is at most min(out, in, r): s has that many values
+    at_min_dimension = k > len(sigma)
+    k = min(k, len(sigma))
     root = s[:k].sqrt()
     new_up = u[:, :k] * root  # (out, k)
     new_down = root[:, None] * vh[:k]  # (k, in·k)
@@ -131,7 +133,7 @@ def truncate_module(
         alpha_source="tensor" if m.alpha_source == "tensor" else m.alpha_source,
     )
     err = max(0.0, 1.0 - kept * kept) ** 0.5
-    return resized, ModuleResize(m.name, m.rank, k, kept, err)
+    return resized, ModuleResize(m.name, m.rank, k, kept, err, at_min_dimension)
 
 
 def resize(
@@ -204,6 +206,14 @@ def resize(
             report.modules.append(row)
         if progress:
             progress(i + 1, total)
+    exact = [r for r in report.modules if r.at_min_dimension]
+    if exact:
+        first = adapter.modules[exact[0].name]
+        report.warnings.append(
+            f"{len(exact)} module(s) have a smaller dimension than the rank asked for and were kept exact at "
+            f"rank = that dimension (e.g. {exact[0].name}: {first.out_features} x {first.in_features}, rank "
+            f"{exact[0].new_rank})"
+        )
     if adapter.dora:
         report.warnings.append(
             "DoRA: the low-rank part was resized and the magnitude kept; the normalised merge changes slightly"
@@ -214,7 +224,7 @@ def resize(
     params = {"rank": rank, "method": method, "threshold": threshold, "conv_rank": conv_rank, "modules": modules,
               "dtype": dtype}
     written = write(resized, out, fmt=fmt, force=force, op="resize", params=params, sources=adapter.files)
-    report.size = _size(written)
+    report.size = output_size(written)
     return report
 
 
@@ -236,9 +246,3 @@ def _metadata(adapter: Adapter, method: str | None) -> dict[str, str]:
         if method is not None:
             meta[key] = "Dynamic"
     return meta
-
-
-def _size(p: Path) -> int:
-    if p.is_dir():
-        return sum(f.stat().st_size for f in p.iterdir() if f.is_file())
-    return p.stat().st_size

@@ -115,6 +115,12 @@ def _check_unsupported(adapter: Adapter, findings: Findings) -> None:
         findings.error("no-lora-tensors", None,
                        f"{adapter.path}: holds only unsupported tensors ({unsupported_family(key)}, e.g. '{key}'); "
                        "loratool operations will refuse it")
+    per_column = [m.name for m in adapter.modules.values() if m.magnitude is not None and m.dora_axis == "in"]
+    if per_column:
+        findings.warning("unsupported-dora-axis", per_column[0] if len(per_column) == 1 else None,
+                         f"{adapter.path}: {len(per_column)} DoRA module(s) with one magnitude per input column "
+                         f"(LyCORIS wd_on_out=False / OneTrainer), e.g. '{per_column[0]}'; operations will refuse "
+                         "them (only per-output-row DoRA is supported)")
     families = Counter(unsupported_family(k) for k in adapter.unsupported)
     for family, n in families.items():
         example = next(k for k in adapter.unsupported if unsupported_family(k) == family)

@@ -205,3 +205,30 @@ def test_one_alpha_formats_refuse_mixed_scales(tmp_path):
         check_writable(same, "one_alpha")
     finally:
         registry._REGISTRY.pop("one_alpha")
+
+
+def test_the_capability_table_in_the_docs_is_the_registry():
+    """docs/formats.md "What each format can hold" states each record's capabilities."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "formats.md").read_text()
+    section = text.split("## What each format can hold", 1)[1].split("\n## ", 1)[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("|") and not line.startswith("|---")]
+    columns = rows[0][1:]
+    assert columns == list(writable_formats())
+    fields = {"LoRA bias deltas": "bias", "`modules_to_save` tensors": "extras", "embedding LoRA": "embedding",
+              "`fan_in_fan_out`": "fan_in_fan_out", "conv layers": "conv", "DoRA": "dora",
+              "per-module alpha": "per_module_alpha", "LyCORIS full / norm diffs": "diffs"}
+    seen = set()
+    for row in rows[1:]:
+        label, cells = row[0], row[1:]
+        if label == "output":
+            for name, cell in zip(columns, cells):
+                assert (cell == "directory") == get_format(name).capabilities.directory, (name, cell)
+            continue
+        field = next((f for prefix, f in fields.items() if label.startswith(prefix)), None)
+        if field is None:
+            continue
+        seen.add(field)
+        for name, cell in zip(columns, cells):
+            assert cell.startswith("yes") == getattr(get_format(name).capabilities, field), (label, name, cell)
+    assert seen == set(fields.values())

@@ -176,7 +176,8 @@ def test_peft_kohya_peft_round_trip(tmp_path, with_base):
     report = convert(tmp_path / "k.safetensors", tmp_path / "back", to="peft", base=BASE_LLAMA if with_base else None)
     src = peft_modules(PEFT_LLAMA)
     assert_same(src, peft_modules(tmp_path / "back"), {n: n for n in src})
-    assert {m.placed_by for m in report.modules} == {"base" if with_base else "rules"}
+    # without a base the paths come from the map the kohya file recorded (issue #11 item 10)
+    assert {m.placed_by for m in report.modules} == {"base" if with_base else "metadata"}
     cfg = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
     assert cfg["target_modules"] == sorted(src) and cfg["peft_type"] == "LORA" and cfg["use_dora"] is False
 
@@ -252,7 +253,7 @@ def test_diffusers_kohya_diffusers_round_trip(tmp_path, base):
     assert_same(src, kohya_modules(tmp_path / "k.safetensors"), names)
 
     report = convert(tmp_path / "k.safetensors", tmp_path / "d.safetensors", to="diffusers", base=base)
-    assert {m.placed_by for m in report.modules} == {"rules" if base is None else "base"}
+    assert {m.placed_by for m in report.modules} == {"metadata" if base is None else "base"}  # recorded paths
     raw = load_file(str(tmp_path / "d.safetensors"))
     assert set(raw) == {n + s for n in _unet_names() for s in (".lora_A.weight", ".lora_B.weight")}
     meta = metadata(tmp_path / "d.safetensors")
@@ -412,3 +413,28 @@ def test_converted_peft_loads_in_peft(tmp_path, source):
     convert(tmp_path / "k.safetensors", tmp_path / "p", to="peft", base=BASE_LLAMA)
     ours, theirs = _logits(tmp_path / "p"), _logits(source)
     assert torch.allclose(ours, theirs, atol=1e-5, rtol=0), float((ours - theirs).abs().max())
+
+
+def test_kohya_names_of_any_family_come_back_without_a_base(make_adapter, tmp_path):
+    """Issue #11 item 10: BLOOM's `transformer.h.N.self_attention.query_key_value` lost its
+    `transformer.` in the kohya name; the kohya file records the paths, so converting back needs no
+    base and gives the same module paths and bytes."""
+    from safetensors import safe_open
+
+    from loratool.formats import read
+
+    mods = {"transformer.h.0.self_attention.query_key_value": (48, 16), "transformer.h.0.mlp.dense_4h_to_h": (16, 64),
+            "model.layers.0.self_attn.q_proj": (16, 16)}
+    src = make_adapter(fmt="peft", modules=mods, rank=4, alpha=8)
+    k = tmp_path / "k.safetensors"
+    convert(src, k, to="kohya")
+    with safe_open(k, "pt") as f:
+        keys = f.keys()
+    assert any(key.startswith("lora_unet_h_0_self_attention") for key in keys)
+    back = tmp_path / "back"
+    convert(k, back, to="peft")
+    a, b = read(src), read(back)
+    assert set(b.modules) == set(mods)
+    for name in mods:
+        assert torch.equal(a.modules[name].down.load(), b.modules[name].down.load())
+        assert a.modules[name].scale == pytest.approx(b.modules[name].scale)

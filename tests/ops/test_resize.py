@@ -441,3 +441,29 @@ def test_kohya_network_metadata_follows_the_resize(tmp_path):
     assert meta["ss_network_alpha"] == ("Dynamic" if len(alphas) > 1 else f"{alphas.pop():g}")
     args = json.loads(meta["ss_network_args"])
     assert args["conv_dim"] == "2" and float(args["conv_alpha"]) == kohya_alpha(conv3[0])
+
+
+def test_rank_above_a_layers_smaller_dimension_keeps_it_exact(make_adapter, tmp_path):
+    """Issue #11 item 8: a 6-class head and a one-output layer with r = 8, resized with --rank 16
+    (or 7): no crash; they keep their exact delta at rank = their smaller dimension, and the report
+    says so."""
+    import numpy as np
+
+    from loratool.formats import read
+
+    mods = {"classifier": (6, 32), "score": (1, 32), "model.layers.0.self_attn.q_proj": (32, 32)}
+    src = make_adapter(fmt="peft", modules=mods, rank=8, alpha=16)
+    for k in (16, 7):
+        out = tmp_path / f"r{k}"
+        report = resize(src, out, rank=k)
+        rows = {r.name: r for r in report.modules}
+        assert rows["classifier"].new_rank == 6 and rows["classifier"].at_min_dimension
+        assert rows["score"].new_rank == 1 and rows["score"].at_min_dimension
+        assert not rows["model.layers.0.self_attn.q_proj"].at_min_dimension
+        assert any("kept exact" in w for w in report.warnings)
+        before, after = read(src), read(out)
+        for name in ("classifier", "score"):
+            a, b = before.modules[name], after.modules[name]
+            want = a.scale * (a.up.load().double().numpy() @ a.down.load().double().numpy())
+            got = b.scale * (b.up.load().double().numpy() @ b.down.load().double().numpy())
+            assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want)

@@ -1,0 +1,202 @@
+"""GGUF LoRA adapters for llama.cpp: files read back by the gguf package, llama.cpp's scale rule applied here.
+
+llama.cpp (src/llama-adapter.h) scales each lora_a / lora_b pair by adapter.lora.alpha / r, with r the
+pair's own rank (lora_b's ne[0]); its converter names tensors through gguf's tensor-name map and, for
+llama models, permutes the q / k rows as convert_hf_to_gguf.py's LlamaModel.permute does. Both rules
+are written out below with numpy; the references for the inputs use peft's own pattern rules.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from clirun import run_cli
+from peft.utils.other import get_pattern_key
+from safetensors.torch import load_file
+
+gguf = pytest.importorskip("gguf")
+
+from loratool.errors import IncompatibleError, LoratoolError  # noqa: E402
+from loratool.formats import read  # noqa: E402
+from loratool.ops.convert import convert  # noqa: E402
+
+PREFIX = "base_model.model."
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
+HEADS, KV_HEADS, HIDDEN, LAYERS = 4, 2, 32, 2
+MODULES = {
+    "model.layers.0.self_attn.q_proj": (32, 32),
+    "model.layers.0.self_attn.k_proj": (16, 32),
+    "model.layers.1.self_attn.v_proj": (16, 32),
+    "model.layers.1.mlp.down_proj": (32, 64),
+    "lm_head": (128, 32),
+}
+RANKS = {"model.layers.0.self_attn.q_proj": 8, "model.layers.0.self_attn.k_proj": 4,
+         "model.layers.1.self_attn.v_proj": 4, "model.layers.1.mlp.down_proj": 2, "lm_head": 4}
+ALPHAS = {"model.layers.0.self_attn.q_proj": 16, "model.layers.0.self_attn.k_proj": 16,
+          "model.layers.1.self_attn.v_proj": 3, "model.layers.1.mlp.down_proj": 16, "lm_head": 16}
+
+
+def llama_config(root: Path, *, tied: bool = False) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+        "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "num_hidden_layers": LAYERS,
+        "intermediate_size": 64, "vocab_size": 128, "tie_word_embeddings": tied}))
+    return root
+
+
+def peft_deltas(path: Path) -> dict[str, np.ndarray]:
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    t = load_file(str(path / "adapter_model.safetensors"))
+    rp, ap = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    out = {}
+    for key, a in t.items():
+        if key.endswith(".lora_A.weight"):
+            name = key.removeprefix(PREFIX).removesuffix(".lora_A.weight")
+            b = t[PREFIX + name + ".lora_B.weight"]
+            r = rp.get(get_pattern_key(list(rp), name), cfg["r"])
+            alpha = ap.get(get_pattern_key(list(ap), name), cfg["lora_alpha"])
+            scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+            out[name] = scale * (b.double().numpy() @ a.double().numpy())
+    return out
+
+
+def llama_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """convert_hf_to_gguf.py LlamaModel.permute, written out."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_deltas(path: Path) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+    """ΔW per GGUF tensor as llama.cpp applies it (user scale 1), and the file's key-values."""
+    r = gguf.GGUFReader(path)
+    kv = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    alpha = float(kv["adapter.lora.alpha"])
+    t = {x.name: np.array(x.data, dtype=np.float64) for x in r.tensors}
+    out = {}
+    for name, a in t.items():
+        if name.endswith(".lora_a"):
+            b = t[name.removesuffix(".lora_a") + ".lora_b"]
+            rank = b.shape[1]  # numpy (out, r): ggml ne[0] = r
+            out[name.removesuffix(".lora_a")] = (alpha / rank if alpha else 1.0) * (b @ a)
+    return out, kv
+
+
+def expected_name(module: str) -> str:
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, LAYERS)
+    return tmap.get_name(module + ".weight", try_suffixes=(".weight",))
+
+
+@pytest.fixture
+def patterned(make_adapter):
+    return make_adapter(modules=MODULES, rank=RANKS, alpha=ALPHAS, rslora=True)
+
+
+def test_written_adapter_reads_back_with_the_gguf_package(patterned, tmp_path):
+    out = tmp_path / "adapter.gguf"
+    convert(patterned, out, to="gguf", base=llama_config(tmp_path / "base"))
+    got, kv = gguf_deltas(out)
+    assert kv["general.type"] == "adapter" and kv["adapter.type"] == "lora" and kv["general.architecture"] == "llama"
+    assert {n for n in got} == {expected_name(m) for m in MODULES}
+    assert "blk.0.attn_q.weight" in got and "output.weight" in got
+    want = peft_deltas(patterned)
+    for module, delta in want.items():
+        name = expected_name(module)
+        if module.endswith("q_proj"):
+            delta = llama_permute(delta, HEADS)
+        elif module.endswith("k_proj"):
+            delta = llama_permute(delta, KV_HEADS)
+        np.testing.assert_allclose(got[name], delta, rtol=1e-6, atol=1e-7 * np.abs(delta).max())
+
+
+def test_gguf_adapter_is_read_and_rewritten_unchanged(patterned, tmp_path):
+    first = tmp_path / "a.gguf"
+    convert(patterned, first, to="gguf", base=llama_config(tmp_path / "base"))
+    adapter = read(first)
+    assert adapter.source_format == "gguf" and "blk.0.attn_q" in adapter.modules
+    second = tmp_path / "b.gguf"
+    convert(first, second, to="gguf")
+    a, _ = gguf_deltas(first)
+    b, _ = gguf_deltas(second)
+    assert set(a) == set(b)
+    for n in a:
+        np.testing.assert_allclose(b[n], a[n], rtol=1e-6, atol=1e-9)
+
+
+def test_a_gguf_base_names_and_checks_the_tensors(patterned, tmp_path):
+    base = write_llama_gguf(tmp_path / "base.gguf", tied=True)
+    with pytest.raises(IncompatibleError, match="lm_head"):  # tied embeddings: no output.weight to adapt
+        convert(patterned, tmp_path / "x.gguf", to="gguf", base=base)
+
+
+def test_gguf_needs_a_base_and_refuses_dora(patterned, tmp_path, capsys):
+    code, _, err = run_cli(["convert", patterned, "--to", "gguf", "-o", tmp_path / "x.gguf"])
+    assert code == 2 and "--base" in err
+    code, _, err = run_cli(["convert", FIXTURES / "peft_dora", "--to", "gguf",
+                                     "--base", FIXTURES / "base_llama", "-o", tmp_path / "y.gguf"])
+    assert code == 2 and "DoRA" in err and "--dora-to-lora" in err
+
+
+def test_missing_gguf_package_is_a_clear_error(monkeypatch):
+    import sys
+
+    from loratool.formats import gguf as gguf_format
+
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(LoratoolError, match="'gguf' package") as exc:
+        gguf_format._gguf()
+    assert "loratool[gguf]" in (exc.value.hint or "")
+
+
+def test_validate_for_llama_cpp_predicts_the_converter_scales(patterned):
+    from loratool.ops.validate import validate_adapter
+
+    report = validate_adapter(patterned, for_runtime="llama.cpp")
+    mis = {f.module for f in report.findings if f.code == "runtime-misscales"}
+    cfg = json.loads((patterned / "adapter_config.json").read_text())
+    want = peft_deltas(patterned)
+    t = load_file(str(patterned / "adapter_model.safetensors"))
+    wrong = set()
+    for name, delta in want.items():  # convert_lora_to_gguf.py: the config's lora_alpha / each rank
+        a, b = t[PREFIX + name + ".lora_A.weight"], t[PREFIX + name + ".lora_B.weight"]
+        served = cfg["lora_alpha"] / a.shape[0] * (b.double().numpy() @ a.double().numpy())
+        if not np.allclose(served, delta, rtol=1e-6):
+            wrong.add(name)
+    assert mis == wrong and wrong
+
+
+# ---------------------------------------------------------------------------------------------
+# a tiny GGUF llama base, written with the gguf package
+
+
+def write_llama_gguf(path: Path, *, tied: bool = False, qtype=None, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(LAYERS)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(64)
+    w.add_context_length(64)
+    shapes = {"token_embd.weight": (128, HIDDEN), "output_norm.weight": (HIDDEN,)}
+    if not tied:
+        shapes["output.weight"] = (128, HIDDEN)
+    for i in range(LAYERS):
+        shapes.update({f"blk.{i}.attn_q.weight": (32, 32), f"blk.{i}.attn_k.weight": (16, 32),
+                       f"blk.{i}.attn_v.weight": (16, 32), f"blk.{i}.attn_output.weight": (32, 32),
+                       f"blk.{i}.ffn_down.weight": (32, 64), f"blk.{i}.ffn_up.weight": (64, 32),
+                       f"blk.{i}.ffn_gate.weight": (64, 32), f"blk.{i}.attn_norm.weight": (HIDDEN,)})
+    for name, shape in shapes.items():
+        data = rng.standard_normal(shape).astype(np.float32)
+        if qtype is not None and len(shape) == 2:
+            w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, data if len(shape) == 2 else np.ones(shape, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
