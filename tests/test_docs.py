@@ -57,7 +57,7 @@ PAIRS = {
 
 # JSON objects whose keys are data (metadata entries, config fields, alpha values, short module
 # names, ...), not schema: their keys are not looked up in docs/json.md
-FREE_FORM = {"metadata", "config", "alphas", "alpha_sources", "scales", "targets", "kinds", "dtypes"}
+FREE_FORM = {"metadata", "config", "alphas", "alpha_sources", "scales", "targets", "kinds", "dtypes", "dora_axes"}
 
 # documents that embed another command's document (pull's `summary` is inspect's)
 REFERS = {"pull": ("inspect",)}
