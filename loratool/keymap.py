@@ -161,9 +161,13 @@ class MergePlan:
 
 
 def plan_merge(
-    adapters: list[Adapter], weights: list[float], ckpt: Checkpoint, *, allow_unmatched: bool, unmerge: bool
+    adapters: list[Adapter], weights: list[float], ckpt: Checkpoint, *, allow_unmatched: bool, unmerge: bool,
+    module_weights: list[dict[str, float]] | None = None,
 ) -> tuple[MergePlan, list[str]]:
     """Match every adapter module and saved tensor to one base tensor.
+
+    module_weights: per adapter, a multiplier per module name (formats.blocks.module_weights); a
+    module whose weight comes to 0 is left out of the plan.
 
     Raises:
         IncompatibleError: unmatched/ambiguous modules (unless allow_unmatched), shape mismatches,
@@ -174,8 +178,9 @@ def plan_merge(
     plan = MergePlan()
     warnings: list[str] = []
     index = KeyIndex(list(ckpt.tensors))
-    for adapter, w in zip(adapters, weights):
+    for n_adapter, (adapter, w) in enumerate(zip(adapters, weights)):
         where = adapter.path
+        per_module = module_weights[n_adapter] if module_weights is not None else {}
         mods: list[LoraModule | LycoModule] = [*adapter.modules.values(), *adapter.lycoris.values()]
         plan.num_modules += len(mods)
         match = match_modules(mods, ckpt.tensors)
@@ -196,9 +201,12 @@ def plan_merge(
             plan.unmatched.extend(problems)
         for name, key in match.matched.items():
             m = adapter.modules[name] if name in adapter.modules else adapter.lycoris[name]
+            mw = per_module.get(name, 1.0)
+            if mw == 0.0:
+                continue  # --module-weights / --blocks weight 0: the module is left out
             if isinstance(m, LycoModule):
                 if m.algo != "bias":  # a bias-only module matched its layer's weight for the bias key
-                    plan.deltas.setdefault(key, []).append(Contribution(m, w, Path(str(where))))
+                    plan.deltas.setdefault(key, []).append(Contribution(m, w * mw, Path(str(where))))
             elif m.magnitude is not None:
                 if unmerge:
                     raise IncompatibleError(
@@ -208,14 +216,14 @@ def plan_merge(
                 if m.kind == "embedding":
                     raise IncompatibleError(f"{where}: module '{name}': DoRA on an embedding is not supported")
             if isinstance(m, LoraModule):
-                plan.deltas.setdefault(key, []).append(Contribution(m, w, Path(str(where))))
+                plan.deltas.setdefault(key, []).append(Contribution(m, w * mw, Path(str(where))))
             if m.bias is not None:
                 bias_key = key[: -len(".weight")] + ".bias" if key.endswith(".weight") else key + ".bias"
                 if bias_key not in ckpt.tensors:
                     raise IncompatibleError(f"{where}: module '{name}' has a bias delta but {ckpt.root} has no "
                                             f"'{bias_key}'", hint="the base layer has no bias; the bias delta "
                                             "would be dropped")
-                plan.biases.setdefault(bias_key, []).append(Contribution(m, w, Path(str(where))))
+                plan.biases.setdefault(bias_key, []).append(Contribution(m, w * mw, Path(str(where))))
         for stored, ref in adapter.extras.items():
             if ".base_layer." in stored:
                 continue  # peft's copy of a LoRA layer's own base weight (save_embedding_layers): not a change

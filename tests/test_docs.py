@@ -57,7 +57,8 @@ PAIRS = {
 
 # JSON objects whose keys are data (metadata entries, config fields, alpha values, short module
 # names, ...), not schema: their keys are not looked up in docs/json.md
-FREE_FORM = {"metadata", "config", "alphas", "alpha_sources", "scales", "targets", "kinds", "dtypes", "dora_axes"}
+FREE_FORM = {"metadata", "config", "alphas", "alpha_sources", "scales", "targets", "kinds", "dtypes", "dora_axes",
+             "verdicts"}
 
 # documents that embed another command's document (pull's `summary` is inspect's)
 REFERS = {"pull": ("inspect",)}
@@ -207,6 +208,9 @@ def _json_examples(tmp: Path, hub_url: str) -> dict[str, list[list[str]]]:
     ex["extract"] = [["extract", f["base_llama"], str(tmp / "m1"), "-o", str(tmp / "e1"), "--rank", "4"]]
     ex["convert"] = [["convert", llama, "--to", "kohya", "-o", str(tmp / "k1.safetensors")],
                      ["convert", kohya, "--to", "peft", "-o", str(tmp / "p1")]]
+    ex["verify"] = [["verify", str(tmp / "m1"), "--base", f["base_llama"], llama, "--weights", "0.5"],
+                    ["verify", f["base_llama"], "--base", f["base_llama"], llama, "--all"]]
+    ex["diff"] = [["diff", llama, str(tmp / "r1"), "--all"], ["diff", kohya, str(tmp / "r2.safetensors")]]
     ex["push"] = [["push", llama, "alice/json-lora"]]
     ex["pull"] = [["pull", "alice/json-lora"], ["pull", "alice/json-base"]]
     return ex

@@ -29,6 +29,7 @@ import click
 from loratool import __version__
 from loratool.cli import combine as _combine
 from loratool.cli import convert as _convert
+from loratool.cli import diff as _diff
 from loratool.cli import extract as _extract
 from loratool.cli import inspect as _inspect
 from loratool.cli import merge as _merge
@@ -37,6 +38,7 @@ from loratool.cli import push as _push
 from loratool.cli import rescale as _rescale
 from loratool.cli import resize as _resize
 from loratool.cli import validate as _validate
+from loratool.cli import verify as _verify
 from loratool.errors import LoratoolError
 
 EXIT_FINDINGS = 1
@@ -47,7 +49,7 @@ EXIT_INTERRUPTED = 130
 
 COMMANDS: list[click.Command] = [
     _inspect.inspect, _validate.validate, _rescale.rescale, _resize.resize, _combine.combine, _merge.merge,
-    _extract.extract, _convert.convert, _pull.pull, _push.push,
+    _extract.extract, _convert.convert, _diff.diff, _verify.verify, _pull.pull, _push.push,
 ]
 
 

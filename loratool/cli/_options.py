@@ -156,3 +156,15 @@ def input_path(path: str | None, *, quiet: bool = False) -> str | None:
     from loratool.hub import resolve_path
 
     return str(resolve_path(path, progress=not quiet and sys.stderr.isatty()))
+
+
+module_weights_option = click.option(
+    "--module-weights", "module_weights", metavar="'REGEX=W,...'", default=None,
+    help="Per-module weight multipliers: the first REGEX that matches a module name (re.search) gives its "
+         "weight; 0 leaves the module out.",
+)
+blocks_option = click.option(
+    "--blocks", "blocks", metavar="PRESET:W1,W2,...", default=None,
+    help="Per-block weight multipliers in the LoRA Block Weight layout of PRESET (sd15, sd15-full, sdxl, "
+         "sdxl-full, flux, wan, wan-1.3b); 0 leaves a block's modules out.",
+)

@@ -350,8 +350,9 @@ def render_rescale(doc: dict[str, Any]) -> None:
     ] for m in rows]
     name_table(headers, table, names=1, right={1, 2, 3, 4, 5})
     value = f" {doc['value']:g}" if doc["value"] is not None else ""
-    wrote(doc["out"], f"{len(rows)} of {doc['num_modules']} modules, {doc['mode'].replace('_', '-')}{value}",
-          doc["size"])
+    removed = f", {len(doc['removed'])} removed" if doc.get("removed") else ""
+    wrote(doc["out"], f"{len(rows)} of {doc['num_modules']} modules, {doc['mode'].replace('_', '-')}{value}"
+          f"{removed}", doc["size"])
 
 
 def render_merge(doc: dict[str, Any]) -> None:
@@ -402,7 +403,7 @@ def _holds(doc: dict[str, Any]) -> str:
         return (f"{s['format']}, {s['num_modules']} modules, rank {rank}, alpha {alphas}, targets {targets or '-'}, "
                 f"base {s['base_model'] or '(not recorded)'}, {human_size(s['file_size'])}")
     if doc["kind"] == "checkpoint":
-        return (f"checkpoint, {s['tensors']} tensors ({s['params']:,} params) in {s['num_files']} file(s), "
+        return (f"checkpoint, {s['num_tensors']} tensors ({s['params']:,} params) in {s['num_files']} file(s), "
                 f"{human_size(s['size'])}")
     return f"not an adapter or checkpoint: {s['num_files']} file(s), {human_size(s['size'])}"
 
@@ -481,3 +482,65 @@ def render_convert(doc: dict[str, Any]) -> None:
         if doc.get("dropped"):
             what += f", {len(doc['dropped'])} dropped"
     wrote(doc["out"], what, doc["size"])
+
+
+def _pair(values: list[Any], fmt: Callable[[Any], str] = str) -> str:
+    a, b = values
+    return fmt(a) if a == b else f"{fmt(a)} -> {fmt(b)}"
+
+
+def render_diff(doc: dict[str, Any], *, show_all: bool) -> None:
+    rows = [m for m in doc["modules"] if show_all or m["distance"] != 0 or m["differences"]]
+    c = out()
+    if rows:
+        t = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+        t.add_column("module", overflow="fold")
+        for name in ("rank", "alpha", "dtype", "rel. distance", "cosine"):
+            t.add_column(name, justify="right")
+        t.add_column("differs")
+        for m in rows:
+            rel = "n/a" if m["rel_distance"] is None else f"{m['rel_distance']:.3g}"
+            cos = "n/a" if m["cosine"] is None else f"{m['cosine']:.6f}"
+            t.add_row(m["name"], _pair(m["rank_ab"]), _pair(m["alpha_ab"], _fmt), _pair(m["dtype_ab"]), rel, cos,
+                      ", ".join(m["differences"]))
+        c.print(t)
+    for side, key in (("A", "only_in_a"), ("B", "only_in_b")):
+        if doc[key]:
+            c.print(f"only in {side} ({len(doc[key])}): {_names(doc[key])}")
+    for what, key in (("saved tensors only in A", "extras_only_in_a"), ("saved tensors only in B", "extras_only_in_b"),
+                      ("saved tensors that differ", "extras_differ")):
+        if doc[key]:
+            c.print(f"{what} ({len(doc[key])}): {_names(doc[key])}")
+    same = sum(1 for m in doc["modules"] if m["distance"] == 0)
+    worst = doc["max_rel_distance"]
+    summary = (f"{doc['num_common']} modules in both ({same} identical deltas), {len(doc['only_in_a'])} only in A, "
+               f"{len(doc['only_in_b'])} only in B")
+    if worst is not None:
+        summary += f"; largest relative distance {worst:.3g}"
+    c.print(("IDENTICAL: " if doc["identical"] else "") + summary)
+
+
+def render_verify(doc: dict[str, Any], *, show_all: bool) -> None:
+    rows = [t for t in doc["tensors"] if show_all or not t["ok"]]
+    c = out()
+    if rows:
+        t = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+        t.add_column("tensor", overflow="fold")
+        t.add_column("expected")
+        t.add_column("verdict", overflow="fold")
+        t.add_column("k", justify="right")
+        t.add_column("residual", justify="right")
+        for r in rows:
+            verdict = Text(r["label"], style="" if r["ok"] else "red")
+            k = "" if r["factor"] is None else f"{r['factor']:.4g}"
+            res = "" if r["residual"] is None else f"{r['residual']:.2g}"
+            t.add_row(r["key"], r["expected"], verdict, k, res)
+        c.print(t)
+    for what, key in (("missing from MERGED", "missing"), ("not in the base", "extra")):
+        if doc[key]:
+            c.print(f"{len(doc[key])} tensor(s) {what}: {_names(doc[key])}")
+    counts = ", ".join(f"{n} {v}" for v, n in sorted(doc["verdicts"].items(), key=lambda kv: (-kv[1], kv[0])))
+    outcome = "OK" if doc["ok"] else "FAILED"
+    c.print(f"{outcome}: {doc['merged']}: {doc['num_tensors']} tensors: {counts or 'none'}"
+            + (f"; {doc['dtype_changed']} with another dtype" if doc["dtype_changed"] else "")
+            + (f"; {doc['num_findings']} finding(s)" if doc["num_findings"] else ""))

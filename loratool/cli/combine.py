@@ -3,10 +3,12 @@ from __future__ import annotations
 import click
 
 from loratool.cli._options import (
+    blocks_option,
     check_adapter_args,
     device_option,
     dtype_option,
     input_path,
+    module_weights_option,
     parse_weights,
     weights_option,
     write_options,
@@ -18,6 +20,8 @@ from loratool.ops.combine import METHODS
 @click.command()
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
 @weights_option
+@module_weights_option
+@blocks_option
 @click.option("--method", type=click.Choice(METHODS), default="cat", show_default=True,
               help="cat / svd: exact sum (svd truncated to --rank); ties, dare_*, magnitude_prune: peft's "
                    "merge methods on dense deltas, then truncated; linear: peft's factor averaging (inexact).")
@@ -32,7 +36,8 @@ from loratool.ops.combine import METHODS
 @device_option
 @dtype_option
 @write_options
-def combine(adapters: tuple[str, ...], weights: str | None, method: str, rank: int | None, density: float | None,
+def combine(adapters: tuple[str, ...], weights: str | None, module_weights: str | None, blocks: str | None,
+            method: str, rank: int | None, density: float | None,
             majority_sign: str, seed: int | None, device: str, dtype: str, out: str, force: bool, fmt: str | None,
             as_json: bool, quiet: bool, allow_pickle: bool) -> int:
     """Combine adapters with weights into one adapter.
@@ -59,5 +64,6 @@ def combine(adapters: tuple[str, ...], weights: str | None, method: str, rank: i
     with _render.progress("combining", enabled=not (quiet or as_json)) as cb:
         report = run(paths, out, weights=parsed, method=method, rank=rank, density=density,
                      majority_sign=majority_sign, seed=seed, fmt=fmt, dtype=dtype, device=device,
-                     force=force, allow_pickle=allow_pickle, progress=cb)
+                     force=force, allow_pickle=allow_pickle, module_weights=module_weights, blocks=blocks,
+                     progress=cb)
     return emit(report.to_dict(), _render.render_combine, as_json=as_json, quiet=quiet)

@@ -7,10 +7,12 @@ import click
 
 from loratool.cli._options import (
     allow_pickle_option,
+    blocks_option,
     check_adapter_args,
     device_option,
     force_option,
     json_option,
+    module_weights_option,
     out_option,
     parse_weights,
     quiet_option,
@@ -24,6 +26,8 @@ from loratool.st import atomic_output, check_output
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
 @out_option
 @weights_option
+@module_weights_option
+@blocks_option
 @click.option("--dtype", type=click.Choice(["keep", "bf16", "fp16", "fp32"]), default="keep", show_default=True,
               help="dtype of the output's floating tensors.")
 @device_option
@@ -35,7 +39,8 @@ from loratool.st import atomic_output, check_output
 @json_option
 @quiet_option
 @allow_pickle_option
-def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, dtype: str, device: str,
+def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, module_weights: str | None,
+          blocks: str | None, dtype: str, device: str,
           unmerge: bool, allow_unmatched: bool, report_file: str | None, force: bool, as_json: bool, quiet: bool,
           allow_pickle: bool) -> int:
     """Merge one or more adapters into a base model, streaming tensor by tensor.
@@ -61,7 +66,8 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, d
     with _render.progress("merging", enabled=not (quiet or as_json), unit="bytes") as cb:
         report = run(base, list(adapters), out, weights=parsed, dtype=dtype,
                      device=device, unmerge=unmerge, allow_unmatched=allow_unmatched, force=force,
-                     allow_pickle=allow_pickle, stats=report_file is not None, progress=cb)
+                     allow_pickle=allow_pickle, stats=report_file is not None, module_weights=module_weights,
+                     blocks=blocks, progress=cb)
     if report_file:
         with atomic_output(report_file, force=force, directory=False) as tmp:
             tmp.write_text(json.dumps(report.to_dict(tensors=True), indent=2) + "\n")

@@ -45,6 +45,6 @@ def describe(path: str | os.PathLike[str]) -> Described:
         for d in info.shape:
             n *= d
         params += n
-    return Described("checkpoint", {"tensors": len(ckpt.tensors), "params": params, "num_files": len(ckpt.files),
+    return Described("checkpoint", {"num_tensors": len(ckpt.tensors), "params": params, "num_files": len(ckpt.files),
                                     "size": sum(f.stat().st_size for f in ckpt.files)}, note)
 

@@ -419,6 +419,8 @@ def combine(
     device: str = "cpu",
     force: bool = False,
     allow_pickle: bool = False,
+    module_weights: str | None = None,
+    blocks: str | None = None,
     progress: Progress | None = None,
 ) -> CombineReport:
     """Combine adapters into one with weights and write it (see the module docstring for methods).
@@ -434,6 +436,9 @@ def combine(
         fmt: output format (default: the first input's, PEFT if that one is not writable).
         dtype: keep (the inputs' common dtype per module, float32 when they differ) | fp32 | fp16 | bf16.
         device: where the maths runs (masks are always drawn on the CPU).
+        module_weights, blocks: per-module multipliers of every input's weight ('REGEX=W,...',
+            'PRESET:W1,...'; formats/blocks.py), on the output module names; weight 0 leaves a
+            module out of the result.
 
     Returns:
         CombineReport with per-module input ranks, output rank, kept energy and error.
@@ -459,6 +464,16 @@ def combine(
     groups, warnings = match_modules(adapters)
     if not groups:
         raise IncompatibleError("the inputs hold no LoRA modules")
+    scaled: dict[str, float] = {}
+    if module_weights is not None or blocks is not None:
+        from loratool.formats.blocks import module_weights as resolve
+
+        mw = resolve(list(groups), module_weights, blocks)
+        warnings += mw.warnings(blocks.partition(":")[0] if blocks else None)
+        groups = {n: items for n, items in groups.items() if mw.weights[n] != 0.0}  # weight 0: left out
+        scaled = mw.weights
+        if not groups:
+            raise IncompatibleError("every module has weight 0: nothing is left to combine")
     fmt = fmt or (adapters[0].source_format if adapters[0].source_format in writable_formats() else "peft")
     for a in adapters:  # the result holds what its inputs hold (bias deltas, kinds): refuse before the maths
         check_writable(a, fmt)
@@ -488,7 +503,7 @@ def combine(
             stored = {m.dtype for _, m in items}
             out_dtype = target_dtype(dtype, stored.pop() if len(stored) == 1 else "float32")
             module, k, kept, err = combine_module(
-                [(m, weights[i]) for i, m in items], method, rank=rank, density=density,
+                [(m, weights[i] * scaled.get(name, 1.0)) for i, m in items], method, rank=rank, density=density,
                 majority_sign=majority_sign, generator=generator, device=device, dtype=out_dtype,
                 alpha_source=alpha_source,
             )
@@ -508,6 +523,7 @@ def combine(
     params = {"method": method, "weights": list(weights), "rank": rank, "density": density,
               "majority_sign": report.majority_sign, "seed": seed, "dtype": dtype,
               "inputs": [source_label(p) for p in local]}
+    params.update({k: v for k, v in (("module_weights", module_weights), ("blocks", blocks)) if v is not None})
     written = write(result, out, fmt=fmt, force=force, op="combine", params=params, sources=result.files)
     report.size = output_size(written)
     return report

@@ -183,6 +183,21 @@ def _provenance(params: dict[str, Any], adapters: list[Adapter], base_file: Path
     return meta, placeholder
 
 
+def adapter_module_weights(adapters: list[Adapter], module_weights: str | None, blocks: str | None
+                           ) -> tuple[list[dict[str, float]] | None, list[str]]:
+    """Per adapter, each module's --module-weights / --blocks multiplier (None when neither is given)."""
+    from loratool.formats.blocks import module_weights as resolve
+
+    if module_weights is None and blocks is None:
+        return None, []
+    out, warnings = [], []
+    for a in adapters:
+        mw = resolve([*a.modules, *a.lycoris], module_weights, blocks)
+        out.append(mw.weights)
+        warnings += [f"{a.path}: {w}" for w in mw.warnings(blocks.partition(":")[0] if blocks else None)]
+    return out, warnings
+
+
 def merge(
     base: str | os.PathLike[str],
     adapters: list[str | os.PathLike[str]],
@@ -196,6 +211,8 @@ def merge(
     force: bool = False,
     allow_pickle: bool = False,
     stats: bool = False,
+    module_weights: str | None = None,
+    blocks: str | None = None,
     progress: Progress | None = None,
 ) -> MergeReport:
     """Merge adapters into a base checkpoint and write a complete copy of it.
@@ -210,6 +227,9 @@ def merge(
         allow_unmatched: skip modules that match no base weight (with a warning) instead of failing.
         stats: measure per merged tensor the delta norm, relative change and max cast error
             (report.tensors; costs three passes over each merged tensor).
+        module_weights: 'REGEX=W,...' per-module multipliers of every adapter's weight (first
+            match wins, on the module names); blocks: 'PRESET:W1,W2,...' per-block multipliers
+            (formats/blocks.py). A module at weight 0 is not merged.
         progress: called with (bytes done, bytes total).
 
     Raises:
@@ -236,7 +256,7 @@ def merge(
     try:
         return _merge(ckpt, sha256, base_path, adapters, out, weights, dtype=dtype, device=device, unmerge=unmerge,
                       allow_unmatched=allow_unmatched, force=force, allow_pickle=allow_pickle, stats=stats,
-                      progress=progress)
+                      module_weights=module_weights, blocks=blocks, progress=progress)
     finally:
         sha256.stop()
 
@@ -245,6 +265,7 @@ def _merge(
     ckpt: Checkpoint, sha256: BackgroundSha256, base_path: Path, adapters: list[str | os.PathLike[str]],
     out: str | os.PathLike[str], weights: list[float], *, dtype: str, device: str, unmerge: bool,
     allow_unmatched: bool, force: bool, allow_pickle: bool, stats: bool, progress: Progress | None,
+    module_weights: str | None = None, blocks: str | None = None,
 ) -> MergeReport:
     from loratool.device import resolve_device
     from loratool.formats import read, require_plain
@@ -256,14 +277,19 @@ def _merge(
         a = read(Path(p), allow_pickle=allow_pickle)
         require_plain(a, "merge", lycoris=True)
         loaded.append(a)
-    plan, warnings = plan_merge(loaded, weights, ckpt, allow_unmatched=allow_unmatched, unmerge=unmerge)
+    per_module, mw_warnings = adapter_module_weights(loaded, module_weights, blocks)
+    plan, warnings = plan_merge(loaded, weights, ckpt, allow_unmatched=allow_unmatched, unmerge=unmerge,
+                                module_weights=per_module)
+    warnings = mw_warnings + warnings
     report = MergeReport(Path(out), base_path, [Path(p) for p in adapters], weights, unmerge, dtype, device,
                          unmatched=plan.unmatched, warnings=warnings)
     if not plan.deltas and not plan.replacements:
         raise IncompatibleError(f"nothing to merge: no adapter module matches {base_path}",
                                 hint="check with: loratool validate ADAPTER --base BASE")
     single_file = base_path.is_file()
-    params = {"weights": weights, "dtype": dtype, "unmerge": unmerge, "allow_unmatched": allow_unmatched}
+    params: dict[str, Any] = {"weights": weights, "dtype": dtype, "unmerge": unmerge,
+                              "allow_unmatched": allow_unmatched}
+    params.update({k: v for k, v in (("module_weights", module_weights), ("blocks", blocks)) if v is not None})
     total = sum(i.nbytes for i in ckpt.tensors.values())
     done = 0
 

@@ -41,8 +41,9 @@ class RescaleReport:
     value: float | None
     modules: list[ModuleRescale] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-    size: int = 0
+    removed: list[str] = field(default_factory=list)  # --module-weights / --blocks weight 0
     warnings: list[str] = field(default_factory=list)
+    size: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -51,10 +52,11 @@ class RescaleReport:
             "format": self.format,
             "mode": self.mode,
             "value": self.value,
-            "num_modules": len(self.modules) + len(self.skipped),
+            "num_modules": len(self.modules) + len(self.skipped) + len(self.removed),
             "size": self.size,
             "modules": [m.to_dict() for m in self.modules],
             "skipped": self.skipped,
+            "removed": self.removed,
             "warnings": self.warnings,
         }
 
@@ -121,6 +123,8 @@ def rescale(
     fmt: str | None = None,
     force: bool = False,
     allow_pickle: bool = False,
+    module_weights: str | None = None,
+    blocks: str | None = None,
 ) -> RescaleReport:
     """Rescale an adapter and write it.
 
@@ -128,6 +132,8 @@ def rescale(
         mode: factor (ΔW *= value), alpha (set alpha = value, keep ΔW), normalize (alpha = rank,
             keep ΔW), to_rslora / from_rslora (switch the scaling rule, keep ΔW).
         modules: regex (re.search) choosing modules; others are copied unchanged.
+        module_weights, blocks: per-module factors ('REGEX=W,...', 'PRESET:W1,...'; formats/blocks.py)
+            multiplying --factor (mode factor only); a chosen module at weight 0 is left out.
 
     Raises:
         IncompatibleError: bad option values; FormatError; OutputExistsError.
@@ -142,21 +148,39 @@ def rescale(
             raise IncompatibleError(f"--{mode} needs a finite number, got {value}")
         if mode == "alpha" and value == 0:
             raise IncompatibleError("--alpha 0 would make every delta zero", hint="use --factor 0 to zero an adapter")
+    per_module = module_weights is not None or blocks is not None
+    if per_module and mode != "factor":
+        raise IncompatibleError("--module-weights and --blocks scale deltas: they go with --factor (or alone), "
+                                f"not with --{mode.replace('_', '-')}")
     adapter = read(resolve_path(path), allow_pickle=allow_pickle)
     require_plain(adapter, "rescale")
     check_writable(adapter, fmt or adapter.source_format)  # before the maths; write checks again
     chosen = set(select(adapter, modules))
     report = RescaleReport(Path(out), fmt or adapter.source_format, mode, value)
+    weights: dict[str, float] = {}
+    if per_module:
+        from loratool.formats.blocks import module_weights as resolve
+
+        mw = resolve([n for n in adapter.modules if n in chosen], module_weights, blocks)
+        weights = mw.weights
+        report.warnings = mw.warnings(blocks.partition(":")[0] if blocks else None)
     new_modules: dict[str, LoraModule] = {}
     for name, m in adapter.modules.items():
         if name in chosen:
-            new_modules[name], row = rescale_module(m, mode, value)
+            w = weights.get(name, 1.0)
+            if w == 0.0:
+                report.removed.append(name)
+                continue
+            new_modules[name], row = rescale_module(m, mode, value * w if value is not None else value)
             report.modules.append(row)
         else:
             new_modules[name] = m
             report.skipped.append(name)
+    if not new_modules:
+        raise IncompatibleError("every module has weight 0: the output would hold no module")
     result = adapter.with_modules(new_modules)
-    params = {"mode": mode, "value": value, "modules": modules}
+    params: dict[str, Any] = {"mode": mode, "value": value, "modules": modules}
+    params.update({k: v for k, v in (("module_weights", module_weights), ("blocks", blocks)) if v is not None})
     written = write(result, out, fmt=fmt, force=force, op="rescale", params=params, sources=adapter.files)
     report.size = output_size(written)
     return report

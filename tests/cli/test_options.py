@@ -17,8 +17,9 @@ from loratool.cli import cli
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "fixtures"
 
-# Where `required` differs on purpose: pull copies to -o only when asked (the cache is the output).
-REQUIRED_MAY_DIFFER = {("--out", "pull"), ("-o", "pull")}
+# Where `required` differs on purpose: pull copies to -o only when asked (the cache is the output);
+# verify compares against the base, so it cannot do without one.
+REQUIRED_MAY_DIFFER = {("--out", "pull"), ("-o", "pull"), ("--base", "verify")}
 
 
 def _kind(p: click.Option) -> str:

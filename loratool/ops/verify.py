@@ -1,0 +1,441 @@
+"""verify: was MERGED really made as BASE + Σ w_i·ΔW_i? Streams both checkpoints tensor by tensor.
+
+Per base tensor, R = MERGED − BASE (the realized change) is measured against what the adapters
+should have put there (merge's own plan: the same key matching, weights and modules_to_save):
+
+- tensors no adapter touches must be unchanged: compared byte for byte a chunk at a time (or
+  value by value, within one rounding of the stored dtype, when the dtype differs);
+- tensors with low-rank deltas E_t = w_t·s_t·B_t·A_t: the least-squares coefficients k of R on the
+  E_t come from <R, B A> = Σ B ⊙ (R Aᵀ) and <B₁A₁, B₂A₂> = tr((B₁ᵀB₂)(A₂A₁ᵀ)) (linalg.realized_projection,
+  linalg.factor_inner) — R is read in row blocks, no dense out×in product is formed;
+- DoRA, LyCORIS and lora_B bias deltas are not low-rank sums: formed densely (merge's maths).
+
+Verdict from k̄ = <R, ΣE>/||ΣE||² and the residual ||R − Σ k_t E_t||, against a tolerance of one
+rounding of the stored dtype (u·||MERGED||_F, u = 2⁻⁸ bf16, 2⁻¹¹ fp16, 2⁻²⁴ fp32):
+
+    residual above tolerance   other change   (R is not explained by the adapters' deltas)
+    k̄ ≈ 1                      merged
+    k̄ ≈ 0                      not merged
+    k̄ ≈ 2                      merged twice
+    otherwise                  wrong weight (≈ k̄×)
+
+"≈" is max(1e-3, 6σ_k), σ_k the spread rounding noise gives k̄ (u·||MERGED|| / (√(3N)·||ΣE||)); a
+delta so small that σ_k > 0.04 cannot be told from rounding: `too small to tell` (a warning).
+A tensor whose dtype differs from the expected one (the base's, or --dtype) is a finding too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loratool.errors import IncompatibleError
+from loratool.st import Checkpoint, TensorInfo
+
+if TYPE_CHECKING:
+    import torch
+
+    from loratool.keymap import Contribution
+
+SCHEMA = 1
+Progress = Callable[[int, int], None]
+
+UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+MIN_DELTA = 1e-3  # the smallest weight error reported (|k − 1| beyond it is "wrong weight")
+SIGMAS = 6.0  # k̄ within 6 standard deviations of rounding noise counts as equal
+UNTELLABLE = 0.04  # σ_k beyond this: the delta drowns in rounding noise
+_CHUNK = 1 << 24  # bytes per read when comparing untouched tensors
+
+OK_VERDICTS = {"merged", "unchanged", "replaced", "too small to tell"}
+
+
+@dataclass
+class TensorCheck:
+    key: str
+    file: str  # the base file (relative to the base directory)
+    expected: str  # merged | replaced | unchanged
+    verdict: str  # merged, not merged, merged twice, wrong weight, other change, unchanged, replaced, ...
+    modules: list[str] = field(default_factory=list)
+    factor: float | None = None  # k̄: the realized change as a multiple of the expected delta
+    factors: list[float] | None = None  # k per contribution, when several adapters touch the tensor
+    residual: float | None = None  # ||R − Σ k_t E_t||_F / ||MERGED||_F
+    tolerance: float | None = None  # the same, allowed by one rounding of the stored dtype
+    dtype: str = ""
+    expected_dtype: str = ""
+
+    @property
+    def dtype_changed(self) -> bool:
+        return bool(self.dtype) and self.dtype != self.expected_dtype
+
+    @property
+    def ok(self) -> bool:
+        return (self.verdict == self.expected or (self.verdict == "too small to tell" and self.expected == "merged")) \
+            and not self.dtype_changed
+
+    @property
+    def label(self) -> str:
+        """The verdict as shown: `wrong weight (≈ 0.5×)`, with a dtype change appended."""
+        text = self.verdict
+        if self.verdict == "wrong weight":
+            ks = self.factors if self.factors and len(self.factors) > 1 else [self.factor or 0.0]
+            text += " (≈ " + ", ".join(f"{k:.2g}×" for k in ks) + ")"
+        if self.dtype_changed:
+            text += f"; dtype {self.dtype}, expected {self.expected_dtype}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "file": self.file,
+            "expected": self.expected,
+            "verdict": self.verdict,
+            "label": self.label,
+            "ok": self.ok,
+            "modules": self.modules,
+            "factor": self.factor,
+            "factors": self.factors,
+            "residual": self.residual,
+            "tolerance": self.tolerance,
+            "dtype": self.dtype,
+            "expected_dtype": self.expected_dtype,
+        }
+
+
+@dataclass
+class VerifyReport:
+    merged: Path
+    base: Path
+    adapters: list[Path]
+    weights: list[float]
+    dtype: str
+    tensors: list[TensorCheck] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # base keys absent from MERGED
+    extra: list[str] = field(default_factory=list)  # MERGED keys absent from the base
+    unmatched: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def findings(self) -> list[TensorCheck]:
+        return [t for t in self.tensors if not t.ok]
+
+    @property
+    def ok(self) -> bool:
+        return not (self.findings or self.missing or self.extra)
+
+    def to_dict(self, *, tensors: bool = True) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "schema": SCHEMA,
+            "merged": str(self.merged),
+            "base": str(self.base),
+            "adapters": [str(a) for a in self.adapters],
+            "weights": self.weights,
+            "dtype": self.dtype,
+            "ok": self.ok,
+            "num_tensors": len(self.tensors),
+            "verdicts": dict(Counter(t.verdict for t in self.tensors)),
+            "num_findings": len(self.findings) + len(self.missing) + len(self.extra),
+            "dtype_changed": sum(1 for t in self.tensors if t.dtype_changed),
+            "missing": self.missing,
+            "extra": self.extra,
+            "unmatched": self.unmatched,
+            "warnings": self.warnings,
+        }
+        if tensors:
+            doc["tensors"] = [t.to_dict() for t in self.tensors]
+        return doc
+
+
+# ---------------------------------------------------------------------------------------------
+# the verdict
+
+
+def classify(
+    m_sq: float, r_sq: float, inner: list[float], gram: list[list[float]], *, numel: int, unit: float,
+) -> tuple[str, float | None, list[float] | None, float, float]:
+    """(verdict, k̄, k per term, residual, tolerance) from the projection numbers.
+
+    Args:
+        m_sq: ||MERGED||²; r_sq: ||R||²; inner: <R, E_t>; gram: <E_t, E_s>; numel: elements;
+        unit: unit roundoff of the stored dtype (the coarser of the expected and the found one).
+    """
+    from loratool.linalg import project
+
+    e_sq = sum(sum(row) for row in gram)
+    norm_m = math.sqrt(max(m_sq, 0.0))
+    tol = unit * norm_m * (1 + 1e-3) + 1e-5 * math.sqrt(max(e_sq, 0.0)) + 1e-30
+    if e_sq <= 0.0:  # nothing to add: merged means unchanged
+        res = math.sqrt(max(r_sq, 0.0))
+        return ("merged" if res <= tol else "other change"), None, None, res, tol
+    ks, res = project(r_sq, inner, gram)
+    if res > tol:
+        return "other change", None, ks if len(ks) > 1 else None, res, tol
+    k = sum(inner) / e_sq
+    sigma = unit * norm_m / (math.sqrt(3.0 * max(numel, 1)) * math.sqrt(e_sq))
+    if sigma > UNTELLABLE:
+        return "too small to tell", k, ks if len(ks) > 1 else None, res, tol
+    close = max(MIN_DELTA, SIGMAS * sigma)
+    per_term = ks if len(ks) > 1 else None
+    if len(ks) > 1 and abs(k - 1) <= close:
+        # the sum is right; each adapter's own share must be too (when they can be told apart)
+        res1 = math.sqrt(max(0.0, r_sq - 2 * sum(inner) + e_sq))
+        if res1 <= tol:
+            return "merged", k, per_term, res, tol
+        return "wrong weight", k, per_term, res, tol
+    if abs(k - 1) <= close:
+        return "merged", k, per_term, res, tol
+    if abs(k) <= close:
+        return "not merged", k, per_term, res, tol
+    if abs(k - 2) <= close:
+        return "merged twice", k, per_term, res, tol
+    return "wrong weight", k, per_term, res, tol
+
+
+def _unit(*dtypes: str) -> float:
+    return max(UNIT_ROUNDOFF.get(d, 0.0) for d in dtypes)
+
+
+# ---------------------------------------------------------------------------------------------
+# per tensor
+
+
+def _rows(t: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """A base-layout weight as (out, in·k), the layout of up @ down."""
+    return t.T if transposed else t.reshape(t.shape[0], -1)
+
+
+def _check_lowrank(w: torch.Tensor, m: torch.Tensor, contribs: list[Contribution], unit: float
+                   ) -> tuple[str, float | None, list[float] | None, float, float]:
+    from loratool.adapter import LoraModule
+    from loratool.linalg import factor_inner, factors, realized_projection
+
+    mods = [c.module for c in contribs]
+    assert all(isinstance(m, LoraModule) for m in mods)  # the others take the dense route
+    loras = [m for m in mods if isinstance(m, LoraModule)]
+    transposed = {m.kind == "embedding" or m.fan_in_fan_out for m in loras}
+    if len(transposed) != 1:
+        raise IncompatibleError(f"modules {', '.join(c.module.name for c in contribs)} disagree on the layout "
+                                "of one base weight")
+    flip = transposed.pop()
+    terms = []
+    for c, mod in zip(contribs, loras):
+        up, down = factors(mod)  # (out, r), (r, in·k), float32
+        terms.append((up.double() * (c.weight * mod.scale), down.double()))
+    import torch
+
+    # 16-bit tensors: float32 is exact for R and precise enough (linalg.realized_projection)
+    work = torch.float32 if unit >= UNIT_ROUNDOFF["float16"] and {w.dtype, m.dtype} <= {
+        torch.float16, torch.bfloat16} else torch.float64
+    m_sq, r_sq, inner = realized_projection(_rows(m, flip), _rows(w, flip), terms, dtype=work)
+    gram = [[factor_inner(u1, d1, u2, d2) for u2, d2 in terms] for u1, d1 in terms]
+    return classify(m_sq, r_sq, inner, gram, numel=w.numel(), unit=unit)
+
+
+def _check_dense(w: torch.Tensor, m: torch.Tensor, expected: torch.Tensor, unit: float
+                 ) -> tuple[str, float | None, list[float] | None, float, float]:
+    """Dense route (DoRA, bias deltas): R and the expected change D = expected − W, in float64."""
+    import torch
+
+    w64, m64 = w.to(torch.float64), m.to(torch.float64)
+    r = m64 - w64
+    d = expected.to(torch.float64) - w64
+    return classify(float((m64 * m64).sum()), float((r * r).sum()), [float((r * d).sum())],
+                    [[float((d * d).sum())]], numel=w.numel(), unit=unit)
+
+
+def _same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
+    """Two tensors' bytes equal, compared a chunk at a time."""
+    with open(a.path, "rb") as fa, open(b.path, "rb") as fb:
+        fa.seek(a.start)
+        fb.seek(b.start)
+        left = a.nbytes
+        while left > 0:
+            n = min(_CHUNK, left)
+            if fa.read(n) != fb.read(n):
+                return False
+            left -= n
+    return True
+
+
+def _norms_chunked(a: TensorInfo, b: TensorInfo) -> tuple[float, float]:
+    """(||b − a||_F, ||a||_F) for two same-shaped tensors of any dtypes, a chunk of elements at a time."""
+    import torch
+
+    from loratool.st import ITEMSIZE
+
+    n = math.prod(a.shape)
+    step = max(1, _CHUNK // 8)
+    diff_sq = a_sq = 0.0
+    with open(a.path, "rb") as fa, open(b.path, "rb") as fb:
+        for i in range(0, n, step):
+            k = min(step, n - i)
+            fa.seek(a.start + i * ITEMSIZE[a.dtype])
+            fb.seek(b.start + i * ITEMSIZE[b.dtype])
+            xa = torch.frombuffer(bytearray(fa.read(k * ITEMSIZE[a.dtype])), dtype=getattr(torch, a.dtype))
+            xb = torch.frombuffer(bytearray(fb.read(k * ITEMSIZE[b.dtype])), dtype=getattr(torch, b.dtype))
+            xa64, xb64 = xa.to(torch.float64), xb.to(torch.float64)
+            diff_sq += float(((xb64 - xa64) ** 2).sum())
+            a_sq += float((xa64 * xa64).sum())
+    return math.sqrt(diff_sq), math.sqrt(a_sq)
+
+
+def _check_unchanged(w: TensorInfo, m: TensorInfo, unit: float) -> tuple[str, float | None, float | None]:
+    if w.dtype == m.dtype and _same_bytes(w, m):
+        return "unchanged", 0.0, 0.0
+    if w.dtype not in UNIT_ROUNDOFF or m.dtype not in UNIT_ROUNDOFF:
+        return "other change", None, None
+    change, norm = _norms_chunked(w, m)
+    tol = unit * norm * (1 + 1e-3) + 1e-30 if w.dtype != m.dtype else 0.0
+    rel = change / norm if norm > 0 else change
+    return ("unchanged" if change <= tol else "other change"), rel, (tol / norm if norm > 0 else tol)
+
+
+def _check_replaced(w: torch.Tensor, m: torch.Tensor, saved: torch.Tensor, unit: float
+                    ) -> tuple[str, float | None, float | None]:
+    import torch
+
+    m64, s64, w64 = m.to(torch.float64), saved.to(torch.float64), w.to(torch.float64)
+    norm = float(torch.linalg.vector_norm(s64)) or 1.0
+    tol = unit * norm * (1 + 1e-3) + 1e-30
+    off = float(torch.linalg.vector_norm(m64 - s64))
+    if off <= tol:
+        return "replaced", off / norm, tol / norm
+    if torch.equal(m64, w64):
+        return "not merged", off / norm, tol / norm
+    return "other change", off / norm, tol / norm
+
+
+# ---------------------------------------------------------------------------------------------
+# the operation
+
+
+def verify(
+    merged: str | os.PathLike[str],
+    base: str | os.PathLike[str],
+    adapters: Sequence[str | os.PathLike[str]],
+    *,
+    weights: list[float] | None = None,
+    dtype: str = "keep",
+    allow_unmatched: bool = False,
+    allow_pickle: bool = False,
+    module_weights: str | None = None,
+    blocks: str | None = None,
+    progress: Progress | None = None,
+) -> VerifyReport:
+    """Check, tensor by tensor, that MERGED = BASE + Σ w_i·ΔW_i (what `loratool merge` writes).
+
+    Args:
+        merged: the merged checkpoint (file, model directory or sharded directory).
+        base: the base it was made from.
+        adapters: the adapters it should hold, in any supported format.
+        weights: one per adapter (default 1 each), as given to merge.
+        dtype: the dtype merge was asked for (keep | fp32 | fp16 | bf16); a tensor stored in another
+            dtype is a finding.
+        allow_unmatched: adapter modules that match no base weight are skipped (as merge would).
+        module_weights, blocks: per-module multipliers, as given to merge.
+        progress: called with (bytes of the base checked, total).
+
+    Returns:
+        VerifyReport: one TensorCheck per base tensor (ok is False when anything is off).
+
+    Raises:
+        IncompatibleError, FormatError: unreadable inputs, adapters that do not fit the base.
+    """
+    from loratool.formats import read, require_plain
+    from loratool.keymap import plan_merge
+    from loratool.ops.merge import OUT_DTYPES, adapter_module_weights
+    from loratool.st import open_checkpoint
+
+    if not adapters:
+        raise IncompatibleError("verify needs at least one adapter")
+    weights = list(weights) if weights is not None else [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise IncompatibleError(f"--weights has {len(weights)} value(s) for {len(adapters)} adapter(s)")
+    if not all(math.isfinite(w) for w in weights):
+        raise IncompatibleError(f"--weights must be finite numbers, got {weights}")
+    if dtype not in OUT_DTYPES:
+        raise IncompatibleError(f"--dtype {dtype}: unknown", hint="use keep, fp32, fp16 or bf16")
+    base_ckpt = open_checkpoint(Path(base))
+    merged_ckpt = open_checkpoint(Path(merged))
+    loaded = []
+    for p in adapters:
+        a = read(Path(p), allow_pickle=allow_pickle)
+        require_plain(a, "verify", lycoris=True)
+        loaded.append(a)
+    per_module, mw_warnings = adapter_module_weights(loaded, module_weights, blocks)
+    plan, warnings = plan_merge(loaded, weights, base_ckpt, allow_unmatched=allow_unmatched, unmerge=False,
+                                module_weights=per_module)
+    warnings = mw_warnings + warnings
+    report = VerifyReport(Path(merged), Path(base), [Path(p) for p in adapters], weights, dtype,
+                          unmatched=plan.unmatched, warnings=warnings)
+    report.extra = [k for k in merged_ckpt.tensors if k not in base_ckpt.tensors]
+    total = sum(i.nbytes for i in base_ckpt.tensors.values())
+    done = 0
+    for f in base_ckpt.files:
+        name = str(f.relative_to(base_ckpt.root)) if f.is_relative_to(base_ckpt.root) else f.name
+        infos = sorted((i for i in base_ckpt.tensors.values() if i.path == f), key=lambda i: i.start)
+        for info in infos:
+            check = _check_tensor(info, merged_ckpt, plan, dtype, name)
+            if check is None:
+                report.missing.append(info.key)
+            else:
+                report.tensors.append(check)
+            done += info.nbytes
+            if progress:
+                progress(done, total)
+    tiny = sum(1 for t in report.tensors if t.verdict == "too small to tell")
+    if tiny:
+        report.warnings.append(f"{tiny} tensor(s) get a delta smaller than the rounding of their dtype: whether "
+                               "it was merged cannot be told from the values")
+    return report
+
+
+def _check_tensor(info: TensorInfo, merged_ckpt: Checkpoint, plan: Any, dtype: str, name: str
+                  ) -> TensorCheck | None:
+    from loratool.adapter import LoraModule
+    from loratool.linalg import merged_tensor, sq_norm
+    from loratool.ops.merge import _out_dtype
+    from loratool.st import load_tensor
+
+    key = info.key
+    found = merged_ckpt.tensors.get(key)
+    if found is None:
+        return None
+    want = _out_dtype(info, dtype)
+    check = TensorCheck(key, name, "unchanged", "", dtype=found.dtype, expected_dtype=want)
+    if tuple(found.shape) != tuple(info.shape):
+        check.verdict = "shape changed"
+        return check
+    unit = _unit(want, found.dtype)
+    contribs = plan.deltas.get(key) or plan.biases.get(key)
+    if contribs:
+        check.expected = "merged"
+        check.modules = sorted({c.module.name for c in contribs})
+        w, m = load_tensor(info), load_tensor(found)
+        if not (w.is_floating_point() and m.is_floating_point()):
+            check.verdict = "other change"
+            return check
+        # DoRA, LyCORIS and bias deltas are not low-rank sums: merge's own arithmetic, densely
+        dense = key in plan.biases or any(not isinstance(c.module, LoraModule) or c.module.magnitude is not None
+                                          for c in contribs)
+        if dense:
+            _, expected, _ = merged_tensor(w, [(c.module, c.weight) for c in contribs], device="cpu", unmerge=False,
+                                           bias=key in plan.biases, keep_delta=True)
+            verdict, k, ks, res, tol = _check_dense(w, m, expected, unit)
+        else:
+            verdict, k, ks, res, tol = _check_lowrank(w, m, contribs, unit)
+        norm = math.sqrt(sq_norm(m)) or 1.0
+        check.verdict, check.factor, check.factors = verdict, k, ks
+        check.residual, check.tolerance = res / norm, tol / norm
+    elif key in plan.replacements:
+        check.expected = "replaced"
+        check.modules = ["modules_to_save"]
+        check.verdict, check.residual, check.tolerance = _check_replaced(
+            load_tensor(info), load_tensor(found), plan.replacements[key].load(), unit)
+    else:
+        check.verdict, check.residual, check.tolerance = _check_unchanged(info, found, unit)
+    return check
