@@ -39,7 +39,7 @@ __all__ = [
 
 # The built-in formats, in detection order (ties between equal detection scores go to the first).
 # A new format: its module defines FORMAT (a registry.Format record); add it here.
-for _record in (peft.FORMAT, kohya.FORMAT, diffusers.FORMAT, mlx.FORMAT, gguf.FORMAT):
+for _record in (peft.FORMAT, kohya.FORMAT, diffusers.FORMAT, mlx.FORMAT, gguf.FORMAT, kohya.COMFYUI_FORMAT):
     register(_record)
 
 get_format = get

@@ -110,7 +110,7 @@ def test_cli_format_choices_come_from_the_registry():
         assert _choices(cli.commands[name], "fmt") == writable_formats(), name
     assert _choices(cli.commands["convert"], "to") == (*writable_formats(), "lora")  # lora: LyCORIS -> LoRA
     # extract names modules by checkpoint paths: the writable formats that do not need components
-    assert _choices(cli.commands["extract"], "fmt") == ("peft", "kohya", "mlx")
+    assert _choices(cli.commands["extract"], "fmt") == ("peft", "kohya", "mlx", "comfyui")
 
 
 def test_cli_writes_diffusers(tmp_path):
