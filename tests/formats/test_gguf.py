@@ -233,7 +233,7 @@ def test_merge_into_gguf_base_is_dequantized_base_plus_delta(make_adapter, tmp_p
     src = make_adapter(modules=LLAMA_MODULES, rank={**dict.fromkeys(LLAMA_MODULES, 4), "lm_head": 2},
                        alpha={**dict.fromkeys(LLAMA_MODULES, 8), "model.layers.0.self_attn.k_proj": 3}, rslora=True)
     out = tmp_path / "merged.gguf"
-    code, _, err = run_main(capsys, ["merge", base, src, "-o", out, "--weights", "0.5"])
+    code, _, err = run_cli(["merge", base, src, "-o", out, "--weights", "0.5"])
     assert code == 0, err
     want = peft_deltas(src)
     before = {t.name: t for t in gguf.GGUFReader(base).tensors}
@@ -280,9 +280,9 @@ def test_merge_refuses_a_type_it_cannot_requantize_unless_dtype(make_adapter, tm
     w.write_tensors_to_file()
     w.close()
     src = make_adapter(modules={"model.layers.0.mlp.up_proj": shape}, rank=4, alpha=8)
-    code, _, err = run_main(capsys, ["merge", path, src, "-o", tmp_path / "x.gguf"])
+    code, _, err = run_cli(["merge", path, src, "-o", tmp_path / "x.gguf"])
     assert code == 2 and "Q4_K" in err and "--dtype" in err and not (tmp_path / "x.gguf").exists()
-    code, _, err = run_main(capsys, ["merge", path, src, "-o", tmp_path / "y.gguf", "--dtype", "fp16"])
+    code, _, err = run_cli(["merge", path, src, "-o", tmp_path / "y.gguf", "--dtype", "fp16"])
     assert code == 0, err
     t = gguf.GGUFReader(tmp_path / "y.gguf").tensors[0]
     assert t.tensor_type == gguf.GGMLQuantizationType.F16
