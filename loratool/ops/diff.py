@@ -96,6 +96,7 @@ class DiffReport:
             "extras_only_in_a": self.extras_only_in_a,
             "extras_only_in_b": self.extras_only_in_b,
             "extras_differ": self.extras_differ,
+            "warnings": [],  # every command's document has a warnings list (docs/json.md)
         }
 
 
