@@ -192,6 +192,25 @@ def weighted_concat(
     return torch.cat(ups, dim=1), torch.cat(downs, dim=0)  # (out, Σr), (Σr, in)
 
 
+F32_MAX = 3.4028234663852886e38
+
+
+def require_finite(name: str, where: str, **tensors: torch.Tensor) -> None:
+    """Refuse NaN/Inf in a module's factors before maths that would fail on them or spread them.
+
+    Raises:
+        IncompatibleError: naming the module and the factor.
+    """
+    import torch
+
+    from loratool.errors import IncompatibleError
+
+    for role, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise IncompatibleError(f"{where}: module '{name}': {role} holds NaN or Inf values",
+                                    hint="check the adapter with: loratool validate ADAPTER")
+
+
 def product_fro_norm(up: torch.Tensor, down: torch.Tensor) -> float:
     """||up @ down||_F without forming the product: sqrt(Σ (upᵀ·up) ⊙ (down·downᵀ)), in float64.
 

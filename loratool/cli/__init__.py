@@ -1,7 +1,9 @@
 """The `loratool` command: a click group over loratool.ops. Thin: parse, call one op, render, exit.
 
 Exit codes: 0 success; 1 validate found problems; 2 could not do it (one `Error:` line naming the
-file and key, plus a `Hint:`); 3 internal bug (traceback only with LORATOOL_DEBUG=1); 130 interrupted.
+file and key, plus a `Hint:`); 3 internal bug (traceback only with LORATOOL_DEBUG=1); 130 interrupted
+(143 terminated by SIGTERM, handled like Ctrl-C). Everything printed goes through errors.scrub, so a Hub
+token never shows, tracebacks included.
 LoratoolGroup.main is the one place that maps exceptions to exit codes and messages, so the
 console script, `python -m loratool` and click's CliRunner behave the same.
 
@@ -19,9 +21,13 @@ Adding a command:
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import signal
 import sys
+import threading
 import traceback
+import warnings
 from typing import Any
 
 import click
@@ -39,24 +45,18 @@ from loratool.cli import rescale as _rescale
 from loratool.cli import resize as _resize
 from loratool.cli import validate as _validate
 from loratool.cli import verify as _verify
-from loratool.errors import LoratoolError
+from loratool.errors import LoratoolError, LoratoolWarning, register_secret, scrub
 
-EXIT_FINDINGS = 1
 EXIT_USER = 2
 EXIT_BUG = 3
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 COMMANDS: list[click.Command] = [
     _inspect.inspect, _validate.validate, _rescale.rescale, _resize.resize, _combine.combine, _merge.merge,
     _extract.extract, _convert.convert, _diff.diff, _verify.verify, _pull.pull, _push.push,
 ]
-
-
-def scrub(text: str) -> str:
-    """The one place every error text passes before it is printed: secrets (Hub tokens) are
-    removed here. The Hub code scrubs the tokens it knows about itself (loratool.hub.errors)."""
-    return text
 
 
 class LoratoolGroup(click.Group):
@@ -69,8 +69,20 @@ class LoratoolGroup(click.Group):
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
-        code = run_mapped(lambda: super(LoratoolGroup, self).main(
-            args=args, prog_name=prog_name or "loratool", complete_var=complete_var, standalone_mode=False, **extra))
+        argv = sys.argv[1:] if args is None else list(args)
+        for i, arg in enumerate(argv):  # a token on the command line is hidden like one from HF_TOKEN
+            if arg == "--token" and i + 1 < len(argv):
+                register_secret(argv[i + 1])
+            elif isinstance(arg, str) and arg.startswith("--token="):
+                register_secret(arg.partition("=")[2])
+        previous = warnings.showwarning
+        warnings.showwarning = _show_warning
+        try:
+            code = run_mapped(lambda: super(LoratoolGroup, self).main(
+                args=args, prog_name=prog_name or "loratool", complete_var=complete_var, standalone_mode=False,
+                **extra))
+        finally:
+            warnings.showwarning = previous
         if standalone_mode:
             sys.exit(code)
         return code
@@ -83,17 +95,22 @@ def run_mapped(call: Any) -> int:
         code = call()
         code = code if isinstance(code, int) else 0
         _flush()  # inside the try: a Ctrl-C or a closed pipe while flushing is handled here
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        _quiet_echo("Interrupted.")
-        code = EXIT_INTERRUPTED
+    except click.exceptions.Abort as e:  # click turns KeyboardInterrupt (and so SIGTERM) into Abort
+        code = _interrupted(EXIT_TERMINATED if isinstance(e.__context__, _Terminated) else EXIT_INTERRUPTED)
+    except _Terminated:
+        code = _interrupted(EXIT_TERMINATED)
+    except KeyboardInterrupt:
+        code = _interrupted(EXIT_INTERRUPTED)
     except click.exceptions.Exit as e:
         code = e.exit_code
     except click.ClickException as e:
-        e.show()
+        buf = io.StringIO()
+        e.show(file=buf)
+        sys.stderr.write(scrub(buf.getvalue()))
         code = EXIT_USER
     except LoratoolError as e:
         if debug:
-            traceback.print_exc()
+            _print_traceback()
         _fail(e.message, e.hint)
         code = EXIT_USER
     except BrokenPipeError:
@@ -101,7 +118,7 @@ def run_mapped(call: Any) -> int:
         _devnull_stdout()
     except Exception as e:
         if debug:
-            traceback.print_exc()
+            _print_traceback()
         first = str(e).splitlines()[0] if str(e) else ""
         _fail(f"internal error: {type(e).__name__}: {first}",
               "this is a bug in loratool; rerun with LORATOOL_DEBUG=1 and report the traceback")
@@ -185,17 +202,49 @@ for _command in COMMANDS:
 
 def _fail(message: str, hint: str | None) -> None:
     # exactly one Error: line and at most one Hint: line, whatever text an exception carried
-    click.echo(f"Error: {scrub(_one_line(message))}", err=True)
+    click.echo(f"Error: {_one_line(scrub(message))}", err=True)
     if hint:
-        click.echo(f"Hint: {scrub(_one_line(hint))}", err=True)
+        click.echo(f"Hint: {_one_line(scrub(hint))}", err=True)
 
 
 def _one_line(text: str) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: temporaries are removed, the output is left whole."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: object = None, line: str | None = None) -> None:
+    if issubclass(category, LoratoolWarning):
+        from loratool.cli import _render
+
+        _render.warn(scrub(str(message)))
+    else:
+        sys.stderr.write(scrub(warnings.formatwarning(message, category, filename, lineno, line)))
+
+
+def _interrupted(code: int) -> int:
+    from loratool.st import output_states
+
+    states = output_states()
+    click.echo("Interrupted" + (f"; {'; '.join(states)}." if states else "."), err=True)
+    return code
+
+
+def _print_traceback() -> None:
+    sys.stderr.write(scrub(traceback.format_exc()))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (`loratool`, `python -m loratool`): the group's main, then a clean exit."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     code = cli.main(args=argv, prog_name="loratool", standalone_mode=False)
     _exit(code)
 

@@ -26,6 +26,7 @@ from loratool.hub.urls import (
     HF_SCHEME,
     HfUrl,
     cached_url,
+    check_repo_file,
     is_hf_url,
     parse_hf_url,
     split_repo_ref,
@@ -33,6 +34,6 @@ from loratool.hub.urls import (
 
 __all__ = [
     "DEFAULT_REVISION", "FILE_PATTERNS", "HF_SCHEME", "PEFT_CONFIG", "PICKLE_PATTERNS", "Described", "HfUrl",
-    "PullResult", "PushResult", "cached_url", "describe", "is_hf_url", "model_card", "parse_hf_url", "pull", "push",
-    "resolve_path", "split_repo_ref",
+    "PullResult", "PushResult", "cached_url", "check_repo_file", "describe", "is_hf_url", "model_card",
+    "parse_hf_url", "pull", "push", "resolve_path", "split_repo_ref",
 ]

@@ -93,11 +93,14 @@ def _offline() -> bool:
 
 
 def _token(token: str | None) -> str | None:
-    if token:
-        return token
-    from huggingface_hub import get_token
+    from loratool.errors import register_secret
 
-    return get_token()  # HF_TOKEN, then the token saved by `hf auth login`
+    if not token:
+        from huggingface_hub import get_token
+
+        token = get_token()  # HF_TOKEN, then the token saved by `hf auth login`
+    register_secret(token)  # scrubbed from everything the CLI prints, tracebacks included
+    return token
 
 
 def _api(endpoint: str, token: str | None) -> Any:

@@ -9,11 +9,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loratool.errors import HubError
+from loratool.errors import HubError, LoratoolError
 from loratool.hub._env import _api, _cache_dir, _endpoint, _offline, _timeout, _token
 from loratool.hub.describe import Described, describe
 from loratool.hub.errors import _boundary, _is_network_error
-from loratool.hub.urls import _SHA, DEFAULT_REVISION, HfUrl, _check_repo_id, is_hf_url, parse_hf_url
+from loratool.hub.urls import (
+    _SHA,
+    DEFAULT_REVISION,
+    HF_SCHEME,
+    HfUrl,
+    _check_repo_id,
+    check_repo_file,
+    is_hf_url,
+    parse_hf_url,
+)
 
 # What an adapter or a base model needs; pickles only when a repo has no safetensors at all (the
 # readers then refuse them unless --allow-pickle). Never code (*.py) or other frameworks' weights.
@@ -111,7 +120,11 @@ def _fetch(repo_id: str, revision: str | None, subpath: str, *, token: str | Non
             # A Hub that accepts the connection and never answers times out here (secs), and the
             # files then come from the cache.
             try:
-                api.repo_info(repo_id, revision=rev, timeout=secs)
+                info = api.repo_info(repo_id, revision=rev, timeout=secs)
+                for sibling in getattr(info, "siblings", None) or []:
+                    check_repo_file(sibling.rfilename, shown)
+            except LoratoolError:
+                raise
             except Exception as e:
                 if not _is_network_error(e):
                     raise
@@ -158,7 +171,8 @@ def _fetch_online(api: Any, subpath: str, common: dict[str, Any], shown: str) ->
 
     parent = subpath.rsplit("/", 1)[0] if "/" in subpath else ""
     config = f"{parent}/{PEFT_CONFIG}" if parent else PEFT_CONFIG
-    infos = {i.path: i for i in api.get_paths_info(common["repo_id"], [subpath, config], revision=common["revision"])}
+    infos = {check_repo_file(i.path, shown): i
+             for i in api.get_paths_info(common["repo_id"], [subpath, config], revision=common["revision"])}
     entry = infos.get(subpath)
     if entry is None:
         raise HubError(f"{shown}: no such file or folder in the repository",
@@ -237,6 +251,8 @@ def pull(repo_id: str, revision: str | None = None, subfolder: str | None = None
     """
     _check_repo_id(repo_id, repo_id)
     sub = (subfolder or "").strip("/")
+    if sub:
+        check_repo_file(sub, f"{HF_SCHEME}{repo_id}")
     shown = str(HfUrl(repo_id, revision, sub))
     fetched = _fetch(repo_id, revision, sub, token=token, endpoint=endpoint, cache_dir=cache_dir,
                      progress=progress, shown=shown, timeout=timeout)
@@ -253,7 +269,7 @@ def _copy_out(fetched: _Fetched, out: Path, *, force: bool) -> Path:
     from loratool.st import atomic_output
 
     src = fetched.path
-    with atomic_output(out, force=force, directory=True) as tmp:
+    with atomic_output(out, force=force, directory=True, inputs=[src, fetched.snapshot], kind="download") as tmp:
         if src.is_dir():
             for f in sorted(src.rglob("*")):
                 if f.is_file():

@@ -130,3 +130,20 @@ def _repo_of(where: str) -> str:
     return where.split("@", 1)[0]
 
 
+def check_repo_file(name: str, where: str) -> str:
+    """A file name from a repository listing (or given for one), refused if it could leave its folder.
+
+    A hostile or broken server can list `../../blobs/x` or `/etc/x`; such a name would be read or
+    written outside the cache folder or the -o folder.
+
+    Raises:
+        HubError: absolute, `..`, backslash, NUL or empty names, naming the entry.
+    """
+    from loratool.st import unsafe_name
+
+    problem = unsafe_name(name) if isinstance(name, str) else "is not a string"
+    if problem:
+        raise HubError(f"{where}: repository file name {name!r} {problem}",
+                       hint="refusing a name that could lead outside its folder; the repository listing is corrupt "
+                       "or hostile")
+    return name

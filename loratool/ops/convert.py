@@ -248,6 +248,16 @@ def convert(
         adapter = prepared.adapter
         report.runtime, report.prepared = runtime.name, prepared.to_dict()
         report.warnings.extend(prepared.warnings)
+    if adapter.source_format == "gguf" and to != "gguf":
+        from loratool.formats import from_gguf_layout
+
+        if base is None:
+            raise IncompatibleError(f"{path}: GGUF module names (blk.N.…) map back to transformers names only "
+                                    "against the base checkpoint", hint="pass --base with the transformers model "
+                                    "directory (its safetensors headers are read)")
+        order = list(adapter.modules)
+        adapter = from_gguf_layout(adapter, Path(base))
+        origin = dict(zip(adapter.modules, order))
     if to == "gguf" and adapter.source_format != "gguf":
         from loratool.formats import gguf_layout
 

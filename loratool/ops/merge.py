@@ -310,7 +310,8 @@ def _merge(
         if progress:
             progress(done, total)
 
-    with atomic_output(out, force=force, directory=not single_file) as tmp:
+    with atomic_output(out, force=force, directory=not single_file, inputs=[base_path, *ckpt.files, *adapters],
+                       kind="model") as tmp:
         headers = [read_header(f) for f in ckpt.files]
         buffers = Buffers()
         finishing: list[Future[None]] = []

@@ -159,7 +159,7 @@ def merge_into_gguf(
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
     total = sum(int(t.n_bytes) for t in reader.tensors)
     done = 0
-    with atomic_output(Path(out), force=force, directory=False) as tmp:
+    with atomic_output(Path(out), force=force, directory=False, inputs=[base, *adapters]) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         _copy_fields(gguf, reader, writer)
         for t in reader.tensors:  # infos first: sizes follow from shape and type, no data needed yet

@@ -287,3 +287,15 @@ def test_merge_refuses_a_type_it_cannot_requantize_unless_dtype(make_adapter, tm
     t = gguf.GGUFReader(tmp_path / "y.gguf").tensors[0]
     assert t.tensor_type == gguf.GGMLQuantizationType.F16
     np.testing.assert_allclose(_dequant(t), peft_deltas(src)["model.layers.0.mlp.up_proj"], rtol=2e-3, atol=2e-3)
+
+
+def test_round_trip_peft_gguf_peft_identical_deltas(tmp_path, capsys):
+    src, base = FIXTURES / "peft_llama", FIXTURES / "base_llama"
+    convert(src, tmp_path / "a.gguf", to="gguf", base=base)
+    code, _, err = run_cli(["convert", tmp_path / "a.gguf", "--to", "peft", "-o", tmp_path / "x"])
+    assert code == 2 and "--base" in err  # GGUF names need the checkpoint to map back
+    convert(tmp_path / "a.gguf", tmp_path / "back", to="peft", base=base)
+    want, got = peft_deltas(src), peft_deltas(tmp_path / "back")
+    assert set(got) == set(want)
+    for n in want:
+        np.testing.assert_allclose(got[n], want[n], rtol=1e-6, atol=1e-7 * np.abs(want[n]).max())
