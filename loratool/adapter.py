@@ -7,7 +7,6 @@ lazy TensorRefs, so building an Adapter from a file reads only its header (and k
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -315,10 +314,6 @@ class Adapter:
     @property
     def fan_in_fan_out(self) -> bool:
         return any(m.fan_in_fan_out for m in self.modules.values())
-
-    def most_common(self, attr: str) -> Any:
-        values = Counter(getattr(m, attr) for m in self.modules.values())
-        return values.most_common(1)[0][0] if values else None
 
     def with_modules(self, modules: dict[str, LoraModule], **changes: Any) -> Adapter:
         """A new Adapter with the given modules (and other fields changed); self is untouched."""

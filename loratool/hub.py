@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from loratool.errors import FormatError, HubError, LoratoolError
+from loratool.errors import FormatError, HubError, LoratoolError, register_secret
 
 HF_SCHEME = "hf://"
 DEFAULT_REVISION = "main"
@@ -261,11 +261,12 @@ def _offline() -> bool:
 
 
 def _token(token: str | None) -> str | None:
-    if token:
-        return token
-    from huggingface_hub import get_token
+    if not token:
+        from huggingface_hub import get_token
 
-    return get_token()  # HF_TOKEN, then the token saved by `hf auth login`
+        token = get_token()  # HF_TOKEN, then the token saved by `hf auth login`
+    register_secret(token)  # scrubbed from everything the CLI prints, tracebacks included
+    return token
 
 
 def _api(endpoint: str, token: str | None) -> Any:
@@ -480,7 +481,11 @@ def _fetch(repo_id: str, revision: str | None, subpath: str, *, token: str | Non
             # One call that fails fast: repo_info is not retried, whereas a refused connection inside
             # snapshot_download/hf_hub_download is retried for ~20 s. It also sorts out 401/404/revision.
             try:
-                api.repo_info(repo_id, revision=rev)
+                info = api.repo_info(repo_id, revision=rev)
+                for sibling in getattr(info, "siblings", None) or []:
+                    check_repo_file(sibling.rfilename, shown)
+            except LoratoolError:
+                raise
             except Exception as e:
                 if not _is_network_error(e):
                     raise
@@ -509,6 +514,25 @@ def _fetch(repo_id: str, revision: str | None, subpath: str, *, token: str | Non
             raise
 
 
+def check_repo_file(name: str, where: str) -> str:
+    """A file name from a repository listing (or given for one), refused if it could leave its folder.
+
+    A hostile or broken server can list `../../blobs/x` or `/etc/x`; such a name would be read or
+    written outside the cache folder or the -o folder.
+
+    Raises:
+        HubError: absolute, `..`, backslash, NUL or empty names, naming the entry.
+    """
+    from loratool.st import unsafe_name
+
+    problem = unsafe_name(name) if isinstance(name, str) else "is not a string"
+    if problem:
+        raise HubError(f"{where}: repository file name {name!r} {problem}",
+                       hint="refusing a name that could lead outside its folder; the repository listing is corrupt "
+                       "or hostile")
+    return name
+
+
 def _is_not_cached(e: BaseException) -> bool:
     from huggingface_hub import errors as hfe
 
@@ -527,7 +551,8 @@ def _fetch_online(api: Any, subpath: str, common: dict[str, Any], shown: str) ->
 
     parent = subpath.rsplit("/", 1)[0] if "/" in subpath else ""
     config = f"{parent}/{PEFT_CONFIG}" if parent else PEFT_CONFIG
-    infos = {i.path: i for i in api.get_paths_info(common["repo_id"], [subpath, config], revision=common["revision"])}
+    infos = {check_repo_file(i.path, shown): i
+             for i in api.get_paths_info(common["repo_id"], [subpath, config], revision=common["revision"])}
     entry = infos.get(subpath)
     if entry is None:
         raise HubError(f"{shown}: no such file or folder in the repository",
@@ -605,6 +630,8 @@ def pull(repo_id: str, revision: str | None = None, subfolder: str | None = None
     """
     _check_repo_id(repo_id, repo_id)
     sub = (subfolder or "").strip("/")
+    if sub:
+        check_repo_file(sub, f"{HF_SCHEME}{repo_id}")
     shown = str(HfUrl(repo_id, revision, sub))
     fetched = _fetch(repo_id, revision, sub, token=token, endpoint=endpoint, cache_dir=cache_dir,
                      progress=progress, shown=shown)
@@ -621,7 +648,7 @@ def _copy_out(fetched: _Fetched, out: Path, *, force: bool) -> Path:
     from loratool.st import atomic_output
 
     src = fetched.path
-    with atomic_output(out, force=force, directory=True) as tmp:
+    with atomic_output(out, force=force, directory=True, inputs=[src, fetched.snapshot], kind="download") as tmp:
         if src.is_dir():
             for f in sorted(src.rglob("*")):
                 if f.is_file():

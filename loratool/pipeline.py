@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratool.linalg import Workspace
-from loratool.st import Checkpoint, SafetensorsFile, StreamingWriter, TensorInfo
+from loratool.st import Checkpoint, SafetensorsFile, StreamingWriter, TensorInfo, ended_early
 
 if TYPE_CHECKING:
     import torch
@@ -43,7 +42,7 @@ def read_range(fd: int, start: int, n: int, into: bytearray | None = None) -> by
     while got < n:
         chunk = os.preadv(fd, [view[got:]], start + got)
         if chunk == 0:
-            raise OSError(f"unexpected end of file at byte {start + got}")
+            raise ended_early(fd, start + got)
         got += chunk
     return buf if into is None else view
 
@@ -157,6 +156,10 @@ def stream_file(
             ws, busy = out_slots[slot]
             if busy is not None:
                 t = time.perf_counter()
+                if busy.exception() is not None:  # waits; writes after a failed one fail too:
+                    for fut in pending:  # surface the first failure (ENOSPC), not a later symptom
+                        if fut.done() and fut.exception() is not None:
+                            fut.result()
                 busy.result()  # written out: its buffer may be reused
                 timings.write_wait += time.perf_counter() - t
             slot_used.append(slot)
@@ -213,26 +216,27 @@ def stream_file(
 
 
 def copy_other_files(ckpt: Checkpoint, tmp: Path, *, dtype_changed: bool) -> None:
-    """Copy every non-weight file (config, tokenizer, ...) and rewrite the index's total_size."""
-    from loratool.st import read_header
+    """Copy every non-weight file (config, tokenizer, ...) and rewrite the index's total_size.
 
-    weight_files = set(ckpt.files)
-    for src in ckpt.root.rglob("*"):
-        rel = src.relative_to(ckpt.root)
-        if src in weight_files or any(part.startswith(".") for part in rel.parts):
+    Hidden entries (.git, .cache) stay behind. Symbolic links are followed (a Hugging Face cache
+    snapshot is made of them); a file that cannot be read, a special file, a broken link or a loop
+    fails the merge, naming it, rather than leaving an incomplete copy.
+    """
+    from loratool.st import copy_input_file, copy_tree_files, read_header
+
+    weight_files = {os.path.abspath(f) for f in ckpt.files}
+    for src, rel in copy_tree_files(ckpt.root):
+        if os.path.abspath(src) in weight_files:
             continue
         dst = tmp / rel
-        if src.is_dir():
-            dst.mkdir(parents=True, exist_ok=True)
-        elif re.search(r"\.safetensors\.index\.json$", src.name) and ckpt.index is not None:
-            index = json.loads(src.read_text())
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if re.search(r"\.safetensors\.index\.json$", src.name) and ckpt.index is not None and src.parent == ckpt.root:
+            index = dict(ckpt.index)  # as parsed and checked by open_checkpoint
             if dtype_changed:
                 total = 0
                 for f in ckpt.files:
                     total += sum(i.nbytes for i in read_header(tmp / f.relative_to(ckpt.root)).tensors.values())
-                index.setdefault("metadata", {})["total_size"] = total
-            dst.parent.mkdir(parents=True, exist_ok=True)
+                index["metadata"] = {**(index.get("metadata") or {}), "total_size": total}
             dst.write_text(json.dumps(index, indent=2) + "\n")
-        elif src.is_file():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst)
+        else:
+            copy_input_file(src, dst)

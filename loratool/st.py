@@ -16,15 +16,18 @@ import hashlib
 import json
 import math
 import os
+import re
+import secrets
 import shutil
+import stat
 import struct
-import tempfile
-from collections.abc import Iterator, Mapping
+import sys
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from loratool.errors import FormatError, LoratoolError, OutputExistsError
+from loratool.errors import FormatError, IncompatibleError, LoratoolError, LoratoolWarning, OutputExistsError
 
 if TYPE_CHECKING:
     import torch
@@ -81,16 +84,25 @@ class SafetensorsFile:
     header_len: int
 
 
-def read_header(path: str | os.PathLike[str]) -> SafetensorsFile:
+def read_header(path: str | os.PathLike[str], *, problems: list[str] | None = None) -> SafetensorsFile:
     """Parse and check the header of a safetensors file.
+
+    The checks are those of the safetensors library: besides well-formed entries that fit the file,
+    the tensors' data must tile the data section exactly (no overlap, no gap, no trailing bytes) and
+    no key may appear twice. Files that break these rules are refused by every reader that follows
+    the format, so loratool refuses them too.
+
+    Args:
+        problems: when given (validate), layout problems (overlap, gap, trailing bytes, duplicate
+            keys) are appended here instead of raised; malformed entries always raise.
 
     Raises:
         FormatError: the file is missing, too small, its header is not JSON, an entry is malformed
-            or points outside the file (truncated data).
+            or points outside the file (truncated data), or (without `problems`) a layout problem.
     """
     p = Path(path)
     try:
-        with open(p, "rb") as f:
+        with open_input(p) as f:
             size = os.fstat(f.fileno()).st_size
             if size < 8:
                 raise FormatError(
@@ -110,8 +122,11 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsFile:
         raise FormatError(f"{p}: is a directory, expected a .safetensors file") from None
     except PermissionError:
         raise FormatError(f"{p}: permission denied") from None
+    except OSError as e:
+        raise FormatError(f"{p}: cannot read ({_strerror(e)})") from None
+    duplicates: list[str] = []
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_pairs_recording(duplicates))
     except (ValueError, RecursionError) as e:
         # ValueError covers JSONDecodeError, UnicodeDecodeError and over-long integer literals;
         # RecursionError a maliciously deep nesting
@@ -119,6 +134,7 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsFile:
                           hint="is this a safetensors file?") from None
     if not isinstance(header, dict):
         raise FormatError(f"{p}: header is a JSON {type(header).__name__}, expected an object")
+    found: list[str] = [f"{p}: header key '{k}' appears more than once" for k in duplicates]
     data_start = 8 + n
     data_size = size - data_start
     metadata_raw = header.pop(METADATA_KEY, None) or {}
@@ -129,12 +145,91 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsFile:
     tensors: dict[str, TensorInfo] = {}
     for key, entry in header.items():
         tensors[key] = _parse_entry(p, key, entry, data_start, data_size)
+    found += _layout_problems(p, tensors, data_start, data_size)
+    if found:
+        if problems is None:
+            raise FormatError(found[0] + (f" (and {len(found) - 1} more layout problem(s))" if len(found) > 1 else ""),
+                              hint="the safetensors library refuses this file too; re-create or re-download it")
+        problems.extend(found)
     return SafetensorsFile(p, tensors, dict(metadata_raw), size, n)
+
+
+def open_input(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open an input file read-only, refusing what is not a regular file (a FIFO would block, a
+    device would read forever) before reading a byte.
+
+    Raises:
+        FormatError: not a regular file. OSError: as open() raises it.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise FormatError(f"{path}: is a directory, expected a file")
+        if not stat.S_ISREG(mode):
+            raise FormatError(f"{path}: is {_kind_of(mode)}, not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _kind_of(mode: int) -> str:
+    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"),
+                       (stat.S_ISREG, "a regular file")):
+        if test(mode):
+            return what
+    return "a special file"
+
+
+def _pairs_recording(duplicates: list[str]) -> Any:
+    """A json object_pairs_hook that keeps the last value of a repeated key and records the key."""
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                duplicates.append(k)
+            out[k] = v
+        return out
+
+    return hook
+
+
+def _layout_problems(p: Path, tensors: dict[str, TensorInfo], data_start: int, data_size: int) -> list[str]:
+    """Overlaps, gaps and trailing bytes: the data must tile [0, data_size) in offset order."""
+    found: list[str] = []
+    at, prev = 0, None
+    for info in sorted(tensors.values(), key=lambda i: (i.start, i.end)):
+        begin = info.start - data_start
+        if begin < at:
+            found.append(f"{p}: tensor '{info.key}': data starts at byte {begin}, inside tensor '{prev}' "
+                         f"(which ends at {at}): overlapping data")
+        elif begin > at:
+            found.append(f"{p}: tensor '{info.key}': data starts at byte {begin} but the data before it ends "
+                         f"at {at}: a gap of {begin - at} unaccounted byte(s)")
+        if info.end - data_start >= at:
+            at, prev = info.end - data_start, info.key
+    if at < data_size:
+        found.append(f"{p}: {data_size - at} trailing byte(s) after the last tensor's data (byte {at} of "
+                     f"{data_size})")
+    return found
+
+
+def _strerror(e: OSError) -> str:
+    return (e.strerror or str(e)).lower()
 
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _is_int(x: Any) -> bool:
+    return type(x) is int  # bool is an int subclass: true/false are not sizes
 
 
 def _parse_entry(p: Path, key: str, entry: Any, data_start: int, data_size: int) -> TensorInfo:
@@ -143,12 +238,12 @@ def _parse_entry(p: Path, key: str, entry: Any, data_start: int, data_size: int)
     code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(code, str) or code not in DTYPES:
         raise FormatError(f"{p}: tensor '{key}': unknown dtype {code!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise FormatError(f"{p}: tensor '{key}': bad shape {shape!r}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) for o in offsets)
+        or not all(_is_int(o) for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
         raise FormatError(f"{p}: tensor '{key}': bad data_offsets {offsets!r}")
@@ -249,6 +344,11 @@ class TensorRef:
         return self.numel * ITEMSIZE[self.dtype]
 
     @property
+    def file(self) -> str:
+        """The file it is read from, for error messages."""
+        return str(self._info.path) if self._info else "<memory>"
+
+    @property
     def source(self) -> str:
         """'file:key' for file-backed tensors, for error messages."""
         return f"{self._info.path}: '{self._info.key}'" if self._info else "<memory>"
@@ -321,16 +421,24 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 
 
 def _open_sharded(p: Path, index_path: Path) -> Checkpoint:
+    duplicates: list[str] = []
     try:
-        index = json.loads(index_path.read_text())
+        with open_input(index_path) as f:
+            text = f.read().decode("utf-8")
+        index = json.loads(text, object_pairs_hook=_pairs_recording(duplicates))
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError("weight_map is not an object of file names")
+    except OSError as e:
+        raise FormatError(f"{index_path}: cannot read ({_strerror(e)})") from None
     except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise FormatError(f"{index_path}: not a valid safetensors index ({e})") from None
+    if duplicates:
+        raise FormatError(f"{index_path}: key '{duplicates[0]}' appears more than once",
+                          hint="the index is corrupt; re-create or re-download it")
     files: list[Path] = []
     for fname in weight_map.values():
-        fp = p / fname
+        fp = member_path(p, fname, source=index_path)
         if fp not in files:
             files.append(fp)
     tensors: dict[str, TensorInfo] = {}
@@ -338,7 +446,11 @@ def _open_sharded(p: Path, index_path: Path) -> Checkpoint:
     for fp in files:
         st = read_header(fp)
         metadata[fp] = st.metadata
-        tensors.update(st.tensors)
+        for key, info in st.tensors.items():
+            if key in tensors:
+                raise FormatError(f"{p}: tensor '{key}' is stored in both {tensors[key].path.name} and {fp.name}",
+                                  hint="the checkpoint is corrupt; re-create or re-download it")
+            tensors[key] = info
     missing = [k for k in weight_map if k not in tensors]
     if missing:
         raise FormatError(
@@ -346,6 +458,66 @@ def _open_sharded(p: Path, index_path: Path) -> Checkpoint:
             f"e.g. '{missing[0]}' (expected in {weight_map[missing[0]]})"
         )
     return Checkpoint(p, files, tensors, index, metadata)
+
+
+def unsafe_name(name: str) -> str | None:
+    """Why a relative file name read from a file or the Hub could leave its folder, or None if it cannot.
+
+    Absolute paths, drive letters, backslashes, `..` components and NUL bytes are refused; `.` and
+    empty components are harmless (a/./b is a/b).
+    """
+    if "\x00" in name:
+        return "contains a NUL byte"
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        return "is an absolute path"
+    if "\\" in name:
+        return "contains a backslash"
+    if ".." in name.split("/"):
+        return "contains '..' (leads out of its folder)"
+    if all(part in ("", ".") for part in name.split("/")):
+        return "is empty"
+    return None
+
+
+def member_path(root: Path, name: Any, *, source: str | os.PathLike[str]) -> Path:
+    """`root / name` for a file name that `source` (an index, a repo listing) names, kept inside root.
+
+    Besides unsafe_name's rules, the file must not be reached through a symbolic link that leads out
+    of root, except into the blob store of the Hugging Face cache that root is a snapshot of.
+
+    Raises:
+        FormatError: naming source and the entry.
+    """
+    if not isinstance(name, str):
+        raise FormatError(f"{source}: entry {name!r} is not a file name")
+    problem = unsafe_name(name)
+    if problem:
+        raise FormatError(f"{source}: file name {name!r} {problem}",
+                          hint="refusing a name that could lead outside its folder: the file is corrupt or hostile")
+    path = root / PurePosixPath(name)
+    real = os.path.realpath(path)
+    allowed = [os.path.realpath(root), *_hf_blob_stores(root)]
+    if not any(_inside(real, a) for a in allowed):
+        raise FormatError(f"{source}: file name {name!r} is a symbolic link leading out of {root} (to {real})",
+                          hint="refusing a file reached through a link that leaves its folder")
+    return path
+
+
+def _hf_blob_stores(root: Path) -> list[str]:
+    """The blobs folder of the Hugging Face cache repo whose snapshot holds root, if any."""
+    parts = Path(os.path.abspath(root)).parts
+    if "snapshots" in parts:
+        i = len(parts) - 1 - parts[::-1].index("snapshots")
+        blobs = Path(*parts[:i]) / "blobs"
+        if blobs.is_dir():
+            return [os.path.realpath(blobs)]
+    return []
+
+
+def _inside(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
+    """path is folder or below it (both absolute, already normalised or resolved)."""
+    p, f = os.fspath(path), os.fspath(folder)
+    return p == f or p.startswith(f.rstrip(os.sep) + os.sep)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,7 +593,7 @@ class StreamingWriter:
             while done < nbytes:
                 n = os.copy_file_range(src_fd, dst, nbytes - done, offset + done)
                 if n == 0:
-                    raise OSError(errno.EIO, f"source ended early at byte {offset + done}")
+                    raise ended_early(src_fd, offset + done)
                 done += n
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
@@ -429,7 +601,7 @@ class StreamingWriter:
             while done < nbytes:  # filesystems without copy_file_range: plain chunked copy
                 chunk = os.pread(src_fd, min(_CHUNK, nbytes - done), offset + done)
                 if not chunk:
-                    raise OSError(errno.EIO, f"source ended early at byte {offset + done}") from None
+                    raise ended_early(src_fd, offset + done) from None
                 _write_all(dst, chunk)
                 done += len(chunk)
         self._next += 1
@@ -455,6 +627,19 @@ class StreamingWriter:
 
 
 _CHUNK = 64 << 20
+
+
+def fd_name(fd: int) -> str:
+    """The path an open file descriptor refers to, for messages (Linux /proc), or 'an input file'."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "an input file"
+
+
+def ended_early(fd: int, at: int) -> FormatError:
+    return FormatError(f"{fd_name(fd)}: ended at byte {at} while being read (truncated while loratool was "
+                       "reading it?)", hint="leave the inputs alone while the command runs, then run it again")
 
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -486,22 +671,223 @@ def save_tensors(
     w.close()
 
 
-def check_output(out: str | os.PathLike[str], *, force: bool, directory: bool) -> None:
-    """Refuse an existing `out` unless force, and never replace a file by a directory or back.
+# ---------------------------------------------------------------------------------------------
+# outputs: checked, claimed, written aside, moved into place atomically
+#
+# The rules (docs/cli.md, "Safety"): an output is never an input, inside one or around one; two
+# outputs of one command never coincide or nest; `--force` replaces only a regular file or a folder
+# that looks like an earlier output of the same kind of command, never a link, a device, a FIFO or
+# a folder holding anything else; one run at a time writes a given output (a lock beside it); the
+# new output is swapped in by one rename, so the path holds the old or the new output, never
+# neither or a mix; temporaries carry their owner's pid and a later run removes those of dead runs.
+
+# What a folder written by each kind of command may hold (anything else: --force refuses it).
+OUTPUT_KINDS = ("adapter", "model", "download")
+ADAPTER_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md"})
+MODEL_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".tiktoken", ".jinja", ".md", ".py", ".vocab",
+                  ".spm", ".bpe")
+DOWNLOAD_SUFFIXES = (".safetensors", ".json", ".md", ".txt", ".model", ".tiktoken", ".jinja", ".bin", ".pt",
+                     ".pth", ".ckpt")
+_NAME_MAX = 255
+
+
+@dataclass
+class OutputState:
+    """What happened to one output path in this process (for an honest message on interrupt)."""
+
+    path: Path
+    existed: bool
+    written: bool = False
+
+    def describe(self) -> str:
+        if self.written:
+            return f"{self.path} was written"
+        return f"{self.path} was not written" + (" (the previous one is unchanged)" if self.existed else "")
+
+
+OUTPUTS: list[OutputState] = []  # every output this process started, in order
+
+
+def output_states() -> list[str]:
+    """One phrase per output this process started: written, or not (and whether an old one is intact)."""
+    return [o.describe() for o in OUTPUTS]
+
+
+def check_output(
+    out: str | os.PathLike[str],
+    *,
+    force: bool,
+    directory: bool,
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    others: Iterable[str | os.PathLike[str]] = (),
+    kind: str | None = None,
+) -> None:
+    """Refuse an output path that would destroy what is not ours.
+
+    Args:
+        force: an existing `out` may be replaced, if it is a regular file (file outputs) or a folder
+            that looks like an earlier output of this `kind` (folder outputs).
+        directory: the output is a folder.
+        inputs: the command's inputs (files or folders): `out` may be none of them, nor inside nor
+            around one.
+        others: the command's other outputs: `out` must differ from each and not nest with it.
+        kind: for folder outputs, "adapter" (PEFT), "model" (merge) or "download" (pull).
 
     Raises:
-        OutputExistsError
+        OutputExistsError: `out` exists (and force is False, or it is not ours to replace).
+        IncompatibleError: `out` collides with an input or another output, or is the current
+            folder, one above it or the root.
+        LoratoolError: the name is longer than the filesystem allows.
     """
-    target = Path(out)
-    if target.exists() or target.is_symlink():
-        if not force:
-            raise OutputExistsError(f"{target}: already exists", hint="pass --force to replace it")
-        if target.is_dir() != directory:
-            kind = "a directory" if target.is_dir() else "a file"
-            raise OutputExistsError(f"{target}: exists and is {kind}; refusing to replace it with the other kind")
+    shown = Path(out)
+    target = Path(os.path.abspath(out))
+    _check_place(shown, target)
+    _check_collisions(shown, target, inputs, others)
+    if not target.parent.is_dir():
+        raise FormatError(f"{shown}: parent directory {shown.parent} does not exist")
+    try:
+        info = os.lstat(target)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise LoratoolError(f"{shown}: cannot look at it ({_strerror(e)})") from None
+    reason = _not_replaceable(target, info, directory=directory, kind=kind)
+    if not force:
+        raise OutputExistsError(
+            f"{shown}: already exists" + (f" ({reason})" if reason else ""),
+            hint="pass --force to replace it" if reason is None else "write elsewhere with -o; --force would "
+            "not replace it either",
+        )
+    if reason:
+        raise OutputExistsError(
+            f"{shown}: refusing to replace it: {reason}",
+            hint="--force replaces only a regular file or an earlier output of this command; "
+            "remove it yourself or write elsewhere with -o",
+        )
 
 
-def _inside(p: Path, tmp: Path) -> bool:
+def _check_place(shown: Path, target: Path) -> None:
+    if target == Path(target.anchor):
+        raise IncompatibleError(f"{shown}: is the root folder; refusing to write there",
+                                hint="write to a new path with -o")
+    real = os.path.realpath(target)
+    cwd = os.path.realpath(os.getcwd())
+    if _inside(cwd, real):
+        what = "the current folder" if cwd == real else "a folder above the current one"
+        raise IncompatibleError(f"{shown}: is {what}; refusing to write there", hint="write to a new path with -o")
+    name_max = _NAME_MAX
+    with contextlib.suppress(OSError, ValueError):
+        name_max = os.pathconf(target.parent, "PC_NAME_MAX")
+    if len(os.fsencode(target.name)) > name_max:
+        raise LoratoolError(f"{shown}: the name is {len(os.fsencode(target.name))} bytes long; the filesystem "
+                            f"allows at most {name_max}", hint="choose a shorter output name")
+
+
+def _forms(p: str | os.PathLike[str]) -> set[str]:
+    return {os.path.abspath(p), os.path.realpath(p)}
+
+
+def _check_collisions(shown: Path, target: Path, inputs: Iterable[str | os.PathLike[str]],
+                      others: Iterable[str | os.PathLike[str]]) -> None:
+    mine = _forms(target)
+    inputs = list(inputs)
+    for inp in inputs:
+        if mine & _forms(inp):
+            raise IncompatibleError(f"{shown}: is an input of this command ({inp}); refusing to write it",
+                                    hint="write to a new path with -o")
+    for inp in inputs:
+        for t in mine:
+            for i in _forms(inp):
+                if _inside(i, t):
+                    raise IncompatibleError(f"{shown}: contains an input of this command ({inp}); refusing to "
+                                            "write it", hint="write to a new path with -o")
+                if _inside(t, i):
+                    raise IncompatibleError(f"{shown}: is inside an input of this command ({inp}); refusing to "
+                                            "write there", hint="write to a path outside the inputs with -o")
+    for other in others:
+        if any(_inside(t, o) or _inside(o, t) for t in mine for o in _forms(other)):
+            raise IncompatibleError(f"{shown} and {other}: two outputs of one command must be different paths, "
+                                    "neither inside the other", hint="choose separate paths")
+
+
+def _not_replaceable(target: Path, info: os.stat_result, *, directory: bool, kind: str | None) -> str | None:
+    """Why --force must not replace what is at target, or None when it may."""
+    mode = info.st_mode
+    if stat.S_ISLNK(mode):
+        return f"it is a symbolic link (to {os.readlink(target)})"
+    if stat.S_ISREG(mode):
+        return "it is a file and the output is a directory" if directory else None
+    if not stat.S_ISDIR(mode):
+        return f"it is {_kind_of(mode)}"
+    if not directory:
+        return "it is a directory and the output is a file"
+    return _foreign_contents(target, kind)
+
+
+def _foreign_contents(folder: Path, kind: str | None) -> str | None:
+    """What in `folder` is not part of an earlier output of `kind`, or None."""
+    links, specials, foreign, not_ours = [], [], [], []
+    stack = [folder]
+    try:
+        while stack:
+            here = stack.pop()
+            for entry in os.scandir(here):
+                rel = os.path.relpath(entry.path, folder)
+                mode = entry.stat(follow_symlinks=False).st_mode
+                if stat.S_ISLNK(mode):
+                    links.append(rel)
+                elif stat.S_ISDIR(mode):
+                    if kind == "adapter":
+                        foreign.append(rel + "/")
+                    else:
+                        stack.append(Path(entry.path))
+                elif not stat.S_ISREG(mode):
+                    specials.append(rel)
+                elif not _belongs(Path(entry.path), kind):
+                    foreign.append(rel)
+                elif kind == "model" and entry.name.endswith(".safetensors") and not _written_by_loratool(entry.path):
+                    not_ours.append(rel)
+    except OSError as e:
+        return f"its contents cannot be listed ({_strerror(e)})"
+
+    def some(names: list[str]) -> str:
+        names = sorted(names)
+        return ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
+
+    if links:
+        return f"the folder holds symbolic links ({some(links)})"
+    if specials:
+        return f"the folder holds special files ({some(specials)})"
+    if foreign:
+        what = {"adapter": "adapter files", "model": "model files", "download": "downloaded files"}.get(
+            kind or "", "files loratool writes")
+        return f"the folder holds files other than {what} ({some(foreign)})"
+    if not_ours:
+        return f"the folder holds weights loratool did not write ({some(not_ours)})"
+    return None
+
+
+def _belongs(path: Path, kind: str | None) -> bool:
+    name = path.name
+    if name.startswith("."):
+        return False
+    if kind == "adapter":
+        return name in ADAPTER_FILES
+    if kind == "model":
+        return name.endswith(MODEL_SUFFIXES)
+    if kind == "download":
+        return name.endswith(DOWNLOAD_SUFFIXES)
+    return False
+
+
+def _written_by_loratool(path: str) -> bool:
+    try:
+        return "loratool.op" in read_header(path).metadata
+    except LoratoolError:
+        return False
+
+
+def _in_temporary(p: Path, tmp: Path) -> bool:
     try:
         return p.resolve() == tmp.resolve() or tmp.resolve() in p.resolve().parents
     except OSError:
@@ -509,60 +895,315 @@ def _inside(p: Path, tmp: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_output(out: str | os.PathLike[str], *, force: bool, directory: bool) -> Iterator[Path]:
+def atomic_output(
+    out: str | os.PathLike[str],
+    *,
+    force: bool,
+    directory: bool,
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    others: Iterable[str | os.PathLike[str]] = (),
+    kind: str | None = None,
+) -> Iterator[Path]:
     """Yield a temporary sibling of `out`; move it into place only when the block completes.
 
-    A crash, an exception or Ctrl-C leaves either no output or the previous one, never a
-    half-written one. The caller re-opens/validates the temporary inside the block.
+    The output is checked (check_output), then claimed: a lock file beside it, held for the whole
+    run, makes a second run to the same path fail at once (exit 2) instead of racing. Temporaries of
+    earlier runs that died (their pid is in the name) are removed, with a LoratoolWarning. The
+    temporary is moved into place by one rename that refuses an existing path (renameat2
+    RENAME_NOREPLACE), or with force swaps with the old output (RENAME_EXCHANGE) and then removes it;
+    SIGINT/SIGTERM arriving during that step are held until it is over. A crash, an exception or an
+    interrupt leaves either no output or the previous one, never a half-written one. The caller
+    re-opens/validates the temporary inside the block.
 
     Raises:
-        OutputExistsError: `out` exists and force is False.
+        OutputExistsError: `out` exists and force is False or it is not replaceable, or another run
+            is writing it. IncompatibleError: see check_output. LoratoolError: the folder cannot be
+            written (read-only, permission, disk full).
     """
-    target = Path(out)
-    check_output(target, force=force, directory=directory)
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise FormatError(f"{target}: parent directory {parent} does not exist")
-    prefix = f".{target.name}.tmp-"
-    if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=prefix, dir=parent)
-        os.close(fd)
-        tmp = Path(name)
-    try:
+    check_output(out, force=force, directory=directory, inputs=inputs, others=others, kind=kind)
+    shown = Path(out)
+    target = Path(os.path.abspath(out))
+    parent = target.parent
+    stem = _stem(target.name)
+    state = OutputState(shown, os.path.lexists(target))
+    OUTPUTS.append(state)
+    with _Claim(parent, stem, shown):
+        _remove_stale(parent, stem, shown, target)
+        check_output(out, force=force, directory=directory, kind=kind)  # another run may have finished meanwhile
+        state.existed = os.path.lexists(target)
+        tmp = _make_temp(parent, stem, directory=directory, shown=shown)
         try:
-            yield tmp
-        except OSError as e:
-            if e.errno in _USER_OS_ERRORS:
-                reason = os.strerror(e.errno) if e.errno else str(e)
-                where = e.filename or tmp
-                if e.filename and not _inside(Path(os.fsdecode(e.filename)), tmp):
-                    # not the output: an input (or another file) could not be read
-                    raise LoratoolError(f"{e.filename}: {reason.lower()} (reading it); nothing was written") from None
-                raise LoratoolError(
-                    f"{target}: {reason.lower()} while writing ({where}); nothing was written",
-                    hint="free some space or write elsewhere with -o" if e.errno in _FULL else None,
-                ) from None
+            try:
+                yield tmp
+            except OSError as e:
+                if e.errno in _USER_OS_ERRORS:
+                    where = e.filename or tmp
+                    if e.filename and not _in_temporary(Path(os.fsdecode(e.filename)), tmp):
+                        # not the output: an input (or another file) could not be read
+                        raise LoratoolError(f"{e.filename}: {_strerror(e)} (reading it); nothing was written to "
+                                            f"{shown}") from None
+                    raise LoratoolError(
+                        f"{shown}: {_strerror(e)} while writing ({where}); nothing was written to {shown}"
+                        + (" (the previous one is unchanged)" if state.existed else ""),
+                        hint="free some space or write elsewhere with -o" if e.errno in _FULL else None,
+                    ) from None
+                raise
+            os.chmod(tmp, 0o755 if directory else 0o644)
+            with _signals_held():
+                _commit(tmp, target, shown, force=force, directory=directory, kind=kind)
+                state.written = True
+        except BaseException:
+            _remove(tmp)
             raise
+
+
+def _stem(name: str) -> str:
+    """The name temporaries and the lock are derived from (hashed when the name is long)."""
+    raw = os.fsencode(name)
+    return name if len(raw) <= 200 else hashlib.sha256(raw).hexdigest()[:32]
+
+
+def _make_temp(parent: Path, stem: str, *, directory: bool, shown: Path) -> Path:
+    tmp = parent / f".{stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
         if directory:
-            os.chmod(tmp, 0o755)
+            os.mkdir(tmp, 0o700)
         else:
-            os.chmod(tmp, 0o644)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
-            os.replace(target, old / "x")
-            os.replace(tmp, target)
-            _remove(old)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        _remove(tmp)
-        raise
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    except OSError as e:
+        raise LoratoolError(f"{shown}: cannot write in {shown.parent} ({_strerror(e)}); nothing was written",
+                            hint="write elsewhere with -o") from None
+    return tmp
+
+
+def _commit(tmp: Path, target: Path, shown: Path, *, force: bool, directory: bool, kind: str | None) -> None:
+    """Move tmp to target in one step; an existing target is replaced only with force (and if ours)."""
+    if not os.path.lexists(target):
+        if _renameat2(tmp, target, _RENAME_NOREPLACE):
+            return
+        if not directory:
+            os.link(tmp, target)  # fails with EEXIST rather than replace what appeared meanwhile
+            os.unlink(tmp)
+            return
+        os.rename(tmp, target)  # a folder renames only onto nothing or an empty folder
+        return
+    if not force:
+        raise OutputExistsError(f"{shown}: appeared while this run was writing it; not replaced",
+                                hint="pass --force to replace it")
+    reason = _not_replaceable(target, os.lstat(target), directory=directory, kind=kind)
+    if reason:
+        raise OutputExistsError(f"{shown}: refusing to replace it: {reason}")
+    if not directory:
+        os.replace(tmp, target)  # atomic for files
+        return
+    if _renameat2(tmp, target, _RENAME_EXCHANGE):
+        _remove(tmp)  # tmp now holds the old output
+        return
+    old = target.parent / f".{_stem(target.name)}.old-{os.getpid()}-{secrets.token_hex(4)}"
+    os.rename(target, old)  # no exchange on this system: a moment with no output, the old one in `old`
+    os.rename(tmp, target)
+    _remove(old)
+
+
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_renameat2_fn: Any = None
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux renameat2(2) with flags; False where the system or filesystem does not offer it."""
+    global _renameat2_fn
+    if _renameat2_fn is None:
+        _renameat2_fn = False
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            with contextlib.suppress(OSError, AttributeError):
+                fn = ctypes.CDLL(None, use_errno=True).renameat2
+                fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+                fn.restype = ctypes.c_int
+                _renameat2_fn = fn
+    if not _renameat2_fn:
+        return False
+    import ctypes
+
+    if _renameat2_fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM while the output is being swapped; deliver them once it is done."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    saved: dict[int, Any] = {}
+    for sig in (int(signal.SIGINT), int(signal.SIGTERM)):
+        handler = signal.getsignal(sig)
+        if handler is None or handler == signal.SIG_IGN:
+            continue  # installed outside Python or ignored: nothing to hold
+        saved[sig] = handler
+        signal.signal(sig, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        if pending:
+            handler = saved[pending[0]]
+            if callable(handler):
+                handler(pending[0], None)
+            else:
+                os.kill(os.getpid(), pending[0])  # the default action, now that the output is whole
+
+
+class _Claim:
+    """An exclusive lock file beside the output (`.NAME.lock`, holding the owner's pid).
+
+    flock(2) on it makes a crashed owner's lock free at once; where flock is unavailable the file
+    itself is the lock (created with O_EXCL), taken over only when its recorded pid is dead.
+    """
+
+    def __init__(self, parent: Path, stem: str, shown: Path) -> None:
+        self.path = parent / f".{stem}.lock"
+        self.shown = shown
+        self.fd: int | None = None
+
+    def __enter__(self) -> _Claim:
+        for _ in range(20):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                raise LoratoolError(f"{self.shown}: cannot write in {self.shown.parent} ({_strerror(e)}); nothing "
+                                    "was written", hint="write elsewhere with -o") from None
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise LoratoolError(f"{self.path}: is not a regular file; refusing to use it as a lock")
+                try:
+                    fcntl_flock(fd)
+                except BlockingIOError:
+                    raise self._busy(_read_pid(fd)) from None
+                except OSError as e:
+                    if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                        raise
+                    os.close(fd)
+                    fd = -1
+                    self._exclusive()
+                    return self
+                try:  # the previous owner may have removed the file between our open and our lock
+                    same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if not same:
+                    os.close(fd)
+                    fd = -1
+                    continue
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                self.fd = fd
+                return self
+            except BaseException:
+                if fd >= 0:
+                    os.close(fd)
+                raise
+        raise self._busy(None)
+
+    def _exclusive(self) -> None:
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except FileExistsError:
+                with open(self.path, "rb") as f:
+                    owner = _read_pid(f.fileno())
+                if owner is not None and _alive(owner):
+                    raise self._busy(owner) from None
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+                continue
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self.fd = fd
+            return
+        raise self._busy(None)
+
+    def _busy(self, owner: int | None) -> OutputExistsError:
+        who = f"pid {owner}" if owner else "another process"
+        return OutputExistsError(f"{self.shown}: another loratool run ({who}) is writing it; not touched",
+                                 hint="wait for that run to finish, or write elsewhere with -o")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)  # while still holding the lock
+            os.close(self.fd)
+            self.fd = None
+
+
+def fcntl_flock(fd: int) -> None:
+    import fcntl
+
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _read_pid(fd: int) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        return int(os.pread(fd, 32, 0).split()[0])
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(parent: Path, stem: str, shown: Path, target: Path) -> None:
+    """Remove temporaries that runs which died left for this output (never a live run's), and say so."""
+    import warnings
+
+    pattern = re.compile(rf"\.{re.escape(stem)}\.(tmp|old)-(\d+)-[0-9a-f]+")
+    removed: list[str] = []
+    restored = None
+    try:
+        entries = sorted(os.scandir(parent), key=lambda e: e.name)
+    except OSError:
+        return
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if not m:
+            continue
+        pid = int(m[2])
+        if pid == os.getpid() or _alive(pid):
+            continue
+        path = Path(entry.path)
+        if m[1] == "old" and restored is None and not os.path.lexists(target):
+            os.rename(path, target)  # a run died between moving the old output aside and the new one in
+            restored = entry.name
+            continue
+        _remove(path)
+        removed.append(f"{entry.name} (pid {pid})")
+    if removed:
+        warnings.warn(f"{shown}: removed {len(removed)} temporary file(s) left by earlier runs that did not finish: "
+                      + ", ".join(removed), LoratoolWarning, stacklevel=4)
+    if restored:
+        warnings.warn(f"{shown}: restored the previous output from {restored}, left by a run that did not finish",
+                      LoratoolWarning, stacklevel=4)
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
-_USER_OS_ERRORS = (*_FULL, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+_USER_OS_ERRORS = (*_FULL, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENAMETOOLONG)
 
 
 def _remove(p: Path) -> None:
@@ -571,6 +1212,74 @@ def _remove(p: Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
+
+
+def copy_tree_files(root: Path) -> Iterator[tuple[Path, Path]]:
+    """(file, its path relative to root) for every file under root, symbolic links followed.
+
+    Hidden entries (.git, .cache, loratool's own temporaries) are skipped. Nothing is skipped
+    silently otherwise: an unreadable folder, a special file (FIFO, device, socket), a broken link or
+    a link loop raises.
+
+    Raises:
+        FormatError: naming the entry.
+    """
+
+    def walk(folder: Path, rel: Path, chain: tuple[str, ...]) -> Iterator[tuple[Path, Path]]:
+        real = os.path.realpath(folder)
+        if real in chain:
+            raise FormatError(f"{folder}: symbolic link loop (leads back to {real})")
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            raise FormatError(f"{folder}: cannot list this folder ({_strerror(e)}); its files would be missing "
+                              "from the output", hint="make it readable, or remove it from the input") from None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            try:
+                mode = os.stat(path).st_mode  # through links
+            except FileNotFoundError:
+                raise FormatError(f"{path}: broken symbolic link (to {os.readlink(path)})",
+                                  hint="fix or remove the link") from None
+            except OSError as e:
+                raise FormatError(f"{path}: cannot read ({_strerror(e)})") from None
+            if stat.S_ISDIR(mode):
+                yield from walk(path, rel / entry.name, (*chain, real))
+            elif stat.S_ISREG(mode):
+                yield path, rel / entry.name
+            else:
+                raise FormatError(f"{path}: is {_kind_of(mode)}; refusing to copy it",
+                                  hint="remove it from the input folder")
+
+    yield from walk(root, Path(), ())
+
+
+def copy_input_file(src: Path, dst: Path) -> None:
+    """Copy a regular file (through links) to a new file `dst`, keeping its mode and times.
+
+    Raises:
+        FormatError: src cannot be read (naming it); OSError from writing dst.
+    """
+    try:
+        fin = open_input(src)
+    except OSError as e:
+        raise FormatError(f"{src}: cannot read ({_strerror(e)}); it would be missing from the output") from None
+    with fin, open(dst, "xb") as fout:
+        while True:
+            try:
+                chunk = fin.read(_COPY_CHUNK)
+            except OSError as e:
+                raise FormatError(f"{src}: cannot read ({_strerror(e)})") from None
+            if not chunk:
+                break
+            fout.write(chunk)
+    with contextlib.suppress(OSError):
+        shutil.copystat(src, dst)
+
+
+_COPY_CHUNK = 8 << 20
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -638,6 +1347,9 @@ class BackgroundSha256:
                         done += n
                 digest.set_result(hasher.hexdigest())
         except BaseException as e:  # handed to whoever waits for a digest
+            if isinstance(e, OSError):  # removed or unreadable meanwhile: the user's doing, not a bug
+                e = FormatError(f"{getattr(e, 'filename', None) or 'an input file'}: cannot read it to compute "
+                                f"its sha256 ({_strerror(e)})", hint="leave the inputs alone while the command runs")
             for digest in self.digests:
                 if not digest.done():
                     digest.set_exception(e)

@@ -64,8 +64,6 @@ def test_modules_and_adapters_are_never_changed_in_place():
                 source_format="peft")
     assert a.ranks == [4, 2] and a.dora and not a.rslora and not a.fan_in_fan_out
     assert a.lora_params == sum(x.params for x in a.modules.values())
-    assert a.most_common("alpha") == 8.0
     b = a.with_modules({"x": m2}, source_format="kohya")
     assert list(a.modules) == ["x", "y"] and a.source_format == "peft"
     assert list(b.modules) == ["x"] and b.source_format == "kohya" and b.rslora
-    assert Adapter(modules={}, source_format="peft").most_common("rank") is None

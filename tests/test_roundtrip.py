@@ -229,17 +229,15 @@ def test_kohya_roundtrip_bit_identical(tmp_path: Path) -> None:
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "1"}
 
 
-def test_kohya_overwrite_own_input_in_place(tmp_path: Path) -> None:
-    """Reading lazily from a file and writing over it with force must not corrupt it (the data
-    is read before the temporary file replaces the input)."""
+def test_kohya_overwrite_own_input_is_refused(tmp_path: Path) -> None:
+    """Writing over one's own input, even with force, is refused (issue #12): the input stays byte-identical."""
     src = tmp_path / "lora.safetensors"
     make_kohya_file(src)
-    original = load_file(str(src))
-    loratool.write(loratool.read(src), src, fmt="kohya", force=True)
-    after = load_file(str(src))
-    for key, t in original.items():
-        assert torch.equal(after[key], t), key
-    assert leftovers(tmp_path) == []
+    before = src.read_bytes()
+    with pytest.raises(IncompatibleError, match="is an input of this command"):
+        loratool.write(loratool.read(src), src, fmt="kohya", force=True)
+    assert src.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora.safetensors"]
 
 
 def test_rslora_peft_to_kohya_keeps_scale(tmp_path: Path) -> None:
@@ -346,6 +344,11 @@ def test_existing_output_refused_then_replaced_with_force(tmp_path: Path, fmt: s
     assert {p.name: p.read_bytes() for p in ([*out.iterdir()] if out.is_dir() else [out])} == snapshot
 
     smaller = adapter.with_modules(dict(list(adapter.modules.items())[:2]))
+    if fmt == "peft":  # a folder holding anything but adapter files is not ours to replace (issue #12)
+        with pytest.raises(OutputExistsError, match=r"refusing to replace it: .*\(stale\.txt\)"):
+            loratool.write(smaller, out, fmt=fmt, force=True)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == snapshot
+        (out / "stale.txt").unlink()
     loratool.write(smaller, out, fmt=fmt, force=True)
     assert list(loratool.read(out).modules) == list(smaller.modules)
     if fmt == "peft":

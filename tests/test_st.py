@@ -199,19 +199,21 @@ def test_atomic_output_failure_leaves_the_previous_output(tmp_path, directory):
     out = tmp_path / "out"
     if directory:
         out.mkdir()
-        (out / "f").write_text("old")
+        (out / "f.json").write_text("old")
     else:
         out.write_text("old")
-    with pytest.raises(RuntimeError, match="boom"), st.atomic_output(out, force=True, directory=directory) as tmp:
-        (tmp / "f" if directory else tmp).write_text("half")
+    kind = "model" if directory else None  # force replaces only a folder that looks like an earlier output
+    with pytest.raises(RuntimeError, match="boom"), \
+            st.atomic_output(out, force=True, directory=directory, kind=kind) as tmp:
+        (tmp / "f.json" if directory else tmp).write_text("half")
         raise RuntimeError("boom")
     assert _entries(tmp_path) == ["out"]
-    assert (out / "f" if directory else out).read_text() == "old"
-    with st.atomic_output(out, force=True, directory=directory) as tmp:  # force replaces it whole
-        (tmp / "g" if directory else tmp).write_text("new")
+    assert (out / "f.json" if directory else out).read_text() == "old"
+    with st.atomic_output(out, force=True, directory=directory, kind=kind) as tmp:  # force replaces it whole
+        (tmp / "g.json" if directory else tmp).write_text("new")
     assert _entries(tmp_path) == ["out"]
     if directory:
-        assert _entries(out) == ["g"]
+        assert _entries(out) == ["g.json"]
     else:
         assert out.read_text() == "new"
 

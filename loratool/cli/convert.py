@@ -32,6 +32,11 @@ from loratool.runtimes import RUNTIMES
 @click.option("--base", default=None, type=click.Path(),
               help="The base model: kohya names are placed by its keys, every module must match one of its "
               "weights, and factors take its layout (linear or 1x1 conv).")
+@click.option("--family", "family", default=None,
+              help="The model family (flux.1): convert between its dialects by its table, splitting and fusing "
+              "modules exactly; detected from original-layout (kohya / ComfyUI) names when not given.")
+@click.option("--fuse-rank", "fuse_rank", type=click.IntRange(min=1), default=None,
+              help="With a family: truncate fused (block-diagonal) modules to this rank; the error is reported.")
 @click.option("--rank", "rank", type=click.IntRange(min=1), default=None,
               help="LyCORIS modules become LoRA of at most this rank (best truncation, error reported); "
               "default: exact.")
@@ -40,7 +45,8 @@ from loratool.runtimes import RUNTIMES
 @quiet_option
 @allow_pickle_option
 def convert(path: str, to: str | None, for_runtime: str | None, dora_base: str | None, drop: bool, out: str,
-            base: str | None, rank: int | None, force: bool, as_json: bool, quiet: bool, allow_pickle: bool) -> int:
+            base: str | None, family: str | None, fuse_rank: int | None, rank: int | None, force: bool,
+            as_json: bool, quiet: bool, allow_pickle: bool) -> int:
     """Convert an adapter between PEFT, kohya and diffusers, keeping every delta exact.
 
     The factors are copied bit for bit; module names, the way alpha is stored (each module's scale
@@ -74,7 +80,7 @@ def convert(path: str, to: str | None, for_runtime: str | None, dora_base: str |
         raise click.UsageError("--drop needs --for RUNTIME")
     dora_base = input_path(dora_base, quiet=quiet or as_json)
     report = run(path, out, to=to, base=base, force=force, allow_pickle=allow_pickle, for_runtime=for_runtime,
-                 drop=drop, dora_to_lora=dora_base, rank=rank)
+                 drop=drop, dora_to_lora=dora_base, rank=rank, family=family, fuse_rank=fuse_rank)
     doc = report.to_dict()
     if as_json:
         _render.print_json(doc)

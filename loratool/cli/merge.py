@@ -16,6 +16,7 @@ from loratool.cli._options import (
     parse_weights,
     quiet_option,
 )
+from loratool.errors import LoratoolError
 from loratool.st import atomic_output, check_output
 
 
@@ -55,18 +56,22 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, m
     from loratool.ops.merge import merge as run
 
     parsed = None if weights is None else parse_weights(weights)
-    if report_file:
-        check_output(report_file, force=force, directory=False)  # before the merge, which can take long
     base = input_path(base, quiet=quiet or as_json)
     adapters = tuple(input_path(a, quiet=quiet or as_json) for a in adapters)
+    if report_file:  # before the merge, which can take long; the two outputs may not collide
+        check_output(report_file, force=force, directory=False, inputs=[base, *adapters], others=[out])
     with _render.progress("merging", enabled=not (quiet or as_json), unit="bytes") as cb:
         report = run(base, list(adapters), out, weights=parsed, dtype=dtype,
                      device=device, unmerge=unmerge, allow_unmatched=allow_unmatched, force=force,
                      allow_pickle=allow_pickle, stats=report_file is not None, module_weights=module_weights,
                      blocks=blocks, progress=cb)
     if report_file:
-        with atomic_output(report_file, force=force, directory=False) as tmp:
-            tmp.write_text(json.dumps(report.to_dict(tensors=True), indent=2) + "\n")
+        try:
+            with atomic_output(report_file, force=force, directory=False, inputs=[base, *adapters],
+                               others=[out]) as tmp:
+                tmp.write_text(json.dumps(report.to_dict(tensors=True), indent=2) + "\n")
+        except LoratoolError as e:  # say what is on disk: the merged model is there, the report is not
+            raise LoratoolError(f"{e.message}; the merged model was written to {out}", e.hint) from None
     if os.environ.get("LORATOOL_TIMINGS") == "1":  # per-stage pipeline timings (tests/perf/device_check.py)
         click.echo("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in report.timings.items()), err=True)
     doc = report.to_dict()

@@ -11,6 +11,7 @@ Operations use this package's public names only (those in __all__), never a form
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,14 +33,14 @@ from loratool.formats.registry import Capabilities, Format, all_formats, check_w
 
 __all__ = [
     "LYCO_NAMES", "PICKLE_SUFFIXES", "Capabilities", "Finding", "Findings", "Format", "check_writable", "detect",
-    "extra_base_key", "format_names", "get_format", "gguf_layout", "is_transposed_layer", "kohya_paths_metadata",
-    "output_is_directory", "provenance",
+    "extra_base_key", "format_names", "from_gguf_layout", "get_format", "gguf_layout", "is_transposed_layer",
+    "kohya_paths_metadata", "output_is_directory", "provenance",
     "read", "require_plain", "source_label", "unsupported_family", "writable_formats", "write",
 ]
 
 # The built-in formats, in detection order (ties between equal detection scores go to the first).
 # A new format: its module defines FORMAT (a registry.Format record); add it here.
-for _record in (peft.FORMAT, kohya.FORMAT, diffusers.FORMAT, mlx.FORMAT, gguf.FORMAT):
+for _record in (peft.FORMAT, kohya.FORMAT, diffusers.FORMAT, mlx.FORMAT, gguf.FORMAT, kohya.COMFYUI_FORMAT):
     register(_record)
 
 get_format = get
@@ -59,6 +60,11 @@ def gguf_layout(adapter: Adapter, base: Path) -> Adapter:
     """The adapter with GGUF tensor names and layout for the architecture of `base` (a transformers
     config / model directory or a GGUF model file); see formats/gguf.py."""
     return gguf.to_gguf_layout(adapter, gguf.arch_info(base))
+
+
+def from_gguf_layout(adapter: Adapter, base: Path) -> Adapter:
+    """A GGUF adapter in transformers naming and row order for the checkpoint `base`; see formats/gguf.py."""
+    return gguf.from_gguf_layout(adapter, base)
 
 
 def extra_base_key(extra: str) -> str:
@@ -147,7 +153,7 @@ def read(path: str | os.PathLike[str], *, allow_pickle: bool = False, findings: 
         assert fmt.read_dir is not None
         adapter = fmt.read_dir(p, allow_pickle, findings)
     else:
-        tf = open_tensor_file(p, allow_pickle=allow_pickle)
+        tf = open_tensor_file(p, allow_pickle=allow_pickle, findings=findings)
         fmt = _classify(tf)
         assert fmt.read_file is not None
         adapter = fmt.read_file(tf, findings)
@@ -278,6 +284,7 @@ def write(
     params: Mapping[str, Any] | None = None,
     sources: list[Path] | None = None,
     hashes: Mapping[str, str] | None = None,
+    inputs: list[Path] | None = None,
 ) -> Path:
     """Write an adapter atomically and re-read it before it is moved into place.
 
@@ -285,6 +292,8 @@ def write(
         fmt: a writable format name (writable_formats()); default: the adapter's own format.
         op, params, sources: provenance recorded in the file's metadata; hashes: sha256 sums already
             computed, by path (merged with those of sources).
+        inputs: what the command read (default: sources, the adapter's files and path); the output
+            may not be, contain or lie inside any of them.
 
     Returns:
         The output path.
@@ -299,10 +308,15 @@ def write(
     record = get(fmt or adapter.source_format, writing=True)
     check_writable(adapter, record.name)
     assert record.write is not None
+    _require_usable_values(adapter, Path(out))
     meta = provenance(op, params or {}, sources if sources is not None else adapter.files, hashes)
     out = Path(out)
     single = single_file_output(adapter, out, record.name, explicit)
-    with atomic_output(out, force=force, directory=record.capabilities.directory and not single) as tmp:
+    if inputs is None:
+        inputs = [*(sources or []), *adapter.files, *([adapter.path] if adapter.path else [])]
+    directory = record.capabilities.directory and not single
+    with atomic_output(out, force=force, directory=directory, inputs=inputs,
+                       kind="adapter" if directory else None) as tmp:
         try:
             if record.name == "peft" and single:
                 keep = adapter.source_format == "peft" and adapter.key_prefix is not None
@@ -320,6 +334,32 @@ def write(
             )
     return out
 
+
+def _require_usable_values(adapter: Adapter, out: Path) -> None:
+    """Refuse to write NaN/Inf, or a delta no float32 runtime can apply (an alpha or factor overflowed).
+
+    Raises:
+        IncompatibleError: naming the module.
+    """
+    import torch
+
+    from loratool.linalg import F32_MAX, factors, product_fro_norm, require_finite
+
+    for m in adapter.modules.values():
+        if not math.isfinite(m.alpha) or not math.isfinite(m.scale):
+            raise IncompatibleError(f"{out}: module '{m.name}': alpha {m.alpha:g} (scale {m.scale:g}) is not a "
+                                    "finite number", hint="use a smaller --factor / --alpha / --weights")
+        up, down = factors(m, dtype=torch.float32)
+        require_finite(m.name, str(out), up=up, down=down)
+        size = product_fro_norm(up, down) * abs(m.scale)
+        if not size <= F32_MAX or abs(m.alpha) > F32_MAX:
+            raise IncompatibleError(
+                f"{out}: module '{m.name}': its delta (Frobenius norm {size:.3g}, alpha {m.alpha:.3g}) is beyond "
+                "float32; no runtime could apply it", hint="use a smaller --factor / --alpha / --weights")
+    for key, ref in adapter.extras.items():
+        t = ref.load()
+        if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
+            raise IncompatibleError(f"{out}: saved tensor '{key}' holds NaN or Inf values")
 
 
 LYCO_NAMES = {

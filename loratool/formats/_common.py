@@ -74,13 +74,16 @@ class TensorFile:
     metadata: dict[str, str]
 
 
-def open_tensor_file(path: Path, *, allow_pickle: bool) -> TensorFile:
+def open_tensor_file(path: Path, *, allow_pickle: bool, findings: Findings | None = None) -> TensorFile:
     """Open a .safetensors file (header only), an .npz (MLX) or GGUF file, or, with allow_pickle, a
     torch pickle (weights only).
 
     The container is recognised from the file's first bytes, not its name: a safetensors file
     named .bin is read as safetensors, a torch.save zip named .safetensors is a pickle, and other
     containers (NumPy .npy, HDF5, other zip archives) are named in the error.
+
+    With lenient `findings` (validate), layout problems the safetensors library refuses (overlapping
+    or gapped data, trailing bytes, duplicate keys) are recorded as `bad-layout` errors instead.
 
     Raises:
         FormatError: pickle without allow_pickle, another container, or an unreadable file.
@@ -108,7 +111,11 @@ def open_tensor_file(path: Path, *, allow_pickle: bool) -> TensorFile:
             f"{path}: is {kind}, not a safetensors or torch file",
             hint=_CONTAINER_HINTS.get(kind, "loratool reads .safetensors adapters (torch pickles with --allow-pickle)"),
         )
-    st = read_header(path)
+    problems: list[str] | None = [] if findings is not None and not findings.strict else None
+    st = read_header(path, problems=problems)
+    for message in problems or []:
+        assert findings is not None
+        findings.error("bad-layout", None, message, exc=FormatError)
     return TensorFile(path, {k: TensorRef.from_info(i) for k, i in st.tensors.items()}, st.metadata)
 
 
@@ -129,11 +136,13 @@ def sniff_container(path: Path) -> str | None:
     above, or None (too short, unreadable, or unknown: the safetensors reader then explains)."""
     import zipfile
 
+    from loratool.st import open_input
+
     try:
-        with open(path, "rb") as f:
+        with open_input(path) as f:  # a FIFO or device is refused, not read (reading it would block)
             head = f.read(16)
-    except OSError:
-        return None
+    except (OSError, LoratoolError):
+        return None  # read_header then names the problem
     if head.startswith(b"GGUF"):
         return GGUF
     if head.startswith(b"\x93NUMPY"):
@@ -344,6 +353,12 @@ def build_module(
         )
         return None
     down, up = raw.down, raw.up
+    for role, ref in (("down", down), ("up", up), ("magnitude", raw.magnitude), ("bias", raw.bias)):
+        if ref is not None and not _floating(ref.dtype):
+            # integers would be cast silently (and wrap: uint64 1.8e19); they are no LoRA factors
+            findings.error("bad-dtype", shown, f"{where}: module '{shown}': {role} is {ref.dtype}; LoRA factors "
+                           "must be floating point", exc=FormatError)
+            return None
     kind: Kind = "embedding" if raw.embedding else ("conv" if len(down.shape) > 2 else "linear")
     shape_problem = _shape_problem(kind, down.shape, up.shape)
     if shape_problem:
@@ -380,6 +395,10 @@ def build_module(
         fan_in_fan_out=fan_in_fan_out and kind == "linear",
         dora_axis=dora_axis,
     )
+
+
+def _floating(dtype: str) -> bool:
+    return dtype.startswith(("float", "bfloat"))
 
 
 def magnitude_axis(shape: tuple[int, ...], out: int, inp: int) -> DoraAxis | None:

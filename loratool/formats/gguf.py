@@ -355,3 +355,48 @@ FORMAT = Format(
     write=write,
     suffix=SUFFIX,
 )
+
+
+def from_gguf_layout(adapter: Adapter, base: Path) -> Adapter:
+    """A GGUF adapter back in transformers naming and row order, for the checkpoint `base`.
+
+    The gguf package's name map sends many transformers names to one GGUF name, so each module's
+    name is the single candidate the base checkpoint holds (its safetensors headers are read);
+    llama's q / k rows are un-permuted.
+
+    Raises:
+        IncompatibleError: no checkpoint weights to choose names by, or a module with no or several
+            candidates in it (all listed).
+    """
+    from loratool.st import open_checkpoint
+
+    gguf = _gguf()
+    info = arch_info(base)
+    try:
+        keys = set(open_checkpoint(base).tensors)
+    except LoratoolError:
+        raise IncompatibleError(
+            f"{base}: GGUF names map back to transformers names only against the checkpoint's own keys",
+            hint="pass --base with the model directory that holds its .safetensors (only their headers are read)",
+        ) from None
+    arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[info.arch]
+    reverse: dict[str, list[str]] = {}
+    for hf, (_, name) in gguf.get_tensor_name_map(arch_enum, max(info.blocks, 1)).mapping.items():
+        reverse.setdefault(name, []).append(hf)
+    modules: dict[str, LoraModule] = {}
+    problems: list[str] = []
+    for name, m in adapter.modules.items():
+        hits = [hf for hf in reverse.get(name, []) if hf + ".weight" in keys]
+        if len(hits) != 1:
+            problems.append(f"{name} ({'no' if not hits else len(hits)} match(es))")
+            continue
+        up = m.up
+        hit = _Q.search(hits[0])
+        if info.arch in PERMUTED_QK and hit:
+            heads = info.heads if hit.group(1) == "q_proj" else info.kv_heads
+            up = TensorRef.from_tensor(unpermute_rows(m.up.load(), int(heads or 0)))
+        modules[hits[0]] = m.with_(name=hits[0], up=up)
+    if problems:
+        shown = ", ".join(problems[:6]) + (f", ... ({len(problems)} in all)" if len(problems) > 6 else "")
+        raise IncompatibleError(f"{adapter.path}: GGUF modules without one transformers name in {base}: {shown}")
+    return adapter.with_modules(modules, config={})

@@ -223,13 +223,15 @@ def kohya_alpha(m: LoraModule) -> float:
     return m.scale * m.rank if m.rslora else m.alpha
 
 
-def state_dict(adapter: Adapter) -> dict[str, Any]:
+def state_dict(adapter: Adapter, stem_of: Any = None) -> dict[str, Any]:
+    """The tensors of a kohya file; `stem_of(name)` gives a module's key stem (default kohya_name)."""
     import torch
 
+    stem_of = stem_of or kohya_name
     out: dict[str, Any] = {}
     stems: dict[str, str] = {}
     for m in adapter.modules.values():
-        stem = kohya_name(m.name)
+        stem = stem_of(m.name)
         if stem in stems:
             raise IncompatibleError(f"modules '{stems[stem]}' and '{m.name}' have the same kohya name '{stem}'",
                                     hint="write PEFT instead (--format peft), or leave one of them out")
@@ -252,7 +254,7 @@ def state_dict(adapter: Adapter) -> dict[str, Any]:
             bias = m.bias.load()
             out[stem + ".diff_b"] = bias if m.bias_scale == 1.0 else (bias.float() * m.bias_scale).to(bias.dtype)
     for lm in adapter.lycoris.values():
-        stem = kohya_name(lm.name)
+        stem = stem_of(lm.name)
         if lm.algo not in _RAW_ROLES or stem + _RAW_ROLES[lm.algo][0][1] in out:
             raise ValueError(f"LyCORIS module {lm.name} ({lm.algo}) cannot be written as kohya diffs")
         for role, suffix in _RAW_ROLES[lm.algo]:
@@ -270,7 +272,13 @@ _RAW_ROLES: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
-def write(adapter: Adapter, out_file: Path, metadata: dict[str, str]) -> None:
+def write_comfyui(adapter: Adapter, out_file: Path, metadata: dict[str, str]) -> None:
+    """Write `adapter` with its module names as they are (ComfyUI / BFL: `diffusion_model.double_blocks.0.
+    img_attn.qkv.lora_down.weight`), kohya suffixes and float32 alphas."""
+    write(adapter, out_file, metadata, stem_of=lambda name: name)
+
+
+def write(adapter: Adapter, out_file: Path, metadata: dict[str, str], stem_of: Any = None) -> None:
     """Write `adapter` as one kohya .safetensors file at the (temporary) path `out_file`."""
     from loratool.st import save_tensors
 
@@ -309,7 +317,7 @@ def write(adapter: Adapter, out_file: Path, metadata: dict[str, str]) -> None:
     if paths:
         meta[MODULE_PATHS_KEY] = json.dumps(paths, sort_keys=True)
     meta.update(metadata)
-    save_tensors(out_file, state_dict(adapter), meta)
+    save_tensors(out_file, state_dict(adapter, stem_of), meta)
 
 
 def _network_args(text: str | None) -> dict[str, Any] | None:
@@ -335,4 +343,18 @@ FORMAT = Format(
     detect=lambda keys: 2 if looks_like(keys) else 0,
     read_file=from_tensors,
     write=write,
+)
+
+# ComfyUI's own LoRA key style for single-file (BFL) models: the model's module paths under
+# `diffusion_model.` with kohya's suffixes. Read by the kohya reader (same suffixes); written only
+# for a known model family (convert --to comfyui), whose table gives the paths.
+COMFYUI_FORMAT = Format(
+    name="comfyui",
+    summary="ComfyUI / BFL single-file names (diffusion_model.<path>.lora_down / lora_up / alpha)",
+    naming="path",
+    capabilities=Capabilities(bias=True, extras=False, fan_in_fan_out=False, embedding=False, conv=True, dora=True,
+                              dora_axis="out", per_module_alpha=True, metadata=True, directory=False, diffs=True),
+    detect=None,
+    read_file=from_tensors,
+    write=write_comfyui,
 )

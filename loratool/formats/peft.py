@@ -204,7 +204,8 @@ def read(path: Path, *, allow_pickle: bool = False, findings: Findings | None = 
     """
     findings = findings or Findings()
     _, weights_path = locate(path)
-    return _with_config(open_tensor_file(weights_path, allow_pickle=allow_pickle), findings, root=path)
+    tf = open_tensor_file(weights_path, allow_pickle=allow_pickle, findings=findings)
+    return _with_config(tf, findings, root=path)
 
 
 def from_file(tf: TensorFile, findings: Findings) -> Adapter:
@@ -265,6 +266,14 @@ def from_tensors(
     fan_in_fan_out = _bool(config.get("fan_in_fan_out", False), "fan_in_fan_out", where, findings)
     rank_lookup = PatternLookup(rank_pattern)
     alpha_lookup = PatternLookup(alpha_pattern)
+    targets = config.get("target_modules")
+    if isinstance(targets, str):  # peft reads a string as one regex (re.fullmatch)
+        try:
+            re.compile(targets)
+        except (re.error, RecursionError, OverflowError) as e:
+            findings.error("config-invalid", None,
+                           f"{where}: 'target_modules' is not a valid regular expression ({e})",
+                           hint="peft cannot load this adapter either; fix target_modules", exc=FormatError)
     if config.get("fan_in_fan_out") is False and any(GPT2_CONV1D.search(n) for n in raw_names(tf)):
         findings.warning(
             "fan-in-fan-out-forced", None,
@@ -368,7 +377,12 @@ def _num(v: Any, field: str, where: Path | str | None, findings: Findings) -> fl
         findings.error("config-invalid", None, f"{where}: '{field}' must be a number, got {v!r}",
                        exc=FormatError)
         return float(_DEFAULT_ALPHA)
-    return float(v)
+    try:
+        return float(v)
+    except OverflowError:  # an integer literal such as 10**400
+        findings.error("config-invalid", None, f"{where}: '{field}' is {len(str(v))} digits long, beyond any "
+                       "floating-point number", exc=FormatError)
+        return float(_DEFAULT_ALPHA)
 
 
 def _dict(v: Any, field: str, where: Path | str | None, findings: Findings) -> dict[str, Any]:
@@ -457,7 +471,10 @@ def _exact_pattern_keys(names: list[str]) -> dict[str, str]:
 
 def _targets_cover(targets: Any, names: list[str]) -> bool:
     if isinstance(targets, str):
-        return all(re.fullmatch(targets, n) for n in names)
+        try:
+            return all(re.fullmatch(targets, n) for n in names)
+        except re.error:
+            return False
     if isinstance(targets, list) and targets:
         return all(any(n == t or n.endswith("." + t) for t in targets) for n in names)
     return False

@@ -305,18 +305,25 @@ def combine_module(
     import torch
 
     from loratool.linalg import (
+        F32_MAX,
         delta,
         factors,
         fro_retained,
         lowrank_svd,
         merge_dense,
         product_fro_norm,
+        require_finite,
         truncate_dense,
         weighted_concat,
     )
 
     m0 = items[0][0]
     loaded = [(*factors(m, device=device), w * m.scale) for m, w in items]  # up (out, r), down (r, in·k), c_i
+    for (m, w), (u_i, d_i, c_i) in zip(items, loaded):
+        require_finite(m.name, m.down.file, up=u_i, down=d_i)
+        if not math.isfinite(c_i) or abs(c_i) > F32_MAX:
+            raise IncompatibleError(f"{m.down.file}: module '{m.name}': weight {w:g} × scale {m.scale:g} = "
+                                    f"{c_i:g} is beyond float32", hint="use smaller --weights")
     cat_up, cat_down = weighted_concat(loaded)  # exact: Σ c_i·up_i@down_i
     k_target = rank if rank is not None else max(m.rank for m, _ in items)
     kept: float | None = 1.0

@@ -152,6 +152,8 @@ def convert(
     for_runtime: str | None = None,
     drop: bool = False,
     dora_to_lora: str | os.PathLike[str] | None = None,
+    family: str | None = None,
+    fuse_rank: int | None = None,
 ) -> ConvertReport:
     """Convert an adapter to another format (or rewrite it in its own), keeping every delta exact.
 
@@ -165,6 +167,10 @@ def convert(
             base's weights, an approximation whose relative error per module is reported.
         base: the base model (file or directory); kohya names are placed by its keys, every module
             must match one of its weights, and factors take its layout (linear vs 1x1 conv).
+        family: a model family (`flux.1`): convert between its dialects (kohya, comfyui, diffusers,
+            peft), splitting and fusing modules by its table; detected from original-layout (BFL)
+            names when not given. comfyui output needs a family.
+        fuse_rank: truncate block-diagonal fused modules to this rank (error reported).
         rank: LyCORIS modules become LoRA factors of at most this rank (the best truncation, its
             error reported per module); None keeps them exact. Full 2-D diffs become LoRA only
             with a rank; without one they stay full diffs (kohya output only).
@@ -222,6 +228,9 @@ def convert(
         raise IncompatibleError(f"{path}: holds no LoRA modules to convert")
     report = ConvertReport(Path(out), Path(path), adapter.source_format, to, Path(base) if base is not None else None,
                            warnings=lyco_warnings)
+    fam = _family_for(adapter, to, family, runtime is not None or dora_to_lora is not None)
+    if fam is not None:
+        return _convert_family(adapter, report, fam[0], fam[1], to, out, force=force, fuse_rank=fuse_rank)
     as_read = adapter.modules  # the report shows each module's rank, alpha and scale as read
     origin: dict[str, str] = {}  # a module renamed before target_names -> its name as read
     if dora_to_lora is not None:
@@ -239,6 +248,16 @@ def convert(
         adapter = prepared.adapter
         report.runtime, report.prepared = runtime.name, prepared.to_dict()
         report.warnings.extend(prepared.warnings)
+    if adapter.source_format == "gguf" and to != "gguf":
+        from loratool.formats import from_gguf_layout
+
+        if base is None:
+            raise IncompatibleError(f"{path}: GGUF module names (blk.N.…) map back to transformers names only "
+                                    "against the base checkpoint", hint="pass --base with the transformers model "
+                                    "directory (its safetensors headers are read)")
+        order = list(adapter.modules)
+        adapter = from_gguf_layout(adapter, Path(base))
+        origin = dict(zip(adapter.modules, order))
     if to == "gguf" and adapter.source_format != "gguf":
         from loratool.formats import gguf_layout
 
@@ -387,3 +406,66 @@ def _lycoris_to_lora(
                 f"({', '.join(flattened[:3])}); their LoRA factors are 2-D (out, in·kh·kw). Pass --base to "
                 "write them in the conv layout"] if flattened else []
     return adapter.with_modules(modules, lycoris=kept), rows, warnings
+
+
+FAMILY_TARGETS = ("kohya", "comfyui", "diffusers", "peft")
+
+
+def _family_for(adapter: Adapter, to: str, family: str | None, other_mode: bool) -> tuple[Any, str] | None:
+    """(family, source dialect) when the conversion goes by a model family's table, else None.
+
+    Raises:
+        IncompatibleError: an unknown --family, modules that are not the family's, comfyui output
+            without a family, or a family adapter in diffusers names asked for kohya / comfyui
+            names without --family (the generic names would load nowhere).
+    """
+    from loratool import families
+
+    if adapter.lycoris:
+        if family is not None:
+            raise IncompatibleError(f"{adapter.path}: holds LyCORIS modules; convert them first (--to lora)")
+        return None
+    names = list(adapter.modules)
+    det = families.detect(names)
+    if family is not None:
+        try:
+            fam = families.get(family)
+        except KeyError:
+            known = ", ".join(f.name for f in families.families())
+            raise IncompatibleError(f"--family {family}: unknown family", hint=f"known: {known}") from None
+        best = max(families.DIALECTS, key=lambda d: sum(fam.identify(n, d) is not None for n in names))
+        if to not in FAMILY_TARGETS or other_mode:
+            raise IncompatibleError(f"--family works with --to {', '.join(FAMILY_TARGETS)} only")
+        return fam, best
+    if det.confident and to in FAMILY_TARGETS and not other_mode:
+        return families.get(str(det.family)), str(det.dialect)
+    if to == "comfyui":
+        raise IncompatibleError(
+            f"{adapter.path}: comfyui names are written from a model family's table, and this adapter is "
+            f"{det.describe()}", hint="pass --family (known: " + ", ".join(f.name for f in families.families()) + ")")
+    if det.family is not None and det.matched == det.total and to in ("kohya",) and det.dialect not in ("kohya",):
+        raise IncompatibleError(
+            f"{adapter.path}: looks like {det.describe()}; its kohya names come from the family's table",
+            hint=f"pass --family {det.family} (names alone do not tell {det.family} from other families)")
+    return None
+
+
+def _convert_family(adapter: Adapter, report: ConvertReport, fam: Any, source: str, to: str,
+                    out: str | os.PathLike[str], *, force: bool, fuse_rank: int | None) -> ConvertReport:
+    from loratool.families.convert import convert_family
+    from loratool.formats import write
+
+    conv = convert_family(adapter, fam, source, to, fuse_rank=fuse_rank)
+    for row in conv.rows:
+        m = conv.modules[row.name]
+        report.modules.append(ModuleConvert(", ".join(row.sources), row.name, m.kind, m.rank, m.alpha, m.scale,
+                                            f"{fam.name} {source}", "lora" if row.how == "rename" else row.how,
+                                            None, row.rel_error))
+    converted = adapter.with_modules(conv.modules, extras={}, config={},
+                                     metadata=adapter.metadata if adapter.source_format == to == "kohya" else {},
+                                     source_format=to, source_modules=())
+    params = {"to": to, "family": fam.name, "from_dialect": source, "fuse_rank": fuse_rank}
+    written = write(converted, out, fmt=to, force=force, op="convert", params=params, sources=adapter.files)
+    report.size = sum(f.stat().st_size for f in written.iterdir() if f.is_file()) if written.is_dir() else \
+        written.stat().st_size
+    return report

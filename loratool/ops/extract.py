@@ -403,7 +403,7 @@ def _extract(
     params = {"rank": rank, "threshold": threshold, "modules": modules, "embeddings": embeddings,
               "save_changed": save_changed, "base": source_label(report.base), "tuned": source_label(report.tuned)}
     written = write(adapter, report.out, fmt=fmt, force=force, op="extract", params=params, sources=[],
-                    hashes=hasher.result())
+                    hashes=hasher.result(), inputs=[report.base, report.tuned])
     report.size = output_size(written)
     return report
 

@@ -115,6 +115,7 @@ class InspectReport:
             "config": a.config or None,
             "extras": [{"name": k, "shape": list(t.shape), "dtype": t.dtype} for k, t in a.extras.items()],
             "unsupported": list(a.unsupported),
+            "family": _family(a),
             "num_lycoris": len(lyco),
             "lycoris_kinds": dict(Counter(m.algo for m in a.lycoris.values()).most_common()),
             "lycoris_params": sum(m.params for m in a.lycoris.values()),
@@ -122,6 +123,12 @@ class InspectReport:
             "warnings": self.warnings,
             "modules": modules,
         }
+
+
+def _family(a: Adapter) -> dict[str, Any]:
+    from loratool.families import detect
+
+    return detect([*a.modules, *a.lycoris]).to_dict()
 
 
 def _num(x: float) -> int | float:

@@ -218,7 +218,9 @@ def merge(
     """Merge adapters into a base checkpoint and write a complete copy of it.
 
     Args:
-        base: a .safetensors file, a directory with model.safetensors, or a sharded directory.
+        base: a .safetensors file, a directory with model.safetensors, a sharded directory, or a GGUF
+            model file (ops/merge_gguf.py: each adapted tensor dequantized, merged, and written in its
+            own type where the gguf package can quantize to it, else refused unless `dtype` is given).
         adapters: one or more adapter paths (any supported format).
         weights: one per adapter (default 1.0 each); negative allowed.
         dtype: keep | fp32 | fp16 | bf16 for floating tensors of the output.
@@ -249,6 +251,14 @@ def merge(
         raise IncompatibleError(f"--dtype {dtype}: unknown", hint="use keep, fp32, fp16 or bf16")
     base_path = resolve_path(base)
     adapters = [resolve_path(a) for a in adapters]
+    from loratool.ops.merge_gguf import is_gguf, merge_into_gguf
+
+    if base_path.is_file() and is_gguf(base_path):  # a llama.cpp model: dequantize, add, requantize
+        if unmerge:
+            raise IncompatibleError(f"{base_path}: --unmerge is not supported for GGUF bases")
+        return merge_into_gguf(base_path, [Path(a) for a in adapters], out, weights=weights, dtype=dtype, force=force,
+                               allow_pickle=allow_pickle, allow_unmatched=allow_unmatched, stats=stats,
+                               progress=progress)
     ckpt = open_checkpoint(base_path)
     # the base's sha256 starts now, while torch is imported and the adapters are read (a core is
     # idle then), and later stays at most 1 GiB ahead of the merge, so the disk is read once
@@ -300,7 +310,8 @@ def _merge(
         if progress:
             progress(done, total)
 
-    with atomic_output(out, force=force, directory=not single_file) as tmp:
+    with atomic_output(out, force=force, directory=not single_file, inputs=[base_path, *ckpt.files, *adapters],
+                       kind="model") as tmp:
         headers = [read_header(f) for f in ckpt.files]
         buffers = Buffers()
         finishing: list[Future[None]] = []

@@ -106,9 +106,10 @@ def truncate_module(
     """The best rank-k approximation of one module, with k from a fixed rank or a dynamic rule."""
     import torch
 
-    from loratool.linalg import choose_rank, factors, fro_retained, lowrank_svd
+    from loratool.linalg import choose_rank, factors, fro_retained, lowrank_svd, require_finite
 
     up, down = factors(m, device=device)
+    require_finite(m.name, m.down.file, up=up, down=down)
     u, s, vh = lowrank_svd(up, down)  # (out, r), (r,), (r, in·k)
     sigma = (s * abs(m.scale)).cpu().tolist()
     if method is None:

@@ -207,3 +207,102 @@ def write_llama_gguf(path: Path, *, tied: bool = False, qtype=None, seed: int = 
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# merge into a GGUF base
+
+
+def _fields(path: Path) -> dict[str, object]:
+    r = gguf.GGUFReader(path)
+    return {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+
+
+def _dequant(t) -> np.ndarray:
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return np.array(t.data, dtype=np.float64).reshape(shape)
+    return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64).reshape(shape)
+
+
+LLAMA_MODULES = {
+    "model.layers.0.self_attn.q_proj": (32, 32),
+    "model.layers.0.self_attn.k_proj": (16, 32),
+    "model.layers.1.mlp.down_proj": (32, 64),
+    "lm_head": (128, 32),
+}
+
+
+@pytest.mark.parametrize("qtype", [None, "Q8_0"])
+def test_merge_into_gguf_base_is_dequantized_base_plus_delta(make_adapter, tmp_path, capsys, qtype):
+    q = getattr(gguf.GGMLQuantizationType, qtype) if qtype else None
+    base = write_llama_gguf(tmp_path / "base.gguf", qtype=q)
+    src = make_adapter(modules=LLAMA_MODULES, rank={**dict.fromkeys(LLAMA_MODULES, 4), "lm_head": 2},
+                       alpha={**dict.fromkeys(LLAMA_MODULES, 8), "model.layers.0.self_attn.k_proj": 3}, rslora=True)
+    out = tmp_path / "merged.gguf"
+    code, _, err = run_main(capsys, ["merge", base, src, "-o", out, "--weights", "0.5"])
+    assert code == 0, err
+    want = peft_deltas(src)
+    before = {t.name: t for t in gguf.GGUFReader(base).tensors}
+    after = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    assert list(after) == list(before)
+    assert _fields(out) == _fields(base)  # every key-value copied
+    merged = set()
+    for module, delta in want.items():
+        name = expected_name(module)
+        if module.endswith("q_proj"):
+            delta = llama_permute(delta, HEADS)
+        elif module.endswith("k_proj"):
+            delta = llama_permute(delta, KV_HEADS)
+        expect = _dequant(before[name]) + 0.5 * delta
+        got = _dequant(after[name])
+        assert after[name].tensor_type == before[name].tensor_type  # the base's own type
+        if q is None:
+            np.testing.assert_allclose(got, expect, rtol=1e-6, atol=1e-6)
+        else:  # Q8_0: 32 values per block share one fp16 scale max|x| / 127: rounding within half a step
+            blocks = expect.reshape(-1, 32)
+            step = np.abs(blocks).max(axis=1, keepdims=True) / 127
+            ratio = (np.abs(got.reshape(-1, 32) - blocks) / step).max()
+            assert ratio <= 0.6, ratio  # half a step, plus the fp16 rounding of the block scale
+        merged.add(name)
+    for name, t in before.items():
+        if name not in merged:
+            assert after[name].tensor_type == t.tensor_type and np.array_equal(after[name].data, t.data), name
+
+
+def test_merge_refuses_a_type_it_cannot_requantize_unless_dtype(make_adapter, tmp_path, capsys):
+    # a Q4_K tensor (the gguf package dequantizes k-quants but cannot quantize them)
+    q4k = gguf.GGMLQuantizationType.Q4_K
+    path = tmp_path / "q4k.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(1)
+    w.add_head_count(4)
+    w.add_head_count_kv(4)
+    block, size = gguf.GGML_QUANT_SIZES[q4k]
+    shape = (64, 256)
+    raw = np.zeros((64, 256 // block * size), dtype=np.uint8)
+    w.add_tensor("blk.0.ffn_up.weight", raw, raw_shape=gguf.quant_shape_to_byte_shape(shape, q4k), raw_dtype=q4k)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    src = make_adapter(modules={"model.layers.0.mlp.up_proj": shape}, rank=4, alpha=8)
+    code, _, err = run_main(capsys, ["merge", path, src, "-o", tmp_path / "x.gguf"])
+    assert code == 2 and "Q4_K" in err and "--dtype" in err and not (tmp_path / "x.gguf").exists()
+    code, _, err = run_main(capsys, ["merge", path, src, "-o", tmp_path / "y.gguf", "--dtype", "fp16"])
+    assert code == 0, err
+    t = gguf.GGUFReader(tmp_path / "y.gguf").tensors[0]
+    assert t.tensor_type == gguf.GGMLQuantizationType.F16
+    np.testing.assert_allclose(_dequant(t), peft_deltas(src)["model.layers.0.mlp.up_proj"], rtol=2e-3, atol=2e-3)
+
+
+def test_round_trip_peft_gguf_peft_identical_deltas(tmp_path, capsys):
+    src, base = FIXTURES / "peft_llama", FIXTURES / "base_llama"
+    convert(src, tmp_path / "a.gguf", to="gguf", base=base)
+    code, _, err = run_main(capsys, ["convert", tmp_path / "a.gguf", "--to", "peft", "-o", tmp_path / "x"])
+    assert code == 2 and "--base" in err  # GGUF names need the checkpoint to map back
+    convert(tmp_path / "a.gguf", tmp_path / "back", to="peft", base=base)
+    want, got = peft_deltas(src), peft_deltas(tmp_path / "back")
+    assert set(got) == set(want)
+    for n in want:
+        np.testing.assert_allclose(got[n], want[n], rtol=1e-6, atol=1e-7 * np.abs(want[n]).max())

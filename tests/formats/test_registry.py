@@ -110,7 +110,7 @@ def test_cli_format_choices_come_from_the_registry():
         assert _choices(cli.commands[name], "fmt") == writable_formats(), name
     assert _choices(cli.commands["convert"], "to") == (*writable_formats(), "lora")  # lora: LyCORIS -> LoRA
     # extract names modules by checkpoint paths: the writable formats that do not need components
-    assert _choices(cli.commands["extract"], "fmt") == ("peft", "kohya", "mlx")
+    assert _choices(cli.commands["extract"], "fmt") == ("peft", "kohya", "mlx", "comfyui")
 
 
 def test_cli_writes_diffusers(tmp_path):
@@ -232,3 +232,17 @@ def test_the_capability_table_in_the_docs_is_the_registry():
         for name, cell in zip(columns, cells):
             assert cell.startswith("yes") == getattr(get_format(name).capabilities, field), (label, name, cell)
     assert seen == set(fields.values())
+
+
+def test_two_modules_with_one_kohya_name_are_a_user_error(tmp_path):
+    """unet.x and transformer.x both become lora_unet_x: the kohya writer raised a bare ValueError
+    (exit 3 from resize / rescale --format kohya); it is a clean IncompatibleError naming both."""
+    tensors = {}
+    for component in ("unet", "transformer"):
+        tensors[f"{component}.blocks.0.to_q.lora_A.weight"] = torch.randn(2, 8)
+        tensors[f"{component}.blocks.0.to_q.lora_B.weight"] = torch.randn(8, 2)
+    save_file(tensors, str(tmp_path / "d.safetensors"))
+    with pytest.raises(IncompatibleError, match=r"'(unet|transformer)\.blocks\.0\.to_q' and '(unet|transformer)\.blocks"
+                       r"\.0\.to_q' have the same kohya name 'lora_unet_blocks_0_to_q'"):
+        rescale(tmp_path / "d.safetensors", tmp_path / "k.safetensors", mode="factor", value=2.0, fmt="kohya")
+    assert not (tmp_path / "k.safetensors").exists()

@@ -1,0 +1,192 @@
+"""Model families as data: which modules a family has in each LoRA key dialect, and how fused
+modules split.
+
+A family (one module per family, e.g. flux.py) lists Relations. A relation ties one module of the
+original (single-file, BFL / ComfyUI) layout to the module(s) of the diffusers layout that hold the
+same rows: `double_blocks.{i}.img_attn.qkv` (rows q, k, v) <-> `transformer_blocks.{i}.attn.to_q`
+(q), `.to_k` (k), `.to_v` (v). Row chunk sizes are multiples of the module's input width ("h") or
+what is left ("rest"), so one table fits every size of the model.
+
+Dialects (how a LoRA file names a module):
+
+    kohya      lora_unet_ + original path, dots -> underscores   lora_unet_double_blocks_0_img_attn_qkv
+    comfyui    diffusion_model. + original path                  diffusion_model.double_blocks.0.img_attn.qkv
+    diffusers  transformer. + diffusers path                     transformer.transformer_blocks.0.attn.to_q
+    peft       diffusers path                                    transformer_blocks.0.attn.to_q
+    onetrainer lora_transformer_ + diffusers path, underscores   lora_transformer_transformer_blocks_0_attn_to_q
+
+The maths of moving a LoRA between the sides (exact split, exact fuse) is in convert.py here;
+nothing in this package reads or writes files.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+
+DIALECTS = ("kohya", "comfyui", "diffusers", "peft", "onetrainer")
+# which side of a relation a dialect names: the original (fused) layout or diffusers' (split) one
+ORIGINAL_SIDE = frozenset({"kohya", "comfyui"})
+
+
+@dataclass(frozen=True)
+class Relation:
+    """One original-layout module and the diffusers module(s) holding the same output rows.
+
+    Attributes:
+        original: path template in the original layout (`{i}`: the block index).
+        chunks: the original module's output rows in order, as (name, size); size "h" = the
+            module's input width, "rest" = what the other chunks leave.
+        split: diffusers path template -> the chunk names its rows hold, in its own order.
+    """
+
+    original: str
+    chunks: tuple[tuple[str, str], ...]
+    split: tuple[tuple[str, tuple[str, ...]], ...]
+
+    @property
+    def is_plain(self) -> bool:
+        """One module on each side holding the same rows in the same order (a rename)."""
+        return len(self.split) == 1 and tuple(c for c, _ in self.chunks) == self.split[0][1]
+
+
+def one(original: str, diffusers: str) -> Relation:
+    """A relation that is a plain rename."""
+    return Relation(original, (("all", "rest"),), ((diffusers, ("all",)),))
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: its relations and its base checkpoint layouts.
+
+    Attributes:
+        name: `flux.1`, ...; title: for messages.
+        relations: every LoRA-targetable module.
+        original_prefix / diffusers_component: the kohya prefix and component its modules use.
+        base_layouts: the base checkpoint key layouts, for docs and merge: name -> key prefix.
+    """
+
+    name: str
+    title: str
+    relations: tuple[Relation, ...]
+    kohya_prefix: str = "lora_unet_"
+    comfy_prefix: str = "diffusion_model."
+    component: str = "transformer"
+    onetrainer_prefix: str = "lora_transformer_"
+    base_layouts: dict[str, str] = field(default_factory=dict)
+    # block counts of the largest model of the family, by the template's first segment (original and
+    # diffusers side): a higher index is another family's module (HunyuanVideo has 20 double blocks)
+    blocks: dict[str, int] = field(default_factory=dict)
+
+    def name_in(self, dialect: str, path: str, *, original: bool) -> str:
+        """A module path (original or diffusers side, block index filled in) as `dialect` names it."""
+        if dialect == "kohya":
+            return self.kohya_prefix + path.replace(".", "_")
+        if dialect == "comfyui":
+            return self.comfy_prefix + path
+        if dialect == "diffusers":
+            return f"{self.component}.{path}"
+        if dialect == "onetrainer":
+            return self.onetrainer_prefix + path.replace(".", "_")
+        return path
+
+    @cached_property
+    def _patterns(self) -> dict[str, list[tuple[re.Pattern[str], Relation, str | None]]]:
+        """dialect -> (regex, relation, diffusers template or None for the original side)."""
+        out: dict[str, list[tuple[re.Pattern[str], Relation, str | None]]] = {d: [] for d in DIALECTS}
+        for rel in self.relations:
+            for dialect in DIALECTS:
+                sides: list[tuple[str, str | None]] = [(rel.original, None)] if dialect in ORIGINAL_SIDE else \
+                    [(t, t) for t, _ in rel.split]
+                for template, split in sides:
+                    named = self.name_in(dialect, template, original=split is None)
+                    rx = re.escape(named).replace(re.escape("{i}"), r"(\d+)")
+                    out[dialect].append((re.compile(rx + "$"), rel, split))
+        return out
+
+    def identify(self, name: str, dialect: str) -> tuple[Relation, int | None, str | None] | None:
+        """(relation, block index, diffusers template or None for the original side) of a module name."""
+        for rx, rel, split in self._patterns[dialect]:
+            m = rx.match(name)
+            if m:
+                i = int(m.group(1)) if m.groups() else None
+                limit = self.blocks.get((split or rel.original).split(".", 1)[0])
+                if i is not None and limit is not None and i >= limit:
+                    return None
+                return rel, i, split
+        return None
+
+
+@dataclass
+class Detection:
+    """What `detect` found: the family and dialect whose names cover the adapter, with evidence."""
+
+    family: str | None
+    dialect: str | None
+    matched: int
+    total: int
+    evidence: list[str]
+    candidates: list[tuple[str, str, int]]  # (family, dialect, modules matched), best first
+    unmatched: list[str]
+
+    @property
+    def confident(self) -> bool:
+        """Every module is the family's, named on the original side (BFL names are the family's own).
+
+        diffusers-side names are shared between families (FLUX.1 and HunyuanVideo both have
+        `transformer_blocks.N.attn.to_q`), so converting from them needs the family named.
+        """
+        return (self.family is not None and self.matched == self.total > 0 and not self.ambiguous
+                and self.dialect in ORIGINAL_SIDE)
+
+    @property
+    def ambiguous(self) -> bool:
+        return len([c for c in self.candidates if c[2] == self.matched and self.matched]) > 1
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "family": self.family, "dialect": self.dialect, "matched": self.matched, "total": self.total,
+            "ambiguous": self.ambiguous, "confident": self.confident, "evidence": self.evidence,
+            "candidates": [{"family": f, "dialect": d, "matched": n} for f, d, n in self.candidates],
+            "unmatched": self.unmatched[:10],
+        }
+
+    def describe(self) -> str:
+        if self.family is None:
+            return "unknown"
+        if self.ambiguous:
+            tied = [f"{f} ({d})" for f, d, n in self.candidates if n == self.matched]
+            return f"ambiguous: {' or '.join(tied)}"
+        part = "" if self.matched == self.total else f", {self.matched} of {self.total} modules"
+        return f"{self.family}, {self.dialect} dialect{part}"
+
+
+def families() -> tuple[Family, ...]:
+    from loratool.families import flux
+
+    return (flux.FAMILY,)
+
+
+def get(name: str) -> Family:
+    for f in families():
+        if f.name == name:
+            return f
+    raise KeyError(name)
+
+
+def detect(names: list[str]) -> Detection:
+    """The family and dialect whose module names cover the most of `names` (header only, no torch)."""
+    scores: list[tuple[int, str, str, list[str]]] = []
+    for fam in families():
+        for dialect in DIALECTS:
+            hits = [n for n in names if fam.identify(n, dialect) is not None]
+            if hits:
+                scores.append((len(hits), fam.name, dialect, hits))
+    scores.sort(key=lambda s: -s[0])
+    if not scores:
+        return Detection(None, None, 0, len(names), [], [], list(names))
+    best, fam_name, dialect, hits = scores[0]
+    hit_set = set(hits)
+    return Detection(fam_name, dialect, best, len(names), hits[:3], [(f, d, n) for n, f, d, _ in scores],
+                     [n for n in names if n not in hit_set])
