@@ -81,6 +81,13 @@ def peft_with_config_dir(root: Path) -> Path:
     return d
 
 
+def _lora_on_modules_to_save(root: Path) -> Path:
+    sys.path.insert(0, str(Path(__file__).parent / "formats"))
+    from test_wild import lora_on_modules_to_save
+
+    return lora_on_modules_to_save(root)
+
+
 def _zip_bytes() -> bytes:
     import io
     import zipfile
@@ -359,6 +366,7 @@ CASES = [
     # GGUF is read (formats/gguf.py): an empty one and a corrupt one are clean errors
     Case("gguf-without-tensors", lambda r: write(r / "adapter.gguf", b"GGUF\x03\x00\x00\x00" + b"\0" * 64), 2, 2),
     Case("gguf-corrupt", lambda r: write(r / "bad.gguf", b"GGUF" + b"\0" * 64), 2, 2),
+    Case("lora-on-modules-to-save", _lora_on_modules_to_save, 0, 0, {"unsupported-tensor"}),
     Case("hdf5-container", lambda r: write(r / "model.h5", b"\x89HDF\r\n\x1a\n" + b"\0" * 64), 2, 2, mention="HDF5"),
     Case("zip-container", lambda r: write(r / "x.zip", _zip_bytes()), 2, 2, mention="zip archive"),
     Case("torch-zip-named-safetensors", torch_zip_named_safetensors, 2, 2, mention="pickle"),

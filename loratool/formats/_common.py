@@ -264,7 +264,12 @@ def is_unsupported(key: str) -> bool:
 
 def unsupported_family(key: str) -> str:
     """A name for the adapter family of an unsupported key, for messages."""
-    for marker, family in (("hada_", "LoHa (LyCORIS)"), ("lokr_", "LoKr (LyCORIS)"), ("oft", "OFT"),
+    if key.startswith("base_model.model.") and key.endswith((".lora_A.weight", ".lora_B.weight", ".base_layer.weight")):
+        # a PEFT key set aside only in that layout (peft._set_aside_wrapped_copies)
+        return "LoRA on a modules_to_save layer (PEFT)"
+    for marker, family in ((".modules_to_save.", "LoRA on a modules_to_save layer (PEFT)"),
+                           (".original_module.", "LoRA on a modules_to_save layer (PEFT)"),
+                           ("hada_", "LoHa (LyCORIS)"), ("lokr_", "LoKr (LyCORIS)"), ("oft", "OFT"),
                            ("lora_mid", "LoCon Tucker (LyCORIS)"), ("ia3", "IA3"), ("vera_", "VeRA")):
         if marker in key:
             return family

@@ -214,8 +214,22 @@ def module_paths(metadata: dict[str, str]) -> dict[str, str]:
 
 
 def paths_metadata(paths: dict[str, str]) -> dict[str, str]:
-    """The header entry recording {stem: dotted module path} ({} when there is nothing to record)."""
-    return {MODULE_PATHS_KEY: json.dumps(dict(paths), sort_keys=True)} if paths else {}
+    """The header entry recording {stem: dotted path} for the stems whose path the naming rules
+    would not give back ({} when there is nothing to record)."""
+    kept = {stem: path for stem, path in paths.items() if not recoverable(stem, path)}
+    return {MODULE_PATHS_KEY: json.dumps(kept, sort_keys=True)} if kept else {}
+
+
+def recoverable(stem: str, path: str) -> bool:
+    """Whether the naming rules turn `stem` back into `path`: the prefix stood for no container
+    (lora_unet_ only) or for the component it names (`unet.`, `text_encoder.`, ...), and the rest
+    splits in exactly one way."""
+    parts = split_kohya_prefix(stem)
+    if parts is None:
+        return False
+    component = component_of_kohya_prefix(parts[0])
+    rest = restore_dots(parts[1])
+    return rest is not None and (path == f"{component}.{rest}" or (path == rest and parts[0] == "lora_unet_"))
 
 
 def kohya_alpha(m: LoraModule) -> float:
@@ -314,8 +328,7 @@ def write(adapter: Adapter, out_file: Path, metadata: dict[str, str], stem_of: A
     paths = {stem: path for stem, path in module_paths(meta).items() if stem in stems}
     paths.update({stem: name for stem, name in stems.items() if "." in name})
     meta.pop(MODULE_PATHS_KEY, None)
-    if paths:
-        meta[MODULE_PATHS_KEY] = json.dumps(paths, sort_keys=True)
+    meta.update(paths_metadata(paths))
     meta.update(metadata)
     save_tensors(out_file, state_dict(adapter, stem_of), meta)
 

@@ -297,6 +297,7 @@ def from_tensors(
         rm = raw.setdefault(name, RawModule())
         rm.put(role, ref, key, name, findings, tf.path)
         rm.embedding = rm.embedding or embedding
+    _set_aside_wrapped_copies(raw, extras, unsupported)
 
     modules: dict[str, LoraModule] = {}
     for name, rm in raw.items():
@@ -346,6 +347,27 @@ def from_tensors(
         files=[tf.path] + ([config_path] if config_path and config_path.exists() and header is None else []),
         source_modules=tuple(modules), key_prefix=key_prefix,
     )
+
+
+_WRAPPED = (".modules_to_save", ".original_module")
+
+
+def _set_aside_wrapped_copies(raw: dict[str, RawModule], extras: dict[str, TensorRef], unsupported: list[str]) -> None:
+    """A LoRA on a layer that is also in modules_to_save (older peft wrote `classifier.lora_A`,
+    `classifier.modules_to_save.lora_A`, `classifier.original_module.lora_A` and the trained copy
+    `classifier.base_layer.weight`) is one layer in several wrapped copies, of which peft uses one at
+    a time; reading them as separate modules would apply the layer's delta two or three times. Until
+    the layout is modelled, the whole group is set aside as unsupported: inspect lists it, validate
+    warns, and operations refuse it by name instead of rewriting target_modules / modules_to_save."""
+    wrapped = {n.rsplit(".", 1)[0] for n in raw if n.endswith(_WRAPPED)}
+    for layer in sorted(wrapped):
+        group = [n for n in raw if n == layer or n in (layer + w for w in _WRAPPED)]
+        # the wrapped copies' keys first, so messages name the layout by its marker
+        for n in sorted(group, key=lambda n: not n.endswith(_WRAPPED)):
+            unsupported.extend(raw.pop(n).keys)
+        for key in [k for k in extras if k.startswith(layer + ".")]:
+            extras.pop(key)
+            unsupported.append(PREFIX + key)
 
 
 def _config_label(config_path: Path | None, header: HeaderConfig | None) -> str:

@@ -332,3 +332,43 @@ def test_unreadable_config_is_not_called_invalid_json(make_adapter) -> None:
     with pytest.raises(FormatError) as info:
         read(d)
     assert "cannot be read" in str(info.value) and "JSON" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# item 9 (partial): LoRA on a layer that is also in modules_to_save
+
+
+def lora_on_modules_to_save(root: Path) -> Path:
+    """The keys older peft wrote for a layer in both target_modules and modules_to_save."""
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    q = "base_model.model.bert.encoder.layer.0.attention.self.query"
+    sd[q + ".lora_A.weight"] = torch.randn(4, 32, generator=g)
+    sd[q + ".lora_B.weight"] = torch.randn(32, 4, generator=g)
+    for copy in ("", ".modules_to_save", ".original_module"):
+        c = "base_model.model.classifier" + copy
+        sd[c + ".lora_A.weight"] = torch.randn(4, 32, generator=g)
+        sd[c + ".lora_B.weight"] = torch.randn(6, 4, generator=g)
+    sd["base_model.model.classifier.base_layer.weight"] = torch.randn(6, 32, generator=g)
+    d = root / "cls"
+    d.mkdir()
+    save_file(sd, d / "adapter_model.safetensors")
+    (d / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query", "classifier"],
+        "modules_to_save": ["classifier"]}))
+    return d
+
+
+def test_lora_on_a_modules_to_save_layer_is_one_group_not_three_modules(tmp_path: Path) -> None:
+    """Read as three modules, the classifier's delta would be applied three times and resize /
+    convert rewrote target_modules / modules_to_save. Until the layout is modelled it is listed by
+    inspect and refused by operations, naming the layout."""
+    from loratool.errors import IncompatibleError
+
+    d = lora_on_modules_to_save(tmp_path)
+    doc = inspect_adapter(d).to_dict()
+    assert [m["name"] for m in doc["modules"]] == ["bert.encoder.layer.0.attention.self.query"]
+    assert any(".modules_to_save." in k for k in doc["unsupported"])
+    assert "base_model.model.classifier.base_layer.weight" in doc["unsupported"]
+    with pytest.raises(IncompatibleError, match="modules_to_save layer"):
+        resize(d, tmp_path / "out", rank=2)

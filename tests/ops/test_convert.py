@@ -183,8 +183,7 @@ def test_peft_kohya_peft_round_trip(tmp_path, with_base):
     report = convert(tmp_path / "k.safetensors", tmp_path / "back", to="peft", base=BASE_LLAMA if with_base else None)
     src = peft_modules(PEFT_LLAMA)
     assert_same(src, peft_modules(tmp_path / "back"), {n: n for n in src})
-    # without a base the paths come from the map the kohya file recorded (issue #11 item 10)
-    assert {m.placed_by for m in report.modules} == {"base" if with_base else "metadata"}
+    assert {m.placed_by for m in report.modules} == {"base" if with_base else "rules"}
     cfg = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
     assert cfg["target_modules"] == sorted(src) and cfg["peft_type"] == "LORA" and cfg["use_dora"] is False
 
@@ -260,7 +259,7 @@ def test_diffusers_kohya_diffusers_round_trip(tmp_path, base):
     assert_same(src, kohya_modules(tmp_path / "k.safetensors"), names)
 
     report = convert(tmp_path / "k.safetensors", tmp_path / "d.safetensors", to="diffusers", base=base)
-    assert {m.placed_by for m in report.modules} == {"metadata" if base is None else "base"}  # recorded paths
+    assert {m.placed_by for m in report.modules} == {"rules" if base is None else "base"}
     raw = load_file(str(tmp_path / "d.safetensors"))
     assert set(raw) == {n + s for n in _unet_names() for s in (".lora_A.weight", ".lora_B.weight")}
     meta = metadata(tmp_path / "d.safetensors")
