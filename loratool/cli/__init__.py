@@ -2,13 +2,25 @@
 
 Exit codes: 0 success; 1 validate found problems; 2 could not do it (one `Error:` line naming the
 file and key, plus a `Hint:`); 3 internal bug (traceback only with LORATOOL_DEBUG=1); 130 interrupted
-(143 terminated by SIGTERM, handled like Ctrl-C).
-Everything printed goes through errors.scrub, so a Hub token never shows, tracebacks included.
-This module is the one place that maps exceptions to exit codes and messages.
+(143 terminated by SIGTERM, handled like Ctrl-C). Everything printed goes through errors.scrub, so a Hub
+token never shows, tracebacks included.
+LoratoolGroup.main is the one place that maps exceptions to exit codes and messages, so the
+console script, `python -m loratool` and click's CliRunner behave the same.
+
+Adding a command:
+1. write loratool/cli/<name>.py with one `@click.command()` function; take the shared options from
+   cli/_options.py (an option name means one thing in every command: tests/cli/test_options.py
+   checks it), turn every input path with `input_path()` (hf:// support), call ONE library op, and
+   end with `return emit(doc, _render.render_<name>, as_json=..., quiet=...)` (cli/_output.py);
+2. add it to COMMANDS below;
+3. add docs/commands/<name>.md (every option named, a console example that runs), a row in
+   docs/cli.md, a mention in README.md, its `--json` keys in docs/json.md and an example
+   invocation in tests/test_docs.py `_json_examples` (tests/test_docs.py checks all of these).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -16,6 +28,7 @@ import sys
 import threading
 import traceback
 import warnings
+from typing import Any
 
 import click
 
@@ -40,8 +53,136 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, "-V", "--version", prog_name="loratool")
+COMMANDS: list[click.Command] = [
+    _inspect.inspect, _validate.validate, _rescale.rescale, _resize.resize, _combine.combine, _merge.merge,
+    _extract.extract, _convert.convert, _diff.diff, _verify.verify, _pull.pull, _push.push,
+]
+
+
+class LoratoolGroup(click.Group):
+    """A click group whose main() maps every outcome to loratool's exit codes and messages.
+
+    CliRunner.invoke, `python -m loratool` and the console script all go through main(), so they
+    print the same `Error:` / `Hint:` lines and exit with the same codes. With
+    standalone_mode=False, main() returns the exit code instead of calling sys.exit.
+    """
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        argv = sys.argv[1:] if args is None else list(args)
+        for i, arg in enumerate(argv):  # a token on the command line is hidden like one from HF_TOKEN
+            if arg == "--token" and i + 1 < len(argv):
+                register_secret(argv[i + 1])
+            elif isinstance(arg, str) and arg.startswith("--token="):
+                register_secret(arg.partition("=")[2])
+        previous = warnings.showwarning
+        warnings.showwarning = _show_warning
+        try:
+            code = run_mapped(lambda: super(LoratoolGroup, self).main(
+                args=args, prog_name=prog_name or "loratool", complete_var=complete_var, standalone_mode=False,
+                **extra))
+        finally:
+            warnings.showwarning = previous
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def run_mapped(call: Any) -> int:
+    """Run the CLI and turn every outcome into an exit code (printing Error:/Hint: where one failed)."""
+    debug = os.environ.get("LORATOOL_DEBUG") == "1"
+    try:
+        code = call()
+        code = code if isinstance(code, int) else 0
+        _flush()  # inside the try: a Ctrl-C or a closed pipe while flushing is handled here
+    except click.exceptions.Abort as e:  # click turns KeyboardInterrupt (and so SIGTERM) into Abort
+        code = _interrupted(EXIT_TERMINATED if isinstance(e.__context__, _Terminated) else EXIT_INTERRUPTED)
+    except _Terminated:
+        code = _interrupted(EXIT_TERMINATED)
+    except KeyboardInterrupt:
+        code = _interrupted(EXIT_INTERRUPTED)
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.ClickException as e:
+        buf = io.StringIO()
+        e.show(file=buf)
+        sys.stderr.write(scrub(buf.getvalue()))
+        code = EXIT_USER
+    except LoratoolError as e:
+        if debug:
+            _print_traceback()
+        _fail(e.message, e.hint)
+        code = EXIT_USER
+    except BrokenPipeError:
+        code = 0
+        _devnull_stdout()
+    except Exception as e:
+        if debug:
+            _print_traceback()
+        first = str(e).splitlines()[0] if str(e) else ""
+        _fail(f"internal error: {type(e).__name__}: {first}",
+              "this is a bug in loratool; rerun with LORATOOL_DEBUG=1 and report the traceback")
+        code = EXIT_BUG
+    return code
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+
+
+def _quiet_echo(text: str) -> None:
+    with contextlib.suppress(OSError, ValueError, KeyboardInterrupt):
+        click.echo(text, err=True)
+
+
+def _devnull_stdout() -> None:
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError, AttributeError):
+        return  # not a real file (CliRunner's capture)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), fd)
+
+
+def version_text() -> str:
+    """`loratool --version`: loratool, Python, and the libraries that decide what it can do (torch
+    is imported here to ask whether CUDA works; --help never imports it)."""
+    import platform
+    from importlib import metadata
+
+    def dist(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    lines = [f"loratool {__version__}", f"Python {platform.python_version()}"]
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            cuda = f"CUDA {torch.version.cuda} available, {torch.cuda.device_count()} device(s)"
+        else:
+            cuda = "CUDA not available" + (f" (built for CUDA {torch.version.cuda})" if torch.version.cuda else "")
+        lines.append(f"torch {torch.__version__} ({cuda})")
+    except ImportError:
+        lines.append("torch not installed")
+    lines += [f"safetensors {dist('safetensors')}", f"huggingface_hub {dist('huggingface_hub')}"]
+    return "\n".join(lines)
+
+
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(version_text())
+        ctx.exit()
+
+
+@click.group(cls=LoratoolGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the versions of loratool, Python, torch (and whether CUDA works), safetensors and "
+                   "huggingface_hub, and exit.")
 def cli() -> None:
     """Inspect, validate, rescale, resize, combine, merge, extract and convert LoRA adapters, and
     pull and push them to the Hugging Face Hub.
@@ -55,18 +196,8 @@ def cli() -> None:
     """
 
 
-cli.add_command(_inspect.inspect)
-cli.add_command(_validate.validate)
-cli.add_command(_rescale.rescale)
-cli.add_command(_resize.resize)
-cli.add_command(_combine.combine)
-cli.add_command(_merge.merge)
-cli.add_command(_extract.extract)
-cli.add_command(_convert.convert)
-cli.add_command(_diff.diff)
-cli.add_command(_verify.verify)
-cli.add_command(_pull.pull)
-cli.add_command(_push.push)
+for _command in COMMANDS:
+    cli.add_command(_command)
 
 
 def _fail(message: str, hint: str | None) -> None:
@@ -111,44 +242,33 @@ def _print_traceback() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the CLI and turn every outcome into an exit code."""
-    debug = os.environ.get("LORATOOL_DEBUG") == "1"
-    args = sys.argv[1:] if argv is None else argv
-    for i, arg in enumerate(args):  # a token on the command line is hidden like one from HF_TOKEN
-        if arg == "--token" and i + 1 < len(args):
-            register_secret(args[i + 1])
-        elif arg.startswith("--token="):
-            register_secret(arg.partition("=")[2])
-    warnings.showwarning = _show_warning
+    """Console entry point (`loratool`, `python -m loratool`): the group's main, then a clean exit."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        code = cli.main(args=argv, prog_name="loratool", standalone_mode=False)
-    except click.exceptions.Abort as e:  # click turns KeyboardInterrupt (and so SIGTERM) into Abort
-        code = _interrupted(EXIT_TERMINATED if isinstance(e.__context__, _Terminated) else EXIT_INTERRUPTED)
-    except _Terminated:
-        code = _interrupted(EXIT_TERMINATED)
-    except KeyboardInterrupt:
-        code = _interrupted(EXIT_INTERRUPTED)
-    except click.ClickException as e:
-        buf = io.StringIO()
-        e.show(file=buf)
-        sys.stderr.write(scrub(buf.getvalue()))
-        code = EXIT_USER
-    except LoratoolError as e:
-        if debug:
-            _print_traceback()
-        _fail(e.message, e.hint)
-        code = EXIT_USER
-    except BrokenPipeError:
-        code = 0
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), sys.stdout.fileno())
-    except Exception as e:
-        if debug:
-            _print_traceback()
-        first = str(e).splitlines()[0] if str(e) else ""
-        _fail(f"internal error: {type(e).__name__}: {first}",
-              "this is a bug in loratool; rerun with LORATOOL_DEBUG=1 and report the traceback")
-        code = EXIT_BUG
-    sys.exit(code if isinstance(code, int) else 0)
+    code = cli.main(args=argv, prog_name="loratool", standalone_mode=False)
+    _exit(code)
+
+
+def _exit(code: int) -> None:
+    """Exit with `code`, with no traceback if Ctrl-C lands while the interpreter shuts down.
+
+    The results were flushed before this point; from here on a SIGINT (the user pressing Ctrl-C
+    just after `Wrote ...`) ends the process at once with 130 instead of raising KeyboardInterrupt
+    inside atexit handlers or thread joins, which prints a traceback and keeps exit code 0.
+    """
+    import signal
+
+    if sys.stdout is sys.__stdout__ and _in_main_thread():
+        signal.signal(signal.SIGINT, _exit_interrupted)
+    sys.exit(code)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _exit_interrupted(signum: int, frame: Any) -> None:
+    _quiet_echo("Interrupted.")
+    os._exit(EXIT_INTERRUPTED)

@@ -1,4 +1,9 @@
-"""Options shared by several commands, defined once."""
+"""Options shared by several commands, defined once.
+
+An option name means one thing in every command that has it (tests/cli/test_options.py walks every
+command and fails otherwise; docs/cli.md "Shared options" is the table): a new command takes its
+options from here, and an option with a new meaning gets a new name.
+"""
 
 from __future__ import annotations
 
@@ -23,9 +28,44 @@ device_option = click.option(
     show_default=True,
     help="Where the maths runs: auto (cuda if available), cpu, cuda or cuda:N.",
 )
+
+
+def local_out(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """-o/--out is a local path: an hf:// output is refused with the two-step way to get there."""
+    if value is not None and value.startswith("hf://"):
+        raise click.BadParameter(
+            f"{value}: outputs are written locally; write to a directory, then upload it with "
+            f"`loratool push DIR {value[len('hf://'):].split('@')[0] or 'OWNER/REPO'}`", ctx=ctx, param=param)
+    return value
+
+
 out_option = click.option(
-    "-o", "--out", "out", required=True, type=click.Path(), help="Output path (a directory for PEFT, a file for kohya)."
+    "-o", "--out", "out", required=True, type=click.Path(), callback=local_out,
+    help="Output path (a directory for PEFT, a file for kohya).",
 )
+weights_option = click.option(
+    "-w", "--weights", "weights", default=None, metavar="W1,W2,...",
+    help="One weight per adapter, comma-separated, in order; negative values subtract (default: 1 each).",
+)
+
+
+def check_adapter_args(paths: tuple[str, ...] | list[str], weights: str | None) -> None:
+    """Refuse an ADAPTER argument that is a number and no file: `--weights 0.5 0.5` takes only the
+    first 0.5 as the option's value and the second as an adapter path."""
+    from pathlib import Path
+
+    from loratool.errors import IncompatibleError
+
+    for p in paths:
+        try:
+            float(p)
+        except ValueError:
+            continue
+        if not Path(p).exists():
+            given = f"--weights {weights} {p}" if weights is not None else p
+            example = ",".join(filter(None, [weights, p]))
+            raise IncompatibleError(f"'{p}' is given as an adapter but is a number and no file ({given})",
+                                    hint=f"weights are one comma-separated value: --weights {example}")
 
 
 def parse_weights(text: str) -> list[float]:
@@ -61,6 +101,34 @@ def write_options(f):  # type: ignore[no-untyped-def]
     for opt in reversed((out_option, force_option, format_option, json_option, quiet_option, allow_pickle_option)):
         f = opt(f)
     return f
+
+
+revision_option = click.option(
+    "--revision", metavar="REV", default=None,
+    help="Branch ('/' allowed), tag or commit sha (same as REPO_ID@REV).",
+)
+
+
+def repo_ref(ref: str, revision: str | None, *, what: str) -> tuple[str, str | None, str]:
+    """REPO_ID[@REV] or hf://OWNER/REPO[@REV][/PATH], plus --revision -> (repo_id, revision, path).
+
+    The same spelling works in `pull` and `push`; --revision and @REV must agree when both are
+    given. A repo id without an owner (push: your namespace) is passed on unchanged.
+    """
+    from loratool.hub import is_hf_url, parse_hf_url, split_repo_ref
+
+    if is_hf_url(ref):
+        url = parse_hf_url(ref)
+        repo_id, rev, path = url.repo_id, url.revision, url.path
+    elif "/" not in ref.split("@", 1)[0]:
+        repo_id, _, rev_s = ref.partition("@")
+        rev, path = rev_s or None, ""
+    else:
+        repo_id, rev = split_repo_ref(ref)
+        path = ""
+    if revision is not None and rev is not None and revision != rev:
+        raise click.UsageError(f"{what} {ref} names revision {rev!r} but --revision says {revision!r}; give one")
+    return repo_id, revision if revision is not None else rev, path
 
 
 token_option = click.option(

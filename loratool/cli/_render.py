@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from typing import IO, Any, cast
@@ -44,14 +46,63 @@ class _NoTrailingSpaces:
         return bool(self.f.isatty())
 
 
+def _columns(tty: bool) -> int | None:
+    """Output width: COLUMNS when set, else the terminal's, else (a pipe or file) 160."""
+    with contextlib.suppress(ValueError):
+        n = int(os.environ.get("COLUMNS", ""))
+        if n > 0:
+            return n
+    return None if tty else 160
+
+
 def out() -> Console:
     global _out
-    # sys.stdout may be swapped between calls (CliRunner, capture): follow it
-    if _out is None or getattr(_out.file, "f", None) is not sys.stdout:
-        tty = sys.stdout.isatty()
-        _out = Console(file=cast(IO[str], _NoTrailingSpaces(sys.stdout)), width=None if tty else 160, highlight=False,
+    # sys.stdout may be swapped between calls (CliRunner, capture): follow it; COLUMNS too
+    tty = sys.stdout.isatty()
+    if _out is None or getattr(_out.file, "f", None) is not sys.stdout or _out.width != (_columns(tty) or _out.width):
+        _out = Console(file=cast(IO[str], _NoTrailingSpaces(sys.stdout)), width=_columns(tty), highlight=False,
                        soft_wrap=not tty, force_terminal=tty)
     return _out
+
+
+def name_table(headers: list[str], rows: list[list[str]], *, names: int = 1, right: set[int] | None = None) -> None:
+    """A table whose first `names` columns are module (or tensor) names, which are never folded.
+
+    When every row fits the output width, one line per row with aligned columns. Otherwise each
+    name goes on a line of its own, whole, and the other columns follow on an indented line, aligned
+    across rows (kohya names are 50-90 characters: folded into a narrow column they are unreadable).
+    `right` holds the indices of right-aligned columns.
+    """
+    from rich.cells import cell_len
+
+    right = right or set()
+    c = out()
+    widths = [max([cell_len(h)] + [cell_len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def cells(values: list[str], idx: range) -> str:
+        parts = []
+        for i in idx:
+            pad = " " * (widths[i] - cell_len(values[i]))
+            parts.append(pad + values[i] if i in right else values[i] + pad)
+        return "  ".join(parts).rstrip()
+
+    def emit(line: str, bold: bool = False) -> None:
+        c.print(Text(line, style="bold" if bold else ""), soft_wrap=True, highlight=False)
+
+    every = range(len(headers))
+    if sum(widths) + 2 * (len(widths) - 1) <= c.width:
+        emit(cells(headers, every), bold=True)
+        for r in rows:
+            emit(cells(r, every))
+        return
+    rest = range(names, len(headers))
+    for i in range(names):
+        emit("  " * i + headers[i], bold=True)
+    emit("  " * names + cells(headers, rest), bold=True)
+    for r in rows:
+        for i in range(names):
+            emit("  " * i + r[i])
+        emit("  " * names + cells(r, rest))
 
 
 def err() -> Console:
@@ -139,7 +190,7 @@ def sparkline(values: list[float], width: int = 32) -> str:
                    for v in values)
 
 
-def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool) -> None:
+def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool, only: re.Pattern[str] | None = None) -> None:
     c = out()
     head = Text()
     head.append(doc["path"], style="bold")
@@ -193,7 +244,7 @@ def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool) -> Non
             m.add_row(k, _readable(meta[k]))
         c.print(m)
     if modules or spectrum:
-        _module_table(doc, spectrum)
+        _module_table(doc, spectrum, only)
 
 
 def _family_text(fam: dict[str, Any]) -> str:
@@ -217,34 +268,40 @@ def _readable(value: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 
 
-def _module_table(doc: dict[str, Any], spectrum: bool) -> None:
-    t = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
-    t.add_column("module", overflow="fold")
-    t.add_column("kind")
-    for name in ("out", "in", "rank", "alpha"):
-        t.add_column(name, justify="right")
-    t.add_column("from")
-    t.add_column("scale", justify="right")
-    t.add_column("dtype")
-    if spectrum:
-        t.add_column("r90", justify="right")
-        t.add_column("r99", justify="right")
-        t.add_column("σ1", justify="right")
-        t.add_column("spectrum")
-    for m in doc["modules"]:
-        row = [m["name"], m["kind"], str(m["out_features"]), str(m["in_features"]), str(m["rank"]),
-               _fmt(m["alpha"]), m["alpha_source"], f"{m['scale']:.4g}", m["dtype"]]
-        if spectrum:
-            s = m.get("singular_values") or []
-            row += [str(m.get("rank_90", "")), str(m.get("rank_99", "")), f"{s[0]:.3g}" if s else "",
-                    sparkline(s)]
-        t.add_row(*row)
-    for m in doc.get("lycoris_modules", []):
-        alpha = "-" if m["alpha"] is None else _fmt(m["alpha"])
-        row = [m["name"], f"{m['algo']} {m['kind']}", str(m["out_features"]), str(m["in_features"]),
-               str(m["rank"] or "-"), alpha, m["alpha_source"], f"{m['scale']:.4g}", m["dtype"]]
-        t.add_row(*(row + [""] * 4 if spectrum else row))
-    out().print(t)
+def _module_table(doc: dict[str, Any], spectrum: bool, only: re.Pattern[str] | None = None) -> None:
+    mods = [m for m in doc["modules"] if only is None or only.search(m["name"])]
+    headers = ["module", "kind", "out", "in", "rank", "alpha", "from", "scale", "dtype"]
+    right = {2, 3, 4, 5, 7}
+    rows = [[m["name"], m["kind"], str(m["out_features"]), str(m["in_features"]), str(m["rank"]), _fmt(m["alpha"]),
+             m["alpha_source"], f"{m['scale']:.4g}", m["dtype"]] for m in mods]
+    # LyCORIS modules (LoHa, LoKr, ...): no LoRA factors, so no spectrum
+    lyco = [m for m in doc.get("lycoris_modules", []) if only is None or only.search(m["name"])]
+    rows += [[m["name"], f"{m['algo']} {m['kind']}", str(m["out_features"]), str(m["in_features"]),
+              str(m["rank"] or "-"), "-" if m["alpha"] is None else _fmt(m["alpha"]), m["alpha_source"],
+              f"{m['scale']:.4g}", m["dtype"]] for m in lyco]
+    if not spectrum:
+        name_table(headers, rows, right=right)
+        return
+    values = [m.get("singular_values") or [] for m in mods] + [[] for _ in lyco]
+    stats = [[str(m.get("rank_90", "")), str(m.get("rank_99", "")), f"{v[0]:.3g}" if v else ""]
+             for m, v in zip(mods, values)] + [["", "", ""] for _ in lyco]
+    width = out().width
+    longest = max((len(r[0]) for r in rows), default=0)
+    spark = max((len(v) for v in values), default=1)
+    # one line per module when it fits with the full sparkline; else names on their own lines, and
+    # at narrow widths (80 columns) the spectrum keeps what it is about: shape, rank, alpha, scale,
+    # r90/r99/σ1 and a sparkline as wide as what is left (kind/from/dtype: `inspect --modules`)
+    keep = list(range(len(headers)))
+    line = longest + sum(max(len(h), 6) + 2 for h in headers[1:]) + 3 * 8 + min(spark, 32)
+    if line > width:
+        keep = [0, 2, 3, 4, 5, 7]
+    base = sum(max([len(headers[i])] + [len(r[i]) for r in rows]) + 2 for i in keep[1:]) + 2
+    base += sum(max([len(h)] + [len(st[j]) for st in stats]) + 2 for j, h in enumerate(("r90", "r99", "σ1")))
+    room = min(32, max(8, width - base)) if line > width else 32
+    heads = [headers[i] for i in keep] + ["r90", "r99", "σ1", "spectrum"]
+    rights = {k for k, i in enumerate(keep) if i in right} | {len(keep), len(keep) + 1, len(keep) + 2}
+    full = [[r[i] for i in keep] + st + [sparkline(v, width=room)] for r, st, v in zip(rows, stats, values)]
+    name_table(heads, full, right=rights)
 
 
 def render_validate(doc: dict[str, Any]) -> None:
@@ -262,7 +319,7 @@ def render_validate(doc: dict[str, Any]) -> None:
     base = f", {doc['matched']} matched in {doc['base']}" if doc["base"] else ""
     verdict = "OK" if doc["ok"] else "FAILED"
     c.print(f"{verdict}: {doc['path']} ({doc['format']}, {doc['num_modules']} modules{base}): "
-            f"{doc['errors']} error(s), {doc['warnings']} warning(s)")
+            f"{doc['num_errors']} error(s), {doc['num_warnings']} warning(s)")
 
 
 def wrote(out_path: str, what: str, size: int) -> None:
@@ -277,16 +334,11 @@ def _rank_span(values: list[int]) -> str:
 
 def render_resize(doc: dict[str, Any]) -> None:
     rows = doc["modules"]
-    t = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
-    t.add_column("module", overflow="fold")
-    t.add_column("rank", justify="right")
-    t.add_column("new", justify="right")
-    t.add_column("kept (fro)", justify="right")
-    t.add_column("rel. error", justify="right")
-    for m in rows:
-        t.add_row(m["name"], str(m["old_rank"]), str(m["new_rank"]), f"{m['fro_retained']:.2%}",
-                  f"{m['rel_error']:.3g}")
-    out().print(t)
+    headers = ["module", "rank", "new", "kept (fro)", "rel. error"]
+    table = [[
+        m["name"], str(m["old_rank"]), str(m["new_rank"]), f"{m['fro_retained']:.2%}", f"{m['rel_error']:.3g}"
+    ] for m in rows]
+    name_table(headers, table, names=1, right={1, 2, 3, 4})
     if rows:
         old = _rank_span([m["old_rank"] for m in rows])
         new = _rank_span([m["new_rank"] for m in rows])
@@ -303,14 +355,12 @@ def render_resize(doc: dict[str, Any]) -> None:
 
 def render_rescale(doc: dict[str, Any]) -> None:
     rows = doc["modules"]
-    t = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
-    t.add_column("module", overflow="fold")
-    for name in ("alpha", "new alpha", "scale", "new scale", "delta ×"):
-        t.add_column(name, justify="right")
-    for m in rows:
-        t.add_row(m["name"], _fmt(m["old_alpha"]), _fmt(m["new_alpha"]), f"{m['old_scale']:.6g}",
-                  f"{m['new_scale']:.6g}", f"{m['delta_factor']:.6g}")
-    out().print(t)
+    headers = ["module", "alpha", "new alpha", "scale", "new scale", "delta ×"]
+    table = [[
+        m["name"], _fmt(m["old_alpha"]), _fmt(m["new_alpha"]), f"{m['old_scale']:.6g}", f"{m['new_scale']:.6g}",
+        f"{m['delta_factor']:.6g}"
+    ] for m in rows]
+    name_table(headers, table, names=1, right={1, 2, 3, 4, 5})
     value = f" {doc['value']:g}" if doc["value"] is not None else ""
     removed = f", {len(doc['removed'])} removed" if doc.get("removed") else ""
     wrote(doc["out"], f"{len(rows)} of {doc['num_modules']} modules, {doc['mode'].replace('_', '-')}{value}"
@@ -324,25 +374,23 @@ def render_merge(doc: dict[str, Any]) -> None:
     adapters = len(doc["adapters"])
     what = (f"{doc['merged_tensors']} tensors {verb} from {adapters} adapter{'s' if adapters > 1 else ''}"
             + (f", {doc['replaced_tensors']} replaced" if doc["replaced_tensors"] else "")
-            + f", {doc['copied_tensors']} copied, {doc['files']} file{'s' if doc['files'] > 1 else ''}"
+            + f", {doc['copied_tensors']} copied, {doc['num_files']} file{'s' if doc['num_files'] > 1 else ''}"
             + (f", max cast error {doc['max_cast_error']:.3g}" if doc["max_cast_error"] is not None else ""))
     wrote(doc["out"], what, doc["size"])
 
 
+def _combine_row(m: dict[str, Any]) -> list[str]:
+    ranks = " + ".join("-" if r is None else str(r) for r in m["input_ranks"])
+    kept = "-" if m["fro_retained"] is None else f"{m['fro_retained']:.2%}"
+    err = "-" if m["rel_error"] is None else f"{m['rel_error']:.3g}"
+    return [m["name"], ranks, str(m["rank"]), kept, err]
+
+
 def render_combine(doc: dict[str, Any]) -> None:
     rows = doc["modules"]
-    t = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
-    t.add_column("module", overflow="fold")
-    t.add_column("input ranks", justify="right")
-    t.add_column("rank", justify="right")
-    t.add_column("kept (fro)", justify="right")
-    t.add_column("rel. error", justify="right")
-    for m in rows:
-        ranks = " + ".join("-" if r is None else str(r) for r in m["input_ranks"])
-        kept = "-" if m["fro_retained"] is None else f"{m['fro_retained']:.2%}"
-        err = "-" if m["rel_error"] is None else f"{m['rel_error']:.3g}"
-        t.add_row(m["name"], ranks, str(m["rank"]), kept, err)
-    out().print(t)
+    headers = ["module", "input ranks", "rank", "kept (fro)", "rel. error"]
+    table = [_combine_row(m) for m in rows]
+    name_table(headers, table, names=1, right={1, 2, 3, 4})
     weights = ", ".join(_fmt(w) for w in doc["weights"])
     extra = "".join(f", {k.replace('_', ' ')} {doc[k]}" for k in ("density", "majority_sign", "seed")
                     if doc[k] is not None)
@@ -367,9 +415,9 @@ def _holds(doc: dict[str, Any]) -> str:
         return (f"{s['format']}, {s['num_modules']} modules, rank {rank}, alpha {alphas}, targets {targets or '-'}, "
                 f"base {s['base_model'] or '(not recorded)'}, {human_size(s['file_size'])}")
     if doc["kind"] == "checkpoint":
-        return (f"checkpoint, {s['tensors']} tensors ({s['params']:,} params) in {s['files']} file(s), "
+        return (f"checkpoint, {s['num_tensors']} tensors ({s['params']:,} params) in {s['num_files']} file(s), "
                 f"{human_size(s['size'])}")
-    return f"not an adapter or checkpoint: {s['files']} file(s), {human_size(s['size'])}"
+    return f"not an adapter or checkpoint: {s['num_files']} file(s), {human_size(s['size'])}"
 
 
 def render_pull(doc: dict[str, Any]) -> None:
@@ -383,27 +431,21 @@ def render_pull(doc: dict[str, Any]) -> None:
 def render_push(doc: dict[str, Any]) -> None:
     out().print(doc["commit_url"], markup=False, soft_wrap=True)
     card = {"generated": "card generated", "replaced": "card replaced", "kept": "existing card kept",
-            "uploaded": "your README.md"}[doc["card"]]
+            "uploaded": "your README.md", "fixed": "your README.md with its base_model fixed"}[doc["card"]]
     what = f"{len(doc['files'])} files, {card}, commit {doc['commit'][:12]}"
-    if not doc["changed"]:
+    if not doc["new_commit"]:
         what += ", nothing changed"
     wrote(f"hf://{doc['repo_id']}@{doc['revision']}", what, doc["size"])
 
 
 def render_extract(doc: dict[str, Any]) -> None:
     rows = doc["modules"]
-    t = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
-    t.add_column("module", overflow="fold")
-    t.add_column("kind")
-    t.add_column("shape", justify="right")
-    t.add_column("rank", justify="right")
-    t.add_column("kept energy", justify="right")
-    t.add_column("rel. error", justify="right")
-    t.add_column("svd")
-    for m in rows:
-        t.add_row(m["name"] + (" (+bias)" if m["bias"] else ""), m["kind"], "x".join(map(str, m["shape"])),
-                  str(m["rank"]), f"{m['kept_energy']:.4%}", f"{m['rel_error']:.3g}", m["method"])
-    out().print(t)
+    headers = ["module", "kind", "shape", "rank", "kept energy", "rel. error", "svd"]
+    table = [[
+        m["name"] + (" (+bias)" if m["bias"] else ""), m["kind"], "x".join(map(str, m["shape"])), str(m["rank"]),
+        f"{m['kept_energy']:.4%}", f"{m['rel_error']:.3g}", m["method"]
+    ] for m in rows]
+    name_table(headers, table, names=1, right={2, 3, 4, 5})
     changed = doc["changed"]
     saved = [c["key"] for c in changed if c["action"] == "saved"]
     skipped = [c for c in changed if c["action"] == "skipped"]
@@ -428,16 +470,11 @@ def _names(names: list[str], limit: int = 4) -> str:
 
 def render_convert(doc: dict[str, Any]) -> None:
     rows = doc["modules"]
-    t = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
-    t.add_column("module", overflow="fold")
-    t.add_column("from", overflow="fold")
-    t.add_column("rank", justify="right")
-    t.add_column("scale", justify="right")
-    t.add_column("placed by")
+    headers = ["module", "from", "rank", "scale", "placed by"]
     lyco = any(m.get("from_algo", "lora") != "lora" for m in rows)
     if lyco:
-        t.add_column("was")
-        t.add_column("error", justify="right")
+        headers += ["was", "error"]
+    table = []
     for m in rows:
         row = [m["new_name"], "=" if m["name"] == m["new_name"] else m["name"], str(m["rank"] or "-"),
                f"{m['scale']:.6g}", m["placed_by"]]
@@ -445,8 +482,8 @@ def render_convert(doc: dict[str, Any]) -> None:
             exact = f" r{m['exact_rank']}" if m.get("exact_rank") else ""
             kept = m["from_algo"] in ("full", "norm", "bias") and not m.get("exact_rank")
             row += [m["from_algo"] + exact, "kept" if kept else f"{m['rel_error']:.2e}" if m["rel_error"] else "exact"]
-        t.add_row(*row)
-    out().print(t)
+        table.append(row)
+    name_table(headers, table, names=2, right={2, 3, 6})
     what = f"{doc['num_modules']} modules, {doc['source_format']} -> {doc['format']}"
     if doc["extras"]:
         what += f", {len(doc['extras'])} saved tensors"
@@ -476,7 +513,7 @@ def render_diff(doc: dict[str, Any], *, show_all: bool) -> None:
         for m in rows:
             rel = "n/a" if m["rel_distance"] is None else f"{m['rel_distance']:.3g}"
             cos = "n/a" if m["cosine"] is None else f"{m['cosine']:.6f}"
-            t.add_row(m["name"], _pair(m["rank"]), _pair(m["alpha"], _fmt), _pair(m["dtype"]), rel, cos,
+            t.add_row(m["name"], _pair(m["rank_ab"]), _pair(m["alpha_ab"], _fmt), _pair(m["dtype_ab"]), rel, cos,
                       ", ".join(m["differences"]))
         c.print(t)
     for side, key in (("A", "only_in_a"), ("B", "only_in_b")):

@@ -4,11 +4,13 @@ import click
 
 from loratool.cli._options import (
     blocks_option,
+    check_adapter_args,
     device_option,
     dtype_option,
     input_path,
     module_weights_option,
     parse_weights,
+    weights_option,
     write_options,
 )
 from loratool.errors import IncompatibleError
@@ -17,11 +19,10 @@ from loratool.ops.combine import METHODS
 
 @click.command()
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
-@click.option("--weights", "-w", required=True, metavar="W1,W2,...",
-              help="One weight per adapter, in order; negative values subtract.")
+@weights_option
 @module_weights_option
 @blocks_option
-@click.option("--method", "-m", type=click.Choice(METHODS), required=True,
+@click.option("--method", type=click.Choice(METHODS), default="cat", show_default=True,
               help="cat / svd: exact sum (svd truncated to --rank); ties, dare_*, magnitude_prune: peft's "
                    "merge methods on dense deltas, then truncated; linear: peft's factor averaging (inexact).")
 @click.option("--rank", "-r", type=int, default=None,
@@ -35,8 +36,8 @@ from loratool.ops.combine import METHODS
 @device_option
 @dtype_option
 @write_options
-def combine(adapters: tuple[str, ...], weights: str, module_weights: str | None, blocks: str | None, method: str,
-            rank: int | None, density: float | None,
+def combine(adapters: tuple[str, ...], weights: str | None, module_weights: str | None, blocks: str | None,
+            method: str, rank: int | None, density: float | None,
             majority_sign: str, seed: int | None, device: str, dtype: str, out: str, force: bool, fmt: str | None,
             as_json: bool, quiet: bool, allow_pickle: bool) -> int:
     """Combine adapters with weights into one adapter.
@@ -51,23 +52,18 @@ def combine(adapters: tuple[str, ...], weights: str, module_weights: str | None,
     Example: loratool combine style/ subject/ -o both/ --weights 0.7,0.5 --method svd --rank 32
     """
     from loratool.cli import _render
+    from loratool.cli._output import emit
     from loratool.ops.combine import combine as run
 
     if len(adapters) < 2:
         raise IncompatibleError(f"combine needs at least two adapters, got {len(adapters)}",
                                 hint="to scale one adapter use: loratool rescale ADAPTER -o OUT --factor F")
+    check_adapter_args(adapters, weights)
+    parsed = [1.0] * len(adapters) if weights is None else parse_weights(weights)
     paths = [input_path(p, quiet=quiet or as_json) for p in adapters]
     with _render.progress("combining", enabled=not (quiet or as_json)) as cb:
-        report = run(paths, out, weights=parse_weights(weights), method=method, rank=rank, density=density,
+        report = run(paths, out, weights=parsed, method=method, rank=rank, density=density,
                      majority_sign=majority_sign, seed=seed, fmt=fmt, dtype=dtype, device=device,
                      force=force, allow_pickle=allow_pickle, module_weights=module_weights, blocks=blocks,
                      progress=cb)
-    doc = report.to_dict()
-    if as_json:
-        _render.print_json(doc)
-    else:
-        if not quiet:
-            for w in report.warnings:
-                _render.warn(w)
-        _render.render_combine(doc)
-    return 0
+    return emit(report.to_dict(), _render.render_combine, as_json=as_json, quiet=quiet)

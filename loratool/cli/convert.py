@@ -37,7 +37,7 @@ from loratool.runtimes import RUNTIMES
               "modules exactly; detected from original-layout (kohya / ComfyUI) names when not given.")
 @click.option("--fuse-rank", "fuse_rank", type=click.IntRange(min=1), default=None,
               help="With a family: truncate fused (block-diagonal) modules to this rank; the error is reported.")
-@click.option("--rank", "rank", type=click.IntRange(min=1), default=None,
+@click.option("--rank", "-r", "rank", type=click.IntRange(min=1), default=None,
               help="LyCORIS modules become LoRA of at most this rank (best truncation, error reported); "
               "default: exact.")
 @force_option
@@ -70,6 +70,7 @@ def convert(path: str, to: str | None, for_runtime: str | None, dora_base: str |
     Example: loratool convert adapter_dir --for vllm -o adapter_vllm
     """
     from loratool.cli import _render
+    from loratool.cli._output import emit
     from loratool.ops.convert import convert as run
 
     path = input_path(path, quiet=quiet or as_json)
@@ -81,12 +82,4 @@ def convert(path: str, to: str | None, for_runtime: str | None, dora_base: str |
     dora_base = input_path(dora_base, quiet=quiet or as_json)
     report = run(path, out, to=to, base=base, force=force, allow_pickle=allow_pickle, for_runtime=for_runtime,
                  drop=drop, dora_to_lora=dora_base, rank=rank, family=family, fuse_rank=fuse_rank)
-    doc = report.to_dict()
-    if as_json:
-        _render.print_json(doc)
-    else:
-        if not quiet:
-            for w in report.warnings:
-                _render.warn(w)
-        _render.render_convert(doc)
-    return 0
+    return emit(report.to_dict(), _render.render_convert, as_json=as_json, quiet=quiet)

@@ -24,15 +24,12 @@ def diff(a: str, b: str, show_all: bool, device: str, as_json: bool, quiet: bool
     Example: loratool diff style_v1.safetensors style_v2.safetensors
     """
     from loratool.cli import _render
+    from loratool.cli._output import emit
     from loratool.ops.diff import diff as run
 
     a = input_path(a, quiet=quiet or as_json)
     b = input_path(b, quiet=quiet or as_json)
     with _render.progress("comparing", enabled=not (quiet or as_json)) as cb:
         report = run(a, b, device=device, allow_pickle=allow_pickle, progress=cb)
-    doc = report.to_dict()
-    if as_json:
-        _render.print_json(doc)
-    else:
-        _render.render_diff(doc, show_all=show_all)
-    return 0
+    return emit(report.to_dict(), lambda d: _render.render_diff(d, show_all=show_all), as_json=as_json,
+                quiet=quiet)

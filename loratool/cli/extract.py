@@ -42,6 +42,7 @@ def extract(base: str, tuned: str, out: str, rank: int | None, threshold: float 
     Example: loratool extract ./Llama-3.2-1B ./Llama-3.2-1B-sft -o ./sft-lora --rank 16
     """
     from loratool.cli import _render
+    from loratool.cli._output import emit
     from loratool.ops.extract import extract as run
 
     base = input_path(base, quiet=quiet or as_json)
@@ -49,12 +50,4 @@ def extract(base: str, tuned: str, out: str, rank: int | None, threshold: float 
     with _render.progress("extracting", enabled=not (quiet or as_json)) as cb:
         report = run(base, tuned, out, rank=rank, threshold=threshold, modules=modules, embeddings=embeddings,
                      save_changed=save_changed, fmt=fmt, device=device, force=force, progress=cb)
-    doc = report.to_dict()
-    if as_json:
-        _render.print_json(doc)
-    else:
-        if not quiet:
-            for w in report.warnings:
-                _render.warn(w)
-        _render.render_extract(doc)
-    return 0
+    return emit(report.to_dict(), _render.render_extract, as_json=as_json, quiet=quiet)

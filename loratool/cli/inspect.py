@@ -1,19 +1,23 @@
 from __future__ import annotations
 
+import re
+
 import click
 
 from loratool.cli._options import allow_pickle_option, device_option, input_path, json_option, quiet_option
+from loratool.errors import IncompatibleError
 
 
 @click.command()
 @click.argument("path", type=click.Path())
 @json_option
-@click.option("--modules", "show_modules", is_flag=True, help="One row per module.")
+@click.option("--modules", "modules", metavar="[REGEX]", is_flag=False, flag_value="", default=None,
+              help="One row per module; with REGEX only the modules whose name matches it (re.search).")
 @click.option("--spectrum", is_flag=True, help="Exact singular values per module (reads tensor bytes).")
 @allow_pickle_option
 @device_option
 @quiet_option
-def inspect(path: str, as_json: bool, show_modules: bool, spectrum: bool, allow_pickle: bool, device: str,
+def inspect(path: str, as_json: bool, modules: str | None, spectrum: bool, allow_pickle: bool, device: str,
             quiet: bool) -> int:
     """Show what an adapter holds: format, ranks, alphas (and where they came from), targets, metadata.
 
@@ -23,17 +27,19 @@ def inspect(path: str, as_json: bool, show_modules: bool, spectrum: bool, allow_
     Example: loratool inspect adapter_dir --modules
     """
     from loratool.cli import _render
+    from loratool.cli._output import emit
     from loratool.ops.inspect import inspect_adapter
 
     path = input_path(path, quiet=quiet or as_json)
     with _render.progress("spectrum", enabled=spectrum and not (quiet or as_json)) as cb:
         report = inspect_adapter(path, spectrum=spectrum, allow_pickle=allow_pickle, device=device, progress=cb)
-    doc = report.to_dict()
-    if as_json:
-        _render.print_json(doc)
-    else:
-        if not quiet:
-            for w in report.warnings:
-                _render.warn(w)
-        _render.render_inspect(doc, modules=show_modules, spectrum=spectrum)
-    return 0
+    pattern = _pattern(modules) if modules else None
+    return emit(report.to_dict(), lambda d: _render.render_inspect(d, modules=modules is not None, spectrum=spectrum,
+                                                                   only=pattern), as_json=as_json, quiet=quiet)
+
+
+def _pattern(regex: str) -> re.Pattern[str]:
+    try:
+        return re.compile(regex)
+    except re.error as e:
+        raise IncompatibleError(f"--modules {regex!r}: not a regular expression ({e})") from None

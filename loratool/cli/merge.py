@@ -8,6 +8,7 @@ import click
 from loratool.cli._options import (
     allow_pickle_option,
     blocks_option,
+    check_adapter_args,
     device_option,
     force_option,
     json_option,
@@ -15,6 +16,7 @@ from loratool.cli._options import (
     out_option,
     parse_weights,
     quiet_option,
+    weights_option,
 )
 from loratool.errors import LoratoolError
 from loratool.st import atomic_output, check_output
@@ -24,7 +26,7 @@ from loratool.st import atomic_output, check_output
 @click.argument("base", type=click.Path())
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
 @out_option
-@click.option("--weights", default=None, metavar="W1,W2,...", help="One weight per adapter (default 1 each).")
+@weights_option
 @module_weights_option
 @blocks_option
 @click.option("--dtype", type=click.Choice(["keep", "bf16", "fp16", "fp32"]), default="keep", show_default=True,
@@ -53,8 +55,10 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, m
     """
     from loratool.cli import _render
     from loratool.cli._options import input_path
+    from loratool.cli._output import emit
     from loratool.ops.merge import merge as run
 
+    check_adapter_args(adapters, weights)
     parsed = None if weights is None else parse_weights(weights)
     base = input_path(base, quiet=quiet or as_json)
     adapters = tuple(input_path(a, quiet=quiet or as_json) for a in adapters)
@@ -74,12 +78,4 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, m
             raise LoratoolError(f"{e.message}; the merged model was written to {out}", e.hint) from None
     if os.environ.get("LORATOOL_TIMINGS") == "1":  # per-stage pipeline timings (tests/perf/device_check.py)
         click.echo("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in report.timings.items()), err=True)
-    doc = report.to_dict()
-    if as_json:
-        _render.print_json(doc)
-    else:
-        if not quiet:
-            for w in report.warnings:
-                _render.warn(w)
-        _render.render_merge(doc)
-    return 0
+    return emit(report.to_dict(), _render.render_merge, as_json=as_json, quiet=quiet)

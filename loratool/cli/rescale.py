@@ -30,6 +30,7 @@ def rescale(path: str, factor: float | None, alpha: float | None, normalize: boo
     Example: loratool rescale style.safetensors -o style_half.safetensors --factor 0.5
     """
     from loratool.cli import _render
+    from loratool.cli._output import emit
     from loratool.ops.rescale import rescale as run
 
     chosen = [(name, v) for name, v in (("factor", factor), ("alpha", alpha), ("normalize", normalize or None),
@@ -46,12 +47,4 @@ def rescale(path: str, factor: float | None, alpha: float | None, normalize: boo
     path = input_path(path, quiet=quiet or as_json)
     report = run(path, out, mode=mode, value=value if mode in ("factor", "alpha") else None, modules=modules,
                  fmt=fmt, force=force, allow_pickle=allow_pickle, module_weights=module_weights, blocks=blocks)
-    doc = report.to_dict()
-    if as_json:
-        _render.print_json(doc)
-    else:
-        if not quiet:
-            for w in report.warnings:
-                _render.warn(w)
-        _render.render_rescale(doc)
-    return 0
+    return emit(report.to_dict(), _render.render_rescale, as_json=as_json, quiet=quiet)

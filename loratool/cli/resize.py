@@ -30,6 +30,7 @@ def resize(path: str, rank: int | None, method: str | None, threshold: float | N
     Example: loratool resize adapter_dir -o adapter_r16 --rank 16
     """
     from loratool.cli import _render
+    from loratool.cli._output import emit
     from loratool.ops.resize import resize as run
 
     path = input_path(path, quiet=quiet or as_json)
@@ -37,12 +38,4 @@ def resize(path: str, rank: int | None, method: str | None, threshold: float | N
         report = run(path, out, rank=rank, method=method, threshold=threshold, conv_rank=conv_rank,
                      modules=modules, fmt=fmt, device=device, dtype=dtype, force=force,
                      allow_pickle=allow_pickle, progress=cb)
-    doc = report.to_dict()
-    if as_json:
-        _render.print_json(doc)
-    else:
-        if not quiet:
-            for w in report.warnings:
-                _render.warn(w)
-        _render.render_resize(doc)
-    return 0
+    return emit(report.to_dict(), _render.render_resize, as_json=as_json, quiet=quiet)

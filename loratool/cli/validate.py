@@ -27,6 +27,7 @@ def validate(path: str, base: str | None, strict: bool, for_runtime: str | None,
     Example: loratool validate adapter_dir --for vllm
     """
     from loratool.cli import _render
+    from loratool.cli._output import emit
     from loratool.ops.validate import validate_adapter
 
     path = input_path(path, quiet=quiet or as_json)
@@ -34,9 +35,4 @@ def validate(path: str, base: str | None, strict: bool, for_runtime: str | None,
     with _render.progress("checking tensors", enabled=not (quiet or as_json)) as cb:
         report = validate_adapter(path, base=base, strict=strict, allow_pickle=allow_pickle, progress=cb,
                                   for_runtime=for_runtime)
-    doc = report.to_dict()
-    if as_json:
-        _render.print_json(doc)
-    else:
-        _render.render_validate(doc)
-    return 0 if report.ok else 1
+    return emit(report.to_dict(), _render.render_validate, as_json=as_json, quiet=quiet, code=0 if report.ok else 1)

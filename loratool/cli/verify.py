@@ -5,10 +5,12 @@ import click
 from loratool.cli._options import (
     allow_pickle_option,
     blocks_option,
+    check_adapter_args,
     json_option,
     module_weights_option,
     parse_weights,
     quiet_option,
+    weights_option,
 )
 
 
@@ -16,7 +18,7 @@ from loratool.cli._options import (
 @click.argument("merged", type=click.Path())
 @click.option("--base", required=True, type=click.Path(), help="The base checkpoint MERGED was made from.")
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
-@click.option("--weights", default=None, metavar="W1,W2,...", help="One weight per adapter, as given to merge.")
+@weights_option
 @module_weights_option
 @blocks_option
 @click.option("--dtype", type=click.Choice(["keep", "bf16", "fp16", "fp32"]), default="keep", show_default=True,
@@ -41,8 +43,10 @@ def verify(merged: str, base: str, adapters: tuple[str, ...], weights: str | Non
     """
     from loratool.cli import _render
     from loratool.cli._options import input_path
+    from loratool.cli._output import emit
     from loratool.ops.verify import verify as run
 
+    check_adapter_args(adapters, weights)
     parsed = None if weights is None else parse_weights(weights)
     merged = input_path(merged, quiet=quiet or as_json)
     base = input_path(base, quiet=quiet or as_json)
@@ -50,12 +54,5 @@ def verify(merged: str, base: str, adapters: tuple[str, ...], weights: str | Non
     with _render.progress("verifying", enabled=not (quiet or as_json), unit="bytes") as cb:
         report = run(merged, base, paths, weights=parsed, dtype=dtype, allow_unmatched=allow_unmatched,
                      allow_pickle=allow_pickle, module_weights=module_weights, blocks=blocks, progress=cb)
-    doc = report.to_dict()
-    if as_json:
-        _render.print_json(doc)
-    else:
-        if not quiet:
-            for w in report.warnings:
-                _render.warn(w)
-        _render.render_verify(doc, show_all=show_all)
-    return 0 if report.ok else 1
+    return emit(report.to_dict(), lambda d: _render.render_verify(d, show_all=show_all), as_json=as_json,
+                quiet=quiet, code=0 if report.ok else 1)

@@ -130,8 +130,10 @@ def _split(out: FamilyConversion, family: Family, rel: Relation, fill, m: LoraMo
     bias_pieces = dict(zip(names, torch.split(bias, rows, dim=0))) if bias is not None else {}
     for template, chunks in rel.split:
         new = family.name_in(target, fill(template), original=False)
-        new_up = torch.cat([pieces[c] for c in chunks], dim=0).contiguous()
-        new_bias = torch.cat([bias_pieces[c] for c in chunks]).contiguous() if bias is not None else None
+        # one chunk: its rows are a contiguous view of B (no copy); several: concatenated in this order
+        new_up = pieces[chunks[0]] if len(chunks) == 1 else torch.cat([pieces[c] for c in chunks], dim=0)
+        new_bias = None if bias is None else (
+            bias_pieces[chunks[0]] if len(chunks) == 1 else torch.cat([bias_pieces[c] for c in chunks]))
         out.modules[new] = m.with_(
             name=new, up=TensorRef.from_tensor(new_up),
             bias=TensorRef.from_tensor(new_bias) if new_bias is not None else None, bias_scaled=False,

@@ -47,10 +47,10 @@ class ModuleDiff:
         return {
             "name": self.name,
             "name_b": self.name_b,
-            "rank": list(self.rank),
-            "alpha": list(self.alpha),
-            "scale": list(self.scale),
-            "dtype": list(self.dtype),
+            "rank_ab": list(self.rank),  # (A, B) pairs: `_ab` keeps each key one JSON type across commands
+            "alpha_ab": list(self.alpha),
+            "scale_ab": list(self.scale),
+            "dtype_ab": list(self.dtype),
             "norm_a": self.norm_a,
             "norm_b": self.norm_b,
             "distance": self.distance,
@@ -96,6 +96,7 @@ class DiffReport:
             "extras_only_in_a": self.extras_only_in_a,
             "extras_only_in_b": self.extras_only_in_b,
             "extras_differ": self.extras_differ,
+            "warnings": [],  # every command's document has a warnings list (docs/json.md)
         }
 
 

@@ -82,7 +82,7 @@ class MergeReport:
             "unmerge": self.unmerge,
             "dtype": self.dtype,
             "device": self.device,
-            "files": self.files,
+            "num_files": self.files,
             "merged_tensors": self.merged,
             "replaced_tensors": self.replaced,
             "copied_tensors": self.copied,

@@ -51,8 +51,8 @@ class ValidationReport:
             "num_modules": self.num_modules,
             "base": str(self.base) if self.base else None,
             "matched": len(self.matched) if self.base else None,
-            "errors": len(self.errors),
-            "warnings": len(self.warnings),
+            "num_errors": len(self.errors),
+            "num_warnings": len(self.warnings),
             "findings": [f.to_dict() for f in self.findings],
             **({"runtime": self.runtime} if self.runtime else {}),
         }

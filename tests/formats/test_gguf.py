@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clirun import run_cli
 from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file
 
 gguf = pytest.importorskip("gguf")
 
-from loratool.cli import main  # noqa: E402
 from loratool.errors import IncompatibleError, LoratoolError  # noqa: E402
 from loratool.formats import read  # noqa: E402
 from loratool.ops.convert import convert  # noqa: E402
@@ -38,13 +38,6 @@ RANKS = {"model.layers.0.self_attn.q_proj": 8, "model.layers.0.self_attn.k_proj"
          "model.layers.1.self_attn.v_proj": 4, "model.layers.1.mlp.down_proj": 2, "lm_head": 4}
 ALPHAS = {"model.layers.0.self_attn.q_proj": 16, "model.layers.0.self_attn.k_proj": 16,
           "model.layers.1.self_attn.v_proj": 3, "model.layers.1.mlp.down_proj": 16, "lm_head": 16}
-
-
-def run_main(capsys, args):
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
 
 
 def llama_config(root: Path, *, tied: bool = False) -> Path:
@@ -140,9 +133,9 @@ def test_a_gguf_base_names_and_checks_the_tensors(patterned, tmp_path):
 
 
 def test_gguf_needs_a_base_and_refuses_dora(patterned, tmp_path, capsys):
-    code, _, err = run_main(capsys, ["convert", patterned, "--to", "gguf", "-o", tmp_path / "x.gguf"])
+    code, _, err = run_cli(["convert", patterned, "--to", "gguf", "-o", tmp_path / "x.gguf"])
     assert code == 2 and "--base" in err
-    code, _, err = run_main(capsys, ["convert", FIXTURES / "peft_dora", "--to", "gguf",
+    code, _, err = run_cli(["convert", FIXTURES / "peft_dora", "--to", "gguf",
                                      "--base", FIXTURES / "base_llama", "-o", tmp_path / "y.gguf"])
     assert code == 2 and "DoRA" in err and "--dora-to-lora" in err
 
@@ -240,7 +233,7 @@ def test_merge_into_gguf_base_is_dequantized_base_plus_delta(make_adapter, tmp_p
     src = make_adapter(modules=LLAMA_MODULES, rank={**dict.fromkeys(LLAMA_MODULES, 4), "lm_head": 2},
                        alpha={**dict.fromkeys(LLAMA_MODULES, 8), "model.layers.0.self_attn.k_proj": 3}, rslora=True)
     out = tmp_path / "merged.gguf"
-    code, _, err = run_main(capsys, ["merge", base, src, "-o", out, "--weights", "0.5"])
+    code, _, err = run_cli(["merge", base, src, "-o", out, "--weights", "0.5"])
     assert code == 0, err
     want = peft_deltas(src)
     before = {t.name: t for t in gguf.GGUFReader(base).tensors}
@@ -287,9 +280,9 @@ def test_merge_refuses_a_type_it_cannot_requantize_unless_dtype(make_adapter, tm
     w.write_tensors_to_file()
     w.close()
     src = make_adapter(modules={"model.layers.0.mlp.up_proj": shape}, rank=4, alpha=8)
-    code, _, err = run_main(capsys, ["merge", path, src, "-o", tmp_path / "x.gguf"])
+    code, _, err = run_cli(["merge", path, src, "-o", tmp_path / "x.gguf"])
     assert code == 2 and "Q4_K" in err and "--dtype" in err and not (tmp_path / "x.gguf").exists()
-    code, _, err = run_main(capsys, ["merge", path, src, "-o", tmp_path / "y.gguf", "--dtype", "fp16"])
+    code, _, err = run_cli(["merge", path, src, "-o", tmp_path / "y.gguf", "--dtype", "fp16"])
     assert code == 0, err
     t = gguf.GGUFReader(tmp_path / "y.gguf").tensors[0]
     assert t.tensor_type == gguf.GGMLQuantizationType.F16
@@ -299,7 +292,7 @@ def test_merge_refuses_a_type_it_cannot_requantize_unless_dtype(make_adapter, tm
 def test_round_trip_peft_gguf_peft_identical_deltas(tmp_path, capsys):
     src, base = FIXTURES / "peft_llama", FIXTURES / "base_llama"
     convert(src, tmp_path / "a.gguf", to="gguf", base=base)
-    code, _, err = run_main(capsys, ["convert", tmp_path / "a.gguf", "--to", "peft", "-o", tmp_path / "x"])
+    code, _, err = run_cli(["convert", tmp_path / "a.gguf", "--to", "peft", "-o", tmp_path / "x"])
     assert code == 2 and "--base" in err  # GGUF names need the checkpoint to map back
     convert(tmp_path / "a.gguf", tmp_path / "back", to="peft", base=base)
     want, got = peft_deltas(src), peft_deltas(tmp_path / "back")

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from clirun import run_cli
 from peft.utils.other import get_pattern_key
 from safetensors.numpy import load_file as load_np
 from safetensors.torch import load_file
 
-from loratool.cli import main
 from loratool.errors import IncompatibleError
 from loratool.formats import detect, read
 from loratool.ops.convert import convert
@@ -35,13 +35,6 @@ RANKS = {"model.layers.0.self_attn.q_proj": 8, "model.layers.0.self_attn.v_proj"
          "model.layers.3.mlp.down_proj": 2, "lm_head": 4}
 ALPHAS = {"model.layers.0.self_attn.q_proj": 16, "model.layers.0.self_attn.v_proj": 16,
           "model.layers.3.mlp.down_proj": 3, "lm_head": 16}
-
-
-def run_main(capsys, args):
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
 
 
 def peft_deltas(path: Path) -> dict[str, np.ndarray]:
@@ -149,7 +142,7 @@ def test_reads_mlx_lm_files(tmp_path, npz):
 
 def test_npz_without_config_warns_about_the_assumed_scale(tmp_path, capsys):
     root, _ = _mlx_files(tmp_path, npz=True, config=None)
-    code, out, _ = run_main(capsys, ["validate", root / "adapters.npz", "--json"])
+    code, out, _ = run_cli(["validate", root / "adapters.npz", "--json"])
     doc = json.loads(out)
     assert code == 0 and any(f["code"] == "config-missing" and "20" in f["message"] for f in doc["findings"])
 
@@ -158,7 +151,7 @@ def test_npz_with_pickled_objects_is_refused(tmp_path, capsys):
     root = tmp_path / "evil"
     root.mkdir()
     np.savez(root / "adapters.npz", x=np.array([{"a": 1}], dtype=object))
-    code, _, err = run_main(capsys, ["inspect", root / "adapters.npz"])
+    code, _, err = run_cli(["inspect", root / "adapters.npz"])
     assert code == 2 and "Error:" in err and "Traceback" not in err
 
 

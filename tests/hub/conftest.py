@@ -126,28 +126,21 @@ def run_cli(hub: HubServer, hf_home: Path) -> Callable[..., Run]:
 
 
 @pytest.fixture
-def run_main(hub: HubServer, hf_home: Path, monkeypatch: pytest.MonkeyPatch,
-             capsys: pytest.CaptureFixture[str]) -> Callable[..., Run]:
-    """run_main(*args, token=ALICE, endpoint=None) -> Run: loratool.cli.main in this process.
+def run_main(hub: HubServer, hf_home: Path) -> Callable[..., Run]:
+    """run_main(*args, token=ALICE, endpoint=None) -> Run: the CLI in this process (tests/clirun.py).
 
     For the many error cases, where a process start per case would cost seconds. loratool reads
-    HF_ENDPOINT / HF_HOME / HF_TOKEN when a command runs, so setting them here is enough. Anonymous
-    cases belong in run_cli (in-process, huggingface_hub would fall back to a token saved in ~).
+    HF_ENDPOINT / HF_HOME / HF_TOKEN when a command runs, so setting them for the run is enough.
+    Anonymous cases belong in run_cli (in-process, huggingface_hub would fall back to a token saved in ~).
     """
-    from loratool.cli import main
+    from clirun import run_cli as invoke
 
     def run(*args: str, token: str = ALICE, endpoint: str | None = None) -> Run:
-        monkeypatch.setenv("HF_ENDPOINT", endpoint or hub.url)
-        monkeypatch.setenv("HF_HOME", str(hf_home))
-        monkeypatch.setenv("HF_TOKEN", token)
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.delenv("LORATOOL_DEBUG", raising=False)
-        with pytest.raises(SystemExit) as e:
-            main(list(args))
-        out = capsys.readouterr()
+        r = invoke(args, env={"HF_ENDPOINT": endpoint or hub.url, "HF_HOME": str(hf_home), "HF_TOKEN": token,
+                              "HF_HUB_OFFLINE": None})
         for secret in SECRETS:
-            assert secret not in out.out and secret not in out.err, f"token leaked in output of {args}"
-        return Run(int(e.value.code or 0), out.out, out.err)
+            assert secret not in r.out and secret not in r.err, f"token leaked in output of {args}"
+        return Run(r.code, r.out, r.err)
 
     return run
 

@@ -39,6 +39,27 @@ from urllib.parse import parse_qs, unquote, urlsplit
 DATE = "2024-01-01T00:00:00.000Z"
 GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
 REPO_ID_RE = re.compile(r"^[\w.-]+/[\w.-]+$")
+# what the Hub accepts as a model id in card metadata: OWNER/NAME or a canonical NAME (gpt2)
+MODEL_ID_RE = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+
+
+def _card_metadata_errors(meta: dict[str, Any]) -> list[str]:
+    """The Hub's checks of README front matter that loratool's cards touch: `base_model` is a model
+    id or a list of them (an empty string, a local path or a number is refused, as PEFT's
+    `base_model: ''` is on the Hub), `tags` a list of strings, `library_name` a string."""
+    errors = []
+    if "base_model" in meta:
+        bases = meta["base_model"]
+        for b in bases if isinstance(bases, list) else [bases]:
+            if not isinstance(b, str) or not b:
+                errors.append(f'"base_model" must be a non-empty string or list of model ids, got {b!r}')
+            elif not MODEL_ID_RE.fullmatch(b) or "--" in b or ".." in b:
+                errors.append(f'"base_model" must be a valid model id, got {b!r}')
+    if "tags" in meta and not (isinstance(meta["tags"], list) and all(isinstance(t, str) for t in meta["tags"])):
+        errors.append('"tags" must be a list of strings')
+    if "library_name" in meta and not isinstance(meta["library_name"], str):
+        errors.append('"library_name" must be a string')
+    return errors
 
 
 def git_blob_oid(data: bytes) -> str:
@@ -344,10 +365,7 @@ class _Handler(BaseHTTPRequestHandler):
                     if meta is not None and not isinstance(meta, dict):
                         errors.append("metadata must be a mapping")
                     elif meta:
-                        bases = meta.get("base_model")
-                        for b in bases if isinstance(bases, list) else [bases] if bases is not None else []:
-                            if not isinstance(b, str) or not REPO_ID_RE.fullmatch(b):
-                                errors.append(f'"base_model" must be a valid model id, got {b!r}')
+                        errors += _card_metadata_errors(meta)
         if errors:
             return self._json({"errors": [{"message": m} for m in errors], "warnings": []}, 400)
         return self._json({"errors": [], "warnings": []})

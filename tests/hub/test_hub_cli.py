@@ -30,7 +30,8 @@ def test_push_then_pull_into_a_fresh_cache(run_cli: Cli, hub: HubServer, tmp_pat
     assert doc["card"] == "generated" and doc["created_repo"] and doc["revision"] == "main"
     assert doc["commit"] == hub.repos["alice/llama-lora"].branches["main"]
     assert doc["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
-    assert hub.files_at("alice/llama-lora")["README.md"].startswith(b"---\nlibrary_name: peft\n")
+    card = hub.files_at("alice/llama-lora")["README.md"]
+    assert card.startswith(b'---\nbase_model: "tiny-llama"\nlibrary_name: peft\n')
 
     fresh = tmp_path / "fresh_home"
     r = run_cli("pull", "alice/llama-lora", home=fresh)
@@ -87,7 +88,7 @@ def test_hf_inputs_for_merge(run_main: Cli, repos: HubServer, tmp_path: Path) ->
 
 def test_hf_inputs_for_combine(run_main: Cli, repos: HubServer, tmp_path: Path) -> None:
     r = run_main("combine", "hf://alice/lora", f"hf://alice/lora@{repos.repos['alice/lora'].branches['main']}",
-                 "-w", "0.5,0.5", "-m", "cat", "-o", str(tmp_path / "both"), "--json")
+                 "-w", "0.5,0.5", "--method", "cat", "-o", str(tmp_path / "both"), "--json")
     assert r.code == 0, r.stderr
     assert r.json()["num_modules"] == 14
 
@@ -182,3 +183,21 @@ def test_token_saved_by_hf_auth_login_is_used(run_cli: Cli, repos: HubServer, hf
 def test_debug_traceback_never_shows_the_token(run_cli: Cli, repos: HubServer) -> None:
     r = run_cli("pull", "alice/lora", "--token", BAD, token=None, env={"LORATOOL_DEBUG": "1"})
     assert r.code == 2 and "Traceback" in r.stderr and "401" in r.stderr  # run_cli checked: no token
+
+
+def test_pull_and_push_spell_revisions_alike(run_main, hub: HubServer, tmp_path: Path) -> None:
+    """push takes REPO_ID@BRANCH and hf://OWNER/REPO[@BRANCH] like pull; pull takes --revision like push."""
+    hub.add_repo("alice/lora", fixture_files("peft_llama"))
+    llama = str(FIXTURES / "peft_llama")
+    r = run_main("push", llama, "alice/lora@exp/a", "--json")
+    assert r.code == 0, r.stderr
+    assert r.json()["revision"] == "exp/a" and "exp/a" in hub.repos["alice/lora"].branches
+    r = run_main("push", llama, "hf://alice/lora@exp%2Fb", "--json")
+    assert r.code == 0, r.stderr
+    assert r.json()["revision"] == "exp/b" and r.json()["repo_id"] == "alice/lora"
+    r = run_main("pull", "alice/lora", "--revision", "exp/a", "--json")
+    assert r.code == 0 and r.json()["revision"] == "exp/a"
+    r = run_main("pull", "alice/lora@exp/a", "--revision", "main")
+    assert r.code == 2 and "--revision" in r.stderr
+    r = run_main("push", llama, "hf://alice/lora/sub")
+    assert r.code == 2 and "folder" in r.stderr

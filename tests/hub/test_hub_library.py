@@ -168,7 +168,7 @@ def test_existing_readme_is_kept_unless_overwrite_card(hub: HubServer) -> None:
     assert any("--overwrite-card" in w for w in kept.warnings)
     replaced = _push(hub, FIXTURES / "peft_llama", "alice/x", overwrite_card=True)
     assert replaced.card == "replaced"
-    assert hub.files_at("alice/x")["README.md"].startswith(b"---\nlibrary_name: peft\n")
+    assert hub.files_at("alice/x")["README.md"].startswith(b'---\nbase_model: "tiny-llama"\nlibrary_name: peft\n')
 
 
 def test_readme_among_the_files_is_uploaded_as_is(hub: HubServer, tmp_path: Path) -> None:
@@ -254,7 +254,7 @@ def test_pull_out_dir_copies_real_files_atomically(hub: HubServer, cache: Path, 
 def test_pull_base_model_is_described_as_checkpoint(hub: HubServer, cache: Path) -> None:
     hub.add_repo("alice/base", {**fixture_files("base_llama"), "pytorch_model.bin": b"pickle", "run.py": b"x"})
     p = _pull(hub, cache, "alice/base")
-    assert p.described.kind == "checkpoint" and p.described.summary["files"] == 2
+    assert p.described.kind == "checkpoint" and p.described.summary["num_files"] == 2
     assert "pytorch_model.bin" not in p.files and "run.py" not in p.files  # no pickles, no code
 
 
@@ -368,3 +368,73 @@ def test_push_refuses_unreadable_adapters_before_any_request(hub: HubServer, tmp
     with pytest.raises(FormatError):
         _push(hub, tmp_path / "missing", "alice/bad")
     assert hub.requests == []
+
+
+# ---------------------------------------------------------------------------------------------
+# cards the Hub accepts
+
+
+@pytest.mark.parametrize("base", ["gpt2", "bert-base-uncased", "openai-community/gpt2"])
+def test_base_model_without_owner_goes_into_the_card(hub: HubServer, make_adapter, base: str) -> None:  # type: ignore[no-untyped-def]
+    from huggingface_hub import ModelCard
+
+    src = make_adapter(fmt="peft", config={"base_model_name_or_path": base})
+    _push(hub, src, "alice/owned")
+    card = ModelCard(hub.files_at("alice/owned")["README.md"].decode())
+    assert card.data.base_model == base
+
+
+def _save_pretrained_folder(tmp_path: Path) -> Path:
+    """What peft's save_pretrained writes for a model loaded from a local directory: its README
+    front matter says `base_model: ''` (and library_name: peft), which the Hub refuses."""
+    import shutil
+
+    d = tmp_path / "sp"
+    shutil.copytree(FIXTURES / "peft_llama", d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = ""
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    (d / "README.md").write_text("---\nbase_model: ''\nlibrary_name: peft\n---\n\n# Model Card for Model ID\n\nbody\n")
+    return d
+
+
+def test_the_test_hub_refuses_empty_base_model_like_the_hub(hub: HubServer, tmp_path: Path) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.url, token=ALICE)
+    api.create_repo("alice/raw")
+    with pytest.raises(ValueError, match="base_model"):
+        api.upload_file(path_or_fileobj=b"---\nbase_model: ''\n---\nx\n", path_in_repo="README.md", repo_id="alice/raw")
+    with pytest.raises(ValueError, match="base_model"):
+        api.upload_file(path_or_fileobj=b"---\nbase_model: /home/me/llama\n---\nx\n", path_in_repo="README.md",
+                        repo_id="alice/raw")
+    api.upload_file(path_or_fileobj=b"---\nbase_model: gpt2\n---\nx\n", path_in_repo="README.md", repo_id="alice/raw")
+
+
+def test_save_pretrained_readme_with_empty_base_model_is_fixed(hub: HubServer, tmp_path: Path) -> None:
+    from huggingface_hub import ModelCard
+
+    d = _save_pretrained_folder(tmp_path)
+    before = (d / "README.md").read_bytes()
+    r = _push(hub, d, "alice/sp")
+    assert r.card == "fixed" and any("base_model" in w for w in r.warnings)
+    card = ModelCard(hub.files_at("alice/sp")["README.md"].decode())
+    assert card.data.base_model is None and card.data.library_name == "peft"
+    assert card.text.strip().endswith("body")
+    assert (d / "README.md").read_bytes() == before  # the input is never modified
+
+    r = _push(hub, d, "alice/sp2", base_model="meta-llama/Llama-3.2-1B")
+    card = ModelCard(hub.files_at("alice/sp2")["README.md"].decode())
+    assert r.card == "fixed" and card.data.base_model == "meta-llama/Llama-3.2-1B"
+
+
+def test_base_model_option_writes_a_valid_card(hub: HubServer) -> None:
+    from huggingface_hub import ModelCard
+
+    _push(hub, FIXTURES / "peft_llama", "alice/with-base", base_model="gpt2")
+    card = ModelCard(hub.files_at("alice/with-base")["README.md"].decode())
+    assert card.data.base_model == "gpt2" and 'from_pretrained("gpt2")' in card.text
+    with pytest.raises(HubError, match="--base-model"):
+        _push(hub, FIXTURES / "peft_llama", "alice/bad", base_model="")
+    with pytest.raises(HubError, match="--base-model"):
+        _push(hub, FIXTURES / "peft_llama", "alice/bad", base_model="/tmp/x")

@@ -31,11 +31,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from clirun import run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, safe_open, save_file
 
-from loratool.cli import cli, main
+from loratool.cli import cli
 from loratool.errors import IncompatibleError
 from loratool.ops.combine import combine
 
@@ -601,13 +602,6 @@ def test_same_factors_product_as_peft_add_weighted_adapter(tmp_path, ours, their
 # CLI
 
 
-def run_main(capsys, args):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
-
-
 def test_cli_table_summary_and_json(tmp_path):
     specs = two_kohya_inputs(tmp_path)
     args = ["combine", str(specs[0].path), str(specs[1].path), "--weights", "-1,0.5", "--method", "svd", "--rank", "2"]
@@ -647,7 +641,7 @@ def test_cli_table_summary_and_json(tmp_path):
 )
 def test_cli_bad_options_exit_2_without_output(tmp_path, capsys, args, needle):
     specs = two_kohya_inputs(tmp_path)
-    code, out, err = run_main(capsys, ["combine", str(specs[0].path), str(specs[1].path), "-o",
+    code, out, err = run_cli(["combine", str(specs[0].path), str(specs[1].path), "-o",
                                        str(tmp_path / "o.safetensors"), *args])
     assert code == 2
     errors = [line for line in err.splitlines() if line.startswith("Error:")]
@@ -657,7 +651,7 @@ def test_cli_bad_options_exit_2_without_output(tmp_path, capsys, args, needle):
 
 
 def test_cli_dora_exit_2_with_one_error_line(tmp_path, capsys):
-    code, out, err = run_main(capsys, ["combine", str(FIXTURES / "peft_llama"), str(FIXTURES / "peft_dora"),
+    code, out, err = run_cli(["combine", str(FIXTURES / "peft_llama"), str(FIXTURES / "peft_dora"),
                                        "-o", str(tmp_path / "o"), "--weights", "1,1", "--method", "cat"])
     assert code == 2 and out == ""
     lines = err.strip().splitlines()
@@ -668,15 +662,15 @@ def test_cli_dora_exit_2_with_one_error_line(tmp_path, capsys):
 
 def test_cli_needs_two_adapters_and_respects_force(tmp_path, capsys):
     specs = two_kohya_inputs(tmp_path)
-    code, _, err = run_main(capsys, ["combine", str(specs[0].path), "-o", str(tmp_path / "o.safetensors"),
+    code, _, err = run_cli(["combine", str(specs[0].path), "-o", str(tmp_path / "o.safetensors"),
                                      "--weights", "1", "--method", "cat"])
     assert code == 2 and "at least two adapters" in err and "loratool rescale" in err
     target = tmp_path / "o.safetensors"
     target.write_bytes(b"keep me")
     base = ["combine", str(specs[0].path), str(specs[1].path), "-o", str(target), "--weights", "1,1", "--method", "cat"]
-    code, _, err = run_main(capsys, base)
+    code, _, err = run_cli(base)
     assert code == 2 and target.read_bytes() == b"keep me"
-    code, _, _ = run_main(capsys, [*base, "--force", "-q"])
+    code, _, _ = run_cli([*base, "--force", "-q"])
     assert code == 0
     with safe_open(str(target), "pt") as f:
         assert "lora_unet_in_blocks_0_attn1_to_q.lora_up.weight" in f.keys()  # noqa: SIM118

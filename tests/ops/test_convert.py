@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from clirun import run_cli
 from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from safetensors.numpy import save_file
 from safetensors.torch import load_file as load_torch
 
-from loratool.cli import main
 from loratool.ops.convert import convert
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
@@ -32,13 +32,6 @@ BASE_SD = FIXTURES / "base_sd.safetensors"
 DIFFUSERS_SD = FIXTURES / "diffusers_sd.safetensors"
 BASE_UNET = FIXTURES / "base_unet"
 PREFIX = "base_model.model."
-
-
-def run_main(capsys, args):
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
 
 
 def load_file(path: str) -> dict[str, np.ndarray]:
@@ -319,7 +312,7 @@ def test_base_layout_reshapes_1x1_conv_factors(tmp_path):
 
 
 def _error(capsys, args):
-    code, _out, err = run_main(capsys, args)
+    code, _out, err = run_cli(args)
     lines = [ln for ln in err.splitlines() if ln.startswith("Error:")]
     hints = [ln for ln in err.splitlines() if ln.startswith("Hint:")]
     assert code == 2 and len(lines) == 1 and len(hints) <= 1, (code, err)
@@ -379,7 +372,7 @@ def test_output_exists(tmp_path, capsys):
 
 
 def test_cli_json_and_summary(tmp_path, capsys):
-    code, out, err = run_main(capsys, ["convert", PEFT_LLAMA, "--to", "kohya", "-o", tmp_path / "k.safetensors",
+    code, out, err = run_cli(["convert", PEFT_LLAMA, "--to", "kohya", "-o", tmp_path / "k.safetensors",
                                        "--json"])
     assert code == 0, err
     doc = json.loads(out)
@@ -389,7 +382,7 @@ def test_cli_json_and_summary(tmp_path, capsys):
     assert row == {"name": "model.layers.0.self_attn.v_proj", "new_name": "lora_unet_model_layers_0_self_attn_v_proj",
                    "kind": "linear", "rank": 4, "alpha": 16.0, "scale": 4.0, "placed_by": "name",
                    "from_algo": "lora", "exact_rank": None, "rel_error": 0.0}
-    code, out, _ = run_main(capsys, ["convert", PEFT_LLAMA, "--to", "kohya", "-o", tmp_path / "k.safetensors",
+    code, out, _ = run_cli(["convert", PEFT_LLAMA, "--to", "kohya", "-o", tmp_path / "k.safetensors",
                                      "--force"])
     assert code == 0 and out.strip().splitlines()[-1].startswith(
         f"Wrote {tmp_path / 'k.safetensors'} (14 modules, peft -> kohya")

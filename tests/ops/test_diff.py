@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from clirun import run_cli
 from safetensors.torch import load_file
 
-from loratool.cli import main
 from loratool.linalg import (
     delta_distance,
     dense_lowrank_inner,
@@ -21,13 +21,6 @@ from loratool.linalg import (
 from loratool.ops.diff import diff
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
-
-
-def run_main(capsys, args):
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +117,7 @@ def test_scaled_copy_has_cosine_one(make_adapter):
 
 def test_kohya_against_its_peft_conversion(tmp_path, capsys):
     out = tmp_path / "peft"
-    code, _, _ = run_main(capsys, ["convert", FIXTURES / "kohya_sd.safetensors", "--to", "peft", "-o", out,
+    code, _, _ = run_cli(["convert", FIXTURES / "kohya_sd.safetensors", "--to", "peft", "-o", out,
                                    "--base", FIXTURES / "base_sd.safetensors", "-q"])
     assert code == 0
     report = diff(FIXTURES / "kohya_sd.safetensors", out)
@@ -138,7 +131,7 @@ def test_kohya_against_its_peft_conversion(tmp_path, capsys):
 
 def test_diffusers_against_its_kohya_conversion(tmp_path, capsys):
     out = tmp_path / "k.safetensors"
-    code, _, _ = run_main(capsys, ["convert", FIXTURES / "diffusers_sd.safetensors", "--to", "kohya", "-o", out,
+    code, _, _ = run_cli(["convert", FIXTURES / "diffusers_sd.safetensors", "--to", "kohya", "-o", out,
                                    "-q"])
     assert code == 0
     report = diff(FIXTURES / "diffusers_sd.safetensors", out)
@@ -157,18 +150,18 @@ def test_dtype_difference_is_reported(tmp_path, make_adapter):
 def test_cli_json_and_table(capsys, make_adapter):
     a = make_adapter(seed=7)
     b = make_adapter(seed=8)
-    code, out, _ = run_main(capsys, ["diff", a, b, "--json"])
+    code, out, _ = run_cli(["diff", a, b, "--json"])
     assert code == 0
     doc = json.loads(out)
     assert doc["num_common"] == 3 and doc["identical"] is False and doc["max_rel_distance"] > 0.5
-    code, out, _ = run_main(capsys, ["diff", a, a])
+    code, out, _ = run_cli(["diff", a, a])
     assert code == 0 and out.startswith("IDENTICAL: 3 modules in both")
 
 
 def test_unreadable_input_is_a_clean_error(tmp_path, capsys, make_adapter):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a file")
-    code, _, err = run_main(capsys, ["diff", make_adapter(), bad])
+    code, _, err = run_cli(["diff", make_adapter(), bad])
     assert code == 2 and err.startswith("Error: ") and "Traceback" not in err
 
 

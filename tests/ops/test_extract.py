@@ -13,21 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from clirun import run_cli
 from peft.utils.other import get_pattern_key
 from safetensors.numpy import load_file, save_file
 
-from loratool.cli import main
 from loratool.ops.extract import extract
 from loratool.ops.merge import merge
 
 PREFIX = "base_model.model."
-
-
-def run_main(capsys, args):
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
 
 
 def low_rank(rng: np.random.Generator, rows: int, cols: int, rank: int, scale: float = 0.05) -> np.ndarray:
@@ -373,7 +366,7 @@ def test_modules_regex_selects(pair, tmp_path):
 
 def test_cli_json(pair, tmp_path, capsys):
     base, tuned, exact, _, _ = pair
-    code, out, err = run_main(capsys, ["extract", base, tuned, "-o", tmp_path / "out", "--rank", "4", "--json",
+    code, out, err = run_cli(["extract", base, tuned, "-o", tmp_path / "out", "--rank", "4", "--json",
                                        "--device", "cpu"])
     assert code == 0, err
     doc = json.loads(out)
@@ -381,7 +374,7 @@ def test_cli_json(pair, tmp_path, capsys):
     assert {m["name"]: m["rank"] for m in doc["modules"]} == dict.fromkeys(exact, 4)
     assert set(doc["modules"][0]) == {"name", "kind", "shape", "rank", "kept_energy", "rel_error", "rel_change",
                                       "method", "bias"}
-    code, out, err = run_main(capsys, ["extract", base, tuned, "-o", tmp_path / "out", "--rank", "4", "--force"])
+    code, out, err = run_cli(["extract", base, tuned, "-o", tmp_path / "out", "--rank", "4", "--force"])
     assert code == 0 and out.strip().splitlines()[-1].startswith(f"Wrote {tmp_path / 'out'} (3 modules, rank 4")
 
 
@@ -390,7 +383,7 @@ def test_cli_json(pair, tmp_path, capsys):
 
 
 def _error(capsys, args):
-    code, _out, err = run_main(capsys, args)
+    code, _out, err = run_cli(args)
     lines = [ln for ln in err.splitlines() if ln.startswith("Error:")]
     assert code == 2 and len(lines) == 1, (code, err)
     return lines[0], err

@@ -15,20 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from clirun import run_cli
 from safetensors.torch import load_file, save_file
 
 import loratool
-from loratool.cli import main
 from loratool.ops.merge import merge
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
-
-
-def run_main(capsys, args):
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
 
 
 def tree_hash(path: Path) -> dict[str, str]:
@@ -292,8 +285,7 @@ def test_unmerge_restores_base_up_to_rounding(tmp_path):
 
 
 def test_unmerge_refused_for_dora(tmp_path, capsys):
-    code, _, err = run_main(
-        capsys, ["merge", FIXTURES / "base_llama", FIXTURES / "peft_dora", "-o", tmp_path / "o", "--unmerge"]
+    code, _, err = run_cli(["merge", FIXTURES / "base_llama", FIXTURES / "peft_dora", "-o", tmp_path / "o", "--unmerge"]
     )
     assert code == 2
     assert "DoRA" in err and err.count("Error:") == 1
@@ -301,7 +293,7 @@ def test_unmerge_refused_for_dora(tmp_path, capsys):
 
 
 def test_unmatched_modules_are_an_error_listing_names(tmp_path, capsys):
-    code, _out, err = run_main(capsys, ["merge", FIXTURES / "base_gpt2", FIXTURES / "peft_llama", "-o", tmp_path / "o"])
+    code, _out, err = run_cli(["merge", FIXTURES / "base_gpt2", FIXTURES / "peft_llama", "-o", tmp_path / "o"])
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("Error:")]
     assert len(lines) == 1 and "unmatched" in lines[0] and "model.layers.0.self_attn" in lines[0]
@@ -339,7 +331,7 @@ def test_non_finite_result_names_the_tensor(tmp_path, capsys):
     sd[key][0, 0] = float("inf")
     save_file(sd, str(d / "adapter_model.safetensors"))
     (d / "adapter_config.json").write_bytes((FIXTURES / "peft_gpt2" / "adapter_config.json").read_bytes())
-    code, _, err = run_main(capsys, ["merge", FIXTURES / "base_gpt2", d, "-o", tmp_path / "o"])
+    code, _, err = run_cli(["merge", FIXTURES / "base_gpt2", d, "-o", tmp_path / "o"])
     assert code == 2
     module = key[len("base_model.model.") : -len(".lora_B.weight")]
     assert f"'{module}.weight'" in err and "NaN/Inf" in err
@@ -347,9 +339,7 @@ def test_non_finite_result_names_the_tensor(tmp_path, capsys):
 
 
 def test_dtype_option_and_report_file(tmp_path, capsys):
-    code, out, _ = run_main(
-        capsys,
-        [
+    code, out, _ = run_cli([
             "merge",
             FIXTURES / "base_gpt2",
             FIXTURES / "peft_gpt2",
@@ -383,10 +373,9 @@ def test_dtype_option_and_report_file(tmp_path, capsys):
 def test_existing_output_refused_and_inputs_untouched(tmp_path, capsys):
     before = {**tree_hash(FIXTURES / "base_llama"), **tree_hash(FIXTURES / "peft_llama")}
     (tmp_path / "o").mkdir()
-    code, _, err = run_main(capsys, ["merge", FIXTURES / "base_llama", FIXTURES / "peft_llama", "-o", tmp_path / "o"])
+    code, _, err = run_cli(["merge", FIXTURES / "base_llama", FIXTURES / "peft_llama", "-o", tmp_path / "o"])
     assert code == 2 and "already exists" in err and "--force" in err
-    code, _, _ = run_main(
-        capsys, ["merge", FIXTURES / "base_llama", FIXTURES / "peft_llama", "-o", tmp_path / "o", "--force"]
+    code, _, _ = run_cli(["merge", FIXTURES / "base_llama", FIXTURES / "peft_llama", "-o", tmp_path / "o", "--force"]
     )
     assert code == 0 and (tmp_path / "o" / "model.safetensors.index.json").exists()
     assert {**tree_hash(FIXTURES / "base_llama"), **tree_hash(FIXTURES / "peft_llama")} == before
@@ -405,7 +394,7 @@ def test_disk_full_leaves_nothing(tmp_path, monkeypatch, capsys):
         return real(self, key, *args)
 
     monkeypatch.setattr(st.StreamingWriter, "copy_range", failing)
-    code, _, err = run_main(capsys, ["merge", FIXTURES / "base_llama", FIXTURES / "peft_llama", "-o", tmp_path / "o"])
+    code, _, err = run_cli(["merge", FIXTURES / "base_llama", FIXTURES / "peft_llama", "-o", tmp_path / "o"])
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("Error:")]
     assert len(lines) == 1 and "no space left on device" in lines[0] and "Traceback" not in err
@@ -531,10 +520,10 @@ def test_existing_report_file_is_refused_before_merging(tmp_path, capsys):
     (tmp_path / "r.json").write_text("keep me")
     args = ["merge", FIXTURES / "base_gpt2", FIXTURES / "peft_gpt2", "-o", tmp_path / "o"]
     args += ["--report", tmp_path / "r.json"]
-    code, _, err = run_main(capsys, args)
+    code, _, err = run_cli(args)
     assert code == 2 and "r.json" in err and "--force" in err
     assert not (tmp_path / "o").exists() and (tmp_path / "r.json").read_text() == "keep me"
-    code, _, _ = run_main(capsys, [*args, "--force"])
+    code, _, _ = run_cli([*args, "--force"])
     assert code == 0 and json.loads((tmp_path / "r.json").read_text())["tensors"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -542,7 +531,7 @@ def test_existing_report_file_is_refused_before_merging(tmp_path, capsys):
 @pytest.mark.parametrize("weights", ["nan", "1,x", "inf", ""])
 def test_bad_weights_are_refused_before_any_work(tmp_path, capsys, weights):
     args = ["merge", FIXTURES / "base_gpt2", FIXTURES / "peft_gpt2", "-o", tmp_path / "o", "--weights", weights]
-    code, _, err = run_main(capsys, args)
+    code, _, err = run_cli(args)
     assert code == 2 and err.startswith("Error: --weights") and "Traceback" not in err
     assert not (tmp_path / "o").exists()
 

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from clirun import run_cli
 from safetensors.torch import load_file, safe_open, save_file
 
 import loratool
-from loratool.cli import cli, main
+from loratool.cli import cli
 from loratool.linalg import choose_rank
 from loratool.ops.resize import resize
 
@@ -299,14 +300,6 @@ def run(args):
     return CliRunner().invoke(cli, args)
 
 
-def run_main(capsys, args):
-    """The real entry point in-process: (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
-
-
 def test_cli_summary_and_json(tmp_path):
     rng = np.random.default_rng(8)
     src = kohya_file(tmp_path / "in.safetensors", {"lora_unet_a_to_q": rand_factors(rng, 16, 16, 8)})
@@ -349,7 +342,7 @@ def test_cli_summary_and_json(tmp_path):
 def test_cli_bad_options_exit_2(tmp_path, capsys, args, needle):
     rng = np.random.default_rng(9)
     src = kohya_file(tmp_path / "in.safetensors", {"lora_unet_a_to_q": rand_factors(rng, 8, 8, 4)})
-    code, _, err = run_main(capsys, ["resize", str(src), "-o", str(tmp_path / "o"), *args])
+    code, _, err = run_cli(["resize", str(src), "-o", str(tmp_path / "o"), *args])
     assert code == 2
     errors = [line for line in err.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and needle in errors[0], err

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from clirun import run_cli
 from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file
 
-from loratool.cli import main
 from loratool.errors import IncompatibleError
 from loratool.ops.convert import convert
 from loratool.ops.validate import validate_adapter
@@ -34,13 +34,6 @@ RANKS = {"model.layers.0.self_attn.q_proj": 8, "model.layers.0.self_attn.v_proj"
          "model.layers.1.self_attn.q_proj": 8, "model.layers.1.mlp.down_proj": 2}
 ALPHAS = {"model.layers.0.self_attn.q_proj": 16, "model.layers.0.self_attn.v_proj": 16,
           "model.layers.1.self_attn.q_proj": 3, "model.layers.1.mlp.down_proj": 16}
-
-
-def run_main(capsys, args):
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
 
 
 def peft_deltas(path: Path) -> dict[str, np.ndarray]:
@@ -150,7 +143,7 @@ def test_modules_to_save_refused_then_dropped_with_a_warning(make_adapter, tmp_p
     assert any(f.code == "runtime-rejects" and f.module == "lm_head.weight" for f in findings)
     with pytest.raises(IncompatibleError, match="modules_to_save"):
         convert(src, tmp_path / "x", for_runtime="vllm")
-    code, _, err = run_main(capsys, ["convert", src, "--for", "vllm", "-o", tmp_path / "y", "--drop"])
+    code, _, err = run_cli(["convert", src, "--for", "vllm", "-o", tmp_path / "y", "--drop"])
     assert code == 0, err
     assert "dropped full tensors (modules_to_save) for vllm: lm_head.weight" in err
     cfg = json.loads((tmp_path / "y" / "adapter_config.json").read_text())
@@ -160,9 +153,9 @@ def test_modules_to_save_refused_then_dropped_with_a_warning(make_adapter, tmp_p
 
 def test_dora_refused_then_dropped(tmp_path, capsys):
     dora = Path(__file__).resolve().parents[2] / "fixtures" / "peft_dora"
-    code, _, err = run_main(capsys, ["convert", dora, "--for", "vllm", "-o", tmp_path / "x"])
+    code, _, err = run_cli(["convert", dora, "--for", "vllm", "-o", tmp_path / "x"])
     assert code == 2 and "Error:" in err and "DoRA" in err and "--drop" in err
-    code, _, err = run_main(capsys, ["convert", dora, "--for", "sglang", "-o", tmp_path / "y", "--drop"])
+    code, _, err = run_cli(["convert", dora, "--for", "sglang", "-o", tmp_path / "y", "--drop"])
     assert code == 0 and "dropped DoRA magnitudes" in err
     keys = load_file(str(tmp_path / "y" / "adapter_model.safetensors"))
     assert not any("magnitude" in k for k in keys)
@@ -183,7 +176,7 @@ def test_vllm_rank_setting_hint(make_adapter):
 
 
 def test_cli_validate_for_exit_code_and_json(patterned, capsys):
-    code, out, _ = run_main(capsys, ["validate", patterned, "--for", "vllm", "--json"])
+    code, out, _ = run_cli(["validate", patterned, "--for", "vllm", "--json"])
     doc = json.loads(out)
     assert code == 1 and doc["runtime"] == "vllm"
     assert any(f["code"] == "runtime-misscales" for f in doc["findings"])
@@ -226,7 +219,7 @@ def _dora_pair(make_adapter, tmp_path, *, exact: bool):
 def test_dora_to_lora_reports_the_error_it_makes(make_adapter, tmp_path, capsys, exact):
     src, base, name, want, lora_part = _dora_pair(make_adapter, tmp_path, exact=exact)
     out = tmp_path / f"plain{exact}"
-    code, stdout, err = run_main(capsys, ["convert", src, "--for", "vllm", "--dora-to-lora", base, "-o", out, "--json"])
+    code, stdout, err = run_cli(["convert", src, "--for", "vllm", "--dora-to-lora", base, "-o", out, "--json"])
     assert code == 0, err
     got = peft_deltas(out)[name]
     rel = np.linalg.norm(got - want) / np.linalg.norm(want)
@@ -240,5 +233,5 @@ def test_dora_to_lora_reports_the_error_it_makes(make_adapter, tmp_path, capsys,
     else:  # dropping the magnitude would be worse than the fitted LoRA
         assert rel < np.linalg.norm(lora_part - want) / np.linalg.norm(want)
     assert "magnitude" not in " ".join(load_file(str(out / "adapter_model.safetensors")))
-    code, _, err = run_main(capsys, ["convert", src, "--to", "peft", "--dora-to-lora", base, "-o", tmp_path / "p"])
+    code, _, err = run_cli(["convert", src, "--to", "peft", "--dora-to-lora", base, "-o", tmp_path / "p"])
     assert code == 0 and f"{name}: DoRA written as plain LoRA" in err and "relative error" in err

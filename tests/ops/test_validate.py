@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from clirun import run_cli
 from safetensors.torch import load_file, save_file
 
-from loratool.cli import main
 from loratool.errors import FormatError
 from loratool.ops.validate import validate_adapter
 
@@ -413,18 +413,10 @@ def test_unreadable_base_raises(make_adapter, tmp_path):
 # the CLI's exit codes and --json document
 
 
-def run_main(argv, capsys):
-    """loratool.cli.main in-process: (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
-
-
 def test_cli_strict_and_json(make_adapter, capsys):
     path = str(make_adapter(fmt="kohya", alpha=None))
-    assert run_main(["validate", path], capsys)[0] == 0
-    code, out, err = run_main(["validate", path, "--strict", "--json"], capsys)
+    assert run_cli(["validate", path])[0] == 0
+    code, out, err = run_cli(["validate", path, "--strict", "--json"])
     assert code == 1 and err == ""
     doc = json.loads(out)
     assert doc["schema"] == 1 and doc["ok"] is False
@@ -435,8 +427,8 @@ def test_cli_strict_and_json(make_adapter, capsys):
 def test_cli_findings_exit_1_with_base(make_adapter, make_base, capsys):
     path = str(make_adapter(fmt="peft"))
     base = str(make_base({k: s for k, s in PEFT_BASE.items() if not k.startswith(D)}, layout="dir"))
-    code, out, err = run_main(["validate", path, "--base", base], capsys)
+    code, out, err = run_cli(["validate", path, "--base", base])
     assert code == 1 and err == ""
     assert "unmatched-module" in out and D in out and "FAILED" in out
-    assert run_main(["validate", path, "--base", base, "--json"], capsys)[0] == 1
-    assert run_main(["validate", path, "--base", str(make_base(PEFT_BASE)), "--json"], capsys)[0] == 0
+    assert run_cli(["validate", path, "--base", base, "--json"])[0] == 1
+    assert run_cli(["validate", path, "--base", str(make_base(PEFT_BASE)), "--json"])[0] == 0

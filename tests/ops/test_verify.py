@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from clirun import run_cli
 from safetensors.torch import load_file, save_file
 
-from loratool.cli import main
 from loratool.ops.merge import merge
 from loratool.ops.verify import verify
 
@@ -27,13 +27,6 @@ TARGETS = {
 }
 OTHERS = {"model.embed_tokens.weight": (100, 32), "model.norm.weight": (32,), "model.layers.0.mlp.up_proj.weight":
           (64, 32)}
-
-
-def run_main(capsys, args):
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
 
 
 def _base_tensors(dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -224,11 +217,11 @@ def test_cli_exit_codes_and_json(setup, tmp_path, capsys):
     base, adapter, _ = setup
     out = tmp_path / "m.safetensors"
     merge(base, [adapter], out)
-    code, stdout, _ = run_main(capsys, ["verify", out, "--base", base, adapter])
+    code, stdout, _ = run_cli(["verify", out, "--base", base, adapter])
     assert code == 0 and stdout.startswith("OK: ")
-    code, stdout, _ = run_main(capsys, ["verify", out, "--base", base, adapter, "--weights", "0.5", "--json"])
+    code, stdout, _ = run_cli(["verify", out, "--base", base, adapter, "--weights", "0.5", "--json"])
     assert code == 1
     doc = json.loads(stdout)
     assert doc["ok"] is False and doc["verdicts"] == {"merged twice": 4, "unchanged": 3}
-    code, _, err = run_main(capsys, ["verify", out, "--base", base, adapter, "--weights", "1,2"])
+    code, _, err = run_cli(["verify", out, "--base", base, adapter, "--weights", "1,2"])
     assert code == 2 and err.startswith("Error: --weights has 2 value(s) for 1 adapter(s)")
