@@ -1105,24 +1105,33 @@ def realized_projection(
         terms: (up (out, r), down (r, in·k)) per expected delta.
         dtype: the working precision, float64 by default. float32 suffices for 16-bit tensors: the
             difference of two bf16 / fp16 values is exact in float32, and the products' rounding
-            (~1e-6 relative) stays far below one rounding of a 16-bit dtype. Sums are float64.
+            (~1e-6 relative) stays far below one rounding of a 16-bit dtype.
     """
     import torch
 
     work = dtype or torch.float64
-    downs = [d.to(work) for _, d in terms]  # (r, in·k)
+    downs_t = [d.to(work).T.contiguous() for _, d in terms]  # (in·k, r)
     ups = [u.to(work) for u, _ in terms]  # (out, r)
-    rows = max(1, chunk_elems // max(1, merged.shape[1]))
+    cols = merged.shape[1]
+    rows = max(1, min(merged.shape[0], chunk_elems // max(1, cols)))
+    # blocks go through buffers allocated once: a fresh block per step costs page faults
+    m_buf = torch.empty((rows, cols), dtype=work)
+    r_buf = torch.empty((rows, cols), dtype=work)
+    p_bufs = [torch.empty((rows, d.shape[1]), dtype=work) for d in downs_t]
     m_sq = r_sq = 0.0
     inner = [0.0] * len(terms)
     for i in range(0, merged.shape[0], rows):
-        m = merged[i:i + rows].to(work)  # (rows, in·k)
-        r = m - base[i:i + rows].to(work)  # exact in float64; in float32 for 16-bit inputs
-        m_sq += float(torch.linalg.vector_norm(m, dtype=torch.float64) ** 2)
-        r_sq += float(torch.linalg.vector_norm(r, dtype=torch.float64) ** 2)
-        for t, (u, d) in enumerate(zip(ups, downs)):
-            prod = u[i:i + rows] * (r @ d.T)  # (rows, in·k) @ (in·k, r) -> (rows, r)
-            inner[t] += float(prod.sum(dtype=torch.float64))
+        n = min(rows, merged.shape[0] - i)
+        m, r = m_buf[:n], r_buf[:n]
+        m.copy_(merged[i:i + n])  # (n, in·k)
+        r.copy_(base[i:i + n])
+        torch.sub(m, r, out=r)  # R: exact in float64; in float32 for 16-bit inputs
+        # per-row dot products, summed in float64: accurate to ~1e-9 where one long float32 dot drifts
+        m_sq += float(torch.linalg.vecdot(m, m, dim=1).sum(dtype=torch.float64))
+        r_sq += float(torch.linalg.vecdot(r, r, dim=1).sum(dtype=torch.float64))
+        for t, (u, dt) in enumerate(zip(ups, downs_t)):
+            prod = torch.mm(r, dt, out=p_bufs[t][:n])  # (n, in·k) @ (in·k, r) -> (n, r)
+            inner[t] += float(torch.linalg.vecdot(prod, u[i:i + n], dim=1).sum(dtype=torch.float64))
     return m_sq, r_sq, inner
 
 

@@ -209,7 +209,7 @@ def _rows(t: torch.Tensor, transposed: bool) -> torch.Tensor:
 
 
 def _check_lowrank(w: torch.Tensor, m: torch.Tensor, contribs: list[Contribution], unit: float
-                   ) -> tuple[str, float | None, list[float] | None, float, float]:
+                   ) -> tuple[str, float | None, list[float] | None, float, float, float]:
     from loratool.adapter import LoraModule
     from loratool.linalg import factor_inner, factors, realized_projection
 
@@ -232,19 +232,20 @@ def _check_lowrank(w: torch.Tensor, m: torch.Tensor, contribs: list[Contribution
         torch.float16, torch.bfloat16} else torch.float64
     m_sq, r_sq, inner = realized_projection(_rows(m, flip), _rows(w, flip), terms, dtype=work)
     gram = [[factor_inner(u1, d1, u2, d2) for u2, d2 in terms] for u1, d1 in terms]
-    return classify(m_sq, r_sq, inner, gram, numel=w.numel(), unit=unit)
+    return (*classify(m_sq, r_sq, inner, gram, numel=w.numel(), unit=unit), math.sqrt(m_sq))
 
 
 def _check_dense(w: torch.Tensor, m: torch.Tensor, expected: torch.Tensor, unit: float
-                 ) -> tuple[str, float | None, list[float] | None, float, float]:
+                 ) -> tuple[str, float | None, list[float] | None, float, float, float]:
     """Dense route (DoRA, bias deltas): R and the expected change D = expected − W, in float64."""
     import torch
 
     w64, m64 = w.to(torch.float64), m.to(torch.float64)
     r = m64 - w64
     d = expected.to(torch.float64) - w64
-    return classify(float((m64 * m64).sum()), float((r * r).sum()), [float((r * d).sum())],
-                    [[float((d * d).sum())]], numel=w.numel(), unit=unit)
+    m_sq = float((m64 * m64).sum())
+    return (*classify(m_sq, float((r * r).sum()), [float((r * d).sum())], [[float((d * d).sum())]],
+                      numel=w.numel(), unit=unit), math.sqrt(m_sq))
 
 
 def _same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
@@ -397,7 +398,7 @@ def verify(
 def _check_tensor(info: TensorInfo, merged_ckpt: Checkpoint, plan: Any, dtype: str, name: str
                   ) -> TensorCheck | None:
     from loratool.adapter import LoraModule
-    from loratool.linalg import merged_tensor, sq_norm
+    from loratool.linalg import merged_tensor
     from loratool.ops.merge import _out_dtype
     from loratool.st import load_tensor
 
@@ -425,10 +426,10 @@ def _check_tensor(info: TensorInfo, merged_ckpt: Checkpoint, plan: Any, dtype: s
         if dense:
             _, expected, _ = merged_tensor(w, [(c.module, c.weight) for c in contribs], device="cpu", unmerge=False,
                                            bias=key in plan.biases, keep_delta=True)
-            verdict, k, ks, res, tol = _check_dense(w, m, expected, unit)
+            verdict, k, ks, res, tol, norm = _check_dense(w, m, expected, unit)
         else:
-            verdict, k, ks, res, tol = _check_lowrank(w, m, contribs, unit)
-        norm = math.sqrt(sq_norm(m)) or 1.0
+            verdict, k, ks, res, tol, norm = _check_lowrank(w, m, contribs, unit)
+        norm = norm or 1.0
         check.verdict, check.factor, check.factors = verdict, k, ks
         check.residual, check.tolerance = res / norm, tol / norm
     elif key in plan.replacements:
