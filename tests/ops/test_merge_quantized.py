@@ -9,9 +9,9 @@ add are single IEEE float32 operations, identical in numpy and torch.
 Second references, where they run on this CPU:
 - transformers loads a merged block-fp8 checkpoint with `FineGrainedFP8Config(dequantize=True)`
   (its CPU path) and must see the same weights as our reference dequantization;
-- bitsandbytes (its CPU build installs from PyPI: `pip install bitsandbytes`) makes a real
-  serialized nf4 base and dequantizes our merged output with its own `dequantize_4bit`; the tests
-  that need it are skipped where it is not installed.
+- bitsandbytes (its CPU build installs from PyPI; it is in the test extras, so CI runs these) makes a
+  real serialized nf4 base and dequantizes our merged output with its own `dequantize_4bit`; the
+  tests that need it are skipped only where it is not installed (e.g. a platform without a wheel).
 """
 
 from __future__ import annotations
