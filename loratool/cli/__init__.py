@@ -243,30 +243,30 @@ def _print_traceback() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (`loratool`, `python -m loratool`): the group's main, then a clean exit."""
-    if threading.current_thread() is threading.main_thread():
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
         signal.signal(signal.SIGTERM, _on_sigterm)
-    code = cli.main(args=argv, prog_name="loratool", standalone_mode=False)
-    _exit(code)
+    try:
+        code = cli.main(args=argv, prog_name="loratool", standalone_mode=False)
+        _exit(code, in_main)
+    except KeyboardInterrupt:
+        # Ctrl-C after the command returned its code but before _exit took over SIGINT: the
+        # results are already flushed, so end at once with 130 and no traceback
+        if not in_main:
+            raise
+        _exit_interrupted(signal.SIGINT, None)
 
 
-def _exit(code: int) -> None:
+def _exit(code: int, in_main: bool) -> None:
     """Exit with `code`, with no traceback if Ctrl-C lands while the interpreter shuts down.
 
     The results were flushed before this point; from here on a SIGINT (the user pressing Ctrl-C
     just after `Wrote ...`) ends the process at once with 130 instead of raising KeyboardInterrupt
     inside atexit handlers or thread joins, which prints a traceback and keeps exit code 0.
     """
-    import signal
-
-    if sys.stdout is sys.__stdout__ and _in_main_thread():
+    if in_main and sys.stdout is sys.__stdout__:
         signal.signal(signal.SIGINT, _exit_interrupted)
     sys.exit(code)
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _exit_interrupted(signum: int, frame: Any) -> None:

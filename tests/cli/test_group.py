@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -98,16 +99,19 @@ def test_ctrl_c_right_after_wrote_prints_no_traceback(tmp_path):
     this printed a KeyboardInterrupt traceback from an atexit callback and exited 0."""
     env = {k: v for k, v in os.environ.items() if k != "LORATOOL_DEBUG"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    for i in range(3):
+    for i in range(6):
         p = subprocess.Popen([sys.executable, "-m", "loratool", "resize", str(FIXTURES / "peft_llama"),
                               "-o", str(tmp_path / f"o{i}"), "--rank", "2"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         assert p.stdout is not None
         for line in p.stdout:
             if line.startswith("Wrote"):
+                time.sleep(0.01 * (i % 3))  # at once, and a little later (shutdown under way)
                 p.send_signal(signal.SIGINT)
                 break
         _, err = p.communicate(timeout=300)
         assert "Traceback" not in err, err
-        assert p.returncode in (0, EXIT_INTERRUPTED), (p.returncode, err)
+        # 0 (done before the signal), 130 (our handler), or ended by SIGINT itself once the
+        # interpreter has put the default handler back during shutdown (a shell shows 130)
+        assert p.returncode in (0, EXIT_INTERRUPTED, -signal.SIGINT), (p.returncode, err)
         assert (tmp_path / f"o{i}" / "adapter_model.safetensors").is_file()
