@@ -164,6 +164,7 @@ def _assert_same(theirs: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
             torch.testing.assert_close(ours[name][1], b.double(), rtol=1e-6, atol=0)
 
 
+@pytest.mark.slow
 def test_diffusers_wan_converter_agrees_with_ours(tmp_path: Path) -> None:
     """diffusers' converter for `diffusion_model.` Wan files gives our `--to diffusers` names and deltas."""
     from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
@@ -178,6 +179,7 @@ def test_diffusers_wan_converter_agrees_with_ours(tmp_path: Path) -> None:
     _assert_same(_factor_deltas(theirs), _our_deltas(out))
 
 
+@pytest.mark.slow
 def test_diffusers_musubi_converter_agrees_with_ours(tmp_path: Path) -> None:
     """musubi-tuner's kohya-style names, read by diffusers' musubi converter and by us."""
     from diffusers.loaders.lora_conversion_utils import _convert_musubi_wan_lora_to_diffusers
@@ -191,6 +193,7 @@ def test_diffusers_musubi_converter_agrees_with_ours(tmp_path: Path) -> None:
     _assert_same(_factor_deltas(theirs), _our_deltas(out))
 
 
+@pytest.mark.slow
 def test_our_diffusers_output_loads_and_fuses_like_our_merge(tmp_path: Path) -> None:
     from diffusers import WanTransformer3DModel
 
