@@ -182,9 +182,9 @@ class Detection:
 
 
 def families() -> tuple[Family, ...]:
-    from loratool.families import flux, hunyuan_video, wan
+    from loratool.families import flux, hunyuan_video, ltx, wan
 
-    return (flux.FAMILY, wan.FAMILY, hunyuan_video.FAMILY)
+    return (flux.FAMILY, wan.FAMILY, hunyuan_video.FAMILY, ltx.FAMILY)
 
 
 def get(name: str) -> Family:
