@@ -105,8 +105,15 @@ class Family:
                     out[dialect].append((re.compile(rx + "$"), rel, split))
         return out
 
+    @cached_property
+    def _any(self) -> dict[str, re.Pattern[str]]:
+        """dialect -> one regex matching any of its names: most names tried are not this family's."""
+        return {d: re.compile("|".join(f"(?:{rx.pattern})" for rx, _, _ in pats)) for d, pats in self._patterns.items()}
+
     def identify(self, name: str, dialect: str) -> tuple[Relation, int | None, str | None] | None:
         """(relation, block index, diffusers template or None for the original side) of a module name."""
+        if not self._any[dialect].match(name):
+            return None
         for rx, rel, split in self._patterns[dialect]:
             m = rx.match(name)
             if m:
