@@ -163,9 +163,9 @@ class Detection:
 
 
 def families() -> tuple[Family, ...]:
-    from loratool.families import flux
+    from loratool.families import flux, wan
 
-    return (flux.FAMILY,)
+    return (flux.FAMILY, wan.FAMILY)
 
 
 def get(name: str) -> Family:
