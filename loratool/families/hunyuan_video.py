@@ -50,7 +50,7 @@ FAMILY = Family(
         one("double_blocks.{i}.txt_attn_q_norm", "transformer_blocks.{i}.attn.norm_added_q"),
         one("double_blocks.{i}.txt_attn_k_norm", "transformer_blocks.{i}.attn.norm_added_k"),
         # single blocks
-        Relation("single_blocks.{i}.linear1", (*QKV, ("mlp", "rest")), (
+        Relation("single_blocks.{i}.linear1", (*QKV, ("mlp", "4h")), (  # mlp_width_ratio 4
             ("single_transformer_blocks.{i}.attn.to_q", ("q",)),
             ("single_transformer_blocks.{i}.attn.to_k", ("k",)),
             ("single_transformer_blocks.{i}.attn.to_v", ("v",)),
