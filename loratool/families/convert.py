@@ -57,17 +57,20 @@ def convert_family(
     groups: dict[tuple[str, int | None], tuple[Relation, dict[str | None, LoraModule]]] = {}
     unknown: list[str] = []
     for name, m in adapter.modules.items():
-        ident = family.identify(name, source)
+        ident = family.identify(name, source, (m.out_features, m.in_features))
         if ident is None:
-            unknown.append(name)
+            # a known name of a shape the table does not list (SD3's context modulation: 6 or 2 chunks)
+            by_name = family.identify(name, source)
+            unknown.append(name if by_name is None else
+                           f"{name} ({m.out_features} x {m.in_features}, not a shape the table lists for it)")
             continue
         if m.magnitude is not None:
             raise IncompatibleError(f"{adapter.path}: module '{name}' is DoRA; splitting and fusing DoRA "
                                     "modules is not supported", hint="convert within one dialect")
-        if m.kind != "linear":
-            raise IncompatibleError(f"{adapter.path}: module '{name}' is a {m.kind} module; {family.name} "
-                                    "modules are linear")
         rel, i, split = ident
+        if m.kind != "linear" and not rel.is_plain:
+            raise IncompatibleError(f"{adapter.path}: module '{name}' is a {m.kind} module; {family.name} "
+                                    "modules that split or fuse are linear")
         _, members = groups.setdefault((rel.original, i), (rel, {}))
         members[split] = m
     if unknown:
