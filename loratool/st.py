@@ -22,7 +22,7 @@ import shutil
 import stat
 import struct
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -316,16 +316,20 @@ def read_scalar(info: TensorInfo) -> float:
 class TensorRef:
     """A lazy tensor: shape and dtype known up front, bytes read on load().
 
-    Either backed by a safetensors entry (nothing read until load) or by an in-memory tensor.
+    Either backed by a safetensors entry (nothing read until load), by an in-memory tensor, or
+    computed on load from other lazy tensors (`computed`: e.g. a weight with a LoRA folded in).
     """
 
-    __slots__ = ("_info", "_value", "dtype", "shape")
+    __slots__ = ("_fn", "_info", "_source", "_value", "dtype", "shape")
 
-    def __init__(self, shape: tuple[int, ...], dtype: str, info: TensorInfo | None, value: Any) -> None:
+    def __init__(self, shape: tuple[int, ...], dtype: str, info: TensorInfo | None, value: Any,
+                 fn: Callable[[], torch.Tensor] | None = None, source: str | None = None) -> None:
         self.shape = shape
         self.dtype = dtype
         self._info = info
         self._value = value
+        self._fn = fn
+        self._source = source
 
     @classmethod
     def from_info(cls, info: TensorInfo) -> TensorRef:
@@ -334,6 +338,12 @@ class TensorRef:
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> TensorRef:
         return cls(tuple(t.shape), str(t.dtype).removeprefix("torch."), None, t)
+
+    @classmethod
+    def computed(cls, shape: tuple[int, ...], dtype: str, fn: Callable[[], torch.Tensor], source: str) -> TensorRef:
+        """A tensor made by `fn` when loaded (each time: nothing is cached), of the given shape and
+        dtype; `source` names where it comes from in messages."""
+        return cls(tuple(shape), dtype, None, None, fn, source)
 
     @property
     def numel(self) -> int:
@@ -346,25 +356,28 @@ class TensorRef:
     @property
     def file(self) -> str:
         """The file it is read from, for error messages."""
-        return str(self._info.path) if self._info else "<memory>"
+        return str(self._info.path) if self._info else (self._source or "<memory>")
 
     @property
     def source(self) -> str:
         """'file:key' for file-backed tensors, for error messages."""
-        return f"{self._info.path}: '{self._info.key}'" if self._info else "<memory>"
+        return f"{self._info.path}: '{self._info.key}'" if self._info else (self._source or "<memory>")
 
     def load(self) -> torch.Tensor:
         """The tensor, in its stored dtype, on the CPU."""
         if self._info is not None:
             return load_tensor(self._info)
+        if self._fn is not None:
+            return self._fn()
         return self._value
 
     def scalar(self) -> float:
         if self._info is not None:
             return read_scalar(self._info)
-        if self._value.numel() != 1:
+        value = self.load()
+        if value.numel() != 1:
             raise FormatError(f"expected a single number, got shape {self.shape}")
-        return float(self._value.reshape(()).float().item())
+        return float(value.reshape(()).float().item())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -81,11 +81,11 @@ def peft_with_config_dir(root: Path) -> Path:
     return d
 
 
-def _lora_on_modules_to_save(root: Path) -> Path:
+def _lora_on_modules_to_save(root: Path, **kw: bool) -> Path:
     sys.path.insert(0, str(Path(__file__).parent / "formats"))
     from test_wild import lora_on_modules_to_save
 
-    return lora_on_modules_to_save(root)
+    return lora_on_modules_to_save(root, **kw)
 
 
 def _zip_bytes() -> bytes:
@@ -366,7 +366,12 @@ CASES = [
     # GGUF is read (formats/gguf.py): an empty one and a corrupt one are clean errors
     Case("gguf-without-tensors", lambda r: write(r / "adapter.gguf", b"GGUF\x03\x00\x00\x00" + b"\0" * 64), 2, 2),
     Case("gguf-corrupt", lambda r: write(r / "bad.gguf", b"GGUF" + b"\0" * 64), 2, 2),
-    Case("lora-on-modules-to-save", _lora_on_modules_to_save, 0, 0, {"unsupported-tensor"}),
+    Case("lora-on-modules-to-save", _lora_on_modules_to_save, 0, 0, {"inactive-copy"}),
+    Case("lora-on-modules-to-save-no-weights",
+         lambda r: _lora_on_modules_to_save(r, trained_weights=False), 0, 0,
+         {"unsupported-layout", "unsupported-tensor"}),
+    Case("lora-on-modules-to-save-copies-differ",
+         lambda r: _lora_on_modules_to_save(r, twins_differ=True), 0, 1, {"inactive-copy", "inconsistent-copies"}),
     Case("hdf5-container", lambda r: write(r / "model.h5", b"\x89HDF\r\n\x1a\n" + b"\0" * 64), 2, 2, mention="HDF5"),
     Case("zip-container", lambda r: write(r / "x.zip", _zip_bytes()), 2, 2, mention="zip archive"),
     Case("torch-zip-named-safetensors", torch_zip_named_safetensors, 2, 2, mention="pickle"),

@@ -91,6 +91,9 @@ class LoratoolGroup(click.Group):
 def run_mapped(call: Any) -> int:
     """Run the CLI and turn every outcome into an exit code (printing Error:/Hint: where one failed)."""
     debug = os.environ.get("LORATOOL_DEBUG") == "1"
+    st = sys.modules.get("loratool.st")
+    if st is not None:  # "Interrupted; X was written" names this command's outputs only (library use before it)
+        st.OUTPUTS.clear()
     try:
         code = call()
         code = code if isinstance(code, int) else 0

@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from loratool.adapter import LycoAlgo, LycoModule
-from loratool.formats._common import Findings
+from loratool.formats._common import Findings, alpha_missing
 from loratool.st import TensorRef
 
 # suffix -> (algo it belongs to, role); None algo: shared by several algos
@@ -88,6 +88,7 @@ def read_modules(
             algos.setdefault(name, set()).add(key_algo)
     modules: dict[str, LycoModule] = {}
     leftover: list[str] = []
+    implied: list[str] = []  # modules without an alpha: one warning for all of them
     for name, group in groups.items():
         keys = tuple(k for k, _ in group.values())
         found = algos.get(name, set())
@@ -130,10 +131,10 @@ def read_modules(
                            f"but the weight delta has {module.out_features} outputs")
             continue
         if alpha is None and (algo in ("loha", "tucker") or (algo == "lokr" and module.rank)):
-            findings.warning("alpha-missing", name, f"{where}: module '{name}' has no .alpha tensor; "
-                             "alpha is implied (= rank)")
+            implied.append(name)
             module.alpha = float(module.rank)
         modules[name] = module
+    alpha_missing(findings, where, implied, ".alpha tensor")
     return modules, leftover
 
 

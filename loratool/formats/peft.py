@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -297,7 +298,7 @@ def from_tensors(
         rm = raw.setdefault(name, RawModule())
         rm.put(role, ref, key, name, findings, tf.path)
         rm.embedding = rm.embedding or embedding
-    _set_aside_wrapped_copies(raw, extras, unsupported)
+    wrapped = _wrapped_layers(raw)
 
     modules: dict[str, LoraModule] = {}
     for name, rm in raw.items():
@@ -334,6 +335,7 @@ def from_tensors(
                                f"{tf.path}: use_dora is true but module '{name}' has no lora_magnitude_vector")
                 continue
         modules[name] = module
+    _fold_wrapped_copies(wrapped, raw, modules, extras, unsupported, findings, tf.path)
     if has_config and not use_dora and any(m.magnitude is not None for m in modules.values()):
         findings.error("config-inconsistent", None,
                        f"{tf.path}: has lora_magnitude_vector tensors but use_dora is false in {CONFIG_NAME}")
@@ -352,22 +354,104 @@ def from_tensors(
 _WRAPPED = (".modules_to_save", ".original_module")
 
 
-def _set_aside_wrapped_copies(raw: dict[str, RawModule], extras: dict[str, TensorRef], unsupported: list[str]) -> None:
-    """A LoRA on a layer that is also in modules_to_save (older peft wrote `classifier.lora_A`,
-    `classifier.modules_to_save.lora_A`, `classifier.original_module.lora_A` and the trained copy
-    `classifier.base_layer.weight`) is one layer in several wrapped copies, of which peft uses one at
-    a time; reading them as separate modules would apply the layer's delta two or three times. Until
-    the layout is modelled, the whole group is set aside as unsupported: inspect lists it, validate
-    warns, and operations refuse it by name instead of rewriting target_modules / modules_to_save."""
-    wrapped = {n.rsplit(".", 1)[0] for n in raw if n.endswith(_WRAPPED)}
-    for layer in sorted(wrapped):
-        group = [n for n in raw if n == layer or n in (layer + w for w in _WRAPPED)]
-        # the wrapped copies' keys first, so messages name the layout by its marker
-        for n in sorted(group, key=lambda n: not n.endswith(_WRAPPED)):
-            unsupported.extend(raw.pop(n).keys)
-        for key in [k for k in extras if k.startswith(layer + ".")]:
-            extras.pop(key)
-            unsupported.append(PREFIX + key)
+def _wrapped_layers(raw: dict[str, RawModule]) -> list[str]:
+    """Layers whose LoRA sits in peft's modules_to_save wrapper (`classifier.modules_to_save.lora_A`)."""
+    return sorted({n.rsplit(".", 1)[0] for n in raw if n.endswith(_WRAPPED)})
+
+
+def _fold_wrapped_copies(layers: list[str], raw: dict[str, RawModule], modules: dict[str, LoraModule],
+                         extras: dict[str, TensorRef], unsupported: list[str], findings: Findings,
+                         where: Path) -> None:
+    """A LoRA on a layer that is also in modules_to_save, modelled as peft runs it.
+
+    Older peft wrapped such a layer twice: the modules_to_save wrapper holds a frozen
+    `original_module` and a trained copy, and the LoRA went into both. Its file holds the trained
+    copy's weights (`classifier.base_layer.weight`, `.bias`), the trained copy's LoRA twice
+    (`classifier.lora_A` and `classifier.modules_to_save.lora_A`: one tensor saved by two paths) and
+    the frozen copy's LoRA (`classifier.original_module.lora_A`, never used once the adapter is
+    active). What peft computes for the layer is the trained copy plus its LoRA, so that is what the
+    layer becomes here: one modules_to_save tensor `classifier.weight = base_layer.weight + ΔW` (and
+    `.bias`), made when it is loaded; current peft (which lets modules_to_save win over a LoRA on the
+    same layer) loads it and computes the same. Read as separate modules, the delta would be applied
+    three times. What cannot be modelled (no trained weights in the file, DoRA on the copy) is set
+    aside as unsupported, so operations refuse it by name.
+    """
+    for layer in layers:
+        trained, saved, frozen = (modules.pop(layer + ".modules_to_save", None), modules.pop(layer, None),
+                                  modules.pop(layer + ".original_module", None))
+        lora = trained or saved
+        weight = extras.get(layer + ".base_layer.weight")
+        reason = None
+        if lora is None:
+            reason = "only the frozen original_module copy has a LoRA"
+        elif weight is None:
+            reason = "the trained copy's weights (base_layer.weight) are not in the file"
+        elif lora.magnitude is not None:
+            reason = "DoRA on a modules_to_save copy"
+        elif trained is not None and saved is not None and (
+                trained.up.shape != saved.up.shape or trained.down.shape != saved.down.shape):
+            reason = "its two saved copies of the trained LoRA differ in shape"
+        elif lora.base_shape != weight.shape:
+            reason = f"the LoRA's shape {lora.base_shape} does not fit base_layer.weight {weight.shape}"
+        if reason is not None or lora is None or weight is None:
+            _set_aside(layer, raw, unsupported)
+            for key in [k for k in extras if k.startswith(layer + ".")]:
+                extras.pop(key)
+                unsupported.append(PREFIX + key)
+            findings.warning("unsupported-layout", layer,
+                             f"{where}: LoRA on the modules_to_save layer '{layer}' cannot be modelled ({reason}); "
+                             "its tensors are left aside")
+            continue
+        twin = saved if trained is not None else None
+        extras.pop(layer + ".base_layer.weight")
+        extras[layer + ".weight"] = TensorRef.computed(
+            weight.shape, weight.dtype, partial(_folded_weight, weight, lora, twin),
+            f"{where}: '{layer}' (modules_to_save weights with their LoRA folded in)")
+        bias = extras.pop(layer + ".base_layer.bias", None)
+        if lora.bias is not None and bias is None:
+            _set_aside(layer, raw, unsupported)
+            extras.pop(layer + ".weight")
+            unsupported.append(PREFIX + layer + ".base_layer.weight")
+            findings.warning("unsupported-layout", layer,
+                             f"{where}: the modules_to_save layer '{layer}' has a LoRA bias but no base_layer.bias; "
+                             "its tensors are left aside")
+            continue
+        if bias is not None:
+            extras[layer + ".bias"] = bias if lora.bias is None else TensorRef.computed(
+                bias.shape, bias.dtype, partial(_folded_bias, bias, lora),
+                f"{where}: '{layer}' (modules_to_save bias with its LoRA bias folded in)")
+        for key in [k for k in extras if k.startswith(layer + ".base_layer.")]:
+            extras[key.replace(".base_layer.", ".", 1)] = extras.pop(key)
+        if frozen is not None:
+            findings.warning("inactive-copy", layer,
+                             f"{where}: '{layer}.original_module' holds a LoRA on peft's frozen copy of a "
+                             "modules_to_save layer, which peft never runs; it is left out")
+
+
+def _set_aside(layer: str, raw: dict[str, RawModule], unsupported: list[str]) -> None:
+    """The LoRA tensors of a wrapped layer's copies, as unsupported (the wrapped copies' first, so
+    messages name the layout by its marker)."""
+    for n in (layer + ".modules_to_save", layer + ".original_module", layer):
+        if n in raw:
+            unsupported.extend(raw[n].keys)
+
+
+def _folded_weight(weight: TensorRef, lora: LoraModule, twin: LoraModule | None) -> Any:
+    from loratool import linalg
+
+    if twin is not None:
+        for a, b in ((lora.up, twin.up), (lora.down, twin.down)):
+            if not bool((a.load() == b.load()).all()):
+                raise FormatError(f"{a.source} and {b.source}: the two saved copies of the trained LoRA differ",
+                                  hint="the file is inconsistent; re-save the adapter with peft")
+    w = weight.load()
+    return (w.float() + linalg.delta(lora)).to(w.dtype)
+
+
+def _folded_bias(bias: TensorRef, lora: LoraModule) -> Any:
+    assert lora.bias is not None
+    b = bias.load()
+    return (b.float() + lora.bias.load().float() * lora.bias_scale).to(b.dtype)
 
 
 def _config_label(config_path: Path | None, header: HeaderConfig | None) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratool.adapter import Adapter
+from loratool.errors import FormatError
 from loratool.formats import Finding, Findings, read, unsupported_family
 
 if TYPE_CHECKING:
@@ -165,7 +166,11 @@ def _check_values(adapter: Adapter, findings: Findings, progress: Progress | Non
                 findings.error("non-finite", lm.name,
                                f"{ref.source}: {role} of module '{lm.name}' has {nan} NaN and {inf} Inf values")
     for key, ref in adapter.extras.items():
-        t = _checkable(ref.load())
+        try:
+            t = _checkable(ref.load())
+        except FormatError as e:  # a tensor made from others (a folded modules_to_save LoRA) found them inconsistent
+            findings.error("inconsistent-copies", key, str(e))
+            continue
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             findings.error("non-finite", key, f"{ref.source}: extra tensor '{key}' has NaN or Inf values")
 

@@ -210,3 +210,23 @@ def test_weight_decomposed_lycoris_stays_unsupported(tmp_path: Path) -> None:
     assert "dora_scale" in sd
     a = read(save_module(tmp_path, sd))
     assert not a.lycoris and "lora_unet_x.dora_scale" in a.unsupported
+
+
+def test_lycoris_modules_without_alpha_give_one_warning_with_a_count(tmp_path: Path) -> None:
+    """Issue #11 item 12 for LyCORIS: a file of many LoHa modules without .alpha warned once per
+    module; now one line names the count."""
+    from loratool.ops.inspect import inspect_adapter
+
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for i in range(5):
+        for t in ("hada_w1_a", "hada_w2_a"):
+            sd[f"lora_unet_m{i}.{t}"] = torch.randn(8, 2, generator=g)
+        for t in ("hada_w1_b", "hada_w2_b"):
+            sd[f"lora_unet_m{i}.{t}"] = torch.randn(2, 6, generator=g)
+    path = tmp_path / "loha.safetensors"
+    save_file(sd, str(path))
+    warnings = [w for w in inspect_adapter(path).to_dict()["warnings"] if "alpha" in w]
+    assert len(warnings) == 1 and "5 modules" in warnings[0], warnings
+    a = read(path)
+    assert {m.alpha for m in a.lycoris.values()} == {2.0}  # implied = rank

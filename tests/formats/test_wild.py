@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from loratool.errors import FormatError
 from loratool.formats import read
@@ -335,21 +335,38 @@ def test_unreadable_config_is_not_called_invalid_json(make_adapter) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# item 9 (partial): LoRA on a layer that is also in modules_to_save
+# item 9: LoRA on a layer that is also in modules_to_save
 
 
-def lora_on_modules_to_save(root: Path) -> Path:
-    """The keys older peft wrote for a layer in both target_modules and modules_to_save."""
+class _Cls(torch.nn.Module):
+    """The base model of lora_on_modules_to_save: a query layer (LoRA) and a classifier head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query = torch.nn.Linear(32, 32)
+        self.classifier = torch.nn.Linear(32, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.query(x))
+
+
+def lora_on_modules_to_save(root: Path, *, twins_differ: bool = False, trained_weights: bool = True) -> Path:
+    """The keys older peft wrote for a layer in both target_modules and modules_to_save: the trained
+    copy's LoRA twice (`classifier.lora_A`, `classifier.modules_to_save.lora_A`), the frozen copy's
+    LoRA (`classifier.original_module.lora_A`) and the trained copy's weights (`base_layer`)."""
     g = torch.Generator().manual_seed(0)
-    sd = {}
-    q = "base_model.model.bert.encoder.layer.0.attention.self.query"
-    sd[q + ".lora_A.weight"] = torch.randn(4, 32, generator=g)
-    sd[q + ".lora_B.weight"] = torch.randn(32, 4, generator=g)
-    for copy in ("", ".modules_to_save", ".original_module"):
-        c = "base_model.model.classifier" + copy
-        sd[c + ".lora_A.weight"] = torch.randn(4, 32, generator=g)
-        sd[c + ".lora_B.weight"] = torch.randn(6, 4, generator=g)
-    sd["base_model.model.classifier.base_layer.weight"] = torch.randn(6, 32, generator=g)
+    sd = {"base_model.model.query.lora_A.weight": torch.randn(4, 32, generator=g),
+          "base_model.model.query.lora_B.weight": torch.randn(32, 4, generator=g)}
+    a, b = torch.randn(4, 32, generator=g), torch.randn(6, 4, generator=g)
+    sd["base_model.model.classifier.modules_to_save.lora_A.weight"] = a
+    sd["base_model.model.classifier.modules_to_save.lora_B.weight"] = b
+    sd["base_model.model.classifier.lora_A.weight"] = a.clone()
+    sd["base_model.model.classifier.lora_B.weight"] = b.clone() + (1.0 if twins_differ else 0.0)
+    sd["base_model.model.classifier.original_module.lora_A.weight"] = torch.randn(4, 32, generator=g)
+    sd["base_model.model.classifier.original_module.lora_B.weight"] = torch.randn(6, 4, generator=g)
+    if trained_weights:
+        sd["base_model.model.classifier.base_layer.weight"] = torch.randn(6, 32, generator=g)
+        sd["base_model.model.classifier.base_layer.bias"] = torch.randn(6, generator=g)
     d = root / "cls"
     d.mkdir()
     save_file(sd, d / "adapter_model.safetensors")
@@ -359,16 +376,87 @@ def lora_on_modules_to_save(root: Path) -> Path:
     return d
 
 
-def test_lora_on_a_modules_to_save_layer_is_one_group_not_three_modules(tmp_path: Path) -> None:
-    """Read as three modules, the classifier's delta would be applied three times and resize /
-    convert rewrote target_modules / modules_to_save. Until the layout is modelled it is listed by
-    inspect and refused by operations, naming the layout."""
-    from loratool.errors import IncompatibleError
+def _reference(d: Path) -> dict[str, torch.Tensor]:
+    """What peft ran for the classifier: the trained copy plus its LoRA (alpha 8 / r 4), in numpy."""
+    import numpy as np
+
+    t = {k: v.double().numpy() for k, v in load_file(str(d / "adapter_model.safetensors")).items()}
+    p = "base_model.model.classifier."
+    b, a = t[p + "modules_to_save.lora_B.weight"], t[p + "modules_to_save.lora_A.weight"]
+    w = t[p + "base_layer.weight"] + 2.0 * b @ a
+    return {"classifier.weight": torch.from_numpy(np.asarray(w)),
+            "classifier.bias": torch.from_numpy(t[p + "base_layer.bias"])}
+
+
+def test_lora_on_a_modules_to_save_layer_is_the_trained_copy_plus_its_lora(tmp_path: Path) -> None:
+    """Before, the layer was three modules (its delta applied three times) and resize rewrote
+    target_modules / modules_to_save; then it was refused. Now it is what peft computes: one
+    modules_to_save tensor = the trained copy's weight + its LoRA; the frozen copy's LoRA is unused."""
+    d = lora_on_modules_to_save(tmp_path)
+    a = read(d)
+    assert list(a.modules) == ["query"]
+    assert set(a.extras) == {"classifier.weight", "classifier.bias"}
+    ref = _reference(d)
+    for key, want in ref.items():
+        got = a.extras[key].load()
+        assert got.dtype == torch.float32 and tuple(got.shape) == a.extras[key].shape
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+    doc = inspect_adapter(d).to_dict()
+    assert [m["name"] for m in doc["modules"]] == ["query"]
+    assert not doc["unsupported"]
+    assert any("original_module" in w and "never runs" in w for w in doc["warnings"])
+
+
+def test_lora_on_a_modules_to_save_layer_written_loads_in_peft_and_means_the_same(tmp_path: Path) -> None:
+    from peft import PeftModel
 
     d = lora_on_modules_to_save(tmp_path)
+    out = tmp_path / "out"
+    resize(d, out, rank=2)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["classifier"]
+    torch.manual_seed(0)
+    model = PeftModel.from_pretrained(_Cls(), str(out))
+    head = model.base_model.model.classifier
+    assert hasattr(head, "modules_to_save"), "peft did not wrap the classifier as modules_to_save"
+    ref = _reference(d)
+    torch.testing.assert_close(head.modules_to_save["default"].weight.detach().double(), ref["classifier.weight"],
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(head.modules_to_save["default"].bias.detach().double(), ref["classifier.bias"],
+                               rtol=0, atol=1e-5)
+
+
+def test_lora_on_a_modules_to_save_layer_merges_as_peft_runs_it(tmp_path: Path) -> None:
+    from loratool.ops.merge import merge
+
+    d = lora_on_modules_to_save(tmp_path)
+    base = tmp_path / "base.safetensors"
+    torch.manual_seed(1)
+    weights = {k: v.detach().clone() for k, v in _Cls().state_dict().items()}
+    save_file(weights, str(base))
+    merge(base, [d], tmp_path / "merged.safetensors")
+    merged = {k: v.double() for k, v in load_file(str(tmp_path / "merged.safetensors")).items()}
+    ref = _reference(d)
+    torch.testing.assert_close(merged["classifier.weight"], ref["classifier.weight"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(merged["classifier.bias"], ref["classifier.bias"], rtol=0, atol=1e-5)
+    with safe_open(str(d / "adapter_model.safetensors"), "pt") as f:
+        qa, qb = (f.get_tensor(f"base_model.model.query.lora_{x}.weight").double() for x in "AB")
+    torch.testing.assert_close(merged["query.weight"], weights["query.weight"].double() + 2.0 * qb @ qa,
+                               rtol=0, atol=1e-5)
+
+
+def test_lora_on_a_modules_to_save_layer_that_cannot_be_modelled_is_refused(tmp_path: Path) -> None:
+    from loratool.errors import IncompatibleError
+
+    d = lora_on_modules_to_save(tmp_path, trained_weights=False)
     doc = inspect_adapter(d).to_dict()
-    assert [m["name"] for m in doc["modules"]] == ["bert.encoder.layer.0.attention.self.query"]
+    assert [m["name"] for m in doc["modules"]] == ["query"]
     assert any(".modules_to_save." in k for k in doc["unsupported"])
-    assert "base_model.model.classifier.base_layer.weight" in doc["unsupported"]
     with pytest.raises(IncompatibleError, match="modules_to_save layer"):
+        resize(d, tmp_path / "out", rank=2)
+
+
+def test_lora_on_a_modules_to_save_layer_with_differing_copies_is_an_error(tmp_path: Path) -> None:
+    d = lora_on_modules_to_save(tmp_path, twins_differ=True)
+    with pytest.raises(FormatError, match="two saved copies"):
         resize(d, tmp_path / "out", rank=2)
