@@ -179,9 +179,9 @@ class Detection:
 
 
 def families() -> tuple[Family, ...]:
-    from loratool.families import flux, sd3
+    from loratool.families import flux, sd3, wan
 
-    return (flux.FAMILY, sd3.FAMILY)
+    return (flux.FAMILY, sd3.FAMILY, wan.FAMILY)
 
 
 def get(name: str) -> Family:

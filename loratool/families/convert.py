@@ -12,10 +12,10 @@ approximation (exact low-rank SVD) and reports the relative error.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from loratool.adapter import Adapter, LoraModule
+from loratool.adapter import Adapter, LoraModule, LycoModule
 from loratool.errors import IncompatibleError
 from loratool.families import ORIGINAL_SIDE, Family, Relation
 from loratool.st import TensorRef
@@ -39,6 +39,7 @@ class FamilyModule:
 class FamilyConversion:
     modules: dict[str, LoraModule] = field(default_factory=dict)
     rows: list[FamilyModule] = field(default_factory=list)
+    lycoris: dict[str, LycoModule] = field(default_factory=dict)  # full / norm / bias diffs, renamed
 
 
 def _listing(names: list[str], limit: int = 5) -> str:
@@ -73,14 +74,32 @@ def convert_family(
                                     "modules that split or fuse are linear")
         _, members = groups.setdefault((rel.original, i), (rel, {}))
         members[split] = m
+    out = FamilyConversion()
+    to_original = target in ORIGINAL_SIDE
+    for name, lm in adapter.lycoris.items():
+        # LyCORIS full / norm / bias diffs (Wan LoRAs carry them for biases and norms) move by name;
+        # the shape picks between same-named relations (a bias-only diff, in 0, fits none of them)
+        ident = family.identify(name, source, (lm.out_features, lm.in_features))
+        if ident is None:
+            unknown.append(name)
+            continue
+        rel, i, split = ident
+        if not rel.is_plain:
+            raise IncompatibleError(
+                f"{adapter.path}: module '{name}' is a LyCORIS {lm.algo} diff of a module that {family.name} "
+                f"{'fuses' if split is not None else 'splits'} between dialects; only LoRA factors split and fuse",
+                hint="convert within the same side (kohya <-> comfyui, diffusers <-> peft)")
+        template = rel.original if to_original else rel.split[0][0]
+        path = template.replace("{i}", str(i)) if i is not None else template
+        new = family.name_in(target, path, original=to_original)
+        out.lycoris[new] = replace(lm, name=new)
+        out.rows.append(FamilyModule(new, [name], lm.rank, "rename"))
     if unknown:
         raise IncompatibleError(
             f"{adapter.path}: {len(unknown)} module(s) are not {family.title} modules in the {source} dialect: "
             f"{_listing(unknown)}",
             hint="check the family and dialect with: loratool inspect ADAPTER",
         )
-    out = FamilyConversion()
-    to_original = target in ORIGINAL_SIDE
     for (_, i), (rel, members) in groups.items():
         def fill(template: str, i: int | None = i) -> str:
             return template.replace("{i}", str(i)) if i is not None else template

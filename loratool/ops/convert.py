@@ -421,11 +421,12 @@ def _family_for(adapter: Adapter, to: str, family: str | None, other_mode: bool)
     """
     from loratool import families
 
-    if adapter.lycoris:
+    if any(lm.algo not in ("full", "norm", "bias") for lm in adapter.lycoris.values()):
         if family is not None:
             raise IncompatibleError(f"{adapter.path}: holds LyCORIS modules; convert them first (--to lora)")
         return None
-    names = list(adapter.modules)
+    # full / norm / bias diffs (kept as they are where the target holds them) move with the family's names
+    names = [*adapter.modules, *adapter.lycoris]
     det = families.detect(names)
     if family is not None:
         try:
@@ -466,13 +467,18 @@ def _convert_family(adapter: Adapter, report: ConvertReport, fam: Any, source: s
     finally:
         torch.set_num_threads(threads)
     for row in conv.rows:
+        by = f"{fam.name} {source}"
+        if row.name in conv.lycoris:
+            lm = conv.lycoris[row.name]
+            report.modules.append(ModuleConvert(row.sources[0], row.name, lm.kind, lm.rank, lm.alpha or 0.0,
+                                                lm.scale, by, lm.algo))
+            continue
         m = conv.modules[row.name]
         report.modules.append(ModuleConvert(", ".join(row.sources), row.name, m.kind, m.rank, m.alpha, m.scale,
-                                            f"{fam.name} {source}", "lora" if row.how == "rename" else row.how,
-                                            None, row.rel_error))
+                                            by, "lora" if row.how == "rename" else row.how, None, row.rel_error))
     converted = adapter.with_modules(conv.modules, extras={}, config={},
                                      metadata=adapter.metadata if adapter.source_format == to == "kohya" else {},
-                                     source_format=to, source_modules=())
+                                     source_format=to, source_modules=(), lycoris=conv.lycoris)
     params = {"to": to, "family": fam.name, "from_dialect": source, "fuse_rank": fuse_rank}
     written = write(converted, out, fmt=to, force=force, op="convert", params=params, sources=adapter.files)
     report.size = sum(f.stat().st_size for f in written.iterdir() if f.is_file()) if written.is_dir() else \

@@ -158,6 +158,16 @@ def test_context_modulation_of_an_unknown_shape_is_refused(tmp_path: Path) -> No
         convert(write(tmp_path, "k.safetensors", t), tmp_path / "d.safetensors", to="diffusers", family="sd3")
 
 
+def test_full_diff_of_the_swapped_modulation_is_refused_not_renamed(tmp_path: Path) -> None:
+    """A `.diff` of the pre-only block's (scale, shift) rows would need its rows swapped: refused, where
+    the name alone (a 6-chunk block's rename) would have renamed it."""
+    k = "lora_transformer_transformer_blocks_1_norm1_context_linear"
+    t = {n: v for n, v in sd3_lora("onetrainer", layers=2, dual=(), embedders=False).items() if not n.startswith(k)}
+    t[k + ".diff"] = torch.ones(2 * H, H)
+    with pytest.raises(IncompatibleError, match="LyCORIS full diff of a module that sd3 fuses"):
+        convert(write(tmp_path, "o.safetensors", t), tmp_path / "k.safetensors", to="kohya", family="sd3")
+
+
 def test_diffusers_side_to_kohya_needs_the_family(tmp_path: Path) -> None:
     src = write(tmp_path, "d.safetensors", sd3_lora("diffusers"))
     with pytest.raises(IncompatibleError) as e:
