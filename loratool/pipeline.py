@@ -167,8 +167,8 @@ def stream_file(
     slot_used: list[int] = []  # the output slot the current tensor's result lives in, if any
 
     def cast_into_slot(n: int) -> Cast:
-        def cast(new: torch.Tensor, dtype: str) -> torch.Tensor:
-            """new cast to dtype on the CPU, in the output slot that is free again."""
+        def slot_buffer(shape: tuple[int, ...] | torch.Size, dtype: str) -> torch.Tensor:
+            """The output slot that is free again, as an uninitialised tensor to be filled."""
             slot = n % 2
             ws, busy = out_slots[slot]
             if busy is not None:
@@ -180,7 +180,13 @@ def stream_file(
                 busy.result()  # written out: its buffer may be reused
                 timings.write_wait += time.perf_counter() - t
             slot_used.append(slot)
-            return ws.get("out", new.shape, getattr(torch, dtype), "cpu").copy_(new)
+            return ws.get("out", shape, getattr(torch, dtype), "cpu")
+
+        def cast(new: torch.Tensor, dtype: str) -> torch.Tensor:
+            """new cast to dtype on the CPU, in the output slot that is free again."""
+            return slot_buffer(new.shape, dtype).copy_(new)
+
+        cast.buffer = slot_buffer  # type: ignore[attr-defined]  # fill it block by block (linalg.merge_blocked)
         return cast
 
     skipped = sum(i.nbytes for i in src.tensors.values() if layout[i.key] is None)

@@ -172,3 +172,48 @@ def test_merge_dense_ties_against_numpy():
     np.testing.assert_allclose(linear.numpy(), sum(w * d for w, d in zip(weights, deltas)), rtol=1e-12)
     with pytest.raises(ValueError, match="unknown dense merge"):
         linalg.merge_dense([torch.zeros(1)], [1.0], "average", density=1.0)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("shape,block", [((37, 29), 64), ((64, 48), 48 * 64), ((9, 4, 3, 3), 50), ((300, 7), 1 << 18)])
+@pytest.mark.parametrize("factor,threads", [(1.0, 1), (-0.5, 3)])
+def test_merge_blocked_writes_the_same_bits_as_the_whole_tensor_path(dtype, shape, block, factor, threads):
+    """The cache-blocked merge (one pass: widen, add, cast, measure) against merged_tensor + a cast
+    + realized_delta on whole tensors: identical stored bits, and the same realized-delta figures
+    to float32 summation tolerance. Blocks that do not divide the rows check the tail block."""
+    g = torch.Generator().manual_seed(0)
+    out_f, in_f = shape[0], math.prod(shape[1:])
+    kind = "conv" if len(shape) == 4 else "linear"
+    down = torch.randn(3, *shape[1:], generator=g) if kind == "conv" else torch.randn(3, in_f, generator=g)
+    up = torch.randn(out_f, 3, *([1, 1] if kind == "conv" else []), generator=g)
+    m = LoraModule("m", TensorRef.from_tensor(down), TensorRef.from_tensor(up), alpha=6.0, kind=kind)
+    stored = (torch.randn(shape, generator=g) * 3).to(getattr(torch, dtype))
+    w, new, _ = linalg.merged_tensor(stored, [(m, abs(factor))], device="cpu", unmerge=factor < 0)
+    want = new.to(getattr(torch, dtype))
+    w_norm = float(w.norm())
+    dd_root, de_sum, err_norm, worst = linalg.realized_delta(w, new.clone(), want)
+    out = torch.empty(shape, dtype=getattr(torch, dtype))
+    r = linalg.merge_blocked(stored, m, factor, out, work=linalg.Workspace(), block=block, threads=threads)
+    assert torch.equal(out.view(torch.uint8) if dtype != "float32" else out.view(torch.int32),
+                       want.view(torch.uint8) if dtype != "float32" else want.view(torch.int32))
+    assert r.dd_root == pytest.approx(dd_root, rel=1e-5)
+    assert r.de_sum == pytest.approx(de_sum, rel=1e-4, abs=1e-6 * dd_root ** 2)
+    assert r.err_norm == pytest.approx(err_norm, rel=1e-4, abs=1e-9)
+    assert r.worst == worst  # a maximum does not depend on the order
+    assert r.w_norm == pytest.approx(w_norm, rel=1e-5)
+    assert (r.lo, r.hi) == tuple(float(v) for v in torch.aminmax(new))
+
+
+def test_merge_blocked_stops_at_nan():
+    m = LoraModule("m", TensorRef.from_tensor(torch.ones(1, 4)), TensorRef.from_tensor(torch.ones(8, 1)), alpha=1.0)
+    stored = torch.zeros(8, 4)
+    stored[5, 2] = float("nan")
+    for threads in (1, 2):  # one range, or several ranges whose partial results are combined
+        r = linalg.merge_blocked(stored, m, 1.0, torch.empty(8, 4), work=linalg.Workspace(), block=8,
+                                 threads=threads)
+        assert math.isnan(r.lo) and math.isnan(r.hi)
+    stored[5, 2] = float("inf")
+    for threads in (1, 2):
+        r = linalg.merge_blocked(stored, m, 1.0, torch.empty(8, 4), work=linalg.Workspace(), block=8,
+                                 threads=threads)
+        assert r.hi == math.inf and r.lo == 1.0

@@ -142,6 +142,12 @@ def _finite_or_raise(new: torch.Tensor, out_dtype: str, key: str, contribs: list
     if not new.is_floating_point() or new.numel() == 0:
         return
     lo, hi = (float(v) for v in torch.aminmax(new))
+    _range_or_raise(lo, hi, out_dtype, key, contribs)
+
+
+def _range_or_raise(lo: float, hi: float, out_dtype: str, key: str, contribs: list[Contribution]) -> None:
+    import torch
+
     limit = torch.finfo(getattr(torch, out_dtype)).max if out_dtype in _FLOAT + FP8_DTYPES else math.inf
     if math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) <= limit:
         return
@@ -231,6 +237,10 @@ def _tensor_step(setup: _Setup, report: MergeReport, *, name: str, work: Workspa
         if key in plan.deltas or key in plan.biases:
             assert stored is not None
             contribs = plan.deltas.get(key) or plan.biases[key]
+            blocked = _blocked_term(setup, key, s, stored, contribs, cast)
+            if blocked is not None:
+                return _merge_blocked(setup, report, name=name, key=key, stored=stored, term=blocked,
+                                      out_dtype=out_dtype, cast=cast, work=work)
             base = stored
             if s is not None:
                 base = dequantize(s, stored, setup.load)
@@ -282,6 +292,52 @@ def _tensor_step(setup: _Setup, report: MergeReport, *, name: str, work: Workspa
         return None
 
     return compute
+
+
+def _blocked_term(setup: _Setup, key: str, s: object, stored: torch.Tensor | None, contribs: list[Contribution],
+                  cast: Cast) -> Contribution | None:
+    """The one contribution of a tensor that linalg.merge_blocked can merge, or None.
+
+    The common case, on the CPU: one plain LoRA (no DoRA, no LyCORIS, not transposed) into a float
+    tensor stored as it is (no quantization, no QLoRA round trip), written to a float dtype.
+    """
+    from loratool.adapter import LoraModule
+
+    if (s is not None or setup.qlora_base or setup.device != "cpu" or key not in setup.plan.deltas
+            or len(contribs) != 1 or not hasattr(cast, "buffer") or stored is None
+            or not stored.is_floating_point() or stored.dim() < 2):
+        return None
+    c = contribs[0]
+    m = c.module
+    if not isinstance(m, LoraModule) or m.magnitude is not None or m.kind == "embedding" or m.fan_in_fan_out:
+        return None
+    return c
+
+
+def _merge_blocked(setup: _Setup, report: MergeReport, *, name: str, key: str, stored: torch.Tensor,
+                   term: Contribution, out_dtype: str, cast: Cast, work: Workspace) -> torch.Tensor:
+    """One tensor through linalg.merge_blocked: the same bits as merged_tensor + cast, in one pass."""
+    import torch
+
+    from loratool.linalg import merge_blocked
+
+    out = cast.buffer(stored.shape, out_dtype)  # type: ignore[attr-defined]
+    factor = (-1.0 if setup.unmerge else 1.0) * term.weight
+    r = merge_blocked(stored, term.module, factor, out, work=work)  # type: ignore[arg-type]
+    _range_or_raise(r.lo, r.hi, out_dtype, key, [term])
+    retained = r.de_sum / (r.dd_root * r.dd_root) if r.dd_root > 0 else None
+    rel_error = r.err_norm / r.dd_root if r.dd_root > 0 else None
+    report.realized.append((key, retained, rel_error, r.worst))
+    changed = r.dd_root * r.dd_root + 2 * (r.de_sum - r.dd_root * r.dd_root) + r.err_norm * r.err_norm
+    if r.dd_root > 0 and changed > 1e-12 * r.dd_root * r.dd_root:
+        report.changed += 1
+    if setup.stats:
+        report.tensors.append(TensorStat(
+            key, name, [term.module.name], r.dd_root, r.dd_root / max(r.w_norm, 1e-30),
+            r.worst, retained, rel_error, "float"))
+    report.merged += 1
+    assert out.dtype == getattr(torch, out_dtype)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
