@@ -179,9 +179,9 @@ class Detection:
 
 
 def families() -> tuple[Family, ...]:
-    from loratool.families import flux, sd3, wan
+    from loratool.families import flux, qwen_image, sd3, wan
 
-    return (flux.FAMILY, sd3.FAMILY, wan.FAMILY)
+    return (flux.FAMILY, sd3.FAMILY, wan.FAMILY, qwen_image.FAMILY)
 
 
 def get(name: str) -> Family:

@@ -210,6 +210,7 @@ def test_tables_agree_with_diffusers_checkpoint_converter_and_fuse_lora(tmp_path
     sai = _sai_base(gen)
     base = convert_sd3_transformer_checkpoint_to_diffusers(dict(sai))
     model = SD3Transformer2DModel(**CONFIG)
+    targets = {n for n, mod in model.named_modules() if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d))}
     model.load_state_dict(base, strict=True)  # the fixture's shapes are the model's, key for key
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     base_dir = tmp_path / "base"
@@ -233,8 +234,9 @@ def test_tables_agree_with_diffusers_checkpoint_converter_and_fuse_lora(tmp_path
     convert(src, out_dir / "pytorch_lora_weights.safetensors", to="diffusers")
     model.load_lora_adapter(str(out_dir), weight_name="pytorch_lora_weights.safetensors", prefix="transformer",
                             adapter_name="ours")
-    wrapped = {n for n, _ in model.named_modules() if n.endswith(".lora_A.ours")}
+    wrapped = {n.removesuffix(".lora_A.ours") for n, _ in model.named_modules() if n.endswith(".lora_A.ours")}
     assert len(wrapped) == len(read(out_dir / "pytorch_lora_weights.safetensors").modules) == 37
+    assert wrapped == targets  # the table covers every linear and the patch conv of the model
     model.fuse_lora(lora_scale=1.0)
     model.unload_lora()
     fused = model.state_dict()
