@@ -1217,7 +1217,7 @@ def delta_distance(n1_sq: float, n2_sq: float, inner: float) -> tuple[float, flo
 
 def realized_projection(
     merged: torch.Tensor, base: torch.Tensor, terms: list[tuple[torch.Tensor, torch.Tensor]], *,
-    chunk_elems: int = 1 << 20, dtype: torch.dtype | None = None,
+    chunk_elems: int = 1 << 20, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
 ) -> tuple[float, float, list[float]]:
     """What a merge changed, measured against low-rank expected deltas, without dense products.
 
@@ -1233,18 +1233,19 @@ def realized_projection(
         dtype: the working precision, float64 by default. float32 suffices for 16-bit tensors: the
             difference of two bf16 / fp16 values is exact in float32, and the products' rounding
             (~1e-6 relative) stays far below one rounding of a 16-bit dtype.
+        device: where the blocks are computed (each block of rows is copied there).
     """
     import torch
 
     work = dtype or torch.float64
-    downs_t = [d.to(work).T.contiguous() for _, d in terms]  # (in·k, r)
-    ups = [u.to(work) for u, _ in terms]  # (out, r)
+    downs_t = [d.to(device=device, dtype=work).T.contiguous() for _, d in terms]  # (in·k, r)
+    ups = [u.to(device=device, dtype=work) for u, _ in terms]  # (out, r)
     cols = merged.shape[1]
     rows = max(1, min(merged.shape[0], chunk_elems // max(1, cols)))
     # blocks go through buffers allocated once: a fresh block per step costs page faults
-    m_buf = torch.empty((rows, cols), dtype=work)
-    r_buf = torch.empty((rows, cols), dtype=work)
-    p_bufs = [torch.empty((rows, d.shape[1]), dtype=work) for d in downs_t]
+    m_buf = torch.empty((rows, cols), dtype=work, device=device)
+    r_buf = torch.empty((rows, cols), dtype=work, device=device)
+    p_bufs = [torch.empty((rows, d.shape[1]), dtype=work, device=device) for d in downs_t]
     m_sq = r_sq = 0.0
     inner = [0.0] * len(terms)
     for i in range(0, merged.shape[0], rows):
@@ -1260,6 +1261,57 @@ def realized_projection(
             prod = torch.mm(r, dt, out=p_bufs[t][:n])  # (n, in·k) @ (in·k, r) -> (n, r)
             inner[t] += float(torch.linalg.vecdot(prod, u[i:i + n], dim=1).sum(dtype=torch.float64))
     return m_sq, r_sq, inner
+
+
+@dataclass
+class RequantNumbers:
+    """verify on quantized storage: W (base), M (merged), X = W + ΔW (exact float32 merge), and the
+    references Q(X) read back; every number a sum over all elements in float64."""
+
+    m_sq: float  # ||M||²
+    r_sq: float  # ||R||², R = M − W (the realized change)
+    re: float  # <R, E>, E = X − W (the expected change)
+    e_sq: float  # ||E||²
+    res_sq: float  # ||M − X||²
+    ref_sq: list[float]  # ||Q_j(X) − X||² per reference rounding
+    ref_re: list[float]  # <Q_j(X) − W, E>: how much of E each reference keeps (× ||E||²)
+    ref_noise: list[float]  # Σ E_i² (Q_j(X) − X)_i²: the variance <ε, E> would have, ε the rounding errors
+    r_zero: bool  # M == W: nothing changed
+    exact: bool  # M == the first reference: the same stored values as that requantization
+    ref_zero: bool  # the first reference == W: the storage cannot hold E at all
+
+
+def requant_numbers(w: torch.Tensor, m: torch.Tensor, x: torch.Tensor, refs: Sequence[torch.Tensor], *,
+                    chunk_elems: int = 1 << 22) -> RequantNumbers:
+    """The projection numbers of a quantized tensor's merge, a chunk of elements at a time.
+
+    Args:
+        w, m, x: (any shape, the same), float32 on one device; refs: read-backs of requantized x.
+    """
+    import torch
+
+    flats = [t.reshape(-1) for t in (w, m, x, *refs)]
+    n = flats[0].numel()
+    k = len(refs)
+    out = RequantNumbers(0.0, 0.0, 0.0, 0.0, 0.0, [0.0] * k, [0.0] * k, [0.0] * k, True, bool(refs), bool(refs))
+    for i in range(0, n, chunk_elems):
+        w64, m64, x64, *r64 = (f[i:i + chunk_elems].to(torch.float64) for f in flats)
+        r, e = m64 - w64, x64 - w64  # (chunk,)
+        out.m_sq += float(torch.dot(m64, m64))
+        out.r_sq += float(torch.dot(r, r))
+        out.re += float(torch.dot(r, e))
+        out.e_sq += float(torch.dot(e, e))
+        out.res_sq += float(torch.dot(m64 - x64, m64 - x64))
+        for j, ref in enumerate(r64):
+            err = ref - x64
+            out.ref_sq[j] += float(torch.dot(err, err))
+            out.ref_re[j] += float(torch.dot(ref - w64, e))
+            out.ref_noise[j] += float(torch.dot(e * e, err * err))
+        out.r_zero = out.r_zero and bool(torch.equal(m64, w64))
+        if refs:
+            out.exact = out.exact and bool(torch.equal(m64, r64[0]))
+            out.ref_zero = out.ref_zero and bool(torch.equal(r64[0], w64))
+    return out
 
 
 def project(r_sq: float, inner: list[float], gram: list[list[float]]) -> tuple[list[float], float]:

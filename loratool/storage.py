@@ -383,3 +383,14 @@ def quantize(s: Storage, w: torch.Tensor, load: Load, *, generator: torch.Genera
         old = load(s.siblings["scb"])
         return {s.key: q, s.siblings["scb"]: scb.reshape(old.shape).to(old.dtype)}
     raise IncompatibleError(f"'{s.key}': {s.scheme} cannot be quantized")
+
+
+def requantize(s: Storage, w: torch.Tensor, load: Load, *, generator: torch.Generator | None = None
+               ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(the stored tensors quantize() writes for w, what they read back as in float32).
+
+    The read-back uses the recomputed siblings (scales, absmax) and `load` for the fixed ones: it
+    is the value a loader sees, so W' − W measured on it is the change the storage really holds.
+    """
+    outs = quantize(s, w, load, generator=generator)
+    return outs, dequantize(s, outs[s.key], lambda k: outs[k] if k in outs else load(k))

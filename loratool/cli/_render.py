@@ -547,12 +547,21 @@ def render_verify(doc: dict[str, Any], *, show_all: bool) -> None:
         t.add_column("verdict", overflow="fold")
         t.add_column("k", justify="right")
         t.add_column("residual", justify="right")
+        quantized = doc.get("quantized")
+        if quantized:
+            t.add_column("bound", justify="right")  # what requantization allows, same scale as residual
         for r in rows:
             verdict = Text(r["label"], style="" if r["ok"] else "red")
             k = "" if r["factor"] is None else f"{r['factor']:.4g}"
             res = "" if r["residual"] is None else f"{r['residual']:.2g}"
-            t.add_row(r["key"], r["expected"], verdict, k, res)
+            cells = [r["key"], r["expected"], verdict, k, res]
+            if quantized:
+                cells.append("" if r["storage"] is None or r["tolerance"] is None else f"{r['tolerance']:.2g}")
+            t.add_row(*cells)
         c.print(t)
+    if doc.get("quantized"):
+        c.print(f"Base stored quantized: {doc['storage']}; merged tensors checked against requantizing "
+                "BASE + delta with the same scheme (bound: twice that requantization's error)")
     for what, key in (("missing from MERGED", "missing"), ("not in the base", "extra")):
         if doc[key]:
             c.print(f"{len(doc[key])} tensor(s) {what}: {_names(doc[key])}")

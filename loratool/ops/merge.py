@@ -33,7 +33,7 @@ from loratool.linalg import Workspace, merged_tensor, nf4_roundtrip, realized_de
 from loratool.ops import Row
 from loratool.pipeline import Buffers, Cast, Compute, copy_other_files, stream_file
 from loratool.st import BackgroundSha256, Checkpoint, TensorInfo
-from loratool.storage import FP8_DTYPES, BaseStorage, dequantize, detect, quantize
+from loratool.storage import FP8_DTYPES, BaseStorage, dequantize, detect, quantize, requantize
 
 if TYPE_CHECKING:
     import torch
@@ -227,7 +227,7 @@ def _tensor_step(setup: _Setup, report: MergeReport, *, name: str, work: Workspa
 
         key = info.key
         s = setup.storage.of(key)
-        requantize = s is not None and not setup.dequantize
+        requantizing = s is not None and not setup.dequantize
         entry = setup.out_entry(info)
         assert entry is not None
         out_dtype = entry[0]
@@ -248,13 +248,13 @@ def _tensor_step(setup: _Setup, report: MergeReport, *, name: str, work: Workspa
                 base = nf4_roundtrip(base.to(torch.float32))
             w32, new, _ = merged_tensor(base, [(c.module, c.weight) for c in contribs], device=setup.device,
                                         unmerge=setup.unmerge, bias=key in plan.biases, work=work)
-            limit = out_dtype if not requantize else (s.dtype if s is not None and s.scheme == "fp8" else "float32")
+            limit = out_dtype if not requantizing else (s.dtype if s is not None and s.scheme == "fp8" else "float32")
             _finite_or_raise(new, limit, key, contribs)
             outs: dict[str, torch.Tensor] = {}
-            if s is not None and requantize:
-                outs = quantize(s, new.to("cpu"), setup.load, generator=generator)
+            if s is not None and requantizing:
+                outs, written = requantize(s, new.to("cpu"), setup.load, generator=generator)
                 out = outs[key]
-                written = dequantize(s, out, lambda k: outs[k] if k in outs else setup.load(k)).to(new.device)
+                written = written.to(new.device)
             else:
                 out = cast(new, out_dtype)
                 written = out.to(new.device) if out.device != new.device else out
@@ -275,13 +275,13 @@ def _tensor_step(setup: _Setup, report: MergeReport, *, name: str, work: Workspa
             return {**outs, key: out} if outs else out
         if key in plan.replacements:
             saved = plan.replacements[key].load().to(torch.float32)
-            _finite_or_raise(saved, out_dtype if not requantize else "float32", key, [])
+            _finite_or_raise(saved, out_dtype if not requantizing else "float32", key, [])
             if setup.stats:
                 report.tensors.append(TensorStat(key, name, [], 0.0, 0.0, 0.0, replaced=True,
                                                  storage=s.describe() if s is not None else "float"))
             report.replaced += 1
             report.changed += 1
-            if s is not None and requantize:
+            if s is not None and requantizing:
                 outs = quantize(s, saved, setup.load, generator=generator)
                 return outs if len(outs) > 1 else outs[key]
             return saved.to(getattr(torch, out_dtype))

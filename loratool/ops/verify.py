@@ -22,6 +22,20 @@ rounding of the stored dtype (u·||MERGED||_F, u = 2⁻⁸ bf16, 2⁻¹¹ fp16, 
 "≈" is max(1e-3, 6σ_k), σ_k the spread rounding noise gives k̄ (u·||MERGED|| / (√(3N)·||ΣE||)); a
 delta so small that σ_k > 0.04 cannot be told from rounding: `too small to tell` (a warning).
 A tensor whose dtype differs from the expected one (the base's, or --dtype) is a finding too.
+
+Quantized storage (fp8, scaled / block fp8, bitsandbytes nf4 / fp4 / int8; storage.py) cannot hold
+W + ΔW exactly: merge writes Q(dequant(W) + ΔW). Both checkpoints' weights are read dequantized
+(storage.dequantize), X = W + ΔW is formed with merge's own arithmetic (one dense delta, as merge
+does), and the references Q(X) read back (storage.requantize: nearest, and for fp8 schemes one
+stochastic rounding too) give the error a correct merge makes, ε = ||Q(X) − X||. Then:
+
+    MERGED == W                      not merged (said so also when Q(X) == W: the delta is below
+                                     what the storage can hold, and no merge can store it)
+    MERGED == Q(X), or ||MERGED − X|| ≤ 2·max ε
+                                     merged; `too small to tell` when ||ΔW|| ≤ that bound (and not
+                                     bit-identical to Q(X))
+    otherwise                        k̂ = <R, ΔW>/||ΔW||²: other change when ||R − k̂ΔW|| exceeds the
+                                     bound, else not merged / merged twice / wrong weight (≈ k̂×)
 """
 
 from __future__ import annotations
@@ -40,7 +54,9 @@ from loratool.st import Checkpoint, TensorInfo
 if TYPE_CHECKING:
     import torch
 
-    from loratool.keymap import Contribution
+    from loratool.keymap import Contribution, MergePlan
+    from loratool.linalg import RequantNumbers
+    from loratool.storage import BaseStorage
 
 SCHEMA = 1
 Progress = Callable[[int, int], None]
@@ -67,6 +83,10 @@ class TensorCheck:
     tolerance: float | None = None  # the same, allowed by one rounding of the stored dtype
     dtype: str = ""
     expected_dtype: str = ""
+    storage: str | None = None  # how the base stores it when quantized (storage.Storage.describe())
+    requant_error: float | None = None  # quantized: ||Q(X) − X||_F / ||MERGED||_F, a correct merge's own error
+    exact: bool | None = None  # quantized: MERGED holds the very values of Q(X) (loratool's nearest rounding)
+    note: str | None = None
 
     @property
     def dtype_changed(self) -> bool:
@@ -84,6 +104,8 @@ class TensorCheck:
         if self.verdict == "wrong weight":
             ks = self.factors if self.factors and len(self.factors) > 1 else [self.factor or 0.0]
             text += " (≈ " + ", ".join(f"{k:.2g}×" for k in ks) + ")"
+        if self.note:
+            text += f" ({self.note})"
         if self.dtype_changed:
             text += f"; dtype {self.dtype}, expected {self.expected_dtype}"
         return text
@@ -103,6 +125,9 @@ class TensorCheck:
             "tolerance": self.tolerance,
             "dtype": self.dtype,
             "expected_dtype": self.expected_dtype,
+            "storage": self.storage,
+            "requant_error": self.requant_error,
+            "exact": self.exact,
         }
 
 
@@ -113,6 +138,9 @@ class VerifyReport:
     adapters: list[Path]
     weights: list[float]
     dtype: str
+    device: str = "cpu"
+    storage: str = "plain float (no quantized weights)"  # storage.BaseStorage.line() of the base
+    quantized: bool = False  # the base stores weights quantized
     tensors: list[TensorCheck] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # base keys absent from MERGED
     extra: list[str] = field(default_factory=list)  # MERGED keys absent from the base
@@ -135,6 +163,9 @@ class VerifyReport:
             "adapters": [str(a) for a in self.adapters],
             "weights": self.weights,
             "dtype": self.dtype,
+            "device": self.device,
+            "storage": self.storage,
+            "quantized": self.quantized,
             "ok": self.ok,
             "num_tensors": len(self.tensors),
             "verdicts": dict(Counter(t.verdict for t in self.tensors)),
@@ -195,6 +226,47 @@ def classify(
     return "wrong weight", k, per_term, res, tol
 
 
+def classify_quantized(n: RequantNumbers, expected: str, *, unbiased: bool
+                       ) -> tuple[str, float | None, float, float, str | None]:
+    """(verdict, k̂, residual, tolerance, note) of a tensor stored quantized (module docstring).
+
+    Args:
+        n: the numbers of requant_numbers, the first reference the nearest rounding of X.
+        expected: "merged" (X = W + ΔW, or a saved copy) or "unchanged" (X = W).
+        unbiased: another reference is a stochastic rounding, whose k is 1 on average: a merge
+            rounding that way is right with any k around 1, not only around the nearest rounding's.
+    """
+    norm_m = math.sqrt(max(n.m_sq, 0.0))
+    tol = 2.0 * math.sqrt(max(n.ref_sq, default=0.0)) + 1e-6 * norm_m + 1e-30
+    res = math.sqrt(max(n.res_sq, 0.0))
+    if expected == "unchanged" or n.e_sq <= 0.0:
+        ok = n.exact or n.r_zero or res <= tol
+        return ("merged" if expected == "merged" else "unchanged") if ok else "other change", None, res, tol, None
+    k = n.re / n.e_sq
+    keeps = [re / n.e_sq for re in n.ref_re]  # k of each reference: what a right merge keeps of ΔW
+    if n.r_zero:
+        # Q(X) == W too: no merge can store this delta in this storage, and the file does not hold it
+        return "not merged", k, res, tol, "the delta is below what the storage can hold" if n.ref_zero else None
+    if n.exact:
+        return "merged", k, res, tol, None
+    # the spread rounding noise gives k (as if each element's error were independent), 6 of them allowed
+    sigma = math.sqrt(max(n.ref_noise, default=0.0)) / n.e_sq
+    lo = min([*keeps, *([1.0] if unbiased else [])]) - SIGMAS * sigma - MIN_DELTA
+    hi = max([*keeps, *([1.0] if unbiased else [])]) + SIGMAS * sigma + MIN_DELTA
+    note = f"a right merge keeps ≈ {keeps[0]:.2g}× in this storage" if keeps and abs(keeps[0] - 1) > 0.05 else None
+    if res <= tol and lo <= k <= hi:
+        # told apart from half or no delta only when the window is narrow and clear of 0
+        return ("merged" if lo > 0 and hi - lo < 0.5 else "too small to tell"), k, res, tol, None
+    res_k = math.sqrt(max(0.0, n.r_sq - n.re * n.re / n.e_sq))
+    if res_k > tol:
+        return "other change", k, res_k, tol, None
+    close = max(MIN_DELTA, SIGMAS * sigma)
+    # (values changed, so not "not merged" even with k ≈ 0)
+    if abs(k - 2 * (keeps[0] if keeps else 1.0)) <= close:
+        return "merged twice", k, res_k, tol, note
+    return "wrong weight", k, res_k, tol, note
+
+
 def _unit(*dtypes: str) -> float:
     return max(UNIT_ROUNDOFF.get(d, 0.0) for d in dtypes)
 
@@ -208,7 +280,7 @@ def _rows(t: torch.Tensor, transposed: bool) -> torch.Tensor:
     return t.T if transposed else t.reshape(t.shape[0], -1)
 
 
-def _check_lowrank(w: torch.Tensor, m: torch.Tensor, contribs: list[Contribution], unit: float
+def _check_lowrank(w: torch.Tensor, m: torch.Tensor, contribs: list[Contribution], unit: float, device: str
                    ) -> tuple[str, float | None, list[float] | None, float, float, float]:
     from loratool.adapter import LoraModule
     from loratool.linalg import factor_inner, factors, realized_projection
@@ -230,7 +302,8 @@ def _check_lowrank(w: torch.Tensor, m: torch.Tensor, contribs: list[Contribution
     # 16-bit tensors: float32 is exact for R and precise enough (linalg.realized_projection)
     work = torch.float32 if unit >= UNIT_ROUNDOFF["float16"] and {w.dtype, m.dtype} <= {
         torch.float16, torch.bfloat16} else torch.float64
-    m_sq, r_sq, inner = realized_projection(_rows(m, flip), _rows(w, flip), terms, dtype=work)
+    m_sq, r_sq, inner = realized_projection(_rows(m, flip), _rows(w, flip), terms, dtype=work,
+                                            device=_exact_device(device))
     gram = [[factor_inner(u1, d1, u2, d2) for u2, d2 in terms] for u1, d1 in terms]
     return (*classify(m_sq, r_sq, inner, gram, numel=w.numel(), unit=unit), math.sqrt(m_sq))
 
@@ -246,6 +319,11 @@ def _check_dense(w: torch.Tensor, m: torch.Tensor, expected: torch.Tensor, unit:
     m_sq = float((m64 * m64).sum())
     return (*classify(m_sq, float((r * r).sum()), [float((r * d).sum())], [[float((d * d).sum())]],
                       numel=w.numel(), unit=unit), math.sqrt(m_sq))
+
+
+def _exact_device(device: str) -> str:
+    """Where float64 sums can run: the device, unless it has no float64 (mps)."""
+    return "cpu" if device.startswith("mps") else device
 
 
 def _same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
@@ -314,6 +392,30 @@ def _check_replaced(w: torch.Tensor, m: torch.Tensor, saved: torch.Tensor, unit:
 # the operation
 
 
+@dataclass
+class _Context:
+    """What every tensor check of one verify shares."""
+
+    plan: MergePlan
+    dtype: str
+    device: str
+    base: Checkpoint
+    merged: Checkpoint
+    base_storage: BaseStorage
+    merged_storage: BaseStorage
+    dequantizing: bool  # --dtype on a quantized base: MERGED holds plain floats, no scales
+
+    def load_base(self, key: str) -> torch.Tensor:
+        from loratool.st import load_tensor
+
+        return load_tensor(self.base.tensors[key])
+
+    def load_merged(self, key: str) -> torch.Tensor:
+        from loratool.st import load_tensor
+
+        return load_tensor(self.merged.tensors[key])
+
+
 def verify(
     merged: str | os.PathLike[str],
     base: str | os.PathLike[str],
@@ -321,6 +423,7 @@ def verify(
     *,
     weights: list[float] | None = None,
     dtype: str = "keep",
+    device: str = "cpu",
     allow_unmatched: bool = False,
     allow_pickle: bool = False,
     module_weights: str | None = None,
@@ -329,13 +432,18 @@ def verify(
 ) -> VerifyReport:
     """Check, tensor by tensor, that MERGED = BASE + Σ w_i·ΔW_i (what `loratool merge` writes).
 
+    A quantized base (storage.py schemes) is read dequantized, and each merged tensor is checked
+    against the requantization of BASE + Σ w_i·ΔW_i with the base's scheme, within twice the error
+    that requantization makes (module docstring).
+
     Args:
         merged: the merged checkpoint (file, model directory or sharded directory).
         base: the base it was made from.
         adapters: the adapters it should hold, in any supported format.
         weights: one per adapter (default 1 each), as given to merge.
         dtype: the dtype merge was asked for (keep | fp32 | fp16 | bf16); a tensor stored in another
-            dtype is a finding.
+            dtype is a finding. On a quantized base, not keep means MERGED was written dequantized.
+        device: auto | cpu | cuda | cuda:N where the sums and deltas are computed.
         allow_unmatched: adapter modules that match no base weight are skipped (as merge would).
         module_weights, blocks: per-module multipliers, as given to merge.
         progress: called with (bytes of the base checked, total).
@@ -344,12 +452,15 @@ def verify(
         VerifyReport: one TensorCheck per base tensor (ok is False when anything is off).
 
     Raises:
-        IncompatibleError, FormatError: unreadable inputs, adapters that do not fit the base.
+        IncompatibleError, FormatError: unreadable inputs, adapters that do not fit the base, a
+            base or MERGED stored in a scheme loratool cannot dequantize.
     """
+    from loratool.device import resolve_device
     from loratool.formats import read, require_plain
     from loratool.keymap import plan_merge
     from loratool.ops.merge import OUT_DTYPES, adapter_module_weights
     from loratool.st import open_checkpoint
+    from loratool.storage import detect
 
     if not adapters:
         raise IncompatibleError("verify needs at least one adapter")
@@ -360,8 +471,12 @@ def verify(
         raise IncompatibleError(f"--weights must be finite numbers, got {weights}")
     if dtype not in OUT_DTYPES:
         raise IncompatibleError(f"--dtype {dtype}: unknown", hint="use keep, fp32, fp16 or bf16")
+    device = resolve_device(device)
     base_ckpt = open_checkpoint(Path(base))
     merged_ckpt = open_checkpoint(Path(merged))
+    base_storage, merged_storage = detect(base_ckpt), detect(merged_ckpt)
+    base_storage.refuse_unsupported(Path(base))  # never a verdict on bytes we cannot read
+    merged_storage.refuse_unsupported(Path(merged))
     loaded = []
     for p in adapters:
         a = read(Path(p), allow_pickle=allow_pickle)
@@ -369,10 +484,22 @@ def verify(
         loaded.append(a)
     per_module, mw_warnings = adapter_module_weights(loaded, module_weights, blocks)
     plan, warnings = plan_merge(loaded, weights, base_ckpt, allow_unmatched=allow_unmatched, unmerge=False,
-                                module_weights=per_module)
+                                tensors=base_storage.logical(base_ckpt.tensors), module_weights=per_module)
     warnings = mw_warnings + warnings
-    report = VerifyReport(Path(merged), Path(base), [Path(p) for p in adapters], weights, dtype,
+    dequantizing = dtype != "keep" and base_storage.quantized
+    report = VerifyReport(Path(merged), Path(base), [Path(p) for p in adapters], weights, dtype, device,
+                          storage=base_storage.line(), quantized=base_storage.quantized,
                           unmatched=plan.unmatched, warnings=warnings)
+    ctx = _Context(plan, dtype, device, base_ckpt, merged_ckpt, base_storage, merged_storage, dequantizing)
+    # tensors checked with their weight, not alone: scales a requantization recomputes; with --dtype on
+    # a quantized base, every scale and marker (the dequantized MERGED leaves them out)
+    with_weight: set[str] = set()
+    if dequantizing:
+        with_weight = set(base_storage.siblings) | set(base_storage.markers)
+    else:
+        for key in [*plan.deltas, *plan.biases, *plan.replacements]:
+            st = base_storage.of(key)
+            with_weight.update(st.changing if st is not None else [])
     report.extra = [k for k in merged_ckpt.tensors if k not in base_ckpt.tensors]
     total = sum(i.nbytes for i in base_ckpt.tensors.values())
     done = 0
@@ -380,35 +507,40 @@ def verify(
         name = str(f.relative_to(base_ckpt.root)) if f.is_relative_to(base_ckpt.root) else f.name
         infos = sorted((i for i in base_ckpt.tensors.values() if i.path == f), key=lambda i: i.start)
         for info in infos:
-            check = _check_tensor(info, merged_ckpt, plan, dtype, name)
-            if check is None:
-                report.missing.append(info.key)
-            else:
-                report.tensors.append(check)
+            if info.key not in with_weight:
+                check = _check_tensor(info, ctx, name)
+                if check is None:
+                    report.missing.append(info.key)
+                else:
+                    report.tensors.append(check)
             done += info.nbytes
             if progress:
                 progress(done, total)
     tiny = sum(1 for t in report.tensors if t.verdict == "too small to tell")
     if tiny:
-        report.warnings.append(f"{tiny} tensor(s) get a delta smaller than the rounding of their dtype: whether "
+        what = "the rounding of their dtype" if not report.quantized else "the error of their storage"
+        report.warnings.append(f"{tiny} tensor(s) get a delta smaller than {what}: whether "
                                "it was merged cannot be told from the values")
     return report
 
 
-def _check_tensor(info: TensorInfo, merged_ckpt: Checkpoint, plan: Any, dtype: str, name: str
-                  ) -> TensorCheck | None:
+def _check_tensor(info: TensorInfo, ctx: _Context, name: str) -> TensorCheck | None:
     from loratool.adapter import LoraModule
     from loratool.linalg import merged_tensor
-    from loratool.ops.merge import _out_dtype
+    from loratool.ops.merge import OUT_DTYPES, _out_dtype
     from loratool.st import load_tensor
 
-    key = info.key
-    found = merged_ckpt.tensors.get(key)
+    key, plan = info.key, ctx.plan
+    found = ctx.merged.tensors.get(key)
     if found is None:
         return None
-    want = _out_dtype(info, dtype)
-    check = TensorCheck(key, name, "unchanged", "", dtype=found.dtype, expected_dtype=want)
-    if tuple(found.shape) != tuple(info.shape):
+    st, st_found = ctx.base_storage.of(key), ctx.merged_storage.of(key)
+    want = OUT_DTYPES[ctx.dtype] if st is not None and ctx.dequantizing else _out_dtype(info, ctx.dtype)
+    assert want is not None
+    check = TensorCheck(key, name, "unchanged", "", dtype=found.dtype, expected_dtype=want,
+                        storage=st.describe() if st is not None else None)
+    shape = st.shape if st is not None else info.shape
+    if tuple(st_found.shape if st_found is not None else found.shape) != tuple(shape):
         check.verdict = "shape changed"
         return check
     unit = _unit(want, found.dtype)
@@ -416,6 +548,15 @@ def _check_tensor(info: TensorInfo, merged_ckpt: Checkpoint, plan: Any, dtype: s
     if contribs:
         check.expected = "merged"
         check.modules = sorted({c.module.name for c in contribs})
+    if st is not None or st_found is not None:
+        if key in plan.replacements:
+            check.expected, check.modules = "replaced", ["modules_to_save"]
+        if contribs or key in plan.replacements or ctx.dequantizing or (st_found is not None and (
+                st is None or st_found.describe() != st.describe())):
+            return _check_quantized(info, found, ctx, check, contribs or [])
+        check.verdict, check.residual, check.tolerance = _check_unchanged(info, found, unit)
+        return check
+    if contribs:
         w, m = load_tensor(info), load_tensor(found)
         if not (w.is_floating_point() and m.is_floating_point()):
             check.verdict = "other change"
@@ -424,11 +565,11 @@ def _check_tensor(info: TensorInfo, merged_ckpt: Checkpoint, plan: Any, dtype: s
         dense = key in plan.biases or any(not isinstance(c.module, LoraModule) or c.module.magnitude is not None
                                           for c in contribs)
         if dense:
-            _, expected, _ = merged_tensor(w, [(c.module, c.weight) for c in contribs], device="cpu", unmerge=False,
-                                           bias=key in plan.biases, keep_delta=True)
-            verdict, k, ks, res, tol, norm = _check_dense(w, m, expected, unit)
+            _, expected, _ = merged_tensor(w, [(c.module, c.weight) for c in contribs], device=ctx.device,
+                                           unmerge=False, bias=key in plan.biases, keep_delta=True)
+            verdict, k, ks, res, tol, norm = _check_dense(w, m, expected.cpu(), unit)
         else:
-            verdict, k, ks, res, tol, norm = _check_lowrank(w, m, contribs, unit)
+            verdict, k, ks, res, tol, norm = _check_lowrank(w, m, contribs, unit, ctx.device)
         norm = norm or 1.0
         check.verdict, check.factor, check.factors = verdict, k, ks
         check.residual, check.tolerance = res / norm, tol / norm
@@ -439,4 +580,51 @@ def _check_tensor(info: TensorInfo, merged_ckpt: Checkpoint, plan: Any, dtype: s
             load_tensor(info), load_tensor(found), plan.replacements[key].load(), unit)
     else:
         check.verdict, check.residual, check.tolerance = _check_unchanged(info, found, unit)
+    return check
+
+
+def _check_quantized(info: TensorInfo, found: TensorInfo, ctx: _Context, check: TensorCheck,
+                     contribs: list[Contribution]) -> TensorCheck:
+    """A tensor the base or MERGED stores quantized: dequantized values against requantized references."""
+    import torch
+
+    from loratool.linalg import merged_tensor, requant_numbers
+    from loratool.storage import FP8_DTYPES, dequantize, requantize
+
+    key = info.key
+    st, st_found = ctx.base_storage.of(key), ctx.merged_storage.of(key)
+    w = dequantize(st, ctx.load_base(key), ctx.load_base) if st is not None else ctx.load_base(key).float()
+    m = dequantize(st_found, ctx.load_merged(key), ctx.load_merged) if st_found is not None else \
+        ctx.load_merged(key).float()
+    if not (w.is_floating_point() and m.is_floating_point()):
+        check.verdict = "other change"
+        return check
+    if contribs:
+        _, x, _ = merged_tensor(w, [(c.module, c.weight) for c in contribs], device=ctx.device, unmerge=False,
+                                bias=key in ctx.plan.biases, keep_delta=True)
+        x = x.cpu()
+    elif key in ctx.plan.replacements:
+        x = ctx.plan.replacements[key].load().to(torch.float32).reshape(w.shape)
+    else:
+        x = w
+    if st is not None and not ctx.dequantizing:
+        refs = [requantize(st, x, ctx.load_base)[1]]
+        if st.scheme.startswith("fp8") or st.dtype in FP8_DTYPES:  # merge --rounding stochastic: same grid
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            refs.append(requantize(st, x, ctx.load_base, generator=gen)[1])
+    else:  # written as plain floats: one rounding to the output dtype
+        refs = [x.to(getattr(torch, check.expected_dtype)).to(torch.float32)]
+    numbers = requant_numbers(w, m, x, refs)
+    verdict, k, res, tol, note = classify_quantized(numbers, "unchanged" if check.expected == "unchanged" else "merged",
+                                                    unbiased=len(refs) > 1)
+    if check.expected == "replaced" and verdict == "merged":
+        verdict = "replaced"
+    norm = math.sqrt(numbers.m_sq) or 1.0
+    check.verdict, check.factor, check.note = verdict, k, note
+    check.residual, check.tolerance = res / norm, tol / norm
+    check.requant_error = math.sqrt(max(numbers.ref_sq[0], 0.0)) / norm
+    check.exact = numbers.exact
+    if st_found is not None and st is not None and st_found.describe() != st.describe() and not ctx.dequantizing:
+        check.note = f"stored as {st_found.describe()}, expected {st.describe()}"
+        check.verdict = "other change" if check.verdict in OK_VERDICTS else check.verdict
     return check
