@@ -280,6 +280,8 @@ class Adapter:
             `save_lora_adapter`, ComfyUI `diffusion_model.` files): the prefix its keys carried before
             the module name ('' or 'base_model.model.'), so a write keeps that single-file dialect.
             None for a PEFT directory and for the kohya / diffusers dialects (always one file).
+        family: the model family the format itself implies (an XLabs file is FLUX.1), else None
+            (families.detect guesses from the names).
     """
 
     modules: dict[str, LoraModule]
@@ -294,6 +296,7 @@ class Adapter:
     source_modules: tuple[str, ...] = ()  # module names as read (PEFT writer: is target_modules still exact?)
     lycoris: dict[str, LycoModule] = field(default_factory=dict)
     key_prefix: str | None = None
+    family: str | None = None
 
     @property
     def ranks(self) -> list[int]:

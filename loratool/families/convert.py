@@ -195,12 +195,15 @@ def _fuse(out: FamilyConversion, family: Family, rel: Relation, fill, members: d
     present = [m for m in members.values()]
     first = present[0]
     ups = [pieces[c][0] if c in pieces else None for c in order]
-    shared = (len(pieces) == len(order) and len({id(m) for m in present}) == len(present)
+    # parts sharing one A (what a split wrote, or XLabs' qkv): B's row blocks stacked, a part that
+    # is missing as zero rows (its delta is zero), at the same rank
+    shared = (len({id(m) for m in present}) == len(present)
               and all(m.rank == first.rank and m.scale == first.scale and m.down.dtype == first.down.dtype
                       for m in present)
               and all(torch.equal(m.down.load(), first.down.load()) for m in present[1:]))
     if shared:
-        up = torch.cat([u for u in ups if u is not None], dim=0).contiguous()
+        up = torch.cat([u if u is not None else first.up.load().new_zeros(chunk_rows[c], first.rank)
+                        for c, u in zip(order, ups)], dim=0).contiguous()
         how, down, alpha, rslora = "fuse", first.down.load(), first.alpha, first.rslora
         scale = first.scale
     else:

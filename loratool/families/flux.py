@@ -40,7 +40,7 @@ FAMILY = Family(
         one("double_blocks.{i}.txt_mlp.2", "transformer_blocks.{i}.ff_context.net.2"),
         one("double_blocks.{i}.txt_mod.lin", "transformer_blocks.{i}.norm1_context.linear"),
         # single blocks
-        Relation("single_blocks.{i}.linear1", (*QKV, ("mlp", "rest")), (
+        Relation("single_blocks.{i}.linear1", (*QKV, ("mlp", "4h")), (  # FLUX.1's mlp_ratio is 4
             ("single_transformer_blocks.{i}.attn.to_q", ("q",)),
             ("single_transformer_blocks.{i}.attn.to_k", ("k",)),
             ("single_transformer_blocks.{i}.attn.to_v", ("v",)),

@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from loratool.adapter import Adapter
 from loratool.errors import FormatError, IncompatibleError
-from loratool.formats import diffusers, gguf, kohya, mlx, peft
+from loratool.formats import diffusers, gguf, kohya, mlx, peft, xlabs
 from loratool.formats._common import (
     PICKLE_SUFFIXES,
     Finding,
@@ -29,7 +30,16 @@ from loratool.formats._common import (
     open_tensor_file,
     unsupported_family,
 )
-from loratool.formats.registry import Capabilities, Format, all_formats, check_writable, get, names, register
+from loratool.formats.registry import (
+    Capabilities,
+    Format,
+    all_formats,
+    check_writable,
+    get,
+    names,
+    register,
+    written_as,
+)
 
 __all__ = [
     "LYCO_NAMES", "PICKLE_SUFFIXES", "Capabilities", "Finding", "Findings", "Format", "check_writable", "detect",
@@ -40,7 +50,8 @@ __all__ = [
 
 # The built-in formats, in detection order (ties between equal detection scores go to the first).
 # A new format: its module defines FORMAT (a registry.Format record); add it here.
-for _record in (peft.FORMAT, kohya.FORMAT, diffusers.FORMAT, mlx.FORMAT, gguf.FORMAT, kohya.COMFYUI_FORMAT):
+for _record in (peft.FORMAT, kohya.FORMAT, diffusers.FORMAT, mlx.FORMAT, gguf.FORMAT, kohya.COMFYUI_FORMAT,
+                xlabs.FORMAT):
     register(_record)
 
 get_format = get
@@ -83,6 +94,9 @@ def is_transposed_layer(name: str) -> bool:
     return bool(peft.GPT2_CONV1D.search(name))
 
 
+_XLABS = re.compile(r"(?:^|\.)(?:double|single)_blocks\.\d+\.processor\.(?:qkv|proj)_lora\d?\.(?:down|up)\.weight$")
+
+
 def _classify(tf: TensorFile) -> Format:
     keys = list(tf.tensors)
     scored = [(f.detect(keys), -i, f) for i, f in enumerate(all_formats()) if f.detect is not None]
@@ -93,6 +107,13 @@ def _classify(tf: TensorFile) -> Format:
     if unsupported:
         return get("kohya")  # LyCORIS files use kohya names; reported as unsupported modules
     shown = ", ".join(keys[:5]) + (f", ... ({len(keys)} tensors)" if len(keys) > 5 else "")
+    xlabs = next((k for k in keys if _XLABS.search(k)), None)
+    if xlabs is not None:
+        raise FormatError(
+            f"{tf.path}: '{xlabs}' is an XLabs (x-flux) FLUX.1 LoRA, a layout loratool does not read "
+            f"({len(keys)} tensors)",
+            hint="its single-block proj_lora acts on linear2's output, not as a weight delta, so no exact "
+            "LoRA of the base's weights exists for it; use it where XLabs' processors load it (ComfyUI)")
     raise FormatError(
         f"{tf.path}: holds no LoRA tensors (found: {shown or 'no tensors'})",
         hint="expected keys ending in .lora_A.weight/.lora_B.weight (PEFT, diffusers) "
@@ -305,7 +326,7 @@ def write(
     from loratool.st import atomic_output
 
     explicit = fmt is not None
-    record = get(fmt or adapter.source_format, writing=True)
+    record = get(fmt or written_as(adapter.source_format), writing=True)
     check_writable(adapter, record.name)
     assert record.write is not None
     _require_usable_values(adapter, Path(out))

@@ -89,6 +89,8 @@ class Format:
         write: writes an adapter (None: read-only format). Content outside `capabilities` never
             reaches it (check_writable refuses first).
         suffix: the usual file suffix of a single-file output (for messages and docs).
+        write_as: for a read-only format, the format its adapters are written in when no
+            --format / --to is given (XLabs -> diffusers, whose module names it reads into).
     """
 
     name: str
@@ -101,6 +103,7 @@ class Format:
     read_dir: DirReader | None = None
     write: Writer | None = None
     suffix: str = ".safetensors"
+    write_as: str | None = None
 
 
 _REGISTRY: dict[str, Format] = {}
@@ -121,6 +124,13 @@ def all_formats() -> list[Format]:
 def names(*, writable: bool = False) -> tuple[str, ...]:
     """Format names in registration order; with writable, only those with a writer."""
     return tuple(f.name for f in _REGISTRY.values() if f.write is not None or not writable)
+
+
+def written_as(source_format: str) -> str:
+    """The format an adapter read from `source_format` is written in by default: its own, or the
+    write_as of a read-only format."""
+    fmt = _REGISTRY.get(source_format)
+    return fmt.write_as if fmt is not None and fmt.write is None and fmt.write_as else source_format
 
 
 def get(name: str, *, writing: bool = False) -> Format:

@@ -190,6 +190,7 @@ def convert(
         source_label,
         write,
     )
+    from loratool.formats.registry import written_as
     from loratool.formats.rename import FOREIGN, stored_name, target_names
     from loratool.hub import resolve_path
 
@@ -215,7 +216,7 @@ def convert(
     adapter = read(path, allow_pickle=allow_pickle)
     require_plain(adapter, "convert", lycoris=True)
     if to == "lora":
-        to = adapter.source_format
+        to = written_as(adapter.source_format)
     target = get_format(to, writing=True)
     if rank is not None and rank < 1:
         raise IncompatibleError(f"--rank {rank}: must be at least 1")
@@ -428,6 +429,8 @@ def _family_for(adapter: Adapter, to: str, family: str | None, other_mode: bool)
     # full / norm / bias diffs (kept as they are where the target holds them) move with the family's names
     names = [*adapter.modules, *adapter.lycoris]
     det = families.detect(names)
+    if family is None and adapter.family is not None and to in FAMILY_TARGETS and not other_mode:
+        family = adapter.family  # the format itself says which model it is for (XLabs: FLUX.1)
     if family is not None:
         try:
             fam = families.get(family)

@@ -139,6 +139,7 @@ def rescale(
         IncompatibleError: bad option values; FormatError; OutputExistsError.
     """
     from loratool.formats import check_writable, read, require_plain, write
+    from loratool.formats.registry import written_as
     from loratool.hub import resolve_path
 
     if mode not in MODES:
@@ -154,7 +155,7 @@ def rescale(
                                 f"not with --{mode.replace('_', '-')}")
     adapter = read(resolve_path(path), allow_pickle=allow_pickle)
     require_plain(adapter, "rescale")
-    check_writable(adapter, fmt or adapter.source_format)  # before the maths; write checks again
+    check_writable(adapter, fmt or written_as(adapter.source_format))  # before the maths; write checks again
     chosen = set(select(adapter, modules))
     report = RescaleReport(Path(out), fmt or adapter.source_format, mode, value)
     weights: dict[str, float] = {}

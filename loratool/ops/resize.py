@@ -168,6 +168,7 @@ def resize(
     """
     from loratool.device import resolve_device
     from loratool.formats import check_writable, read, require_plain, write
+    from loratool.formats.registry import written_as
     from loratool.hub import resolve_path
     from loratool.linalg import RANK_METHODS
 
@@ -189,7 +190,7 @@ def resize(
     adapter = read(resolve_path(path), allow_pickle=allow_pickle)
     device = resolve_device(device)
     require_plain(adapter, "resize", diffs=True)  # full / norm / bias diffs are written back unchanged
-    check_writable(adapter, fmt or adapter.source_format)  # before the maths; write checks again
+    check_writable(adapter, fmt or written_as(adapter.source_format))  # before the maths; write checks again
     chosen = set(select(adapter, modules))
     report = ResizeReport(Path(out), fmt or adapter.source_format, method or "rank", threshold, rank)
     new_modules: dict[str, LoraModule] = {}
