@@ -169,6 +169,20 @@ def loha_only(root: Path) -> Path:
     return path
 
 
+def xlabs(root: Path, *, drop_up: bool = False, extra: bool = False) -> Path:
+    """An XLabs (x-flux) FLUX.1 file: one double-block proj layer, maybe without its up, maybe
+    with a key of another layout beside it."""
+    path = root / "xlabs.safetensors"
+    p = "double_blocks.0.processor.proj_lora1"
+    sd = {f"{p}.down.weight": torch.ones(2, 8), f"{p}.up.weight": torch.ones(8, 2)}
+    if drop_up:
+        del sd[f"{p}.up.weight"]
+    if extra:
+        sd["model.other.weight"] = torch.ones(2)
+    save_file(sd, str(path))
+    return path
+
+
 def one_d_down(root: Path) -> Path:
     return kohya(root, modules={KQ: (32, 32)}, drop=[f"{KQ}.lora_down.weight"],
                  extra_tensors={f"{KQ}.lora_down.weight": torch.ones(4)}, name="one_d.safetensors")
@@ -341,6 +355,9 @@ CASES = [
     # an OFT file is reported (inspect) and refused for operations (validate: no LoRA modules)
     Case("oft-only", oft_only, 0, 1, {"no-lora-tensors", "unsupported-tensor"}),
     # a LoHa file is read: inspect shows it, validate finds nothing wrong
+    Case("xlabs", xlabs, 0, 0),
+    Case("xlabs-missing-up", lambda r: xlabs(r, drop_up=True), 2, 1, {"missing-up"}),
+    Case("xlabs-mixed-with-other-keys", lambda r: xlabs(r, extra=True), 2, 2, mention="XLabs"),
     Case("loha-only", loha_only, 0, 0),
     # files from the wild (issue #11)
     Case("legacy-attn-processor", legacy_processor, 0, 0, {"alpha-missing"}),
