@@ -708,6 +708,7 @@ class BlockedMerge:
 
 
 BLOCK_ELEMENTS = 1 << 18  # 1 MiB of float32 per block buffer: the few buffers of a step stay in cache
+BLOCK_WORKERS = 8  # more Python threads contend for the GIL between the small operations of a block
 
 _BLOCK_POOL: Any = None  # (threads, ThreadPoolExecutor) of merge_blocked, made on first use
 _BLOCK_LOCAL: Any = None
@@ -787,7 +788,8 @@ def merge_blocked(stored: torch.Tensor, module: LoraModule, factor: float, out: 
     is elementwise, so doing it block by block changes no bit: widen W, add, cast into `out`, and
     measure the realized delta (widen what was stored, ‖ΔW‖, ⟨R, ΔW⟩, ‖R − ΔW‖, max |R − ΔW|) and
     the range of W'. One pass over memory instead of about ten whole-tensor passes; row ranges go
-    to `threads` workers (default: torch's thread count), each single-threaded (see _block_pool).
+    to `threads` workers (default: torch's thread count, at most BLOCK_WORKERS), each single-threaded
+    (see _block_pool).
     """
     import torch
 
@@ -800,7 +802,7 @@ def merge_blocked(stored: torch.Tensor, module: LoraModule, factor: float, out: 
     rows_out = out.view(out.shape[0], -1)
     n, cols = rows_in.shape
     step = max(1, block // max(cols, 1))
-    threads = threads or torch.get_num_threads()
+    threads = threads or min(torch.get_num_threads(), BLOCK_WORKERS)
     blocks = -(-n // step)
     if threads <= 1 or blocks < 2:
         parts = [_merge_rows(rows_in, d, rows_out, 0, n, step, work)]

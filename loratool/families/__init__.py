@@ -39,11 +39,22 @@ class Relation:
         chunks: the original module's output rows in order, as (name, size); size "h" = the
             module's input width, "rest" = what the other chunks leave.
         split: diffusers path template -> the chunk names its rows hold, in its own order.
+        rows: the module's output rows ("2h": twice its input width) when the relation holds only
+            for that shape (SD3's last context block modulates with (shift, scale), the others with
+            six chunks); None for any shape. A module of no listed shape is not the family's.
     """
 
     original: str
     chunks: tuple[tuple[str, str], ...]
     split: tuple[tuple[str, tuple[str, ...]], ...]
+    rows: str | None = None
+
+    def fits(self, shape: tuple[int, int] | None) -> bool:
+        """Whether a module of (out, in) `shape` is this relation's (any shape when None is given)."""
+        if self.rows is None or shape is None:
+            return True
+        n = self.rows[:-1]
+        return shape[0] == (int(n) if n else 1) * shape[1]
 
     @property
     def is_plain(self) -> bool:
@@ -105,11 +116,16 @@ class Family:
                     out[dialect].append((re.compile(rx + "$"), rel, split))
         return out
 
-    def identify(self, name: str, dialect: str) -> tuple[Relation, int | None, str | None] | None:
-        """(relation, block index, diffusers template or None for the original side) of a module name."""
+    def identify(self, name: str, dialect: str, shape: tuple[int, int] | None = None
+                 ) -> tuple[Relation, int | None, str | None] | None:
+        """(relation, block index, diffusers template or None for the original side) of a module name.
+
+        `shape` (out, in) picks between relations that share a name but differ by shape (`rows`);
+        without it the first relation of the name is returned (enough to detect a family).
+        """
         for rx, rel, split in self._patterns[dialect]:
             m = rx.match(name)
-            if m:
+            if m and rel.fits(shape):
                 i = int(m.group(1)) if m.groups() else None
                 limit = self.blocks.get((split or rel.original).split(".", 1)[0])
                 if i is not None and limit is not None and i >= limit:
@@ -163,9 +179,9 @@ class Detection:
 
 
 def families() -> tuple[Family, ...]:
-    from loratool.families import flux, wan
+    from loratool.families import flux, qwen_image, sd3, wan
 
-    return (flux.FAMILY, wan.FAMILY)
+    return (flux.FAMILY, sd3.FAMILY, wan.FAMILY, qwen_image.FAMILY)
 
 
 def get(name: str) -> Family:

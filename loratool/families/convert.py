@@ -58,9 +58,12 @@ def convert_family(
     groups: dict[tuple[str, int | None], tuple[Relation, dict[str | None, LoraModule]]] = {}
     unknown: list[str] = []
     for name, m in adapter.modules.items():
-        ident = family.identify(name, source)
+        ident = family.identify(name, source, (m.out_features, m.in_features))
         if ident is None:
-            unknown.append(name)
+            # a known name of a shape the table does not list (SD3's context modulation: 6 or 2 chunks)
+            by_name = family.identify(name, source)
+            unknown.append(name if by_name is None else
+                           f"{name} ({m.out_features} x {m.in_features}, not a shape the table lists for it)")
             continue
         if m.magnitude is not None:
             raise IncompatibleError(f"{adapter.path}: module '{name}' is DoRA; splitting and fusing DoRA "
@@ -74,8 +77,9 @@ def convert_family(
     out = FamilyConversion()
     to_original = target in ORIGINAL_SIDE
     for name, lm in adapter.lycoris.items():
-        # LyCORIS full / norm / bias diffs (Wan LoRAs carry them for biases and norms) move by name
-        ident = family.identify(name, source)
+        # LyCORIS full / norm / bias diffs (Wan LoRAs carry them for biases and norms) move by name;
+        # the shape picks between same-named relations (a bias-only diff, in 0, fits none of them)
+        ident = family.identify(name, source, (lm.out_features, lm.in_features))
         if ident is None:
             unknown.append(name)
             continue

@@ -167,7 +167,7 @@ def convert(
             base's weights, an approximation whose relative error per module is reported.
         base: the base model (file or directory); kohya names are placed by its keys, every module
             must match one of its weights, and factors take its layout (linear vs 1x1 conv).
-        family: a model family (`flux.1`): convert between its dialects (kohya, comfyui, diffusers,
+        family: a model family (`flux.1`, `sd3`, ...): convert between its dialects (kohya, comfyui, diffusers,
             peft), splitting and fusing modules by its table; detected from original-layout (BFL)
             names when not given. comfyui output needs a family.
         fuse_rank: truncate block-diagonal fused modules to this rank (error reported).
