@@ -456,19 +456,16 @@ def _family_for(adapter: Adapter, to: str, family: str | None, other_mode: bool)
 
 def _convert_family(adapter: Adapter, report: ConvertReport, fam: Any, source: str, to: str,
                     out: str | os.PathLike[str], *, force: bool, fuse_rank: int | None) -> ConvertReport:
-    import torch
 
     from loratool.families.convert import convert_family
     from loratool.formats import write
 
     # the work is many small row copies and comparisons (memory-bound): OpenMP's fork/join per call
     # costs more than the copy, 3000x on a busy 2-core machine (80 ms vs 0.03 ms per torch.cat)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    from loratool.linalg import single_threaded
+
+    with single_threaded():
         conv = convert_family(adapter, fam, source, to, fuse_rank=fuse_rank)
-    finally:
-        torch.set_num_threads(threads)
     for row in conv.rows:
         by = f"{fam.name} {source}"
         if row.name in conv.lycoris:
