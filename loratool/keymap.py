@@ -147,6 +147,12 @@ class Contribution:
     module: LoraModule | LycoModule
     weight: float
     adapter: Path
+    rows: tuple[int, int] | None = None  # the delta's rows of the base tensor (a part of a fused weight)
+
+    @property
+    def term(self) -> tuple[LoraModule | LycoModule, float, tuple[int, int] | None]:
+        """(module, weight, rows): what linalg.merged_tensor takes."""
+        return self.module, self.weight, self.rows
 
 
 @dataclass
@@ -158,6 +164,7 @@ class MergePlan:
     replacements: dict[str, TensorRef] = field(default_factory=dict)  # base key -> modules_to_save tensor
     unmatched: list[str] = field(default_factory=list)
     num_modules: int = 0
+    layouts: list[str] = field(default_factory=list)  # adapters mapped onto the base's other layout (families)
 
 
 def plan_merge(
@@ -188,6 +195,22 @@ def plan_merge(
         mods: list[LoraModule | LycoModule] = [*adapter.modules.values(), *adapter.lycoris.values()]
         plan.num_modules += len(mods)
         match = match_modules(mods, base)
+        targets: list[tuple[str, LoraModule | LycoModule, str, tuple[int, int] | None]] = [
+            (name, adapter.modules[name] if name in adapter.modules else adapter.lycoris[name], key, None)
+            for name, key in match.matched.items()]
+        if not match.ok:
+            # another layout of the adapter's model family (split q/k/v against a fused qkv, ...)
+            from loratool.families.layout import map_to_base
+
+            crossed = map_to_base(mods, base, where=where)
+            if crossed is not None and (crossed.refused is not None or len(crossed.unmatched) + len(
+                    crossed.shape_mismatch) < len(match.unmatched) + len(match.ambiguous) + len(match.shape_mismatch)):
+                if crossed.refused is not None:
+                    raise crossed.refused
+                match = Match(unmatched=crossed.unmatched, shape_mismatch=crossed.shape_mismatch)
+                targets = [(t.source, t.module, t.key, t.rows) for t in crossed.targets]
+                if crossed.crossed:
+                    plan.layouts.append(crossed.describe())
         match.refuse_shape_mismatch(where)
         problems = [*match.unmatched, *match.ambiguous]
         if problems:
@@ -203,14 +226,13 @@ def plan_merge(
                 )
             warnings.append(f"{where}: skipped {what} module(s): {listing}")
             plan.unmatched.extend(problems)
-        for name, key in match.matched.items():
-            m = adapter.modules[name] if name in adapter.modules else adapter.lycoris[name]
+        for name, m, key, rows in targets:
             mw = per_module.get(name, 1.0)
             if mw == 0.0:
                 continue  # --module-weights / --blocks weight 0: the module is left out
             if isinstance(m, LycoModule):
                 if m.algo != "bias":  # a bias-only module matched its layer's weight for the bias key
-                    plan.deltas.setdefault(key, []).append(Contribution(m, w * mw, Path(str(where))))
+                    plan.deltas.setdefault(key, []).append(Contribution(m, w * mw, Path(str(where)), rows))
             elif m.magnitude is not None:
                 if unmerge:
                     raise IncompatibleError(
@@ -220,14 +242,14 @@ def plan_merge(
                 if m.kind == "embedding":
                     raise IncompatibleError(f"{where}: module '{name}': DoRA on an embedding is not supported")
             if isinstance(m, LoraModule):
-                plan.deltas.setdefault(key, []).append(Contribution(m, w * mw, Path(str(where))))
+                plan.deltas.setdefault(key, []).append(Contribution(m, w * mw, Path(str(where)), rows))
             if m.bias is not None:
                 bias_key = key[: -len(".weight")] + ".bias" if key.endswith(".weight") else key + ".bias"
                 if bias_key not in base:
                     raise IncompatibleError(f"{where}: module '{name}' has a bias delta but {ckpt.root} has no "
                                             f"'{bias_key}'", hint="the base layer has no bias; the bias delta "
                                             "would be dropped")
-                plan.biases.setdefault(bias_key, []).append(Contribution(m, w * mw, Path(str(where))))
+                plan.biases.setdefault(bias_key, []).append(Contribution(m, w * mw, Path(str(where)), rows))
         for stored, ref in adapter.extras.items():
             if ".base_layer." in stored:
                 continue  # peft's copy of a LoRA layer's own base weight (save_embedding_layers): not a change

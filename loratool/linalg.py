@@ -7,8 +7,9 @@ Everything is computed in float32 or wider; callers cast back to the stored dtyp
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -193,6 +194,29 @@ def weighted_concat(
 
 
 F32_MAX = 3.4028234663852886e38
+
+
+@contextlib.contextmanager
+def single_threaded(active: bool = True) -> Iterator[None]:
+    """Run torch's CPU ops in this thread on one intra-op thread, restoring the setting after.
+
+    Adapter work is many operations on small tensors ((out+in)×r factors, r×r cores, row copies):
+    too small for an OpenMP team to pay off, and on a busy machine a descheduled team member makes
+    every operation wait at its barrier, 10-3000× slower (measured on 2 cores at load 4-12: combine's
+    two r16 adapters 33 s instead of 2.3 s; one torch.cat 80 ms instead of 0.03 ms; the value
+    checks before writing a full-size FLUX.1 LoRA 35 s instead of well under one). Dense
+    decompositions and merge's big products keep every thread.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if active and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def require_finite(name: str, where: str, **tensors: torch.Tensor) -> None:
@@ -614,16 +638,21 @@ class Workspace:
         return buf[:numel].view(tuple(shape))
 
 
+Term = tuple["LoraModule | LycoModule", float] | tuple["LoraModule | LycoModule", float, "tuple[int, int] | None"]
+
+
 def merged_tensor(
-    stored: torch.Tensor, terms: Sequence[tuple[LoraModule | LycoModule, float]], *, device: str, unmerge: bool,
+    stored: torch.Tensor, terms: Sequence[Term], *, device: str, unmerge: bool,
     bias: bool = False,
     keep_delta: bool = False, work: Workspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(W, W', acc = Σ w_i ΔW_i or None), float32 on `device`, for one base tensor.
 
     W' = W + acc (W − acc with unmerge); with a DoRA term, W' = m / ||W + acc||_row · (W + acc),
-    the norm per output row (PEFT's convention). `terms` are (module, weight) pairs; with `bias`
-    the deltas are the modules' lora_B biases (scale · bias).
+    the norm per output row (PEFT's convention). `terms` are (module, weight) pairs, or (module,
+    weight, rows): the delta then covers rows start:stop of W only (one part of a fused weight,
+    families/layout.py), and only those rows are computed; with `bias` the deltas are the modules'
+    lora_B biases (scale · bias).
 
     Plain LoRA takes the fast path: each delta is formed and added in place into a float32 copy of W
     (bit-identical to peft's `W + (B @ A) * scale`; no sum tensor is kept), in `work`'s buffers when
@@ -635,16 +664,19 @@ def merged_tensor(
     sign = -1.0 if unmerge else 1.0
     from loratool.adapter import LycoModule
 
-    dora = [m for m, _ in terms if not isinstance(m, LycoModule) and m.magnitude is not None and not bias]
+    spans = [t[2] if len(t) > 2 else None for t in terms]  # type: ignore[misc]
+    pairs = [(t[0], t[1]) for t in terms]
+    dora = [m for m, _ in pairs if not isinstance(m, LycoModule) and m.magnitude is not None and not bias]
     if not (dora or bias or keep_delta):
         work = work if work is not None else Workspace()
         w = work.get("w", stored.shape, torch.float32, device).copy_(stored)  # widened exactly
         new = work.get("new", stored.shape, torch.float32, device).copy_(w)  # W kept: the realized delta needs it
         rows = new.view(new.shape[0], -1)  # conv (out, in, kh, kw) -> (out, in·kh·kw), as down flattens
-        for module, weight in terms:
+        for (module, weight), span in zip(pairs, spans):
+            target = rows if span is None else rows[span[0]:span[1]]  # a part's rows of a fused weight
             if isinstance(module, LycoModule):
-                ld = lyco_delta(module, device=device).reshape(rows.shape)  # LyCORIS: dense ΔW, scale included
-                rows.add_(ld if weight == 1.0 and not unmerge else ld * (sign * weight))
+                ld = lyco_delta(module, device=device).reshape(target.shape)  # LyCORIS: dense ΔW, scale included
+                target.add_(ld if weight == 1.0 and not unmerge else ld * (sign * weight))
                 continue
             up, down = factors(module, device=device)  # (out, r), (r, in·k)
             d = torch.mm(up, down, out=work.get("d", (up.shape[0], down.shape[1]), torch.float32, device))
@@ -652,12 +684,12 @@ def merged_tensor(
             if weight != 1.0 or unmerge:
                 d.mul_(sign * weight)
             transposed = module.kind == "embedding" or module.fan_in_fan_out  # W is (in, out)
-            rows.add_(d.T if transposed else d)
+            target.add_(d.T if transposed else d)
             del d
         return w, new, None
     w = stored.to(device=device, dtype=torch.float32)
     acc: torch.Tensor | None = None
-    for module, weight in terms:
+    for (module, weight), span in zip(pairs, spans):
         if bias:
             assert module.bias is not None
             d = module.bias.load().to(device=device, dtype=torch.float32) * module.bias_scale
@@ -665,6 +697,10 @@ def merged_tensor(
             d = lyco_delta(module, device=device)
         else:
             d = delta(module, device=device)  # (scale · up @ down) in the base layout, as peft computes it
+        if span is not None:  # a part's rows of a fused weight: zero elsewhere
+            part = torch.zeros_like(w)
+            part[span[0]:span[1]] = d.reshape(span[1] - span[0], *w.shape[1:])
+            d = part
         d = d.reshape(w.shape)  # a 2-D delta onto a (out, in, 1, 1) conv weight
         if weight != 1.0:
             d = d * weight

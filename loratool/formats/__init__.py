@@ -362,17 +362,35 @@ def _require_usable_values(adapter: Adapter, out: Path) -> None:
     Raises:
         IncompatibleError: naming the module.
     """
+    from loratool.linalg import single_threaded
+
+    with single_threaded():  # many small tensors
+        _check_values(adapter, out)
+
+
+def _check_values(adapter: Adapter, out: Path) -> None:
     import torch
 
-    from loratool.linalg import F32_MAX, factors, product_fro_norm, require_finite
+    from loratool.linalg import F32_MAX, factors, product_fro_norm
 
     for m in adapter.modules.values():
         if not math.isfinite(m.alpha) or not math.isfinite(m.scale):
             raise IncompatibleError(f"{out}: module '{m.name}': alpha {m.alpha:g} (scale {m.scale:g}) is not a "
                                     "finite number", hint="use a smaller --factor / --alpha / --weights")
-        up, down = factors(m, dtype=torch.float32)
-        require_finite(m.name, str(out), up=up, down=down)
-        size = product_fro_norm(up, down) * abs(m.scale)
+        # one float64 pass per factor: its norm is NaN / Inf exactly when the factor holds NaN / Inf
+        # (squares of float32 values cannot overflow float64), and ||up||·||down|| bounds the delta's norm
+        norms = {}
+        for role, ref in (("up", m.up), ("down", m.down)):
+            t = ref.load()
+            if t.element_size() == 1 or not t.is_floating_point():  # float8 does not promote to float64
+                t = t.float()
+            norms[role] = float(torch.linalg.vector_norm(t.reshape(-1), dtype=torch.float64)) if t.numel() else 0.0
+            if not math.isfinite(norms[role]):
+                raise IncompatibleError(f"{out}: module '{m.name}': {role} holds NaN or Inf values",
+                                        hint="check the adapter with: loratool validate ADAPTER")
+        size = norms["up"] * norms["down"] * abs(m.scale)
+        if size > F32_MAX:  # the bound is too loose to tell: the exact norm of the product
+            size = product_fro_norm(*factors(m, dtype=torch.float32)) * abs(m.scale)
         if not size <= F32_MAX or abs(m.alpha) > F32_MAX:
             raise IncompatibleError(
                 f"{out}: module '{m.name}': its delta (Frobenius norm {size:.3g}, alpha {m.alpha:.3g}) is beyond "

@@ -25,11 +25,10 @@ the dotted name. Inputs of different formats that share no module at all are an 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -386,27 +385,6 @@ def _bias(items: list[tuple[LoraModule, float]], out_dtype: torch.dtype) -> Tens
     return TensorRef.from_tensor(total.to(out_dtype).contiguous())
 
 
-@contextlib.contextmanager
-def _single_threaded(active: bool) -> Iterator[None]:
-    """Run torch's CPU ops on one intra-op thread, restoring the setting after.
-
-    The low-rank methods work on (out+in)×r factors and r×r cores: tensors too small for an OpenMP
-    team to pay off, and on a busy machine its spinning threads make every tiny op 10-100× slower
-    (measured: 33 s instead of 2.3 s for the two 1B-dims r16 adapters of tests/perf/bench_combine.py
-    at load average 4 on 2 cores). The dense methods keep every thread for their SVDs.
-    """
-    import torch
-
-    before = torch.get_num_threads()
-    if active and before > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------------
 # the operation
 
@@ -502,9 +480,11 @@ def combine(
     if len(adapters) > 1 and any(a.rslora for a in adapters) and not all(a.rslora for a in adapters):
         report.warnings.append("inputs mix rsLoRA and plain scaling; each input's own scale is folded in exactly")
 
+    from loratool.linalg import single_threaded
+
     new_modules: dict[str, LoraModule] = {}
     alpha_source = "config" if fmt == "peft" else "tensor"
-    with _single_threaded(method not in DENSE and str(device) == "cpu"):
+    with single_threaded(method not in DENSE and str(device) == "cpu"):
         for n, (name, items) in enumerate(groups.items()):
             present = {i: m for i, m in items}
             stored = {m.dtype for _, m in items}

@@ -412,6 +412,16 @@ def _lycoris_to_lora(
 FAMILY_TARGETS = ("kohya", "comfyui", "diffusers", "peft")
 
 
+TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "text_encoder.", "text_encoder_2.",
+                         "text_encoder_3.")
+
+
+def text_encoder_modules(adapter: Adapter) -> set[str]:
+    """The modules of an image/video LoRA that adapt a text encoder (kohya `lora_te1_...`, diffusers
+    `text_encoder.`): no model family's table covers them; they are named by the format's rules."""
+    return {n for n in adapter.modules if n.startswith(TEXT_ENCODER_PREFIXES)}
+
+
 def _family_for(adapter: Adapter, to: str, family: str | None, other_mode: bool) -> tuple[Any, str] | None:
     """(family, source dialect) when the conversion goes by a model family's table, else None.
 
@@ -429,6 +439,12 @@ def _family_for(adapter: Adapter, to: str, family: str | None, other_mode: bool)
     # full / norm / bias diffs (kept as they are where the target holds them) move with the family's names
     names = [*adapter.modules, *adapter.lycoris]
     det = families.detect(names)
+    te = text_encoder_modules(adapter)
+    if te and det.matched and set(det.unmatched) <= set(te):
+        # a transformer LoRA with text-encoder modules beside it (kohya FLUX.1 files often have
+        # lora_te1_ CLIP-L ones): the family is judged on the rest; those go by the naming rules
+        names = [n for n in names if n not in te]
+        det = families.detect(names)
     if family is None and adapter.family is not None and to in FAMILY_TARGETS and not other_mode:
         family = adapter.family  # the format itself says which model it is for (XLabs: FLUX.1)
     if family is not None:
@@ -456,19 +472,35 @@ def _family_for(adapter: Adapter, to: str, family: str | None, other_mode: bool)
 
 def _convert_family(adapter: Adapter, report: ConvertReport, fam: Any, source: str, to: str,
                     out: str | os.PathLike[str], *, force: bool, fuse_rank: int | None) -> ConvertReport:
-    import torch
 
     from loratool.families.convert import convert_family
     from loratool.formats import write
 
     # the work is many small row copies and comparisons (memory-bound): OpenMP's fork/join per call
     # costs more than the copy, 3000x on a busy 2-core machine (80 ms vs 0.03 ms per torch.cat)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        conv = convert_family(adapter, fam, source, to, fuse_rank=fuse_rank)
-    finally:
-        torch.set_num_threads(threads)
+    from loratool.linalg import single_threaded
+
+    te = text_encoder_modules(adapter)
+    te_modules = {n: m for n, m in adapter.modules.items() if n in te and fam.identify(n, source) is None}
+    with single_threaded():
+        conv = convert_family(adapter.with_modules({n: m for n, m in adapter.modules.items() if n not in te_modules}),
+                              fam, source, to, fuse_rank=fuse_rank)
+    if te_modules:  # the text encoders' modules, named by the format's rules (ComfyUI reads kohya's)
+        from loratool.formats.rename import target_names
+
+        te_to = "kohya" if to == "comfyui" else to
+        placed, unplaced = target_names(adapter.with_modules(te_modules), te_to, None, None, report.warnings)
+        if unplaced:
+            listing = "; ".join(f"{reason}: {', '.join(ns[:4])}" for reason, ns in unplaced.items())
+            raise IncompatibleError(f"{adapter.path}: cannot name the text-encoder modules in the {to} layout: "
+                                    f"{listing}")
+        for name, (new, by) in placed.items():
+            if new in conv.modules:
+                raise IncompatibleError(f"{adapter.path}: module '{name}' would be written as '{new}', "
+                                        "a name the family's modules already use")
+            m = te_modules[name]
+            conv.modules[new] = m.with_(name=new)
+            report.modules.append(ModuleConvert(name, new, m.kind, m.rank, m.alpha, m.scale, by, "lora"))
     for row in conv.rows:
         by = f"{fam.name} {source}"
         if row.name in conv.lycoris:

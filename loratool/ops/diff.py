@@ -207,7 +207,7 @@ def diff(
     """
     from loratool.device import resolve_device
     from loratool.formats import read
-    from loratool.ops.combine import _single_threaded
+    from loratool.linalg import single_threaded
 
     device = resolve_device(device)
 
@@ -215,7 +215,7 @@ def diff(
     bd = read(Path(b), allow_pickle=allow_pickle)
     pairs, only_a, only_b = pair_modules(ad, bd)
     report = DiffReport(Path(a), Path(b), ad.source_format, bd.source_format, only_a, only_b)
-    with _single_threaded(str(device) == "cpu"):  # r×r products: one thread is fastest
+    with single_threaded(str(device) == "cpu"):  # r×r products: one thread is fastest
         for n, (ma, mb) in enumerate(pairs):
             report.modules.append(diff_module(ma, mb, device=device))
             if progress:

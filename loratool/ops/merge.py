@@ -78,6 +78,7 @@ class MergeReport:
     rounding: str = "nearest"
     min_retained: float = 0.5
     unmatched: list[str] = field(default_factory=list)
+    layouts: list[str] = field(default_factory=list)  # adapters mapped onto the base's other family layout
     tensors: list[TensorStat] = field(default_factory=list)  # per tensor (with stats)
     warnings: list[str] = field(default_factory=list)
     # (key, retained, rel_error, max_cast_error) of every merged tensor, kept even without stats
@@ -123,6 +124,7 @@ class MergeReport:
             "max_rel_error": worst_e[1] if worst_e else None,
             "max_rel_error_tensor": worst_e[0] if worst_e else None,
             "low_retained_tensors": len(self.low_retained),
+            "layouts": self.layouts,
             "warnings": self.warnings,
         }
         if tensors:
@@ -246,7 +248,7 @@ def _tensor_step(setup: _Setup, report: MergeReport, *, name: str, work: Workspa
                 base = dequantize(s, stored, setup.load)
             if setup.qlora_base and key in plan.deltas:
                 base = nf4_roundtrip(base.to(torch.float32))
-            w32, new, _ = merged_tensor(base, [(c.module, c.weight) for c in contribs], device=setup.device,
+            w32, new, _ = merged_tensor(base, [c.term for c in contribs], device=setup.device,
                                         unmerge=setup.unmerge, bias=key in plan.biases, work=work)
             limit = out_dtype if not requantizing else (s.dtype if s is not None and s.scheme == "fp8" else "float32")
             _finite_or_raise(new, limit, key, contribs)
@@ -309,7 +311,8 @@ def _blocked_term(setup: _Setup, key: str, s: object, stored: torch.Tensor | Non
         return None
     c = contribs[0]
     m = c.module
-    if not isinstance(m, LoraModule) or m.magnitude is not None or m.kind == "embedding" or m.fan_in_fan_out:
+    if not isinstance(m, LoraModule) or m.magnitude is not None or m.kind == "embedding" or m.fan_in_fan_out \
+            or c.rows is not None:  # a part of a fused weight (families/layout.py): merged_tensor adds its rows
         return None
     return c
 
@@ -497,7 +500,7 @@ def _merge(
     warnings = mw_warnings + warnings
     report = MergeReport(Path(out), base_path, [Path(p) for p in adapters], weights, unmerge, dtype, device,
                          storage=storage.line(), rounding=rounding, min_retained=min_retained,
-                         unmatched=plan.unmatched, warnings=warnings)
+                         unmatched=plan.unmatched, warnings=warnings, layouts=plan.layouts)
     if not plan.deltas and not plan.replacements:
         raise IncompatibleError(f"nothing to merge: no adapter module matches {base_path}",
                                 hint="check with: loratool validate ADAPTER --base BASE")

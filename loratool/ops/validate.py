@@ -100,7 +100,10 @@ def validate_adapter(
                               findings.items, strict)
     _check_unsupported(adapter, findings)
     _check_dtypes(adapter, findings)
-    _check_values(adapter, findings, progress)
+    from loratool.linalg import single_threaded
+
+    with single_threaded():  # many small tensors (see single_threaded)
+        _check_values(adapter, findings, progress)
     if base is not None:
         report.base = Path(base)
         report.matched, report.base_storage = _check_base(adapter, Path(base), findings)

@@ -145,6 +145,7 @@ class VerifyReport:
     missing: list[str] = field(default_factory=list)  # base keys absent from MERGED
     extra: list[str] = field(default_factory=list)  # MERGED keys absent from the base
     unmatched: list[str] = field(default_factory=list)
+    layouts: list[str] = field(default_factory=list)  # adapters mapped onto the base's other family layout
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -174,6 +175,7 @@ class VerifyReport:
             "missing": self.missing,
             "extra": self.extra,
             "unmatched": self.unmatched,
+            "layouts": self.layouts,
             "warnings": self.warnings,
         }
         if tensors:
@@ -293,11 +295,17 @@ def _check_lowrank(w: torch.Tensor, m: torch.Tensor, contribs: list[Contribution
         raise IncompatibleError(f"modules {', '.join(c.module.name for c in contribs)} disagree on the layout "
                                 "of one base weight")
     flip = transposed.pop()
+    import torch
+
     terms = []
     for c, mod in zip(contribs, loras):
         up, down = factors(mod)  # (out, r), (r, in·k), float32
-        terms.append((up.double() * (c.weight * mod.scale), down.double()))
-    import torch
+        up = up.double() * (c.weight * mod.scale)
+        if c.rows is not None:  # a part of a fused weight: B padded with zero rows, still low rank
+            full = torch.zeros((w.shape[0], up.shape[1]), dtype=up.dtype)
+            full[c.rows[0]:c.rows[1]] = up
+            up = full
+        terms.append((up, down.double()))
 
     # 16-bit tensors: float32 is exact for R and precise enough (linalg.realized_projection)
     work = torch.float32 if unit >= UNIT_ROUNDOFF["float16"] and {w.dtype, m.dtype} <= {
@@ -489,7 +497,7 @@ def verify(
     dequantizing = dtype != "keep" and base_storage.quantized
     report = VerifyReport(Path(merged), Path(base), [Path(p) for p in adapters], weights, dtype, device,
                           storage=base_storage.line(), quantized=base_storage.quantized,
-                          unmatched=plan.unmatched, warnings=warnings)
+                          unmatched=plan.unmatched, warnings=warnings, layouts=plan.layouts)
     ctx = _Context(plan, dtype, device, base_ckpt, merged_ckpt, base_storage, merged_storage, dequantizing)
     # tensors checked with their weight, not alone: scales a requantization recomputes; with --dtype on
     # a quantized base, every scale and marker (the dequantized MERGED leaves them out)
@@ -565,7 +573,7 @@ def _check_tensor(info: TensorInfo, ctx: _Context, name: str) -> TensorCheck | N
         dense = key in plan.biases or any(not isinstance(c.module, LoraModule) or c.module.magnitude is not None
                                           for c in contribs)
         if dense:
-            _, expected, _ = merged_tensor(w, [(c.module, c.weight) for c in contribs], device=ctx.device,
+            _, expected, _ = merged_tensor(w, [c.term for c in contribs], device=ctx.device,
                                            unmerge=False, bias=key in plan.biases, keep_delta=True)
             verdict, k, ks, res, tol, norm = _check_dense(w, m, expected.cpu(), unit)
         else:
@@ -600,7 +608,7 @@ def _check_quantized(info: TensorInfo, found: TensorInfo, ctx: _Context, check: 
         check.verdict = "other change"
         return check
     if contribs:
-        _, x, _ = merged_tensor(w, [(c.module, c.weight) for c in contribs], device=ctx.device, unmerge=False,
+        _, x, _ = merged_tensor(w, [c.term for c in contribs], device=ctx.device, unmerge=False,
                                 bias=key in ctx.plan.biases, keep_delta=True)
         x = x.cpu()
     elif key in ctx.plan.replacements:
