@@ -227,7 +227,7 @@ def test_tables_agree_with_diffusers_checkpoint_converter_and_fuse_lora(tmp_path
         down, up = kohya[k + ".lora_down.weight"].double(), kohya[k + ".lora_up.weight"].double()
         delta = (up.flatten(1) @ down.flatten(1)).reshape(shape) * (float(kohya[k + ".alpha"]) / down.shape[0])
         merged_sai[path + ".weight"] = (sai[path + ".weight"].double() + delta).float()
-    want = convert_sd3_transformer_checkpoint_to_diffusers(merged_sai)
+    want = convert_sd3_transformer_checkpoint_to_diffusers(dict(merged_sai))
 
     out_dir = tmp_path / "lora"
     out_dir.mkdir()
@@ -244,6 +244,14 @@ def test_tables_agree_with_diffusers_checkpoint_converter_and_fuse_lora(tmp_path
         torch.testing.assert_close(fused[k], v, rtol=1e-6, atol=1e-6, msg=k)
 
     from loratool.ops.merge import merge
+
+    # the kohya file merged into the SAI single-file layout (ComfyUI's key prefix) by loratool
+    sai_file = tmp_path / "sd3_sai.safetensors"
+    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in sai.items()}, str(sai_file))
+    merge(sai_file, [src], tmp_path / "merged_sai.safetensors")
+    ours_sai = load_file(str(tmp_path / "merged_sai.safetensors"))
+    for k, v in merged_sai.items():
+        torch.testing.assert_close(ours_sai["model.diffusion_model." + k], v, rtol=1e-6, atol=1e-6, msg=k)
 
     merged = tmp_path / "merged"
     merge(base_dir, [out_dir / "pytorch_lora_weights.safetensors"], merged)
