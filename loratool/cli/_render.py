@@ -206,7 +206,7 @@ def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool, only: 
                 else f"min {ranks['min']}, max {ranks['max']}, most common {ranks['most_common']}")
     t.add_row("base model", doc["base_model"] or "(not recorded)")
     fam = doc.get("family") or {}
-    if fam.get("family"):
+    if fam.get("family") or fam.get("ambiguous"):
         t.add_row("family", _family_text(fam))
     t.add_row("rank", rank_txt if ranks["min"] is not None else "-")
     t.add_row("alpha", _counts(alphas, 6) if len(alphas) > 1 else next(iter(alphas), "-"))
@@ -250,10 +250,12 @@ def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool, only: 
 def _family_text(fam: dict[str, Any]) -> str:
     """`flux.1, kohya dialect (e.g. lora_unet_double_blocks_0_img_attn_qkv)`, or what is ambiguous."""
     if fam["ambiguous"]:
-        tied = [f"{c['family']} ({c['dialect']})" for c in fam["candidates"] if c["matched"] == fam["matched"]]
-        return "ambiguous: " + " or ".join(tied)
+        tied = [f"{c['family']} ({c['dialect']})" for c in fam["candidates"]
+                if c["matched"] == fam["matched"] and c["family"] in fam["tied"]]
+        return "ambiguous: " + " or ".join(dict.fromkeys(tied)) + " (convert needs --family)"
     part = "" if fam["matched"] == fam["total"] else f", {fam['matched']} of {fam['total']} modules"
-    return f"{fam['family']}, {fam['dialect']} dialect{part} (e.g. {fam['evidence'][0]})"
+    why = "".join(f"; {r}" for r in fam.get("reasons", []))
+    return f"{fam['family']}, {fam['dialect']} dialect{part} (e.g. {fam['evidence'][0]}{why})"
 
 
 def _readable(value: str, limit: int = 200) -> str:

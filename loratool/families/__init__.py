@@ -116,6 +116,11 @@ class Family:
                     out[dialect].append((re.compile(rx + "$"), rel, split))
         return out
 
+    @cached_property
+    def _any(self) -> dict[str, re.Pattern[str]]:
+        """dialect -> one regex matching any of its names: most names tried are not this family's."""
+        return {d: re.compile("|".join(f"(?:{rx.pattern})" for rx, _, _ in pats)) for d, pats in self._patterns.items()}
+
     def identify(self, name: str, dialect: str, shape: tuple[int, int] | None = None
                  ) -> tuple[Relation, int | None, str | None] | None:
         """(relation, block index, diffusers template or None for the original side) of a module name.
@@ -123,6 +128,8 @@ class Family:
         `shape` (out, in) picks between relations that share a name but differ by shape (`rows`);
         without it the first relation of the name is returned (enough to detect a family).
         """
+        if not self._any[dialect].match(name):
+            return None
         for rx, rel, split in self._patterns[dialect]:
             m = rx.match(name)
             if m and rel.fits(shape):
@@ -133,55 +140,74 @@ class Family:
                 return rel, i, split
         return None
 
+    def over_limit(self, name: str) -> tuple[str, int, int] | None:
+        """(block list, index, its block count) when `name` is one of this family's modules in some
+        dialect but for a block index past the family's count; else None."""
+        for dialect in DIALECTS:
+            for rx, rel, split in self._patterns[dialect]:
+                m = rx.match(name)
+                if m and m.groups():
+                    segment = (split or rel.original).split(".", 1)[0]
+                    limit = self.blocks.get(segment)
+                    if limit is not None and int(m.group(1)) >= limit:
+                        return segment, int(m.group(1)), limit
+        return None
+
 
 @dataclass
 class Detection:
-    """What `detect` found: the family and dialect whose names cover the adapter, with evidence."""
+    """What `detect` found: the family and dialect whose names cover the adapter, with evidence.
+
+    Names on the diffusers side are shared between families (FLUX.1 and HunyuanVideo both have
+    `transformer_blocks.N.attn.to_q`), and some original-side names too (musubi-tuner's HunyuanVideo
+    `lora_unet_double_blocks_0_img_attn_qkv` is FLUX.1's kohya name): a file that fits several families
+    equally is ambiguous (`family` None, the tied families in `tied`); one that fits one family best
+    names it, with `reasons` saying what rules out each other family that fits part of it (a module
+    only this family has, or a block index past the other's block count).
+    """
 
     family: str | None
     dialect: str | None
     matched: int
     total: int
-    evidence: list[str]
+    evidence: list[str]  # up to 3 names that matched
     candidates: list[tuple[str, str, int]]  # (family, dialect, modules matched), best first
     unmatched: list[str]
+    reasons: list[str] = field(default_factory=list)
+    tied: list[str] = field(default_factory=list)  # the families that fit equally (ambiguous when > 1)
 
     @property
     def confident(self) -> bool:
-        """Every module is the family's, named on the original side (BFL names are the family's own).
-
-        diffusers-side names are shared between families (FLUX.1 and HunyuanVideo both have
-        `transformer_blocks.N.attn.to_q`), so converting from them needs the family named.
-        """
-        return (self.family is not None and self.matched == self.total > 0 and not self.ambiguous
-                and self.dialect in ORIGINAL_SIDE)
+        """One family fits better than any other and names every module: conversions may use its table."""
+        return self.family is not None and self.matched == self.total > 0 and not self.ambiguous
 
     @property
     def ambiguous(self) -> bool:
-        return len([c for c in self.candidates if c[2] == self.matched and self.matched]) > 1
+        return len(self.tied) > 1
 
     def to_dict(self) -> dict[str, object]:
         return {
             "family": self.family, "dialect": self.dialect, "matched": self.matched, "total": self.total,
-            "ambiguous": self.ambiguous, "confident": self.confident, "evidence": self.evidence,
+            "ambiguous": self.ambiguous, "tied": self.tied, "confident": self.confident, "evidence": self.evidence,
+            "reasons": self.reasons,
             "candidates": [{"family": f, "dialect": d, "matched": n} for f, d, n in self.candidates],
             "unmatched": self.unmatched[:10],
         }
 
     def describe(self) -> str:
+        if self.ambiguous:
+            tied = [f"{f} ({d})" for f, d, n in self.candidates if n == self.matched and f in self.tied]
+            return f"ambiguous: {' or '.join(dict.fromkeys(tied))}"
         if self.family is None:
             return "unknown"
-        if self.ambiguous:
-            tied = [f"{f} ({d})" for f, d, n in self.candidates if n == self.matched]
-            return f"ambiguous: {' or '.join(tied)}"
         part = "" if self.matched == self.total else f", {self.matched} of {self.total} modules"
         return f"{self.family}, {self.dialect} dialect{part}"
 
 
 def families() -> tuple[Family, ...]:
-    from loratool.families import flux, qwen_image, sd3, wan
+    from loratool.families import flux, hunyuan_video, ltx, qwen_image, sd3, wan
 
-    return (flux.FAMILY, sd3.FAMILY, wan.FAMILY, qwen_image.FAMILY)
+    return (flux.FAMILY, sd3.FAMILY, wan.FAMILY, hunyuan_video.FAMILY, qwen_image.FAMILY, ltx.FAMILY)
 
 
 def get(name: str) -> Family:
@@ -192,17 +218,63 @@ def get(name: str) -> Family:
 
 
 def detect(names: list[str]) -> Detection:
-    """The family and dialect whose module names cover the most of `names` (header only, no torch)."""
-    scores: list[tuple[int, str, str, list[str]]] = []
+    """The family and dialect whose module names cover the most of `names` (header only, no torch).
+
+    Families that cover the same number of names are tied: the detection is ambiguous and names
+    none. Otherwise the best family wins, with a reason against every other family that fits part.
+    """
+    scores: list[tuple[int, Family, str, list[str]]] = []
     for fam in families():
         for dialect in DIALECTS:
             hits = [n for n in names if fam.identify(n, dialect) is not None]
             if hits:
-                scores.append((len(hits), fam.name, dialect, hits))
-    scores.sort(key=lambda s: -s[0])
+                scores.append((len(hits), fam, dialect, hits))
+    scores.sort(key=lambda s: -s[0])  # stable: families() order among equals
     if not scores:
         return Detection(None, None, 0, len(names), [], [], list(names))
-    best, fam_name, dialect, hits = scores[0]
+    best, fam, dialect, hits = scores[0]
+    candidates = [(f.name, d, n) for n, f, d, _ in scores]
+    tied = list(dict.fromkeys(f.name for n, f, _, _ in scores if n == best))
     hit_set = set(hits)
-    return Detection(fam_name, dialect, best, len(names), hits[:3], [(f, d, n) for n, f, d, _ in scores],
-                     [n for n in names if n not in hit_set])
+    unmatched = [n for n in names if n not in hit_set]
+    if len(tied) > 1:
+        return Detection(None, None, best, len(names), hits[:3], candidates, unmatched, tied=tied)
+    # per other family, its best-fitting dialect's names: what in ours is not in theirs, and why
+    reasons: list[str] = []
+    seen = {fam.name}
+    for _, other, _, other_hits in scores[1:]:
+        if other.name in seen:
+            continue
+        seen.add(other.name)
+        theirs = set(other_hits)
+        name = next(n for n in hits if n not in theirs)
+        over = other.over_limit(name)
+        if over is not None:
+            segment, index, limit = over
+            reasons.append(f"not {other.name}: {name} is in {segment} {index}, past its {limit}")
+        else:
+            reasons.append(f"not {other.name}: {name} is not one of its modules")
+    return Detection(fam.name, dialect, best, len(names), hits[:3], candidates, unmatched, reasons, [fam.name])
+
+
+def same_conversion(names: list[str], fits: list[tuple[Family, str]], target: str) -> bool:
+    """Whether every (family, dialect) in `fits` converts `names` to `target` the same way: the same
+    target names, the same row chunks, the same split or fuse (FLUX.1's and HunyuanVideo's kohya
+    attention names become the same diffusers modules, but not the same ComfyUI ones)."""
+    def signature(fam: Family, dialect: str, name: str) -> tuple[object, ...] | None:
+        ident = fam.identify(name, dialect)
+        if ident is None:
+            return None
+        rel, i, split = ident
+
+        def fill(t: str) -> str:
+            return t.replace("{i}", str(i)) if i is not None else t
+
+        to_original = target in ORIGINAL_SIDE
+        written = fam.name_in(target, fill(rel.original), original=True) if to_original else \
+            tuple((fam.name_in(target, fill(t), original=False), c) for t, c in rel.split)
+        side = None if split is None else tuple(c for t, c in rel.split if t == split)
+        return written, rel.chunks, side, rel.is_plain
+
+    first, *rest = fits
+    return all(signature(*first, n) == signature(f, d, n) is not None for n in names for f, d in rest)

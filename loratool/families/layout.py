@@ -118,7 +118,7 @@ def map_to_base(modules: Sequence[Module], base: dict[str, TensorInfo], *, where
     """
     names = [m.name for m in modules]
     found = detect(names)
-    if found.family is None:
+    if found.family is None and not found.ambiguous:  # ambiguous: the tied families are tried below
         return None
     keys = list(base)
     best: LayoutPlan | None = None

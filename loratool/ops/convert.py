@@ -229,7 +229,7 @@ def convert(
         raise IncompatibleError(f"{path}: holds no LoRA modules to convert")
     report = ConvertReport(Path(out), Path(path), adapter.source_format, to, Path(base) if base is not None else None,
                            warnings=lyco_warnings)
-    fam = _family_for(adapter, to, family, runtime is not None or dora_to_lora is not None)
+    fam = _family_for(adapter, to, family, runtime is not None or dora_to_lora is not None, report.warnings)
     if fam is not None:
         return _convert_family(adapter, report, fam[0], fam[1], to, out, force=force, fuse_rank=fuse_rank)
     as_read = adapter.modules  # the report shows each module's rank, alpha and scale as read
@@ -422,7 +422,8 @@ def text_encoder_modules(adapter: Adapter) -> set[str]:
     return {n for n in adapter.modules if n.startswith(TEXT_ENCODER_PREFIXES)}
 
 
-def _family_for(adapter: Adapter, to: str, family: str | None, other_mode: bool) -> tuple[Any, str] | None:
+def _family_for(adapter: Adapter, to: str, family: str | None, other_mode: bool,
+                warnings: list[str]) -> tuple[Any, str] | None:
     """(family, source dialect) when the conversion goes by a model family's table, else None.
 
     Raises:
@@ -459,6 +460,17 @@ def _family_for(adapter: Adapter, to: str, family: str | None, other_mode: bool)
         return fam, best
     if det.confident and to in FAMILY_TARGETS and not other_mode:
         return families.get(str(det.family)), str(det.dialect)
+    if det.ambiguous and det.matched == det.total and to in FAMILY_TARGETS and not other_mode:
+        # names that fit several families equally: fine when every one converts them alike
+        fits = [(families.get(f), d) for f, d, n in det.candidates if n == det.matched and f in det.tied]
+        fits = [fd for k, fd in enumerate(fits) if fd[0].name not in {f.name for f, _ in fits[:k]}]
+        if families.same_conversion(names, fits, to):
+            warnings.append(f"the module names fit {' and '.join(det.tied)} equally; their tables convert them to "
+                            f"the same {to} names, so {fits[0][0].name}'s is used")
+            return fits[0]
+        raise IncompatibleError(
+            f"{adapter.path}: its module names fit {' and '.join(det.tied)} equally ({det.describe()}), and "
+            f"their {to} names differ", hint="pass " + " or ".join(f"--family {f}" for f in det.tied))
     if to == "comfyui":
         raise IncompatibleError(
             f"{adapter.path}: comfyui names are written from a model family's table, and this adapter is "

@@ -16,7 +16,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loratool.errors import IncompatibleError
 from loratool.families import detect
 from loratool.formats import read
 from loratool.ops.convert import convert
@@ -48,8 +47,9 @@ def names_of(tensors: dict[str, torch.Tensor]) -> list[str]:
     return sorted({k.split(".lora_")[0].removesuffix(".alpha").removeprefix("base_model.model.") for k in tensors})
 
 
-@pytest.mark.parametrize("dialect,confident", [("kohya", True), ("comfyui", True), ("diffusers", False),
-                                               ("onetrainer", False)])
+# every dialect is confident: Qwen-Image's img_mlp / img_mod / img_in are no other family's modules
+@pytest.mark.parametrize("dialect,confident", [("kohya", True), ("comfyui", True), ("diffusers", True),
+                                               ("onetrainer", True)])
 def test_detect_family_and_dialect(tmp_path: Path, dialect: str, confident: bool) -> None:
     fam = inspect_adapter(write(tmp_path, "q.safetensors", qwen_image_lora(dialect))).to_dict()["family"]
     assert fam["family"] == "qwen-image" and fam["dialect"] == dialect and fam["matched"] == fam["total"]
@@ -61,8 +61,9 @@ def test_other_families_keep_their_kohya_detection() -> None:
     assert detect(names_of(flux_lora("kohya"))).describe() == "flux.1, kohya dialect"
     assert detect(names_of(sd3_lora("kohya"))).describe() == "sd3, kohya dialect"
     assert detect(names_of(qwen_image_lora("kohya"))).describe() == "qwen-image, kohya dialect"
-    # diffusers names: FLUX.1's file has modules Qwen-Image lacks (ff.net, single blocks), and back
-    assert detect(names_of(flux_lora("diffusers"))).family == "flux.1"
+    # diffusers names: FLUX.1's file has modules Qwen-Image lacks (ff.net, single blocks), and back;
+    # HunyuanVideo has all of them (a tie, reported as ambiguous)
+    assert detect(names_of(flux_lora("diffusers"))).tied == ["flux.1", "hunyuan-video"]
     assert detect(names_of(qwen_image_lora("diffusers"))).family == "qwen-image"
 
 
@@ -92,11 +93,13 @@ def test_kohya_names_are_the_dotted_paths(tmp_path: Path) -> None:
     assert set(dd) == set(want) and all(torch.equal(dd[n], want[n]) for n in want)
 
 
-def test_diffusers_side_to_kohya_needs_the_family(tmp_path: Path) -> None:
+def test_diffusers_side_to_kohya_by_detection(tmp_path: Path) -> None:
+    """A whole diffusers-side file has modules only qwen-image has: detected, converted as with --family."""
     src = write(tmp_path, "d.safetensors", qwen_image_lora("diffusers"))
-    with pytest.raises(IncompatibleError) as e:
-        convert(src, tmp_path / "k.safetensors", to="kohya")
-    assert "--family qwen-image" in (e.value.hint or "")
+    convert(src, tmp_path / "k.safetensors", to="kohya")
+    convert(src, tmp_path / "k2.safetensors", to="kohya", family="qwen-image")
+    a, b = load_file(str(tmp_path / "k.safetensors")), load_file(str(tmp_path / "k2.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ---------------------------------------------------------------------------------------------

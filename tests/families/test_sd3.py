@@ -55,8 +55,9 @@ def names_of(tensors: dict[str, torch.Tensor]) -> list[str]:
                    for k in tensors})
 
 
-@pytest.mark.parametrize("dialect,confident", [("kohya", True), ("comfyui", True), ("diffusers", False),
-                                               ("peft", False), ("onetrainer", False)])
+# every dialect is confident: pos_embed.proj, attn2 and context_embedder are no other family's modules
+@pytest.mark.parametrize("dialect,confident", [("kohya", True), ("comfyui", True), ("diffusers", True),
+                                               ("peft", True), ("onetrainer", True)])
 def test_detect_family_and_dialect(tmp_path: Path, dialect: str, confident: bool) -> None:
     path = tmp_path / ("p" if dialect == "peft" else "s.safetensors")
     if dialect == "peft":
@@ -72,7 +73,8 @@ def test_flux_and_sd3_kohya_files_keep_their_families() -> None:
     """Both families' kohya files share `final_layer.*` names; the rest decides."""
     assert detect(names_of(flux_lora("kohya"))).describe() == "flux.1, kohya dialect"
     assert detect(names_of(sd3_lora("kohya"))).describe() == "sd3, kohya dialect"
-    assert detect(names_of(flux_lora("diffusers"))).family == "flux.1"  # single blocks: SD3 has none
+    # single blocks: SD3 has none (HunyuanVideo has, a tie with FLUX.1)
+    assert detect(names_of(flux_lora("diffusers"))).tied == ["flux.1", "hunyuan-video"]
 
 
 def test_diffusers_names_shared_with_flux_are_ambiguous() -> None:
@@ -168,11 +170,13 @@ def test_full_diff_of_the_swapped_modulation_is_refused_not_renamed(tmp_path: Pa
         convert(write(tmp_path, "o.safetensors", t), tmp_path / "k.safetensors", to="kohya", family="sd3")
 
 
-def test_diffusers_side_to_kohya_needs_the_family(tmp_path: Path) -> None:
+def test_diffusers_side_to_kohya_by_detection(tmp_path: Path) -> None:
+    """A whole diffusers-side file has modules only sd3 has: detected, converted as with --family."""
     src = write(tmp_path, "d.safetensors", sd3_lora("diffusers"))
-    with pytest.raises(IncompatibleError) as e:
-        convert(src, tmp_path / "k.safetensors", to="kohya")
-    assert "--family sd3" in (e.value.hint or "")
+    convert(src, tmp_path / "k.safetensors", to="kohya")
+    convert(src, tmp_path / "k2.safetensors", to="kohya", family="sd3")
+    a, b = load_file(str(tmp_path / "k.safetensors")), load_file(str(tmp_path / "k2.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,99 @@
+"""Detection across families: shared names are ambiguous (with the candidates), a distinctive module or
+a block index past another family's count decides, with the evidence; convert acts accordingly."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from loratool.cli import cli
+from loratool.errors import IncompatibleError
+from loratool.families import detect
+from loratool.ops.convert import convert
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("fixture_families", ROOT / "fixtures" / "families.py")
+assert _spec is not None and _spec.loader is not None
+fixture_families = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fixture_families)
+family_lora = fixture_families.family_lora
+flux_shapes = fixture_families.flux_shapes
+
+# the FLUX.1 modules whose kohya names are also HunyuanVideo's (musubi-tuner): attention and single blocks
+SHARED_KOHYA = {k: v for k, v in flux_shapes(16, 1, 1).items()
+                if k.endswith(("attn.qkv", "attn.proj", "linear1", "linear2"))}
+
+
+def test_shared_diffusers_names_are_ambiguous() -> None:
+    names = ["transformer.transformer_blocks.0.attn.to_q", "transformer.single_transformer_blocks.0.proj_mlp"]
+    det = detect(names)
+    assert det.ambiguous and det.family is None and not det.confident
+    assert det.tied == ["flux.1", "hunyuan-video"] and det.matched == det.total == 2
+    assert det.describe() == "ambiguous: flux.1 (diffusers) or hunyuan-video (diffusers)"
+    doc = det.to_dict()
+    assert doc["candidates"][:2] == [{"family": "flux.1", "dialect": "diffusers", "matched": 2},
+                                     {"family": "hunyuan-video", "dialect": "diffusers", "matched": 2}]
+
+
+@pytest.mark.parametrize("extra,family,reason", [
+    # a module only FLUX.1 has (HunyuanVideo's patch embedder is x_embedder.proj)
+    ("transformer.x_embedder", "flux.1", "not hunyuan-video: transformer.x_embedder is not one of its modules"),
+    # a module only HunyuanVideo has
+    ("transformer.context_embedder.token_refiner.refiner_blocks.0.attn.to_q", "hunyuan-video",
+     "not flux.1: transformer.context_embedder.token_refiner.refiner_blocks.0.attn.to_q is not one of its modules"),
+    # a block index past FLUX.1's 38 single blocks
+    ("transformer.single_transformer_blocks.39.proj_out", "hunyuan-video",
+     "not flux.1: transformer.single_transformer_blocks.39.proj_out is in single_transformer_blocks 39, past its 38"),
+])
+def test_a_distinctive_module_decides(extra: str, family: str, reason: str) -> None:
+    det = detect(["transformer.transformer_blocks.0.attn.to_q", "transformer.single_transformer_blocks.0.proj_mlp",
+                  extra])
+    assert (det.family, det.dialect, det.matched, det.total) == (family, "diffusers", 3, 3)
+    assert det.confident and not det.ambiguous and reason in det.reasons
+
+
+def test_past_every_family_is_unknown() -> None:
+    det = detect(["lora_unet_double_blocks_20_img_attn_qkv"])  # HunyuanVideo has 20, FLUX.1 19
+    assert det.family is None and not det.ambiguous and det.describe() == "unknown"
+
+
+def test_wan_names_are_wans_alone() -> None:
+    det = detect(["diffusion_model.blocks.0.self_attn.q", "diffusion_model.blocks.0.ffn.0"])
+    assert det.family == "wan" and det.confident and det.reasons == []
+
+
+def test_ambiguous_names_convert_when_every_table_agrees(tmp_path: Path) -> None:
+    """FLUX.1's and HunyuanVideo's shared kohya names split to the same diffusers modules."""
+    src = tmp_path / "k.safetensors"
+    save_file(family_lora("flux.1", SHARED_KOHYA, "kohya"), str(src))
+    assert detect([k.rsplit(".", 2)[0] for k in load_file(str(src)) if k.endswith("lora_down.weight")]).ambiguous
+    report = convert(src, tmp_path / "d.safetensors", to="diffusers")
+    assert any("fit flux.1 and hunyuan-video equally" in w for w in report.warnings)
+    assert {m.from_algo for m in report.modules} == {"split", "lora"}
+    assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in load_file(str(tmp_path / "d.safetensors"))
+    # their ComfyUI names differ (img_attn.qkv vs img_attn_qkv): the family must be named
+    with pytest.raises(IncompatibleError, match=r"fit flux\.1 and hunyuan-video equally") as e:
+        convert(src, tmp_path / "c.safetensors", to="comfyui")
+    assert e.value.hint == "pass --family flux.1 or --family hunyuan-video"
+    convert(src, tmp_path / "c.safetensors", to="comfyui", family="hunyuan-video")
+    assert "diffusion_model.double_blocks.0.img_attn_qkv.lora_down.weight" in load_file(str(tmp_path / "c.safetensors"))
+
+
+def test_inspect_says_ambiguous(tmp_path: Path) -> None:
+    src = tmp_path / "d.safetensors"
+    t = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 16),
+         "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(16, 2)}
+    save_file(t, str(src))
+    r = CliRunner().invoke(cli, ["inspect", str(src)])
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if x.startswith("family"))
+    assert ("ambiguous: flux.1 (diffusers) or sd3 (diffusers) or hunyuan-video (diffusers) or qwen-image (diffusers) "
+            "(convert needs --family)") in line
+    doc = json.loads(CliRunner().invoke(cli, ["inspect", str(src), "--json"]).output)
+    assert doc["family"]["ambiguous"] and doc["family"]["family"] is None

@@ -1,0 +1,134 @@
+"""LTX-Video LoRAs in every dialect: detection, renames, and the real clients.
+
+Files are generated at test time from the family table (fixtures/families.py). Independent checks:
+diffusers' own converter (`_convert_non_diffusers_ltxv_lora_to_diffusers`) on our ComfyUI file, and
+`load_lora_adapter` + `fuse_lora` on a tiny LTXVideoTransformer3DModel built here, compared with
+loratool's merge into the same base.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loratool.families import detect
+from loratool.formats import read
+from loratool.ops.convert import convert
+from loratool.ops.inspect import inspect_adapter
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("fixture_families", ROOT / "fixtures" / "families.py")
+assert _spec is not None and _spec.loader is not None
+fixture_families = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fixture_families)
+ltx_lora = fixture_families.ltx_lora
+ltx_shapes = fixture_families.ltx_shapes
+family_lora = fixture_families.family_lora
+
+
+def write(tmp_path: Path, name: str, tensors: dict[str, torch.Tensor]) -> Path:
+    path = tmp_path / name
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.mark.parametrize("dialect", ["kohya", "comfyui", "diffusers", "onetrainer"])
+def test_detect_family_and_dialect(tmp_path: Path, dialect: str) -> None:
+    fam = inspect_adapter(write(tmp_path, "l.safetensors", ltx_lora(dialect))).to_dict()["family"]
+    assert fam["family"] == "ltx-video" and fam["dialect"] == dialect and fam["matched"] == fam["total"] == 17
+    assert fam["confident"] and not fam["ambiguous"]
+
+
+def test_feed_forward_alone_is_ambiguous() -> None:
+    """LTX-Video's ff names on the diffusers side are FLUX.1's, SD3's and HunyuanVideo's too."""
+    det = detect(["transformer.transformer_blocks.0.ff.net.0.proj", "transformer.transformer_blocks.0.ff.net.2"])
+    assert det.ambiguous and det.tied == ["flux.1", "sd3", "hunyuan-video", "ltx-video"]
+    # a block past FLUX.1's 19, HunyuanVideo's 20 and SD3.5 large's 38 is LTX-Video's (48 in the 13B model)
+    det = detect(["transformer.transformer_blocks.0.ff.net.0.proj", "transformer.transformer_blocks.40.ff.net.2"])
+    assert det.family == "ltx-video" and det.confident
+    assert "not hunyuan-video: transformer.transformer_blocks.40.ff.net.2 is in transformer_blocks 40, past its 20" \
+        in det.reasons
+
+
+def test_kohya_diffusers_comfyui_kohya_is_the_identity(tmp_path: Path) -> None:
+    src = write(tmp_path, "k.safetensors", ltx_lora("kohya", biases=True))
+    dif, comfy, back = tmp_path / "d.safetensors", tmp_path / "c.safetensors", tmp_path / "k2.safetensors"
+    convert(src, dif, to="diffusers")
+    keys = load_file(str(dif))
+    assert "transformer.proj_in.lora_A.weight" in keys and "transformer.time_embed.linear.lora_B.bias" in keys
+    assert "transformer.transformer_blocks.0.attn1.to_q.lora_A.weight" in keys
+    convert(dif, comfy, to="comfyui")
+    assert "diffusion_model.adaln_single.linear.lora_down.weight" in load_file(str(comfy))
+    convert(comfy, back, to="kohya")
+    a, b = load_file(str(src)), load_file(str(back))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# the real clients
+
+diffusers = pytest.importorskip("diffusers")
+
+
+@pytest.mark.slow
+def test_diffusers_ltx_converter_agrees_with_ours(tmp_path: Path) -> None:
+    """diffusers' converter (a prefix swap) gives our names and deltas where the paths are the same on
+    both sides; it keeps `patchify_proj` / `adaln_single`, names its model does not have."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_ltxv_lora_to_diffusers
+
+    same = ("transformer_blocks.", "caption_projection.", "proj_out")
+    shapes = {k: v for k, v in ltx_shapes(layers=2).items() if k.startswith(same)}
+    t = family_lora("ltx-video", shapes, "comfyui", rank=4, alpha=4.0, seed=7)
+    src = write(tmp_path, "c.safetensors", t)
+    theirs_in = {k.replace(".lora_down.", ".lora_A.").replace(".lora_up.", ".lora_B."): v.clone()
+                 for k, v in t.items() if not k.endswith(".alpha")}
+    theirs = _convert_non_diffusers_ltxv_lora_to_diffusers(theirs_in)
+    out = tmp_path / "d.safetensors"
+    convert(src, out, to="diffusers")
+    ours = read(out)
+    names = {k.rsplit(".lora_", 1)[0] for k in theirs}
+    assert names == set(ours.modules)
+    for name in names:
+        m = ours.modules[name]
+        want = theirs[name + ".lora_B.weight"].double() @ theirs[name + ".lora_A.weight"].double()
+        torch.testing.assert_close(m.up.load().double() @ m.down.load().double() * m.scale, want, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_our_diffusers_output_loads_and_fuses_like_our_merge(tmp_path: Path) -> None:
+    from diffusers import LTXVideoTransformer3DModel
+
+    from loratool.ops.merge import merge
+
+    torch.manual_seed(0)
+    model = LTXVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                       cross_attention_dim=16, num_layers=1, caption_channels=16)
+    base_dir = tmp_path / "base"
+    base_dir.mkdir()
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(base_dir / "diffusion_pytorch_model.safetensors"))
+    (base_dir / "config.json").write_text(json.dumps({"_class_name": "LTXVideoTransformer3DModel"}))
+    src = write(tmp_path, "k.safetensors", ltx_lora("kohya", rank=4, alpha=2.0, seed=9))
+    out_dir = tmp_path / "lora"
+    out_dir.mkdir()
+    convert(src, out_dir / "pytorch_lora_weights.safetensors", to="diffusers")
+    model.load_lora_adapter(str(out_dir), weight_name="pytorch_lora_weights.safetensors", prefix="transformer",
+                            adapter_name="ours")
+    wrapped = {n for n, _ in model.named_modules() if n.endswith(".lora_A.ours")}
+    assert len(wrapped) == len(read(out_dir / "pytorch_lora_weights.safetensors").modules) == 17
+    model.fuse_lora(lora_scale=1.0)
+    model.unload_lora()
+    fused = model.state_dict()
+    merged = tmp_path / "merged"
+    merge(base_dir, [out_dir / "pytorch_lora_weights.safetensors"], merged)
+    got = load_file(str(merged / "diffusion_pytorch_model.safetensors"))
+    changed = 0
+    for k, v in got.items():
+        torch.testing.assert_close(fused[k], v, rtol=1e-6, atol=1e-6)
+        changed += not torch.equal(v, state[k])
+    assert changed == len(wrapped)
