@@ -295,7 +295,16 @@ FAMILY_SHAPES = {
     "sd3": lambda: fixture_families.sd3_shapes(16, 2, dual=(0,)),
     "wan": lambda: fixture_families.wan_shapes(),
     "qwen-image": lambda: fixture_families.qwen_image_shapes(16, 2),
+    "hunyuan-video": lambda: fixture_families.hunyuan_video_shapes(),
+    "ltx-video": lambda: fixture_families.ltx_shapes(),
 }
+
+
+def test_every_family_is_covered():
+    from loratool.families import families
+
+    assert sorted(f.name for f in families()) == sorted(FAMILY_SHAPES), \
+        "a new family: add its fixtures/families.py shapes to FAMILY_SHAPES here (merge across its layouts)"
 
 
 def _bases(tmp_path: Path, family: str) -> tuple[Path, Path]:
