@@ -109,6 +109,7 @@ def test_alpha_as_the_tool_means_it(tmp_path: Path, name: str) -> None:
 
 # Round trips: (layout, intermediate format, the source's own format, --family for the way back).
 ROUND_TRIPS = [
+    ("kohya_sd15", "peft", "kohya", None),  # lora_te_ came back as SDXL's lora_te1_
     ("kohya_sdxl", "peft", "kohya", None),
     ("kohya_sd3", "peft", "kohya", "sd3"),
     ("aitoolkit_flux", "kohya", "diffusers", "flux.1"),
