@@ -269,3 +269,65 @@ def test_cli_resize_keeps_a_single_file_in_its_dialect(tmp_path: Path) -> None:
         keys = list(f.keys())
     assert all(k.startswith("lora_unet_transformer_blocks_0_") for k in keys)
     assert sum(k.endswith(".alpha") for k in keys) == LAYOUTS["musubi_qwen_image"].modules
+
+
+# ------------------------------------------------------------------------------------------------
+# across dialects of a family: fused BFL modules are the row-stacked split deltas
+
+FLUX_FUSED = {  # BFL (kohya stem tail) -> the diffusers modules (OneTrainer stem tails) stacked by rows
+    "double_blocks_0_img_attn_qkv": ["transformer_blocks_0_attn_to_q", "transformer_blocks_0_attn_to_k",
+                                     "transformer_blocks_0_attn_to_v"],
+    "double_blocks_0_txt_attn_qkv": ["transformer_blocks_0_attn_add_q_proj", "transformer_blocks_0_attn_add_k_proj",
+                                     "transformer_blocks_0_attn_add_v_proj"],
+    "double_blocks_0_img_attn_proj": ["transformer_blocks_0_attn_to_out_0"],
+    "double_blocks_0_txt_attn_proj": ["transformer_blocks_0_attn_to_add_out"],
+    "double_blocks_0_img_mlp_0": ["transformer_blocks_0_ff_net_0_proj"],
+    "double_blocks_0_img_mlp_2": ["transformer_blocks_0_ff_net_2"],
+    "double_blocks_0_img_mod_lin": ["transformer_blocks_0_norm1_linear"],
+    "single_blocks_0_linear1": ["single_transformer_blocks_0_attn_to_q", "single_transformer_blocks_0_attn_to_k",
+                                "single_transformer_blocks_0_attn_to_v", "single_transformer_blocks_0_proj_mlp"],
+    "single_blocks_0_linear2": ["single_transformer_blocks_0_proj_out"],
+    "single_blocks_0_modulation_lin": ["single_transformer_blocks_0_norm_linear"],
+}
+
+
+@pytest.mark.parametrize("to", ["kohya", "comfyui"])
+def test_onetrainer_flux_to_the_original_layout(tmp_path: Path, to: str) -> None:
+    src = write_layout(LAYOUTS["onetrainer_flux"], tmp_path)
+    ref = reference_deltas(raw_tensors(src), None)
+    out = tmp_path / "out.safetensors"
+    convert(src, out, to=to, family="flux.1")
+    got = reference_deltas(raw_tensors(out), None)  # kohya / comfyui files carry their alpha tensors
+    prefix = "lora_unet_" if to == "kohya" else "diffusion_model."
+    transformer = {k: v for k, v in got.items() if "te1" not in k}
+    assert len(transformer) == len(FLUX_FUSED)
+    for bfl, parts in FLUX_FUSED.items():
+        stem = prefix + (bfl if to == "kohya" else _bfl_dotted(bfl))
+        want = np.concatenate([ref["lora_transformer_" + p] for p in parts], axis=0)
+        assert _close(got[stem], want), stem
+    te = "lora_te1_text_model_encoder_layers_0_self_attn_v_proj"
+    assert any(k.endswith("text_model_encoder_layers_0_self_attn_v_proj") or
+               k.endswith("text_model.encoder.layers.0.self_attn.v_proj") for k in got), sorted(got)
+    te_out = next(k for k in got if "self_attn" in k)
+    assert _close(got[te_out], ref[te])
+
+
+def _bfl_dotted(tail: str) -> str:
+    """'double_blocks_0_img_attn_qkv' -> 'double_blocks.0.img_attn.qkv' (BFL module paths)."""
+    head, idx, rest = tail.split("_", 3)[0] + "_" + tail.split("_", 3)[1], tail.split("_", 3)[2], tail.split("_", 3)[3]
+    for two in ("img_attn", "txt_attn", "img_mlp", "txt_mlp", "img_mod", "txt_mod"):
+        if rest.startswith(two + "_"):
+            return f"{head}.{idx}.{two}.{rest[len(two) + 1:]}"
+    return f"{head}.{idx}.{rest.replace('_', '.')}"
+
+
+def test_alpha_tensor_and_header_alpha_that_disagree_are_refused(tmp_path: Path) -> None:
+    sd = LAYOUTS["comfyui_flux_ab"].build()
+    meta = {"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 4})}  # the tensors say 8
+    path = tmp_path / "x.safetensors"
+    save_file(sd, path, metadata=meta)
+    r = run_cli(["inspect", path])
+    assert r.code == 2
+    assert [ln for ln in r.err.splitlines() if ln.startswith("Error:")] and "disagree about lora_alpha" in r.err
+    save_file(sd, path, metadata={"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 8})})
+    assert {m.alpha_source for m in read(path).modules.values()} == {"tensor"}

@@ -313,9 +313,10 @@ def from_tensors(
             alpha, source = alpha_tensors.pop(name).scalar(), "tensor"
             if has_config and alpha != _num(alpha_pattern[alpha_key] if alpha_key is not None else alpha_default,
                                             "lora_alpha", where, findings):
-                findings.error("alpha-conflict", name,
-                               f"{tf.path}: '{name}.alpha' is {alpha:g} but {where} says otherwise",
-                               hint="the file and its header metadata disagree about alpha", exc=FormatError)
+                findings.error("config-invalid", name,
+                               f"{tf.path}: the '{name}' alpha tensor ({alpha:g}) and the header metadata "
+                               "disagree about lora_alpha",
+                               hint="one of them is stale; remove the wrong one", exc=FormatError)
         elif not has_config:
             alpha, source = None, "implied"
         elif alpha_key is not None:
