@@ -241,21 +241,27 @@ def detect(names: list[str]) -> Detection:
     unmatched = [n for n in names if n not in hit_set]
     if len(tied) > 1:
         return Detection(None, None, best, len(names), hits[:3], candidates, unmatched, tied=tied)
-    # per other family, its best-fitting dialect's names: what in ours is not in theirs, and why
+    # per other family that fits part: a name of ours it has in no dialect, or one past its block count
     reasons: list[str] = []
     seen = {fam.name}
-    for _, other, _, other_hits in scores[1:]:
+    for n_other, other, other_dialect, _ in scores[1:]:
         if other.name in seen:
             continue
         seen.add(other.name)
-        theirs = set(other_hits)
-        name = next(n for n in hits if n not in theirs)
-        over = other.over_limit(name)
-        if over is not None:
-            segment, index, limit = over
-            reasons.append(f"not {other.name}: {name} is in {segment} {index}, past its {limit}")
-        else:
-            reasons.append(f"not {other.name}: {name} is not one of its modules")
+        reason = f"not {other.name}: it names {n_other} of the modules ({other_dialect}), {fam.name} {best}"
+        past = False
+        for name in hits:
+            if any(other.identify(name, d) is not None for d in DIALECTS):
+                continue
+            over = other.over_limit(name)
+            if over is not None:
+                if not past:
+                    segment, index, limit = over
+                    reason, past = f"not {other.name}: {name} is in {segment} {index}, past its {limit}", True
+            else:
+                reason = f"not {other.name}: {name} is not one of its modules"
+                break  # a module it lacks says more than a block index
+        reasons.append(reason)
     return Detection(fam.name, dialect, best, len(names), hits[:3], candidates, unmatched, reasons, [fam.name])
 
 
