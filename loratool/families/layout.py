@@ -202,7 +202,8 @@ def _map(modules: Sequence[Module], family: Family, dialect: str, layout: BaseLa
         plan.targets.append(Target(source, m, key, rows))
 
     for m in modules:
-        ident = family.identify(m.name, dialect)
+        # the shape picks between relations of one name (SD3's context modulation: 6 or 2 chunks)
+        ident = family.identify(m.name, dialect, (m.out_features, m.in_features))
         if ident is None:
             plan.unmatched.append(m.name)
             continue

@@ -288,3 +288,75 @@ def test_diffusers_fuse_lora_agrees_in_both_layouts(tmp_path):
         for name, a, b in parts:
             torch.testing.assert_close(rows[a:b if b >= 0 else None], fused[f"{name}.weight"], rtol=1e-6, atol=1e-6)
     assert verify(tmp_path / "m_b.safetensors", bbase, [dlora / "pytorch_lora_weights.safetensors"]).ok
+
+
+FAMILY_SHAPES = {
+    "flux.1": lambda: fixture_families.flux_shapes(16, 1, 1),
+    "sd3": lambda: fixture_families.sd3_shapes(16, 2, dual=(0,)),
+    "wan": lambda: fixture_families.wan_shapes(),
+    "qwen-image": lambda: fixture_families.qwen_image_shapes(16, 2),
+    "hunyuan-video": lambda: fixture_families.hunyuan_video_shapes(),
+    "ltx-video": lambda: fixture_families.ltx_shapes(),
+}
+
+
+def test_every_family_is_covered():
+    from loratool.families import families
+
+    assert sorted(f.name for f in families()) == sorted(FAMILY_SHAPES), \
+        "a new family: add its fixtures/families.py shapes to FAMILY_SHAPES here (merge across its layouts)"
+
+
+def _bases(tmp_path: Path, family: str) -> tuple[Path, Path]:
+    """One tiny model of `family` in both layouts: original (single file) and diffusers (a folder),
+    the diffusers weights cut from the family table's rows."""
+    from loratool.families import get
+    from loratool.linalg import row_sizes
+
+    fam = get(family)
+    gen = torch.Generator().manual_seed(5)
+    original: dict[str, torch.Tensor] = {}
+    split: dict[str, torch.Tensor] = {}
+    for path, shape in FAMILY_SHAPES[family]().items():
+        ident = fam.identify(fam.comfy_prefix + path, "comfyui", (shape[0], shape[1]))
+        assert ident is not None, path
+        rel, i, _ = ident
+        w = _rng_tensor(gen, shape)
+        original[path + ".weight"] = w
+        rows = dict(zip([c for c, _ in rel.chunks], row_sizes([s for _, s in rel.chunks], shape[0], shape[1])))
+        start, spans = 0, {}
+        for c, _ in rel.chunks:
+            spans[c] = (start, start + rows[c])
+            start += rows[c]
+        for template, chunks in rel.split:
+            name = template.replace("{i}", str(i)) if i is not None else template
+            split[name + ".weight"] = torch.cat([w[spans[c][0]:spans[c][1]] for c in chunks])
+    obase = tmp_path / "original.safetensors"
+    save_file(original, str(obase))
+    dbase = tmp_path / "diffusers"
+    dbase.mkdir()
+    save_file(split, str(dbase / "diffusion_pytorch_model.safetensors"))
+    return obase, dbase
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_SHAPES))
+def test_every_family_merges_into_its_other_layout(tmp_path, family):
+    """From the tables alone: the result equals merging the adapter converted to the base's dialect."""
+    obase, dbase = _bases(tmp_path, family)
+    shapes = FAMILY_SHAPES[family]()
+    for src, base, to in (("diffusers", obase, "kohya"), ("kohya", dbase, "diffusers")):
+        lora = tmp_path / f"{family}_{src}.safetensors"
+        save_file(fixture_families.family_lora(family, shapes, src, rank=4, alpha=2.0, seed=7), str(lora))
+        out = tmp_path / f"direct_{src}" if base.is_dir() else tmp_path / f"direct_{src}.safetensors"
+        report = merge(base, [lora], out)
+        assert report.merged > 0 and not report.unmatched
+        conv = tmp_path / f"{family}_{src}_as_{to}.safetensors"
+        convert(lora, conv, to=to, family=family)
+        via = tmp_path / f"via_{src}" if base.is_dir() else tmp_path / f"via_{src}.safetensors"
+        merge(base, [conv], via)
+        pick = (lambda p: p / "diffusion_pytorch_model.safetensors") if base.is_dir() else (lambda p: p)
+        got, want = load_file(str(pick(out))), load_file(str(pick(via)))
+        assert sorted(got) == sorted(want)
+        for k in got:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-6)
+        assert verify(out, base, [lora]).ok
