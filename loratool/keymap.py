@@ -14,12 +14,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loratool.adapter import Adapter, LoraModule, LycoModule
 from loratool.errors import IncompatibleError
 from loratool.formats.names import COMPONENTS, PEFT_PREFIX, kohya_base_prefixes, split_kohya_prefix, strip_known_prefix
 from loratool.st import Checkpoint, TensorInfo, TensorRef
+
+if TYPE_CHECKING:
+    from loratool.families.layout import LayoutPlan
 
 # the prefix tables are the formats package's (formats/names.py), not copies
 _PREFIXES = (PEFT_PREFIX, *(c + "." for c in COMPONENTS))
@@ -136,6 +139,39 @@ def match_modules(modules: Sequence[LoraModule | LycoModule], base: dict[str, Te
     return result
 
 
+Target = tuple[str, "LoraModule | LycoModule", str, "tuple[int, int] | None"]  # (module name, module, key, rows)
+
+
+def match_to_base(modules: Sequence[LoraModule | LycoModule], base: dict[str, TensorInfo], *, where: object
+                  ) -> tuple[Match, list[Target], LayoutPlan | None]:
+    """match_modules, then, when some modules do not match, the other layout of their model family.
+
+    An image-model adapter in one side's dialect and a base in the other layout (split q/k/v
+    against a fused qkv; families/layout.py) is mapped through the family's relations; that mapping
+    is used when it leaves fewer modules unmatched (or names a module that cannot split or fuse:
+    its `refused`, for the caller to raise or report).
+
+    Returns:
+        (the match: matched maps each module name to one of its base keys; the targets: one per
+        (module or row piece, base weight) with its rows of a fused weight; the family mapping used,
+        or None).
+    """
+    match = match_modules(modules, base)
+    by_name = {m.name: m for m in modules}
+    targets: list[Target] = [(name, by_name[name], key, None) for name, key in match.matched.items()]
+    if match.ok:
+        return match, targets, None
+    from loratool.families.layout import map_to_base
+
+    crossed = map_to_base(modules, base, where=where)
+    if crossed is None or (crossed.refused is None and len(crossed.unmatched) + len(crossed.shape_mismatch) >= len(
+            match.unmatched) + len(match.ambiguous) + len(match.shape_mismatch)):
+        return match, targets, None
+    matched = {t.source: t.key for t in crossed.targets}
+    return (Match(matched=matched, unmatched=crossed.unmatched, shape_mismatch=crossed.shape_mismatch),
+            [(t.source, t.module, t.key, t.rows) for t in crossed.targets], crossed)
+
+
 # ---------------------------------------------------------------------------------------------
 # merge planning (headers only): which base tensor gets which delta
 
@@ -194,23 +230,12 @@ def plan_merge(
         per_module = module_weights[n_adapter] if module_weights is not None else {}
         mods: list[LoraModule | LycoModule] = [*adapter.modules.values(), *adapter.lycoris.values()]
         plan.num_modules += len(mods)
-        match = match_modules(mods, base)
-        targets: list[tuple[str, LoraModule | LycoModule, str, tuple[int, int] | None]] = [
-            (name, adapter.modules[name] if name in adapter.modules else adapter.lycoris[name], key, None)
-            for name, key in match.matched.items()]
-        if not match.ok:
-            # another layout of the adapter's model family (split q/k/v against a fused qkv, ...)
-            from loratool.families.layout import map_to_base
-
-            crossed = map_to_base(mods, base, where=where)
-            if crossed is not None and (crossed.refused is not None or len(crossed.unmatched) + len(
-                    crossed.shape_mismatch) < len(match.unmatched) + len(match.ambiguous) + len(match.shape_mismatch)):
-                if crossed.refused is not None:
-                    raise crossed.refused
-                match = Match(unmatched=crossed.unmatched, shape_mismatch=crossed.shape_mismatch)
-                targets = [(t.source, t.module, t.key, t.rows) for t in crossed.targets]
-                if crossed.crossed:
-                    plan.layouts.append(crossed.describe())
+        match, targets, crossed = match_to_base(mods, base, where=where)
+        if crossed is not None:
+            if crossed.refused is not None:
+                raise crossed.refused
+            if crossed.crossed:
+                plan.layouts.append(crossed.describe())
         match.refuse_shape_mismatch(where)
         problems = [*match.unmatched, *match.ambiguous]
         if problems:

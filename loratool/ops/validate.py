@@ -185,7 +185,7 @@ def _checkable(t: torch.Tensor) -> torch.Tensor:
 
 def _check_base(adapter: Adapter, base: Path, findings: Findings) -> tuple[dict[str, str], dict[str, Any]]:
     from loratool.formats import extra_base_key
-    from loratool.keymap import KeyIndex, match_modules
+    from loratool.keymap import KeyIndex, match_to_base
     from loratool.st import open_checkpoint
     from loratool.storage import detect
 
@@ -197,7 +197,11 @@ def _check_base(adapter: Adapter, base: Path, findings: Findings) -> tuple[dict[
         findings.error("unsupported-base-storage", None,
                        f"{base}: '{s.key}' is stored as {s.scheme}{more}; merge cannot dequantize it",
                        hint="merge into the unquantized (16-bit) base, then quantize the merged model")
-    match = match_modules([*adapter.modules.values(), *adapter.lycoris.values()], tensors)
+    # the same matching as merge: an image LoRA in the other layout of its family maps through its relations
+    match, _, crossed = match_to_base([*adapter.modules.values(), *adapter.lycoris.values()], tensors,
+                                      where=adapter.path)
+    if crossed is not None and crossed.refused is not None:
+        findings.error("unmatched-module", None, str(crossed.refused), hint=crossed.refused.hint)
     for name in match.unmatched:
         findings.error("unmatched-module", name,
                        f"{adapter.path}: module '{name}' matches no weight in {base}")

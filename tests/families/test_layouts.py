@@ -360,3 +360,14 @@ def test_every_family_merges_into_its_other_layout(tmp_path, family):
         for k in got:
             torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-6)
         assert verify(out, base, [lora]).ok
+
+
+def test_validate_base_matches_as_merge_does(tmp_path):
+    from loratool.ops.validate import validate_adapter as validate
+
+    base = tmp_path / "flux1.safetensors"
+    bfl_base(base, "model.diffusion_model.")
+    lora = write_lora(tmp_path, "diffusers")
+    doc = validate(lora, base=base).to_dict()
+    assert not [f for f in doc["findings"] if f["severity"] == "error"], doc["findings"]
+    assert doc["matched"] == len(read(lora).modules)
