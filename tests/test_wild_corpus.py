@@ -19,7 +19,7 @@ from clirun import run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fixtures.wild import LAYOUTS, Layout, write_layout
+from fixtures.wild import LAYOUTS, H, Layout, write_layout
 from loratool.errors import IncompatibleError
 from loratool.formats import read
 from loratool.ops.convert import convert
@@ -97,7 +97,7 @@ def test_alpha_as_the_tool_means_it(tmp_path: Path, name: str) -> None:
     path = write_layout(lay, tmp_path)
     ref = reference_deltas(raw_tensors(path), lay.header_alpha)
     got = loratool_deltas(path)
-    assert len(got) == len(ref) == lay.modules
+    assert len(got) == len(ref) == lay.modules - sum(k.endswith(".diff") for k in raw_tensors(path))
     # names differ by dialect (prefixes, dots), so pair by the stem's tail
     for stem, delta in ref.items():
         tail = stem.removeprefix("base_model.model.")
@@ -171,13 +171,20 @@ def test_resize_to_a_lower_rank(tmp_path: Path, name: str) -> None:
         convert(src, out, to="lora")
         src = out
     out = tmp_path / ("small" if lay.config is not None else "small.safetensors")
-    if "dora" in name:  # per-input-column DoRA magnitudes: a clear refusal, not a wrong resize
+    if name == "onetrainer_flux_dora":  # per-input-column DoRA magnitudes: a clear refusal, not a wrong resize
         with pytest.raises(IncompatibleError, match="one magnitude per input column"):
             resize(src, out, rank=2)
         return
     report = resize(src, out, rank=2)
     a = read(out)
-    assert len(a.modules) == lay.modules
+    assert len(a.modules) + len(a.lycoris) == lay.modules  # full diffs (.diff) stay as they are
+    def diffs(p: Path) -> dict[str, torch.Tensor]:  # dialect-free names: '_' for '.', no prefix
+        return {k.replace(".", "_").removeprefix("lora_unet_").removeprefix("diffusion_model_"): v
+                for k, v in raw_tensors(p).items() if k.endswith((".diff", ".diff_b"))}
+
+    before, after = diffs(src), diffs(out)
+    assert set(before) == set(after), "bias / full diffs dropped"
+    assert all(torch.equal(before[k], after[k]) for k in before)
     assert max(m.rank for m in a.modules.values()) <= 2
     assert report.to_dict()
 
@@ -247,8 +254,7 @@ def test_merge_comfyui_flux_into_a_bfl_checkpoint(tmp_path: Path) -> None:
 # a few through the command line: exit codes and one JSON document
 
 
-@pytest.mark.parametrize("name", ["kohya_flux", "comfyui_flux_ab", "onetrainer_flux_dora", "lycoris_lokr_flux",
-                                  "peft_phi3"])
+@pytest.mark.parametrize("name", list(LAYOUTS))
 def test_cli_inspect_and_validate(tmp_path: Path, name: str) -> None:
     path = write_layout(LAYOUTS[name], tmp_path)
     r = run_cli(["inspect", path, "--json"])
@@ -331,3 +337,54 @@ def test_alpha_tensor_and_header_alpha_that_disagree_are_refused(tmp_path: Path)
     assert [ln for ln in r.err.splitlines() if ln.startswith("Error:")] and "disagree about lora_alpha" in r.err
     save_file(sd, path, metadata={"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 8})})
     assert {m.alpha_source for m in read(path).modules.values()} == {"tensor"}
+
+
+def test_merge_wan_lora_with_bias_and_norm_diffs(tmp_path: Path) -> None:
+    """lightx2v-style Wan file: LoRA deltas, `.diff_b` bias deltas and a full `.diff` on a norm."""
+    lay = LAYOUTS["comfyui_wan_diff_b"]
+    src = write_layout(lay, tmp_path)
+    raw = raw_tensors(src)
+    ref = reference_deltas(raw, None)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for stem, d in ref.items():
+        key = "model." + stem
+        shapes[key + ".weight"] = d.shape
+        if stem + ".diff_b" in raw:
+            shapes[key + ".bias"] = (d.shape[0],)
+    shapes["model.diffusion_model.blocks.0.norm3.weight"] = (H,)
+    shapes["model.diffusion_model.blocks.0.norm3.bias"] = (H,)
+    base, w = _base(tmp_path, shapes)
+    out = tmp_path / "merged.safetensors"
+    merge(base, [src], out)
+    got = {k: v.double().numpy() for k, v in load_file(out).items()}
+    want = {k: v.double().numpy() for k, v in w.items()}
+    for stem, d in ref.items():
+        want["model." + stem + ".weight"] += d
+    for key, t in raw.items():
+        if key.endswith(".diff_b"):
+            want["model." + key.removesuffix(".diff_b") + ".bias"] += t.double().numpy()
+        elif key.endswith(".diff"):
+            want["model." + key.removesuffix(".diff") + ".weight"] += t.double().numpy()
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+def test_merge_lycoris_dora_into_an_sdxl_checkpoint(tmp_path: Path) -> None:
+    """LyCORIS DoRA (wd_on_out=True): W' = dora_scale · (W + ΔW) / ||W + ΔW|| per output row."""
+    lay = LAYOUTS["lycoris_locon_dora_sdxl"]
+    src = write_layout(lay, tmp_path)
+    raw = raw_tensors(src)
+    ref = reference_deltas(raw, None)
+    keys = {stem: "model.diffusion_model." + stem.removeprefix("lora_unet_")
+            .replace("input_blocks_4_1_transformer_blocks_0_", "input_blocks.4.1.transformer_blocks.0.")
+            .replace("attn1_to_", "attn1.to_").replace("ff_net_2", "ff.net.2") + ".weight" for stem in ref}
+    base, w = _base(tmp_path, {keys[s]: d.shape for s, d in ref.items()})
+    out = tmp_path / "merged.safetensors"
+    merge(base, [src], out)
+    got = load_file(out)
+    for stem, d in ref.items():
+        v = w[keys[stem]].double().numpy() + d
+        m = raw[stem + ".dora_scale"].double().numpy()  # (out, 1)
+        want = m * v / np.linalg.norm(v, axis=1, keepdims=True)
+        np.testing.assert_allclose(got[keys[stem]].double().numpy(), want, rtol=1e-5, atol=1e-5, err_msg=stem)
