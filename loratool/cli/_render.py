@@ -250,9 +250,9 @@ def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool, only: 
 def _family_text(fam: dict[str, Any]) -> str:
     """`flux.1, kohya dialect (e.g. lora_unet_double_blocks_0_img_attn_qkv)`, or what is ambiguous."""
     if fam["ambiguous"]:
-        tied = [f"{c['family']} ({c['dialect']})" for c in fam["candidates"]
-                if c["matched"] == fam["matched"] and c["family"] in fam["tied"]]
-        return "ambiguous: " + " or ".join(dict.fromkeys(tied)) + " (convert needs --family)"
+        best = {c["family"]: c["dialect"] for c in reversed(fam["candidates"])
+                if c["matched"] == fam["matched"] and c["family"] in fam["tied"]}  # each family's first dialect
+        return "ambiguous: " + " or ".join(f"{f} ({best[f]})" for f in fam["tied"]) + " (convert needs --family)"
     part = "" if fam["matched"] == fam["total"] else f", {fam['matched']} of {fam['total']} modules"
     why = "".join(f"; {r}" for r in fam.get("reasons", []))
     return f"{fam['family']}, {fam['dialect']} dialect{part} (e.g. {fam['evidence'][0]}{why})"

@@ -14,6 +14,7 @@ Dialects (how a LoRA file names a module):
     diffusers  transformer. + diffusers path                     transformer.transformer_blocks.0.attn.to_q
     peft       diffusers path                                    transformer_blocks.0.attn.to_q
     onetrainer lora_transformer_ + diffusers path, underscores   lora_transformer_transformer_blocks_0_attn_to_q
+    diffusion-pipe  transformer. + original path (read only)     transformer.double_blocks.0.img_attn_qkv
 
 The maths of moving a LoRA between the sides (exact split, exact fuse) is in convert.py here;
 nothing in this package reads or writes files.
@@ -25,9 +26,9 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 
-DIALECTS = ("kohya", "comfyui", "diffusers", "peft", "onetrainer")
+DIALECTS = ("kohya", "comfyui", "diffusers", "peft", "onetrainer", "diffusion-pipe")
 # which side of a relation a dialect names: the original (fused) layout or diffusers' (split) one
-ORIGINAL_SIDE = frozenset({"kohya", "comfyui"})
+ORIGINAL_SIDE = frozenset({"kohya", "comfyui", "diffusion-pipe"})
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class Family:
             return self.kohya_prefix + path.replace(".", "_")
         if dialect == "comfyui":
             return self.comfy_prefix + path
-        if dialect == "diffusers":
+        if dialect in ("diffusers", "diffusion-pipe"):  # diffusion-pipe: original names, diffusers' prefix
             return f"{self.component}.{path}"
         if dialect == "onetrainer":
             return self.onetrainer_prefix + path.replace(".", "_")
@@ -196,8 +197,9 @@ class Detection:
 
     def describe(self) -> str:
         if self.ambiguous:
-            tied = [f"{f} ({d})" for f, d, n in self.candidates if n == self.matched and f in self.tied]
-            return f"ambiguous: {' or '.join(dict.fromkeys(tied))}"
+            # each tied family once, in its best dialect (the first listed)
+            best = {f: d for f, d, n in reversed(self.candidates) if n == self.matched and f in self.tied}
+            return "ambiguous: " + " or ".join(f"{f} ({best[f]})" for f in self.tied)
         if self.family is None:
             return "unknown"
         part = "" if self.matched == self.total else f", {self.matched} of {self.total} modules"
@@ -239,21 +241,27 @@ def detect(names: list[str]) -> Detection:
     unmatched = [n for n in names if n not in hit_set]
     if len(tied) > 1:
         return Detection(None, None, best, len(names), hits[:3], candidates, unmatched, tied=tied)
-    # per other family, its best-fitting dialect's names: what in ours is not in theirs, and why
+    # per other family that fits part: a name of ours it has in no dialect, or one past its block count
     reasons: list[str] = []
     seen = {fam.name}
-    for _, other, _, other_hits in scores[1:]:
+    for n_other, other, other_dialect, _ in scores[1:]:
         if other.name in seen:
             continue
         seen.add(other.name)
-        theirs = set(other_hits)
-        name = next(n for n in hits if n not in theirs)
-        over = other.over_limit(name)
-        if over is not None:
-            segment, index, limit = over
-            reasons.append(f"not {other.name}: {name} is in {segment} {index}, past its {limit}")
-        else:
-            reasons.append(f"not {other.name}: {name} is not one of its modules")
+        reason = f"not {other.name}: it names {n_other} of the modules ({other_dialect}), {fam.name} {best}"
+        past = False
+        for name in hits:
+            if any(other.identify(name, d) is not None for d in DIALECTS):
+                continue
+            over = other.over_limit(name)
+            if over is not None:
+                if not past:
+                    segment, index, limit = over
+                    reason, past = f"not {other.name}: {name} is in {segment} {index}, past its {limit}", True
+            else:
+                reason = f"not {other.name}: {name} is not one of its modules"
+                break  # a module it lacks says more than a block index
+        reasons.append(reason)
     return Detection(fam.name, dialect, best, len(names), hits[:3], candidates, unmatched, reasons, [fam.name])
 
 

@@ -43,7 +43,7 @@ def deltas(path: Path) -> dict[str, torch.Tensor]:
     return {n: m.up.load().double() @ m.down.load().double() * m.scale for n, m in a.modules.items()}
 
 
-@pytest.mark.parametrize("dialect", ["kohya", "comfyui", "diffusers", "onetrainer"])
+@pytest.mark.parametrize("dialect", ["kohya", "comfyui", "diffusers", "onetrainer", "diffusion-pipe"])
 def test_detect_family_and_dialect(tmp_path: Path, dialect: str) -> None:
     path = write(tmp_path, "h.safetensors", hunyuan_video_lora(dialect))
     fam = inspect_adapter(path).to_dict()["family"]
@@ -105,6 +105,25 @@ def test_independent_split_modules_fuse_exactly(tmp_path: Path) -> None:
         torch.testing.assert_close(dk[fused], want, rtol=0, atol=1e-12)
 
 
+def test_diffusion_pipe_names_convert_to_every_dialect(tmp_path: Path) -> None:
+    """diffusion-pipe's layout (Tencent names under `transformer.`, lora_A / lora_B), which ComfyUI and
+    diffusers load: read as the original side, so to comfyui it is a rename of the same factors."""
+    t = hunyuan_video_lora("diffusion-pipe", seed=11)
+    assert "transformer.double_blocks.0.img_attn_qkv.lora_A.weight" in t
+    src = write(tmp_path, "dp.safetensors", t)
+    comfy = tmp_path / "c.safetensors"
+    convert(src, comfy, to="comfyui")
+    got = load_file(str(comfy))
+    assert len([k for k in got if k.endswith(".lora_down.weight")]) == N_MODULES
+    for k, v in t.items():
+        stem = "diffusion_model." + k.removeprefix("transformer.").rsplit(".lora_", 1)[0]
+        assert torch.equal(got[stem + (".lora_down.weight" if ".lora_A." in k else ".lora_up.weight")], v), k
+    dif = tmp_path / "d.safetensors"
+    convert(src, dif, to="diffusers")
+    qkv = torch.cat([deltas(dif)[f"transformer.transformer_blocks.0.attn.to_{x}"] for x in "qkv"])
+    assert torch.equal(qkv, deltas(src)["transformer.double_blocks.0.img_attn_qkv"])
+
+
 # ---------------------------------------------------------------------------------------------
 # the real clients
 
@@ -112,8 +131,10 @@ diffusers = pytest.importorskip("diffusers")
 
 
 @pytest.mark.slow
-def test_diffusers_hunyuan_converter_agrees_with_ours(tmp_path: Path) -> None:
-    """diffusers' converter (its single-block split assumes hidden 3072) gives our names and deltas."""
+@pytest.mark.parametrize("layout", ["comfyui", "diffusion-pipe"])
+def test_diffusers_hunyuan_converter_agrees_with_ours(tmp_path: Path, layout: str) -> None:
+    """diffusers' converter (its single-block split assumes hidden 3072) gives our names and deltas, from
+    the kohya-suffixed comfyui file and from diffusion-pipe's (`transformer.` + Tencent names, lora_A / B)."""
     from diffusers.loaders.lora_conversion_utils import _convert_hunyuan_video_lora_to_diffusers
 
     shapes = hunyuan_video_shapes(hidden=3072, text_dim=32, pooled_dim=32, freq_dim=32, out_dim=64)
@@ -121,10 +142,15 @@ def test_diffusers_hunyuan_converter_agrees_with_ours(tmp_path: Path) -> None:
     # converter reuses the checkpoint's rule): a diffusers bug, so that module is left out here
     del shapes["txt_in.individual_token_refiner.blocks.0.self_attn_qkv"]
     t = family_lora("hunyuan-video", shapes, "comfyui", rank=2, alpha=2.0, seed=7)  # alpha = rank: scale 1
-    src = write(tmp_path, "c.safetensors", t)
-    # the layout diffusion-pipe and Tencent's scripts write: lora_A / lora_B, no alpha
-    theirs_in = {k.replace(".lora_down.", ".lora_A.").replace(".lora_up.", ".lora_B."): v.clone()
-                 for k, v in t.items() if not k.endswith(".alpha")}
+    if layout == "diffusion-pipe":
+        t = family_lora("hunyuan-video", shapes, "diffusion-pipe", rank=2, seed=7)
+        t = {"diffusion_model." + k.removeprefix("transformer."): v for k, v in t.items()}  # for a_orig below
+    src = write(tmp_path, "c.safetensors", t if layout == "comfyui" else
+                {"transformer." + k.removeprefix("diffusion_model."): v for k, v in t.items()})
+    # diffusers takes lora_A / lora_B names (no alpha), under either prefix
+    prefix = "diffusion_model." if layout == "comfyui" else "transformer."
+    theirs_in = {prefix + k.removeprefix("diffusion_model.").replace(".lora_down.", ".lora_A.")
+                 .replace(".lora_up.", ".lora_B."): v.clone() for k, v in t.items() if not k.endswith(".alpha")}
     theirs = _convert_hunyuan_video_lora_to_diffusers(theirs_in)
     out = tmp_path / "d.safetensors"
     convert(src, out, to="diffusers")
@@ -133,7 +159,8 @@ def test_diffusers_hunyuan_converter_agrees_with_ours(tmp_path: Path) -> None:
     assert names == set(ours.modules)
     # and it swaps the halves of final_layer.adaLN_modulation.1's lora_A as well as of its lora_B, which
     # permutes A's rank rows against B's columns (another diffusers bug; ours swaps B's rows only)
-    a_orig = t["diffusion_model.final_layer.adaLN_modulation.1.lora_down.weight"]
+    a_orig = t["diffusion_model.final_layer.adaLN_modulation.1." + ("lora_down" if layout == "comfyui" else "lora_A")
+               + ".weight"]
     assert torch.equal(theirs["transformer.norm_out.linear.lora_A.weight"], torch.cat(a_orig.chunk(2)[::-1]))
     assert torch.equal(ours.modules["transformer.norm_out.linear"].down.load(), a_orig)
     names.discard("transformer.norm_out.linear")
