@@ -8,6 +8,8 @@ is `.dora_scale`; header metadata holds `ss_*` training facts and `modelspec.*`.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,15 +180,31 @@ def place(name: str, base_key: str | None = None, paths: dict[str, str] | None =
 # writing
 
 
-def kohya_name(name: str) -> str:
+# U-Net blocks only SD1.x / SD2.x have attention in (SDXL's down_blocks.0 and up_blocks.3 are plain
+# resnets); a diffusers SD1/2 pipeline has one text encoder, which sd-scripts names `lora_te_`, not
+# SDXL's `lora_te1_`
+_SD1_ONLY = re.compile(r"(^|\.)unet\.(down_blocks\.0|up_blocks\.3)\.attentions\.")
+
+
+def is_sd1_unet(names: Iterable[str]) -> bool:
+    """Whether module names show an SD1.x/2.x U-Net (and no second text encoder)."""
+    names = list(names)
+    return (any(_SD1_ONLY.search(n) for n in names)
+            and not any(n.startswith(("text_encoder_2.", "text_encoder_3.")) for n in names))
+
+
+def kohya_name(name: str, *, sd1: bool = False) -> str:
     """The kohya key stem for a module name: stored names stay; dotted names get underscores.
 
     A known container or component prefix (`model.diffusion_model.`, `conditioner.embedders.0.
     transformer.`, `unet.`, `text_encoder.`, ...) becomes its kohya prefix (names.KOHYA_PREFIX_OF);
-    anything else goes under `lora_unet_` whole.
+    anything else goes under `lora_unet_` whole. With `sd1` (is_sd1_unet), `text_encoder.` is
+    SD1/2's only text encoder: `lora_te_`.
     """
     if "." not in name:
         return name
+    if sd1 and name.startswith("text_encoder."):
+        return "lora_te_" + name[len("text_encoder."):].replace(".", "_")
     for container, prefix in KOHYA_PREFIX_OF:
         if name.startswith(container):
             return prefix + name[len(container):].replace(".", "_")

@@ -224,7 +224,7 @@ def _with_config(tf: TensorFile, findings: Findings, *, root: Path) -> Adapter:
         # one file on its own (diffusers save_lora_adapter, ComfyUI, SimpleTuner): the LoRA config,
         # if any, is in its header
         header = header_config(tf.metadata, None, tf.path, findings)
-        if header is None:
+        if header is None and not any(k.endswith(".alpha") for k in tf.tensors):
             findings.warning("config-missing", None,
                              f"{tf.path}: no {CONFIG_NAME} beside it and no LoRA config in its header metadata; "
                              "alpha is implied (= rank) for every module")
@@ -285,8 +285,14 @@ def from_tensors(
     raw: dict[str, RawModule] = {}
     extras: dict[str, TensorRef] = {}
     unsupported: list[str] = []
+    # A single file with PEFT keys and a 0-d `<module>.alpha` beside them (ComfyUI-style files, kohya
+    # files renamed to lora_A/lora_B): the tensor is the module's alpha, as ComfyUI reads it.
+    alpha_tensors: dict[str, TensorRef] = {}
     for key, ref in tf.tensors.items():
         parts = split_key(key)
+        if parts is None and config_path is None and key.endswith(".alpha") and ref.numel <= 1:
+            alpha_tensors[strip_prefix(key[: -len(".alpha")])] = ref
+            continue
         if parts is None:
             if is_unsupported(key) or "trainable_tokens" in key:
                 unsupported.append(key)
@@ -303,7 +309,15 @@ def from_tensors(
     modules: dict[str, LoraModule] = {}
     for name, rm in raw.items():
         alpha_key = alpha_lookup.key(name)
-        if not has_config:
+        if name in alpha_tensors:
+            alpha, source = alpha_tensors.pop(name).scalar(), "tensor"
+            if has_config and alpha != _num(alpha_pattern[alpha_key] if alpha_key is not None else alpha_default,
+                                            "lora_alpha", where, findings):
+                findings.error("config-invalid", name,
+                               f"{tf.path}: the '{name}' alpha tensor ({alpha:g}) and the header metadata "
+                               "disagree about lora_alpha",
+                               hint="one of them is stale; remove the wrong one", exc=FormatError)
+        elif not has_config:
             alpha, source = None, "implied"
         elif alpha_key is not None:
             alpha, source = _num(alpha_pattern[alpha_key], f"alpha_pattern['{alpha_key}']", where,
@@ -335,6 +349,8 @@ def from_tensors(
                                f"{tf.path}: use_dora is true but module '{name}' has no lora_magnitude_vector")
                 continue
         modules[name] = module
+    for name, ref in alpha_tensors.items():  # an alpha without its module is an extra full tensor
+        extras[name + ".alpha"] = ref
     _fold_wrapped_copies(wrapped, raw, modules, extras, unsupported, findings, tf.path)
     if has_config and not use_dora and any(m.magnitude is not None for m in modules.values()):
         findings.error("config-inconsistent", None,

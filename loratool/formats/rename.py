@@ -43,10 +43,11 @@ def target_names(
     unplaced: dict[str, list[str]] = {}
     hint_class = diffusers.component_of_class(base_class)
     recorded = kohya.module_paths(adapter.metadata) if source == "stem" else {}
+    sd1 = kohya.is_sd1_unet(adapter.modules)
     for name in adapter.modules:
         base_key = matched.get(name) if matched is not None else None
         if target == "stem":
-            names[name] = (kohya.kohya_name(name), "name")
+            names[name] = (kohya.kohya_name(name, sd1=sd1), "name")
             continue
         component: str | None = None
         if source == "stem":  # the names lost their dots: recover them

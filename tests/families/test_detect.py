@@ -3,13 +3,13 @@ a block index past another family's count decides, with the evidence; convert ac
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from family_tools import fixture_families
 from safetensors.torch import load_file, save_file
 
 from loratool.cli import cli
@@ -17,11 +17,6 @@ from loratool.errors import IncompatibleError
 from loratool.families import detect
 from loratool.ops.convert import convert
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("fixture_families", ROOT / "fixtures" / "families.py")
-assert _spec is not None and _spec.loader is not None
-fixture_families = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fixture_families)
 family_lora = fixture_families.family_lora
 flux_shapes = fixture_families.flux_shapes
 

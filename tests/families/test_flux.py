@@ -8,12 +8,12 @@ loratool's merge into the same base.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from family_tools import deltas, fixture_families, write
 from safetensors.torch import load_file, save_file
 
 from loratool.errors import IncompatibleError
@@ -22,24 +22,9 @@ from loratool.formats import read
 from loratool.ops.convert import convert
 from loratool.ops.inspect import inspect_adapter
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("fixture_families", ROOT / "fixtures" / "families.py")
-assert _spec is not None and _spec.loader is not None
-fixture_families = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fixture_families)
 flux_lora = fixture_families.flux_lora
 
 
-def write(tmp_path: Path, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
-    path = tmp_path / name
-    save_file(tensors, str(path), metadata=metadata)
-    return path
-
-
-def deltas(path: Path) -> dict[str, torch.Tensor]:
-    """Module name -> dense ΔW (float64) of an adapter as loratool reads it."""
-    a = read(path)
-    return {n: m.up.load().double() @ m.down.load().double() * m.scale for n, m in a.modules.items()}
 
 
 def original_deltas(path: Path) -> dict[str, torch.Tensor]:

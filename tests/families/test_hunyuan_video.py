@@ -8,23 +8,18 @@ loratool's merge into the same base.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from family_tools import deltas, fixture_families, write
 from safetensors.torch import load_file, save_file
 
 from loratool.formats import read
 from loratool.ops.convert import convert
 from loratool.ops.inspect import inspect_adapter
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("fixture_families", ROOT / "fixtures" / "families.py")
-assert _spec is not None and _spec.loader is not None
-fixture_families = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fixture_families)
 hunyuan_video_lora = fixture_families.hunyuan_video_lora
 hunyuan_video_shapes = fixture_families.hunyuan_video_shapes
 family_lora = fixture_families.family_lora
@@ -32,15 +27,6 @@ family_lora = fixture_families.family_lora
 N_MODULES = 31  # original-layout modules of one double, one single and one refiner block + embedders
 
 
-def write(tmp_path: Path, name: str, tensors: dict[str, torch.Tensor]) -> Path:
-    path = tmp_path / name
-    save_file(tensors, str(path))
-    return path
-
-
-def deltas(path: Path) -> dict[str, torch.Tensor]:
-    a = read(path)
-    return {n: m.up.load().double() @ m.down.load().double() * m.scale for n, m in a.modules.items()}
 
 
 @pytest.mark.parametrize("dialect", ["kohya", "comfyui", "diffusers", "onetrainer", "diffusion-pipe"])

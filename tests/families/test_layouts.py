@@ -11,13 +11,13 @@ tiny FluxTransformer2DModel.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from family_tools import fixture_families
 from safetensors.torch import load_file, save_file
 
 from loratool.errors import IncompatibleError
@@ -26,11 +26,6 @@ from loratool.ops.convert import convert
 from loratool.ops.merge import merge
 from loratool.ops.verify import verify
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("fixture_families", ROOT / "fixtures" / "families.py")
-assert _spec is not None and _spec.loader is not None
-fixture_families = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fixture_families)
 flux_lora, flux_shapes = fixture_families.flux_lora, fixture_families.flux_shapes
 
 H, MLP = 16, 64  # hidden, MLP width (flux_shapes' defaults: mlp_ratio 4)

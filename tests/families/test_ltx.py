@@ -8,12 +8,12 @@ loratool's merge into the same base.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from family_tools import fixture_families, write
 from safetensors.torch import load_file, save_file
 
 from loratool.families import detect
@@ -21,20 +21,10 @@ from loratool.formats import read
 from loratool.ops.convert import convert
 from loratool.ops.inspect import inspect_adapter
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("fixture_families", ROOT / "fixtures" / "families.py")
-assert _spec is not None and _spec.loader is not None
-fixture_families = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fixture_families)
 ltx_lora = fixture_families.ltx_lora
 ltx_shapes = fixture_families.ltx_shapes
 family_lora = fixture_families.family_lora
 
-
-def write(tmp_path: Path, name: str, tensors: dict[str, torch.Tensor]) -> Path:
-    path = tmp_path / name
-    save_file(tensors, str(path))
-    return path
 
 
 @pytest.mark.parametrize("dialect", ["kohya", "comfyui", "diffusers", "onetrainer"])

@@ -8,12 +8,12 @@ QwenImageTransformer2DModel built here (every linear wrapped) and fuses to lorat
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from family_tools import deltas, fixture_families, write
 from safetensors.torch import load_file, save_file
 
 from loratool.families import detect
@@ -21,26 +21,12 @@ from loratool.formats import read
 from loratool.ops.convert import convert
 from loratool.ops.inspect import inspect_adapter
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("fixture_families", ROOT / "fixtures" / "families.py")
-assert _spec is not None and _spec.loader is not None
-fixture_families = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fixture_families)
 qwen_image_lora = fixture_families.qwen_image_lora
 qwen_image_shapes = fixture_families.qwen_image_shapes
 flux_lora = fixture_families.flux_lora
 sd3_lora = fixture_families.sd3_lora
 
 
-def write(tmp_path: Path, name: str, tensors: dict[str, torch.Tensor]) -> Path:
-    path = tmp_path / name
-    save_file(tensors, str(path))
-    return path
-
-
-def deltas(path: Path) -> dict[str, torch.Tensor]:
-    a = read(path)
-    return {n: m.up.load().double() @ m.down.load().double() * m.scale for n, m in a.modules.items()}
 
 
 def names_of(tensors: dict[str, torch.Tensor]) -> list[str]:

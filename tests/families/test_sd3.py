@@ -11,12 +11,12 @@ LoRA merged in by the test's own arithmetic; that must equal a tiny SD3Transform
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from family_tools import deltas, fixture_families, write
 from safetensors.torch import load_file, save_file
 
 from loratool.errors import IncompatibleError
@@ -25,11 +25,6 @@ from loratool.formats import read
 from loratool.ops.convert import convert
 from loratool.ops.inspect import inspect_adapter
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("fixture_families", ROOT / "fixtures" / "families.py")
-assert _spec is not None and _spec.loader is not None
-fixture_families = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fixture_families)
 sd3_lora = fixture_families.sd3_lora
 sd3_shapes = fixture_families.sd3_shapes
 flux_lora = fixture_families.flux_lora
@@ -37,17 +32,6 @@ flux_lora = fixture_families.flux_lora
 H = 16  # hidden width of the generated files
 
 
-def write(tmp_path: Path, name: str, tensors: dict[str, torch.Tensor]) -> Path:
-    path = tmp_path / name
-    save_file(tensors, str(path))
-    return path
-
-
-def deltas(path: Path) -> dict[str, torch.Tensor]:
-    """Module name -> dense ΔW (float64, conv flattened to (out, in·kh·kw)) as loratool reads it."""
-    a = read(path)
-    return {n: m.up.load().double().flatten(1) @ m.down.load().double().flatten(1) * m.scale
-            for n, m in a.modules.items()}
 
 
 def names_of(tensors: dict[str, torch.Tensor]) -> list[str]:

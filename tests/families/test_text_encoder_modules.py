@@ -8,20 +8,14 @@ Independent reference: diffusers' own kohya FLUX.1 converter, which handles both
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
+from family_tools import fixture_families
 from safetensors.torch import save_file
 
 from loratool.formats import read
 from loratool.ops.convert import convert
-
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("fixture_families", ROOT / "fixtures" / "families.py")
-assert _spec is not None and _spec.loader is not None
-fixture_families = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fixture_families)
 
 TE = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
 
