@@ -366,3 +366,25 @@ def test_validate_base_matches_as_merge_does(tmp_path):
     doc = validate(lora, base=base).to_dict()
     assert not [f for f in doc["findings"] if f["severity"] == "error"], doc["findings"]
     assert doc["matched"] == len(read(lora).modules)
+
+
+def test_into_a_fused_fp8_base(tmp_path):
+    """A split LoRA into a BFL base stored in fp8: each part's rows requantized; verify agrees."""
+    tensors = bfl_base(tmp_path / "bf.safetensors")
+    fp8 = {k: (v.to(torch.float8_e4m3fn) if k.endswith(".weight") and v.dim() == 2 else v) for k, v in tensors.items()}
+    base = tmp_path / "fp8.safetensors"
+    save_file(fp8, str(base))
+    lora = write_lora(tmp_path, "diffusers")
+    out = tmp_path / "m.safetensors"
+    report = merge(base, [lora], out)
+    assert report.storage.endswith("fp8 float8_e4m3fn") and report.layouts
+    got = load_file(str(out))
+    d = lora_deltas(lora)
+    qkv = "double_blocks.0.img_attn.qkv.weight"
+    x = fp8[qkv].float().double().numpy().copy()
+    for name, a, b in bfl_to_diffusers()["double_blocks.0.img_attn.qkv"]:
+        x[a:b] += d[f"transformer.{name}"]
+    want = torch.from_numpy(x).float().to(torch.float8_e4m3fn)  # one rounding of the float32 sum, nearest
+    assert (got[qkv].float() != want.float()).float().mean() < 0.01  # float32 vs float64 sums: rare ties
+    assert verify(out, base, [lora]).ok
+    assert {t.verdict for t in verify(base, base, [lora]).findings} == {"not merged"}
