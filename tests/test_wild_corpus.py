@@ -115,6 +115,8 @@ ROUND_TRIPS = [
     ("aitoolkit_flux", "kohya", "diffusers", "flux.1"),
     ("simpletuner_flux", "peft", "diffusers", "flux.1"),
     ("diffusers_sd15_train", "peft", "diffusers", None),
+    ("onetrainer_sdxl", "peft", "kohya", None),  # SDXL keeps lora_te1_ (the SD1/2 rule must not fire)
+    ("diffusers_sdxl_train", "kohya", "diffusers", None),
     ("musubi_wan", "peft", "kohya", "wan"),
     ("musubi_hunyuan_video", "peft", "kohya", "hunyuan-video"),
     ("musubi_qwen_image", "peft", "kohya", "qwen-image"),
@@ -388,3 +390,16 @@ def test_merge_lycoris_dora_into_an_sdxl_checkpoint(tmp_path: Path) -> None:
         m = raw[stem + ".dora_scale"].double().numpy()  # (out, 1)
         want = m * v / np.linalg.norm(v, axis=1, keepdims=True)
         np.testing.assert_allclose(got[keys[stem]].double().numpy(), want, rtol=1e-5, atol=1e-5, err_msg=stem)
+
+
+@pytest.mark.parametrize(("name", "prefixes"), [
+    ("diffusers_sd15_train", {"lora_te_", "lora_unet_"}),              # SD1/2: one text encoder, lora_te_
+    ("diffusers_sdxl_train", {"lora_te1_", "lora_te2_", "lora_unet_"}),  # SDXL: lora_te1_ / lora_te2_
+])
+def test_kohya_text_encoder_prefix_follows_the_pipeline(tmp_path: Path, name: str, prefixes: set[str]) -> None:
+    src = write_layout(LAYOUTS[name], tmp_path)
+    out = tmp_path / "k.safetensors"
+    convert(src, out, to="kohya")
+    found = {p for k in raw_tensors(out) for p in ("lora_te_", "lora_te1_", "lora_te2_", "lora_unet_")
+             if k.startswith(p)}
+    assert found == prefixes
