@@ -403,3 +403,16 @@ def test_kohya_text_encoder_prefix_follows_the_pipeline(tmp_path: Path, name: st
     found = {p for k in raw_tensors(out) for p in ("lora_te_", "lora_te1_", "lora_te2_", "lora_unet_")
              if k.startswith(p)}
     assert found == prefixes
+
+
+@pytest.mark.parametrize("name", ["comfyui_flux_lorasave", "comfyui_wan_diff_b"])
+def test_resize_keeps_a_comfyui_file_in_its_dialect(tmp_path: Path, name: str) -> None:
+    """Before: a `diffusion_model.` file came back from resize as `lora_unet_...` (kohya dialect)."""
+    src = write_layout(LAYOUTS[name], tmp_path)
+    out = tmp_path / "small.safetensors"
+    resize(src, out, rank=2)
+    before = {k.rsplit(".", 1)[0] if k.endswith((".alpha", ".diff", ".diff_b")) else k.rsplit(".", 2)[0]
+              for k in raw_tensors(src)}
+    after = {k.rsplit(".", 1)[0] if k.endswith((".alpha", ".diff", ".diff_b")) else k.rsplit(".", 2)[0]
+             for k in raw_tensors(out)}
+    assert after == before

@@ -326,6 +326,8 @@ def write(
     from loratool.st import atomic_output
 
     explicit = fmt is not None
+    if fmt is None and adapter.source_format == "kohya" and _comfyui_names(adapter):
+        fmt = "comfyui"  # a ComfyUI-dialect file (dotted `diffusion_model.` paths) stays in its dialect
     record = get(fmt or written_as(adapter.source_format), writing=True)
     check_writable(adapter, record.name)
     assert record.write is not None
@@ -354,6 +356,12 @@ def write(
                 f"expected {len(adapter.modules)} + {len(adapter.lycoris)}"
             )
     return out
+
+
+def _comfyui_names(adapter: Adapter) -> bool:
+    """Whether every module of a kohya-suffix file is stored under a dotted `diffusion_model.` path."""
+    names = [*adapter.modules, *adapter.lycoris]
+    return bool(names) and all(n.startswith("diffusion_model.") for n in names)
 
 
 def _require_usable_values(adapter: Adapter, out: Path) -> None:
