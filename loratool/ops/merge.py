@@ -326,7 +326,8 @@ def _merge_blocked(setup: _Setup, report: MergeReport, *, name: str, key: str, s
 
     out = cast.buffer(stored.shape, out_dtype)  # type: ignore[attr-defined]
     factor = (-1.0 if setup.unmerge else 1.0) * term.weight
-    r = merge_blocked(stored, term.module, factor, out, work=work)  # type: ignore[arg-type]
+    r = merge_blocked(stored, term.module, factor, out, work=work,  # type: ignore[arg-type]
+                      w_norm=setup.stats)
     _range_or_raise(r.lo, r.hi, out_dtype, key, [term])
     retained = r.de_sum / (r.dd_root * r.dd_root) if r.dd_root > 0 else None
     rel_error = r.err_norm / r.dd_root if r.dd_root > 0 else None
