@@ -762,9 +762,11 @@ def _block_pool(threads: int) -> Any:
     return _BLOCK_POOL[1]
 
 
-def _merge_rows(rows_in: torch.Tensor, d: torch.Tensor, rows_out: torch.Tensor, start: int, stop: int, step: int,
-                work: Workspace | None, w_norm: bool) -> tuple[float, float, float, float, float, float, float]:
-    """Rows start:stop of merge_blocked, block by block: (dd, de, ee, wn, worst, lo, hi).
+def _merge_rows(rows_in: torch.Tensor, d: torch.Tensor, scales: tuple[float, ...], rows_out: torch.Tensor,
+                start: int, stop: int, step: int, work: Workspace | None, w_norm: bool
+                ) -> tuple[float, float, float, float, float, float, float]:
+    """Rows start:stop of merge_blocked, block by block: (dd, de, ee, wn, worst, lo, hi); d is
+    B @ A, multiplied here by each of `scales` in turn (peft's `(B @ A) * scale`, then the weight).
 
     A 16-bit W enters each operation as it is stored: mixed-dtype operations compute in float32,
     and widening is exact, so `W + d` here is the float32 sum merged_tensor forms from a widened copy.
@@ -787,7 +789,10 @@ def _merge_rows(rows_in: torch.Tensor, d: torch.Tensor, rows_out: torch.Tensor, 
         k = e - s
         dw, new, err = wb[:k], nb[:k], eb[:k]
         w = rows_in[s:e]
-        torch.add(w, d[s:e], out=new)  # W' = W + ΔW in float32
+        torch.mul(d[s:e], scales[0], out=err)  # ΔW = (B @ A) · scale (err is free until below)
+        for f in scales[1:]:
+            err.mul_(f)
+        torch.add(w, err, out=new)  # W' = W + ΔW in float32
         mn, mx = (float(v) for v in torch.aminmax(new))  # NaN when the block holds one
         if not (math.isfinite(mn) and math.isfinite(mx)):
             lo, hi = min(lo, mn) if math.isfinite(mn) else mn, max(hi, mx) if math.isfinite(mx) else mx
@@ -825,10 +830,9 @@ def merge_blocked(stored: torch.Tensor, module: LoraModule, factor: float, out: 
     import torch
 
     up, down = factors(module)
+    # B @ A whole; its scale and factor are applied per block (elementwise, so the same roundings)
     d = torch.mm(up, down, out=work.get("d", (up.shape[0], down.shape[1]), torch.float32, "cpu"))
-    d.mul_(module.scale)
-    if factor != 1.0:
-        d.mul_(factor)
+    scales = (module.scale,) if factor == 1.0 else (module.scale, factor)
     rows_in = stored.reshape(stored.shape[0], -1)
     rows_out = out.view(out.shape[0], -1)
     n, cols = rows_in.shape
@@ -836,13 +840,13 @@ def merge_blocked(stored: torch.Tensor, module: LoraModule, factor: float, out: 
     threads = threads or min(torch.get_num_threads(), BLOCK_WORKERS)
     blocks = -(-n // step)
     if threads <= 1 or blocks < 2:
-        parts = [_merge_rows(rows_in, d, rows_out, 0, n, step, work, w_norm)]
+        parts = [_merge_rows(rows_in, d, scales, rows_out, 0, n, step, work, w_norm)]
     else:
         pool = _block_pool(threads)
         per = -(-blocks // (threads * 4))  # a few ranges per worker, for balance
         ranges = [(b * step, min(n, (b + per) * step)) for b in range(0, blocks, per)]
-        parts = [f.result() for f in [pool.submit(_merge_rows, rows_in, d, rows_out, a, z, step, None, w_norm)
-                                      for a, z in ranges]]
+        parts = [f.result() for f in [pool.submit(_merge_rows, rows_in, d, scales, rows_out, a, z, step, None,
+                                                  w_norm) for a, z in ranges]]
     dd = sum(p[0] for p in parts)
     de = sum(p[1] for p in parts)
     ee = sum(p[2] for p in parts)
