@@ -152,7 +152,8 @@ def test_convert_and_back(tmp_path: Path, name: str, via: str, back_to: str, fam
 
 
 @pytest.mark.parametrize(("name", "to", "what"), [
-    ("kohya_flux_t5", "peft", "text-encoder modules"),      # T5 names cannot be recovered from underscores
+    ("kohya_flux_t5", "peft", "a text encoder"),            # one PEFT adapter cannot hold two models' modules
+    ("kohya_flux_t5", "diffusers", "text-encoder modules"),  # T5 names cannot be recovered from underscores
     ("peft_gpt2", "kohya", "fan_in_fan_out"),               # kohya files cannot hold Conv1D layers
 ])
 def test_convert_refusals_name_the_file_and_module(tmp_path: Path, name: str, to: str, what: str) -> None:

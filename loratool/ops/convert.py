@@ -479,6 +479,17 @@ def _family_for(adapter: Adapter, to: str, family: str | None, other_mode: bool,
         raise IncompatibleError(
             f"{adapter.path}: looks like {det.describe()}; its kohya names come from the family's table",
             hint=f"pass --family {det.family} (names alone do not tell {det.family} from other families)")
+    if (to == "kohya" and not other_mode and det.matched and det.dialect not in families.ORIGINAL_SIDE
+            and (det.family is not None or det.ambiguous)):
+        # some modules are a family's diffusers-side names and the rest are not the family's: the
+        # generic rules would write names such as lora_unet_transformer_blocks_0_attn_to_q, which no
+        # loader reads
+        others = [n for n in det.unmatched if n not in te]
+        raise IncompatibleError(
+            f"{adapter.path}: {det.matched} of its modules are {det.describe()} names, which get their kohya names "
+            f"from the family's table, but {len(others)} are not the family's (e.g. '{others[0] if others else ''}')",
+            hint="pass --family to convert the family's modules (text-encoder modules need their component: "
+                 "text_encoder. / text_encoder_2.), or convert the two parts separately")
     return None
 
 
@@ -497,6 +508,11 @@ def _convert_family(adapter: Adapter, report: ConvertReport, fam: Any, source: s
     with single_threaded():
         conv = convert_family(adapter.with_modules({n: m for n, m in adapter.modules.items() if n not in te_modules}),
                               fam, source, to, fuse_rank=fuse_rank)
+    if te_modules and to == "peft":
+        raise IncompatibleError(
+            f"{adapter.path}: a PEFT adapter adapts one model, and this file adapts the {fam.name} transformer and "
+            f"a text encoder ({len(te_modules)} modules, e.g. '{next(iter(te_modules))}')",
+            hint="write --to diffusers, which holds both under their components, or kohya / comfyui")
     if te_modules:  # the text encoders' modules, named by the format's rules (ComfyUI reads kohya's)
         from loratool.formats.rename import target_names
 

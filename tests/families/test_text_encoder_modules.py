@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from family_tools import fixture_families
 from safetensors.torch import save_file
@@ -76,3 +77,29 @@ def test_text_encoder_modules_keep_kohya_names_for_comfyui_and_come_back(tmp_pat
     for name, m in a.modules.items():
         x = torch.randn(m.in_features, 2, dtype=torch.float64)
         torch.testing.assert_close(_apply(b.modules[name], x), _apply(m, x), rtol=1e-12, atol=0)
+
+
+def test_to_peft_with_text_encoder_modules_is_refused(tmp_path: Path) -> None:
+    """A PEFT adapter adapts one model: before, the text-encoder modules were written beside the
+    transformer's without their component (`text_model.encoder…`), a file that loads nowhere."""
+    from loratool.errors import IncompatibleError
+
+    src, _ = flux_with_text_encoder(tmp_path)
+    with pytest.raises(IncompatibleError, match="PEFT adapter adapts one model"):
+        convert(src, tmp_path / "p", to="peft")
+    assert not (tmp_path / "p").exists()
+
+
+def test_family_names_mixed_with_foreign_ones_are_not_given_generic_kohya_names(tmp_path: Path) -> None:
+    """diffusers-side FLUX.1 names plus modules no table knows: the generic rules wrote
+    lora_unet_transformer_blocks_0_attn_to_q, a name no loader reads; now it is refused."""
+    from loratool.errors import IncompatibleError
+
+    t = fixture_families.flux_lora("peft", hidden=64, double=1, single=1, rank=2, seed=1)
+    t["text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"] = torch.ones(2, 8)
+    t["text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight"] = torch.ones(8, 2)
+    src = tmp_path / "mixed.safetensors"
+    save_file(t, str(src))
+    with pytest.raises(IncompatibleError, match="not the family's"):
+        convert(src, tmp_path / "k.safetensors", to="kohya")
+    assert not (tmp_path / "k.safetensors").exists()
