@@ -4,7 +4,9 @@ fixtures/ is not a package) and the small helpers every family test uses."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -33,3 +35,40 @@ def deltas(path: Path) -> dict[str, torch.Tensor]:
         up, down = m.up.load().double(), m.down.load().double()
         out[n] = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1) * m.scale
     return out
+
+
+def fuse_equals_merge(model: Any, kohya_tensors: dict[str, torch.Tensor], tmp_path: Path
+                      ) -> tuple[set[str], int, Any]:
+    """The real client against loratool: `kohya_tensors` converted by loratool to diffusers, loaded
+    into `model` (a tiny diffusers transformer) with `load_lora_adapter` and fused, must equal
+    loratool's merge of the same file into the model's own weights (1e-6 in float32).
+
+    Returns the modules diffusers wrapped, how many tensors the merge changed and the diffusers
+    adapter as loratool reads it, for the caller's counts.
+    """
+    from safetensors.torch import load_file
+
+    from loratool.ops.convert import convert
+    from loratool.ops.merge import merge
+
+    base_dir = tmp_path / "base"
+    base_dir.mkdir()
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(base_dir / "diffusion_pytorch_model.safetensors"))
+    (base_dir / "config.json").write_text(json.dumps({"_class_name": type(model).__name__}))
+    src = write(tmp_path, "k.safetensors", kohya_tensors)
+    lora = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    lora.parent.mkdir()
+    convert(src, lora, to="diffusers")
+    model.load_lora_adapter(str(lora.parent), weight_name=lora.name, prefix="transformer", adapter_name="ours")
+    wrapped = {n.removesuffix(".lora_A.ours") for n, _ in model.named_modules() if n.endswith(".lora_A.ours")}
+    model.fuse_lora(lora_scale=1.0)
+    model.unload_lora()
+    fused = model.state_dict()
+    merged = tmp_path / "merged"
+    merge(base_dir, [lora], merged)
+    changed = 0
+    for k, v in load_file(str(merged / "diffusion_pytorch_model.safetensors")).items():
+        torch.testing.assert_close(fused[k], v, rtol=1e-6, atol=1e-6)
+        changed += not torch.equal(v, state[k])
+    return wrapped, changed, read(lora)

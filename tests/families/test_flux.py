@@ -8,13 +8,12 @@ loratool's merge into the same base.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from family_tools import deltas, fixture_families, write
-from safetensors.torch import load_file, save_file
+from family_tools import deltas, fixture_families, fuse_equals_merge, write
+from safetensors.torch import load_file
 
 from loratool.errors import IncompatibleError
 from loratool.families import detect
@@ -179,29 +178,7 @@ def test_our_diffusers_output_loads_and_fuses_like_our_merge(tmp_path: Path) -> 
     model = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
                                    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
                                    pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
-    base_dir = tmp_path / "base"
-    base_dir.mkdir()
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(base_dir / "diffusion_pytorch_model.safetensors"))
-    (base_dir / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel"}))
-    src = write(tmp_path, "k.safetensors", flux_lora("kohya", hidden=16, rank=4, alpha=2.0, seed=9))
-    out_dir = tmp_path / "lora"
-    out_dir.mkdir()
-    convert(src, out_dir / "pytorch_lora_weights.safetensors", to="diffusers")
-    model.load_lora_adapter(str(out_dir), weight_name="pytorch_lora_weights.safetensors", prefix="transformer",
-                            adapter_name="ours")
-    wrapped = {n for n, _ in model.named_modules() if n.endswith(".lora_A.ours")}
-    assert len(wrapped) == len(read(out_dir / "pytorch_lora_weights.safetensors").modules)
-    model.fuse_lora(lora_scale=1.0)
-    model.unload_lora()
-    fused = model.state_dict()
-    from loratool.ops.merge import merge
-
-    merged = tmp_path / "merged"
-    merge(base_dir, [out_dir / "pytorch_lora_weights.safetensors"], merged)
-    ours = load_file(str(merged / "diffusion_pytorch_model.safetensors"))
-    changed = 0
-    for k, v in ours.items():
-        torch.testing.assert_close(fused[k], v, rtol=1e-6, atol=1e-6)
-        changed += not torch.equal(v, state[k])
+    tensors = flux_lora("kohya", hidden=16, rank=4, alpha=2.0, seed=9)
+    wrapped, changed, ours = fuse_equals_merge(model, tensors, tmp_path)
+    assert len(wrapped) == len(ours.modules)  # every module placed: no unexpected / missing keys
     assert changed == len(wrapped)

@@ -8,13 +8,12 @@ loratool's merge into the same base.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from family_tools import fixture_families, write
-from safetensors.torch import load_file, save_file
+from family_tools import fixture_families, fuse_equals_merge, write
+from safetensors.torch import load_file
 
 from loratool.families import detect
 from loratool.formats import read
@@ -93,32 +92,10 @@ def test_diffusers_ltx_converter_agrees_with_ours(tmp_path: Path) -> None:
 def test_our_diffusers_output_loads_and_fuses_like_our_merge(tmp_path: Path) -> None:
     from diffusers import LTXVideoTransformer3DModel
 
-    from loratool.ops.merge import merge
 
     torch.manual_seed(0)
     model = LTXVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
                                        cross_attention_dim=16, num_layers=1, caption_channels=16)
-    base_dir = tmp_path / "base"
-    base_dir.mkdir()
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(base_dir / "diffusion_pytorch_model.safetensors"))
-    (base_dir / "config.json").write_text(json.dumps({"_class_name": "LTXVideoTransformer3DModel"}))
-    src = write(tmp_path, "k.safetensors", ltx_lora("kohya", rank=4, alpha=2.0, seed=9))
-    out_dir = tmp_path / "lora"
-    out_dir.mkdir()
-    convert(src, out_dir / "pytorch_lora_weights.safetensors", to="diffusers")
-    model.load_lora_adapter(str(out_dir), weight_name="pytorch_lora_weights.safetensors", prefix="transformer",
-                            adapter_name="ours")
-    wrapped = {n for n, _ in model.named_modules() if n.endswith(".lora_A.ours")}
-    assert len(wrapped) == len(read(out_dir / "pytorch_lora_weights.safetensors").modules) == 17
-    model.fuse_lora(lora_scale=1.0)
-    model.unload_lora()
-    fused = model.state_dict()
-    merged = tmp_path / "merged"
-    merge(base_dir, [out_dir / "pytorch_lora_weights.safetensors"], merged)
-    got = load_file(str(merged / "diffusion_pytorch_model.safetensors"))
-    changed = 0
-    for k, v in got.items():
-        torch.testing.assert_close(fused[k], v, rtol=1e-6, atol=1e-6)
-        changed += not torch.equal(v, state[k])
+    wrapped, changed, ours = fuse_equals_merge(model, ltx_lora("kohya", rank=4, alpha=2.0, seed=9), tmp_path)
+    assert len(wrapped) == len(ours.modules) == 17
     assert changed == len(wrapped)

@@ -8,13 +8,12 @@ QwenImageTransformer2DModel built here (every linear wrapped) and fuses to lorat
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from family_tools import deltas, fixture_families, write
-from safetensors.torch import load_file, save_file
+from family_tools import deltas, fixture_families, fuse_equals_merge, write
+from safetensors.torch import load_file
 
 from loratool.families import detect
 from loratool.formats import read
@@ -125,29 +124,6 @@ def test_our_diffusers_output_loads_and_fuses_like_our_merge(tmp_path: Path) -> 
                                         axes_dims_rope=(2, 2, 4))
     linears = {n for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
     assert linears == set(qwen_image_shapes(16, 2))  # the table covers every linear of the model
-    base_dir = tmp_path / "base"
-    base_dir.mkdir()
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(base_dir / "diffusion_pytorch_model.safetensors"))
-    (base_dir / "config.json").write_text(json.dumps({"_class_name": "QwenImageTransformer2DModel"}))
-    src = write(tmp_path, "k.safetensors", qwen_image_lora("kohya", rank=4, alpha=2.0, seed=9))
-    out_dir = tmp_path / "lora"
-    out_dir.mkdir()
-    convert(src, out_dir / "pytorch_lora_weights.safetensors", to="diffusers")
-    model.load_lora_adapter(str(out_dir), weight_name="pytorch_lora_weights.safetensors", prefix="transformer",
-                            adapter_name="ours")
-    wrapped = {n.removesuffix(".lora_A.ours") for n, _ in model.named_modules() if n.endswith(".lora_A.ours")}
+    wrapped, changed, _ = fuse_equals_merge(model, qwen_image_lora("kohya", rank=4, alpha=2.0, seed=9), tmp_path)
     assert wrapped == linears
-    model.fuse_lora(lora_scale=1.0)
-    model.unload_lora()
-    fused = model.state_dict()
-    from loratool.ops.merge import merge
-
-    merged = tmp_path / "merged"
-    merge(base_dir, [out_dir / "pytorch_lora_weights.safetensors"], merged)
-    ours = load_file(str(merged / "diffusion_pytorch_model.safetensors"))
-    changed = 0
-    for k, v in ours.items():
-        torch.testing.assert_close(fused[k], v, rtol=1e-6, atol=1e-6)
-        changed += not torch.equal(v, state[k])
     assert changed == len(wrapped)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from family_tools import deltas, fixture_families, write
+from family_tools import deltas, fixture_families, fuse_equals_merge, write
 from safetensors.torch import load_file, save_file
 
 from loratool.errors import IncompatibleError
@@ -182,7 +182,6 @@ def test_diffusers_musubi_converter_agrees_with_ours(tmp_path: Path) -> None:
 def test_our_diffusers_output_loads_and_fuses_like_our_merge(tmp_path: Path) -> None:
     from diffusers import WanTransformer3DModel
 
-    from loratool.ops.merge import merge
 
     torch.manual_seed(0)
     # Wan 2.1 I2V-shaped, tiny: 1 block, dim 16 (2 heads of 8), ffn 32, CLIP image dim 12
@@ -190,28 +189,7 @@ def test_our_diffusers_output_loads_and_fuses_like_our_merge(tmp_path: Path) -> 
                                   out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1,
                                   cross_attn_norm=True, qk_norm="rms_norm_across_heads", image_dim=12,
                                   added_kv_proj_dim=16, rope_max_seq_len=32)
-    base_dir = tmp_path / "base"
-    base_dir.mkdir()
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(base_dir / "diffusion_pytorch_model.safetensors"))
-    (base_dir / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel"}))
-    src = write(tmp_path, "k.safetensors", wan_lora("kohya", i2v=True, biases=True, rank=4, alpha=2.0, seed=9))
-    out_dir = tmp_path / "lora"
-    out_dir.mkdir()
-    convert(src, out_dir / "pytorch_lora_weights.safetensors", to="diffusers")
-    model.load_lora_adapter(str(out_dir), weight_name="pytorch_lora_weights.safetensors", prefix="transformer",
-                            adapter_name="ours")
-    wrapped = {n for n, _ in model.named_modules() if n.endswith(".lora_A.ours")}
-    ours = read(out_dir / "pytorch_lora_weights.safetensors")
+    tensors = wan_lora("kohya", i2v=True, biases=True, rank=4, alpha=2.0, seed=9)
+    wrapped, changed, ours = fuse_equals_merge(model, tensors, tmp_path)
     assert len(wrapped) == len(ours.modules) == 20  # every module placed: no unexpected / missing keys
-    model.fuse_lora(lora_scale=1.0)
-    model.unload_lora()
-    fused = model.state_dict()
-    merged = tmp_path / "merged"
-    merge(base_dir, [out_dir / "pytorch_lora_weights.safetensors"], merged)
-    got = load_file(str(merged / "diffusion_pytorch_model.safetensors"))
-    changed = 0
-    for k, v in got.items():
-        torch.testing.assert_close(fused[k], v, rtol=1e-6, atol=1e-6)
-        changed += not torch.equal(v, state[k])
     assert changed == 2 * len(wrapped)  # every weight and (diff_b) every bias
