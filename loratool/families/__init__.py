@@ -240,6 +240,16 @@ def detect(names: list[str]) -> Detection:
     hit_set = set(hits)
     unmatched = [n for n in names if n not in hit_set]
     if len(tied) > 1:
+        # the same names, but one family's blocks are all there and the others have more blocks than
+        # the file uses (FLUX.1 and HunyuanVideo share their diffusers names; a FLUX.1 LoRA on every
+        # block has double blocks 0-18, while HunyuanVideo has 20): that family, with the reason
+        full = [(f, d, h, filled) for n, f, d, h in scores if n == best and f.name in tied
+                for filled in [_filled_blocks(f, d, h)] if filled]
+        if len({f.name for f, _, _, _ in full}) == 1:
+            fam, dialect, hits, filled = full[0]
+            why = [f"not {t}: the modules fill all of {fam.name}'s {filled}, of which {t} has more"
+                   for t in tied if t != fam.name]
+            return Detection(fam.name, dialect, best, len(names), hits[:3], candidates, unmatched, why, [fam.name])
         return Detection(None, None, best, len(names), hits[:3], candidates, unmatched, tied=tied)
     # per other family that fits part: a name of ours it has in no dialect, or one past its block count
     reasons: list[str] = []
@@ -263,6 +273,24 @@ def detect(names: list[str]) -> Detection:
                 break  # a module it lacks says more than a block index
         reasons.append(reason)
     return Detection(fam.name, dialect, best, len(names), hits[:3], candidates, unmatched, reasons, [fam.name])
+
+
+def _filled_blocks(fam: Family, dialect: str, hits: list[str]) -> str | None:
+    """'19 transformer_blocks' when `hits` hold every block index of one of the family's block lists
+    (and none past it), else None."""
+    seen: dict[str, set[int]] = {}
+    for name in hits:
+        ident = fam.identify(name, dialect)
+        if ident is None or ident[1] is None:
+            continue
+        rel, i, split = ident
+        assert i is not None
+        seen.setdefault((split or rel.original).split(".", 1)[0], set()).add(i)
+    for segment, indices in seen.items():
+        limit = fam.blocks.get(segment)
+        if limit is not None and limit > 1 and indices == set(range(limit)):
+            return f"{limit} {segment}"
+    return None
 
 
 def same_conversion(names: list[str], fits: list[tuple[Family, str]], target: str) -> bool:

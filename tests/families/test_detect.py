@@ -92,3 +92,31 @@ def test_inspect_says_ambiguous(tmp_path: Path) -> None:
             "(convert needs --family)") in line
     doc = json.loads(CliRunner().invoke(cli, ["inspect", str(src), "--json"]).output)
     assert doc["family"]["ambiguous"] and doc["family"]["family"] is None
+
+
+def _flux_attention_names(double: int, single: int) -> list[str]:
+    return ([f"transformer.transformer_blocks.{i}.attn.{m}" for i in range(double) for m in ("to_q", "to_k", "to_v")]
+            + [f"transformer.single_transformer_blocks.{i}.attn.to_q" for i in range(single)])
+
+
+def test_every_block_of_one_family_decides_a_tie() -> None:
+    """ai-toolkit / SimpleTuner FLUX.1 LoRAs use diffusers names HunyuanVideo shares; one on every
+    block (double 0-18, single 0-37) fills FLUX.1's block lists, while HunyuanVideo has 20 and 40
+    blocks: FLUX.1, with the reason. Before, every such file was ambiguous and needed --family."""
+    det = detect(_flux_attention_names(19, 38))
+    assert det.family == "flux.1" and det.confident and not det.ambiguous
+    assert any(r.startswith("not hunyuan-video: the modules fill all of flux.1's") for r in det.reasons)
+    # one full block list is enough (19 double blocks, single blocks 0-19 of both families' lists)
+    assert detect(_flux_attention_names(19, 20)).family == "flux.1"
+    # some blocks only: the names alone cannot tell
+    assert detect(_flux_attention_names(4, 4)).ambiguous
+
+
+def test_a_full_diffusers_flux_lora_converts_to_kohya_without_family(tmp_path: Path) -> None:
+    tensors = family_lora("flux.1", flux_shapes(16, 19, 38), "diffusers", rank=2, seed=4)
+    src = tmp_path / "ai_toolkit.safetensors"
+    save_file(tensors, str(src))
+    out = tmp_path / "k.safetensors"
+    convert(src, out, to="kohya")
+    names = {k.split(".", 1)[0] for k in load_file(str(out))}
+    assert "lora_unet_double_blocks_18_img_attn_qkv" in names and "lora_unet_single_blocks_37_linear1" in names
