@@ -254,6 +254,9 @@ def _family_text(fam: dict[str, Any]) -> str:
                 if c["matched"] == fam["matched"] and c["family"] in fam["tied"]}  # each family's first dialect
         return "ambiguous: " + " or ".join(f"{f} ({best[f]})" for f in fam["tied"]) + " (convert needs --family)"
     part = "" if fam["matched"] == fam["total"] else f", {fam['matched']} of {fam['total']} modules"
+    te = fam.get("text_encoder_modules") or 0
+    if te:
+        part += f", and {te} text-encoder module{'s' if te > 1 else ''}"
     why = "".join(f"; {r}" for r in fam.get("reasons", []))
     return f"{fam['family']}, {fam['dialect']} dialect{part} (e.g. {fam['evidence'][0]}{why})"
 

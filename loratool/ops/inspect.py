@@ -126,9 +126,19 @@ class InspectReport:
 
 
 def _family(a: Adapter) -> dict[str, Any]:
+    """The family detection, judged (as convert judges it) without the text-encoder modules an
+    image LoRA may carry beside its transformer's; their count is `text_encoder_modules`."""
     from loratool.families import detect
+    from loratool.ops.convert import text_encoder_modules
 
-    return detect([*a.modules, *a.lycoris]).to_dict()
+    te = text_encoder_modules(a)
+    names = [*a.modules, *a.lycoris]
+    det = detect(names)
+    if te and det.matched and set(det.unmatched) <= te:
+        det = detect([n for n in names if n not in te])
+    else:
+        te = set()
+    return {**det.to_dict(), "text_encoder_modules": len(te)}
 
 
 def _num(x: float) -> int | float:

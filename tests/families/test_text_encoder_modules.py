@@ -103,3 +103,12 @@ def test_family_names_mixed_with_foreign_ones_are_not_given_generic_kohya_names(
     with pytest.raises(IncompatibleError, match="not the family's"):
         convert(src, tmp_path / "k.safetensors", to="kohya")
     assert not (tmp_path / "k.safetensors").exists()
+
+
+def test_inspect_judges_the_family_without_the_text_encoder_modules(tmp_path: Path) -> None:
+    from loratool.ops.inspect import inspect_adapter
+
+    src, _ = flux_with_text_encoder(tmp_path)
+    fam = inspect_adapter(src).to_dict()["family"]
+    assert fam["family"] == "flux.1" and fam["confident"] and fam["text_encoder_modules"] == 1
+    assert fam["matched"] == fam["total"]  # the transformer's modules, all the family's
