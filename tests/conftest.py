@@ -7,6 +7,14 @@ import os
 # huggingface_hub reads this at import time; without it the first Hub request of a test would also
 # ask the real endpoint for telemetry. Tests never touch the network.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import signal
+
+# A suite started in the background of a non-interactive shell (`(cmd &)`, nohup) inherits SIGINT
+# ignored, and so would every loratool process the tests start: the Ctrl-C tests would then see
+# the signal ignored and exit 0. The tests need Ctrl-C as a user's terminal delivers it.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
