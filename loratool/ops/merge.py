@@ -20,7 +20,7 @@ import os
 import secrets
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -372,6 +372,25 @@ def adapter_module_weights(adapters: list[Adapter], module_weights: str | None, 
     return out, warnings
 
 
+def checked_options(op: str, adapters: Sequence[object], weights: Sequence[float] | None, dtype: str) -> list[float]:
+    """The adapters' weights (default 1 each) after the option checks merge and verify share.
+
+    Raises:
+        IncompatibleError: no adapter, a weight count that differs from the adapters', a weight that
+            is not finite, an unknown --dtype.
+    """
+    if not adapters:
+        raise IncompatibleError(f"{op} needs at least one adapter")
+    out = list(weights) if weights is not None else [1.0] * len(adapters)
+    if len(out) != len(adapters):
+        raise IncompatibleError(f"--weights has {len(out)} value(s) for {len(adapters)} adapter(s)")
+    if not all(math.isfinite(w) for w in out):
+        raise IncompatibleError(f"--weights must be finite numbers, got {out}")
+    if dtype not in OUT_DTYPES:
+        raise IncompatibleError(f"--dtype {dtype}: unknown", hint="use keep, fp32, fp16 or bf16")
+    return out
+
+
 def merge(
     base: str | os.PathLike[str],
     adapters: list[str | os.PathLike[str]],
@@ -431,15 +450,7 @@ def merge(
     from loratool.hub import resolve_path
     from loratool.st import open_checkpoint
 
-    if not adapters:
-        raise IncompatibleError("merge needs at least one adapter")
-    weights = list(weights) if weights is not None else [1.0] * len(adapters)
-    if len(weights) != len(adapters):
-        raise IncompatibleError(f"--weights has {len(weights)} value(s) for {len(adapters)} adapter(s)")
-    if not all(math.isfinite(w) for w in weights):
-        raise IncompatibleError(f"--weights must be finite numbers, got {weights}")
-    if dtype not in OUT_DTYPES:
-        raise IncompatibleError(f"--dtype {dtype}: unknown", hint="use keep, fp32, fp16 or bf16")
+    weights = checked_options("merge", adapters, weights, dtype)
     if rounding not in ROUNDINGS:
         raise IncompatibleError(f"--rounding {rounding}: unknown", hint="use nearest or stochastic")
     if seed is not None and rounding != "stochastic":

@@ -466,19 +466,11 @@ def verify(
     from loratool.device import resolve_device
     from loratool.formats import read, require_plain
     from loratool.keymap import plan_merge
-    from loratool.ops.merge import OUT_DTYPES, adapter_module_weights
+    from loratool.ops.merge import adapter_module_weights, checked_options
     from loratool.st import open_checkpoint
     from loratool.storage import detect
 
-    if not adapters:
-        raise IncompatibleError("verify needs at least one adapter")
-    weights = list(weights) if weights is not None else [1.0] * len(adapters)
-    if len(weights) != len(adapters):
-        raise IncompatibleError(f"--weights has {len(weights)} value(s) for {len(adapters)} adapter(s)")
-    if not all(math.isfinite(w) for w in weights):
-        raise IncompatibleError(f"--weights must be finite numbers, got {weights}")
-    if dtype not in OUT_DTYPES:
-        raise IncompatibleError(f"--dtype {dtype}: unknown", hint="use keep, fp32, fp16 or bf16")
+    weights = checked_options("verify", adapters, weights, dtype)
     device = resolve_device(device)
     base_ckpt = open_checkpoint(Path(base))
     merged_ckpt = open_checkpoint(Path(merged))
