@@ -372,6 +372,24 @@ def adapter_module_weights(adapters: list[Adapter], module_weights: str | None, 
     return out, warnings
 
 
+def read_and_plan(op: str, adapters: Sequence[str | os.PathLike[str]], weights: list[float], ckpt: Any,
+                  storage: Any, *, allow_pickle: bool, allow_unmatched: bool, unmerge: bool,
+                  module_weights: str | None, blocks: str | None) -> tuple[list[Adapter], Any, list[str]]:
+    """The adapters read and checked, and the plan of which base tensor each changes (shared by
+    merge and verify, so verify checks exactly what merge would have done): (adapters, plan, warnings)."""
+    from loratool.formats import read, require_plain
+
+    loaded = []
+    for p in adapters:
+        a = read(Path(p), allow_pickle=allow_pickle)
+        require_plain(a, op, lycoris=True)
+        loaded.append(a)
+    per_module, mw_warnings = adapter_module_weights(loaded, module_weights, blocks)
+    plan, warnings = plan_merge(loaded, weights, ckpt, allow_unmatched=allow_unmatched, unmerge=unmerge,
+                                tensors=storage.logical(ckpt.tensors), module_weights=per_module)
+    return loaded, plan, mw_warnings + warnings
+
+
 def checked_options(op: str, adapters: Sequence[object], weights: Sequence[float] | None, dtype: str) -> list[float]:
     """The adapters' weights (default 1 each) after the option checks merge and verify share.
 
@@ -490,7 +508,6 @@ def _merge(
     module_weights: str | None = None, blocks: str | None = None,
 ) -> MergeReport:
     from loratool.device import resolve_device
-    from loratool.formats import read, require_plain
     from loratool.st import atomic_output, read_header
 
     device = resolve_device(device)
@@ -501,15 +518,9 @@ def _merge(
             f"--qlora-base {qlora_base}: {base_path} is already stored quantized ({storage.line()})",
             hint="--qlora-base simulates a 4-bit base on a 16-bit one; on a quantized base, merge without it",
         )
-    loaded = []
-    for p in adapters:
-        a = read(Path(p), allow_pickle=allow_pickle)
-        require_plain(a, "merge", lycoris=True)
-        loaded.append(a)
-    per_module, mw_warnings = adapter_module_weights(loaded, module_weights, blocks)
-    plan, warnings = plan_merge(loaded, weights, ckpt, allow_unmatched=allow_unmatched, unmerge=unmerge,
-                                tensors=storage.logical(ckpt.tensors), module_weights=per_module)
-    warnings = mw_warnings + warnings
+    loaded, plan, warnings = read_and_plan("merge", adapters, weights, ckpt, storage, allow_pickle=allow_pickle,
+                                           allow_unmatched=allow_unmatched, unmerge=unmerge,
+                                           module_weights=module_weights, blocks=blocks)
     report = MergeReport(Path(out), base_path, [Path(p) for p in adapters], weights, unmerge, dtype, device,
                          storage=storage.line(), rounding=rounding, min_retained=min_retained,
                          unmatched=plan.unmatched, warnings=warnings, layouts=plan.layouts)

@@ -464,9 +464,7 @@ def verify(
             base or MERGED stored in a scheme loratool cannot dequantize.
     """
     from loratool.device import resolve_device
-    from loratool.formats import read, require_plain
-    from loratool.keymap import plan_merge
-    from loratool.ops.merge import adapter_module_weights, checked_options
+    from loratool.ops.merge import checked_options, read_and_plan
     from loratool.st import open_checkpoint
     from loratool.storage import detect
 
@@ -477,15 +475,9 @@ def verify(
     base_storage, merged_storage = detect(base_ckpt), detect(merged_ckpt)
     base_storage.refuse_unsupported(Path(base))  # never a verdict on bytes we cannot read
     merged_storage.refuse_unsupported(Path(merged))
-    loaded = []
-    for p in adapters:
-        a = read(Path(p), allow_pickle=allow_pickle)
-        require_plain(a, "verify", lycoris=True)
-        loaded.append(a)
-    per_module, mw_warnings = adapter_module_weights(loaded, module_weights, blocks)
-    plan, warnings = plan_merge(loaded, weights, base_ckpt, allow_unmatched=allow_unmatched, unmerge=False,
-                                tensors=base_storage.logical(base_ckpt.tensors), module_weights=per_module)
-    warnings = mw_warnings + warnings
+    _, plan, warnings = read_and_plan("verify", adapters, weights, base_ckpt, base_storage,
+                                      allow_pickle=allow_pickle, allow_unmatched=allow_unmatched,
+                                      unmerge=False, module_weights=module_weights, blocks=blocks)
     dequantizing = dtype != "keep" and base_storage.quantized
     report = VerifyReport(Path(merged), Path(base), [Path(p) for p in adapters], weights, dtype, device,
                           storage=base_storage.line(), quantized=base_storage.quantized,
