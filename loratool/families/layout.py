@@ -104,7 +104,8 @@ class LayoutPlan:
 
     def describe(self) -> str:
         what = f"{self.crossed} fused/split modules" if self.crossed else f"{self.renamed} modules renamed"
-        return f"{self.layout.family.title} {self.dialect}-dialect adapter mapped onto the {self.layout.describe()} ({what})"
+        return (f"{self.layout.family.title} {self.dialect}-dialect adapter mapped onto the "
+                f"{self.layout.describe()} ({what})")
 
 
 def map_to_base(modules: Sequence[Module], base: dict[str, TensorInfo], *, where: object) -> LayoutPlan | None:
