@@ -481,7 +481,8 @@ def _family_for(adapter: Adapter, to: str, family: str | None, other_mode: bool,
         raise IncompatibleError(
             f"{adapter.path}: looks like {det.describe()}; its kohya names come from the family's table",
             hint=f"pass --family {det.family} (names alone do not tell {det.family} from other families)")
-    if (to == "kohya" and not other_mode and det.matched and det.dialect not in families.ORIGINAL_SIDE
+    best_dialects = {d for _, d, n in det.candidates if n == det.matched}
+    if (to == "kohya" and not other_mode and det.matched and not best_dialects <= families.ORIGINAL_SIDE
             and (det.family is not None or det.ambiguous)):
         # some modules are a family's diffusers-side names and the rest are not the family's: the
         # generic rules would write names such as lora_unet_transformer_blocks_0_attn_to_q, which no
