@@ -382,7 +382,7 @@ def read_and_plan(op: str, adapters: Sequence[str | os.PathLike[str]], weights: 
     loaded = []
     for p in adapters:
         a = read(Path(p), allow_pickle=allow_pickle)
-        require_plain(a, op, lycoris=True)
+        require_plain(a, op, lycoris=True, dora=True)  # DoRA on either axis and on LyCORIS modules: applied
         loaded.append(a)
     per_module, mw_warnings = adapter_module_weights(loaded, module_weights, blocks)
     plan, warnings = plan_merge(loaded, weights, ckpt, allow_unmatched=allow_unmatched, unmerge=unmerge,

@@ -264,7 +264,7 @@ def dora_to_lora(adapter: Adapter, base: str | os.PathLike[str]) -> tuple[Adapte
 
     Raises:
         IncompatibleError: a DoRA module that matches no single base weight, or one whose layout
-            (embedding, fan_in_fan_out) has no per-row DoRA here.
+            (embedding, fan_in_fan_out) has no DoRA here.
     """
     import torch
 
@@ -288,11 +288,11 @@ def dora_to_lora(adapter: Adapter, base: str | os.PathLike[str]) -> tuple[Adapte
     for m in dora:
         if m.kind == "embedding" or m.fan_in_fan_out:
             raise IncompatibleError(f"{adapter.path}: DoRA module '{m.name}' is an embedding or fan_in_fan_out layer; "
-                                    "only per-output-row DoRA on linear and conv layers is folded")
+                                    "only DoRA on linear and conv layers is folded")
         assert m.magnitude is not None
-        w = load_tensor(ckpt.tensors[match.matched[m.name]]).to(torch.float32).reshape(m.out_features, -1)
+        w = load_tensor(ckpt.tensors[match.matched[m.name]]).to(torch.float32)  # (out, in[, kh, kw])
         up, down = factors(m)
-        new_up, new_down, err = dora_as_lora(w, up, down, m.scale, m.magnitude.load(), m.rank)
+        new_up, new_down, err = dora_as_lora(w, up, down, m.scale, m.magnitude.load(), m.rank, m.dora_axis)
         dtype = m.up.load().dtype
         new_up = new_up.to(dtype).reshape(m.out_features, -1, *([1] * (len(m.up.shape) - 2)))
         new_down = new_down.to(dtype).reshape(-1, *m.down.shape[1:])
