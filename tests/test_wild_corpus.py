@@ -20,7 +20,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fixtures.wild import LAYOUTS, H, Layout, write_layout
-from loratool.errors import IncompatibleError
 from loratool.formats import read
 from loratool.ops.convert import convert
 from loratool.ops.inspect import inspect_adapter
@@ -174,12 +173,12 @@ def test_resize_to_a_lower_rank(tmp_path: Path, name: str) -> None:
         convert(src, out, to="lora")
         src = out
     out = tmp_path / ("small" if lay.config is not None else "small.safetensors")
-    if name == "onetrainer_flux_dora":  # per-input-column DoRA magnitudes: a clear refusal, not a wrong resize
-        with pytest.raises(IncompatibleError, match="one magnitude per input column"):
-            resize(src, out, rank=2)
-        return
     report = resize(src, out, rank=2)
     a = read(out)
+    if name == "onetrainer_flux_dora":  # per-input-column DoRA magnitudes: kept as they are, (1, in)
+        mags = {k: v for k, v in raw_tensors(src).items() if k.endswith(".dora_scale")}
+        assert mags and all(torch.equal(raw_tensors(out)[k], v) for k, v in mags.items())
+        assert {m.dora_axis for m in a.modules.values()} == {"in"}
     assert len(a.modules) + len(a.lycoris) == lay.modules  # full diffs (.diff) stay as they are
     def diffs(p: Path) -> dict[str, torch.Tensor]:  # dialect-free names: '_' for '.', no prefix
         return {k.replace(".", "_").removeprefix("lora_unet_").removeprefix("diffusion_model_"): v

@@ -94,6 +94,8 @@ class InspectReport:
                 "alpha_source": m.alpha_source,
                 "scale": m.scale,
                 "bias": m.bias is not None,
+                "dora": m.magnitude is not None,
+                "dora_axis": m.dora_axis if m.magnitude is not None else None,
                 "dtype": m.dtype,
                 "tensors": {role: list(ref.shape) for role, ref in m.refs()},
             }
