@@ -246,6 +246,10 @@ def _print_traceback() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (`loratool`, `python -m loratool`): the group's main, then a clean exit."""
+    # OpenMP threads that spin after each parallel region (GNU OpenMP's default) take the cores
+    # from the merge's reader, writer, hashing and block threads: on 2 busy cores a merge took
+    # twice as long. Set before torch is imported (lazily, by the command); the user's setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     in_main = threading.current_thread() is threading.main_thread()
     if in_main:
         signal.signal(signal.SIGTERM, _on_sigterm)
