@@ -101,6 +101,7 @@ class InspectReport:
             }
             for m in a.lycoris.values()
         ]
+        summary = self.summary()
         return {
             "schema": SCHEMA,
             "format": a.source_format,
@@ -112,7 +113,9 @@ class InspectReport:
             "fan_in_fan_out": a.fan_in_fan_out,
             "rslora": a.rslora,
             "dora": a.dora,
-            **self.summary(),
+            **summary,
+            "dora_axes": dict((Counter(summary["dora_axes"]) + Counter(
+                m.dora_axis for m in a.lycoris.values() if m.magnitude is not None)).most_common()),
             "metadata": dict(a.metadata),
             "config": a.config or None,
             "extras": [{"name": k, "shape": list(t.shape), "dtype": t.dtype} for k, t in a.extras.items()],

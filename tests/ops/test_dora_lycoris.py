@@ -246,3 +246,52 @@ def test_lycoris_dora_is_refused_where_it_cannot_be_kept(tmp_path: Path, op: str
             rescale(adapter, out, mode="factor", value=0.5)
     assert "loratool merge" in (info.value.hint or "")
     assert not out.exists()
+
+
+def test_per_column_dora_moves_across_a_family_layout_only_by_name(tmp_path: Path) -> None:
+    """OneTrainer FLUX.1 DoRA into a BFL single-file base: `attn.to_out.0` is `img_attn.proj` there
+    (renamed, merged with its magnitude); `attn.to_q` is a third of the fused `img_attn.qkv`, where
+    a per-module norm has no meaning: refused by name, never merged without the magnitude."""
+    from fixtures.families import flux_shapes
+
+    h = 16
+    g = torch.Generator().manual_seed(1)
+    base_t = {f"{name}.weight": torch.randn(o, i, generator=g) for name, (o, i) in flux_shapes(h, 1, 1).items()}
+    base = tmp_path / "flux1.safetensors"
+    save_file(base_t, str(base))
+    stems = {"lora_transformer_transformer_blocks_0_attn_to_out_0": "double_blocks.0.img_attn.proj.weight",
+             "lora_transformer_transformer_blocks_0_ff_net_2": "double_blocks.0.img_mlp.2.weight"}
+    sd: dict[str, torch.Tensor] = {}
+    for stem, key in stems.items():
+        out_f, in_f = base_t[key].shape
+        sd |= {f"{stem}.lora_down.weight": torch.randn(4, in_f, generator=g),
+               f"{stem}.lora_up.weight": torch.randn(out_f, 4, generator=g), f"{stem}.alpha": torch.tensor(2.0),
+               f"{stem}.dora_scale": torch.rand(1, in_f, generator=g) + 0.5}
+    adapter = tmp_path / "ot.safetensors"
+    save_file(sd, str(adapter))
+    out = tmp_path / "m.safetensors"
+    assert merge(base, [adapter], out).merged == 2
+    got = load_file(str(out))
+    for stem, key in stems.items():
+        t = {k.removeprefix(stem): v.double().numpy() for k, v in sd.items() if k.startswith(stem + ".")}
+        v = base_t[key].double().numpy() + t[".lora_up.weight"] @ t[".lora_down.weight"] * (2.0 / 4)
+        want = t[".dora_scale"] * v / np.linalg.norm(v, axis=0, keepdims=True)
+        np.testing.assert_allclose(got[key].double().numpy(), want, rtol=1e-5, atol=1e-5, err_msg=key)
+    q = "lora_transformer_transformer_blocks_0_attn_to_q"
+    sd |= {f"{q}.lora_down.weight": torch.randn(4, h, generator=g),
+           f"{q}.lora_up.weight": torch.randn(h, 4, generator=g),
+           f"{q}.dora_scale": torch.rand(1, h, generator=g) + 0.5}
+    save_file(sd, str(adapter))
+    with pytest.raises(IncompatibleError, match=f"'{q}' is a DoRA module"):
+        merge(base, [adapter], tmp_path / "m2.safetensors")
+
+
+def test_inspect_counts_lycoris_dora_by_axis(tmp_path: Path) -> None:
+    from loratool.ops.inspect import inspect_adapter
+
+    sd, w, _ = lycoris_dora(LokrModule, nn.Linear(64, 96, bias=False), False, seed=9, lora_dim=2, alpha=1, factor=8)
+    adapter, _ = write(tmp_path, sd, w)
+    doc = inspect_adapter(adapter).to_dict()
+    assert doc["dora"] and doc["dora_axes"] == {"in": 1}
+    row = doc["lycoris_modules"][0]
+    assert row["dora"] and row["dora_axis"] == "in" and row["tensors"]["dora_scale"] == [1, 64]
