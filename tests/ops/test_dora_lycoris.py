@@ -295,3 +295,16 @@ def test_inspect_counts_lycoris_dora_by_axis(tmp_path: Path) -> None:
     assert doc["dora"] and doc["dora_axes"] == {"in": 1}
     row = doc["lycoris_modules"][0]
     assert row["dora"] and row["dora_axis"] == "in" and row["tensors"]["dora_scale"] == [1, 64]
+
+
+def test_diff_tells_the_magnitude_axes_apart(tmp_path: Path) -> None:
+    """A square layer: the same 12 values per output row or per input column are two adapters."""
+    from loratool.ops.diff import diff
+
+    adapter, _, t, _ = onetrainer_dora(tmp_path, conv=False)
+    rows = tmp_path / "rows.safetensors"
+    per_row = {k: torch.from_numpy(v).float() for k, v in t.items()}
+    per_row[f"{STEM}.dora_scale"] = per_row[f"{STEM}.dora_scale"].reshape(-1, 1)  # (12, 1): per output row
+    save_file(per_row, str(rows))
+    doc = diff(adapter, rows).to_dict()
+    assert [m["differences"] for m in doc["modules"]] == [["dora_axis"]]
