@@ -752,7 +752,10 @@ def dora_normalise(merged: torch.Tensor, magnitude: torch.Tensor, axis: DoraAxis
     v = merged.to(torch.float32)
     mag = magnitude.to(device=v.device, dtype=torch.float32).reshape(-1)
     lead = 0 if axis == "out" else 1
-    norm = v.transpose(0, lead).reshape(v.shape[lead], -1).norm(p=2, dim=1)  # (out,) or (in,)
+    if lead == 0:
+        norm = v.reshape(v.shape[0], -1).norm(p=2, dim=1)  # (out,): each row over (in, *k), as peft
+    else:  # (in,): each column over (out, *k), without a transposed copy of the weight
+        norm = torch.linalg.vector_norm(v, ord=2, dim=[d for d in range(v.dim()) if d != 1])
     if eps:
         norm = norm + eps
     shape = [1] * v.dim()

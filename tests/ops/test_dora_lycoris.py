@@ -308,3 +308,14 @@ def test_diff_tells_the_magnitude_axes_apart(tmp_path: Path) -> None:
     save_file(per_row, str(rows))
     doc = diff(adapter, rows).to_dict()
     assert [m["differences"] for m in doc["modules"]] == [["dora_axis"]]
+
+
+def test_a_magnitude_of_neither_axis_is_a_bad_shape(tmp_path: Path) -> None:
+    sd, w, _ = lycoris_dora(LohaModule, nn.Linear(24, 16, bias=False), True, seed=10, lora_dim=4, alpha=2)
+    sd["dora_scale"] = torch.ones(2, 8)
+    adapter, _ = write(tmp_path, sd, w)
+    report = validate_adapter(adapter)
+    assert [f.code for f in report.findings if f.severity == "error"] == ["bad-shape"]
+    assert "dora_scale" in report.findings[0].message
+    with pytest.raises(IncompatibleError, match="DoRA magnitude"):
+        read(adapter)
