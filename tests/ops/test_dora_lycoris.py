@@ -319,3 +319,22 @@ def test_a_magnitude_of_neither_axis_is_a_bad_shape(tmp_path: Path) -> None:
     assert "dora_scale" in report.findings[0].message
     with pytest.raises(IncompatibleError, match="DoRA magnitude"):
         read(adapter)
+
+
+def test_comfyui_applies_only_per_column_dora(tmp_path: Path) -> None:
+    """ComfyUI's weight_decompose normalises per input column (a per-row (out, 1) magnitude is divided
+    by the norm of W, or by column norms in older versions): validate --for comfyui flags per-row
+    DoRA, convert --for comfyui refuses it by name, and per-column DoRA passes both."""
+    per_column, _, t, _ = onetrainer_dora(tmp_path, conv=False)
+    per_row = tmp_path / "rows.safetensors"
+    rows = {k: torch.from_numpy(v).float() for k, v in t.items()}
+    rows[f"{STEM}.dora_scale"] = rows[f"{STEM}.dora_scale"].reshape(-1, 1)
+    save_file(rows, str(per_row))
+    codes = {f.code for f in validate_adapter(per_row, for_runtime="comfyui").findings}
+    assert "runtime-dora-axis" in codes
+    assert "runtime-dora-axis" not in {f.code for f in validate_adapter(per_column, for_runtime="comfyui").findings}
+    with pytest.raises(IncompatibleError, match="DoRA magnitudes per output row") as info:
+        convert(per_row, tmp_path / "c.safetensors", for_runtime="comfyui")
+    assert "--dora-to-lora" in (info.value.hint or "")
+    convert(per_column, tmp_path / "ok.safetensors", for_runtime="comfyui")
+    assert load_file(str(tmp_path / "ok.safetensors"))[f"{STEM}.dora_scale"].shape == (1, 12)
