@@ -124,6 +124,10 @@ class LycoModule:
             neither LoKr factor is decomposed), tucker; full/norm/bias deltas are unscaled.
         bias: an unscaled bias delta (`.diff_b`, `.b_norm`), or None.
         keys: the file's keys of this module, for messages.
+        magnitude: the DoRA magnitude (`.dora_scale`, LyCORIS weight_decompose) of a loha, lokr,
+            tucker or full module, or None: W' = m ⊙ (W + ΔW) / (‖W + ΔW‖ + eps) with the norm per
+            output row (dora_axis "out", LyCORIS wd_on_out=True) or per input column ("in").
+        dora_axis: the axis of the magnitude ("out" or "in").
     """
 
     name: str
@@ -133,6 +137,8 @@ class LycoModule:
     alpha_source: AlphaSource = "implied"
     bias: TensorRef | None = None
     keys: tuple[str, ...] = ()
+    magnitude: TensorRef | None = None
+    dora_axis: DoraAxis = "out"
 
     @property
     def rank(self) -> int:
@@ -225,10 +231,12 @@ class LycoModule:
         return short_name(self.name)
 
     def refs(self) -> list[tuple[str, TensorRef]]:
-        """Every tensor of the module with its role (bias included)."""
+        """Every tensor of the module with its role (bias and DoRA magnitude included)."""
         out = list(self.tensors.items())
         if self.bias is not None:
             out.append(("bias", self.bias))
+        if self.magnitude is not None:
+            out.append(("dora_scale", self.magnitude))
         return out
 
 
@@ -308,7 +316,9 @@ class Adapter:
 
     @property
     def dora(self) -> bool:
-        return any(m.magnitude is not None for m in self.modules.values())
+        """Any DoRA magnitude, on a LoRA module or a LyCORIS one."""
+        return (any(m.magnitude is not None for m in self.modules.values())
+                or any(m.magnitude is not None for m in self.lycoris.values()))
 
     @property
     def rslora(self) -> bool:

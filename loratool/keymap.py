@@ -108,9 +108,16 @@ def _prefix_variants(name: str) -> list[str]:
 
 
 def compatible(module: LoraModule | LycoModule, shape: tuple[int, ...]) -> bool:
-    """Whether the module's delta fits a base weight of `shape` (1x1 conv == linear)."""
+    """Whether the module's delta fits a base weight of `shape` (1x1 conv == linear), and its DoRA
+    magnitude the weight's rows or columns (a LyCORIS conv stored flattened shows its input channels
+    only through a per-column magnitude)."""
     if isinstance(module, LycoModule):
-        return module.algo == "bias" or module.fits(tuple(shape))
+        if module.algo == "bias":
+            return True
+        if module.magnitude is not None and (len(shape) < 2 or module.magnitude.numel != shape[
+                0 if module.dora_axis == "out" else 1]):
+            return False
+        return module.fits(tuple(shape))
     want = module.base_shape
     if tuple(shape) == want:
         return True
@@ -265,10 +272,9 @@ def plan_merge(
             mw = per_module.get(name, 1.0)
             if mw == 0.0:
                 continue  # --module-weights / --blocks weight 0: the module is left out
-            if isinstance(m, LycoModule):
-                if m.algo != "bias":  # a bias-only module matched its layer's weight for the bias key
-                    plan.deltas.setdefault(key, []).append(Contribution(m, w * mw, Path(str(where)), rows))
-            elif m.magnitude is not None:
+            if isinstance(m, LycoModule) and m.algo != "bias":  # a bias-only module: its layer's bias key only
+                plan.deltas.setdefault(key, []).append(Contribution(m, w * mw, Path(str(where)), rows))
+            if m.magnitude is not None:
                 if unmerge:
                     raise IncompatibleError(
                         f"{where}: module '{name}' is DoRA; unmerging DoRA needs the pre-merge weight norm",
@@ -276,6 +282,9 @@ def plan_merge(
                     )
                 if m.kind == "embedding":
                     raise IncompatibleError(f"{where}: module '{name}': DoRA on an embedding is not supported")
+                if rows is not None:  # families/layout.py moves DoRA modules by name only; never a part
+                    raise IncompatibleError(f"{where}: DoRA module '{name}' would cover only rows {rows[0]}:{rows[1]} "
+                                            f"of '{key}'; its norm is of the whole weight")
             if isinstance(m, LoraModule):
                 plan.deltas.setdefault(key, []).append(Contribution(m, w * mw, Path(str(where)), rows))
             if m.bias is not None:
@@ -308,8 +317,7 @@ def plan_merge(
                 raise IncompatibleError(f"{where}: '{hits[0]}' is replaced by saved tensors of two adapters")
             plan.replacements[hits[0]] = ref
     for key, contribs in plan.deltas.items():
-        if len(contribs) > 1 and any(isinstance(c.module, LoraModule) and c.module.magnitude is not None
-                                     for c in contribs):
+        if len(contribs) > 1 and any(c.module.magnitude is not None for c in contribs):
             raise IncompatibleError(
                 f"base tensor '{key}' is targeted by {len(contribs)} adapters and at least one is DoRA; "
                 "the normalised sum is not well defined",

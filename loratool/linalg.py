@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     import torch
 
-    from loratool.adapter import LoraModule, LycoModule
+    from loratool.adapter import DoraAxis, LoraModule, LycoModule
 
 RANK_METHODS: tuple[str, ...] = ("sv_ratio", "sv_fro", "sv_cumulative", "max_error")
 
@@ -648,8 +648,9 @@ def merged_tensor(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(W, W', acc = Σ w_i ΔW_i or None), float32 on `device`, for one base tensor.
 
-    W' = W + acc (W − acc with unmerge); with a DoRA term, W' = m / ||W + acc||_row · (W + acc),
-    the norm per output row (PEFT's convention). `terms` are (module, weight) pairs, or (module,
+    W' = W + acc (W − acc with unmerge); with a DoRA term (a LoRA or LyCORIS module with a
+    magnitude), W' = m ⊙ (W + acc) / ‖W + acc‖, the norm per output row or per input column
+    (dora_normalise). `terms` are (module, weight) pairs, or (module,
     weight, rows): the delta then covers rows start:stop of W only (one part of a fused weight,
     families/layout.py), and only those rows are computed; with `bias` the deltas are the modules'
     lora_B biases (scale · bias).
@@ -662,11 +663,13 @@ def merged_tensor(
     import torch
 
     sign = -1.0 if unmerge else 1.0
-    from loratool.adapter import LycoModule
+    from loratool.adapter import LoraModule, LycoModule
 
     spans = [t[2] if len(t) > 2 else None for t in terms]  # type: ignore[misc]
     pairs = [(t[0], t[1]) for t in terms]
-    dora = [m for m, _ in pairs if not isinstance(m, LycoModule) and m.magnitude is not None and not bias]
+    dora = [m for m, _ in pairs if m.magnitude is not None and not bias]
+    if dora and (len(pairs) > 1 or spans[0] is not None):  # keymap.plan_merge refuses these first
+        raise ValueError(f"{dora[0].name}: a DoRA module must be the only delta of its whole base tensor")
     if not (dora or bias or keep_delta):
         work = work if work is not None else Workspace()
         w = work.get("w", stored.shape, torch.float32, device).copy_(stored)  # widened exactly
@@ -710,12 +713,54 @@ def merged_tensor(
     if dora:
         m = dora[0]
         assert m.magnitude is not None
-        rows = new.T if m.fan_in_fan_out else new  # (out, ...)
-        norm = rows.reshape(rows.shape[0], -1).norm(p=2, dim=1)  # per output row, as peft
-        factor = m.magnitude.load().to(device=device, dtype=torch.float32).reshape(-1) / norm
-        rows = rows * factor.reshape(-1, *([1] * (rows.dim() - 1)))
-        new = rows.T if m.fan_in_fan_out else rows
+        fan_in_fan_out = isinstance(m, LoraModule) and m.fan_in_fan_out
+        rows = new.T if fan_in_fan_out else new  # (out, in, ...)
+        rows = dora_normalise(rows, m.magnitude.load().to(device=device), m.dora_axis, eps=dora_eps(m))
+        new = rows.T if fan_in_fan_out else rows
     return w, new, acc
+
+
+def dora_eps(module: LoraModule | LycoModule) -> float:
+    """What the DoRA weight norm gets added before dividing, as the tools that write the module add it.
+
+    LyCORIS LoHa / LoKr / LoCon (lycoris/functional/general.py `_weight_decompose`) and OneTrainer's
+    LoKr add float32's eps (1.19e-7); PEFT (tuners/lora/dora.py), ComfyUI (weight_adapter/base.py
+    `weight_decompose`) and OneTrainer's DoRA (norm_epsilon off by default) add nothing. A LoRA
+    pair with a magnitude (PEFT, kohya `.dora_scale`) gets 0; a LyCORIS module gets eps. The two
+    differ by eps / ‖row‖ relative, below float32 rounding for any norm above 1.
+    """
+    import torch
+
+    from loratool.adapter import LycoModule
+
+    return float(torch.finfo(torch.float32).eps) if isinstance(module, LycoModule) else 0.0
+
+
+def dora_normalise(merged: torch.Tensor, magnitude: torch.Tensor, axis: DoraAxis, *, eps: float = 0.0
+                   ) -> torch.Tensor:
+    """DoRA: m ⊙ V / (‖V‖ + eps) for the merged weight V = W + ΔW in the base layout (out, in, *k), float32.
+
+    axis "out": one magnitude per output row, the norm over (in, *k) (PEFT, LyCORIS wd_on_out=True);
+    "in": one per input column, the norm over (out, *k) (LyCORIS wd_on_out=False, OneTrainer DoRA,
+    ComfyUI): for a conv, each input channel's norm runs over every output channel and kernel tap,
+    as LyCORIS computes it (transpose(0, 1) then flatten). `magnitude` holds out (resp. in) values
+    in any shape ((out,), (out, 1, ..), (1, in, ..)). The norm is of V itself, not detached
+    or cached: the merged weight, not a training step.
+    """
+    import torch
+
+    v = merged.to(torch.float32)
+    mag = magnitude.to(device=v.device, dtype=torch.float32).reshape(-1)
+    lead = 0 if axis == "out" else 1
+    if lead == 0:
+        norm = v.reshape(v.shape[0], -1).norm(p=2, dim=1)  # (out,): each row over (in, *k), as peft
+    else:  # (in,): each column over (out, *k), without a transposed copy of the weight
+        norm = torch.linalg.vector_norm(v, ord=2, dim=[d for d in range(v.dim()) if d != 1])
+    if eps:
+        norm = norm + eps
+    shape = [1] * v.dim()
+    shape[lead] = v.shape[lead]
+    return v * (mag / norm).reshape(shape)
 
 
 @dataclass
@@ -1092,16 +1137,19 @@ def bake_scale(up: torch.Tensor, factor: float) -> tuple[torch.Tensor, bool]:
 
 
 def dora_as_lora(
-    w: torch.Tensor, up: torch.Tensor, down: torch.Tensor, scale: float, magnitude: torch.Tensor, rank: int
+    w: torch.Tensor, up: torch.Tensor, down: torch.Tensor, scale: float, magnitude: torch.Tensor, rank: int,
+    axis: DoraAxis = "out",
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The best rank-`rank` plain LoRA for a DoRA module on base weight `w` (an approximation).
 
     DoRA's merged weight is W' = diag(g)·(W + s·up@down) with g = m / ||W + s·up@down||_row (per
-    output row, peft's convention), so W' − W = diag(g)·s·up@down + diag(g − 1)·W: the second term is
-    full rank unless g = 1. Its best rank-k factors come from the SVD of the dense difference.
+    output row, peft's convention; per input column the diagonal scales columns instead), so
+    W' − W = diag(g)·s·up@down + diag(g − 1)·W: the second term is full rank unless g = 1. Its best
+    rank-k factors come from the SVD of the dense difference.
 
     Args:
-        w: the base weight as (out, in·k), float32. up (out, r), down (r, in·k); magnitude (out,).
+        w: the base weight, float32, as stored ((out, in) or a conv's (out, in, kh, kw)).
+            up (out, r), down (r, in·k); magnitude: out values (axis "out") or in values ("in").
 
     Returns:
         up (out, k), down (k, in·k) with scale 1, and the relative Frobenius error
@@ -1109,9 +1157,9 @@ def dora_as_lora(
     """
     import torch
 
-    merged = w + scale * (up.to(torch.float32) @ down.to(torch.float32))  # (out, r) @ (r, in) -> (out, in)
-    g = magnitude.to(torch.float32).reshape(-1) / merged.norm(p=2, dim=1)
-    diff = merged * g[:, None] - w
+    flat = w.reshape(w.shape[0], -1)
+    merged = flat + scale * (up.to(torch.float32) @ down.to(torch.float32))  # (out, r) @ (r, in·k) -> (out, in·k)
+    diff = dora_normalise(merged.reshape(w.shape), magnitude, axis).reshape(flat.shape) - flat
     new_up, new_down, s = truncate_dense(diff, rank)
     total = float((s.double() ** 2).sum())
     kept = float((s[: new_up.shape[1]].double() ** 2).sum())

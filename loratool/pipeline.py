@@ -11,11 +11,13 @@ module only moves bytes.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,23 @@ Cast = Callable[["torch.Tensor", str], "torch.Tensor"]
 Compute = Callable[[TensorInfo, "torch.Tensor | None", Cast], "torch.Tensor | dict[str, torch.Tensor] | None"]
 # out_entry(info) -> (dtype, shape) written for this tensor, or None to leave it out
 OutEntry = Callable[[TensorInfo], "tuple[str, tuple[int, ...]] | None"]
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while files stream, back on (as it was) afterwards.
+
+    The per-block tensor objects of a merge trigger collections that walk every object the torch
+    import created (a few percent of a merge's CPU time); the pipeline makes no reference cycles
+    worth collecting meanwhile.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def read_range(fd: int, start: int, n: int, into: bytearray | None = None) -> bytearray | memoryview:

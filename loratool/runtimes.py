@@ -41,6 +41,9 @@ class Runtime:
         rank_settings: the values the runtime's max-rank server option takes (vLLM), for the hint.
         dora: DoRA magnitudes are applied (False: refused or ignored, see dora_refused).
         dora_refused: a DoRA adapter is refused at load (True) or its magnitudes silently dropped (False).
+        dora_axes: with dora, the magnitude axes the runtime applies as DoRA means them ("out": one
+            value per output row, "in": per input column); a magnitude on another axis loads but is
+            applied wrongly.
         modules_to_save: full replacement tensors (PEFT modules_to_save) are loaded.
         embeddings: LoRA on embedding layers is loaded.
         bias: LoRA bias deltas (PEFT lora_bias) are loaded.
@@ -60,6 +63,7 @@ class Runtime:
     rank_settings: tuple[int, ...] = ()
     dora: bool = False
     dora_refused: bool = True
+    dora_axes: tuple[str, ...] = ("out",)
     modules_to_save: bool = False
     embeddings: bool = True
     bias: bool = False
@@ -170,12 +174,16 @@ RUNTIMES: dict[str, Runtime] = {
             one_rank=False,
             max_rank=None,
             dora=True,
+            dora_axes=("in",),
             modules_to_save=False,
             embeddings=False,
             bias=False,
             conv=True,
             notes="alpha only from .alpha tensors (scale alpha / rank); alpha kept in header metadata is "
-            "ignored (ComfyUI PR #15830); DoRA dora_scale is normalised per input column",
+            "ignored (ComfyUI PR #15830); DoRA dora_scale is normalised per input column (comfy/weight_adapter/"
+            "base.py weight_decompose): a per-output-row (out, 1) magnitude is divided by the norm of W, not "
+            "of W + ΔW, in versions that tell the axis from the shape (ComfyUI PR #15458, open), and by the "
+            "column norms in older ones",
         ),
     )
 }

@@ -557,11 +557,125 @@ def _header_bytes(
     return struct.pack("<Q", len(raw)) + raw
 
 
+# Files at least this large are written with O_DIRECT where the filesystem allows it: the bytes go
+# from one reused, page-aligned staging buffer to the disk, without a copy into freshly allocated
+# page-cache pages (on a VM that returns freed pages to its host, that copy cost a merge of a 2.2 GB
+# model over 5 s of CPU time; see docs/benchmarks.md). LORATOOL_DIRECT_IO=0 turns it off.
+DIRECT_MIN_BYTES = 256 << 20
+_STAGE_BYTES = 16 << 20  # a multiple of every block size O_DIRECT asks for alignment to
+_ALIGN = 4096
+
+
+class _DirectSink:
+    """Appends bytes to a file through O_DIRECT in whole, aligned staging chunks.
+
+    The last chunk is written padded to the alignment; the owner truncates the file to its real
+    size afterwards. Where the filesystem refuses O_DIRECT (tmpfs on older kernels, FUSE, an
+    alignment it does not accept), the first write fails with EINVAL and every byte goes through
+    `fallback_fd` (a buffered descriptor of the same file) from then on.
+    """
+
+    def __init__(self, fd: int, fallback_fd: int) -> None:
+        import mmap
+
+        self.fd: int | None = fd
+        self.fallback_fd = fallback_fd
+        self.stage = mmap.mmap(-1, _STAGE_BYTES)  # anonymous maps are page-aligned
+        self.view = memoryview(self.stage)
+        self.filled = 0
+        self.flushed = 0  # file offset of the staging buffer's first byte
+
+    @classmethod
+    def open(cls, path: Path, fallback_fd: int) -> _DirectSink | None:
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag or os.environ.get("LORATOOL_DIRECT_IO", "1") == "0":
+            return None
+        try:
+            fd = os.open(path, os.O_WRONLY | flag)
+        except OSError:
+            return None
+        return cls(fd, fallback_fd)
+
+    @property
+    def position(self) -> int:
+        return self.flushed + self.filled
+
+    def put(self, data: memoryview) -> None:
+        while data:
+            n = min(len(data), _STAGE_BYTES - self.filled)
+            self.view[self.filled:self.filled + n] = data[:n]
+            self.filled += n
+            data = data[n:]
+            if self.filled == _STAGE_BYTES:
+                self._flush_full()
+
+    def put_zeros(self, n: int) -> None:
+        while n:
+            k = min(n, _STAGE_BYTES - self.filled)
+            self.view[self.filled:self.filled + k] = bytes(k)
+            self.filled += k
+            n -= k
+            if self.filled == _STAGE_BYTES:
+                self._flush_full()
+
+    def put_from(self, src_fd: int, offset: int, nbytes: int) -> None:
+        """nbytes of another file from offset, read straight into the staging buffer."""
+        done = 0
+        while done < nbytes:
+            k = min(nbytes - done, _STAGE_BYTES - self.filled)
+            got = os.preadv(src_fd, [self.view[self.filled:self.filled + k]], offset + done)
+            if got == 0:
+                raise ended_early(src_fd, offset + done)
+            self.filled += got
+            done += got
+            if self.filled == _STAGE_BYTES:
+                self._flush_full()
+
+    def _flush_full(self) -> None:
+        self._flush(_STAGE_BYTES)
+        self.flushed += _STAGE_BYTES
+        self.filled = 0
+
+    def _flush(self, length: int) -> None:
+        """Write the first `length` staged bytes (a multiple of the alignment) at self.flushed."""
+        done = 0
+        while done < length:
+            if self.fd is not None:
+                try:
+                    done += os.pwrite(self.fd, self.view[done:length], self.flushed + done)
+                    continue
+                except OSError as e:
+                    if e.errno != errno.EINVAL or done:
+                        raise
+                    os.close(self.fd)  # O_DIRECT not accepted here: buffered from now on
+                    self.fd = None
+            done += os.pwrite(self.fallback_fd, self.view[done:length], self.flushed + done)
+
+    def finish(self) -> int:
+        """Write what is staged (padded to the alignment); the file's real size is returned."""
+        size = self.position
+        if self.filled:
+            pad = -self.filled % _ALIGN
+            self.view[self.filled:self.filled + pad] = bytes(pad)
+            self._flush(self.filled + pad)
+            self.flushed, self.filled = size, 0
+        return size
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.view.release()
+        self.stage.close()
+
+
 class StreamingWriter:
     """Writes a safetensors file one tensor at a time: header first, then bytes in `entries` order.
 
     Peak memory is one tensor: the layout (keys, dtypes, shapes) is known before any data.
     `header_order` lists the keys in the order the JSON header should show them (default: entries).
+    A file of DIRECT_MIN_BYTES or more bypasses the page cache (O_DIRECT through a staging buffer,
+    see _DirectSink); `write_at` and `patch_header` are then applied when the file is closed.
     """
 
     def __init__(
@@ -576,9 +690,18 @@ class StreamingWriter:
         self._next = 0
         self._header = _header_bytes(entries, metadata or {}, header_order)
         self._reserved: dict[str, tuple[int, str, tuple[int, ...]]] = {}  # key -> (file offset, dtype, shape)
+        self._deferred: list[tuple[int, bytes]] = []  # (offset, bytes) written at close (direct mode)
         # unbuffered: raw writes and copy_file_range share one file offset
         self._f = open(self.path, "wb", buffering=0)  # noqa: SIM115 - closed by close()/abort()
-        _write_all(self._f.fileno(), self._header)
+        total = len(self._header) + sum(math.prod(shape) * ITEMSIZE[dtype] for _, dtype, shape in entries)
+        self._direct = _DirectSink.open(self.path, self._f.fileno()) if total >= DIRECT_MIN_BYTES else None
+        self._put(memoryview(self._header))
+
+    def _put(self, data: memoryview) -> None:
+        if self._direct is not None:
+            self._direct.put(data)
+        else:
+            _write_all(self._f.fileno(), data)
 
     def _expect(self, key: str, nbytes: int) -> None:
         exp_key, exp_dtype, exp_shape = self._entries[self._next]
@@ -595,7 +718,7 @@ class StreamingWriter:
             )
         if tensor.numel():
             t = tensor.detach().to("cpu").contiguous().reshape(-1).view(_torch().uint8)
-            _write_all(self._f.fileno(), memoryview(t.numpy()))  # type: ignore[arg-type]
+            self._put(memoryview(t.numpy()).cast("B"))  # type: ignore[arg-type]
         self._next += 1
 
     def reserve(self, key: str) -> None:
@@ -604,7 +727,11 @@ class StreamingWriter:
         if key != exp_key:
             raise ValueError(f"writer expected {exp_key}, got {key} to reserve")
         n = math.prod(exp_shape) * ITEMSIZE[exp_dtype]
-        offset = os.lseek(self._f.fileno(), n, os.SEEK_CUR) - n
+        if self._direct is not None:
+            offset = self._direct.position
+            self._direct.put_zeros(n)
+        else:
+            offset = os.lseek(self._f.fileno(), n, os.SEEK_CUR) - n
         self._reserved[key] = (offset, exp_dtype, exp_shape)
         self._next += 1
 
@@ -616,13 +743,24 @@ class StreamingWriter:
             raise ValueError(f"writer expected {key} {exp_dtype} {exp_shape}, got {got_dtype} {tuple(tensor.shape)}")
         if tensor.numel():
             raw = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(_torch().uint8).numpy())  # type: ignore[arg-type]
-            done = 0
-            while done < len(raw):
-                done += os.pwrite(self._f.fileno(), raw[done:], offset + done)
+            self._pwrite(offset, raw)
+
+    def _pwrite(self, offset: int, raw: memoryview | bytes) -> None:
+        if self._direct is not None:  # bytes staged or sent with O_DIRECT may cover this range: at close
+            self._deferred.append((offset, bytes(raw)))
+            return
+        view = memoryview(raw).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._f.fileno(), view[done:], offset + done)
 
     def copy_range(self, key: str, src_fd: int, offset: int, nbytes: int) -> None:
         """Append `nbytes` of another file from `offset`, in the kernel where it can (no user copy)."""
         self._expect(key, nbytes)
+        if self._direct is not None:
+            self._direct.put_from(src_fd, offset, nbytes)
+            self._next += 1
+            return
         dst = self._f.fileno()
         done = 0
         try:
@@ -648,18 +786,29 @@ class StreamingWriter:
         if len(old) != len(new) or self._header.count(old) != 1:
             raise ValueError("header placeholder must occur once and keep its length")
         pos = self._header.index(old)
-        os.pwrite(self._f.fileno(), new, pos)
+        self._pwrite(pos, new)
         self._header = self._header.replace(old, new)
 
     def close(self) -> None:
         if self._next != len(self._entries) or self._reserved:
-            self._f.close()
+            self.abort()
             raise ValueError(f"writer closed after {self._next} of {len(self._entries)} tensors"
                              + (f", {sorted(self._reserved)} never written" if self._reserved else ""))
+        if self._direct is not None:
+            size = self._direct.finish()
+            self._direct.close()
+            self._direct = None
+            os.ftruncate(self._f.fileno(), size)  # the last chunk was written padded
+            for offset, raw in self._deferred:
+                self._pwrite(offset, raw)
+            self._deferred.clear()
         os.fsync(self._f.fileno())
         self._f.close()
 
     def abort(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
         self._f.close()
 
 

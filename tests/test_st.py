@@ -160,6 +160,78 @@ def test_streaming_writer_layout_order_copy_and_patch(tmp_path):
     assert torch.equal(back["a.big"], big) and torch.equal(back["z.small"], small)
 
 
+def _write_mixed(path: Path, src: Path) -> dict[str, torch.Tensor]:
+    """Every writer operation, with sizes that cross staging chunks and end off the alignment."""
+    gen = torch.Generator().manual_seed(1)
+    tensors = {
+        "a": torch.randn(3000, generator=gen),  # 12000 bytes: crosses an 8 KiB chunk
+        "b.scales": torch.randn(5, generator=gen),  # reserved, filled after "c"
+        "c": torch.randn(777, generator=gen).to(torch.bfloat16),
+        "d.copied": torch.arange(2500, dtype=torch.float32),
+        "e": torch.randn(3, generator=gen).half(),  # ends the file off the 4 KiB alignment
+    }
+    save_file({"d.copied": tensors["d.copied"]}, str(src))
+    info = st.read_header(src).tensors["d.copied"]
+    entries = [(k, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for k, t in tensors.items()]
+    placeholder = "0" * 64
+    w = st.StreamingWriter(path, entries, {"sha": placeholder})
+    w.write("a", tensors["a"])
+    w.reserve("b.scales")
+    w.write("c", tensors["c"])
+    w.write_at("b.scales", tensors["b.scales"])
+    with open(src, "rb") as f:
+        w.copy_range("d.copied", f.fileno(), info.start, info.nbytes)
+    w.write("e", tensors["e"])
+    w.patch_header(placeholder, "f" * 64)
+    w.close()
+    return tensors
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["direct", "direct-refused"])
+def test_streaming_writer_direct_io_writes_the_same_bytes(tmp_path, monkeypatch, refuse):
+    """Large files bypass the page cache (O_DIRECT via an aligned staging buffer); the bytes are the
+    buffered writer's, whatever the chunking, and a filesystem that refuses O_DIRECT (EINVAL) gets
+    them through the buffered descriptor."""
+    import os
+
+    buffered = tmp_path / "buffered.safetensors"
+    expected = _write_mixed(buffered, tmp_path / "src1.safetensors")
+    monkeypatch.setattr(st, "DIRECT_MIN_BYTES", 0)
+    monkeypatch.setattr(st, "_STAGE_BYTES", 8192)
+    opened: list[st._DirectSink] = []
+    real_open, real_pwrite = st._DirectSink.open.__func__, os.pwrite  # type: ignore[attr-defined]
+
+    def spy_open(cls, path, fallback_fd):
+        sink = real_open(cls, path, fallback_fd)
+        opened.append(sink)
+        return sink
+
+    def pwrite(fd, data, offset):
+        if refuse and any(s.fd == fd for s in opened if s is not None):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(st._DirectSink, "open", classmethod(spy_open))
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    direct = tmp_path / "direct.safetensors"
+    _write_mixed(direct, tmp_path / "src2.safetensors")
+    assert len(opened) == 1  # (None where the filesystem cannot open with O_DIRECT: buffered then)
+    assert direct.read_bytes() == buffered.read_bytes()
+    back = load_file(str(direct))
+    assert all(torch.equal(back[k], t) for k, t in expected.items())
+    assert st.read_header(direct).metadata == {"sha": "f" * 64}
+
+
+def test_streaming_writer_direct_io_off_by_environment(tmp_path, monkeypatch):
+    monkeypatch.setattr(st, "DIRECT_MIN_BYTES", 0)
+    monkeypatch.setenv("LORATOOL_DIRECT_IO", "0")
+    w = st.StreamingWriter(tmp_path / "o.safetensors", [("a", "float32", (2,))])
+    assert w._direct is None
+    w.write("a", torch.ones(2))
+    w.close()
+    assert torch.equal(load_file(str(tmp_path / "o.safetensors"))["a"], torch.ones(2))
+
+
 def test_streaming_writer_refuses_what_its_layout_did_not_announce(tmp_path):
     w = st.StreamingWriter(tmp_path / "o.safetensors", [("a", "float32", (2,)), ("b", "float32", (1,))])
     with pytest.raises(ValueError, match="expected a float32"):

@@ -183,15 +183,19 @@ def test_resize_to_a_lower_rank(tmp_path: Path, name: str) -> None:
     src = write_layout(lay, tmp_path)
     if lay.lycoris:
         out = tmp_path / "lora.safetensors"
+        if "dora" in name:  # a LoHa with a DoRA magnitude is no plain LoRA: refused, with a hint to merge
+            with pytest.raises(IncompatibleError, match="weight decomposition"):
+                convert(src, out, to="lora")
+            return
         convert(src, out, to="lora")
         src = out
     out = tmp_path / ("small" if lay.config is not None else "small.safetensors")
-    if name == "onetrainer_flux_dora":  # per-input-column DoRA magnitudes: a clear refusal, not a wrong resize
-        with pytest.raises(IncompatibleError, match="one magnitude per input column"):
-            resize(src, out, rank=2)
-        return
     report = resize(src, out, rank=2)
     a = read(out)
+    if name == "onetrainer_flux_dora":  # per-input-column DoRA magnitudes: kept as they are, (1, in)
+        mags = {k: v for k, v in raw_tensors(src).items() if k.endswith(".dora_scale")}
+        assert mags and all(torch.equal(raw_tensors(out)[k], v) for k, v in mags.items())
+        assert {m.dora_axis for m in a.modules.values()} == {"in"}
     assert len(a.modules) + len(a.lycoris) == lay.modules  # full diffs (.diff) stay as they are
     def diffs(p: Path) -> dict[str, torch.Tensor]:  # dialect-free names: '_' for '.', no prefix
         return {k.replace(".", "_").removeprefix("lora_unet_").removeprefix("diffusion_model_"): v
@@ -403,6 +407,29 @@ def test_merge_lycoris_dora_into_an_sdxl_checkpoint(tmp_path: Path) -> None:
         m = raw[stem + ".dora_scale"].double().numpy()  # (out, 1)
         want = m * v / np.linalg.norm(v, axis=1, keepdims=True)
         np.testing.assert_allclose(got[keys[stem]].double().numpy(), want, rtol=1e-5, atol=1e-5, err_msg=stem)
+
+
+def test_merge_lycoris_loha_dora_per_input_column(tmp_path: Path) -> None:
+    """LyCORIS LoHa with DoRA, wd_on_out=False: W' = dora_scale · V / (||V||_column + eps), V = W + ΔW,
+    ΔW = (w1a w1b) ⊙ (w2a w2b) · alpha / r, eps = float32's (lycoris/functional/general.py)."""
+    lay = LAYOUTS["lycoris_loha_dora_sdxl"]
+    src = write_layout(lay, tmp_path)
+    raw = {k: v.double().numpy() for k, v in raw_tensors(src).items()}
+    stems = sorted({k.rsplit(".", 1)[0] for k in raw})
+    keys = {s: "model.diffusion_model." + s.removeprefix("lora_unet_")
+            .replace("input_blocks_4_1_transformer_blocks_0_", "input_blocks.4.1.transformer_blocks.0.")
+            .replace("attn1_to_", "attn1.to_").replace("ff_net_2", "ff.net.2") + ".weight" for s in stems}
+    shapes = {keys[s]: (raw[s + ".hada_w1_a"].shape[0], raw[s + ".hada_w1_b"].shape[1]) for s in stems}
+    base, w = _base(tmp_path, shapes)
+    out = tmp_path / "merged.safetensors"
+    merge(base, [src], out)
+    got = load_file(out)
+    for s in stems:
+        r = raw[s + ".hada_w1_b"].shape[0]
+        d = (raw[s + ".hada_w1_a"] @ raw[s + ".hada_w1_b"]) * (raw[s + ".hada_w2_a"] @ raw[s + ".hada_w2_b"])
+        v = w[keys[s]].double().numpy() + d * float(raw[s + ".alpha"]) / r
+        want = raw[s + ".dora_scale"] * v / (np.linalg.norm(v, axis=0, keepdims=True) + np.finfo(np.float32).eps)
+        np.testing.assert_allclose(got[keys[s]].double().numpy(), want, rtol=1e-5, atol=1e-5, err_msg=s)
 
 
 @pytest.mark.parametrize(("name", "prefixes"), [

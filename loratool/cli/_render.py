@@ -218,7 +218,7 @@ def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool, only: 
     axes = doc.get("dora_axes") or {}
     dora = _yes(doc["dora"])
     if axes.get("in"):
-        dora += f" ({axes['in']} with a magnitude per input column: operations refuse them)"
+        dora += f" ({axes['in']} with a magnitude per input column; merge applies them)"
     t.add_row("DoRA", dora)
     t.add_row("fan_in_fan_out", _yes(doc["fan_in_fan_out"]))
     t.add_row("kinds", _counts(doc["kinds"]) or "-")

@@ -201,19 +201,24 @@ def _check_duplicates(adapter: Adapter, findings: Findings) -> None:
         seen[norm] = name
 
 
-def require_plain(adapter: Adapter, op: str, *, lycoris: bool = False, diffs: bool = False) -> None:
+def require_plain(adapter: Adapter, op: str, *, lycoris: bool = False, diffs: bool = False,
+                  dora: bool = False) -> None:
     """Operations refuse adapters that hold tensors they would silently drop.
 
     lycoris: the operation handles LyCORIS modules (merge, convert); else they are refused too.
     diffs: the operation passes full / norm / bias diffs through unchanged (resize).
+    dora: the operation applies DoRA on either axis and on LyCORIS modules (merge, verify); else
+        per-input-column DoRA is left to the writer's check (check_writable: only kohya-style files
+        hold it) and a LyCORIS module with a magnitude is refused.
     """
-    per_column = [m.name for m in adapter.modules.values() if m.magnitude is not None and m.dora_axis == "in"]
-    if per_column:
+    weight_decomposed = [n for n, m in adapter.lycoris.items() if m.magnitude is not None]
+    if weight_decomposed and not dora:
+        m = adapter.lycoris[weight_decomposed[0]]
         raise IncompatibleError(
-            f"{adapter.path}: module '{per_column[0]}' is DoRA with one magnitude per input column "
-            f"(LyCORIS wd_on_out=False / OneTrainer; {len(per_column)} such module(s)); {op} supports only "
-            "per-output-row DoRA (PEFT, LyCORIS wd_on_out=True)",
-            hint=f"loratool inspect {adapter.path} shows it; re-train or re-export with per-output-row DoRA",
+            f"{adapter.path}: module '{m.name}' is {LYCO_NAMES[m.algo]} with DoRA weight decomposition "
+            f"(.dora_scale; {len(weight_decomposed)} such module(s)); {op} cannot keep it: no format loratool "
+            "writes holds it, and without its magnitude it is not the same adapter",
+            hint=f"merge it into its base model instead: loratool merge BASE {adapter.path} -o OUT",
         )
     refused = {n: m for n, m in adapter.lycoris.items() if not (diffs and m.algo in ("full", "norm", "bias"))}
     if refused and not lycoris:

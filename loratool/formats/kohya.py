@@ -281,7 +281,9 @@ def state_dict(adapter: Adapter, stem_of: Any = None) -> dict[str, Any]:
         out[stem + ".alpha"] = torch.tensor(alpha, dtype=torch.float32)
         if m.magnitude is not None:
             mag = m.magnitude.load()
-            out[stem + ".dora_scale"] = mag.reshape(m.out_features, *([1] * (len(m.up.shape) - 1)))
+            ones = [1] * (len(m.up.shape) - 2)  # (out, 1[, 1, 1]) per output row; (1, in[, 1, 1]) per input column
+            out[stem + ".dora_scale"] = (mag.reshape(m.out_features, 1, *ones) if m.dora_axis == "out"
+                                         else mag.reshape(1, m.in_features, *ones))
         if m.bias is not None:  # ComfyUI's .diff_b: the bias delta as it is added (unscaled)
             bias = m.bias.load()
             out[stem + ".diff_b"] = bias if m.bias_scale == 1.0 else (bias.float() * m.bias_scale).to(bias.dtype)
@@ -370,7 +372,7 @@ FORMAT = Format(
     name="kohya",
     summary="kohya sd-scripts .safetensors (lora_down / lora_up / alpha per module)",
     naming="stem",
-    capabilities=Capabilities(bias=True, dora=True, diffs=True),  # bias: `.diff_b`; dora: `.dora_scale`
+    capabilities=Capabilities(bias=True, dora=True, dora_in=True, diffs=True),  # `.diff_b`; `.dora_scale` either axis
     detect=lambda keys: 2 if looks_like(keys) else 0,
     read_file=from_tensors,
     write=write,
@@ -384,7 +386,7 @@ COMFYUI_FORMAT = Format(
     summary="ComfyUI / BFL single-file names (diffusion_model.<path>.lora_down / lora_up / alpha)",
     naming="path",
     capabilities=Capabilities(bias=True, extras=False, fan_in_fan_out=False, embedding=False, conv=True, dora=True,
-                              dora_axis="out", per_module_alpha=True, metadata=True, directory=False, diffs=True),
+                              dora_in=True, per_module_alpha=True, metadata=True, directory=False, diffs=True),
     detect=None,
     read_file=from_tensors,
     write=write_comfyui,

@@ -11,16 +11,19 @@ writes them:
     full   .diff [.diff_b]          norm   .w_norm [.b_norm]           bias only   .diff_b
 
 `.diff_b` beside a plain `.lora_down/.lora_up` pair is that LoRA's unscaled bias delta (ComfyUI's
-reading); the kohya reader keeps it on the LoraModule. A module with `.dora_scale` (weight
-decomposition) is not interpreted: its keys stay "unsupported" and operations refuse them.
+reading); the kohya reader keeps it on the LoraModule. `.dora_scale` beside a LoHa, LoKr, Tucker
+LoCon or full module is its DoRA magnitude (LyCORIS weight_decompose; OneTrainer's LoKr), one value
+per output row, `(out, 1, ...)` (wd_on_out=True, the default), or per input column, `(1, in, ...)`
+(wd_on_out=False): the shape decides. Beside a norm diff or a bias diff alone it means nothing
+known: those keys stay "unsupported" and operations refuse them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from loratool.adapter import LycoAlgo, LycoModule
-from loratool.formats._common import Findings, alpha_missing
+from loratool.adapter import DoraAxis, LycoAlgo, LycoModule
+from loratool.formats._common import Findings, alpha_missing, magnitude_axis
 from loratool.st import TensorRef
 
 # suffix -> (algo it belongs to, role); None algo: shared by several algos
@@ -69,7 +72,7 @@ def read_modules(
 ) -> tuple[dict[str, LycoModule], list[str]]:
     """Build the LycoModules named `names` from a file's tensors.
 
-    Returns the modules and the keys left uninterpreted (weight-decomposed modules).
+    Returns the modules and the keys left uninterpreted (a `.dora_scale` beside a norm or bias diff).
     """
     groups: dict[str, dict[str, tuple[str, TensorRef]]] = {}
     algos: dict[str, set[LycoAlgo]] = {}
@@ -92,8 +95,8 @@ def read_modules(
     for name, group in groups.items():
         keys = tuple(k for k, _ in group.values())
         found = algos.get(name, set())
-        if "dora" in group:
-            leftover.extend(keys)  # weight decomposition: reported as unsupported, refused by operations
+        if "dora" in group and not found & {"loha", "lokr", "tucker", "full"}:
+            leftover.extend(keys)  # a magnitude beside a norm / bias diff: no known meaning, refused by name
             continue
         if len(found) > 1:
             findings.error("bad-shape", name, f"{where}: module '{name}' mixes LyCORIS kinds "
@@ -103,6 +106,7 @@ def read_modules(
         refs = {role: ref for role, (_, ref) in group.items()}
         alpha_ref = refs.pop("alpha", None)
         bias = refs.pop("bias", None)
+        magnitude = refs.pop("dora", None)
         if algo == "tucker" and not {"down", "up"} <= set(refs):
             findings.error("missing-down" if "down" not in refs else "missing-up", name,
                            f"{where}: module '{name}' has a lora_mid tensor without lora_down/lora_up "
@@ -130,12 +134,35 @@ def read_modules(
             findings.error("bad-shape", name, f"{where}: module '{name}': bias diff has {bias.shape[0]} values "
                            f"but the weight delta has {module.out_features} outputs")
             continue
+        if magnitude is not None:
+            axis = _magnitude_axis(magnitude.shape, module.delta_shape)
+            if axis is None or not magnitude.dtype.startswith(("float", "bfloat")):
+                what = (f"has shape {magnitude.shape} but the weight delta is {module.delta_shape}" if axis is None
+                        else f"is {magnitude.dtype}, not floating point")
+                findings.error("bad-shape", name, f"{where}: module '{name}' ({algo}): DoRA magnitude (dora_scale) "
+                               f"{what}")
+                continue
+            module.magnitude, module.dora_axis = magnitude, axis
         if alpha is None and (algo in ("loha", "tucker") or (algo == "lokr" and module.rank)):
             implied.append(name)
             module.alpha = float(module.rank)
         modules[name] = module
     alpha_missing(findings, where, implied, ".alpha tensor")
     return modules, leftover
+
+
+def _magnitude_axis(shape: tuple[int, ...], delta: tuple[int, ...]) -> DoraAxis | None:
+    """The axis of a LyCORIS module's `.dora_scale` (formats._common.magnitude_axis), also for a conv
+    whose ΔW the file stores flattened to (out, in·kh·kw) (LoHa, LoKr): there a per-column magnitude
+    `(1, in, 1, 1)` gives the input channels, which the base weight confirms when merging
+    (keymap.compatible)."""
+    if len(delta) < 2:
+        return None
+    axis = magnitude_axis(shape, delta[0], delta[1])
+    if axis is None and len(delta) == 2 and len(shape) > 2 and shape[0] == 1 and shape[1] > 0 \
+            and delta[1] % shape[1] == 0 and all(d == 1 for d in shape[2:]):
+        return "in"
+    return axis
 
 
 def _shape_problem(algo: LycoAlgo, t: dict[str, TensorRef]) -> str | None:

@@ -42,8 +42,9 @@ class Capabilities:
         fan_in_fan_out: modules over (in, out)-stored weights (GPT-2 Conv1D).
         embedding: embedding-layer LoRA (`lora_embedding_A/B`).
         conv: conv modules (kernel factors (r, in, kh, kw)).
-        dora: DoRA magnitude vectors; dora_axis: the axis they are stored per ("out": one value per
-            output row, the PEFT convention and the canonical model's).
+        dora: DoRA magnitude vectors, one value per output row (the PEFT convention).
+        dora_in: DoRA magnitudes with one value per input column (LyCORIS wd_on_out=False,
+            OneTrainer): kohya-style `.dora_scale` of shape (1, in[, 1, 1]).
         per_module_alpha: each module its own alpha/scale (otherwise one alpha for the whole file).
         metadata: string metadata in the file (our provenance goes there).
         directory: the output is a directory (else one file).
@@ -58,7 +59,7 @@ class Capabilities:
     embedding: bool = False
     conv: bool = True
     dora: bool = False
-    dora_axis: Literal["out", "in"] = "out"
+    dora_in: bool = False
     per_module_alpha: bool = True
     metadata: bool = True
     directory: bool = False
@@ -166,7 +167,10 @@ def _module_needs(m: object) -> list[tuple[str, str]]:
         needs.append(("conv", "is a conv layer"))
     if m.fan_in_fan_out:
         needs.append(("fan_in_fan_out", "is a fan_in_fan_out (GPT-2 Conv1D) layer"))
-    if m.magnitude is not None:
+    if m.magnitude is not None and m.dora_axis == "in":
+        needs.append(("dora_in", "is DoRA with one magnitude per input column (LyCORIS wd_on_out=False, "
+                                 "OneTrainer)"))
+    elif m.magnitude is not None:
         needs.append(("dora", "is DoRA (it has a magnitude vector)"))
     return needs
 
@@ -201,6 +205,12 @@ def check_writable(adapter: Adapter, name: str, *, extras: bool = True) -> None:
                 subject, _, count = problems.get(capability, (f"module '{m.name}'", why, 0))
                 problems[capability] = (subject, why, count + 1)
     for lm in adapter.lycoris.values():
+        if lm.magnitude is not None:
+            raise IncompatibleError(
+                f"{where}module '{lm.name}' is a LyCORIS {lm.algo} module with DoRA weight decomposition "
+                "(.dora_scale), which no writer stores",
+                hint="merge it into its base model instead (loratool merge)",
+            )
         if lm.algo not in ("full", "norm", "bias"):
             raise IncompatibleError(
                 f"{where}module '{lm.name}' is a LyCORIS {lm.algo} module, which no writer stores as it is",

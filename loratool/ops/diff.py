@@ -156,6 +156,8 @@ def diff_module(ma: LoraModule, mb: LoraModule, *, device: str = "cpu") -> Modul
         differences.append("kind")
     if (ma.magnitude is None) != (mb.magnitude is None):
         differences.append("dora")
+    elif ma.magnitude is not None and ma.dora_axis != mb.dora_axis:  # a square layer: same count, other axis
+        differences.append("dora_axis")
     elif ma.magnitude is not None and mb.magnitude is not None and not _same_values(ma.magnitude, mb.magnitude):
         differences.append("magnitude")
     if (ma.bias is None) != (mb.bias is None) or (

@@ -94,11 +94,14 @@ class InspectReport:
                 "alpha_source": m.alpha_source,
                 "scale": m.scale,
                 "bias": m.bias is not None,
+                "dora": m.magnitude is not None,
+                "dora_axis": m.dora_axis if m.magnitude is not None else None,
                 "dtype": m.dtype,
                 "tensors": {role: list(ref.shape) for role, ref in m.refs()},
             }
             for m in a.lycoris.values()
         ]
+        summary = self.summary()
         return {
             "schema": SCHEMA,
             "format": a.source_format,
@@ -110,7 +113,9 @@ class InspectReport:
             "fan_in_fan_out": a.fan_in_fan_out,
             "rslora": a.rslora,
             "dora": a.dora,
-            **self.summary(),
+            **summary,
+            "dora_axes": dict((Counter(summary["dora_axes"]) + Counter(
+                m.dora_axis for m in a.lycoris.values() if m.magnitude is not None)).most_common()),
             "metadata": dict(a.metadata),
             "config": a.config or None,
             "extras": [{"name": k, "shape": list(t.shape), "dtype": t.dtype} for k, t in a.extras.items()],

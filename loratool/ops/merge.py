@@ -31,7 +31,7 @@ from loratool.errors import IncompatibleError
 from loratool.keymap import Contribution, MergePlan, plan_merge
 from loratool.linalg import Workspace, merged_tensor, nf4_roundtrip, realized_delta
 from loratool.ops import Row
-from loratool.pipeline import Buffers, Cast, Compute, copy_other_files, stream_file
+from loratool.pipeline import Buffers, Cast, Compute, copy_other_files, gc_paused, stream_file
 from loratool.st import BackgroundSha256, Checkpoint, TensorInfo
 from loratool.storage import FP8_DTYPES, BaseStorage, dequantize, detect, quantize, requantize
 
@@ -382,7 +382,7 @@ def read_and_plan(op: str, adapters: Sequence[str | os.PathLike[str]], weights: 
     loaded = []
     for p in adapters:
         a = read(Path(p), allow_pickle=allow_pickle)
-        require_plain(a, op, lycoris=True)
+        require_plain(a, op, lycoris=True, dora=True)  # DoRA on either axis and on LyCORIS modules: applied
         loaded.append(a)
     per_module, mw_warnings = adapter_module_weights(loaded, module_weights, blocks)
     plan, warnings = plan_merge(loaded, weights, ckpt, allow_unmatched=allow_unmatched, unmerge=unmerge,
@@ -558,25 +558,26 @@ def _merge(
         buffers = Buffers()
         _stash_early_siblings(setup, headers, buffers)
         finishing: list[Future[None]] = []
-        try:
-            for src, digest in zip(headers, sha256.digests):
-                sha256.advance(src.size - sum(i.nbytes for i in src.tensors.values()))  # header: not ticked
-                dst = tmp if single_file else tmp / src.path.relative_to(ckpt.root)
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                meta, placeholder = _provenance(params, loaded, src.path)
-                meta = {**src.metadata, **meta}
-                name = Path(out).name if single_file else str(src.path.relative_to(ckpt.root))
-                step = _tensor_step(setup, report, name=name, work=buffers.work)
-                finishing.append(stream_file(
-                    src, dst, meta, placeholder, out_entry=setup.out_entry, needs_bytes=setup.needs_bytes,
-                    compute=step, produced_by=setup.produced.get, tick=tick, digest=digest, buffers=buffers))
-            t = time.perf_counter()
-            for fut in finishing:
-                fut.result()
-            buffers.timings.finish_wait += time.perf_counter() - t
-        except BaseException:
-            wait(finishing)  # an earlier file may still be finishing: let it end before tmp is removed
-            raise
+        with gc_paused():  # the block loop's small objects would trigger full collections
+            try:
+                for src, digest in zip(headers, sha256.digests):
+                    sha256.advance(src.size - sum(i.nbytes for i in src.tensors.values()))  # header: not ticked
+                    dst = tmp if single_file else tmp / src.path.relative_to(ckpt.root)
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    meta, placeholder = _provenance(params, loaded, src.path)
+                    meta = {**src.metadata, **meta}
+                    name = Path(out).name if single_file else str(src.path.relative_to(ckpt.root))
+                    step = _tensor_step(setup, report, name=name, work=buffers.work)
+                    finishing.append(stream_file(
+                        src, dst, meta, placeholder, out_entry=setup.out_entry, needs_bytes=setup.needs_bytes,
+                        compute=step, produced_by=setup.produced.get, tick=tick, digest=digest, buffers=buffers))
+                t = time.perf_counter()
+                for fut in finishing:
+                    fut.result()
+                buffers.timings.finish_wait += time.perf_counter() - t
+            except BaseException:
+                wait(finishing)  # an earlier file may still be finishing: let it end before tmp is removed
+                raise
         _check_realized(report, strict=strict)
         if not single_file:
             copy_other_files(ckpt, tmp, dtype_changed=dtype != "keep", dropped=setup.dropped,

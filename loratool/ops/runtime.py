@@ -64,6 +64,9 @@ def _runtime_scales(adapter: Adapter, rt: Runtime) -> dict[str, float] | None:
     return None
 
 
+_AXIS = {"out": "output row", "in": "input column"}
+
+
 def runtime_findings(adapter: Adapter, rt: Runtime, findings: Findings) -> None:
     """Add what `rt` rejects, ignores or mis-scales in `adapter`, per module, with the fix."""
     fix = _fix(adapter, rt)
@@ -76,6 +79,12 @@ def runtime_findings(adapter: Adapter, rt: Runtime, findings: Findings) -> None:
                        f"fix: {fix}")
     rejects = "runtime-rejects"
     for name, m in adapter.modules.items():
+        if m.magnitude is not None and rt.dora and m.dora_axis not in rt.dora_axes:
+            findings.error("runtime-dora-axis", name,
+                           f"{where}: {rt.name} applies DoRA module '{name}' wrongly: its magnitude is one value "
+                           f"per {_AXIS[m.dora_axis]}, {rt.name} normalises per {_AXIS[rt.dora_axes[0]]}; fix: "
+                           f"{_fix(adapter, rt, ' --dora-to-lora BASE')} (a plain LoRA fitted for that base, error "
+                           "reported)")
         if m.magnitude is not None and not rt.dora:
             verb = "refuses" if rt.dora_refused else "ignores the magnitude of"
             findings.error(rejects if rt.dora_refused else "runtime-ignores", name,
@@ -185,6 +194,16 @@ def prepare_for(adapter: Adapter, rt: Runtime, *, drop: bool = False) -> Prepare
         refuse_or_drop(f"LoRA on {kind} modules", names, "those layers stay as in the base model")
         for n in names:
             modules.pop(n)
+    wrong_axis = [n for n, m in modules.items() if m.magnitude is not None and m.dora_axis not in rt.dora_axes]
+    if rt.dora and wrong_axis:
+        axis = _AXIS[modules[wrong_axis[0]].dora_axis]
+        refuse_or_drop(f"DoRA magnitudes per {axis} (it normalises per {_AXIS[rt.dora_axes[0]]})", wrong_axis,
+                       "those modules now apply their plain LoRA delta without DoRA's renormalisation, so outputs "
+                       "differ from the DoRA adapter",
+                       hint="add --dora-to-lora BASE to write the closest plain LoRA for that base (error reported per "
+                       "module), or --drop to remove the magnitudes (outputs then differ from the DoRA adapter)")
+        for n in wrong_axis:
+            modules[n] = modules[n].with_(magnitude=None)
     if not rt.dora:
         names = [n for n, m in modules.items() if m.magnitude is not None]
         refuse_or_drop("DoRA magnitudes", names,
@@ -264,7 +283,7 @@ def dora_to_lora(adapter: Adapter, base: str | os.PathLike[str]) -> tuple[Adapte
 
     Raises:
         IncompatibleError: a DoRA module that matches no single base weight, or one whose layout
-            (embedding, fan_in_fan_out) has no per-row DoRA here.
+            (embedding, fan_in_fan_out) has no DoRA here.
     """
     import torch
 
@@ -288,11 +307,11 @@ def dora_to_lora(adapter: Adapter, base: str | os.PathLike[str]) -> tuple[Adapte
     for m in dora:
         if m.kind == "embedding" or m.fan_in_fan_out:
             raise IncompatibleError(f"{adapter.path}: DoRA module '{m.name}' is an embedding or fan_in_fan_out layer; "
-                                    "only per-output-row DoRA on linear and conv layers is folded")
+                                    "only DoRA on linear and conv layers is folded")
         assert m.magnitude is not None
-        w = load_tensor(ckpt.tensors[match.matched[m.name]]).to(torch.float32).reshape(m.out_features, -1)
+        w = load_tensor(ckpt.tensors[match.matched[m.name]]).to(torch.float32)  # (out, in[, kh, kw])
         up, down = factors(m)
-        new_up, new_down, err = dora_as_lora(w, up, down, m.scale, m.magnitude.load(), m.rank)
+        new_up, new_down, err = dora_as_lora(w, up, down, m.scale, m.magnitude.load(), m.rank, m.dora_axis)
         dtype = m.up.load().dtype
         new_up = new_up.to(dtype).reshape(m.out_features, -1, *([1] * (len(m.up.shape) - 2)))
         new_down = new_down.to(dtype).reshape(-1, *m.down.shape[1:])

@@ -121,12 +121,14 @@ def _check_unsupported(adapter: Adapter, findings: Findings) -> None:
         findings.error("no-lora-tensors", None,
                        f"{adapter.path}: holds only unsupported tensors ({unsupported_family(key)}, e.g. '{key}'); "
                        "loratool operations will refuse it")
-    per_column = [m.name for m in adapter.modules.values() if m.magnitude is not None and m.dora_axis == "in"]
+    per_column = [n for n, m in adapter.modules.items() if m.magnitude is not None and m.dora_axis == "in"]
+    per_column += [n for n, lm in adapter.lycoris.items() if lm.magnitude is not None and lm.dora_axis == "in"]
     if per_column:
-        findings.warning("unsupported-dora-axis", per_column[0] if len(per_column) == 1 else None,
+        findings.warning("dora-per-input-column", per_column[0] if len(per_column) == 1 else None,
                          f"{adapter.path}: {len(per_column)} DoRA module(s) with one magnitude per input column "
-                         f"(LyCORIS wd_on_out=False / OneTrainer), e.g. '{per_column[0]}'; operations will refuse "
-                         "them (only per-output-row DoRA is supported)")
+                         f"(LyCORIS wd_on_out=False / OneTrainer), e.g. '{per_column[0]}': merge applies them "
+                         "with the norm per input column; only kohya-style files (.dora_scale (1, in)) hold them, "
+                         "so convert to peft / diffusers / mlx (one magnitude per output row) refuses them")
     families = Counter(unsupported_family(k) for k in adapter.unsupported)
     for family, n in families.items():
         example = next(k for k in adapter.unsupported if unsupported_family(k) == family)

@@ -204,12 +204,18 @@ def test_broken_lycoris_modules_are_named(tmp_path: Path) -> None:
     assert {f.module for f in findings.items if f.code == "bad-shape"} == {"lora_unet_a", "lora_unet_b"}
 
 
-def test_weight_decomposed_lycoris_stays_unsupported(tmp_path: Path) -> None:
+def test_weight_decomposed_lycoris_keeps_its_magnitude(tmp_path: Path) -> None:
+    """`.dora_scale` of a LoHa is its DoRA magnitude (merge applies it: tests/ops/test_dora_lycoris.py);
+    beside a norm diff it means nothing known and stays unsupported."""
     sd, _ = lycoris_module(LohaModule, nn.Linear(24, 16, bias=False), seed=2, lora_dim=4, alpha=2,
                            weight_decompose=True)
     assert "dora_scale" in sd
     a = read(save_module(tmp_path, sd))
-    assert not a.lycoris and "lora_unet_x.dora_scale" in a.unsupported
+    lm = a.lycoris["lora_unet_x"]
+    assert not a.unsupported and lm.magnitude is not None and lm.magnitude.shape == (16, 1) and lm.dora_axis == "out"
+    path = tmp_path / "norm.safetensors"
+    save_file({"lora_unet_n.w_norm": torch.ones(8), "lora_unet_n.dora_scale": torch.ones(8, 1)}, str(path))
+    assert "lora_unet_n.dora_scale" in read(path).unsupported
 
 
 def test_lycoris_modules_without_alpha_give_one_warning_with_a_count(tmp_path: Path) -> None:

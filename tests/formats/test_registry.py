@@ -218,7 +218,8 @@ def test_the_capability_table_in_the_docs_is_the_registry():
     columns = rows[0][1:]
     assert columns == list(writable_formats())
     fields = {"LoRA bias deltas": "bias", "`modules_to_save` tensors": "extras", "embedding LoRA": "embedding",
-              "`fan_in_fan_out`": "fan_in_fan_out", "conv layers": "conv", "DoRA": "dora",
+              "`fan_in_fan_out`": "fan_in_fan_out", "conv layers": "conv",
+              "DoRA (magnitude per input column)": "dora_in", "DoRA": "dora",
               "per-module alpha": "per_module_alpha", "LyCORIS full / norm diffs": "diffs"}
     seen = set()
     for row in rows[1:]:
