@@ -171,6 +171,16 @@ def match_to_base(modules: Sequence[LoraModule | LycoModule], base: dict[str, Te
     from loratool.families.layout import map_to_base
 
     crossed = map_to_base(modules, base, where=where)
+    if crossed is not None:
+        # modules that are no part of the family's table (the text encoders of an SD checkpoint, which
+        # a single file holds beside the U-Net) keep the key rules' match
+        from loratool.families.layout import Target as LayoutTarget
+
+        fam, dialect = crossed.layout.family, crossed.dialect
+        keep = [n for n in crossed.unmatched if n in match.matched and fam.identify(n, dialect) is None]
+        if keep:
+            crossed.unmatched = [n for n in crossed.unmatched if n not in set(keep)]
+            crossed.targets += [LayoutTarget(n, by_name[n], match.matched[n]) for n in keep]
     if crossed is None or (crossed.refused is None and len(crossed.unmatched) + len(crossed.shape_mismatch) >= len(
             match.unmatched) + len(match.ambiguous) + len(match.shape_mismatch)):
         return match, targets, None
@@ -241,7 +251,7 @@ def plan_merge(
         if crossed is not None:
             if crossed.refused is not None:
                 raise crossed.refused
-            if crossed.crossed:
+            if crossed.crossed or crossed.renamed:
                 plan.layouts.append(crossed.describe())
         match.refuse_shape_mismatch(where)
         problems = [*match.unmatched, *match.ambiguous]

@@ -246,7 +246,10 @@ def _key_types(doc: Any, where: str, out: dict[str, dict[str, str]]) -> None:
     """key -> {JSON type -> first place seen}; null goes with any type."""
     if isinstance(doc, dict):
         for k, v in doc.items():
-            if v is not None:
+            # inspect's `family` object names the family in its own `family` (and candidates'): a
+            # string field of that object (docs/json.md's family row), not the object's key reused
+            own = k == "family" and where.endswith((".family", ".family.candidates[]"))
+            if v is not None and not own:
                 out.setdefault(k, {}).setdefault(_json_type(v), f"{where}.{k}")
             if k not in FREE_FORM:
                 _key_types(v, f"{where}.{k}", out)

@@ -252,7 +252,9 @@ def _family_text(fam: dict[str, Any]) -> str:
     if fam["ambiguous"]:
         best = {c["family"]: c["dialect"] for c in reversed(fam["candidates"])
                 if c["matched"] == fam["matched"] and c["family"] in fam["tied"]}  # each family's first dialect
-        return "ambiguous: " + " or ".join(f"{f} ({best[f]})" for f in fam["tied"]) + " (convert needs --family)"
+        how = " (convert needs --family)" if fam.get("convert_needs_family", True) else \
+            " (their tables convert these names alike)"
+        return "ambiguous: " + " or ".join(f"{f} ({best[f]})" for f in fam["tied"]) + how
     part = "" if fam["matched"] == fam["total"] else f", {fam['matched']} of {fam['total']} modules"
     te = fam.get("text_encoder_modules") or 0
     if te:

@@ -33,9 +33,9 @@ from loratool.runtimes import RUNTIMES
               help="The base model: kohya names are placed by its keys, every module must match one of its "
               "weights, and factors take its layout (linear or 1x1 conv).")
 @click.option("--family", "family", default=None,
-              help="The model family (flux.1, sd3, wan, hunyuan-video, ltx-video, qwen-image): convert between its "
-              "dialects by its table, splitting and fusing modules exactly; detected from the names when they fit "
-              "one family best.")
+              help="The model family (flux.1, sd3, wan, hunyuan-video, ltx-video, qwen-image, sd1, sdxl): convert "
+              "between its dialects by its table, splitting and fusing modules exactly; detected from the names when "
+              "they fit one family best.")
 @click.option("--fuse-rank", "fuse_rank", type=click.IntRange(min=1), default=None,
               help="With a family: truncate fused (block-diagonal) modules to this rank; the error is reported.")
 @click.option("--rank", "-r", "rank", type=click.IntRange(min=1), default=None,

@@ -16,6 +16,10 @@ Dialects (how a LoRA file names a module):
     onetrainer lora_transformer_ + diffusers path, underscores   lora_transformer_transformer_blocks_0_attn_to_q
     diffusion-pipe  transformer. + original path (read only)     transformer.double_blocks.0.img_attn_qkv
 
+These are the default sides; a family may name others (`Family.sides`): kohya sd-scripts trains
+SD1.x on diffusers' U-Net (`lora_unet_down_blocks_0_attentions_0_...`, the diffusers side) but SDXL
+on the original one (`lora_unet_input_blocks_4_1_...`), and ComfyUI reads both under `lora_unet_`.
+
 The maths of moving a LoRA between the sides (exact split, exact fuse) is in convert.py here;
 nothing in this package reads or writes files.
 """
@@ -27,8 +31,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 DIALECTS = ("kohya", "comfyui", "diffusers", "peft", "onetrainer", "diffusion-pipe")
-# which side of a relation a dialect names: the original (fused) layout or diffusers' (split) one
+# which side of a relation a dialect names by default: the original (fused) layout or diffusers'
+# (split) one (Family.sides overrides it per family)
 ORIGINAL_SIDE = frozenset({"kohya", "comfyui", "diffusion-pipe"})
+ORIGINAL, DIFFUSERS = "original", "diffusers"
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,11 @@ class Family:
         relations: every LoRA-targetable module.
         original_prefix / diffusers_component: the kohya prefix and component its modules use.
         base_layouts: the base checkpoint key layouts, for docs and merge: name -> key prefix.
+        sides: dialect -> the sides ("original", "diffusers") its names may be on, the first the one
+            written; () when the family has no names in that dialect. A dialect not listed names
+            the default side (ORIGINAL_SIDE).
+        single_text_encoder: the pipeline has one text encoder, which kohya names `lora_te_` (SD1.x)
+            rather than `lora_te1_`.
     """
 
     name: str
@@ -90,6 +101,25 @@ class Family:
     # block counts of the largest model of the family, by the template's first segment (original and
     # diffusers side): a higher index is another family's module (HunyuanVideo has 20 double blocks)
     blocks: dict[str, int] = field(default_factory=dict)
+    sides: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    single_text_encoder: bool = False
+    original_layout: str = "BFL / ComfyUI single-file"  # what the original layout is called in messages
+
+    def sides_of(self, dialect: str) -> tuple[str, ...]:
+        """The sides whose names `dialect` may use for this family, the written one first."""
+        if dialect in self.sides:
+            return self.sides[dialect]
+        return (ORIGINAL,) if dialect in ORIGINAL_SIDE else (DIFFUSERS,)
+
+    def writes_original(self, dialect: str) -> bool:
+        """Whether `dialect` names this family's modules by their original-side paths when written."""
+        sides = self.sides_of(dialect)
+        return bool(sides) and sides[0] == ORIGINAL
+
+    @property
+    def dialects(self) -> tuple[str, ...]:
+        """The dialects that have names for this family."""
+        return tuple(d for d in DIALECTS if self.sides_of(d))
 
     def name_in(self, dialect: str, path: str, *, original: bool) -> str:
         """A module path (original or diffusers side, block index filled in) as `dialect` names it."""
@@ -104,23 +134,33 @@ class Family:
         return path
 
     @cached_property
-    def _patterns(self) -> dict[str, list[tuple[re.Pattern[str], Relation, str | None]]]:
-        """dialect -> (regex, relation, diffusers template or None for the original side)."""
-        out: dict[str, list[tuple[re.Pattern[str], Relation, str | None]]] = {d: [] for d in DIALECTS}
-        for rel in self.relations:
-            for dialect in DIALECTS:
-                sides: list[tuple[str, str | None]] = [(rel.original, None)] if dialect in ORIGINAL_SIDE else \
-                    [(t, t) for t, _ in rel.split]
+    def _lookup(self) -> dict[str, tuple[dict[str, list[tuple[int, Relation, str | None]]],
+                                         list[tuple[int, re.Pattern[str], Relation, str | None]],
+                                         re.Pattern[str] | None]]:
+        """dialect -> (fixed name -> [(order, relation, diffusers template or None for the original
+        side)], the names with a block index `{i}` as regexes in order, one regex matching any of
+        those or None). A U-Net's relations are a thousand fixed names: looked up, not tried one by one;
+        most names tried are not this family's."""
+        out = {}
+        for dialect in DIALECTS:
+            exact: dict[str, list[tuple[int, Relation, str | None]]] = {}
+            templated: list[tuple[int, re.Pattern[str], Relation, str | None]] = []
+            order = 0
+            for rel in self.relations:
+                sides: list[tuple[str, str | None]] = []
+                for side in self.sides_of(dialect):
+                    sides += [(rel.original, None)] if side == ORIGINAL else [(t, t) for t, _ in rel.split]
                 for template, split in sides:
                     named = self.name_in(dialect, template, original=split is None)
-                    rx = re.escape(named).replace(re.escape("{i}"), r"(\d+)")
-                    out[dialect].append((re.compile(rx + "$"), rel, split))
+                    if "{i}" in named:
+                        rx = re.escape(named).replace(re.escape("{i}"), r"(\d+)")
+                        templated.append((order, re.compile(rx + "$"), rel, split))
+                    else:
+                        exact.setdefault(named, []).append((order, rel, split))
+                    order += 1
+            anyone = re.compile("|".join(f"(?:{rx.pattern})" for _, rx, _, _ in templated)) if templated else None
+            out[dialect] = (exact, templated, anyone)
         return out
-
-    @cached_property
-    def _any(self) -> dict[str, re.Pattern[str]]:
-        """dialect -> one regex matching any of its names: most names tried are not this family's."""
-        return {d: re.compile("|".join(f"(?:{rx.pattern})" for rx, _, _ in pats)) for d, pats in self._patterns.items()}
 
     def identify(self, name: str, dialect: str, shape: tuple[int, int] | None = None
                  ) -> tuple[Relation, int | None, str | None] | None:
@@ -129,23 +169,28 @@ class Family:
         `shape` (out, in) picks between relations that share a name but differ by shape (`rows`);
         without it the first relation of the name is returned (enough to detect a family).
         """
-        if not self._any[dialect].match(name):
+        exact, templated, anyone = self._lookup[dialect]
+        found: list[tuple[int, Relation, int | None, str | None]] = [
+            (order, rel, None, split) for order, rel, split in exact.get(name, ()) if rel.fits(shape)]
+        if anyone is not None and anyone.match(name):
+            for order, rx, rel, split in templated:
+                m = rx.match(name)
+                if m and rel.fits(shape):
+                    found.append((order, rel, int(m.group(1)), split))
+                    break
+        if not found:
             return None
-        for rx, rel, split in self._patterns[dialect]:
-            m = rx.match(name)
-            if m and rel.fits(shape):
-                i = int(m.group(1)) if m.groups() else None
-                limit = self.blocks.get((split or rel.original).split(".", 1)[0])
-                if i is not None and limit is not None and i >= limit:
-                    return None
-                return rel, i, split
-        return None
+        _, rel, i, split = min(found, key=lambda f: f[0])
+        limit = self.blocks.get((split or rel.original).split(".", 1)[0])
+        if i is not None and limit is not None and i >= limit:
+            return None
+        return rel, i, split
 
     def over_limit(self, name: str) -> tuple[str, int, int] | None:
         """(block list, index, its block count) when `name` is one of this family's modules in some
         dialect but for a block index past the family's count; else None."""
         for dialect in DIALECTS:
-            for rx, rel, split in self._patterns[dialect]:
+            for _, rx, rel, split in self._lookup[dialect][1]:
                 m = rx.match(name)
                 if m and m.groups():
                     segment = (split or rel.original).split(".", 1)[0]
@@ -207,9 +252,10 @@ class Detection:
 
 
 def families() -> tuple[Family, ...]:
-    from loratool.families import flux, hunyuan_video, ltx, qwen_image, sd3, wan
+    from loratool.families import flux, hunyuan_video, ltx, qwen_image, sd1, sd3, sdxl, wan
 
-    return (flux.FAMILY, sd3.FAMILY, wan.FAMILY, hunyuan_video.FAMILY, qwen_image.FAMILY, ltx.FAMILY)
+    return (flux.FAMILY, sd3.FAMILY, wan.FAMILY, hunyuan_video.FAMILY, qwen_image.FAMILY, ltx.FAMILY, sd1.FAMILY,
+            sdxl.FAMILY)
 
 
 def get(name: str) -> Family:
@@ -306,7 +352,8 @@ def same_conversion(names: list[str], fits: list[tuple[Family, str]], target: st
         def fill(t: str) -> str:
             return t.replace("{i}", str(i)) if i is not None else t
 
-        to_original = target in ORIGINAL_SIDE
+        # within one dialect a module keeps its side (convert_family)
+        to_original = split is None if dialect == target else fam.writes_original(target)
         written = fam.name_in(target, fill(rel.original), original=True) if to_original else \
             tuple((fam.name_in(target, fill(t), original=False), c) for t, c in rel.split)
         side = None if split is None else tuple(c for t, c in rel.split if t == split)

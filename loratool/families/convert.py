@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from loratool.adapter import Adapter, LoraModule, LycoModule
 from loratool.errors import IncompatibleError
-from loratool.families import ORIGINAL_SIDE, Family, Relation
+from loratool.families import Family, Relation
 from loratool.st import TensorRef
 
 if TYPE_CHECKING:
@@ -65,17 +65,19 @@ def convert_family(
             unknown.append(name if by_name is None else
                            f"{name} ({m.out_features} x {m.in_features}, not a shape the table lists for it)")
             continue
-        if m.magnitude is not None:
+        rel, i, split = ident
+        if m.magnitude is not None and not rel.is_plain:  # a rename keeps DoRA as it is
             raise IncompatibleError(f"{adapter.path}: module '{name}' is DoRA; splitting and fusing DoRA "
                                     "modules is not supported", hint="convert within one dialect")
-        rel, i, split = ident
         if m.kind != "linear" and not rel.is_plain:
             raise IncompatibleError(f"{adapter.path}: module '{name}' is a {m.kind} module; {family.name} "
                                     "modules that split or fuse are linear")
         _, members = groups.setdefault((rel.original, i), (rel, {}))
         members[split] = m
     out = FamilyConversion()
-    to_original = target in ORIGINAL_SIDE
+    to_original = family.writes_original(target)
+    # within one dialect each module keeps the side it names (SD1.x's kohya names may be either side)
+    same_dialect = source == target
     for name, lm in adapter.lycoris.items():
         # LyCORIS full / norm / bias diffs (Wan LoRAs carry them for biases and norms) move by name;
         # the shape picks between same-named relations (a bias-only diff, in 0, fits none of them)
@@ -84,6 +86,13 @@ def convert_family(
             unknown.append(name)
             continue
         rel, i, split = ident
+        if same_dialect:
+            template = split or rel.original
+            path = template.replace("{i}", str(i)) if i is not None else template
+            new = family.name_in(target, path, original=split is None)
+            out.lycoris[new] = replace(lm, name=new)
+            out.rows.append(FamilyModule(new, [name], lm.rank, "rename"))
+            continue
         if not rel.is_plain:
             raise IncompatibleError(
                 f"{adapter.path}: module '{name}' is a LyCORIS {lm.algo} diff of a module that {family.name} "
@@ -104,6 +113,10 @@ def convert_family(
         def fill(template: str, i: int | None = i) -> str:
             return template.replace("{i}", str(i)) if i is not None else template
 
+        if same_dialect and len({split is None for split in members}) == 1:
+            to_original = None in members
+        else:
+            to_original = family.writes_original(target)
         if rel.is_plain or (None in members) == to_original:
             # same side (or a plain rename): names change, factors stay
             for split, m in members.items():

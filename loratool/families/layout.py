@@ -50,7 +50,7 @@ class BaseLayout:
         return self.prefix + path + ".weight"
 
     def describe(self) -> str:
-        what = "original (BFL / ComfyUI single-file)" if self.side == "original" else "diffusers"
+        what = f"original ({self.family.original_layout})" if self.side == "original" else "diffusers"
         return f"{self.family.name} {what} layout" + (f" under '{self.prefix}'" if self.prefix else "")
 
 
@@ -99,11 +99,13 @@ class LayoutPlan:
     unmatched: list[str] = field(default_factory=list)
     shape_mismatch: list[tuple[str, str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     crossed: int = 0  # modules split or fused (not plain renames)
+    renamed: int = 0  # modules of the adapter's side renamed to the base's other side (a U-Net's blocks)
     refused: IncompatibleError | None = None  # a module that would have to split or fuse but cannot
 
     def describe(self) -> str:
+        what = f"{self.crossed} fused/split modules" if self.crossed else f"{self.renamed} modules renamed"
         return (f"{self.layout.family.title} {self.dialect}-dialect adapter mapped onto the "
-                f"{self.layout.describe()} ({self.crossed} fused/split modules)")
+                f"{self.layout.describe()} ({what})")
 
 
 def map_to_base(modules: Sequence[Module], base: dict[str, TensorInfo], *, where: object) -> LayoutPlan | None:
@@ -211,6 +213,7 @@ def _map(modules: Sequence[Module], family: Family, dialect: str, layout: BaseLa
         module_original = split is None
         if module_original == to_original or rel.is_plain:
             # the same side, or a rename: one module, one base weight
+            plan.renamed += module_original != to_original
             if to_original:
                 template = rel.original
             else:

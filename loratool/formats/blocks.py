@@ -11,9 +11,10 @@ A module's block comes from its canonical name in any dialect: kohya (`lora_unet
 `lora_unet_down_blocks_1_attentions_0_…`, `lora_te1_…`, `lora_unet_double_blocks_3_…`), diffusers /
 PEFT (`unet.down_blocks.1.attentions.0.…`, `transformer.single_transformer_blocks.7.…`) and original
 checkpoint keys (`model.diffusion_model.output_blocks.3.1.…`, `blocks.12.…`). diffusers U-Net names
-map to the original block numbers as the checkpoint converters do: down_blocks.i.{resnets,attentions}.j
--> input_blocks.(3i+j+1), downsamplers -> input_blocks.(3i+3), up_blocks.i.{…}.j -> output_blocks.(3i+j),
-upsamplers -> output_blocks.(3i+2).
+map to the original block numbers as the checkpoint converters do (loratool/families/unet.py, which
+the SD1.x and SDXL family tables use too): down_blocks.i.{resnets,attentions}.j -> input_blocks.(3i+j+1),
+downsamplers -> input_blocks.(3i+3), up_blocks.i.{…}.j -> output_blocks.(3i+j), upsamplers ->
+output_blocks.(3i+2).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import re
 from dataclasses import dataclass
 
 from loratool.errors import IncompatibleError
+from loratool.families import unet
 
 LBW = "hako-mikan/sd-webui-lora-block-weight (scripts/lora_block_weight.py)"
 WAN_SOURCE = "kijai/ComfyUI-WanVideoWrapper (WanVideoLoraBlockEdit: blocks.0 .. blocks.39)"
@@ -93,13 +95,13 @@ def _unet_block(s: str) -> str | None:
     if s.startswith("conv_in"):
         return "IN00"
     if m := re.match(r"down_blocks_(\d+)_(?:attentions|resnets)_(\d+)_", s):
-        return f"IN{3 * int(m[1]) + int(m[2]) + 1:02d}"
+        return f"IN{unet.input_block(int(m[1]), int(m[2])):02d}"
     if m := re.match(r"down_blocks_(\d+)_downsamplers_", s):
-        return f"IN{3 * int(m[1]) + 3:02d}"
+        return f"IN{unet.downsampler_block(int(m[1])):02d}"
     if m := re.match(r"up_blocks_(\d+)_(?:attentions|resnets)_(\d+)_", s):
-        return f"OUT{3 * int(m[1]) + int(m[2]):02d}"
+        return f"OUT{unet.output_block(int(m[1]), int(m[2])):02d}"
     if m := re.match(r"up_blocks_(\d+)_upsamplers_", s):
-        return f"OUT{3 * int(m[1]) + 2:02d}"
+        return f"OUT{unet.upsampler_block(int(m[1])):02d}"
     return None  # time embedding, conv_out, ...: in no block
 
 

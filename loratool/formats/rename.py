@@ -24,13 +24,16 @@ NO_RULE = "the kohya naming rules allow no single reading"
 
 
 def target_names(
-    adapter: Adapter, to: str, matched: dict[str, str] | None, base_class: str | None, warnings: list[str]
+    adapter: Adapter, to: str, matched: dict[str, str] | None, base_class: str | None, warnings: list[str],
+    *, sd1: bool | None = None,
 ) -> tuple[dict[str, tuple[str, str]], dict[str, list[str]]]:
     """The names an adapter's modules get in the format `to` (see ops/convert.py for the layouts).
 
     Args:
         matched: module name -> the base key it matched (with a base), else None.
         base_class: the base's diffusers `_class_name` (settles U-Net vs transformer), if any.
+        sd1: whether the pipeline has SD1.x/2.x's one text encoder (kohya `lora_te_`); None: told by
+            the module names (kohya.is_sd1_unet).
         warnings: where to append what the caller should tell the user.
 
     Returns:
@@ -43,7 +46,8 @@ def target_names(
     unplaced: dict[str, list[str]] = {}
     hint_class = diffusers.component_of_class(base_class)
     recorded = kohya.module_paths(adapter.metadata) if source == "stem" else {}
-    sd1 = kohya.is_sd1_unet(adapter.modules)
+    if sd1 is None:
+        sd1 = kohya.is_sd1_unet(adapter.modules)
     for name in adapter.modules:
         base_key = matched.get(name) if matched is not None else None
         if target == "stem":

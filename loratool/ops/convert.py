@@ -229,7 +229,9 @@ def convert(
         raise IncompatibleError(f"{path}: holds no LoRA modules to convert")
     report = ConvertReport(Path(out), Path(path), adapter.source_format, to, Path(base) if base is not None else None,
                            warnings=lyco_warnings)
-    fam = _family_for(adapter, to, family, runtime is not None or dora_to_lora is not None, report.warnings)
+    # with --base the modules are named by the base's keys (no family table), unless --family says otherwise
+    fam = None if base is not None and family is None else \
+        _family_for(adapter, to, family, runtime is not None or dora_to_lora is not None, report.warnings)
     if fam is not None:
         return _convert_family(adapter, report, fam[0], fam[1], to, out, force=force, fuse_rank=fuse_rank)
     as_read = adapter.modules  # the report shows each module's rank, alpha and scale as read
@@ -479,7 +481,8 @@ def _family_for(adapter: Adapter, to: str, family: str | None, other_mode: bool,
         raise IncompatibleError(
             f"{adapter.path}: looks like {det.describe()}; its kohya names come from the family's table",
             hint=f"pass --family {det.family} (names alone do not tell {det.family} from other families)")
-    if (to == "kohya" and not other_mode and det.matched and det.dialect not in families.ORIGINAL_SIDE
+    best_dialects = {d for _, d, n in det.candidates if n == det.matched}
+    if (to == "kohya" and not other_mode and det.matched and not best_dialects <= families.ORIGINAL_SIDE
             and (det.family is not None or det.ambiguous)):
         # some modules are a family's diffusers-side names and the rest are not the family's: the
         # generic rules would write names such as lora_unet_transformer_blocks_0_attn_to_q, which no
@@ -505,19 +508,36 @@ def _convert_family(adapter: Adapter, report: ConvertReport, fam: Any, source: s
 
     te = text_encoder_modules(adapter)
     te_modules = {n: m for n, m in adapter.modules.items() if n in te and fam.identify(n, source) is None}
+    # an SD U-Net LoRA with text-encoder modules to PEFT: both keep their diffusers component as a prefix
+    # (`unet.`, `text_encoder.`), as such files were always written, with a warning; a transformer
+    # family's is refused (one PEFT adapter adapts one model)
+    components = bool(te_modules) and to == "peft" and fam.component == "unet"
     with single_threaded():
         conv = convert_family(adapter.with_modules({n: m for n, m in adapter.modules.items() if n not in te_modules}),
-                              fam, source, to, fuse_rank=fuse_rank)
-    if te_modules and to == "peft":
+                              fam, source, "diffusers" if components else to, fuse_rank=fuse_rank)
+    if te_modules and to == "peft" and not components:
         raise IncompatibleError(
-            f"{adapter.path}: a PEFT adapter adapts one model, and this file adapts the {fam.name} transformer and "
-            f"a text encoder ({len(te_modules)} modules, e.g. '{next(iter(te_modules))}')",
+            f"{adapter.path}: a PEFT adapter adapts one model, and this file adapts the {fam.name} {fam.component} "
+            f"and a text encoder ({len(te_modules)} modules, e.g. '{next(iter(te_modules))}')",
             hint="write --to diffusers, which holds both under their components, or kohya / comfyui")
+    if components:
+        from loratool.formats.names import split_component
+        from loratool.formats.rename import stored_name
+
+        spans = {fam.component} | {parts[0] for n in te_modules
+                                   if (parts := split_component(stored_name("diffusers", n)))}
+        spans |= {"text_encoder_2" if n.startswith("lora_te2_") else "text_encoder" for n in te_modules
+                  if n.startswith("lora_te")}
+        report.warnings.append(
+            f"the adapter spans {len(spans)} components ({', '.join(sorted(spans))}); the PEFT module names keep them "
+            "as a prefix (unet., text_encoder., ...), so peft loads it only into a model holding those components as "
+            "attributes (--to diffusers is what diffusers loads)")
     if te_modules:  # the text encoders' modules, named by the format's rules (ComfyUI reads kohya's)
         from loratool.formats.rename import target_names
 
-        te_to = "kohya" if to == "comfyui" else to
-        placed, unplaced = target_names(adapter.with_modules(te_modules), te_to, None, None, report.warnings)
+        te_to = "kohya" if to == "comfyui" else "diffusers" if components else to
+        placed, unplaced = target_names(adapter.with_modules(te_modules), te_to, None, None, report.warnings,
+                                        sd1=fam.single_text_encoder)
         if unplaced:
             listing = "; ".join(f"{reason}: {', '.join(ns[:4])}" for reason, ns in unplaced.items())
             raise IncompatibleError(f"{adapter.path}: cannot name the text-encoder modules in the {to} layout: "

@@ -133,17 +133,23 @@ class InspectReport:
 def _family(a: Adapter) -> dict[str, Any]:
     """The family detection, judged (as convert judges it) without the text-encoder modules an
     image LoRA may carry beside its transformer's; their count is `text_encoder_modules`."""
-    from loratool.families import detect
-    from loratool.ops.convert import text_encoder_modules
+    from loratool.families import detect, get, same_conversion
+    from loratool.ops.convert import FAMILY_TARGETS, text_encoder_modules
 
     te = text_encoder_modules(a)
     names = [*a.modules, *a.lycoris]
     det = detect(names)
     if te and det.matched and set(det.unmatched) <= te:
-        det = detect([n for n in names if n not in te])
+        names = [n for n in names if n not in te]
+        det = detect(names)
     else:
         te = set()
-    return {**det.to_dict(), "text_encoder_modules": len(te)}
+    needs = False
+    if det.ambiguous:  # convert proceeds without --family only where every tied table writes the same names
+        fits = [(get(f), d) for f, d, n in det.candidates if n == det.matched and f in det.tied]
+        fits = [fd for k, fd in enumerate(fits) if fd[0].name not in {f.name for f, _ in fits[:k]}]
+        needs = not all(same_conversion(names, fits, t) for t in FAMILY_TARGETS)
+    return {**det.to_dict(), "text_encoder_modules": len(te), "convert_needs_family": needs}
 
 
 def _num(x: float) -> int | float:

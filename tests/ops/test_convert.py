@@ -202,13 +202,18 @@ def test_kohya_peft_kohya_round_trip(tmp_path):
 
 
 def test_kohya_to_peft_without_base_keeps_components(tmp_path):
+    from loratool.families import get
+
     report = convert(KOHYA_SD, tmp_path / "p", to="peft")
     src = kohya_modules(KOHYA_SD)
     components = {"lora_unet_": "unet.", "lora_te1_": "text_encoder."}
+    sdxl = get("sdxl")  # the U-Net's SGM names become diffusers' paths (issue #15: the SDXL table)
     want = {}
     for stem, path in sd_base_paths().items():
         prefix = next(p for p in components if stem.startswith(p))
-        want[stem] = components[prefix] + path.removeprefix(SD_CONTAINERS[prefix])
+        ident = sdxl.identify(stem, "kohya")
+        want[stem] = components[prefix] + (path.removeprefix(SD_CONTAINERS[prefix]) if ident is None
+                                           else ident[0].split[0][0])
     assert_same(src, peft_modules(tmp_path / "p"), want)
     assert any("spans 2 components" in w for w in report.warnings)
 
@@ -252,7 +257,8 @@ def test_diffusers_kohya_diffusers_round_trip(tmp_path, base):
     assert_same(src, kohya_modules(tmp_path / "k.safetensors"), names)
 
     report = convert(tmp_path / "k.safetensors", tmp_path / "d.safetensors", to="diffusers", base=base)
-    assert {m.placed_by for m in report.modules} == {"rules" if base is None else "base"}
+    # without a base the SD1.x family table names them (issue #15)
+    assert {m.placed_by for m in report.modules} == {"sd1 kohya" if base is None else "base"}
     raw = load_file(str(tmp_path / "d.safetensors"))
     assert set(raw) == {n + s for n in _unet_names() for s in (".lora_A.weight", ".lora_B.weight")}
     meta = metadata(tmp_path / "d.safetensors")
@@ -337,10 +343,14 @@ def test_unplaceable_kohya_names_are_listed(tmp_path, capsys):
     assert "lora_unet_double_blocks_0_img_attn_qkv" in line and "--base" in hint
 
 
-def test_original_sd_layout_is_not_renamed_to_diffusers(tmp_path, capsys):
-    line, hint = _error(capsys, ["convert", KOHYA_SD, "--to", "diffusers", "-o", tmp_path / "d.safetensors"])
-    assert "'input_blocks.'" in line and "lora_unet_input_blocks_4_1_proj_in" in line
-    assert "--to kohya" in hint
+def test_original_sd_layout_is_renamed_to_diffusers_by_the_unet_tables(tmp_path):
+    """kohya SDXL-style names (SGM input_blocks) become diffusers' U-Net paths (issue #15: the SD1.x and
+    SDXL tables; these modules are in both, which map them alike)."""
+    report = convert(KOHYA_SD, tmp_path / "d.safetensors", to="diffusers")
+    names = {m.name: m.new_name for m in report.modules}
+    assert names["lora_unet_input_blocks_4_1_proj_in"] == "unet.down_blocks.1.attentions.0.proj_in"
+    assert names["lora_unet_input_blocks_1_0_in_layers_2"] == "unet.down_blocks.0.resnets.0.conv1"
+    assert any("sd1 and sdxl equally" in w for w in report.warnings)
 
 
 def test_peft_without_component_needs_base_for_diffusers(tmp_path, capsys):
