@@ -268,6 +268,7 @@ def plan_merge(
                 )
             warnings.append(f"{where}: skipped {what} module(s): {listing}")
             plan.unmatched.extend(problems)
+        reweighted_dora: list[str] = []  # DoRA at a weight other than 1: the tools disagree on its meaning
         for name, m, key, rows in targets:
             mw = per_module.get(name, 1.0)
             if mw == 0.0:
@@ -285,6 +286,8 @@ def plan_merge(
                 if rows is not None:  # families/layout.py moves DoRA modules by name only; never a part
                     raise IncompatibleError(f"{where}: DoRA module '{name}' would cover only rows {rows[0]}:{rows[1]} "
                                             f"of '{key}'; its norm is of the whole weight")
+                if w * mw != 1.0:
+                    reweighted_dora.append(name)
             if isinstance(m, LoraModule):
                 plan.deltas.setdefault(key, []).append(Contribution(m, w * mw, Path(str(where)), rows))
             if m.bias is not None:
@@ -294,6 +297,11 @@ def plan_merge(
                                             f"'{bias_key}'", hint="the base layer has no bias; the bias delta "
                                             "would be dropped")
                 plan.biases.setdefault(bias_key, []).append(Contribution(m, w * mw, Path(str(where)), rows))
+        if reweighted_dora:
+            warnings.append(
+                f"{where}: {len(reweighted_dora)} DoRA module(s) merged at a weight other than 1 (e.g. "
+                f"'{reweighted_dora[0]}'): the weight scales ΔW inside the norm, m ⊙ (W + w·ΔW) / ‖W + w·ΔW‖ "
+                "(peft); LyCORIS and ComfyUI instead interpolate between W and the weight-1 result")
         for stored, ref in adapter.extras.items():
             if ".base_layer." in stored:
                 continue  # peft's copy of a LoRA layer's own base weight (save_embedding_layers): not a change

@@ -13,9 +13,10 @@ writes them:
 `.diff_b` beside a plain `.lora_down/.lora_up` pair is that LoRA's unscaled bias delta (ComfyUI's
 reading); the kohya reader keeps it on the LoraModule. `.dora_scale` beside a LoHa, LoKr, Tucker
 LoCon or full module is its DoRA magnitude (LyCORIS weight_decompose; OneTrainer's LoKr), one value
-per output row, `(out, 1, ...)` (wd_on_out=True, the default), or per input column, `(1, in, ...)`
-(wd_on_out=False): the shape decides. Beside a norm diff or a bias diff alone it means nothing
-known: those keys stay "unsupported" and operations refuse them.
+per output row, `(out, 1, ...)` (wd_on_out=True, the default of recent LyCORIS versions), or per
+input column, `(1, in, ...)` (wd_on_out=False, the default of earlier ones): the shape decides.
+Beside a norm diff or a bias diff alone it means nothing known: those keys stay "unsupported" and
+operations refuse them.
 """
 
 from __future__ import annotations

@@ -338,3 +338,15 @@ def test_comfyui_applies_only_per_column_dora(tmp_path: Path) -> None:
     assert "--dora-to-lora" in (info.value.hint or "")
     convert(per_column, tmp_path / "ok.safetensors", for_runtime="comfyui")
     assert load_file(str(tmp_path / "ok.safetensors"))[f"{STEM}.dora_scale"].shape == (1, 12)
+
+
+def test_a_weight_scales_the_delta_inside_the_norm_with_a_warning(tmp_path: Path) -> None:
+    adapter, base, t, w = onetrainer_dora(tmp_path, conv=False)
+    out = tmp_path / "m.safetensors"
+    report = merge(base, [adapter], out, weights=[0.5])
+    half = dict(t)
+    half[f"{STEM}.alpha"] = t[f"{STEM}.alpha"] * 0.5  # 0.5·ΔW
+    np.testing.assert_allclose(load_file(str(out))[KEY].double().numpy(), numpy_dora_per_column(half, w),
+                               rtol=1e-5, atol=1e-5)
+    assert any("interpolate" in x and STEM in x for x in report.warnings)
+    assert not merge(base, [adapter], tmp_path / "m1.safetensors").warnings
