@@ -105,3 +105,21 @@ def test_diffusers_kohya_loader_reads_our_kohya_file_as_we_convert_it(tmp_path: 
 @pytest.mark.slow
 def test_our_diffusers_output_loads_and_fuses_to_our_merge(tmp_path: Path) -> None:
     u.check_load_lora_adapter_and_fuse(tmp_path, "sdxl")
+
+
+def test_no_dit_family_shares_a_unet_name(tmp_path: Path) -> None:
+    """The U-Nets' names are no transformer family's in any dialect (and the reverse): an SDXL file's
+    candidates are the two U-Nets only, and a FLUX.1 LoRA is refused by an SDXL base, not merged."""
+    from family_tools import fixture_families
+
+    from loratool.errors import IncompatibleError
+
+    for dialect in ("kohya", "onetrainer", "comfyui", "diffusers"):
+        det = detect(u.stems(u.lora("sdxl", dialect, full=False)))
+        assert {f for f, _, _ in det.candidates} <= {"sdxl", "sd1"}, dialect
+    flux = fixture_families.flux_lora("kohya")
+    assert not {f for f, _, _ in detect(u.stems(flux)).candidates} & {"sd1", "sdxl"}
+    single, _, _ = u.bases(tmp_path, "sdxl")
+    with pytest.raises(IncompatibleError, match="unmatched"):
+        merge(single, [write(tmp_path, "flux.safetensors", flux)], tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
