@@ -126,6 +126,16 @@ def _match_base(adapter: Adapter, base: Path) -> tuple[dict[str, str], dict[str,
     return match.matched, shapes, _base_class(ckpt.root)
 
 
+def _matches_base(adapter: Adapter, base: Path) -> bool:
+    """Whether every module matches one weight of `base` by the key rules (headers only)."""
+    from loratool.keymap import match_modules
+    from loratool.st import open_checkpoint
+
+    if adapter.source_format == "gguf":
+        return True  # GGUF names map back through the base (below), never by a family table
+    return match_modules(list(adapter.modules.values()), open_checkpoint(base).tensors).ok
+
+
 def _fit_layout(m: LoraModule, shape: tuple[int, ...]) -> LoraModule:
     """Reshape a module's factors to its base weight's layout: linear <-> 1x1 conv (same delta)."""
     if m.kind == "conv" and len(shape) == 2 and all(k == 1 for k in m.kernel):
@@ -229,8 +239,10 @@ def convert(
         raise IncompatibleError(f"{path}: holds no LoRA modules to convert")
     report = ConvertReport(Path(out), Path(path), adapter.source_format, to, Path(base) if base is not None else None,
                            warnings=lyco_warnings)
-    # with --base the modules are named by the base's keys (no family table), unless --family says otherwise
-    fam = None if base is not None and family is None else \
+    # with --base the modules are named by the base's keys where every module matches one (a kohya SD
+    # file into its single-file checkpoint's names); otherwise (or with --family) by the family's table
+    by_base = base is not None and family is None and to in FAMILY_TARGETS and _matches_base(adapter, Path(base))
+    fam = None if by_base else \
         _family_for(adapter, to, family, runtime is not None or dora_to_lora is not None, report.warnings)
     if fam is not None:
         return _convert_family(adapter, report, fam[0], fam[1], to, out, force=force, fuse_rank=fuse_rank)

@@ -123,3 +123,16 @@ def test_no_dit_family_shares_a_unet_name(tmp_path: Path) -> None:
     with pytest.raises(IncompatibleError, match="unmatched"):
         merge(single, [write(tmp_path, "flux.safetensors", flux)], tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_convert_with_a_base_of_the_other_layout_uses_the_table(tmp_path: Path) -> None:
+    """--base names modules by the base's keys when every module matches one (a kohya file against
+    its single file); a kohya (SGM) file against a diffusers unet folder goes by the table instead."""
+    single, unet, _ = u.bases(tmp_path, "sdxl")
+    src = write(tmp_path, "k.safetensors", u.lora("sdxl", "kohya", full=False, every=7))
+    report = convert(src, tmp_path / "p", to="peft", base=single)
+    assert {m.placed_by for m in report.modules} == {"base"}
+    assert all(m.new_name.startswith("model.diffusion_model.") for m in report.modules)
+    report = convert(src, tmp_path / "d.safetensors", to="diffusers", base=unet)
+    assert {m.placed_by for m in report.modules} == {"sdxl kohya"}
+    assert any(m.new_name.startswith("unet.down_blocks.") for m in report.modules)
