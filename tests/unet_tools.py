@@ -43,13 +43,16 @@ CONFIGS: dict[str, dict[str, Any]] = {
                  norm_num_groups=4, use_linear_projection=True, addition_embed_type="text_time",
                  addition_time_embed_dim=4, projection_class_embeddings_input_dim=32),
 }
+# SD2.x: SD1.x's module tree with linear proj_in / proj_out (the `sd1` family)
+CONFIGS["sd2"] = {**CONFIGS["sd1"], "use_linear_projection": True, "attention_head_dim": (2, 4, 8, 8)}
+FAMILY_OF = {"sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl"}
 
 
 def shapes(family: str, *, full: bool = True) -> dict[str, tuple[int, ...]]:
-    """The CONFIGS model's LoRA-targetable modules (original names); `full=False`: SDXL with 2
-    transformer blocks per level (the same names up to the block index, a quicker merge)."""
-    if family == "sd1":
-        return fixture_families.unet_shapes("sd1", (8, 16, 32, 32))
+    """The CONFIGS model's (sd1, sd2, sdxl) LoRA-targetable modules (original names); `full=False`:
+    SDXL with 2 transformer blocks per level (the same names up to the block index, a quicker merge)."""
+    if family in ("sd1", "sd2"):
+        return fixture_families.unet_shapes("sd1", (8, 16, 32, 32), linear_proj=family == "sd2")
     return fixture_families.unet_shapes("sdxl", (8, 16, 32), linear_proj=True, depth=None if full else (1, 2, 2))
 
 
@@ -58,7 +61,7 @@ def lora(family: str, dialect: str, *, full: bool = True, seed: int = 0, rank: i
     """A LoRA on the CONFIGS model's modules (`every`: on every n-th module only, a quicker merge
     that still holds each kind: linear, 1x1 and 3x3 conv, samplers, embeddings)."""
     picked = dict(list(shapes(family, full=full).items())[::every])
-    return fixture_families.family_lora(family, picked, dialect, rank=rank, alpha=alpha, seed=seed)
+    return fixture_families.family_lora(FAMILY_OF[family], picked, dialect, rank=rank, alpha=alpha, seed=seed)
 
 
 def stems(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -168,6 +171,12 @@ def check_merge_both_layouts(tmp_path: Path, family: str, dialect: str, te: str)
                            (unet, tmp_path / "m_unet", lambda p: f"{to_diffusers[p]}.weight")):
         report = merge(base, [src], out)
         assert report.merged == len(ref) and not report.unmatched
+        crossed = fam.writes_original(dialect) != (base == sfile)  # the fixture names the dialect's written side
+        assert report.layouts == ([f"{fam.title} {dialect}-dialect adapter mapped onto the {fam.name} "
+                                   + ("original" if base == sfile else "diffusers")
+                                   + (f" ({fam.original_layout}) layout under 'model.diffusion_model.'"
+                                      if base == sfile else " layout")
+                                   + f" ({len(ref)} modules renamed)"] if crossed else [])
         got = load_file(str(out / "diffusion_pytorch_model.safetensors" if out.is_dir() else out))
         before = load_file(str(base / "diffusion_pytorch_model.safetensors" if base.is_dir() else base))
         for stem, d in ref.items():
@@ -179,8 +188,8 @@ def check_merge_both_layouts(tmp_path: Path, family: str, dialect: str, te: str)
                 assert torch.equal(got[k], v), k
         if not out.is_dir():  # verify checks what merge wrote (once: it is the slowest step here)
             assert verify(out, base, [src]).ok
-    doc = validate_adapter(src, base=sfile).to_dict()
-    assert doc["matched"] == len(ref) and not [f for f in doc["findings"] if f["severity"] == "error"]
+        doc = validate_adapter(src, base=base).to_dict()
+        assert doc["matched"] == len(ref) and not [f for f in doc["findings"] if f["severity"] == "error"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +212,7 @@ def check_table_against_ldm_converter(family: str) -> None:
     back by diffusers' own single-file converter, give the U-Net's state dict key for key."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    fam = get(family)
+    fam = get(FAMILY_OF[family])
     model = tiny_unet(family)
     state = model.state_dict()
     to_original = {r.split[0][0]: r.original for r in fam.relations}

@@ -273,7 +273,7 @@ def detect(names: list[str]) -> Detection:
     """
     scores: list[tuple[int, Family, str, list[str]]] = []
     for fam in families():
-        for dialect in DIALECTS:
+        for dialect in fam.dialects:
             hits = [n for n in names if fam.identify(n, dialect) is not None]
             if hits:
                 scores.append((len(hits), fam, dialect, hits))

@@ -133,8 +133,9 @@ diffusers = pytest.importorskip("diffusers")
 
 
 @pytest.mark.slow
-def test_table_agrees_with_diffusers_single_file_converter() -> None:
-    u.check_table_against_ldm_converter("sd1")
+@pytest.mark.parametrize("model", ["sd1", "sd2"])  # SD2.x: linear proj_in / proj_out, the same names
+def test_table_agrees_with_diffusers_single_file_converter(model: str) -> None:
+    u.check_table_against_ldm_converter(model)
 
 
 @pytest.mark.slow
@@ -143,5 +144,6 @@ def test_diffusers_kohya_loader_reads_our_kohya_file_as_we_convert_it(tmp_path: 
 
 
 @pytest.mark.slow
-def test_our_diffusers_output_loads_and_fuses_to_our_merge(tmp_path: Path) -> None:
-    u.check_load_lora_adapter_and_fuse(tmp_path, "sd1")
+@pytest.mark.parametrize("model", ["sd1", "sd2"])
+def test_our_diffusers_output_loads_and_fuses_to_our_merge(tmp_path: Path, model: str) -> None:
+    u.check_load_lora_adapter_and_fuse(tmp_path, model)
