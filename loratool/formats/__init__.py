@@ -216,9 +216,9 @@ def require_plain(adapter: Adapter, op: str, *, lycoris: bool = False, diffs: bo
         m = adapter.lycoris[weight_decomposed[0]]
         raise IncompatibleError(
             f"{adapter.path}: module '{m.name}' is {LYCO_NAMES[m.algo]} with DoRA weight decomposition "
-            f"(.dora_scale; {len(weight_decomposed)} such module(s)); {op} cannot keep it: no format loratool "
-            "writes holds it, and without its magnitude it is not the same adapter",
-            hint=f"merge it into its base model instead: loratool merge BASE {adapter.path} -o OUT",
+            f"(.dora_scale; {len(weight_decomposed)} such module(s)), which {op} does not support: no format "
+            "loratool writes holds it, and without its magnitude it is another adapter",
+            hint=f"merge it into a safetensors base model: loratool merge BASE {adapter.path} -o OUT",
         )
     refused = {n: m for n, m in adapter.lycoris.items() if not (diffs and m.algo in ("full", "norm", "bias"))}
     if refused and not lycoris:

@@ -119,7 +119,7 @@ def merge_into_gguf(
     unmatched: list[str] = []
     for path, w in zip(adapters, weights):
         a = read(path, allow_pickle=allow_pickle)
-        require_plain(a, "merge")
+        require_plain(a, "merge into a GGUF base")
         if any(m.magnitude is not None for m in a.modules.values()):
             raise IncompatibleError(f"{path}: DoRA adapters are not merged into GGUF bases",
                                     hint=f"loratool convert {path} --to peft --dora-to-lora HF_BASE -o PLAIN first")
