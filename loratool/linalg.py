@@ -807,11 +807,12 @@ def _block_pool(threads: int) -> Any:
     return _BLOCK_POOL[1]
 
 
-def _merge_rows(rows_in: torch.Tensor, d: torch.Tensor, scales: tuple[float, ...], rows_out: torch.Tensor,
-                start: int, stop: int, step: int, work: Workspace | None, w_norm: bool
+def _merge_rows(rows_in: torch.Tensor, up: torch.Tensor, down: torch.Tensor, scales: tuple[float, ...],
+                rows_out: torch.Tensor, start: int, stop: int, step: int, work: Workspace | None, w_norm: bool
                 ) -> tuple[float, float, float, float, float, float, float]:
-    """Rows start:stop of merge_blocked, block by block: (dd, de, ee, wn, worst, lo, hi); d is
-    B @ A, multiplied here by each of `scales` in turn (peft's `(B @ A) * scale`, then the weight).
+    """Rows start:stop of merge_blocked, block by block: (dd, de, ee, wn, worst, lo, hi). Each
+    block's rows of B @ A are formed here, then multiplied by each of `scales` in turn (peft's
+    `(B @ A) * scale`, then the weight).
 
     A 16-bit W enters each operation as it is stored: mixed-dtype operations compute in float32,
     and widening is exact, so `W + d` here is the float32 sum merged_tensor forms from a widened copy.
@@ -834,8 +835,8 @@ def _merge_rows(rows_in: torch.Tensor, d: torch.Tensor, scales: tuple[float, ...
         k = e - s
         dw, new, err = wb[:k], nb[:k], eb[:k]
         w = rows_in[s:e]
-        torch.mul(d[s:e], scales[0], out=err)  # ΔW = (B @ A) · scale (err is free until below)
-        for f in scales[1:]:
+        torch.mm(up[s:e], down, out=err)  # this block's rows of B @ A (err is free until below)
+        for f in scales:  # ΔW = (B @ A) · scale
             err.mul_(f)
         torch.add(w, err, out=new)  # W' = W + ΔW in float32
         mn, mx = (float(v) for v in torch.aminmax(new))  # NaN when the block holds one
@@ -864,19 +865,21 @@ def merge_blocked(stored: torch.Tensor, module: LoraModule, factor: float, out: 
     """W' = W + factor · ΔW of one plain LoRA into `out` (the stored output dtype), on the CPU, by
     row blocks that stay in cache.
 
-    The delta is formed whole, exactly as merged_tensor forms it (`(B @ A) · scale`, then the
-    factor): a matrix product's rounding may depend on how its rows are split. Everything after it
-    is elementwise, so doing it block by block changes no bit: widen W, add, cast into `out`, and
+    Each row block forms its rows of B @ A (a rank-r product, cheap, and it never leaves the cache;
+    formed whole it was a float32 out×in matrix written to memory and read back, the largest cost of
+    a merge after the start-up), then `· scale`, `· factor`, widen W, add, cast into `out`, and
     measure the realized delta (widen what was stored, ‖ΔW‖, ⟨R, ΔW⟩, ‖R − ΔW‖, max |R − ΔW|) and
-    the range of W'. One pass over memory instead of about ten whole-tensor passes; row ranges go
+    the range of W'. Every element of a product is the same r-term dot product whichever rows are
+    formed together; a BLAS may still order its terms differently for a very short block (it did,
+    here, for blocks of 1 and 3 rows), so W' can differ from merged_tensor's in the last bit of a
+    float32 sum, never more. One pass over memory instead of about ten whole-tensor passes; row ranges go
     to `threads` workers (default: torch's thread count, at most BLOCK_WORKERS), each single-threaded
     (see _block_pool). ‖W‖ (w_norm) costs one more pass per block: only the statistics report uses it.
     """
     import torch
 
     up, down = factors(module)
-    # B @ A whole; its scale and factor are applied per block (elementwise, so the same roundings)
-    d = torch.mm(up, down, out=work.get("d", (up.shape[0], down.shape[1]), torch.float32, "cpu"))
+    up, down = up.contiguous(), down.contiguous()
     scales = (module.scale,) if factor == 1.0 else (module.scale, factor)
     rows_in = stored.reshape(stored.shape[0], -1)
     rows_out = out.view(out.shape[0], -1)
@@ -885,13 +888,13 @@ def merge_blocked(stored: torch.Tensor, module: LoraModule, factor: float, out: 
     threads = threads or min(torch.get_num_threads(), BLOCK_WORKERS)
     blocks = -(-n // step)
     if threads <= 1 or blocks < 2:
-        parts = [_merge_rows(rows_in, d, scales, rows_out, 0, n, step, work, w_norm)]
+        parts = [_merge_rows(rows_in, up, down, scales, rows_out, 0, n, step, work, w_norm)]
     else:
         pool = _block_pool(threads)
         per = -(-blocks // (threads * 4))  # a few ranges per worker, for balance
         ranges = [(b * step, min(n, (b + per) * step)) for b in range(0, blocks, per)]
-        parts = [f.result() for f in [pool.submit(_merge_rows, rows_in, d, scales, rows_out, a, z, step, None,
-                                                  w_norm) for a, z in ranges]]
+        parts = [f.result() for f in [pool.submit(_merge_rows, rows_in, up, down, scales, rows_out, a, z, step,
+                                                  None, w_norm) for a, z in ranges]]
     dd = sum(p[0] for p in parts)
     de = sum(p[1] for p in parts)
     ee = sum(p[2] for p in parts)
