@@ -665,8 +665,11 @@ class _DirectSink:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-        self.view.release()
-        self.stage.close()
+        try:
+            self.view.release()
+            self.stage.close()
+        except BufferError:  # a slice still held by an interrupted write's traceback: freed with it
+            pass
 
 
 class StreamingWriter:
