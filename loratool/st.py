@@ -609,14 +609,6 @@ class _DirectSink:
             if self.filled == _STAGE_BYTES:
                 self._flush_full()
 
-    def put_zeros(self, n: int) -> None:
-        while n:
-            k = min(n, _STAGE_BYTES - self.filled)
-            self.view[self.filled:self.filled + k] = bytes(k)
-            self.filled += k
-            n -= k
-            if self.filled == _STAGE_BYTES:
-                self._flush_full()
 
     def put_from(self, src_fd: int, offset: int, nbytes: int) -> None:
         """nbytes of another file from offset, read straight into the staging buffer."""
@@ -732,7 +724,7 @@ class StreamingWriter:
         n = math.prod(exp_shape) * ITEMSIZE[exp_dtype]
         if self._direct is not None:
             offset = self._direct.position
-            self._direct.put_zeros(n)
+            self._direct.put(memoryview(bytes(n)))  # reserved entries are small (recomputed scales)
         else:
             offset = os.lseek(self._f.fileno(), n, os.SEEK_CUR) - n
         self._reserved[key] = (offset, exp_dtype, exp_shape)

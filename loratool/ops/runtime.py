@@ -194,21 +194,15 @@ def prepare_for(adapter: Adapter, rt: Runtime, *, drop: bool = False) -> Prepare
         refuse_or_drop(f"LoRA on {kind} modules", names, "those layers stay as in the base model")
         for n in names:
             modules.pop(n)
-    wrong_axis = [n for n, m in modules.items() if m.magnitude is not None and m.dora_axis not in rt.dora_axes]
-    if rt.dora and wrong_axis:
-        axis = _AXIS[modules[wrong_axis[0]].dora_axis]
-        refuse_or_drop(f"DoRA magnitudes per {axis} (it normalises per {_AXIS[rt.dora_axes[0]]})", wrong_axis,
+    # magnitudes the runtime cannot apply: any, or those on the axis it does not normalise along
+    names = [n for n, m in modules.items()
+             if m.magnitude is not None and (not rt.dora or m.dora_axis not in rt.dora_axes)]
+    if names:
+        what = "DoRA magnitudes" if not rt.dora else (
+            f"DoRA magnitudes per {_AXIS[modules[names[0]].dora_axis]} (it normalises per {_AXIS[rt.dora_axes[0]]})")
+        refuse_or_drop(what, names,
                        "those modules now apply their plain LoRA delta without DoRA's renormalisation, so outputs "
                        "differ from the DoRA adapter",
-                       hint="add --dora-to-lora BASE to write the closest plain LoRA for that base (error reported per "
-                       "module), or --drop to remove the magnitudes (outputs then differ from the DoRA adapter)")
-        for n in wrong_axis:
-            modules[n] = modules[n].with_(magnitude=None)
-    if not rt.dora:
-        names = [n for n, m in modules.items() if m.magnitude is not None]
-        refuse_or_drop("DoRA magnitudes", names,
-                       "those modules now apply their plain LoRA delta without DoRA's per-row renormalisation, so "
-                       "outputs differ from the DoRA adapter",
                        hint="add --dora-to-lora BASE to write the closest plain LoRA for that base (error reported per "
                        "module), or --drop to remove the magnitudes (outputs then differ from the DoRA adapter)")
         for n in names:
