@@ -32,7 +32,7 @@ from loratool.adapter import Adapter, LoraModule, LycoModule
 from loratool.errors import IncompatibleError
 from loratool.ops import Row, output_size
 from loratool.runtimes import RUNTIME_OF_FORMAT
-from loratool.st import TensorRef
+from loratool.st import TensorRef, read_side_file
 
 SCHEMA = 1
 
@@ -97,8 +97,8 @@ def _base_class(ckpt_root: Path) -> str | None:
     """The diffusers `_class_name` of a component directory's config.json, if there is one."""
     cfg = ckpt_root / "config.json"
     try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = json.loads(read_side_file(cfg).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):  # FIFOs, devices, absurd sizes: FormatError, not ignored
         return None
     name = data.get("_class_name") if isinstance(data, dict) else None
     return name if isinstance(name, str) else None

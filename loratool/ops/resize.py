@@ -17,6 +17,7 @@ from typing import Any
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import IncompatibleError
 from loratool.ops import Progress, Row, output_size
+from loratool.patterns import compile_pattern
 from loratool.st import TensorRef
 
 SCHEMA = 1
@@ -88,7 +89,7 @@ def select(adapter: Adapter, pattern: str | None) -> list[str]:
     if pattern is None:
         return list(adapter.modules)
     try:
-        rx = re.compile(pattern)
+        rx = compile_pattern(pattern)
     except re.error as e:
         raise IncompatibleError(f"--modules {pattern!r}: not a valid regular expression ({e})") from None
     names = [n for n in adapter.modules if rx.search(n)]
