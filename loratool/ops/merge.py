@@ -301,13 +301,14 @@ def _blocked_term(setup: _Setup, key: str, s: object, stored: torch.Tensor | Non
     """The one contribution of a tensor that linalg.merge_blocked can merge, or None.
 
     The common case, on the CPU: one plain LoRA (no DoRA, no LyCORIS, not transposed) into a float
-    tensor stored as it is (no quantization, no QLoRA round trip), written to a float dtype.
+    tensor stored as it is (no quantization, no QLoRA round trip), written to a float dtype. A float64
+    tensor is not: merge_blocked works in float32, merged_tensor keeps float64.
     """
     from loratool.adapter import LoraModule
 
     if (s is not None or setup.qlora_base or setup.device != "cpu" or key not in setup.plan.deltas
             or len(contribs) != 1 or not hasattr(cast, "buffer") or stored is None
-            or not stored.is_floating_point() or stored.dim() < 2):
+            or not stored.is_floating_point() or str(stored.dtype) == "torch.float64" or stored.dim() < 2):
         return None
     c = contribs[0]
     m = c.module
