@@ -353,7 +353,9 @@ def arch_info(base: Path) -> ArchInfo:
                                 "expected an object")
     cfg = top["text_config"] if isinstance(top.get("text_config"), dict) else top
     archs = cfg.get("architectures") or top.get("architectures") or []
-    hf = archs[0] if isinstance(archs, list) and archs else None
+    if not isinstance(archs, list):
+        raise IncompatibleError(f"{cfg_path}: 'architectures' is {archs!r}, expected a list of class names")
+    hf = archs[0] if archs else None
     if not isinstance(hf, str) or hf not in ARCH_OF_HF:
         raise IncompatibleError(f"{cfg_path}: architecture {hf!r} has no GGUF tensor naming loratool knows",
                                 hint=f"supported: {', '.join(sorted(ARCH_OF_HF))}")

@@ -118,6 +118,9 @@ def read_modules(
                            f"tensors (keys: {', '.join(keys)})")
             continue
         problem = _shape_problem(algo, refs)
+        if problem is None:  # a zero rank (or any empty factor): no delta, and maths that would divide by it
+            problem = next((f"{role} is {ref.shape}: an empty tensor (rank 0) holds no delta"
+                            for role, ref in refs.items() if 0 in ref.shape), None)
         if problem is None and bias is not None and len(bias.shape) != 1:
             problem = f"bias diff has shape {bias.shape}, expected one value per output"
         if problem is not None:

@@ -373,7 +373,7 @@ def _lycoris_to_lora(
     """
     import torch
 
-    from loratool.linalg import lyco_to_lora
+    from loratool.linalg import lyco_to_lora, require_finite
 
     shapes: dict[str, tuple[int, ...]] = {}
     if base is not None:
@@ -393,6 +393,8 @@ def _lycoris_to_lora(
         if not convertible:
             kept[name] = lm
             continue
+        first = next(iter(lm.tensors.values()))
+        require_finite(name, first.file, **{role: ref.load() for role, ref in lm.tensors.items()})  # before any SVD
         form = lyco_to_lora(lm, rank)
         shape = shapes.get(name, lm.delta_shape)
         if name not in shapes and len(shape) == 2 and any(h in name for h in _CONV_HINTS):

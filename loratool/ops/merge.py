@@ -388,6 +388,13 @@ def read_and_plan(op: str, adapters: Sequence[str | os.PathLike[str]], weights: 
     per_module, mw_warnings = adapter_module_weights(loaded, module_weights, blocks)
     plan, warnings = plan_merge(loaded, weights, ckpt, allow_unmatched=allow_unmatched, unmerge=unmerge,
                                 tensors=storage.logical(ckpt.tensors), module_weights=per_module)
+    for key, contribs in [*plan.deltas.items(), *plan.biases.items()]:
+        info = ckpt.tensors[key]
+        if storage.of(key) is None and info.dtype not in _FLOAT:  # bool, integer: not a weight to add to
+            raise IncompatibleError(
+                f"{info.path}: base tensor '{key}' is {info.dtype}, not a floating-point weight; a delta cannot be "
+                f"added to it (module '{contribs[0].module.name}')",
+                hint="check that BASE is the model the adapter was trained on")
     return loaded, plan, mw_warnings + warnings
 
 
