@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -39,7 +40,7 @@ from test_safety import error_lines, snapshot
 BOUND_S = 60
 
 MODULES = {"model.layers.0.self_attn.q_proj": (16, 16), "model.layers.0.self_attn.v_proj": (8, 16)}
-LONG_NAME = "model.layers.0." + "a" * 40 + "b"  # `(a|aa)+$` backtracks ~1.6^40 times on it
+LONG_NAME = "model.layers.0." + "a" * 48 + "b"  # `(a|aa)+$` backtracks ~1.6^48 times on it (minutes with re)
 
 _WRAP = """
 import resource, subprocess, sys
@@ -62,12 +63,17 @@ def run_bounded(args: list[Any], cwd: Path, timeout: float = BOUND_S) -> Result:
     after `timeout` seconds: a hang or a runaway fails the test instead of stalling the suite."""
     env = {k: v for k, v in os.environ.items() if k != "LORATOOL_DEBUG"}
     cmd = [sys.executable, "-c", _WRAP, sys.executable, "-m", "loratool", *map(str, args)]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"loratool {' '.join(map(str, args))} ran past its {timeout} s bound")
-    out, _, rss = p.stdout.rpartition("\nMAXRSS_KB=")
-    return Result(p.returncode, out, p.stderr, int(rss) / 1024)
+    # a session of its own: on timeout the whole group goes, loratool included (not only the wrapper)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env,
+                          start_new_session=True) as p:
+        try:
+            stdout, stderr = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            pytest.fail(f"loratool {' '.join(map(str, args))} ran past its {timeout} s bound")
+    out, _, rss = stdout.rpartition("\nMAXRSS_KB=")
+    return Result(p.returncode, out, stderr, int(rss) / 1024)
 
 
 @dataclass
