@@ -314,6 +314,22 @@ def case_rescale_peft_into_one_file_unasked(w: Path) -> Case:
     return Case(["rescale", peft(w), "--factor", "2", "-o", out], 0, "", out=out, after=one_file)
 
 
+@case
+def case_combine_format_peft_into_safetensors_name(w: Path) -> Case:
+    return Case(["combine", peft(w, "a"), peft(w, "b", seed=1), "--format", "peft", "-o", w / "x.safetensors"], 2,
+                r"a peft adapter is a folder")
+
+
+@case
+def case_combine_peft_into_one_file_unasked(w: Path) -> Case:
+    out = w / "x.safetensors"
+
+    def one_file() -> None:
+        assert out.is_file()
+
+    return Case(["combine", peft(w, "a"), peft(w, "b", seed=1), "-o", out], 0, "", out=out, after=one_file)
+
+
 # ---------------------------------------------------------------------------------------------
 # 12. validate: a LoRA bias of the wrong length
 

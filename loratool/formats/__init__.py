@@ -347,8 +347,8 @@ def write(
     if directory and out.suffix == ".safetensors":
         raise IncompatibleError(
             f"{out}: a {record.name} adapter is a folder; refusing to write a folder named *.safetensors",
-            hint=f"give -o a folder name (e.g. -o {out.with_suffix('')}); for one .safetensors file write "
-            "--format kohya or --format diffusers")
+            hint=f"give -o a folder name (e.g. -o {out.with_suffix('')}); for one .safetensors file write kohya "
+            "or diffusers (--format, or --to in convert)")
     with atomic_output(out, force=force, directory=directory, inputs=inputs,
                        kind="adapter" if directory else None) as tmp:
         try:
