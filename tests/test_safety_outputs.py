@@ -223,6 +223,24 @@ def test_inputs_are_recorded_before_the_command_runs(tmp_path: Path, capsys: pyt
     assert st.INPUTS == []
 
 
+def test_an_hf_input_counts_by_its_local_copy(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--base hf://...` is the snapshot folder it resolves to: no output inside it."""
+    import loratool.hub
+
+    base = sharded_base(tmp_path, "snapshot")
+    adapter = peft(tmp_path)
+    real = loratool.hub.resolve_path
+    monkeypatch.setattr(loratool.hub, "resolve_path",
+                        lambda path, **kwargs: base if str(path).startswith("hf://") else real(path, **kwargs))
+    before = snapshot(tmp_path)
+    with bounded(BOUND):
+        code, _, err = run(capsys, ["convert", adapter, "--to", "kohya", "--base", "hf://owner/model", "-o",
+                                    base / "model-00001-of-00002.safetensors", "--force"])
+    assert code == 2 and re.search(INSIDE, error_lines(err)[0]), err
+    assert _changed(before, snapshot(tmp_path)) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. --force replaces only a folder of our own earlier output
 

@@ -10,7 +10,9 @@ console script, `python -m loratool` and click's CliRunner behave the same.
 Adding a command:
 1. write loratool/cli/<name>.py with one `@click.command()` function; take the shared options from
    cli/_options.py (an option name means one thing in every command: tests/cli/test_options.py
-   checks it), turn every input path with `input_path()` (hf:// support), call ONE library op, and
+   checks it), type every path parameter click.Path (an input: recorded before the command runs, so
+   no output lands on it) or OutputPath (an output), turn every input path with `input_path()`
+   (hf:// support), call ONE library op, and
    end with `return emit(doc, _render.render_<name>, as_json=..., quiet=...)` (cli/_output.py);
 2. add it to COMMANDS below;
 3. add docs/commands/<name>.md (every option named, a console example that runs), a row in
