@@ -1207,7 +1207,11 @@ def _commit(tmp: Path, target: Path, shown: Path, *, force: bool, directory: boo
         return
     old = target.parent / f".{_stem(target.name)}.old-{os.getpid()}-{secrets.token_hex(4)}"
     os.rename(target, old)  # no exchange on this system: a moment with no output, the old one in `old`
-    os.rename(tmp, target)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)  # only this run may put its `old` back (another run never does: _remove_stale)
+        raise
     _remove(old)
 
 

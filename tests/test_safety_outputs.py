@@ -597,3 +597,33 @@ def test_corpus_covers_every_item() -> None:
                    "validate-bias-length"):  # 12
         assert needle in names, needle
     assert re.fullmatch(r"[a-z0-9-]+", "-".join(names))
+
+
+def test_the_run_that_moved_the_old_output_aside_puts_it_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without RENAME_EXCHANGE the old folder is moved aside first; if the new one then cannot be
+    moved in, this run (and only this run) renames the old one back."""
+    import errno
+
+    from loratool import st
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("old\n")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(out / "model.safetensors"), metadata={"loratool.op": "merge"})
+    before = snapshot(tmp_path)
+    real_rename = os.rename
+
+    def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        if ".tmp-" in os.fspath(src):
+            raise OSError(errno.EIO, "simulated I/O error", os.fspath(dst))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(st, "_renameat2", lambda src, dst, flags: False)
+    monkeypatch.setattr(os, "rename", rename)
+    with bounded(BOUND), pytest.raises(OSError, match="simulated"), \
+            st.atomic_output(out, force=True, directory=True, kind="model") as tmp:
+        (tmp / "config.json").write_text("new\n")
+    monkeypatch.undo()
+    assert snapshot(tmp_path) == before
