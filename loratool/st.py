@@ -864,7 +864,7 @@ def save_tensors(
 
 # What a folder written by each kind of command may hold (anything else: --force refuses it).
 OUTPUT_KINDS = ("adapter", "model", "download")
-ADAPTER_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md"})
+ADAPTER_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "adapters.safetensors", "README.md"})
 MODEL_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".tiktoken", ".jinja", ".md", ".py", ".vocab",
                   ".spm", ".bpe")
 DOWNLOAD_SUFFIXES = (".safetensors", ".json", ".md", ".txt", ".model", ".tiktoken", ".jinja", ".bin", ".pt",
@@ -894,6 +894,17 @@ def output_states() -> list[str]:
     return [o.describe() for o in OUTPUTS]
 
 
+INPUTS: list[str] = []  # every path the running command reads (the CLI records its path arguments here)
+
+
+def note_inputs(paths: Iterable[str | os.PathLike[str] | None]) -> None:
+    """Record paths this process's command reads: every later check_output refuses to write them,
+    inside them or around them, whatever `inputs` its caller passed. loratool.cli records every
+    path parameter of the command (and each hf:// input's local copy) before the command runs;
+    it clears the list when the command is over."""
+    INPUTS.extend(os.fspath(p) for p in paths if p is not None and os.fspath(p) != "")
+
+
 def check_output(
     out: str | os.PathLike[str],
     *,
@@ -910,7 +921,8 @@ def check_output(
             that looks like an earlier output of this `kind` (folder outputs).
         directory: the output is a folder.
         inputs: the command's inputs (files or folders): `out` may be none of them, nor inside nor
-            around one.
+            around one. The paths in INPUTS (note_inputs: every path the CLI command was given)
+            count too.
         others: the command's other outputs: `out` must differ from each and not nest with it.
         kind: for folder outputs, "adapter" (PEFT), "model" (merge) or "download" (pull).
 
@@ -923,7 +935,7 @@ def check_output(
     shown = Path(out)
     target = Path(os.path.abspath(out))
     _check_place(shown, target)
-    _check_collisions(shown, target, inputs, others)
+    _check_collisions(shown, target, [*inputs, *INPUTS], others)
     if not target.parent.is_dir():
         raise FormatError(f"{shown}: parent directory {shown.parent} does not exist")
     try:
@@ -1006,8 +1018,17 @@ def _not_replaceable(target: Path, info: os.stat_result, *, directory: bool, kin
 
 
 def _foreign_contents(folder: Path, kind: str | None) -> str | None:
-    """What in `folder` is not part of an earlier output of `kind`, or None."""
-    links, specials, foreign, not_ours = [], [], [], []
+    """What in `folder` is not part of an earlier output of `kind`, or None.
+
+    An adapter or model folder is ours only when its weights (at least one .safetensors) carry
+    loratool's provenance (`loratool.op`): a folder of config, code or docs alone is not replaced.
+    An empty folder may be."""
+    links: list[str] = []
+    specials: list[str] = []
+    foreign: list[str] = []
+    not_ours: list[str] = []
+    ours: list[str] = []
+    others: list[str] = []
     stack = [folder]
     try:
         while stack:
@@ -1026,8 +1047,10 @@ def _foreign_contents(folder: Path, kind: str | None) -> str | None:
                     specials.append(rel)
                 elif not _belongs(Path(entry.path), kind):
                     foreign.append(rel)
-                elif kind == "model" and entry.name.endswith(".safetensors") and not _written_by_loratool(entry.path):
-                    not_ours.append(rel)
+                elif kind in ("adapter", "model") and entry.name.endswith(".safetensors"):
+                    (ours if _written_by_loratool(entry.path) else not_ours).append(rel)
+                else:
+                    others.append(rel)
     except OSError as e:
         return f"its contents cannot be listed ({_strerror(e)})"
 
@@ -1045,6 +1068,8 @@ def _foreign_contents(folder: Path, kind: str | None) -> str | None:
         return f"the folder holds files other than {what} ({some(foreign)})"
     if not_ours:
         return f"the folder holds weights loratool did not write ({some(not_ours)})"
+    if kind in ("adapter", "model") and others and not ours:  # config, code, docs: no earlier output of ours
+        return f"the folder holds no weights loratool wrote, only {some(others)}"
     return None
 
 
@@ -1182,7 +1207,11 @@ def _commit(tmp: Path, target: Path, shown: Path, *, force: bool, directory: boo
         return
     old = target.parent / f".{_stem(target.name)}.old-{os.getpid()}-{secrets.token_hex(4)}"
     os.rename(target, old)  # no exchange on this system: a moment with no output, the old one in `old`
-    os.rename(tmp, target)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)  # only this run may put its `old` back (another run never does: _remove_stale)
+        raise
     _remove(old)
 
 
@@ -1250,70 +1279,143 @@ def _signals_held() -> Iterator[None]:
 class _Claim:
     """An exclusive lock file beside the output (`.NAME.lock`, holding the owner's pid).
 
-    flock(2) on it makes a crashed owner's lock free at once; where flock is unavailable the file
-    itself is the lock (created with O_EXCL), taken over only when its recorded pid is dead.
+    A lock in place is never opened for writing: the new one is made as a private temporary
+    (O_CREAT|O_EXCL|O_NOFOLLOW), given the pid, locked with flock(2), and only then moved to the
+    lock's name by a rename that refuses an existing path (or link(2), which refuses one too).
+    A lock found in place is judged without writing to it: a symbolic link, a special file, a file
+    with other hard links or one that holds no pid is no loratool lock and is refused (exit 2,
+    nothing touched); a flock held on it means a live run (exit 2); otherwise its run died and its
+    name is removed and the claim tried again. Where flock is unavailable the recorded pid decides.
     """
 
     def __init__(self, parent: Path, stem: str, shown: Path) -> None:
+        self.parent = parent
+        self.stem = stem
         self.path = parent / f".{stem}.lock"
         self.shown = shown
         self.fd: int | None = None
 
     def __enter__(self) -> _Claim:
         for _ in range(20):
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-            except OSError as e:
-                raise LoratoolError(f"{self.shown}: cannot write in {self.shown.parent} ({_strerror(e)}); nothing "
-                                    "was written", hint="write elsewhere with -o") from None
-            try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise LoratoolError(f"{self.path}: is not a regular file; refusing to use it as a lock")
-                try:
-                    fcntl_flock(fd)
-                except BlockingIOError:
-                    raise self._busy(_read_pid(fd)) from None
-                except OSError as e:
-                    if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                        raise
-                    os.close(fd)
-                    fd = -1
-                    self._exclusive()
-                    return self
-                try:  # the previous owner may have removed the file between our open and our lock
-                    same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
-                except FileNotFoundError:
-                    same = False
-                if not same:
-                    os.close(fd)
-                    fd = -1
-                    continue
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-                self.fd = fd
+            fd, tmp = self._new_lock()
+            placed = self._place(tmp, fd)
+            if placed is not None:
+                self.fd = placed
                 return self
-            except BaseException:
-                if fd >= 0:
-                    os.close(fd)
-                raise
+            self._judge()  # raises for a live run or a lock that is not ours; returns once a dead run's is gone
         raise self._busy(None)
 
-    def _exclusive(self) -> None:
-        for _ in range(3):
+    def _new_lock(self) -> tuple[int, Path]:
+        tmp = self.parent / f".{self.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise LoratoolError(f"{self.shown}: cannot write in {self.shown.parent} ({_strerror(e)}); nothing "
+                                "was written", hint="write elsewhere with -o") from None
+        try:
+            _write_all(fd, f"{os.getpid()}\n".encode())
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                fcntl_flock(fd)
+            except OSError as e:
+                if e.errno not in _NO_FLOCK:
+                    raise  # without flock the file alone is the lock: its pid decides (_judge)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return fd, tmp
+
+    def _place(self, tmp: Path, fd: int) -> int | None:
+        """Move the new lock (fd, at tmp) to its name and return the lock's fd, or None when a lock
+        is there (it is not touched). fd is closed and tmp removed whenever fd is not returned."""
+        ours: int | None = fd
+        try:
+            try:
+                if _renameat2(tmp, self.path, _RENAME_NOREPLACE):
+                    ours = None
+                    return fd
+                os.link(tmp, self.path, follow_symlinks=False)  # no renameat2 here: link(2) refuses a name too
             except FileExistsError:
-                with open(self.path, "rb") as f:
-                    owner = _read_pid(f.fileno())
-                if owner is not None and _alive(owner):
-                    raise self._busy(owner) from None
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path)
-                continue
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            self.fd = fd
-            return
-        raise self._busy(None)
+                return None
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS):
+                    raise
+                os.close(fd)  # no hard links on this filesystem: create the lock by name, exclusively
+                ours = None
+                return self._create_in_place()
+            ours = None
+            return fd
+        except OSError as e:
+            raise LoratoolError(f"{self.shown}: cannot write in {self.shown.parent} ({_strerror(e)}); nothing "
+                                "was written", hint="write elsewhere with -o") from None
+        finally:
+            if ours is not None:
+                os.close(ours)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)  # after a rename there is nothing left to remove
+
+    def _create_in_place(self) -> int | None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            return None
+        with contextlib.suppress(OSError):
+            fcntl_flock(fd)
+        _write_all(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+    def _judge(self) -> None:
+        """A lock is in place: raise if a live run holds it or it is no loratool lock; else remove it."""
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            return  # its run finished meanwhile
+        reason = None
+        if stat.S_ISLNK(info.st_mode):
+            reason = "it is a symbolic link"
+        elif not stat.S_ISREG(info.st_mode):
+            reason = f"it is {_kind_of(info.st_mode)}"
+        elif info.st_nlink != 1:
+            reason = f"it has {info.st_nlink} hard links"
+        if reason is None:
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return
+            except OSError as e:
+                raise LoratoolError(f"{self.path}: cannot read the lock ({_strerror(e)}); nothing was written to "
+                                    f"{self.shown}") from None
+            try:
+                now = os.fstat(fd)
+                if (now.st_ino, now.st_dev) != (info.st_ino, info.st_dev):
+                    return  # replaced meanwhile: judge again
+                raw = os.pread(fd, 64, 0)
+                m = re.fullmatch(rb"(\d{1,10})\n?", raw)
+                owner = int(m[1]) if m else None
+                if raw and owner is None:
+                    reason = "it holds no process id"
+                else:
+                    try:
+                        fcntl_flock(fd)
+                    except BlockingIOError:
+                        raise self._busy(owner) from None
+                    except OSError as e:
+                        if e.errno not in _NO_FLOCK:
+                            raise
+                        if owner is not None and _alive(owner):
+                            raise self._busy(owner) from None
+                    # its run is over: remove the name while holding its lock, if it is still this file
+                    again = os.stat(self.path, follow_symlinks=False)
+                    if (again.st_ino, again.st_dev) == (info.st_ino, info.st_dev):
+                        os.unlink(self.path)
+                    return
+            except FileNotFoundError:
+                return
+            finally:
+                os.close(fd)
+        raise OutputExistsError(f"{self.path}: is not a lock loratool made ({reason}); nothing was written to "
+                                f"{self.shown}", hint=f"remove {self.path} yourself, or write elsewhere with -o")
 
     def _busy(self, owner: int | None) -> OutputExistsError:
         who = f"pid {owner}" if owner else "another process"
@@ -1323,9 +1425,15 @@ class _Claim:
     def __exit__(self, *exc: object) -> None:
         if self.fd is not None:
             with contextlib.suppress(OSError):
-                os.unlink(self.path)  # while still holding the lock
+                mine = os.fstat(self.fd)
+                now = os.stat(self.path, follow_symlinks=False)
+                if (now.st_ino, now.st_dev) == (mine.st_ino, mine.st_dev):
+                    os.unlink(self.path)  # while still holding the lock
             os.close(self.fd)
             self.fd = None
+
+
+_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
 
 
 def fcntl_flock(fd: int) -> None:
@@ -1340,23 +1448,34 @@ def _read_pid(fd: int) -> int | None:
     return None
 
 
+_PID_MAX = 1 << 22  # Linux's PID_MAX_LIMIT; other systems stay below it too
+
+
 def _alive(pid: int) -> bool:
+    if not 0 < pid <= _PID_MAX:
+        return False  # no process has this id (and 0 or -1 would ask about whole process groups)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError):
         return True
     return True
 
 
 def _remove_stale(parent: Path, stem: str, shown: Path, target: Path) -> None:
-    """Remove temporaries that runs which died left for this output (never a live run's), and say so."""
+    """Remove temporaries that runs which died left for this output (never a live run's), and say so.
+
+    A dead run's `.old-` folder (the previous output, moved aside on a system without
+    RENAME_EXCHANGE) is never renamed into place nor removed by another run: it is named in a
+    warning and left to the user. A name whose pid no process can have was made by no run and is
+    left alone.
+    """
     import warnings
 
-    pattern = re.compile(rf"\.{re.escape(stem)}\.(tmp|old)-(\d+)-[0-9a-f]+")
+    pattern = re.compile(rf"\.{re.escape(stem)}\.(tmp|old)-(\d{{1,10}})-[0-9a-f]+")
     removed: list[str] = []
-    restored = None
+    kept: list[str] = []
     try:
         entries = sorted(os.scandir(parent), key=lambda e: e.name)
     except OSError:
@@ -1366,20 +1485,19 @@ def _remove_stale(parent: Path, stem: str, shown: Path, target: Path) -> None:
         if not m:
             continue
         pid = int(m[2])
-        if pid == os.getpid() or _alive(pid):
+        if not 0 < pid <= _PID_MAX or pid == os.getpid() or _alive(pid):
             continue
-        path = Path(entry.path)
-        if m[1] == "old" and restored is None and not os.path.lexists(target):
-            os.rename(path, target)  # a run died between moving the old output aside and the new one in
-            restored = entry.name
+        if m[1] == "old":
+            kept.append(entry.name)
             continue
-        _remove(path)
+        _remove(Path(entry.path))
         removed.append(f"{entry.name} (pid {pid})")
     if removed:
         warnings.warn(f"{shown}: removed {len(removed)} temporary file(s) left by earlier runs that did not finish: "
                       + ", ".join(removed), LoratoolWarning, stacklevel=4)
-    if restored:
-        warnings.warn(f"{shown}: restored the previous output from {restored}, left by a run that did not finish",
+    for name in kept:
+        warnings.warn(f"{shown}: {parent / name} holds an earlier output that a run which did not finish moved "
+                      f"aside; left as it is (rename it to {shown} to get it back, or remove it)",
                       LoratoolWarning, stacklevel=4)
 
 

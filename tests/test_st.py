@@ -272,6 +272,7 @@ def test_atomic_output_failure_leaves_the_previous_output(tmp_path, directory):
     if directory:
         out.mkdir()
         (out / "f.json").write_text("old")
+        save_file({"w": torch.zeros(1)}, str(out / "w.safetensors"), metadata={"loratool.op": "merge"})
     else:
         out.write_text("old")
     kind = "model" if directory else None  # force replaces only a folder that looks like an earlier output

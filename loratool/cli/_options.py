@@ -30,6 +30,12 @@ device_option = click.option(
 )
 
 
+class OutputPath(click.Path):
+    """A path the command writes (-o/--out, merge --report). Every other click.Path parameter is an
+    input: loratool.cli records it before the command runs, and no output may be, hold or lie
+    inside it (st.note_inputs)."""
+
+
 def local_out(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """-o/--out is a local path: an hf:// output is refused with the two-step way to get there."""
     if value is not None and value.startswith("hf://"):
@@ -40,7 +46,7 @@ def local_out(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 
 out_option = click.option(
-    "-o", "--out", "out", required=True, type=click.Path(), callback=local_out,
+    "-o", "--out", "out", required=True, type=OutputPath(), callback=local_out,
     help="Output path (a directory for PEFT, a file for kohya).",
 )
 weights_option = click.option(
@@ -154,8 +160,11 @@ def input_path(path: str | None, *, quiet: bool = False) -> str | None:
     import sys
 
     from loratool.hub import resolve_path
+    from loratool.st import note_inputs
 
-    return str(resolve_path(path, progress=not quiet and sys.stderr.isatty()))
+    local = str(resolve_path(path, progress=not quiet and sys.stderr.isatty()))
+    note_inputs([local])  # the local copy is an input like any other path (cli._recording_inputs)
+    return local
 
 
 module_weights_option = click.option(

@@ -6,6 +6,7 @@ import os
 import click
 
 from loratool.cli._options import (
+    OutputPath,
     allow_pickle_option,
     blocks_option,
     check_adapter_args,
@@ -34,7 +35,7 @@ from loratool.st import atomic_output, check_output
 @device_option
 @click.option("--unmerge", is_flag=True, help="Subtract the deltas instead of adding them (not for DoRA).")
 @click.option("--allow-unmatched", is_flag=True, help="Skip adapter modules that match no base weight (warn).")
-@click.option("--report", "report_file", type=click.Path(), default=None,
+@click.option("--report", "report_file", type=OutputPath(), default=None,
               help="Write per-tensor statistics (delta norm, relative change, cast error, retained delta) as JSON.")
 @click.option("--rounding", type=click.Choice(["nearest", "stochastic"]), default="nearest", show_default=True,
               help="How merged values round back to fp8 storage (stochastic: unbiased, seeded).")

@@ -289,14 +289,15 @@ def output_is_directory(fmt: str) -> bool:
 def single_file_output(adapter: Adapter, out: Path, fmt: str, explicit: bool) -> bool:
     """Whether a PEFT output is one file rather than a PEFT directory.
 
-    A path ending in .safetensors is a file. A single-file input (PEFT-style keys with no config
+    A path ending in .safetensors is a file, unless the format was asked for explicitly (a PEFT
+    folder, which write() refuses to name *.safetensors). A single-file input (PEFT-style keys with no config
     beside them, Adapter.key_prefix set) stays a single file in its own dialect unless the format
     was asked for explicitly.
     """
     if fmt != "peft":
         return False  # the other formats have one layout each (kohya, diffusers: a file; MLX: a directory)
     if out.suffix == ".safetensors":
-        return True
+        return not explicit  # --format peft asked for a PEFT folder: write() refuses the name
     return not explicit and adapter.source_format == "peft" and adapter.key_prefix is not None
 
 
@@ -343,6 +344,11 @@ def write(
     if inputs is None:
         inputs = [*(sources or []), *adapter.files, *([adapter.path] if adapter.path else [])]
     directory = record.capabilities.directory and not single
+    if directory and out.suffix == ".safetensors":
+        raise IncompatibleError(
+            f"{out}: a {record.name} adapter is a folder; refusing to write a folder named *.safetensors",
+            hint=f"give -o a folder name (e.g. -o {out.with_suffix('')}); for one .safetensors file write kohya "
+            "or diffusers (--format, or --to in convert)")
     with atomic_output(out, force=force, directory=directory, inputs=inputs,
                        kind="adapter" if directory else None) as tmp:
         try:

@@ -459,6 +459,7 @@ def combine(
         scaled = mw.weights
         if not groups:
             raise IncompatibleError("every module has weight 0: nothing is left to combine")
+    asked = fmt  # write() tells --format peft (a folder) from the default PEFT (-o NAME.safetensors: one file)
     fmt = fmt or (adapters[0].source_format if adapters[0].source_format in writable_formats() else "peft")
     for a in adapters:  # the result holds what its inputs hold (bias deltas, kinds): refuse before the maths
         check_writable(a, fmt)
@@ -511,7 +512,8 @@ def combine(
               "majority_sign": report.majority_sign, "seed": seed, "dtype": dtype,
               "inputs": [source_label(p) for p in local]}
     params.update({k: v for k, v in (("module_weights", module_weights), ("blocks", blocks)) if v is not None})
-    written = write(result, out, fmt=fmt, force=force, op="combine", params=params, sources=result.files)
+    written = write(result, out, fmt=None if asked is None and fmt == "peft" else fmt, force=force, op="combine",
+                    params=params, sources=result.files)
     report.size = output_size(written)
     return report
 

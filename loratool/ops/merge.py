@@ -488,6 +488,11 @@ def merge(
                                allow_pickle=allow_pickle, allow_unmatched=allow_unmatched, stats=stats,
                                progress=progress)
     ckpt = open_checkpoint(base_path)
+    if not base_path.is_file() and Path(out).suffix == ".safetensors":  # the output mirrors the base's folder
+        what = f"{len(ckpt.files)} shards" if ckpt.index is not None else ckpt.files[0].name
+        raise IncompatibleError(f"{out}: merging into {base_path} (a folder: {what}) writes a folder; refusing to "
+                                "name it *.safetensors",
+                                hint=f"give -o a folder name (e.g. -o {Path(out).with_suffix('')})")
     # the base's sha256 starts now, while torch is imported and the adapters are read (a core is
     # idle then), and later stays at most 1 GiB ahead of the merge, so the disk is read once
     sha256 = BackgroundSha256(list(ckpt.files), lead=1 << 30)
