@@ -1604,6 +1604,16 @@ class BackgroundSha256:
 
         self.paths = list(paths)
         self.digests: list[Future[str]] = [Future() for _ in self.paths]
+        # every file is opened now, so what is hashed is what the caller opened next to it, whenever the
+        # thread gets there (a file removed or replaced meanwhile is still the one that was named)
+        self._files: list[BinaryIO] = []
+        try:
+            for path in self.paths:
+                self._files.append(open(path, "rb", buffering=0))  # noqa: SIM115 (closed by _run)
+        except OSError as e:
+            for f in self._files:
+                f.close()
+            raise FormatError(f"{path}: cannot read it to compute its sha256 ({_strerror(e)})") from None
         self._allowed = math.inf if lead is None else lead
         self._stopped = False
         self._cond = threading.Condition()
@@ -1630,9 +1640,9 @@ class BackgroundSha256:
         buf = bytearray(8 << 20)
         view = memoryview(buf)
         try:
-            for path, digest in zip(self.paths, self.digests):
+            for f, digest in zip(self._files, self.digests):
                 hasher = hashlib.sha256()
-                with open(path, "rb", buffering=0) as f:
+                with f:
                     while True:
                         with self._cond:
                             while not self._stopped and done >= self._allowed:
@@ -1652,3 +1662,6 @@ class BackgroundSha256:
             for digest in self.digests:
                 if not digest.done():
                     digest.set_exception(e)
+        finally:
+            for f in self._files:
+                f.close()  # those not reached (stopped early, or an error)
