@@ -151,9 +151,11 @@ def model_card(described: Described, *, repo_id: str, files: list[tuple[str, Pat
 
 def _checkpoint_metadata(src: Path) -> dict[str, str]:
     """The loratool provenance of the first weights file that carries one (e.g. a merged model)."""
-    from loratool.st import read_header
+    from loratool.st import leads_out, read_header
 
     for f in sorted(src.rglob("*.safetensors")) if src.is_dir() else [src]:
+        if src.is_dir() and leads_out(f, src):
+            continue  # never read through a link out of the folder
         try:
             meta = read_header(f).metadata
         except LoratoolError:

@@ -54,15 +54,16 @@ class PushResult:
 
 
 def _upload_files(path: Path) -> list[tuple[str, Path]]:
-    """(path in repo, local file) pairs; hidden files and folders (.cache, .git, ...) stay behind."""
+    """(path in repo, local file) pairs; hidden files and folders (.cache, .git, ...) stay behind.
+
+    A file reached through a symbolic link that leads out of the folder is refused (st.copy_tree_files),
+    as are special files: an upload never reads what the folder only points at.
+    """
+    from loratool.st import copy_tree_files
+
     if path.is_file():
         return [(path.name, path)]
-    out = []
-    for f in sorted(path.rglob("*")):
-        rel = f.relative_to(path)
-        if f.is_file() and not any(part.startswith(".") for part in rel.parts):
-            out.append((rel.as_posix(), f))
-    return out
+    return [(rel.as_posix(), f) for f, rel in copy_tree_files(path, refuse_links_out=True)]
 
 
 def push(path: str | os.PathLike[str], repo_id: str, private: bool = False, revision: str | None = None,
