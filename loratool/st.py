@@ -27,7 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from loratool.errors import FormatError, IncompatibleError, LoratoolError, LoratoolWarning, OutputExistsError
+from loratool.errors import (
+    FormatError,
+    IncompatibleError,
+    LoratoolError,
+    LoratoolWarning,
+    OutputExistsError,
+    known_secrets,
+    scrub,
+    scrub_bytes,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -586,7 +595,8 @@ def _header_bytes(
         n = math.prod(shape) * ITEMSIZE[dtype]
         layout[key] = {"dtype": CODE_OF[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
-    header: dict[str, Any] = {METADATA_KEY: dict(metadata)} if metadata else {}
+    # no Hub token reaches an output, whatever an input's metadata held (errors.scrub)
+    header: dict[str, Any] = {METADATA_KEY: {scrub(k): scrub(v) for k, v in metadata.items()}} if metadata else {}
     for key in header_order or layout:
         header[key] = layout[key]
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -1495,24 +1505,47 @@ def copy_tree_files(root: Path, *, refuse_links_out: bool = False) -> Iterator[t
 def copy_input_file(src: Path, dst: Path) -> None:
     """Copy a regular file (through links) to a new file `dst`, keeping its mode and times.
 
+    A known Hub token in the bytes (errors.known_secrets) is written as *** (with a warning): no output
+    carries the token, even when an input did.
+
     Raises:
         FormatError: src cannot be read (naming it); OSError from writing dst.
     """
+    import warnings
+
     try:
         fin = open_input(src)
     except OSError as e:
         raise FormatError(f"{src}: cannot read ({_strerror(e)}); it would be missing from the output") from None
+    keep = max((len(s.encode("utf-8", "surrogatepass")) for s in known_secrets()), default=1) - 1
+    carry = b""
+    scrubbed = False
     with fin, open(dst, "xb") as fout:
         while True:
             try:
                 chunk = fin.read(_COPY_CHUNK)
             except OSError as e:
                 raise FormatError(f"{src}: cannot read ({_strerror(e)})") from None
+            data = carry + chunk
+            clean = scrub_bytes(data)
+            scrubbed = scrubbed or clean != data
             if not chunk:
+                fout.write(clean)
                 break
-            fout.write(chunk)
+            # a token may begin in the last `keep` bytes and end in the next chunk: hold them back
+            cut = max(len(clean) - keep, 0)
+            fout.write(clean[:cut])
+            carry = clean[cut:]
     with contextlib.suppress(OSError):
         shutil.copystat(src, dst)
+    if scrubbed:
+        warnings.warn(f"{src}: holds a Hub token; the copy in the output has it replaced by ***", LoratoolWarning,
+                      stacklevel=2)
+
+
+def write_text_output(path: str | os.PathLike[str], text: str) -> None:
+    """Write a text file of an output (a config, an index, a report): UTF-8, scrubbed of Hub tokens."""
+    Path(path).write_text(scrub(text), encoding="utf-8")
 
 
 _COPY_CHUNK = 8 << 20

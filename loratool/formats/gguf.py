@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratool.adapter import Adapter, LoraModule
-from loratool.errors import FormatError, IncompatibleError, LoratoolError
+from loratool.errors import FormatError, IncompatibleError, LoratoolError, scrub
 from loratool.formats._common import Findings, RawModule, TensorFile, build_module
 from loratool.formats.registry import Capabilities, Format
 from loratool.st import TensorRef, folder_file
@@ -326,7 +326,7 @@ def write(adapter: Adapter, out_file: Path, metadata: dict[str, str]) -> None:
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
     for k, v in metadata.items():
-        writer.add_string(k, v)
+        writer.add_string(scrub(k), scrub(v))  # no Hub token in an output (errors.scrub)
     for name, m in adapter.modules.items():
         if m.kind not in ("linear", "embedding") or m.fan_in_fan_out:
             raise IncompatibleError(

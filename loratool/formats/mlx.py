@@ -38,7 +38,7 @@ from loratool.formats._common import (
     split_by_suffix,
 )
 from loratool.formats.registry import Capabilities, Format
-from loratool.st import TensorRef, folder_file
+from loratool.st import TensorRef, folder_file, write_text_output
 
 WEIGHTS_NAME = "adapters.safetensors"
 NPZ_NAME = "adapters.npz"
@@ -226,7 +226,7 @@ def write(adapter: Adapter, out_dir: Path, metadata: dict[str, str]) -> None:
     }
     if adapter.base_model:
         config["model"] = adapter.base_model
-    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text_output(out_dir / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _detect(keys: list[str]) -> int:

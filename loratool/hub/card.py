@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from loratool.errors import HubError, LoratoolError
+from loratool.errors import HubError, LoratoolError, scrub
 from loratool.hub.describe import Described
 from loratool.hub.urls import _NAME
 
@@ -146,7 +146,7 @@ def model_card(described: Described, *, repo_id: str, files: list[tuple[str, Pat
     body += _provenance(meta)
     body += _usage(fmt, repo_id, files, source, hub_model_id(base),
                    (s.get("config") or {}).get("task_type") if adapter else None)
-    return "\n".join(front + body).rstrip() + "\n"
+    return scrub("\n".join(front + body).rstrip() + "\n")  # a metadata value may be the token
 
 
 def _checkpoint_metadata(src: Path) -> dict[str, str]:
