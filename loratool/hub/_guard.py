@@ -224,7 +224,7 @@ def _check_json(response: Any, request: Any) -> None:
         raise _refuse(request, f"is not JSON (it begins {raw[:40]!r})") from None
     path = request.url.path
     listing = "/tree/" in path or "/paths-info/" in path
-    if listing != isinstance(doc, list):
+    if not (isinstance(doc, list) if listing else doc is None or isinstance(doc, dict)):
         return_type = "a list of entries" if listing else "an object"
         raise _refuse(request, f"is a JSON {type(doc).__name__}, not {return_type}")
     problem = _json_problem(doc)
@@ -244,11 +244,11 @@ def _json_problem(doc: Any) -> str | None:
             continue
         sha = item.get("sha")
         if "sha" in item and (not isinstance(sha, str) or not _COMMIT.fullmatch(sha)):
-            return f"gives the commit sha {str(sha)[:80]!r}, which is not 40 hex digits"
+            return f"gives the commit sha {repr(sha)[:80]}, which is not 40 hex digits"
         for key in ("oid", "commitOid"):
             if key in item and item[key] is not None and (not isinstance(item[key], str)
                                                           or not _OID.fullmatch(item[key])):
-                return f"gives the {key} {str(item[key])[:80]!r}, which is not a hex object id"
+                return f"gives the {key} {repr(item[key])[:80]}, which is not a hex object id"
         if "siblings" in item:
             siblings = item["siblings"]
             if not isinstance(siblings, list) or not all(isinstance(s, dict) for s in siblings):
