@@ -10,6 +10,7 @@ from typing import Any
 
 from loratool.errors import HubError, LoratoolError
 from loratool.hub._env import _api, _cache_dir, _endpoint, _offline, _timeout, _token
+from loratool.hub._guard import HubDeadline
 from loratool.hub.describe import Described, describe
 from loratool.hub.errors import _boundary, _is_network_error
 from loratool.hub.urls import (
@@ -149,7 +150,6 @@ def _check_in_cache(fetched: _Fetched, repo_id: str, cache: str | None, shown: s
 def _fetch_in(repo_id: str, rev: str, subpath: str, *, ep: str, tok: str | None, cache: str | None, offline: bool,
               secs: float, shown: str) -> _Fetched:
     """_fetch's Hub calls, inside its boundary."""
-    from huggingface_hub import snapshot_download
 
     api = _api(ep, tok)
     local_only = offline
@@ -172,6 +172,25 @@ def _fetch_in(repo_id: str, rev: str, subpath: str, *, ep: str, tok: str | None,
             unreachable = e
     common: dict[str, Any] = {"repo_id": repo_id, "revision": rev, "cache_dir": cache, "endpoint": ep,
                               "token": tok, "local_files_only": local_only, "etag_timeout": secs}
+    try:
+        return _download(api, subpath, common, shown, unreachable)
+    except HubDeadline as e:
+        # the repo answered but a file did not, in time (_guard ends every later request at once):
+        # what the cache holds still serves, as when the Hub does not answer at all
+        late = e
+    try:
+        return _download(api, subpath, {**common, "local_files_only": True}, shown, None)
+    except Exception as e:
+        if _is_not_cached(e):
+            raise late from None
+        raise
+
+
+def _download(api: Any, subpath: str, common: dict[str, Any], shown: str,
+              unreachable: BaseException | None) -> _Fetched:
+    from huggingface_hub import snapshot_download
+
+    local_only = common["local_files_only"]
     try:
         if not subpath:
             snap = Path(snapshot_download(allow_patterns=list(FILE_PATTERNS), **common))

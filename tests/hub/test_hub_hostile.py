@@ -139,6 +139,16 @@ def test_timeout_is_honoured_not_doubled_by_retries(run_main: Cli, lora: HubServ
     assert took < 3 * 2, took  # before: 2 s per try, 1-8 s sleeps between 5 tries
 
 
+def test_files_that_do_not_answer_come_from_the_cache(run_main: Cli, lora: HubServer, tmp_path: Path) -> None:
+    """The repo answers, its files do not: what the cache holds still serves, within the deadline."""
+    assert run_main("pull", "alice/lora").code == 0
+    lora.hostile["mute_files"] = 60
+    r, took = _timed(run_main, "pull", "alice/lora", "-o", str(tmp_path / "out"), env={"LORATOOL_HUB_TIMEOUT": "2"})
+    assert r.code == 0, r.stderr
+    assert took < 3 * 2, took
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
 # ---------------------------------------------------------------------------------------------
 # item 4 through the Hub: push never uploads what a folder only links to
 
