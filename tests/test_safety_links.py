@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from clirun import run_cli
+from clirun import bounded, run_cli
 from test_safety import snapshot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,8 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def _run(*args: object) -> tuple[int, str, str]:
     start = time.monotonic()
-    r = run_cli(args)
+    with bounded(BOUND_S):
+        r = run_cli(args)
     assert time.monotonic() - start < BOUND_S, f"{args} took too long"
     assert "Traceback" not in r.err
     return r.code, r.out, r.err

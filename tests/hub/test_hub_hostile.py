@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clirun import bounded
 from conftest import ALICE, FIXTURES, Run, assert_clean_error, fixture_files
 from hubserver import HubServer
 from safetensors.torch import load_file, save_file
@@ -47,7 +48,8 @@ def _outside_cache(snap: dict[str, Any]) -> dict[str, Any]:
 
 def _timed(run: Cli, *args: str, **kw: Any) -> tuple[Run, float]:
     start = time.monotonic()
-    r = run(*args, **kw)
+    with bounded(BOUND_S):
+        r = run(*args, **kw)
     took = time.monotonic() - start
     assert took < BOUND_S, f"{args} took {took:.1f} s"
     return r, took
@@ -209,8 +211,10 @@ def test_outputs_never_carry_the_token(run_main: Cli, hub: HubServer, tmp_path: 
     runs = [("rescale", str(src), "--factor", "2", "-o", str(tmp_path / "rescaled")),
             ("convert", str(src), "--to", "kohya", "-o", str(tmp_path / "k.safetensors")),
             ("merge", str(base), str(src), "-o", str(tmp_path / "merged"), "--report", str(tmp_path / "r.json"))]
+    inputs = snapshot(src), snapshot(base)
     for args in runs:
-        r = run_main(*args, token=token)
+        with bounded(BOUND_S):
+            r = run_main(*args, token=token)
         assert r.code == 0, (args, r.stderr)
         assert token not in r.stdout + r.stderr
     assert "holds a Hub token" in r.stderr  # merge's copy of tokenizer_config.json
@@ -221,6 +225,7 @@ def test_outputs_never_carry_the_token(run_main: Cli, hub: HubServer, tmp_path: 
                 assert token.encode() not in f.read_bytes(), f
     assert json.loads((tmp_path / "merged" / "tokenizer_config.json").read_text()) == {"hub_token": "***"}
     # the inputs are untouched
+    assert (snapshot(src), snapshot(base)) == inputs
     assert token.encode() in (base / "tokenizer_config.json").read_bytes()
 
 
