@@ -258,8 +258,10 @@ def _json_problem(doc: Any) -> str | None:
                 why = unsafe_name(name) if isinstance(name, str) else "is not a string"
                 if why:
                     return f"lists the repository file name {name!r}, which {why}"
-        if isinstance(doc, list) and "path" in item:
-            name = item["path"]
+        if isinstance(doc, list):
+            if item.get("type") not in ("file", "directory"):
+                return f"lists an entry of type {item.get('type')!r} (not a file or a directory)"
+            name = item.get("path")
             why = unsafe_name(name) if isinstance(name, str) else "is not a string"
             if why:
                 return f"lists the path {name!r}, which {why}"

@@ -114,6 +114,7 @@ class HubServer:
         #   sha: Any          only repo_info's `sha` (any JSON value: a NUL, a number)
         #   repo_info: Any    repo_info's whole answer (any JSON value)
         #   siblings: Any     repo_info's `siblings`
+        #   paths_info: Any   the answer to paths-info (what `pull --subfolder` / hf://.../PATH asks)
         #   not_json: bytes   every /api/ answer is these bytes (200, application/json)
         #   redirect_loop     every file answers 302 to itself
         #   size_lie: int     HEAD promises this many bytes more than GET sends
@@ -442,6 +443,8 @@ class _Handler(BaseHTTPRequestHandler):
             files = repo.commits[oid].files
             dirs = _dirs(files)
             paths = parse_qs(body.decode()).get("paths", [])
+            if "paths_info" in hub.hostile:
+                return self._json(hub.hostile["paths_info"])
             return self._json([_entry(p.strip("/"), files, p.strip("/") in dirs, oid)
                                for p in paths if p.strip("/") in files or p.strip("/") in dirs])
         if method == "GET" and rest == ["refs"]:

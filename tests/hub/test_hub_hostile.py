@@ -76,6 +76,26 @@ HOSTILE = {
 }
 
 
+SUBPATH_HOSTILE = {
+    "paths-info-object": ({"paths_info": {"path": "adapter_config.json"}}, "is a JSON dict, not a list of entries"),
+    "paths-info-no-type": ({"paths_info": [{"path": "adapter_config.json", "size": 3}]}, "of type None"),
+    "paths-info-dotdot": ({"paths_info": [{"type": "file", "path": "../../x", "size": 3}]}, "'../../x', which"),
+    "paths-info-size-string": ({"paths_info": [{"type": "file", "path": "adapter_config.json", "size": "big"}]},
+                               "as 'big', not a whole number"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SUBPATH_HOSTILE))
+def test_hostile_listing_of_a_path_is_one_clean_error(run_main: Cli, lora: HubServer, tmp_path: Path,
+                                                      case: str) -> None:
+    lie, needle = SUBPATH_HOSTILE[case]
+    lora.hostile.update(lie)
+    before = _outside_cache(snapshot(tmp_path))
+    r, _ = _timed(run_main, "inspect", "hf://alice/lora/adapter_model.safetensors")
+    assert_clean_error(r, "hf://alice/lora/adapter_model.safetensors", needle)
+    assert _outside_cache(snapshot(tmp_path)) == before
+
+
 @pytest.mark.parametrize("command", ["pull", "inspect"])
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_answer_is_one_clean_error(run_main: Cli, lora: HubServer, tmp_path: Path, case: str,
