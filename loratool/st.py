@@ -1472,6 +1472,9 @@ def copy_tree_files(root: Path, *, refuse_links_out: bool = False) -> Iterator[t
             if entry.name.startswith("."):
                 continue
             path = Path(entry.path)
+            if entry.is_symlink() and not os.path.exists(path):
+                raise FormatError(f"{path}: broken symbolic link (to {os.readlink(path)})",
+                                  hint="fix or remove the link")
             out = leads_out(path, root)
             if out is not None:
                 if refuse_links_out:

@@ -160,16 +160,19 @@ def test_library_folder_file_and_copy_tree(tmp_path: Path) -> None:
     (root / "a" / "x.json").write_text("{}")
     (root / "in.json").symlink_to("a/x.json")
     (root / "out.json").symlink_to("/proc/self/environ")
-    (root / "dangling").symlink_to(tmp_path / "nowhere")
+    (root / "etc").symlink_to("/etc", target_is_directory=True)
     assert leads_out(root / "in.json", root) is None
     assert leads_out(root / "missing.json", root) is None
     assert leads_out(root / "out.json", root) is not None
-    assert leads_out(root / "dangling", root) == str(tmp_path / "nowhere")
+    assert leads_out(root / "etc", root) == os.path.realpath("/etc")
     assert folder_file(root, "in.json") == root / "in.json"
     with pytest.raises(FormatError, match=r"out\.json: is a symbolic link leading out of the input folder"):
         folder_file(root, "out.json")
     with pytest.warns(Warning, match=r"not copied: 2 symbolic link\(s\)"):
         got = sorted(rel.as_posix() for _, rel in copy_tree_files(root))
     assert got == ["a/x.json", "in.json"]
-    with pytest.raises(FormatError, match="dangling: is a symbolic link leading out"):
+    with pytest.raises(FormatError, match="etc: is a symbolic link leading out"):
         list(copy_tree_files(root, refuse_links_out=True))
+    (root / "dangling").symlink_to(tmp_path / "nowhere")  # broken, wherever it points: an error, as before
+    with pytest.raises(FormatError, match="dangling: broken symbolic link"):
+        list(copy_tree_files(root))
