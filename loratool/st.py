@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import math
 import os
@@ -27,7 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from loratool.errors import FormatError, IncompatibleError, LoratoolError, LoratoolWarning, OutputExistsError
+from loratool.errors import (
+    FormatError,
+    IncompatibleError,
+    LoratoolError,
+    LoratoolWarning,
+    OutputExistsError,
+    known_secrets,
+    scrub,
+    scrub_bytes,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -421,11 +431,12 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         raise FormatError(f"{p}: several safetensors indexes ({', '.join(i.name for i in indexes)})",
                           hint="pass the component directory or a single file")
     if indexes:
-        return _open_sharded(p, indexes[0])
+        return _open_sharded(p, folder_file(p, indexes[0].name))
     singles = [p / n for n in SINGLE_NAMES if (p / n).is_file()] or sorted(p.glob("*.safetensors"))
     if len(singles) == 1:
-        st = read_header(singles[0])
-        return Checkpoint(p, [singles[0]], dict(st.tensors), None, {singles[0]: st.metadata})
+        single = folder_file(p, singles[0].name)
+        st = read_header(single)
+        return Checkpoint(p, [single], dict(st.tensors), None, {single: st.metadata})
     found = sorted(x.name for x in p.iterdir())[:10]
     raise FormatError(
         f"{p}: no model.safetensors or {INDEX_NAME} (found: {', '.join(found) or 'nothing'})",
@@ -508,22 +519,58 @@ def member_path(root: Path, name: Any, *, source: str | os.PathLike[str]) -> Pat
         raise FormatError(f"{source}: file name {name!r} {problem}",
                           hint="refusing a name that could lead outside its folder: the file is corrupt or hostile")
     path = root / PurePosixPath(name)
-    real = os.path.realpath(path)
-    allowed = [os.path.realpath(root), *_hf_blob_stores(root)]
-    if not any(_inside(real, a) for a in allowed):
+    real = leads_out(path, root)
+    if real is not None:
         raise FormatError(f"{source}: file name {name!r} is a symbolic link leading out of {root} (to {real})",
-                          hint="refusing a file reached through a link that leaves its folder")
+                          hint=_LINK_HINT)
     return path
 
 
-def _hf_blob_stores(root: Path) -> list[str]:
-    """The blobs folder of the Hugging Face cache repo whose snapshot holds root, if any."""
+_LINK_HINT = ("loratool never follows a link out of an input folder; copy the file into the folder (or pass "
+              "the file itself)")
+
+
+def folder_file(root: Path, name: str) -> Path:
+    """`root / name` for a file that a reader of the input folder `root` opens (its config, weights,
+    index): every read of a file inside an input folder goes through here or member_path.
+
+    A missing file is returned as is (the caller says what is missing); a file that resolves outside
+    root (a symbolic link, of the file or of a folder on the way, to /proc/self/environ, a device,
+    someone else's file) is refused, except a link into the blob store of the Hugging Face cache
+    that root is a snapshot of.
+
+    Raises:
+        FormatError: naming the file and where it leads.
+    """
+    path = root / name
+    real = leads_out(path, root)
+    if real is not None:
+        raise FormatError(f"{path}: is a symbolic link leading out of the input folder {root} (to {real}); "
+                          "refusing to read it", hint=_LINK_HINT)
+    return path
+
+
+def leads_out(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> str | None:
+    """Where `path` really leads, when that is outside the folder `root` (and outside the blob store
+    of the Hugging Face cache repo whose snapshot holds root); None when it stays inside or does not
+    exist at all. The one test of "a link out of an input folder"."""
+    if not os.path.lexists(path):
+        return None
+    real = os.path.realpath(path)
+    allowed = [os.path.realpath(root), *_hf_blob_stores(root)]
+    return None if any(_inside(real, a) for a in allowed) else real
+
+
+def _hf_blob_stores(root: str | os.PathLike[str]) -> list[str]:
+    """The blobs folder of the Hugging Face cache repo whose snapshot holds root, if any:
+    root is <cache>/models--OWNER--NAME/snapshots/<revision>[/...]."""
     parts = Path(os.path.abspath(root)).parts
     if "snapshots" in parts:
         i = len(parts) - 1 - parts[::-1].index("snapshots")
-        blobs = Path(*parts[:i]) / "blobs"
-        if blobs.is_dir():
-            return [os.path.realpath(blobs)]
+        if i >= 1 and i + 1 < len(parts) and re.match(r"^(models|datasets|spaces)--", parts[i - 1]):
+            blobs = Path(*parts[:i]) / "blobs"
+            if blobs.is_dir() and not blobs.is_symlink():
+                return [os.path.realpath(blobs)]
     return []
 
 
@@ -549,7 +596,8 @@ def _header_bytes(
         n = math.prod(shape) * ITEMSIZE[dtype]
         layout[key] = {"dtype": CODE_OF[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
-    header: dict[str, Any] = {METADATA_KEY: dict(metadata)} if metadata else {}
+    # no Hub token reaches an output, whatever an input's metadata held (errors.scrub)
+    header: dict[str, Any] = {METADATA_KEY: {scrub(k): scrub(v) for k, v in metadata.items()}} if metadata else {}
     for key in header_order or layout:
         header[key] = layout[key]
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -1513,16 +1561,22 @@ def _remove(p: Path) -> None:
             p.unlink()
 
 
-def copy_tree_files(root: Path) -> Iterator[tuple[Path, Path]]:
-    """(file, its path relative to root) for every file under root, symbolic links followed.
+def copy_tree_files(root: Path, *, refuse_links_out: bool = False) -> Iterator[tuple[Path, Path]]:
+    """(file, its path relative to root) for every file under root to copy, links inside root followed.
 
-    Hidden entries (.git, .cache, loratool's own temporaries) are skipped. Nothing is skipped
-    silently otherwise: an unreadable folder, a special file (FIFO, device, socket), a broken link or
-    a link loop raises.
+    Hidden entries (.git, .cache, loratool's own temporaries) are skipped. A file or folder that
+    resolves outside root (a symbolic link to /proc/self/environ, /dev/..., another folder; see
+    leads_out) is never read: it is skipped, and one LoratoolWarning names what was skipped once the
+    walk is done (with refuse_links_out, e.g. for an upload, it raises instead). Nothing else is
+    skipped silently: an unreadable folder, a special file (FIFO, device, socket), a broken link
+    inside root or a link loop raises.
 
     Raises:
         FormatError: naming the entry.
     """
+    import warnings
+
+    skipped: list[str] = []
 
     def walk(folder: Path, rel: Path, chain: tuple[str, ...]) -> Iterator[tuple[Path, Path]]:
         real = os.path.realpath(folder)
@@ -1537,8 +1591,18 @@ def copy_tree_files(root: Path) -> Iterator[tuple[Path, Path]]:
             if entry.name.startswith("."):
                 continue
             path = Path(entry.path)
+            if entry.is_symlink() and not os.path.exists(path):
+                raise FormatError(f"{path}: broken symbolic link (to {os.readlink(path)})",
+                                  hint="fix or remove the link")
+            out = leads_out(path, root)
+            if out is not None:
+                if refuse_links_out:
+                    raise FormatError(f"{path}: is a symbolic link leading out of the input folder {root} (to "
+                                      f"{out}); refusing to read it", hint=_LINK_HINT)
+                skipped.append(f"{rel / entry.name} (to {out})")
+                continue
             try:
-                mode = os.stat(path).st_mode  # through links
+                mode = os.stat(path).st_mode  # through links (inside root)
             except FileNotFoundError:
                 raise FormatError(f"{path}: broken symbolic link (to {os.readlink(path)})",
                                   hint="fix or remove the link") from None
@@ -1553,29 +1617,57 @@ def copy_tree_files(root: Path) -> Iterator[tuple[Path, Path]]:
                                   hint="remove it from the input folder")
 
     yield from walk(root, Path(), ())
+    if skipped:
+        warnings.warn(f"{root}: not copied: {len(skipped)} symbolic link(s) leading out of the input folder "
+                      f"(loratool never follows them): {', '.join(skipped[:5])}"
+                      + (f", ... ({len(skipped)} in all)" if len(skipped) > 5 else ""),
+                      LoratoolWarning, stacklevel=2)
 
 
 def copy_input_file(src: Path, dst: Path) -> None:
     """Copy a regular file (through links) to a new file `dst`, keeping its mode and times.
 
+    A known Hub token in the bytes (errors.known_secrets) is written as *** (with a warning): no output
+    carries the token, even when an input did.
+
     Raises:
         FormatError: src cannot be read (naming it); OSError from writing dst.
     """
+    import warnings
+
     try:
         fin = open_input(src)
     except OSError as e:
         raise FormatError(f"{src}: cannot read ({_strerror(e)}); it would be missing from the output") from None
+    keep = max((len(s.encode("utf-8", "surrogatepass")) for s in known_secrets()), default=1) - 1
+    carry = b""
+    scrubbed = False
     with fin, open(dst, "xb") as fout:
         while True:
             try:
                 chunk = fin.read(_COPY_CHUNK)
             except OSError as e:
                 raise FormatError(f"{src}: cannot read ({_strerror(e)})") from None
+            data = carry + chunk
+            clean = scrub_bytes(data)
+            scrubbed = scrubbed or clean != data
             if not chunk:
+                fout.write(clean)
                 break
-            fout.write(chunk)
+            # a token may begin in the last `keep` bytes and end in the next chunk: hold them back
+            cut = max(len(clean) - keep, 0)
+            fout.write(clean[:cut])
+            carry = clean[cut:]
     with contextlib.suppress(OSError):
         shutil.copystat(src, dst)
+    if scrubbed:
+        warnings.warn(f"{src}: holds a Hub token; the copy in the output has it replaced by ***", LoratoolWarning,
+                      stacklevel=2)
+
+
+def write_text_output(path: str | os.PathLike[str], text: str) -> None:
+    """Write a text file of an output (a config, an index, a report): UTF-8, scrubbed of Hub tokens."""
+    Path(path).write_text(scrub(text), encoding="utf-8")
 
 
 _COPY_CHUNK = 8 << 20
@@ -1606,7 +1698,7 @@ class BackgroundSha256:
         self.digests: list[Future[str]] = [Future() for _ in self.paths]
         # every file is opened now, so what is hashed is what the caller opened next to it, whenever the
         # thread gets there (a file removed or replaced meanwhile is still the one that was named)
-        self._files: list[BinaryIO] = []
+        self._files: list[io.FileIO] = []
         try:
             for path in self.paths:
                 self._files.append(open(path, "rb", buffering=0))  # noqa: SIM115 (closed by _run)

@@ -176,7 +176,9 @@ def _read_json_tensor(info: TensorInfo) -> dict[str, Any]:
 
 
 def _config(root: Path) -> dict[str, Any] | None:
-    p = root / "config.json"
+    from loratool.st import folder_file
+
+    p = folder_file(root, "config.json")
     if not p.is_file():
         return None
     try:

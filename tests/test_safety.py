@@ -443,8 +443,10 @@ def case_base_symlinked_subfolder(w: Path) -> Case:
     tok.mkdir(parents=True)
     (tok / "tokenizer.json").write_text('{"v": 1}')
     (base / "tokenizer").symlink_to(tok)
+    # a folder linked from outside the base is never followed (issue 22 item 4; tests/test_safety_links.py):
+    # skipped, with a warning, not copied
     return Case(["merge", base, peft(w), "-o", w / "out"], 0, "", out=w / "out",
-                after=_copied(w / "out", "tokenizer/tokenizer.json", '{"v": 1}'))
+                after=lambda: None if not (w / "out" / "tokenizer").exists() else pytest.fail("followed the link"))
 
 
 @case

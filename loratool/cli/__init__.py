@@ -82,15 +82,63 @@ class LoratoolGroup(click.Group):
                 register_secret(arg.partition("=")[2])
         previous = warnings.showwarning
         warnings.showwarning = _show_warning
+        streams = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Scrubbed(sys.stdout), _Scrubbed(sys.stderr)
         try:
             code = run_mapped(lambda: super(LoratoolGroup, self).main(
                 args=args, prog_name=prog_name or "loratool", complete_var=complete_var, standalone_mode=False,
                 **extra))
         finally:
             warnings.showwarning = previous
+            for wrapped in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError, ValueError):
+                    wrapped.flush()
+            sys.stdout, sys.stderr = streams
         if standalone_mode:
             sys.exit(code)
         return code
+
+
+class _Scrubbed(io.TextIOBase):
+    """stdout or stderr for the length of a command: every byte passes errors.scrub on its way out.
+
+    Text is passed on a line at a time (a token never spans a line), and at flush(); click.echo and
+    rich flush after each message, so a message is scrubbed whole."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        cut = self._pending.rfind("\n") + 1
+        if cut:
+            done, self._pending = self._pending[:cut], self._pending[cut:]
+            self.stream.write(scrub(done))
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            done, self._pending = self._pending, ""
+            self.stream.write(scrub(done))
+        self.stream.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return bool(self.stream.isatty())
+
+    def fileno(self) -> int:
+        return int(self.stream.fileno())
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return str(getattr(self.stream, "encoding", None) or "utf-8")
+
+    @property
+    def errors(self) -> str | None:  # type: ignore[override]
+        return getattr(self.stream, "errors", None)
 
 
 def run_mapped(call: Any) -> int:

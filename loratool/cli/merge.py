@@ -20,7 +20,7 @@ from loratool.cli._options import (
     weights_option,
 )
 from loratool.errors import LoratoolError
-from loratool.st import atomic_output, check_output
+from loratool.st import atomic_output, check_output, write_text_output
 
 
 @click.command()
@@ -87,7 +87,7 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, m
         try:
             with atomic_output(report_file, force=force, directory=False, inputs=[base, *adapters],
                                others=[out]) as tmp:
-                tmp.write_text(json.dumps(report.to_dict(tensors=True), indent=2) + "\n")
+                write_text_output(tmp, json.dumps(report.to_dict(tensors=True), indent=2) + "\n")
         except LoratoolError as e:  # say what is on disk: the merged model is there, the report is not
             raise LoratoolError(f"{e.message}; the merged model was written to {out}", e.hint) from None
     if os.environ.get("LORATOOL_TIMINGS") == "1":  # per-stage pipeline timings (tests/perf/device_check.py)

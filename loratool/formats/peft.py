@@ -31,7 +31,7 @@ from loratool.formats._common import (
 )
 from loratool.formats.names import PEFT_PREFIX
 from loratool.formats.registry import Capabilities, Format
-from loratool.st import TensorRef
+from loratool.st import TensorRef, folder_file, write_text_output
 
 PREFIX = PEFT_PREFIX
 CONFIG_NAME = "adapter_config.json"
@@ -193,8 +193,8 @@ def locate(path: Path) -> tuple[Path, Path]:
                 f"{path}: PEFT adapter directory without {WEIGHTS_NAME} "
                 f"(found: {', '.join(found) or 'nothing'})"
             )
-        return path / CONFIG_NAME, weights
-    return path.parent / CONFIG_NAME, path
+        return folder_file(path, CONFIG_NAME), folder_file(path, weights.name)
+    return folder_file(path.parent, CONFIG_NAME), path
 
 
 def read(path: Path, *, allow_pickle: bool = False, findings: Findings | None = None) -> Adapter:
@@ -636,7 +636,7 @@ def write(adapter: Adapter, out_dir: Path, metadata: dict[str, str]) -> None:
 
     config, _ = build_config(adapter)
     save_tensors(out_dir / WEIGHTS_NAME, state_dict(adapter), {"format": "pt", **metadata})
-    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text_output(out_dir / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # header keys a single file's LoRA config may be stored under (formats._common.header_config);

@@ -32,7 +32,7 @@ from loratool.adapter import Adapter, LoraModule, LycoModule
 from loratool.errors import IncompatibleError
 from loratool.ops import Row, output_size
 from loratool.runtimes import RUNTIME_OF_FORMAT
-from loratool.st import TensorRef
+from loratool.st import TensorRef, folder_file
 
 SCHEMA = 1
 
@@ -95,7 +95,7 @@ def _listing(names: list[str], limit: int = 6) -> str:
 
 def _base_class(ckpt_root: Path) -> str | None:
     """The diffusers `_class_name` of a component directory's config.json, if there is one."""
-    cfg = ckpt_root / "config.json"
+    cfg = folder_file(ckpt_root, "config.json")
     try:
         data = json.loads(cfg.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -39,7 +39,7 @@ from loratool.adapter import Adapter, Kind, LoraModule
 from loratool.errors import IncompatibleError
 from loratool.linalg import EXACT_MAX_DIM, truncated_svd
 from loratool.ops import Progress, Row, output_size
-from loratool.st import BackgroundSha256, Checkpoint, TensorInfo, TensorRef
+from loratool.st import BackgroundSha256, Checkpoint, TensorInfo, TensorRef, folder_file
 
 if TYPE_CHECKING:
     import torch
@@ -235,13 +235,13 @@ def _plan(base: Checkpoint, tuned: Checkpoint, *, modules: str | None, embedding
 
 
 def _source_files(ckpt: Checkpoint) -> list[Path]:
-    extra = [ckpt.root / n for n in ("config.json", "model.safetensors.index.json")]
+    extra = [folder_file(ckpt.root, n) for n in ("config.json", "model.safetensors.index.json")]
     return [*ckpt.files, *(p for p in extra if p.is_file() and p not in ckpt.files)]
 
 
 def _config(ckpt: Checkpoint) -> dict[str, Any]:
     try:
-        data = json.loads((ckpt.root / "config.json").read_text(encoding="utf-8"))
+        data = json.loads(folder_file(ckpt.root, "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
