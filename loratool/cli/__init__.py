@@ -34,6 +34,7 @@ from typing import Any
 import click
 
 from loratool import __version__
+from loratool.cli import batch as _batch
 from loratool.cli import combine as _combine
 from loratool.cli import convert as _convert
 from loratool.cli import diff as _diff
@@ -56,7 +57,7 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 COMMANDS: list[click.Command] = [
     _inspect.inspect, _validate.validate, _rescale.rescale, _resize.resize, _combine.combine, _merge.merge,
-    _extract.extract, _convert.convert, _diff.diff, _verify.verify, _pull.pull, _push.push,
+    _extract.extract, _convert.convert, _diff.diff, _verify.verify, _pull.pull, _push.push, _batch.batch,
 ]
 
 
