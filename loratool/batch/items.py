@@ -88,7 +88,7 @@ def expand_inputs(inputs: list[str]) -> list[Item]:
         else:
             items += _path_items(text)
     seen: set[tuple[str, str | None, tuple[str, ...]]] = set()
-    unique = []
+    unique: list[Item] = []
     for item in items:
         key = (_same(item.input), item.out, tuple(item.options))
         if key not in seen:

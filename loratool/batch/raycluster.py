@@ -102,8 +102,9 @@ def run_ray(tasks: list[Task], runner: Runner, *, jobs: int = 1, timeout: float 
                 try:
                     yield ray.get(ref)
                 except Exception as e:  # the task's worker died, or Ray could not run it at all
+                    reason = str(e).splitlines()[0] if str(e) else ""
                     yield Outcome(task.index, 3, "", "", time.monotonic() - started, "crashed",
-                                  f"the Ray task failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+                                  f"the Ray task failed ({type(e).__name__}: {reason})")
             if timeout:
                 now = time.monotonic()
                 for ref, (task, started) in list(in_flight.items()):

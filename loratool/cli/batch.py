@@ -159,7 +159,8 @@ def split_args(op: str, command: click.Command, args: list[str]) -> tuple[list[s
             raise click.UsageError(f"batch sets {name} itself: outputs go under --out-dir (or a manifest's `out`), "
                                    "results are JSON lines")
         options.append(tok)
-        takes_value = not (opt.is_flag or opt.count or getattr(opt, "_flag_needs_value", False)) and not (eq or attached)
+        optional = getattr(opt, "_flag_needs_value", False)  # --modules[=REGEX]: a value only after `=`
+        takes_value = not (opt.is_flag or opt.count or optional) and not (eq or attached)
         if takes_value:
             if i + 1 >= len(args):
                 raise click.UsageError(f"{name} needs a value")
