@@ -249,6 +249,8 @@ def run_batch(op: str, spec: BatchOp, options: list[str], fixed: list[str], item
                 _emit({**{k: v for k, v in done.items() if k != "key"}, "item": item.input, "index": item.index,
                        "resumed": True})
                 continue
+        if item.out is not None:  # the commands refuse a missing parent; workers never race to make one
+            Path(item.out).parent.mkdir(parents=True, exist_ok=True)
         tasks.append(Task(item.index, item_argv(op, spec, options, fixed, _abs(item.input), item.options, item.out),
                           cwd))
     if executor == "ray":
