@@ -21,7 +21,7 @@ import pytest
 from clirun import run_cli
 from factories import build_adapter
 
-ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'loratool[ray]'): the Ray executor is untested")
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install loratool[ray]): Ray executor untested")
 
 
 def _free_port() -> int:
