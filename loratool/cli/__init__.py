@@ -45,6 +45,7 @@ from loratool.cli import pull as _pull
 from loratool.cli import push as _push
 from loratool.cli import rescale as _rescale
 from loratool.cli import resize as _resize
+from loratool.cli import scan as _scan
 from loratool.cli import validate as _validate
 from loratool.cli import verify as _verify
 from loratool.errors import LoratoolError, LoratoolWarning, register_secret, scrub
@@ -58,6 +59,7 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM
 COMMANDS: list[click.Command] = [
     _inspect.inspect, _validate.validate, _rescale.rescale, _resize.resize, _combine.combine, _merge.merge,
     _extract.extract, _convert.convert, _diff.diff, _verify.verify, _pull.pull, _push.push, _batch.batch,
+    _scan.scan,
 ]
 
 
