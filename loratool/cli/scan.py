@@ -23,7 +23,6 @@ def scan(path: str, as_json: bool, allow_pickle: bool, quiet: bool) -> int:
     Example: loratool scan upload.safetensors
     Example: loratool batch scan uploads/ > scan.ndjson
     """
-    from loratool.cli import _render
     from loratool.cli._output import emit
     from loratool.ops.scan import scan as run
 

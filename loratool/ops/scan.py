@@ -234,7 +234,8 @@ def fingerprint(adapter: Any) -> str:
 
     Per module (whatever its name: a kohya file may name a layer by its LDM path and its diffusers
     conversion by the diffusers one, so modules are a multiset ordered by content): the exact SVD of
-    ΔW = scale·up@down in the base weight's layout (fan_in_fan_out and embeddings transposed back), from the factors rounded to bfloat16 first
+    ΔW = scale·up@down in the base weight's layout (fan_in_fan_out and embeddings transposed back),
+    from the factors rounded to bfloat16 first
     (so fp32 and bf16 copies of the same factors agree bit for bit) and computed in float64 by the
     low-rank route. Singular values under DROP_BELOW of the largest are dropped (zero-padded ranks);
     each singular pair is signed so its u's largest entry is positive. log2(σ) and the vector entries
