@@ -221,9 +221,9 @@ def _genops(stream: Any, imports: dict[tuple[str, str], int]) -> int:
         elif op.name in ("MEMOIZE",):
             memo[len(memo)] = strings[-1] if strings else None
         elif op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
-            memo[int(arg)] = strings[-1] if strings else None
+            memo[int(arg or 0)] = strings[-1] if strings else None
         elif op.name in ("BINGET", "LONG_BINGET", "GET"):
-            strings.append(memo.get(int(arg)))
+            strings.append(memo.get(int(arg or 0)))
         if op.name == "STOP":
             break
     return count
