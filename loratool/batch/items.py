@@ -14,6 +14,7 @@ from loratool.errors import IncompatibleError
 
 # files a folder of adapters is searched for (pickles only when the command allows them, by name)
 ADAPTER_SUFFIXES = (".safetensors", ".gguf", ".npz")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # listed from folders only when asked (batch scan)
 # what makes a folder one adapter rather than a folder of adapters
 ADAPTER_DIR_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapters.safetensors",
                      "adapter_model.bin", "pytorch_lora_weights.safetensors")
@@ -63,12 +64,12 @@ class Outcome:
     detail: str | None = None
 
 
-def expand_inputs(inputs: list[str]) -> list[Item]:
+def expand_inputs(inputs: list[str], *, suffixes: tuple[str, ...] = ADAPTER_SUFFIXES) -> list[Item]:
     """Paths, globs, folders of adapters, JSONL/CSV manifests and hf://OWNER listings -> items, in order.
 
     A path that does not exist stays an item (its command fails for it alone, with its own error);
     a glob that matches nothing, or an unreadable manifest, is the caller's error. The same input
-    named twice is one item.
+    named twice is one item. `suffixes`: the files a folder is searched for.
 
     Raises:
         IncompatibleError: a glob matching nothing, a malformed manifest line.
@@ -84,9 +85,9 @@ def expand_inputs(inputs: list[str]) -> list[Item]:
             if not matches:
                 raise IncompatibleError(f"{text}: the pattern matches nothing")
             for m in matches:
-                items += _path_items(m)
+                items += _path_items(m, suffixes)
         else:
-            items += _path_items(text)
+            items += _path_items(text, suffixes)
     seen: set[tuple[str, str | None, tuple[str, ...]]] = set()
     unique: list[Item] = []
     for item in items:
@@ -106,7 +107,7 @@ def is_adapter_dir(path: Path) -> bool:
     return any((path / name).is_file() for name in ADAPTER_DIR_FILES)
 
 
-def _path_items(text: str) -> list[Item]:
+def _path_items(text: str, suffixes: tuple[str, ...]) -> list[Item]:
     """A file or adapter folder is one item; any other folder holds items (never following a link out)."""
     path = Path(text)
     if not path.is_dir() or path.is_symlink() or is_adapter_dir(path):
@@ -115,7 +116,7 @@ def _path_items(text: str) -> list[Item]:
     for child in sorted(path.iterdir(), key=lambda p: p.name):
         if child.is_symlink():
             continue  # a link may point out of the folder the user named
-        if (child.is_file() and child.suffix.lower() in ADAPTER_SUFFIXES) or (child.is_dir() and is_adapter_dir(child)):
+        if (child.is_file() and child.suffix.lower() in suffixes) or (child.is_dir() and is_adapter_dir(child)):
             found.append(Item(str(child)))
     return found
 

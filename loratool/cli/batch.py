@@ -82,7 +82,7 @@ def batch(out_dir: str | None, jobs: int, executor: str, address: str | None, re
     Example: loratool batch validate --strict uploads/ > report.ndjson
     Example: loratool batch --jobs 4 --out-dir half/ rescale --factor 0.5 loras/*.safetensors
     """
-    from loratool.batch.items import expand_inputs, output_names
+    from loratool.batch.items import ADAPTER_SUFFIXES, PICKLE_SUFFIXES, expand_inputs, output_names
     from loratool.batch.items import shard as take_shard
     from loratool.errors import IncompatibleError
 
@@ -93,7 +93,8 @@ def batch(out_dir: str | None, jobs: int, executor: str, address: str | None, re
         need = " ".join(["PARTNER", "BASE", "REFERENCE", "ADAPTER"][i] for i in range(spec.fixed)) if spec.fixed else ""
         raise click.UsageError(f"batch {op} needs {need + ' then ' if need else ''}at least one input")
     fixed = [_abs(p) for p in positionals[:spec.fixed]]
-    items = expand_inputs(positionals[spec.fixed:])
+    suffixes = ADAPTER_SUFFIXES + PICKLE_SUFFIXES if op == "scan" else ADAPTER_SUFFIXES  # scan reads pickles safely
+    items = expand_inputs(positionals[spec.fixed:], suffixes=suffixes)
     if not items:
         raise IncompatibleError("no inputs: the folders named hold no adapters")
     items = take_shard(items, shard)

@@ -19,7 +19,7 @@ def scan(path: str, as_json: bool, allow_pickle: bool, quiet: bool) -> int:
     for a kohya file and its diffusers or PEFT conversion and for fp32 and bf16 copies. Exit 0 when
     nothing is wrong, 1 with error findings, 2 when PATH cannot be read at all.
 
-    \\b
+    \b
     Example: loratool scan upload.safetensors
     Example: loratool batch scan uploads/ > scan.ndjson
     """
@@ -33,7 +33,8 @@ def scan(path: str, as_json: bool, allow_pickle: bool, quiet: bool) -> int:
 
 def _render_scan(doc: dict) -> None:  # type: ignore[type-arg]
     lines = [f"{doc['path']}: {doc['format'] or 'unknown format'}"
-             + (f", family {doc['family']}" if doc["family"] else "")
+             + (f", family {doc['model_family']}" if doc["model_family"] else "")
+             + (f", family one of {', '.join(doc['family_tied'])}" if doc["family_tied"] else "")
              + (f", {doc['num_modules']} modules" if doc["num_modules"] is not None else "")]
     if doc["fingerprint"]:
         lines.append(f"fingerprint  {doc['fingerprint']}")

@@ -72,7 +72,8 @@ class ScanReport:
     files: list[FileScan]
     findings: list[dict[str, str]]
     format: str | None = None
-    family: str | None = None
+    family: str | None = None  # the model family inspect detects, when one fits best
+    family_tied: list[str] = field(default_factory=list)  # the families that fit equally well otherwise
     num_modules: int | None = None
     fingerprint: str | None = None
     warnings: list[str] = field(default_factory=list)
@@ -83,7 +84,8 @@ class ScanReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "path": str(self.path), "ok": self.ok, "format": self.format,
-                "family": self.family, "num_modules": self.num_modules, "fingerprint": self.fingerprint,
+                "model_family": self.family, "family_tied": self.family_tied,
+                "num_modules": self.num_modules, "fingerprint": self.fingerprint,
                 "files": [f.to_dict() for f in self.files], "findings": self.findings, "warnings": self.warnings}
 
 
@@ -121,7 +123,9 @@ def scan(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> ScanRep
         doc = InspectReport(adapter, p, 0).to_dict()
         report.format = adapter.source_format
         fam = doc.get("family")
-        report.family = fam.get("family") if isinstance(fam, dict) else None
+        if isinstance(fam, dict):
+            report.family = fam.get("family")
+            report.family_tied = list(fam.get("tied") or [])
         report.num_modules = len(adapter.modules) + len(adapter.lycoris)
         report.fingerprint = fingerprint(adapter)
     except LoratoolError as e:
