@@ -143,9 +143,13 @@ def run_local(tasks: list[Task], runner: Runner, *, jobs: int = 1, timeout: floa
                         continue
                     if isinstance(msg, Outcome):
                         task, s.task = s.task, None
-                        yield msg
-                        if msg.code == 3 and "MemoryError" in msg.stderr:
+                        oom = msg.code == 3 and "MemoryError" in msg.stderr
+                        if oom:  # the command's exit 3 says "internal error"; this is the bound at work
+                            bound = f" within --max-memory {memory >> 20} MB" if memory else ""
+                            msg.status = "failed"
+                            msg.detail = f"ran out of memory (MemoryError){bound}; its worker was replaced"
                             slots[i] = _replace(s, ctx, runner_ref, memory, threads)
+                        yield msg
                         continue
                     # the worker died: a signal, the OOM killer, or a crash inside a C extension
                     task, code = s.task, s.proc.exitcode

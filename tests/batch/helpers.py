@@ -12,6 +12,8 @@ def sleepy(argv: list[str], cwd: str) -> tuple[int, str, str]:
         time.sleep(float(argv[1]))
     elif argv[0] == "die":
         os._exit(9)
+    elif argv[0] == "oom":  # what run_item returns when the command hits MemoryError
+        return 3, "", "Error: internal error: MemoryError: \nHint: this is a bug in loratool\n"
     elif argv[0] == "hog":
         _ = bytearray(int(argv[1]))
     return 0, f'{{"schema": 1, "argv": {len(argv)}}}', ""

@@ -83,6 +83,14 @@ def test_batch_outputs_equal_single_command_outputs(fleet, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         doc = json.loads(s.out)
         assert items[n]["result"]["modules"] == doc["modules"]
+    # an SVD on two workers with fewer threads each: still the single command's tensors, bit for bit
+    r = run_cli(["batch", "--jobs", "2", "--out-dir", tmp_path / "rz", "resize", "--rank", "1",
+                 *[fleet / n for n in names[:3]]])
+    assert r.code == 0, r.out
+    for n in names[:3]:
+        assert run_cli(["resize", fleet / n, "-o", tmp_path / "single" / f"r_{n}", "--rank", "1", "-q"]).code == 0
+        a, b = load_file(tmp_path / "rz" / n), load_file(tmp_path / "single" / f"r_{n}")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_skips_finished_items(fleet, tmp_path):
@@ -185,6 +193,13 @@ def test_a_dying_worker_fails_its_item_alone():
     got = _run([Task(0, ["die"], cwd), Task(1, ["x"], cwd), Task(2, ["x"], cwd)], jobs=1)
     assert got[0].status == "crashed" and "exit status 9" in got[0].detail
     assert got[1].code == 0 and got[2].code == 0
+
+
+def test_a_memory_error_is_reported_as_such_and_its_worker_replaced():
+    cwd = os.getcwd()
+    got = _run([Task(0, ["oom"], cwd), Task(1, ["x"], cwd)], jobs=1, memory=1 << 30)
+    assert got[0].status == "failed" and "MemoryError" in got[0].detail and "1024 MB" in got[0].detail
+    assert got[1].code == 0
 
 
 @pytest.mark.skipif(not hasattr(os, "sysconf"), reason="RLIMIT_AS needs a POSIX system")
