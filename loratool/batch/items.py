@@ -40,11 +40,29 @@ class Item:
 
 @dataclass
 class Task:
-    """What a worker runs: the command's argument list, from the directory the batch was started in."""
+    """What a worker runs: the command's argument list, from the directory the batch was started in,
+    with the settings loratool reads from the environment as they were when the batch started (a
+    worker forked from a forkserver started earlier, or a Ray worker, would otherwise have its own)."""
 
     index: int
     argv: list[str]
     cwd: str
+    env: dict[str, str] = field(default_factory=lambda: settings())
+
+
+# environment variables that change what a command does (Hub endpoint, token, cache, offline, debug)
+SETTINGS_PREFIXES = ("HF_", "HUGGING_FACE_", "HUGGINGFACE_", "LORATOOL_", "TRANSFORMERS_OFFLINE")
+
+
+def settings() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(SETTINGS_PREFIXES)}
+
+
+def apply_settings(env: dict[str, str]) -> None:
+    """Make this process's loratool settings those of `env` (in a worker, before each task)."""
+    for k in [k for k in os.environ if k.startswith(SETTINGS_PREFIXES) and k not in env]:
+        del os.environ[k]
+    os.environ.update(env)
 
 
 @dataclass

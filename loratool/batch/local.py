@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from loratool.batch.items import Outcome, Task
+from loratool.batch.items import Outcome, Task, apply_settings
 
 Runner = Callable[[list[str], str], tuple[int, str, str]]
 
@@ -71,6 +71,7 @@ def _worker(runner_ref: tuple[str, str], conn: Connection, memory: int | None, t
             return
         t0 = time.perf_counter()
         limit_memory(memory)
+        apply_settings(task.env)
         code, out, err = runner(task.argv, task.cwd)
         conn.send(Outcome(task.index, code, out, err, time.perf_counter() - t0))
 

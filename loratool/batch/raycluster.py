@@ -27,6 +27,7 @@ Runner = Callable[[list[str], str], tuple[int, str, str]]
 
 def _run_task(runner: Runner, task: Task, memory: int | None) -> Outcome:
     """Body of one Ray task (module level, so Ray pickles it by reference)."""
+    from loratool.batch.items import apply_settings
     from loratool.batch.local import limit_memory
 
     saved = None
@@ -36,6 +37,7 @@ def _run_task(runner: Runner, task: Task, memory: int | None) -> Outcome:
 
             saved = resource.getrlimit(resource.RLIMIT_AS)
         limit_memory(memory)
+    apply_settings(task.env)
     t0 = time.perf_counter()
     try:
         code, out, err = runner(task.argv, task.cwd)
