@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from loratool.errors import IncompatibleError
 
@@ -54,7 +54,7 @@ class Ledger:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.done: dict[str, dict[str, Any]] = {}
-        self._file: IO[str] | None = None
+        self._fd: int | None = None
 
     def load(self) -> None:
         """Read what earlier runs finished (a torn last line, from a killed run, is ignored)."""
@@ -68,16 +68,19 @@ class Ledger:
                         self.done[rec["key"]] = rec
 
     def append(self, record: dict[str, Any]) -> None:
-        if self._file is None:
+        """Add one line with a single O_APPEND write, so shards sharing one ledger never interleave lines."""
+        if self._fd is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             except OSError as e:
                 raise IncompatibleError(f"{self.path}: cannot write the batch ledger ({e.strerror})") from None
-            if self._file.tell() and not self._ends_with_newline():
-                self._file.write("\n")  # after a torn line
-        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
-        self._file.flush()
+            if os.fstat(self._fd).st_size and not self._ends_with_newline():
+                os.write(self._fd, b"\n")  # after a torn line
+        data = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
 
     def _ends_with_newline(self) -> bool:
         with open(self.path, "rb") as f:
@@ -85,6 +88,6 @@ class Ledger:
             return f.read(1) == b"\n"
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

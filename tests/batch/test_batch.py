@@ -218,3 +218,18 @@ def test_items_from_folders_skip_links_out(tmp_path, fleet):
     assert [Path(i.input).name for i in expand_inputs([str(folder)])] == ["a.safetensors"]
     assert expand_inputs([str(folder / "a.safetensors"), str(folder / "a.safetensors")]) == [
         Item(str(folder / "a.safetensors"), index=0)]
+
+
+def test_ledgers_shared_by_shards_and_torn_lines(tmp_path):
+    from loratool.batch.ledger import Ledger
+
+    path = tmp_path / "ledger.jsonl"
+    path.write_text('{"key": "torn", "status": "o')  # a run killed mid-line
+    a, b = Ledger(path), Ledger(path)
+    for i in range(50):
+        (a if i % 2 else b).append({"key": f"k{i}", "status": "ok", "pad": "x" * 20000})
+    a.close()
+    b.close()
+    done = Ledger(path)
+    done.load()
+    assert sorted(done.done) == sorted(f"k{i}" for i in range(50))
