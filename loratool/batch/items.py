@@ -30,12 +30,14 @@ class Item:
         out: the output path of a writing command (None: derived under --out-dir, or none needed).
         options: extra command-line tokens for this item alone (a manifest's columns).
         index: position in the whole work list (before sharding): shards and the output order use it.
+        origin: the folder of the manifest that named it (a relative `out` without --out-dir is relative to it).
     """
 
     input: str
     out: str | None = None
     options: list[str] = field(default_factory=list)
     index: int = 0
+    origin: str | None = None
 
 
 @dataclass
@@ -185,7 +187,7 @@ def read_manifest(path: Path) -> list[Item]:
                 continue
             else:
                 tokens += [flag, str(value)]
-        items.append(Item(_beside(path, inp), _beside(path, str(out)) if out is not None else None, tokens))
+        items.append(Item(_beside(path, inp), str(out) if out is not None else None, tokens, origin=str(path.parent)))
     return items
 
 
@@ -232,6 +234,13 @@ def parse_shard(spec: str) -> tuple[int, int]:
         raise IncompatibleError(f"--shard {spec!r}: I must be in 0..N-1 and N at least 1",
                                 hint="Slurm: --array=0-3 with --shard $SLURM_ARRAY_TASK_ID/4")
     return i, n
+
+
+def manifest_outs(items: list[Item]) -> None:
+    """Without --out-dir: a manifest's relative `out` is relative to the manifest's folder."""
+    for item in items:
+        if item.out is not None and item.origin is not None and not os.path.isabs(item.out):
+            item.out = str(Path(item.origin) / item.out)
 
 
 def output_names(items: list[Item], out_dir: Path, *, directory: bool | None, suffix: str = ".safetensors") -> None:

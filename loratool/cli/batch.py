@@ -18,7 +18,7 @@ class BatchOp:
     """How `batch OP` places an item among OP's arguments.
 
     fixed: how many positional arguments every item shares (combine's partner, merge's base, diff's
-    reference, verify's adapter), given before the inputs; item_last: the item comes after them
+    reference, verify's adapter), given before the inputs, and `shared` their name; item_last: the item comes after them
     (combine PARTNER ITEM, merge BASE ITEM) rather than before (diff ITEM REFERENCE, verify ITEM ADAPTER);
     writes: the command writes an output (-o), named under --out-dir.
     """
@@ -26,13 +26,15 @@ class BatchOp:
     fixed: int = 0
     item_last: bool = False
     writes: bool = False
+    shared: str = ""
 
 
 OPS: dict[str, BatchOp] = {
     "inspect": BatchOp(), "validate": BatchOp(), "scan": BatchOp(),
     "rescale": BatchOp(writes=True), "resize": BatchOp(writes=True), "convert": BatchOp(writes=True),
-    "combine": BatchOp(fixed=1, item_last=True, writes=True), "merge": BatchOp(fixed=1, item_last=True, writes=True),
-    "diff": BatchOp(fixed=1), "verify": BatchOp(fixed=1),
+    "combine": BatchOp(fixed=1, item_last=True, writes=True, shared="PARTNER"),
+    "merge": BatchOp(fixed=1, item_last=True, writes=True, shared="BASE"),
+    "diff": BatchOp(fixed=1, shared="REFERENCE"), "verify": BatchOp(fixed=1, shared="ADAPTER"),
 }
 # options batch sets itself for every item
 RESERVED = {"-o", "--out", "--json", "-h", "--help"}
@@ -82,7 +84,7 @@ def batch(out_dir: str | None, jobs: int, executor: str, address: str | None, re
     Example: loratool batch validate --strict uploads/ > report.ndjson
     Example: loratool batch --jobs 4 --out-dir half/ rescale --factor 0.5 loras/*.safetensors
     """
-    from loratool.batch.items import ADAPTER_SUFFIXES, PICKLE_SUFFIXES, expand_inputs, output_names
+    from loratool.batch.items import ADAPTER_SUFFIXES, PICKLE_SUFFIXES, expand_inputs, manifest_outs, output_names
     from loratool.batch.items import shard as take_shard
     from loratool.errors import IncompatibleError
 
@@ -90,8 +92,7 @@ def batch(out_dir: str | None, jobs: int, executor: str, address: str | None, re
     command = _command(op)
     options, positionals = split_args(op, command, list(args))
     if len(positionals) < spec.fixed + 1:
-        need = " ".join(["PARTNER", "BASE", "REFERENCE", "ADAPTER"][i] for i in range(spec.fixed)) if spec.fixed else ""
-        raise click.UsageError(f"batch {op} needs {need + ' then ' if need else ''}at least one input")
+        raise click.UsageError(f"batch {op} needs {spec.shared + ' then ' if spec.shared else ''}at least one input")
     fixed = [_abs(p) for p in positionals[:spec.fixed]]
     suffixes = ADAPTER_SUFFIXES + PICKLE_SUFFIXES if op == "scan" else ADAPTER_SUFFIXES  # scan reads pickles safely
     items = expand_inputs(positionals[spec.fixed:], suffixes=suffixes)
@@ -105,6 +106,8 @@ def batch(out_dir: str | None, jobs: int, executor: str, address: str | None, re
         if out_dir is not None:
             directory, suffix = _output_form(op, options, fixed)
             output_names(items, Path(out_dir).absolute(), directory=directory, suffix=suffix)
+        else:
+            manifest_outs(items)
     elif any(i.out for i in items):
         raise click.UsageError(f"{op} writes nothing: a manifest's `out` is for writing commands")
     ledger_path = Path(ledger) if ledger else (Path(out_dir) / "ledger.jsonl" if out_dir else None)

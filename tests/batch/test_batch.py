@@ -140,8 +140,12 @@ def test_manifests_give_per_item_options_and_outputs(fleet, tmp_path):
     r = run_cli(["batch", "--out-dir", tmp_path / "out", "rescale", tmp_path / "m.jsonl", tmp_path / "m.csv"])
     assert r.code == 0, r.out
     items = {Path(rec["out"]).name: rec for rec in map(json.loads, r.out.splitlines()[:-1])}
+    assert all(Path(rec["out"]).parent == tmp_path / "out" for rec in items.values())  # `out` is under --out-dir
     assert {k: v["result"]["value"] for k, v in items.items()} == {"half.safetensors": 0.5, "double.safetensors": 2.0,
                                                                    "third.safetensors": 0.25}
+    # without --out-dir a relative `out` is beside the manifest
+    r = run_cli(["batch", "rescale", tmp_path / "m.csv"])
+    assert r.code == 0 and (tmp_path / "third.safetensors").is_file()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"out": "x"}\n')
     r = run_cli(["batch", "inspect", bad])
