@@ -185,6 +185,15 @@ def _broken_copy(tmp: Path) -> Path:
     return out
 
 
+def _pickle_copy(tmp: Path) -> Path:
+    """A torch.save pickle, so that scan's document has its pickle keys."""
+    import torch
+
+    out = tmp / "pickled.bin"
+    torch.save({"base_model.model.x.lora_A.weight": torch.zeros(2, 4)}, out)
+    return out
+
+
 def _json_examples(tmp: Path, hub_url: str) -> dict[str, list[list[str]]]:
     """Every command with --json, run on the fixtures so that its document has all its keys."""
     f = {name: str(FIXTURES / name) for name in (*PAIRS, *PAIRS.values())}
@@ -211,6 +220,7 @@ def _json_examples(tmp: Path, hub_url: str) -> dict[str, list[list[str]]]:
     ex["verify"] = [["verify", str(tmp / "m1"), "--base", f["base_llama"], llama, "--weights", "0.5"],
                     ["verify", f["base_llama"], "--base", f["base_llama"], llama, "--all"]]
     ex["diff"] = [["diff", llama, str(tmp / "r1"), "--all"], ["diff", kohya, str(tmp / "r2.safetensors")]]
+    ex["scan"] = [["scan", kohya], ["scan", llama], ["scan", str(_pickle_copy(tmp))]]
     ex["push"] = [["push", llama, "alice/json-lora"]]
     ex["pull"] = [["pull", "alice/json-lora"], ["pull", "alice/json-base"]]
     return ex

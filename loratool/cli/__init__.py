@@ -37,6 +37,7 @@ from typing import Any
 import click
 
 from loratool import __version__
+from loratool.cli import batch as _batch
 from loratool.cli import combine as _combine
 from loratool.cli import convert as _convert
 from loratool.cli import diff as _diff
@@ -47,6 +48,7 @@ from loratool.cli import pull as _pull
 from loratool.cli import push as _push
 from loratool.cli import rescale as _rescale
 from loratool.cli import resize as _resize
+from loratool.cli import scan as _scan
 from loratool.cli import validate as _validate
 from loratool.cli import verify as _verify
 from loratool.cli._options import OutputPath
@@ -60,7 +62,8 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 COMMANDS: list[click.Command] = [
     _inspect.inspect, _validate.validate, _rescale.rescale, _resize.resize, _combine.combine, _merge.merge,
-    _extract.extract, _convert.convert, _diff.diff, _verify.verify, _pull.pull, _push.push,
+    _extract.extract, _convert.convert, _diff.diff, _verify.verify, _pull.pull, _push.push, _batch.batch,
+    _scan.scan,
 ]
 
 

@@ -361,6 +361,12 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._create_repo(user, json.loads(body or b"{}"))
             if segs == ["api", "validate-yaml"] and method == "POST":
                 return self._validate_yaml(json.loads(body or b"{}"))
+            if segs == ["api", "models"] and method == "GET":  # list_models(author=...): loratool batch hf://OWNER
+                author = (query.get("author") or [None])[0]
+                return self._json([{"_id": hashlib.sha1(r.repo_id.encode()).hexdigest()[:24], "id": r.repo_id,
+                                    "modelId": r.repo_id, "author": r.owner, "private": r.private}
+                                   for r in sorted(hub.repos.values(), key=lambda r: r.repo_id)
+                                   if (author is None or r.owner == author) and (not r.private or r.owner == user)])
             if len(segs) >= 4 and segs[1] == "models":
                 return self._repo_api(f"{segs[2]}/{segs[3]}", segs[4:], user, query, body)
             raise HttpError(404, f"no route for {method} {self.path}")
