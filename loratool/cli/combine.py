@@ -10,11 +10,12 @@ from loratool.cli._options import (
     input_path,
     module_weights_option,
     parse_weights,
+    preflight,
     weights_option,
     write_options,
 )
 from loratool.errors import IncompatibleError
-from loratool.ops.combine import METHODS
+from loratool.ops.combine import METHODS, check_options
 
 
 @click.command()
@@ -60,6 +61,8 @@ def combine(adapters: tuple[str, ...], weights: str | None, module_weights: str 
                                 hint="to scale one adapter use: loratool rescale ADAPTER -o OUT --factor F")
     check_adapter_args(adapters, weights)
     parsed = [1.0] * len(adapters) if weights is None else parse_weights(weights)
+    check_options(len(adapters), parsed, method, rank, density, majority_sign, seed)
+    preflight(out=out, force=force, kind="adapter", device=device, module_weights=module_weights, blocks=blocks)
     paths = [input_path(p, quiet=quiet or as_json) for p in adapters]
     with _render.progress("combining", enabled=not (quiet or as_json)) as cb:
         report = run(paths, out, weights=parsed, method=method, rank=rank, density=density,

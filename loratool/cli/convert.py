@@ -8,6 +8,7 @@ from loratool.cli._options import (
     input_path,
     json_option,
     out_option,
+    preflight,
     quiet_option,
 )
 from loratool.formats import writable_formats
@@ -74,12 +75,13 @@ def convert(path: str, to: str | None, for_runtime: str | None, dora_base: str |
     from loratool.cli._output import emit
     from loratool.ops.convert import convert as run
 
-    path = input_path(path, quiet=quiet or as_json)
-    base = input_path(base, quiet=quiet or as_json)
     if to is None and for_runtime is None:
         raise click.UsageError("give --to FORMAT or --for RUNTIME")
     if drop and for_runtime is None:
         raise click.UsageError("--drop needs --for RUNTIME")
+    preflight(out=out, force=force, kind="adapter")
+    path = input_path(path, quiet=quiet or as_json)
+    base = input_path(base, quiet=quiet or as_json)
     dora_base = input_path(dora_base, quiet=quiet or as_json)
     report = run(path, out, to=to, base=base, force=force, allow_pickle=allow_pickle, for_runtime=for_runtime,
                  drop=drop, dora_to_lora=dora_base, rank=rank, family=family, fuse_rank=fuse_rank)

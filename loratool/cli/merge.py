@@ -15,6 +15,7 @@ from loratool.cli._options import (
     module_weights_option,
     out_option,
     parse_weights,
+    preflight,
     quiet_option,
     weights_option,
 )
@@ -72,6 +73,7 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, m
 
     check_adapter_args(adapters, weights)
     parsed = None if weights is None else parse_weights(weights)
+    preflight(out=out, force=force, kind="model", device=device, module_weights=module_weights, blocks=blocks)
     base = input_path(base, quiet=quiet or as_json)
     adapters = tuple(input_path(a, quiet=quiet or as_json) for a in adapters)
     if report_file:  # before the merge, which can take long; the two outputs may not collide

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import click
 
-from loratool.cli._options import device_option, dtype_option, input_path, modules_option, write_options
+from loratool.cli._options import device_option, dtype_option, input_path, modules_option, preflight, write_options
 from loratool.linalg import RANK_METHODS
 
 
@@ -33,6 +33,7 @@ def resize(path: str, rank: int | None, method: str | None, threshold: float | N
     from loratool.cli._output import emit
     from loratool.ops.resize import resize as run
 
+    preflight(out=out, force=force, kind="adapter", device=device, modules=modules)
     path = input_path(path, quiet=quiet or as_json)
     with _render.progress("resizing", enabled=not (quiet or as_json)) as cb:
         report = run(path, out, rank=rank, method=method, threshold=threshold, conv_rank=conv_rank,

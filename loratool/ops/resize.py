@@ -83,14 +83,19 @@ def target_dtype(option: str, stored: str) -> str:
     return DTYPES[option]
 
 
+def modules_pattern(pattern: str) -> re.Pattern[str]:
+    """The compiled --modules regex (checked by the CLI before anything is read)."""
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise IncompatibleError(f"--modules {pattern!r}: not a valid regular expression ({e})") from None
+
+
 def select(adapter: Adapter, pattern: str | None) -> list[str]:
     """Names of the modules matched by a --modules regex (re.search), all when None."""
     if pattern is None:
         return list(adapter.modules)
-    try:
-        rx = re.compile(pattern)
-    except re.error as e:
-        raise IncompatibleError(f"--modules {pattern!r}: not a valid regular expression ({e})") from None
+    rx = modules_pattern(pattern)
     names = [n for n in adapter.modules if rx.search(n)]
     if not names:
         raise IncompatibleError(
