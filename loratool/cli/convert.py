@@ -80,6 +80,10 @@ def convert(path: str, to: str | None, for_runtime: str | None, dora_base: str |
     if drop and for_runtime is None:
         raise click.UsageError("--drop needs --for RUNTIME")
     preflight(out=out, force=force, kind="adapter")
+    if family is not None:
+        from loratool.families import check_name
+
+        check_name(family)
     path = input_path(path, quiet=quiet or as_json)
     base = input_path(base, quiet=quiet or as_json)
     dora_base = input_path(dora_base, quiet=quiet or as_json)

@@ -265,6 +265,34 @@ def get(name: str) -> Family:
     raise KeyError(name)
 
 
+def check_name(name: str) -> Family:
+    """The family a --family value names.
+
+    Raises:
+        IncompatibleError: an unknown name, with the family it most likely means (`flux`: flux.1,
+            `sd15`: sd1, `hunyuan`: hunyuan-video) and the known ones.
+    """
+    from loratool.errors import IncompatibleError
+
+    try:
+        return get(name)
+    except KeyError:
+        pass
+    known = [f.name for f in families()]
+
+    def bare(text: str) -> str:
+        return re.sub(r"[^a-z0-9]", "", text.lower())
+
+    given = bare(name)
+    near = [k for k in known if given and (bare(k).startswith(given) or given.startswith(bare(k)))]
+    if not near:
+        import difflib
+
+        near = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.6)
+    guess = f"; did you mean {near[0]}?" if near else ""
+    raise IncompatibleError(f"--family {name}: unknown family{guess}", hint=f"known: {', '.join(known)}")
+
+
 def detect(names: list[str]) -> Detection:
     """The family and dialect whose module names cover the most of `names` (header only, no torch).
 

@@ -463,11 +463,7 @@ def _family_for(adapter: Adapter, to: str, family: str | None, other_mode: bool,
     if family is None and adapter.family is not None and to in FAMILY_TARGETS and not other_mode:
         family = adapter.family  # the format itself says which model it is for (XLabs: FLUX.1)
     if family is not None:
-        try:
-            fam = families.get(family)
-        except KeyError:
-            known = ", ".join(f.name for f in families.families())
-            raise IncompatibleError(f"--family {family}: unknown family", hint=f"known: {known}") from None
+        fam = families.check_name(family)
         best = max(families.DIALECTS, key=lambda d: sum(fam.identify(n, d) is not None for n in names))
         if to not in FAMILY_TARGETS or other_mode:
             raise IncompatibleError(f"--family works with --to {', '.join(FAMILY_TARGETS)} only")

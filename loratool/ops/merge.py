@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratool.adapter import Adapter
-from loratool.errors import IncompatibleError
+from loratool.errors import FormatError, IncompatibleError, LoratoolError
 from loratool.keymap import Contribution, MergePlan, plan_merge
 from loratool.linalg import Workspace, merged_tensor, nf4_roundtrip, realized_delta
 from loratool.ops import Row
@@ -377,17 +377,36 @@ def read_and_plan(op: str, adapters: Sequence[str | os.PathLike[str]], weights: 
                   module_weights: str | None, blocks: str | None) -> tuple[list[Adapter], Any, list[str]]:
     """The adapters read and checked, and the plan of which base tensor each changes (shared by
     merge and verify, so verify checks exactly what merge would have done): (adapters, plan, warnings)."""
-    from loratool.formats import read, require_plain
+    from loratool.formats import detect, read, require_plain
 
     loaded = []
     for p in adapters:
-        a = read(Path(p), allow_pickle=allow_pickle)
+        try:
+            a = read(Path(p), allow_pickle=allow_pickle)
+        except FormatError as e:
+            base = _adapter_as_base(ckpt, detect)
+            if base is None:
+                raise
+            # the base is an adapter and this is not: BASE and ADAPTER given the other way round
+            order = f"loratool merge {p} {base} -o OUT" if op == "merge" else "the base model goes to --base"
+            raise FormatError(e.message, hint=f"did you swap them? {base} is an adapter; {order}") from None
         require_plain(a, op, lycoris=True, dora=True)  # DoRA on either axis and on LyCORIS modules: applied
         loaded.append(a)
     per_module, mw_warnings = adapter_module_weights(loaded, module_weights, blocks)
     plan, warnings = plan_merge(loaded, weights, ckpt, allow_unmatched=allow_unmatched, unmerge=unmerge,
                                 tensors=storage.logical(ckpt.tensors), module_weights=per_module)
     return loaded, plan, mw_warnings + warnings
+
+
+def _adapter_as_base(ckpt: Any, detect: Callable[[Path], str]) -> Path | None:
+    """The base path when it holds an adapter (a PEFT folder, a kohya file), else None."""
+    for path in [ckpt.root, *ckpt.files[:1]] if len(ckpt.files) == 1 else [ckpt.root]:
+        try:
+            detect(path)
+        except LoratoolError:
+            continue
+        return Path(path)
+    return None
 
 
 def checked_options(op: str, adapters: Sequence[object], weights: Sequence[float] | None, dtype: str) -> list[float]:
