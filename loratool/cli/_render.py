@@ -318,7 +318,8 @@ def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool, only: 
     head = Text()
     head.append(doc["path"], style="bold")
     lyco = f", {doc['num_lycoris']} LyCORIS modules" if doc.get("num_lycoris") else ""
-    head.append(f"  ({doc['format']}, {doc['num_modules']} modules{lyco}, {human_size(doc['file_size'])})")
+    fmt = f"{doc['dialect']}, {doc['format']} keys" if doc.get("dialect") else doc["format"]
+    head.append(f"  ({fmt}, {doc['num_modules']} modules{lyco}, {human_size(doc['file_size'])})")
     if head.cell_len <= c.width:
         c.print(head, soft_wrap=True)
     else:  # the path alone, whole, then what it holds
@@ -330,6 +331,9 @@ def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool, only: 
     rank_txt = (f"{ranks['min']}" if ranks["min"] == ranks["max"]
                 else f"min {ranks['min']}, max {ranks['max']}, most common {ranks['most_common']}")
     t.add_row("base model", doc["base_model"] or "(not recorded)")
+    architecture = (doc.get("metadata") or {}).get("modelspec.architecture")
+    if architecture:
+        t.add_row("architecture", architecture)
     fam = doc.get("family") or {}
     if fam.get("family") or fam.get("ambiguous"):
         t.add_row("family", _family_text(fam))
