@@ -216,33 +216,66 @@ def warn(message: str) -> None:
     err().print(f"[yellow]Warning:[/yellow] {message}", markup=True, highlight=False)
 
 
+class Bar:
+    """What a command's progress callbacks drive: `bar(done, total)` counts, `bar.phase(text)` says
+    what is happening before there is anything to count. A no-op when the bar is off."""
+
+    def __init__(self, description: str, update: Callable[..., None] | None = None) -> None:
+        self.description = description
+        self._update = update
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._update is not None:
+            self._update(completed=done, total=total)
+
+    def phase(self, text: str) -> None:
+        if self._update is not None:
+            self._update(description=f"{self.description}: {text}")
+
+
 @contextlib.contextmanager
-def progress(description: str, enabled: bool, unit: str = "items") -> Iterator[Callable[[int, int], None]]:
-    """Yield a (done, total) callback driving a transient rich bar on stderr (no-op when disabled)."""
+def progress(description: str, enabled: bool, unit: str = "items", *, phase: str | None = None) -> Iterator[Bar]:
+    """A transient rich bar on stderr from the first moment (with `phase`, e.g. "starting", as its
+    first words), shown only when stderr is a terminal and `enabled` (not --quiet / --json). Counts
+    appear once the command knows its total, never as `0/?`."""
     if not enabled or not sys.stderr.isatty():
-        yield lambda done, total: None
+        yield Bar(description)
         return
     from rich.progress import (
         BarColumn,
         DownloadColumn,
         MofNCompleteColumn,
         Progress,
+        ProgressColumn,
+        SpinnerColumn,
+        Task,
         TextColumn,
         TimeRemainingColumn,
         TransferSpeedColumn,
     )
 
+    class Known(ProgressColumn):
+        """A column shown once the task has a total (before it: nothing, not `0/? bytes`)."""
+
+        def __init__(self, inner: ProgressColumn) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def render(self, task: Task) -> Any:
+            return self.inner.render(task) if task.total is not None else Text("")
+
     counts = [DownloadColumn(), TransferSpeedColumn()] if unit == "bytes" else [MofNCompleteColumn()]
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), *counts, TimeRemainingColumn(),
-        console=err(), transient=True,
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), *(Known(c) for c in counts),
+        Known(TimeRemainingColumn()), console=err(), transient=True,
     ) as bar:
-        task = bar.add_task(description, total=None)
+        task = bar.add_task(f"{description}: {phase}" if phase else description, total=None)
+        bar.refresh()  # on screen now, not at the first tick
 
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+        def update(**fields: Any) -> None:
+            bar.update(task, **fields)
 
-        yield update
+        yield Bar(description, update)
 
 
 def human_size(n: float) -> str:

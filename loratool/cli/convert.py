@@ -87,6 +87,8 @@ def convert(path: str, to: str | None, for_runtime: str | None, dora_base: str |
     path = input_path(path, quiet=quiet or as_json)
     base = input_path(base, quiet=quiet or as_json)
     dora_base = input_path(dora_base, quiet=quiet or as_json)
-    report = run(path, out, to=to, base=base, force=force, allow_pickle=allow_pickle, for_runtime=for_runtime,
-                 drop=drop, dora_to_lora=dora_base, rank=rank, family=family, fuse_rank=fuse_rank)
+    with _render.progress("converting", enabled=not (quiet or as_json), phase="starting") as bar:
+        report = run(path, out, to=to, base=base, force=force, allow_pickle=allow_pickle, for_runtime=for_runtime,
+                     drop=drop, dora_to_lora=dora_base, rank=rank, family=family, fuse_rank=fuse_rank,
+                     phase=bar.phase)
     return emit(report.to_dict(), _render.render_convert, as_json=as_json, quiet=quiet)

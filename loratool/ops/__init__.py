@@ -1,6 +1,8 @@
 """One module per verb. Each takes typed arguments and returns a result dataclass with to_dict().
 
-Nothing here prints or exits; long loops take a progress callback (done, total).
+Nothing here prints or exits; long loops take a progress callback (done, total), and commands
+whose start-up takes seconds (merge, convert) a `phase` callback told what they are doing before
+there is anything to count ("reading the adapters", "writing ...").
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 Progress = Callable[[int, int], None]
+Phase = Callable[[str], None]
 
 
 class Row:
