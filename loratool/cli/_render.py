@@ -18,6 +18,8 @@ from typing import IO, Any, cast
 from rich.console import Console
 from rich.text import Text
 
+from loratool.ops import natural_key
+
 _out: Console | None = None
 _err: Console | None = None
 
@@ -43,11 +45,6 @@ class _NoTrailingSpaces:
 
     def isatty(self) -> bool:
         return bool(self.f.isatty())
-
-
-def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
-    """Sort key that reads the numbers in a name as numbers: double_blocks_2 before double_blocks_10."""
-    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part)
 
 
 def natural_sorted(names: list[str]) -> list[str]:
@@ -679,7 +676,7 @@ def render_diff(doc: dict[str, Any], *, show_all: bool) -> None:
             table.append([m["name"], _pair(m["rank_ab"]), _pair(m["alpha_ab"], _fmt), _pair(m["dtype_ab"]), rel, cos,
                           ", ".join(m["differences"])])
         name_table(["module", "rank", "alpha", "dtype", "rel. distance", "cosine", "differs"], table,
-                   right={1, 2, 3, 4, 5}, wrap=6)
+                   right={1, 2, 3, 4, 5}, wrap=6, sort=False)  # the op's order: the largest distance first
     for side, key in (("A", "only_in_a"), ("B", "only_in_b")):
         if doc[key]:
             line(f"only in {side} ({len(doc[key])}): {_names(doc[key])}")

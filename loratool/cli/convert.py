@@ -18,8 +18,8 @@ from loratool.runtimes import RUNTIMES
 @click.command()
 @click.argument("path", type=click.Path())
 @click.option("--to", "to", type=click.Choice([*writable_formats(), "lora"]), default=None,
-              help="Output format: peft (a directory), kohya or diffusers (a .safetensors file); lora: the "
-              "source's own format with LyCORIS modules turned into plain LoRA.")
+              help="Output format: peft or mlx (a directory), kohya, diffusers or comfyui (a .safetensors file), "
+              "gguf (a .gguf file); lora: the source's own format with LyCORIS modules turned into plain LoRA.")
 @click.option("--for", "for_runtime", type=click.Choice(list(RUNTIMES)), default=None,
               help="Write what this runtime serves exactly (implies --to): one rank and one alpha where it "
               "reads one, scales baked into the factors; see docs/commands/convert.md.")
@@ -49,7 +49,7 @@ from loratool.runtimes import RUNTIMES
 def convert(path: str, to: str | None, for_runtime: str | None, dora_base: str | None, drop: bool, out: str,
             base: str | None, family: str | None, fuse_rank: int | None, rank: int | None, force: bool,
             as_json: bool, quiet: bool, allow_pickle: bool) -> int:
-    """Convert an adapter between PEFT, kohya and diffusers, keeping every delta exact.
+    """Convert an adapter to another format (peft, kohya, diffusers, comfyui, mlx, gguf), deltas exact.
 
     The factors are copied bit for bit; module names, the way alpha is stored (each module's scale
     is kept exactly; kohya alphas are float32) and DoRA magnitude names are translated. kohya names
