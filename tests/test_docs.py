@@ -672,7 +672,7 @@ def test_install_and_troubleshooting_pages_exist_and_are_linked():
 def test_no_page_installs_loratool_from_the_package_index():
     """loratool is not on PyPI: `pip install loratool` / `pip install 'loratool[gguf]'` would fail
     or install someone else's package; installs go through a clone or a git URL (docs/install.md)."""
-    from_index = re.compile(r"""pip install\s+['"]?loratool(\[[\w,]+\])?['"]?(?!\s*@)""")
+    from_index = re.compile(r"""pip install\s+['"]?loratool(?:\[[\w,]+\])?(?![\[\w-])(?!['"]?\s*@)""")
     bad = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in ALL_DOCS for m in from_index.finditer(_text(p))]
     assert not bad, bad
     install = _text(DOCS / "install.md")
