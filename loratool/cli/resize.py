@@ -31,8 +31,10 @@ def resize(path: str, rank: int | None, method: str | None, threshold: float | N
     """
     from loratool.cli import _render
     from loratool.cli._output import emit
+    from loratool.ops.resize import check_options
     from loratool.ops.resize import resize as run
 
+    check_options(rank, method, threshold, conv_rank)
     preflight(out=out, force=force, kind="adapter", device=device, modules=modules)
     path = input_path(path, quiet=quiet or as_json)
     with _render.progress("resizing", enabled=not (quiet or as_json)) as cb:

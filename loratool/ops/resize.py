@@ -175,23 +175,8 @@ def resize(
     from loratool.formats import check_writable, read, require_plain, write
     from loratool.formats.registry import written_as
     from loratool.hub import resolve_path
-    from loratool.linalg import RANK_METHODS
 
-    if threshold is not None and method is None:
-        raise IncompatibleError("--threshold needs --method", hint="e.g. --method sv_fro --threshold 0.9")
-    if method is None and rank is None:
-        raise IncompatibleError("resize needs --rank K or --method M --threshold T",
-                                hint="e.g. --rank 16, or --method sv_fro --threshold 0.9")
-    if method is not None:
-        if method not in RANK_METHODS:
-            raise IncompatibleError(f"--method {method}: unknown", hint=f"use one of {', '.join(RANK_METHODS)}")
-        if threshold is None:
-            raise IncompatibleError(f"--method {method} needs --threshold T")
-        _check_threshold(method, threshold)
-    for opt, val in (("--rank", rank), ("--conv-rank", conv_rank)):
-        if val is not None and val < 1:
-            raise IncompatibleError(f"{opt} {val}: must be at least 1")
-
+    check_options(rank, method, threshold, conv_rank)
     adapter = read(resolve_path(path), allow_pickle=allow_pickle)
     device = resolve_device(device)
     require_plain(adapter, "resize", diffs=True)  # full / norm / bias diffs are written back unchanged
@@ -233,6 +218,30 @@ def resize(
     written = write(resized, out, fmt=fmt, force=force, op="resize", params=params, sources=adapter.files)
     report.size = output_size(written)
     return report
+
+
+def check_options(rank: int | None, method: str | None, threshold: float | None, conv_rank: int | None) -> None:
+    """Refuse option combinations and values before reading anything (no torch: the CLI calls it first).
+
+    Raises:
+        IncompatibleError: naming the option and what is expected.
+    """
+    from loratool.linalg import RANK_METHODS
+
+    if threshold is not None and method is None:
+        raise IncompatibleError("--threshold needs --method", hint="e.g. --method sv_fro --threshold 0.9")
+    if method is None and rank is None:
+        raise IncompatibleError("resize needs --rank K or --method M --threshold T",
+                                hint="e.g. --rank 16, or --method sv_fro --threshold 0.9")
+    if method is not None:
+        if method not in RANK_METHODS:
+            raise IncompatibleError(f"--method {method}: unknown", hint=f"use one of {', '.join(RANK_METHODS)}")
+        if threshold is None:
+            raise IncompatibleError(f"--method {method} needs --threshold T")
+        _check_threshold(method, threshold)
+    for opt, val in (("--rank", rank), ("--conv-rank", conv_rank)):
+        if val is not None and val < 1:
+            raise IncompatibleError(f"{opt} {val}: must be at least 1")
 
 
 def _check_threshold(method: str, t: float) -> None:
