@@ -264,9 +264,10 @@ def _refuse_two_models(adapters: list[Adapter], allow: bool) -> None:
         hint="combine adapters of one base model; if both names mean the same model, pass --allow-different-bases")
 
 
-def _refuse_two_dialects(adapters: list[Adapter]) -> None:
+def _refuse_two_dialects(adapters: list[Adapter], groups: dict[str, list[tuple[int, LoraModule]]] | None) -> None:
     """Two adapters for one model family in two namings (a kohya FLUX.1 file and its diffusers
-    conversion) would be combined module by module as if they adapted different layers.
+    conversion) whose modules `groups` (match_modules) does not pair would be combined as if they
+    adapted different layers. (SD U-Net names pair through the naming rules: those pass.)
 
     Raises:
         IncompatibleError: naming the `loratool convert` command that puts one in the other's names.
@@ -274,8 +275,8 @@ def _refuse_two_dialects(adapters: list[Adapter]) -> None:
     from loratool import families
     from loratool.ops.convert import FAMILY_TARGETS, text_encoder_modules
 
-    seen: list[tuple[Adapter, set[str], str]] = []  # (adapter, the families its names fit, their dialect)
-    for a in adapters:
+    seen: list[tuple[int, set[str], str]] = []  # (input index, the families its names fit, their dialect)
+    for i, a in enumerate(adapters):
         te = text_encoder_modules(a)
         names = [n for n in [*a.modules, *a.lycoris] if n not in te]
         det = families.detect(names, a.metadata)
@@ -283,9 +284,14 @@ def _refuse_two_dialects(adapters: list[Adapter]) -> None:
             continue
         fams = {det.family} if det.family else set(det.tied)
         dialect = det.dialect or next(d for f, d, n in det.candidates if n == det.matched)
-        for b, b_fams, b_dialect in seen:
+        met = set(names)  # its family modules (text-encoder modules aside)
+        for j, b_fams, b_dialect in seen:
+            b = adapters[j]
             common = fams & b_fams
-            if common and dialect != b_dialect:
+            paired = groups is not None and any(
+                {i, j} <= {k for k, _ in items} and any(k == i and m.name in met for k, m in items)
+                for items in groups.values())
+            if common and dialect != b_dialect and not paired:
                 target = b_dialect if b_dialect in FAMILY_TARGETS else "diffusers"
                 stem = a.path.name.removesuffix(".safetensors") if a.path else "converted"
                 out = f"{stem}_{target}" + ("" if target == "peft" else ".safetensors")
@@ -295,7 +301,7 @@ def _refuse_two_dialects(adapters: list[Adapter]) -> None:
                     f"names and one in {dialect} names: combined as they are, no module would meet its counterpart",
                     hint=f"put them in one naming first: loratool convert {a.path} --to {target}{family} -o {out}, "
                          f"then combine {b.path} with {out}")
-        seen.append((a, fams, dialect))
+        seen.append((i, fams, dialect))
 
 
 def _example(a: Adapter) -> str:
@@ -501,8 +507,12 @@ def combine(
     for a in adapters:
         _refuse_unsupported(a)
     _refuse_two_models(adapters, allow_different_bases)
-    _refuse_two_dialects(adapters)
-    groups, warnings = match_modules(adapters)
+    try:
+        groups, warnings = match_modules(adapters)
+    except IncompatibleError:
+        _refuse_two_dialects(adapters, None)  # the error that says how to fix it, where it applies
+        raise
+    _refuse_two_dialects(adapters, groups)
     if not groups:
         raise IncompatibleError("the inputs hold no LoRA modules")
     scaled: dict[str, float] = {}
