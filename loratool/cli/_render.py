@@ -485,8 +485,8 @@ def render_validate(doc: dict[str, Any]) -> None:
 
 
 def wrote(out_path: str, what: str, size: int) -> None:
-    """The one closing line of every write command."""
-    line(f"Wrote {out_path} ({what}, {human_size(size)})")
+    """The one closing line of every write command: never folded, so a script can take it with `tail -1`."""
+    out().print(f"Wrote {out_path} ({what}, {human_size(size)})", soft_wrap=True, markup=False, highlight=False)
 
 
 def _rank_span(values: list[int]) -> str:
