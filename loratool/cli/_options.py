@@ -171,7 +171,8 @@ blocks_option = click.option(
 )
 
 
-def preflight(*, out: str | None = None, force: bool = False, kind: str | None = None, device: str | None = None,
+def preflight(*, out: str | None = None, force: bool = False, kind: str | None = None,
+              inputs: tuple[str | None, ...] | list[str | None] = (), device: str | None = None,
               module_weights: str | None = None, blocks: str | None = None, modules: str | None = None) -> None:
     """The checks that need no input file, made before a command imports torch (2 s of CPU or more
     on a busy machine) or downloads anything: an existing OUT without --force, a --device that
@@ -180,11 +181,14 @@ def preflight(*, out: str | None = None, force: bool = False, kind: str | None =
 
     Args:
         kind: what a folder OUT holds when it is ours ("adapter", "model"), as st.check_output.
+        inputs: the command's input paths as given (hf:// ones are left to the command), so an OUT
+            that is one of them is refused as such.
     """
     if out is not None and not force and os.path.lexists(out):
         from loratool.st import check_output
 
-        check_output(out, force=False, directory=os.path.isdir(out), kind=kind)
+        local = [p for p in inputs if p is not None and not p.startswith("hf://")]
+        check_output(out, force=False, directory=os.path.isdir(out), inputs=local, kind=kind)
     if device is not None:
         from loratool.device import check_device_name
 

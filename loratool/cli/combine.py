@@ -64,7 +64,8 @@ def combine(adapters: tuple[str, ...], weights: str | None, module_weights: str 
     check_adapter_args(adapters, weights)
     parsed = [1.0] * len(adapters) if weights is None else parse_weights(weights)
     check_options(len(adapters), parsed, method, rank, density, majority_sign, seed)
-    preflight(out=out, force=force, kind="adapter", device=device, module_weights=module_weights, blocks=blocks)
+    preflight(out=out, force=force, kind="adapter", inputs=list(adapters), device=device,
+              module_weights=module_weights, blocks=blocks)
     paths = [input_path(p, quiet=quiet or as_json) for p in adapters]
     with _render.progress("combining", enabled=not (quiet or as_json)) as cb:
         report = run(paths, out, weights=parsed, method=method, rank=rank, density=density,

@@ -79,7 +79,7 @@ def convert(path: str, to: str | None, for_runtime: str | None, dora_base: str |
         raise click.UsageError("give --to FORMAT or --for RUNTIME")
     if drop and for_runtime is None:
         raise click.UsageError("--drop needs --for RUNTIME")
-    preflight(out=out, force=force, kind="adapter")
+    preflight(out=out, force=force, kind="adapter", inputs=[path, base, dora_base])
     if family is not None:
         from loratool.families import check_name
 

@@ -73,7 +73,8 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, m
 
     check_adapter_args(adapters, weights)
     parsed = None if weights is None else parse_weights(weights)
-    preflight(out=out, force=force, kind="model", device=device, module_weights=module_weights, blocks=blocks)
+    preflight(out=out, force=force, kind="model", inputs=[base, *adapters], device=device,
+              module_weights=module_weights, blocks=blocks)
     base = input_path(base, quiet=quiet or as_json)
     adapters = tuple(input_path(a, quiet=quiet or as_json) for a in adapters)
     if report_file:  # before the merge, which can take long; the two outputs may not collide

@@ -53,7 +53,8 @@ def rescale(path: str, factor: float | None, alpha: float | None, normalize: boo
         )
     mode, value = chosen[0]
     check_options(mode, value, per_module=module_weights is not None or blocks is not None)
-    preflight(out=out, force=force, kind="adapter", module_weights=module_weights, blocks=blocks, modules=modules)
+    preflight(out=out, force=force, kind="adapter", inputs=[path], module_weights=module_weights, blocks=blocks,
+              modules=modules)
     path = input_path(path, quiet=quiet or as_json)
     report = run(path, out, mode=mode, value=value if mode in ("factor", "alpha") else None, modules=modules,
                  fmt=fmt, force=force, allow_pickle=allow_pickle, module_weights=module_weights, blocks=blocks)

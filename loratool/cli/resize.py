@@ -35,7 +35,7 @@ def resize(path: str, rank: int | None, method: str | None, threshold: float | N
     from loratool.ops.resize import resize as run
 
     check_options(rank, method, threshold, conv_rank)
-    preflight(out=out, force=force, kind="adapter", device=device, modules=modules)
+    preflight(out=out, force=force, kind="adapter", inputs=[path], device=device, modules=modules)
     path = input_path(path, quiet=quiet or as_json)
     with _render.progress("resizing", enabled=not (quiet or as_json)) as cb:
         report = run(path, out, rank=rank, method=method, threshold=threshold, conv_rank=conv_rank,
