@@ -256,17 +256,18 @@ def plan_merge(
         match.refuse_shape_mismatch(where)
         problems = [*match.unmatched, *match.ambiguous]
         if problems:
+            file = adapter.files[0] if adapter.files else where  # the weights file, not its folder
             listing = ", ".join(problems[:5]) + (f", ... ({len(problems)} in all)" if len(problems) > 5 else "")
             what = f"{len(match.unmatched)} unmatched"
             if match.ambiguous:
                 what += f", {len(match.ambiguous)} ambiguous"
             if not allow_unmatched:
                 raise IncompatibleError(
-                    f"{where}: {what} module(s) of {len(mods)} in {ckpt.root}: {listing}",
+                    f"{file}: {what} module(s) of {len(mods)} in {ckpt.root}: {listing}",
                     hint="merging would silently skip them; check the base with: loratool validate ADAPTER --base "
                     "BASE, or pass --allow-unmatched to merge the rest",
                 )
-            warnings.append(f"{where}: skipped {what} module(s): {listing}")
+            warnings.append(f"{file}: skipped {what} module(s): {listing}")
             plan.unmatched.extend(problems)
         reweighted_dora: list[str] = []  # DoRA at a weight other than 1: the tools disagree on its meaning
         for name, m, key, rows in targets:

@@ -119,6 +119,9 @@ def read_header(path: str | os.PathLike[str], *, problems: list[str] | None = No
                     f"{p}: not a safetensors file ({size} bytes; the header length alone takes 8)"
                 )
             (n,) = struct.unpack("<Q", f.read(8))
+            if (n > size - 8 or n > MAX_HEADER_BYTES) and f.read(1) not in (b"{", b""):  # a text file, an image
+                raise FormatError(f"{p}: not a safetensors file (it does not begin with a safetensors header)",
+                                  hint="adapters are .safetensors files or PEFT adapter folders")
             if n > size - 8:
                 raise FormatError(
                     f"{p}: header length {n} exceeds the file size {size} (truncated or not safetensors)"

@@ -71,6 +71,7 @@ GOOD = {"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
 
 @pytest.mark.parametrize(("header", "data", "length", "message"), [
     (b"", b"", 3, "exceeds the file size"),
+    (b"# loratool\n\nInspect, validate ...", b"", 0x6F746172_6F6C2023, "not a safetensors file"),  # README.md
     (b"not json", b"", None, "header is not valid JSON"),
     ([1, 2], b"", None, "header is a JSON list"),
     ({"__metadata__": {"a": 1}}, b"", None, "__metadata__ must map strings to strings"),

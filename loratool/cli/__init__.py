@@ -256,9 +256,10 @@ def cli() -> None:
     """Inspect, validate, rescale, resize, combine, merge, extract and convert LoRA adapters, and
     pull and push them to the Hugging Face Hub.
 
-    Reads PEFT directories, kohya .safetensors and diffusers files; every input path also takes
-    hf://OWNER/REPO[@REVISION][/PATH]. Exact maths, bounded memory, clear errors. Set
-    LORATOOL_DEBUG=1 for tracebacks.
+    Reads PEFT directories; kohya, diffusers, ComfyUI, XLabs and LyCORIS .safetensors files; MLX
+    and GGUF adapters (formats: peft, kohya, diffusers, comfyui, xlabs, mlx, gguf); every input
+    path also takes hf://OWNER/REPO[@REVISION][/PATH]. Exact maths, bounded memory, clear errors.
+    Set LORATOOL_DEBUG=1 for tracebacks.
 
     \b
     Example: loratool inspect fixtures/peft_llama

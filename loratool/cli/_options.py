@@ -8,6 +8,7 @@ options from here, and an option with a new meaning gets a new name.
 from __future__ import annotations
 
 import math
+import os
 from typing import overload
 
 import click
@@ -177,3 +178,39 @@ blocks_option = click.option(
     help="Per-block weight multipliers in the LoRA Block Weight layout of PRESET (sd15, sd15-full, sdxl, "
          "sdxl-full, flux, wan, wan-1.3b); 0 leaves a block's modules out.",
 )
+
+
+def preflight(*, out: str | None = None, force: bool = False, kind: str | None = None,
+              inputs: tuple[str | None, ...] | list[str | None] = (), device: str | None = None,
+              module_weights: str | None = None, blocks: str | None = None, modules: str | None = None) -> None:
+    """The checks that need no input file, made before a command imports torch (2 s of CPU or more
+    on a busy machine) or downloads anything: an existing OUT without --force, a --device that
+    names no device, a --module-weights / --blocks / --modules that cannot be read. Each raises the
+    same error the library would raise later (exit 2).
+
+    Args:
+        kind: what a folder OUT holds when it is ours ("adapter", "model"), as st.check_output.
+        inputs: the command's input paths as given (hf:// ones are left to the command), so an OUT
+            that is one of them is refused as such.
+    """
+    if out is not None and not force and os.path.lexists(out):
+        from loratool.st import check_output
+
+        local = [p for p in inputs if p is not None and not p.startswith("hf://")]
+        check_output(out, force=False, directory=os.path.isdir(out), inputs=local, kind=kind)
+    if device is not None:
+        from loratool.device import check_device_name
+
+        check_device_name(device)
+    if module_weights is not None:
+        from loratool.formats.blocks import parse_module_weights
+
+        parse_module_weights(module_weights)
+    if blocks is not None:
+        from loratool.formats.blocks import parse_blocks
+
+        parse_blocks(blocks)
+    if modules is not None:
+        from loratool.ops.resize import modules_pattern
+
+        modules_pattern(modules)

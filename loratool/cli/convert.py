@@ -8,6 +8,7 @@ from loratool.cli._options import (
     input_path,
     json_option,
     out_option,
+    preflight,
     quiet_option,
 )
 from loratool.formats import writable_formats
@@ -17,8 +18,8 @@ from loratool.runtimes import RUNTIMES
 @click.command()
 @click.argument("path", type=click.Path())
 @click.option("--to", "to", type=click.Choice([*writable_formats(), "lora"]), default=None,
-              help="Output format: peft (a directory), kohya or diffusers (a .safetensors file); lora: the "
-              "source's own format with LyCORIS modules turned into plain LoRA.")
+              help="Output format: peft or mlx (a directory), kohya, diffusers or comfyui (a .safetensors file), "
+              "gguf (a .gguf file); lora: the source's own format with LyCORIS modules turned into plain LoRA.")
 @click.option("--for", "for_runtime", type=click.Choice(list(RUNTIMES)), default=None,
               help="Write what this runtime serves exactly (implies --to): one rank and one alpha where it "
               "reads one, scales baked into the factors; see docs/commands/convert.md.")
@@ -48,7 +49,7 @@ from loratool.runtimes import RUNTIMES
 def convert(path: str, to: str | None, for_runtime: str | None, dora_base: str | None, drop: bool, out: str,
             base: str | None, family: str | None, fuse_rank: int | None, rank: int | None, force: bool,
             as_json: bool, quiet: bool, allow_pickle: bool) -> int:
-    """Convert an adapter between PEFT, kohya and diffusers, keeping every delta exact.
+    """Convert an adapter to another format (peft, kohya, diffusers, comfyui, mlx, gguf), deltas exact.
 
     The factors are copied bit for bit; module names, the way alpha is stored (each module's scale
     is kept exactly; kohya alphas are float32) and DoRA magnitude names are translated. kohya names
@@ -74,13 +75,20 @@ def convert(path: str, to: str | None, for_runtime: str | None, dora_base: str |
     from loratool.cli._output import emit
     from loratool.ops.convert import convert as run
 
-    path = input_path(path, quiet=quiet or as_json)
-    base = input_path(base, quiet=quiet or as_json)
     if to is None and for_runtime is None:
         raise click.UsageError("give --to FORMAT or --for RUNTIME")
     if drop and for_runtime is None:
         raise click.UsageError("--drop needs --for RUNTIME")
+    preflight(out=out, force=force, kind="adapter", inputs=[path, base, dora_base])
+    if family is not None:
+        from loratool.families import check_name
+
+        check_name(family)
+    path = input_path(path, quiet=quiet or as_json)
+    base = input_path(base, quiet=quiet or as_json)
     dora_base = input_path(dora_base, quiet=quiet or as_json)
-    report = run(path, out, to=to, base=base, force=force, allow_pickle=allow_pickle, for_runtime=for_runtime,
-                 drop=drop, dora_to_lora=dora_base, rank=rank, family=family, fuse_rank=fuse_rank)
+    with _render.progress("converting", enabled=not (quiet or as_json), phase="starting") as bar:
+        report = run(path, out, to=to, base=base, force=force, allow_pickle=allow_pickle, for_runtime=for_runtime,
+                     drop=drop, dora_to_lora=dora_base, rank=rank, family=family, fuse_rank=fuse_rank,
+                     phase=bar.phase)
     return emit(report.to_dict(), _render.render_convert, as_json=as_json, quiet=quiet)

@@ -16,6 +16,7 @@ from loratool.cli._options import (
     module_weights_option,
     out_option,
     parse_weights,
+    preflight,
     quiet_option,
     weights_option,
 )
@@ -73,16 +74,18 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, m
 
     check_adapter_args(adapters, weights)
     parsed = None if weights is None else parse_weights(weights)
+    preflight(out=out, force=force, kind="model", inputs=[base, *adapters], device=device,
+              module_weights=module_weights, blocks=blocks)
     base = input_path(base, quiet=quiet or as_json)
     adapters = tuple(input_path(a, quiet=quiet or as_json) for a in adapters)
     if report_file:  # before the merge, which can take long; the two outputs may not collide
         check_output(report_file, force=force, directory=False, inputs=[base, *adapters], others=[out])
-    with _render.progress("merging", enabled=not (quiet or as_json), unit="bytes") as cb:
+    with _render.progress("merging", enabled=not (quiet or as_json), unit="bytes", phase="starting") as cb:
         report = run(base, list(adapters), out, weights=parsed, dtype=dtype,
                      device=device, unmerge=unmerge, allow_unmatched=allow_unmatched, force=force,
                      allow_pickle=allow_pickle, stats=report_file is not None, module_weights=module_weights,
                      blocks=blocks, rounding=rounding, seed=seed, min_retained=min_retained, strict=strict,
-                     qlora_base=qlora_base, progress=cb)
+                     qlora_base=qlora_base, progress=cb, phase=cb.phase)
     if report_file:
         try:
             with atomic_output(report_file, force=force, directory=False, inputs=[base, *adapters],

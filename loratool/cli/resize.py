@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import click
 
-from loratool.cli._options import device_option, dtype_option, input_path, modules_option, write_options
+from loratool.cli._options import device_option, dtype_option, input_path, modules_option, preflight, write_options
 from loratool.linalg import RANK_METHODS
 
 
@@ -31,8 +31,11 @@ def resize(path: str, rank: int | None, method: str | None, threshold: float | N
     """
     from loratool.cli import _render
     from loratool.cli._output import emit
+    from loratool.ops.resize import check_options
     from loratool.ops.resize import resize as run
 
+    check_options(rank, method, threshold, conv_rank)
+    preflight(out=out, force=force, kind="adapter", inputs=[path], device=device, modules=modules)
     path = input_path(path, quiet=quiet or as_json)
     with _render.progress("resizing", enabled=not (quiet or as_json)) as cb:
         report = run(path, out, rank=rank, method=method, threshold=threshold, conv_rank=conv_rank,

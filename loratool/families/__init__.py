@@ -265,11 +265,68 @@ def get(name: str) -> Family:
     raise KeyError(name)
 
 
-def detect(names: list[str]) -> Detection:
+def check_name(name: str) -> Family:
+    """The family a --family value names.
+
+    Raises:
+        IncompatibleError: an unknown name, with the family it most likely means (`flux`: flux.1,
+            `sd15`: sd1, `hunyuan`: hunyuan-video) and the known ones.
+    """
+    from loratool.errors import IncompatibleError
+
+    try:
+        return get(name)
+    except KeyError:
+        pass
+    known = [f.name for f in families()]
+
+    def bare(text: str) -> str:
+        return re.sub(r"[^a-z0-9]", "", text.lower())
+
+    given = bare(name)
+    near = [k for k in known if given and (bare(k).startswith(given) or given.startswith(bare(k)))]
+    if not near:
+        import difflib
+
+        near = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.6)
+    guess = f"; did you mean {near[0]}?" if near else ""
+    raise IncompatibleError(f"--family {name}: unknown family{guess}", hint=f"known: {', '.join(known)}")
+
+
+# what the training tools write in the header about the model (kohya ss_base_model_version and
+# modelspec.architecture, musubi-tuner ss_architecture) -> the family it means
+_METADATA_KEYS = ("ss_base_model_version", "modelspec.architecture", "ss_architecture")
+_METADATA_FAMILIES = (
+    (re.compile(r"sdxl|stable-diffusion-xl", re.I), "sdxl"),
+    (re.compile(r"sd_?v?1|stable-diffusion-v1|sd-?1\.5|sd15", re.I), "sd1"),
+    (re.compile(r"sd_?v?3|stable-diffusion-v3|stable-diffusion-3", re.I), "sd3"),
+    (re.compile(r"flux", re.I), "flux.1"),
+    (re.compile(r"hunyuan", re.I), "hunyuan-video"),
+    (re.compile(r"qwen", re.I), "qwen-image"),
+    (re.compile(r"ltx", re.I), "ltx-video"),
+    (re.compile(r"^wan", re.I), "wan"),
+)
+
+
+def metadata_family(metadata: dict[str, str] | None) -> tuple[str, str] | None:
+    """(family, 'KEY says VALUE') from the header's training metadata, or None."""
+    for key in _METADATA_KEYS:
+        value = (metadata or {}).get(key)
+        if not value:
+            continue
+        for pattern, family in _METADATA_FAMILIES:
+            if pattern.search(value):
+                return family, f"{key} says {value}"
+    return None
+
+
+def detect(names: list[str], metadata: dict[str, str] | None = None) -> Detection:
     """The family and dialect whose module names cover the most of `names` (header only, no torch).
 
     Families that cover the same number of names are tied: the detection is ambiguous and names
-    none. Otherwise the best family wins, with a reason against every other family that fits part.
+    none, unless the header's training metadata (`ss_base_model_version`, `modelspec.architecture`,
+    `ss_architecture`) names one of them. Otherwise the best family wins, with a reason against
+    every other family that fits part.
     """
     scores: list[tuple[int, Family, str, list[str]]] = []
     for fam in families():
@@ -296,6 +353,12 @@ def detect(names: list[str]) -> Detection:
             why = [f"not {t}: the modules fill all of {fam.name}'s {filled}, of which {t} has more"
                    for t in tied if t != fam.name]
             return Detection(fam.name, dialect, best, len(names), hits[:3], candidates, unmatched, why, [fam.name])
+        said = metadata_family(metadata)
+        if said is not None and said[0] in tied:  # the names fit both; the header says which model it was for
+            fam, dialect, hits = next((f, d, h) for n, f, d, h in scores if n == best and f.name == said[0])
+            why = [f"{said[1]}; the names fit {' and '.join(tied)} alike"]
+            return Detection(fam.name, dialect, best, len(names), hits[:3], candidates,
+                             [n for n in names if n not in set(hits)], why, [fam.name])
         return Detection(None, None, best, len(names), hits[:3], candidates, unmatched, tied=tied)
     # per other family that fits part: a name of ours it has in no dialect, or one past its block count
     reasons: list[str] = []

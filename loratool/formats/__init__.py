@@ -332,7 +332,7 @@ def write(
     from loratool.st import atomic_output
 
     explicit = fmt is not None
-    if fmt is None and adapter.source_format == "kohya" and _comfyui_names(adapter):
+    if fmt is None and adapter.source_format == "kohya" and comfyui_names(adapter):
         fmt = "comfyui"  # a ComfyUI-dialect file (dotted `diffusion_model.` paths) stays in its dialect
     record = get(fmt or written_as(adapter.source_format), writing=True)
     check_writable(adapter, record.name)
@@ -369,10 +369,12 @@ def write(
     return out
 
 
-def _comfyui_names(adapter: Adapter) -> bool:
-    """Whether every module of a kohya-suffix file is stored under a dotted `diffusion_model.` path."""
+def comfyui_names(adapter: Adapter) -> bool:
+    """Whether the modules of a kohya-suffix file are stored under dotted `diffusion_model.` paths,
+    text-encoder modules aside (ComfyUI reads those in kohya's `lora_te*_` names)."""
     names = [*adapter.modules, *adapter.lycoris]
-    return bool(names) and all(n.startswith("diffusion_model.") for n in names)
+    model = [n for n in names if not n.startswith("lora_te")]
+    return bool(model) and all(n.startswith("diffusion_model.") for n in model)
 
 
 def _require_usable_values(adapter: Adapter, out: Path) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 from loratool.adapter import Adapter, LoraModule, LycoModule
 from loratool.errors import IncompatibleError
-from loratool.ops import Row, output_size
+from loratool.ops import Phase, Row, output_size
 from loratool.runtimes import RUNTIME_OF_FORMAT
 from loratool.st import TensorRef, folder_file
 
@@ -164,6 +164,7 @@ def convert(
     dora_to_lora: str | os.PathLike[str] | None = None,
     family: str | None = None,
     fuse_rank: int | None = None,
+    phase: Phase | None = None,
 ) -> ConvertReport:
     """Convert an adapter to another format (or rewrite it in its own), keeping every delta exact.
 
@@ -184,6 +185,7 @@ def convert(
         rank: LyCORIS modules become LoRA factors of at most this rank (the best truncation, its
             error reported per module); None keeps them exact. Full 2-D diffs become LoRA only
             with a rank; without one they stay full diffs (kohya output only).
+        phase: called with what the conversion is doing (reading, converting, writing).
 
     Raises:
         IncompatibleError: names that cannot be placed (listed), modules that do not fit `base`,
@@ -221,10 +223,13 @@ def convert(
         runtime = get_runtime(RUNTIME_OF_FORMAT[to])
     if to != "lora":
         get_format(to, writing=True)  # an unknown target is refused before anything is read
+    say = phase or (lambda text: None)
     path = resolve_path(path)
     base = resolve_path(base) if base is not None else None
+    say(f"reading {Path(path).name}")
     adapter = read(path, allow_pickle=allow_pickle)
     require_plain(adapter, "convert", lycoris=True)
+    say(f"converting {len(adapter.modules) + len(adapter.lycoris)} modules to {to}")
     if to == "lora":
         to = written_as(adapter.source_format)
     target = get_format(to, writing=True)
@@ -245,7 +250,7 @@ def convert(
     fam = None if by_base else \
         _family_for(adapter, to, family, runtime is not None or dora_to_lora is not None, report.warnings)
     if fam is not None:
-        return _convert_family(adapter, report, fam[0], fam[1], to, out, force=force, fuse_rank=fuse_rank)
+        return _convert_family(adapter, report, fam[0], fam[1], to, out, force=force, fuse_rank=fuse_rank, say=say)
     as_read = adapter.modules  # the report shows each module's rank, alpha and scale as read
     origin: dict[str, str] = {}  # a module renamed before target_names -> its name as read
     if dora_to_lora is not None:
@@ -350,6 +355,7 @@ def convert(
         params.update({"for": runtime.name, "drop": drop})
     if dora_to_lora is not None:
         params["dora_to_lora"] = source_label(dora_to_lora)
+    say(f"writing and re-reading {Path(out).name}")
     written = write(converted, out, fmt=to, force=force, op="convert", params=params, sources=adapter.files)
     report.size = output_size(written)
     return report
@@ -453,21 +459,17 @@ def _family_for(adapter: Adapter, to: str, family: str | None, other_mode: bool,
         return None
     # full / norm / bias diffs (kept as they are where the target holds them) move with the family's names
     names = [*adapter.modules, *adapter.lycoris]
-    det = families.detect(names)
+    det = families.detect(names, adapter.metadata)
     te = text_encoder_modules(adapter)
     if te and det.matched and set(det.unmatched) <= set(te):
         # a transformer LoRA with text-encoder modules beside it (kohya FLUX.1 files often have
         # lora_te1_ CLIP-L ones): the family is judged on the rest; those go by the naming rules
         names = [n for n in names if n not in te]
-        det = families.detect(names)
+        det = families.detect(names, adapter.metadata)
     if family is None and adapter.family is not None and to in FAMILY_TARGETS and not other_mode:
         family = adapter.family  # the format itself says which model it is for (XLabs: FLUX.1)
     if family is not None:
-        try:
-            fam = families.get(family)
-        except KeyError:
-            known = ", ".join(f.name for f in families.families())
-            raise IncompatibleError(f"--family {family}: unknown family", hint=f"known: {known}") from None
+        fam = families.check_name(family)
         best = max(families.DIALECTS, key=lambda d: sum(fam.identify(n, d) is not None for n in names))
         if to not in FAMILY_TARGETS or other_mode:
             raise IncompatibleError(f"--family works with --to {', '.join(FAMILY_TARGETS)} only")
@@ -509,7 +511,8 @@ def _family_for(adapter: Adapter, to: str, family: str | None, other_mode: bool,
 
 
 def _convert_family(adapter: Adapter, report: ConvertReport, fam: Any, source: str, to: str,
-                    out: str | os.PathLike[str], *, force: bool, fuse_rank: int | None) -> ConvertReport:
+                    out: str | os.PathLike[str], *, force: bool, fuse_rank: int | None,
+                    say: Phase = lambda text: None) -> ConvertReport:
 
     from loratool.families.convert import convert_family
     from loratool.formats import write
@@ -575,6 +578,7 @@ def _convert_family(adapter: Adapter, report: ConvertReport, fam: Any, source: s
                                      metadata=adapter.metadata if adapter.source_format == to == "kohya" else {},
                                      source_format=to, source_modules=(), lycoris=conv.lycoris)
     params = {"to": to, "family": fam.name, "from_dialect": source, "fuse_rank": fuse_rank}
+    say(f"writing and re-reading {Path(out).name}")
     written = write(converted, out, fmt=to, force=force, op="convert", params=params, sources=adapter.files)
     report.size = sum(f.stat().st_size for f in written.iterdir() if f.is_file()) if written.is_dir() else \
         written.stat().st_size

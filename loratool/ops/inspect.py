@@ -11,7 +11,7 @@ from typing import Any
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import IncompatibleError
-from loratool.formats import Findings, read
+from loratool.formats import Findings, comfyui_names, read
 
 SCHEMA = 1
 Progress = Callable[[int, int], None]
@@ -105,6 +105,7 @@ class InspectReport:
         return {
             "schema": SCHEMA,
             "format": a.source_format,
+            "dialect": "comfyui" if comfyui_names(a) and a.source_format != "comfyui" else None,
             "path": str(self.path),
             "base_model": a.base_model,
             "num_modules": len(a.modules),
@@ -138,10 +139,10 @@ def _family(a: Adapter) -> dict[str, Any]:
 
     te = text_encoder_modules(a)
     names = [*a.modules, *a.lycoris]
-    det = detect(names)
+    det = detect(names, a.metadata)
     if te and det.matched and set(det.unmatched) <= te:
         names = [n for n in names if n not in te]
-        det = detect(names)
+        det = detect(names, a.metadata)
     else:
         te = set()
     needs = False

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratool.adapter import Adapter
-from loratool.errors import IncompatibleError
+from loratool.errors import FormatError, IncompatibleError, LoratoolError
 from loratool.keymap import Contribution, MergePlan, plan_merge
 from loratool.linalg import Workspace, merged_tensor, nf4_roundtrip, realized_delta
-from loratool.ops import Row
+from loratool.ops import Phase, Row
 from loratool.pipeline import Buffers, Cast, Compute, copy_other_files, gc_paused, stream_file
 from loratool.st import BackgroundSha256, Checkpoint, TensorInfo
 from loratool.storage import FP8_DTYPES, BaseStorage, dequantize, detect, quantize, requantize
@@ -377,17 +377,36 @@ def read_and_plan(op: str, adapters: Sequence[str | os.PathLike[str]], weights: 
                   module_weights: str | None, blocks: str | None) -> tuple[list[Adapter], Any, list[str]]:
     """The adapters read and checked, and the plan of which base tensor each changes (shared by
     merge and verify, so verify checks exactly what merge would have done): (adapters, plan, warnings)."""
-    from loratool.formats import read, require_plain
+    from loratool.formats import detect, read, require_plain
 
     loaded = []
     for p in adapters:
-        a = read(Path(p), allow_pickle=allow_pickle)
+        try:
+            a = read(Path(p), allow_pickle=allow_pickle)
+        except FormatError as e:
+            base = _adapter_as_base(ckpt, detect)
+            if base is None:
+                raise
+            # the base is an adapter and this is not: BASE and ADAPTER given the other way round
+            order = f"loratool merge {p} {base} -o OUT" if op == "merge" else "the base model goes to --base"
+            raise FormatError(e.message, hint=f"did you swap them? {base} is an adapter; {order}") from None
         require_plain(a, op, lycoris=True, dora=True)  # DoRA on either axis and on LyCORIS modules: applied
         loaded.append(a)
     per_module, mw_warnings = adapter_module_weights(loaded, module_weights, blocks)
     plan, warnings = plan_merge(loaded, weights, ckpt, allow_unmatched=allow_unmatched, unmerge=unmerge,
                                 tensors=storage.logical(ckpt.tensors), module_weights=per_module)
     return loaded, plan, mw_warnings + warnings
+
+
+def _adapter_as_base(ckpt: Any, detect: Callable[[Path], str]) -> Path | None:
+    """The base path when it holds an adapter (a PEFT folder, a kohya file), else None."""
+    for path in [ckpt.root, *ckpt.files[:1]] if len(ckpt.files) == 1 else [ckpt.root]:
+        try:
+            detect(path)
+        except LoratoolError:
+            continue
+        return Path(path)
+    return None
 
 
 def checked_options(op: str, adapters: Sequence[object], weights: Sequence[float] | None, dtype: str) -> list[float]:
@@ -430,6 +449,7 @@ def merge(
     module_weights: str | None = None,
     blocks: str | None = None,
     progress: Progress | None = None,
+    phase: Phase | None = None,
 ) -> MergeReport:
     """Merge adapters into a base checkpoint and write a complete copy of it.
 
@@ -461,6 +481,8 @@ def merge(
             match wins, on the module names); blocks: 'PRESET:W1,W2,...' per-block multipliers
             (formats/blocks.py). A module at weight 0 is not merged.
         progress: called with (bytes done, bytes total).
+        phase: called with what the merge is doing before the bytes flow (reading headers, loading
+            torch, reading and matching the adapters, ...).
 
     Raises:
         IncompatibleError, FormatError, OutputExistsError, LoratoolError (disk full).
@@ -477,6 +499,7 @@ def merge(
         raise IncompatibleError(f"--qlora-base {qlora_base}: unknown", hint="use --qlora-base nf4")
     if not (math.isfinite(min_retained) and 0.0 <= min_retained <= 1.0):
         raise IncompatibleError(f"--min-retained must be between 0 and 1, got {min_retained}")
+    say = phase or (lambda text: None)
     base_path = resolve_path(base)
     adapters = [resolve_path(a) for a in adapters]
     from loratool.ops.merge_gguf import is_gguf, merge_into_gguf
@@ -487,6 +510,7 @@ def merge(
         return merge_into_gguf(base_path, [Path(a) for a in adapters], out, weights=weights, dtype=dtype, force=force,
                                allow_pickle=allow_pickle, allow_unmatched=allow_unmatched, stats=stats,
                                progress=progress)
+    say(f"reading the headers of {base_path.name}")
     ckpt = open_checkpoint(base_path)
     if not base_path.is_file() and Path(out).suffix == ".safetensors":  # the output mirrors the base's folder
         what = f"{len(ckpt.files)} shards" if ckpt.index is not None else ckpt.files[0].name
@@ -500,7 +524,8 @@ def merge(
         return _merge(ckpt, sha256, base_path, adapters, out, weights, dtype=dtype, device=device, unmerge=unmerge,
                       allow_unmatched=allow_unmatched, force=force, allow_pickle=allow_pickle, stats=stats,
                       rounding=rounding, seed=seed or 0, min_retained=min_retained, strict=strict,
-                      qlora_base=qlora_base, module_weights=module_weights, blocks=blocks, progress=progress)
+                      qlora_base=qlora_base, module_weights=module_weights, blocks=blocks, progress=progress,
+                      say=say)
     finally:
         sha256.stop()
 
@@ -510,11 +535,12 @@ def _merge(
     out: str | os.PathLike[str], weights: list[float], *, dtype: str, device: str, unmerge: bool,
     allow_unmatched: bool, force: bool, allow_pickle: bool, stats: bool, rounding: str, seed: int,
     min_retained: float, strict: bool, qlora_base: str | None, progress: Progress | None,
-    module_weights: str | None = None, blocks: str | None = None,
+    module_weights: str | None = None, blocks: str | None = None, say: Phase = lambda text: None,
 ) -> MergeReport:
     from loratool.device import resolve_device
     from loratool.st import atomic_output, read_header
 
+    say("loading torch")
     device = resolve_device(device)
     storage = detect(ckpt)
     storage.refuse_unsupported(base_path)  # up front: never a delta added to bytes we cannot read
@@ -523,6 +549,7 @@ def _merge(
             f"--qlora-base {qlora_base}: {base_path} is already stored quantized ({storage.line()})",
             hint="--qlora-base simulates a 4-bit base on a 16-bit one; on a quantized base, merge without it",
         )
+    say(f"reading {len(adapters)} adapter{'s' if len(adapters) > 1 else ''} and matching them to the base")
     loaded, plan, warnings = read_and_plan("merge", adapters, weights, ckpt, storage, allow_pickle=allow_pickle,
                                            allow_unmatched=allow_unmatched, unmerge=unmerge,
                                            module_weights=module_weights, blocks=blocks)
@@ -557,6 +584,7 @@ def _merge(
         if progress:
             progress(done, total)
 
+    say(f"merging into {Path(out).name}")
     with atomic_output(out, force=force, directory=not single_file, inputs=[base_path, *ckpt.files, *adapters],
                        kind="model") as tmp:
         headers = [read_header(f) for f in ckpt.files]
