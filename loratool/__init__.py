@@ -6,8 +6,7 @@ torch or huggingface_hub.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from loratool._version import __version__
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import FormatError, HubError, IncompatibleError, LoratoolError, OutputExistsError
 from loratool.formats import detect, read, write

@@ -179,7 +179,7 @@ def _rows_of(m: LoraModule, spans: list[tuple[int, int]], name: str) -> LoraModu
 
 def _map(modules: Sequence[Module], family: Family, dialect: str, layout: BaseLayout, base: dict[str, TensorInfo],
          where: object) -> LayoutPlan:
-    from loratool.keymap import compatible
+    from loratool.adapter import compatible
 
     plan = LayoutPlan(layout, dialect)
     to_original = layout.side == "original"
