@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 
 from loratool.adapter import LoraModule, LycoModule
 from loratool.errors import IncompatibleError
-from loratool.families import Family, Relation, detect, get
+from loratool.families import detect, get
+from loratool.families.model import Family, Relation
 
 if TYPE_CHECKING:
     from loratool.st import TensorInfo
