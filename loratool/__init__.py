@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
+from loratool._version import __version__
 from loratool.errors import FormatError, HubError, IncompatibleError, LoratoolError, OutputExistsError
 
 if TYPE_CHECKING:

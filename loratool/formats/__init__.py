@@ -264,7 +264,7 @@ def provenance(
     `hashes` are sha256 sums the caller already computed (e.g. while streaming a checkpoint),
     by path; `sources` are hashed here.
     """
-    from loratool import __version__
+    from loratool._version import __version__
     from loratool.st import sha256_file
 
     by_path = {**(hashes or {}), **{str(s): sha256_file(s) for s in sources if s.is_file()}}

@@ -156,7 +156,7 @@ def _magnitude_axis(shape: tuple[int, ...], delta: tuple[int, ...]) -> DoraAxis 
     """The axis of a LyCORIS module's `.dora_scale` (formats._common.magnitude_axis), also for a conv
     whose ΔW the file stores flattened to (out, in·kh·kw) (LoHa, LoKr): there a per-column magnitude
     `(1, in, 1, 1)` gives the input channels, which the base weight confirms when merging
-    (keymap.compatible)."""
+    (adapter.compatible)."""
     if len(delta) < 2:
         return None
     axis = magnitude_axis(shape, delta[0], delta[1])

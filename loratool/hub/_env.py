@@ -115,7 +115,7 @@ def _token(token: str | None) -> str | None:
 def _api(endpoint: str, token: str | None) -> Any:
     from huggingface_hub import HfApi
 
-    from loratool import __version__
+    from loratool._version import __version__
 
     return HfApi(endpoint=endpoint, token=token, library_name="loratool", library_version=__version__)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from loratool.adapter import Adapter
 from loratool.errors import IncompatibleError
-from loratool.ops.merge import MergeReport, Progress, TensorStat
+from loratool.ops.merge_report import MergeReport, Progress, TensorStat
 
 # loratool's --dtype names -> GGML types for the adapted tensors
 GGUF_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
