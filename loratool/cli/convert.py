@@ -3,6 +3,7 @@ from __future__ import annotations
 import click
 
 from loratool.cli._options import (
+    RuntimeTarget,
     allow_pickle_option,
     force_option,
     input_path,
@@ -11,7 +12,6 @@ from loratool.cli._options import (
     quiet_option,
 )
 from loratool.formats import writable_formats
-from loratool.runtimes import RUNTIMES
 
 
 @click.command()
@@ -19,7 +19,7 @@ from loratool.runtimes import RUNTIMES
 @click.option("--to", "to", type=click.Choice([*writable_formats(), "lora"]), default=None,
               help="Output format: peft (a directory), kohya or diffusers (a .safetensors file); lora: the "
               "source's own format with LyCORIS modules turned into plain LoRA.")
-@click.option("--for", "for_runtime", type=click.Choice(list(RUNTIMES)), default=None,
+@click.option("--for", "for_runtime", type=RuntimeTarget(), default=None,
               help="Write what this runtime serves exactly (implies --to): one rank and one alpha where it "
               "reads one, scales baked into the factors; see docs/commands/convert.md.")
 @click.option("--dora-to-lora", "dora_base", default=None, type=click.Path(),

@@ -247,6 +247,7 @@ def convert(
     if fam is not None:
         return _convert_family(adapter, report, fam[0], fam[1], to, out, force=force, fuse_rank=fuse_rank)
     as_read = adapter.modules  # the report shows each module's rank, alpha and scale as read
+    gguf_base: str | None = None
     origin: dict[str, str] = {}  # a module renamed before target_names -> its name as read
     if dora_to_lora is not None:
         from loratool.ops.runtime import dora_to_lora as fold
@@ -284,6 +285,7 @@ def convert(
         order = list(adapter.modules)
         adapter = gguf_layout(adapter, Path(base))
         origin = dict(zip(adapter.modules, order))  # GGUF tensor name -> the module name as read
+        gguf_base = source_label(base)  # provenance keeps it
         base = None  # used: the names are GGUF's now, not the checkpoint's
     # peft's save_embedding_layers copies of a LoRA layer's base weight (`.base_layer.`) go only
     # where full tensors can; other full tensors (modules_to_save) must be kept or the user told
@@ -345,7 +347,7 @@ def convert(
         lycoris=kept_lyco,
     )
     report.extras = sorted(converted.extras)
-    params: dict[str, Any] = {"to": to, "base": None if base is None else source_label(base)}
+    params: dict[str, Any] = {"to": to, "base": gguf_base if base is None else source_label(base)}
     if runtime is not None:
         params.update({"for": runtime.name, "drop": drop})
     if dora_to_lora is not None:
