@@ -171,6 +171,7 @@ class Record:
     base: dict[str, Any]
     facts: tuple[Fact, ...]
     notes: str = ""
+    checked: str = CHECKED
 
 
 def version_key(version: str) -> tuple[int, ...]:
@@ -213,7 +214,7 @@ def resolve(name: str, version: str | None = None) -> Runtime:
         else:
             values[fact.field] = fact.value
     notes = " ".join(x for x in (rec.notes, values.pop("notes", "")) if x)
-    return Runtime(name=name, version=ver, checked=CHECKED, source=rec.source, refuses=tuple(refuses), notes=notes,
+    return Runtime(name=name, version=ver, checked=rec.checked, source=rec.source, refuses=tuple(refuses), notes=notes,
                    facts=tuple(facts), **values)
 
 
@@ -311,8 +312,9 @@ _SGLANG = Record(
 
 _LLAMA = Record(
     name="llama.cpp",
-    current="b7000",
-    oldest="b3000",
+    current="(read 2026-11-29)",
+    oldest=None,
+    checked="2026-11-29",
     source="ggml-org/llama.cpp: convert_lora_to_gguf.py, src/llama-adapter.cpp, src/llama-graph.cpp",
     base=dict(loads=("gguf",), writes="gguf", scale_rule="gguf_global_alpha", honours_rslora=False, max_rank=None,
               embeddings=True, dora=False, dora_refused=True, conv=False),
@@ -327,37 +329,39 @@ _LLAMA = Record(
 _MLX = Record(
     name="mlx",
     current="0.32.2",
-    oldest="0.20.0",
-    source="mlx-lm (PyPI 0.32.2): mlx_lm/tuner/utils.py (load_adapters, linear_to_lora_layers), "
+    oldest=None,
+    source="mlx-lm (PyPI 0.32.2, with mlx 0.32.4): mlx_lm/tuner/utils.py (load_adapters, linear_to_lora_layers), "
     "mlx_lm/tuner/lora.py (LoRALinear), mlx_lm/tuner/dora.py",
     base=dict(loads=("mlx",), writes="mlx", scale_rule="direct_scale", honours_rslora=False, one_rank=True,
               max_rank=None, dora=True, embeddings=True, bias=False, conv=False),
     notes="one rank and one scale for every module (lora_parameters); factors stored transposed.",
     facts=(
-        Fact("scale_rule", "direct_scale", "mlx_lm/tuner/lora.py (LoRALinear: scale * (x @ lora_a) @ lora_b), "
-             "mlx_lm/tuner/utils.py (load_adapters reads lora_parameters)"),
+        Fact("scale_rule", "direct_scale", "mlx_lm/tuner/lora.py:84, 95-98 (0.32.2): y + scale·(x·lora_a)·lora_b; "
+             "mlx_lm/tuner/utils.py:123-147 load_adapters: one lora_parameters for every layer"),
+        Fact("dora", True, "mlx_lm/tuner/utils.py:139-146 (0.32.2): fine_tune_type 'dora' -> DoRALinear"),
     ),
 )
 
 _DIFFUSERS = Record(
     name="diffusers",
-    current="0.35.0",
-    oldest="0.30.0",
-    source="huggingface/diffusers: loaders/lora_base.py, loaders/lora_conversion_utils.py, utils/peft_utils.py",
+    current="0.42.1",
+    oldest=None,
+    source="diffusers (PyPI 0.42.1): loaders/lora_base.py, loaders/lora_conversion_utils.py, utils/peft_utils.py",
     base=dict(loads=("diffusers", "kohya"), writes="diffusers", scale_rule="per_module", honours_rslora=True,
               max_rank=None, dora=True, embeddings=False, bias=False, conv=True),
     notes="alpha from lora_adapter_metadata (diffusers files) or .alpha tensors (kohya files); a file without "
     "either is loaded with alpha = rank.",
     facts=(
-        Fact("scale_rule", "per_module", "loaders/lora_conversion_utils.py (kohya .alpha -> scale), "
-             "utils/peft_utils.py (get_peft_kwargs: rank_pattern / alpha_pattern from the metadata)"),
+        Fact("scale_rule", "per_module", "diffusers/utils/peft_utils.py:153-190 get_peft_kwargs (0.42.1): per-module "
+             "ranks and alphas into rank_pattern / alpha_pattern; loaders/lora_base.py:65 lora_adapter_metadata"),
     ),
 )
 
 _COMFY = Record(
     name="comfyui",
-    current="0.3.60",
-    oldest="0.3.0",
+    current="(read 2026-11-29)",
+    oldest=None,
+    checked="2026-11-29",
     source="comfyanonymous/ComfyUI: comfy/lora.py, comfy/weight_adapter/lora.py, comfy/weight_adapter/base.py",
     base=dict(loads=("kohya", "diffusers"), writes="kohya", scale_rule="per_module", honours_rslora=False,
               max_rank=None, dora=True, dora_axes=("in",), embeddings=False, bias=False, conv=True),

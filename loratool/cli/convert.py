@@ -5,6 +5,7 @@ import click
 from loratool.cli._options import (
     RuntimeTarget,
     allow_pickle_option,
+    allow_variant_option,
     force_option,
     input_path,
     json_option,
@@ -45,9 +46,13 @@ from loratool.formats import writable_formats
 @json_option
 @quiet_option
 @allow_pickle_option
+@allow_variant_option
+@click.option("--initial-adapter", "initial_adapter", default=None, type=click.Path(),
+              help="The adapter PEFT saved right after a PiSSA / OLoRA / CorDA initialisation: write PEFT's own "
+              "conversion to plain LoRA (ΔW = s·(B·A − B0·A0), rank 2r), which serves on the original base.")
 def convert(path: str, to: str | None, for_runtime: str | None, dora_base: str | None, drop: bool, out: str,
             base: str | None, family: str | None, fuse_rank: int | None, rank: int | None, force: bool,
-            as_json: bool, quiet: bool, allow_pickle: bool) -> int:
+            as_json: bool, quiet: bool, allow_pickle: bool, allow_variant: bool, initial_adapter: str | None) -> int:
     """Convert an adapter between PEFT, kohya and diffusers, keeping every delta exact.
 
     The factors are copied bit for bit; module names, the way alpha is stored (each module's scale
@@ -81,6 +86,8 @@ def convert(path: str, to: str | None, for_runtime: str | None, dora_base: str |
     if drop and for_runtime is None:
         raise click.UsageError("--drop needs --for RUNTIME")
     dora_base = input_path(dora_base, quiet=quiet or as_json)
+    initial_adapter = input_path(initial_adapter, quiet=quiet or as_json)
     report = run(path, out, to=to, base=base, force=force, allow_pickle=allow_pickle, for_runtime=for_runtime,
-                 drop=drop, dora_to_lora=dora_base, rank=rank, family=family, fuse_rank=fuse_rank)
+                 drop=drop, dora_to_lora=dora_base, rank=rank, family=family, fuse_rank=fuse_rank,
+                 allow_variant=allow_variant, initial_adapter=initial_adapter)
     return emit(report.to_dict(), _render.render_convert, as_json=as_json, quiet=quiet)

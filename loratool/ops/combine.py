@@ -407,6 +407,7 @@ def combine(
     module_weights: str | None = None,
     blocks: str | None = None,
     progress: Progress | None = None,
+    allow_variant: bool = False,
 ) -> CombineReport:
     """Combine adapters into one with weights and write it (see the module docstring for methods).
 
@@ -444,9 +445,13 @@ def combine(
     local = [resolve_path(p) for p in paths]
     device = resolve_device(device)
     adapters = [read(p, allow_pickle=allow_pickle) for p in local]
+    from loratool.variants import guard
+
+    variant_warnings = [w for a in adapters for w in guard(a, "combine", allow_variant)]  # PiSSA, aLoRA, ...
     for a in adapters:
         _refuse_unsupported(a)
     groups, warnings = match_modules(adapters)
+    warnings = variant_warnings + warnings
     if not groups:
         raise IncompatibleError("the inputs hold no LoRA modules")
     scaled: dict[str, float] = {}

@@ -164,6 +164,8 @@ def convert(
     dora_to_lora: str | os.PathLike[str] | None = None,
     family: str | None = None,
     fuse_rank: int | None = None,
+    allow_variant: bool = False,
+    initial_adapter: str | os.PathLike[str] | None = None,
 ) -> ConvertReport:
     """Convert an adapter to another format (or rewrite it in its own), keeping every delta exact.
 
@@ -181,6 +183,10 @@ def convert(
             peft), splitting and fusing modules by its table; detected from original-layout (BFL)
             names when not given. comfyui output needs a family.
         fuse_rank: truncate block-diagonal fused modules to this rank (error reported).
+        allow_variant: go on with an unconverted PiSSA / OLoRA / CorDA / LoftQ or an aLoRA adapter
+            (loratool.variants; refused by default), with a warning saying what the output means.
+        initial_adapter: the adapter PEFT saved right after a PiSSA / OLoRA / CorDA initialisation:
+            the output is PEFT's conversion to plain LoRA (ΔW = s·(B·A − B0·A0), rank 2r).
         rank: LyCORIS modules become LoRA factors of at most this rank (the best truncation, its
             error reported per module); None keeps them exact. Full 2-D diffs become LoRA only
             with a rank; without one they stay full diffs (kohya output only).
@@ -225,6 +231,11 @@ def convert(
     base = resolve_path(base) if base is not None else None
     adapter = read(path, allow_pickle=allow_pickle)
     require_plain(adapter, "convert", lycoris=True)
+    from loratool.variants import convert_with_initial, guard
+
+    if initial_adapter is not None:  # PEFT's path_initial_model_for_weight_conversion, from the files
+        adapter = convert_with_initial(adapter, read(resolve_path(initial_adapter), allow_pickle=allow_pickle))
+    variant_warnings = guard(adapter, "convert", allow_variant)
     if to == "lora":
         to = written_as(adapter.source_format)
     target = get_format(to, writing=True)
@@ -238,7 +249,7 @@ def convert(
     if not adapter.modules and not adapter.lycoris:
         raise IncompatibleError(f"{path}: holds no LoRA modules to convert")
     report = ConvertReport(Path(out), Path(path), adapter.source_format, to, Path(base) if base is not None else None,
-                           warnings=lyco_warnings)
+                           warnings=variant_warnings + lyco_warnings)
     # with --base the modules are named by the base's keys where every module matches one (a kohya SD
     # file into its single-file checkpoint's names); otherwise (or with --family) by the family's table
     by_base = base is not None and family is None and to in FAMILY_TARGETS and _matches_base(adapter, Path(base))
@@ -260,7 +271,7 @@ def convert(
     if runtime is not None:
         from loratool.ops.runtime import prepare_for
 
-        prepared = prepare_for(adapter, runtime, drop=drop)
+        prepared = prepare_for(adapter, runtime, drop=drop, allow_variant=allow_variant)
         adapter = prepared.adapter
         report.runtime, report.prepared = runtime.name, prepared.to_dict()
         report.warnings.extend(prepared.warnings)
@@ -352,6 +363,8 @@ def convert(
         params.update({"for": runtime.name, "drop": drop})
     if dora_to_lora is not None:
         params["dora_to_lora"] = source_label(dora_to_lora)
+    if initial_adapter is not None:
+        params["initial_adapter"] = source_label(initial_adapter)
     written = write(converted, out, fmt=to, force=force, op="convert", params=params, sources=adapter.files)
     report.size = output_size(written)
     return report

@@ -374,20 +374,24 @@ def adapter_module_weights(adapters: list[Adapter], module_weights: str | None, 
 
 def read_and_plan(op: str, adapters: Sequence[str | os.PathLike[str]], weights: list[float], ckpt: Any,
                   storage: Any, *, allow_pickle: bool, allow_unmatched: bool, unmerge: bool,
-                  module_weights: str | None, blocks: str | None) -> tuple[list[Adapter], Any, list[str]]:
+                  module_weights: str | None, blocks: str | None,
+                  allow_variant: bool = False) -> tuple[list[Adapter], Any, list[str]]:
     """The adapters read and checked, and the plan of which base tensor each changes (shared by
     merge and verify, so verify checks exactly what merge would have done): (adapters, plan, warnings)."""
     from loratool.formats import read, require_plain
+    from loratool.variants import guard
 
     loaded = []
+    variant_warnings = []
     for p in adapters:
         a = read(Path(p), allow_pickle=allow_pickle)
         require_plain(a, op, lycoris=True, dora=True)  # DoRA on either axis and on LyCORIS modules: applied
+        variant_warnings += guard(a, op, allow_variant)  # unconverted PiSSA / OLoRA / CorDA / LoftQ, aLoRA
         loaded.append(a)
     per_module, mw_warnings = adapter_module_weights(loaded, module_weights, blocks)
     plan, warnings = plan_merge(loaded, weights, ckpt, allow_unmatched=allow_unmatched, unmerge=unmerge,
                                 tensors=storage.logical(ckpt.tensors), module_weights=per_module)
-    return loaded, plan, mw_warnings + warnings
+    return loaded, plan, variant_warnings + mw_warnings + warnings
 
 
 def checked_options(op: str, adapters: Sequence[object], weights: Sequence[float] | None, dtype: str) -> list[float]:
@@ -430,6 +434,7 @@ def merge(
     module_weights: str | None = None,
     blocks: str | None = None,
     progress: Progress | None = None,
+    allow_variant: bool = False,
 ) -> MergeReport:
     """Merge adapters into a base checkpoint and write a complete copy of it.
 
@@ -486,7 +491,7 @@ def merge(
             raise IncompatibleError(f"{base_path}: --unmerge is not supported for GGUF bases")
         return merge_into_gguf(base_path, [Path(a) for a in adapters], out, weights=weights, dtype=dtype, force=force,
                                allow_pickle=allow_pickle, allow_unmatched=allow_unmatched, stats=stats,
-                               progress=progress)
+                               progress=progress, allow_variant=allow_variant)
     ckpt = open_checkpoint(base_path)
     # the base's sha256 starts now, while torch is imported and the adapters are read (a core is
     # idle then), and later stays at most 1 GiB ahead of the merge, so the disk is read once
@@ -495,7 +500,8 @@ def merge(
         return _merge(ckpt, sha256, base_path, adapters, out, weights, dtype=dtype, device=device, unmerge=unmerge,
                       allow_unmatched=allow_unmatched, force=force, allow_pickle=allow_pickle, stats=stats,
                       rounding=rounding, seed=seed or 0, min_retained=min_retained, strict=strict,
-                      qlora_base=qlora_base, module_weights=module_weights, blocks=blocks, progress=progress)
+                      qlora_base=qlora_base, module_weights=module_weights, blocks=blocks, progress=progress,
+                      allow_variant=allow_variant)
     finally:
         sha256.stop()
 
@@ -505,7 +511,7 @@ def _merge(
     out: str | os.PathLike[str], weights: list[float], *, dtype: str, device: str, unmerge: bool,
     allow_unmatched: bool, force: bool, allow_pickle: bool, stats: bool, rounding: str, seed: int,
     min_retained: float, strict: bool, qlora_base: str | None, progress: Progress | None,
-    module_weights: str | None = None, blocks: str | None = None,
+    module_weights: str | None = None, blocks: str | None = None, allow_variant: bool = False,
 ) -> MergeReport:
     from loratool.device import resolve_device
     from loratool.st import atomic_output, read_header
@@ -520,7 +526,7 @@ def _merge(
         )
     loaded, plan, warnings = read_and_plan("merge", adapters, weights, ckpt, storage, allow_pickle=allow_pickle,
                                            allow_unmatched=allow_unmatched, unmerge=unmerge,
-                                           module_weights=module_weights, blocks=blocks)
+                                           module_weights=module_weights, blocks=blocks, allow_variant=allow_variant)
     report = MergeReport(Path(out), base_path, [Path(p) for p in adapters], weights, unmerge, dtype, device,
                          storage=storage.line(), rounding=rounding, min_retained=min_retained,
                          unmatched=plan.unmatched, warnings=warnings, layouts=plan.layouts)

@@ -97,7 +97,7 @@ _AXIS = {"out": "output row", "in": "input column"}
 
 
 def _src(rt: Runtime, field_name: str) -> str:
-    where = rt.where(field_name)
+    where = rt.where(field_name).split("; ")[0]  # the newest release's line (docs/runtimes.md has them all)
     return f" ({where})" if where else ""
 
 
@@ -212,7 +212,7 @@ def runtime_findings(adapter: Adapter, rt: Runtime, findings: Findings) -> None:
 
 
 def _src_of(rule: Refusal, rt: Runtime) -> str:
-    where = next((f.source for f in rt.facts if f.field == "refuses" and f.value == rule), "")
+    where = next((f.source for f in rt.facts if f.field == "refuses" and f.value == rule), "").split("; ")[0]
     return f" ({where})" if where else ""
 
 

@@ -263,3 +263,30 @@ def test_dora_to_lora_reports_the_error_it_makes(make_adapter, tmp_path, capsys,
     assert "magnitude" not in " ".join(load_file(str(out / "adapter_model.safetensors")))
     code, _, err = run_cli(["convert", src, "--to", "peft", "--dora-to-lora", base, "-o", tmp_path / "p"])
     assert code == 0 and f"{name}: DoRA written as plain LoRA" in err and "relative error" in err
+
+
+def test_every_runtime_fact_and_its_source_is_on_the_runtimes_page():
+    """docs/runtimes.md shows every fact of loratool.runtimes with the source line it was read from."""
+    from loratool.runtimes import RECORDS
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "runtimes.md").read_text(encoding="utf-8")
+    for rec in RECORDS.values():
+        assert f"### {rec.name}" in text and rec.source in text
+        for fact in rec.facts:
+            assert fact.source in text, (rec.name, fact.field, fact.source)
+            if fact.field == "refuses":
+                assert fact.value.words in text
+
+
+def test_versions_resolve_to_the_facts_of_their_release():
+    from loratool.runtimes import resolve, version_key
+
+    assert version_key("0.8") == (0, 8, 0) < version_key("0.11.1") < version_key("0.32.0")
+    old, mid, new = resolve("vllm", "0.8.5"), resolve("vllm", "0.30"), resolve("vllm")
+    assert (old.patterns, mid.patterns, new.patterns) == (False, False, True)
+    assert old.bias and old.bias_flag == "--enable-lora-bias" and not mid.bias and mid.bias_refused
+    assert {r.key for r in new.refuses} >= {"alora_invocation_tokens", "layer_replication", "use_qalora",
+                                            "use_bdlora", "init_lora_weights", "lora_bias", "bias", "use_dora",
+                                            "target_modules"}
+    assert "modules_to_save" in {r.key for r in mid.refuses} and new.modules_to_save_allowed == ("classifier", "score")
+    assert new.version == "0.34.0" and new.checked == "2026-12-07"
