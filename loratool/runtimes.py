@@ -312,17 +312,22 @@ _SGLANG = Record(
 
 _LLAMA = Record(
     name="llama.cpp",
-    current="(read 2026-11-29)",
+    current="(llama-cpp-python 0.3.36's vendor/llama.cpp)",
     oldest=None,
-    checked="2026-11-29",
-    source="ggml-org/llama.cpp: convert_lora_to_gguf.py, src/llama-adapter.cpp, src/llama-graph.cpp",
+    source="llama.cpp as vendored in the llama-cpp-python 0.3.36 sdist (PyPI): convert_lora_to_gguf.py, "
+    "src/llama-adapter.cpp, src/llama-adapter.h, src/llama-graph.cpp",
     base=dict(loads=("gguf",), writes="gguf", scale_rule="gguf_global_alpha", honours_rslora=False, max_rank=None,
               embeddings=True, dora=False, dora_refused=True, conv=False),
     notes="one adapter.lora.alpha per file, divided by each tensor's rank; convert_lora_to_gguf.py writes the "
     "config's lora_alpha and ignores use_rslora, rank_pattern's alphas and alpha_pattern.",
     facts=(
-        Fact("scale_rule", "gguf_global_alpha", "src/llama-adapter.cpp (adapter.lora.alpha), src/llama-graph.cpp "
-             "(scale = alpha / rank)"),
+        Fact("scale_rule", "gguf_global_alpha", "src/llama-adapter.cpp:221 (adapter.lora.alpha, one per file), "
+             "src/llama-adapter.h:53-57 (scale = alpha / rank, rank = lora_b->ne[0]; alpha 0: scale 1), "
+             "src/llama-graph.cpp:1541, 1580-1582"),
+        Fact("honours_rslora", False, "convert_lora_to_gguf.py:528 (lparams['lora_alpha']), 428 (written as "
+             "adapter.lora.alpha); use_rslora, rank_pattern and alpha_pattern are not read"),
+        Fact("dora_refused", True, "convert_lora_to_gguf.py:470-482: any tensor but lora_A / lora_B (a DoRA "
+             "magnitude, a modules_to_save copy; layer norms excepted) ends the conversion"),
     ),
 )
 
