@@ -60,7 +60,7 @@ def test_each_vllm_refusal_is_named_with_its_words_and_convert_fixes_or_refuses_
     # the release before these refusals: vLLM 0.31 loads them (and then computes something else)
     if setting not in ("bias", "target_modules"):
         old = run_cli(["validate", src, "--for", "vllm@0.31", "--json"])[1]
-        assert not any(setting in f["message"] for f in json.loads(old)["findings"])
+        assert not any(setting in f["message"] for f in json.loads(old)["findings"] if f["code"].startswith("runtime-"))
 
     out_dir = tmp_path / "served"
     code, _, err = run_cli(["convert", src, "--for", "vllm", "-o", out_dir])
