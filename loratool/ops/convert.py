@@ -360,7 +360,7 @@ def convert(
     report.extras = sorted(converted.extras)
     params: dict[str, Any] = {"to": to, "base": gguf_base if base is None else source_label(base)}
     if runtime is not None:
-        params.update({"for": runtime.name, "drop": drop})
+        params.update({"for": for_runtime or runtime.name, "drop": drop})  # vllm@0.30: the release too
     if dora_to_lora is not None:
         params["dora_to_lora"] = source_label(dora_to_lora)
     if initial_adapter is not None:

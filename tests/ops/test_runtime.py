@@ -290,3 +290,11 @@ def test_versions_resolve_to_the_facts_of_their_release():
                                             "target_modules"}
     assert "modules_to_save" in {r.key for r in mid.refuses} and new.modules_to_save_allowed == ("classifier", "score")
     assert new.version == "0.34.0" and new.checked == "2026-12-07"
+
+
+def test_provenance_names_the_release_written_for(patterned, tmp_path):
+    from safetensors import safe_open
+
+    convert(patterned, tmp_path / "old", for_runtime="vllm@0.30")
+    with safe_open(str(tmp_path / "old" / "adapter_model.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["loratool.params"])["for"] == "vllm@0.30"
