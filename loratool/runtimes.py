@@ -364,10 +364,10 @@ _DIFFUSERS = Record(
 
 _COMFY = Record(
     name="comfyui",
-    current="(read 2026-11-29)",
+    current="(master at commit 0323d87)",
     oldest=None,
-    checked="2026-11-29",
-    source="comfyanonymous/ComfyUI: comfy/lora.py, comfy/weight_adapter/lora.py, comfy/weight_adapter/base.py",
+    source="comfyanonymous/ComfyUI at commit 0323d87: comfy/lora.py, comfy/weight_adapter/lora.py, "
+    "comfy/weight_adapter/base.py",
     base=dict(loads=("kohya", "diffusers"), writes="kohya", scale_rule="per_module", honours_rslora=False,
               max_rank=None, dora=True, dora_axes=("in",), embeddings=False, bias=False, conv=True),
     notes="alpha only from .alpha tensors (scale alpha / rank); alpha kept in header metadata is ignored (ComfyUI "
@@ -375,6 +375,8 @@ _COMFY = Record(
     "per-output-row (out, 1) magnitude is divided by the norm of W, not of W + ΔW, in versions that tell the axis "
     "from the shape (ComfyUI PR #15458, open), and by the column norms in older ones.",
     facts=(
+        Fact("scale_rule", "per_module", "comfy/lora.py load_lora: alpha only from the '<key>.alpha' tensor; "
+             "comfy/weight_adapter/lora.py LoRAAdapter.calculate_weight: alpha / rank, 1.0 without one (0323d87)"),
         Fact("dora_axes", ("in",), "comfy/weight_adapter/base.py (weight_decompose)"),
     ),
 )
