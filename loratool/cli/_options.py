@@ -214,3 +214,30 @@ def preflight(*, out: str | None = None, force: bool = False, kind: str | None =
         from loratool.ops.resize import modules_pattern
 
         modules_pattern(modules)
+class RuntimeTarget(click.ParamType):
+    """`--for NAME` or `--for NAME@VERSION` (a release of that runtime; see docs/runtimes.md)."""
+
+    name = "runtime"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        from loratool.runtimes import NAMES
+
+        return "[" + "|".join(NAMES) + "][@VERSION]"
+
+    def convert(self, value: str, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from loratool.runtimes import NAMES, parse_target
+
+        name, version = parse_target(value)
+        if name not in NAMES:
+            self.fail(f"{value!r}: not one of {', '.join(NAMES)} (optionally with @VERSION, e.g. vllm@0.8)",
+                      param, ctx)
+        if "@" in value and not version:
+            self.fail(f"{value!r}: give a version after @, e.g. {name}@0.8", param, ctx)
+        return value
+
+
+allow_variant_option = click.option(
+    "--allow-variant", "allow_variant", is_flag=True,
+    help="Go on with an unconverted PiSSA / OLoRA / CorDA / LoftQ adapter or an aLoRA one (a warning says what "
+    "the result means); by default such adapters are refused.",
+)

@@ -379,6 +379,9 @@ def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool, only: 
     if axes.get("in"):
         dora += f" ({axes['in']} with a magnitude per input column; merge applies them)"
     t.add_row("DoRA", dora)
+    for v in doc.get("variants") or []:  # PiSSA / OLoRA / CorDA / LoftQ unconverted, aLoRA (loratool.variants)
+        t.add_row("variant", f"{v['name']} ({v['setting']}; merge, combine, resize and convert refuse it unless "
+                  "--allow-variant)")
     t.add_row("fan_in_fan_out", _yes(doc["fan_in_fan_out"]))
     t.add_row("kinds", _counts(doc["kinds"]) or "-")
     t.add_row("targets", _counts(doc["targets"]) or "-")

@@ -3,6 +3,7 @@ from __future__ import annotations
 import click
 
 from loratool.cli._options import (
+    allow_variant_option,
     blocks_option,
     check_adapter_args,
     device_option,
@@ -39,10 +40,11 @@ from loratool.ops.combine import METHODS, check_options
 @device_option
 @dtype_option
 @write_options
+@allow_variant_option
 def combine(adapters: tuple[str, ...], weights: str | None, module_weights: str | None, blocks: str | None,
             method: str, rank: int | None, density: float | None,
             majority_sign: str, seed: int | None, allow_different_bases: bool, device: str, dtype: str, out: str,
-            force: bool, fmt: str | None, as_json: bool, quiet: bool, allow_pickle: bool) -> int:
+            force: bool, fmt: str | None, as_json: bool, quiet: bool, allow_pickle: bool, allow_variant: bool) -> int:
     """Combine adapters with weights into one adapter.
 
     Inputs may differ in format, rank, alpha, rsLoRA and target modules; the result covers the union.
@@ -71,5 +73,5 @@ def combine(adapters: tuple[str, ...], weights: str | None, module_weights: str 
         report = run(paths, out, weights=parsed, method=method, rank=rank, density=density,
                      majority_sign=majority_sign, seed=seed, fmt=fmt, dtype=dtype, device=device,
                      force=force, allow_pickle=allow_pickle, module_weights=module_weights, blocks=blocks,
-                     allow_different_bases=allow_different_bases, progress=cb)
+                     allow_different_bases=allow_different_bases, progress=cb, allow_variant=allow_variant)
     return emit(report.to_dict(), _render.render_combine, as_json=as_json, quiet=quiet)

@@ -8,6 +8,7 @@ import click
 from loratool.cli._options import (
     OutputPath,
     allow_pickle_option,
+    allow_variant_option,
     blocks_option,
     check_adapter_args,
     device_option,
@@ -50,11 +51,12 @@ from loratool.st import atomic_output, check_output, write_text_output
 @json_option
 @quiet_option
 @allow_pickle_option
+@allow_variant_option
 def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, module_weights: str | None,
           blocks: str | None, dtype: str, device: str,
           unmerge: bool, allow_unmatched: bool, report_file: str | None, rounding: str, seed: int | None,
           min_retained: float, strict: bool, qlora_base: str | None, force: bool, as_json: bool, quiet: bool,
-          allow_pickle: bool) -> int:
+          allow_pickle: bool, allow_variant: bool) -> int:
     """Merge one or more adapters into a base model, streaming tensor by tensor.
 
     BASE is a .safetensors file, a directory with model.safetensors, or a sharded Hugging Face
@@ -85,7 +87,7 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, m
                      device=device, unmerge=unmerge, allow_unmatched=allow_unmatched, force=force,
                      allow_pickle=allow_pickle, stats=report_file is not None, module_weights=module_weights,
                      blocks=blocks, rounding=rounding, seed=seed, min_retained=min_retained, strict=strict,
-                     qlora_base=qlora_base, progress=cb, phase=cb.phase)
+                     qlora_base=qlora_base, progress=cb, phase=cb.phase, allow_variant=allow_variant)
     if report_file:
         try:
             with atomic_output(report_file, force=force, directory=False, inputs=[base, *adapters],

@@ -465,6 +465,7 @@ def combine(
     blocks: str | None = None,
     allow_different_bases: bool = False,
     progress: Progress | None = None,
+    allow_variant: bool = False,
 ) -> CombineReport:
     """Combine adapters into one with weights and write it (see the module docstring for methods).
 
@@ -504,6 +505,9 @@ def combine(
     local = [resolve_path(p) for p in paths]
     device = resolve_device(device)
     adapters = [read(p, allow_pickle=allow_pickle) for p in local]
+    from loratool.variants import guard
+
+    variant_warnings = [w for a in adapters for w in guard(a, "combine", allow_variant)]  # PiSSA, aLoRA, ...
     for a in adapters:
         _refuse_unsupported(a)
     _refuse_two_models(adapters, allow_different_bases)
@@ -513,6 +517,7 @@ def combine(
         _refuse_two_dialects(adapters, None)  # the error that says how to fix it, where it applies
         raise
     _refuse_two_dialects(adapters, groups)
+    warnings = variant_warnings + warnings
     if not groups:
         raise IncompatibleError("the inputs hold no LoRA modules")
     scaled: dict[str, float] = {}

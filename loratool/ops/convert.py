@@ -165,6 +165,8 @@ def convert(
     family: str | None = None,
     fuse_rank: int | None = None,
     phase: Phase | None = None,
+    allow_variant: bool = False,
+    initial_adapter: str | os.PathLike[str] | None = None,
 ) -> ConvertReport:
     """Convert an adapter to another format (or rewrite it in its own), keeping every delta exact.
 
@@ -182,6 +184,10 @@ def convert(
             peft), splitting and fusing modules by its table; detected from original-layout (BFL)
             names when not given. comfyui output needs a family.
         fuse_rank: truncate block-diagonal fused modules to this rank (error reported).
+        allow_variant: go on with an unconverted PiSSA / OLoRA / CorDA / LoftQ or an aLoRA adapter
+            (loratool.variants; refused by default), with a warning saying what the output means.
+        initial_adapter: the adapter PEFT saved right after a PiSSA / OLoRA / CorDA initialisation:
+            the output is PEFT's conversion to plain LoRA (ΔW = s·(B·A − B0·A0), rank 2r).
         rank: LyCORIS modules become LoRA factors of at most this rank (the best truncation, its
             error reported per module); None keeps them exact. Full 2-D diffs become LoRA only
             with a rank; without one they stay full diffs (kohya output only).
@@ -229,6 +235,11 @@ def convert(
     say(f"reading {Path(path).name}")
     adapter = read(path, allow_pickle=allow_pickle)
     require_plain(adapter, "convert", lycoris=True)
+    from loratool.variants import convert_with_initial, guard
+
+    if initial_adapter is not None:  # PEFT's path_initial_model_for_weight_conversion, from the files
+        adapter = convert_with_initial(adapter, read(resolve_path(initial_adapter), allow_pickle=allow_pickle))
+    variant_warnings = guard(adapter, "convert", allow_variant)
     say(f"converting {len(adapter.modules) + len(adapter.lycoris)} modules to {to}")
     if to == "lora":
         to = written_as(adapter.source_format)
@@ -243,7 +254,7 @@ def convert(
     if not adapter.modules and not adapter.lycoris:
         raise IncompatibleError(f"{path}: holds no LoRA modules to convert")
     report = ConvertReport(Path(out), Path(path), adapter.source_format, to, Path(base) if base is not None else None,
-                           warnings=lyco_warnings)
+                           warnings=variant_warnings + lyco_warnings)
     # with --base the modules are named by the base's keys where every module matches one (a kohya SD
     # file into its single-file checkpoint's names); otherwise (or with --family) by the family's table
     by_base = base is not None and family is None and to in FAMILY_TARGETS and _matches_base(adapter, Path(base))
@@ -252,6 +263,7 @@ def convert(
     if fam is not None:
         return _convert_family(adapter, report, fam[0], fam[1], to, out, force=force, fuse_rank=fuse_rank, say=say)
     as_read = adapter.modules  # the report shows each module's rank, alpha and scale as read
+    gguf_base: str | None = None
     origin: dict[str, str] = {}  # a module renamed before target_names -> its name as read
     if dora_to_lora is not None:
         from loratool.ops.runtime import dora_to_lora as fold
@@ -264,7 +276,7 @@ def convert(
     if runtime is not None:
         from loratool.ops.runtime import prepare_for
 
-        prepared = prepare_for(adapter, runtime, drop=drop)
+        prepared = prepare_for(adapter, runtime, drop=drop, allow_variant=allow_variant)
         adapter = prepared.adapter
         report.runtime, report.prepared = runtime.name, prepared.to_dict()
         report.warnings.extend(prepared.warnings)
@@ -289,6 +301,7 @@ def convert(
         order = list(adapter.modules)
         adapter = gguf_layout(adapter, Path(base))
         origin = dict(zip(adapter.modules, order))  # GGUF tensor name -> the module name as read
+        gguf_base = source_label(base)  # provenance keeps it
         base = None  # used: the names are GGUF's now, not the checkpoint's
     # peft's save_embedding_layers copies of a LoRA layer's base weight (`.base_layer.`) go only
     # where full tensors can; other full tensors (modules_to_save) must be kept or the user told
@@ -350,11 +363,13 @@ def convert(
         lycoris=kept_lyco,
     )
     report.extras = sorted(converted.extras)
-    params: dict[str, Any] = {"to": to, "base": None if base is None else source_label(base)}
+    params: dict[str, Any] = {"to": to, "base": gguf_base if base is None else source_label(base)}
     if runtime is not None:
-        params.update({"for": runtime.name, "drop": drop})
+        params.update({"for": for_runtime or runtime.name, "drop": drop})  # vllm@0.30: the release too
     if dora_to_lora is not None:
         params["dora_to_lora"] = source_label(dora_to_lora)
+    if initial_adapter is not None:
+        params["initial_adapter"] = source_label(initial_adapter)
     say(f"writing and re-reading {Path(out).name}")
     written = write(converted, out, fmt=to, force=force, op="convert", params=params, sources=adapter.files)
     report.size = output_size(written)

@@ -58,6 +58,8 @@ class InspectReport:
         }
 
     def to_dict(self) -> dict[str, Any]:
+        from loratool.variants import detect
+
         a = self.adapter
         modules = []
         for m in self.modules:
@@ -121,6 +123,7 @@ class InspectReport:
             "config": a.config or None,
             "extras": [{"name": k, "shape": list(t.shape), "dtype": t.dtype} for k, t in a.extras.items()],
             "unsupported": list(a.unsupported),
+            "variants": [{"name": v.name, "setting": v.setting, "convertible": v.convertible} for v in detect(a)],
             "family": _family(a),
             "num_lycoris": len(lyco),
             "lycoris_kinds": dict(Counter(m.algo for m in a.lycoris.values()).most_common()),

@@ -285,12 +285,15 @@ def adapter_module_weights(adapters: list[Adapter], module_weights: str | None, 
 
 def read_and_plan(op: str, adapters: Sequence[str | os.PathLike[str]], weights: list[float], ckpt: Any,
                   storage: Any, *, allow_pickle: bool, allow_unmatched: bool, unmerge: bool,
-                  module_weights: str | None, blocks: str | None) -> tuple[list[Adapter], Any, list[str]]:
+                  module_weights: str | None, blocks: str | None,
+                  allow_variant: bool = False) -> tuple[list[Adapter], Any, list[str]]:
     """The adapters read and checked, and the plan of which base tensor each changes (shared by
     merge and verify, so verify checks exactly what merge would have done): (adapters, plan, warnings)."""
     from loratool.formats import detect, read, require_plain
+    from loratool.variants import guard
 
     loaded = []
+    variant_warnings = []
     for p in adapters:
         try:
             a = read(Path(p), allow_pickle=allow_pickle)
@@ -302,11 +305,12 @@ def read_and_plan(op: str, adapters: Sequence[str | os.PathLike[str]], weights: 
             order = f"loratool merge {p} {base} -o OUT" if op == "merge" else "the base model goes to --base"
             raise FormatError(e.message, hint=f"did you swap them? {base} is an adapter; {order}") from None
         require_plain(a, op, lycoris=True, dora=True)  # DoRA on either axis and on LyCORIS modules: applied
+        variant_warnings += guard(a, op, allow_variant)  # unconverted PiSSA / OLoRA / CorDA / LoftQ, aLoRA
         loaded.append(a)
     per_module, mw_warnings = adapter_module_weights(loaded, module_weights, blocks)
     plan, warnings = plan_merge(loaded, weights, ckpt, allow_unmatched=allow_unmatched, unmerge=unmerge,
                                 tensors=storage.logical(ckpt.tensors), module_weights=per_module)
-    return loaded, plan, mw_warnings + warnings
+    return loaded, plan, variant_warnings + mw_warnings + warnings
 
 
 def _adapter_as_base(ckpt: Any, detect: Callable[[Path], str]) -> Path | None:
@@ -361,6 +365,7 @@ def merge(
     blocks: str | None = None,
     progress: Progress | None = None,
     phase: Phase | None = None,
+    allow_variant: bool = False,
 ) -> MergeReport:
     """Merge adapters into a base checkpoint and write a complete copy of it.
 
@@ -420,7 +425,7 @@ def merge(
             raise IncompatibleError(f"{base_path}: --unmerge is not supported for GGUF bases")
         return merge_into_gguf(base_path, [Path(a) for a in adapters], out, weights=weights, dtype=dtype, force=force,
                                allow_pickle=allow_pickle, allow_unmatched=allow_unmatched, stats=stats,
-                               progress=progress)
+                               progress=progress, allow_variant=allow_variant)
     say(f"reading the headers of {base_path.name}")
     ckpt = open_checkpoint(base_path)
     if not base_path.is_file() and Path(out).suffix == ".safetensors":  # the output mirrors the base's folder
@@ -436,7 +441,7 @@ def merge(
                       allow_unmatched=allow_unmatched, force=force, allow_pickle=allow_pickle, stats=stats,
                       rounding=rounding, seed=seed or 0, min_retained=min_retained, strict=strict,
                       qlora_base=qlora_base, module_weights=module_weights, blocks=blocks, progress=progress,
-                      say=say)
+                      say=say, allow_variant=allow_variant)
     finally:
         sha256.stop()
 
@@ -447,6 +452,7 @@ def _merge(
     allow_unmatched: bool, force: bool, allow_pickle: bool, stats: bool, rounding: str, seed: int,
     min_retained: float, strict: bool, qlora_base: str | None, progress: Progress | None,
     module_weights: str | None = None, blocks: str | None = None, say: Phase = lambda text: None,
+    allow_variant: bool = False,
 ) -> MergeReport:
     from loratool.device import resolve_device
     from loratool.st import atomic_output, read_header
@@ -463,7 +469,7 @@ def _merge(
     say(f"reading {len(adapters)} adapter{'s' if len(adapters) > 1 else ''} and matching them to the base")
     loaded, plan, warnings = read_and_plan("merge", adapters, weights, ckpt, storage, allow_pickle=allow_pickle,
                                            allow_unmatched=allow_unmatched, unmerge=unmerge,
-                                           module_weights=module_weights, blocks=blocks)
+                                           module_weights=module_weights, blocks=blocks, allow_variant=allow_variant)
     report = MergeReport(Path(out), base_path, [Path(p) for p in adapters], weights, unmerge, dtype, device,
                          storage=storage.line(), rounding=rounding, min_retained=min_retained,
                          unmatched=plan.unmatched, warnings=warnings, layouts=plan.layouts)

@@ -157,6 +157,7 @@ def resize(
     force: bool = False,
     allow_pickle: bool = False,
     progress: Progress | None = None,
+    allow_variant: bool = False,
 ) -> ResizeReport:
     """Resize an adapter's modules to a fixed rank or by a dynamic rule, and write it.
 
@@ -183,6 +184,9 @@ def resize(
     check_writable(adapter, fmt or written_as(adapter.source_format))  # before the maths; write checks again
     chosen = set(select(adapter, modules))
     report = ResizeReport(Path(out), fmt or adapter.source_format, method or "rank", threshold, rank)
+    from loratool.variants import guard
+
+    report.warnings += guard(adapter, "resize", allow_variant)  # PiSSA, aLoRA, ...: refused unless allowed
     new_modules: dict[str, LoraModule] = {}
     total = len(adapter.modules)
     for i, (name, m) in enumerate(adapter.modules.items()):

@@ -99,6 +99,7 @@ def validate_adapter(
     report = ValidationReport(p, adapter.source_format, len(adapter.modules) + len(adapter.lycoris) + len(broken),
                               findings.items, strict)
     _check_unsupported(adapter, findings)
+    _check_variants(adapter, findings)
     _check_dtypes(adapter, findings)
     _check_bias_lengths(adapter, findings)
     from loratool.linalg import single_threaded
@@ -110,10 +111,21 @@ def validate_adapter(
         report.matched, report.base_storage = _check_base(adapter, Path(base), findings)
     if runtime is not None:
         from loratool.ops.runtime import runtime_findings
+        from loratool.runtimes import RUNTIMES
 
-        report.runtime = runtime.name
+        report.runtime = runtime.name if runtime.version == RUNTIMES[runtime.name].version else runtime.label
         runtime_findings(adapter, runtime, findings)
     return report
+
+
+def _check_variants(adapter: Adapter, findings: Findings) -> None:
+    """PiSSA / OLoRA / CorDA / LoftQ saved without conversion, aLoRA: named, with what a merge would mean."""
+    from loratool.variants import detect
+
+    for v in detect(adapter):
+        findings.warning("lora-variant", None,
+                         f"{adapter.path}: a {v.name} adapter ({v.setting}): {v.meaning('merge')}; merge, combine, "
+                         f"resize and convert refuse it unless --allow-variant; {v.hint(adapter.path, 'merge')}")
 
 
 def _check_unsupported(adapter: Adapter, findings: Findings) -> None:
