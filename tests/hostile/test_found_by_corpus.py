@@ -1,0 +1,53 @@
+"""Internal errors (exit 3) the hostile corpus found that no other item of issue 22 lists, each now
+one `Error:` line with exit 2 (validate: a finding, exit 1)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from clirun import run_cli
+from corpus import good_peft, llama_base
+
+
+def _one_error(err: str, *words: str) -> None:
+    errors = [ln for ln in err.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1, err
+    assert "internal error" not in errors[0] and "Traceback" not in err
+    for w in words:
+        assert w in errors[0], (w, errors[0])
+
+
+@pytest.mark.parametrize("targets", [[1, 2], [["q_proj"]], [None], {"q_proj": 1}])
+def test_target_modules_of_wrong_types_are_refused(tmp_path: Path, targets: object) -> None:
+    """target_modules holding numbers, lists or an object made every writer fail with a TypeError."""
+    ad = good_peft(tmp_path, name="ad", config={"target_modules": targets})
+    for args in (["rescale", ad, "-o", tmp_path / "o1", "--factor", "2"], ["resize", ad, "-o", tmp_path / "o2", "-r", "2"],
+                 ["convert", ad, "--to", "peft", "-o", tmp_path / "o3"]):
+        r = run_cli(args)
+        assert r.code == 2, r
+        _one_error(r.err, "adapter_config.json", "target_modules")
+    r = run_cli(["validate", ad, "--json"])
+    assert r.code == 1
+    assert "config-invalid" in {f["code"] for f in json.loads(r.out)["findings"]}
+    assert not (tmp_path / "o1").exists()
+
+
+def test_target_modules_as_names_or_one_regex_still_read(tmp_path: Path) -> None:
+    for targets in (["q_proj", "v_proj", "down_proj"], "model.*proj", None):
+        ad = good_peft(tmp_path / str(hash(str(targets))), name="ad", config={"target_modules": targets})
+        r = run_cli(["rescale", ad, "-o", ad.parent / "out", "--factor", "2"])
+        assert r.code == 0, r
+
+
+@pytest.mark.parametrize("config", [{"lora_alpha": 1e308}, {"alpha_pattern": {"v_proj": 1e308}}])
+def test_verify_refuses_a_delta_beyond_float32(tmp_path: Path, config: dict[str, float]) -> None:
+    """An alpha of 1e308 overflowed verify's float64 projection (numpy LinAlgError, exit 3); merge
+    refuses such an adapter, so verify says no merge can hold it."""
+    ad = good_peft(tmp_path, name="ad", config=config)
+    base = llama_base(tmp_path, name="base")
+    r = run_cli(["verify", base, "--base", base, ad])
+    assert r.code == 2, r
+    _one_error(r.err, "beyond float32", "'model.layers.0.")
+    assert run_cli(["merge", base, ad, "-o", tmp_path / "m"]).code == 2  # what merge says of it
