@@ -127,10 +127,12 @@ DOWN, UP, ALPHA = f"{KQ}.lora_down.weight", f"{KQ}.lora_up.weight", f"{KQ}.alpha
 
 def _edit(fn: Callable[[dict[str, Any]], Any]) -> Callable[[], bytes]:
     """A header edit on the valid kohya parts -> the file's bytes."""
+
     def make() -> bytes:
         header, data = kohya_parts()
         fn(header)
         return st_bytes(header, data)
+
     return make
 
 
@@ -157,9 +159,18 @@ def _many_tensors(n: int) -> Callable[[], bytes]:
     def make() -> bytes:
         header: dict[str, Any] = {}
         for i in range(n):
-            header[f"lora_unet_b{i}.lora_down.weight"] = {"dtype": "F32", "shape": [1, 1], "data_offsets": [8 * i, 8 * i + 4]}
-            header[f"lora_unet_b{i}.lora_up.weight"] = {"dtype": "F32", "shape": [1, 1], "data_offsets": [8 * i + 4, 8 * i + 8]}
+            header[f"lora_unet_b{i}.lora_down.weight"] = {
+                "dtype": "F32",
+                "shape": [1, 1],
+                "data_offsets": [8 * i, 8 * i + 4],
+            }
+            header[f"lora_unet_b{i}.lora_up.weight"] = {
+                "dtype": "F32",
+                "shape": [1, 1],
+                "data_offsets": [8 * i + 4, 8 * i + 8],
+            }
         return st_bytes(header, b"\0" * (8 * n))
+
     return make
 
 
@@ -170,6 +181,7 @@ def _key_named(name: str) -> Callable[[], bytes]:
         header[name + ".lora_up.weight"] = header.pop(UP)
         header[name + ".alpha"] = header.pop(ALPHA)
         return st_bytes(header, data)
+
     return make
 
 
@@ -181,8 +193,9 @@ HEADERS: dict[str, Callable[[], bytes]] = {
     "length-all-ones": lambda: st_bytes(json.dumps(kohya_parts()[0]).encode(), kohya_parts()[1], length=(1 << 64) - 1),
     "length-negative-one": lambda: struct.pack("<q", -1) + json.dumps(kohya_parts()[0]).encode(),
     "length-zero": lambda: st_bytes(b"", b"\0" * 64),
-    "length-short-by-one": lambda: st_bytes(json.dumps(kohya_parts()[0]).encode(), kohya_parts()[1],
-                                            length=len(json.dumps(kohya_parts()[0])) - 1),
+    "length-short-by-one": lambda: st_bytes(
+        json.dumps(kohya_parts()[0]).encode(), kohya_parts()[1], length=len(json.dumps(kohya_parts()[0])) - 1
+    ),
     "length-100MB-beyond-file": lambda: st_bytes(b"{}", length=100 << 20),
     "offsets-negative": _set(DOWN, "data_offsets", [-512, 0]),
     "offsets-reversed": _set(DOWN, "data_offsets", [512, 0]),
@@ -202,8 +215,9 @@ HEADERS: dict[str, Callable[[], bytes]] = {
     "dtype-null": _set(DOWN, "dtype", None),
     "dtype-lowercase": _set(DOWN, "dtype", "f32"),
     "dtype-bool-factor": _edit(lambda h: h[DOWN].update(dtype="BOOL", data_offsets=[0, 128])),
-    "dtype-int64-factor": _set(DOWN, "dtype", "I64") if False else _edit(
-        lambda h: h[DOWN].update(dtype="I64", shape=[4, 16])),
+    "dtype-int64-factor": _set(DOWN, "dtype", "I64")
+    if False
+    else _edit(lambda h: h[DOWN].update(dtype="I64", shape=[4, 16])),
     "dtype-u8-factor": _edit(lambda h: h[DOWN].update(dtype="U8", shape=[4, 128])),
     "dtype-f8-factor": _edit(lambda h: h[DOWN].update(dtype="F8_E4M3", shape=[4, 128])),
     "dtype-f64-alpha": _edit(lambda h: h[ALPHA].update(dtype="F64", shape=[], data_offsets=[1024, 1028])),
@@ -216,8 +230,10 @@ HEADERS: dict[str, Callable[[], bytes]] = {
     "shape-64-dims": _set(DOWN, "shape", [1] * 63 + [128]),
     "shape-zero": _set(DOWN, "shape", [0, 32]),
     "not-utf8": _raw_header(b'{"\xff\xfe.lora_down.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'),
-    "lone-surrogate-key": _raw_header(b'{"' + KQ.encode() + b'\\ud800.lora_down.weight": {"dtype": "F32", '
-                                      b'"shape": [4, 32], "data_offsets": [0, 512]}}'),
+    "lone-surrogate-key": _raw_header(
+        b'{"' + KQ.encode() + b'\\ud800.lora_down.weight": {"dtype": "F32", '
+        b'"shape": [4, 32], "data_offsets": [0, 512]}}'
+    ),
     "nul-in-key": _key_named("lora_unet_a\x00b"),
     "newline-in-key": _key_named("lora_unet_a\nError: forged line"),
     "ansi-escape-in-key": _key_named("lora_unet_\x1b[2J\x1b[31mred"),
@@ -231,8 +247,9 @@ HEADERS: dict[str, Callable[[], bytes]] = {
     "metadata-list": _edit(lambda h: h.__setitem__("__metadata__", ["a", "b"])),
     "metadata-number": _edit(lambda h: h["__metadata__"].__setitem__("ss_network_dim", 4)),
     "metadata-1MB-value": _edit(lambda h: h["__metadata__"].__setitem__("ss_tag_frequency", "x" * (1 << 20))),
-    "metadata-deep-json-string": _edit(lambda h: h["__metadata__"].__setitem__(
-        "lora_adapter_metadata", "[" * 50_000 + "]" * 50_000)),
+    "metadata-deep-json-string": _edit(
+        lambda h: h["__metadata__"].__setitem__("lora_adapter_metadata", "[" * 50_000 + "]" * 50_000)
+    ),
     "entry-a-list": _edit(lambda h: h.__setitem__(DOWN, [1, 2])),
     "entry-missing-dtype": _edit(lambda h: h[DOWN].pop("dtype")),
     "entry-extra-field": _edit(lambda h: h[DOWN].__setitem__("evil", {"x": 1})),
@@ -243,12 +260,15 @@ HEADERS: dict[str, Callable[[], bytes]] = {
     "header-trailing-garbage": lambda: st_bytes(json.dumps(kohya_parts()[0]).encode() + b"}}garbage", kohya_parts()[1]),
     "header-utf8-bom": lambda: st_bytes(b"\xef\xbb\xbf" + json.dumps(kohya_parts()[0]).encode(), kohya_parts()[1]),
     "header-nul-padding": lambda: st_bytes(json.dumps(kohya_parts()[0]).encode() + b"\0" * 8, kohya_parts()[1]),
-    "header-5000-digit-int": _raw_header(b'{"a.lora_down.weight": {"dtype": "F32", "shape": [' + b"9" * 5000
-                                         + b'], "data_offsets": [0, 4]}}', b"\0" * 4),
-    "header-infinity-literal": _raw_header(b'{"a.lora_down.weight": {"dtype": "F32", "shape": [1], '
-                                           b'"data_offsets": [0, Infinity]}}', b"\0" * 4),
-    "header-nan-literal": _raw_header(b'{"a.lora_down.weight": {"dtype": "F32", "shape": [NaN], '
-                                      b'"data_offsets": [0, 4]}}', b"\0" * 4),
+    "header-5000-digit-int": _raw_header(
+        b'{"a.lora_down.weight": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 4]}}', b"\0" * 4
+    ),
+    "header-infinity-literal": _raw_header(
+        b'{"a.lora_down.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, Infinity]}}', b"\0" * 4
+    ),
+    "header-nan-literal": _raw_header(
+        b'{"a.lora_down.weight": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 4]}}', b"\0" * 4
+    ),
     "data-trailing-bytes": lambda: _valid() + b"\0" * 100,
     "many-tensors-20k": _many_tensors(10_000),
     "empty-header-object": lambda: st_bytes(b"{}"),
@@ -282,6 +302,7 @@ _TEMPLATE_ROOT: list[Path] = []
 def templated(build: Callable[[Path], Any]) -> Callable[[Path], Any]:
     """`build` run once per process into a template folder, then copied: the same input is used by
     many commands, and some (zip bombs, 100k-deep JSON) are slow to make."""
+
     def copy(root: Path) -> Any:
         key = id(build)
         if key not in _TEMPLATES:
@@ -295,6 +316,7 @@ def templated(build: Callable[[Path], Any]) -> Callable[[Path], Any]:
         where, value = _TEMPLATES[key]
         _copy_tree(where, root)
         return value
+
     copy.__wrapped__ = build  # type: ignore[attr-defined]
     return copy
 
@@ -303,15 +325,18 @@ def header_file(name: str) -> Builder:
     def build(root: Path) -> str:
         write(root / "in" / "adapter.safetensors", HEADERS[name]())
         return "in/adapter.safetensors"
+
     return build
 
 
 def header_in_peft(name: str) -> Builder:
     """The malformed file as the weights of a PEFT folder with a valid config."""
+
     def build(root: Path) -> str:
         d = good_peft(root / "in", name="ad")
         write(d / "adapter_model.safetensors", HEADERS[name]())
         return "in/ad"
+
     return build
 
 
@@ -319,45 +344,93 @@ def header_in_peft(name: str) -> Builder:
 # adapter_config.json
 
 CONFIG_VALUES: dict[str, Any] = {
-    "r-string": {"r": "eight"}, "r-negative": {"r": -4}, "r-zero": {"r": 0}, "r-float": {"r": 4.5},
-    "r-1e30": {"r": 1e30}, "r-2^70": {"r": 1 << 70}, "r-bool": {"r": True}, "r-null": {"r": None},
-    "r-list": {"r": [4]}, "r-object": {"r": {"a": 1}},
-    "alpha-string": {"lora_alpha": "x"}, "alpha-1e308": {"lora_alpha": 1e308}, "alpha-zero": {"lora_alpha": 0},
-    "alpha-negative": {"lora_alpha": -8}, "alpha-bool": {"lora_alpha": True}, "alpha-list": {"lora_alpha": []},
-    "alpha-2^80": {"lora_alpha": 1 << 80}, "alpha-tiny": {"lora_alpha": 5e-324},
-    "rslora-string": {"use_rslora": "yes"}, "rslora-int": {"use_rslora": 2}, "dora-string": {"use_dora": "false"},
-    "dora-true-no-magnitudes": {"use_dora": True}, "fifo-flag-string": {"fan_in_fan_out": "no"},
+    "r-string": {"r": "eight"},
+    "r-negative": {"r": -4},
+    "r-zero": {"r": 0},
+    "r-float": {"r": 4.5},
+    "r-1e30": {"r": 1e30},
+    "r-2^70": {"r": 1 << 70},
+    "r-bool": {"r": True},
+    "r-null": {"r": None},
+    "r-list": {"r": [4]},
+    "r-object": {"r": {"a": 1}},
+    "alpha-string": {"lora_alpha": "x"},
+    "alpha-1e308": {"lora_alpha": 1e308},
+    "alpha-zero": {"lora_alpha": 0},
+    "alpha-negative": {"lora_alpha": -8},
+    "alpha-bool": {"lora_alpha": True},
+    "alpha-list": {"lora_alpha": []},
+    "alpha-2^80": {"lora_alpha": 1 << 80},
+    "alpha-tiny": {"lora_alpha": 5e-324},
+    "rslora-string": {"use_rslora": "yes"},
+    "rslora-int": {"use_rslora": 2},
+    "dora-string": {"use_dora": "false"},
+    "dora-true-no-magnitudes": {"use_dora": True},
+    "fifo-flag-string": {"fan_in_fan_out": "no"},
     "fan-in-fan-out-true": {"fan_in_fan_out": True},
-    "targets-number": {"target_modules": 5}, "targets-null": {"target_modules": None},
-    "targets-ints": {"target_modules": [1, 2]}, "targets-nested": {"target_modules": [["q_proj"]]},
+    "targets-number": {"target_modules": 5},
+    "targets-null": {"target_modules": None},
+    "targets-ints": {"target_modules": [1, 2]},
+    "targets-nested": {"target_modules": [["q_proj"]]},
     "targets-regex-bad": {"target_modules": "(unclosed"},
-    "rank-pattern-list": {"rank_pattern": ["q_proj", 4]}, "rank-pattern-string": {"rank_pattern": "q_proj=4"},
-    "rank-pattern-negative": {"rank_pattern": {"q_proj": -1}}, "rank-pattern-zero": {"rank_pattern": {"q_proj": 0}},
-    "rank-pattern-huge": {"rank_pattern": {"q_proj": 1e30}}, "rank-pattern-bool": {"rank_pattern": {"q_proj": True}},
+    "rank-pattern-list": {"rank_pattern": ["q_proj", 4]},
+    "rank-pattern-string": {"rank_pattern": "q_proj=4"},
+    "rank-pattern-negative": {"rank_pattern": {"q_proj": -1}},
+    "rank-pattern-zero": {"rank_pattern": {"q_proj": 0}},
+    "rank-pattern-huge": {"rank_pattern": {"q_proj": 1e30}},
+    "rank-pattern-bool": {"rank_pattern": {"q_proj": True}},
     "rank-pattern-empty-key": {"rank_pattern": {"": 4}},
-    "alpha-pattern-string": {"alpha_pattern": {"q_proj": "16"}}, "alpha-pattern-null": {"alpha_pattern": None},
-    "alpha-pattern-huge": {"alpha_pattern": {"v_proj": 1e308}}, "alpha-pattern-list": {"alpha_pattern": [1]},
-    "modules-to-save-string": {"modules_to_save": "lm_head"}, "modules-to-save-ints": {"modules_to_save": [1]},
+    "alpha-pattern-string": {"alpha_pattern": {"q_proj": "16"}},
+    "alpha-pattern-null": {"alpha_pattern": None},
+    "alpha-pattern-huge": {"alpha_pattern": {"v_proj": 1e308}},
+    "alpha-pattern-list": {"alpha_pattern": [1]},
+    "modules-to-save-string": {"modules_to_save": "lm_head"},
+    "modules-to-save-ints": {"modules_to_save": [1]},
     "modules-to-save-absent": {"modules_to_save": ["lm_head"]},
-    "peft-type-loha": {"peft_type": "LOHA"}, "peft-type-number": {"peft_type": 5}, "peft-type-lower": {"peft_type": "lora"},
-    "base-model-number": {"base_model_name_or_path": 5}, "base-model-list": {"base_model_name_or_path": ["a"]},
+    "peft-type-loha": {"peft_type": "LOHA"},
+    "peft-type-number": {"peft_type": 5},
+    "peft-type-lower": {"peft_type": "lora"},
+    "base-model-number": {"base_model_name_or_path": 5},
+    "base-model-list": {"base_model_name_or_path": ["a"]},
     "base-model-dotdot": {"base_model_name_or_path": "../../../../etc/passwd"},
     "base-model-100k": {"base_model_name_or_path": "x" * 100_000},
     "base-model-newline": {"base_model_name_or_path": "a\nError: forged"},
     "layers-to-transform-string": {"layers_to_transform": "x"},
     "layers-to-transform-negative": {"layers_to_transform": [-1]},
     "task-type-object": {"task_type": {"a": 1}},
-    "all-keys-null": {k: None for k in ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern",
-                                         "use_rslora", "use_dora", "fan_in_fan_out", "peft_type")},
+    "all-keys-null": {
+        k: None
+        for k in (
+            "r",
+            "lora_alpha",
+            "target_modules",
+            "rank_pattern",
+            "alpha_pattern",
+            "use_rslora",
+            "use_dora",
+            "fan_in_fan_out",
+            "peft_type",
+        )
+    },
 }
 
 CONFIG_TEXTS: dict[str, bytes] = {
-    "empty": b"", "space": b"   \n", "null": b"null", "list": b"[4, 8]", "string": b'"r"', "number": b"4",
-    "not-json": b"{r: 4,", "truncated": b'{"r": 4, "lora_al', "nul-bytes": b'{"r": 4}\0\0\0',
-    "utf8-bom": b'\xef\xbb\xbf{"r": 4, "lora_alpha": 8}', "utf16": '{"r": 4}'.encode("utf-16"),
-    "latin1": b'{"r": 4, "base_model_name_or_path": "caf\xe9"}', "lone-surrogate": b'{"r": 4, "x\\ud800": 1}',
+    "empty": b"",
+    "space": b"   \n",
+    "null": b"null",
+    "list": b"[4, 8]",
+    "string": b'"r"',
+    "number": b"4",
+    "not-json": b"{r: 4,",
+    "truncated": b'{"r": 4, "lora_al',
+    "nul-bytes": b'{"r": 4}\0\0\0',
+    "utf8-bom": b'\xef\xbb\xbf{"r": 4, "lora_alpha": 8}',
+    "utf16": '{"r": 4}'.encode("utf-16"),
+    "latin1": b'{"r": 4, "base_model_name_or_path": "caf\xe9"}',
+    "lone-surrogate": b'{"r": 4, "x\\ud800": 1}',
     "duplicate-r": b'{"r": 4, "r": 8, "lora_alpha": 8, "peft_type": "LORA"}',
-    "deep-100k": b"[" * 100_000 + b"]" * 100_000, "deep-object-100k": b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
+    "deep-100k": b"[" * 100_000 + b"]" * 100_000,
+    "deep-object-100k": b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
     "5000-digit-r": b'{"r": ' + b"9" * 5000 + b', "peft_type": "LORA"}',
     "1e999-alpha": b'{"r": 4, "lora_alpha": 1e999, "peft_type": "LORA"}',
     "nan-alpha": b'{"r": 4, "lora_alpha": NaN, "peft_type": "LORA"}',
@@ -371,6 +444,7 @@ def config_values(name: str) -> Builder:
     def build(root: Path) -> str:
         good_peft(root / "in", name="ad", config=CONFIG_VALUES[name])
         return "in/ad"
+
     return build
 
 
@@ -379,6 +453,7 @@ def config_text(name: str) -> Builder:
         d = good_peft(root / "in", name="ad")
         write(d / "adapter_config.json", CONFIG_TEXTS[name])
         return "in/ad"
+
     return build
 
 
@@ -437,8 +512,18 @@ def _replace_with(path: Path, how: str, root: Path) -> None:
         raise ValueError(how)
 
 
-SPECIAL_KINDS = ("fifo", "socket", "directory", "empty", "dangling-link", "link-loop", "link-dev-zero",
-                 "link-dev-null", "link-proc-environ", "link-out")
+SPECIAL_KINDS = (
+    "fifo",
+    "socket",
+    "directory",
+    "empty",
+    "dangling-link",
+    "link-loop",
+    "link-dev-zero",
+    "link-dev-null",
+    "link-proc-environ",
+    "link-out",
+)
 
 
 def special_in_peft(member: str, how: str) -> Builder:
@@ -449,11 +534,13 @@ def special_in_peft(member: str, how: str) -> Builder:
             (root / "outside" / "copy" / member).rename(root / "outside" / member)
         _replace_with(d / member, how, root)
         return "in/ad"
+
     return build
 
 
 def special_path(how: str) -> Builder:
     """The adapter path itself is special."""
+
     def build(root: Path) -> str:
         p = root / "in" / "adapter.safetensors"
         if how == "link-out":
@@ -470,6 +557,7 @@ def special_path(how: str) -> Builder:
         p.write_bytes(b"")
         _replace_with(p, how, root)
         return "in/adapter.safetensors"
+
     return build
 
 
@@ -508,23 +596,49 @@ def odd_folder(kind: str) -> Builder:
         else:
             raise ValueError(kind)
         return "in/ad"
+
     return build
 
 
-ODD_FOLDERS = ("empty-folder", "both-bin-and-safetensors", "two-safetensors", "config-only", "weights-only",
-               "hidden-config", "name-with-newline", "name-256-chars", "missing", "trailing-slash-file",
-               "nested-folders")
+ODD_FOLDERS = (
+    "empty-folder",
+    "both-bin-and-safetensors",
+    "two-safetensors",
+    "config-only",
+    "weights-only",
+    "hidden-config",
+    "name-with-newline",
+    "name-256-chars",
+    "missing",
+    "trailing-slash-file",
+    "nested-folders",
+)
 
 
 # ---------------------------------------------------------------------------------------------
 # regexes
 
 REGEXES: dict[str, str] = {
-    "unclosed-group": "(q_proj", "unclosed-class": "[a-", "lone-star": "*", "lone-plus": "+q",
-    "bad-escape": "q_proj\\", "bad-backref": "(a)\\2", "bad-named-group": "(?P<x", "bad-lookbehind": "(?<=a+)b",
-    "repeat-2^32": "a{4294967296}", "repeat-huge-range": "a{1,99999999999}", "nested-3000": "(" * 3000 + "q" + ")" * 3000,
-    "empty": "", "only-anchors": "^$", "unicode": "q_pröj\u202e", "nul": "q\x00proj", "newline": "q_proj\nv_proj",
-    "bad-flag": "(?z)q", "global-flag-late": "q(?i)", "catastrophic": "(a|aa)+$", "catastrophic-nested": "(a+)+$",
+    "unclosed-group": "(q_proj",
+    "unclosed-class": "[a-",
+    "lone-star": "*",
+    "lone-plus": "+q",
+    "bad-escape": "q_proj\\",
+    "bad-backref": "(a)\\2",
+    "bad-named-group": "(?P<x",
+    "bad-lookbehind": "(?<=a+)b",
+    "repeat-2^32": "a{4294967296}",
+    "repeat-huge-range": "a{1,99999999999}",
+    "nested-3000": "(" * 3000 + "q" + ")" * 3000,
+    "empty": "",
+    "only-anchors": "^$",
+    "unicode": "q_pröj\u202e",
+    "nul": "q\x00proj",
+    "newline": "q_proj\nv_proj",
+    "bad-flag": "(?z)q",
+    "global-flag-late": "q(?i)",
+    "catastrophic": "(a|aa)+$",
+    "catastrophic-nested": "(a+)+$",
 }
 
 
@@ -547,6 +661,7 @@ def pattern_config(which: str, regex: str) -> Builder:
         cfg[which] = {regex: value}
         cfg_path.write_text(json.dumps(cfg))
         return "in/ad"
+
     return build
 
 
@@ -562,12 +677,15 @@ def _torch_zip(tensors: dict[str, torch.Tensor]) -> bytes:
 
 def _peft_tensors() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return {f"{PFX}{Q}.lora_A.weight": torch.randn(4, 32, generator=g),
-            f"{PFX}{Q}.lora_B.weight": torch.randn(32, 4, generator=g)}
+    return {
+        f"{PFX}{Q}.lora_A.weight": torch.randn(4, 32, generator=g),
+        f"{PFX}{Q}.lora_B.weight": torch.randn(32, 4, generator=g),
+    }
 
 
-def _rezip(data: bytes, edit: Callable[[str, bytes], tuple[str, bytes] | None],
-           compression: int = zipfile.ZIP_STORED) -> bytes:
+def _rezip(
+    data: bytes, edit: Callable[[str, bytes], tuple[str, bytes] | None], compression: int = zipfile.ZIP_STORED
+) -> bytes:
     src = zipfile.ZipFile(io.BytesIO(data))
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression) as dst:
@@ -580,11 +698,13 @@ def _rezip(data: bytes, edit: Callable[[str, bytes], tuple[str, bytes] | None],
 
 def _zip_bomb(member: str, size: int) -> bytes:
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
-        with z.open(member, "w", force_zip64=True) as f:
-            chunk = b"\0" * (1 << 20)
-            for _ in range(size >> 20):
-                f.write(chunk)
+    with (
+        zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z,
+        z.open(member, "w", force_zip64=True) as f,
+    ):
+        chunk = b"\0" * (1 << 20)
+        for _ in range(size >> 20):
+            f.write(chunk)
     return buf.getvalue()
 
 
@@ -630,7 +750,10 @@ MLX_A, MLX_B = "model.layers.0.self_attn.q_proj.lora_a", "model.layers.0.self_at
 
 def _mlx_arrays() -> dict[str, Any]:
     rng = np.random.default_rng(0)
-    return {MLX_A: rng.standard_normal((32, 4)).astype(np.float32), MLX_B: rng.standard_normal((4, 32)).astype(np.float32)}
+    return {
+        MLX_A: rng.standard_normal((32, 4)).astype(np.float32),
+        MLX_B: rng.standard_normal((4, 32)).astype(np.float32),
+    }
 
 
 class _Evil:
@@ -642,44 +765,79 @@ ARCHIVES: dict[str, tuple[str, Callable[[], bytes]]] = {  # name -> (file name, 
     "pt-valid": ("adapter_model.bin", lambda: _torch_zip(_peft_tensors())),
     "pt-named-safetensors": ("adapter_model.safetensors", lambda: _torch_zip(_peft_tensors())),
     "pt-truncated": ("adapter_model.bin", lambda: _torch_zip(_peft_tensors())[:700]),
-    "pt-no-data-pkl": ("adapter_model.bin", lambda: _rezip(_torch_zip(_peft_tensors()),
-                                                           lambda n, b: None if n.endswith("data.pkl") else (n, b))),
-    "pt-storage-missing": ("adapter_model.bin", lambda: _rezip(_torch_zip(_peft_tensors()),
-                                                               lambda n, b: None if "/data/" in n else (n, b))),
-    "pt-storage-short": ("adapter_model.bin", lambda: _rezip(_torch_zip(_peft_tensors()),
-                                                             lambda n, b: (n, b[:10]) if "/data/" in n else (n, b))),
-    "pt-evil-pickle": ("adapter_model.bin", lambda: _rezip(_torch_zip(_peft_tensors()), lambda n, b: (
-        n, __import__("pickle").dumps({"x": _Evil()}, protocol=2)) if n.endswith("data.pkl") else (n, b))),
+    "pt-no-data-pkl": (
+        "adapter_model.bin",
+        lambda: _rezip(_torch_zip(_peft_tensors()), lambda n, b: None if n.endswith("data.pkl") else (n, b)),
+    ),
+    "pt-storage-missing": (
+        "adapter_model.bin",
+        lambda: _rezip(_torch_zip(_peft_tensors()), lambda n, b: None if "/data/" in n else (n, b)),
+    ),
+    "pt-storage-short": (
+        "adapter_model.bin",
+        lambda: _rezip(_torch_zip(_peft_tensors()), lambda n, b: (n, b[:10]) if "/data/" in n else (n, b)),
+    ),
+    "pt-evil-pickle": (
+        "adapter_model.bin",
+        lambda: _rezip(
+            _torch_zip(_peft_tensors()),
+            lambda n, b: (
+                (n, __import__("pickle").dumps({"x": _Evil()}, protocol=2)) if n.endswith("data.pkl") else (n, b)
+            ),
+        ),
+    ),
     "pt-legacy-pickle": ("adapter_model.bin", lambda: __import__("pickle").dumps({"x": _Evil()})),
     "pt-zip-bomb": ("adapter_model.bin", lambda: _torch_zip_bomb(1 << 30)),
-    "pt-deflated": ("adapter_model.bin", lambda: _rezip(_torch_zip(_peft_tensors()), lambda n, b: (n, b),
-                                                        zipfile.ZIP_DEFLATED)),
+    "pt-deflated": (
+        "adapter_model.bin",
+        lambda: _rezip(_torch_zip(_peft_tensors()), lambda n, b: (n, b), zipfile.ZIP_DEFLATED),
+    ),
     "npz-valid": ("adapters.npz", lambda: _npz(_mlx_arrays())),
     "npz-strings": ("adapters.npz", lambda: _npz({MLX_A: np.array(["a", "b"]), MLX_B: np.array(["c"])})),
     "npz-objects": ("adapters.npz", lambda: _npz({MLX_A: np.array([{"a": 1}], dtype=object), MLX_B: np.zeros(1)})),
-    "npz-complex": ("adapters.npz", lambda: _npz({MLX_A: np.zeros((32, 4), np.complex64),
-                                                  MLX_B: np.zeros((4, 32), np.complex64)})),
+    "npz-complex": (
+        "adapters.npz",
+        lambda: _npz({MLX_A: np.zeros((32, 4), np.complex64), MLX_B: np.zeros((4, 32), np.complex64)}),
+    ),
     "npz-int": ("adapters.npz", lambda: _npz({MLX_A: np.zeros((32, 4), np.int32), MLX_B: np.zeros((4, 32), np.int64)})),
     "npz-bool": ("adapters.npz", lambda: _npz({MLX_A: np.zeros((32, 4), bool), MLX_B: np.zeros((4, 32), bool)})),
     "npz-float64": ("adapters.npz", lambda: _npz({k: v.astype(np.float64) for k, v in _mlx_arrays().items()})),
     "npz-big-endian": ("adapters.npz", lambda: _npz({k: v.astype(">f4") for k, v in _mlx_arrays().items()})),
     "npz-0d": ("adapters.npz", lambda: _npz({MLX_A: np.float32(1), MLX_B: np.float32(2)})),
-    "npz-shape-mismatch": ("adapters.npz", lambda: _npz({MLX_A: np.zeros((32, 4), np.float32),
-                                                         MLX_B: np.zeros((8, 32), np.float32)})),
+    "npz-shape-mismatch": (
+        "adapters.npz",
+        lambda: _npz({MLX_A: np.zeros((32, 4), np.float32), MLX_B: np.zeros((8, 32), np.float32)}),
+    ),
     "npz-nan": ("adapters.npz", lambda: _npz({k: np.full_like(v, np.nan) for k, v in _mlx_arrays().items()})),
     "npz-truncated": ("adapters.npz", lambda: _npz(_mlx_arrays())[:300]),
     "npz-not-zip": ("adapters.npz", lambda: b"PK\x03\x04" + b"\0" * 100),
     "npz-member-not-npy": ("adapters.npz", lambda: _npz_members({MLX_A + ".npy": b"hello", MLX_B + ".npy": b"x"})),
-    "npz-npy-huge-shape": ("adapters.npz", lambda: _npz_members({
-        MLX_A + ".npy": _npy("{'descr': '<f4', 'fortran_order': False, 'shape': (1099511627776, 1099511627776), }",
-                             b"\0" * 64),
-        MLX_B + ".npy": _npy("{'descr': '<f4', 'fortran_order': False, 'shape': (4, 32), }", b"\0" * 512)})),
-    "npz-npy-bad-header": ("adapters.npz", lambda: _npz_members({
-        MLX_A + ".npy": _npy("{'descr': __import__('os'), }", b""),
-        MLX_B + ".npy": _npy("not a dict", b"")})),
-    "npz-npy-negative-shape": ("adapters.npz", lambda: _npz_members({
-        MLX_A + ".npy": _npy("{'descr': '<f4', 'fortran_order': False, 'shape': (-4, 32), }", b"\0" * 512),
-        MLX_B + ".npy": _npy("{'descr': '<f4', 'fortran_order': False, 'shape': (4, 32), }", b"\0" * 512)})),
+    "npz-npy-huge-shape": (
+        "adapters.npz",
+        lambda: _npz_members(
+            {
+                MLX_A + ".npy": _npy(
+                    "{'descr': '<f4', 'fortran_order': False, 'shape': (1099511627776, 1099511627776), }", b"\0" * 64
+                ),
+                MLX_B + ".npy": _npy("{'descr': '<f4', 'fortran_order': False, 'shape': (4, 32), }", b"\0" * 512),
+            }
+        ),
+    ),
+    "npz-npy-bad-header": (
+        "adapters.npz",
+        lambda: _npz_members(
+            {MLX_A + ".npy": _npy("{'descr': __import__('os'), }", b""), MLX_B + ".npy": _npy("not a dict", b"")}
+        ),
+    ),
+    "npz-npy-negative-shape": (
+        "adapters.npz",
+        lambda: _npz_members(
+            {
+                MLX_A + ".npy": _npy("{'descr': '<f4', 'fortran_order': False, 'shape': (-4, 32), }", b"\0" * 512),
+                MLX_B + ".npy": _npy("{'descr': '<f4', 'fortran_order': False, 'shape': (4, 32), }", b"\0" * 512),
+            }
+        ),
+    ),
     "npz-bomb": ("adapters.npz", lambda: _zip_bomb(MLX_A + ".npy", 1 << 30)),
     "npz-fortran": ("adapters.npz", lambda: _npz({k: np.asfortranarray(v) for k, v in _mlx_arrays().items()})),
 }
@@ -695,18 +853,39 @@ def archive(name: str) -> Builder:
             return "in/ad"
         write(root / "in" / "mlx" / fname, make())
         if name != "npz-valid":
-            write(root / "in" / "mlx" / "adapter_config.json", json.dumps(
-                {"fine_tune_type": "lora", "num_layers": 1,
-                 "lora_parameters": {"rank": 4, "scale": 2.0, "keys": ["self_attn.q_proj"]}}))
+            write(
+                root / "in" / "mlx" / "adapter_config.json",
+                json.dumps(
+                    {
+                        "fine_tune_type": "lora",
+                        "num_layers": 1,
+                        "lora_parameters": {"rank": 4, "scale": 2.0, "keys": ["self_attn.q_proj"]},
+                    }
+                ),
+            )
         return f"in/mlx/{fname}"
+
     return build
 
 
 # ---------------------------------------------------------------------------------------------
 # GGUF
 
-GGUF_T = {"u8": 0, "i8": 1, "u16": 2, "i16": 3, "u32": 4, "i32": 5, "f32": 6, "bool": 7, "string": 8, "array": 9,
-          "u64": 10, "i64": 11, "f64": 12}
+GGUF_T = {
+    "u8": 0,
+    "i8": 1,
+    "u16": 2,
+    "i16": 3,
+    "u32": 4,
+    "i32": 5,
+    "f32": 6,
+    "bool": 7,
+    "string": 8,
+    "array": 9,
+    "u64": 10,
+    "i64": 11,
+    "f64": 12,
+}
 
 
 def g_str(s: str | bytes) -> bytes:
@@ -726,20 +905,39 @@ def g_kv(key: str | bytes, typ: str, value: Any) -> bytes:
 
 
 def g_tensor(name: str | bytes, dims: list[int], ttype: int, offset: int) -> bytes:
-    return g_str(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims) + \
-        struct.pack("<II", ttype, 0)[:4] + struct.pack("<Q", offset)
+    return (
+        g_str(name)
+        + struct.pack("<I", len(dims))
+        + b"".join(struct.pack("<Q", d) for d in dims)
+        + struct.pack("<II", ttype, 0)[:4]
+        + struct.pack("<Q", offset)
+    )
 
 
-def gguf_file(*, magic: bytes = b"GGUF", version: int = 3, n_tensors: int | None = None, n_kv: int | None = None,
-              kvs: list[bytes] | None = None, tensors: list[bytes] | None = None, data: bytes | None = None,
-              align: int = 32) -> bytes:
+def gguf_file(
+    *,
+    magic: bytes = b"GGUF",
+    version: int = 3,
+    n_tensors: int | None = None,
+    n_kv: int | None = None,
+    kvs: list[bytes] | None = None,
+    tensors: list[bytes] | None = None,
+    data: bytes | None = None,
+    align: int = 32,
+) -> bytes:
     """A GGUF LoRA adapter (blk.0.attn_q with rank 4 over 32 x 32) with any field overridden."""
     if kvs is None:
-        kvs = [g_kv("general.architecture", "string", "llama"), g_kv("general.type", "string", "adapter"),
-               g_kv("adapter.type", "string", "lora"), g_kv("adapter.lora.alpha", "f32", 8.0)]
+        kvs = [
+            g_kv("general.architecture", "string", "llama"),
+            g_kv("general.type", "string", "adapter"),
+            g_kv("adapter.type", "string", "lora"),
+            g_kv("adapter.lora.alpha", "f32", 8.0),
+        ]
     if tensors is None:
-        tensors = [g_tensor("blk.0.attn_q.weight.lora_a", [32, 4], 0, 0),
-                   g_tensor("blk.0.attn_q.weight.lora_b", [4, 32], 0, 512)]
+        tensors = [
+            g_tensor("blk.0.attn_q.weight.lora_a", [32, 4], 0, 0),
+            g_tensor("blk.0.attn_q.weight.lora_b", [4, 32], 0, 512),
+        ]
     if data is None:
         data = np.random.default_rng(0).standard_normal(256).astype(np.float32).tobytes()
     head = magic + struct.pack("<I", version) + struct.pack("<Q", len(tensors) if n_tensors is None else n_tensors)
@@ -750,55 +948,116 @@ def gguf_file(*, magic: bytes = b"GGUF", version: int = 3, n_tensors: int | None
 
 GGUF: dict[str, Callable[[], bytes]] = {
     "valid": lambda: gguf_file(),
-    "bad-magic": lambda: gguf_file(magic=b"GGUX"), "magic-lowercase": lambda: gguf_file(magic=b"gguf"),
-    "version-0": lambda: gguf_file(version=0), "version-1": lambda: gguf_file(version=1),
-    "version-2": lambda: gguf_file(version=2), "version-99": lambda: gguf_file(version=99),
+    "bad-magic": lambda: gguf_file(magic=b"GGUX"),
+    "magic-lowercase": lambda: gguf_file(magic=b"gguf"),
+    "version-0": lambda: gguf_file(version=0),
+    "version-1": lambda: gguf_file(version=1),
+    "version-2": lambda: gguf_file(version=2),
+    "version-99": lambda: gguf_file(version=99),
     "version-max": lambda: gguf_file(version=0xFFFFFFFF),
-    "tensor-count-2^60": lambda: gguf_file(n_tensors=1 << 60), "tensor-count-max": lambda: gguf_file(n_tensors=(1 << 64) - 1),
-    "kv-count-2^60": lambda: gguf_file(n_kv=1 << 60), "kv-count-extra": lambda: gguf_file(n_kv=5),
+    "tensor-count-2^60": lambda: gguf_file(n_tensors=1 << 60),
+    "tensor-count-max": lambda: gguf_file(n_tensors=(1 << 64) - 1),
+    "kv-count-2^60": lambda: gguf_file(n_kv=1 << 60),
+    "kv-count-extra": lambda: gguf_file(n_kv=5),
     "key-length-2^60": lambda: gguf_file(kvs=[struct.pack("<Q", 1 << 60) + b"general.architecture"]),
     "value-type-99": lambda: gguf_file(kvs=[g_str("general.architecture") + struct.pack("<I", 99) + b"\0" * 8]),
-    "array-count-2^60": lambda: gguf_file(kvs=[g_str("tokenizer.tokens") + struct.pack("<II", 9, 4)
-                                               + struct.pack("<Q", 1 << 60) + b"\0" * 16]),
-    "array-of-arrays": lambda: gguf_file(kvs=[g_str("x.arr") + struct.pack("<II", 9, 9) + struct.pack("<Q", 1)
-                                              + struct.pack("<I", 9) + struct.pack("<Q", 1) + struct.pack("<I", 4)
-                                              + struct.pack("<Q", 1) + b"\0\0\0\0"]),
-    "string-length-2^60": lambda: gguf_file(kvs=[g_str("general.architecture") + struct.pack("<I", 8)
-                                                 + struct.pack("<Q", 1 << 60) + b"llama"]),
+    "array-count-2^60": lambda: gguf_file(
+        kvs=[g_str("tokenizer.tokens") + struct.pack("<II", 9, 4) + struct.pack("<Q", 1 << 60) + b"\0" * 16]
+    ),
+    "array-of-arrays": lambda: gguf_file(
+        kvs=[
+            g_str("x.arr")
+            + struct.pack("<II", 9, 9)
+            + struct.pack("<Q", 1)
+            + struct.pack("<I", 9)
+            + struct.pack("<Q", 1)
+            + struct.pack("<I", 4)
+            + struct.pack("<Q", 1)
+            + b"\0\0\0\0"
+        ]
+    ),
+    "string-length-2^60": lambda: gguf_file(
+        kvs=[g_str("general.architecture") + struct.pack("<I", 8) + struct.pack("<Q", 1 << 60) + b"llama"]
+    ),
     "non-utf8-key": lambda: gguf_file(kvs=[g_kv(b"general.\xff\xfe", "string", "llama")]),
-    "non-utf8-value": lambda: gguf_file(kvs=[g_kv("general.architecture", "string", b"ll\xffama"),
-                                             g_kv("adapter.lora.alpha", "f32", 8.0)]),
-    "non-utf8-tensor-name": lambda: gguf_file(tensors=[g_tensor(b"blk.0.\xff.weight.lora_a", [32, 4], 0, 0),
-                                                       g_tensor("blk.0.attn_q.weight.lora_b", [4, 32], 0, 512)]),
+    "non-utf8-value": lambda: gguf_file(
+        kvs=[g_kv("general.architecture", "string", b"ll\xffama"), g_kv("adapter.lora.alpha", "f32", 8.0)]
+    ),
+    "non-utf8-tensor-name": lambda: gguf_file(
+        tensors=[
+            g_tensor(b"blk.0.\xff.weight.lora_a", [32, 4], 0, 0),
+            g_tensor("blk.0.attn_q.weight.lora_b", [4, 32], 0, 512),
+        ]
+    ),
     "alpha-string": lambda: gguf_file(kvs=[g_kv("adapter.lora.alpha", "string", "lots")]),
     "alpha-nan": lambda: gguf_file(kvs=[g_kv("adapter.lora.alpha", "f32", float("nan"))]),
     "type-model": lambda: gguf_file(kvs=[g_kv("general.type", "string", "model")]),
     "n-dims-100": lambda: gguf_file(tensors=[g_tensor("blk.0.attn_q.weight.lora_a", [1] * 100, 0, 0)]),
-    "dims-2^60": lambda: gguf_file(tensors=[g_tensor("blk.0.attn_q.weight.lora_a", [1 << 60, 1 << 60], 0, 0),
-                                            g_tensor("blk.0.attn_q.weight.lora_b", [4, 32], 0, 512)]),
-    "dims-zero": lambda: gguf_file(tensors=[g_tensor("blk.0.attn_q.weight.lora_a", [0, 4], 0, 0),
-                                            g_tensor("blk.0.attn_q.weight.lora_b", [4, 0], 0, 512)]),
-    "tensor-type-99": lambda: gguf_file(tensors=[g_tensor("blk.0.attn_q.weight.lora_a", [32, 4], 99, 0),
-                                                 g_tensor("blk.0.attn_q.weight.lora_b", [4, 32], 0, 512)]),
-    "tensor-type-i32": lambda: gguf_file(tensors=[g_tensor("blk.0.attn_q.weight.lora_a", [32, 4], 26, 0),
-                                                  g_tensor("blk.0.attn_q.weight.lora_b", [4, 32], 26, 512)]),
-    "tensor-type-f64": lambda: gguf_file(tensors=[g_tensor("blk.0.attn_q.weight.lora_a", [32, 4], 28, 0),
-                                                  g_tensor("blk.0.attn_q.weight.lora_b", [4, 32], 28, 1024)],
-                                         data=b"\0" * 2048),
-    "tensor-offset-beyond": lambda: gguf_file(tensors=[g_tensor("blk.0.attn_q.weight.lora_a", [32, 4], 0, 1 << 40),
-                                                       g_tensor("blk.0.attn_q.weight.lora_b", [4, 32], 0, 512)]),
-    "tensor-offset-unaligned": lambda: gguf_file(tensors=[g_tensor("blk.0.attn_q.weight.lora_a", [32, 4], 0, 3),
-                                                          g_tensor("blk.0.attn_q.weight.lora_b", [4, 32], 0, 512)]),
-    "tensors-overlap": lambda: gguf_file(tensors=[g_tensor("blk.0.attn_q.weight.lora_a", [32, 4], 0, 0),
-                                                  g_tensor("blk.0.attn_q.weight.lora_b", [4, 32], 0, 0)]),
-    "duplicate-tensor": lambda: gguf_file(tensors=[g_tensor("blk.0.attn_q.weight.lora_a", [32, 4], 0, 0),
-                                                   g_tensor("blk.0.attn_q.weight.lora_a", [32, 4], 0, 512)]),
+    "dims-2^60": lambda: gguf_file(
+        tensors=[
+            g_tensor("blk.0.attn_q.weight.lora_a", [1 << 60, 1 << 60], 0, 0),
+            g_tensor("blk.0.attn_q.weight.lora_b", [4, 32], 0, 512),
+        ]
+    ),
+    "dims-zero": lambda: gguf_file(
+        tensors=[
+            g_tensor("blk.0.attn_q.weight.lora_a", [0, 4], 0, 0),
+            g_tensor("blk.0.attn_q.weight.lora_b", [4, 0], 0, 512),
+        ]
+    ),
+    "tensor-type-99": lambda: gguf_file(
+        tensors=[
+            g_tensor("blk.0.attn_q.weight.lora_a", [32, 4], 99, 0),
+            g_tensor("blk.0.attn_q.weight.lora_b", [4, 32], 0, 512),
+        ]
+    ),
+    "tensor-type-i32": lambda: gguf_file(
+        tensors=[
+            g_tensor("blk.0.attn_q.weight.lora_a", [32, 4], 26, 0),
+            g_tensor("blk.0.attn_q.weight.lora_b", [4, 32], 26, 512),
+        ]
+    ),
+    "tensor-type-f64": lambda: gguf_file(
+        tensors=[
+            g_tensor("blk.0.attn_q.weight.lora_a", [32, 4], 28, 0),
+            g_tensor("blk.0.attn_q.weight.lora_b", [4, 32], 28, 1024),
+        ],
+        data=b"\0" * 2048,
+    ),
+    "tensor-offset-beyond": lambda: gguf_file(
+        tensors=[
+            g_tensor("blk.0.attn_q.weight.lora_a", [32, 4], 0, 1 << 40),
+            g_tensor("blk.0.attn_q.weight.lora_b", [4, 32], 0, 512),
+        ]
+    ),
+    "tensor-offset-unaligned": lambda: gguf_file(
+        tensors=[
+            g_tensor("blk.0.attn_q.weight.lora_a", [32, 4], 0, 3),
+            g_tensor("blk.0.attn_q.weight.lora_b", [4, 32], 0, 512),
+        ]
+    ),
+    "tensors-overlap": lambda: gguf_file(
+        tensors=[
+            g_tensor("blk.0.attn_q.weight.lora_a", [32, 4], 0, 0),
+            g_tensor("blk.0.attn_q.weight.lora_b", [4, 32], 0, 0),
+        ]
+    ),
+    "duplicate-tensor": lambda: gguf_file(
+        tensors=[
+            g_tensor("blk.0.attn_q.weight.lora_a", [32, 4], 0, 0),
+            g_tensor("blk.0.attn_q.weight.lora_a", [32, 4], 0, 512),
+        ]
+    ),
     "alignment-zero": lambda: gguf_file(kvs=[g_kv("general.alignment", "u32", 0)]),
     "alignment-three": lambda: gguf_file(kvs=[g_kv("general.alignment", "u32", 3)]),
     "alignment-string": lambda: gguf_file(kvs=[g_kv("general.alignment", "string", "32")]),
-    "rank-mismatch": lambda: gguf_file(tensors=[g_tensor("blk.0.attn_q.weight.lora_a", [32, 4], 0, 0),
-                                                g_tensor("blk.0.attn_q.weight.lora_b", [8, 32], 0, 512)],
-                                       data=b"\0" * 2048),
+    "rank-mismatch": lambda: gguf_file(
+        tensors=[
+            g_tensor("blk.0.attn_q.weight.lora_a", [32, 4], 0, 0),
+            g_tensor("blk.0.attn_q.weight.lora_b", [8, 32], 0, 512),
+        ],
+        data=b"\0" * 2048,
+    ),
     "truncated-header": lambda: gguf_file()[:30],
     "truncated-data": lambda: gguf_file()[:-600],
     "nan-data": lambda: gguf_file(data=np.full(256, np.nan, np.float32).tobytes()),
@@ -809,6 +1068,7 @@ def gguf_input(name: str) -> Builder:
     def build(root: Path) -> str:
         write(root / "in" / "adapter.gguf", GGUF[name]())
         return "in/adapter.gguf"
+
     return build
 
 
@@ -822,6 +1082,7 @@ def peft_with(extra: dict[str, torch.Tensor], drop: tuple[str, ...] = (), **kw: 
     def build(root: Path) -> str:
         good_peft(root / "in", name="ad", drop=drop, extra_tensors=extra, **kw)
         return "in/ad"
+
     return build
 
 
@@ -829,6 +1090,7 @@ def kohya_with(extra: dict[str, torch.Tensor], drop: tuple[str, ...] = (), **kw:
     def build(root: Path) -> str:
         good_kohya(root / "in", name="adapter.safetensors", drop=drop, extra_tensors=extra, **kw)
         return "in/adapter.safetensors"
+
     return build
 
 
@@ -837,6 +1099,7 @@ def lyco(tensors: dict[str, torch.Tensor]) -> Builder:
         (root / "in").mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(root / "in" / "adapter.safetensors"))
         return "in/adapter.safetensors"
+
     return build
 
 
@@ -858,21 +1121,26 @@ TENSORS: dict[str, Builder] = {
     "rank-zero": peft_with({QA: torch.zeros(0, 32), QB: torch.zeros(32, 0)}, drop=(QA, QB)),
     "rank-above-dims": peft_with({QA: torch.randn(64, 32), QB: torch.randn(32, 64)}, drop=(QA, QB)),
     "empty-dims": peft_with({QA: torch.zeros(4, 0), QB: torch.zeros(0, 4)}, drop=(QA, QB)),
-    "nan-down": peft_with({}, nan=True), "inf-down": peft_with({}, inf=True),
+    "nan-down": peft_with({}, nan=True),
+    "inf-down": peft_with({}, inf=True),
     "nan-up": peft_with({QB: _full((32, 4), NAN)}, drop=(QB,)),
-    "huge-values-fp16": peft_with({QB: _full((32, 4), 60000.0).half(), QA: _full((4, 32), 60000.0).half()},
-                                  drop=(QA, QB)),
+    "huge-values-fp16": peft_with(
+        {QB: _full((32, 4), 60000.0).half(), QA: _full((4, 32), 60000.0).half()}, drop=(QA, QB)
+    ),
     "subnormal-values": peft_with({QB: _full((32, 4), 1e-45), QA: _full((4, 32), 1e-45)}, drop=(QA, QB)),
     "zero-up": peft_with({}, zero_up=True),
-    "bf16": peft_with({}, dtype="bfloat16"), "fp8": peft_with({QA: torch.zeros(4, 32).to(torch.float8_e4m3fn)},
-                                                              drop=(QA,)),
+    "bf16": peft_with({}, dtype="bfloat16"),
+    "fp8": peft_with({QA: torch.zeros(4, 32).to(torch.float8_e4m3fn)}, drop=(QA,)),
     "float64": peft_with({}, dtype="float64"),
-    "int-factors": peft_with({QA: torch.ones(4, 32, dtype=torch.int32), QB: torch.ones(32, 4, dtype=torch.int64)},
-                             drop=(QA, QB)),
+    "int-factors": peft_with(
+        {QA: torch.ones(4, 32, dtype=torch.int32), QB: torch.ones(32, 4, dtype=torch.int64)}, drop=(QA, QB)
+    ),
     "bool-factors": peft_with({QA: torch.ones(4, 32, dtype=torch.bool)}, drop=(QA,)),
     "mixed-dtypes": peft_with({QA: torch.randn(4, 32).half(), QB: torch.randn(32, 4).double()}, drop=(QA, QB)),
-    "alpha-nan-kohya": kohya_with({}, alpha=NAN), "alpha-inf-kohya": kohya_with({}, alpha=INF),
-    "alpha-negative-kohya": kohya_with({}, alpha=-4.0), "alpha-zero-kohya": kohya_with({}, alpha=0.0),
+    "alpha-nan-kohya": kohya_with({}, alpha=NAN),
+    "alpha-inf-kohya": kohya_with({}, alpha=INF),
+    "alpha-negative-kohya": kohya_with({}, alpha=-4.0),
+    "alpha-zero-kohya": kohya_with({}, alpha=0.0),
     "alpha-1e38-kohya": kohya_with({}, alpha=3e38),
     "alpha-vector-kohya": kohya_with({ALPHA: torch.ones(4)}, drop=(ALPHA,)),
     "alpha-matrix-kohya": kohya_with({ALPHA: torch.ones(4, 4)}, drop=(ALPHA,)),
@@ -881,38 +1149,79 @@ TENSORS: dict[str, Builder] = {
     "alpha-empty-kohya": kohya_with({ALPHA: torch.zeros(0)}, drop=(ALPHA,)),
     "bias-nan": peft_with({f"{PFX}{Q}.lora_B.bias": _full((32,), NAN)}),
     "bias-wrong-length": peft_with({f"{PFX}{Q}.lora_B.bias": torch.zeros(7)}),
-    "magnitude-nan": peft_with({f"{PFX}{Q}.lora_magnitude_vector.weight": _full((32,), NAN)},
-                               config={"use_dora": True}),
-    "magnitude-wrong-shape": peft_with({f"{PFX}{Q}.lora_magnitude_vector.weight": torch.ones(5)},
-                                       config={"use_dora": True}),
+    "magnitude-nan": peft_with(
+        {f"{PFX}{Q}.lora_magnitude_vector.weight": _full((32,), NAN)}, config={"use_dora": True}
+    ),
+    "magnitude-wrong-shape": peft_with(
+        {f"{PFX}{Q}.lora_magnitude_vector.weight": torch.ones(5)}, config={"use_dora": True}
+    ),
     "magnitude-zero": peft_with({f"{PFX}{Q}.lora_magnitude_vector.weight": torch.zeros(32)}),
-    "embedding-wrong": peft_with({f"{PFX}model.embed_tokens.lora_embedding_A": torch.ones(4, 10),
-                                  f"{PFX}model.embed_tokens.lora_embedding_B": torch.ones(7, 3)}),
-    "modules-to-save-int64": peft_with({f"{PFX}lm_head.modules_to_save.default.weight": torch.ones(8, 4, dtype=torch.int64)},
-                                       config={"modules_to_save": ["lm_head"]}),
-    "modules-to-save-nan": peft_with({f"{PFX}lm_head.modules_to_save.default.weight": _full((8, 4), NAN)},
-                                     config={"modules_to_save": ["lm_head"]}),
+    "embedding-wrong": peft_with(
+        {
+            f"{PFX}model.embed_tokens.lora_embedding_A": torch.ones(4, 10),
+            f"{PFX}model.embed_tokens.lora_embedding_B": torch.ones(7, 3),
+        }
+    ),
+    "modules-to-save-int64": peft_with(
+        {f"{PFX}lm_head.modules_to_save.default.weight": torch.ones(8, 4, dtype=torch.int64)},
+        config={"modules_to_save": ["lm_head"]},
+    ),
+    "modules-to-save-nan": peft_with(
+        {f"{PFX}lm_head.modules_to_save.default.weight": _full((8, 4), NAN)}, config={"modules_to_save": ["lm_head"]}
+    ),
     "dora-scale-nan-kohya": kohya_with({f"{KQ}.dora_scale": _full((32, 1), NAN)}),
     "diff-b-nan-kohya": kohya_with({f"{KQ}.diff_b": _full((32,), NAN)}),
-    "conv-kernel-mismatch": lyco({f"{S}.lora_down.weight": torch.randn(4, 8, 3, 3),
-                                  f"{S}.lora_up.weight": torch.randn(16, 4, 3, 3), f"{S}.alpha": torch.tensor(4.0)}),
-    "loha-nan": lyco({f"{S}.hada_w1_a": _full((32, 4), NAN), f"{S}.hada_w1_b": torch.ones(4, 32),
-                      f"{S}.hada_w2_a": torch.ones(32, 4), f"{S}.hada_w2_b": torch.ones(4, 32), f"{S}.alpha": torch.tensor(4.0)}),
-    "loha-shape-mismatch": lyco({f"{S}.hada_w1_a": torch.ones(32, 4), f"{S}.hada_w1_b": torch.ones(4, 32),
-                                 f"{S}.hada_w2_a": torch.ones(16, 4), f"{S}.hada_w2_b": torch.ones(4, 8),
-                                 f"{S}.alpha": torch.tensor(4.0)}),
-    "loha-missing-part": lyco({f"{S}.hada_w1_a": torch.ones(32, 4), f"{S}.hada_w1_b": torch.ones(4, 32),
-                               f"{S}.alpha": torch.tensor(4.0)}),
-    "lokr-nan": lyco({f"{S}.lokr_w1": _full((4, 4), NAN), f"{S}.lokr_w2": torch.ones(8, 8), f"{S}.alpha": torch.tensor(4.0)}),
+    "conv-kernel-mismatch": lyco(
+        {
+            f"{S}.lora_down.weight": torch.randn(4, 8, 3, 3),
+            f"{S}.lora_up.weight": torch.randn(16, 4, 3, 3),
+            f"{S}.alpha": torch.tensor(4.0),
+        }
+    ),
+    "loha-nan": lyco(
+        {
+            f"{S}.hada_w1_a": _full((32, 4), NAN),
+            f"{S}.hada_w1_b": torch.ones(4, 32),
+            f"{S}.hada_w2_a": torch.ones(32, 4),
+            f"{S}.hada_w2_b": torch.ones(4, 32),
+            f"{S}.alpha": torch.tensor(4.0),
+        }
+    ),
+    "loha-shape-mismatch": lyco(
+        {
+            f"{S}.hada_w1_a": torch.ones(32, 4),
+            f"{S}.hada_w1_b": torch.ones(4, 32),
+            f"{S}.hada_w2_a": torch.ones(16, 4),
+            f"{S}.hada_w2_b": torch.ones(4, 8),
+            f"{S}.alpha": torch.tensor(4.0),
+        }
+    ),
+    "loha-missing-part": lyco(
+        {f"{S}.hada_w1_a": torch.ones(32, 4), f"{S}.hada_w1_b": torch.ones(4, 32), f"{S}.alpha": torch.tensor(4.0)}
+    ),
+    "lokr-nan": lyco(
+        {f"{S}.lokr_w1": _full((4, 4), NAN), f"{S}.lokr_w2": torch.ones(8, 8), f"{S}.alpha": torch.tensor(4.0)}
+    ),
     "lokr-zero-dim": lyco({f"{S}.lokr_w1": torch.ones(0, 4), f"{S}.lokr_w2": torch.ones(8, 8)}),
     "lokr-1d": lyco({f"{S}.lokr_w1": torch.ones(4), f"{S}.lokr_w2": torch.ones(8, 8)}),
-    "tucker-bad-mid": lyco({f"{S}.lora_down.weight": torch.randn(4, 8, 1, 1), f"{S}.lora_mid.weight": torch.randn(4, 5, 3, 3),
-                            f"{S}.lora_up.weight": torch.randn(16, 4, 1, 1)}),
+    "tucker-bad-mid": lyco(
+        {
+            f"{S}.lora_down.weight": torch.randn(4, 8, 1, 1),
+            f"{S}.lora_mid.weight": torch.randn(4, 5, 3, 3),
+            f"{S}.lora_up.weight": torch.randn(16, 4, 1, 1),
+        }
+    ),
     "diff-nan": lyco({f"{S}.diff": _full((16, 8), NAN), f"{S}.diff_b": torch.zeros(16)}),
     "diff-alone-int": lyco({f"{S}.diff": torch.ones(16, 8, dtype=torch.int32)}),
     "norm-diff-inf": lyco({f"{S}.w_norm": _full((16,), INF), f"{S}.b_norm": torch.zeros(16)}),
-    "mixed-formats": lyco({f"{S}.lora_down.weight": torch.randn(4, 8), f"{S}.lora_up.weight": torch.randn(16, 4),
-                           f"{PFX}{Q}.lora_A.weight": torch.randn(4, 32), f"{PFX}{Q}.lora_B.weight": torch.randn(32, 4)}),
+    "mixed-formats": lyco(
+        {
+            f"{S}.lora_down.weight": torch.randn(4, 8),
+            f"{S}.lora_up.weight": torch.randn(16, 4),
+            f"{PFX}{Q}.lora_A.weight": torch.randn(4, 32),
+            f"{PFX}{Q}.lora_B.weight": torch.randn(32, 4),
+        }
+    ),
 }
 
 
@@ -922,18 +1231,29 @@ TENSORS: dict[str, Builder] = {
 
 def token_inputs() -> dict[str, Builder]:
     return {
-        "token-as-base-model": lambda r: str(good_peft(r / "in", name="ad",
-                                                      config={"base_model_name_or_path": FAKE_TOKEN}).relative_to(r)),
-        "token-in-metadata": lambda r: str(good_peft(r / "in", name="ad", metadata={"format": "pt", "hf": FAKE_TOKEN,
-                                                                                    "note": f"token={FAKE_TOKEN}"}
-                                                     ).relative_to(r)),
-        "token-in-kohya-metadata": lambda r: str(good_kohya(r / "in", name="adapter.safetensors", metadata={
-            "ss_training_comment": FAKE_TOKEN, "modelspec.title": f"Bearer {FAKE_TOKEN}"}).relative_to(r)),
+        "token-as-base-model": lambda r: str(
+            good_peft(r / "in", name="ad", config={"base_model_name_or_path": FAKE_TOKEN}).relative_to(r)
+        ),
+        "token-in-metadata": lambda r: str(
+            good_peft(
+                r / "in", name="ad", metadata={"format": "pt", "hf": FAKE_TOKEN, "note": f"token={FAKE_TOKEN}"}
+            ).relative_to(r)
+        ),
+        "token-in-kohya-metadata": lambda r: str(
+            good_kohya(
+                r / "in",
+                name="adapter.safetensors",
+                metadata={"ss_training_comment": FAKE_TOKEN, "modelspec.title": f"Bearer {FAKE_TOKEN}"},
+            ).relative_to(r)
+        ),
         "token-in-config-key": lambda r: str(good_peft(r / "in", name="ad", config={FAKE_TOKEN: 1}).relative_to(r)),
-        "token-in-bad-config": lambda r: (write(good_peft(r / "in", name="ad") / "adapter_config.json",
-                                                f'{{"r": "{FAKE_TOKEN}"}}'), "in/ad")[1],
-        "token-in-pattern": lambda r: str(good_peft(r / "in", name="ad",
-                                                   config={"rank_pattern": {FAKE_TOKEN + "(": 2}}).relative_to(r)),
+        "token-in-bad-config": lambda r: (
+            write(good_peft(r / "in", name="ad") / "adapter_config.json", f'{{"r": "{FAKE_TOKEN}"}}'),
+            "in/ad",
+        )[1],
+        "token-in-pattern": lambda r: str(
+            good_peft(r / "in", name="ad", config={"rank_pattern": {FAKE_TOKEN + "(": 2}}).relative_to(r)
+        ),
         "token-environ-as-config": special_in_peft("adapter_config.json", "link-proc-environ"),
         "token-environ-as-weights": special_in_peft("adapter_model.safetensors", "link-proc-environ"),
     }
@@ -947,8 +1267,18 @@ def adapter_inputs() -> Iterator[tuple[str, str, Builder]]:
     """(group, name, builder) for every adapter-shaped hostile input."""
     for name in HEADERS:
         yield "header", f"kohya-{name}", header_file(name)
-    for name in ("truncated-in-data", "length-huge", "offsets-overlapping", "dtype-unknown", "not-utf8",
-                 "duplicate-keys", "nested-list-100k", "shape-huge", "lone-surrogate-key", "metadata-number"):
+    for name in (
+        "truncated-in-data",
+        "length-huge",
+        "offsets-overlapping",
+        "dtype-unknown",
+        "not-utf8",
+        "duplicate-keys",
+        "nested-list-100k",
+        "shape-huge",
+        "lone-surrogate-key",
+        "metadata-number",
+    ):
         yield "header", f"peft-{name}", header_in_peft(name)
     for name in CONFIG_VALUES:
         yield "config", name, config_values(name)
@@ -957,8 +1287,18 @@ def adapter_inputs() -> Iterator[tuple[str, str, Builder]]:
     for member in ("adapter_config.json", "adapter_model.safetensors"):
         for how in SPECIAL_KINDS:
             yield "special", f"{member}-{how}", special_in_peft(member, how)
-    for how in ("fifo", "socket", "directory", "empty", "dangling-link", "link-loop", "link-dev-zero",
-                "link-dev-null", "link-out", "link-dir-out"):
+    for how in (
+        "fifo",
+        "socket",
+        "directory",
+        "empty",
+        "dangling-link",
+        "link-loop",
+        "link-dev-zero",
+        "link-dev-null",
+        "link-out",
+        "link-dir-out",
+    ):
         yield "special", f"path-{how}", special_path(how)
     for kind in ODD_FOLDERS:
         yield "special", kind, odd_folder(kind)
@@ -996,6 +1336,7 @@ def _with_helpers(fn: Callable[[str, str, str], list[str]]) -> AdapterCommand:
     def make(root: Path, a: str) -> list[str]:
         good, base = _helpers(root)
         return fn(a, good, base)
+
     return make
 
 
@@ -1008,7 +1349,9 @@ ADAPTER_COMMANDS: dict[str, AdapterCommand] = {
     "resize": lambda r, a: ["resize", a, "-o", _out_for(a), "-r", "2", "--device", "cpu"],
     "convert": lambda r, a: ["convert", a, "--to", "kohya", "-o", "out.safetensors"],
     "convert-peft": lambda r, a: ["convert", a, "--to", "peft", "-o", "out"],
-    "combine": _with_helpers(lambda a, good, base: ["combine", a, good, "-o", "out", "--format", "peft", "--device", "cpu"]),
+    "combine": _with_helpers(
+        lambda a, good, base: ["combine", a, good, "-o", "out", "--format", "peft", "--device", "cpu"]
+    ),
     "merge": _with_helpers(lambda a, good, base: ["merge", base, a, "-o", "out", "--device", "cpu"]),
     "verify": _with_helpers(lambda a, good, base: ["verify", base, "--base", base, a, "--device", "cpu"]),
     "diff": _with_helpers(lambda a, good, base: ["diff", a, good, "--device", "cpu"]),
@@ -1028,6 +1371,7 @@ def _adapter_case(group: str, name: str, builder: Builder, cmd: str, suite: bool
     def build(root: Path) -> list[str]:
         a = builder(root)
         return make(root, a)
+
     return Case(f"{group}/{name}/{cmd}", group, cmd.split("-")[0], build, suite)
 
 
@@ -1043,6 +1387,7 @@ WRITERS = ("rescale", "resize", "convert", "merge", "convert-peft", "combine")
 
 def _base_variant(kind: str) -> Callable[[Path, str], None]:
     """Make the base folder at root/name hostile in one way."""
+
     def edit(root: Path, name: str) -> None:
         d = root / name
         w = d / "model.safetensors"
@@ -1052,8 +1397,17 @@ def _base_variant(kind: str) -> Callable[[Path, str], None]:
         elif kind == "config-not-json":
             write(d / "config.json", b"{nope")
         elif kind == "config-wrong-types":
-            write(d / "config.json", json.dumps({"architectures": "LlamaForCausalLM", "num_attention_heads": "x",
-                                                 "hidden_size": [1], "model_type": 5}))
+            write(
+                d / "config.json",
+                json.dumps(
+                    {
+                        "architectures": "LlamaForCausalLM",
+                        "num_attention_heads": "x",
+                        "hidden_size": [1],
+                        "model_type": 5,
+                    }
+                ),
+            )
         elif kind == "config-fifo":
             _fifo(d / "config.json")
         elif kind == "config-link-environ":
@@ -1069,8 +1423,13 @@ def _base_variant(kind: str) -> Callable[[Path, str], None]:
             (d / "sub").mkdir()
             (d / "sub" / "loop").symlink_to("..")
         elif kind in ("bool-weights", "int-weights", "float64-weights", "fp16-weights", "nan-weights"):
-            dt = {"bool-weights": torch.bool, "int-weights": torch.int32, "float64-weights": torch.float64,
-                  "fp16-weights": torch.float16, "nan-weights": torch.float32}[kind]
+            dt = {
+                "bool-weights": torch.bool,
+                "int-weights": torch.int32,
+                "float64-weights": torch.float64,
+                "fp16-weights": torch.float16,
+                "nan-weights": torch.float32,
+            }[kind]
             ts = {k: (torch.full(s, NAN) if kind == "nan-weights" else torch.ones(s).to(dt)) for k, s in shapes.items()}
             save_file(ts, str(w))
         elif kind == "shape-mismatch":
@@ -1083,11 +1442,15 @@ def _base_variant(kind: str) -> Callable[[Path, str], None]:
             write(w, HEADERS[kind]())
         elif kind == "index-dotdot":
             w.rename(d / "model-00001-of-00001.safetensors")
-            write(d / "model.safetensors.index.json", json.dumps(
-                {"metadata": {}, "weight_map": {k: "../../../etc/passwd" for k in shapes}}))
+            write(
+                d / "model.safetensors.index.json",
+                json.dumps({"metadata": {}, "weight_map": {k: "../../../etc/passwd" for k in shapes}}),
+            )
         elif kind == "index-absolute":
-            write(d / "model.safetensors.index.json", json.dumps(
-                {"metadata": {}, "weight_map": {k: "/etc/passwd" for k in shapes}}))
+            write(
+                d / "model.safetensors.index.json",
+                json.dumps({"metadata": {}, "weight_map": {k: "/etc/passwd" for k in shapes}}),
+            )
         elif kind == "index-not-json":
             write(d / "model.safetensors.index.json", b"{")
         elif kind == "index-deep":
@@ -1095,8 +1458,10 @@ def _base_variant(kind: str) -> Callable[[Path, str], None]:
         elif kind == "index-wrong-types":
             write(d / "model.safetensors.index.json", json.dumps({"weight_map": [1, 2]}))
         elif kind == "index-missing-shard":
-            write(d / "model.safetensors.index.json", json.dumps(
-                {"metadata": {}, "weight_map": {k: "model-00009-of-00009.safetensors" for k in shapes}}))
+            write(
+                d / "model.safetensors.index.json",
+                json.dumps({"metadata": {}, "weight_map": {k: "model-00009-of-00009.safetensors" for k in shapes}}),
+            )
         elif kind == "index-fifo":
             _fifo(d / "model.safetensors.index.json")
         elif kind == "weights-fifo":
@@ -1109,16 +1474,46 @@ def _base_variant(kind: str) -> Callable[[Path, str], None]:
             w.unlink()
         else:
             raise ValueError(kind)
+
     return edit
 
 
-BASE_KINDS = ("config-deep-100k", "config-not-json", "config-wrong-types", "config-fifo", "config-link-environ",
-              "extra-file-link-out", "extra-file-link-environ", "extra-fifo", "extra-dir-loop", "bool-weights",
-              "int-weights", "float64-weights", "fp16-weights", "nan-weights", "shape-mismatch", "1d-weights",
-              "missing-weight", "truncated-in-data", "length-huge", "offsets-overlapping", "dtype-unknown",
-              "not-utf8", "duplicate-keys", "shape-huge", "index-dotdot", "index-absolute", "index-not-json",
-              "index-deep", "index-wrong-types", "index-missing-shard", "index-fifo", "weights-fifo",
-              "weights-link-out", "empty-folder")
+BASE_KINDS = (
+    "config-deep-100k",
+    "config-not-json",
+    "config-wrong-types",
+    "config-fifo",
+    "config-link-environ",
+    "extra-file-link-out",
+    "extra-file-link-environ",
+    "extra-fifo",
+    "extra-dir-loop",
+    "bool-weights",
+    "int-weights",
+    "float64-weights",
+    "fp16-weights",
+    "nan-weights",
+    "shape-mismatch",
+    "1d-weights",
+    "missing-weight",
+    "truncated-in-data",
+    "length-huge",
+    "offsets-overlapping",
+    "dtype-unknown",
+    "not-utf8",
+    "duplicate-keys",
+    "shape-huge",
+    "index-dotdot",
+    "index-absolute",
+    "index-not-json",
+    "index-deep",
+    "index-wrong-types",
+    "index-missing-shard",
+    "index-fifo",
+    "weights-fifo",
+    "weights-link-out",
+    "empty-folder",
+)
 
 BASE_COMMANDS: dict[str, Callable[[str, str, str], list[str]]] = {  # (hostile base, good adapter, good base)
     "merge": lambda b, a, ok: ["merge", b, a, "-o", "out", "--device", "cpu"],
@@ -1137,6 +1532,7 @@ def _base_case(kind: str, cmd: str, suite: bool, make_base: Callable[[Path], Non
         good, ok = _helpers(root)
         make_base(root)
         return BASE_COMMANDS[cmd]("in/base", good, ok)
+
     return Case(f"base/{kind}/{cmd}", "base", cmd.split("-")[0], build, suite)
 
 
@@ -1152,9 +1548,11 @@ def _kohya_helper(root: Path) -> str:
 
 def _opt(argv: Callable[[str, str, str], list[str]]) -> Callable[[Path], list[str]]:
     """argv(good adapter, good base, good kohya file)."""
+
     def build(root: Path) -> list[str]:
         good, base = _helpers(root)
         return argv(good, base, _kohya_helper(root))
+
     return build
 
 
@@ -1165,25 +1563,66 @@ def _add_options() -> None:
     o = OPTIONS
     for v in ("0", "-1", "99999", "2147483648", "99999999999999999999", "x", ""):
         o[f"resize/rank-{v or 'empty'}"] = lambda a, b, k, v=v: ["resize", a, "-o", "out", "-r", v]
-        o[f"convert/rank-{v or 'empty'}"] = lambda a, b, k, v=v: ["convert", k, "--to", "kohya", "-o", "o.safetensors",
-                                                                  "-r", v]
+        o[f"convert/rank-{v or 'empty'}"] = lambda a, b, k, v=v: [
+            "convert",
+            k,
+            "--to",
+            "kohya",
+            "-o",
+            "o.safetensors",
+            "-r",
+            v,
+        ]
     for m in ("sv_fro", "sv_ratio", "sv_cumulative", "max_error"):
         o[f"resize/{m}-no-threshold"] = lambda a, b, k, m=m: ["resize", a, "-o", "out", "--method", m]
         for t in ("nan", "inf", "-inf", "-1", "0", "1e308", "2"):
-            o[f"resize/{m}-threshold-{t}"] = lambda a, b, k, m=m, t=t: ["resize", a, "-o", "out", "--method", m,
-                                                                         "--threshold", t]
+            o[f"resize/{m}-threshold-{t}"] = lambda a, b, k, m=m, t=t: [
+                "resize",
+                a,
+                "-o",
+                "out",
+                "--method",
+                m,
+                "--threshold",
+                t,
+            ]
     o["resize/threshold-without-method"] = lambda a, b, k: ["resize", a, "-o", "out", "--threshold", "0.5"]
     o["resize/conv-rank-0"] = lambda a, b, k: ["resize", k, "-o", "out.safetensors", "--conv-rank", "0", "-r", "2"]
-    o["resize/conv-rank-negative"] = lambda a, b, k: ["resize", k, "-o", "out.safetensors", "--conv-rank", "-3", "-r", "2"]
+    o["resize/conv-rank-negative"] = lambda a, b, k: [
+        "resize",
+        k,
+        "-o",
+        "out.safetensors",
+        "--conv-rank",
+        "-3",
+        "-r",
+        "2",
+    ]
     for fmt in ("kohya", "diffusers", "mlx", "gguf"):
         o[f"resize/format-{fmt}"] = lambda a, b, k, fmt=fmt: ["resize", a, "-o", "out", "-r", "2", "--format", fmt]
-        o[f"rescale/kohya-to-{fmt}"] = lambda a, b, k, fmt=fmt: ["rescale", k, "-o", "out", "--factor", "2",
-                                                                  "--format", fmt]
+        o[f"rescale/kohya-to-{fmt}"] = lambda a, b, k, fmt=fmt: [
+            "rescale",
+            k,
+            "-o",
+            "out",
+            "--factor",
+            "2",
+            "--format",
+            fmt,
+        ]
         o[f"convert/to-{fmt}-dir"] = lambda a, b, k, fmt=fmt: ["convert", a, "--to", fmt, "-o", "out"]
         o[f"convert/to-{fmt}-file"] = lambda a, b, k, fmt=fmt: ["convert", a, "--to", fmt, "-o", "out.safetensors"]
     for dev in ("cuda:7", "bogus", "mps", "cpu:0", "cuda:-1", ""):
-        o[f"resize/device-{dev or 'empty'}"] = lambda a, b, k, dev=dev: ["resize", a, "-o", "out", "-r", "2",
-                                                                          "--device", dev]
+        o[f"resize/device-{dev or 'empty'}"] = lambda a, b, k, dev=dev: [
+            "resize",
+            a,
+            "-o",
+            "out",
+            "-r",
+            "2",
+            "--device",
+            dev,
+        ]
         o[f"merge/device-{dev or 'empty'}"] = lambda a, b, k, dev=dev: ["merge", b, a, "-o", "out", "--device", dev]
     for f in ("nan", "inf", "-inf", "1e308", "-1e308", "0", "-0", "1e-320", "x", "3.4e38"):
         o[f"rescale/factor-{f}"] = lambda a, b, k, f=f: ["rescale", a, "-o", "out", "--factor", f]
@@ -1193,8 +1632,21 @@ def _add_options() -> None:
     o["rescale/no-mode"] = lambda a, b, k: ["rescale", a, "-o", "out"]
     o["rescale/both-rslora"] = lambda a, b, k: ["rescale", a, "-o", "out", "--to-rslora", "--from-rslora"]
     o["rescale/from-rslora-not-rslora"] = lambda a, b, k: ["rescale", a, "-o", "out", "--from-rslora"]
-    for mw in ("(=2", "q_proj=x", "q_proj=nan", "q_proj=inf", "=1", "q_proj", "q_proj=1,", ",", "a{4294967296}=1",
-               "(" * 3000 + "q" + ")" * 3000 + "=1", "q_proj=1e308", "[=1", "q_proj=-1e308"):
+    for mw in (
+        "(=2",
+        "q_proj=x",
+        "q_proj=nan",
+        "q_proj=inf",
+        "=1",
+        "q_proj",
+        "q_proj=1,",
+        ",",
+        "a{4294967296}=1",
+        "(" * 3000 + "q" + ")" * 3000 + "=1",
+        "q_proj=1e308",
+        "[=1",
+        "q_proj=-1e308",
+    ):
         for cmd in ("rescale", "merge", "combine", "verify"):
             key = f"{cmd}/module-weights-{mw[:30]}"
             if cmd == "rescale":
@@ -1205,17 +1657,42 @@ def _add_options() -> None:
                 o[key] = lambda a, b, k, mw=mw: ["combine", a, a, "-o", "out", "--module-weights", mw]
             else:
                 o[key] = lambda a, b, k, mw=mw: ["verify", b, "--base", b, a, "--module-weights", mw]
-    for bl in ("bogus:1", "sd15:1,2", "sd15:nan" + ",1" * 16, "sd15:", ":", "sdxl:" + ",".join(["1e308"] * 12),
-               "flux:" + ",".join(["x"] * 57), "sd15:" + ",".join(["1"] * 10000)):
+    for bl in (
+        "bogus:1",
+        "sd15:1,2",
+        "sd15:nan" + ",1" * 16,
+        "sd15:",
+        ":",
+        "sdxl:" + ",".join(["1e308"] * 12),
+        "flux:" + ",".join(["x"] * 57),
+        "sd15:" + ",".join(["1"] * 10000),
+    ):
         o[f"rescale/blocks-{bl[:20]}"] = lambda a, b, k, bl=bl: ["rescale", k, "-o", "out.safetensors", "--blocks", bl]
         o[f"merge/blocks-{bl[:20]}"] = lambda a, b, k, bl=bl: ["merge", b, a, "-o", "out", "--blocks", bl]
     for rx in REGEXES.values():
         o[f"resize/modules-{rx[:30]!r}"] = lambda a, b, k, rx=rx: ["resize", a, "-o", "out", "-r", "2", "--modules", rx]
-        o[f"rescale/modules-{rx[:30]!r}"] = lambda a, b, k, rx=rx: ["rescale", a, "-o", "out", "--factor", "2",
-                                                                    "--modules", rx]
+        o[f"rescale/modules-{rx[:30]!r}"] = lambda a, b, k, rx=rx: [
+            "rescale",
+            a,
+            "-o",
+            "out",
+            "--factor",
+            "2",
+            "--modules",
+            rx,
+        ]
         o[f"inspect/modules-{rx[:30]!r}"] = lambda a, b, k, rx=rx: ["inspect", a, "--modules", rx]
-        o[f"extract/modules-{rx[:30]!r}"] = lambda a, b, k, rx=rx: ["extract", b, b, "-o", "out", "-r", "2",
-                                                                    "--modules", rx]
+        o[f"extract/modules-{rx[:30]!r}"] = lambda a, b, k, rx=rx: [
+            "extract",
+            b,
+            b,
+            "-o",
+            "out",
+            "-r",
+            "2",
+            "--modules",
+            rx,
+        ]
     for w in ("nan,1", "1", "1,2,3", "a,b", "1e308,1e308", "inf,1", "", ",", "1,,2", "0,0", "-1e308,1e308"):
         o[f"combine/weights-{w or 'empty'}"] = lambda a, b, k, w=w: ["combine", a, a, "-o", "out", "--weights", w]
         o[f"merge/weights-{w or 'empty'}"] = lambda a, b, k, w=w: ["merge", b, a, a, "-o", "out", "--weights", w]
@@ -1225,37 +1702,134 @@ def _add_options() -> None:
     o["combine/peft-with-kohya"] = lambda a, b, k: ["combine", a, k, "-o", "out"]
     o["combine/same-twice"] = lambda a, b, k: ["combine", a, a, "-o", "out"]
     for meth in ("svd", "ties", "dare_linear", "dare_ties", "magnitude_prune", "linear"):
-        for extra in ((), ("--rank", "0"), ("--rank", "-2"), ("--density", "0"), ("--density", "2"),
-                      ("--density", "nan"), ("--seed", "-1"), ("--seed", "99999999999999999999")):
+        for extra in (
+            (),
+            ("--rank", "0"),
+            ("--rank", "-2"),
+            ("--density", "0"),
+            ("--density", "2"),
+            ("--density", "nan"),
+            ("--seed", "-1"),
+            ("--seed", "99999999999999999999"),
+        ):
             o[f"combine/{meth}{''.join(extra)}"] = lambda a, b, k, meth=meth, extra=extra: [
-                "combine", a, a, "-o", "out", "--method", meth, *extra]
+                "combine",
+                a,
+                a,
+                "-o",
+                "out",
+                "--method",
+                meth,
+                *extra,
+            ]
     o["convert/no-to"] = lambda a, b, k: ["convert", a, "-o", "out"]
     o["convert/drop-without-for"] = lambda a, b, k: ["convert", a, "--to", "kohya", "--drop", "-o", "o.safetensors"]
     o["convert/base-missing"] = lambda a, b, k: ["convert", k, "--to", "peft", "--base", "nope", "-o", "out"]
     o["convert/base-is-adapter"] = lambda a, b, k: ["convert", k, "--to", "peft", "--base", a, "-o", "out"]
-    o["convert/dora-to-lora-non-dora"] = lambda a, b, k: ["convert", a, "--to", "peft", "--dora-to-lora", b, "-o", "out"]
-    o["convert/dora-to-lora-missing"] = lambda a, b, k: ["convert", a, "--to", "peft", "--dora-to-lora", "nope", "-o", "out"]
-    o["convert/family-bogus"] = lambda a, b, k: ["convert", k, "--to", "diffusers", "--family", "bogus", "-o", "o.safetensors"]
-    o["convert/family-wrong"] = lambda a, b, k: ["convert", a, "--to", "kohya", "--family", "flux.1", "-o", "o.safetensors"]
-    o["convert/fuse-rank-no-family"] = lambda a, b, k: ["convert", a, "--to", "kohya", "--fuse-rank", "2", "-o", "o.safetensors"]
+    o["convert/dora-to-lora-non-dora"] = lambda a, b, k: [
+        "convert",
+        a,
+        "--to",
+        "peft",
+        "--dora-to-lora",
+        b,
+        "-o",
+        "out",
+    ]
+    o["convert/dora-to-lora-missing"] = lambda a, b, k: [
+        "convert",
+        a,
+        "--to",
+        "peft",
+        "--dora-to-lora",
+        "nope",
+        "-o",
+        "out",
+    ]
+    o["convert/family-bogus"] = lambda a, b, k: [
+        "convert",
+        k,
+        "--to",
+        "diffusers",
+        "--family",
+        "bogus",
+        "-o",
+        "o.safetensors",
+    ]
+    o["convert/family-wrong"] = lambda a, b, k: [
+        "convert",
+        a,
+        "--to",
+        "kohya",
+        "--family",
+        "flux.1",
+        "-o",
+        "o.safetensors",
+    ]
+    o["convert/fuse-rank-no-family"] = lambda a, b, k: [
+        "convert",
+        a,
+        "--to",
+        "kohya",
+        "--fuse-rank",
+        "2",
+        "-o",
+        "o.safetensors",
+    ]
     for rt in ("vllm", "sglang", "llama.cpp", "mlx", "diffusers", "comfyui"):
         o[f"convert/for-{rt}"] = lambda a, b, k, rt=rt: ["convert", a, "--for", rt, "-o", "out"]
         o[f"convert/kohya-for-{rt}"] = lambda a, b, k, rt=rt: ["convert", k, "--for", rt, "-o", "out"]
         o[f"validate/for-{rt}"] = lambda a, b, k, rt=rt: ["validate", k, "--for", rt]
-    o["convert/to-gguf-base-config-wrong-type"] = lambda a, b, k: ["convert", a, "--to", "gguf", "--base", b, "-o", "o.gguf"]
+    o["convert/to-gguf-base-config-wrong-type"] = lambda a, b, k: [
+        "convert",
+        a,
+        "--to",
+        "gguf",
+        "--base",
+        b,
+        "-o",
+        "o.gguf",
+    ]
     for mr in ("nan", "-1", "2", "inf"):
         o[f"merge/min-retained-{mr}"] = lambda a, b, k, mr=mr: ["merge", b, a, "-o", "out", "--min-retained", mr]
     o["merge/unmerge"] = lambda a, b, k: ["merge", b, a, "-o", "out", "--unmerge"]
     o["merge/qlora-tiny"] = lambda a, b, k: ["merge", b, a, "-o", "out", "--qlora-base", "nf4"]
-    o["merge/stochastic-seed-huge"] = lambda a, b, k: ["merge", b, a, "-o", "out", "--rounding", "stochastic",
-                                                       "--seed", "99999999999999999999"]
+    o["merge/stochastic-seed-huge"] = lambda a, b, k: [
+        "merge",
+        b,
+        a,
+        "-o",
+        "out",
+        "--rounding",
+        "stochastic",
+        "--seed",
+        "99999999999999999999",
+    ]
     o["merge/report-is-out"] = lambda a, b, k: ["merge", b, a, "-o", "out", "--report", "out"]
     o["merge/report-in-out"] = lambda a, b, k: ["merge", b, a, "-o", "out", "--report", "out/r.json"]
-    o["merge/report-is-input"] = lambda a, b, k: ["merge", b, a, "-o", "out", "--report", f"{a}/adapter_config.json",
-                                                  "--force"]
+    o["merge/report-is-input"] = lambda a, b, k: [
+        "merge",
+        b,
+        a,
+        "-o",
+        "out",
+        "--report",
+        f"{a}/adapter_config.json",
+        "--force",
+    ]
     o["merge/kohya-into-llama"] = lambda a, b, k: ["merge", b, k, "-o", "out"]
     o["merge/allow-unmatched-kohya"] = lambda a, b, k: ["merge", b, k, "-o", "out", "--allow-unmatched"]
-    o["merge/dtype-fp16-overflow"] = lambda a, b, k: ["merge", b, a, "-o", "out", "--dtype", "fp16", "--weights", "1e30"]
+    o["merge/dtype-fp16-overflow"] = lambda a, b, k: [
+        "merge",
+        b,
+        a,
+        "-o",
+        "out",
+        "--dtype",
+        "fp16",
+        "--weights",
+        "1e30",
+    ]
     o["merge/out-is-base"] = lambda a, b, k: ["merge", b, a, "-o", b, "--force"]
     o["merge/out-inside-base"] = lambda a, b, k: ["merge", b, a, "-o", f"{b}/merged"]
     o["merge/out-dot"] = lambda a, b, k: ["merge", b, a, "-o", "."]
@@ -1263,14 +1837,30 @@ def _add_options() -> None:
     o["merge/out-empty"] = lambda a, b, k: ["merge", b, a, "-o", ""]
     o["merge/out-hf"] = lambda a, b, k: ["merge", b, a, "-o", "hf://x/y"]
     o["resize/out-is-input"] = lambda a, b, k: ["resize", a, "-o", a, "-r", "2", "--force"]
-    o["resize/out-is-input-file"] = lambda a, b, k: ["resize", a, "-o", f"{a}/adapter_model.safetensors", "-r", "2",
-                                                      "--force"]
+    o["resize/out-is-input-file"] = lambda a, b, k: [
+        "resize",
+        a,
+        "-o",
+        f"{a}/adapter_model.safetensors",
+        "-r",
+        "2",
+        "--force",
+    ]
     o["resize/out-dev-null"] = lambda a, b, k: ["resize", a, "-o", "/dev/null", "-r", "2", "--force"]
     o["resize/out-parent-missing"] = lambda a, b, k: ["resize", a, "-o", "no/such/dir/out", "-r", "2"]
     o["resize/out-under-a-file"] = lambda a, b, k: ["resize", a, "-o", f"{k}/out", "-r", "2"]
     o["rescale/out-is-kohya-input"] = lambda a, b, k: ["rescale", k, "-o", k, "--factor", "2", "--force"]
-    o["convert/out-is-base"] = lambda a, b, k: ["convert", a, "--to", "kohya", "--base", b, "-o",
-                                                f"{b}/model.safetensors", "--force"]
+    o["convert/out-is-base"] = lambda a, b, k: [
+        "convert",
+        a,
+        "--to",
+        "kohya",
+        "--base",
+        b,
+        "-o",
+        f"{b}/model.safetensors",
+        "--force",
+    ]
     o["extract/same-model"] = lambda a, b, k: ["extract", b, b, "-o", "out", "-r", "2"]
     o["extract/rank-0"] = lambda a, b, k: ["extract", b, b, "-o", "out", "-r", "0"]
     o["extract/threshold-2"] = lambda a, b, k: ["extract", b, b, "-o", "out", "--threshold", "2"]
@@ -1286,8 +1876,15 @@ def _add_options() -> None:
     o["validate/strict"] = lambda a, b, k: ["validate", k, "--strict", "--json"]
     o["inspect/token-option"] = lambda a, b, k: ["inspect", a, "--token", FAKE_TOKEN]
     o["inspect/unknown-option"] = lambda a, b, k: ["inspect", a, f"--x={FAKE_TOKEN}"]
-    o["rescale/allow-pickle-on-safetensors"] = lambda a, b, k: ["rescale", a, "-o", "out", "--factor", "2",
-                                                                "--allow-pickle"]
+    o["rescale/allow-pickle-on-safetensors"] = lambda a, b, k: [
+        "rescale",
+        a,
+        "-o",
+        "out",
+        "--factor",
+        "2",
+        "--allow-pickle",
+    ]
 
 
 _add_options()
@@ -1307,8 +1904,9 @@ def build_corpus() -> list[Case]:
     for i, kind in enumerate(BASE_KINDS):
         names = list(BASE_COMMANDS)
         chosen = {names[(i + j) % len(names)] for j in (0, 2, 4, 6)}
-        make_base = templated(lambda root, kind=kind: (llama_base(root / "in", name="base"),
-                                                        _base_variant(kind)(root / "in", "base")))
+        make_base = templated(
+            lambda root, kind=kind: (llama_base(root / "in", name="base"), _base_variant(kind)(root / "in", "base"))
+        )
         for cmd in BASE_COMMANDS:
             cases.append(_base_case(kind, cmd, cmd in chosen, make_base))
     for key, argv in OPTIONS.items():
@@ -1405,8 +2003,9 @@ class Outcome:
 TRACEBACK = "Traceback (most recent call last)"
 
 
-def run_corpus(cases: list[Case], workdir: Path, *, workers: int = 2,
-               bounds: dict[str, float] | None = None) -> list[Outcome]:
+def run_corpus(
+    cases: list[Case], workdir: Path, *, workers: int = 2, bounds: dict[str, float] | None = None
+) -> list[Outcome]:
     """Build every case under workdir/<n>, run them all, and judge each run."""
     from runner import Job, run_jobs
 
@@ -1421,7 +2020,10 @@ def run_corpus(cases: list[Case], workdir: Path, *, workers: int = 2,
         skip |= {p.parent for p in skip if p.parent != root and not os.path.lexists(p.parent)}
         prepared.append((root, argv, outs, skip, snapshot(root, skip)))
     bound_of = bounds or {}
-    jobs = [Job(argv, str(root), bound_of.get(case.id, BOUND), case.python) for case, (root, argv, *_) in zip(cases, prepared)]
+    jobs = [
+        Job(argv, str(root), bound_of.get(case.id, BOUND), case.python)
+        for case, (root, argv, *_) in zip(cases, prepared)
+    ]
     results = run_jobs(jobs, workdir=workdir, workers=workers)
     outcomes = []
     for case, (root, argv, outs, skip, before), res in zip(cases, prepared, results):
@@ -1431,6 +2033,18 @@ def run_corpus(cases: list[Case], workdir: Path, *, workers: int = 2,
         for f in written_files(root, [o for o in outs if root / o in skip]):
             if FAKE_TOKEN.encode() in f.read_bytes():
                 leaks.append(str(f.relative_to(root)))
-        outcomes.append(Outcome(case, argv, res.code, res.seconds, res.over_bound,
-                                TRACEBACK in res.stdout + res.stderr, changed, leaks, res.stdout, res.stderr))
+        outcomes.append(
+            Outcome(
+                case,
+                argv,
+                res.code,
+                res.seconds,
+                res.over_bound,
+                TRACEBACK in res.stdout + res.stderr,
+                changed,
+                leaks,
+                res.stdout,
+                res.stderr,
+            )
+        )
     return outcomes

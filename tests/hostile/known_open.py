@@ -9,8 +9,7 @@ from __future__ import annotations
 
 HANG_BOUND = 5.0  # seconds: cases known to hang are killed sooner, so the suite stays short
 
-KNOWN_OPEN: dict[str, str] = {
-}
+KNOWN_OPEN: dict[str, str] = {}
 
 
 def bound_for(case_id: str) -> float:

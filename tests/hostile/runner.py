@@ -126,18 +126,36 @@ print(json.dumps(results))
 """
 
 
-def run_jobs(jobs: list[Job], *, workdir: Path, workers: int = 2, env: dict[str, str] | None = None,
-             timeout: float = 1800) -> list[Result]:
+def run_jobs(
+    jobs: list[Job], *, workdir: Path, workers: int = 2, env: dict[str, str] | None = None, timeout: float = 1800
+) -> list[Result]:
     """Run every job in a forked child of one driver process; results in the jobs' order."""
     outdir = workdir / ".runs"
     outdir.mkdir(parents=True, exist_ok=True)
-    full_env = {**os.environ, "COLUMNS": "200", "HF_TOKEN": FAKE_TOKEN, "HF_HUB_OFFLINE": "1",
-                "HF_HOME": str(workdir / ".hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1", **(env or {})}
+    full_env = {
+        **os.environ,
+        "COLUMNS": "200",
+        "HF_TOKEN": FAKE_TOKEN,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(workdir / ".hf_home"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        **(env or {}),
+    }
     full_env.pop("LORATOOL_DEBUG", None)
-    spec = {"jobs": [{"argv": j.argv, "cwd": j.cwd, "bound": j.bound, "code": j.code} for j in jobs], "workers": workers,
-            "outdir": str(outdir), "headroom": MEMORY_HEADROOM}
-    p = subprocess.run([sys.executable, "-c", _DRIVER], input=json.dumps(spec), capture_output=True, text=True,
-                       env=full_env, timeout=timeout)
+    spec = {
+        "jobs": [{"argv": j.argv, "cwd": j.cwd, "bound": j.bound, "code": j.code} for j in jobs],
+        "workers": workers,
+        "outdir": str(outdir),
+        "headroom": MEMORY_HEADROOM,
+    }
+    p = subprocess.run(
+        [sys.executable, "-c", _DRIVER],
+        input=json.dumps(spec),
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
     if p.returncode != 0:
         raise RuntimeError(f"the corpus driver failed ({p.returncode}):\n{p.stderr[-4000:]}")
     raw = json.loads(p.stdout.splitlines()[-1])

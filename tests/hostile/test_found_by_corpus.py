@@ -23,8 +23,11 @@ def _one_error(err: str, *words: str) -> None:
 def test_target_modules_of_wrong_types_are_refused(tmp_path: Path, targets: object) -> None:
     """target_modules holding numbers, lists or an object made every writer fail with a TypeError."""
     ad = good_peft(tmp_path, name="ad", config={"target_modules": targets})
-    for args in (["rescale", ad, "-o", tmp_path / "o1", "--factor", "2"], ["resize", ad, "-o", tmp_path / "o2", "-r", "2"],
-                 ["convert", ad, "--to", "peft", "-o", tmp_path / "o3"]):
+    for args in (
+        ["rescale", ad, "-o", tmp_path / "o1", "--factor", "2"],
+        ["resize", ad, "-o", tmp_path / "o2", "-r", "2"],
+        ["convert", ad, "--to", "peft", "-o", tmp_path / "o3"],
+    ):
         r = run_cli(args)
         assert r.code == 2, r
         _one_error(r.err, "adapter_config.json", "target_modules")
@@ -51,3 +54,36 @@ def test_verify_refuses_a_delta_beyond_float32(tmp_path: Path, config: dict[str,
     assert r.code == 2, r
     _one_error(r.err, "beyond float32", "'model.layers.0.")
     assert run_cli(["merge", base, ad, "-o", tmp_path / "m"]).code == 2  # what merge says of it
+
+
+def test_big_endian_npz_reads_as_the_same_adapter(tmp_path: Path) -> None:
+    """An .npz of big-endian ('>f4') arrays made torch.from_numpy raise (exit 3); numpy's byte
+    order is an encoding, so it reads as the same adapter as its little-endian twin."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    arrays = {"model.layers.0.self_attn.q_proj.lora_a": rng.standard_normal((32, 4)).astype(np.float32),
+              "model.layers.0.self_attn.q_proj.lora_b": rng.standard_normal((4, 32)).astype(np.float32)}
+    for name, order in (("be", ">f4"), ("le", "<f4")):
+        (tmp_path / name).mkdir()
+        np.savez(tmp_path / name / "adapters.npz", **{k: v.astype(order) for k, v in arrays.items()})
+    r = run_cli(["diff", tmp_path / "be" / "adapters.npz", tmp_path / "le" / "adapters.npz", "--json", "-q"])
+    assert r.code == 0, r
+    assert json.loads(r.out)["identical"] is True
+
+
+def test_factors_with_an_empty_side_are_a_bad_shape(tmp_path: Path) -> None:
+    """down (4, 0) / up (0, 4): rank 4 over no features made resize and inspect --spectrum fail in
+    a reshape (exit 3); like rank 0, it is a bad-shape finding naming the module."""
+    import torch
+
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    ad = good_peft(tmp_path, name="ad", drop=(f"{q}.lora_A.weight", f"{q}.lora_B.weight"),
+                   extra_tensors={f"{q}.lora_A.weight": torch.zeros(4, 0), f"{q}.lora_B.weight": torch.zeros(0, 4)})
+    for args in (["inspect", ad, "--spectrum"], ["resize", ad, "-o", tmp_path / "o", "-r", "2"], ["diff", ad, ad]):
+        r = run_cli(args)
+        assert r.code == 2, r
+        _one_error(r.err, "model.layers.0.self_attn.q_proj", "empty factors")
+    r = run_cli(["validate", ad, "--json"])
+    assert r.code == 1
+    assert "bad-shape" in {f["code"] for f in json.loads(r.out)["findings"]}

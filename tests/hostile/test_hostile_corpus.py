@@ -68,7 +68,7 @@ def test_the_judge_sees_every_kind_of_failure(tmp_path: Path) -> None:
     (tmp_path / "c").mkdir()
     cases = [
         _py("clean", "print('fine')"),
-        _py("token-stdout", f"import os; print(os.environ['HF_TOKEN'])"),
+        _py("token-stdout", "import os; print(os.environ['HF_TOKEN'])"),
         _py("token-in-output", "import os; open('out', 'w').write(os.environ['HF_TOKEN'])", ["-o", "out"]),
         _py("exit-3", "import sys; sys.exit(3)"),
         _py("signal", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"),
@@ -77,8 +77,7 @@ def test_the_judge_sees_every_kind_of_failure(tmp_path: Path) -> None:
         _py("writes-beside-out", "open('stray', 'w').write('x')", ["-o", "out"]),
         _py("writes-out", "open('out', 'w').write('x')", ["-o", "out"]),
     ]
-    done = {o.case.id: o for o in run_corpus(cases, tmp_path / "c" / "cases", workers=3,
-                                             bounds={"hangs": 2.0})}
+    done = {o.case.id: o for o in run_corpus(cases, tmp_path / "c" / "cases", workers=3, bounds={"hangs": 2.0})}
     assert done["clean"].problems == [] and done["clean"].stdout == "fine\n"
     assert done["token-stdout"].leaks == ["stdout"]
     assert done["token-in-output"].leaks == ["out"]
