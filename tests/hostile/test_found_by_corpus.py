@@ -62,8 +62,10 @@ def test_big_endian_npz_reads_as_the_same_adapter(tmp_path: Path) -> None:
     import numpy as np
 
     rng = np.random.default_rng(0)
-    arrays = {"model.layers.0.self_attn.q_proj.lora_a": rng.standard_normal((32, 4)).astype(np.float32),
-              "model.layers.0.self_attn.q_proj.lora_b": rng.standard_normal((4, 32)).astype(np.float32)}
+    arrays = {
+        "model.layers.0.self_attn.q_proj.lora_a": rng.standard_normal((32, 4)).astype(np.float32),
+        "model.layers.0.self_attn.q_proj.lora_b": rng.standard_normal((4, 32)).astype(np.float32),
+    }
     for name, order in (("be", ">f4"), ("le", "<f4")):
         (tmp_path / name).mkdir()
         np.savez(tmp_path / name / "adapters.npz", **{k: v.astype(order) for k, v in arrays.items()})
@@ -78,12 +80,32 @@ def test_factors_with_an_empty_side_are_a_bad_shape(tmp_path: Path) -> None:
     import torch
 
     q = "base_model.model.model.layers.0.self_attn.q_proj"
-    ad = good_peft(tmp_path, name="ad", drop=(f"{q}.lora_A.weight", f"{q}.lora_B.weight"),
-                   extra_tensors={f"{q}.lora_A.weight": torch.zeros(4, 0), f"{q}.lora_B.weight": torch.zeros(0, 4)})
+    ad = good_peft(
+        tmp_path,
+        name="ad",
+        drop=(f"{q}.lora_A.weight", f"{q}.lora_B.weight"),
+        extra_tensors={f"{q}.lora_A.weight": torch.zeros(4, 0), f"{q}.lora_B.weight": torch.zeros(0, 4)},
+    )
     for args in (["inspect", ad, "--spectrum"], ["resize", ad, "-o", tmp_path / "o", "-r", "2"], ["diff", ad, ad]):
         r = run_cli(args)
         assert r.code == 2, r
         _one_error(r.err, "model.layers.0.self_attn.q_proj", "empty factors")
     r = run_cli(["validate", ad, "--json"])
+    assert r.code == 1
+    assert "bad-shape" in {f["code"] for f in json.loads(r.out)["findings"]}
+
+
+def test_lycoris_factors_with_an_empty_side_are_a_bad_shape(tmp_path: Path) -> None:
+    """A LoKr lokr_w1 of shape (0, 4) made convert fail in a reshape (exit 3)."""
+    import torch
+    from safetensors.torch import save_file
+
+    stem = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    path = tmp_path / "lokr.safetensors"
+    save_file({f"{stem}.lokr_w1": torch.ones(0, 4), f"{stem}.lokr_w2": torch.ones(8, 8)}, str(path))
+    r = run_cli(["convert", path, "--to", "kohya", "-o", tmp_path / "o.safetensors"])
+    assert r.code == 2, r
+    _one_error(r.err, stem, "empty factors", "(0, 4)")
+    r = run_cli(["validate", path, "--json"])
     assert r.code == 1
     assert "bad-shape" in {f["code"] for f in json.loads(r.out)["findings"]}
