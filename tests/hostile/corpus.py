@@ -1357,13 +1357,6 @@ ADAPTER_COMMANDS: dict[str, AdapterCommand] = {
     "diff": _with_helpers(lambda a, good, base: ["diff", a, good, "--device", "cpu"]),
 }
 
-# commands run on every input of a group (others: every command). Headers and GGUF fields are read
-# by one reader whatever the command, so a few commands stand for all of them on the long lists.
-GROUP_COMMANDS: dict[str, tuple[str, ...]] = {
-    "header": ("inspect", "validate", "rescale", "resize", "convert", "merge", "diff"),
-    "gguf": ("inspect", "validate", "inspect-spectrum", "rescale", "resize", "convert-peft", "merge", "diff"),
-}
-
 
 def _adapter_case(group: str, name: str, builder: Builder, cmd: str, suite: bool) -> Case:
     make = ADAPTER_COMMANDS[cmd]
@@ -1899,7 +1892,7 @@ def build_corpus() -> list[Case]:
     for i, (group, name, builder) in enumerate(adapter_inputs()):
         builder = templated(builder)
         chosen = {READERS[i % len(READERS)], WRITERS[i % len(WRITERS)]}
-        for cmd in GROUP_COMMANDS.get(group, tuple(ADAPTER_COMMANDS)):
+        for cmd in ADAPTER_COMMANDS:
             cases.append(_adapter_case(group, name, builder, cmd, cmd in chosen))
     for i, kind in enumerate(BASE_KINDS):
         names = list(BASE_COMMANDS)

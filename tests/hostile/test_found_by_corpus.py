@@ -109,3 +109,15 @@ def test_lycoris_factors_with_an_empty_side_are_a_bad_shape(tmp_path: Path) -> N
     r = run_cli(["validate", path, "--json"])
     assert r.code == 1
     assert "bad-shape" in {f["code"] for f in json.loads(r.out)["findings"]}
+
+
+def test_spectrum_of_fp8_factors_with_nan_is_a_clean_error(tmp_path: Path) -> None:
+    """Finding the NaN in float8 factors called torch.isfinite on float8 (NotImplementedError, exit 3)."""
+    import torch
+
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    down = torch.full((4, 32), float("nan")).to(torch.float8_e4m3fn)
+    ad = good_peft(tmp_path, name="ad", drop=(f"{q}.lora_A.weight",), extra_tensors={f"{q}.lora_A.weight": down})
+    r = run_cli(["inspect", ad, "--spectrum"])
+    assert r.code == 2, r
+    _one_error(r.err, "model.layers.0.self_attn.q_proj", "NaN or Inf")
