@@ -16,9 +16,11 @@ run; every path in the command line is relative to it). What is hostile, by grou
     options   bad option values and combinations
     token     the token planted in inputs (metadata, config) or reachable through a link
 
-Every adapter-shaped input runs through every adapter command (inspect, validate, rescale, resize,
-convert, combine, merge, verify, diff); bases run through merge, verify, extract and validate.
-pull/push are left to the Hub tests (tests/hub/).
+With tests/perf/hostile_tally.py --all, every adapter-shaped input runs through every adapter command
+(inspect, validate, rescale, resize, convert, combine, merge, verify, diff) and every base through
+merge, verify, extract, validate and convert; the test suite takes one reading and one writing
+command per input in turn (Case.suite), over 1,000 runs. pull/push are left to the Hub tests
+(tests/hub/); every run has HF_HUB_OFFLINE=1 and an empty HF_HOME.
 
 What a case must show (test_hostile_corpus.py asserts it, tests/perf/hostile_tally.py prints it):
 exit 0, 1 or 2 (never 3, never a signal), no traceback, finished within its bound, no byte changed

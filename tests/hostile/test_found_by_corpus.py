@@ -44,15 +44,18 @@ def test_target_modules_as_names_or_one_regex_still_read(tmp_path: Path) -> None
         assert r.code == 0, r
 
 
-@pytest.mark.parametrize("config", [{"lora_alpha": 1e308}, {"alpha_pattern": {"v_proj": 1e308}}])
-def test_verify_refuses_a_delta_beyond_float32(tmp_path: Path, config: dict[str, float]) -> None:
-    """An alpha of 1e308 overflowed verify's float64 projection (numpy LinAlgError, exit 3); merge
-    refuses such an adapter, so verify says no merge can hold it."""
-    ad = good_peft(tmp_path, name="ad", config=config)
+@pytest.mark.parametrize(
+    "kw",
+    [{"config": {"lora_alpha": 1e308}}, {"config": {"alpha_pattern": {"v_proj": 1e308}}}, {"nan": True}, {"inf": True}],
+)
+def test_verify_refuses_a_delta_beyond_float32(tmp_path: Path, kw: dict[str, object]) -> None:
+    """An alpha of 1e308 or a NaN/Inf factor overflowed verify's float64 projection (numpy
+    LinAlgError, exit 3); merge refuses such an adapter, so verify says no merge can hold it."""
+    ad = good_peft(tmp_path, name="ad", **kw)
     base = llama_base(tmp_path, name="base")
     r = run_cli(["verify", base, "--base", base, ad])
     assert r.code == 2, r
-    _one_error(r.err, "beyond float32", "'model.layers.0.")
+    _one_error(r.err, "NaN/Inf or beyond float32", "'model.layers.0.")
     assert run_cli(["merge", base, ad, "-o", tmp_path / "m"]).code == 2  # what merge says of it
 
 
