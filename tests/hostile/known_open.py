@@ -7,7 +7,7 @@ to be deleted. The goal is an empty dict.
 
 from __future__ import annotations
 
-HANG_BOUND = 5.0  # seconds: cases known to hang are killed sooner, so the suite stays short
+HANG_BOUND = 2.0  # seconds: cases known to hang are killed sooner, so the suite stays short
 
 # the item of issue 22 that fixes them -> the cases (delete a line when its case passes)
 _BY_ITEM: dict[str, tuple[str, ...]] = {

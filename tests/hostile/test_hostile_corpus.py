@@ -2,7 +2,7 @@
 which may exit 3 (or die by a signal), print a traceback, run past its bound, change a byte outside
 its -o, or show the HF_TOKEN of its environment in anything it prints or writes.
 
-The runs share one driver process (torch imported once) that forks a child per run, two at a time;
+The runs share one driver process (torch imported once) that forks a child per run, three at a time;
 tests/perf/hostile_tally.py runs the same cases (or, with --all, every input through every command)
 and prints the tally. Cases that other work of issue 22 fixes are listed in known_open.py and
 xfail strictly here, so each one must be removed from that list when it passes.
@@ -27,7 +27,7 @@ GROUPS = {"header", "config", "special", "regex", "archive", "gguf", "tensor", "
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
     work = tmp_path_factory.mktemp("hostile")
-    done = run_corpus(SUITE, work / "cases", workers=2, bounds={c.id: bound_for(c.id) for c in SUITE})
+    done = run_corpus(SUITE, work / "cases", workers=3, bounds={c.id: bound_for(c.id) for c in SUITE})
     return {o.case.id: o for o in done}
 
 
