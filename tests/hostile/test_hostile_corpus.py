@@ -11,6 +11,7 @@ xfail strictly here, so each one must be removed from that list when it passes.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -40,8 +41,9 @@ def test_corpus_is_large_and_covers_every_command_and_group() -> None:
         assert {c.command for c in SUITE if c.group == group} >= COMMANDS - {"extract"}, group
 
 
-def test_known_open_names_real_cases() -> None:
+def test_known_open_names_real_cases_and_the_item_fixing_them() -> None:
     assert set(KNOWN_OPEN) <= {c.id for c in ALL}
+    assert all(re.match(r"22[abc] item \d+: ", item) for item in KNOWN_OPEN.values())
 
 
 def _param(case: Case) -> object:
