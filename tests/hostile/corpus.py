@@ -297,29 +297,24 @@ def _copy_tree(src: Path, dst: Path) -> None:
             d.write_bytes(s.read_bytes())
 
 
-_TEMPLATES: dict[int, tuple[Path, Any]] = {}
-_TEMPLATE_ROOT: list[Path] = []
+_TEMPLATES: dict[int, tuple[Path, Any]] = {}  # id(build) -> (its template folder, what it returned)
+_TEMPLATE_ROOT: list[Path] = []  # set by run_corpus while it builds
 
 
 def templated(build: Callable[[Path], Any]) -> Callable[[Path], Any]:
-    """`build` run once per process into a template folder, then copied: the same input is used by
+    """`build` run once per corpus into a template folder, then copied: the same input is used by
     many commands, and some (zip bombs, 100k-deep JSON) are slow to make."""
 
     def copy(root: Path) -> Any:
         key = id(build)
         if key not in _TEMPLATES:
-            if not _TEMPLATE_ROOT:
-                import tempfile
-
-                _TEMPLATE_ROOT.append(Path(tempfile.mkdtemp(prefix="hostile-templates-")))
             where = _TEMPLATE_ROOT[0] / str(len(_TEMPLATES))
-            where.mkdir()
+            where.mkdir(parents=True)
             _TEMPLATES[key] = (where, build(where))
         where, value = _TEMPLATES[key]
         _copy_tree(where, root)
         return value
 
-    copy.__wrapped__ = build  # type: ignore[attr-defined]
     return copy
 
 
@@ -2002,18 +1997,26 @@ def run_corpus(
     cases: list[Case], workdir: Path, *, workers: int = 2, bounds: dict[str, float] | None = None
 ) -> list[Outcome]:
     """Build every case under workdir/<n>, run them all, and judge each run."""
+    import shutil
+
     from runner import Job, run_jobs
 
     prepared = []
-    for i, case in enumerate(cases):
-        root = workdir / f"c{i:04d}"
-        root.mkdir(parents=True)
-        argv = case.build(root)
-        outs = outputs_of(argv)
-        # an output that exists before the run is an input (or a place that is no output): watched
-        skip = {root / o for o in outs if not os.path.lexists(root / o)}
-        skip |= {p.parent for p in skip if p.parent != root and not os.path.lexists(p.parent)}
-        prepared.append((root, argv, outs, skip, snapshot(root, skip)))
+    _TEMPLATE_ROOT[:] = [workdir.parent / (workdir.name + "-templates")]
+    try:
+        for i, case in enumerate(cases):
+            root = workdir / f"c{i:04d}"
+            root.mkdir(parents=True)
+            argv = case.build(root)
+            outs = outputs_of(argv)
+            # an output that exists before the run is an input (or a place that is no output): watched
+            skip = {root / o for o in outs if not os.path.lexists(root / o)}
+            skip |= {p.parent for p in skip if p.parent != root and not os.path.lexists(p.parent)}
+            prepared.append((root, argv, outs, skip, snapshot(root, skip)))
+    finally:
+        shutil.rmtree(_TEMPLATE_ROOT[0], ignore_errors=True)
+        _TEMPLATES.clear()
+        _TEMPLATE_ROOT.clear()
     bound_of = bounds or {}
     jobs = [
         Job(argv, str(root), bound_of.get(case.id, BOUND), case.python)
