@@ -46,8 +46,9 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="hostile-corpus-"))
     started = time.monotonic()
     try:
-        outcomes = corpus.run_corpus(cases, work / "cases", workers=args.workers,
-                                     bounds={c.id: args.bound or bound_for(c.id) for c in cases})
+        outcomes = corpus.run_corpus(
+            cases, work / "cases", workers=args.workers, bounds={c.id: args.bound or bound_for(c.id) for c in cases}
+        )
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -56,11 +57,14 @@ def main() -> int:
     codes = collections.Counter(o.code if not o.over_bound else "killed" for o in outcomes)
     by_command = collections.Counter(o.case.command for o in outcomes)
     print(f"cases: {len(outcomes)} ({', '.join(f'{k} {v}' for k, v in sorted(by_command.items()))})")
-    print(f"groups: {', '.join(f'{k} {v}' for k, v in sorted(collections.Counter(o.case.group for o in outcomes).items()))}")
+    by_group = collections.Counter(o.case.group for o in outcomes)
+    print(f"groups: {', '.join(f'{k} {v}' for k, v in sorted(by_group.items()))}")
     print(f"exit codes: {', '.join(f'{k}: {v}' for k, v in sorted(codes.items(), key=str))}")
     print(f"exit 3: {sum(o.code == 3 and not o.over_bound for o in outcomes)}")
-    print(f"other crashes (signal, exit not 0/1/2/3): "
-          f"{sum(o.code not in (0, 1, 2, 3) and not o.over_bound for o in outcomes)}")
+    print(
+        f"other crashes (signal, exit not 0/1/2/3): "
+        f"{sum(o.code not in (0, 1, 2, 3) and not o.over_bound for o in outcomes)}"
+    )
     print(f"tracebacks: {sum(o.traceback for o in outcomes)}")
     print(f"past their bound: {sum(o.over_bound for o in outcomes)}")
     print(f"bytes changed outside -o: {sum(bool(o.changed) for o in outcomes)} cases")
@@ -69,8 +73,7 @@ def main() -> int:
     known = [o for o in failing if o.case.id in KNOWN_OPEN]
     new = [o for o in failing if o.case.id not in KNOWN_OPEN]
     fixed = [o for o in outcomes if o.case.id in KNOWN_OPEN and not o.problems]
-    print(f"failing: {len(failing)} ({len(known)} known open, {len(new)} new); "
-          f"known open that now pass: {len(fixed)}")
+    print(f"failing: {len(failing)} ({len(known)} known open, {len(new)} new); known open that now pass: {len(fixed)}")
     print(f"wall time: {seconds:.1f} s with {args.workers} workers")
     shown = 0
     for title, group in (("new", new), ("known open", known)):
@@ -84,10 +87,27 @@ def main() -> int:
     for o in fixed[: args.show]:
         print(f"  passes now (remove from KNOWN_OPEN): {o.case.id}")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps([
-            {"id": o.case.id, "group": o.case.group, "argv": o.argv, "code": o.code, "seconds": round(o.seconds, 3),
-             "over_bound": o.over_bound, "traceback": o.traceback, "changed": o.changed, "leaks": o.leaks,
-             "problems": o.problems, "stderr": o.stderr[-2000:]} for o in outcomes], indent=1))
+        Path(args.json_out).write_text(
+            json.dumps(
+                [
+                    {
+                        "id": o.case.id,
+                        "group": o.case.group,
+                        "argv": o.argv,
+                        "code": o.code,
+                        "seconds": round(o.seconds, 3),
+                        "over_bound": o.over_bound,
+                        "traceback": o.traceback,
+                        "changed": o.changed,
+                        "leaks": o.leaks,
+                        "problems": o.problems,
+                        "stderr": o.stderr[-2000:],
+                    }
+                    for o in outcomes
+                ],
+                indent=1,
+            )
+        )
     if args.keep:
         print(f"case folders: {work}")
     return 1 if new else 0
