@@ -208,7 +208,10 @@ def _open_npz(path: Path) -> TensorFile:
             arrays = {k: archive[k] for k in archive.files}
     except Exception as e:  # numpy/zipfile raise many types on a corrupt archive; ValueError: pickled objects
         raise FormatError(f"{path}: not a readable .npz archive of plain arrays ({type(e).__name__}: {e})") from None
-    tensors = {k: TensorRef.from_tensor(torch.from_numpy(np.ascontiguousarray(a))) for k, a in arrays.items()}
+    # torch takes native byte order only: a big-endian ('>f4') array is converted (same values)
+    tensors = {k: TensorRef.from_tensor(torch.from_numpy(np.ascontiguousarray(a.astype(a.dtype.newbyteorder("="),
+                                                                                        copy=False))))
+               for k, a in arrays.items()}
     return TensorFile(path, tensors, {})
 
 
@@ -433,6 +436,8 @@ def _shape_problem(kind: Kind, down: tuple[int, ...], up: tuple[int, ...]) -> st
         return f"rank differs: down is {down} (rank {down[0]}) but up is {up} (rank {up[1]})"
     if down[0] == 0:
         return f"rank 0: down is {down}"
+    if 0 in down or 0 in up:  # no input or no output features: a module of nothing
+        return f"empty factors: down is {down}, up is {up}"
     return None
 
 

@@ -118,6 +118,8 @@ def read_modules(
                            f"tensors (keys: {', '.join(keys)})")
             continue
         problem = _shape_problem(algo, refs)
+        if problem is None and (empty := [r for r, ref in refs.items() if 0 in ref.shape]):
+            problem = f"empty factors: {', '.join(f'{r} is {refs[r].shape}' for r in empty)}"
         if problem is None and bias is not None and len(bias.shape) != 1:
             problem = f"bias diff has shape {bias.shape}, expected one value per output"
         if problem is not None:

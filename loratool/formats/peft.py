@@ -275,6 +275,10 @@ def from_tensors(
             findings.error("config-invalid", None,
                            f"{where}: 'target_modules' is not a valid regular expression ({e})",
                            hint="peft cannot load this adapter either; fix target_modules", exc=FormatError)
+    elif targets is not None and (not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)):
+        findings.error("config-invalid", None,
+                       f"{where}: 'target_modules' must be a list of module names or one regex, got {targets!r:.200}",
+                       hint="peft cannot load this adapter either; fix target_modules", exc=FormatError)
     if config.get("fan_in_fan_out") is False and any(GPT2_CONV1D.search(n) for n in raw_names(tf)):
         findings.warning(
             "fan-in-fan-out-forced", None,

@@ -214,7 +214,8 @@ def _spectrum(m: LoraModule, path: Path, device: str) -> list[float]:
     except torch.linalg.LinAlgError:
         s = None
     if s is None or not bool(torch.isfinite(s).all()):
-        bad = next((ref for ref in (m.down, m.up) if not bool(torch.isfinite(ref.load()).all())), m.down)
+        # .float(): torch.isfinite has no float8 kernel
+        bad = next((ref for ref in (m.down, m.up) if not bool(torch.isfinite(ref.load().float()).all())), m.down)
         raise IncompatibleError(
             f"{bad.source}: module '{m.name}' has NaN or Inf values; its spectrum is undefined",
             hint=f"loratool validate {path}",
