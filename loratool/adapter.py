@@ -331,3 +331,22 @@ class Adapter:
     def with_modules(self, modules: dict[str, LoraModule], **changes: Any) -> Adapter:
         """A new Adapter with the given modules (and other fields changed); self is untouched."""
         return replace(self, modules=modules, **changes)
+
+
+def compatible(module: LoraModule | LycoModule, shape: tuple[int, ...]) -> bool:
+    """Whether the module's delta fits a base weight of `shape` (1x1 conv == linear), and its DoRA
+    magnitude the weight's rows or columns (a LyCORIS conv stored flattened shows its input channels
+    only through a per-column magnitude)."""
+    if isinstance(module, LycoModule):
+        if module.algo == "bias":
+            return True
+        if module.magnitude is not None and (len(shape) < 2 or module.magnitude.numel != shape[
+                0 if module.dora_axis == "out" else 1]):
+            return False
+        return module.fits(tuple(shape))
+    want = module.base_shape
+    if tuple(shape) == want:
+        return True
+    squeeze = tuple(d for i, d in enumerate(shape) if i < 2 or d != 1)
+    want_sq = tuple(d for i, d in enumerate(want) if i < 2 or d != 1)
+    return squeeze == want_sq

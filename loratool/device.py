@@ -8,6 +8,7 @@ itself available are accepted, and `meta` never (it holds no data to compute wit
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from loratool.errors import IncompatibleError
@@ -33,6 +34,26 @@ def _count(torch: Any, kind: str) -> int:
         return int(mod.device_count())
     except Exception:  # a backend that cannot even be queried is not available
         return 0
+
+
+# what a --device string looks like (torch's own device types: the types loratool does not run on are
+# refused by resolve_device, which lists the devices this machine has)
+_TORCH_TYPES = ("cpu", "cuda", "mps", "xpu", "meta", "hip", "xla", "hpu", "ipu", "mtia", "maia", "lazy", "vulkan",
+                "opengl", "opencl", "ideep", "mkldnn", "fpga", "ve", "privateuseone")
+_DEVICE_NAME = re.compile(rf"(?:auto|(?:{'|'.join(_TORCH_TYPES)})(?::\d+)?)")
+
+
+def check_device_name(device: str) -> None:
+    """Refuse a --device string that names no device at all (`gpu`, `cuda0`) without importing torch
+    (2 s of CPU), so the mistake is reported at once; resolve_device checks the rest.
+
+    Raises:
+        IncompatibleError: not a device name; the message lists the names loratool accepts.
+    """
+    if _DEVICE_NAME.fullmatch(device) is None:
+        raise IncompatibleError(f"--device {device}: not a device name (use auto, cpu, cuda, cuda:N, mps or xpu)",
+                                hint="use --device cpu (or auto)" + ("; a GPU is --device cuda"
+                                                                    if "gpu" in device.lower() else ""))
 
 
 def available_devices() -> list[str]:

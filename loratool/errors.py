@@ -45,7 +45,12 @@ class LoratoolWarning(UserWarning):
 
 
 # ---------------------------------------------------------------------------------------------
-# secrets: nothing loratool prints may show a Hub token
+# secrets: nothing loratool prints or writes may show a Hub token
+#
+# scrub() is the one scrubber: the CLI runs everything it prints to stdout and stderr through it
+# (cli.LoratoolGroup.main), HubError messages are built with it, and every text loratool writes into
+# an output (safetensors metadata, adapter configs, the merge's rewritten configs, model cards) goes
+# through it (st._header_bytes, st.write_text_output, st.copy_input_file for copied side files).
 
 _SECRETS: set[str] = set()
 _TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
@@ -53,26 +58,50 @@ _TOKEN_RE = None
 
 
 def register_secret(secret: str | None) -> None:
-    """Remember a secret (a Hub token in use) so that scrub() hides it wherever it appears."""
-    if secret and len(secret) >= 4:
-        _SECRETS.add(secret)
+    """Remember a secret (a Hub token in use) so that scrub() hides it wherever it appears, whatever
+    its length; also the forms JSON and repr() give it (escaped non-ASCII or control characters)."""
+    if not secret or secret.strip("*") == "":
+        return  # nothing to hide ("***" is what a hidden secret becomes)
+    import json
+
+    _SECRETS.add(secret)
+    for form in (json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1], repr(secret)[1:-1]):
+        if form:
+            _SECRETS.add(form)
+
+
+def known_secrets() -> list[str]:
+    """The known secrets (registered, and HF_TOKEN / HUGGING_FACE_HUB_TOKEN), longest first."""
+    import os
+
+    for name in _TOKEN_ENV:
+        register_secret(os.environ.get(name))
+    return sorted(_SECRETS, key=len, reverse=True)
 
 
 def scrub(text: str) -> str:
     """`text` with every known secret and anything shaped like a Hugging Face token replaced by ***.
 
-    Known secrets: those registered, the HF_TOKEN / HUGGING_FACE_HUB_TOKEN environment variables.
-    Used on every message, warning and traceback the CLI prints.
+    Known secrets: those registered (the token a Hub call used, --token), the HF_TOKEN /
+    HUGGING_FACE_HUB_TOKEN environment variables, of any length. Used on everything the CLI prints
+    (stdout and stderr, tracebacks included) and every text loratool writes.
     """
-    import os
     import re
 
     global _TOKEN_RE
-    for name in _TOKEN_ENV:
-        register_secret(os.environ.get(name))
-    for secret in sorted(_SECRETS, key=len, reverse=True):
+    for secret in known_secrets():
         text = text.replace(secret, "***")
     if _TOKEN_RE is None:
         _TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
-    text = re.sub(r"(?i)(authorization:\s*bearer\s+|bearer\s+)[^\s'\"]+", r"\1***", text)
+    # a credential after "Bearer" (an echoed Authorization header), not an ordinary word ("bearer bonds")
+    text = re.sub(r"(?i)(bearer\s+)[A-Za-z0-9_.~+/=-]{8,}", r"\1***", text)
     return _TOKEN_RE.sub("hf_***", text)
+
+
+def scrub_bytes(data: bytes) -> bytes:
+    """`data` with every known secret (as UTF-8) replaced by ***: for bytes copied into an output."""
+    for secret in known_secrets():
+        raw = secret.encode("utf-8", "surrogatepass")
+        if raw in data:
+            data = data.replace(raw, b"***")
+    return data

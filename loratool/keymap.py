@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loratool.adapter import Adapter, LoraModule, LycoModule
+from loratool.adapter import Adapter, LoraModule, LycoModule, compatible
 from loratool.errors import IncompatibleError
 from loratool.formats.names import COMPONENTS, PEFT_PREFIX, kohya_base_prefixes, split_kohya_prefix, strip_known_prefix
 from loratool.st import Checkpoint, TensorInfo, TensorRef
@@ -105,25 +105,6 @@ class KeyIndex:
 
 def _prefix_variants(name: str) -> list[str]:
     return [name[len(p):] for p in _PREFIXES if name.startswith(p)]
-
-
-def compatible(module: LoraModule | LycoModule, shape: tuple[int, ...]) -> bool:
-    """Whether the module's delta fits a base weight of `shape` (1x1 conv == linear), and its DoRA
-    magnitude the weight's rows or columns (a LyCORIS conv stored flattened shows its input channels
-    only through a per-column magnitude)."""
-    if isinstance(module, LycoModule):
-        if module.algo == "bias":
-            return True
-        if module.magnitude is not None and (len(shape) < 2 or module.magnitude.numel != shape[
-                0 if module.dora_axis == "out" else 1]):
-            return False
-        return module.fits(tuple(shape))
-    want = module.base_shape
-    if tuple(shape) == want:
-        return True
-    squeeze = tuple(d for i, d in enumerate(shape) if i < 2 or d != 1)
-    want_sq = tuple(d for i, d in enumerate(want) if i < 2 or d != 1)
-    return squeeze == want_sq
 
 
 def match_modules(modules: Sequence[LoraModule | LycoModule], base: dict[str, TensorInfo]) -> Match:
@@ -260,17 +241,18 @@ def plan_merge(
         match.refuse_shape_mismatch(where)
         problems = [*match.unmatched, *match.ambiguous]
         if problems:
+            file = adapter.files[0] if adapter.files else where  # the weights file, not its folder
             listing = ", ".join(problems[:5]) + (f", ... ({len(problems)} in all)" if len(problems) > 5 else "")
             what = f"{len(match.unmatched)} unmatched"
             if match.ambiguous:
                 what += f", {len(match.ambiguous)} ambiguous"
             if not allow_unmatched:
                 raise IncompatibleError(
-                    f"{where}: {what} module(s) of {len(mods)} in {ckpt.root}: {listing}",
+                    f"{file}: {what} module(s) of {len(mods)} in {ckpt.root}: {listing}",
                     hint="merging would silently skip them; check the base with: loratool validate ADAPTER --base "
                     "BASE, or pass --allow-unmatched to merge the rest",
                 )
-            warnings.append(f"{where}: skipped {what} module(s): {listing}")
+            warnings.append(f"{file}: skipped {what} module(s): {listing}")
             plan.unmatched.extend(problems)
         reweighted_dora: list[str] = []  # DoRA at a weight other than 1: the tools disagree on its meaning
         for name, m, key, rows in targets:

@@ -295,7 +295,7 @@ def copy_other_files(ckpt: Checkpoint, tmp: Path, *, dtype_changed: bool, droppe
     index's weight_map; drop_quantization removes config.json's quantization_config (a dequantized
     copy of a quantized base).
     """
-    from loratool.st import copy_input_file, copy_tree_files, read_header
+    from loratool.st import copy_input_file, copy_tree_files, read_header, write_text_output
 
     weight_files = {os.path.abspath(f) for f in ckpt.files}
     for src, rel in copy_tree_files(ckpt.root):
@@ -312,10 +312,10 @@ def copy_other_files(ckpt: Checkpoint, tmp: Path, *, dtype_changed: bool, droppe
                 for f in ckpt.files:
                     total += sum(i.nbytes for i in read_header(tmp / f.relative_to(ckpt.root)).tensors.values())
                 index["metadata"] = {**(index.get("metadata") or {}), "total_size": total}
-            dst.write_text(json.dumps(index, indent=2) + "\n")
+            write_text_output(dst, json.dumps(index, indent=2) + "\n")
         elif drop_quantization and Path(rel) == Path("config.json"):
             config = json.loads(read_side_file(src).decode("utf-8"))
             config.pop("quantization_config", None)
-            dst.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            write_text_output(dst, json.dumps(config, indent=2) + "\n")
         else:
             copy_input_file(src, dst)

@@ -1,14 +1,17 @@
-"""Runtimes that serve adapters, and what each loads, ignores and mis-scales: data, with dates.
+"""Runtimes that serve adapters, and what each loads, refuses and mis-scales: data, per version, with sources.
 
-One record per runtime, read from the runtime's own source on the date in `checked`. `validate
---for` turns these records into per-module findings; `convert --for` writes the layout the record
-asks for (one rank and one alpha, scales baked into the factors, ...). When a runtime changes,
-change its record here (and the date): nothing else in loratool encodes these facts.
+One record per runtime: facts read from the runtime's own source (the released package's files,
+file:line as read on the date in `checked`), each with the release range it holds for. `resolve(name,
+version)` turns a record into the `Runtime` view of one release (`--for vllm` = the current release,
+`--for vllm@0.8` an older one). `validate --for` turns that view into per-module and per-setting
+findings; `convert --for` writes the layout it asks for (one rank and one alpha, scales baked into the
+factors, settings it refuses removed or refused by name). When a runtime changes, add a fact with its
+`since` here (and close the old one with `until`): nothing else in loratool encodes these facts.
 
 Scale rules (how the runtime turns a file into each module's ΔW multiplier):
 - "peft_global": PEFT directory; one `lora_alpha / r` from the config's global r and lora_alpha for
-  every module (rank_pattern / alpha_pattern are not read); `alpha / sqrt(r)` when use_rslora and
-  `honours_rslora`.
+  every module; `alpha / sqrt(r)` when use_rslora and `honours_rslora`; with `patterns`, rank_pattern /
+  alpha_pattern are applied per module as PEFT applies them (then the scale is PEFT's own).
 - "gguf_global_alpha": GGUF adapter; one `adapter.lora.alpha` for the file, divided by each tensor's
   own rank (alpha 0 means scale 1).
 - "direct_scale": MLX; one `scale` for every module (`lora_parameters.scale`), one `rank`.
@@ -18,24 +21,82 @@ Scale rules (how the runtime turns a file into each module's ΔW multiplier):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 ScaleRule = Literal["peft_global", "gguf_global_alpha", "direct_scale", "per_module"]
+
+CHECKED = "2026-12-07"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A PEFT config setting the runtime refuses at load, in its own words.
+
+    Attributes:
+        key: the adapter_config.json key.
+        when: "set" (any true / non-empty value), "not_none" (a value other than "none"), "missing"
+            (the key is absent), "init" (a string other than those in `accepted`).
+        words: the runtime's own error message.
+        fix: what `convert --for` does: "drop" (removes the setting, with a warning: it changes nothing
+            the runtime computes), "tensors" (handled per tensor: DoRA magnitudes, bias deltas, full
+            tensors; --drop removes them), "variant" (a LoRA variant: convert with its initial adapter, or
+            --allow-variant), "refuse" (nothing loratool can write serves it).
+        accepted: with "init", the values the runtime takes.
+    """
+
+    key: str
+    when: Literal["set", "not_none", "missing", "init"]
+    words: str
+    fix: Literal["drop", "tensors", "variant", "refuse"]
+    accepted: tuple[str, ...] = ()
+
+    def applies(self, config: dict[str, Any]) -> bool:
+        """Does the runtime refuse `config` for this setting?"""
+        if self.when == "missing":
+            return self.key not in config
+        value = config.get(self.key)
+        if self.when == "set":
+            return bool(value)
+        if self.when == "not_none":
+            return value is not None and value != "none"
+        return isinstance(value, str) and value.lower() not in self.accepted
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One thing a runtime does, the releases it holds for, and where it was read.
+
+    Attributes:
+        field: the `Runtime` attribute it sets ("refuses" facts add one Refusal each).
+        value: the attribute's value.
+        source: the file and line(s) it was read from, and the release read ("path:line (0.34.0)").
+        since: the first release it holds for (None: every release the record covers).
+        until: the first release it no longer holds for (None: it holds in the current release).
+    """
+
+    field: str
+    value: Any
+    source: str
+    since: str | None = None
+    until: str | None = None
 
 
 @dataclass(frozen=True)
 class Runtime:
-    """What one runtime does with an adapter file.
+    """What one release of a runtime does with an adapter file (built by `resolve`).
 
     Attributes:
         name: the name `--for` takes.
-        checked: when the facts below were read from the runtime's source (YYYY-MM-DD).
+        version: the release this view describes.
+        checked: when the facts were read from the runtime's source (YYYY-MM-DD).
         source: the files they were read from.
         loads: the loratool formats the runtime loads (others are refused by it outright).
         writes: the format `convert --for` writes for it.
         scale_rule: see the module docstring.
         honours_rslora: use_rslora changes the runtime's scale (alpha / sqrt(r)).
+        patterns: rank_pattern / alpha_pattern are applied per module (peft_global).
         one_rank: every module must have the same rank (the config's `r` / `rank`).
         max_rank: the largest rank the runtime accepts, or None when it has no fixed ceiling.
         rank_settings: the values the runtime's max-rank server option takes (vLLM), for the hint.
@@ -45,151 +106,289 @@ class Runtime:
             value per output row, "in": per input column); a magnitude on another axis loads but is
             applied wrongly.
         modules_to_save: full replacement tensors (PEFT modules_to_save) are loaded.
+        modules_to_save_allowed: the modules_to_save names loaded even when modules_to_save is False
+            (vLLM: one classification head).
         embeddings: LoRA on embedding layers is loaded.
         bias: LoRA bias deltas (PEFT lora_bias) are loaded.
+        bias_refused: a bias delta makes the runtime refuse the adapter (True) or is dropped (False).
+        bias_flag: the server option without which bias deltas are dropped ("" when none).
         conv: conv-layer LoRA is loaded.
+        refuses: config settings the runtime refuses at load, in its own words.
         notes: anything else the docs should say.
+        facts: the facts this view was built from (for docs and sources).
     """
 
     name: str
+    version: str
     checked: str
     source: str
     loads: tuple[str, ...]
     writes: str
     scale_rule: ScaleRule
-    honours_rslora: bool
-    one_rank: bool
-    max_rank: int | None
+    honours_rslora: bool = False
+    patterns: bool = False
+    one_rank: bool = False
+    max_rank: int | None = None
     rank_settings: tuple[int, ...] = ()
     dora: bool = False
     dora_refused: bool = True
     dora_axes: tuple[str, ...] = ("out",)
     modules_to_save: bool = False
+    modules_to_save_allowed: tuple[str, ...] = ()
     embeddings: bool = True
     bias: bool = False
+    bias_refused: bool = False
+    bias_flag: str = ""
     conv: bool = False
+    refuses: tuple[Refusal, ...] = ()
     notes: str = ""
+    facts: tuple[Fact, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.version}"
+
+    def where(self, field_name: str) -> str:
+        """The source line(s) the value of `field_name` was read from, or ''."""
+        return next((f.source for f in self.facts if f.field == field_name), "")
 
 
-RUNTIMES: dict[str, Runtime] = {
-    r.name: r
-    for r in (
-        Runtime(
-            name="vllm",
-            checked="2026-11-29",
-            source="vllm-project/vllm: vllm/lora/peft_helper.py (PEFTHelper), vllm/config/lora.py (MaxLoRARanks)",
-            loads=("peft",),
-            writes="peft",
-            scale_rule="peft_global",
-            honours_rslora=True,
-            one_rank=False,
-            max_rank=512,
-            rank_settings=(1, 8, 16, 32, 64, 128, 256, 320, 512),
-            dora=False,
-            dora_refused=True,
-            modules_to_save=False,
-            embeddings=True,
-            bias=False,
-            notes="PEFTHelper keeps only its own fields (rank_pattern and alpha_pattern are dropped) and raises "
-            "for use_dora and modules_to_save; --max-lora-rank (default 16) must be at least the adapter's r",
-        ),
-        Runtime(
-            name="sglang",
-            checked="2026-11-29",
-            source="sgl-project/sglang: python/sglang/srt/lora/lora.py (LoRAAdapter.scaling = lora_alpha / r)",
-            loads=("peft",),
-            writes="peft",
-            scale_rule="peft_global",
-            honours_rslora=False,
-            one_rank=False,
-            max_rank=None,
-            dora=False,
-            dora_refused=False,
-            modules_to_save=False,
-            embeddings=True,
-            bias=False,
-            notes="the scale is lora_alpha / r whatever use_rslora says; --max-lora-rank must be at least r",
-        ),
-        Runtime(
-            name="llama.cpp",
-            checked="2026-11-29",
-            source="ggml-org/llama.cpp: convert_lora_to_gguf.py, src/llama-adapter.cpp, src/llama-graph.cpp",
-            loads=("gguf",),
-            writes="gguf",
-            scale_rule="gguf_global_alpha",
-            honours_rslora=False,
-            one_rank=False,
-            max_rank=None,
-            dora=False,
-            dora_refused=True,
-            modules_to_save=False,
-            embeddings=True,
-            bias=False,
-            notes="one adapter.lora.alpha per file, divided by each tensor's rank; convert_lora_to_gguf.py "
-            "writes the config's lora_alpha and ignores use_rslora, rank_pattern's alphas and alpha_pattern",
-        ),
-        Runtime(
-            name="mlx",
-            checked="2026-11-29",
-            source="ml-explore/mlx-lm: mlx_lm/tuner/utils.py (load_adapters, linear_to_lora_layers), "
-            "mlx_lm/tuner/lora.py (LoRALinear), mlx_lm/tuner/dora.py",
-            loads=("mlx",),
-            writes="mlx",
-            scale_rule="direct_scale",
-            honours_rslora=False,
-            one_rank=True,
-            max_rank=None,
-            dora=True,
-            modules_to_save=False,
-            embeddings=True,
-            bias=False,
-            notes="one rank and one scale for every module (lora_parameters); factors stored transposed",
-        ),
-        Runtime(
-            name="diffusers",
-            checked="2026-11-29",
-            source="huggingface/diffusers: loaders/lora_base.py, loaders/lora_conversion_utils.py, utils/peft_utils.py",
-            loads=("diffusers", "kohya"),
-            writes="diffusers",
-            scale_rule="per_module",
-            honours_rslora=True,
-            one_rank=False,
-            max_rank=None,
-            dora=True,
-            modules_to_save=False,
-            embeddings=False,
-            bias=False,
-            conv=True,
-            notes="alpha from lora_adapter_metadata (diffusers files) or .alpha tensors (kohya files); "
-            "a file without either is loaded with alpha = rank",
-        ),
-        Runtime(
-            name="comfyui",
-            checked="2026-11-29",
-            source="comfyanonymous/ComfyUI: comfy/lora.py, comfy/weight_adapter/lora.py",
-            loads=("kohya", "diffusers"),
-            writes="kohya",
-            scale_rule="per_module",
-            honours_rslora=False,
-            one_rank=False,
-            max_rank=None,
-            dora=True,
-            dora_axes=("in",),
-            modules_to_save=False,
-            embeddings=False,
-            bias=False,
-            conv=True,
-            notes="alpha only from .alpha tensors (scale alpha / rank); alpha kept in header metadata is "
-            "ignored (ComfyUI PR #15830); DoRA dora_scale is normalised per input column (comfy/weight_adapter/"
-            "base.py weight_decompose): a per-output-row (out, 1) magnitude is divided by the norm of W, not "
-            "of W + ΔW, in versions that tell the axis from the shape (ComfyUI PR #15458, open), and by the "
-            "column norms in older ones",
-        ),
-    )
-}
+@dataclass(frozen=True)
+class Record:
+    """A runtime's facts over the releases loratool has read.
 
-NAMES: tuple[str, ...] = tuple(RUNTIMES)
+    Attributes:
+        current: the newest release read (what `--for NAME` means).
+        oldest: the oldest release the facts cover (`--for NAME@OLDER` is refused); None where only the
+            current release was read (the facts are then taken for any release asked for).
+        base: the facts every release shares (no since / until needed).
+    """
+
+    name: str
+    current: str
+    oldest: str | None
+    source: str
+    base: dict[str, Any]
+    facts: tuple[Fact, ...]
+    notes: str = ""
+    checked: str = CHECKED
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """A release string as a comparable tuple: "0.8" -> (0, 8, 0), "b6123" -> (6123, 0, 0)."""
+    nums = [int(n) for n in re.findall(r"\d+", version.split("+")[0].split(".post")[0])]
+    return tuple([*nums, 0, 0, 0][:3]) if len(nums) <= 3 else tuple(nums)
+
+
+def _holds(fact: Fact, version: str) -> bool:
+    v = version_key(version)
+    if fact.since is not None and v < version_key(fact.since):
+        return False
+    return not (fact.until is not None and v >= version_key(fact.until))
+
+
+class UnknownVersion(ValueError):
+    """A release older than the record covers."""
+
+
+def resolve(name: str, version: str | None = None) -> Runtime:
+    """The `Runtime` view of one release of `name` (None: the current one).
+
+    Raises:
+        KeyError: an unknown runtime name.
+        UnknownVersion: a release older than the record covers (newer ones are taken as the current).
+    """
+    rec = RECORDS[name]
+    ver = rec.current if version is None else version
+    if rec.oldest is not None and version_key(ver) < version_key(rec.oldest):
+        raise UnknownVersion(f"loratool's {name} record covers releases {rec.oldest} to {rec.current}")
+    values: dict[str, Any] = dict(rec.base)
+    refuses: list[Refusal] = []
+    facts: list[Fact] = []
+    for fact in rec.facts:
+        if not _holds(fact, ver):
+            continue
+        facts.append(fact)
+        if fact.field == "refuses":
+            refuses.append(fact.value)
+        else:
+            values[fact.field] = fact.value
+    notes = " ".join(x for x in (rec.notes, values.pop("notes", "")) if x)
+    return Runtime(name=name, version=ver, checked=rec.checked, source=rec.source, refuses=tuple(refuses), notes=notes,
+                   facts=tuple(facts), **values)
+
+
+def parse_target(target: str) -> tuple[str, str | None]:
+    """`vllm@0.8` -> ("vllm", "0.8"); `vllm` -> ("vllm", None)."""
+    name, _, version = target.partition("@")
+    return name, (version or None)
+
+
+# ---------------------------------------------------------------------------------------------
+# the records
+
+_VP = "vllm/lora/peft_helper.py"
+_V_NEW = "0.32.0"  # rank_pattern / alpha_pattern applied and the PEFT-variant refusals (absent in 0.31.0)
+_V_HEAD = "0.31.0"  # modules_to_save may name one classification head (absent in 0.30.0)
+_V_BIAS = "0.11.1"  # LoRA bias removed (0.11.0 still has --enable-lora-bias, 0.11.2 refuses)
+
+_VLLM = Record(
+    name="vllm",
+    current="0.34.0",
+    oldest="0.8.0",
+    source="vllm (PyPI wheels 0.8.5, 0.10.0, 0.11.0, 0.11.2, 0.12.0, 0.16.0, 0.20.0, 0.24.0, 0.28.0, 0.30.0, 0.31.0, "
+    "0.32.0, 0.33.0, 0.34.0): vllm/lora/peft_helper.py (PEFTHelper), lora_weights.py, lora_model.py "
+    "(models.py before 0.30), utils.py, vllm/config/lora.py",
+    base=dict(loads=("peft",), writes="peft", scale_rule="peft_global", max_rank=512, embeddings=True,
+              dora=False, dora_refused=True, conv=False),
+    notes="--max-lora-rank (default 16) must be at least the adapter's largest rank.",
+    facts=(
+        Fact("honours_rslora", True, f"{_VP}:124-127 (0.34.0); {_VP}:56-59 (0.8.5)"),
+        Fact("patterns", False, "vllm/lora/lora_weights.py:57-70 (0.30.0): one peft_helper.vllm_lora_scaling_factor "
+             "and peft_helper.r for every module", until=_V_NEW),
+        Fact("patterns", True, f"{_VP}:138-160 get_rank_and_scaling, vllm/lora/lora_weights.py:67 (0.34.0)",
+             since=_V_NEW),
+        Fact("rank_settings", (8, 16, 32, 64, 128, 256, 320, 512), "vllm/config.py:2677 (0.8.5), "
+             "vllm/config/lora.py:104 (0.11.0)", until=_V_BIAS),
+        Fact("rank_settings", (1, 8, 16, 32, 64, 128, 256, 320, 512), "vllm/config/lora.py:26 (0.34.0, 0.11.2)",
+             since=_V_BIAS),
+        Fact("modules_to_save_allowed", ("classifier", "score"),
+             f"{_VP}:57-66, vllm/lora/lora_model.py:188-192 (0.34.0): one classification head", since=_V_HEAD),
+        Fact("refuses", Refusal("modules_to_save", "set", "vLLM only supports modules_to_save being None.", "tensors"),
+             f"{_VP}:47-48 (0.30.0); {_VP}:48-49 (0.8.5)", until=_V_HEAD),
+        Fact("refuses", Refusal("use_dora", "set", "vLLM does not yet support DoRA.", "tensors"),
+             f"{_VP}:67-68 (0.34.0); {_VP}:50-51 (0.8.5)"),
+        Fact("refuses", Refusal("target_modules", "missing", "Missing required configuration fields: "
+                                "{'target_modules'}", "drop"), f"{_VP}:166-176 (0.34.0); {_VP}:71-82 (0.8.5)"),
+        # PEFT's `bias` ("all" / "lora_only": the base layers' own biases were trained and saved)
+        Fact("refuses", Refusal("bias", "not_none", "Adapter bias cannot be used without bias_enabled.", "drop"),
+             f"{_VP}:111-113 (0.8.5), 123-125 (0.11.0): accepted with --enable-lora-bias", until=_V_BIAS),
+        Fact("refuses", Refusal("bias", "not_none", "Adapter bias is not supported.", "drop"),
+             f"{_VP}:206-207 (0.34.0); {_VP}:126 (0.11.2)", since=_V_BIAS),
+        # LoRA bias deltas (`lora_B.bias`, PEFT lora_bias)
+        Fact("bias", True, "vllm/lora/utils.py:141, vllm/lora/models.py:403-412 (0.8.5): loaded with "
+             "--enable-lora-bias, dropped with a log warning without it; utils.py:146 (0.11.0)", until=_V_BIAS),
+        Fact("bias_flag", "--enable-lora-bias", "vllm/lora/models.py:403-412 (0.8.5)", until=_V_BIAS),
+        Fact("bias", False, "vllm/lora/utils.py:236 (0.34.0): '... lora_B.bias is unsupported LoRA weight'",
+             since=_V_BIAS),
+        Fact("bias_refused", True, "vllm/lora/utils.py:236 (0.34.0)", since=_V_BIAS),
+        Fact("refuses", Refusal("lora_bias", "set", "vLLM does not support LoRA bias (lora_bias).", "tensors"),
+             f"{_VP}:69-70 (0.34.0)", since=_V_NEW),
+        Fact("refuses", Refusal("init_lora_weights", "init",
+                                "vLLM does not support init_lora_weights={value!r}. Inits such as PiSSA, OLoRA, CorDA "
+                                "and LoftQ modify the base model weights when PEFT loads the adapter.", "variant",
+                                accepted=("gaussian", "eva", "orthogonal", "mica", "lora_ga")),
+             f"{_VP}:71-79, 90-101 (0.34.0)", since=_V_NEW),
+        Fact("refuses", Refusal("alora_invocation_tokens", "set", "vLLM does not support Activated LoRA (aLoRA).",
+                                "refuse"), f"{_VP}:80-81 (0.34.0)", since=_V_NEW),
+        Fact("refuses", Refusal("layer_replication", "set", "vLLM does not support layer_replication.", "refuse"),
+             f"{_VP}:82-83 (0.34.0)", since=_V_NEW),
+        Fact("refuses", Refusal("use_bdlora", "set", "vLLM does not support block-diagonal LoRA (BD-LoRA).",
+                                "refuse"), f"{_VP}:84-85 (0.34.0)", since=_V_NEW),
+        Fact("refuses", Refusal("use_qalora", "set", "vLLM does not support QALoRA.", "refuse"),
+             f"{_VP}:86-87 (0.34.0)", since=_V_NEW),
+    ),
+)
+
+_SG = "python/sglang/srt/lora"
+_SGLANG = Record(
+    name="sglang",
+    current="0.5.23",
+    oldest="0.5.23",
+    source=f"sglang (PyPI wheel 0.5.23): {_SG}/lora.py, lora_manager.py, lora_config.py, mem_pool.py",
+    base=dict(loads=("peft",), writes="peft", scale_rule="peft_global", max_rank=None, embeddings=True,
+              dora=False, dora_refused=True, bias=False, conv=False),
+    notes="the scale is lora_alpha / r whatever use_rslora, rank_pattern and alpha_pattern say, and every module "
+    "is copied at the config's r; --max-lora-rank must be at least r.",
+    facts=(
+        Fact("honours_rslora", False, f"{_SG}/lora.py:71 (0.5.23): scaling = lora_alpha / r"),
+        Fact("patterns", False, f"{_SG}/lora.py:71, {_SG}/mem_pool.py:918 (0.5.23): one rank and one scaling"),
+        Fact("refuses", Refusal("use_dora", "set", "LoRA serving currently doesn't support DoRA adapters",
+                                "tensors"), f"{_SG}/lora_manager.py:349-352 (0.5.23)"),
+        Fact("refuses", Refusal("target_modules", "missing", "KeyError: 'target_modules'", "drop"),
+             f"{_SG}/lora_config.py:42 (0.5.23)"),
+    ),
+)
+
+_LLAMA = Record(
+    name="llama.cpp",
+    current="(llama-cpp-python 0.3.36's vendor/llama.cpp)",
+    oldest=None,
+    source="llama.cpp as vendored in the llama-cpp-python 0.3.36 sdist (PyPI): convert_lora_to_gguf.py, "
+    "src/llama-adapter.cpp, src/llama-adapter.h, src/llama-graph.cpp",
+    base=dict(loads=("gguf",), writes="gguf", scale_rule="gguf_global_alpha", honours_rslora=False, max_rank=None,
+              embeddings=True, dora=False, dora_refused=True, conv=False),
+    notes="one adapter.lora.alpha per file, divided by each tensor's rank; convert_lora_to_gguf.py writes the "
+    "config's lora_alpha and ignores use_rslora, rank_pattern's alphas and alpha_pattern.",
+    facts=(
+        Fact("scale_rule", "gguf_global_alpha", "src/llama-adapter.cpp:221 (adapter.lora.alpha, one per file), "
+             "src/llama-adapter.h:53-57 (scale = alpha / rank, rank = lora_b->ne[0]; alpha 0: scale 1), "
+             "src/llama-graph.cpp:1541, 1580-1582"),
+        Fact("honours_rslora", False, "convert_lora_to_gguf.py:528 (lparams['lora_alpha']), 428 (written as "
+             "adapter.lora.alpha); use_rslora, rank_pattern and alpha_pattern are not read"),
+        Fact("dora_refused", True, "convert_lora_to_gguf.py:470-482: any tensor but lora_A / lora_B (a DoRA "
+             "magnitude, a modules_to_save copy; layer norms excepted) ends the conversion"),
+    ),
+)
+
+_MLX = Record(
+    name="mlx",
+    current="0.32.2",
+    oldest=None,
+    source="mlx-lm (PyPI 0.32.2, with mlx 0.32.4): mlx_lm/tuner/utils.py (load_adapters, linear_to_lora_layers), "
+    "mlx_lm/tuner/lora.py (LoRALinear), mlx_lm/tuner/dora.py",
+    base=dict(loads=("mlx",), writes="mlx", scale_rule="direct_scale", honours_rslora=False, one_rank=True,
+              max_rank=None, dora=True, embeddings=True, bias=False, conv=False),
+    notes="one rank and one scale for every module (lora_parameters); factors stored transposed.",
+    facts=(
+        Fact("scale_rule", "direct_scale", "mlx_lm/tuner/lora.py:84, 95-98 (0.32.2): y + scale·(x·lora_a)·lora_b; "
+             "mlx_lm/tuner/utils.py:123-147 load_adapters: one lora_parameters for every layer"),
+        Fact("dora", True, "mlx_lm/tuner/utils.py:139-146 (0.32.2): fine_tune_type 'dora' -> DoRALinear"),
+    ),
+)
+
+_DIFFUSERS = Record(
+    name="diffusers",
+    current="0.42.1",
+    oldest=None,
+    source="diffusers (PyPI 0.42.1): loaders/lora_base.py, loaders/lora_conversion_utils.py, utils/peft_utils.py",
+    base=dict(loads=("diffusers", "kohya"), writes="diffusers", scale_rule="per_module", honours_rslora=True,
+              max_rank=None, dora=True, embeddings=False, bias=False, conv=True),
+    notes="alpha from lora_adapter_metadata (diffusers files) or .alpha tensors (kohya files); a file without "
+    "either is loaded with alpha = rank.",
+    facts=(
+        Fact("scale_rule", "per_module", "diffusers/utils/peft_utils.py:153-190 get_peft_kwargs (0.42.1): per-module "
+             "ranks and alphas into rank_pattern / alpha_pattern; loaders/lora_base.py:65 lora_adapter_metadata"),
+    ),
+)
+
+_COMFY = Record(
+    name="comfyui",
+    current="(master at commit 0323d87)",
+    oldest=None,
+    source="comfyanonymous/ComfyUI at commit 0323d87: comfy/lora.py, comfy/weight_adapter/lora.py, "
+    "comfy/weight_adapter/base.py",
+    base=dict(loads=("kohya", "diffusers"), writes="kohya", scale_rule="per_module", honours_rslora=False,
+              max_rank=None, dora=True, dora_axes=("in",), embeddings=False, bias=False, conv=True),
+    notes="alpha only from .alpha tensors (scale alpha / rank); alpha kept in header metadata is ignored (ComfyUI "
+    "PR #15830); DoRA dora_scale is normalised per input column (comfy/weight_adapter/base.py weight_decompose): a "
+    "per-output-row (out, 1) magnitude is divided by the norm of W, not of W + ΔW, in versions that tell the axis "
+    "from the shape (ComfyUI PR #15458, open), and by the column norms in older ones.",
+    facts=(
+        Fact("scale_rule", "per_module", "comfy/lora.py load_lora: alpha only from the '<key>.alpha' tensor; "
+             "comfy/weight_adapter/lora.py LoRAAdapter.calculate_weight: alpha / rank, 1.0 without one (0323d87)"),
+        Fact("dora_axes", ("in",), "comfy/weight_adapter/base.py (weight_decompose)"),
+    ),
+)
+
+RECORDS: dict[str, Record] = {r.name: r for r in (_VLLM, _SGLANG, _LLAMA, _MLX, _DIFFUSERS, _COMFY)}
+
+NAMES: tuple[str, ...] = tuple(RECORDS)
+
+# the current release of every runtime (what `--for NAME` means)
+RUNTIMES: dict[str, Runtime] = {name: resolve(name) for name in NAMES}
 
 # formats that only one runtime's rules can describe (one scale per file, ...): writing one of these
 # goes through that runtime's preparation even without --for
 RUNTIME_OF_FORMAT: dict[str, str] = {"mlx": "mlx", "gguf": "llama.cpp"}
+

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import math
 import os
@@ -27,7 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from loratool.errors import FormatError, IncompatibleError, LoratoolError, LoratoolWarning, OutputExistsError
+from loratool.errors import (
+    FormatError,
+    IncompatibleError,
+    LoratoolError,
+    LoratoolWarning,
+    OutputExistsError,
+    known_secrets,
+    scrub,
+    scrub_bytes,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -112,6 +122,9 @@ def read_header(path: str | os.PathLike[str], *, problems: list[str] | None = No
                     f"{p}: not a safetensors file ({size} bytes; the header length alone takes 8)"
                 )
             (n,) = struct.unpack("<Q", f.read(8))
+            if (n > size - 8 or n > MAX_HEADER_BYTES) and f.read(1) not in (b"{", b""):  # a text file, an image
+                raise FormatError(f"{p}: not a safetensors file (it does not begin with a safetensors header)",
+                                  hint="adapters are .safetensors files or PEFT adapter folders")
             if n > size - 8:
                 raise FormatError(
                     f"{p}: header length {n} exceeds the file size {size} (truncated or not safetensors)"
@@ -441,11 +454,12 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         raise FormatError(f"{p}: several safetensors indexes ({', '.join(i.name for i in indexes)})",
                           hint="pass the component directory or a single file")
     if indexes:
-        return _open_sharded(p, indexes[0])
+        return _open_sharded(p, folder_file(p, indexes[0].name))
     singles = [p / n for n in SINGLE_NAMES if (p / n).is_file()] or sorted(p.glob("*.safetensors"))
     if len(singles) == 1:
-        st = read_header(singles[0])
-        return Checkpoint(p, [singles[0]], dict(st.tensors), None, {singles[0]: st.metadata})
+        single = folder_file(p, singles[0].name)
+        st = read_header(single)
+        return Checkpoint(p, [single], dict(st.tensors), None, {single: st.metadata})
     found = sorted(x.name for x in p.iterdir())[:10]
     raise FormatError(
         f"{p}: no model.safetensors or {INDEX_NAME} (found: {', '.join(found) or 'nothing'})",
@@ -527,22 +541,58 @@ def member_path(root: Path, name: Any, *, source: str | os.PathLike[str]) -> Pat
         raise FormatError(f"{source}: file name {name!r} {problem}",
                           hint="refusing a name that could lead outside its folder: the file is corrupt or hostile")
     path = root / PurePosixPath(name)
-    real = os.path.realpath(path)
-    allowed = [os.path.realpath(root), *_hf_blob_stores(root)]
-    if not any(_inside(real, a) for a in allowed):
+    real = leads_out(path, root)
+    if real is not None:
         raise FormatError(f"{source}: file name {name!r} is a symbolic link leading out of {root} (to {real})",
-                          hint="refusing a file reached through a link that leaves its folder")
+                          hint=_LINK_HINT)
     return path
 
 
-def _hf_blob_stores(root: Path) -> list[str]:
-    """The blobs folder of the Hugging Face cache repo whose snapshot holds root, if any."""
+_LINK_HINT = ("loratool never follows a link out of an input folder; copy the file into the folder (or pass "
+              "the file itself)")
+
+
+def folder_file(root: Path, name: str) -> Path:
+    """`root / name` for a file that a reader of the input folder `root` opens (its config, weights,
+    index): every read of a file inside an input folder goes through here or member_path.
+
+    A missing file is returned as is (the caller says what is missing); a file that resolves outside
+    root (a symbolic link, of the file or of a folder on the way, to /proc/self/environ, a device,
+    someone else's file) is refused, except a link into the blob store of the Hugging Face cache
+    that root is a snapshot of.
+
+    Raises:
+        FormatError: naming the file and where it leads.
+    """
+    path = root / name
+    real = leads_out(path, root)
+    if real is not None:
+        raise FormatError(f"{path}: is a symbolic link leading out of the input folder {root} (to {real}); "
+                          "refusing to read it", hint=_LINK_HINT)
+    return path
+
+
+def leads_out(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> str | None:
+    """Where `path` really leads, when that is outside the folder `root` (and outside the blob store
+    of the Hugging Face cache repo whose snapshot holds root); None when it stays inside or does not
+    exist at all. The one test of "a link out of an input folder"."""
+    if not os.path.lexists(path):
+        return None
+    real = os.path.realpath(path)
+    allowed = [os.path.realpath(root), *_hf_blob_stores(root)]
+    return None if any(_inside(real, a) for a in allowed) else real
+
+
+def _hf_blob_stores(root: str | os.PathLike[str]) -> list[str]:
+    """The blobs folder of the Hugging Face cache repo whose snapshot holds root, if any:
+    root is <cache>/models--OWNER--NAME/snapshots/<revision>[/...]."""
     parts = Path(os.path.abspath(root)).parts
     if "snapshots" in parts:
         i = len(parts) - 1 - parts[::-1].index("snapshots")
-        blobs = Path(*parts[:i]) / "blobs"
-        if blobs.is_dir():
-            return [os.path.realpath(blobs)]
+        if i >= 1 and i + 1 < len(parts) and re.match(r"^(models|datasets|spaces)--", parts[i - 1]):
+            blobs = Path(*parts[:i]) / "blobs"
+            if blobs.is_dir() and not blobs.is_symlink():
+                return [os.path.realpath(blobs)]
     return []
 
 
@@ -568,7 +618,8 @@ def _header_bytes(
         n = math.prod(shape) * ITEMSIZE[dtype]
         layout[key] = {"dtype": CODE_OF[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
-    header: dict[str, Any] = {METADATA_KEY: dict(metadata)} if metadata else {}
+    # no Hub token reaches an output, whatever an input's metadata held (errors.scrub)
+    header: dict[str, Any] = {METADATA_KEY: {scrub(k): scrub(v) for k, v in metadata.items()}} if metadata else {}
     for key in header_order or layout:
         header[key] = layout[key]
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -883,7 +934,7 @@ def save_tensors(
 
 # What a folder written by each kind of command may hold (anything else: --force refuses it).
 OUTPUT_KINDS = ("adapter", "model", "download")
-ADAPTER_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md"})
+ADAPTER_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "adapters.safetensors", "README.md"})
 MODEL_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".tiktoken", ".jinja", ".md", ".py", ".vocab",
                   ".spm", ".bpe")
 DOWNLOAD_SUFFIXES = (".safetensors", ".json", ".md", ".txt", ".model", ".tiktoken", ".jinja", ".bin", ".pt",
@@ -913,6 +964,17 @@ def output_states() -> list[str]:
     return [o.describe() for o in OUTPUTS]
 
 
+INPUTS: list[str] = []  # every path the running command reads (the CLI records its path arguments here)
+
+
+def note_inputs(paths: Iterable[str | os.PathLike[str] | None]) -> None:
+    """Record paths this process's command reads: every later check_output refuses to write them,
+    inside them or around them, whatever `inputs` its caller passed. loratool.cli records every
+    path parameter of the command (and each hf:// input's local copy) before the command runs;
+    it clears the list when the command is over."""
+    INPUTS.extend(os.fspath(p) for p in paths if p is not None and os.fspath(p) != "")
+
+
 def check_output(
     out: str | os.PathLike[str],
     *,
@@ -929,7 +991,8 @@ def check_output(
             that looks like an earlier output of this `kind` (folder outputs).
         directory: the output is a folder.
         inputs: the command's inputs (files or folders): `out` may be none of them, nor inside nor
-            around one.
+            around one. The paths in INPUTS (note_inputs: every path the CLI command was given)
+            count too.
         others: the command's other outputs: `out` must differ from each and not nest with it.
         kind: for folder outputs, "adapter" (PEFT), "model" (merge) or "download" (pull).
 
@@ -942,7 +1005,7 @@ def check_output(
     shown = Path(out)
     target = Path(os.path.abspath(out))
     _check_place(shown, target)
-    _check_collisions(shown, target, inputs, others)
+    _check_collisions(shown, target, [*inputs, *INPUTS], others)
     if not target.parent.is_dir():
         raise FormatError(f"{shown}: parent directory {shown.parent} does not exist")
     try:
@@ -1025,8 +1088,17 @@ def _not_replaceable(target: Path, info: os.stat_result, *, directory: bool, kin
 
 
 def _foreign_contents(folder: Path, kind: str | None) -> str | None:
-    """What in `folder` is not part of an earlier output of `kind`, or None."""
-    links, specials, foreign, not_ours = [], [], [], []
+    """What in `folder` is not part of an earlier output of `kind`, or None.
+
+    An adapter or model folder is ours only when its weights (at least one .safetensors) carry
+    loratool's provenance (`loratool.op`): a folder of config, code or docs alone is not replaced.
+    An empty folder may be."""
+    links: list[str] = []
+    specials: list[str] = []
+    foreign: list[str] = []
+    not_ours: list[str] = []
+    ours: list[str] = []
+    others: list[str] = []
     stack = [folder]
     try:
         while stack:
@@ -1045,8 +1117,10 @@ def _foreign_contents(folder: Path, kind: str | None) -> str | None:
                     specials.append(rel)
                 elif not _belongs(Path(entry.path), kind):
                     foreign.append(rel)
-                elif kind == "model" and entry.name.endswith(".safetensors") and not _written_by_loratool(entry.path):
-                    not_ours.append(rel)
+                elif kind in ("adapter", "model") and entry.name.endswith(".safetensors"):
+                    (ours if _written_by_loratool(entry.path) else not_ours).append(rel)
+                else:
+                    others.append(rel)
     except OSError as e:
         return f"its contents cannot be listed ({_strerror(e)})"
 
@@ -1064,6 +1138,8 @@ def _foreign_contents(folder: Path, kind: str | None) -> str | None:
         return f"the folder holds files other than {what} ({some(foreign)})"
     if not_ours:
         return f"the folder holds weights loratool did not write ({some(not_ours)})"
+    if kind in ("adapter", "model") and others and not ours:  # config, code, docs: no earlier output of ours
+        return f"the folder holds no weights loratool wrote, only {some(others)}"
     return None
 
 
@@ -1201,7 +1277,11 @@ def _commit(tmp: Path, target: Path, shown: Path, *, force: bool, directory: boo
         return
     old = target.parent / f".{_stem(target.name)}.old-{os.getpid()}-{secrets.token_hex(4)}"
     os.rename(target, old)  # no exchange on this system: a moment with no output, the old one in `old`
-    os.rename(tmp, target)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)  # only this run may put its `old` back (another run never does: _remove_stale)
+        raise
     _remove(old)
 
 
@@ -1269,70 +1349,143 @@ def _signals_held() -> Iterator[None]:
 class _Claim:
     """An exclusive lock file beside the output (`.NAME.lock`, holding the owner's pid).
 
-    flock(2) on it makes a crashed owner's lock free at once; where flock is unavailable the file
-    itself is the lock (created with O_EXCL), taken over only when its recorded pid is dead.
+    A lock in place is never opened for writing: the new one is made as a private temporary
+    (O_CREAT|O_EXCL|O_NOFOLLOW), given the pid, locked with flock(2), and only then moved to the
+    lock's name by a rename that refuses an existing path (or link(2), which refuses one too).
+    A lock found in place is judged without writing to it: a symbolic link, a special file, a file
+    with other hard links or one that holds no pid is no loratool lock and is refused (exit 2,
+    nothing touched); a flock held on it means a live run (exit 2); otherwise its run died and its
+    name is removed and the claim tried again. Where flock is unavailable the recorded pid decides.
     """
 
     def __init__(self, parent: Path, stem: str, shown: Path) -> None:
+        self.parent = parent
+        self.stem = stem
         self.path = parent / f".{stem}.lock"
         self.shown = shown
         self.fd: int | None = None
 
     def __enter__(self) -> _Claim:
         for _ in range(20):
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-            except OSError as e:
-                raise LoratoolError(f"{self.shown}: cannot write in {self.shown.parent} ({_strerror(e)}); nothing "
-                                    "was written", hint="write elsewhere with -o") from None
-            try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise LoratoolError(f"{self.path}: is not a regular file; refusing to use it as a lock")
-                try:
-                    fcntl_flock(fd)
-                except BlockingIOError:
-                    raise self._busy(_read_pid(fd)) from None
-                except OSError as e:
-                    if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                        raise
-                    os.close(fd)
-                    fd = -1
-                    self._exclusive()
-                    return self
-                try:  # the previous owner may have removed the file between our open and our lock
-                    same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
-                except FileNotFoundError:
-                    same = False
-                if not same:
-                    os.close(fd)
-                    fd = -1
-                    continue
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-                self.fd = fd
+            fd, tmp = self._new_lock()
+            placed = self._place(tmp, fd)
+            if placed is not None:
+                self.fd = placed
                 return self
-            except BaseException:
-                if fd >= 0:
-                    os.close(fd)
-                raise
+            self._judge()  # raises for a live run or a lock that is not ours; returns once a dead run's is gone
         raise self._busy(None)
 
-    def _exclusive(self) -> None:
-        for _ in range(3):
+    def _new_lock(self) -> tuple[int, Path]:
+        tmp = self.parent / f".{self.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise LoratoolError(f"{self.shown}: cannot write in {self.shown.parent} ({_strerror(e)}); nothing "
+                                "was written", hint="write elsewhere with -o") from None
+        try:
+            _write_all(fd, f"{os.getpid()}\n".encode())
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                fcntl_flock(fd)
+            except OSError as e:
+                if e.errno not in _NO_FLOCK:
+                    raise  # without flock the file alone is the lock: its pid decides (_judge)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return fd, tmp
+
+    def _place(self, tmp: Path, fd: int) -> int | None:
+        """Move the new lock (fd, at tmp) to its name and return the lock's fd, or None when a lock
+        is there (it is not touched). fd is closed and tmp removed whenever fd is not returned."""
+        ours: int | None = fd
+        try:
+            try:
+                if _renameat2(tmp, self.path, _RENAME_NOREPLACE):
+                    ours = None
+                    return fd
+                os.link(tmp, self.path, follow_symlinks=False)  # no renameat2 here: link(2) refuses a name too
             except FileExistsError:
-                with open(self.path, "rb") as f:
-                    owner = _read_pid(f.fileno())
-                if owner is not None and _alive(owner):
-                    raise self._busy(owner) from None
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path)
-                continue
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            self.fd = fd
-            return
-        raise self._busy(None)
+                return None
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS):
+                    raise
+                os.close(fd)  # no hard links on this filesystem: create the lock by name, exclusively
+                ours = None
+                return self._create_in_place()
+            ours = None
+            return fd
+        except OSError as e:
+            raise LoratoolError(f"{self.shown}: cannot write in {self.shown.parent} ({_strerror(e)}); nothing "
+                                "was written", hint="write elsewhere with -o") from None
+        finally:
+            if ours is not None:
+                os.close(ours)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)  # after a rename there is nothing left to remove
+
+    def _create_in_place(self) -> int | None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            return None
+        with contextlib.suppress(OSError):
+            fcntl_flock(fd)
+        _write_all(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+    def _judge(self) -> None:
+        """A lock is in place: raise if a live run holds it or it is no loratool lock; else remove it."""
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            return  # its run finished meanwhile
+        reason = None
+        if stat.S_ISLNK(info.st_mode):
+            reason = "it is a symbolic link"
+        elif not stat.S_ISREG(info.st_mode):
+            reason = f"it is {_kind_of(info.st_mode)}"
+        elif info.st_nlink != 1:
+            reason = f"it has {info.st_nlink} hard links"
+        if reason is None:
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return
+            except OSError as e:
+                raise LoratoolError(f"{self.path}: cannot read the lock ({_strerror(e)}); nothing was written to "
+                                    f"{self.shown}") from None
+            try:
+                now = os.fstat(fd)
+                if (now.st_ino, now.st_dev) != (info.st_ino, info.st_dev):
+                    return  # replaced meanwhile: judge again
+                raw = os.pread(fd, 64, 0)
+                m = re.fullmatch(rb"(\d{1,10})\n?", raw)
+                owner = int(m[1]) if m else None
+                if raw and owner is None:
+                    reason = "it holds no process id"
+                else:
+                    try:
+                        fcntl_flock(fd)
+                    except BlockingIOError:
+                        raise self._busy(owner) from None
+                    except OSError as e:
+                        if e.errno not in _NO_FLOCK:
+                            raise
+                        if owner is not None and _alive(owner):
+                            raise self._busy(owner) from None
+                    # its run is over: remove the name while holding its lock, if it is still this file
+                    again = os.stat(self.path, follow_symlinks=False)
+                    if (again.st_ino, again.st_dev) == (info.st_ino, info.st_dev):
+                        os.unlink(self.path)
+                    return
+            except FileNotFoundError:
+                return
+            finally:
+                os.close(fd)
+        raise OutputExistsError(f"{self.path}: is not a lock loratool made ({reason}); nothing was written to "
+                                f"{self.shown}", hint=f"remove {self.path} yourself, or write elsewhere with -o")
 
     def _busy(self, owner: int | None) -> OutputExistsError:
         who = f"pid {owner}" if owner else "another process"
@@ -1342,9 +1495,15 @@ class _Claim:
     def __exit__(self, *exc: object) -> None:
         if self.fd is not None:
             with contextlib.suppress(OSError):
-                os.unlink(self.path)  # while still holding the lock
+                mine = os.fstat(self.fd)
+                now = os.stat(self.path, follow_symlinks=False)
+                if (now.st_ino, now.st_dev) == (mine.st_ino, mine.st_dev):
+                    os.unlink(self.path)  # while still holding the lock
             os.close(self.fd)
             self.fd = None
+
+
+_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
 
 
 def fcntl_flock(fd: int) -> None:
@@ -1359,23 +1518,34 @@ def _read_pid(fd: int) -> int | None:
     return None
 
 
+_PID_MAX = 1 << 22  # Linux's PID_MAX_LIMIT; other systems stay below it too
+
+
 def _alive(pid: int) -> bool:
+    if not 0 < pid <= _PID_MAX:
+        return False  # no process has this id (and 0 or -1 would ask about whole process groups)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError):
         return True
     return True
 
 
 def _remove_stale(parent: Path, stem: str, shown: Path, target: Path) -> None:
-    """Remove temporaries that runs which died left for this output (never a live run's), and say so."""
+    """Remove temporaries that runs which died left for this output (never a live run's), and say so.
+
+    A dead run's `.old-` folder (the previous output, moved aside on a system without
+    RENAME_EXCHANGE) is never renamed into place nor removed by another run: it is named in a
+    warning and left to the user. A name whose pid no process can have was made by no run and is
+    left alone.
+    """
     import warnings
 
-    pattern = re.compile(rf"\.{re.escape(stem)}\.(tmp|old)-(\d+)-[0-9a-f]+")
+    pattern = re.compile(rf"\.{re.escape(stem)}\.(tmp|old)-(\d{{1,10}})-[0-9a-f]+")
     removed: list[str] = []
-    restored = None
+    kept: list[str] = []
     try:
         entries = sorted(os.scandir(parent), key=lambda e: e.name)
     except OSError:
@@ -1385,20 +1555,19 @@ def _remove_stale(parent: Path, stem: str, shown: Path, target: Path) -> None:
         if not m:
             continue
         pid = int(m[2])
-        if pid == os.getpid() or _alive(pid):
+        if not 0 < pid <= _PID_MAX or pid == os.getpid() or _alive(pid):
             continue
-        path = Path(entry.path)
-        if m[1] == "old" and restored is None and not os.path.lexists(target):
-            os.rename(path, target)  # a run died between moving the old output aside and the new one in
-            restored = entry.name
+        if m[1] == "old":
+            kept.append(entry.name)
             continue
-        _remove(path)
+        _remove(Path(entry.path))
         removed.append(f"{entry.name} (pid {pid})")
     if removed:
         warnings.warn(f"{shown}: removed {len(removed)} temporary file(s) left by earlier runs that did not finish: "
                       + ", ".join(removed), LoratoolWarning, stacklevel=4)
-    if restored:
-        warnings.warn(f"{shown}: restored the previous output from {restored}, left by a run that did not finish",
+    for name in kept:
+        warnings.warn(f"{shown}: {parent / name} holds an earlier output that a run which did not finish moved "
+                      f"aside; left as it is (rename it to {shown} to get it back, or remove it)",
                       LoratoolWarning, stacklevel=4)
 
 
@@ -1414,16 +1583,22 @@ def _remove(p: Path) -> None:
             p.unlink()
 
 
-def copy_tree_files(root: Path) -> Iterator[tuple[Path, Path]]:
-    """(file, its path relative to root) for every file under root, symbolic links followed.
+def copy_tree_files(root: Path, *, refuse_links_out: bool = False) -> Iterator[tuple[Path, Path]]:
+    """(file, its path relative to root) for every file under root to copy, links inside root followed.
 
-    Hidden entries (.git, .cache, loratool's own temporaries) are skipped. Nothing is skipped
-    silently otherwise: an unreadable folder, a special file (FIFO, device, socket), a broken link or
-    a link loop raises.
+    Hidden entries (.git, .cache, loratool's own temporaries) are skipped. A file or folder that
+    resolves outside root (a symbolic link to /proc/self/environ, /dev/..., another folder; see
+    leads_out) is never read: it is skipped, and one LoratoolWarning names what was skipped once the
+    walk is done (with refuse_links_out, e.g. for an upload, it raises instead). Nothing else is
+    skipped silently: an unreadable folder, a special file (FIFO, device, socket), a broken link
+    inside root or a link loop raises.
 
     Raises:
         FormatError: naming the entry.
     """
+    import warnings
+
+    skipped: list[str] = []
 
     def walk(folder: Path, rel: Path, chain: tuple[str, ...]) -> Iterator[tuple[Path, Path]]:
         real = os.path.realpath(folder)
@@ -1438,8 +1613,18 @@ def copy_tree_files(root: Path) -> Iterator[tuple[Path, Path]]:
             if entry.name.startswith("."):
                 continue
             path = Path(entry.path)
+            if entry.is_symlink() and not os.path.exists(path):
+                raise FormatError(f"{path}: broken symbolic link (to {os.readlink(path)})",
+                                  hint="fix or remove the link")
+            out = leads_out(path, root)
+            if out is not None:
+                if refuse_links_out:
+                    raise FormatError(f"{path}: is a symbolic link leading out of the input folder {root} (to "
+                                      f"{out}); refusing to read it", hint=_LINK_HINT)
+                skipped.append(f"{rel / entry.name} (to {out})")
+                continue
             try:
-                mode = os.stat(path).st_mode  # through links
+                mode = os.stat(path).st_mode  # through links (inside root)
             except FileNotFoundError:
                 raise FormatError(f"{path}: broken symbolic link (to {os.readlink(path)})",
                                   hint="fix or remove the link") from None
@@ -1454,29 +1639,57 @@ def copy_tree_files(root: Path) -> Iterator[tuple[Path, Path]]:
                                   hint="remove it from the input folder")
 
     yield from walk(root, Path(), ())
+    if skipped:
+        warnings.warn(f"{root}: not copied: {len(skipped)} symbolic link(s) leading out of the input folder "
+                      f"(loratool never follows them): {', '.join(skipped[:5])}"
+                      + (f", ... ({len(skipped)} in all)" if len(skipped) > 5 else ""),
+                      LoratoolWarning, stacklevel=2)
 
 
 def copy_input_file(src: Path, dst: Path) -> None:
     """Copy a regular file (through links) to a new file `dst`, keeping its mode and times.
 
+    A known Hub token in the bytes (errors.known_secrets) is written as *** (with a warning): no output
+    carries the token, even when an input did.
+
     Raises:
         FormatError: src cannot be read (naming it); OSError from writing dst.
     """
+    import warnings
+
     try:
         fin = open_input(src)
     except OSError as e:
         raise FormatError(f"{src}: cannot read ({_strerror(e)}); it would be missing from the output") from None
+    keep = max((len(s.encode("utf-8", "surrogatepass")) for s in known_secrets()), default=1) - 1
+    carry = b""
+    scrubbed = False
     with fin, open(dst, "xb") as fout:
         while True:
             try:
                 chunk = fin.read(_COPY_CHUNK)
             except OSError as e:
                 raise FormatError(f"{src}: cannot read ({_strerror(e)})") from None
+            data = carry + chunk
+            clean = scrub_bytes(data)
+            scrubbed = scrubbed or clean != data
             if not chunk:
+                fout.write(clean)
                 break
-            fout.write(chunk)
+            # a token may begin in the last `keep` bytes and end in the next chunk: hold them back
+            cut = max(len(clean) - keep, 0)
+            fout.write(clean[:cut])
+            carry = clean[cut:]
     with contextlib.suppress(OSError):
         shutil.copystat(src, dst)
+    if scrubbed:
+        warnings.warn(f"{src}: holds a Hub token; the copy in the output has it replaced by ***", LoratoolWarning,
+                      stacklevel=2)
+
+
+def write_text_output(path: str | os.PathLike[str], text: str) -> None:
+    """Write a text file of an output (a config, an index, a report): UTF-8, scrubbed of Hub tokens."""
+    Path(path).write_text(scrub(text), encoding="utf-8")
 
 
 _COPY_CHUNK = 8 << 20
@@ -1505,6 +1718,16 @@ class BackgroundSha256:
 
         self.paths = list(paths)
         self.digests: list[Future[str]] = [Future() for _ in self.paths]
+        # every file is opened now, so what is hashed is what the caller opened next to it, whenever the
+        # thread gets there (a file removed or replaced meanwhile is still the one that was named)
+        self._files: list[io.FileIO] = []
+        try:
+            for path in self.paths:
+                self._files.append(open(path, "rb", buffering=0))  # noqa: SIM115 (closed by _run)
+        except OSError as e:
+            for f in self._files:
+                f.close()
+            raise FormatError(f"{path}: cannot read it to compute its sha256 ({_strerror(e)})") from None
         self._allowed = math.inf if lead is None else lead
         self._stopped = False
         self._cond = threading.Condition()
@@ -1531,9 +1754,9 @@ class BackgroundSha256:
         buf = bytearray(8 << 20)
         view = memoryview(buf)
         try:
-            for path, digest in zip(self.paths, self.digests):
+            for f, digest in zip(self._files, self.digests):
                 hasher = hashlib.sha256()
-                with open(path, "rb", buffering=0) as f:
+                with f:
                     while True:
                         with self._cond:
                             while not self._stopped and done >= self._allowed:
@@ -1553,3 +1776,6 @@ class BackgroundSha256:
             for digest in self.digests:
                 if not digest.done():
                     digest.set_exception(e)
+        finally:
+            for f in self._files:
+                f.close()  # those not reached (stopped early, or an error)

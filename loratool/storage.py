@@ -176,9 +176,9 @@ def _read_json_tensor(info: TensorInfo) -> dict[str, Any]:
 
 
 def _config(root: Path) -> dict[str, Any] | None:
-    from loratool.st import read_side_file
+    from loratool.st import folder_file, read_side_file
 
-    p = root / "config.json"
+    p = folder_file(root, "config.json")
     if not p.is_file():
         return None
     try:

@@ -185,6 +185,15 @@ def _broken_copy(tmp: Path) -> Path:
     return out
 
 
+def _pickle_copy(tmp: Path) -> Path:
+    """A torch.save pickle, so that scan's document has its pickle keys."""
+    import torch
+
+    out = tmp / "pickled.bin"
+    torch.save({"base_model.model.x.lora_A.weight": torch.zeros(2, 4)}, out)
+    return out
+
+
 def _json_examples(tmp: Path, hub_url: str) -> dict[str, list[list[str]]]:
     """Every command with --json, run on the fixtures so that its document has all its keys."""
     f = {name: str(FIXTURES / name) for name in (*PAIRS, *PAIRS.values())}
@@ -211,6 +220,7 @@ def _json_examples(tmp: Path, hub_url: str) -> dict[str, list[list[str]]]:
     ex["verify"] = [["verify", str(tmp / "m1"), "--base", f["base_llama"], llama, "--weights", "0.5"],
                     ["verify", f["base_llama"], "--base", f["base_llama"], llama, "--all"]]
     ex["diff"] = [["diff", llama, str(tmp / "r1"), "--all"], ["diff", kohya, str(tmp / "r2.safetensors")]]
+    ex["scan"] = [["scan", kohya], ["scan", llama], ["scan", str(_pickle_copy(tmp))]]
     ex["push"] = [["push", llama, "alice/json-lora"]]
     ex["pull"] = [["pull", "alice/json-lora"], ["pull", "alice/json-base"]]
     return ex
@@ -564,7 +574,8 @@ def test_readme_commands_are_found():
 
 STDERR_LINE = re.compile(r"^(Error|Hint|Warning): ")
 # the pages whose console examples are run; the Hub pages' examples need the test Hub (tests/hub/)
-DOC_PAGES = [README, *sorted((DOCS / "commands").glob("*.md")), DOCS / "cli.md", DOCS / "formats.md"]
+DOC_PAGES = [README, *sorted((DOCS / "commands").glob("*.md")), DOCS / "cli.md", DOCS / "formats.md",
+             DOCS / "troubleshooting.md"]
 
 
 def _workdir(tmp_path: Path) -> Path:
@@ -606,7 +617,8 @@ def _doc_failures(page: Path, tmp_path: Path) -> tuple[list[str], set[str]]:
         line = cmd.replace("/tmp/", f"{tmp_path}/")
         line = re.sub(r"(^|[;|]\s*)loratool\b", rf"\g<1>{py} -m loratool", line)
         line = re.sub(r"(^|[;|]\s*)python\b", rf"\g<1>{py}", line)
-        r = subprocess.run(["bash", "-c", line], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+        r = subprocess.run(["bash", "-c", line], cwd=work, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                           text=True, timeout=600)  # no terminal: the tables are 160 wide, as the pages show
         documented = shown[cmd]
         expects_error = any(x.startswith("Error: ") for d in documented for x in d.splitlines())
         if r.returncode != 0 and not (expects_error and r.returncode in (1, 2)):
@@ -649,3 +661,67 @@ def test_documented_commands_print_what_the_page_shows(page, after_readme):
         assert want_ran <= ran, f"only ran: {sorted(ran)}"
     elif page.parent.name == "commands" and page.stem not in ("pull", "push"):
         assert page.stem in ran, f"{page.name}: no example of the command itself was run"
+
+
+# ---------------------------------------------------------------------------------------------
+# installing, the first problems, and the help texts (issue 29, item 10)
+
+ALL_DOCS = [README, *sorted(DOCS.rglob("*.md"))]
+
+
+def test_install_and_troubleshooting_pages_exist_and_are_linked():
+    readme = _text(README)
+    for page in ("docs/install.md", "docs/troubleshooting.md"):
+        assert (ROOT / page).is_file(), page
+        assert f"]({page})" in readme, f"README.md does not link {page}"
+    trouble = _text(DOCS / "troubleshooting.md")
+    for topic in ("too strong or too weak", "share no module", "key not loaded", "unmatched module(s)"):
+        assert topic in trouble, topic
+
+
+def test_no_page_installs_loratool_from_the_package_index():
+    """loratool is not on PyPI: `pip install loratool` / `pip install 'loratool[gguf]'` would fail
+    or install someone else's package; installs go through a clone or a git URL (docs/install.md)."""
+    from_index = re.compile(r"""pip install\s+['"]?loratool(?:\[[\w,]+\])?(?![\[\w-])(?!['"]?\s*@)""")
+    bad = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in ALL_DOCS for m in from_index.finditer(_text(p))]
+    assert not bad, bad
+    install = _text(DOCS / "install.md")
+    assert "git+" in install and 'pip install -e "."' not in install and "pip install -e ." in install
+
+
+def test_the_extras_install_md_names_are_the_packages():
+    import tomllib
+
+    extras = set(tomllib.loads(_text(ROOT / "pyproject.toml"))["project"]["optional-dependencies"])
+    named = set(re.findall(r"^\| `(\w+)` \|", _text(DOCS / "install.md"), re.M))
+    assert named == extras, (named, extras)
+    for extra in extras:
+        assert f'pip install -e ".[{extra}]"' in _text(DOCS / "install.md"), extra
+
+
+def test_readme_says_how_long_the_suite_takes_and_how_to_skip_the_slow_tests():
+    import tomllib
+
+    readme = " ".join(_text(README).split())
+    assert "about 6 minutes" in readme and "-m \"not slow\"" in readme
+    markers = tomllib.loads(_text(ROOT / "pyproject.toml"))["tool"]["pytest"]["ini_options"]["markers"]
+    assert any(m.startswith("slow:") for m in markers)
+    assert "placeholder" not in readme.lower()
+
+
+def test_venv_is_ignored():
+    assert ".venv/" in _text(ROOT / ".gitignore").split()
+
+
+def test_help_texts_name_every_format():
+    from loratool.formats import all_formats, writable_formats
+
+    top = " ".join(CliRunner().invoke(cli, ["--help"]).output.split())
+    for f in all_formats():
+        assert f.name in top, f"loratool --help does not name {f.name}"
+    convert = " ".join(CliRunner().invoke(cli, ["convert", "--help"]).output.split())
+    resize_format = next(line for line in _text(_page("resize")).splitlines() if line.startswith("| `--format`"))
+    for name in writable_formats():
+        assert name in convert, f"convert --help does not name {name}"
+        assert f"`{name}`" in resize_format, f"docs/commands/resize.md --format does not name {name}"
+    assert "between PEFT, kohya and diffusers" not in convert

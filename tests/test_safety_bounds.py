@@ -322,7 +322,9 @@ def case_config_fifo_rescale(w: Path) -> Case:
 @case
 def case_config_linked_to_dev_zero(w: Path) -> Case:
     d = _config_replaced(w, lambda p: p.symlink_to("/dev/zero"))
-    return Case(["inspect", d], 2, r"adapter_config\.json: cannot be read \(is a character device", max_rss_mb=1000)
+    # refused as a link out of the folder, or (a link inside it) as a device: never read
+    return Case(["inspect", d], 2, r"adapter_config\.json: (cannot be read \(is a character device|is a symbolic link "
+                "leading out of the input folder)", max_rss_mb=1000)
 
 
 @case
@@ -557,8 +559,7 @@ def test_zero_rank_lycoris_module(algo: str, command: str, tmp_path: Path) -> No
     args = {"resize": ["resize", f, "-r", "1", "-o", w / "out.safetensors"], "spectrum": ["inspect", "--spectrum", f],
             "diff": ["diff", f, kohya_with(w / "other.safetensors", {})],
             "convert": ["convert", f, "--to", "lora", "-o", w / "out.safetensors"]}[command]
-    check(tmp_path, Case(args, 2, rf"zero\.safetensors: module 'lora_unet_b' \({algo}\): .* is \(.*\): an empty "
-                         r"tensor \(rank 0\) holds no delta"))
+    check(tmp_path, Case(args, 2, rf"zero\.safetensors: module 'lora_unet_b' \({algo}\): empty factors: .* is \("))
 
 
 @case

@@ -71,6 +71,7 @@ GOOD = {"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
 
 @pytest.mark.parametrize(("header", "data", "length", "message"), [
     (b"", b"", 3, "exceeds the file size"),
+    (b"# loratool\n\nInspect, validate ...", b"", 0x6F746172_6F6C2023, "not a safetensors file"),  # README.md
     (b"not json", b"", None, "header is not valid JSON"),
     ([1, 2], b"", None, "header is a JSON list"),
     ({"__metadata__": {"a": 1}}, b"", None, "__metadata__ must map strings to strings"),
@@ -272,6 +273,7 @@ def test_atomic_output_failure_leaves_the_previous_output(tmp_path, directory):
     if directory:
         out.mkdir()
         (out / "f.json").write_text("old")
+        save_file({"w": torch.zeros(1)}, str(out / "w.safetensors"), metadata={"loratool.op": "merge"})
     else:
         out.write_text("old")
     kind = "model" if directory else None  # force replaces only a folder that looks like an earlier output

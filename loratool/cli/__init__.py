@@ -10,7 +10,9 @@ console script, `python -m loratool` and click's CliRunner behave the same.
 Adding a command:
 1. write loratool/cli/<name>.py with one `@click.command()` function; take the shared options from
    cli/_options.py (an option name means one thing in every command: tests/cli/test_options.py
-   checks it), turn every input path with `input_path()` (hf:// support), call ONE library op, and
+   checks it), type every path parameter click.Path (an input: recorded before the command runs, so
+   no output lands on it) or OutputPath (an output), turn every input path with `input_path()`
+   (hf:// support), call ONE library op, and
    end with `return emit(doc, _render.render_<name>, as_json=..., quiet=...)` (cli/_output.py);
 2. add it to COMMANDS below;
 3. add docs/commands/<name>.md (every option named, a console example that runs), a row in
@@ -21,6 +23,7 @@ Adding a command:
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import io
 import os
@@ -34,6 +37,7 @@ from typing import Any
 import click
 
 from loratool import __version__
+from loratool.cli import batch as _batch
 from loratool.cli import combine as _combine
 from loratool.cli import convert as _convert
 from loratool.cli import diff as _diff
@@ -44,8 +48,10 @@ from loratool.cli import pull as _pull
 from loratool.cli import push as _push
 from loratool.cli import rescale as _rescale
 from loratool.cli import resize as _resize
+from loratool.cli import scan as _scan
 from loratool.cli import validate as _validate
 from loratool.cli import verify as _verify
+from loratool.cli._options import OutputPath
 from loratool.errors import LoratoolError, LoratoolWarning, register_secret, scrub
 
 EXIT_USER = 2
@@ -56,7 +62,8 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 COMMANDS: list[click.Command] = [
     _inspect.inspect, _validate.validate, _rescale.rescale, _resize.resize, _combine.combine, _merge.merge,
-    _extract.extract, _convert.convert, _diff.diff, _verify.verify, _pull.pull, _push.push,
+    _extract.extract, _convert.convert, _diff.diff, _verify.verify, _pull.pull, _push.push, _batch.batch,
+    _scan.scan,
 ]
 
 
@@ -78,23 +85,81 @@ class LoratoolGroup(click.Group):
                 register_secret(arg.partition("=")[2])
         previous = warnings.showwarning
         warnings.showwarning = _show_warning
+        streams = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Scrubbed(sys.stdout), _Scrubbed(sys.stderr)
         try:
             code = run_mapped(lambda: super(LoratoolGroup, self).main(
                 args=args, prog_name=prog_name or "loratool", complete_var=complete_var, standalone_mode=False,
                 **extra))
         finally:
             warnings.showwarning = previous
+            for wrapped in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError, ValueError):
+                    wrapped.flush()
+            sys.stdout, sys.stderr = streams
         if standalone_mode:
             sys.exit(code)
         return code
 
 
+class _Scrubbed(io.TextIOBase):
+    """stdout or stderr for the length of a command: every byte passes errors.scrub on its way out.
+
+    Text is passed on a line at a time (a token never spans a line), and at flush(); click.echo and
+    rich flush after each message, so a message is scrubbed whole."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        cut = self._pending.rfind("\n") + 1
+        if cut:
+            done, self._pending = self._pending[:cut], self._pending[cut:]
+            self.stream.write(scrub(done))
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            done, self._pending = self._pending, ""
+            self.stream.write(scrub(done))
+        self.stream.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return bool(self.stream.isatty())
+
+    def fileno(self) -> int:
+        return int(self.stream.fileno())
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return str(getattr(self.stream, "encoding", None) or "utf-8")
+
+    @property
+    def errors(self) -> str | None:  # type: ignore[override]
+        return getattr(self.stream, "errors", None)
+
+
 def run_mapped(call: Any) -> int:
     """Run the CLI and turn every outcome into an exit code (printing Error:/Hint: where one failed)."""
+    try:
+        return _run_mapped(call)
+    finally:
+        st = sys.modules.get("loratool.st")
+        if st is not None:  # the paths this command read are not a later library call's inputs
+            st.INPUTS.clear()
+
+
+def _run_mapped(call: Any) -> int:
     debug = os.environ.get("LORATOOL_DEBUG") == "1"
     st = sys.modules.get("loratool.st")
     if st is not None:  # "Interrupted; X was written" names this command's outputs only (library use before it)
         st.OUTPUTS.clear()
+        st.INPUTS.clear()
     try:
         code = call()
         code = code if isinstance(code, int) else 0
@@ -191,17 +256,45 @@ def cli() -> None:
     """Inspect, validate, rescale, resize, combine, merge, extract and convert LoRA adapters, and
     pull and push them to the Hugging Face Hub.
 
-    Reads PEFT directories, kohya .safetensors and diffusers files; every input path also takes
-    hf://OWNER/REPO[@REVISION][/PATH]. Exact maths, bounded memory, clear errors. Set
-    LORATOOL_DEBUG=1 for tracebacks.
+    Reads PEFT directories; kohya, diffusers, ComfyUI, XLabs and LyCORIS .safetensors files; MLX
+    and GGUF adapters (formats: peft, kohya, diffusers, comfyui, xlabs, mlx, gguf); every input
+    path also takes hf://OWNER/REPO[@REVISION][/PATH]. Exact maths, bounded memory, clear errors.
+    Set LORATOOL_DEBUG=1 for tracebacks.
 
     \b
     Example: loratool inspect fixtures/peft_llama
     """
 
 
+def _recording_inputs(command: click.Command) -> click.Command:
+    """Make `command` record every path it is given, before it runs, as an input (st.note_inputs).
+
+    Every parameter typed click.Path is something the command reads unless it is typed
+    OutputPath (-o/--out, merge --report): adapters, --base, --dora-to-lora, ... No output may then
+    be, hold or lie inside any of them, whatever the op passes to check_output. A new path option
+    is covered by being a click.Path (tests/test_safety_outputs.py checks every command's).
+    """
+    names = [p.name for p in command.params if isinstance(p.type, click.Path) and not isinstance(p.type, OutputPath)]
+    callback = command.callback
+    if not names or callback is None:
+        return command
+
+    @functools.wraps(callback)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        from loratool.st import note_inputs
+
+        for name in names:
+            value = kwargs.get(name)
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            note_inputs(v for v in values if isinstance(v, str) and not v.startswith("hf://"))  # hf://: input_path
+        return callback(*args, **kwargs)
+
+    command.callback = run
+    return command
+
+
 for _command in COMMANDS:
-    cli.add_command(_command)
+    cli.add_command(_recording_inputs(_command))
 
 
 def _fail(message: str, hint: str | None) -> None:
@@ -257,29 +350,45 @@ def main(argv: list[str] | None = None) -> None:
     in_main = threading.current_thread() is threading.main_thread()
     if in_main:
         signal.signal(signal.SIGTERM, _on_sigterm)
+    code = None
     try:
         code = cli.main(args=argv, prog_name="loratool", standalone_mode=False)
         _exit(code, in_main)
     except KeyboardInterrupt:
-        # Ctrl-C after the command returned its code but before _exit took over SIGINT: the
-        # results are already flushed, so end at once with 130 and no traceback
+        # Ctrl-C (or SIGTERM) after the command returned its code but before _exit took over the
+        # signals: the results are already flushed, so end at once, saying what was written
         if not in_main:
             raise
-        _exit_interrupted(signal.SIGINT, None)
+        _exit_interrupted(signal.SIGINT, None, done=code)
 
 
 def _exit(code: int, in_main: bool) -> None:
     """Exit with `code`, with no traceback if Ctrl-C lands while the interpreter shuts down.
 
-    The results were flushed before this point; from here on a SIGINT (the user pressing Ctrl-C
-    just after `Wrote ...`) ends the process at once with 130 instead of raising KeyboardInterrupt
-    inside atexit handlers or thread joins, which prints a traceback and keeps exit code 0.
+    The results were flushed before this point; from here on a SIGINT or SIGTERM (the user pressing
+    Ctrl-C just after `Wrote ...`) ends the process at once with the command's own code, as if it
+    had come a moment later: nothing was cut short. (Raising KeyboardInterrupt inside atexit
+    handlers or thread joins would print a traceback, and "Interrupted." would say the opposite.)
     """
     if in_main and sys.stdout is sys.__stdout__:
-        signal.signal(signal.SIGINT, _exit_interrupted)
+        done = functools.partial(_exit_interrupted, done=code)
+        signal.signal(signal.SIGINT, done)
+        signal.signal(signal.SIGTERM, done)
     sys.exit(code)
 
 
-def _exit_interrupted(signum: int, frame: Any) -> None:
-    _quiet_echo("Interrupted.")
+def _exit_interrupted(signum: int, frame: Any, done: int | None = None) -> None:
+    if done is not None:  # the command had finished and its results were flushed
+        _flush_quietly()
+        os._exit(done)
+    st = sys.modules.get("loratool.st")
+    states = st.output_states() if st is not None else []
+    _quiet_echo("Interrupted" + (f"; {'; '.join(states)}." if states else "."))
     os._exit(EXIT_INTERRUPTED)
+
+
+def _flush_quietly() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            if stream is not None:
+                stream.flush()

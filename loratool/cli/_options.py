@@ -8,6 +8,7 @@ options from here, and an option with a new meaning gets a new name.
 from __future__ import annotations
 
 import math
+import os
 from typing import overload
 
 import click
@@ -30,6 +31,12 @@ device_option = click.option(
 )
 
 
+class OutputPath(click.Path):
+    """A path the command writes (-o/--out, merge --report). Every other click.Path parameter is an
+    input: loratool.cli records it before the command runs, and no output may be, hold or lie
+    inside it (st.note_inputs)."""
+
+
 def local_out(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """-o/--out is a local path: an hf:// output is refused with the two-step way to get there."""
     if value is not None and value.startswith("hf://"):
@@ -40,7 +47,7 @@ def local_out(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 
 out_option = click.option(
-    "-o", "--out", "out", required=True, type=click.Path(), callback=local_out,
+    "-o", "--out", "out", required=True, type=OutputPath(), callback=local_out,
     help="Output path (a directory for PEFT, a file for kohya).",
 )
 weights_option = click.option(
@@ -154,8 +161,11 @@ def input_path(path: str | None, *, quiet: bool = False) -> str | None:
     import sys
 
     from loratool.hub import resolve_path
+    from loratool.st import note_inputs
 
-    return str(resolve_path(path, progress=not quiet and sys.stderr.isatty()))
+    local = str(resolve_path(path, progress=not quiet and sys.stderr.isatty()))
+    note_inputs([local])  # the local copy is an input like any other path (cli._recording_inputs)
+    return local
 
 
 module_weights_option = click.option(
@@ -167,4 +177,67 @@ blocks_option = click.option(
     "--blocks", "blocks", metavar="PRESET:W1,W2,...", default=None,
     help="Per-block weight multipliers in the LoRA Block Weight layout of PRESET (sd15, sd15-full, sdxl, "
          "sdxl-full, flux, wan, wan-1.3b); 0 leaves a block's modules out.",
+)
+
+
+def preflight(*, out: str | None = None, force: bool = False, kind: str | None = None,
+              inputs: tuple[str | None, ...] | list[str | None] = (), device: str | None = None,
+              module_weights: str | None = None, blocks: str | None = None, modules: str | None = None) -> None:
+    """The checks that need no input file, made before a command imports torch (2 s of CPU or more
+    on a busy machine) or downloads anything: an existing OUT without --force, a --device that
+    names no device, a --module-weights / --blocks / --modules that cannot be read. Each raises the
+    same error the library would raise later (exit 2).
+
+    Args:
+        kind: what a folder OUT holds when it is ours ("adapter", "model"), as st.check_output.
+        inputs: the command's input paths as given (hf:// ones are left to the command), so an OUT
+            that is one of them is refused as such.
+    """
+    if out is not None and not force and os.path.lexists(out):
+        from loratool.st import check_output
+
+        local = [p for p in inputs if p is not None and not p.startswith("hf://")]
+        check_output(out, force=False, directory=os.path.isdir(out), inputs=local, kind=kind)
+    if device is not None:
+        from loratool.device import check_device_name
+
+        check_device_name(device)
+    if module_weights is not None:
+        from loratool.formats.blocks import parse_module_weights
+
+        parse_module_weights(module_weights)
+    if blocks is not None:
+        from loratool.formats.blocks import parse_blocks
+
+        parse_blocks(blocks)
+    if modules is not None:
+        from loratool.ops.resize import modules_pattern
+
+        modules_pattern(modules)
+class RuntimeTarget(click.ParamType):
+    """`--for NAME` or `--for NAME@VERSION` (a release of that runtime; see docs/runtimes.md)."""
+
+    name = "runtime"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        from loratool.runtimes import NAMES
+
+        return "[" + "|".join(NAMES) + "][@VERSION]"
+
+    def convert(self, value: str, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from loratool.runtimes import NAMES, parse_target
+
+        name, version = parse_target(value)
+        if name not in NAMES:
+            self.fail(f"{value!r}: not one of {', '.join(NAMES)} (optionally with @VERSION, e.g. vllm@0.8)",
+                      param, ctx)
+        if "@" in value and not version:
+            self.fail(f"{value!r}: give a version after @, e.g. {name}@0.8", param, ctx)
+        return value
+
+
+allow_variant_option = click.option(
+    "--allow-variant", "allow_variant", is_flag=True,
+    help="Go on with an unconverted PiSSA / OLoRA / CorDA / LoftQ adapter or an aLoRA one (a warning says what "
+    "the result means); by default such adapters are refused.",
 )

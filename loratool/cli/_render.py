@@ -12,12 +12,16 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator
-from typing import IO, Any, cast
+from collections.abc import Callable, Iterator, Sequence
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
+
+from loratool.ops import natural_key
+
+if TYPE_CHECKING:
+    from loratool.patterns import SafePattern
 
 _out: Console | None = None
 _err: Console | None = None
@@ -46,69 +50,160 @@ class _NoTrailingSpaces:
         return bool(self.f.isatty())
 
 
-def _columns(tty: bool) -> int | None:
-    """Output width: COLUMNS when set, else the terminal's, else (a pipe or file) 160."""
+def natural_sorted(names: list[str]) -> list[str]:
+    return sorted(names, key=natural_key)
+
+
+def width() -> int:
+    """Output width: COLUMNS when set (the user's stated preference), else the terminal's when any of
+    stdout, stderr or stdin is one (`loratool diff ... | less` on an 80-column terminal: 80), else
+    (no terminal at all: a file, a CI log) 160."""
     with contextlib.suppress(ValueError):
         n = int(os.environ.get("COLUMNS", ""))
         if n > 0:
             return n
-    return None if tty else 160
+    for stream in (sys.stdout, sys.stderr, sys.stdin):
+        try:
+            if stream is not None and stream.isatty():
+                n = os.get_terminal_size(stream.fileno()).columns
+                if n > 0:
+                    return n
+        except (AttributeError, OSError, ValueError):
+            continue
+    return 160
 
 
 def out() -> Console:
     global _out
     # sys.stdout may be swapped between calls (CliRunner, capture): follow it; COLUMNS too
     tty = sys.stdout.isatty()
-    if _out is None or getattr(_out.file, "f", None) is not sys.stdout or _out.width != (_columns(tty) or _out.width):
-        _out = Console(file=cast(IO[str], _NoTrailingSpaces(sys.stdout)), width=_columns(tty), highlight=False,
+    w = width()
+    if _out is None or getattr(_out.file, "f", None) is not sys.stdout or _out.width != w:
+        _out = Console(file=cast(IO[str], _NoTrailingSpaces(sys.stdout)), width=w, highlight=False,
                        soft_wrap=not tty, force_terminal=tty)
     return _out
 
 
-def name_table(headers: list[str], rows: list[list[str]], *, names: int = 1, right: set[int] | None = None) -> None:
-    """A table whose first `names` columns are module (or tensor) names, which are never folded.
+_MIN_WRAP = 16  # a wrapped text column narrower than this reads badly: it moves to lines of its own
 
-    When every row fits the output width, one line per row with aligned columns. Otherwise each
-    name goes on a line of its own, whole, and the other columns follow on an indented line, aligned
-    across rows (kohya names are 50-90 characters: folded into a narrow column they are unreadable).
-    `right` holds the indices of right-aligned columns.
-    """
+
+def _wrap(cell: Text, room: int) -> list[Text]:
+    """A text cell wrapped at spaces to `room` columns; a word longer than that (a module name) stays whole."""
+    import textwrap
+
+    if cell.cell_len <= room:
+        return [cell]
+    pieces = textwrap.wrap(cell.plain, max(room, 1), break_long_words=False, break_on_hyphens=False) or [""]
+    return [Text(p, style=cell.style) for p in pieces]
+
+
+def _longest_word(cells: list[Text]) -> int:
     from rich.cells import cell_len
 
+    return max((cell_len(w) for c in cells for w in c.plain.split()), default=0)
+
+
+def name_table(headers: list[str], rows: Sequence[Sequence[str | Text]], *, names: int = 1,
+               right: set[int] | None = None, wrap: int | None = None, sort: bool = True) -> None:
+    """A table whose first `names` columns are module (or tensor) names, which are never cut.
+
+    When every row fits the output width, one line per row with aligned columns. A `wrap` column
+    (free text: a message, a verdict) is folded at spaces to what the other columns leave, its
+    words kept whole. When that does not fit either, each name goes on a line of its own, whole,
+    and the other columns follow on an indented line, aligned across rows (kohya names are 50-90
+    characters: folded into a narrow column they are unreadable); a wrap column that still does not
+    fit goes on indented lines of its own. Only a word longer than the whole width overflows it.
+    Rows are sorted by their first name, numbers as numbers (`sort=False` keeps the given order).
+    `right` holds the indices of right-aligned columns.
+    """
     right = right or set()
     c = out()
-    widths = [max([cell_len(h)] + [cell_len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    full = c.width
+    table = [[v if isinstance(v, Text) else Text(v) for v in r] for r in rows]
+    if sort and names:
+        table.sort(key=lambda r: natural_key(r[0].plain))
+    heads = [Text(h, style="bold") for h in headers]
+    widths = [max([h.cell_len] + [r[i].cell_len for r in table]) for i, h in enumerate(heads)]
 
-    def cells(values: list[str], idx: range) -> str:
-        parts = []
-        for i in idx:
-            pad = " " * (widths[i] - cell_len(values[i]))
-            parts.append(pad + values[i] if i in right else values[i] + pad)
-        return "  ".join(parts).rstrip()
+    def span(idx: list[int], w: list[int]) -> int:
+        return sum(w[i] for i in idx) + 2 * (len(idx) - 1) if idx else 0
 
-    def emit(line: str, bold: bool = False) -> None:
-        c.print(Text(line, style="bold" if bold else ""), soft_wrap=True, highlight=False)
+    def emit(line: Text) -> None:
+        line.rstrip()
+        c.print(line, soft_wrap=True, highlight=False)
 
-    every = range(len(headers))
-    if sum(widths) + 2 * (len(widths) - 1) <= c.width:
-        emit(cells(headers, every), bold=True)
-        for r in rows:
-            emit(cells(r, every))
-        return
-    rest = range(names, len(headers))
-    for i in range(names):
-        emit("  " * i + headers[i], bold=True)
-    emit("  " * names + cells(headers, rest), bold=True)
-    for r in rows:
+    def lines(values: list[Text], idx: list[int], w: list[int], indent: int) -> None:
+        """One row (or the header) over these columns; the wrap column may take several lines."""
+        folded = {i: (_wrap(values[i], w[i]) if i == wrap else [values[i]]) for i in idx}
+        for k in range(max(len(f) for f in folded.values())):
+            line = Text(" " * indent)
+            for n, i in enumerate(idx):
+                cell = folded[i][k] if k < len(folded[i]) else Text("")
+                pad = " " * max(0, w[i] - cell.cell_len)
+                if n:
+                    line.append("  ")
+                line.append_text(Text(pad) + cell if i in right else cell + Text(pad))
+            emit(line)
+
+    def block(idx: list[int], indent: int) -> None:
+        """The header and every row over `idx` at `indent`, each name on its own line first."""
         for i in range(names):
-            emit("  " * i + r[i])
-        emit("  " * names + cells(r, rest))
+            emit(Text("  " * i) + heads[i])
+        _body(heads, idx, indent)
+        for r in table:
+            for i in range(names):
+                emit(Text("  " * i) + r[i])
+            _body(r, idx, indent)
+
+    def _body(values: list[Text], idx: list[int], indent: int) -> None:
+        rest = [i for i in idx if i != wrap]
+        if wrap is None or wrap not in idx or fits_wrapped(idx, indent):
+            lines(values, idx, narrowed(idx, indent), indent)
+            return
+        if rest:  # the text column on indented lines of its own below the others
+            lines(values, rest, widths, indent)
+        at = max(0, min(indent + 2 * bool(rest), full - _longest_word([r[wrap] for r in table])))
+        lines(values, [wrap], [max(1, full - at) if i == wrap else x for i, x in enumerate(widths)], at)
+
+    def narrowed(idx: list[int], indent: int) -> list[int]:
+        if wrap is None or wrap not in idx:
+            return widths
+        room = full - indent - span([i for i in idx if i != wrap], widths) - 2 * (len(idx) > 1)
+        return [min(x, room) if i == wrap else x for i, x in enumerate(widths)]
+
+    def fits_wrapped(idx: list[int], indent: int) -> bool:
+        if indent + span(idx, widths) <= full:
+            return True
+        room = full - indent - span([i for i in idx if i != wrap], widths) - 2 * (len(idx) > 1)
+        return room >= max(_MIN_WRAP, _longest_word([r[wrap] for r in table] + [heads[wrap]]))  # type: ignore[index]
+
+    every = list(range(len(headers)))
+    if span(every, widths) <= full or (wrap is not None and fits_wrapped(every, 0)):
+        lines(heads, every, narrowed(every, 0), 0)
+        for r in table:
+            lines(r, every, narrowed(every, 0), 0)
+        return
+    if not names:
+        _body(heads, every, 0)
+        for r in table:
+            _body(r, every, 0)
+        return
+    block(list(range(names, len(headers))), 2 * names)
+
+
+def line(text: str) -> None:
+    """A plain result line folded at spaces to the output width; names in it stay whole."""
+    import textwrap
+
+    c = out()
+    for piece in textwrap.wrap(text, c.width, break_long_words=False, break_on_hyphens=False) or [""]:
+        c.print(piece, soft_wrap=True, markup=False, highlight=False)
 
 
 def err() -> Console:
     global _err
-    if _err is None or _err.file is not sys.stderr:
-        _err = Console(file=sys.stderr, highlight=False, width=None if sys.stderr.isatty() else 160)
+    if _err is None or _err.file is not sys.stderr or _err.width != width():
+        _err = Console(file=sys.stderr, highlight=False, width=width())
     return _err
 
 
@@ -121,33 +216,66 @@ def warn(message: str) -> None:
     err().print(f"[yellow]Warning:[/yellow] {message}", markup=True, highlight=False)
 
 
+class Bar:
+    """What a command's progress callbacks drive: `bar(done, total)` counts, `bar.phase(text)` says
+    what is happening before there is anything to count. A no-op when the bar is off."""
+
+    def __init__(self, description: str, update: Callable[..., None] | None = None) -> None:
+        self.description = description
+        self._update = update
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._update is not None:
+            self._update(completed=done, total=total)
+
+    def phase(self, text: str) -> None:
+        if self._update is not None:
+            self._update(description=f"{self.description}: {text}")
+
+
 @contextlib.contextmanager
-def progress(description: str, enabled: bool, unit: str = "items") -> Iterator[Callable[[int, int], None]]:
-    """Yield a (done, total) callback driving a transient rich bar on stderr (no-op when disabled)."""
+def progress(description: str, enabled: bool, unit: str = "items", *, phase: str | None = None) -> Iterator[Bar]:
+    """A transient rich bar on stderr from the first moment (with `phase`, e.g. "starting", as its
+    first words), shown only when stderr is a terminal and `enabled` (not --quiet / --json). Counts
+    appear once the command knows its total, never as `0/?`."""
     if not enabled or not sys.stderr.isatty():
-        yield lambda done, total: None
+        yield Bar(description)
         return
     from rich.progress import (
         BarColumn,
         DownloadColumn,
         MofNCompleteColumn,
         Progress,
+        ProgressColumn,
+        SpinnerColumn,
+        Task,
         TextColumn,
         TimeRemainingColumn,
         TransferSpeedColumn,
     )
 
+    class Known(ProgressColumn):
+        """A column shown once the task has a total (before it: nothing, not `0/? bytes`)."""
+
+        def __init__(self, inner: ProgressColumn) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def render(self, task: Task) -> Any:
+            return self.inner.render(task) if task.total is not None else Text("")
+
     counts = [DownloadColumn(), TransferSpeedColumn()] if unit == "bytes" else [MofNCompleteColumn()]
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), *counts, TimeRemainingColumn(),
-        console=err(), transient=True,
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), *(Known(c) for c in counts),
+        Known(TimeRemainingColumn()), console=err(), transient=True,
     ) as bar:
-        task = bar.add_task(description, total=None)
+        task = bar.add_task(f"{description}: {phase}" if phase else description, total=None)
+        bar.refresh()  # on screen now, not at the first tick
 
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+        def update(**fields: Any) -> None:
+            bar.update(task, **fields)
 
-        yield update
+        yield Bar(description, update)
 
 
 def human_size(n: float) -> str:
@@ -190,21 +318,56 @@ def sparkline(values: list[float], width: int = 32) -> str:
                    for v in values)
 
 
-def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool, only: re.Pattern[str] | None = None) -> None:
+class _Grid:
+    """Label / value lines: values folded at spaces beside their labels, words (names) kept whole;
+    a word longer than what is left of the line starts a line of its own (and may overflow it)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str]] = []
+
+    def add_row(self, label: str, value: str) -> None:
+        self.rows.append((label, value))
+
+    def print(self) -> None:
+        import textwrap
+
+        from rich.cells import cell_len
+
+        c = out()
+        pad = max((cell_len(k) for k, _ in self.rows), default=0) + 2
+        room = max(c.width - pad, 20)
+        for label, value in self.rows:
+            pieces = textwrap.wrap(value, room, break_long_words=False, break_on_hyphens=False) or [""]
+            first = Text(label.ljust(pad), style="dim")
+            if cell_len(pieces[0]) > room:  # an overlong first word: the label alone, the value below
+                c.print(first, soft_wrap=True)
+                first = Text(" " * pad)
+            for k, piece in enumerate(pieces):
+                c.print((first if k == 0 else Text(" " * pad)) + Text(piece), soft_wrap=True)
+
+
+def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool,
+                   only: re.Pattern[str] | SafePattern | None = None) -> None:
     c = out()
     head = Text()
     head.append(doc["path"], style="bold")
     lyco = f", {doc['num_lycoris']} LyCORIS modules" if doc.get("num_lycoris") else ""
-    head.append(f"  ({doc['format']}, {doc['num_modules']} modules{lyco}, {human_size(doc['file_size'])})")
-    c.print(head)
-    t = Table.grid(padding=(0, 2))
-    t.add_column(style="dim")
-    t.add_column()
+    fmt = f"{doc['dialect']}, {doc['format']} keys" if doc.get("dialect") else doc["format"]
+    head.append(f"  ({fmt}, {doc['num_modules']} modules{lyco}, {human_size(doc['file_size'])})")
+    if head.cell_len <= c.width:
+        c.print(head, soft_wrap=True)
+    else:  # the path alone, whole, then what it holds
+        c.print(Text(doc["path"], style="bold"), soft_wrap=True)
+        line(head.plain[len(doc["path"]):].strip())
+    t = _Grid()
     ranks = doc["ranks"]
     alphas = doc["alphas"]
     rank_txt = (f"{ranks['min']}" if ranks["min"] == ranks["max"]
                 else f"min {ranks['min']}, max {ranks['max']}, most common {ranks['most_common']}")
     t.add_row("base model", doc["base_model"] or "(not recorded)")
+    architecture = (doc.get("metadata") or {}).get("modelspec.architecture")
+    if architecture:
+        t.add_row("architecture", architecture)
     fam = doc.get("family") or {}
     if fam.get("family") or fam.get("ambiguous"):
         t.add_row("family", _family_text(fam))
@@ -220,6 +383,9 @@ def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool, only: 
     if axes.get("in"):
         dora += f" ({axes['in']} with a magnitude per input column; merge applies them)"
     t.add_row("DoRA", dora)
+    for v in doc.get("variants") or []:  # PiSSA / OLoRA / CorDA / LoftQ unconverted, aLoRA (loratool.variants)
+        t.add_row("variant", f"{v['name']} ({v['setting']}; merge, combine, resize and convert refuse it unless "
+                  "--allow-variant)")
     t.add_row("fan_in_fan_out", _yes(doc["fan_in_fan_out"]))
     t.add_row("kinds", _counts(doc["kinds"]) or "-")
     t.add_row("targets", _counts(doc["targets"]) or "-")
@@ -233,16 +399,14 @@ def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool, only: 
         t.add_row("LyCORIS", f"{_counts(doc['lycoris_kinds'])} ({doc['lycoris_params']:,} params)")
     uns = doc["unsupported"]
     t.add_row("unsupported", f"{len(uns)} tensor(s), e.g. {', '.join(uns[:3])}" if uns else "none")
-    c.print(t)
+    t.print()
     meta = doc["metadata"]
     if meta:
         c.print(Text("metadata", style="bold"))
-        m = Table.grid(padding=(0, 2))
-        m.add_column(style="dim")
-        m.add_column(overflow="fold")
+        m = _Grid()
         for k in sorted(meta):
             m.add_row(k, _readable(meta[k]))
-        c.print(m)
+        m.print()
     if modules or spectrum:
         _module_table(doc, spectrum, only)
 
@@ -275,7 +439,7 @@ def _readable(value: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 
 
-def _module_table(doc: dict[str, Any], spectrum: bool, only: re.Pattern[str] | None = None) -> None:
+def _module_table(doc: dict[str, Any], spectrum: bool, only: re.Pattern[str] | SafePattern | None = None) -> None:
     mods = [m for m in doc["modules"] if only is None or only.search(m["name"])]
     headers = ["module", "kind", "out", "in", "rank", "alpha", "from", "scale", "dtype"]
     right = {2, 3, 4, 5, 7}
@@ -312,29 +476,24 @@ def _module_table(doc: dict[str, Any], spectrum: bool, only: re.Pattern[str] | N
 
 
 def render_validate(doc: dict[str, Any]) -> None:
-    c = out()
     findings = doc["findings"]
     if findings:
-        t = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
-        t.add_column("severity")
-        t.add_column("code")
-        t.add_column("message", overflow="fold")
-        for f in findings:
-            sev = Text(f["severity"], style="red" if f["severity"] == "error" else "yellow")
-            t.add_row(sev, f["code"], f["message"])
-        c.print(t)
+        rows: list[list[str | Text]] = [
+            [Text(f["severity"], style="red" if f["severity"] == "error" else "yellow"), f["code"], f["message"]]
+            for f in findings]
+        name_table(["severity", "code", "message"], rows, names=0, wrap=2)
     base = f", {doc['matched']} matched in {doc['base']}" if doc["base"] else ""
     storage = doc.get("base_storage")
     if storage and storage["quantized"]:
         base += f", base stored as {storage['description']}"
     verdict = "OK" if doc["ok"] else "FAILED"
-    c.print(f"{verdict}: {doc['path']} ({doc['format']}, {doc['num_modules']} modules{base}): "
+    line(f"{verdict}: {doc['path']} ({doc['format']}, {doc['num_modules']} modules{base}): "
             f"{doc['num_errors']} error(s), {doc['num_warnings']} warning(s)")
 
 
 def wrote(out_path: str, what: str, size: int) -> None:
-    """The one closing line of every write command."""
-    out().print(f"Wrote {out_path} ({what}, {human_size(size)})")
+    """The one closing line of every write command: never folded, so a script can take it with `tail -1`."""
+    out().print(f"Wrote {out_path} ({what}, {human_size(size)})", soft_wrap=True, markup=False, highlight=False)
 
 
 def _rank_span(values: list[int]) -> str:
@@ -352,7 +511,7 @@ def render_resize(doc: dict[str, Any]) -> None:
     if rows:
         old = _rank_span([m["old_rank"] for m in rows])
         new = _rank_span([m["new_rank"] for m in rows])
-        out().print(f"mean Frobenius retention {doc['mean_fro_retained']:.2%}; "
+        line(f"mean Frobenius retention {doc['mean_fro_retained']:.2%}; "
                     f"params {doc['old_params']:,} -> {doc['new_params']:,}")
         resized = len(rows)
         count = f"{doc['num_modules']} modules" if resized == doc["num_modules"] else \
@@ -379,7 +538,7 @@ def render_rescale(doc: dict[str, Any]) -> None:
 
 def render_merge(doc: dict[str, Any]) -> None:
     if doc["unmatched"]:
-        out().print(f"skipped {len(doc['unmatched'])} unmatched module(s)")
+        line(f"skipped {len(doc['unmatched'])} unmatched module(s)")
     verb = "unmerged" if doc["unmerge"] else "merged"
     adapters = len(doc["adapters"])
     what = (f"{doc['merged_tensors']} tensors {verb} from {adapters} adapter{'s' if adapters > 1 else ''}"
@@ -407,7 +566,7 @@ def render_combine(doc: dict[str, Any]) -> None:
     extra = "".join(f", {k.replace('_', ' ')} {doc[k]}" for k in ("density", "majority_sign", "seed")
                     if doc[k] is not None)
     worst = doc["max_rel_error"]
-    out().print(f"{doc['method']} of {len(doc['inputs'])} adapters, weights {weights}{extra}; "
+    line(f"{doc['method']} of {len(doc['inputs'])} adapters, weights {weights}{extra}; "
                 f"largest relative error to the exact weighted sum {'-' if worst is None else f'{worst:.3g}'}")
     what = f"{doc['num_modules']} modules"
     if rows:
@@ -437,7 +596,7 @@ def render_pull(doc: dict[str, Any]) -> None:
     c = out()
     c.print(doc["path"], markup=False, soft_wrap=True)
     rev = doc["revision"] + (f" ({doc['commit'][:12]})" if doc["commit"] else "")
-    c.print(f"{_holds(doc)}; from {doc['repo_id']}@{rev}", markup=False)
+    line(f"{_holds(doc)}; from {doc['repo_id']}@{rev}")
 
 
 def render_push(doc: dict[str, Any]) -> None:
@@ -462,11 +621,11 @@ def render_extract(doc: dict[str, Any]) -> None:
     saved = [c["key"] for c in changed if c["action"] == "saved"]
     skipped = [c for c in changed if c["action"] == "skipped"]
     if saved:
-        out().print(f"stored whole (modules_to_save): {_names(saved)}")
+        line(f"stored whole (modules_to_save): {_names(saved)}")
     if skipped:
         listed = _names([f"{c['key']} ({c['reason']})" for c in skipped])
-        out().print(f"changed but not stored: {listed}")
-    out().print(f"{doc['unchanged']} unchanged tensor(s) skipped; SVD exact for {doc['methods']['exact']}, "
+        line(f"changed but not stored: {listed}")
+    line(f"{doc['unchanged']} unchanged tensor(s) skipped; SVD exact for {doc['methods']['exact']}, "
                 f"randomized for {doc['methods']['randomized']} module(s)")
     what = f"{doc['num_modules']} modules"
     if rows:
@@ -477,6 +636,7 @@ def render_extract(doc: dict[str, Any]) -> None:
 
 
 def _names(names: list[str], limit: int = 4) -> str:
+    names = natural_sorted(names)
     return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
@@ -515,65 +675,56 @@ def _pair(values: list[Any], fmt: Callable[[Any], str] = str) -> str:
 
 def render_diff(doc: dict[str, Any], *, show_all: bool) -> None:
     rows = [m for m in doc["modules"] if show_all or m["distance"] != 0 or m["differences"]]
-    c = out()
     if rows:
-        t = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
-        t.add_column("module", overflow="fold")
-        for name in ("rank", "alpha", "dtype", "rel. distance", "cosine"):
-            t.add_column(name, justify="right")
-        t.add_column("differs")
+        table: list[list[str | Text]] = []
         for m in rows:
             rel = "n/a" if m["rel_distance"] is None else f"{m['rel_distance']:.3g}"
             cos = "n/a" if m["cosine"] is None else f"{m['cosine']:.6f}"
-            t.add_row(m["name"], _pair(m["rank_ab"]), _pair(m["alpha_ab"], _fmt), _pair(m["dtype_ab"]), rel, cos,
-                      ", ".join(m["differences"]))
-        c.print(t)
+            table.append([m["name"], _pair(m["rank_ab"]), _pair(m["alpha_ab"], _fmt), _pair(m["dtype_ab"]), rel, cos,
+                          ", ".join(m["differences"])])
+        name_table(["module", "rank", "alpha", "dtype", "rel. distance", "cosine", "differs"], table,
+                   right={1, 2, 3, 4, 5}, wrap=6, sort=False)  # the op's order: the largest distance first
     for side, key in (("A", "only_in_a"), ("B", "only_in_b")):
         if doc[key]:
-            c.print(f"only in {side} ({len(doc[key])}): {_names(doc[key])}")
+            line(f"only in {side} ({len(doc[key])}): {_names(doc[key])}")
     for what, key in (("saved tensors only in A", "extras_only_in_a"), ("saved tensors only in B", "extras_only_in_b"),
                       ("saved tensors that differ", "extras_differ")):
         if doc[key]:
-            c.print(f"{what} ({len(doc[key])}): {_names(doc[key])}")
+            line(f"{what} ({len(doc[key])}): {_names(doc[key])}")
     same = sum(1 for m in doc["modules"] if m["distance"] == 0)
     worst = doc["max_rel_distance"]
     summary = (f"{doc['num_common']} modules in both ({same} identical deltas), {len(doc['only_in_a'])} only in A, "
                f"{len(doc['only_in_b'])} only in B")
     if worst is not None:
         summary += f"; largest relative distance {worst:.3g}"
-    c.print(("IDENTICAL: " if doc["identical"] else "") + summary)
+    line(("IDENTICAL: " if doc["identical"] else "") + summary)
 
 
 def render_verify(doc: dict[str, Any], *, show_all: bool) -> None:
     rows = [t for t in doc["tensors"] if show_all or not t["ok"]]
-    c = out()
     if rows:
-        t = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
-        t.add_column("tensor", overflow="fold")
-        t.add_column("expected")
-        t.add_column("verdict", overflow="fold")
-        t.add_column("k", justify="right")
-        t.add_column("residual", justify="right")
+        headers = ["tensor", "expected", "verdict", "k", "residual"]
         quantized = doc.get("quantized")
         if quantized:
-            t.add_column("bound", justify="right")  # what requantization allows, same scale as residual
+            headers.append("bound")  # what requantization allows, same scale as residual
+        table: list[list[str | Text]] = []
         for r in rows:
             verdict = Text(r["label"], style="" if r["ok"] else "red")
             k = "" if r["factor"] is None else f"{r['factor']:.4g}"
             res = "" if r["residual"] is None else f"{r['residual']:.2g}"
-            cells = [r["key"], r["expected"], verdict, k, res]
+            cells: list[str | Text] = [r["key"], r["expected"], verdict, k, res]
             if quantized:
                 cells.append("" if r["storage"] is None or r["tolerance"] is None else f"{r['tolerance']:.2g}")
-            t.add_row(*cells)
-        c.print(t)
+            table.append(cells)
+        name_table(headers, table, right={3, 4, 5}, wrap=2)
     if doc.get("quantized"):
-        c.print(f"Base stored quantized: {doc['storage']}; merged tensors checked against requantizing "
-                "BASE + delta with the same scheme (bound: twice that requantization's error)")
+        line(f"Base stored quantized: {doc['storage']}; merged tensors checked against requantizing "
+             "BASE + delta with the same scheme (bound: twice that requantization's error)")
     for what, key in (("missing from MERGED", "missing"), ("not in the base", "extra")):
         if doc[key]:
-            c.print(f"{len(doc[key])} tensor(s) {what}: {_names(doc[key])}")
+            line(f"{len(doc[key])} tensor(s) {what}: {_names(doc[key])}")
     counts = ", ".join(f"{n} {v}" for v, n in sorted(doc["verdicts"].items(), key=lambda kv: (-kv[1], kv[0])))
     outcome = "OK" if doc["ok"] else "FAILED"
-    c.print(f"{outcome}: {doc['merged']}: {doc['num_tensors']} tensors: {counts or 'none'}"
+    line(f"{outcome}: {doc['merged']}: {doc['num_tensors']} tensors: {counts or 'none'}"
             + (f"; {doc['dtype_changed']} with another dtype" if doc["dtype_changed"] else "")
             + (f"; {doc['num_findings']} finding(s)" if doc["num_findings"] else ""))

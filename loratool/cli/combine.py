@@ -3,6 +3,7 @@ from __future__ import annotations
 import click
 
 from loratool.cli._options import (
+    allow_variant_option,
     blocks_option,
     check_adapter_args,
     device_option,
@@ -10,11 +11,12 @@ from loratool.cli._options import (
     input_path,
     module_weights_option,
     parse_weights,
+    preflight,
     weights_option,
     write_options,
 )
 from loratool.errors import IncompatibleError
-from loratool.ops.combine import METHODS
+from loratool.ops.combine import METHODS, check_options
 
 
 @click.command()
@@ -33,13 +35,16 @@ from loratool.ops.combine import METHODS
               help="ties, dare_ties: elect each entry's sign by the sum of values or by the count of signs.")
 @click.option("--seed", type=int, default=None,
               help="dare_*: seed for the random masks (default: drawn, and printed in the report).")
+@click.option("--allow-different-bases", is_flag=True,
+              help="Combine inputs whose recorded base models differ (the same model under two names).")
 @device_option
 @dtype_option
 @write_options
+@allow_variant_option
 def combine(adapters: tuple[str, ...], weights: str | None, module_weights: str | None, blocks: str | None,
             method: str, rank: int | None, density: float | None,
-            majority_sign: str, seed: int | None, device: str, dtype: str, out: str, force: bool, fmt: str | None,
-            as_json: bool, quiet: bool, allow_pickle: bool) -> int:
+            majority_sign: str, seed: int | None, allow_different_bases: bool, device: str, dtype: str, out: str,
+            force: bool, fmt: str | None, as_json: bool, quiet: bool, allow_pickle: bool, allow_variant: bool) -> int:
     """Combine adapters with weights into one adapter.
 
     Inputs may differ in format, rank, alpha, rsLoRA and target modules; the result covers the union.
@@ -60,10 +65,13 @@ def combine(adapters: tuple[str, ...], weights: str | None, module_weights: str 
                                 hint="to scale one adapter use: loratool rescale ADAPTER -o OUT --factor F")
     check_adapter_args(adapters, weights)
     parsed = [1.0] * len(adapters) if weights is None else parse_weights(weights)
+    check_options(len(adapters), parsed, method, rank, density, majority_sign, seed)
+    preflight(out=out, force=force, kind="adapter", inputs=list(adapters), device=device,
+              module_weights=module_weights, blocks=blocks)
     paths = [input_path(p, quiet=quiet or as_json) for p in adapters]
     with _render.progress("combining", enabled=not (quiet or as_json)) as cb:
         report = run(paths, out, weights=parsed, method=method, rank=rank, density=density,
                      majority_sign=majority_sign, seed=seed, fmt=fmt, dtype=dtype, device=device,
                      force=force, allow_pickle=allow_pickle, module_weights=module_weights, blocks=blocks,
-                     progress=cb)
+                     allow_different_bases=allow_different_bases, progress=cb, allow_variant=allow_variant)
     return emit(report.to_dict(), _render.render_combine, as_json=as_json, quiet=quiet)

@@ -3,23 +3,25 @@ from __future__ import annotations
 import click
 
 from loratool.cli._options import (
+    RuntimeTarget,
     allow_pickle_option,
+    allow_variant_option,
     force_option,
     input_path,
     json_option,
     out_option,
+    preflight,
     quiet_option,
 )
 from loratool.formats import writable_formats
-from loratool.runtimes import RUNTIMES
 
 
 @click.command()
 @click.argument("path", type=click.Path())
 @click.option("--to", "to", type=click.Choice([*writable_formats(), "lora"]), default=None,
-              help="Output format: peft (a directory), kohya or diffusers (a .safetensors file); lora: the "
-              "source's own format with LyCORIS modules turned into plain LoRA.")
-@click.option("--for", "for_runtime", type=click.Choice(list(RUNTIMES)), default=None,
+              help="Output format: peft or mlx (a directory), kohya, diffusers or comfyui (a .safetensors file), "
+              "gguf (a .gguf file); lora: the source's own format with LyCORIS modules turned into plain LoRA.")
+@click.option("--for", "for_runtime", type=RuntimeTarget(), default=None,
               help="Write what this runtime serves exactly (implies --to): one rank and one alpha where it "
               "reads one, scales baked into the factors; see docs/commands/convert.md.")
 @click.option("--dora-to-lora", "dora_base", default=None, type=click.Path(),
@@ -45,10 +47,14 @@ from loratool.runtimes import RUNTIMES
 @json_option
 @quiet_option
 @allow_pickle_option
+@allow_variant_option
+@click.option("--initial-adapter", "initial_adapter", default=None, type=click.Path(),
+              help="The adapter PEFT saved right after a PiSSA / OLoRA / CorDA initialisation: write PEFT's own "
+              "conversion to plain LoRA (ΔW = s·(B·A − B0·A0), rank 2r), which serves on the original base.")
 def convert(path: str, to: str | None, for_runtime: str | None, dora_base: str | None, drop: bool, out: str,
             base: str | None, family: str | None, fuse_rank: int | None, rank: int | None, force: bool,
-            as_json: bool, quiet: bool, allow_pickle: bool) -> int:
-    """Convert an adapter between PEFT, kohya and diffusers, keeping every delta exact.
+            as_json: bool, quiet: bool, allow_pickle: bool, allow_variant: bool, initial_adapter: str | None) -> int:
+    """Convert an adapter to another format (peft, kohya, diffusers, comfyui, mlx, gguf), deltas exact.
 
     The factors are copied bit for bit; module names, the way alpha is stored (each module's scale
     is kept exactly; kohya alphas are float32) and DoRA magnitude names are translated. kohya names
@@ -74,13 +80,21 @@ def convert(path: str, to: str | None, for_runtime: str | None, dora_base: str |
     from loratool.cli._output import emit
     from loratool.ops.convert import convert as run
 
-    path = input_path(path, quiet=quiet or as_json)
-    base = input_path(base, quiet=quiet or as_json)
     if to is None and for_runtime is None:
         raise click.UsageError("give --to FORMAT or --for RUNTIME")
     if drop and for_runtime is None:
         raise click.UsageError("--drop needs --for RUNTIME")
+    preflight(out=out, force=force, kind="adapter", inputs=[path, base, dora_base])
+    if family is not None:
+        from loratool.families import check_name
+
+        check_name(family)
+    path = input_path(path, quiet=quiet or as_json)
+    base = input_path(base, quiet=quiet or as_json)
     dora_base = input_path(dora_base, quiet=quiet or as_json)
-    report = run(path, out, to=to, base=base, force=force, allow_pickle=allow_pickle, for_runtime=for_runtime,
-                 drop=drop, dora_to_lora=dora_base, rank=rank, family=family, fuse_rank=fuse_rank)
+    initial_adapter = input_path(initial_adapter, quiet=quiet or as_json)
+    with _render.progress("converting", enabled=not (quiet or as_json), phase="starting") as bar:
+        report = run(path, out, to=to, base=base, force=force, allow_pickle=allow_pickle, for_runtime=for_runtime,
+                     drop=drop, dora_to_lora=dora_base, rank=rank, family=family, fuse_rank=fuse_rank,
+                     allow_variant=allow_variant, initial_adapter=initial_adapter, phase=bar.phase)
     return emit(report.to_dict(), _render.render_convert, as_json=as_json, quiet=quiet)

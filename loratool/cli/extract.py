@@ -2,7 +2,15 @@ from __future__ import annotations
 
 import click
 
-from loratool.cli._options import device_option, force_option, input_path, json_option, out_option, quiet_option
+from loratool.cli._options import (
+    device_option,
+    force_option,
+    input_path,
+    json_option,
+    out_option,
+    preflight,
+    quiet_option,
+)
 from loratool.ops.extract import output_formats
 
 
@@ -45,6 +53,7 @@ def extract(base: str, tuned: str, out: str, rank: int | None, threshold: float 
     from loratool.cli._output import emit
     from loratool.ops.extract import extract as run
 
+    preflight(out=out, force=force, kind="adapter", inputs=[base, tuned], device=device, modules=modules)
     base = input_path(base, quiet=quiet or as_json)
     tuned = input_path(tuned, quiet=quiet or as_json)
     with _render.progress("extracting", enabled=not (quiet or as_json)) as cb:

@@ -6,7 +6,9 @@ import os
 import click
 
 from loratool.cli._options import (
+    OutputPath,
     allow_pickle_option,
+    allow_variant_option,
     blocks_option,
     check_adapter_args,
     device_option,
@@ -15,11 +17,12 @@ from loratool.cli._options import (
     module_weights_option,
     out_option,
     parse_weights,
+    preflight,
     quiet_option,
     weights_option,
 )
 from loratool.errors import LoratoolError
-from loratool.st import atomic_output, check_output
+from loratool.st import atomic_output, check_output, write_text_output
 
 
 @click.command()
@@ -34,7 +37,7 @@ from loratool.st import atomic_output, check_output
 @device_option
 @click.option("--unmerge", is_flag=True, help="Subtract the deltas instead of adding them (not for DoRA).")
 @click.option("--allow-unmatched", is_flag=True, help="Skip adapter modules that match no base weight (warn).")
-@click.option("--report", "report_file", type=click.Path(), default=None,
+@click.option("--report", "report_file", type=OutputPath(), default=None,
               help="Write per-tensor statistics (delta norm, relative change, cast error, retained delta) as JSON.")
 @click.option("--rounding", type=click.Choice(["nearest", "stochastic"]), default="nearest", show_default=True,
               help="How merged values round back to fp8 storage (stochastic: unbiased, seeded).")
@@ -48,11 +51,12 @@ from loratool.st import atomic_output, check_output
 @json_option
 @quiet_option
 @allow_pickle_option
+@allow_variant_option
 def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, module_weights: str | None,
           blocks: str | None, dtype: str, device: str,
           unmerge: bool, allow_unmatched: bool, report_file: str | None, rounding: str, seed: int | None,
           min_retained: float, strict: bool, qlora_base: str | None, force: bool, as_json: bool, quiet: bool,
-          allow_pickle: bool) -> int:
+          allow_pickle: bool, allow_variant: bool) -> int:
     """Merge one or more adapters into a base model, streaming tensor by tensor.
 
     BASE is a .safetensors file, a directory with model.safetensors, or a sharded Hugging Face
@@ -72,21 +76,23 @@ def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, m
 
     check_adapter_args(adapters, weights)
     parsed = None if weights is None else parse_weights(weights)
+    preflight(out=out, force=force, kind="model", inputs=[base, *adapters], device=device,
+              module_weights=module_weights, blocks=blocks)
     base = input_path(base, quiet=quiet or as_json)
     adapters = tuple(input_path(a, quiet=quiet or as_json) for a in adapters)
     if report_file:  # before the merge, which can take long; the two outputs may not collide
         check_output(report_file, force=force, directory=False, inputs=[base, *adapters], others=[out])
-    with _render.progress("merging", enabled=not (quiet or as_json), unit="bytes") as cb:
+    with _render.progress("merging", enabled=not (quiet or as_json), unit="bytes", phase="starting") as cb:
         report = run(base, list(adapters), out, weights=parsed, dtype=dtype,
                      device=device, unmerge=unmerge, allow_unmatched=allow_unmatched, force=force,
                      allow_pickle=allow_pickle, stats=report_file is not None, module_weights=module_weights,
                      blocks=blocks, rounding=rounding, seed=seed, min_retained=min_retained, strict=strict,
-                     qlora_base=qlora_base, progress=cb)
+                     qlora_base=qlora_base, progress=cb, phase=cb.phase, allow_variant=allow_variant)
     if report_file:
         try:
             with atomic_output(report_file, force=force, directory=False, inputs=[base, *adapters],
                                others=[out]) as tmp:
-                tmp.write_text(json.dumps(report.to_dict(tensors=True), indent=2) + "\n")
+                write_text_output(tmp, json.dumps(report.to_dict(tensors=True), indent=2) + "\n")
         except LoratoolError as e:  # say what is on disk: the merged model is there, the report is not
             raise LoratoolError(f"{e.message}; the merged model was written to {out}", e.hint) from None
     if os.environ.get("LORATOOL_TIMINGS") == "1":  # per-stage pipeline timings (tests/perf/device_check.py)

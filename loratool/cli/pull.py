@@ -3,6 +3,7 @@ from __future__ import annotations
 import click
 
 from loratool.cli._options import (
+    OutputPath,
     force_option,
     json_option,
     local_out,
@@ -18,7 +19,7 @@ from loratool.cli._options import (
 @revision_option
 @click.option("--subfolder", metavar="DIR", default=None, help="Only this folder of the repo (e.g. an adapter in a "
               "multi-adapter repo).")
-@click.option("-o", "--out", type=click.Path(), default=None, metavar="DIR", callback=local_out,
+@click.option("-o", "--out", type=OutputPath(), default=None, metavar="DIR", callback=local_out,
               help="Also copy the files to DIR (default: they stay in the Hugging Face cache).")
 @force_option
 @token_option

@@ -2,7 +2,14 @@ from __future__ import annotations
 
 import click
 
-from loratool.cli._options import blocks_option, input_path, module_weights_option, modules_option, write_options
+from loratool.cli._options import (
+    blocks_option,
+    input_path,
+    module_weights_option,
+    modules_option,
+    preflight,
+    write_options,
+)
 from loratool.errors import IncompatibleError
 
 
@@ -31,6 +38,7 @@ def rescale(path: str, factor: float | None, alpha: float | None, normalize: boo
     """
     from loratool.cli import _render
     from loratool.cli._output import emit
+    from loratool.ops.rescale import check_options
     from loratool.ops.rescale import rescale as run
 
     chosen = [(name, v) for name, v in (("factor", factor), ("alpha", alpha), ("normalize", normalize or None),
@@ -44,6 +52,9 @@ def rescale(path: str, factor: float | None, alpha: float | None, normalize: boo
             + (f" (got {', '.join('--' + n.replace('_', '-') for n, _ in chosen)})" if chosen else ""),
         )
     mode, value = chosen[0]
+    check_options(mode, value, per_module=module_weights is not None or blocks is not None)
+    preflight(out=out, force=force, kind="adapter", inputs=[path], module_weights=module_weights, blocks=blocks,
+              modules=modules)
     path = input_path(path, quiet=quiet or as_json)
     report = run(path, out, mode=mode, value=value if mode in ("factor", "alpha") else None, modules=modules,
                  fmt=fmt, force=force, allow_pickle=allow_pickle, module_weights=module_weights, blocks=blocks)

@@ -2,16 +2,16 @@ from __future__ import annotations
 
 import click
 
-from loratool.cli._options import allow_pickle_option, input_path, json_option, quiet_option
-from loratool.runtimes import RUNTIMES
+from loratool.cli._options import RuntimeTarget, allow_pickle_option, input_path, json_option, quiet_option
 
 
 @click.command()
 @click.argument("path", type=click.Path())
 @click.option("--base", type=click.Path(), help="Base checkpoint (.safetensors, model dir or sharded dir).")
 @click.option("--strict", is_flag=True, help="Treat warnings as failures.")
-@click.option("--for", "for_runtime", type=click.Choice(list(RUNTIMES)), default=None,
-              help="Also report what this runtime rejects, ignores or mis-scales, per module, with the fix.")
+@click.option("--for", "for_runtime", type=RuntimeTarget(), default=None,
+              help="Also report what this runtime rejects, ignores or mis-scales, per setting and module, with "
+              "the fix; NAME@VERSION checks an older release (docs/runtimes.md).")
 @json_option
 @allow_pickle_option
 @quiet_option

@@ -10,6 +10,7 @@ from loratool.cli._options import (
     json_option,
     module_weights_option,
     parse_weights,
+    preflight,
     quiet_option,
     weights_option,
 )
@@ -53,6 +54,7 @@ def verify(merged: str, base: str, adapters: tuple[str, ...], weights: str | Non
 
     check_adapter_args(adapters, weights)
     parsed = None if weights is None else parse_weights(weights)
+    preflight(device=device, module_weights=module_weights, blocks=blocks)
     merged = input_path(merged, quiet=quiet or as_json)
     base = input_path(base, quiet=quiet or as_json)
     paths = [input_path(a, quiet=quiet or as_json) for a in adapters]

@@ -11,7 +11,7 @@ single block's `linear1` holds q, k, v and the MLP input (`proj_mlp`, the rest o
 
 from __future__ import annotations
 
-from loratool.families import Family, Relation, one
+from loratool.families.model import Family, Relation, one
 
 QKV = (("q", "h"), ("k", "h"), ("v", "h"))
 

@@ -17,7 +17,7 @@ rows each), a single block's `linear1` (q, k, v and the MLP input), the token re
 
 from __future__ import annotations
 
-from loratool.families import Family, Relation, one
+from loratool.families.model import Family, Relation, one
 
 QKV = (("q", "h"), ("k", "h"), ("v", "h"))
 _REFINER = "txt_in.individual_token_refiner.blocks.{i}"

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 
 from loratool.adapter import LoraModule, LycoModule
 from loratool.errors import IncompatibleError
-from loratool.families import Family, Relation, detect, get
+from loratool.families import detect, get
+from loratool.families.model import Family, Relation
 
 if TYPE_CHECKING:
     from loratool.st import TensorInfo
@@ -179,7 +180,7 @@ def _rows_of(m: LoraModule, spans: list[tuple[int, int]], name: str) -> LoraModu
 
 def _map(modules: Sequence[Module], family: Family, dialect: str, layout: BaseLayout, base: dict[str, TensorInfo],
          where: object) -> LayoutPlan:
-    from loratool.keymap import compatible
+    from loratool.adapter import compatible
 
     plan = LayoutPlan(layout, dialect)
     to_original = layout.side == "original"

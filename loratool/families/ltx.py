@@ -11,7 +11,7 @@ and video) is another model, not this table.
 
 from __future__ import annotations
 
-from loratool.families import Family, one
+from loratool.families.model import Family, one
 
 _SAME = ("to_q", "to_k", "to_v", "to_out.0")
 

@@ -14,7 +14,7 @@ diffusers alike; the attention's `norm_q` / `norm_k` / `norm_added_*` and `txt_n
 
 from __future__ import annotations
 
-from loratool.families import Family, one
+from loratool.families.model import Family, one
 
 _BLOCK = (
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",

@@ -14,7 +14,7 @@ OpenCLIP ViT-H in SD2) is kohya's `lora_te_`, diffusers' `text_encoder.`: not in
 
 from __future__ import annotations
 
-from loratool.families import DIFFUSERS, ORIGINAL, Family
+from loratool.families.model import DIFFUSERS, ORIGINAL, Family
 from loratool.families.unet import UNet
 
 UNET = UNet(channels=(320, 640, 1280, 1280), attention=(True, True, True, False), depth=(1, 1, 1, 1))

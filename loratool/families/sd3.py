@@ -20,7 +20,7 @@ embedding convolution (diffusers `pos_embed.proj`).
 
 from __future__ import annotations
 
-from loratool.families import Family, Relation, one
+from loratool.families.model import Family, Relation, one
 
 QKV = (("q", "h"), ("k", "h"), ("v", "h"))
 # (shift, scale) on the original side, (scale, shift) in diffusers' AdaLayerNormContinuous

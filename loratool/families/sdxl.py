@@ -15,7 +15,7 @@ the table. The refiner has another structure and is not this family.
 
 from __future__ import annotations
 
-from loratool.families import DIFFUSERS, ORIGINAL, Family
+from loratool.families.model import DIFFUSERS, ORIGINAL, Family
 from loratool.families.unet import UNet
 
 UNET = UNet(channels=(320, 640, 1280), attention=(False, True, True), depth=(1, 2, 10), add_embedding=True)

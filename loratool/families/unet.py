@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loratool.families import Relation, one
+from loratool.families.model import Relation, one
 
 LAYERS_PER_BLOCK = 2  # resnets per down level in every SD U-Net (up levels have one more)
 

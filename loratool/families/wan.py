@@ -14,7 +14,7 @@ affine cross-attention norm) is diffusers' `norm2`; `modulation` is diffusers' `
 
 from __future__ import annotations
 
-from loratool.families import Family, one
+from loratool.families.model import Family, one
 
 _ATTN = (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out.0"), ("norm_q", "norm_q"), ("norm_k", "norm_k"))
 

@@ -264,7 +264,7 @@ def provenance(
     `hashes` are sha256 sums the caller already computed (e.g. while streaming a checkpoint),
     by path; `sources` are hashed here.
     """
-    from loratool import __version__
+    from loratool._version import __version__
     from loratool.st import sha256_file
 
     by_path = {**(hashes or {}), **{str(s): sha256_file(s) for s in sources if s.is_file()}}
@@ -289,14 +289,15 @@ def output_is_directory(fmt: str) -> bool:
 def single_file_output(adapter: Adapter, out: Path, fmt: str, explicit: bool) -> bool:
     """Whether a PEFT output is one file rather than a PEFT directory.
 
-    A path ending in .safetensors is a file. A single-file input (PEFT-style keys with no config
+    A path ending in .safetensors is a file, unless the format was asked for explicitly (a PEFT
+    folder, which write() refuses to name *.safetensors). A single-file input (PEFT-style keys with no config
     beside them, Adapter.key_prefix set) stays a single file in its own dialect unless the format
     was asked for explicitly.
     """
     if fmt != "peft":
         return False  # the other formats have one layout each (kohya, diffusers: a file; MLX: a directory)
     if out.suffix == ".safetensors":
-        return True
+        return not explicit  # --format peft asked for a PEFT folder: write() refuses the name
     return not explicit and adapter.source_format == "peft" and adapter.key_prefix is not None
 
 
@@ -331,7 +332,7 @@ def write(
     from loratool.st import atomic_output
 
     explicit = fmt is not None
-    if fmt is None and adapter.source_format == "kohya" and _comfyui_names(adapter):
+    if fmt is None and adapter.source_format == "kohya" and comfyui_names(adapter):
         fmt = "comfyui"  # a ComfyUI-dialect file (dotted `diffusion_model.` paths) stays in its dialect
     record = get(fmt or written_as(adapter.source_format), writing=True)
     check_writable(adapter, record.name)
@@ -343,6 +344,11 @@ def write(
     if inputs is None:
         inputs = [*(sources or []), *adapter.files, *([adapter.path] if adapter.path else [])]
     directory = record.capabilities.directory and not single
+    if directory and out.suffix == ".safetensors":
+        raise IncompatibleError(
+            f"{out}: a {record.name} adapter is a folder; refusing to write a folder named *.safetensors",
+            hint=f"give -o a folder name (e.g. -o {out.with_suffix('')}); for one .safetensors file write kohya "
+            "or diffusers (--format, or --to in convert)")
     with atomic_output(out, force=force, directory=directory, inputs=inputs,
                        kind="adapter" if directory else None) as tmp:
         try:
@@ -395,10 +401,12 @@ def _require_finite(written: Adapter, tmp: Path, out: Path) -> None:
                         "nothing was written", hint="check the input with: loratool validate ADAPTER")
 
 
-def _comfyui_names(adapter: Adapter) -> bool:
-    """Whether every module of a kohya-suffix file is stored under a dotted `diffusion_model.` path."""
+def comfyui_names(adapter: Adapter) -> bool:
+    """Whether the modules of a kohya-suffix file are stored under dotted `diffusion_model.` paths,
+    text-encoder modules aside (ComfyUI reads those in kohya's `lora_te*_` names)."""
     names = [*adapter.modules, *adapter.lycoris]
-    return bool(names) and all(n.startswith("diffusion_model.") for n in names)
+    model = [n for n in names if not n.startswith("lora_te")]
+    return bool(model) and all(n.startswith("diffusion_model.") for n in model)
 
 
 def _require_usable_values(adapter: Adapter, out: Path) -> None:

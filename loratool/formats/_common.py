@@ -253,11 +253,15 @@ def _open_npz(path: Path) -> TensorFile:
         raise FormatError(f"{path}: not a readable .npz archive of plain arrays ({type(e).__name__}: {e})") from None
     tensors: dict[str, TensorRef] = {}
     for k, a in arrays.items():
+        if not isinstance(a, np.ndarray):  # numpy gives a member that is not a .npy file as raw bytes
+            raise FormatError(f"{path}: member '{k}' is not a NumPy .npy array", hint="an .npz holds .npy arrays")
         if a.dtype.kind not in "biuf":
             raise FormatError(f"{path}: array '{k}' holds {a.dtype} values ({_npz_kind(a.dtype.kind)}), "
                               "not numbers", hint="an adapter's arrays are floating-point factors")
         try:
-            tensors[k] = TensorRef.from_tensor(torch.from_numpy(np.ascontiguousarray(a)))
+            # torch takes native byte order only: a big-endian ('>f4') array is converted (same values)
+            native = a.astype(a.dtype.newbyteorder("="), copy=False)
+            tensors[k] = TensorRef.from_tensor(torch.from_numpy(np.ascontiguousarray(native)))
         except TypeError:  # a numpy dtype torch has no counterpart for (float128, ...)
             raise FormatError(f"{path}: array '{k}' has dtype {a.dtype}, which torch cannot hold") from None
     return TensorFile(path, tensors, {})
@@ -492,6 +496,8 @@ def _shape_problem(kind: Kind, down: tuple[int, ...], up: tuple[int, ...]) -> st
         return f"rank differs: down is {down} (rank {down[0]}) but up is {up} (rank {up[1]})"
     if down[0] == 0:
         return f"rank 0: down is {down}"
+    if 0 in down or 0 in up:  # no input or no output features: a module of nothing
+        return f"empty factors: down is {down}, up is {up}"
     return None
 
 

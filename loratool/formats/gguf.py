@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratool.adapter import Adapter, LoraModule
-from loratool.errors import FormatError, IncompatibleError, LoratoolError
+from loratool.errors import FormatError, IncompatibleError, LoratoolError, scrub
 from loratool.formats._common import Findings, RawModule, TensorFile, build_module
 from loratool.formats.registry import Capabilities, Format
-from loratool.st import TensorRef
+from loratool.st import TensorRef, folder_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -341,7 +341,7 @@ def arch_info(base: Path) -> ArchInfo:
                         frozenset(t.name for t in reader.tensors))
     from loratool.st import read_side_file
 
-    cfg_path = base if base.name == "config.json" else base / "config.json"
+    cfg_path = base if base.name == "config.json" else folder_file(base, "config.json")
     try:
         top = json.loads(read_side_file(cfg_path).decode("utf-8"))
     except (OSError, ValueError, RecursionError) as e:
@@ -469,7 +469,7 @@ def write(adapter: Adapter, out_file: Path, metadata: dict[str, str]) -> None:
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
     for k, v in metadata.items():
-        writer.add_string(k, v)
+        writer.add_string(scrub(k), scrub(v))  # no Hub token in an output (errors.scrub)
     for name, m in adapter.modules.items():
         if m.kind not in ("linear", "embedding") or m.fan_in_fan_out:
             raise IncompatibleError(

@@ -73,7 +73,7 @@ def from_tensors(tf: TensorFile, findings: Findings) -> Adapter:
             modules[name] = module
     alpha_missing(findings, tf.path, implied, ".alpha tensor")
     meta = tf.metadata
-    base_model = meta.get("ss_sd_model_name") or meta.get("modelspec.architecture") or None
+    base_model = meta.get("ss_sd_model_name") or None  # modelspec.architecture names a kind of model, not one
     return Adapter(
         modules=modules, source_format="kohya", metadata=meta, base_model=base_model,
         unsupported=unsupported, path=tf.path, files=[tf.path], lycoris=lyco,

@@ -118,9 +118,8 @@ def read_modules(
                            f"tensors (keys: {', '.join(keys)})")
             continue
         problem = _shape_problem(algo, refs)
-        if problem is None:  # a zero rank (or any empty factor): no delta, and maths that would divide by it
-            problem = next((f"{role} is {ref.shape}: an empty tensor (rank 0) holds no delta"
-                            for role, ref in refs.items() if 0 in ref.shape), None)
+        if problem is None and (empty := [r for r, ref in refs.items() if 0 in ref.shape]):
+            problem = f"empty factors: {', '.join(f'{r} is {refs[r].shape}' for r in empty)}"
         if problem is None and bias is not None and len(bias.shape) != 1:
             problem = f"bias diff has shape {bias.shape}, expected one value per output"
         if problem is not None:
@@ -159,7 +158,7 @@ def _magnitude_axis(shape: tuple[int, ...], delta: tuple[int, ...]) -> DoraAxis 
     """The axis of a LyCORIS module's `.dora_scale` (formats._common.magnitude_axis), also for a conv
     whose ΔW the file stores flattened to (out, in·kh·kw) (LoHa, LoKr): there a per-column magnitude
     `(1, in, 1, 1)` gives the input channels, which the base weight confirms when merging
-    (keymap.compatible)."""
+    (adapter.compatible)."""
     if len(delta) < 2:
         return None
     axis = magnitude_axis(shape, delta[0], delta[1])

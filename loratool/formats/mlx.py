@@ -38,7 +38,7 @@ from loratool.formats._common import (
     split_by_suffix,
 )
 from loratool.formats.registry import Capabilities, Format
-from loratool.st import TensorRef
+from loratool.st import TensorRef, folder_file, write_text_output
 
 WEIGHTS_NAME = "adapters.safetensors"
 NPZ_NAME = "adapters.npz"
@@ -85,9 +85,9 @@ def read(path: Path, *, findings: Findings) -> Adapter:
     root = path if path.is_dir() else path.parent
     weights = path
     if path.is_dir():
-        weights = root / WEIGHTS_NAME if (root / WEIGHTS_NAME).is_file() else root / NPZ_NAME
+        weights = folder_file(root, WEIGHTS_NAME if (root / WEIGHTS_NAME).is_file() else NPZ_NAME)
     tf = open_tensor_file(weights, allow_pickle=False)
-    config_path = root / CONFIG_NAME
+    config_path = folder_file(root, CONFIG_NAME)
     config: dict[str, Any] = {}
     if config_path.is_file():
         config = json_config(config_path, findings) or {}
@@ -226,7 +226,7 @@ def write(adapter: Adapter, out_dir: Path, metadata: dict[str, str]) -> None:
     }
     if adapter.base_model:
         config["model"] = adapter.base_model
-    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text_output(out_dir / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _detect(keys: list[str]) -> int:

@@ -32,7 +32,7 @@ from loratool.formats._common import (
 from loratool.formats.names import PEFT_PREFIX
 from loratool.formats.registry import Capabilities, Format
 from loratool.patterns import SafePattern, compile_pattern
-from loratool.st import TensorRef
+from loratool.st import TensorRef, folder_file, write_text_output
 
 PREFIX = PEFT_PREFIX
 CONFIG_NAME = "adapter_config.json"
@@ -202,8 +202,8 @@ def locate(path: Path) -> tuple[Path, Path]:
                 f"{path}: PEFT adapter directory without {WEIGHTS_NAME} "
                 f"(found: {', '.join(found) or 'nothing'})"
             )
-        return path / CONFIG_NAME, weights
-    return path.parent / CONFIG_NAME, path
+        return folder_file(path, CONFIG_NAME), folder_file(path, weights.name)
+    return folder_file(path.parent, CONFIG_NAME), path
 
 
 def read(path: Path, *, allow_pickle: bool = False, findings: Findings | None = None) -> Adapter:
@@ -290,6 +290,10 @@ def from_tensors(
             findings.error("config-invalid", None,
                            f"{where}: 'target_modules' is not a valid regular expression ({e})",
                            hint="peft cannot load this adapter either; fix target_modules", exc=FormatError)
+    elif targets is not None and (not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)):
+        findings.error("config-invalid", None,
+                       f"{where}: 'target_modules' must be a list of module names or one regex, got {targets!r:.200}",
+                       hint="peft cannot load this adapter either; fix target_modules", exc=FormatError)
     if config.get("fan_in_fan_out") is False and any(GPT2_CONV1D.search(n) for n in raw_names(tf)):
         findings.warning(
             "fan-in-fan-out-forced", None,
@@ -652,7 +656,7 @@ def write(adapter: Adapter, out_dir: Path, metadata: dict[str, str]) -> None:
 
     config, _ = build_config(adapter)
     save_tensors(out_dir / WEIGHTS_NAME, state_dict(adapter), {"format": "pt", **metadata})
-    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text_output(out_dir / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # header keys a single file's LoRA config may be stored under (formats._common.header_config);

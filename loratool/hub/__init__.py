@@ -14,7 +14,8 @@ HF_HUB_OFFLINE are read when a function is called, not when huggingface_hub was 
 
 Modules: urls (hf:// paths, repo ids), pull (downloads, hf:// resolution), push (uploads),
 card (the generated model card), describe (what a local path holds), errors (Hub failures ->
-HubError), _env (environment and client).
+HubError), _env (environment and client), _guard (the client's transport: a deadline per request,
+and the server's answers checked before huggingface_hub acts on them).
 """
 
 from loratool.hub.card import model_card

@@ -9,11 +9,14 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from loratool.hub._guard import Expired, GuardedTransport
+
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
-# Seconds to wait for the Hub to answer one request (connect, or the next bytes of an answer);
-# LORATOOL_HUB_TIMEOUT or the `timeout` argument change it. A server that accepts the connection
-# and never answers then ends in one HubError, and downloads fall back to the local cache.
+# Seconds to wait for the Hub to answer one request (connect, then the whole status line and headers;
+# then at least _guard.MIN_BYTES of body per that many seconds); LORATOOL_HUB_TIMEOUT or the `timeout`
+# argument change it. A server that accepts the connection and never answers, or trickles its
+# answer, then ends in one HubError, and downloads fall back to the local cache.
 DEFAULT_TIMEOUT = 10.0
 TIMEOUT_ENV = "LORATOOL_HUB_TIMEOUT"
 
@@ -39,29 +42,35 @@ def _timeout(timeout: float | None) -> float:
 
 
 @contextlib.contextmanager
-def _client_timeout(seconds: float) -> Iterator[None]:
-    """huggingface_hub's shared HTTP client with a timeout for the duration (it has none by
-    default, so a server that never answers blocks forever); its own factory is put back after."""
+def _client_timeout(seconds: float) -> Iterator[Expired]:
+    """huggingface_hub's shared HTTP client, for the duration, with a timeout (it has none by
+    default, so a server that never answers blocks forever) and its transport wrapped in
+    _guard.GuardedTransport (a deadline per request; answers checked before huggingface_hub acts
+    on them); its own factory is put back after. Yields what the guard saw run past its deadline."""
+    expired = Expired()
     try:
         from huggingface_hub.utils import _http
     except ImportError:  # pragma: no cover - an older huggingface_hub (requests): per-call timeouts only
-        yield
+        yield expired
         return
     previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", None)
     set_factory = getattr(_http, "set_client_factory", None)
     if previous is None or set_factory is None:  # pragma: no cover
-        yield
+        yield expired
         return
 
     def factory() -> Any:
         client = previous()
         with contextlib.suppress(Exception):
             client.timeout = seconds  # httpx: connect, read, write and pool timeouts
+        inner = getattr(client, "_transport", None)
+        if inner is not None and hasattr(inner, "handle_request"):
+            client._transport = GuardedTransport(inner, seconds, expired)
         return client
 
     set_factory(factory)
     try:
-        yield
+        yield expired
     finally:
         set_factory(previous)
 
@@ -106,7 +115,7 @@ def _token(token: str | None) -> str | None:
 def _api(endpoint: str, token: str | None) -> Any:
     from huggingface_hub import HfApi
 
-    from loratool import __version__
+    from loratool._version import __version__
 
     return HfApi(endpoint=endpoint, token=token, library_name="loratool", library_version=__version__)
 

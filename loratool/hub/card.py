@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from loratool.errors import HubError, LoratoolError
+from loratool.errors import HubError, LoratoolError, scrub
 from loratool.hub.describe import Described
 from loratool.hub.urls import _NAME
 
@@ -146,14 +146,16 @@ def model_card(described: Described, *, repo_id: str, files: list[tuple[str, Pat
     body += _provenance(meta)
     body += _usage(fmt, repo_id, files, source, hub_model_id(base),
                    (s.get("config") or {}).get("task_type") if adapter else None)
-    return "\n".join(front + body).rstrip() + "\n"
+    return scrub("\n".join(front + body).rstrip() + "\n")  # a metadata value may be the token
 
 
 def _checkpoint_metadata(src: Path) -> dict[str, str]:
     """The loratool provenance of the first weights file that carries one (e.g. a merged model)."""
-    from loratool.st import read_header
+    from loratool.st import leads_out, read_header
 
     for f in sorted(src.rglob("*.safetensors")) if src.is_dir() else [src]:
+        if src.is_dir() and leads_out(f, src):
+            continue  # never read through a link out of the folder
         try:
             meta = read_header(f).metadata
         except LoratoolError:

@@ -6,16 +6,16 @@ import contextlib
 import re
 from collections.abc import Iterator
 
-from loratool.errors import HubError, LoratoolError
+from loratool.errors import HubError, LoratoolError, register_secret, scrub
 from loratool.hub._env import TIMEOUT_ENV, _client_timeout, _hf_quiet
+from loratool.hub._guard import HostileAnswer
 from loratool.hub.urls import _repo_of
 
 
 def _scrub(text: str, token: str | None) -> str:
-    if token:
-        text = text.replace(token, "***")
-    text = re.sub(r"(?i)(bearer\s+)\S+", r"\1***", text)
-    return re.sub(r"\bhf_[A-Za-z0-9]{6,}", "hf_***", text)
+    """errors.scrub (the one scrubber), with the token of this call known to it."""
+    register_secret(token)
+    return scrub(text)
 
 
 def _is_network_error(e: BaseException) -> bool:
@@ -121,9 +121,23 @@ def _as_hub_error(e: BaseException, *, where: str, endpoint: str, token: str | N
             return err(f"{where}: cannot reach the Hub at {endpoint}{why}", "check the network and HF_ENDPOINT")
         return err(f"{where}: cannot reach the Hub at {endpoint}{why} and the files are not in the local cache",
                    "check the network and HF_ENDPOINT; files pulled before work offline with HF_HUB_OFFLINE=1")
-    if status is not None:
+    if type(e).__name__ == "TooManyRedirects":
+        return err(f"{where}: the Hub at {endpoint} redirects in a loop", "check HF_ENDPOINT; the server is "
+                   "misconfigured or hostile")
+    if status == 404:  # not the Hub's RepoNotFound/EntryNotFound: a server that is not a Hub, or a wrong path
+        return err(f"{where}: the server at {endpoint} answered 404 Not Found" + _server_says(e, token),
+                   f"check HF_ENDPOINT ({endpoint}): it does not look like a Hugging Face Hub; and check the "
+                   "repository name")
+    if status is not None and (status >= 500 or status == 429):
         return err(f"{where}: the Hub answered {status}" + _server_says(e, token),
                    "retry later; if it persists, check the status of the Hub")
+    if status is not None:
+        return err(f"{where}: the Hub at {endpoint} answered {status}" + _server_says(e, token),
+                   "check HF_ENDPOINT and the repository name")
+    sizes = re.search(r"should be of size (\d+) but has size (\d+)", str(e)) if isinstance(e, OSError) else None
+    if sizes:  # huggingface_hub's size check of a download
+        return err(f"{where}: a downloaded file has {sizes[2]} bytes where the Hub announced {sizes[1]}",
+                   "retry; if it persists, the server is broken or hostile (check HF_ENDPOINT)")
     if isinstance(e, ValueError) and str(e).startswith("Invalid metadata in README.md"):
         return err(f"{where}: the Hub refused README.md: {' '.join(str(e).split())}",
                    "fix the YAML front matter of README.md")
@@ -141,12 +155,30 @@ def _boundary(*, where: str, endpoint: str, token: str | None, offline: bool, wr
     try:
         with _hf_quiet(progress), (_client_timeout(timeout) if timeout else contextlib.nullcontext()):
             yield
+    except HostileAnswer as e:
+        raise HubError(_scrub(f"{where}: {e.message}", token), e.hint) from None
     except LoratoolError:
         raise
     except Exception as e:
+        ours = _ours(e)  # a refusal of the guard, wrapped by huggingface_hub into its own error
+        if isinstance(ours, HostileAnswer):
+            raise HubError(_scrub(f"{where}: {ours.message}", token), ours.hint) from None
+        if ours is not None:
+            raise ours from None
         mapped = _as_hub_error(e, where=where, endpoint=endpoint, token=token, offline=offline, writing=writing,
                                timeout=timeout)
         if mapped is None:
             raise
         raise mapped from e
+
+
+def _ours(e: BaseException) -> LoratoolError | None:
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, LoratoolError):
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loratool.errors import HubError, LoratoolError
 from loratool.hub._env import _api, _cache_dir, _endpoint, _offline, _timeout, _token
+from loratool.hub._guard import HubDeadline
 from loratool.hub.describe import Described, describe
 from loratool.hub.errors import _boundary, _is_network_error
 from loratool.hub.urls import (
@@ -102,8 +102,6 @@ class _Fetched:
 def _fetch(repo_id: str, revision: str | None, subpath: str, *, token: str | None, endpoint: str | None,
            cache_dir: str | os.PathLike[str] | None, progress: bool, shown: str,
            timeout: float | None = None) -> _Fetched:
-    from huggingface_hub import snapshot_download
-
     ep = _endpoint(endpoint)
     tok = _token(token)
     cache = _cache_dir(cache_dir)
@@ -111,46 +109,107 @@ def _fetch(repo_id: str, revision: str | None, subpath: str, *, token: str | Non
     offline = _offline()
     secs = _timeout(timeout)
     with _boundary(where=shown, endpoint=ep, token=tok, offline=offline, progress=progress, timeout=secs):
-        api = _api(ep, tok)
-        local_only = offline
-        unreachable: BaseException | None = None
-        if not offline:
-            # One call that fails fast: repo_info is not retried, whereas a refused connection inside
-            # snapshot_download/hf_hub_download is retried for ~20 s. It also sorts out 401/404/revision.
-            # A Hub that accepts the connection and never answers times out here (secs), and the
-            # files then come from the cache.
-            try:
-                info = api.repo_info(repo_id, revision=rev, timeout=secs)
-                for sibling in getattr(info, "siblings", None) or []:
-                    check_repo_file(sibling.rfilename, shown)
-            except LoratoolError:
-                raise
-            except Exception as e:
-                if not _is_network_error(e):
-                    raise
-                local_only = True  # unreachable: serve from the cache, else report the connection error
-                unreachable = e
-        common: dict[str, Any] = {"repo_id": repo_id, "revision": rev, "cache_dir": cache, "endpoint": ep,
-                                  "token": tok, "local_files_only": local_only, "etag_timeout": secs}
+        fetched = _fetch_in(repo_id, rev, subpath, ep=ep, tok=tok, cache=cache, offline=offline, secs=secs,
+                            shown=shown)
+    _check_in_cache(fetched, repo_id, cache, shown)
+    return fetched
+
+
+def _check_in_cache(fetched: _Fetched, repo_id: str, cache: str | None, shown: str) -> None:
+    """Every file loratool will read must lie in this repo's part of the cache: the snapshot folder
+    inside its snapshots/, each file in its blobs/ (or, where the cache holds no links, in the
+    snapshot itself). huggingface_hub builds these paths from the server's answers (the ETag, the
+    commit), so a hostile server could otherwise make loratool read, or copy out, any local file.
+
+    Raises:
+        HubError: naming the file and where it leads.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    from loratool.st import _inside
+
+    storage = Path(cache or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    snaps, blobs = os.path.realpath(storage / "snapshots"), os.path.realpath(storage / "blobs")
+    snap = os.path.realpath(fetched.snapshot)
+    hint = ("refusing a file outside the Hugging Face cache: the server's answers are hostile or the cache was "
+            "tampered with; remove the repo's folder from the cache and check HF_ENDPOINT")
+    if os.path.dirname(snap) != snaps:
+        raise HubError(f"{shown}: the snapshot folder {fetched.snapshot} lies outside the cache's {snaps}", hint=hint)
+    names = list(fetched.files)
+    if fetched.path.is_file() or fetched.path.is_symlink():  # a file comes with the PEFT config beside it
+        beside = fetched.path.parent / PEFT_CONFIG
+        if os.path.lexists(beside):
+            names.append(os.path.relpath(beside, fetched.snapshot))
+    for name in names:
+        real = os.path.realpath(fetched.snapshot / name)
+        if not (_inside(real, blobs) or _inside(real, snap)):
+            raise HubError(f"{shown}: {name} leads out of the Hugging Face cache (to {real})", hint=hint)
+
+
+def _fetch_in(repo_id: str, rev: str, subpath: str, *, ep: str, tok: str | None, cache: str | None, offline: bool,
+              secs: float, shown: str) -> _Fetched:
+    """_fetch's Hub calls, inside its boundary."""
+
+    api = _api(ep, tok)
+    local_only = offline
+    unreachable: BaseException | None = None
+    if not offline:
+        # One call that fails fast: repo_info is not retried, whereas a refused connection inside
+        # snapshot_download/hf_hub_download is retried for ~20 s. It also sorts out 401/404/revision.
+        # A Hub that accepts the connection and never answers times out here (secs), and the
+        # files then come from the cache.
         try:
-            if not subpath:
-                snap = Path(snapshot_download(allow_patterns=list(FILE_PATTERNS), **common))
-                if not any(snap.rglob("*.safetensors")):
-                    with contextlib.suppress(Exception):
-                        snap = Path(snapshot_download(allow_patterns=[*FILE_PATTERNS, *PICKLE_PATTERNS], **common))
-                if not snap.is_dir() or not any(snap.iterdir()):
-                    raise HubError(f"{shown}: the repository holds no adapter or model files "
-                                   f"({', '.join(FILE_PATTERNS + PICKLE_PATTERNS)})",
-                                   hint="check the repository's files; loratool reads safetensors adapters and "
-                                   "models")
-                return _Fetched(snap, snap, _listing(snap))
-            if not local_only:
-                return _fetch_online(api, subpath, common, shown)
-            return _fetch_cached(subpath, common, shown)
-        except Exception as e:
-            if unreachable is not None and _is_not_cached(e):
-                raise unreachable from e
+            info = api.repo_info(repo_id, revision=rev, timeout=secs)
+            for sibling in getattr(info, "siblings", None) or []:
+                check_repo_file(sibling.rfilename, shown)
+        except LoratoolError:
             raise
+        except Exception as e:
+            if not _is_network_error(e):
+                raise
+            local_only = True  # unreachable: serve from the cache, else report the connection error
+            unreachable = e
+    common: dict[str, Any] = {"repo_id": repo_id, "revision": rev, "cache_dir": cache, "endpoint": ep,
+                              "token": tok, "local_files_only": local_only, "etag_timeout": secs}
+    try:
+        return _download(api, subpath, common, shown, unreachable)
+    except HubDeadline as e:
+        # the repo answered but a file did not, in time (_guard ends every later request at once):
+        # what the cache holds still serves, as when the Hub does not answer at all
+        late = e
+    try:
+        return _download(api, subpath, {**common, "local_files_only": True}, shown, None)
+    except Exception as e:
+        if _is_not_cached(e):
+            raise late from None
+        raise
+
+
+def _download(api: Any, subpath: str, common: dict[str, Any], shown: str,
+              unreachable: BaseException | None) -> _Fetched:
+    from huggingface_hub import snapshot_download
+
+    local_only = common["local_files_only"]
+    try:
+        if not subpath:
+            snap = Path(snapshot_download(allow_patterns=list(FILE_PATTERNS), **common))
+            if not any(snap.rglob("*.safetensors")):
+                with contextlib.suppress(Exception):
+                    snap = Path(snapshot_download(allow_patterns=[*FILE_PATTERNS, *PICKLE_PATTERNS], **common))
+            if not snap.is_dir() or not any(snap.iterdir()):
+                raise HubError(f"{shown}: the repository holds no adapter or model files "
+                               f"({', '.join(FILE_PATTERNS + PICKLE_PATTERNS)})",
+                               hint="check the repository's files; loratool reads safetensors adapters and "
+                               "models")
+            return _Fetched(snap, snap, _listing(snap))
+        if not local_only:
+            return _fetch_online(api, subpath, common, shown)
+        return _fetch_cached(subpath, common, shown)
+    except Exception as e:
+        if unreachable is not None and _is_not_cached(e):
+            raise unreachable from e
+        raise
 
 
 def _is_not_cached(e: BaseException) -> bool:
@@ -265,21 +324,22 @@ def pull(repo_id: str, revision: str | None = None, subfolder: str | None = None
 
 
 def _copy_out(fetched: _Fetched, out: Path, *, force: bool) -> Path:
-    """Copy the fetched files (symlinks into the cache resolved) to out, atomically."""
-    from loratool.st import atomic_output
+    """Copy the fetched files (symlinks into the cache resolved, checked by _check_in_cache) to out,
+    atomically; a known token in a file is written as *** (st.copy_input_file)."""
+    from loratool.st import atomic_output, copy_input_file
 
     src = fetched.path
     with atomic_output(out, force=force, directory=True, inputs=[src, fetched.snapshot], kind="download") as tmp:
         if src.is_dir():
-            for f in sorted(src.rglob("*")):
-                if f.is_file():
-                    dest = tmp / f.relative_to(src)
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(f, dest)
+            under = src.relative_to(fetched.snapshot)
+            for name in fetched.files:
+                rel = Path(name).relative_to(under)
+                dest = tmp / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                copy_input_file(fetched.snapshot / name, dest)
         else:
-            shutil.copyfile(src, tmp / src.name)
+            copy_input_file(src, tmp / src.name)
             config = src.parent / PEFT_CONFIG
-            if config.is_file() and src.name != PEFT_CONFIG:
-                shutil.copyfile(config, tmp / PEFT_CONFIG)
+            if config.is_file() and src.name != PEFT_CONFIG:  # checked by _check_in_cache too
+                copy_input_file(config, tmp / PEFT_CONFIG)
     return out if src.is_dir() else out / src.name
-

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loratool.errors import FormatError, HubError
+from loratool.errors import FormatError, HubError, known_secrets, scrub_bytes
 from loratool.hub._env import _api, _endpoint, _offline, _timeout, _token
 from loratool.hub.card import check_base_model, fix_front_matter, hub_model_id, model_card
 from loratool.hub.describe import Described, describe
@@ -54,15 +55,41 @@ class PushResult:
 
 
 def _upload_files(path: Path) -> list[tuple[str, Path]]:
-    """(path in repo, local file) pairs; hidden files and folders (.cache, .git, ...) stay behind."""
+    """(path in repo, local file) pairs; hidden files and folders (.cache, .git, ...) stay behind.
+
+    A file reached through a symbolic link that leads out of the folder is refused (st.copy_tree_files),
+    as are special files: an upload never reads what the folder only points at.
+    """
+    from loratool.st import copy_tree_files
+
     if path.is_file():
         return [(path.name, path)]
-    out = []
-    for f in sorted(path.rglob("*")):
-        rel = f.relative_to(path)
-        if f.is_file() and not any(part.startswith(".") for part in rel.parts):
-            out.append((rel.as_posix(), f))
-    return out
+    return [(rel.as_posix(), f) for f, rel in copy_tree_files(path, refuse_links_out=True)]
+
+
+_TEXT_SUFFIXES = (".json", ".md", ".txt", ".yaml", ".yml", ".jinja", ".py", ".cfg", ".toml")
+_TEXT_MAX = 64 << 20
+
+
+def _refuse_token_in(files: list[tuple[str, Path]]) -> None:
+    """Never publish the token: a text file or a safetensors header (metadata) holding a known
+    token (errors.known_secrets) is refused, naming the file, before anything is sent."""
+    from loratool.st import open_input, read_header
+
+    if not known_secrets():
+        return
+    for rel, f in files:
+        if f.suffix == ".safetensors":
+            meta = read_header(f).metadata
+            raw = json.dumps(meta, ensure_ascii=False).encode("utf-8", "surrogatepass")
+        elif f.suffix in _TEXT_SUFFIXES and f.stat().st_size <= _TEXT_MAX:
+            with open_input(f) as fh:
+                raw = fh.read(_TEXT_MAX)
+        else:
+            continue
+        if scrub_bytes(raw) != raw:
+            raise FormatError(f"{f}: holds the Hub token in use ({rel} would publish it); refusing to upload",
+                              hint="remove the token from the file (or its safetensors metadata), then push again")
 
 
 def push(path: str | os.PathLike[str], repo_id: str, private: bool = False, revision: str | None = None,
@@ -112,6 +139,7 @@ def push(path: str | os.PathLike[str], repo_id: str, private: bool = False, revi
                        hint="log in with `hf auth login`, set HF_TOKEN or pass --token")
     if _offline():
         raise HubError(f"{where}: HF_HUB_OFFLINE=1 forbids uploading", hint="unset HF_HUB_OFFLINE to push")
+    _refuse_token_in(files)
     warnings: list[str] = []
     secs = _timeout(timeout)
     with _boundary(where=where, endpoint=ep, token=tok, offline=False, writing=True, progress=progress, timeout=secs):

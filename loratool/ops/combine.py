@@ -247,6 +247,63 @@ def match_modules(adapters: list[Adapter]) -> tuple[dict[str, list[tuple[int, Lo
     return groups, warnings
 
 
+def _refuse_two_models(adapters: list[Adapter], allow: bool) -> None:
+    """Adapters trained on different base models add up to a delta no model can use.
+
+    Raises:
+        IncompatibleError: two inputs record different base models (unless `allow`).
+    """
+    named = [a for a in adapters if a.base_model]
+    other = next((b for b in named if b.base_model != named[0].base_model), None) if named else None
+    if other is None or allow:
+        return
+    a = named[0]
+    raise IncompatibleError(
+        f"the inputs are adapters for different models: {a.path} for {a.base_model} ({len(a.modules)} modules, "
+        f"e.g. '{_example(a)}'), {other.path} for {other.base_model} (e.g. '{_example(other)}')",
+        hint="combine adapters of one base model; if both names mean the same model, pass --allow-different-bases")
+
+
+def _refuse_two_dialects(adapters: list[Adapter], groups: dict[str, list[tuple[int, LoraModule]]] | None) -> None:
+    """Two adapters for one model family in two namings (a kohya FLUX.1 file and its diffusers
+    conversion) whose modules `groups` (match_modules) does not pair would be combined as if they
+    adapted different layers. (SD U-Net names pair through the naming rules: those pass.)
+
+    Raises:
+        IncompatibleError: naming the `loratool convert` command that puts one in the other's names.
+    """
+    from loratool import families
+    from loratool.ops.convert import FAMILY_TARGETS, text_encoder_modules
+
+    seen: list[tuple[int, set[str], str]] = []  # (input index, the families its names fit, their dialect)
+    for i, a in enumerate(adapters):
+        te = text_encoder_modules(a)
+        names = [n for n in [*a.modules, *a.lycoris] if n not in te]
+        det = families.detect(names, a.metadata)
+        if not names or det.matched != det.total:
+            continue
+        fams = {det.family} if det.family else set(det.tied)
+        dialect = det.dialect or next(d for f, d, n in det.candidates if n == det.matched)
+        met = set(names)  # its family modules (text-encoder modules aside)
+        for j, b_fams, b_dialect in seen:
+            b = adapters[j]
+            common = fams & b_fams
+            paired = groups is not None and any(
+                {i, j} <= {k for k, _ in items} and any(k == i and m.name in met for k, m in items)
+                for items in groups.values())
+            if common and dialect != b_dialect and not paired:
+                target = b_dialect if b_dialect in FAMILY_TARGETS else "diffusers"
+                stem = a.path.name.removesuffix(".safetensors") if a.path else "converted"
+                out = f"{stem}_{target}" + ("" if target == "peft" else ".safetensors")
+                family = "" if det.confident else f" --family {'|'.join(sorted(common))}"
+                raise IncompatibleError(
+                    f"{b.path} and {a.path} are both {' / '.join(sorted(common))} adapters, one in {b_dialect} "
+                    f"names and one in {dialect} names: combined as they are, no module would meet its counterpart",
+                    hint=f"put them in one naming first: loratool convert {a.path} --to {target}{family} -o {out}, "
+                         f"then combine {b.path} with {out}")
+        seen.append((i, fams, dialect))
+
+
 def _example(a: Adapter) -> str:
     return next(iter(a.modules), "(no modules)")
 
@@ -406,7 +463,9 @@ def combine(
     allow_pickle: bool = False,
     module_weights: str | None = None,
     blocks: str | None = None,
+    allow_different_bases: bool = False,
     progress: Progress | None = None,
+    allow_variant: bool = False,
 ) -> CombineReport:
     """Combine adapters into one with weights and write it (see the module docstring for methods).
 
@@ -424,6 +483,8 @@ def combine(
         module_weights, blocks: per-module multipliers of every input's weight ('REGEX=W,...',
             'PRESET:W1,...'; formats/blocks.py), on the output module names; weight 0 leaves a
             module out of the result.
+        allow_different_bases: combine inputs whose recorded base models differ (a warning instead
+            of the refusal: one model saved under two names).
 
     Returns:
         CombineReport with per-module input ranks, output rank, kept energy and error.
@@ -444,9 +505,19 @@ def combine(
     local = [resolve_path(p) for p in paths]
     device = resolve_device(device)
     adapters = [read(p, allow_pickle=allow_pickle) for p in local]
+    from loratool.variants import guard
+
+    variant_warnings = [w for a in adapters for w in guard(a, "combine", allow_variant)]  # PiSSA, aLoRA, ...
     for a in adapters:
         _refuse_unsupported(a)
-    groups, warnings = match_modules(adapters)
+    _refuse_two_models(adapters, allow_different_bases)
+    try:
+        groups, warnings = match_modules(adapters)
+    except IncompatibleError:
+        _refuse_two_dialects(adapters, None)  # the error that says how to fix it, where it applies
+        raise
+    _refuse_two_dialects(adapters, groups)
+    warnings = variant_warnings + warnings
     if not groups:
         raise IncompatibleError("the inputs hold no LoRA modules")
     scaled: dict[str, float] = {}
@@ -459,6 +530,7 @@ def combine(
         scaled = mw.weights
         if not groups:
             raise IncompatibleError("every module has weight 0: nothing is left to combine")
+    asked = fmt  # write() tells --format peft (a folder) from the default PEFT (-o NAME.safetensors: one file)
     fmt = fmt or (adapters[0].source_format if adapters[0].source_format in writable_formats() else "peft")
     for a in adapters:  # the result holds what its inputs hold (bias deltas, kinds): refuse before the maths
         check_writable(a, fmt)
@@ -511,7 +583,8 @@ def combine(
               "majority_sign": report.majority_sign, "seed": seed, "dtype": dtype,
               "inputs": [source_label(p) for p in local]}
     params.update({k: v for k, v in (("module_weights", module_weights), ("blocks", blocks)) if v is not None})
-    written = write(result, out, fmt=fmt, force=force, op="combine", params=params, sources=result.files)
+    written = write(result, out, fmt=None if asked is None and fmt == "peft" else fmt, force=force, op="combine",
+                    params=params, sources=result.files)
     report.size = output_size(written)
     return report
 

@@ -30,9 +30,9 @@ from typing import Any
 
 from loratool.adapter import Adapter, LoraModule, LycoModule
 from loratool.errors import IncompatibleError
-from loratool.ops import Row, output_size
+from loratool.ops import Phase, Row, output_size
 from loratool.runtimes import RUNTIME_OF_FORMAT
-from loratool.st import TensorRef, read_side_file
+from loratool.st import TensorRef, folder_file, read_side_file
 
 SCHEMA = 1
 
@@ -95,7 +95,7 @@ def _listing(names: list[str], limit: int = 6) -> str:
 
 def _base_class(ckpt_root: Path) -> str | None:
     """The diffusers `_class_name` of a component directory's config.json, if there is one."""
-    cfg = ckpt_root / "config.json"
+    cfg = folder_file(ckpt_root, "config.json")
     try:
         data = json.loads(read_side_file(cfg).decode("utf-8"))
     except (OSError, ValueError, RecursionError):  # FIFOs, devices, absurd sizes: FormatError, not ignored
@@ -164,6 +164,9 @@ def convert(
     dora_to_lora: str | os.PathLike[str] | None = None,
     family: str | None = None,
     fuse_rank: int | None = None,
+    phase: Phase | None = None,
+    allow_variant: bool = False,
+    initial_adapter: str | os.PathLike[str] | None = None,
 ) -> ConvertReport:
     """Convert an adapter to another format (or rewrite it in its own), keeping every delta exact.
 
@@ -181,9 +184,14 @@ def convert(
             peft), splitting and fusing modules by its table; detected from original-layout (BFL)
             names when not given. comfyui output needs a family.
         fuse_rank: truncate block-diagonal fused modules to this rank (error reported).
+        allow_variant: go on with an unconverted PiSSA / OLoRA / CorDA / LoftQ or an aLoRA adapter
+            (loratool.variants; refused by default), with a warning saying what the output means.
+        initial_adapter: the adapter PEFT saved right after a PiSSA / OLoRA / CorDA initialisation:
+            the output is PEFT's conversion to plain LoRA (ΔW = s·(B·A − B0·A0), rank 2r).
         rank: LyCORIS modules become LoRA factors of at most this rank (the best truncation, its
             error reported per module); None keeps them exact. Full 2-D diffs become LoRA only
             with a rank; without one they stay full diffs (kohya output only).
+        phase: called with what the conversion is doing (reading, converting, writing).
 
     Raises:
         IncompatibleError: names that cannot be placed (listed), modules that do not fit `base`,
@@ -221,10 +229,18 @@ def convert(
         runtime = get_runtime(RUNTIME_OF_FORMAT[to])
     if to != "lora":
         get_format(to, writing=True)  # an unknown target is refused before anything is read
+    say = phase or (lambda text: None)
     path = resolve_path(path)
     base = resolve_path(base) if base is not None else None
+    say(f"reading {Path(path).name}")
     adapter = read(path, allow_pickle=allow_pickle)
     require_plain(adapter, "convert", lycoris=True)
+    from loratool.variants import convert_with_initial, guard
+
+    if initial_adapter is not None:  # PEFT's path_initial_model_for_weight_conversion, from the files
+        adapter = convert_with_initial(adapter, read(resolve_path(initial_adapter), allow_pickle=allow_pickle))
+    variant_warnings = guard(adapter, "convert", allow_variant)
+    say(f"converting {len(adapter.modules) + len(adapter.lycoris)} modules to {to}")
     if to == "lora":
         to = written_as(adapter.source_format)
     target = get_format(to, writing=True)
@@ -238,15 +254,16 @@ def convert(
     if not adapter.modules and not adapter.lycoris:
         raise IncompatibleError(f"{path}: holds no LoRA modules to convert")
     report = ConvertReport(Path(out), Path(path), adapter.source_format, to, Path(base) if base is not None else None,
-                           warnings=lyco_warnings)
+                           warnings=variant_warnings + lyco_warnings)
     # with --base the modules are named by the base's keys where every module matches one (a kohya SD
     # file into its single-file checkpoint's names); otherwise (or with --family) by the family's table
     by_base = base is not None and family is None and to in FAMILY_TARGETS and _matches_base(adapter, Path(base))
     fam = None if by_base else \
         _family_for(adapter, to, family, runtime is not None or dora_to_lora is not None, report.warnings)
     if fam is not None:
-        return _convert_family(adapter, report, fam[0], fam[1], to, out, force=force, fuse_rank=fuse_rank)
+        return _convert_family(adapter, report, fam[0], fam[1], to, out, force=force, fuse_rank=fuse_rank, say=say)
     as_read = adapter.modules  # the report shows each module's rank, alpha and scale as read
+    gguf_base: str | None = None
     origin: dict[str, str] = {}  # a module renamed before target_names -> its name as read
     if dora_to_lora is not None:
         from loratool.ops.runtime import dora_to_lora as fold
@@ -259,7 +276,7 @@ def convert(
     if runtime is not None:
         from loratool.ops.runtime import prepare_for
 
-        prepared = prepare_for(adapter, runtime, drop=drop)
+        prepared = prepare_for(adapter, runtime, drop=drop, allow_variant=allow_variant)
         adapter = prepared.adapter
         report.runtime, report.prepared = runtime.name, prepared.to_dict()
         report.warnings.extend(prepared.warnings)
@@ -284,6 +301,7 @@ def convert(
         order = list(adapter.modules)
         adapter = gguf_layout(adapter, Path(base))
         origin = dict(zip(adapter.modules, order))  # GGUF tensor name -> the module name as read
+        gguf_base = source_label(base)  # provenance keeps it
         base = None  # used: the names are GGUF's now, not the checkpoint's
     # peft's save_embedding_layers copies of a LoRA layer's base weight (`.base_layer.`) go only
     # where full tensors can; other full tensors (modules_to_save) must be kept or the user told
@@ -345,11 +363,14 @@ def convert(
         lycoris=kept_lyco,
     )
     report.extras = sorted(converted.extras)
-    params: dict[str, Any] = {"to": to, "base": None if base is None else source_label(base)}
+    params: dict[str, Any] = {"to": to, "base": gguf_base if base is None else source_label(base)}
     if runtime is not None:
-        params.update({"for": runtime.name, "drop": drop})
+        params.update({"for": for_runtime or runtime.name, "drop": drop})  # vllm@0.30: the release too
     if dora_to_lora is not None:
         params["dora_to_lora"] = source_label(dora_to_lora)
+    if initial_adapter is not None:
+        params["initial_adapter"] = source_label(initial_adapter)
+    say(f"writing and re-reading {Path(out).name}")
     written = write(converted, out, fmt=to, force=force, op="convert", params=params, sources=adapter.files)
     report.size = output_size(written)
     return report
@@ -455,21 +476,17 @@ def _family_for(adapter: Adapter, to: str, family: str | None, other_mode: bool,
         return None
     # full / norm / bias diffs (kept as they are where the target holds them) move with the family's names
     names = [*adapter.modules, *adapter.lycoris]
-    det = families.detect(names)
+    det = families.detect(names, adapter.metadata)
     te = text_encoder_modules(adapter)
     if te and det.matched and set(det.unmatched) <= set(te):
         # a transformer LoRA with text-encoder modules beside it (kohya FLUX.1 files often have
         # lora_te1_ CLIP-L ones): the family is judged on the rest; those go by the naming rules
         names = [n for n in names if n not in te]
-        det = families.detect(names)
+        det = families.detect(names, adapter.metadata)
     if family is None and adapter.family is not None and to in FAMILY_TARGETS and not other_mode:
         family = adapter.family  # the format itself says which model it is for (XLabs: FLUX.1)
     if family is not None:
-        try:
-            fam = families.get(family)
-        except KeyError:
-            known = ", ".join(f.name for f in families.families())
-            raise IncompatibleError(f"--family {family}: unknown family", hint=f"known: {known}") from None
+        fam = families.check_name(family)
         best = max(families.DIALECTS, key=lambda d: sum(fam.identify(n, d) is not None for n in names))
         if to not in FAMILY_TARGETS or other_mode:
             raise IncompatibleError(f"--family works with --to {', '.join(FAMILY_TARGETS)} only")
@@ -511,7 +528,8 @@ def _family_for(adapter: Adapter, to: str, family: str | None, other_mode: bool,
 
 
 def _convert_family(adapter: Adapter, report: ConvertReport, fam: Any, source: str, to: str,
-                    out: str | os.PathLike[str], *, force: bool, fuse_rank: int | None) -> ConvertReport:
+                    out: str | os.PathLike[str], *, force: bool, fuse_rank: int | None,
+                    say: Phase = lambda text: None) -> ConvertReport:
 
     from loratool.families.convert import convert_family
     from loratool.formats import write
@@ -577,6 +595,7 @@ def _convert_family(adapter: Adapter, report: ConvertReport, fam: Any, source: s
                                      metadata=adapter.metadata if adapter.source_format == to == "kohya" else {},
                                      source_format=to, source_modules=(), lycoris=conv.lycoris)
     params = {"to": to, "family": fam.name, "from_dialect": source, "fuse_rank": fuse_rank}
+    say(f"writing and re-reading {Path(out).name}")
     written = write(converted, out, fmt=to, force=force, op="convert", params=params, sources=adapter.files)
     report.size = sum(f.stat().st_size for f in written.iterdir() if f.is_file()) if written.is_dir() else \
         written.stat().st_size

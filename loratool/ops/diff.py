@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from loratool.adapter import Adapter, LoraModule
+from loratool.ops import natural_key
 
 SCHEMA = 1
 Progress = Callable[[int, int], None]
@@ -229,7 +230,7 @@ def diff(
     return report
 
 
-def _order(m: ModuleDiff) -> tuple[int, float, str]:
+def _order(m: ModuleDiff) -> tuple[int, float, tuple[tuple[int, int | str], ...]]:
     if m.rel_distance is None or math.isnan(m.distance):
-        return (0, 0.0, m.name)  # shape mismatches and "from zero" first
-    return (1, -m.rel_distance, m.name)
+        return (0, 0.0, natural_key(m.name))  # shape mismatches and "from zero" first
+    return (1, -m.rel_distance, natural_key(m.name))  # the largest distance first; names in natural order

@@ -40,7 +40,7 @@ from loratool.errors import IncompatibleError
 from loratool.linalg import EXACT_MAX_DIM, truncated_svd
 from loratool.ops import Progress, Row, output_size
 from loratool.patterns import compile_pattern
-from loratool.st import BackgroundSha256, Checkpoint, TensorInfo, TensorRef, read_side_file
+from loratool.st import BackgroundSha256, Checkpoint, TensorInfo, TensorRef, folder_file, read_side_file
 
 if TYPE_CHECKING:
     import torch
@@ -236,13 +236,13 @@ def _plan(base: Checkpoint, tuned: Checkpoint, *, modules: str | None, embedding
 
 
 def _source_files(ckpt: Checkpoint) -> list[Path]:
-    extra = [ckpt.root / n for n in ("config.json", "model.safetensors.index.json")]
+    extra = [folder_file(ckpt.root, n) for n in ("config.json", "model.safetensors.index.json")]
     return [*ckpt.files, *(p for p in extra if p.is_file() and p not in ckpt.files)]
 
 
 def _config(ckpt: Checkpoint) -> dict[str, Any]:
     try:
-        data = json.loads(read_side_file(ckpt.root / "config.json").decode("utf-8"))
+        data = json.loads(read_side_file(folder_file(ckpt.root, "config.json")).decode("utf-8"))
     except (OSError, ValueError, RecursionError):  # FIFOs, devices, absurd sizes: FormatError, not ignored
         return {}
     return data if isinstance(data, dict) else {}

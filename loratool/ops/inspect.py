@@ -11,7 +11,7 @@ from typing import Any
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import IncompatibleError
-from loratool.formats import Findings, read
+from loratool.formats import Findings, comfyui_names, read
 
 SCHEMA = 1
 Progress = Callable[[int, int], None]
@@ -58,6 +58,8 @@ class InspectReport:
         }
 
     def to_dict(self) -> dict[str, Any]:
+        from loratool.variants import detect
+
         a = self.adapter
         modules = []
         for m in self.modules:
@@ -105,6 +107,7 @@ class InspectReport:
         return {
             "schema": SCHEMA,
             "format": a.source_format,
+            "dialect": "comfyui" if comfyui_names(a) and a.source_format != "comfyui" else None,
             "path": str(self.path),
             "base_model": a.base_model,
             "num_modules": len(a.modules),
@@ -120,6 +123,7 @@ class InspectReport:
             "config": a.config or None,
             "extras": [{"name": k, "shape": list(t.shape), "dtype": t.dtype} for k, t in a.extras.items()],
             "unsupported": list(a.unsupported),
+            "variants": [{"name": v.name, "setting": v.setting, "convertible": v.convertible} for v in detect(a)],
             "family": _family(a),
             "num_lycoris": len(lyco),
             "lycoris_kinds": dict(Counter(m.algo for m in a.lycoris.values()).most_common()),
@@ -138,10 +142,10 @@ def _family(a: Adapter) -> dict[str, Any]:
 
     te = text_encoder_modules(a)
     names = [*a.modules, *a.lycoris]
-    det = detect(names)
+    det = detect(names, a.metadata)
     if te and det.matched and set(det.unmatched) <= te:
         names = [n for n in names if n not in te]
-        det = detect(names)
+        det = detect(names, a.metadata)
     else:
         te = set()
     needs = False
@@ -210,7 +214,8 @@ def _spectrum(m: LoraModule, path: Path, device: str) -> list[float]:
     except torch.linalg.LinAlgError:
         s = None
     if s is None or not bool(torch.isfinite(s).all()):
-        bad = next((ref for ref in (m.down, m.up) if not bool(torch.isfinite(ref.load()).all())), m.down)
+        # .float(): torch.isfinite has no float8 kernel
+        bad = next((ref for ref in (m.down, m.up) if not bool(torch.isfinite(ref.load().float()).all())), m.down)
         raise IncompatibleError(
             f"{bad.source}: module '{m.name}' has NaN or Inf values; its spectrum is undefined",
             hint=f"loratool validate {path}",

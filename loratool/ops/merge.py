@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratool.adapter import Adapter
-from loratool.errors import IncompatibleError
+from loratool.errors import FormatError, IncompatibleError, LoratoolError
 from loratool.keymap import Contribution, MergePlan, plan_merge
 from loratool.linalg import Workspace, merged_tensor, nf4_roundtrip, realized_delta
-from loratool.ops import Row
+from loratool.ops import Phase
+from loratool.ops.merge_report import MergeReport, Progress, TensorStat
 from loratool.pipeline import Buffers, Cast, Compute, copy_other_files, gc_paused, stream_file
 from loratool.st import BackgroundSha256, Checkpoint, TensorInfo
 from loratool.storage import FP8_DTYPES, BaseStorage, dequantize, detect, quantize, requantize
@@ -38,99 +39,9 @@ from loratool.storage import FP8_DTYPES, BaseStorage, dequantize, detect, quanti
 if TYPE_CHECKING:
     import torch
 
-SCHEMA = 1
-Progress = Callable[[int, int], None]
 OUT_DTYPES = {"keep": None, "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 ROUNDINGS = ("nearest", "stochastic")
 _FLOAT = ("float64", "float32", "float16", "bfloat16")
-
-
-@dataclass
-class TensorStat(Row):
-    key: str
-    file: str
-    modules: list[str]
-    delta_fro: float  # ||ΔW||_F, the float32 change W' − W (0 for replaced tensors)
-    rel_change: float  # ||W' − W||_F / ||W||_F, measured in float32 before the cast
-    max_cast_error: float  # max |stored(W') − W'|, the storage's rounding of the merged tensor
-    retained: float | None = None  # <R, ΔW> / ||ΔW||², R = stored(W') − W (None: ΔW = 0)
-    rel_error: float | None = None  # ||R − ΔW|| / ||ΔW||
-    storage: str = "float"  # how the tensor is stored (storage.Storage.describe())
-    replaced: bool = False
-
-
-@dataclass
-class MergeReport:
-    out: Path
-    base: Path
-    adapters: list[Path]
-    weights: list[float]
-    unmerge: bool
-    dtype: str
-    device: str
-    files: int = 0
-    merged: int = 0  # tensors that received a delta
-    replaced: int = 0  # tensors replaced by modules_to_save copies
-    copied: int = 0  # tensors copied byte for byte
-    changed: int = 0  # merged tensors whose stored values changed, plus replaced ones
-    size: int = 0
-    storage: str = "plain float (no quantized weights)"  # what the base's weights are stored as
-    rounding: str = "nearest"
-    min_retained: float = 0.5
-    unmatched: list[str] = field(default_factory=list)
-    layouts: list[str] = field(default_factory=list)  # adapters mapped onto the base's other family layout
-    tensors: list[TensorStat] = field(default_factory=list)  # per tensor (with stats)
-    warnings: list[str] = field(default_factory=list)
-    # (key, retained, rel_error, max_cast_error) of every merged tensor, kept even without stats
-    realized: list[tuple[str, float | None, float | None, float]] = field(default_factory=list)
-
-    @property
-    def worst_retained(self) -> tuple[str, float] | None:
-        vals = [(k, r) for k, r, _, _ in self.realized if r is not None]
-        return min(vals, key=lambda kv: kv[1]) if vals else None
-
-    @property
-    def worst_rel_error(self) -> tuple[str, float] | None:
-        vals = [(k, e) for k, _, e, _ in self.realized if e is not None]
-        return max(vals, key=lambda kv: kv[1]) if vals else None
-
-    @property
-    def low_retained(self) -> list[str]:
-        return [k for k, r, _, _ in self.realized if r is not None and r < self.min_retained]
-    timings: dict[str, float] = field(default_factory=dict)  # pipeline.Timings: where the wall time went
-
-    def to_dict(self, *, tensors: bool = False) -> dict[str, Any]:
-        worst_r, worst_e = self.worst_retained, self.worst_rel_error
-        doc: dict[str, Any] = {
-            "schema": SCHEMA,
-            "out": str(self.out),
-            "base": str(self.base),
-            "adapters": [str(a) for a in self.adapters],
-            "weights": self.weights,
-            "unmerge": self.unmerge,
-            "dtype": self.dtype,
-            "device": self.device,
-            "num_files": self.files,
-            "merged_tensors": self.merged,
-            "replaced_tensors": self.replaced,
-            "copied_tensors": self.copied,
-            "size": self.size,
-            "unmatched": self.unmatched,
-            "storage": self.storage,
-            "rounding": self.rounding,
-            "max_cast_error": max((c for *_, c in self.realized), default=0.0) if self.tensors else None,
-            "min_retained": worst_r[1] if worst_r else None,
-            "min_retained_tensor": worst_r[0] if worst_r else None,
-            "max_rel_error": worst_e[1] if worst_e else None,
-            "max_rel_error_tensor": worst_e[0] if worst_e else None,
-            "low_retained_tensors": len(self.low_retained),
-            "layouts": self.layouts,
-            "warnings": self.warnings,
-        }
-        if tensors:
-            doc["tensors"] = [t.to_dict() for t in self.tensors]
-            doc["timings"] = self.timings
-        return doc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,15 +286,27 @@ def adapter_module_weights(adapters: list[Adapter], module_weights: str | None, 
 
 def read_and_plan(op: str, adapters: Sequence[str | os.PathLike[str]], weights: list[float], ckpt: Any,
                   storage: Any, *, allow_pickle: bool, allow_unmatched: bool, unmerge: bool,
-                  module_weights: str | None, blocks: str | None) -> tuple[list[Adapter], Any, list[str]]:
+                  module_weights: str | None, blocks: str | None,
+                  allow_variant: bool = False) -> tuple[list[Adapter], Any, list[str]]:
     """The adapters read and checked, and the plan of which base tensor each changes (shared by
     merge and verify, so verify checks exactly what merge would have done): (adapters, plan, warnings)."""
-    from loratool.formats import read, require_plain
+    from loratool.formats import detect, read, require_plain
+    from loratool.variants import guard
 
     loaded = []
+    variant_warnings = []
     for p in adapters:
-        a = read(Path(p), allow_pickle=allow_pickle)
+        try:
+            a = read(Path(p), allow_pickle=allow_pickle)
+        except FormatError as e:
+            base = _adapter_as_base(ckpt, detect)
+            if base is None:
+                raise
+            # the base is an adapter and this is not: BASE and ADAPTER given the other way round
+            order = f"loratool merge {p} {base} -o OUT" if op == "merge" else "the base model goes to --base"
+            raise FormatError(e.message, hint=f"did you swap them? {base} is an adapter; {order}") from None
         require_plain(a, op, lycoris=True, dora=True)  # DoRA on either axis and on LyCORIS modules: applied
+        variant_warnings += guard(a, op, allow_variant)  # unconverted PiSSA / OLoRA / CorDA / LoftQ, aLoRA
         loaded.append(a)
     per_module, mw_warnings = adapter_module_weights(loaded, module_weights, blocks)
     plan, warnings = plan_merge(loaded, weights, ckpt, allow_unmatched=allow_unmatched, unmerge=unmerge,
@@ -395,7 +318,18 @@ def read_and_plan(op: str, adapters: Sequence[str | os.PathLike[str]], weights: 
                 f"{info.path}: base tensor '{key}' is {info.dtype}, not a floating-point weight; a delta cannot be "
                 f"added to it (module '{contribs[0].module.name}')",
                 hint="check that BASE is the model the adapter was trained on")
-    return loaded, plan, mw_warnings + warnings
+    return loaded, plan, variant_warnings + mw_warnings + warnings
+
+
+def _adapter_as_base(ckpt: Any, detect: Callable[[Path], str]) -> Path | None:
+    """The base path when it holds an adapter (a PEFT folder, a kohya file), else None."""
+    for path in [ckpt.root, *ckpt.files[:1]] if len(ckpt.files) == 1 else [ckpt.root]:
+        try:
+            detect(path)
+        except LoratoolError:
+            continue
+        return Path(path)
+    return None
 
 
 def checked_options(op: str, adapters: Sequence[object], weights: Sequence[float] | None, dtype: str) -> list[float]:
@@ -438,6 +372,8 @@ def merge(
     module_weights: str | None = None,
     blocks: str | None = None,
     progress: Progress | None = None,
+    phase: Phase | None = None,
+    allow_variant: bool = False,
 ) -> MergeReport:
     """Merge adapters into a base checkpoint and write a complete copy of it.
 
@@ -469,6 +405,8 @@ def merge(
             match wins, on the module names); blocks: 'PRESET:W1,W2,...' per-block multipliers
             (formats/blocks.py). A module at weight 0 is not merged.
         progress: called with (bytes done, bytes total).
+        phase: called with what the merge is doing before the bytes flow (reading headers, loading
+            torch, reading and matching the adapters, ...).
 
     Raises:
         IncompatibleError, FormatError, OutputExistsError, LoratoolError (disk full).
@@ -485,6 +423,7 @@ def merge(
         raise IncompatibleError(f"--qlora-base {qlora_base}: unknown", hint="use --qlora-base nf4")
     if not (math.isfinite(min_retained) and 0.0 <= min_retained <= 1.0):
         raise IncompatibleError(f"--min-retained must be between 0 and 1, got {min_retained}")
+    say = phase or (lambda text: None)
     base_path = resolve_path(base)
     adapters = [resolve_path(a) for a in adapters]
     from loratool.ops.merge_gguf import is_gguf, merge_into_gguf
@@ -494,8 +433,14 @@ def merge(
             raise IncompatibleError(f"{base_path}: --unmerge is not supported for GGUF bases")
         return merge_into_gguf(base_path, [Path(a) for a in adapters], out, weights=weights, dtype=dtype, force=force,
                                allow_pickle=allow_pickle, allow_unmatched=allow_unmatched, stats=stats,
-                               progress=progress)
+                               progress=progress, allow_variant=allow_variant)
+    say(f"reading the headers of {base_path.name}")
     ckpt = open_checkpoint(base_path)
+    if not base_path.is_file() and Path(out).suffix == ".safetensors":  # the output mirrors the base's folder
+        what = f"{len(ckpt.files)} shards" if ckpt.index is not None else ckpt.files[0].name
+        raise IncompatibleError(f"{out}: merging into {base_path} (a folder: {what}) writes a folder; refusing to "
+                                "name it *.safetensors",
+                                hint=f"give -o a folder name (e.g. -o {Path(out).with_suffix('')})")
     # the base's sha256 starts now, while torch is imported and the adapters are read (a core is
     # idle then), and later stays at most 1 GiB ahead of the merge, so the disk is read once
     sha256 = BackgroundSha256(list(ckpt.files), lead=1 << 30)
@@ -503,7 +448,8 @@ def merge(
         return _merge(ckpt, sha256, base_path, adapters, out, weights, dtype=dtype, device=device, unmerge=unmerge,
                       allow_unmatched=allow_unmatched, force=force, allow_pickle=allow_pickle, stats=stats,
                       rounding=rounding, seed=seed or 0, min_retained=min_retained, strict=strict,
-                      qlora_base=qlora_base, module_weights=module_weights, blocks=blocks, progress=progress)
+                      qlora_base=qlora_base, module_weights=module_weights, blocks=blocks, progress=progress,
+                      say=say, allow_variant=allow_variant)
     finally:
         sha256.stop()
 
@@ -513,11 +459,13 @@ def _merge(
     out: str | os.PathLike[str], weights: list[float], *, dtype: str, device: str, unmerge: bool,
     allow_unmatched: bool, force: bool, allow_pickle: bool, stats: bool, rounding: str, seed: int,
     min_retained: float, strict: bool, qlora_base: str | None, progress: Progress | None,
-    module_weights: str | None = None, blocks: str | None = None,
+    module_weights: str | None = None, blocks: str | None = None, say: Phase = lambda text: None,
+    allow_variant: bool = False,
 ) -> MergeReport:
     from loratool.device import resolve_device
     from loratool.st import atomic_output, read_header
 
+    say("loading torch")
     device = resolve_device(device)
     storage = detect(ckpt)
     storage.refuse_unsupported(base_path)  # up front: never a delta added to bytes we cannot read
@@ -526,9 +474,10 @@ def _merge(
             f"--qlora-base {qlora_base}: {base_path} is already stored quantized ({storage.line()})",
             hint="--qlora-base simulates a 4-bit base on a 16-bit one; on a quantized base, merge without it",
         )
+    say(f"reading {len(adapters)} adapter{'s' if len(adapters) > 1 else ''} and matching them to the base")
     loaded, plan, warnings = read_and_plan("merge", adapters, weights, ckpt, storage, allow_pickle=allow_pickle,
                                            allow_unmatched=allow_unmatched, unmerge=unmerge,
-                                           module_weights=module_weights, blocks=blocks)
+                                           module_weights=module_weights, blocks=blocks, allow_variant=allow_variant)
     report = MergeReport(Path(out), base_path, [Path(p) for p in adapters], weights, unmerge, dtype, device,
                          storage=storage.line(), rounding=rounding, min_retained=min_retained,
                          unmatched=plan.unmatched, warnings=warnings, layouts=plan.layouts)
@@ -560,6 +509,7 @@ def _merge(
         if progress:
             progress(done, total)
 
+    say(f"merging into {Path(out).name}")
     with atomic_output(out, force=force, directory=not single_file, inputs=[base_path, *ckpt.files, *adapters],
                        kind="model") as tmp:
         headers = [read_header(f) for f in ckpt.files]

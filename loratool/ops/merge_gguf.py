@@ -20,7 +20,7 @@ from typing import Any
 
 from loratool.adapter import Adapter
 from loratool.errors import IncompatibleError
-from loratool.ops.merge import MergeReport, Progress, TensorStat
+from loratool.ops.merge_report import MergeReport, Progress, TensorStat
 
 # loratool's --dtype names -> GGML types for the adapted tensors
 GGUF_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
@@ -92,6 +92,7 @@ def merge_into_gguf(
     allow_unmatched: bool = False,
     stats: bool = False,
     progress: Progress | None = None,
+    allow_variant: bool = False,
 ) -> MergeReport:
     """Merge adapters into a GGUF model file and write a complete copy of it.
 
@@ -123,6 +124,9 @@ def merge_into_gguf(
     for path, w in zip(adapters, weights):
         a = read(path, allow_pickle=allow_pickle)
         require_plain(a, "merge into a GGUF base")
+        from loratool.variants import guard
+
+        report.warnings += guard(a, "merge", allow_variant)  # PiSSA, aLoRA, ...: refused unless allowed
         if any(m.magnitude is not None for m in a.modules.values()):
             raise IncompatibleError(f"{path}: DoRA adapters are not merged into GGUF bases",
                                     hint=f"loratool convert {path} --to peft --dora-to-lora HF_BASE -o PLAIN first")

@@ -113,6 +113,26 @@ def rescale_module(m: LoraModule, mode: str, value: float | None) -> tuple[LoraM
     return new, ModuleRescale(m.name, m.alpha, new.alpha, m.scale, new.scale, factor)
 
 
+def check_options(mode: str, value: float | None, *, per_module: bool = False) -> None:
+    """Refuse meaningless option values before reading any file (no torch: the CLI calls it first).
+
+    Raises:
+        IncompatibleError: an unknown mode, a value that is not finite, --factor 0 or --alpha 0
+            (every delta zero: an adapter that does nothing), per-module weights without --factor.
+    """
+    if mode not in MODES:
+        raise IncompatibleError(f"unknown rescale mode {mode!r}")
+    if mode in ("factor", "alpha"):
+        if value is None or not math.isfinite(value):
+            raise IncompatibleError(f"--{mode} needs a finite number, got {value}")
+        if value == 0:
+            raise IncompatibleError(f"--{mode} 0 would make every delta zero: an adapter that does nothing",
+                                    hint="to leave modules out, give them weight 0: --module-weights 'REGEX=0'")
+    if per_module and mode != "factor":
+        raise IncompatibleError("--module-weights and --blocks scale deltas: they go with --factor (or alone), "
+                                f"not with --{mode.replace('_', '-')}")
+
+
 def rescale(
     path: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -142,17 +162,8 @@ def rescale(
     from loratool.formats.registry import written_as
     from loratool.hub import resolve_path
 
-    if mode not in MODES:
-        raise IncompatibleError(f"unknown rescale mode {mode!r}")
-    if mode in ("factor", "alpha"):
-        if value is None or not math.isfinite(value):
-            raise IncompatibleError(f"--{mode} needs a finite number, got {value}")
-        if mode == "alpha" and value == 0:
-            raise IncompatibleError("--alpha 0 would make every delta zero", hint="use --factor 0 to zero an adapter")
     per_module = module_weights is not None or blocks is not None
-    if per_module and mode != "factor":
-        raise IncompatibleError("--module-weights and --blocks scale deltas: they go with --factor (or alone), "
-                                f"not with --{mode.replace('_', '-')}")
+    check_options(mode, value, per_module=per_module)
     adapter = read(resolve_path(path), allow_pickle=allow_pickle)
     require_plain(adapter, "rescale")
     check_writable(adapter, fmt or written_as(adapter.source_format))  # before the maths; write checks again

@@ -17,7 +17,7 @@ from typing import Any
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import IncompatibleError
 from loratool.ops import Progress, Row, output_size
-from loratool.patterns import compile_pattern
+from loratool.patterns import SafePattern, compile_pattern
 from loratool.st import TensorRef
 
 SCHEMA = 1
@@ -84,14 +84,19 @@ def target_dtype(option: str, stored: str) -> str:
     return DTYPES[option]
 
 
+def modules_pattern(pattern: str) -> SafePattern:
+    """The compiled --modules regex (checked by the CLI before anything is read), matched in bounded time."""
+    try:
+        return compile_pattern(pattern)
+    except re.error as e:
+        raise IncompatibleError(f"--modules {pattern!r}: not a valid regular expression ({e})") from None
+
+
 def select(adapter: Adapter, pattern: str | None) -> list[str]:
     """Names of the modules matched by a --modules regex (re.search), all when None."""
     if pattern is None:
         return list(adapter.modules)
-    try:
-        rx = compile_pattern(pattern)
-    except re.error as e:
-        raise IncompatibleError(f"--modules {pattern!r}: not a valid regular expression ({e})") from None
+    rx = modules_pattern(pattern)
     names = [n for n in adapter.modules if rx.search(n)]
     if not names:
         raise IncompatibleError(
@@ -153,6 +158,7 @@ def resize(
     force: bool = False,
     allow_pickle: bool = False,
     progress: Progress | None = None,
+    allow_variant: bool = False,
 ) -> ResizeReport:
     """Resize an adapter's modules to a fixed rank or by a dynamic rule, and write it.
 
@@ -171,29 +177,17 @@ def resize(
     from loratool.formats import check_writable, read, require_plain, write
     from loratool.formats.registry import written_as
     from loratool.hub import resolve_path
-    from loratool.linalg import RANK_METHODS
 
-    if threshold is not None and method is None:
-        raise IncompatibleError("--threshold needs --method", hint="e.g. --method sv_fro --threshold 0.9")
-    if method is None and rank is None:
-        raise IncompatibleError("resize needs --rank K or --method M --threshold T",
-                                hint="e.g. --rank 16, or --method sv_fro --threshold 0.9")
-    if method is not None:
-        if method not in RANK_METHODS:
-            raise IncompatibleError(f"--method {method}: unknown", hint=f"use one of {', '.join(RANK_METHODS)}")
-        if threshold is None:
-            raise IncompatibleError(f"--method {method} needs --threshold T")
-        _check_threshold(method, threshold)
-    for opt, val in (("--rank", rank), ("--conv-rank", conv_rank)):
-        if val is not None and val < 1:
-            raise IncompatibleError(f"{opt} {val}: must be at least 1")
-
+    check_options(rank, method, threshold, conv_rank)
     adapter = read(resolve_path(path), allow_pickle=allow_pickle)
     device = resolve_device(device)
     require_plain(adapter, "resize", diffs=True)  # full / norm / bias diffs are written back unchanged
     check_writable(adapter, fmt or written_as(adapter.source_format))  # before the maths; write checks again
     chosen = set(select(adapter, modules))
     report = ResizeReport(Path(out), fmt or adapter.source_format, method or "rank", threshold, rank)
+    from loratool.variants import guard
+
+    report.warnings += guard(adapter, "resize", allow_variant)  # PiSSA, aLoRA, ...: refused unless allowed
     new_modules: dict[str, LoraModule] = {}
     total = len(adapter.modules)
     for i, (name, m) in enumerate(adapter.modules.items()):
@@ -229,6 +223,30 @@ def resize(
     written = write(resized, out, fmt=fmt, force=force, op="resize", params=params, sources=adapter.files)
     report.size = output_size(written)
     return report
+
+
+def check_options(rank: int | None, method: str | None, threshold: float | None, conv_rank: int | None) -> None:
+    """Refuse option combinations and values before reading anything (no torch: the CLI calls it first).
+
+    Raises:
+        IncompatibleError: naming the option and what is expected.
+    """
+    from loratool.linalg import RANK_METHODS
+
+    if threshold is not None and method is None:
+        raise IncompatibleError("--threshold needs --method", hint="e.g. --method sv_fro --threshold 0.9")
+    if method is None and rank is None:
+        raise IncompatibleError("resize needs --rank K or --method M --threshold T",
+                                hint="e.g. --rank 16, or --method sv_fro --threshold 0.9")
+    if method is not None:
+        if method not in RANK_METHODS:
+            raise IncompatibleError(f"--method {method}: unknown", hint=f"use one of {', '.join(RANK_METHODS)}")
+        if threshold is None:
+            raise IncompatibleError(f"--method {method} needs --threshold T")
+        _check_threshold(method, threshold)
+    for opt, val in (("--rank", rank), ("--conv-rank", conv_rank)):
+        if val is not None and val < 1:
+            raise IncompatibleError(f"{opt} {val}: must be at least 1")
 
 
 def _check_threshold(method: str, t: float) -> None:

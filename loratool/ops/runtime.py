@@ -20,30 +20,59 @@ from typing import Any
 from loratool.adapter import Adapter, LoraModule, scale_for
 from loratool.errors import IncompatibleError
 from loratool.formats import Findings
-from loratool.runtimes import NAMES, RUNTIMES, Runtime
+from loratool.runtimes import NAMES, RUNTIMES, Refusal, Runtime
 from loratool.st import TensorRef
 
 
 def get_runtime(name: str) -> Runtime:
-    """The runtime record for `name`.
+    """The runtime record for `name`: `vllm` (its current release) or `vllm@0.8` (that release).
 
     Raises:
-        IncompatibleError: an unknown name (the message lists the known ones).
+        IncompatibleError: an unknown name (the message lists the known ones), or a release older
+            than loratool's record of that runtime covers.
     """
-    if name not in RUNTIMES:
-        raise IncompatibleError(f"--for {name}: unknown runtime", hint=f"use one of: {', '.join(NAMES)}")
-    return RUNTIMES[name]
+    from loratool.runtimes import UnknownVersion, parse_target, resolve
+
+    runtime, version = parse_target(name)
+    if runtime not in RUNTIMES:
+        raise IncompatibleError(f"--for {name}: unknown runtime", hint=f"use one of: {', '.join(NAMES)} "
+                                "(optionally with @VERSION, e.g. vllm@0.8)")
+    try:
+        return resolve(runtime, version)
+    except UnknownVersion as e:
+        raise IncompatibleError(f"--for {name}: {e}", hint=f"use --for {runtime} (its current release) or a "
+                                "release the record covers (docs/runtimes.md)") from None
 
 
 def _fix(adapter: Adapter, rt: Runtime, extra: str = "") -> str:
     src = adapter.path if adapter.path is not None else "ADAPTER"
-    return f"loratool convert {src} --for {rt.name} -o OUT{extra}"
+    target = rt.name if rt.version == RUNTIMES[rt.name].version else f"{rt.name}@{rt.version}"
+    return f"loratool convert {src} --for {target} -o OUT{extra}"
+
+
+def _said(rule: Refusal, config: dict[str, Any]) -> str:
+    """The runtime's own words for `rule` on `config` (a {value!r} in them is filled in)."""
+    return rule.words.replace("{value!r}", repr(config.get(rule.key)))
+
+
+def refusals(adapter: Adapter, rt: Runtime) -> list[Refusal]:
+    """The config settings of `adapter` that `rt` refuses at load (PEFT adapters only)."""
+    if adapter.source_format != "peft" or "peft" not in rt.loads:
+        return []
+    return [r for r in rt.refuses if r.applies(adapter.config)]
+
+
+# what each "tensors" refusal is about, per module / tensor (the per-module findings name it)
+_TENSOR_KEYS = {"use_dora": "magnitude", "lora_bias": "bias", "modules_to_save": "extras"}
 
 
 def _runtime_scales(adapter: Adapter, rt: Runtime) -> dict[str, float] | None:
     """The scale the runtime applies to each module when it loads this file as it is, or None when
     it does not load this format at all (or applies the file's own per-module scales)."""
     fmt = adapter.source_format
+    if rt.scale_rule == "peft_global" and fmt == "peft" and rt.patterns:
+        # rank_pattern / alpha_pattern applied as PEFT applies them: each module's own alpha and rank
+        return {n: scale_for(m.alpha, m.rank, m.rslora and rt.honours_rslora) for n, m in adapter.modules.items()}
     if rt.scale_rule == "peft_global" and fmt == "peft":
         cfg = adapter.config
         r = cfg.get("r", 8)
@@ -67,8 +96,29 @@ def _runtime_scales(adapter: Adapter, rt: Runtime) -> dict[str, float] | None:
 _AXIS = {"out": "output row", "in": "input column"}
 
 
+def _src(rt: Runtime, field_name: str) -> str:
+    where = rt.where(field_name).split("; ")[0]  # the newest release's line (docs/runtimes.md has them all)
+    return f" ({where})" if where else ""
+
+
+def _setting_fix(adapter: Adapter, rt: Runtime, rule: Refusal) -> str:
+    fix = _fix(adapter, rt)
+    if rule.fix == "drop":
+        return f"{fix} (writes a config without it, with a warning)" if rule.when != "missing" else \
+            f"{fix} (writes target_modules from the modules the adapter holds)"
+    if rule.fix == "variant":
+        return (f"{_fix(adapter, rt, ' --initial-adapter INIT')} (PEFT's own conversion to plain LoRA, rank 2r; INIT "
+                "is the adapter saved right after initialisation), or add --allow-variant if the base you serve "
+                "already holds the residual weights the adapter was trained on")
+    if rule.fix == "tensors":
+        return f"{fix} --drop (removes them, with a warning)"
+    return f"serve it with a runtime that implements {rule.key} (peft does); removing it changes what the adapter " \
+        "computes"
+
+
 def runtime_findings(adapter: Adapter, rt: Runtime, findings: Findings) -> None:
-    """Add what `rt` rejects, ignores or mis-scales in `adapter`, per module, with the fix."""
+    """Add what `rt` rejects, ignores or mis-scales in `adapter`, per setting and per module, with the fix
+    and the runtime's own words."""
     fix = _fix(adapter, rt)
     where = adapter.path
     if adapter.source_format not in rt.loads:
@@ -77,7 +127,9 @@ def runtime_findings(adapter: Adapter, rt: Runtime, findings: Findings) -> None:
         findings.error("runtime-format", None,
                        f"{where}: {rt.name} loads {' or '.join(rt.loads)} adapters, not {adapter.source_format}{via}; "
                        f"fix: {fix}")
+    said = {r.key: r for r in refusals(adapter, rt)}
     rejects = "runtime-rejects"
+    covered: set[str] = set()  # "tensors" refusals already named per module
     for name, m in adapter.modules.items():
         if m.magnitude is not None and rt.dora and m.dora_axis not in rt.dora_axes:
             findings.error("runtime-dora-axis", name,
@@ -86,15 +138,31 @@ def runtime_findings(adapter: Adapter, rt: Runtime, findings: Findings) -> None:
                            f"{_fix(adapter, rt, ' --dora-to-lora BASE')} (a plain LoRA fitted for that base, error "
                            "reported)")
         if m.magnitude is not None and not rt.dora:
+            rule = said.get("use_dora")
+            covered.add("use_dora")
             verb = "refuses" if rt.dora_refused else "ignores the magnitude of"
+            words = f' (use_dora: "{_said(rule, adapter.config)}"{_src_of(rule, rt)})' if rule else ""
             findings.error(rejects if rt.dora_refused else "runtime-ignores", name,
-                           f"{where}: {rt.name} {verb} DoRA module '{name}'; fix: "
+                           f"{where}: {rt.label} {verb} DoRA module '{name}'{words}; fix: "
                            f"{_fix(adapter, rt, ' --dora-to-lora BASE')} (a plain LoRA fitted for that base, error "
                            "reported) or --drop (plain LoRA without the magnitude)")
         if m.bias is not None and not rt.bias:
-            findings.error("runtime-ignores", name,
-                           f"{where}: {rt.name} has no LoRA bias; the bias delta of module '{name}' would be lost; "
-                           f"fix: {fix} --drop (drops it, with a warning)")
+            covered.add("lora_bias")
+            rule = said.get("lora_bias")
+            if rt.bias_refused or rule is not None:
+                words = f'"{_said(rule, adapter.config)}"' if rule else "it is an unsupported LoRA weight"
+                findings.error(rejects, name,
+                               f"{where}: {rt.label} refuses the LoRA bias delta of module '{name}' ({words}"
+                               f"{_src(rt, 'bias')}); fix: {fix} --drop (drops it, with a warning: the layer's bias "
+                               "stays as in the base model)")
+            else:
+                findings.error("runtime-ignores", name,
+                               f"{where}: {rt.label} has no LoRA bias; the bias delta of module '{name}' would be "
+                               f"lost; fix: {fix} --drop (drops it, with a warning)")
+        elif m.bias is not None and rt.bias_flag:
+            findings.warning("runtime-setting", name,
+                             f"{where}: {rt.label} applies the bias delta of module '{name}' only when started with "
+                             f"{rt.bias_flag} (without it the delta is dropped){_src(rt, 'bias')}")
         if m.kind == "embedding" and not rt.embeddings:
             findings.error(rejects, name,
                            f"{where}: {rt.name} does not load LoRA on embedding module '{name}'; "
@@ -107,13 +175,24 @@ def runtime_findings(adapter: Adapter, rt: Runtime, findings: Findings) -> None:
             findings.error("runtime-rank", name,
                            f"{where}: module '{name}' has rank {m.rank}, above {rt.name}'s ceiling {rt.max_rank}; "
                            f"fix: loratool resize {adapter.path} --rank {rt.max_rank} -o OUT")
-    for key in adapter.extras:
-        if ".base_layer." in key or rt.modules_to_save:
-            continue
+    saved = [k for k in adapter.extras if ".base_layer." not in k and not rt.modules_to_save
+             and not _allowed_extra(k, rt)]
+    for key in saved:
+        covered.add("modules_to_save")
+        rule = said.get("modules_to_save")
+        words = f' ("{_said(rule, adapter.config)}")' if rule else ""
         verb = "refuses adapters with" if rt.name in ("vllm", "sglang") else "cannot load"
         findings.error(rejects, key,
-                       f"{where}: {rt.name} {verb} full tensors (modules_to_save) such as '{key}'; "
+                       f"{where}: {rt.label} {verb} full tensors (modules_to_save) such as '{key}'{words}; "
                        f"fix: {fix} --drop (the served model keeps the base's own tensor)")
+    for key, rule in said.items():
+        if rule.fix == "tensors" and (key in covered or _has_tensors(adapter, key)):
+            continue  # named above, per module or tensor
+        value = "(absent)" if rule.when == "missing" else f"{adapter.config.get(key)!r}"
+        said_ = _said(rule, adapter.config)
+        findings.error(rejects, None,
+                       f'{where}: {rt.label} refuses {key} = {value}: "{said_}"{_src_of(rule, rt)}; '
+                       f"fix: {_setting_fix(adapter, rt, rule)}")
     scales = _runtime_scales(adapter, rt)
     if scales is not None:
         for name, m in adapter.modules.items():
@@ -121,8 +200,8 @@ def runtime_findings(adapter: Adapter, rt: Runtime, findings: Findings) -> None:
             if not math.isclose(got, m.scale, rel_tol=1e-6, abs_tol=0.0):
                 ratio = got / m.scale if m.scale else math.inf
                 findings.error("runtime-misscales", name,
-                               f"{where}: {rt.name} scales module '{name}' by {got:.6g}, the adapter by {m.scale:.6g} "
-                               f"({ratio:.4g}x); fix: {fix}")
+                               f"{where}: {rt.label} scales module '{name}' by {got:.6g}, the adapter by {m.scale:.6g} "
+                               f"({ratio:.4g}x){_src(rt, 'patterns')}; fix: {fix}")
     if rt.rank_settings and adapter.modules:
         top = max(m.rank for m in adapter.modules.values())
         setting = next((s for s in rt.rank_settings if s >= top), None)
@@ -130,6 +209,24 @@ def runtime_findings(adapter: Adapter, rt: Runtime, findings: Findings) -> None:
             findings.warning("runtime-setting", None,
                              f"{where}: rank {top} needs {rt.name} started with --max-lora-rank {setting} or more "
                              "(default 16)")
+
+
+def _src_of(rule: Refusal, rt: Runtime) -> str:
+    where = next((f.source for f in rt.facts if f.field == "refuses" and f.value == rule), "").split("; ")[0]
+    return f" ({where})" if where else ""
+
+
+def _has_tensors(adapter: Adapter, key: str) -> bool:
+    what = _TENSOR_KEYS[key]
+    if what == "extras":
+        return any(".base_layer." not in k for k in adapter.extras)
+    return any(getattr(m, what) is not None for m in adapter.modules.values())
+
+
+def _allowed_extra(key: str, rt: Runtime) -> bool:
+    """A full tensor the runtime loads although it has no modules_to_save (vLLM: a classification head)."""
+    module = key.rsplit(".", 1)[0]
+    return module in rt.modules_to_save_allowed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,14 +254,22 @@ def _listing(names: list[str], limit: int = 4) -> str:
     return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def prepare_for(adapter: Adapter, rt: Runtime, *, drop: bool = False) -> Prepared:
+def prepare_for(adapter: Adapter, rt: Runtime, *, drop: bool = False, allow_variant: bool = False) -> Prepared:
     """The adapter `rt` serves exactly (see the module docstring).
 
+    Config settings the runtime refuses (loratool.runtimes.Refusal) are removed when that changes
+    nothing the runtime computes (with a warning), handled per tensor (DoRA, bias deltas,
+    modules_to_save: refused, or removed with `drop`), or refused by name. An unconverted PiSSA /
+    OLoRA / CorDA / LoftQ init is refused unless `allow_variant` (then written as a plain init, with a
+    warning: right only on a base that already holds the residual weights).
+
     Raises:
-        IncompatibleError: content the runtime cannot hold without --drop (named), or a rank above
-            the runtime's ceiling.
+        IncompatibleError: content the runtime cannot hold without --drop (named), a setting it
+            refuses that nothing here can fix (named, with the runtime's words), or a rank above the
+            runtime's ceiling.
     """
     path = adapter.path
+    config = dict(adapter.config)
     warnings: list[str] = []
     dropped: list[str] = []
     modules = dict(adapter.modules)
@@ -181,7 +286,33 @@ def prepare_for(adapter: Adapter, rt: Runtime, *, drop: bool = False) -> Prepare
         dropped.extend(names)
         warnings.append(f"dropped {what} for {rt.name}: {_listing(names)}; {lost}")
 
-    saved = [k for k in extras if ".base_layer." not in k]
+    for rule in refusals(adapter, rt):
+        words = f'{rt.label}: "{_said(rule, config)}"{_src_of(rule, rt)}'
+        if rule.fix == "refuse":
+            raise IncompatibleError(f"{path}: {rt.label} cannot serve {rule.key} = {config.get(rule.key)!r} ({words})",
+                                    hint=_setting_fix(adapter, rt, rule))
+        if rule.fix == "variant":
+            if not allow_variant:
+                raise IncompatibleError(
+                    f"{path}: {rt.label} cannot serve init_lora_weights = {config.get(rule.key)!r} ({words})",
+                    hint="add --initial-adapter INIT (the adapter saved right after initialisation) for PEFT's own "
+                    "conversion to plain LoRA, or --allow-variant if the base you serve already holds the residual "
+                    "weights the adapter was trained on")
+            warnings.append(f"init_lora_weights = {config.get(rule.key)!r} written as true for {rt.label}: the output "
+                            "is right only on a base that already holds the weights the adapter was trained on")
+            config[rule.key] = True
+        elif rule.key == "bias":
+            trained = [k for k in extras if k.endswith(".bias")]
+            refuse_or_drop("trained base-layer biases (bias = " + repr(config.get("bias")) + ")", trained,
+                           "the layers' biases stay as in the base model")
+            for k in trained:
+                extras.pop(k)
+            warnings.append(f"bias = {config.get('bias')!r} written as 'none' for {rt.label} ({words})")
+            config["bias"] = "none"
+        elif rule.fix == "drop" and rule.when != "missing":
+            warnings.append(f"removed {rule.key} for {rt.label} ({words})")
+            config.pop(rule.key, None)
+    saved = [k for k in extras if ".base_layer." not in k and not _allowed_extra(k, rt)]
     if not rt.modules_to_save:
         refuse_or_drop("full tensors (modules_to_save)", saved,
                        "the served model keeps the base's own tensors there, not the trained copies")
@@ -222,9 +353,11 @@ def prepare_for(adapter: Adapter, rt: Runtime, *, drop: bool = False) -> Prepare
             hint=f"loratool resize {path} --rank {rt.max_rank} -o SMALLER, then convert SMALLER --for {rt.name}",
         )
     prepared = Prepared(adapter, dropped=dropped, warnings=warnings)
-    config = dict(adapter.config)
-    config["modules_to_save"] = None
-    if rt.scale_rule in ("peft_global", "direct_scale"):
+    heads = sorted({k.rsplit(".", 1)[0] for k in extras if ".base_layer." not in k and _allowed_extra(k, rt)})
+    config["modules_to_save"] = heads or None
+    if not any(m.bias is not None for m in modules.values()):
+        config.pop("lora_bias", None)
+    if rt.scale_rule == "direct_scale" or (rt.scale_rule == "peft_global" and not rt.patterns):
         modules = uniform(modules, prepared)
     prepared.adapter = adapter.with_modules(modules, extras=extras, config=config)
     return prepared

@@ -99,7 +99,9 @@ def validate_adapter(
     report = ValidationReport(p, adapter.source_format, len(adapter.modules) + len(adapter.lycoris) + len(broken),
                               findings.items, strict)
     _check_unsupported(adapter, findings)
+    _check_variants(adapter, findings)
     _check_dtypes(adapter, findings)
+    _check_bias_lengths(adapter, findings)
     from loratool.linalg import single_threaded
 
     with single_threaded():  # many small tensors (see single_threaded)
@@ -109,10 +111,21 @@ def validate_adapter(
         report.matched, report.base_storage = _check_base(adapter, Path(base), findings)
     if runtime is not None:
         from loratool.ops.runtime import runtime_findings
+        from loratool.runtimes import RUNTIMES
 
-        report.runtime = runtime.name
+        report.runtime = runtime.name if runtime.version == RUNTIMES[runtime.name].version else runtime.label
         runtime_findings(adapter, runtime, findings)
     return report
+
+
+def _check_variants(adapter: Adapter, findings: Findings) -> None:
+    """PiSSA / OLoRA / CorDA / LoftQ saved without conversion, aLoRA: named, with what a merge would mean."""
+    from loratool.variants import detect
+
+    for v in detect(adapter):
+        findings.warning("lora-variant", None,
+                         f"{adapter.path}: a {v.name} adapter ({v.setting}): {v.meaning('merge')}; merge, combine, "
+                         f"resize and convert refuse it unless --allow-variant; {v.hint(adapter.path, 'merge')}")
 
 
 def _check_unsupported(adapter: Adapter, findings: Findings) -> None:
@@ -141,6 +154,20 @@ def _check_dtypes(adapter: Adapter, findings: Findings) -> None:
     if len(dtypes) > 1:
         shown = ", ".join(f"{d} ({n})" for d, n in dtypes.most_common())
         findings.warning("mixed-dtypes", None, f"{adapter.path}: factor tensors mix dtypes: {shown}")
+
+
+def _check_bias_lengths(adapter: Adapter, findings: Findings) -> None:
+    """A LoRA bias (PEFT's lora_B.bias) adds one value per output row: its length is up's rows (so,
+    with --base, the base weight's out features too: up's rows not matching those is a
+    base-shape-mismatch of the module)."""
+    for m in adapter.modules.values():
+        if m.bias is None:
+            continue
+        rows = m.up.shape[0] if m.up.shape else None
+        if len(m.bias.shape) != 1 or m.bias.shape[0] != rows:
+            findings.error("bias-shape-mismatch", m.name,
+                           f"{m.bias.source}: bias of module '{m.name}' has shape {tuple(m.bias.shape)}, but up has "
+                           f"{rows} rows (one bias value per output row)")
 
 
 def _check_values(adapter: Adapter, findings: Findings, progress: Progress | None) -> None:

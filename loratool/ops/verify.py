@@ -313,10 +313,27 @@ def _check_lowrank(w: torch.Tensor, m: torch.Tensor, contribs: list[Contribution
     m_sq, r_sq, inner = realized_projection(_rows(m, flip), _rows(w, flip), terms, dtype=work,
                                             device=_exact_device(device))
     gram = [[factor_inner(u1, d1, u2, d2) for u2, d2 in terms] for u1, d1 in terms]
+    _measurable([gram[t][t] for t in range(len(terms))], contribs)
     return (*classify(m_sq, r_sq, inner, gram, numel=w.numel(), unit=unit), math.sqrt(m_sq))
 
 
-def _check_dense(w: torch.Tensor, m: torch.Tensor, expected: torch.Tensor, unit: float
+def _measurable(delta_sq: list[float], contribs: list[Contribution]) -> None:
+    """Refuse expected deltas no merge can have written (beyond float32: merge refuses them too),
+    whose squared norms would overflow the projection's float64 arithmetic.
+
+    Raises:
+        IncompatibleError: naming the adapters' modules.
+    """
+    from loratool.linalg import F32_MAX
+
+    if all(math.isfinite(v) and v <= F32_MAX * F32_MAX for v in delta_sq):
+        return
+    names = ", ".join(sorted({f"{c.adapter}: '{c.module.name}'" for c in contribs}))
+    raise IncompatibleError(f"the delta of {names} is NaN/Inf or beyond float32, so no merge can hold it",
+                            hint="check the adapter with: loratool validate ADAPTER")
+
+
+def _check_dense(w: torch.Tensor, m: torch.Tensor, expected: torch.Tensor, unit: float, contribs: list[Contribution]
                  ) -> tuple[str, float | None, list[float] | None, float, float, float]:
     """Dense route (DoRA, bias deltas): R and the expected change D = expected − W, in float64."""
     import torch
@@ -325,7 +342,9 @@ def _check_dense(w: torch.Tensor, m: torch.Tensor, expected: torch.Tensor, unit:
     r = m64 - w64
     d = expected.to(torch.float64) - w64
     m_sq = float((m64 * m64).sum())
-    return (*classify(m_sq, float((r * r).sum()), [float((r * d).sum())], [[float((d * d).sum())]],
+    d_sq = float((d * d).sum())
+    _measurable([d_sq], contribs)
+    return (*classify(m_sq, float((r * r).sum()), [float((r * d).sum())], [[d_sq]],
                       numel=w.numel(), unit=unit), math.sqrt(m_sq))
 
 
@@ -573,7 +592,7 @@ def _check_tensor(info: TensorInfo, ctx: _Context, name: str) -> TensorCheck | N
         if dense:
             _, expected, _ = merged_tensor(w, [c.term for c in contribs], device=ctx.device,
                                            unmerge=False, bias=key in plan.biases, keep_delta=True)
-            verdict, k, ks, res, tol, norm = _check_dense(w, m, expected.cpu(), unit)
+            verdict, k, ks, res, tol, norm = _check_dense(w, m, expected.cpu(), unit, contribs)
         else:
             verdict, k, ks, res, tol, norm = _check_lowrank(w, m, contribs, unit, ctx.device)
         norm = norm or 1.0

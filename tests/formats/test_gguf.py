@@ -97,9 +97,12 @@ def patterned(make_adapter):
 
 def test_written_adapter_reads_back_with_the_gguf_package(patterned, tmp_path):
     out = tmp_path / "adapter.gguf"
-    convert(patterned, out, to="gguf", base=llama_config(tmp_path / "base"))
+    base = llama_config(tmp_path / "base")
+    convert(patterned, out, to="gguf", base=base)
     got, kv = gguf_deltas(out)
     assert kv["general.type"] == "adapter" and kv["adapter.type"] == "lora" and kv["general.architecture"] == "llama"
+    # provenance names the base (issue 24 item 5; source_label: its last two path parts)
+    assert json.loads(str(kv["loratool.params"]))["base"] == f"{base.parent.name}/{base.name}"
     assert {n for n in got} == {expected_name(m) for m in MODULES}
     assert "blk.0.attn_q.weight" in got and "output.weight" in got
     want = peft_deltas(patterned)

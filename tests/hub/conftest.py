@@ -127,7 +127,7 @@ def run_cli(hub: HubServer, hf_home: Path) -> Callable[..., Run]:
 
 @pytest.fixture
 def run_main(hub: HubServer, hf_home: Path) -> Callable[..., Run]:
-    """run_main(*args, token=ALICE, endpoint=None) -> Run: the CLI in this process (tests/clirun.py).
+    """run_main(*args, token=ALICE, endpoint=None, env=None) -> Run: the CLI in this process (tests/clirun.py).
 
     For the many error cases, where a process start per case would cost seconds. loratool reads
     HF_ENDPOINT / HF_HOME / HF_TOKEN when a command runs, so setting them for the run is enough.
@@ -135,9 +135,12 @@ def run_main(hub: HubServer, hf_home: Path) -> Callable[..., Run]:
     """
     from clirun import run_cli as invoke
 
-    def run(*args: str, token: str = ALICE, endpoint: str | None = None) -> Run:
+    def run(*args: str, token: str = ALICE, endpoint: str | None = None, env: dict[str, str | None] | None = None
+            ) -> Run:
+        # HF_HUB_CACHE would win over HF_HOME: unset, so the cache is always in tmp_path
         r = invoke(args, env={"HF_ENDPOINT": endpoint or hub.url, "HF_HOME": str(hf_home), "HF_TOKEN": token,
-                              "HF_HUB_OFFLINE": None})
+                              "HF_HUB_OFFLINE": None, "HF_HUB_CACHE": None, "HUGGING_FACE_HUB_TOKEN": None,
+                              **(env or {})})
         for secret in SECRETS:
             assert secret not in r.out and secret not in r.err, f"token leaked in output of {args}"
         return Run(r.code, r.out, r.err)

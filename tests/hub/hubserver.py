@@ -108,6 +108,21 @@ class HubServer:
         self.requests: list[Request] = []
         self.validated_yaml: list[str] = []
         self.echo_tokens = False  # a careless server: quote the caller's token in 401/403 messages
+        # A hostile (or broken) server, for tests/hub/test_hub_hostile.py; each key switches one lie on:
+        #   etag: str         the ETag (and X-Linked-Etag) of every file, e.g. '"../../../planted"'
+        #   commit: str       X-Repo-Commit of every file, and the `sha` of repo_info
+        #   sha: Any          only repo_info's `sha` (any JSON value: a NUL, a number)
+        #   repo_info: Any    repo_info's whole answer (any JSON value)
+        #   siblings: Any     repo_info's `siblings`
+        #   paths_info: Any   the answer to paths-info (what `pull --subfolder` / hf://.../PATH asks)
+        #   not_json: bytes   every /api/ answer is these bytes (200, application/json)
+        #   redirect_loop     every file answers 302 to itself
+        #   size_lie: int     HEAD promises this many bytes more than GET sends
+        #   trickle: float    send every answer one byte at a time, this many seconds apart
+        #   echo_token        put the caller's token into commit URLs and repo_info (a careless echo)
+        #   not_found         every request is a plain 404 (not the Hub's; a wrong HF_ENDPOINT)
+        #   mute_files: float file requests (HEAD/GET .../resolve/...) get no answer for this many seconds
+        self.hostile: dict[str, Any] = {}
         self._current_token = ""
         self.lock = threading.RLock()
         self._counter = 0
@@ -120,6 +135,15 @@ class HubServer:
     def start(self) -> HubServer:
         handler = type("Handler", (_Handler,), {"hub": self})
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        default_handle_error = self._httpd.handle_error
+
+        def handle_error(request: Any, client_address: Any) -> None:
+            import sys
+
+            if not isinstance(sys.exc_info()[1], OSError):  # a client that hung up is no server bug
+                default_handle_error(request, client_address)
+
+        self._httpd.handle_error = handle_error  # type: ignore[method-assign]
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="hubserver",
                                         daemon=True)
@@ -277,6 +301,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
               content_type: str = "application/json", length: int | None = None) -> None:
+        trickle = self.hub.hostile.get("trickle")
+        if trickle and not isinstance(self.wfile, _Trickle):
+            self.wfile = _Trickle(self.wfile, float(trickle))  # type: ignore[assignment]
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body) if length is None else length))
@@ -294,6 +321,17 @@ class _Handler(BaseHTTPRequestHandler):
         with self.hub.lock:
             self.hub.requests.append(Request(self.command, split.path, self.headers.get("Authorization")))
         body = self._body() if self.command in ("POST", "PUT") else b""
+        hostile = self.hub.hostile
+        if "mute_files" in hostile and "/resolve/" in split.path:
+            import time
+
+            time.sleep(float(hostile["mute_files"]))  # outside the lock: other requests go on
+            return
+        if "not_found" in hostile:
+            return self._send(404, b"<html>404 Not Found</html>", content_type="text/html")
+        if "not_json" in hostile and split.path.startswith("/api/") and "agent-harnesses" not in split.path:
+            raw = hostile["not_json"]
+            return self._send(200, raw if isinstance(raw, bytes) else str(raw).encode())
         try:
             segs = [unquote(s) for s in split.path.split("/")[1:]]
             with self.hub.lock:
@@ -323,6 +361,12 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._create_repo(user, json.loads(body or b"{}"))
             if segs == ["api", "validate-yaml"] and method == "POST":
                 return self._validate_yaml(json.loads(body or b"{}"))
+            if segs == ["api", "models"] and method == "GET":  # list_models(author=...): loratool batch hf://OWNER
+                author = (query.get("author") or [None])[0]
+                return self._json([{"_id": hashlib.sha1(r.repo_id.encode()).hexdigest()[:24], "id": r.repo_id,
+                                    "modelId": r.repo_id, "author": r.owner, "private": r.private}
+                                   for r in sorted(hub.repos.values(), key=lambda r: r.repo_id)
+                                   if (author is None or r.owner == author) and (not r.private or r.owner == user)])
             if len(segs) >= 4 and segs[1] == "models":
                 return self._repo_api(f"{segs[2]}/{segs[3]}", segs[4:], user, query, body)
             raise HttpError(404, f"no route for {method} {self.path}")
@@ -378,13 +422,22 @@ class _Handler(BaseHTTPRequestHandler):
             rev = rest[1] if len(rest) > 1 else "main"
             oid = hub._resolve_rev(repo, rev)
             files = repo.commits[oid].files
-            return self._json({
+            doc: Any = {
                 "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24], "id": repo_id, "modelId": repo_id,
                 "author": repo.owner, "sha": oid, "private": repo.private,
                 "gated": "manual" if repo.gated else False, "disabled": False, "downloads": 0, "likes": 0,
                 "tags": [], "lastModified": DATE, "createdAt": DATE,
                 "siblings": [{"rfilename": p} for p in sorted(files)],
-            })
+            }
+            hostile = hub.hostile
+            for key in ("sha", "siblings"):
+                if key in hostile:
+                    doc[key] = hostile[key]
+            if "commit" in hostile:
+                doc["sha"] = hostile["commit"]
+            if "echo_token" in hostile:
+                doc["cardData"] = {"base_model": hub._current_token}
+            return self._json(hostile.get("repo_info", doc))
         if method == "GET" and rest[:1] == ["tree"] and len(rest) >= 2:
             repo = hub._readable(repo_id, user)
             oid = hub._resolve_rev(repo, rest[1])
@@ -396,6 +449,8 @@ class _Handler(BaseHTTPRequestHandler):
             files = repo.commits[oid].files
             dirs = _dirs(files)
             paths = parse_qs(body.decode()).get("paths", [])
+            if "paths_info" in hub.hostile:
+                return self._json(hub.hostile["paths_info"])
             return self._json([_entry(p.strip("/"), files, p.strip("/") in dirs, oid)
                                for p in paths if p.strip("/") in files or p.strip("/") in dirs])
         if method == "GET" and rest == ["refs"]:
@@ -471,8 +526,10 @@ class _Handler(BaseHTTPRequestHandler):
                 raise HttpError(400, f"this test server does not support '{key}' (LFS/Xet) operations")
         oid = self.hub._commit(repo, head, tree, message)
         repo.branches[branch] = oid
-        return self._json({"commitUrl": f"{self.hub.url}/{repo.repo_id}/commit/{oid}", "commitOid": oid,
-                           "success": True, "pullRequestUrl": None})
+        url = f"{self.hub.url}/{repo.repo_id}/commit/{oid}"
+        if "echo_token" in self.hub.hostile:
+            url += f"?by={self.hub._current_token}"
+        return self._json({"commitUrl": url, "commitOid": oid, "success": True, "pullRequestUrl": None})
 
     def _resolve(self, repo_id: str, rev: str, path: str, user: str | None) -> None:
         repo = self.hub._readable(repo_id, user)
@@ -482,5 +539,45 @@ class _Handler(BaseHTTPRequestHandler):
         if path not in files:
             raise HttpError(404, "Entry not found", "EntryNotFound", {"X-Repo-Commit": oid})
         data = files[path]
-        self._send(200, data, {"X-Repo-Commit": oid, "ETag": f'"{git_blob_oid(data)}"', "Accept-Ranges": "bytes"},
-                   content_type="application/octet-stream")
+        hostile = self.hub.hostile
+        if "redirect_loop" in hostile:
+            return self._send(302, b"", {"Location": self.path, "X-Repo-Commit": oid})
+        etag = hostile.get("etag", f'"{git_blob_oid(data)}"')
+        headers = {"X-Repo-Commit": hostile.get("commit", oid), "ETag": etag, "Accept-Ranges": "bytes"}
+        if "etag" in hostile:
+            headers["X-Linked-Etag"] = etag
+        length = len(data) + int(hostile["size_lie"]) if "size_lie" in hostile and self.command == "HEAD" else None
+        self._send(200, data, headers, content_type="application/octet-stream", length=length)
+
+
+class _Trickle:
+    """A writer that sends one byte at a time, `delay` seconds apart (a server that never quite stalls)."""
+
+    def __init__(self, f: Any, delay: float) -> None:
+        self.f, self.delay = f, delay
+        self.gone = False  # the client hung up: drop the rest quietly (no traceback on the test's stderr)
+
+    def write(self, data: bytes) -> int:
+        import time
+
+        for i in range(len(data)):
+            if self.gone:
+                break
+            try:
+                self.f.write(data[i:i + 1])
+                self.f.flush()
+            except OSError:
+                self.gone = True
+                break
+            time.sleep(self.delay)
+        return len(data)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self.f.flush()
+            except OSError:
+                self.gone = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.f, name)

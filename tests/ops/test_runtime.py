@@ -1,8 +1,9 @@
 """validate --for / convert --for: what runtimes reject, ignore or mis-scale, and adapters they serve exactly.
 
-The runtimes' scale rules are written out here from their source (vLLM's PEFTHelper: one
-lora_alpha / r, or / sqrt(r) with use_rslora, rank_pattern and alpha_pattern not read; SGLang:
-lora_alpha / r always), applied to the written files with safetensors + json. The reference deltas of
+The runtimes' scale rules are written out here from their source (vLLM's PEFTHelper up to 0.31: one
+lora_alpha / r, or / sqrt(r) with use_rslora, rank_pattern and alpha_pattern not read; since 0.32
+PEFTHelper.get_rank_and_scaling applies them as peft does; SGLang 0.5.23: lora_alpha / r always),
+applied to the written files with safetensors + json. The reference deltas of
 the inputs use peft's own pattern matching (peft.utils.other.get_pattern_key).
 """
 
@@ -76,7 +77,7 @@ def patterned(make_adapter):
     return make_adapter(modules=MODULES, rank=RANKS, alpha=ALPHAS, rslora=True)
 
 
-@pytest.mark.parametrize("runtime,honours_rslora", [("vllm", True), ("sglang", False)])
+@pytest.mark.parametrize("runtime,honours_rslora", [("vllm@0.30", True), ("vllm@0.8", True), ("sglang", False)])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_convert_for_serves_the_input_deltas_under_the_global_rule(make_adapter, tmp_path, runtime, honours_rslora,
                                                                     dtype):
@@ -85,7 +86,7 @@ def test_convert_for_serves_the_input_deltas_under_the_global_rule(make_adapter,
     # the input itself is served wrong: patterns are not read
     naive = global_rule_deltas_unchecked(src, honours_rslora)
     assert any(not np.allclose(naive[n], want[n], rtol=1e-3) for n in want)
-    out = tmp_path / f"for_{runtime}"
+    out = tmp_path / f"for_{runtime.replace('@', '_')}"
     report = convert(src, out, for_runtime=runtime)
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and not cfg.get("rank_pattern") and not cfg.get("alpha_pattern")
@@ -113,19 +114,46 @@ def global_rule_deltas_unchecked(path: Path, honours_rslora: bool) -> dict[str, 
             for k, a in t.items() if k.endswith(".lora_A.weight")}
 
 
-def test_validate_for_vllm_lists_misscaled_modules_and_the_output_is_clean(patterned, tmp_path):
+def test_current_vllm_applies_patterns_and_rslora(patterned, tmp_path):
+    """vLLM 0.32+ applies rank_pattern / alpha_pattern and rsLoRA (PEFTHelper.get_rank_and_scaling): the
+    input validates clean, and convert --for vllm keeps the patterns."""
     report = validate_adapter(patterned, for_runtime="vllm")
+    assert [f for f in report.findings if f.severity == "error"] == [] and report.ok
+    out = tmp_path / "served"
+    convert(patterned, out, for_runtime="vllm")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] and cfg["use_rslora"] is True
+    want, got = peft_deltas(patterned), peft_deltas(out)
+    for n in want:
+        np.testing.assert_allclose(got[n], want[n], rtol=1e-6, atol=1e-7 * np.abs(want[n]).max())
+
+
+def test_fixture_peft_llama_validates_for_current_vllm_and_not_for_an_old_one():
+    fixture = Path(__file__).resolve().parents[2] / "fixtures" / "peft_llama"
+    code, out, err = run_cli(["validate", fixture, "--for", "vllm"])
+    assert code == 0, out + err
+    code, out, _ = run_cli(["validate", fixture, "--for", "vllm@0.8", "--json"])
+    doc = json.loads(out)
+    assert code == 1 and {f["code"] for f in doc["findings"] if f["severity"] == "error"} == {"runtime-misscales"}
+    code, _, err = run_cli(["validate", fixture, "--for", "vllm@0.7"])
+    assert code == 2 and "covers releases 0.8.0" in err
+    code, _, err = run_cli(["validate", fixture, "--for", "vlm"])
+    assert code == 2 and "vllm" in err
+
+
+def test_validate_for_vllm_lists_misscaled_modules_and_the_output_is_clean(patterned, tmp_path):
+    report = validate_adapter(patterned, for_runtime="vllm@0.30")
     mis = {f.module for f in report.findings if f.code == "runtime-misscales"}
     want = peft_deltas(patterned)
     naive = global_rule_deltas_unchecked(patterned, True)
     wrong = {n for n in want if not np.allclose(naive[n], want[n], rtol=1e-6)}
     assert mis == wrong and wrong
     msg = next(f.message for f in report.findings if f.code == "runtime-misscales")
-    assert "fix: loratool convert" in msg and "--for vllm" in msg
+    assert "fix: loratool convert" in msg and "--for vllm@0.30" in msg
     assert not report.ok
     out = tmp_path / "served"
-    convert(patterned, out, for_runtime="vllm")
-    clean = validate_adapter(out, for_runtime="vllm")
+    convert(patterned, out, for_runtime="vllm@0.30")
+    clean = validate_adapter(out, for_runtime="vllm@0.30")
     assert [f for f in clean.findings if f.code.startswith("runtime-") and f.severity == "error"] == []
 
 
@@ -176,9 +204,9 @@ def test_vllm_rank_setting_hint(make_adapter):
 
 
 def test_cli_validate_for_exit_code_and_json(patterned, capsys):
-    code, out, _ = run_cli(["validate", patterned, "--for", "vllm", "--json"])
+    code, out, _ = run_cli(["validate", patterned, "--for", "sglang", "--json"])
     doc = json.loads(out)
-    assert code == 1 and doc["runtime"] == "vllm"
+    assert code == 1 and doc["runtime"] == "sglang"
     assert any(f["code"] == "runtime-misscales" for f in doc["findings"])
 
 
@@ -235,3 +263,38 @@ def test_dora_to_lora_reports_the_error_it_makes(make_adapter, tmp_path, capsys,
     assert "magnitude" not in " ".join(load_file(str(out / "adapter_model.safetensors")))
     code, _, err = run_cli(["convert", src, "--to", "peft", "--dora-to-lora", base, "-o", tmp_path / "p"])
     assert code == 0 and f"{name}: DoRA written as plain LoRA" in err and "relative error" in err
+
+
+def test_every_runtime_fact_and_its_source_is_on_the_runtimes_page():
+    """docs/runtimes.md shows every fact of loratool.runtimes with the source line it was read from."""
+    from loratool.runtimes import RECORDS
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "runtimes.md").read_text(encoding="utf-8")
+    for rec in RECORDS.values():
+        assert f"### {rec.name}" in text and rec.source in text
+        for fact in rec.facts:
+            assert fact.source in text, (rec.name, fact.field, fact.source)
+            if fact.field == "refuses":
+                assert fact.value.words in text
+
+
+def test_versions_resolve_to_the_facts_of_their_release():
+    from loratool.runtimes import resolve, version_key
+
+    assert version_key("0.8") == (0, 8, 0) < version_key("0.11.1") < version_key("0.32.0")
+    old, mid, new = resolve("vllm", "0.8.5"), resolve("vllm", "0.30"), resolve("vllm")
+    assert (old.patterns, mid.patterns, new.patterns) == (False, False, True)
+    assert old.bias and old.bias_flag == "--enable-lora-bias" and not mid.bias and mid.bias_refused
+    assert {r.key for r in new.refuses} >= {"alora_invocation_tokens", "layer_replication", "use_qalora",
+                                            "use_bdlora", "init_lora_weights", "lora_bias", "bias", "use_dora",
+                                            "target_modules"}
+    assert "modules_to_save" in {r.key for r in mid.refuses} and new.modules_to_save_allowed == ("classifier", "score")
+    assert new.version == "0.34.0" and new.checked == "2026-12-07"
+
+
+def test_provenance_names_the_release_written_for(patterned, tmp_path):
+    from safetensors import safe_open
+
+    convert(patterned, tmp_path / "old", for_runtime="vllm@0.30")
+    with safe_open(str(tmp_path / "old" / "adapter_model.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["loratool.params"])["for"] == "vllm@0.30"
