@@ -535,19 +535,6 @@ def verify(
     return report
 
 
-def _require_finite_terms(contribs: list[Contribution]) -> None:
-    """Raises: IncompatibleError naming the adapter, the module and the tensor holding NaN or Inf."""
-    from loratool.adapter import LoraModule
-    from loratool.linalg import require_finite
-    from loratool.st import TensorRef
-
-    for c in contribs:
-        m = c.module
-        refs: dict[str, TensorRef] = {"up": m.up, "down": m.down} if isinstance(m, LoraModule) else dict(m.tensors)
-        refs.update({k: v for k, v in (("magnitude", m.magnitude), ("bias", m.bias)) if v is not None})
-        require_finite(m.name, str(c.adapter), **{role: ref.load() for role, ref in refs.items()})
-
-
 def _check_tensor(info: TensorInfo, ctx: _Context, name: str) -> TensorCheck | None:
     from loratool.adapter import LoraModule
     from loratool.linalg import merged_tensor
@@ -585,7 +572,6 @@ def _check_tensor(info: TensorInfo, ctx: _Context, name: str) -> TensorCheck | N
         if not (w.is_floating_point() and m.is_floating_point()):
             check.verdict = "other change"
             return check
-        _require_finite_terms(contribs)  # merge refuses NaN/Inf deltas; the projections below would fail on them
         # DoRA, LyCORIS and bias deltas are not low-rank sums: merge's own arithmetic, densely
         dense = key in plan.biases or any(not isinstance(c.module, LoraModule) or c.module.magnitude is not None
                                           for c in contribs)
