@@ -201,6 +201,10 @@ class MergePlan:
     layouts: list[str] = field(default_factory=list)  # adapters mapped onto the base's other layout (families)
 
 
+def _is_float(dtype: str) -> bool:
+    return dtype.startswith(("float", "bfloat"))
+
+
 def plan_merge(
     adapters: list[Adapter], weights: list[float], ckpt: Checkpoint, *, allow_unmatched: bool, unmerge: bool,
     tensors: dict[str, TensorInfo] | None = None,
@@ -298,6 +302,12 @@ def plan_merge(
             if tuple(base[hits[0]].shape) != tuple(ref.shape):
                 raise IncompatibleError(f"{where}: saved tensor '{stored}' is {ref.shape} but {hits[0]} in the base "
                                         f"is {base[hits[0]].shape}")
+            if not _is_float(ref.dtype) and ref.dtype != base[hits[0]].dtype:  # never cast integers into weights
+                raise IncompatibleError(
+                    f"{ref.source}: saved tensor holds {ref.dtype} values but {hits[0]} in the base is "
+                    f"{base[hits[0]].dtype}; loratool does not cast {ref.dtype} into a weight",
+                    hint="the adapter's modules_to_save tensor is not a weight; re-save it in the base's dtype "
+                    "if it is meant to be one")
             if unmerge:
                 raise IncompatibleError(
                     f"{where}: saved tensor '{stored}' replaces a base tensor; --unmerge cannot restore it",

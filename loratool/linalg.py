@@ -646,7 +646,8 @@ def merged_tensor(
     bias: bool = False,
     keep_delta: bool = False, work: Workspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(W, W', acc = Σ w_i ΔW_i or None), float32 on `device`, for one base tensor.
+    """(W, W', acc = Σ w_i ΔW_i or None), float32 on `device` (float64 for a float64 base, so the
+    base's own digits survive), for one base tensor.
 
     W' = W + acc (W − acc with unmerge); with a DoRA term (a LoRA or LyCORIS module with a
     magnitude), W' = m ⊙ (W + acc) / ‖W + acc‖, the norm per output row or per input column
@@ -670,19 +671,20 @@ def merged_tensor(
     dora = [m for m, _ in pairs if m.magnitude is not None and not bias]
     if dora and (len(pairs) > 1 or spans[0] is not None):  # keymap.plan_merge refuses these first
         raise ValueError(f"{dora[0].name}: a DoRA module must be the only delta of its whole base tensor")
+    acc_dtype = torch.float64 if stored.dtype == torch.float64 else torch.float32
     if not (dora or bias or keep_delta):
         work = work if work is not None else Workspace()
-        w = work.get("w", stored.shape, torch.float32, device).copy_(stored)  # widened exactly
-        new = work.get("new", stored.shape, torch.float32, device).copy_(w)  # W kept: the realized delta needs it
+        w = work.get("w", stored.shape, acc_dtype, device).copy_(stored)  # widened exactly
+        new = work.get("new", stored.shape, acc_dtype, device).copy_(w)  # W kept: the realized delta needs it
         rows = new.view(new.shape[0], -1)  # conv (out, in, kh, kw) -> (out, in·kh·kw), as down flattens
         for (module, weight), span in zip(pairs, spans):
             target = rows if span is None else rows[span[0]:span[1]]  # a part's rows of a fused weight
             if isinstance(module, LycoModule):
-                ld = lyco_delta(module, device=device).reshape(target.shape)  # LyCORIS: dense ΔW, scale included
+                ld = lyco_delta(module, device=device, dtype=acc_dtype).reshape(target.shape)  # dense ΔW, scaled
                 target.add_(ld if weight == 1.0 and not unmerge else ld * (sign * weight))
                 continue
-            up, down = factors(module, device=device)  # (out, r), (r, in·k)
-            d = torch.mm(up, down, out=work.get("d", (up.shape[0], down.shape[1]), torch.float32, device))
+            up, down = factors(module, device=device, dtype=acc_dtype)  # (out, r), (r, in·k)
+            d = torch.mm(up, down, out=work.get("d", (up.shape[0], down.shape[1]), acc_dtype, device))
             d.mul_(module.scale)  # (out, in·k), rounded exactly as peft's (B @ A) * s
             if weight != 1.0 or unmerge:
                 d.mul_(sign * weight)
@@ -690,16 +692,16 @@ def merged_tensor(
             target.add_(d.T if transposed else d)
             del d
         return w, new, None
-    w = stored.to(device=device, dtype=torch.float32)
+    w = stored.to(device=device, dtype=acc_dtype)
     acc: torch.Tensor | None = None
     for (module, weight), span in zip(pairs, spans):
         if bias:
             assert module.bias is not None
-            d = module.bias.load().to(device=device, dtype=torch.float32) * module.bias_scale
+            d = module.bias.load().to(device=device, dtype=acc_dtype) * module.bias_scale
         elif isinstance(module, LycoModule):
-            d = lyco_delta(module, device=device)
+            d = lyco_delta(module, device=device, dtype=acc_dtype)
         else:
-            d = delta(module, device=device)  # (scale · up @ down) in the base layout, as peft computes it
+            d = delta(module, device=device, dtype=acc_dtype)  # (scale · up @ down) in the base layout, as peft does
         if span is not None:  # a part's rows of a fused weight: zero elsewhere
             part = torch.zeros_like(w)
             part[span[0]:span[1]] = d.reshape(span[1] - span[0], *w.shape[1:])
@@ -715,7 +717,8 @@ def merged_tensor(
         assert m.magnitude is not None
         fan_in_fan_out = isinstance(m, LoraModule) and m.fan_in_fan_out
         rows = new.T if fan_in_fan_out else new  # (out, in, ...)
-        rows = dora_normalise(rows, m.magnitude.load().to(device=device), m.dora_axis, eps=dora_eps(m))
+        rows = dora_normalise(rows, m.magnitude.load().to(device=device, dtype=acc_dtype), m.dora_axis,
+                              eps=dora_eps(m))
         new = rows.T if fan_in_fan_out else rows
     return w, new, acc
 
@@ -749,8 +752,8 @@ def dora_normalise(merged: torch.Tensor, magnitude: torch.Tensor, axis: DoraAxis
     """
     import torch
 
-    v = merged.to(torch.float32)
-    mag = magnitude.to(device=v.device, dtype=torch.float32).reshape(-1)
+    v = merged if merged.dtype == torch.float64 else merged.to(torch.float32)  # float64 kept (a float64 base)
+    mag = magnitude.to(device=v.device, dtype=v.dtype).reshape(-1)
     lead = 0 if axis == "out" else 1
     if lead == 0:
         norm = v.reshape(v.shape[0], -1).norm(p=2, dim=1)  # (out,): each row over (in, *k), as peft

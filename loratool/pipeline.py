@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratool.linalg import Workspace
-from loratool.st import Checkpoint, SafetensorsFile, StreamingWriter, TensorInfo, ended_early
+from loratool.st import Checkpoint, SafetensorsFile, StreamingWriter, TensorInfo, ended_early, read_side_file
 
 if TYPE_CHECKING:
     import torch
@@ -314,7 +314,7 @@ def copy_other_files(ckpt: Checkpoint, tmp: Path, *, dtype_changed: bool, droppe
                 index["metadata"] = {**(index.get("metadata") or {}), "total_size": total}
             write_text_output(dst, json.dumps(index, indent=2) + "\n")
         elif drop_quantization and Path(rel) == Path("config.json"):
-            config = json.loads(src.read_text(encoding="utf-8"))
+            config = json.loads(read_side_file(src).decode("utf-8"))
             config.pop("quantization_config", None)
             write_text_output(dst, json.dumps(config, indent=2) + "\n")
         else:

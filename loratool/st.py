@@ -64,6 +64,9 @@ CODE_OF: dict[str, str] = {name: code for code, (name, _) in DTYPES.items()}
 ITEMSIZE: dict[str, int] = {name: size for name, size in DTYPES.values()}
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses larger headers too
+# A side file (config.json, adapter_config.json, an index, a model card) is metadata like a header:
+# the same bound, so no input makes loratool read more than this into memory as text.
+MAX_SIDE_FILE_BYTES = MAX_HEADER_BYTES
 METADATA_KEY = "__metadata__"
 
 
@@ -186,6 +189,23 @@ def open_input(path: str | os.PathLike[str]) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def read_side_file(path: str | os.PathLike[str], *, limit: int = MAX_SIDE_FILE_BYTES) -> bytes:
+    """The bytes of a small input file (a JSON config, an index, a model card, a pattern file) through
+    open_input: a FIFO, a device or a link to one is refused before a byte is read, and a file larger
+    than `limit` is refused rather than read (a file growing while read is cut at `limit` and refused).
+
+    Raises:
+        FormatError: not a regular file, or over `limit` bytes. OSError: as open() raises it.
+    """
+    with open_input(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        data = f.read(limit + 1) if size <= limit else b""
+    if size > limit or len(data) > limit:
+        raise FormatError(f"{path}: {max(size, len(data)):,} bytes, more than the {limit:,} a config or index "
+                          "file may have", hint="a config of this size is not what it claims to be")
+    return data
 
 
 def _kind_of(mode: int) -> str:
@@ -450,8 +470,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 def _open_sharded(p: Path, index_path: Path) -> Checkpoint:
     duplicates: list[str] = []
     try:
-        with open_input(index_path) as f:
-            text = f.read().decode("utf-8")
+        text = read_side_file(index_path).decode("utf-8")
         index = json.loads(text, object_pairs_hook=_pairs_recording(duplicates))
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):

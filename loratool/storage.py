@@ -164,7 +164,7 @@ def _read_json_tensor(info: TensorInfo) -> dict[str, Any]:
 
     try:
         doc = json.loads(read_bytes(info).rstrip(b"\0").decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         from loratool.errors import FormatError
 
         raise FormatError(f"{info.path}: '{info.key}' is not the JSON bitsandbytes writes ({e})") from None
@@ -176,14 +176,14 @@ def _read_json_tensor(info: TensorInfo) -> dict[str, Any]:
 
 
 def _config(root: Path) -> dict[str, Any] | None:
-    from loratool.st import folder_file
+    from loratool.st import folder_file, read_side_file
 
     p = folder_file(root, "config.json")
     if not p.is_file():
         return None
     try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        doc = json.loads(read_side_file(p).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):  # FIFOs, devices, absurd sizes: FormatError, not ignored
         return None
     return doc if isinstance(doc, dict) else None
 

@@ -13,12 +13,15 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import IO, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from rich.console import Console
 from rich.text import Text
 
 from loratool.ops import natural_key
+
+if TYPE_CHECKING:
+    from loratool.patterns import SafePattern
 
 _out: Console | None = None
 _err: Console | None = None
@@ -343,7 +346,8 @@ class _Grid:
                 c.print((first if k == 0 else Text(" " * pad)) + Text(piece), soft_wrap=True)
 
 
-def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool, only: re.Pattern[str] | None = None) -> None:
+def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool,
+                   only: re.Pattern[str] | SafePattern | None = None) -> None:
     c = out()
     head = Text()
     head.append(doc["path"], style="bold")
@@ -435,7 +439,7 @@ def _readable(value: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 
 
-def _module_table(doc: dict[str, Any], spectrum: bool, only: re.Pattern[str] | None = None) -> None:
+def _module_table(doc: dict[str, Any], spectrum: bool, only: re.Pattern[str] | SafePattern | None = None) -> None:
     mods = [m for m in doc["modules"] if only is None or only.search(m["name"])]
     headers = ["module", "kind", "out", "in", "rank", "alpha", "from", "scale", "dtype"]
     right = {2, 3, 4, 5, 7}

@@ -1,11 +1,15 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import click
 
 from loratool.cli._options import allow_pickle_option, device_option, input_path, json_option, quiet_option
 from loratool.errors import IncompatibleError
+
+if TYPE_CHECKING:
+    from loratool.patterns import SafePattern
 
 
 @click.command()
@@ -38,8 +42,10 @@ def inspect(path: str, as_json: bool, modules: str | None, spectrum: bool, allow
                                                                    only=pattern), as_json=as_json, quiet=quiet)
 
 
-def _pattern(regex: str) -> re.Pattern[str]:
+def _pattern(regex: str) -> SafePattern:
+    from loratool.patterns import compile_pattern
+
     try:
-        return re.compile(regex)
+        return compile_pattern(regex)  # matched in bounded time (loratool.patterns)
     except re.error as e:
         raise IncompatibleError(f"--modules {regex!r}: not a regular expression ({e})") from None

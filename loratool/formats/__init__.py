@@ -366,7 +366,39 @@ def write(
                 f"{out}: re-reading the written adapter gave {len(check.modules)} + {len(check.lycoris)} modules, "
                 f"expected {len(adapter.modules)} + {len(adapter.lycoris)}"
             )
+        _require_finite(check, tmp, out)
     return out
+
+
+def _require_finite(written: Adapter, tmp: Path, out: Path) -> None:
+    """The one finite check of every tensor an adapter writer wrote: factors, biases, DoRA magnitudes,
+    LyCORIS tensors (.diff, .diff_b, .dora_scale, ...), saved full tensors, and whatever a writer
+    computed (baked scales), read back from the written temporary before it is moved into place.
+
+    Raises:
+        IncompatibleError: naming the output file and the tensor's key as written.
+    """
+    import torch
+
+    from loratool.formats._common import open_tensor_file
+    from loratool.linalg import single_threaded
+
+    with single_threaded():  # many small tensors
+        for f in written.files:
+            if f.suffix == ".json":
+                continue
+            shown = out if f == tmp else out / f.relative_to(tmp)
+            for key, ref in open_tensor_file(f, allow_pickle=False).tensors.items():
+                t = ref.load()
+                if not t.is_floating_point():
+                    continue
+                if t.element_size() == 1:  # float8: torch has no isfinite for it
+                    t = t.float()
+                if not bool(torch.isfinite(t).all()):
+                    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+                    raise IncompatibleError(
+                        f"{shown}: tensor '{key}' would be written with {nan} NaN and {inf} Inf values; "
+                        "nothing was written", hint="check the input with: loratool validate ADAPTER")
 
 
 def comfyui_names(adapter: Adapter) -> bool:
@@ -416,10 +448,6 @@ def _check_values(adapter: Adapter, out: Path) -> None:
             raise IncompatibleError(
                 f"{out}: module '{m.name}': its delta (Frobenius norm {size:.3g}, alpha {m.alpha:.3g}) is beyond "
                 "float32; no runtime could apply it", hint="use a smaller --factor / --alpha / --weights")
-    for key, ref in adapter.extras.items():
-        t = ref.load()
-        if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
-            raise IncompatibleError(f"{out}: saved tensor '{key}' holds NaN or Inf values")
 
 
 LYCO_NAMES = {

@@ -167,6 +167,9 @@ def sniff_container(path: Path) -> str | None:
     return None
 
 
+_PICKLE_SCAN_BYTES = 4_000_000  # how much of a pickle is scanned for the functions it names (for the message)
+
+
 def pickle_calls(path: Path) -> list[str]:
     """The functions and classes a pickle names (GLOBAL / STACK_GLOBAL), found by reading its
     opcodes without executing anything; those torch needs to rebuild tensors are left out."""
@@ -177,9 +180,15 @@ def pickle_calls(path: Path) -> list[str]:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
                 member = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
-                data = z.read(member) if member else b""
+                data = b""
+                if member:  # never decompressed beyond the scan bound (a zip bomb stays a small read)
+                    with z.open(member) as m:
+                        data = m.read(_PICKLE_SCAN_BYTES)
         else:
-            data = path.read_bytes()[:50_000_000]
+            from loratool.st import open_input
+
+            with open_input(path) as f:
+                data = f.read(_PICKLE_SCAN_BYTES)
         calls: list[str] = []
         strings: list[str] = []
         for op, arg, _ in pickletools.genops(data):
@@ -198,28 +207,79 @@ def pickle_calls(path: Path) -> list[str]:
     return seen
 
 
+# A zip archive (an .npz, a torch.save .pt) is unpacked into memory: what its members declare they
+# unpack to is bounded before anything is decompressed (zipfile and torch's reader stop each member
+# at its declared size). Tensors compress poorly (random factors about 1.1:1); a bound of 100 times
+# the archive's size, or 256 MiB for small archives, leaves room for all-zero factors and none for a
+# zip bomb (1,000:1 and more).
+ZIP_EXPANSION_LIMIT = 100
+ZIP_EXPANSION_FLOOR = 256 * 2**20
+
+
+def check_zip_expansion(path: Path) -> None:
+    """Refuse a zip archive whose members would unpack to more than the bound above.
+
+    Raises:
+        FormatError: naming the archive, its size and what it would unpack to.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise FormatError(f"{path}: not a readable zip archive ({type(e).__name__}: {e})") from None
+    size = path.stat().st_size
+    unpacked = sum(i.file_size for i in infos)
+    limit = max(ZIP_EXPANSION_FLOOR, ZIP_EXPANSION_LIMIT * size)
+    if unpacked > limit:
+        big = max(infos, key=lambda i: i.file_size)
+        raise FormatError(
+            f"{path}: a {size:,}-byte archive whose members unpack to {unpacked:,} bytes (e.g. '{big.filename}': "
+            f"{big.file_size:,}); more than {ZIP_EXPANSION_LIMIT} times its size is refused as a zip bomb",
+            hint="re-save the tensors as .safetensors")
+
+
 def _open_npz(path: Path) -> TensorFile:
     """An .npz archive (older MLX adapters) as tensors, loaded with numpy's allow_pickle=False."""
     import numpy as np
     import torch
 
+    check_zip_expansion(path)
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in archive.files}
     except Exception as e:  # numpy/zipfile raise many types on a corrupt archive; ValueError: pickled objects
         raise FormatError(f"{path}: not a readable .npz archive of plain arrays ({type(e).__name__}: {e})") from None
-    # torch takes native byte order only: a big-endian ('>f4') array is converted (same values)
-    tensors = {k: TensorRef.from_tensor(torch.from_numpy(np.ascontiguousarray(a.astype(a.dtype.newbyteorder("="),
-                                                                                        copy=False))))
-               for k, a in arrays.items()}
+    tensors: dict[str, TensorRef] = {}
+    for k, a in arrays.items():
+        if not isinstance(a, np.ndarray):  # numpy gives a member that is not a .npy file as raw bytes
+            raise FormatError(f"{path}: member '{k}' is not a NumPy .npy array", hint="an .npz holds .npy arrays")
+        if a.dtype.kind not in "biuf":
+            raise FormatError(f"{path}: array '{k}' holds {a.dtype} values ({_npz_kind(a.dtype.kind)}), "
+                              "not numbers", hint="an adapter's arrays are floating-point factors")
+        try:
+            # torch takes native byte order only: a big-endian ('>f4') array is converted (same values)
+            native = a.astype(a.dtype.newbyteorder("="), copy=False)
+            tensors[k] = TensorRef.from_tensor(torch.from_numpy(np.ascontiguousarray(native)))
+        except TypeError:  # a numpy dtype torch has no counterpart for (float128, ...)
+            raise FormatError(f"{path}: array '{k}' has dtype {a.dtype}, which torch cannot hold") from None
     return TensorFile(path, tensors, {})
+
+
+def _npz_kind(kind: str) -> str:
+    return {"U": "text", "S": "bytes", "c": "complex numbers", "M": "dates", "m": "time spans",
+            "V": "raw records", "O": "Python objects"}.get(kind, "not numbers")
 
 
 def _load_pickle(path: Path) -> TensorFile:
     import pickle
+    import zipfile
 
     import torch
 
+    if zipfile.is_zipfile(path):  # torch.save's format: bounded like an .npz
+        check_zip_expansion(path)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols on stderr
             warnings.simplefilter("ignore")
@@ -445,12 +505,18 @@ def json_config(path: Path, findings: Findings) -> dict[str, Any] | None:
     """Read a JSON config file; a bad one is a config-invalid finding (FormatError when strict)."""
     import json
 
+    from loratool.st import read_side_file
+
     try:
-        text = path.read_bytes()
+        text = read_side_file(path)
     except OSError as e:
         reason = e.strerror or type(e).__name__
         findings.error("config-unreadable", None, f"{path}: cannot be read ({reason.lower()})",
                        hint="check the file's permissions", exc=FormatError)
+        return None
+    except FormatError as e:  # a directory, a FIFO, a device, or absurdly large
+        findings.error("config-unreadable", None, f"{path}: cannot be read ({e.message.removeprefix(f'{path}: ')})",
+                       hint=e.hint, exc=FormatError)
         return None
     try:
         data = json.loads(text.decode("utf-8"))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from loratool.errors import IncompatibleError
 from loratool.families import unet
+from loratool.patterns import SafePattern, compile_pattern
 
 LBW = "hako-mikan/sd-webui-lora-block-weight (scripts/lora_block_weight.py)"
 WAN_SOURCE = "kijai/ComfyUI-WanVideoWrapper (WanVideoLoraBlockEdit: blocks.0 .. blocks.39)"
@@ -144,9 +145,9 @@ def block_of(name: str, family: str) -> str | None:
 _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 
 
-def parse_module_weights(spec: str) -> list[tuple[re.Pattern[str], float]]:
+def parse_module_weights(spec: str) -> list[tuple[SafePattern, float]]:
     """'REGEX=W,REGEX=W' -> [(compiled regex, weight)] (a regex may itself hold commas)."""
-    rules: list[tuple[re.Pattern[str], float]] = []
+    rules: list[tuple[SafePattern, float]] = []
     pos = 0
     pattern = re.compile(rf"(.+?)=\s*({_NUMBER})\s*(?:,|$)")
     while pos < len(spec):
@@ -155,7 +156,7 @@ def parse_module_weights(spec: str) -> list[tuple[re.Pattern[str], float]]:
             raise IncompatibleError(f"--module-weights {spec!r}: cannot read {spec[pos:]!r}",
                                     hint="write REGEX=WEIGHT pairs separated by commas, e.g. 'attn=0.5,mlp=0'")
         try:
-            regex = re.compile(m[1].strip())
+            regex = compile_pattern(m[1].strip())
         except re.error as e:
             raise IncompatibleError(f"--module-weights: {m[1].strip()!r} is not a regular expression ({e})") from None
         w = float(m[2])

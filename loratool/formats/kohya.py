@@ -359,7 +359,7 @@ def _network_args(text: str | None) -> dict[str, Any] | None:
         return {}
     try:
         args = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested absurdly deep
         return None  # not ours to repair: kept as it is
     return args if isinstance(args, dict) else None
 

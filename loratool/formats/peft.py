@@ -31,6 +31,7 @@ from loratool.formats._common import (
 )
 from loratool.formats.names import PEFT_PREFIX
 from loratool.formats.registry import Capabilities, Format
+from loratool.patterns import SafePattern, compile_pattern
 from loratool.st import TensorRef, folder_file, write_text_output
 
 PREFIX = PEFT_PREFIX
@@ -115,18 +116,22 @@ class PatternLookup:
     compiled (once) and tried in order.
     """
 
-    def __init__(self, patterns: dict[str, Any]) -> None:
+    def __init__(self, patterns: dict[str, Any], refused: list[tuple[str, str]] | None = None) -> None:
+        """refused, when given, receives (key, reason) for each key that is not a usable regex (never
+        matched, as peft would fail to load the config)."""
         self._keys = list(patterns)
         # length -> [(anchored, wildcard positions, masked name -> first index)]
         self._tables: dict[int, dict[tuple[bool, frozenset[int]], dict[str, int]]] = {}
-        self._regexes: list[tuple[int, re.Pattern[str]]] = []
+        self._regexes: list[tuple[int, SafePattern]] = []
         for i, key in enumerate(self._keys):
             plain = _plain_key(key)
             if plain is None:
                 try:
-                    self._regexes.append((i, re.compile(rf"(.*\.)?({key})$")))
-                except re.error:
-                    continue  # never matches (peft would fail to load such a config)
+                    self._regexes.append((i, compile_pattern(rf"(.*\.)?({key})$")))
+                except re.error as e:  # never matches (peft would fail to load such a config)
+                    if refused is not None:
+                        refused.append((key, str(e)))
+                continue
                 continue
             anchored, text, wild = plain
             group = self._tables.setdefault(len(text), {}).setdefault((anchored, wild), {})
@@ -154,6 +159,10 @@ class PatternLookup:
                 best = i
                 break
         return None if best is None else self._keys[best]
+
+
+def _shown_key(key: str) -> str:
+    return repr(key) if len(key) <= 80 else f"{key[:60]!r}... ({len(key)} characters)"
 
 
 def _mask(text: str, wild: frozenset[int]) -> str:
@@ -265,13 +274,19 @@ def from_tensors(
     rslora = _bool(config.get("use_rslora", False), "use_rslora", where, findings)
     use_dora = _bool(config.get("use_dora", False), "use_dora", where, findings)
     fan_in_fan_out = _bool(config.get("fan_in_fan_out", False), "fan_in_fan_out", where, findings)
-    rank_lookup = PatternLookup(rank_pattern)
-    alpha_lookup = PatternLookup(alpha_pattern)
+    refused: list[tuple[str, str]] = []
+    rank_lookup = PatternLookup(rank_pattern, refused)
+    alpha_lookup = PatternLookup(alpha_pattern, refused)
+    for key, reason in refused:
+        findings.error("config-invalid", None,
+                       f"{where}: pattern key {_shown_key(key)} (rank_pattern / alpha_pattern) is not a usable "
+                       f"regular expression ({reason})",
+                       hint="peft cannot load this adapter either; fix or remove the key", exc=FormatError)
     targets = config.get("target_modules")
     if isinstance(targets, str):  # peft reads a string as one regex (re.fullmatch)
         try:
-            re.compile(targets)
-        except (re.error, RecursionError, OverflowError) as e:
+            compile_pattern(targets)
+        except re.error as e:
             findings.error("config-invalid", None,
                            f"{where}: 'target_modules' is not a valid regular expression ({e})",
                            hint="peft cannot load this adapter either; fix target_modules", exc=FormatError)
@@ -598,7 +613,8 @@ def _exact_pattern_keys(names: list[str]) -> dict[str, str]:
 def _targets_cover(targets: Any, names: list[str]) -> bool:
     if isinstance(targets, str):
         try:
-            return all(re.fullmatch(targets, n) for n in names)
+            rx = compile_pattern(targets)
+            return all(rx.fullmatch(n) for n in names)
         except re.error:
             return False
     if isinstance(targets, list) and targets:

@@ -32,7 +32,7 @@ from loratool.adapter import Adapter, LoraModule, LycoModule
 from loratool.errors import IncompatibleError
 from loratool.ops import Phase, Row, output_size
 from loratool.runtimes import RUNTIME_OF_FORMAT
-from loratool.st import TensorRef, folder_file
+from loratool.st import TensorRef, folder_file, read_side_file
 
 SCHEMA = 1
 
@@ -97,8 +97,8 @@ def _base_class(ckpt_root: Path) -> str | None:
     """The diffusers `_class_name` of a component directory's config.json, if there is one."""
     cfg = folder_file(ckpt_root, "config.json")
     try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = json.loads(read_side_file(cfg).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):  # FIFOs, devices, absurd sizes: FormatError, not ignored
         return None
     name = data.get("_class_name") if isinstance(data, dict) else None
     return name if isinstance(name, str) else None
@@ -394,7 +394,7 @@ def _lycoris_to_lora(
     """
     import torch
 
-    from loratool.linalg import lyco_to_lora
+    from loratool.linalg import lyco_to_lora, require_finite
 
     shapes: dict[str, tuple[int, ...]] = {}
     if base is not None:
@@ -414,6 +414,8 @@ def _lycoris_to_lora(
         if not convertible:
             kept[name] = lm
             continue
+        first = next(iter(lm.tensors.values()))
+        require_finite(name, first.file, **{role: ref.load() for role, ref in lm.tensors.items()})  # before any SVD
         form = lyco_to_lora(lm, rank)
         shape = shapes.get(name, lm.delta_shape)
         if name not in shapes and len(shape) == 2 and any(h in name for h in _CONV_HINTS):

@@ -39,7 +39,8 @@ from loratool.adapter import Adapter, Kind, LoraModule
 from loratool.errors import IncompatibleError
 from loratool.linalg import EXACT_MAX_DIM, truncated_svd
 from loratool.ops import Progress, Row, output_size
-from loratool.st import BackgroundSha256, Checkpoint, TensorInfo, TensorRef, folder_file
+from loratool.patterns import compile_pattern
+from loratool.st import BackgroundSha256, Checkpoint, TensorInfo, TensorRef, folder_file, read_side_file
 
 if TYPE_CHECKING:
     import torch
@@ -177,7 +178,7 @@ def _plan(base: Checkpoint, tuned: Checkpoint, *, modules: str | None, embedding
     rx = None
     if modules is not None:
         try:
-            rx = re.compile(modules)
+            rx = compile_pattern(modules)
         except re.error as e:
             raise IncompatibleError(f"--modules {modules!r}: not a valid regular expression ({e})") from None
     common = [k for k in base.tensors if k in tuned.tensors]
@@ -241,8 +242,8 @@ def _source_files(ckpt: Checkpoint) -> list[Path]:
 
 def _config(ckpt: Checkpoint) -> dict[str, Any]:
     try:
-        data = json.loads(folder_file(ckpt.root, "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = json.loads(read_side_file(folder_file(ckpt.root, "config.json")).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):  # FIFOs, devices, absurd sizes: FormatError, not ignored
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -212,13 +212,14 @@ def _blocked_term(setup: _Setup, key: str, s: object, stored: torch.Tensor | Non
     """The one contribution of a tensor that linalg.merge_blocked can merge, or None.
 
     The common case, on the CPU: one plain LoRA (no DoRA, no LyCORIS, not transposed) into a float
-    tensor stored as it is (no quantization, no QLoRA round trip), written to a float dtype.
+    tensor stored as it is (no quantization, no QLoRA round trip), written to a float dtype. A float64
+    tensor is not: merge_blocked works in float32, merged_tensor keeps float64.
     """
     from loratool.adapter import LoraModule
 
     if (s is not None or setup.qlora_base or setup.device != "cpu" or key not in setup.plan.deltas
             or len(contribs) != 1 or not hasattr(cast, "buffer") or stored is None
-            or not stored.is_floating_point() or stored.dim() < 2):
+            or not stored.is_floating_point() or str(stored.dtype) == "torch.float64" or stored.dim() < 2):
         return None
     c = contribs[0]
     m = c.module
@@ -310,6 +311,13 @@ def read_and_plan(op: str, adapters: Sequence[str | os.PathLike[str]], weights: 
     per_module, mw_warnings = adapter_module_weights(loaded, module_weights, blocks)
     plan, warnings = plan_merge(loaded, weights, ckpt, allow_unmatched=allow_unmatched, unmerge=unmerge,
                                 tensors=storage.logical(ckpt.tensors), module_weights=per_module)
+    for key, contribs in [*plan.deltas.items(), *plan.biases.items()]:
+        info = ckpt.tensors[key]
+        if storage.of(key) is None and info.dtype not in _FLOAT:  # bool, integer: not a weight to add to
+            raise IncompatibleError(
+                f"{info.path}: base tensor '{key}' is {info.dtype}, not a floating-point weight; a delta cannot be "
+                f"added to it (module '{contribs[0].module.name}')",
+                hint="check that BASE is the model the adapter was trained on")
     return loaded, plan, variant_warnings + mw_warnings + warnings
 
 

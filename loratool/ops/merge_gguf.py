@@ -27,10 +27,13 @@ GGUF_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 
 
 def is_gguf(path: Path) -> bool:
+    from loratool.errors import LoratoolError
+    from loratool.st import open_input
+
     try:
-        with open(path, "rb") as f:
+        with open_input(path) as f:  # a FIFO is refused, not waited on
             return f.read(4) == b"GGUF"
-    except OSError:
+    except (OSError, LoratoolError):
         return False
 
 
@@ -102,14 +105,14 @@ def merge_into_gguf(
     import torch
 
     from loratool.formats import gguf_layout, read, require_plain
-    from loratool.formats.gguf import _gguf
+    from loratool.formats.gguf import _gguf, gguf_reader
     from loratool.linalg import delta as module_delta
     from loratool.st import atomic_output
 
     gguf = _gguf()
     if dtype != "keep" and dtype not in GGUF_DTYPES:
         raise IncompatibleError(f"--dtype {dtype}: not a GGUF type", hint="use fp32, fp16 or bf16 (or keep)")
-    reader = gguf.GGUFReader(base)
+    reader = gguf_reader(base)
     kind = reader.fields.get("general.type")
     if kind is not None and kind.contents() == "adapter":
         raise IncompatibleError(f"{base}: is a GGUF adapter, not a model to merge into")

@@ -17,6 +17,7 @@ from typing import Any
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import IncompatibleError
 from loratool.ops import Progress, Row, output_size
+from loratool.patterns import SafePattern, compile_pattern
 from loratool.st import TensorRef
 
 SCHEMA = 1
@@ -83,10 +84,10 @@ def target_dtype(option: str, stored: str) -> str:
     return DTYPES[option]
 
 
-def modules_pattern(pattern: str) -> re.Pattern[str]:
-    """The compiled --modules regex (checked by the CLI before anything is read)."""
+def modules_pattern(pattern: str) -> SafePattern:
+    """The compiled --modules regex (checked by the CLI before anything is read), matched in bounded time."""
     try:
-        return re.compile(pattern)
+        return compile_pattern(pattern)
     except re.error as e:
         raise IncompatibleError(f"--modules {pattern!r}: not a valid regular expression ({e})") from None
 
