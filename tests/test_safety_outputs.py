@@ -67,6 +67,7 @@ COVERED: dict[tuple[str, str], str] = {
     ("convert", "path"): "convert-output-inside-adapter",
     ("convert", "base"): "convert-base-shard-force",
     ("convert", "dora_base"): "convert-dora-to-lora-base-inside",
+    ("convert", "initial_adapter"): "convert-output-inside-initial-adapter",
     ("merge", "base"): "merge-output-inside-base",
     ("merge", "adapters"): "merge-output-inside-adapter",
     ("rescale", "path"): "rescale-output-inside-adapter",
@@ -115,6 +116,13 @@ def case_convert_base_beside_is_fine(w: Path) -> Case:
 def case_convert_output_inside_adapter(w: Path) -> Case:
     adapter = peft(w)
     return Case(["convert", adapter, "--to", "kohya", "-o", adapter / "k.safetensors"], 2, INSIDE)
+
+
+@case
+def case_convert_output_inside_initial_adapter(w: Path) -> Case:
+    initial = build_adapter(w, fmt="peft", modules=MODULES, name="initial", config={"init_lora_weights": "pissa"})
+    pissa = build_adapter(w, fmt="peft", modules=MODULES, name="pissa", seed=1, config={"init_lora_weights": "pissa"})
+    return Case(["convert", pissa, "--to", "peft", "--initial-adapter", initial, "-o", initial / "plain"], 2, INSIDE)
 
 
 @case

@@ -596,7 +596,8 @@ def render_pull(doc: dict[str, Any]) -> None:
     c = out()
     c.print(doc["path"], markup=False, soft_wrap=True)
     rev = doc["revision"] + (f" ({doc['commit'][:12]})" if doc["commit"] else "")
-    line(f"{_holds(doc)}; from {doc['repo_id']}@{rev}")
+    # one line, never folded: scripts read the path from the first line and the summary from the second
+    c.print(f"{_holds(doc)}; from {doc['repo_id']}@{rev}", markup=False, highlight=False, soft_wrap=True)
 
 
 def render_push(doc: dict[str, Any]) -> None:

@@ -125,7 +125,8 @@ def scan(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> ScanRep
         fam = doc.get("family")
         if isinstance(fam, dict):
             report.family = fam.get("family")
-            report.family_tied = list(fam.get("tied") or [])
+            tied = list(fam.get("tied") or [])
+            report.family_tied = tied if len(tied) > 1 else []  # one family named is no tie
         report.num_modules = len(adapter.modules) + len(adapter.lycoris)
         report.fingerprint = fingerprint(adapter)
     except LoratoolError as e:

@@ -95,14 +95,14 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[tuple[str, lis
         ("rescale", ["rescale", str(KOHYA), "-o", str(out / "s.safetensors"), "--factor", "0.5"]),
         ("combine", ["combine", str(KOHYA), str(resized), "-o", str(out / "c.safetensors")]),
         ("convert", ["convert", str(KOHYA), "--to", "peft", "-o", str(out / "p")]),
-        ("extract", ["extract", str(BASE), str(merged), "-o", str(out / "e.safetensors"), "--rank", "2"]),
+        ("extract", ["extract", str(BASE), str(merged), "-o", str(out / "e"), "--rank", "2"]),
     ]
     # the merged tensors whose names verify lists (those the adapter changed and those it did not)
     names = {name: kohya for name, _ in commands}
     names["blocks"] = _stems(blocks)
     names["validate"] = _stems(sdxl)
     names["verify"] = base_keys
-    r = run_cli(["extract", BASE, merged, "-o", d / "e.safetensors", "--rank", "2", "--json"])
+    r = run_cli(["extract", BASE, merged, "-o", d / "e", "--rank", "2", "--json"])
     names["extract"] = [m["name"] for m in json.loads(r.out)["modules"]]
     assert len(names["extract"]) == len(kohya)
     return commands, names, out

@@ -112,7 +112,7 @@ def test_a_wrong_family_is_refused_not_merged(tmp_path: Path) -> None:
     sd1 = write(tmp_path, "sd1.safetensors", u.lora("sd1", "kohya"))
     sdxl = write(tmp_path, "sdxl.safetensors", u.lora("sdxl", "kohya", full=False))
     for lora, base in ((sd1, sdxl_single), (sd1, sdxl_unet), (sdxl, sd1_single)):
-        out = tmp_path / "m.safetensors"
+        out = tmp_path / ("m" if base.is_dir() else "m.safetensors")  # a folder base merges into a folder
         with pytest.raises(IncompatibleError, match=r"unmatched|shape"):
             merge(base, [lora], out)
         assert not out.exists()
