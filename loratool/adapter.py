@@ -16,7 +16,7 @@ from loratool.st import TensorRef
 Kind = Literal["linear", "conv", "embedding"]
 AlphaSource = Literal["tensor", "config", "pattern", "metadata", "implied"]
 DoraAxis = Literal["out", "in"]
-# LyCORIS module algorithms whose ΔW loratool computes exactly (linalg.lyco_delta)
+# LyCORIS module algorithms whose ΔW loratool computes exactly (maths.lycoris.lyco_delta)
 LycoAlgo = Literal["loha", "lokr", "tucker", "full", "norm", "bias"]
 
 

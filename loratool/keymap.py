@@ -185,7 +185,7 @@ class Contribution:
 
     @property
     def term(self) -> tuple[LoraModule | LycoModule, float, tuple[int, int] | None]:
-        """(module, weight, rows): what linalg.merged_tensor takes."""
+        """(module, weight, rows): what maths.merge.merged_tensor takes."""
         return self.module, self.weight, self.rows
 
 

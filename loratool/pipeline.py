@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loratool.linalg import Workspace
+from loratool.maths.merge import Workspace
 from loratool.st import Checkpoint, SafetensorsFile, StreamingWriter, TensorInfo, ended_early, read_side_file
 
 if TYPE_CHECKING:
@@ -205,7 +205,7 @@ def stream_file(
             """new cast to dtype on the CPU, in the output slot that is free again."""
             return slot_buffer(new.shape, dtype).copy_(new)
 
-        cast.buffer = slot_buffer  # type: ignore[attr-defined]  # fill it block by block (linalg.merge_blocked)
+        cast.buffer = slot_buffer  # type: ignore[attr-defined]  # fill it block by block (maths.merge.merge_blocked)
         return cast
 
     skipped = sum(i.nbytes for i in src.tensors.values() if layout[i.key] is None)

@@ -20,7 +20,7 @@ fp8 with a `weight_scale`, ...) is "known but unsupported": merge refuses it up 
 the delta through wrong. Dequantization is exact (float32); quantize() writes the same scheme back,
 block sizes kept, scales recomputed from the data where the scheme computes them (block fp8 tiles,
 bnb absmax, int8 SCB) and kept where they are fixed (ComfyUI scale_weight, the nested bnb offset,
-codebooks). The maths is in linalg.py; this module only decides which of it applies, and reads
+codebooks). The maths is in maths/quant.py; this module only decides which of it applies, and reads
 only headers plus the few-byte bnb quant_state JSON.
 """
 
@@ -304,7 +304,7 @@ def dequantize(s: Storage, stored: torch.Tensor, load: Load) -> torch.Tensor:
     """The weight in float32, logical shape, exactly as the scheme defines it. `load(key)` reads a sibling."""
     import torch
 
-    from loratool import linalg
+    from loratool.maths.quant import block_dequantize, codebook_dequantize, int8_row_dequantize, unpack_nibbles
 
     if s.scheme == "fp8":
         return stored.to(torch.float32)
@@ -317,29 +317,29 @@ def dequantize(s: Storage, stored: torch.Tensor, load: Load) -> torch.Tensor:
         scale = load(s.siblings["scale_inv"])
         if scale.numel() == 1:
             return stored.to(torch.float32) * scale.to(torch.float32).reshape(())
-        return linalg.block_dequantize(stored, scale, (s.block[0], s.block[1]))
+        return block_dequantize(stored, scale, (s.block[0], s.block[1]))
     if s.scheme in ("bnb_nf4", "bnb_fp4"):
         n = math.prod(s.shape)
         absmax = _bnb_absmax(s, load)
-        codes = linalg.unpack_nibbles(stored)
-        return linalg.codebook_dequantize(codes, absmax, load(s.siblings["quant_map"]), s.block[0], n).reshape(s.shape)
+        codes = unpack_nibbles(stored)
+        return codebook_dequantize(codes, absmax, load(s.siblings["quant_map"]), s.block[0], n).reshape(s.shape)
     if s.scheme == "bnb_int8":
-        return linalg.int8_row_dequantize(stored, load(s.siblings["scb"]))
+        return int8_row_dequantize(stored, load(s.siblings["scb"]))
     raise IncompatibleError(f"'{s.key}': {s.scheme} cannot be dequantized")
 
 
 def _bnb_absmax(s: Storage, load: Load) -> torch.Tensor:
     import torch
 
-    from loratool import linalg
+    from loratool.maths.quant import codebook_dequantize
 
     absmax = load(s.siblings["absmax"])
     if "nested_absmax" not in s.siblings:
         return absmax.to(torch.float32)
     nb = int(s.params.get("nested_blocksize", 256))
     offset = float(s.params.get("nested_offset", 0.0))
-    nested = linalg.codebook_dequantize(absmax.reshape(-1).to(torch.int64), load(s.siblings["nested_absmax"]),
-                                        load(s.siblings["nested_quant_map"]), nb, absmax.numel())
+    nested = codebook_dequantize(absmax.reshape(-1).to(torch.int64), load(s.siblings["nested_absmax"]),
+                                 load(s.siblings["nested_quant_map"]), nb, absmax.numel())
     return nested + offset
 
 
@@ -352,28 +352,28 @@ def quantize(s: Storage, w: torch.Tensor, load: Load, *, generator: torch.Genera
     """
     import torch
 
-    from loratool import linalg
+    from loratool.maths.quant import block_quantize_fp8, codebook_quantize, int8_row_quantize, pack_nibbles, round_fp8
 
     if s.scheme == "fp8":
-        return {s.key: linalg.round_fp8(w, s.dtype, generator=generator)}
+        return {s.key: round_fp8(w, s.dtype, generator=generator)}
     if s.scheme == "fp8_scaled":
         scale = load(s.siblings["scale"]).to(torch.float32)
         scale = scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1, *([1] * (w.dim() - 1)))
-        return {s.key: linalg.round_fp8(w / scale, s.dtype, generator=generator)}
+        return {s.key: round_fp8(w / scale, s.dtype, generator=generator)}
     if s.scheme == "fp8_block":
         scale_key = s.siblings["scale_inv"]
         old = load(scale_key)
-        q, inv = linalg.block_quantize_fp8(w, (s.block[0], s.block[1]), s.dtype, pow2=bool(s.params.get("pow2")),
-                                           generator=generator)
+        q, inv = block_quantize_fp8(w, (s.block[0], s.block[1]), s.dtype, pow2=bool(s.params.get("pow2")),
+                                    generator=generator)
         return {s.key: q, scale_key: inv.reshape(old.shape).to(old.dtype)}
     if s.scheme in ("bnb_nf4", "bnb_fp4"):
-        codes, absmax = linalg.codebook_quantize(w, load(s.siblings["quant_map"]), s.block[0])
-        out = {s.key: linalg.pack_nibbles(codes).view(getattr(torch, s.dtype))}
+        codes, absmax = codebook_quantize(w, load(s.siblings["quant_map"]), s.block[0])
+        out = {s.key: pack_nibbles(codes).view(getattr(torch, s.dtype))}
         old_absmax = load(s.siblings["absmax"])
         if "nested_absmax" in s.siblings:
             nb = int(s.params.get("nested_blocksize", 256))
             offset = float(s.params.get("nested_offset", 0.0))
-            ncodes, nabs = linalg.codebook_quantize(absmax - offset, load(s.siblings["nested_quant_map"]), nb)
+            ncodes, nabs = codebook_quantize(absmax - offset, load(s.siblings["nested_quant_map"]), nb)
             out[s.siblings["absmax"]] = ncodes.to(torch.uint8).reshape(old_absmax.shape)
             old_nested = load(s.siblings["nested_absmax"])
             out[s.siblings["nested_absmax"]] = nabs.reshape(old_nested.shape).to(old_nested.dtype)
@@ -381,7 +381,7 @@ def quantize(s: Storage, w: torch.Tensor, load: Load, *, generator: torch.Genera
             out[s.siblings["absmax"]] = absmax.reshape(old_absmax.shape).to(old_absmax.dtype)
         return out
     if s.scheme == "bnb_int8":
-        q, scb = linalg.int8_row_quantize(w)
+        q, scb = int8_row_quantize(w)
         old = load(s.siblings["scb"])
         return {s.key: q, s.siblings["scb"]: scb.reshape(old.shape).to(old.dtype)}
     raise IncompatibleError(f"'{s.key}': {s.scheme} cannot be quantized")

@@ -23,8 +23,8 @@ import pytest
 import torch
 
 import loratool
-from loratool import linalg
 from loratool.adapter import Adapter
+from loratool.maths.delta import delta
 from loratool.st import TensorRef
 
 transformers = pytest.importorskip("transformers")
@@ -255,7 +255,7 @@ def test_read_matches_peft_layers(made: Made) -> None:
         else:
             assert m.magnitude is None
         assert m.dtype == str(made.case.dtype).removeprefix("torch.")
-        assert_same_delta(linalg.delta(m), layer, made.case.dtype)
+        assert_same_delta(delta(m), layer, made.case.dtype)
 
 
 @pytest.mark.slow
@@ -371,7 +371,7 @@ def test_modified_ranks_and_alphas_reproduced_by_peft(llama: Made, tmp_path: Pat
         assert layer.r["default"] == m.rank, name
         assert layer.lora_alpha["default"] == m.alpha, name
         assert layer.scaling["default"] == m.scale, name
-        assert_same_delta(linalg.delta(m), layer, torch.float32)
+        assert_same_delta(delta(m), layer, torch.float32)
     assert layers["model.layers.0.self_attn.q_proj"].r["default"] == 2
     assert layers["model.layers.1.self_attn.v_proj"].r["default"] == 6  # untouched pattern module
 
@@ -390,7 +390,7 @@ def test_mixed_rslora_modules_keep_their_scale_in_peft(llama: Made, tmp_path: Pa
     layers = lora_layers(model)
     for n, m in adapter.modules.items():
         assert layers[n].scaling["default"] == pytest.approx(m.scale, rel=1e-12), n
-        assert_same_delta(linalg.delta(m), layers[n], torch.float32, exact=n != name)
+        assert_same_delta(delta(m), layers[n], torch.float32, exact=n != name)
 
 
 @pytest.mark.slow
@@ -419,7 +419,7 @@ def test_gpt2_saved_with_fan_in_fan_out_false(tmp_path: Path) -> None:
     adapter = loratool.read(made.path)
     for name, layer in made.layers().items():
         assert layer.fan_in_fan_out is True
-        assert_same_delta(linalg.delta(adapter.modules[name]), layer, torch.float32)
+        assert_same_delta(delta(adapter.modules[name]), layer, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,7 +485,7 @@ def test_conv_layers_read_and_written_like_peft(tmp_path: Path) -> None:
     for name, layer in layers.items():
         m = adapter.modules[name]
         assert (m.rank, m.scale) == (layer.r["default"], layer.scaling["default"])
-        assert_same_delta(linalg.delta(m), layer, torch.float32)
+        assert_same_delta(delta(m), layer, torch.float32)
         assert m.base_shape == tuple(layer.get_base_layer().weight.shape)
 
     out = loratool.write(adapter, tmp_path / "out", fmt="peft")

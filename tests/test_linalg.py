@@ -1,4 +1,4 @@
-"""linalg.py on its own, against numpy written here (float64 references, stated tolerances)."""
+"""loratool.maths on its own, against numpy written here (float64 references, stated tolerances)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from loratool import linalg
 from loratool.adapter import LoraModule
+from loratool.maths.combine import disjoint_merge, majority_sign_mask, merge_dense, prune, weighted_concat
+from loratool.maths.compare import product_fro_norm
+from loratool.maths.delta import delta, factors
+from loratool.maths.merge import Workspace, merge_blocked, merged_tensor, realized_delta
+from loratool.maths.svd import choose_rank, energy_rank, fro_retained, lowrank_svd, singular_values, truncate_dense
 from loratool.st import TensorRef
 
 
@@ -37,7 +41,7 @@ def test_delta_layouts_and_scales(kind, fan_in_fan_out, rslora):
     want = scale * up.astype(np.float32).astype(np.float64) @ down.astype(np.float32).astype(np.float64)
     if kind == "embedding" or fan_in_fan_out:
         want = want.T  # stored (in, out): embedding (vocab, dim), GPT-2 Conv1D
-    got = linalg.delta(m).double().numpy()
+    got = delta(m).double().numpy()
     assert got.shape == m.base_shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
@@ -46,10 +50,10 @@ def test_conv_delta_is_the_flattened_product_reshaped():
     rng = _rng(2)
     up, down = rng.standard_normal((4, 2, 1, 1)), rng.standard_normal((2, 3, 3, 3))
     m = _module(up, down, alpha=2.0, kind="conv")
-    up_f, down_f = linalg.factors(m)
+    up_f, down_f = factors(m)
     assert tuple(up_f.shape) == (4, 2) and tuple(down_f.shape) == (2, 27)
     want = (up.reshape(4, 2) @ down.reshape(2, 27)).reshape(4, 3, 3, 3)
-    np.testing.assert_allclose(linalg.delta(m).double().numpy(), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(delta(m).double().numpy(), want, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,7 +66,7 @@ def test_lowrank_svd_is_the_svd_of_the_product(ill):
     up, down = rng.standard_normal((40, 6)), rng.standard_normal((6, 30))
     if ill:  # rank-deficient up: the Gram route would square the conditioning, so QR is taken
         up[:, 5] = up[:, 4]
-    u, s, vh = (t.numpy() for t in linalg.lowrank_svd(torch.from_numpy(up), torch.from_numpy(down)))
+    u, s, vh = (t.numpy() for t in lowrank_svd(torch.from_numpy(up), torch.from_numpy(down)))
     ref = np.linalg.svd(up @ down, compute_uv=False)[:6]
     np.testing.assert_allclose(s, ref, rtol=1e-9, atol=1e-9 * ref[0])
     np.testing.assert_allclose((u * s) @ vh, up @ down, atol=1e-9 * ref[0])
@@ -76,7 +80,7 @@ def test_singular_values_include_the_scale():
     up, down = rng.standard_normal((8, 2)), rng.standard_normal((2, 8))
     m = _module(up, down, alpha=-1.0)  # a negative alpha flips the delta, not the spectrum
     want = np.linalg.svd(0.5 * up.astype(np.float32).astype(np.float64) @ down.astype(np.float32), compute_uv=False)
-    np.testing.assert_allclose(linalg.singular_values(m).numpy(), want[:2], rtol=1e-6)
+    np.testing.assert_allclose(singular_values(m).numpy(), want[:2], rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,19 +102,19 @@ S = [4.0, 2.0, 1.0, 1.0]  # Σσ² = 22, Σσ = 8
     ("max_error", 0.0, 4),
 ])
 def test_choose_rank_is_the_smallest_rank_meeting_the_rule(method, threshold, rank):
-    assert linalg.choose_rank(S, method, threshold) == rank
-    assert linalg.choose_rank(torch.tensor(S), method, threshold) == rank
-    assert linalg.choose_rank(S, method, threshold, cap=1) == 1
+    assert choose_rank(S, method, threshold) == rank
+    assert choose_rank(torch.tensor(S), method, threshold) == rank
+    assert choose_rank(S, method, threshold, cap=1) == 1
 
 
 def test_rank_rule_edges():
-    assert linalg.choose_rank([0.0, 0.0], "sv_fro", 0.9) == 1
-    assert linalg.choose_rank([], "sv_fro", 0.9) == 1
+    assert choose_rank([0.0, 0.0], "sv_fro", 0.9) == 1
+    assert choose_rank([], "sv_fro", 0.9) == 1
     with pytest.raises(ValueError, match="unknown rank method"):
-        linalg.choose_rank(S, "sv_magic", 0.9)
-    assert linalg.fro_retained(S, 2) == pytest.approx(math.sqrt(20 / 22))
-    assert linalg.fro_retained([0.0], 1) == 1.0
-    assert linalg.energy_rank(S, 0.9) == 2  # 20/22 ≥ 0.9 > 16/22
+        choose_rank(S, "sv_magic", 0.9)
+    assert fro_retained(S, 2) == pytest.approx(math.sqrt(20 / 22))
+    assert fro_retained([0.0], 1) == 1.0
+    assert energy_rank(S, 0.9) == 2  # 20/22 ≥ 0.9 > 16/22
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,17 +124,17 @@ def test_rank_rule_edges():
 def test_weighted_concat_is_the_exact_weighted_sum():
     rng = _rng(5)
     terms = [(rng.standard_normal((7, r)), rng.standard_normal((r, 9)), c) for r, c in ((2, 0.5), (3, -2.0))]
-    up, down = linalg.weighted_concat([(torch.from_numpy(u), torch.from_numpy(d), c) for u, d, c in terms])
+    up, down = weighted_concat([(torch.from_numpy(u), torch.from_numpy(d), c) for u, d, c in terms])
     assert tuple(up.shape) == (7, 5) and tuple(down.shape) == (5, 9)
     want = sum(c * u @ d for u, d, c in terms)
     np.testing.assert_allclose((up @ down).numpy(), want, rtol=1e-12, atol=1e-12)
-    assert linalg.product_fro_norm(up, down) == pytest.approx(np.linalg.norm(want), rel=1e-7)
+    assert product_fro_norm(up, down) == pytest.approx(np.linalg.norm(want), rel=1e-7)
 
 
 def test_truncate_dense_is_the_best_rank_k_approximation():
     rng = _rng(6)
     m = rng.standard_normal((12, 10))
-    up, down, s = linalg.truncate_dense(torch.from_numpy(m), 3)
+    up, down, s = truncate_dense(torch.from_numpy(m), 3)
     ref = np.linalg.svd(m, compute_uv=False)
     np.testing.assert_allclose(s.double().numpy(), ref, rtol=1e-5)
     err = np.linalg.norm(m - (up @ down).double().numpy())
@@ -139,21 +143,21 @@ def test_truncate_dense_is_the_best_rank_k_approximation():
 
 def test_prune():
     t = torch.tensor([[0.1, -5.0, 0.3], [2.0, -0.2, 0.05]])
-    kept = linalg.prune(t, 0.5, "magnitude")
+    kept = prune(t, 0.5, "magnitude")
     assert torch.equal(kept, torch.tensor([[0.0, -5.0, 0.3], [2.0, 0.0, 0.0]]))
-    assert linalg.prune(t, 1.0, "random") is t
+    assert prune(t, 1.0, "random") is t
     gen, ref_gen = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     mask = torch.bernoulli(torch.full(t.shape, 0.5), generator=ref_gen)
-    assert torch.equal(linalg.prune(t, 0.5, "random", rescale=True, generator=gen), t * mask / 0.5)
+    assert torch.equal(prune(t, 0.5, "random", rescale=True, generator=gen), t * mask / 0.5)
 
 
 def test_sign_election_and_disjoint_mean():
     stacked = torch.tensor([[1.0, -3.0, 2.0], [-2.0, 1.0, 0.0], [-0.5, 1.0, 4.0]])
-    total = linalg.majority_sign_mask(stacked, "total")  # column sums -1.5, -1, 6
+    total = majority_sign_mask(stacked, "total")  # column sums -1.5, -1, 6
     assert total.tolist() == [[False, True, True], [True, False, False], [True, False, True]]
-    freq = linalg.majority_sign_mask(stacked, "frequency")  # sign sums -1, 1, 2
+    freq = majority_sign_mask(stacked, "frequency")  # sign sums -1, 1, 2
     assert freq.tolist() == [[False, False, True], [True, True, False], [True, True, True]]
-    merged = linalg.disjoint_merge(stacked, total)
+    merged = disjoint_merge(stacked, total)
     np.testing.assert_allclose(merged.numpy(), [(-2.0 - 0.5) / 2, -3.0, (2.0 + 4.0) / 2])
 
 
@@ -161,17 +165,17 @@ def test_merge_dense_ties_against_numpy():
     rng = _rng(8)
     deltas = [rng.standard_normal((5, 6)) for _ in range(3)]
     weights = [0.7, -0.4, 1.3]
-    got = linalg.merge_dense([torch.from_numpy(d) for d in deltas], weights, "ties", density=1.0).numpy()
+    got = merge_dense([torch.from_numpy(d) for d in deltas], weights, "ties", density=1.0).numpy()
     stacked = np.stack(deltas)
     elected = np.where(stacked.sum(0) >= 0, 1.0, -1.0)
     agree = np.sign(stacked) == elected
     weighted = stacked * np.array(weights)[:, None, None]
     want = (weighted * agree).sum(0) / np.maximum(agree.sum(0), 1)
     np.testing.assert_allclose(got, want, rtol=1e-12)
-    linear = linalg.merge_dense([torch.from_numpy(d) for d in deltas], weights, "magnitude_prune", density=1.0)
+    linear = merge_dense([torch.from_numpy(d) for d in deltas], weights, "magnitude_prune", density=1.0)
     np.testing.assert_allclose(linear.numpy(), sum(w * d for w, d in zip(weights, deltas)), rtol=1e-12)
     with pytest.raises(ValueError, match="unknown dense merge"):
-        linalg.merge_dense([torch.zeros(1)], [1.0], "average", density=1.0)
+        merge_dense([torch.zeros(1)], [1.0], "average", density=1.0)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
@@ -192,12 +196,12 @@ def test_merge_blocked_against_the_whole_tensor_path_and_float64(dtype, shape, b
     up = torch.randn(out_f, 3, *([1, 1] if kind == "conv" else []), generator=g)
     m = LoraModule("m", TensorRef.from_tensor(down), TensorRef.from_tensor(up), alpha=6.0, kind=kind)
     stored = (torch.randn(shape, generator=g) * 3).to(getattr(torch, dtype))
-    w, new, _ = linalg.merged_tensor(stored, [(m, abs(factor))], device="cpu", unmerge=factor < 0)
+    w, new, _ = merged_tensor(stored, [(m, abs(factor))], device="cpu", unmerge=factor < 0)
     want = new.to(getattr(torch, dtype))
     w_norm = float(w.norm())
-    dd_root, de_sum, err_norm, worst = linalg.realized_delta(w, new.clone(), want)
+    dd_root, de_sum, err_norm, worst = realized_delta(w, new.clone(), want)
     out = torch.empty(shape, dtype=getattr(torch, dtype))
-    r = linalg.merge_blocked(stored, m, factor, out, work=linalg.Workspace(), block=block, threads=threads)
+    r = merge_blocked(stored, m, factor, out, work=Workspace(), block=block, threads=threads)
     one_block = block >= stored.numel()
     if one_block:
         assert torch.equal(out.view(torch.uint8) if dtype != "float32" else out.view(torch.int32),
@@ -224,11 +228,11 @@ def test_merge_blocked_stops_at_nan():
     stored = torch.zeros(8, 4)
     stored[5, 2] = float("nan")
     for threads in (1, 2):  # one range, or several ranges whose partial results are combined
-        r = linalg.merge_blocked(stored, m, 1.0, torch.empty(8, 4), work=linalg.Workspace(), block=8,
-                                 threads=threads)
+        r = merge_blocked(stored, m, 1.0, torch.empty(8, 4), work=Workspace(), block=8,
+                          threads=threads)
         assert math.isnan(r.lo) and math.isnan(r.hi)
     stored[5, 2] = float("inf")
     for threads in (1, 2):
-        r = linalg.merge_blocked(stored, m, 1.0, torch.empty(8, 4), work=linalg.Workspace(), block=8,
-                                 threads=threads)
+        r = merge_blocked(stored, m, 1.0, torch.empty(8, 4), work=Workspace(), block=8,
+                          threads=threads)
         assert r.hi == math.inf and r.lo == 1.0

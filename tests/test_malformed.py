@@ -423,7 +423,8 @@ def run_subprocess(args: list[str], cwd: Path) -> Run:
 _DRIVER = r"""
 import gc, json, os, sys, traceback
 # imported once here (the CLI imports them lazily); every forked child then runs the entry point
-import torch, rich.table, loratool.cli._render, loratool.ops.inspect, loratool.ops.validate, loratool.linalg
+import torch, rich.table, loratool.cli._render, loratool.ops.inspect, loratool.ops.validate
+import loratool.maths.guards, loratool.maths.svd
 from loratool.cli import main
 
 gc.freeze()  # children's garbage collections then leave the shared pages alone

@@ -22,9 +22,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import loratool
-from loratool import linalg
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import IncompatibleError, OutputExistsError
+from loratool.maths.delta import delta
 from loratool.st import TensorRef
 
 PROVENANCE_KEYS = {"loratool.version", "loratool.op", "loratool.params", "loratool.sources"}
@@ -157,7 +157,7 @@ def test_peft_written_patterns_override_source_patterns(tmp_path: Path) -> None:
     assert again.modules["model.layers.1.self_attn.v_proj"].rank == 6  # the other v_proj keeps its own
     assert again.modules["model.layers.1.self_attn.v_proj"].scale == 5 / 6
     for name, mod in modules.items():
-        assert torch.equal(linalg.delta(again.modules[name]), linalg.delta(mod)), name
+        assert torch.equal(delta(again.modules[name]), delta(mod)), name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,13 +489,13 @@ def test_property_peft_roundtrip_preserves_deltas(adapter: Adapter) -> None:
         assert (got.rank, got.kind, got.fan_in_fan_out, got.dtype) == (m.rank, m.kind, m.fan_in_fan_out, m.dtype)
         assert got.scale == m.scale, name
         assert torch.equal(got.down.load(), m.down.load()) and torch.equal(got.up.load(), m.up.load())
-        # expected delta straight from the factors (not linalg): s · up @ down, laid out like the base
+        # expected delta straight from the factors (not loratool.maths): s · up @ down, laid out like the base
         up = m.up.load().float().reshape(m.up.shape[0], -1)
         down = m.down.load().float().reshape(m.rank, -1)
         expected = (up @ down) * (m.alpha / (math.sqrt(m.rank) if m.rslora else m.rank))
         expected = expected.T if m.kind == "embedding" or m.fan_in_fan_out else expected.reshape(
             m.out_features, m.in_features, *m.kernel)
-        assert torch.equal(linalg.delta(got), expected), name
+        assert torch.equal(delta(got), expected), name
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -507,7 +507,7 @@ def test_property_peft_roundtrip_mixed_rslora_keeps_scales(adapter: Adapter) -> 
     for name, m in adapter.modules.items():
         got = again.modules[name]
         assert got.scale == pytest.approx(m.scale, rel=1e-12), name
-        torch.testing.assert_close(linalg.delta(got), linalg.delta(m), rtol=1e-6, atol=0)
+        torch.testing.assert_close(delta(got), delta(m), rtol=1e-6, atol=0)
 
 
 def test_peft_rewrite_keeps_the_configs_own_r(tmp_path: Path) -> None:

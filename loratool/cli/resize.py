@@ -11,7 +11,7 @@ from loratool.cli._options import (
     preflight,
     write_options,
 )
-from loratool.linalg import RANK_METHODS
+from loratool.maths.svd import RANK_METHODS
 
 
 @click.command()

@@ -138,7 +138,7 @@ def convert_family(
 
 
 def _chunk_rows(rel_chunks: dict[str, str], names: tuple[str, ...], total: int, width: int, where: str) -> list[int]:
-    from loratool.linalg import row_sizes
+    from loratool.maths.fuse import row_sizes
 
     try:
         return row_sizes([rel_chunks[c] for c in names], total, width)
@@ -237,7 +237,7 @@ def _fuse(out: FamilyConversion, family: Family, rel: Relation, fill, members: d
         how, alpha, rslora = "fuse-block", scale * down.shape[0], False
     err = 0.0
     if fuse_rank is not None and down.shape[0] > fuse_rank:
-        from loratool.linalg import fro_retained, lowrank_svd
+        from loratool.maths.svd import fro_retained, lowrank_svd
 
         u, s, vh = lowrank_svd(up.double(), down.double())
         k = fuse_rank
@@ -264,7 +264,7 @@ def _fuse_by_module(parts: list[tuple[torch.Tensor | None, torch.Tensor | None, 
     """Block-diagonal fusion where chunks of one split module (norm_out's scale and shift) share its A."""
     import torch
 
-    from loratool.linalg import block_diagonal_fuse
+    from loratool.maths.fuse import block_diagonal_fuse
 
     if len({id(o) for o in owners if o is not None}) == sum(o is not None for o in owners):
         return block_diagonal_fuse(parts, rows)

@@ -13,7 +13,7 @@ diffusers). When the sides differ, each adapter module is mapped through the fam
                               rows only (a module holding several chunks in another order, as
                               diffusers' norm_out (scale, shift), is cut into one piece per chunk)
 
-Row ranges come from the relation's chunk sizes (linalg.row_sizes) and the fused weight's rows
+Row ranges come from the relation's chunk sizes (maths.fuse.row_sizes) and the fused weight's rows
 (the base's, or the fused adapter module's). DoRA, LyCORIS and non-linear modules move only by
 plain renames; a split or fuse of them is refused. Nothing here reads tensor bytes: row slices of
 B are lazy (TensorRef.computed).
@@ -147,7 +147,7 @@ def _fill(template: str, i: int | None) -> str:
 
 def _offsets(rel: Relation, total: int, width: int, where: str) -> dict[str, tuple[int, int]]:
     """chunk name -> (start, stop) rows in the fused module."""
-    from loratool.linalg import row_sizes
+    from loratool.maths.fuse import row_sizes
 
     try:
         sizes = row_sizes([s for _, s in rel.chunks], total, width)

@@ -381,7 +381,7 @@ def _require_finite(written: Adapter, tmp: Path, out: Path) -> None:
     import torch
 
     from loratool.formats._common import open_tensor_file
-    from loratool.linalg import single_threaded
+    from loratool.maths.guards import single_threaded
 
     with single_threaded():  # many small tensors
         for f in written.files:
@@ -415,7 +415,7 @@ def _require_usable_values(adapter: Adapter, out: Path) -> None:
     Raises:
         IncompatibleError: naming the module.
     """
-    from loratool.linalg import single_threaded
+    from loratool.maths.guards import single_threaded
 
     with single_threaded():  # many small tensors
         _check_values(adapter, out)
@@ -424,7 +424,9 @@ def _require_usable_values(adapter: Adapter, out: Path) -> None:
 def _check_values(adapter: Adapter, out: Path) -> None:
     import torch
 
-    from loratool.linalg import F32_MAX, factors, product_fro_norm
+    from loratool.maths.compare import product_fro_norm
+    from loratool.maths.delta import factors
+    from loratool.maths.guards import F32_MAX
 
     for m in adapter.modules.values():
         if not math.isfinite(m.alpha) or not math.isfinite(m.scale):

@@ -451,11 +451,11 @@ def write(adapter: Adapter, out_file: Path, metadata: dict[str, str]) -> None:
 
     One alpha serves every tensor pair (llama.cpp scales each by alpha / its rank): alpha is the most
     common scale·rank, and any module whose scale·rank differs has the ratio baked into lora_b (exact;
-    a 16-bit lora_b whose ratio is not a power of two is written as F32, see linalg.bake_scale).
+    a 16-bit lora_b whose ratio is not a power of two is written as F32, see maths.bake.bake_scale).
     """
     from collections import Counter
 
-    from loratool.linalg import bake_scale
+    from loratool.maths.bake import bake_scale
 
     gguf = _gguf()
     arch = adapter.config.get(ARCH_KEY)

@@ -472,7 +472,7 @@ def _set_aside(layer: str, raw: dict[str, RawModule], unsupported: list[str]) ->
 
 
 def _folded_weight(weight: TensorRef, lora: LoraModule, twin: LoraModule | None) -> Any:
-    from loratool import linalg
+    from loratool.maths.delta import delta
 
     if twin is not None:
         for a, b in ((lora.up, twin.up), (lora.down, twin.down)):
@@ -480,7 +480,7 @@ def _folded_weight(weight: TensorRef, lora: LoraModule, twin: LoraModule | None)
                 raise FormatError(f"{a.source} and {b.source}: the two saved copies of the trained LoRA differ",
                                   hint="the file is inconsistent; re-save the adapter with peft")
     w = weight.load()
-    return (w.float() + linalg.delta(lora)).to(w.dtype)
+    return (w.float() + delta(lora)).to(w.dtype)
 
 
 def _folded_bias(bias: TensorRef, lora: LoraModule) -> Any:

@@ -335,7 +335,7 @@ def _common(values: list[str | None]) -> tuple[str | None, list[str]]:
 
 
 def _factor_layout(delta: torch.Tensor, m: LoraModule) -> torch.Tensor:
-    """A dense ΔW in the base weight's layout (linalg.delta) -> the (out, in·k) layout of up @ down."""
+    """A dense ΔW in the base weight's layout (maths.delta.delta) -> the (out, in·k) layout of up @ down."""
     if m.kind == "embedding" or m.fan_in_fan_out:
         return delta.T
     return delta.reshape(m.out_features, -1)
@@ -360,18 +360,11 @@ def combine_module(
     """
     import torch
 
-    from loratool.linalg import (
-        F32_MAX,
-        delta,
-        factors,
-        fro_retained,
-        lowrank_svd,
-        merge_dense,
-        product_fro_norm,
-        require_finite,
-        truncate_dense,
-        weighted_concat,
-    )
+    from loratool.maths.combine import merge_dense, weighted_concat
+    from loratool.maths.compare import product_fro_norm
+    from loratool.maths.delta import delta, factors
+    from loratool.maths.guards import F32_MAX, require_finite
+    from loratool.maths.svd import fro_retained, lowrank_svd, truncate_dense
 
     m0 = items[0][0]
     loaded = [(*factors(m, device=device), w * m.scale) for m, w in items]  # up (out, r), down (r, in·k), c_i
@@ -552,7 +545,7 @@ def combine(
     if len(adapters) > 1 and any(a.rslora for a in adapters) and not all(a.rslora for a in adapters):
         report.warnings.append("inputs mix rsLoRA and plain scaling; each input's own scale is folded in exactly")
 
-    from loratool.linalg import single_threaded
+    from loratool.maths.guards import single_threaded
 
     new_modules: dict[str, LoraModule] = {}
     alpha_source = "config" if fmt == "peft" else "tensor"

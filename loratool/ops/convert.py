@@ -384,7 +384,7 @@ _CONV_HINTS = ("conv", "resnets", "downsamplers", "upsamplers", "skip_connection
 def _lycoris_to_lora(
     adapter: Adapter, to: str, rank: int | None, base: Path | None
 ) -> tuple[Adapter, dict[str, tuple[str, int, float]], list[str]]:
-    """LoRA factors for every LyCORIS module that has them (linalg.lyco_to_lora), in the stored dtype.
+    """LoRA factors for every LyCORIS module that has them (maths.lycoris.lyco_to_lora), in the stored dtype.
 
     The base (when given) decides the layout of convs a LyCORIS file stores flattened; full/norm/bias
     diffs without a LoRA form stay LycoModules, which only kohya files hold.
@@ -394,7 +394,8 @@ def _lycoris_to_lora(
     """
     import torch
 
-    from loratool.linalg import lyco_to_lora, require_finite
+    from loratool.maths.guards import require_finite
+    from loratool.maths.lycoris import lyco_to_lora
 
     shapes: dict[str, tuple[int, ...]] = {}
     if base is not None:
@@ -536,7 +537,7 @@ def _convert_family(adapter: Adapter, report: ConvertReport, fam: Any, source: s
 
     # the work is many small row copies and comparisons (memory-bound): OpenMP's fork/join per call
     # costs more than the copy, 3000x on a busy 2-core machine (80 ms vs 0.03 ms per torch.cat)
-    from loratool.linalg import single_threaded
+    from loratool.maths.guards import single_threaded
 
     te = text_encoder_modules(adapter)
     te_modules = {n: m for n, m in adapter.modules.items() if n in te and fam.identify(n, source) is None}

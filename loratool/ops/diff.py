@@ -5,7 +5,7 @@ between the two deltas ΔA = s_A·B_A·A_A and ΔB = s_B·B_B·A_B:
 
     ||ΔA − ΔB||² = ||ΔA||² + ||ΔB||² − 2<ΔA, ΔB>,   <B₁A₁, B₂A₂> = tr((B₁ᵀB₂)(A₂A₁ᵀ))
 
-(linalg.factor_inner: r×r Gram matrices, never a dense out×in matrix), reported relative to ||ΔA||,
+(maths.compare.factor_inner: r×r Gram matrices, never a dense out×in matrix), reported relative to ||ΔA||,
 with the cosine <ΔA, ΔB> / (||ΔA||·||ΔB||). Modules are sorted by distance, largest first.
 
 Matching works across formats: names are compared as stored first, then by their kohya key stem
@@ -140,7 +140,8 @@ def diff_module(ma: LoraModule, mb: LoraModule, *, device: str = "cpu") -> Modul
     """Compare two modules adapting the same layer (factor maths only)."""
     import torch
 
-    from loratool.linalg import delta_distance, factor_inner, factors, pair_products
+    from loratool.maths.compare import delta_distance, factor_inner, pair_products
+    from loratool.maths.delta import factors
 
     differences = []
     if ma.rank != mb.rank:
@@ -210,7 +211,7 @@ def diff(
     """
     from loratool.device import resolve_device
     from loratool.formats import read
-    from loratool.linalg import single_threaded
+    from loratool.maths.guards import single_threaded
 
     device = resolve_device(device)
 

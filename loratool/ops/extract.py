@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from loratool.adapter import Adapter, Kind, LoraModule
 from loratool.errors import IncompatibleError
-from loratool.linalg import EXACT_MAX_DIM, truncated_svd
+from loratool.maths.svd import EXACT_MAX_DIM, truncated_svd
 from loratool.ops import Progress, Row, output_size
 from loratool.patterns import compile_pattern
 from loratool.st import BackgroundSha256, Checkpoint, TensorInfo, TensorRef, folder_file, read_side_file

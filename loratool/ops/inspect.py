@@ -191,7 +191,7 @@ def inspect_adapter(
     report = InspectReport(adapter, p, size, warnings=[f.message for f in findings.items])
     if spectrum:
         from loratool.device import resolve_device
-        from loratool.linalg import energy_rank
+        from loratool.maths.svd import energy_rank
 
         device = resolve_device(device)
         mods = report.modules
@@ -207,7 +207,7 @@ def _spectrum(m: LoraModule, path: Path, device: str) -> list[float]:
     """The module's singular values; NaN/Inf factors are the user's file, not a bug: a clean error."""
     import torch
 
-    from loratool.linalg import singular_values
+    from loratool.maths.svd import singular_values
 
     try:
         s = singular_values(m, device=device)

@@ -2,7 +2,7 @@
 
 Three pieces, each in its own home: the plan (which base tensor receives which delta, from
 headers only) is keymap.plan_merge; the per-tensor maths (float32, in reused buffers) is
-linalg.merged_tensor; the streaming read/compute/write over each base file is
+maths.merge.merged_tensor; the streaming read/compute/write over each base file is
 pipeline.stream_file, with a fourth thread computing the base files' sha256 from the start
 (while torch is imported), at most 1 GiB ahead of the merge. This module ties them together: it
 decides per tensor what is written (merged, replaced by a modules_to_save copy, cast, or copied
@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 from loratool.adapter import Adapter
 from loratool.errors import FormatError, IncompatibleError, LoratoolError
 from loratool.keymap import Contribution, MergePlan, plan_merge
-from loratool.linalg import Workspace, merged_tensor, nf4_roundtrip, realized_delta
+from loratool.maths.merge import Workspace, merged_tensor, realized_delta
+from loratool.maths.quant import nf4_roundtrip
 from loratool.ops import Phase
 from loratool.ops.merge_report import MergeReport, Progress, TensorStat
 from loratool.pipeline import Buffers, Cast, Compute, copy_other_files, gc_paused, stream_file
@@ -209,7 +210,7 @@ def _tensor_step(setup: _Setup, report: MergeReport, *, name: str, work: Workspa
 
 def _blocked_term(setup: _Setup, key: str, s: object, stored: torch.Tensor | None, contribs: list[Contribution],
                   cast: Cast) -> Contribution | None:
-    """The one contribution of a tensor that linalg.merge_blocked can merge, or None.
+    """The one contribution of a tensor that maths.merge.merge_blocked can merge, or None.
 
     The common case, on the CPU: one plain LoRA (no DoRA, no LyCORIS, not transposed) into a float
     tensor stored as it is (no quantization, no QLoRA round trip), written to a float dtype. A float64
@@ -231,10 +232,10 @@ def _blocked_term(setup: _Setup, key: str, s: object, stored: torch.Tensor | Non
 
 def _merge_blocked(setup: _Setup, report: MergeReport, *, name: str, key: str, stored: torch.Tensor,
                    term: Contribution, out_dtype: str, cast: Cast, work: Workspace) -> torch.Tensor:
-    """One tensor through linalg.merge_blocked: the same bits as merged_tensor + cast, in one pass."""
+    """One tensor through maths.merge.merge_blocked: the same bits as merged_tensor + cast, in one pass."""
     import torch
 
-    from loratool.linalg import merge_blocked
+    from loratool.maths.merge import merge_blocked
 
     out = cast.buffer(stored.shape, out_dtype)  # type: ignore[attr-defined]
     factor = (-1.0 if setup.unmerge else 1.0) * term.weight

@@ -106,7 +106,7 @@ def merge_into_gguf(
 
     from loratool.formats import gguf_layout, read, require_plain
     from loratool.formats.gguf import _gguf, gguf_reader
-    from loratool.linalg import delta as module_delta
+    from loratool.maths.delta import delta as module_delta
     from loratool.st import atomic_output
 
     gguf = _gguf()

@@ -112,7 +112,9 @@ def truncate_module(
     """The best rank-k approximation of one module, with k from a fixed rank or a dynamic rule."""
     import torch
 
-    from loratool.linalg import choose_rank, factors, fro_retained, lowrank_svd, require_finite
+    from loratool.maths.delta import factors
+    from loratool.maths.guards import require_finite
+    from loratool.maths.svd import choose_rank, fro_retained, lowrank_svd
 
     up, down = factors(m, device=device)
     require_finite(m.name, m.down.file, up=up, down=down)
@@ -231,7 +233,7 @@ def check_options(rank: int | None, method: str | None, threshold: float | None,
     Raises:
         IncompatibleError: naming the option and what is expected.
     """
-    from loratool.linalg import RANK_METHODS
+    from loratool.maths.svd import RANK_METHODS
 
     if threshold is not None and method is None:
         raise IncompatibleError("--threshold needs --method", hint="e.g. --method sv_fro --threshold 0.9")

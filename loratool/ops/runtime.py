@@ -241,7 +241,7 @@ class Prepared:
     rank: int | None = None  # the one rank every module now has (None: ranks kept)
     alpha: float | None = None  # the one alpha every module now has
     baked: list[str] = field(default_factory=list)  # modules whose scale went into their up factor
-    widened: list[str] = field(default_factory=list)  # 16-bit up factors written as float32 (see linalg.bake_scale)
+    widened: list[str] = field(default_factory=list)  # 16-bit up factors written as float32 (see maths.bake.bake_scale)
     dropped: list[str] = field(default_factory=list)  # modules or tensors removed with --drop
     warnings: list[str] = field(default_factory=list)
 
@@ -369,9 +369,9 @@ def uniform(modules: dict[str, LoraModule], prepared: Prepared) -> dict[str, Lor
     The global scale is the most common module scale s_g, written as alpha = s_g·R (plain, not
     rsLoRA); a module with scale s_m ≠ s_g gets s_m / s_g baked into its up factor, and a module of
     rank r < R gets R − r zero rows in down and zero columns in up. Both are exact (the bake up to
-    float32 rounding when a 16-bit factor must be widened, see linalg.bake_scale).
+    float32 rounding when a 16-bit factor must be widened, see maths.bake.bake_scale).
     """
-    from loratool.linalg import bake_scale, pad_rank
+    from loratool.maths.bake import bake_scale, pad_rank
 
     rank = max(m.rank for m in modules.values())
     counts = Counter(m.scale for m in modules.values() if m.scale != 0)
@@ -415,7 +415,8 @@ def dora_to_lora(adapter: Adapter, base: str | os.PathLike[str]) -> tuple[Adapte
     import torch
 
     from loratool.keymap import match_modules
-    from loratool.linalg import dora_as_lora, factors
+    from loratool.maths.bake import dora_as_lora
+    from loratool.maths.delta import factors
     from loratool.st import load_tensor, open_checkpoint
 
     dora = [m for m in adapter.modules.values() if m.magnitude is not None]

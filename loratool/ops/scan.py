@@ -254,7 +254,7 @@ def fingerprint(adapter: Any) -> str:
     """
     import torch
 
-    from loratool.linalg import lowrank_svd
+    from loratool.maths.svd import lowrank_svd
 
     def canon(t: torch.Tensor) -> torch.Tensor:
         return t.to(torch.float32).to(torch.bfloat16).to(torch.float64)

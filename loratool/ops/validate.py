@@ -102,7 +102,7 @@ def validate_adapter(
     _check_variants(adapter, findings)
     _check_dtypes(adapter, findings)
     _check_bias_lengths(adapter, findings)
-    from loratool.linalg import single_threaded
+    from loratool.maths.guards import single_threaded
 
     with single_threaded():  # many small tensors (see single_threaded)
         _check_values(adapter, findings, progress)

@@ -6,8 +6,8 @@ should have put there (merge's own plan: the same key matching, weights and modu
 - tensors no adapter touches must be unchanged: compared byte for byte a chunk at a time (or
   value by value, within one rounding of the stored dtype, when the dtype differs);
 - tensors with low-rank deltas E_t = w_t·s_t·B_t·A_t: the least-squares coefficients k of R on the
-  E_t come from <R, B A> = Σ B ⊙ (R Aᵀ) and <B₁A₁, B₂A₂> = tr((B₁ᵀB₂)(A₂A₁ᵀ)) (linalg.realized_projection,
-  linalg.factor_inner) — R is read in row blocks, no dense out×in product is formed;
+  E_t come from <R, B A> = Σ B ⊙ (R Aᵀ) and <B₁A₁, B₂A₂> = tr((B₁ᵀB₂)(A₂A₁ᵀ)) (maths.compare.realized_projection,
+  maths.compare.factor_inner) — R is read in row blocks, no dense out×in product is formed;
 - DoRA, LyCORIS and lora_B bias deltas are not low-rank sums: formed densely (merge's maths).
 
 Verdict from k̄ = <R, ΣE>/||ΣE||² and the residual ||R − Σ k_t E_t||, against a tolerance of one
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     import torch
 
     from loratool.keymap import Contribution, MergePlan
-    from loratool.linalg import RequantNumbers
+    from loratool.maths.compare import RequantNumbers
     from loratool.storage import BaseStorage
 
 SCHEMA = 1
@@ -196,7 +196,7 @@ def classify(
         m_sq: ||MERGED||²; r_sq: ||R||²; inner: <R, E_t>; gram: <E_t, E_s>; numel: elements;
         unit: unit roundoff of the stored dtype (the coarser of the expected and the found one).
     """
-    from loratool.linalg import project
+    from loratool.maths.compare import project
 
     e_sq = sum(sum(row) for row in gram)
     norm_m = math.sqrt(max(m_sq, 0.0))
@@ -285,7 +285,8 @@ def _rows(t: torch.Tensor, transposed: bool) -> torch.Tensor:
 def _check_lowrank(w: torch.Tensor, m: torch.Tensor, contribs: list[Contribution], unit: float, device: str
                    ) -> tuple[str, float | None, list[float] | None, float, float, float]:
     from loratool.adapter import LoraModule
-    from loratool.linalg import factor_inner, factors, realized_projection
+    from loratool.maths.compare import factor_inner, realized_projection
+    from loratool.maths.delta import factors
 
     mods = [c.module for c in contribs]
     assert all(isinstance(m, LoraModule) for m in mods)  # the others take the dense route
@@ -307,7 +308,7 @@ def _check_lowrank(w: torch.Tensor, m: torch.Tensor, contribs: list[Contribution
             up = full
         terms.append((up, down.double()))
 
-    # 16-bit tensors: float32 is exact for R and precise enough (linalg.realized_projection)
+    # 16-bit tensors: float32 is exact for R and precise enough (maths.compare.realized_projection)
     work = torch.float32 if unit >= UNIT_ROUNDOFF["float16"] and {w.dtype, m.dtype} <= {
         torch.float16, torch.bfloat16} else torch.float64
     m_sq, r_sq, inner = realized_projection(_rows(m, flip), _rows(w, flip), terms, dtype=work,
@@ -324,7 +325,7 @@ def _measurable(delta_sq: list[float], contribs: list[Contribution]) -> None:
     Raises:
         IncompatibleError: naming the adapters' modules.
     """
-    from loratool.linalg import F32_MAX
+    from loratool.maths.guards import F32_MAX
 
     if all(math.isfinite(v) and v <= F32_MAX * F32_MAX for v in delta_sq):
         return
@@ -537,7 +538,7 @@ def verify(
 
 def _check_tensor(info: TensorInfo, ctx: _Context, name: str) -> TensorCheck | None:
     from loratool.adapter import LoraModule
-    from loratool.linalg import merged_tensor
+    from loratool.maths.merge import merged_tensor
     from loratool.ops.merge import OUT_DTYPES, _out_dtype
     from loratool.st import load_tensor
 
@@ -599,7 +600,8 @@ def _check_quantized(info: TensorInfo, found: TensorInfo, ctx: _Context, check: 
     """A tensor the base or MERGED stores quantized: dequantized values against requantized references."""
     import torch
 
-    from loratool.linalg import merged_tensor, requant_numbers
+    from loratool.maths.compare import requant_numbers
+    from loratool.maths.merge import merged_tensor
     from loratool.storage import FP8_DTYPES, dequantize, requantize
 
     key = info.key

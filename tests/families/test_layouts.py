@@ -308,7 +308,7 @@ def _bases(tmp_path: Path, family: str) -> tuple[Path, Path]:
     """One tiny model of `family` in both layouts: original (single file) and diffusers (a folder),
     the diffusers weights cut from the family table's rows."""
     from loratool.families import get
-    from loratool.linalg import row_sizes
+    from loratool.maths.fuse import row_sizes
 
     fam = get(family)
     gen = torch.Generator().manual_seed(5)

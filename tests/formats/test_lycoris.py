@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from loratool.adapter import LycoModule
 from loratool.formats import read
-from loratool.linalg import lyco_delta, lyco_to_lora
+from loratool.maths.lycoris import lyco_delta, lyco_to_lora
 
 lycoris = pytest.importorskip("lycoris")
 from lycoris.modules.locon import LoConModule  # noqa: E402

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import loratool
 from loratool.cli import main
-from loratool.linalg import delta
+from loratool.maths.delta import delta
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 PEFT = "base_model.model."

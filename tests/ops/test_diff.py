@@ -11,13 +11,7 @@ import torch
 from clirun import run_cli
 from safetensors.torch import load_file
 
-from loratool.linalg import (
-    delta_distance,
-    dense_lowrank_inner,
-    factor_inner,
-    pair_products,
-    realized_projection,
-)
+from loratool.maths.compare import delta_distance, dense_lowrank_inner, factor_inner, pair_products, realized_projection
 from loratool.ops.diff import diff
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 import loratool
 from loratool.cli import cli
-from loratool.linalg import choose_rank
+from loratool.maths.svd import choose_rank
 from loratool.ops.resize import resize
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"

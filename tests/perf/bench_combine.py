@@ -103,7 +103,7 @@ def compare(ours: Path, theirs: Path, inputs: list[Path]) -> tuple[int, float, s
     import torch
     from safetensors.torch import load_file
 
-    from loratool.linalg import product_fro_norm
+    from loratool.maths.compare import product_fro_norm
 
     a = load_file(str(ours / "adapter_model.safetensors"))
     b = load_file(str(theirs / "adapter_model.safetensors"))

@@ -76,7 +76,7 @@ def make_adapter(path: Path, layers: int, rank: int = 64) -> None:
 
 def dense_resize(path: Path, method: str | None, threshold: float | None, rank: int) -> tuple[float, dict, dict]:
     """kohya's route: dense delta, full SVD, truncate. Returns (seconds, ranks, truncated deltas)."""
-    from loratool.linalg import choose_rank
+    from loratool.maths.svd import choose_rank
 
     t0 = time.perf_counter()
     cfg = json.loads((path / "adapter_config.json").read_text())

@@ -168,7 +168,7 @@ def differing_tensors(a: Path, b: Path) -> tuple[int, int]:
 def worst_delta_difference(a: Path, b: Path) -> float:
     """Largest relative Frobenius difference between the two adapters' per-module deltas (low-rank route)."""
     from loratool.formats import read
-    from loratool.linalg import factors
+    from loratool.maths.delta import factors
 
     ra, rb = read(a), read(b)
     worst = 0.0
