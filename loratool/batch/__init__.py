@@ -3,7 +3,7 @@
 The library side of batch knows nothing about click: an item is an argument list for one command
 (`["validate", "/abs/a.safetensors", "--json"]`) and a runner is a top-level function
 `runner(argv, cwd) -> (exit_code, stdout, stderr)` that the executor calls in its workers (the CLI
-passes `loratool.cli.batch.run_item`, which runs the very command the single-adapter CLI runs).
+passes `loratool.cli.run_item`, which runs the very command the single-adapter CLI runs).
 
 - items.py: inputs (paths, globs, folders, JSONL/CSV manifests, hf://OWNER) -> Items; shards; output names
 - ledger.py: the content hash of an input, an item's key, and the JSONL ledger --resume reads

@@ -75,6 +75,10 @@ class LoratoolGroup(click.Group):
     standalone_mode=False, main() returns the exit code instead of calling sys.exit.
     """
 
+    # runs one command line in this process as `loratool ARGV` would (run_item below); batch hands it to
+    # its workers, and finds it here through click's context (cli/batch.py cannot import this module)
+    item_runner: Any = None
+
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
         argv = sys.argv[1:] if args is None else list(args)
@@ -264,6 +268,24 @@ def cli() -> None:
     \b
     Example: loratool inspect fixtures/peft_llama
     """
+
+
+def run_item(argv: list[str], cwd: str) -> tuple[int, str, str]:
+    """Run one command line in this process exactly as `loratool ARGV` would: the same group, the same
+    exit-code mapping; returns (exit code, stdout, stderr). Called in the batch workers."""
+    import contextlib
+    import warnings
+
+    if cwd and os.getcwd() != cwd:
+        os.chdir(cwd)
+    out, err = io.StringIO(), io.StringIO()
+    # catch_warnings: a warning shown for one item is shown again for the next (the registry is per process)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(args=argv, standalone_mode=False)
+    return int(code or 0), out.getvalue(), err.getvalue()
+
+
+cli.item_runner = run_item  # type: ignore[attr-defined]
 
 
 def _recording_inputs(command: click.Command) -> click.Command:

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
@@ -122,10 +121,14 @@ def _abs(path: str) -> str:
     return path if path.startswith("hf://") else os.path.abspath(path)
 
 
-def _command(op: str) -> click.Command:
-    from loratool.cli import cli
+def _group() -> Any:
+    """The loratool group this command runs in (found through click's context, not imported: the
+    group's module imports this one)."""
+    return click.get_current_context().find_root().command
 
-    return cli.commands[op]
+
+def _command(op: str) -> click.Command:
+    return _group().commands[op]
 
 
 def split_args(op: str, command: click.Command, args: list[str]) -> tuple[list[str], list[str]]:
@@ -210,23 +213,6 @@ def item_argv(op: str, spec: BatchOp, options: list[str], fixed: list[str], item
     return [op, *positionals, *options, *item_options, "--json", *(["-o", out] if out else [])]
 
 
-def run_item(argv: list[str], cwd: str) -> tuple[int, str, str]:
-    """Run one command line in this process exactly as `loratool ARGV` would: the same group, the same
-    exit-code mapping; returns (exit code, stdout, stderr). Called in the batch workers."""
-    import contextlib
-    import warnings
-
-    from loratool.cli import cli
-
-    if cwd and os.getcwd() != cwd:
-        os.chdir(cwd)
-    out, err = io.StringIO(), io.StringIO()
-    # catch_warnings: a warning shown for one item is shown again for the next (the registry is per process)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(args=argv, standalone_mode=False)
-    return int(code or 0), out.getvalue(), err.getvalue()
-
-
 def run_batch(op: str, spec: BatchOp, options: list[str], fixed: list[str], items: list[Any], *, executor: str,
               address: str | None, jobs: int, timeout: float | None, memory: int | None, ledger_path: Path | None,
               resume: bool, quiet: bool) -> int:
@@ -260,11 +246,11 @@ def run_batch(op: str, spec: BatchOp, options: list[str], fixed: list[str], item
     if executor == "ray":
         from loratool.batch.raycluster import run_ray
 
-        outcomes = run_ray(tasks, run_item, jobs=jobs, timeout=timeout, memory=memory, address=address)
+        outcomes = run_ray(tasks, _group().item_runner, jobs=jobs, timeout=timeout, memory=memory, address=address)
     else:
         from loratool.batch.local import run_local
 
-        outcomes = run_local(tasks, run_item, jobs=jobs, timeout=timeout, memory=memory)
+        outcomes = run_local(tasks, _group().item_runner, jobs=jobs, timeout=timeout, memory=memory)
     try:
         with _render.progress(f"batch {op}", enabled=not quiet) as cb:
             cb(0, len(tasks))

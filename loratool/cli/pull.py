@@ -40,7 +40,7 @@ def pull(repo: str, revision: str | None, subfolder: str | None, out: str | None
 
     from loratool.cli import _render
     from loratool.cli._output import emit
-    from loratool.hub import pull as run
+    from loratool.ops.describe import pull as run
 
     repo_id, revision, path = repo_ref(repo, revision, what="REPO_ID")
     subfolder = subfolder or path or None

@@ -35,7 +35,7 @@ def push(path: str, repo_id: str, private: bool, revision: str | None, message: 
 
     from loratool.cli import _render
     from loratool.cli._output import emit
-    from loratool.hub import push as run
+    from loratool.ops.describe import push as run
 
     repo_id, revision, in_repo = repo_ref(repo_id, revision, what="REPO_ID")
     if in_repo:

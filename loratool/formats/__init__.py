@@ -25,7 +25,6 @@ from loratool.formats._common import (
     PICKLE_SUFFIXES,
     Finding,
     Findings,
-    TensorFile,
     is_unsupported,
     open_tensor_file,
     unsupported_family,
@@ -40,6 +39,7 @@ from loratool.formats.registry import (
     register,
     written_as,
 )
+from loratool.formats.tensorfile import TensorFile
 
 __all__ = [
     "LYCO_NAMES", "PICKLE_SUFFIXES", "Capabilities", "Finding", "Findings", "Format", "check_writable", "detect",

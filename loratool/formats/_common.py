@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from loratool.adapter import AlphaSource, DoraAxis, Kind, LoraModule
 from loratool.errors import FormatError, IncompatibleError, LoratoolError
+from loratool.formats.tensorfile import TensorFile
 from loratool.st import TensorRef, read_header
 
 Severity = Literal["error", "warning"]
@@ -65,15 +66,6 @@ def alpha_missing(findings: Findings, where: Path, names: list[str], lacks: str)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
-@dataclass
-class TensorFile:
-    """The tensors of one adapter file as lazy refs, with its header metadata."""
-
-    path: Path
-    tensors: dict[str, TensorRef]
-    metadata: dict[str, str]
-
-
 def open_tensor_file(path: Path, *, allow_pickle: bool, findings: Findings | None = None) -> TensorFile:
     """Open a .safetensors file (header only), an .npz (MLX) or GGUF file, or, with allow_pickle, a
     torch pickle (weights only).
@@ -92,7 +84,7 @@ def open_tensor_file(path: Path, *, allow_pickle: bool, findings: Findings | Non
     if kind == NPZ or (kind == ZIP and path.suffix == ".npz"):
         return _open_npz(path)  # MLX's older adapters.npz (numpy, allow_pickle=False)
     if kind == GGUF:
-        from loratool.formats.gguf import open_gguf
+        from loratool.formats.gguf_file import open_gguf
 
         return open_gguf(path)
     if kind == "pickle" or (kind is None and path.suffix in PICKLE_SUFFIXES):

@@ -22,7 +22,6 @@ from loratool.errors import FormatError, IncompatibleError
 from loratool.formats._common import (
     Findings,
     HeaderConfig,
-    TensorFile,
     alpha_missing,
     build_module,
     group_tensors,
@@ -32,6 +31,7 @@ from loratool.formats._common import (
 from loratool.formats.names import COMPONENTS, CONTAINERS, split_component
 from loratool.formats.peft import PatternLookup
 from loratool.formats.registry import Capabilities, Format
+from loratool.formats.tensorfile import TensorFile
 
 METADATA_KEY = "lora_adapter_metadata"
 

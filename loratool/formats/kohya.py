@@ -20,7 +20,6 @@ from loratool.formats import lycoris
 from loratool.formats._common import (
     Findings,
     RawModule,
-    TensorFile,
     alpha_missing,
     build_module,
     group_tensors,
@@ -28,6 +27,7 @@ from loratool.formats._common import (
 )
 from loratool.formats.names import KOHYA_PREFIX_OF, component_of_kohya_prefix, split_kohya_prefix
 from loratool.formats.registry import Capabilities, Format
+from loratool.formats.tensorfile import TensorFile
 
 _SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_down.weight", "down"),

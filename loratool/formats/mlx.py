@@ -31,13 +31,13 @@ from loratool.errors import FormatError, IncompatibleError
 from loratool.formats._common import (
     Findings,
     RawModule,
-    TensorFile,
     build_module,
     json_config,
     open_tensor_file,
     split_by_suffix,
 )
 from loratool.formats.registry import Capabilities, Format
+from loratool.formats.tensorfile import TensorFile
 from loratool.st import TensorRef, folder_file, write_text_output
 
 WEIGHTS_NAME = "adapters.safetensors"

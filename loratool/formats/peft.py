@@ -21,7 +21,6 @@ from loratool.formats._common import (
     Findings,
     HeaderConfig,
     RawModule,
-    TensorFile,
     build_module,
     header_config,
     is_unsupported,
@@ -31,6 +30,7 @@ from loratool.formats._common import (
 )
 from loratool.formats.names import PEFT_PREFIX
 from loratool.formats.registry import Capabilities, Format
+from loratool.formats.tensorfile import TensorFile
 from loratool.patterns import SafePattern, compile_pattern
 from loratool.st import TensorRef, folder_file, write_text_output
 

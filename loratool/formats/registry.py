@@ -21,7 +21,8 @@ from loratool.errors import IncompatibleError
 
 if TYPE_CHECKING:
     from loratool.adapter import Adapter
-    from loratool.formats._common import Findings, TensorFile
+    from loratool.formats._common import Findings
+    from loratool.formats.tensorfile import TensorFile
 
 # How a format names modules:
 #   "path"      dotted module paths as in the model (PEFT: `model.layers.0.self_attn.q_proj`);

@@ -26,8 +26,9 @@ from typing import Any
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import FormatError
-from loratool.formats._common import Findings, TensorFile
+from loratool.formats._common import Findings
 from loratool.formats.registry import Capabilities, Format
+from loratool.formats.tensorfile import TensorFile
 from loratool.st import TensorRef
 
 KEY = re.compile(r"^(?:diffusion_model\.)?(double|single)_blocks\.(\d+)\.processor\."

@@ -13,13 +13,14 @@ repo, and the token never appears in a message. HF_ENDPOINT, HF_HOME / HF_HUB_CA
 HF_HUB_OFFLINE are read when a function is called, not when huggingface_hub was imported.
 
 Modules: urls (hf:// paths, repo ids), pull (downloads, hf:// resolution), push (uploads),
-card (the generated model card), describe (what a local path holds), errors (Hub failures ->
+card (the generated model card), describe (Described, and header-only descriptions; an adapter is described by
+loratool.ops.describe, which pull and push take from their caller), errors (Hub failures ->
 HubError), _env (environment and client), _guard (the client's transport: a deadline per request,
 and the server's answers checked before huggingface_hub acts on them).
 """
 
 from loratool.hub.card import model_card
-from loratool.hub.describe import Described, describe
+from loratool.hub.describe import Described, describe_files
 from loratool.hub.pull import FILE_PATTERNS, PEFT_CONFIG, PICKLE_PATTERNS, PullResult, pull, resolve_path
 from loratool.hub.push import PushResult, push
 from loratool.hub.urls import (
@@ -35,6 +36,6 @@ from loratool.hub.urls import (
 
 __all__ = [
     "DEFAULT_REVISION", "FILE_PATTERNS", "HF_SCHEME", "PEFT_CONFIG", "PICKLE_PATTERNS", "Described", "HfUrl",
-    "PullResult", "PushResult", "cached_url", "check_repo_file", "describe", "is_hf_url", "model_card",
+    "PullResult", "PushResult", "cached_url", "check_repo_file", "describe_files", "is_hf_url", "model_card",
     "parse_hf_url", "pull", "push", "resolve_path", "split_repo_ref",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,18 +21,15 @@ class Described:
 
 
 
-def describe(path: str | os.PathLike[str]) -> Described:
-    """What a local path holds, from headers only (no tensor bytes are read)."""
-    from loratool.ops.inspect import inspect_adapter
+Describe = Callable[[Path], Described]  # what pull / push call to describe a path (loratool.ops.describe)
 
+
+def describe_files(path: str | os.PathLike[str], note: str | None = None) -> Described:
+    """What a local path holds when it is not read as an adapter, from headers only: a base
+    checkpoint (tensor and parameter counts) or other files. The adapter description, which needs
+    the format readers above this layer, is loratool.ops.describe.describe; pull and push take it
+    from their caller."""
     p = Path(path)
-    try:
-        doc = inspect_adapter(p).to_dict()
-    except LoratoolError as e:
-        note = e.message
-    else:
-        doc.pop("modules", None)
-        return Described("adapter", doc)
     try:
         from loratool.st import open_checkpoint
 

@@ -11,7 +11,7 @@ from typing import Any
 from loratool.errors import HubError, LoratoolError
 from loratool.hub._env import _api, _cache_dir, _endpoint, _offline, _timeout, _token
 from loratool.hub._guard import HubDeadline
-from loratool.hub.describe import Described, describe
+from loratool.hub.describe import Describe, Described, describe_files
 from loratool.hub.errors import _boundary, _is_network_error
 from loratool.hub.urls import (
     _SHA,
@@ -295,7 +295,7 @@ def _commit_of(snap: Path) -> str | None:
 def pull(repo_id: str, revision: str | None = None, subfolder: str | None = None,
          out_dir: str | os.PathLike[str] | None = None, token: str | None = None, *, endpoint: str | None = None,
          cache_dir: str | os.PathLike[str] | None = None, force: bool = False, progress: bool = False,
-         timeout: float | None = None) -> PullResult:
+         timeout: float | None = None, describe: Describe | None = None) -> PullResult:
     """Download an adapter (or a base model) into the Hugging Face cache, and optionally copy it to out_dir.
 
     Args:
@@ -304,6 +304,8 @@ def pull(repo_id: str, revision: str | None = None, subfolder: str | None = None
         subfolder: a folder (or file) inside the repo; default the repo root.
         out_dir: also copy the files here (atomically; refused if it exists unless force).
         token, endpoint, cache_dir, progress, timeout: as for resolve_path.
+        describe: what describes the pulled path (loratool.ops.describe.describe reads an adapter);
+            without it, files are described from headers only.
 
     Raises:
         HubError: the Hub could not give the files. OutputExistsError: out_dir exists.
@@ -320,7 +322,7 @@ def pull(repo_id: str, revision: str | None = None, subfolder: str | None = None
         path = _copy_out(fetched, Path(out_dir), force=force)
     size = sum((fetched.snapshot / f).stat().st_size for f in fetched.files if (fetched.snapshot / f).exists())
     return PullResult(repo_id, revision or DEFAULT_REVISION, _commit_of(fetched.snapshot), sub or None, path,
-                      fetched.files, size, out_dir is None, describe(path))
+                      fetched.files, size, out_dir is None, (describe or describe_files)(path))
 
 
 def _copy_out(fetched: _Fetched, out: Path, *, force: bool) -> Path:

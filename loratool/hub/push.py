@@ -12,9 +12,8 @@ from typing import Any
 from loratool.errors import FormatError, HubError, known_secrets, scrub_bytes
 from loratool.hub._env import _api, _endpoint, _offline, _timeout, _token
 from loratool.hub.card import check_base_model, fix_front_matter, hub_model_id, model_card
-from loratool.hub.describe import Described, describe
+from loratool.hub.describe import Describe, describe_files
 from loratool.hub.errors import _boundary
-from loratool.hub.pull import PEFT_CONFIG
 from loratool.hub.urls import _NAME, DEFAULT_REVISION, HF_SCHEME, _check_repo_id
 
 
@@ -95,7 +94,7 @@ def _refuse_token_in(files: list[tuple[str, Path]]) -> None:
 def push(path: str | os.PathLike[str], repo_id: str, private: bool = False, revision: str | None = None,
          message: str | None = None, token: str | None = None, endpoint: str | None = None, *,
          overwrite_card: bool = False, progress: bool = False, timeout: float | None = None,
-         base_model: str | None = None) -> PushResult:
+         base_model: str | None = None, describe: Describe | None = None) -> PushResult:
     """Upload an adapter directory or file to a Hub model repo in one commit.
 
     Creates the repo (private when asked) and the branch when missing. Without a README.md among the
@@ -112,6 +111,8 @@ def push(path: str | os.PathLike[str], repo_id: str, private: bool = False, revi
             `base_model` the Hub would refuse (PEFT writes `base_model: ''`) is uploaded repaired
             (card "fixed"; the file on disk is not changed).
         timeout: seconds to wait for each answer of the Hub; default LORATOOL_HUB_TIMEOUT or 10.
+        describe: what describes (and checks) the folder for the card: loratool.ops.describe.describe_for_push
+            reads an adapter; without it, files are described from headers only.
 
     Raises:
         FormatError: path missing, empty or not a readable adapter. HubError: any Hub failure.
@@ -125,7 +126,7 @@ def push(path: str | os.PathLike[str], repo_id: str, private: bool = False, revi
     files = _upload_files(src)
     if not files:
         raise FormatError(f"{src}: nothing to upload (no files outside hidden folders)")
-    described = _describe_for_push(src)
+    described = (describe or describe_files)(src)  # the caller's (ops.describe) reads an adapter and checks it
     if base_model is not None:
         check_base_model(base_model)
     if "/" in repo_id or not re.fullmatch(_NAME, repo_id):
@@ -197,16 +198,4 @@ def push(path: str | os.PathLike[str], repo_id: str, private: bool = False, revi
     size = sum(f.stat().st_size for _, f in files)
     return PushResult(repo_id, branch, commit.oid, commit.commit_url, f"{ep}/{repo_id}", names, size, card,
                       created_repo, created_branch, commit.oid != head, warnings)
-
-
-def _describe_for_push(src: Path) -> Described:
-    """Adapters must read cleanly (no broken upload); other directories (a merged model) are allowed."""
-    looks_like_adapter = src.is_file() or (src / PEFT_CONFIG).exists() or (src / "adapter_model.safetensors").exists()
-    if looks_like_adapter:
-        from loratool.ops.inspect import inspect_adapter
-
-        doc = inspect_adapter(src).to_dict()  # raises FormatError/IncompatibleError with the file and key
-        doc.pop("modules", None)
-        return Described("adapter", doc)
-    return describe(src)
 

@@ -105,7 +105,7 @@ def merge_into_gguf(
     import torch
 
     from loratool.formats import gguf_layout, read, require_plain
-    from loratool.formats.gguf import _gguf, gguf_reader
+    from loratool.formats.gguf_file import _gguf, gguf_reader
     from loratool.maths.delta import delta as module_delta
     from loratool.st import atomic_output
 

@@ -11,6 +11,7 @@ from hubserver import HubServer
 
 from loratool import hub as lh
 from loratool.errors import HubError, OutputExistsError
+from loratool.ops import describe as od  # pull, push and describe with the adapter summary
 
 
 @pytest.fixture
@@ -20,12 +21,12 @@ def cache(tmp_path: Path) -> Path:
 
 def _push(hub: HubServer, path: Path | str, repo_id: str, **kw):  # type: ignore[no-untyped-def]
     kw.setdefault("token", ALICE)
-    return lh.push(path, repo_id, endpoint=hub.url, **kw)
+    return od.push(path, repo_id, endpoint=hub.url, **kw)
 
 
 def _pull(hub: HubServer, cache: Path, repo_id: str, revision: str | None = None, **kw):  # type: ignore[no-untyped-def]
     kw.setdefault("token", ALICE)
-    return lh.pull(repo_id, revision, endpoint=hub.url, cache_dir=cache, **kw)
+    return od.pull(repo_id, revision, endpoint=hub.url, cache_dir=cache, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +233,7 @@ def test_subfolder_and_single_file(hub: HubServer, cache: Path) -> None:
     assert weights.read_bytes() == fixture_files("peft_gpt2")["adapter_model.safetensors"]
     # the PEFT config beside the weights came too, so alpha is read from it, not implied
     assert (weights.parent / "adapter_config.json").is_file()
-    assert set(lh.describe(weights).summary["alpha_sources"]) == {"config"}
+    assert set(od.describe(weights).summary["alpha_sources"]) == {"config"}
 
     sub = _pull(hub, cache / "3", "alice/multi", subfolder="char")
     assert sub.subfolder == "char" and sub.files == ["char/adapter_config.json", "char/adapter_model.safetensors"]
@@ -314,7 +315,7 @@ def test_errors(hub: HubServer, cache: Path) -> None:
     assert "403" in e.message
     e = _error(_push, hub, FIXTURES / "peft_llama", "alice/lora", token=BAD)
     assert "401" in e.message
-    e = _error(lh.push, FIXTURES / "peft_llama", "alice/lora", token=ALICE,
+    e = _error(od.push, FIXTURES / "peft_llama", "alice/lora", token=ALICE,
                endpoint=f"http://127.0.0.1:{closed_port()}")
     assert "cannot reach the Hub" in e.message
     assert set(hub.repos) == {"alice/lora", "alice/priv", "alice/gated"}  # nothing was created
@@ -343,7 +344,7 @@ def test_offline_uses_the_cache_only(hub: HubServer, cache: Path, monkeypatch: p
     assert "HF_HUB_OFFLINE=1" in e.message
     e = _error(lh.resolve_path, "hf://alice/lora/nothere", token=ALICE, endpoint=hub.url, cache_dir=cache)
     assert "not in the local" in e.message
-    e = _error(lh.push, FIXTURES / "peft_llama", "alice/lora", token=ALICE, endpoint=hub.url)
+    e = _error(od.push, FIXTURES / "peft_llama", "alice/lora", token=ALICE, endpoint=hub.url)
     assert "forbids uploading" in e.message
 
 

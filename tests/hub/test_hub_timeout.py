@@ -19,6 +19,7 @@ from hubserver import HubServer
 
 from loratool import hub as lh
 from loratool.errors import HubError
+from loratool.ops import describe as od  # pull, push and describe with the adapter summary
 
 GIVE_UP = 60.0
 
@@ -74,7 +75,7 @@ def mute() -> Iterator[MuteServer]:
 
 def test_library_pull_times_out_with_one_hub_error(mute: MuteServer, tmp_path: Path) -> None:
     with pytest.raises(HubError) as e:
-        lh.pull("alice/lora", endpoint=mute.url, cache_dir=tmp_path / "cache", token=ALICE, timeout=0.5)
+        od.pull("alice/lora", endpoint=mute.url, cache_dir=tmp_path / "cache", token=ALICE, timeout=0.5)
     assert "did not answer within 0.5 s" in e.value.message and "not in the local cache" in e.value.message
     assert "LORATOOL_HUB_TIMEOUT" in (e.value.hint or "")
     assert mute.accepted >= 1 and not mute.gave_up
@@ -84,8 +85,8 @@ def test_library_uses_the_cache_when_the_hub_does_not_answer(hub: HubServer, mut
                                                              tmp_path: Path) -> None:
     hub.add_repo("alice/lora", fixture_files("peft_llama"))
     cache = tmp_path / "cache"
-    first = lh.pull("alice/lora", endpoint=hub.url, cache_dir=cache, token=ALICE)
-    again = lh.pull("alice/lora", endpoint=mute.url, cache_dir=cache, token=ALICE, timeout=0.5)
+    first = od.pull("alice/lora", endpoint=hub.url, cache_dir=cache, token=ALICE)
+    again = od.pull("alice/lora", endpoint=mute.url, cache_dir=cache, token=ALICE, timeout=0.5)
     assert again.path == first.path and again.described.kind == "adapter"
     one = lh.resolve_path("hf://alice/lora/adapter_model.safetensors", endpoint=hub.url, cache_dir=cache, token=ALICE)
     assert lh.resolve_path("hf://alice/lora/adapter_model.safetensors", endpoint=mute.url, cache_dir=cache,
