@@ -43,8 +43,8 @@ from loratool.formats.tensorfile import TensorFile
 
 __all__ = [
     "LYCO_NAMES", "PICKLE_SUFFIXES", "Capabilities", "Finding", "Findings", "Format", "check_writable", "detect",
-    "extra_base_key", "format_names", "from_gguf_layout", "get_format", "gguf_layout", "is_transposed_layer",
-    "kohya_paths_metadata", "output_is_directory", "provenance",
+    "extra_base_key", "format_names", "get_format", "gguf_layout", "is_transposed_layer",
+    "output_is_directory", "provenance",
     "read", "require_plain", "source_label", "unsupported_family", "writable_formats", "write",
 ]
 
@@ -73,20 +73,9 @@ def gguf_layout(adapter: Adapter, base: Path) -> Adapter:
     return gguf.to_gguf_layout(adapter, gguf.arch_info(base))
 
 
-def from_gguf_layout(adapter: Adapter, base: Path) -> Adapter:
-    """A GGUF adapter in transformers naming and row order for the checkpoint `base`; see formats/gguf.py."""
-    return gguf.from_gguf_layout(adapter, base)
-
-
 def extra_base_key(extra: str) -> str:
     """The base-model key a full tensor of Adapter.extras replaces."""
     return peft.base_key(extra)
-
-
-def kohya_paths_metadata(paths: Mapping[str, str]) -> dict[str, str]:
-    """Header metadata for a kohya file recording each stem's dotted module path ({stem: path}):
-    kohya names lose the dots (and some prefixes), so the file keeps what converting back needs."""
-    return kohya.paths_metadata(dict(paths))
 
 
 def is_transposed_layer(name: str) -> bool:

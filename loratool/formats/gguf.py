@@ -297,6 +297,23 @@ def write(adapter: Adapter, out_file: Path, metadata: dict[str, str]) -> None:
     writer.close()
 
 
+def _layout_in(adapter: Adapter, base: Path | None, source: Path) -> Adapter:
+    if base is None:
+        raise IncompatibleError(f"{source}: GGUF module names (blk.N.…) map back to transformers names only "
+                                "against the base checkpoint", hint="pass --base with the transformers model "
+                                "directory (its safetensors headers are read)")
+    return from_gguf_layout(adapter, base)
+
+
+def _layout_out(adapter: Adapter, base: Path | None, source: Path) -> Adapter:
+    if base is None:
+        raise IncompatibleError(
+            f"{source}: GGUF tensor names and the q/k row order depend on the model architecture",
+            hint="pass --base: the base model's transformers directory (config.json is enough) or its GGUF file",
+        )
+    return to_gguf_layout(adapter, arch_info(base))
+
+
 FORMAT = Format(
     name="gguf",
     summary="llama.cpp GGUF LoRA adapter (one file; one adapter.lora.alpha, GGUF tensor names)",
@@ -308,6 +325,8 @@ FORMAT = Format(
     read_file=from_file,
     write=write,
     suffix=SUFFIX,
+    layout_in=_layout_in,
+    layout_out=_layout_out,
 )
 
 

@@ -376,6 +376,7 @@ FORMAT = Format(
     detect=lambda keys: 2 if looks_like(keys) else 0,
     read_file=from_tensors,
     write=write,
+    paths_metadata=paths_metadata,
 )
 
 # ComfyUI's own LoRA key style for single-file (BFL) models: the model's module paths under

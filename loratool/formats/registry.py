@@ -72,6 +72,8 @@ FileReader = Callable[["TensorFile", "Findings"], "Adapter"]
 DirReader = Callable[[Path, bool, "Findings"], "Adapter"]
 # writers: (adapter, the temporary output path (file or empty directory), metadata to store)
 Writer = Callable[["Adapter", Path, dict[str, str]], None]
+# conversion steps of a format: (adapter, the base model or None, the source path for messages) -> adapter
+LayoutHook = Callable[["Adapter", "Path | None", Path], "Adapter"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,12 @@ class Format:
         suffix: the usual file suffix of a single-file output (for messages and docs).
         write_as: for a read-only format, the format its adapters are written in when no
             --format / --to is given (XLabs -> diffusers, whose module names it reads into).
+        layout_in: converting out of this format, its own module names and row order become the
+            base model's (GGUF: blk.N.attn_q -> model.layers.N.self_attn.q_proj, q/k rows un-permuted);
+            None where the names read are already the model's. May require the base.
+        layout_out: converting into this format, the model's names and row order become its own.
+        paths_metadata: header metadata recording each written name's dotted module path, for a
+            format whose names lose the dots (kohya), so converting back needs no base.
     """
 
     name: str
@@ -106,6 +114,9 @@ class Format:
     write: Writer | None = None
     suffix: str = ".safetensors"
     write_as: str | None = None
+    layout_in: LayoutHook | None = None
+    layout_out: LayoutHook | None = None
+    paths_metadata: Callable[[dict[str, str]], dict[str, str]] | None = None
 
 
 _REGISTRY: dict[str, Format] = {}

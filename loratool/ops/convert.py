@@ -201,8 +201,8 @@ def convert(
     """
     from loratool.formats import (
         check_writable,
+        format_names,
         get_format,
-        kohya_paths_metadata,
         read,
         require_plain,
         source_label,
@@ -263,7 +263,7 @@ def convert(
     if fam is not None:
         return _convert_family(adapter, report, fam[0], fam[1], to, out, force=force, fuse_rank=fuse_rank, say=say)
     as_read = adapter.modules  # the report shows each module's rank, alpha and scale as read
-    gguf_base: str | None = None
+    layout_base: str | None = None
     origin: dict[str, str] = {}  # a module renamed before target_names -> its name as read
     if dora_to_lora is not None:
         from loratool.ops.runtime import dora_to_lora as fold
@@ -280,29 +280,18 @@ def convert(
         adapter = prepared.adapter
         report.runtime, report.prepared = runtime.name, prepared.to_dict()
         report.warnings.extend(prepared.warnings)
-    if adapter.source_format == "gguf" and to != "gguf":
-        from loratool.formats import from_gguf_layout
-
-        if base is None:
-            raise IncompatibleError(f"{path}: GGUF module names (blk.N.…) map back to transformers names only "
-                                    "against the base checkpoint", hint="pass --base with the transformers model "
-                                    "directory (its safetensors headers are read)")
+    # a format with names (and row order) of its own leaves or takes them against the base (GGUF)
+    source = get_format(adapter.source_format) if adapter.source_format in format_names() else None
+    if source is not None and source.layout_in is not None and to != adapter.source_format:
         order = list(adapter.modules)
-        adapter = from_gguf_layout(adapter, Path(base))
+        adapter = source.layout_in(adapter, Path(base) if base is not None else None, Path(path))
         origin = dict(zip(adapter.modules, order))
-    if to == "gguf" and adapter.source_format != "gguf":
-        from loratool.formats import gguf_layout
-
-        if base is None:
-            raise IncompatibleError(
-                f"{path}: GGUF tensor names and the q/k row order depend on the model architecture",
-                hint="pass --base: the base model's transformers directory (config.json is enough) or its GGUF file",
-            )
+    if target.layout_out is not None and adapter.source_format != to:
         order = list(adapter.modules)
-        adapter = gguf_layout(adapter, Path(base))
-        origin = dict(zip(adapter.modules, order))  # GGUF tensor name -> the module name as read
-        gguf_base = source_label(base)  # provenance keeps it
-        base = None  # used: the names are GGUF's now, not the checkpoint's
+        adapter = target.layout_out(adapter, Path(base) if base is not None else None, Path(path))
+        origin = dict(zip(adapter.modules, order))  # the target's name -> the module name as read
+        layout_base = source_label(base) if base is not None else None  # provenance keeps it
+        base = None  # used: the names are the target's now, not the checkpoint's
     # peft's save_embedding_layers copies of a LoRA layer's base weight (`.base_layer.`) go only
     # where full tensors can; other full tensors (modules_to_save) must be kept or the user told
     extras = adapter.extras if target.capabilities.extras else \
@@ -356,14 +345,14 @@ def convert(
         extras=extras,
         config=adapter.config if keep_config or to == "gguf" else {},  # gguf: its architecture
         metadata={**(adapter.metadata if adapter.source_format == to == "kohya" else {}),
-                  **(kohya_paths_metadata({new: name for name, (new, _) in names.items() if "." in name})
-                     if to == "kohya" else {})},
+                  **(target.paths_metadata({new: name for name, (new, _) in names.items() if "." in name})
+                     if target.paths_metadata is not None else {})},
         source_format=to,
         source_modules=adapter.source_modules if keep_config else (),
         lycoris=kept_lyco,
     )
     report.extras = sorted(converted.extras)
-    params: dict[str, Any] = {"to": to, "base": gguf_base if base is None else source_label(base)}
+    params: dict[str, Any] = {"to": to, "base": layout_base if base is None else source_label(base)}
     if runtime is not None:
         params.update({"for": for_runtime or runtime.name, "drop": drop})  # vllm@0.30: the release too
     if dora_to_lora is not None:
