@@ -128,11 +128,12 @@ def _match_base(adapter: Adapter, base: Path) -> tuple[dict[str, str], dict[str,
 
 def _matches_base(adapter: Adapter, base: Path) -> bool:
     """Whether every module matches one weight of `base` by the key rules (headers only)."""
+    from loratool.formats import format_names, get_format
     from loratool.keymap import match_modules
     from loratool.st import open_checkpoint
 
-    if adapter.source_format == "gguf":
-        return True  # GGUF names map back through the base (below), never by a family table
+    if adapter.source_format in format_names() and get_format(adapter.source_format).layout_in is not None:
+        return True  # names of the format's own (GGUF) map back through the base (layout_in), not a family table
     return match_modules(list(adapter.modules.values()), open_checkpoint(base).tensors).ok
 
 
@@ -343,7 +344,7 @@ def convert(
     converted = adapter.with_modules(
         modules,
         extras=extras,
-        config=adapter.config if keep_config or to == "gguf" else {},  # gguf: its architecture
+        config=adapter.config if keep_config or target.layout_out is not None else {},  # layout_out: its arch
         metadata={**(adapter.metadata if adapter.source_format == to == "kohya" else {}),
                   **(target.paths_metadata({new: name for name, (new, _) in names.items() if "." in name})
                      if target.paths_metadata is not None else {})},
