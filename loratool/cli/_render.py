@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.text import Text
 
 from loratool.ops import natural_key
+from loratool.sizes import human_size
 
 if TYPE_CHECKING:
     from loratool.patterns import SafePattern
@@ -276,14 +277,6 @@ def progress(description: str, enabled: bool, unit: str = "items", *, phase: str
             bar.update(task, **fields)
 
         yield Bar(description, update)
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 def _fmt(x: float) -> str:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import FormatError, IncompatibleError, LoratoolError, scrub
-from loratool.formats._common import Findings, RawModule, build_module
+from loratool.formats._common import Findings, build_module, group_tensors
 from loratool.formats.gguf_file import _gguf, gguf_reader
 from loratool.formats.registry import Capabilities, Format
 from loratool.formats.tensorfile import TensorFile
@@ -85,19 +85,12 @@ def from_file(tf: TensorFile, findings: Findings) -> Adapter:
         raise FormatError(f"{tf.path}: {ALPHA_KEY} is {raw_alpha!r}, not a number") from None
     if raw_alpha is None:
         findings.warning("alpha-missing", None, f"{tf.path}: no {ALPHA_KEY}; llama.cpp applies scale 1")
-    raw: dict[str, RawModule] = {}
-    unsupported: list[str] = []
-    for key, ref in tf.tensors.items():
-        parts = split_key(key)
-        if parts is None:
-            unsupported.append(key)
-            continue
-        name, role = parts
-        if name == "token_embd" and role == "down":
-            ref = TensorRef.from_tensor(ref.load().T.contiguous())  # (n_vocab, r) -> (r, n_vocab)
-        rm = raw.setdefault(name, RawModule())
-        rm.put(role, ref, key, name, findings, tf.path)
-        rm.embedding = name == "token_embd"
+    raw, unsupported = group_tensors(tf, split_key, findings)
+    embedding = raw.get("token_embd")
+    if embedding is not None:
+        embedding.embedding = True
+        if embedding.down is not None:  # stored (n_vocab, r): peft's lora_embedding_A is (r, n_vocab)
+            embedding.down = TensorRef.from_tensor(embedding.down.load().T.contiguous())
     modules: dict[str, LoraModule] = {}
     for name, rm in raw.items():
         r = rm.down.shape[0] if rm.down is not None else None

@@ -11,6 +11,7 @@ from typing import Any
 from loratool.errors import HubError, LoratoolError, scrub
 from loratool.hub.describe import Described
 from loratool.hub.urls import _NAME
+from loratool.sizes import human_size
 
 # A Hub model id: OWNER/NAME, or a canonical NAME without owner (gpt2, bert-base-uncased).
 _MODEL_ID = re.compile(rf"^(?:{_NAME}/)?{_NAME}$")
@@ -81,14 +82,6 @@ def _yaml_str(s: str) -> str:
     return json.dumps(s, ensure_ascii=False)  # a JSON string is a valid YAML double-quoted scalar
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
-
-
 def _counts(d: dict[str, Any], what: str = "modules") -> str:
     if len(d) <= 1:
         return ", ".join(d)
@@ -140,7 +133,7 @@ def model_card(described: Described, *, repo_id: str, files: list[tuple[str, Pat
         body += ["Model files published with loratool.", ""]
         rows = [(k, str(v)) for k, v in s.items() if k != "size"]
     rows.append(("files", ", ".join(f"`{rel}`" for rel, _ in files)
-                 + f" ({_human(sum(f.stat().st_size for _, f in files))})"))
+                 + f" ({human_size(sum(f.stat().st_size for _, f in files))})"))
     body += ["| | |", "|---|---|"] + [f"| {k} | {v.replace('|', '/')} |" for k, v in rows] + [""]
 
     body += _provenance(meta)
