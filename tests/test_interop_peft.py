@@ -25,7 +25,7 @@ import torch
 import loratool
 from loratool import linalg
 from loratool.adapter import Adapter
-from loratool.st import TensorRef
+from loratool.io.tensors import TensorRef
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -10,7 +10,7 @@ import torch
 
 from loratool import linalg
 from loratool.adapter import LoraModule
-from loratool.st import TensorRef
+from loratool.io.tensors import TensorRef
 
 
 def _module(up: np.ndarray, down: np.ndarray, **kw) -> LoraModule:  # type: ignore[no-untyped-def]

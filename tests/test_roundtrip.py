@@ -25,7 +25,7 @@ import loratool
 from loratool import linalg
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import IncompatibleError, OutputExistsError
-from loratool.st import TensorRef
+from loratool.io.tensors import TensorRef
 
 PROVENANCE_KEYS = {"loratool.version", "loratool.op", "loratool.params", "loratool.sources"}
 

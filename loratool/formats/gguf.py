@@ -33,7 +33,8 @@ from loratool.adapter import Adapter, LoraModule
 from loratool.errors import FormatError, IncompatibleError, LoratoolError, scrub
 from loratool.formats._common import Findings, RawModule, TensorFile, build_module
 from loratool.formats.registry import Capabilities, Format
-from loratool.st import TensorRef, folder_file
+from loratool.io.paths import folder_file
+from loratool.io.tensors import TensorRef
 
 if TYPE_CHECKING:
     import numpy as np
@@ -141,7 +142,7 @@ def check_gguf(path: Path) -> None:
     Raises:
         FormatError: naming the file, the key and the byte.
     """
-    from loratool.st import open_input
+    from loratool.io.header import open_input
 
     try:
         with open_input(path) as f:
@@ -339,7 +340,7 @@ def arch_info(base: Path) -> ArchInfo:
         return ArchInfo(arch, int(value(f"{arch}.block_count") or 0), value(f"{arch}.attention.head_count"),
                         value(f"{arch}.attention.head_count_kv") or value(f"{arch}.attention.head_count"),
                         frozenset(t.name for t in reader.tensors))
-    from loratool.st import read_side_file
+    from loratool.io.header import read_side_file
 
     cfg_path = base if base.name == "config.json" else folder_file(base, "config.json")
     try:
@@ -511,7 +512,7 @@ def from_gguf_layout(adapter: Adapter, base: Path) -> Adapter:
         IncompatibleError: no checkpoint weights to choose names by, or a module with no or several
             candidates in it (all listed).
     """
-    from loratool.st import open_checkpoint
+    from loratool.io.checkpoint import open_checkpoint
 
     gguf = _gguf()
     info = arch_info(base)

@@ -28,7 +28,7 @@ from loratool.adapter import Adapter, LoraModule
 from loratool.errors import FormatError
 from loratool.formats._common import Findings, TensorFile
 from loratool.formats.registry import Capabilities, Format
-from loratool.st import TensorRef
+from loratool.io.tensors import TensorRef
 
 KEY = re.compile(r"^(?:diffusion_model\.)?(double|single)_blocks\.(\d+)\.processor\."
                  r"(qkv_lora1|qkv_lora2|proj_lora1|proj_lora2|qkv_lora|proj_lora)\.(down|up)\.weight$")

@@ -33,7 +33,7 @@ def describe(path: str | os.PathLike[str]) -> Described:
         doc.pop("modules", None)
         return Described("adapter", doc)
     try:
-        from loratool.st import open_checkpoint
+        from loratool.io.checkpoint import open_checkpoint
 
         ckpt = open_checkpoint(p)
     except LoratoolError:
