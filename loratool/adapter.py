@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from loratool.st import TensorRef
+from loratool.io.tensors import TensorRef
 
 Kind = Literal["linear", "conv", "embedding"]
 AlphaSource = Literal["tensor", "config", "pattern", "metadata", "implied"]

@@ -50,7 +50,8 @@ class LoratoolWarning(UserWarning):
 # scrub() is the one scrubber: the CLI runs everything it prints to stdout and stderr through it
 # (cli.LoratoolGroup.main), HubError messages are built with it, and every text loratool writes into
 # an output (safetensors metadata, adapter configs, the merge's rewritten configs, model cards) goes
-# through it (st._header_bytes, st.write_text_output, st.copy_input_file for copied side files).
+# through it (io.writers._header_bytes, io.writers.write_text_output, io.copies.copy_input_file for
+# copied side files).
 
 _SECRETS: set[str] = set()
 _TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 from loratool.adapter import Adapter, LoraModule, LycoModule, compatible
 from loratool.errors import IncompatibleError
 from loratool.formats.names import COMPONENTS, PEFT_PREFIX, kohya_base_prefixes, split_kohya_prefix, strip_known_prefix
-from loratool.st import Checkpoint, TensorInfo, TensorRef
+from loratool.io.checkpoint import Checkpoint
+from loratool.io.header import TensorInfo
+from loratool.io.tensors import TensorRef
 
 if TYPE_CHECKING:
     from loratool.families.layout import LayoutPlan

@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loratool.io.checkpoint import Checkpoint
+from loratool.io.header import SafetensorsFile, TensorInfo, read_side_file
+from loratool.io.writers import StreamingWriter, ended_early
 from loratool.maths.merge import Workspace
-from loratool.st import Checkpoint, SafetensorsFile, StreamingWriter, TensorInfo, ended_early, read_side_file
 
 if TYPE_CHECKING:
     import torch
@@ -295,7 +297,9 @@ def copy_other_files(ckpt: Checkpoint, tmp: Path, *, dtype_changed: bool, droppe
     index's weight_map; drop_quantization removes config.json's quantization_config (a dequantized
     copy of a quantized base).
     """
-    from loratool.st import copy_input_file, copy_tree_files, read_header, write_text_output
+    from loratool.io.copies import copy_input_file, copy_tree_files
+    from loratool.io.header import read_header
+    from loratool.io.writers import write_text_output
 
     weight_files = {os.path.abspath(f) for f in ckpt.files}
     for src, rel in copy_tree_files(ckpt.root):

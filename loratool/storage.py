@@ -39,7 +39,8 @@ from loratool.errors import IncompatibleError
 if TYPE_CHECKING:
     import torch
 
-    from loratool.st import Checkpoint, TensorInfo
+    from loratool.io.checkpoint import Checkpoint
+    from loratool.io.header import TensorInfo
 
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
@@ -160,7 +161,7 @@ class BaseStorage:
 
 
 def _read_json_tensor(info: TensorInfo) -> dict[str, Any]:
-    from loratool.st import read_bytes
+    from loratool.io.tensors import read_bytes
 
     try:
         doc = json.loads(read_bytes(info).rstrip(b"\0").decode("utf-8"))
@@ -176,7 +177,8 @@ def _read_json_tensor(info: TensorInfo) -> dict[str, Any]:
 
 
 def _config(root: Path) -> dict[str, Any] | None:
-    from loratool.st import folder_file, read_side_file
+    from loratool.io.header import read_side_file
+    from loratool.io.paths import folder_file
 
     p = folder_file(root, "config.json")
     if not p.is_file():

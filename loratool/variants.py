@@ -112,7 +112,7 @@ def convert_with_initial(adapter: Adapter, initial: Adapter) -> Adapter:
     """
     import torch
 
-    from loratool.st import TensorRef
+    from loratool.io.tensors import TensorRef
 
     kinds = [v for v in detect(adapter) if v.convertible]
     if not kinds:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from loratool.adapter import Adapter, LoraModule, scale_for, short_name
-from loratool.st import TensorRef
+from loratool.io.tensors import TensorRef
 
 
 def _module(name: str = "model.layers.0.q_proj", rank: int = 4, out_f: int = 16, in_f: int = 8,

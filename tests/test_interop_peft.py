@@ -24,8 +24,8 @@ import torch
 
 import loratool
 from loratool.adapter import Adapter
+from loratool.io.tensors import TensorRef
 from loratool.maths.delta import delta
-from loratool.st import TensorRef
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -9,8 +9,9 @@ import torch
 
 from loratool.adapter import LoraModule
 from loratool.errors import IncompatibleError
+from loratool.io.header import TensorInfo
+from loratool.io.tensors import TensorRef
 from loratool.keymap import KeyIndex, compatible, match_modules
-from loratool.st import TensorInfo, TensorRef
 
 BASE_KEYS = [
     "model.diffusion_model.input_blocks.1.1.proj_in.weight",

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from loratool.adapter import LoraModule
+from loratool.io.tensors import TensorRef
 from loratool.maths.combine import disjoint_merge, majority_sign_mask, merge_dense, prune, weighted_concat
 from loratool.maths.compare import product_fro_norm
 from loratool.maths.delta import delta, factors
 from loratool.maths.merge import Workspace, merge_blocked, merged_tensor, realized_delta
 from loratool.maths.svd import choose_rank, energy_rank, fro_retained, lowrank_svd, singular_values, truncate_dense
-from loratool.st import TensorRef
 
 
 def _module(up: np.ndarray, down: np.ndarray, **kw) -> LoraModule:  # type: ignore[no-untyped-def]

@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 import loratool
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import IncompatibleError, OutputExistsError
+from loratool.io.tensors import TensorRef
 from loratool.maths.delta import delta
-from loratool.st import TensorRef
 
 PROVENANCE_KEYS = {"loratool.version", "loratool.op", "loratool.params", "loratool.sources"}
 

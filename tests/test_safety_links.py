@@ -153,7 +153,8 @@ def test_a_link_to_the_folder_itself_is_fine(world: Path) -> None:
 
 def test_library_folder_file_and_copy_tree(tmp_path: Path) -> None:
     from loratool.errors import FormatError
-    from loratool.st import copy_tree_files, folder_file, leads_out
+    from loratool.io.copies import copy_tree_files
+    from loratool.io.paths import folder_file, leads_out
 
     root = tmp_path / "root"
     (root / "a").mkdir(parents=True)

@@ -214,21 +214,21 @@ def test_every_path_parameter_is_covered() -> None:
 
 def test_inputs_are_recorded_before_the_command_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """The library op sees st.INPUTS holding every path argument; after the command it is empty again."""
+    """The library op sees outputs.INPUTS holding every path argument; after the command it is empty again."""
     import loratool.ops.convert as ops_convert
-    from loratool import st
+    from loratool.io import outputs
 
     seen: list[list[str]] = []
 
     def fake(*args: object, **kwargs: object) -> None:
-        seen.append(list(st.INPUTS))
+        seen.append(list(outputs.INPUTS))
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ops_convert, "convert", fake)
     code, _, _ = run(capsys, ["convert", "a", "--to", "kohya", "--base", "b", "--dora-to-lora", "c", "-o", "o"])
     assert code == 130
     assert sorted(seen[0]) == ["a", "b", "c"]
-    assert st.INPUTS == []
+    assert outputs.INPUTS == []
 
 
 def test_an_hf_input_counts_by_its_local_copy(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -484,8 +484,8 @@ def test_a_dead_runs_old_output_is_not_renamed_into_a_failing_run(tmp_path: Path
                                                                   capsys: pytest.CaptureFixture[str],
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Only the run that moved it aside may restore it: a later run that fails while writing leaves no -o."""
-    from loratool import st
     from loratool.errors import LoratoolError
+    from loratool.io import writers
 
     def full(*args: object, **kwargs: object) -> None:
         raise LoratoolError("the disk is full (simulated)")
@@ -493,7 +493,7 @@ def test_a_dead_runs_old_output_is_not_renamed_into_a_failing_run(tmp_path: Path
     adapter = peft(tmp_path)
     _stale_old(tmp_path)
     before = snapshot(tmp_path)
-    monkeypatch.setattr(st, "save_tensors", full)  # the PEFT writer imports it when it writes
+    monkeypatch.setattr(writers, "save_tensors", full)  # the PEFT writer imports it when it writes
     code, _, err = _rescale(capsys, adapter, tmp_path / "out")
     assert code == 2 and "simulated" in err, err
     assert not (tmp_path / "out").exists()
@@ -517,7 +517,7 @@ def test_lock_races_leave_one_winner(tmp_path: Path) -> None:
     import threading
 
     from loratool.errors import OutputExistsError
-    from loratool.st import _Claim
+    from loratool.io.claims import _Claim
 
     holders: list[int] = []
     overlaps: list[int] = []
@@ -612,7 +612,7 @@ def test_the_run_that_moved_the_old_output_aside_puts_it_back(tmp_path: Path, mo
     moved in, this run (and only this run) renames the old one back."""
     import errno
 
-    from loratool import st
+    from loratool.io import outputs
 
     out = tmp_path / "out"
     out.mkdir()
@@ -628,10 +628,10 @@ def test_the_run_that_moved_the_old_output_aside_puts_it_back(tmp_path: Path, mo
             raise OSError(errno.EIO, "simulated I/O error", os.fspath(dst))
         real_rename(src, dst)
 
-    monkeypatch.setattr(st, "_renameat2", lambda src, dst, flags: False)
+    monkeypatch.setattr(outputs, "_renameat2", lambda src, dst, flags: False)
     monkeypatch.setattr(os, "rename", rename)
     with bounded(BOUND), pytest.raises(OSError, match="simulated"), \
-            st.atomic_output(out, force=True, directory=True, kind="model") as tmp:
+            outputs.atomic_output(out, force=True, directory=True, kind="model") as tmp:
         (tmp / "config.json").write_text("new\n")
     monkeypatch.undo()
     assert snapshot(tmp_path) == before

@@ -48,7 +48,7 @@ def hold():
         time.sleep(0.01)
 
 
-from loratool import st
+from loratool.io import copies, outputs
 import loratool.ops.merge as merge_op
 
 if at == "stream":  # the main thread is about to stream the base's second shard
@@ -62,15 +62,15 @@ if at == "stream":  # the main thread is about to stream the base's second shard
 
     merge_op.stream_file = stream_file
 elif at == "copy":  # copying the base's other files (config.json, ...)
-    real_copy = st.copy_input_file
+    real_copy = copies.copy_input_file
 
     def copy_input_file(src, dst):
         hold()
         return real_copy(src, dst)
 
-    st.copy_input_file = copy_input_file
+    copies.copy_input_file = copy_input_file
 elif at in ("commit", "exchanged"):  # inside the swap: before the rename, or after it (old one not yet removed)
-    real_commit, real_remove, inside = st._commit, st._remove, [False]
+    real_commit, real_remove, inside = outputs._commit, outputs._remove, [False]
 
     def _commit(*args, **kwargs):
         if at == "commit":
@@ -86,7 +86,7 @@ elif at in ("commit", "exchanged"):  # inside the swap: before the rename, or af
             hold()
         return real_remove(p)
 
-    st._commit, st._remove = _commit, _remove
+    outputs._commit, outputs._remove = _commit, _remove
 
 go = os.environ.get("SAFETY_GO")
 if go:  # a barrier for the concurrency test

@@ -1,4 +1,4 @@
-"""st.py on its own: header parsing against files the safetensors library writes, the streaming
+"""loratool.io on its own: header parsing against files the safetensors library writes, the streaming
 writer against what the safetensors library reads back, atomic outputs, checkpoints, hashing."""
 
 from __future__ import annotations
@@ -15,8 +15,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from loratool import st
 from loratool.errors import FormatError, LoratoolError, OutputExistsError
+from loratool.io import writers
+from loratool.io.checkpoint import INDEX_NAME, open_checkpoint
+from loratool.io.copies import BackgroundSha256, sha256_file
+from loratool.io.header import read_header
+from loratool.io.outputs import atomic_output
+from loratool.io.tensors import TensorRef, load_tensor, read_scalar
+from loratool.io.writers import StreamingWriter, _DirectSink, save_tensors
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -39,7 +45,7 @@ def test_header_of_a_safetensors_library_file(tmp_path):
     path = tmp_path / "x.safetensors"
     tensors = _tensors()
     save_file(tensors, str(path), metadata={"format": "pt", "k": "v"})
-    parsed = st.read_header(path)
+    parsed = read_header(path)
     assert parsed.metadata == {"format": "pt", "k": "v"}
     assert parsed.size == path.stat().st_size
     assert set(parsed.tensors) == set(tensors)
@@ -47,8 +53,8 @@ def test_header_of_a_safetensors_library_file(tmp_path):
         info = parsed.tensors[key]
         assert (info.dtype, info.shape) == (str(t.dtype).removeprefix("torch."), tuple(t.shape))
         assert info.nbytes == t.numel() * t.element_size()
-        assert torch.equal(st.load_tensor(info), t)
-    assert st.read_scalar(parsed.tensors["f.scalar"]) == 2.5
+        assert torch.equal(load_tensor(info), t)
+    assert read_scalar(parsed.tensors["f.scalar"]) == 2.5
 
 
 @pytest.mark.parametrize(("dtype", "value"), [(torch.float32, 0.1), (torch.float16, -3.5), (torch.bfloat16, 1.25),
@@ -57,7 +63,7 @@ def test_scalars_decode_without_torch(tmp_path, dtype, value):
     path = tmp_path / "s.safetensors"
     t = torch.tensor([value], dtype=dtype)
     save_file({"alpha": t}, str(path))
-    assert st.read_scalar(st.read_header(path).tensors["alpha"]) == float(t.item())
+    assert read_scalar(read_header(path).tensors["alpha"]) == float(t.item())
 
 
 def _raw_file(path: Path, header: object, data: bytes = b"", *, length: int | None = None) -> Path:
@@ -85,18 +91,18 @@ GOOD = {"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
 def test_header_problems_name_the_file_and_key(tmp_path, header, data, length, message):
     path = _raw_file(tmp_path / "bad.safetensors", header, data, length=length)
     with pytest.raises(FormatError, match=message) as exc:
-        st.read_header(path)
+        read_header(path)
     assert str(path) in str(exc.value)
 
 
 def test_short_missing_and_directory_paths(tmp_path):
     (tmp_path / "short").write_bytes(b"abc")
     with pytest.raises(FormatError, match="3 bytes"):
-        st.read_header(tmp_path / "short")
+        read_header(tmp_path / "short")
     with pytest.raises(FormatError, match="no such file"):
-        st.read_header(tmp_path / "nope")
+        read_header(tmp_path / "nope")
     with pytest.raises(FormatError, match="is a directory"):
-        st.read_header(tmp_path)
+        read_header(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,14 +113,14 @@ def test_tensor_refs_are_lazy_and_equal_to_their_data(tmp_path):
     path = tmp_path / "x.safetensors"
     tensors = _tensors()
     save_file(tensors, str(path))
-    info = st.read_header(path).tensors["a.weight"]
-    ref = st.TensorRef.from_info(info)
+    info = read_header(path).tensors["a.weight"]
+    ref = TensorRef.from_info(info)
     assert (ref.shape, ref.dtype, ref.numel, ref.nbytes) == ((3, 5), "float32", 15, 60)
     assert str(path) in ref.source and "'a.weight'" in ref.source
     assert torch.equal(ref.load(), tensors["a.weight"])
-    mem = st.TensorRef.from_tensor(tensors["b.bf16"])
+    mem = TensorRef.from_tensor(tensors["b.bf16"])
     assert (mem.shape, mem.dtype, mem.nbytes, mem.source) == ((4,), "bfloat16", 8, "<memory>")
-    assert st.TensorRef.from_tensor(torch.tensor([[3.0]])).scalar() == 3.0
+    assert TensorRef.from_tensor(torch.tensor([[3.0]])).scalar() == 3.0
     with pytest.raises(FormatError, match="single number"):
         mem.scalar()
 
@@ -126,7 +132,7 @@ def test_tensor_refs_are_lazy_and_equal_to_their_data(tmp_path):
 def test_save_tensors_is_read_back_by_the_safetensors_library(tmp_path):
     path = tmp_path / "w.safetensors"
     tensors = _tensors()
-    st.save_tensors(path, tensors, {"who": "loratool"})
+    save_tensors(path, tensors, {"who": "loratool"})
     back = load_file(str(path))
     assert set(back) == set(tensors)
     for key, t in tensors.items():
@@ -141,19 +147,19 @@ def test_streaming_writer_layout_order_copy_and_patch(tmp_path):
     src = tmp_path / "src.safetensors"
     big = torch.arange(1000, dtype=torch.float32)
     save_file({"big": big}, str(src))
-    info = st.read_header(src).tensors["big"]
+    info = read_header(src).tensors["big"]
     small = torch.ones(2, 3, dtype=torch.float16)
     entries = [("z.small", "float16", (2, 3)), ("a.big", "float32", (1000,))]
     placeholder = "0" * 64
     out = tmp_path / "out.safetensors"
-    w = st.StreamingWriter(out, entries, {"sha": placeholder}, header_order=["a.big", "z.small"])
+    w = StreamingWriter(out, entries, {"sha": placeholder}, header_order=["a.big", "z.small"])
     w.write("z.small", small)
     with open(src, "rb") as f:
         w.copy_range("a.big", f.fileno(), info.start, info.nbytes)
     digest = hashlib.sha256(b"x").hexdigest()
     w.patch_header(placeholder, digest)
     w.close()
-    parsed = st.read_header(out)
+    parsed = read_header(out)
     assert list(parsed.tensors) == ["a.big", "z.small"]  # header order as asked
     assert parsed.tensors["z.small"].start < parsed.tensors["a.big"].start  # data in entries order
     assert parsed.metadata == {"sha": digest}
@@ -172,10 +178,10 @@ def _write_mixed(path: Path, src: Path) -> dict[str, torch.Tensor]:
         "e": torch.randn(3, generator=gen).half(),  # ends the file off the 4 KiB alignment
     }
     save_file({"d.copied": tensors["d.copied"]}, str(src))
-    info = st.read_header(src).tensors["d.copied"]
+    info = read_header(src).tensors["d.copied"]
     entries = [(k, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for k, t in tensors.items()]
     placeholder = "0" * 64
-    w = st.StreamingWriter(path, entries, {"sha": placeholder})
+    w = StreamingWriter(path, entries, {"sha": placeholder})
     w.write("a", tensors["a"])
     w.reserve("b.scales")
     w.write("c", tensors["c"])
@@ -197,10 +203,10 @@ def test_streaming_writer_direct_io_writes_the_same_bytes(tmp_path, monkeypatch,
 
     buffered = tmp_path / "buffered.safetensors"
     expected = _write_mixed(buffered, tmp_path / "src1.safetensors")
-    monkeypatch.setattr(st, "DIRECT_MIN_BYTES", 0)
-    monkeypatch.setattr(st, "_STAGE_BYTES", 8192)
-    opened: list[st._DirectSink] = []
-    real_open, real_pwrite = st._DirectSink.open.__func__, os.pwrite  # type: ignore[attr-defined]
+    monkeypatch.setattr(writers, "DIRECT_MIN_BYTES", 0)
+    monkeypatch.setattr(writers, "_STAGE_BYTES", 8192)
+    opened: list[_DirectSink] = []
+    real_open, real_pwrite = _DirectSink.open.__func__, os.pwrite  # type: ignore[attr-defined]
 
     def spy_open(cls, path, fallback_fd):
         sink = real_open(cls, path, fallback_fd)
@@ -212,7 +218,7 @@ def test_streaming_writer_direct_io_writes_the_same_bytes(tmp_path, monkeypatch,
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(st._DirectSink, "open", classmethod(spy_open))
+    monkeypatch.setattr(_DirectSink, "open", classmethod(spy_open))
     monkeypatch.setattr(os, "pwrite", pwrite)
     direct = tmp_path / "direct.safetensors"
     _write_mixed(direct, tmp_path / "src2.safetensors")
@@ -220,13 +226,13 @@ def test_streaming_writer_direct_io_writes_the_same_bytes(tmp_path, monkeypatch,
     assert direct.read_bytes() == buffered.read_bytes()
     back = load_file(str(direct))
     assert all(torch.equal(back[k], t) for k, t in expected.items())
-    assert st.read_header(direct).metadata == {"sha": "f" * 64}
+    assert read_header(direct).metadata == {"sha": "f" * 64}
 
 
 def test_streaming_writer_direct_io_off_by_environment(tmp_path, monkeypatch):
-    monkeypatch.setattr(st, "DIRECT_MIN_BYTES", 0)
+    monkeypatch.setattr(writers, "DIRECT_MIN_BYTES", 0)
     monkeypatch.setenv("LORATOOL_DIRECT_IO", "0")
-    w = st.StreamingWriter(tmp_path / "o.safetensors", [("a", "float32", (2,))])
+    w = StreamingWriter(tmp_path / "o.safetensors", [("a", "float32", (2,))])
     assert w._direct is None
     w.write("a", torch.ones(2))
     w.close()
@@ -234,7 +240,7 @@ def test_streaming_writer_direct_io_off_by_environment(tmp_path, monkeypatch):
 
 
 def test_streaming_writer_refuses_what_its_layout_did_not_announce(tmp_path):
-    w = st.StreamingWriter(tmp_path / "o.safetensors", [("a", "float32", (2,)), ("b", "float32", (1,))])
+    w = StreamingWriter(tmp_path / "o.safetensors", [("a", "float32", (2,)), ("b", "float32", (1,))])
     with pytest.raises(ValueError, match="expected a float32"):
         w.write("a", torch.zeros(2, dtype=torch.float16))
     with pytest.raises(ValueError, match="expected a float32"):
@@ -243,7 +249,7 @@ def test_streaming_writer_refuses_what_its_layout_did_not_announce(tmp_path):
     with pytest.raises(ValueError, match="closed after 1 of 2"):
         w.close()
     with pytest.raises(ValueError, match="placeholder"):
-        st.StreamingWriter(tmp_path / "p.safetensors", [], {"k": "v"}).patch_header("nothere", "nothing")
+        StreamingWriter(tmp_path / "p.safetensors", [], {"k": "v"}).patch_header("nothere", "nothing")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +263,7 @@ def _entries(path: Path) -> list[str]:
 @pytest.mark.parametrize("directory", [False, True])
 def test_atomic_output_appears_only_when_complete(tmp_path, directory):
     out = tmp_path / "out"
-    with st.atomic_output(out, force=False, directory=directory) as tmp:
+    with atomic_output(out, force=False, directory=directory) as tmp:
         assert tmp.parent == tmp_path and tmp.name.startswith(".out.tmp-") and not out.exists()
         if directory:
             (tmp / "f").write_text("new")
@@ -278,12 +284,12 @@ def test_atomic_output_failure_leaves_the_previous_output(tmp_path, directory):
         out.write_text("old")
     kind = "model" if directory else None  # force replaces only a folder that looks like an earlier output
     with pytest.raises(RuntimeError, match="boom"), \
-            st.atomic_output(out, force=True, directory=directory, kind=kind) as tmp:
+            atomic_output(out, force=True, directory=directory, kind=kind) as tmp:
         (tmp / "f.json" if directory else tmp).write_text("half")
         raise RuntimeError("boom")
     assert _entries(tmp_path) == ["out"]
     assert (out / "f.json" if directory else out).read_text() == "old"
-    with st.atomic_output(out, force=True, directory=directory, kind=kind) as tmp:  # force replaces it whole
+    with atomic_output(out, force=True, directory=directory, kind=kind) as tmp:  # force replaces it whole
         (tmp / "g.json" if directory else tmp).write_text("new")
     assert _entries(tmp_path) == ["out"]
     if directory:
@@ -296,23 +302,23 @@ def test_atomic_output_refusals(tmp_path):
     (tmp_path / "file").write_text("x")
     (tmp_path / "dir").mkdir()
     with pytest.raises(OutputExistsError, match="already exists"), \
-            st.atomic_output(tmp_path / "file", force=False, directory=False):
+            atomic_output(tmp_path / "file", force=False, directory=False):
         pass
     with pytest.raises(OutputExistsError, match="is a directory"), \
-            st.atomic_output(tmp_path / "dir", force=True, directory=False):
+            atomic_output(tmp_path / "dir", force=True, directory=False):
         pass
     with pytest.raises(OutputExistsError, match="is a file"), \
-            st.atomic_output(tmp_path / "file", force=True, directory=True):
+            atomic_output(tmp_path / "file", force=True, directory=True):
         pass
     with pytest.raises(FormatError, match="parent directory"), \
-            st.atomic_output(tmp_path / "no" / "out", force=False, directory=False):
+            atomic_output(tmp_path / "no" / "out", force=False, directory=False):
         pass
     assert _entries(tmp_path) == ["dir", "file"] and (tmp_path / "file").read_text() == "x"
 
 
 def test_disk_full_is_a_user_error_and_leaves_nothing(tmp_path):
     with pytest.raises(LoratoolError, match=r"no space left on device while writing.*nothing was written") as exc, \
-            st.atomic_output(tmp_path / "out", force=False, directory=False) as tmp:
+            atomic_output(tmp_path / "out", force=False, directory=False) as tmp:
         tmp.write_text("partial")
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
     assert exc.value.hint and "free some space" in exc.value.hint
@@ -327,12 +333,12 @@ def test_checkpoint_layouts(tmp_path):
     a, b = {"x.weight": torch.ones(2, 2)}, {"y.weight": torch.zeros(3)}
     single = tmp_path / "single.safetensors"
     save_file({**a, **b}, str(single))
-    assert list(st.open_checkpoint(single).tensors) == ["x.weight", "y.weight"]
+    assert list(open_checkpoint(single).tensors) == ["x.weight", "y.weight"]
 
     d = tmp_path / "dir"
     d.mkdir()
     save_file(a, str(d / "model.safetensors"))
-    ckpt = st.open_checkpoint(d)
+    ckpt = open_checkpoint(d)
     assert ckpt.files == [d / "model.safetensors"] and ckpt.index is None
 
     sharded = tmp_path / "sharded"
@@ -340,18 +346,18 @@ def test_checkpoint_layouts(tmp_path):
     save_file(a, str(sharded / "m-1.safetensors"))
     save_file(b, str(sharded / "m-2.safetensors"))
     index = {"metadata": {}, "weight_map": {"x.weight": "m-1.safetensors", "y.weight": "m-2.safetensors"}}
-    (sharded / st.INDEX_NAME).write_text(json.dumps(index))
-    ckpt = st.open_checkpoint(sharded)
+    (sharded / INDEX_NAME).write_text(json.dumps(index))
+    ckpt = open_checkpoint(sharded)
     assert [f.name for f in ckpt.files] == ["m-1.safetensors", "m-2.safetensors"]
     assert ckpt.tensors["y.weight"].path == sharded / "m-2.safetensors"
 
     index["weight_map"]["z.weight"] = "m-2.safetensors"
-    (sharded / st.INDEX_NAME).write_text(json.dumps(index))
+    (sharded / INDEX_NAME).write_text(json.dumps(index))
     with pytest.raises(FormatError, match=r"'z\.weight'"):
-        st.open_checkpoint(sharded)
+        open_checkpoint(sharded)
     (tmp_path / "w.bin").write_bytes(b"x")
     with pytest.raises(FormatError, match="pickle checkpoints are not supported"):
-        st.open_checkpoint(tmp_path / "w.bin")
+        open_checkpoint(tmp_path / "w.bin")
 
 
 def test_background_sha256_matches_hashlib(tmp_path):
@@ -360,8 +366,8 @@ def test_background_sha256_matches_hashlib(tmp_path):
         p = tmp_path / f"f{i}"
         p.write_bytes(np.random.default_rng(i).integers(0, 256, size, dtype=np.uint8).tobytes())
         files.append(p)
-    hasher = st.BackgroundSha256(files, lead=1 << 20)
+    hasher = BackgroundSha256(files, lead=1 << 20)
     hasher.advance(10 << 20)
     want = {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
     assert hasher.result() == want
-    assert st.sha256_file(files[2]) == want[str(files[2])]
+    assert sha256_file(files[2]) == want[str(files[2])]

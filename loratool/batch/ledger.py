@@ -24,7 +24,7 @@ DONE = ("ok", "findings")
 def input_hash(path: str) -> str:
     """sha256 of a file's bytes; of a folder, over its files' relative names and sha256 (sorted, links
     not followed); an hf:// URL is its own text (pin @REVISION for a key that follows the content)."""
-    from loratool.st import sha256_file
+    from loratool.io.copies import sha256_file
 
     if path.startswith("hf://"):
         return "url:" + path

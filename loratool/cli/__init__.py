@@ -153,17 +153,17 @@ def run_mapped(call: Any) -> int:
     try:
         return _run_mapped(call)
     finally:
-        st = sys.modules.get("loratool.st")
-        if st is not None:  # the paths this command read are not a later library call's inputs
-            st.INPUTS.clear()
+        outputs = sys.modules.get("loratool.io.outputs")
+        if outputs is not None:  # the paths this command read are not a later library call's inputs
+            outputs.INPUTS.clear()
 
 
 def _run_mapped(call: Any) -> int:
     debug = os.environ.get("LORATOOL_DEBUG") == "1"
-    st = sys.modules.get("loratool.st")
-    if st is not None:  # "Interrupted; X was written" names this command's outputs only (library use before it)
-        st.OUTPUTS.clear()
-        st.INPUTS.clear()
+    outputs = sys.modules.get("loratool.io.outputs")
+    if outputs is not None:  # "Interrupted; X was written" names this command's outputs only (library use before it)
+        outputs.OUTPUTS.clear()
+        outputs.INPUTS.clear()
     try:
         code = call()
         code = code if isinstance(code, int) else 0
@@ -289,7 +289,7 @@ cli.item_runner = run_item  # type: ignore[attr-defined]
 
 
 def _recording_inputs(command: click.Command) -> click.Command:
-    """Make `command` record every path it is given, before it runs, as an input (st.note_inputs).
+    """Make `command` record every path it is given, before it runs, as an input (io.outputs.note_inputs).
 
     Every parameter typed click.Path is something the command reads unless it is typed
     OutputPath (-o/--out, merge --report): adapters, --base, --dora-to-lora, ... No output may then
@@ -303,7 +303,7 @@ def _recording_inputs(command: click.Command) -> click.Command:
 
     @functools.wraps(callback)
     def run(*args: Any, **kwargs: Any) -> Any:
-        from loratool.st import note_inputs
+        from loratool.io.outputs import note_inputs
 
         for name in names:
             value = kwargs.get(name)
@@ -349,7 +349,7 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
 
 
 def _interrupted(code: int) -> int:
-    from loratool.st import output_states
+    from loratool.io.outputs import output_states
 
     states = output_states()
     click.echo("Interrupted" + (f"; {'; '.join(states)}." if states else "."), err=True)
@@ -403,8 +403,8 @@ def _exit_interrupted(signum: int, frame: Any, done: int | None = None) -> None:
     if done is not None:  # the command had finished and its results were flushed
         _flush_quietly()
         os._exit(done)
-    st = sys.modules.get("loratool.st")
-    states = st.output_states() if st is not None else []
+    outputs = sys.modules.get("loratool.io.outputs")
+    states = outputs.output_states() if outputs is not None else []
     _quiet_echo("Interrupted" + (f"; {'; '.join(states)}." if states else "."))
     os._exit(EXIT_INTERRUPTED)
 

@@ -34,7 +34,7 @@ device_option = click.option(
 class OutputPath(click.Path):
     """A path the command writes (-o/--out, merge --report). Every other click.Path parameter is an
     input: loratool.cli records it before the command runs, and no output may be, hold or lie
-    inside it (st.note_inputs)."""
+    inside it (io.outputs.note_inputs)."""
 
 
 def local_out(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -161,7 +161,7 @@ def input_path(path: str | None, *, quiet: bool = False) -> str | None:
     import sys
 
     from loratool.hub import resolve_path
-    from loratool.st import note_inputs
+    from loratool.io.outputs import note_inputs
 
     local = str(resolve_path(path, progress=not quiet and sys.stderr.isatty()))
     note_inputs([local])  # the local copy is an input like any other path (cli._recording_inputs)
@@ -189,12 +189,12 @@ def preflight(*, out: str | None = None, force: bool = False, kind: str | None =
     same error the library would raise later (exit 2).
 
     Args:
-        kind: what a folder OUT holds when it is ours ("adapter", "model"), as st.check_output.
+        kind: what a folder OUT holds when it is ours ("adapter", "model"), as io.outputs.check_output.
         inputs: the command's input paths as given (hf:// ones are left to the command), so an OUT
             that is one of them is refused as such.
     """
     if out is not None and not force and os.path.lexists(out):
-        from loratool.st import check_output
+        from loratool.io.outputs import check_output
 
         local = [p for p in inputs if p is not None and not p.startswith("hf://")]
         check_output(out, force=False, directory=os.path.isdir(out), inputs=local, kind=kind)

@@ -22,7 +22,8 @@ from loratool.cli._options import (
     weights_option,
 )
 from loratool.errors import LoratoolError
-from loratool.st import atomic_output, check_output, write_text_output
+from loratool.io.outputs import atomic_output, check_output
+from loratool.io.writers import write_text_output
 
 
 @click.command()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from loratool.adapter import Adapter, LoraModule, LycoModule
 from loratool.errors import IncompatibleError
 from loratool.families.model import Family, Relation
-from loratool.st import TensorRef
+from loratool.io.tensors import TensorRef
 
 if TYPE_CHECKING:
     import torch

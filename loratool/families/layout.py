@@ -32,7 +32,7 @@ from loratool.families import detect, get
 from loratool.families.model import Family, Relation
 
 if TYPE_CHECKING:
-    from loratool.st import TensorInfo
+    from loratool.io.header import TensorInfo
 
 Module = LoraModule | LycoModule
 ORIGINAL_BASE_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
@@ -162,7 +162,7 @@ def _offsets(rel: Relation, total: int, width: int, where: str) -> dict[str, tup
 
 def _rows_of(m: LoraModule, spans: list[tuple[int, int]], name: str) -> LoraModule:
     """m with B (and its bias) cut to `spans` of its rows, concatenated; A shared. Lazy, exact."""
-    from loratool.st import TensorRef
+    from loratool.io.tensors import TensorRef
 
     rows = sum(b - a for a, b in spans)
 

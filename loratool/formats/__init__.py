@@ -254,7 +254,7 @@ def provenance(
     by path; `sources` are hashed here.
     """
     from loratool._version import __version__
-    from loratool.st import sha256_file
+    from loratool.io.copies import sha256_file
 
     by_path = {**(hashes or {}), **{str(s): sha256_file(s) for s in sources if s.is_file()}}
     labelled: dict[str, str] = {}
@@ -318,7 +318,7 @@ def write(
         OutputExistsError; IncompatibleError: content the format cannot hold (check_writable);
         FormatError.
     """
-    from loratool.st import atomic_output
+    from loratool.io.outputs import atomic_output
 
     explicit = fmt is not None
     if fmt is None and adapter.source_format == "kohya" and comfyui_names(adapter):

@@ -13,7 +13,8 @@ from typing import Any, Literal
 from loratool.adapter import AlphaSource, DoraAxis, Kind, LoraModule
 from loratool.errors import FormatError, IncompatibleError, LoratoolError
 from loratool.formats.tensorfile import TensorFile
-from loratool.st import TensorRef, read_header
+from loratool.io.header import read_header
+from loratool.io.tensors import TensorRef
 
 Severity = Literal["error", "warning"]
 
@@ -128,7 +129,7 @@ def sniff_container(path: Path) -> str | None:
     above, or None (too short, unreadable, or unknown: the safetensors reader then explains)."""
     import zipfile
 
-    from loratool.st import open_input
+    from loratool.io.header import open_input
 
     try:
         with open_input(path) as f:  # a FIFO or device is refused, not read (reading it would block)
@@ -177,7 +178,7 @@ def pickle_calls(path: Path) -> list[str]:
                     with z.open(member) as m:
                         data = m.read(_PICKLE_SCAN_BYTES)
         else:
-            from loratool.st import open_input
+            from loratool.io.header import open_input
 
             with open_input(path) as f:
                 data = f.read(_PICKLE_SCAN_BYTES)
@@ -497,7 +498,7 @@ def json_config(path: Path, findings: Findings) -> dict[str, Any] | None:
     """Read a JSON config file; a bad one is a config-invalid finding (FormatError when strict)."""
     import json
 
-    from loratool.st import read_side_file
+    from loratool.io.header import read_side_file
 
     try:
         text = read_side_file(path)

@@ -259,7 +259,7 @@ def state_and_metadata(adapter: Adapter) -> tuple[dict[str, Any], dict[str, Any]
 
 def write(adapter: Adapter, out_file: Path, metadata: dict[str, str]) -> None:
     """Write `adapter` (module names under a component) as one diffusers .safetensors file."""
-    from loratool.st import save_tensors
+    from loratool.io.writers import save_tensors
 
     tensors, flat = state_and_metadata(adapter)
     meta = {"format": "pt", METADATA_KEY: json.dumps(flat, indent=2, sort_keys=True), **metadata}

@@ -34,7 +34,8 @@ from loratool.formats._common import Findings, build_module, group_tensors
 from loratool.formats.gguf_file import _gguf, gguf_reader
 from loratool.formats.registry import Capabilities, Format
 from loratool.formats.tensorfile import TensorFile
-from loratool.st import TensorRef, folder_file
+from loratool.io.paths import folder_file
+from loratool.io.tensors import TensorRef
 
 if TYPE_CHECKING:
     import numpy as np
@@ -143,7 +144,7 @@ def arch_info(base: Path) -> ArchInfo:
         return ArchInfo(arch, int(value(f"{arch}.block_count") or 0), value(f"{arch}.attention.head_count"),
                         value(f"{arch}.attention.head_count_kv") or value(f"{arch}.attention.head_count"),
                         frozenset(t.name for t in reader.tensors))
-    from loratool.st import read_side_file
+    from loratool.io.header import read_side_file
 
     cfg_path = base if base.name == "config.json" else folder_file(base, "config.json")
     try:
@@ -334,7 +335,7 @@ def from_gguf_layout(adapter: Adapter, base: Path) -> Adapter:
         IncompatibleError: no checkpoint weights to choose names by, or a module with no or several
             candidates in it (all listed).
     """
-    from loratool.st import open_checkpoint
+    from loratool.io.checkpoint import open_checkpoint
 
     gguf = _gguf()
     info = arch_info(base)

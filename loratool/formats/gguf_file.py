@@ -13,7 +13,7 @@ from typing import Any
 
 from loratool.errors import FormatError, LoratoolError
 from loratool.formats.tensorfile import TensorFile
-from loratool.st import TensorRef
+from loratool.io.tensors import TensorRef
 
 
 def _gguf() -> Any:
@@ -98,7 +98,7 @@ def check_gguf(path: Path) -> None:
     Raises:
         FormatError: naming the file, the key and the byte.
     """
-    from loratool.st import open_input
+    from loratool.io.header import open_input
 
     try:
         with open_input(path) as f:

@@ -314,7 +314,7 @@ def write_comfyui(adapter: Adapter, out_file: Path, metadata: dict[str, str]) ->
 
 def write(adapter: Adapter, out_file: Path, metadata: dict[str, str], stem_of: Any = None) -> None:
     """Write `adapter` as one kohya .safetensors file at the (temporary) path `out_file`."""
-    from loratool.st import save_tensors
+    from loratool.io.writers import save_tensors
 
     meta = dict(adapter.metadata) if adapter.source_format == "kohya" else {}
     meta.setdefault("ss_network_module", "networks.lora")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from loratool.adapter import DoraAxis, LycoAlgo, LycoModule
 from loratool.formats._common import Findings, alpha_missing, magnitude_axis
-from loratool.st import TensorRef
+from loratool.io.tensors import TensorRef
 
 # suffix -> (algo it belongs to, role); None algo: shared by several algos
 _ROLES: tuple[tuple[str, LycoAlgo | None, str], ...] = (

@@ -38,7 +38,9 @@ from loratool.formats._common import (
 )
 from loratool.formats.registry import Capabilities, Format
 from loratool.formats.tensorfile import TensorFile
-from loratool.st import TensorRef, folder_file, write_text_output
+from loratool.io.paths import folder_file
+from loratool.io.tensors import TensorRef
+from loratool.io.writers import write_text_output
 
 WEIGHTS_NAME = "adapters.safetensors"
 NPZ_NAME = "adapters.npz"
@@ -202,7 +204,7 @@ def check_writable(adapter: Adapter) -> None:
 
 def write(adapter: Adapter, out_dir: Path, metadata: dict[str, str]) -> None:
     """Write `adapter` (uniform: see check_writable) as an MLX directory into the empty `out_dir`."""
-    from loratool.st import save_tensors
+    from loratool.io.writers import save_tensors
 
     check_writable(adapter)
     mods = list(adapter.modules.values())

@@ -31,8 +31,10 @@ from loratool.formats._common import (
 from loratool.formats.names import PEFT_PREFIX
 from loratool.formats.registry import Capabilities, Format
 from loratool.formats.tensorfile import TensorFile
+from loratool.io.paths import folder_file
+from loratool.io.tensors import TensorRef
+from loratool.io.writers import write_text_output
 from loratool.patterns import SafePattern, compile_pattern
-from loratool.st import TensorRef, folder_file, write_text_output
 
 PREFIX = PEFT_PREFIX
 CONFIG_NAME = "adapter_config.json"
@@ -652,7 +654,7 @@ def state_dict(adapter: Adapter, prefix: str = PREFIX) -> dict[str, Any]:
 
 def write(adapter: Adapter, out_dir: Path, metadata: dict[str, str]) -> None:
     """Write `adapter` as a PEFT directory into the (empty, temporary) directory `out_dir`."""
-    from loratool.st import save_tensors
+    from loratool.io.writers import save_tensors
 
     config, _ = build_config(adapter)
     save_tensors(out_dir / WEIGHTS_NAME, state_dict(adapter), {"format": "pt", **metadata})
@@ -669,7 +671,7 @@ def write_file(adapter: Adapter, out_file: Path, metadata: dict[str, str], prefi
     save_lora_adapter writes them, or 'base_model.model.'), its LoraConfig in the header metadata
     `lora_adapter_metadata` (where diffusers puts it and where read() finds it again)."""
     from loratool.formats._common import ADAPTER_METADATA_KEY
-    from loratool.st import save_tensors
+    from loratool.io.writers import save_tensors
 
     config, alphas = build_config(adapter)
     for m in adapter.modules.values():

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from loratool.st import TensorRef
+from loratool.io.tensors import TensorRef
 
 
 @dataclass

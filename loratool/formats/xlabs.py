@@ -29,7 +29,7 @@ from loratool.errors import FormatError
 from loratool.formats._common import Findings
 from loratool.formats.registry import Capabilities, Format
 from loratool.formats.tensorfile import TensorFile
-from loratool.st import TensorRef
+from loratool.io.tensors import TensorRef
 
 KEY = re.compile(r"^(?:diffusion_model\.)?(double|single)_blocks\.(\d+)\.processor\."
                  r"(qkv_lora1|qkv_lora2|proj_lora1|proj_lora2|qkv_lora|proj_lora)\.(down|up)\.weight$")

@@ -234,7 +234,7 @@ def _check_json(response: Any, request: Any) -> None:
 
 def _json_problem(doc: Any) -> str | None:
     """What is wrong in an API answer where huggingface_hub or loratool would act on it, or None."""
-    from loratool.st import unsafe_name
+    from loratool.io.paths import unsafe_name
 
     items = doc if isinstance(doc, list) else [doc]
     for item in items:

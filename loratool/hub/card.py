@@ -144,7 +144,8 @@ def model_card(described: Described, *, repo_id: str, files: list[tuple[str, Pat
 
 def _checkpoint_metadata(src: Path) -> dict[str, str]:
     """The loratool provenance of the first weights file that carries one (e.g. a merged model)."""
-    from loratool.st import leads_out, read_header
+    from loratool.io.header import read_header
+    from loratool.io.paths import leads_out
 
     for f in sorted(src.rglob("*.safetensors")) if src.is_dir() else [src]:
         if src.is_dir() and leads_out(f, src):

@@ -31,7 +31,7 @@ def describe_files(path: str | os.PathLike[str], note: str | None = None) -> Des
     from their caller."""
     p = Path(path)
     try:
-        from loratool.st import open_checkpoint
+        from loratool.io.checkpoint import open_checkpoint
 
         ckpt = open_checkpoint(p)
     except LoratoolError:

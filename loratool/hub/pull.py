@@ -127,7 +127,7 @@ def _check_in_cache(fetched: _Fetched, repo_id: str, cache: str | None, shown: s
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
 
-    from loratool.st import _inside
+    from loratool.io.paths import _inside
 
     storage = Path(cache or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
     snaps, blobs = os.path.realpath(storage / "snapshots"), os.path.realpath(storage / "blobs")
@@ -327,8 +327,9 @@ def pull(repo_id: str, revision: str | None = None, subfolder: str | None = None
 
 def _copy_out(fetched: _Fetched, out: Path, *, force: bool) -> Path:
     """Copy the fetched files (symlinks into the cache resolved, checked by _check_in_cache) to out,
-    atomically; a known token in a file is written as *** (st.copy_input_file)."""
-    from loratool.st import atomic_output, copy_input_file
+    atomically; a known token in a file is written as *** (io.copies.copy_input_file)."""
+    from loratool.io.copies import copy_input_file
+    from loratool.io.outputs import atomic_output
 
     src = fetched.path
     with atomic_output(out, force=force, directory=True, inputs=[src, fetched.snapshot], kind="download") as tmp:

@@ -56,10 +56,10 @@ class PushResult:
 def _upload_files(path: Path) -> list[tuple[str, Path]]:
     """(path in repo, local file) pairs; hidden files and folders (.cache, .git, ...) stay behind.
 
-    A file reached through a symbolic link that leads out of the folder is refused (st.copy_tree_files),
+    A file reached through a symbolic link that leads out of the folder is refused (io.copies.copy_tree_files),
     as are special files: an upload never reads what the folder only points at.
     """
-    from loratool.st import copy_tree_files
+    from loratool.io.copies import copy_tree_files
 
     if path.is_file():
         return [(path.name, path)]
@@ -73,7 +73,7 @@ _TEXT_MAX = 64 << 20
 def _refuse_token_in(files: list[tuple[str, Path]]) -> None:
     """Never publish the token: a text file or a safetensors header (metadata) holding a known
     token (errors.known_secrets) is refused, naming the file, before anything is sent."""
-    from loratool.st import open_input, read_header
+    from loratool.io.header import open_input, read_header
 
     if not known_secrets():
         return

@@ -139,7 +139,7 @@ def check_repo_file(name: str, where: str) -> str:
     Raises:
         HubError: absolute, `..`, backslash, NUL or empty names, naming the entry.
     """
-    from loratool.st import unsafe_name
+    from loratool.io.paths import unsafe_name
 
     problem = unsafe_name(name) if isinstance(name, str) else "is not a string"
     if problem:

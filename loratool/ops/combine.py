@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING, Any
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import IncompatibleError
+from loratool.io.tensors import TensorRef
 from loratool.ops import Progress, Row, output_size
 from loratool.ops.resize import target_dtype
-from loratool.st import TensorRef
 
 if TYPE_CHECKING:
     import torch

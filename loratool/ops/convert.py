@@ -30,9 +30,11 @@ from typing import Any
 
 from loratool.adapter import Adapter, LoraModule, LycoModule
 from loratool.errors import IncompatibleError
+from loratool.io.header import read_side_file
+from loratool.io.paths import folder_file
+from loratool.io.tensors import TensorRef
 from loratool.ops import Phase, Row, output_size
 from loratool.runtimes import RUNTIME_OF_FORMAT
-from loratool.st import TensorRef, folder_file, read_side_file
 
 SCHEMA = 1
 
@@ -110,8 +112,8 @@ def _match_base(adapter: Adapter, base: Path) -> tuple[dict[str, str], dict[str,
     Raises:
         IncompatibleError: unmatched, ambiguous or shape-mismatched modules (all listed).
     """
+    from loratool.io.checkpoint import open_checkpoint
     from loratool.keymap import match_modules
-    from loratool.st import open_checkpoint
 
     ckpt = open_checkpoint(base)
     match = match_modules(list(adapter.modules.values()), ckpt.tensors)
@@ -129,8 +131,8 @@ def _match_base(adapter: Adapter, base: Path) -> tuple[dict[str, str], dict[str,
 def _matches_base(adapter: Adapter, base: Path) -> bool:
     """Whether every module matches one weight of `base` by the key rules (headers only)."""
     from loratool.formats import format_names, get_format
+    from loratool.io.checkpoint import open_checkpoint
     from loratool.keymap import match_modules
-    from loratool.st import open_checkpoint
 
     if adapter.source_format in format_names() and get_format(adapter.source_format).layout_in is not None:
         return True  # names of the format's own (GGUF) map back through the base (layout_in), not a family table
@@ -389,8 +391,8 @@ def _lycoris_to_lora(
 
     shapes: dict[str, tuple[int, ...]] = {}
     if base is not None:
+        from loratool.io.checkpoint import open_checkpoint
         from loratool.keymap import match_modules
-        from loratool.st import open_checkpoint
 
         ckpt = open_checkpoint(base)
         match = match_modules(list(adapter.lycoris.values()), ckpt.tensors)

@@ -37,10 +37,14 @@ from typing import TYPE_CHECKING, Any
 
 from loratool.adapter import Adapter, Kind, LoraModule
 from loratool.errors import IncompatibleError
+from loratool.io.checkpoint import Checkpoint
+from loratool.io.copies import BackgroundSha256
+from loratool.io.header import TensorInfo, read_side_file
+from loratool.io.paths import folder_file
+from loratool.io.tensors import TensorRef
 from loratool.maths.svd import EXACT_MAX_DIM, truncated_svd
 from loratool.ops import Progress, Row, output_size
 from loratool.patterns import compile_pattern
-from loratool.st import BackgroundSha256, Checkpoint, TensorInfo, TensorRef, folder_file, read_side_file
 
 if TYPE_CHECKING:
     import torch
@@ -156,7 +160,7 @@ class _Pair:
 
 def _load(info: TensorInfo, src: Any) -> torch.Tensor:
     """One tensor as stored, or dequantized to float32 when its checkpoint stores it quantized."""
-    from loratool.st import load_tensor
+    from loratool.io.tensors import load_tensor
     from loratool.storage import dequantize
 
     if src is None or src[1].of(info.key) is None:
@@ -297,7 +301,7 @@ def extract(
     from loratool.device import resolve_device
     from loratool.formats import get_format
     from loratool.hub import resolve_path
-    from loratool.st import open_checkpoint
+    from loratool.io.checkpoint import open_checkpoint
 
     if rank is None and threshold is None:
         raise IncompatibleError("extract needs --rank K or --threshold T", hint="e.g. --rank 16, or --threshold 0.9")

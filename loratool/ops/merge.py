@@ -28,13 +28,15 @@ from typing import TYPE_CHECKING, Any
 
 from loratool.adapter import Adapter
 from loratool.errors import FormatError, IncompatibleError, LoratoolError
+from loratool.io.checkpoint import Checkpoint
+from loratool.io.copies import BackgroundSha256
+from loratool.io.header import TensorInfo
 from loratool.keymap import Contribution, MergePlan, plan_merge
 from loratool.maths.merge import Workspace, merged_tensor, realized_delta
 from loratool.maths.quant import nf4_roundtrip
 from loratool.ops import Phase
 from loratool.ops.merge_report import MergeReport, Progress, TensorStat
 from loratool.pipeline import Buffers, Cast, Compute, copy_other_files, gc_paused, stream_file
-from loratool.st import BackgroundSha256, Checkpoint, TensorInfo
 from loratool.storage import FP8_DTYPES, BaseStorage, dequantize, detect, quantize, requantize
 
 if TYPE_CHECKING:
@@ -126,7 +128,7 @@ class _Setup:
         return _out_dtype(info, self.dtype) != info.dtype
 
     def load(self, key: str) -> torch.Tensor:
-        from loratool.st import load_tensor
+        from loratool.io.tensors import load_tensor
 
         return load_tensor(self.ckpt.tensors[key])
 
@@ -413,7 +415,7 @@ def merge(
         IncompatibleError, FormatError, OutputExistsError, LoratoolError (disk full).
     """
     from loratool.hub import resolve_path
-    from loratool.st import open_checkpoint
+    from loratool.io.checkpoint import open_checkpoint
 
     weights = checked_options("merge", adapters, weights, dtype)
     if rounding not in ROUNDINGS:
@@ -464,7 +466,8 @@ def _merge(
     allow_variant: bool = False,
 ) -> MergeReport:
     from loratool.device import resolve_device
-    from loratool.st import atomic_output, read_header
+    from loratool.io.header import read_header
+    from loratool.io.outputs import atomic_output
 
     say("loading torch")
     device = resolve_device(device)

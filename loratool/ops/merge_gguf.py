@@ -28,7 +28,7 @@ GGUF_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 
 def is_gguf(path: Path) -> bool:
     from loratool.errors import LoratoolError
-    from loratool.st import open_input
+    from loratool.io.header import open_input
 
     try:
         with open_input(path) as f:  # a FIFO is refused, not waited on
@@ -106,8 +106,8 @@ def merge_into_gguf(
 
     from loratool.formats import gguf_layout, read, require_plain
     from loratool.formats.gguf_file import _gguf, gguf_reader
+    from loratool.io.outputs import atomic_output
     from loratool.maths.delta import delta as module_delta
-    from loratool.st import atomic_output
 
     gguf = _gguf()
     if dtype != "keep" and dtype not in GGUF_DTYPES:

@@ -15,9 +15,9 @@ from typing import Any
 
 from loratool.adapter import LoraModule, scale_for
 from loratool.errors import IncompatibleError
+from loratool.io.tensors import TensorRef
 from loratool.ops import Row, output_size
 from loratool.ops.resize import select
-from loratool.st import TensorRef
 
 SCHEMA = 1
 MODES = ("factor", "alpha", "normalize", "to_rslora", "from_rslora")

@@ -16,9 +16,9 @@ from typing import Any
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import IncompatibleError
+from loratool.io.tensors import TensorRef
 from loratool.ops import Progress, Row, output_size
 from loratool.patterns import SafePattern, compile_pattern
-from loratool.st import TensorRef
 
 SCHEMA = 1
 

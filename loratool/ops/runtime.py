@@ -20,8 +20,8 @@ from typing import Any
 from loratool.adapter import Adapter, LoraModule, scale_for
 from loratool.errors import IncompatibleError
 from loratool.formats import Findings
+from loratool.io.tensors import TensorRef
 from loratool.runtimes import NAMES, RUNTIMES, Refusal, Runtime
-from loratool.st import TensorRef
 
 
 def get_runtime(name: str) -> Runtime:
@@ -414,10 +414,11 @@ def dora_to_lora(adapter: Adapter, base: str | os.PathLike[str]) -> tuple[Adapte
     """
     import torch
 
+    from loratool.io.checkpoint import open_checkpoint
+    from loratool.io.tensors import load_tensor
     from loratool.keymap import match_modules
     from loratool.maths.bake import dora_as_lora
     from loratool.maths.delta import factors
-    from loratool.st import load_tensor, open_checkpoint
 
     dora = [m for m in adapter.modules.values() if m.magnitude is not None]
     if not dora:

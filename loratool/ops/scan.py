@@ -1,6 +1,6 @@
 """scan: an admission check for uploads, never executing anything it reads.
 
-Per file: its sha256; for safetensors the layout rules (st.read_header's checks, every problem
+Per file: its sha256; for safetensors the layout rules (io.header.read_header's checks, every problem
 listed) and the hashes hubs use for the tensor data (the bytes after the header):
 - `tensor_sha256`: sha256 of the data section, = kohya sd-scripts' `sshs_model_hash`
   (addnet_hash_safetensors) and Civitai's AutoV3 in full; `autov3` is its first 12 hex digits
@@ -139,7 +139,7 @@ def _finding(findings: list[dict[str, str]], severity: str, code: str, message: 
 
 
 def _scan_file(f: Path, findings: list[dict[str, str]]) -> FileScan:
-    from loratool.st import sha256_file
+    from loratool.io.copies import sha256_file
 
     fs = FileScan(str(f), f.stat().st_size, sha256_file(f), "other")
     with open(f, "rb") as fh:
@@ -156,7 +156,7 @@ def _scan_file(f: Path, findings: list[dict[str, str]]) -> FileScan:
 
 
 def _safetensors(f: Path, fs: FileScan, findings: list[dict[str, str]]) -> None:
-    from loratool.st import read_header
+    from loratool.io.header import read_header
 
     problems: list[str] = []
     try:

@@ -214,8 +214,8 @@ def _checkable(t: torch.Tensor) -> torch.Tensor:
 
 def _check_base(adapter: Adapter, base: Path, findings: Findings) -> tuple[dict[str, str], dict[str, Any]]:
     from loratool.formats import extra_base_key
+    from loratool.io.checkpoint import open_checkpoint
     from loratool.keymap import KeyIndex, match_to_base
-    from loratool.st import open_checkpoint
     from loratool.storage import detect
 
     ckpt = open_checkpoint(base)

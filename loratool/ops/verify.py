@@ -49,7 +49,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratool.errors import IncompatibleError
-from loratool.st import Checkpoint, TensorInfo
+from loratool.io.checkpoint import Checkpoint
+from loratool.io.header import TensorInfo
 
 if TYPE_CHECKING:
     import torch
@@ -372,7 +373,7 @@ def _norms_chunked(a: TensorInfo, b: TensorInfo) -> tuple[float, float]:
     """(||b − a||_F, ||a||_F) for two same-shaped tensors of any dtypes, a chunk of elements at a time."""
     import torch
 
-    from loratool.st import ITEMSIZE
+    from loratool.io.header import ITEMSIZE
 
     n = math.prod(a.shape)
     step = max(1, _CHUNK // 8)
@@ -434,12 +435,12 @@ class _Context:
     dequantizing: bool  # --dtype on a quantized base: MERGED holds plain floats, no scales
 
     def load_base(self, key: str) -> torch.Tensor:
-        from loratool.st import load_tensor
+        from loratool.io.tensors import load_tensor
 
         return load_tensor(self.base.tensors[key])
 
     def load_merged(self, key: str) -> torch.Tensor:
-        from loratool.st import load_tensor
+        from loratool.io.tensors import load_tensor
 
         return load_tensor(self.merged.tensors[key])
 
@@ -484,8 +485,8 @@ def verify(
             base or MERGED stored in a scheme loratool cannot dequantize.
     """
     from loratool.device import resolve_device
+    from loratool.io.checkpoint import open_checkpoint
     from loratool.ops.merge import checked_options, read_and_plan
-    from loratool.st import open_checkpoint
     from loratool.storage import detect
 
     weights = checked_options("verify", adapters, weights, dtype)
@@ -538,9 +539,9 @@ def verify(
 
 def _check_tensor(info: TensorInfo, ctx: _Context, name: str) -> TensorCheck | None:
     from loratool.adapter import LoraModule
+    from loratool.io.tensors import load_tensor
     from loratool.maths.merge import merged_tensor
     from loratool.ops.merge import OUT_DTYPES, _out_dtype
-    from loratool.st import load_tensor
 
     key, plan = info.key, ctx.plan
     found = ctx.merged.tensors.get(key)

@@ -295,7 +295,7 @@ def test_dora_axis_from_the_stored_shape(tmp_path: Path) -> None:
 def test_unreadable_input_is_not_an_error_while_writing(tmp_path: Path, make_adapter, monkeypatch) -> None:
     import errno
 
-    import loratool.st as st
+    from loratool.io import tensors
 
     src = make_adapter(fmt="kohya")
     real_open = open
@@ -305,7 +305,7 @@ def test_unreadable_input_is_not_an_error_while_writing(tmp_path: Path, make_ada
             raise OSError(errno.EIO, "Input/output error", str(path))
         return real_open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(st, "open", failing_open, raising=False)
+    monkeypatch.setattr(tensors, "open", failing_open, raising=False)
     with pytest.raises(Exception) as info:
         resize(src, tmp_path / "out.safetensors", rank=2)
     msg = str(info.value)

@@ -192,7 +192,7 @@ def test_two_adapters_weighted_sum_and_sharded_layout(tmp_path):
     src_index = json.loads((FIXTURES / "base_llama" / "model.safetensors.index.json").read_text())
     out_index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert out_index["weight_map"] == src_index["weight_map"]
-    from loratool.st import read_header
+    from loratool.io.header import read_header
 
     for shard in sorted(set(src_index["weight_map"].values())):
         src_h = read_header(FIXTURES / "base_llama" / shard)
@@ -236,16 +236,16 @@ def test_two_adapters_weighted_sum_and_sharded_layout(tmp_path):
 
 
 def test_direct_io_merge_writes_the_buffered_bytes(tmp_path, monkeypatch):
-    """Large outputs are written with O_DIRECT (st.DIRECT_MIN_BYTES); forced on for these small
+    """Large outputs are written with O_DIRECT (writers.DIRECT_MIN_BYTES); forced on for these small
     files, with 8 KiB staging chunks, every output file equals the buffered merge's byte for byte."""
-    from loratool import st
+    from loratool.io import writers
 
     args = (FIXTURES / "base_llama", [FIXTURES / "peft_llama", FIXTURES / "peft_llama"])
     (tmp_path / "buffered").mkdir()
     (tmp_path / "direct").mkdir()
     merge(*args, tmp_path / "buffered" / "out", weights=[0.7, 0.3])
-    monkeypatch.setattr(st, "DIRECT_MIN_BYTES", 0)
-    monkeypatch.setattr(st, "_STAGE_BYTES", 8192)
+    monkeypatch.setattr(writers, "DIRECT_MIN_BYTES", 0)
+    monkeypatch.setattr(writers, "_STAGE_BYTES", 8192)
     merge(*args, tmp_path / "direct" / "out", weights=[0.7, 0.3])
     a, b = tmp_path / "buffered" / "out", tmp_path / "direct" / "out"
     names = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
@@ -402,10 +402,10 @@ def test_existing_output_refused_and_inputs_untouched(tmp_path, capsys):
 
 
 def test_disk_full_leaves_nothing(tmp_path, monkeypatch, capsys):
-    from loratool import st
+    from loratool.io.writers import StreamingWriter
 
     calls = {"n": 0}
-    real = st.StreamingWriter.copy_range
+    real = StreamingWriter.copy_range
 
     def failing(self, key, *args):
         calls["n"] += 1
@@ -413,7 +413,7 @@ def test_disk_full_leaves_nothing(tmp_path, monkeypatch, capsys):
             raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
         return real(self, key, *args)
 
-    monkeypatch.setattr(st.StreamingWriter, "copy_range", failing)
+    monkeypatch.setattr(StreamingWriter, "copy_range", failing)
     code, _, err = run_cli(["merge", FIXTURES / "base_llama", FIXTURES / "peft_llama", "-o", tmp_path / "o"])
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("Error:")]
@@ -449,7 +449,7 @@ def test_file_size_limit_is_a_clean_error(tmp_path):
 
 def _big_base(tmp: Path) -> tuple[Path, Path]:
     """A ~240 MB fp32 base of 60 tensors and a matching kohya adapter, so a merge takes a while."""
-    from loratool.st import StreamingWriter
+    from loratool.io.writers import StreamingWriter
 
     base = tmp / "big.safetensors"
     n, dim = 60, 1000
@@ -529,7 +529,7 @@ def test_peak_memory_is_bounded_by_one_tensor(tmp_path):
     )
     base_mb = int(baseline.stdout.split()[-1]) / 1024
     assert peak_mb - base_mb < 120, f"merge peak {peak_mb:.0f} MB vs {base_mb:.0f} MB after imports (model 240 MB)"
-    from loratool.st import read_header
+    from loratool.io.header import read_header
 
     assert [i.shape for i in read_header(tmp_path / "o.safetensors").tensors.values()] == [
         i.shape for i in read_header(base).tensors.values()
@@ -557,7 +557,7 @@ def test_bad_weights_are_refused_before_any_work(tmp_path, capsys, weights):
 
 
 def test_background_sha256_follows_the_caller_and_stops(tmp_path):
-    from loratool.st import BackgroundSha256
+    from loratool.io.copies import BackgroundSha256
 
     rng = np.random.default_rng(0)
     paths = []

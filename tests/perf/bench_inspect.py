@@ -2,7 +2,7 @@
 
 Input: a synthetic PEFT adapter with Llama-2-7B dimensions (hidden 4096, intermediate 11008; q,k,v,o,
 gate,up,down at rank 128, fp16), as many layers as make up --size-gb (1 GB: 51 layers, 357 modules).
-It is written with loratool.st.StreamingWriter one tensor at a time, so building it needs memory
+It is written with loratool.io.writers.StreamingWriter one tensor at a time, so building it needs memory
 for one tensor only.
 
 Measured: the whole process (`python -m loratool inspect DIR --json`: interpreter start, imports,
@@ -45,7 +45,7 @@ def build(root: Path, fmt: str, size_gb: float, rank: int) -> tuple[Path, int, i
     """Write the adapter; returns (path to inspect, number of modules, bytes of tensor data)."""
     import torch
 
-    from loratool.st import StreamingWriter
+    from loratool.io.writers import StreamingWriter
 
     layers = max(1, math.ceil(size_gb * 1e9 / layer_bytes(rank)))
     entries: list[tuple[str, str, tuple[int, ...]]] = []

@@ -68,7 +68,7 @@ def compare(a: Path, b: Path) -> int:
     import torch
     from safetensors import safe_open
 
-    from loratool.st import open_checkpoint
+    from loratool.io.checkpoint import open_checkpoint
 
     ca, cb = open_checkpoint(a), open_checkpoint(b)
     differing = 0

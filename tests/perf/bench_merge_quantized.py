@@ -154,7 +154,7 @@ def main() -> None:
             extra = (f" | {doc['merged_tensors']} merged, min retained {doc['min_retained']:.3f}, "
                      f"max rel. error {doc['max_rel_error']:.3g}, output {doc['size'] / 1e9:.2f} GB")
         print(f"  {name}: {wall:.1f} s, peak RSS {peak:.0f} MB{extra}", flush=True)
-    from loratool.st import open_checkpoint
+    from loratool.io.checkpoint import open_checkpoint
 
     a, b = open_checkpoint(base), open_checkpoint(work / "fp8")
     layout = [[(k, i.shape, i.dtype) for k, i in c.tensors.items()] for c in (a, b)]

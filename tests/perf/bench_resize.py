@@ -43,7 +43,7 @@ def shapes() -> dict[str, tuple[int, int]]:
 
 
 def make_adapter(path: Path, layers: int, rank: int = 64) -> None:
-    from loratool.st import StreamingWriter
+    from loratool.io.writers import StreamingWriter
 
     path.mkdir()
     gen = torch.Generator().manual_seed(0)

@@ -152,7 +152,7 @@ def differing_tensors(a: Path, b: Path) -> tuple[int, int]:
     import torch
     from safetensors import safe_open
 
-    from loratool.st import open_checkpoint
+    from loratool.io.checkpoint import open_checkpoint
 
     ca, cb = open_checkpoint(a), open_checkpoint(b)
     differ = compared = 0
