@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from clirun import run_cli
+from gguf_tools import HEADS, HIDDEN, KV_HEADS, LAYERS, write_llama_gguf
 from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file
 
@@ -26,7 +27,6 @@ from loratool.ops.convert import convert  # noqa: E402
 
 PREFIX = "base_model.model."
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
-HEADS, KV_HEADS, HIDDEN, LAYERS = 4, 2, 32, 2
 MODULES = {
     "model.layers.0.self_attn.q_proj": (32, 32),
     "model.layers.0.self_attn.k_proj": (16, 32),
@@ -169,40 +169,6 @@ def test_validate_for_llama_cpp_predicts_the_converter_scales(patterned):
         if not np.allclose(served, delta, rtol=1e-6):
             wrong.add(name)
     assert mis == wrong and wrong
-
-
-# ---------------------------------------------------------------------------------------------
-# a tiny GGUF llama base, written with the gguf package
-
-
-def write_llama_gguf(path: Path, *, tied: bool = False, qtype=None, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_block_count(LAYERS)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(64)
-    w.add_context_length(64)
-    shapes = {"token_embd.weight": (128, HIDDEN), "output_norm.weight": (HIDDEN,)}
-    if not tied:
-        shapes["output.weight"] = (128, HIDDEN)
-    for i in range(LAYERS):
-        shapes.update({f"blk.{i}.attn_q.weight": (32, 32), f"blk.{i}.attn_k.weight": (16, 32),
-                       f"blk.{i}.attn_v.weight": (16, 32), f"blk.{i}.attn_output.weight": (32, 32),
-                       f"blk.{i}.ffn_down.weight": (32, 64), f"blk.{i}.ffn_up.weight": (64, 32),
-                       f"blk.{i}.ffn_gate.weight": (64, 32), f"blk.{i}.attn_norm.weight": (HIDDEN,)})
-    for name, shape in shapes.items():
-        data = rng.standard_normal(shape).astype(np.float32)
-        if qtype is not None and len(shape) == 2:
-            w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-        else:
-            w.add_tensor(name, data if len(shape) == 2 else np.ones(shape, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 # ---------------------------------------------------------------------------------------------
