@@ -178,25 +178,15 @@ def _check_values(adapter: Adapter, findings: Findings, progress: Progress | Non
         for role, ref in (("down", m.down), ("up", m.up), ("magnitude", m.magnitude), ("bias", m.bias)):
             if ref is None:
                 continue
-            t = _checkable(ref.load())
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                nan = int(torch.isnan(t).sum())
-                inf = int(torch.isinf(t).sum())
-                findings.error("non-finite", m.name,
-                               f"{ref.source}: {role} of module '{m.name}' has {nan} NaN and {inf} Inf values")
-            elif role == "up" and not bool(t.any()):
+            t = _finite_or_finding(ref, m.name, role, findings)
+            if t is not None and role == "up" and not bool(t.any()):
                 findings.warning("zero-up", m.name,
                                  f"{ref.source}: up of module '{m.name}' is all zeros; the delta is zero")
         if progress:
             progress(i + 1, len(mods))
     for lm in adapter.lycoris.values():
         for role, ref in lm.refs():
-            t = _checkable(ref.load())
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                nan = int(torch.isnan(t).sum())
-                inf = int(torch.isinf(t).sum())
-                findings.error("non-finite", lm.name,
-                               f"{ref.source}: {role} of module '{lm.name}' has {nan} NaN and {inf} Inf values")
+            _finite_or_finding(ref, lm.name, role, findings)
     for key, ref in adapter.extras.items():
         try:
             t = _checkable(ref.load())
@@ -205,6 +195,19 @@ def _check_values(adapter: Adapter, findings: Findings, progress: Progress | Non
             continue
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             findings.error("non-finite", key, f"{ref.source}: extra tensor '{key}' has NaN or Inf values")
+
+
+def _finite_or_finding(ref: Any, name: str, role: str, findings: Findings) -> torch.Tensor | None:
+    """The tensor behind ref, or None after a non-finite finding naming its NaN and Inf counts."""
+    import torch
+
+    t = _checkable(ref.load())
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        findings.error("non-finite", name,
+                       f"{ref.source}: {role} of module '{name}' has {nan} NaN and {inf} Inf values")
+        return None
+    return t
 
 
 def _checkable(t: torch.Tensor) -> torch.Tensor:
