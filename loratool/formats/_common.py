@@ -426,6 +426,11 @@ def build_module(
         code = "rank-mismatch" if shape_problem.startswith("rank differs") else "bad-shape"
         findings.error(code, shown, f"{where}: module '{shown}': {shape_problem}")
         return None
+    if raw.bias is not None and tuple(raw.bias.shape) != (up.shape[0],):  # one bias value per output row
+        findings.error("bias-shape-mismatch", shown,
+                       f"{raw.bias.source}: bias of module '{shown}' has shape {tuple(raw.bias.shape)}, but up has "
+                       f"{up.shape[0]} rows (one bias value per output row)")
+        return None
     rank = down.shape[0]
     source: AlphaSource = alpha_source
     if alpha is None:

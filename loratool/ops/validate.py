@@ -101,7 +101,6 @@ def validate_adapter(
     _check_unsupported(adapter, findings)
     _check_variants(adapter, findings)
     _check_dtypes(adapter, findings)
-    _check_bias_lengths(adapter, findings)
     from loratool.maths.guards import single_threaded
 
     with single_threaded():  # many small tensors (see single_threaded)
@@ -154,20 +153,6 @@ def _check_dtypes(adapter: Adapter, findings: Findings) -> None:
     if len(dtypes) > 1:
         shown = ", ".join(f"{d} ({n})" for d, n in dtypes.most_common())
         findings.warning("mixed-dtypes", None, f"{adapter.path}: factor tensors mix dtypes: {shown}")
-
-
-def _check_bias_lengths(adapter: Adapter, findings: Findings) -> None:
-    """A LoRA bias (PEFT's lora_B.bias) adds one value per output row: its length is up's rows (so,
-    with --base, the base weight's out features too: up's rows not matching those is a
-    base-shape-mismatch of the module)."""
-    for m in adapter.modules.values():
-        if m.bias is None:
-            continue
-        rows = m.up.shape[0] if m.up.shape else None
-        if len(m.bias.shape) != 1 or m.bias.shape[0] != rows:
-            findings.error("bias-shape-mismatch", m.name,
-                           f"{m.bias.source}: bias of module '{m.name}' has shape {tuple(m.bias.shape)}, but up has "
-                           f"{rows} rows (one bias value per output row)")
 
 
 def _check_values(adapter: Adapter, findings: Findings, progress: Progress | None) -> None:
