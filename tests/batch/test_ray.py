@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,7 +44,9 @@ def _ours(tag: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def head():
-    ray_bin = shutil.which("ray")
+    # the `ray` script pip installed beside this interpreter (a pyenv shim for it may not exist yet)
+    beside = Path(sys.executable).with_name("ray")
+    ray_bin = str(beside) if beside.is_file() else shutil.which("ray")
     if ray_bin is None:
         pytest.skip("the `ray` command is not on PATH")
     temp = tempfile.mkdtemp(prefix="lt-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
