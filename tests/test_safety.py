@@ -14,23 +14,22 @@ The interrupt and concurrency tests live in tests/test_safety_signals.py (they n
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
 import os
 import re
-import signal
 import stat
 import struct
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from clirun import bounded
 from factories import build_adapter, build_base
 from safetensors.torch import save_file
 
@@ -97,25 +96,6 @@ CASES: dict[str, Callable[[Path], Case]] = {}
 case = registry(CASES)
 
 BOUND = 120  # seconds one case may take (a hang fails the case instead of the whole run)
-
-
-class CaseTimeout(BaseException):
-    """Raised in the main thread when a case runs past its bound (loratool catches no BaseException)."""
-
-
-@contextlib.contextmanager
-def bounded(seconds: float) -> Iterator[None]:
-    """Fail with CaseTimeout once `seconds` of wall-clock time have passed (SIGALRM, main thread)."""
-    def fire(signum: int, frame: object) -> None:
-        raise CaseTimeout(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ folders, outputs have the shape asked for, and signals at start-up and shutdown 
 (issue 22 items 1, 2, 3, 11, 12).
 
 Every case builds its world under tmp_path, snapshots it (sha256 of every file, link targets, special
-files: test_safety.snapshot), runs one command within a wall-clock bound (test_safety.bounded, or a
+files: test_safety.snapshot), runs one command within a wall-clock bound (clirun.bounded, or a
 subprocess timeout) and checks that nothing outside -o changed (for a refusal: nothing at all).
 """
 
@@ -19,13 +19,13 @@ from pathlib import Path
 import click
 import pytest
 import torch
+from clirun import bounded
 from factories import build_adapter, build_base
 from test_safety import (
     BOUND,
     MODULES,
     SHAPES,
     Case,
-    bounded,
     check_case,
     error_lines,
     peft,

@@ -3,15 +3,13 @@ before there is anything to count, on a terminal only, never with --quiet or --j
 
 from __future__ import annotations
 
-import os
-import pty
 import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
+from ptyrun import on_a_terminal
 
 from loratool.ops.convert import convert
 from loratool.ops.merge import merge
@@ -37,29 +35,10 @@ def test_convert_reports_its_phases_in_order(tmp_path):
 
 
 def _stderr_on_a_terminal(args: list[str], cwd: Path) -> tuple[int, str]:
-    master, slave = pty.openpty()
-    chunks: list[bytes] = []
-
-    def read() -> None:
-        while True:
-            try:
-                data = os.read(master, 65536)
-            except OSError:
-                return
-            if not data:
-                return
-            chunks.append(data)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        r = subprocess.run([sys.executable, "-m", "loratool", *args], stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL, stderr=slave, cwd=cwd, timeout=300)
-    finally:
-        os.close(slave)
-        reader.join(timeout=10)
-        os.close(master)
-    return r.returncode, ANSI.sub("", b"".join(chunks).decode("utf-8", "replace"))
+    r, shown = on_a_terminal(lambda tty: subprocess.run([sys.executable, "-m", "loratool", *args],
+                                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                                        stderr=tty, cwd=cwd, timeout=300))
+    return r.returncode, ANSI.sub("", shown.decode("utf-8", "replace"))
 
 
 @pytest.mark.parametrize(("command", "word"), [

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import re
-import struct
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 from clirun import run_cli
+from ptyrun import on_a_terminal
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -111,9 +109,7 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[tuple[str, lis
 def _run(commands: list[tuple[str, list[str]]], out: Path, *, columns: int, mode: str) -> str:
     """stdout of the driver: `pty` (stdout a terminal `columns` wide, no COLUMNS), `pipe` (COLUMNS
     set), `stderr-pty` (stdout a pipe, stderr the terminal, no COLUMNS)."""
-    import fcntl
     import shutil
-    import termios
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
@@ -125,37 +121,17 @@ def _run(commands: list[tuple[str, list[str]]], out: Path, *, columns: int, mode
         r = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         return r.stdout
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
-    chunks: list[bytes] = []
 
-    def read() -> None:
-        while True:
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # EIO: every holder of the terminal closed it
-                return
-            if not data:
-                return
-            chunks.append(data)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
+    def run(tty: int) -> subprocess.CompletedProcess[str]:
         if mode == "pty":
-            p = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE,
-                               text=True, timeout=300)
-            stdout = None
-        else:
-            p = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave,
-                               text=True, timeout=300)
-            stdout = p.stdout
-    finally:
-        os.close(slave)
-        reader.join(timeout=10)
-        os.close(master)
-    assert p.returncode == 0, (p.stderr, b"".join(chunks)[-2000:])
-    text = stdout if stdout is not None else b"".join(chunks).decode("utf-8", "replace")
+            return subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=tty, stderr=subprocess.PIPE,
+                                  text=True, timeout=300)
+        return subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=tty,
+                              text=True, timeout=300)
+
+    p, shown = on_a_terminal(run, columns=columns)
+    assert p.returncode == 0, (p.stderr, shown[-2000:])
+    text = p.stdout if mode != "pty" else shown.decode("utf-8", "replace")
     return ANSI.sub("", text).replace("\r\n", "\n").replace("\r", "")
 
 
