@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -466,38 +467,58 @@ def _big_base(tmp: Path) -> tuple[Path, Path]:
     return base, tmp / "lora.safetensors"
 
 
+def _stop_mid_write(proc: subprocess.Popen, tmp_dir: Path, out: Path) -> bool:
+    """SIGSTOP `proc` while its temporary output is being written; False if it finished first.
+
+    Polling the temporary file's size and then signalling is a race on a fast machine (the whole
+    240 MB can be written between two polls), so the process is frozen first and only then is it
+    checked that the temporary file is still there and the output not yet renamed into place.
+    """
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        for p in tmp_dir.iterdir():
+            if p.name.startswith(f".{out.name}.tmp-"):
+                try:
+                    size = p.stat().st_size
+                except FileNotFoundError:  # renamed into place between listing and stat
+                    continue
+                if size > 1_000_000:
+                    os.kill(proc.pid, signal.SIGSTOP)
+                    return p.exists() and not out.exists()
+        time.sleep(0.002)
+    return False
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_killed_merge_leaves_no_output(tmp_path, sig):
     base, lora = _big_base(tmp_path)
     before = tree_hash(base) | tree_hash(lora)
     out = tmp_path / "out.safetensors"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "loratool", "merge", str(base), str(lora), "-o", str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 60
-    # wait until the temporary output is being written, then interrupt mid-way
-    while time.time() < deadline:
-        tmps = [p for p in tmp_path.iterdir() if p.name.startswith(".out.safetensors.tmp-")]
-        if tmps and tmps[0].stat().st_size > 30_000_000:
+    for _attempt in range(5):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "loratool", "merge", str(base), str(lora), "-o", str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        if _stop_mid_write(proc, tmp_path, out):
             break
-        time.sleep(0.01)
-    else:
         proc.kill()
-        pytest.fail("merge never started writing")
+        proc.communicate(timeout=60)
+        out.unlink(missing_ok=True)
+    else:
+        pytest.fail("merge was never caught while writing its temporary output")
+    # the process is frozen mid-write: the signal is delivered once it runs again
     proc.send_signal(sig)
+    os.kill(proc.pid, signal.SIGCONT)
     _stdout, stderr = proc.communicate(timeout=60)
     assert not out.exists()
     assert tree_hash(base) | tree_hash(lora) == before
     if sig == signal.SIGINT:
-        assert proc.returncode == 130
+        assert proc.returncode == 130, stderr
         assert "Traceback" not in stderr
-        assert [p.name for p in tmp_path.iterdir()] == [base.name, lora.name] or sorted(
-            p.name for p in tmp_path.iterdir()
-        ) == sorted([base.name, lora.name])
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([base.name, lora.name])
     else:
         assert proc.returncode == -signal.SIGKILL
 
