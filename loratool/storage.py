@@ -14,8 +14,13 @@ recognised from its dtype, its sibling tensors and config.json's `quantization_c
                 `.nested_absmax`, `.nested_quant_map`, an offset), and `.quant_state.bitsandbytes__nf4`
                 (JSON: blocksize, shape, dtype, ...): W = quant_map[code] · absmax[block]
     bnb_int8    LLM.int8: `<m>.weight` int8 and `<m>.SCB` (row absmax): W = q · SCB / 127
+    ct_int      compressed-tensors pack-quantized integers (config.json quant_method "compressed-tensors",
+                format "pack-quantized"): `<m>.weight_packed` int32 (dense packing, maths.quant.pack_int32),
+                `<m>.weight_scale` and, asymmetric, `<m>.weight_zero_point` per group, channel or tensor,
+                `<m>.weight_shape`: W = (q − zp) · scale. The weight's key is `<m>.weight_packed`; a merge
+                plans against `<m>.weight` (BaseStorage.aliases). GPTQ act-order (`weight_g_idx`) is refused.
 
-Everything else that is recognisably quantized (GPTQ, AWQ, HQQ, EXL2, nvfp4, mxfp4, compressed-tensors,
+Everything else that is recognisably quantized (GPTQ, AWQ, HQQ, EXL2, nvfp4, mxfp4, other compressed-tensors,
 fp8 with a `weight_scale`, ...) is "known but unsupported": merge refuses it up front, never passing
 the delta through wrong. Dequantization is exact (float32); quantize() writes the same scheme back,
 block sizes kept, scales recomputed from the data where the scheme computes them (block fp8 tiles,
@@ -44,7 +49,7 @@ if TYPE_CHECKING:
 
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
-SUPPORTED = ("fp8", "fp8_scaled", "fp8_block", "bnb_nf4", "bnb_fp4", "bnb_int8")
+SUPPORTED = ("fp8", "fp8_scaled", "fp8_block", "bnb_nf4", "bnb_fp4", "bnb_int8", "ct_int")
 
 # the suffix of a packed weight tensor -> its scheme (all refused)
 _UNSUPPORTED_WEIGHTS = {
@@ -79,7 +84,8 @@ class Storage:
     def changing(self) -> list[str]:
         """The sibling keys whose values a requantization recomputes (written with the weight)."""
         roles = {"fp8_block": ("scale_inv",), "bnb_nf4": ("absmax", "nested_absmax"),
-                 "bnb_fp4": ("absmax", "nested_absmax"), "bnb_int8": ("scb",)}.get(self.scheme, ())
+                 "bnb_fp4": ("absmax", "nested_absmax"), "bnb_int8": ("scb",),
+                 "ct_int": ("scale", "zero_point")}.get(self.scheme, ())
         return [self.siblings[r] for r in roles if r in self.siblings]
 
     @property
@@ -95,6 +101,10 @@ class Storage:
             return f"{self.scheme} blocksize {self.block[0]}{nested}"
         if self.scheme in ("fp8", "fp8_scaled"):
             return f"{self.scheme} {self.dtype}"
+        if self.scheme == "ct_int":
+            p = self.params
+            group = f" group {p['group_size']}" if p["strategy"] == "group" else f" per {p['strategy']}"
+            return f"compressed-tensors int{p['bits']}{group}{'' if p['symmetric'] else ' asymmetric'}"
         return self.scheme
 
 
@@ -107,6 +117,7 @@ class BaseStorage:
     markers: list[str] = field(default_factory=list)  # tensors that only flag a scheme (scaled_fp8)
     quant_method: str | None = None  # config.json quantization_config.quant_method
     config: dict[str, Any] | None = None
+    aliases: dict[str, str] = field(default_factory=dict)  # the weight key a merge plans against -> stored key
 
     @property
     def unsupported(self) -> list[Storage]:
@@ -128,8 +139,19 @@ class BaseStorage:
             if k in self.siblings or k in self.markers:
                 continue
             s = self.tensors.get(k)
-            out[k] = dataclasses.replace(info, shape=s.shape) if s is not None and s.shape else info
+            info = dataclasses.replace(info, shape=s.shape) if s is not None and s.shape else info
+            logical = self.logical_key(k)
+            if logical != k and s is not None:  # ct_int: `<m>.weight`, floating point as its scale is
+                info = dataclasses.replace(info, key=logical, dtype=self.tensors_dtype(s))
+            out[logical] = info
         return out
+
+    def logical_key(self, key: str) -> str:
+        """The key a merge plans against for a stored key (`<m>.weight` for `<m>.weight_packed`)."""
+        return next((k for k, v in self.aliases.items() if v == key), key) if self.aliases else key
+
+    def tensors_dtype(self, s: Storage) -> str:
+        return str(s.params.get("scale_dtype", "float32"))
 
     def summary(self) -> dict[str, Any]:
         counts = Counter(s.describe() for s in self.tensors.values())
@@ -233,6 +255,11 @@ def detect(ckpt: Checkpoint, *, read_small: bool = True) -> BaseStorage:
         if key in base.tensors:
             continue
         stem = key[: -len(".weight")] if key.endswith(".weight") else None
+        if key.endswith(".weight_packed") and method == "compressed-tensors":
+            add(_compressed_int(key, tensors, qcfg or {}, read_small=read_small))
+            if base.tensors[key].supported:
+                base.aliases[key[: -len("_packed")]] = key
+            continue
         if stem is None:
             packed = next((v for k, v in _UNSUPPORTED_WEIGHTS.items() if key.endswith(k)), None)
             if packed is None and key.endswith("_blocks") and key[: -len("_blocks")] + "_scales" in tensors:
@@ -296,6 +323,76 @@ def _block_fp8(key: str, info: TensorInfo, scale: TensorInfo, qcfg: dict[str, An
     return Storage(key, "fp8_block", info.dtype, info.shape, sib, (block[0], block[1]), {"pow2": pow2})
 
 
+def _ct_weights_args(qcfg: dict[str, Any], module: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(the `weights` quantization args, the format) of the config group whose targets take `module`:
+    a "re:" target matched against the module name first, else a class name (any Linear)."""
+    from loratool.patterns import PatternError, compile_pattern
+
+    groups = qcfg.get("config_groups")
+    if not isinstance(groups, dict):
+        return None, None
+    by_class = None
+    for group in groups.values():
+        if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
+            continue
+        fmt = group.get("format") or qcfg.get("format")
+        for target in group.get("targets") or []:
+            if isinstance(target, str) and target.startswith("re:"):
+                try:
+                    if compile_pattern(target[3:]).match(module):
+                        return group["weights"], fmt
+                except PatternError:
+                    continue
+            elif by_class is None:
+                by_class = (group["weights"], fmt)
+    return by_class if by_class is not None else (None, None)
+
+
+def _compressed_int(key: str, tensors: dict[str, TensorInfo], qcfg: dict[str, Any], *, read_small: bool
+                    ) -> Storage:
+    """A compressed-tensors `<m>.weight_packed`: supported when its config group is integer weights in
+    format pack-quantized, by group, channel or tensor, with scales from the data (no act-order)."""
+    stem = key[: -len(".weight_packed")]
+    info = tensors[key]
+    sib = {role: f"{stem}.weight_{role}" for role in ("scale", "shape", "zero_point", "g_idx")
+           if f"{stem}.weight_{role}" in tensors}
+    args, fmt = _ct_weights_args(qcfg, stem)
+
+    def refused(why: str) -> Storage:
+        return Storage(key, f"compressed-tensors {why}", info.dtype, info.shape, sib, supported=False)
+
+    if args is None:
+        return refused("(no config group in config.json's quantization_config takes this weight)")
+    bits, strategy = args.get("num_bits"), args.get("strategy")
+    if "g_idx" in sib or args.get("actorder"):
+        return refused("GPTQ act-order (weight_g_idx: calibrated group order)")
+    if fmt != "pack-quantized" or args.get("type", "int") != "int" or not isinstance(bits, int) or not (
+            1 <= bits <= 8) or strategy not in ("group", "channel", "tensor"):
+        return refused(f"{fmt} {args.get('type')}{bits} {strategy}")
+    if "scale" not in sib or "shape" not in sib or info.dtype != "int32" or len(info.shape) != 2 or (
+            not args.get("symmetric", True) and "zero_point" not in sib):
+        return refused("(weight_packed without its weight_scale / weight_shape / weight_zero_point)")
+    scale = tensors[sib["scale"]]
+    rows = info.shape[0]
+    cols = info.shape[1] * 32 // bits
+    if read_small:
+        from loratool.io.tensors import load_tensor
+
+        shape = tuple(int(d) for d in load_tensor(tensors[sib["shape"]]).reshape(-1).tolist())
+        if len(shape) != 2 or shape[0] != rows or -(-shape[1] * bits // 32) != info.shape[1]:
+            return refused(f"(weight_shape {shape} does not fit weight_packed {info.shape})")
+        cols = shape[1]
+    group = int(args.get("group_size") or 0)
+    groups = {"group": -(-cols // group) if group > 0 else 0, "channel": 1, "tensor": 1}[strategy]
+    want = (1,) if strategy == "tensor" else (rows, groups)
+    if groups == 0 or (strategy == "group" and cols % group) or math.prod(scale.shape) != math.prod(want) or (
+            scale.dtype not in FLOAT_DTYPES):
+        return refused(f"(weight_scale {scale.dtype} {scale.shape} for {strategy} {group or ''} of {(rows, cols)})")
+    params = {"bits": bits, "symmetric": bool(args.get("symmetric", True)), "strategy": strategy,
+              "group_size": group, "groups": groups, "scale_dtype": scale.dtype}
+    return Storage(key, "ct_int", info.dtype, (rows, cols), {k: v for k, v in sib.items()}, (), params)
+
+
 # ---------------------------------------------------------------------------------------------
 # dequantize / quantize one weight (with its siblings)
 
@@ -327,7 +424,24 @@ def dequantize(s: Storage, stored: torch.Tensor, load: Load) -> torch.Tensor:
         return codebook_dequantize(codes, absmax, load(s.siblings["quant_map"]), s.block[0], n).reshape(s.shape)
     if s.scheme == "bnb_int8":
         return int8_row_dequantize(stored, load(s.siblings["scb"]))
+    if s.scheme == "ct_int":
+        from loratool.maths.quant import int_dequantize, unpack_int32
+
+        q = unpack_int32(stored, s.params["bits"], s.shape[1])
+        return int_dequantize(q, load(s.siblings["scale"]), _ct_zero(s, load))
     raise IncompatibleError(f"'{s.key}': {s.scheme} cannot be dequantized")
+
+
+def _ct_zero(s: Storage, load: Load) -> torch.Tensor | None:
+    """A compressed-tensors zero point as values (rows, groups) or one; packed along rows unless per tensor."""
+    from loratool.maths.quant import unpack_int32
+
+    if s.params["symmetric"]:
+        return None
+    zero = load(s.siblings["zero_point"])
+    if s.params["strategy"] == "tensor":
+        return zero
+    return unpack_int32(zero.T, s.params["bits"], s.shape[0]).T
 
 
 def _bnb_absmax(s: Storage, load: Load) -> torch.Tensor:
@@ -386,7 +500,24 @@ def quantize(s: Storage, w: torch.Tensor, load: Load, *, generator: torch.Genera
         q, scb = int8_row_quantize(w)
         old = load(s.siblings["scb"])
         return {s.key: q, s.siblings["scb"]: scb.reshape(old.shape).to(old.dtype)}
+    if s.scheme == "ct_int":
+        return _ct_quantize(s, w, load)
     raise IncompatibleError(f"'{s.key}': {s.scheme} cannot be quantized")
+
+
+def _ct_quantize(s: Storage, w: torch.Tensor, load: Load) -> dict[str, torch.Tensor]:
+    from loratool.maths.quant import int_quantize, pack_int32
+
+    p = s.params
+    old_scale = load(s.siblings["scale"])
+    q, scale, zero = int_quantize(w.reshape(s.shape), p["bits"], p["groups"], old_scale.dtype,
+                                  symmetric=p["symmetric"], per_tensor=p["strategy"] == "tensor")
+    out = {s.key: pack_int32(q, p["bits"]), s.siblings["scale"]: scale.reshape(old_scale.shape)}
+    if zero is not None:
+        old_zero = load(s.siblings["zero_point"])
+        packed = zero if p["strategy"] == "tensor" else pack_int32(zero.T.contiguous(), p["bits"]).T
+        out[s.siblings["zero_point"]] = packed.reshape(old_zero.shape).to(old_zero.dtype).contiguous()
+    return out
 
 
 def requantize(s: Storage, w: torch.Tensor, load: Load, *, generator: torch.Generator | None = None
@@ -419,6 +550,9 @@ def block_rows(s: Storage) -> int | None:
         return 1
     if s.scheme == "fp8_block":
         return s.block[0] if s.block[0] < s.shape[0] else None
+    if s.scheme == "ct_int" and s.params["strategy"] != "tensor":
+        rows = 1 if s.params["symmetric"] else 32  # zero points pack 32 rows into `bits` words
+        return rows if rows < s.shape[0] else None
     if s.scheme in ("bnb_nf4", "bnb_fp4"):
         group = s.block[0] * (int(s.params.get("nested_blocksize", 256)) if "nested_absmax" in s.siblings else 1)
         rows = group // math.gcd(group, cols)
@@ -463,6 +597,12 @@ class RowBlocks:
             spans[sib["scale"]] = (1, start, stop)
         elif s.scheme == "bnb_int8":
             spans[sib["scb"]] = (1, start, stop)
+        elif s.scheme == "ct_int":
+            bits, groups = s.params["bits"], s.params["groups"]
+            spans[s.key] = (self.stored.shape[1], start, stop)
+            spans[sib["scale"]] = (groups, start, stop)
+            if not s.params["symmetric"]:
+                spans[sib["zero_point"]] = (groups, start * bits // 32, -(-stop * bits // 32))
         return spans
 
     def _part(self, start: int, stop: int) -> tuple[Storage, torch.Tensor, Load, Callable[[str, torch.Tensor],
@@ -479,7 +619,7 @@ class RowBlocks:
 
         part = dataclasses.replace(self.s, shape=(stop - start, *self.s.shape[1:]))
         stored = cut(self.s.key, self.stored)
-        if self.s.scheme not in ("bnb_nf4", "bnb_fp4"):
+        if self.s.scheme not in ("bnb_nf4", "bnb_fp4", "ct_int"):
             stored = stored.reshape(part.shape)
         return part, stored, lambda k: cut(k, self.siblings[k]), cut
 

@@ -382,6 +382,10 @@ def read_and_plan(op: str, adapters: Sequence[str | os.PathLike[str]], weights: 
     per_module, mw_warnings = adapter_module_weights(loaded, module_weights, blocks)
     plan, warnings = plan_merge(loaded, weights, ckpt, allow_unmatched=allow_unmatched, unmerge=unmerge,
                                 tensors=storage.logical(ckpt.tensors), module_weights=per_module)
+    tables: list[dict[str, Any]] = [plan.deltas, plan.biases, plan.replacements] if storage.aliases else []
+    for table in tables:
+        for logical in [k for k in table if k in storage.aliases]:  # back to the stored key (`<m>.weight_packed`)
+            table[storage.aliases[logical]] = table.pop(logical)
     for key, contribs in [*plan.deltas.items(), *plan.biases.items()]:
         info = ckpt.tensors[key]
         if storage.of(key) is None and info.dtype not in _FLOAT:  # bool, integer: not a weight to add to
@@ -557,6 +561,11 @@ def _merge(
         raise IncompatibleError(f"nothing to merge: no adapter module matches {base_path}",
                                 hint="check with: loratool validate ADAPTER --base BASE")
     dequantizing = dtype != "keep" and storage.quantized
+    if dequantizing and storage.aliases:
+        first = next(iter(storage.aliases.values()))
+        raise IncompatibleError(f"{base_path}: --dtype {dtype} would write '{first}' ({storage.line()}) as plain "
+                                "floats under its packed key name",
+                                hint="merge with --dtype keep (the weights stay packed, scales recomputed)")
     setup = _Setup(plan, storage, ckpt, dtype, device, unmerge, stats, rounding, seed, qlora_base, dequantizing)
     if dequantizing:
         setup.dropped = set(storage.siblings) | set(storage.markers)
