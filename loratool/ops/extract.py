@@ -163,11 +163,11 @@ def _load(info: TensorInfo, src: Any) -> torch.Tensor:
     from loratool.io.tensors import load_tensor
     from loratool.storage import dequantize
 
-    if src is None or src[1].of(info.key) is None:
+    key = src[1].aliases.get(info.key, info.key) if src is not None else info.key  # `<m>.weight_packed`
+    if src is None or src[1].of(key) is None:
         return load_tensor(info)
     ckpt, store = src
-    return dequantize(store.of(info.key), load_tensor(ckpt.tensors[info.key]),
-                      lambda k: load_tensor(ckpt.tensors[k]))
+    return dequantize(store.of(key), load_tensor(ckpt.tensors[key]), lambda k: load_tensor(ckpt.tensors[k]))
 
 
 def _leaf(name: str) -> str:

@@ -135,3 +135,24 @@ def test_pack_int32_is_compressed_tensors_packing():
         packed = pack_to_int32(q, bits)
         assert torch.equal(pack_int32(q, bits), packed)
         assert torch.equal(unpack_int32(packed, bits, 77), q.to(torch.int64))
+
+
+def test_extract_reads_packed_weights_dequantized(tmp_path):
+    """extract between a packed base and its merge: the delta is the change of compressed-tensors' own
+    decompressions (rank ≤ 4 + rounding, so compared through the leading singular directions)."""
+    from loratool.formats import read
+    from loratool.ops.extract import extract
+
+    args = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel")
+    base, _, deq = make_base(tmp_path, args)
+    a, b = exact_factors(4, seed=4, scale=0.25, out=ROWS, inp=COLS)
+    merge(base, [write_adapter(tmp_path / "lora", a, b)], tmp_path / "out")
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    new = PackedQuantizationCompressor.decompress(
+        {k[len(KEY) + 1:]: v for k, v in merged.items() if k.startswith(KEY)}, scheme)["weight"].float()
+    extract(base, tmp_path / "out", tmp_path / "ex", rank=4)
+    (m,) = read(tmp_path / "ex").modules.values()
+    got = (m.up.load().float() @ m.down.load().float()) * m.scale
+    want = new - deq
+    assert torch.linalg.norm(got - want) <= 0.1 * torch.linalg.norm(want)
