@@ -14,11 +14,12 @@ recognised from its dtype, its sibling tensors and config.json's `quantization_c
                 `.nested_absmax`, `.nested_quant_map`, an offset), and `.quant_state.bitsandbytes__nf4`
                 (JSON: blocksize, shape, dtype, ...): W = quant_map[code] · absmax[block]
     bnb_int8    LLM.int8: `<m>.weight` int8 and `<m>.SCB` (row absmax): W = q · SCB / 127
-    ct_int      compressed-tensors pack-quantized integers (config.json quant_method "compressed-tensors",
-                format "pack-quantized"): `<m>.weight_packed` int32 (dense packing, maths.quant.pack_int32),
-                `<m>.weight_scale` and, asymmetric, `<m>.weight_zero_point` per group, channel or tensor,
-                `<m>.weight_shape`: W = (q − zp) · scale. The weight's key is `<m>.weight_packed`; a merge
-                plans against `<m>.weight` (BaseStorage.aliases). GPTQ act-order (`weight_g_idx`) is refused.
+    ct_int      compressed-tensors integers (config.json quant_method "compressed-tensors"): format
+                "pack-quantized", `<m>.weight_packed` int32 (dense packing, maths.quant.pack_int32) and
+                `<m>.weight_shape`, or "int-quantized" (W8A8), `<m>.weight` int8; `<m>.weight_scale` and,
+                asymmetric, `<m>.weight_zero_point` (packed along rows where the weight is) per group, channel
+                or tensor: W = (q − zp) · scale. A packed weight's key is `<m>.weight_packed`; a merge plans
+                against `<m>.weight` (BaseStorage.aliases). GPTQ act-order (`weight_g_idx`) is refused.
 
 Everything else that is recognisably quantized (GPTQ, AWQ, HQQ, EXL2, nvfp4, mxfp4, other compressed-tensors,
 fp8 with a `weight_scale`, ...) is "known but unsupported": merge refuses it up front, never passing
@@ -255,9 +256,10 @@ def detect(ckpt: Checkpoint, *, read_small: bool = True) -> BaseStorage:
         if key in base.tensors:
             continue
         stem = key[: -len(".weight")] if key.endswith(".weight") else None
-        if key.endswith(".weight_packed") and method == "compressed-tensors":
+        if method == "compressed-tensors" and (key.endswith(".weight_packed") or (
+                stem is not None and info.dtype == "int8" and stem + ".weight_scale" in tensors)):
             add(_compressed_int(key, tensors, qcfg or {}, read_small=read_small))
-            if base.tensors[key].supported:
+            if base.tensors[key].supported and key.endswith("_packed"):
                 base.aliases[key[: -len("_packed")]] = key
             continue
         if stem is None:
@@ -350,9 +352,11 @@ def _ct_weights_args(qcfg: dict[str, Any], module: str) -> tuple[dict[str, Any] 
 
 def _compressed_int(key: str, tensors: dict[str, TensorInfo], qcfg: dict[str, Any], *, read_small: bool
                     ) -> Storage:
-    """A compressed-tensors `<m>.weight_packed`: supported when its config group is integer weights in
-    format pack-quantized, by group, channel or tensor, with scales from the data (no act-order)."""
-    stem = key[: -len(".weight_packed")]
+    """A compressed-tensors `<m>.weight_packed` (or int8 `<m>.weight`): supported when its config group
+    is integer weights in format pack-quantized (int-quantized), by group, channel or tensor, with
+    scales from the data (no act-order)."""
+    packed = key.endswith(".weight_packed")
+    stem = key[: -len(".weight_packed" if packed else ".weight")]
     info = tensors[key]
     sib = {role: f"{stem}.weight_{role}" for role in ("scale", "shape", "zero_point", "g_idx")
            if f"{stem}.weight_{role}" in tensors}
@@ -366,16 +370,16 @@ def _compressed_int(key: str, tensors: dict[str, TensorInfo], qcfg: dict[str, An
     bits, strategy = args.get("num_bits"), args.get("strategy")
     if "g_idx" in sib or args.get("actorder"):
         return refused("GPTQ act-order (weight_g_idx: calibrated group order)")
-    if fmt != "pack-quantized" or args.get("type", "int") != "int" or not isinstance(bits, int) or not (
-            1 <= bits <= 8) or strategy not in ("group", "channel", "tensor"):
+    if fmt != ("pack-quantized" if packed else "int-quantized") or args.get("type", "int") != "int" or not (
+            isinstance(bits, int) and 1 <= bits <= 8) or strategy not in ("group", "channel", "tensor"):
         return refused(f"{fmt} {args.get('type')}{bits} {strategy}")
-    if "scale" not in sib or "shape" not in sib or info.dtype != "int32" or len(info.shape) != 2 or (
-            not args.get("symmetric", True) and "zero_point" not in sib):
-        return refused("(weight_packed without its weight_scale / weight_shape / weight_zero_point)")
+    if "scale" not in sib or ("shape" not in sib and packed) or info.dtype != ("int32" if packed else "int8") or (
+            len(info.shape) != 2 or (not args.get("symmetric", True) and "zero_point" not in sib)):
+        return refused("(the weight without its weight_scale / weight_shape / weight_zero_point)")
     scale = tensors[sib["scale"]]
     rows = info.shape[0]
-    cols = info.shape[1] * 32 // bits
-    if read_small:
+    cols = info.shape[1] * 32 // bits if packed else info.shape[1]
+    if read_small and packed:
         from loratool.io.tensors import load_tensor
 
         shape = tuple(int(d) for d in load_tensor(tensors[sib["shape"]]).reshape(-1).tolist())
@@ -389,7 +393,7 @@ def _compressed_int(key: str, tensors: dict[str, TensorInfo], qcfg: dict[str, An
             scale.dtype not in FLOAT_DTYPES):
         return refused(f"(weight_scale {scale.dtype} {scale.shape} for {strategy} {group or ''} of {(rows, cols)})")
     params = {"bits": bits, "symmetric": bool(args.get("symmetric", True)), "strategy": strategy,
-              "group_size": group, "groups": groups, "scale_dtype": scale.dtype}
+              "group_size": group, "groups": groups, "scale_dtype": scale.dtype, "packed": packed}
     return Storage(key, "ct_int", info.dtype, (rows, cols), {k: v for k, v in sib.items()}, (), params)
 
 
@@ -427,7 +431,7 @@ def dequantize(s: Storage, stored: torch.Tensor, load: Load) -> torch.Tensor:
     if s.scheme == "ct_int":
         from loratool.maths.quant import int_dequantize, unpack_int32
 
-        q = unpack_int32(stored, s.params["bits"], s.shape[1])
+        q = unpack_int32(stored, s.params["bits"], s.shape[1]) if s.params["packed"] else stored
         return int_dequantize(q, load(s.siblings["scale"]), _ct_zero(s, load))
     raise IncompatibleError(f"'{s.key}': {s.scheme} cannot be dequantized")
 
@@ -439,7 +443,7 @@ def _ct_zero(s: Storage, load: Load) -> torch.Tensor | None:
     if s.params["symmetric"]:
         return None
     zero = load(s.siblings["zero_point"])
-    if s.params["strategy"] == "tensor":
+    if s.params["strategy"] == "tensor" or not s.params["packed"]:
         return zero
     return unpack_int32(zero.T, s.params["bits"], s.shape[0]).T
 
@@ -512,10 +516,10 @@ def _ct_quantize(s: Storage, w: torch.Tensor, load: Load) -> dict[str, torch.Ten
     old_scale = load(s.siblings["scale"])
     q, scale, zero = int_quantize(w.reshape(s.shape), p["bits"], p["groups"], old_scale.dtype,
                                   symmetric=p["symmetric"], per_tensor=p["strategy"] == "tensor")
-    out = {s.key: pack_int32(q, p["bits"]), s.siblings["scale"]: scale.reshape(old_scale.shape)}
+    out = {s.key: pack_int32(q, p["bits"]) if p["packed"] else q, s.siblings["scale"]: scale.reshape(old_scale.shape)}
     if zero is not None:
         old_zero = load(s.siblings["zero_point"])
-        packed = zero if p["strategy"] == "tensor" else pack_int32(zero.T.contiguous(), p["bits"]).T
+        packed = zero if p["strategy"] == "tensor" or not p["packed"] else pack_int32(zero.T.contiguous(), p["bits"]).T
         out[s.siblings["zero_point"]] = packed.reshape(old_zero.shape).to(old_zero.dtype).contiguous()
     return out
 
@@ -551,7 +555,7 @@ def block_rows(s: Storage) -> int | None:
     if s.scheme == "fp8_block":
         return s.block[0] if s.block[0] < s.shape[0] else None
     if s.scheme == "ct_int" and s.params["strategy"] != "tensor":
-        rows = 1 if s.params["symmetric"] else 32  # zero points pack 32 rows into `bits` words
+        rows = 1 if s.params["symmetric"] or not s.params["packed"] else 32  # packed zp: 32 rows in `bits` words
         return rows if rows < s.shape[0] else None
     if s.scheme in ("bnb_nf4", "bnb_fp4"):
         group = s.block[0] * (int(s.params.get("nested_blocksize", 256)) if "nested_absmax" in s.siblings else 1)
@@ -601,8 +605,10 @@ class RowBlocks:
             bits, groups = s.params["bits"], s.params["groups"]
             spans[s.key] = (self.stored.shape[1], start, stop)
             spans[sib["scale"]] = (groups, start, stop)
-            if not s.params["symmetric"]:
+            if not s.params["symmetric"] and s.params["packed"]:
                 spans[sib["zero_point"]] = (groups, start * bits // 32, -(-stop * bits // 32))
+            elif not s.params["symmetric"]:
+                spans[sib["zero_point"]] = (groups, start, stop)
         return spans
 
     def _part(self, start: int, stop: int) -> tuple[Storage, torch.Tensor, Load, Callable[[str, torch.Tensor],
@@ -619,7 +625,7 @@ class RowBlocks:
 
         part = dataclasses.replace(self.s, shape=(stop - start, *self.s.shape[1:]))
         stored = cut(self.s.key, self.stored)
-        if self.s.scheme not in ("bnb_nf4", "bnb_fp4", "ct_int"):
+        if self.s.scheme not in ("bnb_nf4", "bnb_fp4") and not self.s.params.get("packed"):
             stored = stored.reshape(part.shape)
         return part, stored, lambda k: cut(k, self.siblings[k]), cut
 

@@ -23,6 +23,7 @@ from loratool.errors import IncompatibleError
 from loratool.ops.merge import merge
 
 ct = pytest.importorskip("compressed_tensors")
+from compressed_tensors.compressors.naive_quantized import IntQuantizationCompressor  # noqa: E402
 from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor  # noqa: E402
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme  # noqa: E402
 from compressed_tensors.quantization.utils import calculate_qparams  # noqa: E402
@@ -42,17 +43,20 @@ def qparams(w: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tensor, torc
     return calculate_qparams(lo, hi, args)
 
 
-def compress(w: torch.Tensor, args: QuantizationArgs, scale_dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
+COMPRESSORS = {"pack-quantized": PackedQuantizationCompressor, "int-quantized": IntQuantizationCompressor}
+
+
+def compress(w: torch.Tensor, args: QuantizationArgs, fmt: str = "pack-quantized") -> dict[str, torch.Tensor]:
     scale, zero = qparams(w, args)
     scheme = QuantizationScheme(targets=["Linear"], weights=args)
-    return dict(PackedQuantizationCompressor.compress(
-        {"weight": w, "weight_scale": scale.to(scale_dtype), "weight_zero_point": zero}, scheme))
+    return dict(COMPRESSORS[fmt].compress(
+        {"weight": w, "weight_scale": scale.to(torch.bfloat16), "weight_zero_point": zero}, scheme))
 
 
-def make_base(tmp_path, args: QuantizationArgs, *, g_idx: bool = False):
+def make_base(tmp_path, args: QuantizationArgs, *, g_idx: bool = False, fmt: str = "pack-quantized"):
     torch.manual_seed(0)
     w = torch.randn(ROWS, COLS) * 0.05
-    stored = compress(w, args)
+    stored = compress(w, args, fmt)
     tensors = {f"{KEY}.{k}": v.contiguous() for k, v in stored.items()}
     if g_idx:
         tensors[f"{KEY}.weight_g_idx"] = torch.arange(COLS, dtype=torch.int32) // 32
@@ -61,10 +65,10 @@ def make_base(tmp_path, args: QuantizationArgs, *, g_idx: bool = False):
     base.mkdir()
     save_file(tensors, str(base / "model.safetensors"))
     (base / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
-        "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+        "quant_method": "compressed-tensors", "format": fmt, "ignore": ["lm_head"],
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": args.model_dump(mode="json")}}}}))
     scheme = QuantizationScheme(targets=["Linear"], weights=args)
-    deq = PackedQuantizationCompressor.decompress(dict(stored), scheme)["weight"]
+    deq = COMPRESSORS[fmt].decompress(dict(stored), scheme)["weight"]
     return base, stored, deq.to(torch.float32)
 
 
@@ -88,6 +92,23 @@ def test_merge_requantizes_as_compressed_tensors_does(tmp_path, bits, symmetric,
     (stat,) = report.tensors
     assert stat.storage.startswith(f"compressed-tensors int{bits}")
     assert report.changed == 1
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("strategy", ["group", "channel", "tensor"])
+def test_int_quantized_w8a8_weights(tmp_path, symmetric, strategy):
+    """format int-quantized (W8A8): `<m>.weight` int8, zero points unpacked; the activation scheme is left as it is."""
+    args = QuantizationArgs(num_bits=8, type="int", symmetric=symmetric, strategy=strategy,
+                            group_size=32 if strategy == "group" else None)
+    base, _, deq = make_base(tmp_path, args, fmt="int-quantized")
+    a, b = exact_factors(4, seed=5, scale=0.125, out=ROWS, inp=COLS)
+    report = merge(base, [write_adapter(tmp_path / "lora", a, b)], tmp_path / "out", stats=True)
+    want = compress(deq + torch.from_numpy(b @ a), args, "int-quantized")
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for k, v in want.items():
+        assert torch.equal(got[f"{KEY}.{k}"], v.reshape(got[f"{KEY}.{k}"].shape).to(got[f"{KEY}.{k}"].dtype)), k
+    assert got[f"{KEY}.weight"].dtype == torch.int8
+    assert report.tensors[0].storage.startswith("compressed-tensors int8")
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
