@@ -177,3 +177,46 @@ def test_extract_reads_packed_weights_dequantized(tmp_path):
     got = (m.up.load().float() @ m.down.load().float()) * m.scale
     want = new - deq
     assert torch.linalg.norm(got - want) <= 0.1 * torch.linalg.norm(want)
+
+
+@pytest.mark.slow
+def test_transformers_loads_the_merged_model(tmp_path):
+    """A tiny Llama whose Linear weights compressed-tensors packed (int4, groups of 32): merged, it
+    loads in transformers (CPU, dequantize=True) with q_proj equal to compressed-tensors' own
+    requantization of its base plus ΔW, and runs."""
+    transformers = pytest.importorskip("transformers")
+    from transformers import CompressedTensorsConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)
+    tensors = {}
+    for k, v in model.state_dict().items():
+        if k.endswith("proj.weight"):
+            for kk, vv in compress(v.float(), args).items():
+                tensors[k[: -len("weight")] + kk] = vv.contiguous()
+        else:
+            tensors[k] = v.contiguous()
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+    config = cfg.to_dict() | {"torch_dtype": "bfloat16", "quantization_config": {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": args.model_dump(mode="json")}}}}
+    (base / "config.json").write_text(json.dumps(config))
+    a, b = exact_factors(4, seed=6, scale=0.25, out=64, inp=64)
+    merge(base, [write_adapter(tmp_path / "lora", a, b)], tmp_path / "out")
+
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    stored = {k[len(KEY) + 1:]: v for k, v in tensors.items() if k.startswith(KEY + ".")}
+    deq = PackedQuantizationCompressor.decompress(stored, scheme)["weight"].float()
+    want = PackedQuantizationCompressor.decompress(compress(deq + torch.from_numpy(b @ a), args), scheme)["weight"]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", quantization_config=CompressedTensorsConfig(dequantize=True))
+    got = loaded.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(got.to(want.dtype), want)
+    assert not torch.equal(want, PackedQuantizationCompressor.decompress(stored, scheme)["weight"])
+    assert torch.isfinite(loaded(torch.tensor([[1, 2, 3]])).logits).all()
