@@ -370,6 +370,8 @@ def _compressed_int(key: str, tensors: dict[str, TensorInfo], qcfg: dict[str, An
     bits, strategy = args.get("num_bits"), args.get("strategy")
     if "g_idx" in sib or args.get("actorder"):
         return refused("GPTQ act-order (weight_g_idx: calibrated group order)")
+    if args.get("observer") not in (None, "minmax", "memoryless_minmax", "memoryless", "static_minmax"):
+        return refused(f"weights with {args.get('observer')} observer scales (a search loratool does not repeat)")
     if fmt != ("pack-quantized" if packed else "int-quantized") or args.get("type", "int") != "int" or not (
             isinstance(bits, int) and 1 <= bits <= 8) or strategy not in ("group", "channel", "tensor"):
         return refused(f"{fmt} {args.get('type')}{bits} {strategy}")

@@ -137,6 +137,18 @@ def test_act_order_is_refused_by_name(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_searched_scales_are_refused_by_name(tmp_path):
+    """An mse observer searched its scales: requantizing with min-max ones would not be its quantizer."""
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)
+    base, _, _ = make_base(tmp_path, args)
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["observer"] = "mse"
+    (base / "config.json").write_text(json.dumps(config))
+    a, b = exact_factors(4, seed=3, out=ROWS, inp=COLS)
+    with pytest.raises(IncompatibleError, match="mse observer"):
+        merge(base, [write_adapter(tmp_path / "lora", a, b)], tmp_path / "out")
+
+
 def test_dtype_is_refused_for_packed_weights(tmp_path):
     args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="channel")
     base, _, _ = make_base(tmp_path, args)
