@@ -11,12 +11,10 @@ from loratool.cli._options import (
     allow_variant_option,
     check_adapter_args,
     device_option,
-    force_option,
-    json_option,
     out_option,
+    output_options,
     parse_weights,
     preflight,
-    quiet_option,
     weighting_options,
 )
 from loratool.errors import LoratoolError
@@ -44,9 +42,7 @@ from loratool.io.writers import write_text_output
 @click.option("--strict", is_flag=True, help="Refuse (write nothing) when a tensor keeps less than --min-retained.")
 @click.option("--qlora-base", type=click.Choice(["nf4"]), default=None,
               help="Merge into dequant(quant_nf4(W)), the base a QLoRA adapter was trained on.")
-@force_option
-@json_option
-@quiet_option
+@output_options
 @allow_pickle_option
 @allow_variant_option
 def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, module_weights: str | None,

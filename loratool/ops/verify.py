@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 from loratool.errors import IncompatibleError
 from loratool.io.checkpoint import Checkpoint
 from loratool.io.header import TensorInfo
+from loratool.ops.merge_report import run_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -161,9 +162,7 @@ class VerifyReport:
         doc: dict[str, Any] = {
             "schema": SCHEMA,
             "merged": str(self.merged),
-            "base": str(self.base),
-            "adapters": [str(a) for a in self.adapters],
-            "weights": self.weights,
+            **run_inputs(self.base, self.adapters, self.weights),
             "dtype": self.dtype,
             "device": self.device,
             "storage": self.storage,
