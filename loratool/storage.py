@@ -15,7 +15,12 @@ recognised from its dtype, its sibling tensors and config.json's `quantization_c
                 (JSON: blocksize, shape, dtype, ...): W = quant_map[code] · absmax[block]
     bnb_int8    LLM.int8: `<m>.weight` int8 and `<m>.SCB` (row absmax): W = q · SCB / 127
 
-Everything else that is recognisably quantized (GPTQ, AWQ, HQQ, EXL2, nvfp4, mxfp4, compressed-tensors,
+    mxfp4       OCP MXFP4 in gpt-oss's layout: `<p>_blocks` uint8 (E, rows, groups, 16), e2m1 codes two a
+                byte (low nibble first), and `<p>_scales` uint8 e8m0 exponents, one per 32 values:
+                W = e2m1 · 2^(s − 127), logical shape transformers' (E, groups · 32, rows); requantized
+                with the OCP / gguf scale rule 2^(floor(log2 amax) − 2) per block
+
+Everything else that is recognisably quantized (GPTQ, AWQ, HQQ, EXL2, nvfp4, compressed-tensors,
 fp8 with a `weight_scale`, ...) is "known but unsupported": merge refuses it up front, never passing
 the delta through wrong. Dequantization is exact (float32); quantize() writes the same scheme back,
 block sizes kept, scales recomputed from the data where the scheme computes them (block fp8 tiles,
@@ -44,7 +49,7 @@ if TYPE_CHECKING:
 
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
-SUPPORTED = ("fp8", "fp8_scaled", "fp8_block", "bnb_nf4", "bnb_fp4", "bnb_int8")
+SUPPORTED = ("fp8", "fp8_scaled", "fp8_block", "bnb_nf4", "bnb_fp4", "bnb_int8", "mxfp4")
 
 # the suffix of a packed weight tensor -> its scheme (all refused)
 _UNSUPPORTED_WEIGHTS = {
@@ -59,7 +64,7 @@ _UNSUPPORTED_SIBLINGS = {
     ".comfy_quant": "ComfyUI mixed precision (comfy_quant)",
     ".weight_scale": "quantized weight with weight_scale (compressed-tensors / ModelOpt)",
 }
-_SUPPORTED_METHODS = ("fp8", "bitsandbytes")
+_SUPPORTED_METHODS = ("fp8", "bitsandbytes", "mxfp4")
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,8 @@ class Storage:
     def changing(self) -> list[str]:
         """The sibling keys whose values a requantization recomputes (written with the weight)."""
         roles = {"fp8_block": ("scale_inv",), "bnb_nf4": ("absmax", "nested_absmax"),
-                 "bnb_fp4": ("absmax", "nested_absmax"), "bnb_int8": ("scb",)}.get(self.scheme, ())
+                 "bnb_fp4": ("absmax", "nested_absmax"), "bnb_int8": ("scb",),
+                 "mxfp4": ("scales",)}.get(self.scheme, ())
         return [self.siblings[r] for r in roles if r in self.siblings]
 
     @property
@@ -146,6 +152,19 @@ class BaseStorage:
             return "plain float (no quantized weights)"
         parts = [f"{n} × {d}" for d, n in Counter(s.describe() for s in self.tensors.values()).most_common()]
         return ", ".join(parts)
+
+    def refuse_dequantized_output(self, where: Path | str) -> None:
+        """An Error when a dequantized output (--dtype) cannot keep a weight's key: gpt-oss's MXFP4
+        `<p>_blocks` dequantizes to transformers' `<p>`, a different name and a transposed shape."""
+        s = next((s for s in self.tensors.values() if s.params.get("layout") == "gpt-oss"), None)
+        if s is None:
+            return
+        raise IncompatibleError(
+            f"{where}: '{s.key}' is gpt-oss MXFP4 (_blocks / _scales); written dequantized it would be "
+            f"'{s.key[: -len('_blocks')]}', renamed and transposed, which merge does not do",
+            hint="merge with --dtype keep (the experts stay MXFP4), or load the base "
+                 "with transformers' Mxfp4Config(dequantize=True) and save it in 16-bit first",
+        )
 
     def refuse_unsupported(self, where: Path | str, keys: set[str] | None = None) -> None:
         """One Error naming the first unsupported scheme (among `keys` when given) and its tensor."""
@@ -236,7 +255,8 @@ def detect(ckpt: Checkpoint, *, read_small: bool = True) -> BaseStorage:
         if stem is None:
             packed = next((v for k, v in _UNSUPPORTED_WEIGHTS.items() if key.endswith(k)), None)
             if packed is None and key.endswith("_blocks") and key[: -len("_blocks")] + "_scales" in tensors:
-                packed = "mxfp4 (_blocks/_scales)"
+                add(_mxfp4_blocks(key, info, tensors[key[: -len("_blocks")] + "_scales"]))
+                continue
             if packed is not None:
                 add(Storage(key, packed, info.dtype, info.shape, supported=False))
             continue
@@ -296,6 +316,20 @@ def _block_fp8(key: str, info: TensorInfo, scale: TensorInfo, qcfg: dict[str, An
     return Storage(key, "fp8_block", info.dtype, info.shape, sib, (block[0], block[1]), {"pow2": pow2})
 
 
+def _mxfp4_blocks(key: str, info: TensorInfo, scales: TensorInfo) -> Storage:
+    """gpt-oss's MXFP4 expert parameters: `<p>_blocks` uint8 (E, rows, groups, 16), two e2m1 codes a
+    byte (low nibble first), and `<p>_scales` uint8 (E, rows, groups), one e8m0 exponent per 32 values.
+    The logical tensor is transformers' parameter `<p>`: (E, groups · 32, rows), the blocks transposed."""
+    sib = {"scales": scales.key}
+    shape = info.shape
+    if (info.dtype != "uint8" or scales.dtype != "uint8" or len(shape) != 4 or shape[-1] != 16
+            or tuple(scales.shape) != tuple(shape[:-1])):
+        return Storage(key, f"mxfp4 (_blocks {info.dtype} {shape}, _scales {scales.dtype} {scales.shape})",
+                       info.dtype, shape, sib, supported=False)
+    return Storage(key, "mxfp4", info.dtype, (shape[0], shape[2] * 32, shape[1]), sib, (32,),
+                   {"layout": "gpt-oss"})
+
+
 # ---------------------------------------------------------------------------------------------
 # dequantize / quantize one weight (with its siblings)
 
@@ -327,6 +361,8 @@ def dequantize(s: Storage, stored: torch.Tensor, load: Load) -> torch.Tensor:
         return codebook_dequantize(codes, absmax, load(s.siblings["quant_map"]), s.block[0], n).reshape(s.shape)
     if s.scheme == "bnb_int8":
         return int8_row_dequantize(stored, load(s.siblings["scb"]))
+    if s.scheme == "mxfp4":
+        return _mxfp4_dequantize(s, stored, load)
     raise IncompatibleError(f"'{s.key}': {s.scheme} cannot be dequantized")
 
 
@@ -350,7 +386,7 @@ def quantize(s: Storage, w: torch.Tensor, load: Load, *, generator: torch.Genera
     """w (float32, logical shape) stored with s's scheme: the weight and every recomputed sibling.
 
     Kept fixed: ComfyUI's scale_weight, codebooks, the nested bnb offset and quant_state JSON. The
-    generator (stochastic rounding) applies to the fp8 schemes; the others round to nearest.
+    generator (stochastic rounding) applies to the fp8 and fp4 (e2m1) schemes; the others round to nearest.
     """
     import torch
 
@@ -386,7 +422,29 @@ def quantize(s: Storage, w: torch.Tensor, load: Load, *, generator: torch.Genera
         q, scb = int8_row_quantize(w)
         old = load(s.siblings["scb"])
         return {s.key: q, s.siblings["scb"]: scb.reshape(old.shape).to(old.dtype)}
+    if s.scheme == "mxfp4":
+        return _mxfp4_quantize(s, w, generator)
     raise IncompatibleError(f"'{s.key}': {s.scheme} cannot be quantized")
+
+
+# ---------------------------------------------------------------------------------------------
+# 4-bit float schemes (maths/fp4.py)
+
+
+def _mxfp4_dequantize(s: Storage, stored: torch.Tensor, load: Load) -> torch.Tensor:
+    from loratool.maths.fp4 import mxfp4_dequantize, unpack_low_first
+
+    codes = unpack_low_first(stored)  # (E, rows, groups, 32)
+    w = mxfp4_dequantize(codes.reshape(*codes.shape[:-2], -1), load(s.siblings["scales"]))  # (E, rows, k)
+    return w.transpose(-1, -2).contiguous()  # transformers' (E, k, rows)
+
+
+def _mxfp4_quantize(s: Storage, w: torch.Tensor, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    from loratool.maths.fp4 import mxfp4_quantize, pack_low_first
+
+    codes, exps = mxfp4_quantize(w.transpose(-1, -2).contiguous(), generator=generator)  # (E, rows, k)
+    e, rows, k = codes.shape
+    return {s.key: pack_low_first(codes).reshape(e, rows, k // 32, 16), s.siblings["scales"]: exps}
 
 
 def requantize(s: Storage, w: torch.Tensor, load: Load, *, generator: torch.Generator | None = None

@@ -489,6 +489,8 @@ def _merge(
         raise IncompatibleError(f"nothing to merge: no adapter module matches {base_path}",
                                 hint="check with: loratool validate ADAPTER --base BASE")
     dequantizing = dtype != "keep" and storage.quantized
+    if dequantizing:
+        storage.refuse_dequantized_output(base_path)
     setup = _Setup(plan, storage, ckpt, dtype, device, unmerge, stats, rounding, seed, qlora_base, dequantizing)
     if dequantizing:
         setup.dropped = set(storage.siblings) | set(storage.markers)

@@ -1,0 +1,247 @@
+"""4-bit float bases (issue 27): MXFP4 in gpt-oss's layout.
+
+References independent of loratool:
+- transformers' own MXFP4 dequantizer (`convert_moe_packed_tensors`, what it runs when loading gpt-oss
+  with `Mxfp4Config(dequantize=True)`) must read our stored tensors as our dequantize does;
+- gguf.quants.MXFP4 (gguf-py's quantizer, the OCP scale rule 2^(floor(log2 amax) − 2)) gives the
+  reference requantization; its block layout (e8m0, then code j | code j+16 << 4) is turned into
+  gpt-oss's (code 2j | code 2j+1 << 4) by numpy written here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from factories import save_quantized_base
+from safetensors.torch import load_file, save_file
+
+from loratool.io.checkpoint import open_checkpoint
+from loratool.storage import dequantize, detect, requantize
+
+gguf_quants = pytest.importorskip("gguf.quants")
+from gguf import GGMLQuantizationType  # noqa: E402
+
+EXPERTS = "model.layers.0.mlp.experts.gate_up_proj"
+Q_PROJ = "model.layers.0.self_attn.q_proj"
+
+
+# ---------------------------------------------------------------------------------------------
+# references: gguf's MXFP4 quantizer in gpt-oss's layout (numpy)
+
+
+def ref_mxfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """gpt-oss (blocks (E, rows, k/32, 16), scales (E, rows, k/32)) of a logical (E, k, rows) float32 w,
+    quantized by gguf.quants.MXFP4."""
+    rows_major = np.ascontiguousarray(np.swapaxes(w, 1, 2))  # (E, rows, k): blocks run along k
+    q = gguf_quants.quantize(rows_major, GGMLQuantizationType.MXFP4)  # (E, rows, k/32 · 17)
+    e_, r_, k_ = rows_major.shape
+    q = q.reshape(e_, r_, k_ // 32, 17)
+    scales, qs = q[..., 0], q[..., 1:]
+    codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1)  # gguf: byte j holds codes j and j + 16
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    return blocks, scales.astype(np.uint8)
+
+
+def gguf_dequant(w: np.ndarray) -> np.ndarray:
+    rows_major = np.ascontiguousarray(np.swapaxes(w, 1, 2))
+    back = gguf_quants.dequantize(gguf_quants.quantize(rows_major, GGMLQuantizationType.MXFP4),
+                                  GGMLQuantizationType.MXFP4)
+    return np.ascontiguousarray(np.swapaxes(back, 1, 2)).astype(np.float32)
+
+
+def transformers_dequant(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    return convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales),
+                                      dtype=torch.float32).numpy()
+
+
+def gpt_oss_base(tmp_path: Path, *, experts: int = 2, k: int = 64, rows: int = 96, seed: int = 0):
+    """A folder with gpt-oss MXFP4 experts (gguf-quantized), a bf16 q_proj and config.json."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((experts, k, rows)).astype(np.float32)
+    blocks, scales = ref_mxfp4(w)
+    tensors = {EXPERTS + "_blocks": torch.from_numpy(blocks), EXPERTS + "_scales": torch.from_numpy(scales),
+               EXPERTS + "_bias": torch.zeros(experts, rows, dtype=torch.bfloat16),
+               Q_PROJ + ".weight": torch.from_numpy(rng.standard_normal((48, 64)).astype(np.float32)).bfloat16()}
+    base = save_quantized_base(tmp_path, "base", tensors, {"model_type": "gpt_oss"},
+                               {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]})
+    return base, tensors, w
+
+
+def write_adapter(path: Path, a: np.ndarray, b: np.ndarray, name: str = Q_PROJ) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({f"base_model.model.{name}.lora_A.weight": torch.from_numpy(a),
+               f"base_model.model.{name}.lora_B.weight": torch.from_numpy(b)}, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": a.shape[0], "lora_alpha": a.shape[0], "target_modules": ["q_proj"]}))
+    return path
+
+
+def load_from(tensors: dict[str, torch.Tensor]):
+    return lambda k: tensors[k]
+
+
+# ---------------------------------------------------------------------------------------------
+# MXFP4
+
+
+def test_mxfp4_gpt_oss_layout_is_detected_with_its_logical_shape(tmp_path):
+    base, _, w = gpt_oss_base(tmp_path)
+    storage = detect(open_checkpoint(base))
+    s = storage.of(EXPERTS + "_blocks")
+    assert s is not None and s.supported and s.scheme == "mxfp4"
+    assert s.shape == w.shape  # transformers' (E, k, rows)
+    assert storage.siblings == {EXPERTS + "_scales": EXPERTS + "_blocks"}
+    assert s.changing == [EXPERTS + "_scales"]
+    assert storage.unsupported == []
+
+
+def test_mxfp4_dequantize_equals_transformers(tmp_path):
+    rng = np.random.default_rng(1)
+    blocks = rng.integers(0, 256, (3, 40, 2, 16), dtype=np.uint8)
+    scales = rng.integers(118, 134, (3, 40, 2), dtype=np.uint8)
+    tensors = {EXPERTS + "_blocks": torch.from_numpy(blocks), EXPERTS + "_scales": torch.from_numpy(scales)}
+    base = tmp_path / "b"
+    base.mkdir()
+    save_file(tensors, str(base / "model.safetensors"))
+    s = detect(open_checkpoint(base)).of(EXPERTS + "_blocks")
+    assert s is not None
+    got = dequantize(s, tensors[EXPERTS + "_blocks"], load_from(tensors))
+    want = transformers_dequant(blocks, scales)
+    assert got.dtype == torch.float32 and tuple(got.shape) == want.shape == (3, 64, 40)
+    assert np.array_equal(got.numpy(), want)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mxfp4_requantize_equals_gguf_bit_for_bit(tmp_path, seed):
+    """Q(dequant(W) + ΔW) with the stored layout: blocks and recomputed scales equal gguf's MXFP4."""
+    base, tensors, _ = gpt_oss_base(tmp_path, seed=seed)
+    s = detect(open_checkpoint(base)).of(EXPERTS + "_blocks")
+    assert s is not None
+    load = load_from(tensors)
+    w = dequantize(s, tensors[EXPERTS + "_blocks"], load)
+    rng = np.random.default_rng(seed + 10)
+    delta = (rng.integers(-4, 5, w.shape) / 8).astype(np.float32)  # exact in float32
+    new = (w.numpy() + delta).astype(np.float32)
+    outs, read_back = requantize(s, torch.from_numpy(new), load)
+    blocks, scales = ref_mxfp4(new)
+    assert set(outs) == {EXPERTS + "_blocks", EXPERTS + "_scales"}
+    assert outs[EXPERTS + "_blocks"].dtype == torch.uint8 and outs[EXPERTS + "_scales"].dtype == torch.uint8
+    assert np.array_equal(outs[EXPERTS + "_blocks"].numpy(), blocks)
+    assert np.array_equal(outs[EXPERTS + "_scales"].numpy(), scales)
+    assert np.array_equal(read_back.numpy(), gguf_dequant(new))  # what a loader sees
+    assert np.array_equal(read_back.numpy(), transformers_dequant(blocks, scales))
+
+
+def test_mxfp4_ties_saturation_and_zero_blocks_follow_gguf():
+    """Values exactly halfway between e2m1 levels, above 6 · scale, tiny and all-zero blocks."""
+    from loratool.storage import Storage, quantize
+
+    halves = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -1.25, -2.5, -5.0, 4.0, 7.9, -7.9, 0.0]
+    row0 = np.array(halves * 2, np.float32)  # amax 7.9: scale 2^(2 − 2) = 1, 7.9 saturates to 6
+    row1 = np.zeros(32, np.float32)  # all zero: e8m0 0, codes 0
+    row2 = (np.array(halves * 2, np.float32) * np.float32(2.0 ** -20))  # a small scale
+    w = np.stack([row0, row1, row2])[None].transpose(0, 2, 1).copy()  # logical (1, 32, 3)
+    s = Storage(EXPERTS + "_blocks", "mxfp4", "uint8", w.shape, {"scales": EXPERTS + "_scales"}, (32,))
+    outs = quantize(s, torch.from_numpy(w), load_from({}))
+    blocks, scales = ref_mxfp4(w)
+    assert np.array_equal(outs[EXPERTS + "_scales"].numpy(), scales)
+    assert np.array_equal(outs[EXPERTS + "_blocks"].numpy(), blocks)
+
+
+def test_mxfp4_stochastic_rounding_is_unbiased_and_seeded():
+    from loratool.maths.fp4 import mxfp4_dequantize, mxfp4_quantize
+
+    x = torch.full((2000, 32), 0.3, dtype=torch.float32)  # between e2m1 levels 0 and 0.5 at scale 2^-2 ...
+    x[:, 0] = 1.5  # ... an amax of 1.5 gives scale 2^(0 − 2): 0.3 / 0.25 = 1.2, between 1 and 1.5
+    runs = []
+    for seed in (7, 7, 8):
+        g = torch.Generator().manual_seed(seed)
+        codes, e = mxfp4_quantize(x, generator=g)
+        runs.append(mxfp4_dequantize(codes, e))
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    vals = set(runs[0][:, 1:].unique().tolist())
+    assert vals == {0.25, 0.375}  # only the two neighbours
+    assert abs(float(runs[0][:, 1:].mean()) - 0.3) < 0.003  # E = x: 62k draws, sd of the mean ~2.4e-4
+
+
+def test_merge_into_a_gpt_oss_base_keeps_the_mxfp4_experts(tmp_path):
+    """Before issue 27 the whole base was refused; now a LoRA on attention merges and the experts are
+    copied byte for byte (loratool has no LoRA on 3-D expert parameters to merge into them)."""
+    from loratool.ops.merge import merge
+
+    base, tensors, _ = gpt_oss_base(tmp_path)
+    rng = np.random.default_rng(3)
+    a = (rng.integers(-2, 3, (4, 64)) / 8).astype(np.float32)
+    b = (rng.integers(-2, 3, (48, 4)) / 8).astype(np.float32)
+    report = merge(base, [write_adapter(tmp_path / "lora", a, b)], tmp_path / "out")
+    assert report.merged == 1
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert list(got) == list(load_file(str(base / "model.safetensors")))  # nothing added or lost
+    for k in (EXPERTS + "_blocks", EXPERTS + "_scales", EXPERTS + "_bias"):
+        assert torch.equal(got[k], tensors[k]), k
+    want = (tensors[Q_PROJ + ".weight"].float() + torch.from_numpy(b @ a)).bfloat16()
+    assert torch.equal(got[Q_PROJ + ".weight"], want)
+
+
+def test_dequantized_output_of_a_gpt_oss_base_is_refused_by_name(tmp_path):
+    base, _, _ = gpt_oss_base(tmp_path)
+    rng = np.random.default_rng(3)
+    lora = write_adapter(tmp_path / "lora", (rng.integers(-2, 3, (4, 64)) / 8).astype(np.float32),
+                         (rng.integers(-2, 3, (48, 4)) / 8).astype(np.float32))
+    res = subprocess.run([sys.executable, "-m", "loratool", "merge", str(base), str(lora), "-o", str(tmp_path / "o"),
+                          "--dtype", "bf16"], capture_output=True, text=True)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert lines[0].startswith("Error:") and EXPERTS + "_blocks" in lines[0] and "MXFP4" in lines[0], lines
+    assert lines[1].startswith("Hint:") and "--dtype keep" in lines[1]
+    assert "Traceback" not in res.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_transformers_loads_the_merged_gpt_oss_checkpoint(tmp_path):
+    """A tiny gpt-oss saved by transformers, its experts stored MXFP4 as gpt-oss ships them: after the
+    merge transformers loads it (Mxfp4Config(dequantize=True), its CPU path) and sees the experts as
+    gguf dequantizes them and q_proj as W + ΔW."""
+    transformers = pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM, GptOssConfig, GptOssForCausalLM, Mxfp4Config
+
+    from loratool.ops.merge import merge
+
+    cfg = GptOssConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
+                       vocab_size=64, layer_types=["full_attention"])
+    torch.manual_seed(0)
+    GptOssForCausalLM(cfg).save_pretrained(tmp_path / "f32")
+    sd = load_file(str(tmp_path / "f32" / "model.safetensors"))
+    stored, want = {}, {}
+    for k, v in sd.items():
+        if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            blocks, scales = ref_mxfp4(v.numpy())
+            stored[k + "_blocks"], stored[k + "_scales"] = torch.from_numpy(blocks), torch.from_numpy(scales)
+            want[k] = gguf_dequant(v.numpy())
+        else:
+            stored[k] = v
+    base = save_quantized_base(tmp_path, "mxfp4", stored, json.loads((tmp_path / "f32" / "config.json").read_text()),
+                               {"quant_method": "mxfp4", "modules_to_not_convert": [
+                                   "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+                                   "lm_head"]})
+    rng = np.random.default_rng(5)
+    a = (rng.integers(-2, 3, (4, 64)) / 8).astype(np.float32)
+    b = (rng.integers(-2, 3, (64, 4)) / 8).astype(np.float32)
+    merge(base, [write_adapter(tmp_path / "lora", a, b)], tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", quantization_config=Mxfp4Config(dequantize=True),
+                                                 dtype=torch.float32)
+    experts = model.model.layers[0].mlp.experts
+    for name in ("gate_up_proj", "down_proj"):
+        seen = getattr(experts, name).detach().float().numpy()
+        assert np.array_equal(seen, want[f"model.layers.0.mlp.experts.{name}"]), (name, transformers.__version__)
+    q = model.model.layers[0].self_attn.q_proj.weight.detach().numpy()
+    assert np.array_equal(q, (sd[Q_PROJ + ".weight"].numpy() + b @ a).astype(np.float32))
