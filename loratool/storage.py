@@ -20,7 +20,14 @@ recognised from its dtype, its sibling tensors and config.json's `quantization_c
                 W = e2m1 · 2^(s − 127), logical shape transformers' (E, groups · 32, rows); requantized
                 with the OCP / gguf scale rule 2^(floor(log2 amax) − 2) per block
 
-Everything else that is recognisably quantized (GPTQ, AWQ, HQQ, EXL2, nvfp4, compressed-tensors,
+    nvfp4       NVIDIA FP4: e2m1 codes two a byte (low nibble first), one fp8 e4m3 scale per 16 values,
+                one float32 scale per tensor; compressed-tensors (`<m>.weight_packed`, `.weight_scale`,
+                `.weight_global_scale` g: W = e2m1 · (s / g); merge plans it as `<m>.weight`) or ModelOpt
+                (`<m>.weight` uint8, `.weight_scale`, `.weight_scale_2` s2, `.input_scale`: W = e2m1 · (s · s2)).
+                The tensor scale is kept (the exporters share it across fused q/k/v and gate/up); the block
+                scales are recomputed as each quantizer does
+
+Everything else that is recognisably quantized (GPTQ, AWQ, HQQ, EXL2, compressed-tensors int,
 fp8 with a `weight_scale`, ...) is "known but unsupported": merge refuses it up front, never passing
 the delta through wrong. Dequantization is exact (float32); quantize() writes the same scheme back,
 block sizes kept, scales recomputed from the data where the scheme computes them (block fp8 tiles,
@@ -49,7 +56,7 @@ if TYPE_CHECKING:
 
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
-SUPPORTED = ("fp8", "fp8_scaled", "fp8_block", "bnb_nf4", "bnb_fp4", "bnb_int8", "mxfp4")
+SUPPORTED = ("fp8", "fp8_scaled", "fp8_block", "bnb_nf4", "bnb_fp4", "bnb_int8", "mxfp4", "nvfp4")
 
 # the suffix of a packed weight tensor -> its scheme (all refused)
 _UNSUPPORTED_WEIGHTS = {
@@ -64,7 +71,8 @@ _UNSUPPORTED_SIBLINGS = {
     ".comfy_quant": "ComfyUI mixed precision (comfy_quant)",
     ".weight_scale": "quantized weight with weight_scale (compressed-tensors / ModelOpt)",
 }
-_SUPPORTED_METHODS = ("fp8", "bitsandbytes", "mxfp4")
+# methods whose weights the per-tensor rules below describe (what they do not know stays refused by name)
+_SUPPORTED_METHODS = ("fp8", "bitsandbytes", "mxfp4", "compressed-tensors", "modelopt")
 
 
 @dataclass(frozen=True)
@@ -85,8 +93,13 @@ class Storage:
         """The sibling keys whose values a requantization recomputes (written with the weight)."""
         roles = {"fp8_block": ("scale_inv",), "bnb_nf4": ("absmax", "nested_absmax"),
                  "bnb_fp4": ("absmax", "nested_absmax"), "bnb_int8": ("scb",),
-                 "mxfp4": ("scales",)}.get(self.scheme, ())
+                 "mxfp4": ("scales",), "nvfp4": ("scale",)}.get(self.scheme, ())
         return [self.siblings[r] for r in roles if r in self.siblings]
+
+    @property
+    def name(self) -> str:
+        """The weight's key as the model names it: compressed-tensors' `<m>.weight_packed` is `<m>.weight`."""
+        return self.key[: -len("_packed")] if self.key.endswith(".weight_packed") else self.key
 
     @property
     def dropped(self) -> list[str]:
@@ -125,8 +138,10 @@ class BaseStorage:
     def of(self, key: str) -> Storage | None:
         return self.tensors.get(key)
 
-    def logical(self, tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
-        """The checkpoint's tensors as a merge sees them: weights with logical shapes, siblings left out."""
+    def logical(self, tensors: dict[str, TensorInfo], *, renamed: bool = False) -> dict[str, TensorInfo]:
+        """The checkpoint's tensors as a merge sees them: weights with logical shapes, siblings left out;
+        with `renamed`, a weight stored under another key (`<m>.weight_packed`) under its `<m>.weight`
+        (stored_keys maps it back)."""
         import dataclasses
 
         out = {}
@@ -134,8 +149,14 @@ class BaseStorage:
             if k in self.siblings or k in self.markers:
                 continue
             s = self.tensors.get(k)
-            out[k] = dataclasses.replace(info, shape=s.shape) if s is not None and s.shape else info
+            out[s.name if renamed and s is not None else k] = (
+                dataclasses.replace(info, shape=s.shape) if s is not None and s.shape else info)
         return out
+
+    @property
+    def stored_keys(self) -> dict[str, str]:
+        """logical weight key -> stored key, for the weights stored under another key."""
+        return {s.name: s.key for s in self.tensors.values() if s.name != s.key}
 
     def summary(self) -> dict[str, Any]:
         counts = Counter(s.describe() for s in self.tensors.values())
@@ -155,15 +176,18 @@ class BaseStorage:
 
     def refuse_dequantized_output(self, where: Path | str) -> None:
         """An Error when a dequantized output (--dtype) cannot keep a weight's key: gpt-oss's MXFP4
-        `<p>_blocks` dequantizes to transformers' `<p>`, a different name and a transposed shape."""
-        s = next((s for s in self.tensors.values() if s.params.get("layout") == "gpt-oss"), None)
+        `<p>_blocks` dequantizes to transformers' `<p>` (renamed and transposed), compressed-tensors'
+        `<m>.weight_packed` to `<m>.weight`."""
+        s = next((s for s in self.tensors.values() if s.params.get("layout") in ("gpt-oss", "compressed-tensors")),
+                 None)
         if s is None:
             return
+        name = s.key[: -len("_blocks")] if s.params["layout"] == "gpt-oss" else s.key[: -len("_packed")]
         raise IncompatibleError(
-            f"{where}: '{s.key}' is gpt-oss MXFP4 (_blocks / _scales); written dequantized it would be "
-            f"'{s.key[: -len('_blocks')]}', renamed and transposed, which merge does not do",
-            hint="merge with --dtype keep (the experts stay MXFP4), or load the base "
-                 "with transformers' Mxfp4Config(dequantize=True) and save it in 16-bit first",
+            f"{where}: '{s.key}' is {s.scheme} ({s.params['layout']}); written dequantized it would be '{name}', "
+            "renamed, which merge does not do",
+            hint="merge with --dtype keep (the weights stay quantized), or dequantize the base with transformers "
+                 "and save it in 16-bit first",
         )
 
     def refuse_unsupported(self, where: Path | str, keys: set[str] | None = None) -> None:
@@ -251,6 +275,10 @@ def detect(ckpt: Checkpoint, *, read_small: bool = True) -> BaseStorage:
                             sib, block, params, supported=ok))
         if key in base.tensors:
             continue
+        nv = _nvfp4(key, tensors)
+        if nv is not None:
+            add(nv)
+            continue
         stem = key[: -len(".weight")] if key.endswith(".weight") else None
         if stem is None:
             packed = next((v for k, v in _UNSUPPORTED_WEIGHTS.items() if key.endswith(k)), None)
@@ -330,6 +358,37 @@ def _mxfp4_blocks(key: str, info: TensorInfo, scales: TensorInfo) -> Storage:
                    {"layout": "gpt-oss"})
 
 
+_NVFP4_LAYOUTS = (  # (packed weight suffix, global scale suffix, layout)
+    (".weight_packed", ".weight_global_scale", "compressed-tensors"),
+    (".weight", ".weight_scale_2", "modelopt"),
+)
+
+
+def _nvfp4(key: str, tensors: dict[str, TensorInfo]) -> Storage | None:
+    """NVFP4 (e2m1 codes two a byte, low nibble first; one fp8 e4m3 scale per 16 values; one float32
+    scale per tensor) in compressed-tensors' layout (`<m>.weight_packed`, `<m>.weight_scale`,
+    `<m>.weight_global_scale`) or ModelOpt's (`<m>.weight` uint8, `<m>.weight_scale`,
+    `<m>.weight_scale_2`, `<m>.input_scale` kept as it is); None when `key` is neither."""
+    for suffix, global_suffix, layout in _NVFP4_LAYOUTS:
+        if not key.endswith(suffix):
+            continue
+        stem = key[: -len(suffix)]
+        info, scale, glob = tensors[key], tensors.get(stem + ".weight_scale"), tensors.get(stem + global_suffix)
+        if scale is None or glob is None or info.dtype != "uint8":
+            continue
+        sib = {"scale": scale.key, "global_scale": glob.key}
+        if stem + ".input_scale" in tensors:
+            sib["input_scale"] = stem + ".input_scale"
+        rows, half = info.shape if len(info.shape) == 2 else (0, 0)
+        ok = (len(info.shape) == 2 and scale.dtype == "float8_e4m3fn" and (2 * half) % 16 == 0
+              and tuple(scale.shape) == (rows, 2 * half // 16) and math.prod(glob.shape) == 1
+              and glob.dtype == "float32")
+        scheme = "nvfp4" if ok else f"nvfp4 ({layout}: weight_scale {scale.dtype} {scale.shape} for {info.shape})"
+        return Storage(key, scheme, info.dtype, (rows, 2 * half) if ok else info.shape, sib, (16,),
+                       {"layout": layout}, supported=ok)
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # dequantize / quantize one weight (with its siblings)
 
@@ -363,6 +422,11 @@ def dequantize(s: Storage, stored: torch.Tensor, load: Load) -> torch.Tensor:
         return int8_row_dequantize(stored, load(s.siblings["scb"]))
     if s.scheme == "mxfp4":
         return _mxfp4_dequantize(s, stored, load)
+    if s.scheme == "nvfp4":
+        from loratool.maths.fp4 import nvfp4_dequantize, unpack_low_first
+
+        return nvfp4_dequantize(unpack_low_first(stored), load(s.siblings["scale"]), load(s.siblings["global_scale"]),
+                                s.params["layout"])
     raise IncompatibleError(f"'{s.key}': {s.scheme} cannot be dequantized")
 
 
@@ -424,6 +488,11 @@ def quantize(s: Storage, w: torch.Tensor, load: Load, *, generator: torch.Genera
         return {s.key: q, s.siblings["scb"]: scb.reshape(old.shape).to(old.dtype)}
     if s.scheme == "mxfp4":
         return _mxfp4_quantize(s, w, generator)
+    if s.scheme == "nvfp4":
+        from loratool.maths.fp4 import nvfp4_quantize, pack_low_first
+
+        codes, scale = nvfp4_quantize(w, load(s.siblings["global_scale"]), s.params["layout"], generator=generator)
+        return {s.key: pack_low_first(codes), s.siblings["scale"]: scale}
     raise IncompatibleError(f"'{s.key}': {s.scheme} cannot be quantized")
 
 

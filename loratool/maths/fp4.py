@@ -27,13 +27,16 @@ def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
     return lut[codes.to(torch.int64)]
 
 
-def e2m1_round(x: torch.Tensor, *, ties: str = "down", generator: torch.Generator | None = None) -> torch.Tensor:
+def e2m1_round(x: torch.Tensor, *, ties: str = "down", signed_zero: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor:
     """uint8 codes of x (float32, already divided by its scale), saturated to ±6.
 
     Nearest: a value halfway between two levels goes to the smaller magnitude with ties="down"
     (gguf's and llama.cpp's argmin over the level table) or to the even code with ties="even"
-    (a hardware cast). With a generator, stochastic: the level above |x| with probability
-    (|x| − lo) / (hi − lo), so the expectation is x (up to the ±6 saturation).
+    (NVFP4's quantizers: ModelOpt, compressed-tensors). With a generator, stochastic: the level
+    above |x| with probability (|x| − lo) / (hi − lo), so the expectation is x (up to the ±6
+    saturation). signed_zero: a negative value that rounds to zero keeps its sign bit (code 8), as
+    the NVFP4 quantizers write it; otherwise it is +0 (gguf).
     """
     import torch
 
@@ -53,7 +56,7 @@ def e2m1_round(x: torch.Tensor, *, ties: str = "down", generator: torch.Generato
         if ties == "even":  # halfway between level idx (odd) and idx + 1: the even code
             tie = (idx < len(mids)) & (mag == mids[idx.clamp(max=len(mids) - 1)]) & (idx % 2 == 1)
             idx = torch.where(tie, idx + 1, idx)
-    sign = ((x < 0) & (idx > 0)).to(torch.uint8) << 3
+    sign = ((x < 0) & ((idx > 0) | signed_zero)).to(torch.uint8) << 3
     return idx.to(torch.uint8) | sign
 
 
@@ -108,3 +111,56 @@ def unpack_low_first(packed: torch.Tensor) -> torch.Tensor:
     b = packed.view(torch.uint8)
     return torch.stack([b & 0xF, b >> 4], dim=-1).reshape(*b.shape[:-1], b.shape[-1] * 2)
 
+
+
+NV_BLOCK = 16  # NVFP4: values per fp8 e4m3 scale
+FP8_E4M3_MAX = 448.0
+
+
+def nvfp4_effective_scale(block_scale: torch.Tensor, global_scale: torch.Tensor, layout: str) -> torch.Tensor:
+    """float32 scale of each 16-value block: the fp8 block scale with the tensor's float32 scale, one
+    rounding: compressed-tensors stores the global scale as a multiplier (s / g), ModelOpt its
+    `weight_scale_2` as a factor (s · s2)."""
+    import torch
+
+    s = block_scale.to(torch.float32)
+    g = global_scale.to(torch.float32).reshape(())
+    return s / g if layout == "compressed-tensors" else s * g
+
+
+def nvfp4_dequantize(codes: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
+                     layout: str) -> torch.Tensor:
+    """float32 (rows, cols) values of codes (rows, cols) with fp8 block scales (rows, cols / 16)."""
+    rows, cols = codes.shape
+    eff = nvfp4_effective_scale(block_scale, global_scale, layout).reshape(rows, cols // NV_BLOCK, 1)
+    return (e2m1_decode(codes).reshape(rows, cols // NV_BLOCK, NV_BLOCK) * eff).reshape(rows, cols)
+
+
+def nvfp4_quantize(w: torch.Tensor, global_scale: torch.Tensor, layout: str, *,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes uint8 (rows, cols), block scales float8_e4m3fn (rows, cols / 16)) of float32 w with the
+    tensor's global scale kept, the block scales recomputed from the data as each quantizer does:
+
+    compressed-tensors (calculate_qparams with a global scale g): s = g · (amax / 6), saturated to
+        ±448 and rounded to fp8; a zero scale becomes fp8's eps 0.125;
+    ModelOpt (NVFP4QTensor.quantize with weights_scaling_factor_2 s2): s = amax / (6 · s2) rounded to
+        fp8 (saturated at 448, where ModelOpt would overflow); a zero scale becomes 1.
+
+    Then each value x / eff (eff = nvfp4_effective_scale) is rounded to e2m1, ties to the even code,
+    a negative value rounding to zero keeping its sign (both quantizers).
+    """
+    import torch
+
+    rows, cols = w.shape
+    blocks = w.reshape(rows, cols // NV_BLOCK, NV_BLOCK)
+    amax = torch.maximum(blocks.amax(dim=-1), -blocks.amin(dim=-1))
+    g = global_scale.to(torch.float32).reshape(())
+    if layout == "compressed-tensors":
+        s = (g * (amax / E2M1_MAX)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+        s = torch.where(s.to(torch.float32) == 0, torch.tensor(0.125), s.to(torch.float32)).to(torch.float8_e4m3fn)
+    else:
+        s = amax / (E2M1_MAX * g)
+        s = torch.where(s == 0, torch.ones_like(s), s).clamp(max=FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    eff = nvfp4_effective_scale(s, global_scale, layout)
+    scaled = (blocks / eff.unsqueeze(-1)).reshape(rows, cols)
+    return e2m1_round(scaled, ties="even", signed_zero=True, generator=generator), s

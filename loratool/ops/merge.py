@@ -313,7 +313,12 @@ def read_and_plan(op: str, adapters: Sequence[str | os.PathLike[str]], weights: 
         loaded.append(a)
     per_module, mw_warnings = adapter_module_weights(loaded, module_weights, blocks)
     plan, warnings = plan_merge(loaded, weights, ckpt, allow_unmatched=allow_unmatched, unmerge=unmerge,
-                                tensors=storage.logical(ckpt.tensors), module_weights=per_module)
+                                tensors=storage.logical(ckpt.tensors, renamed=True), module_weights=per_module)
+    for logical, stored in storage.stored_keys.items():  # planned on `<m>.weight`, stored as `<m>.weight_packed`
+        if logical in plan.deltas:
+            plan.deltas[stored] = plan.deltas.pop(logical)
+        if logical in plan.replacements:
+            plan.replacements[stored] = plan.replacements.pop(logical)
     for key, contribs in [*plan.deltas.items(), *plan.biases.items()]:
         info = ckpt.tensors[key]
         if storage.of(key) is None and info.dtype not in _FLOAT:  # bool, integer: not a weight to add to

@@ -643,8 +643,8 @@ def test_qlora_base_is_refused_on_a_quantized_base(tmp_path):
 @pytest.mark.parametrize(("keys", "scheme"), [
     ({KEY + ".qweight": ((IN // 8, OUT), torch.int32), KEY + ".qzeros": ((1, OUT // 8), torch.int32),
       KEY + ".scales": ((1, OUT), torch.float16)}, "GPTQ/AWQ"),
-    ({KEY + ".weight": ((OUT, IN // 2), torch.uint8), KEY + ".weight_scale": ((OUT, IN // 16), torch.float8_e4m3fn),
-      KEY + ".weight_scale_2": ((), torch.float32)}, "nvfp4"),
+    ({KEY + ".weight": ((OUT, IN // 2), torch.uint8), KEY + ".weight_scale": ((OUT, IN // 32), torch.float8_e4m3fn),
+      KEY + ".weight_scale_2": ((), torch.float32)}, "nvfp4"),  # a block scale per 32 values: not NVFP4's 16
     ({KEY + ".weight_packed": ((OUT, IN // 8), torch.int32), KEY + ".weight_scale": ((OUT, 1), torch.bfloat16)},
      "compressed-tensors"),
 ])

@@ -1,11 +1,14 @@
-"""4-bit float bases (issue 27): MXFP4 in gpt-oss's layout.
+"""4-bit float bases (issue 27): MXFP4 in gpt-oss's layout, NVFP4 (compressed-tensors and ModelOpt).
 
 References independent of loratool:
 - transformers' own MXFP4 dequantizer (`convert_moe_packed_tensors`, what it runs when loading gpt-oss
   with `Mxfp4Config(dequantize=True)`) must read our stored tensors as our dequantize does;
 - gguf.quants.MXFP4 (gguf-py's quantizer, the OCP scale rule 2^(floor(log2 amax) − 2)) gives the
   reference requantization; its block layout (e8m0, then code j | code j+16 << 4) is turned into
-  gpt-oss's (code 2j | code 2j+1 << 4) by numpy written here.
+  gpt-oss's (code 2j | code 2j+1 << 4) by numpy written here;
+- the compressed-tensors package's own NVFP4 scale rule (generate_gparam, calculate_qparams) and
+  compressor (NVFP4PackedCompressor.compress / decompress) for its layout;
+- ModelOpt's NVFP4QTensor rules written in numpy here (ModelOpt itself needs CUDA to install).
 """
 
 from __future__ import annotations
@@ -86,6 +89,25 @@ def write_adapter(path: Path, a: np.ndarray, b: np.ndarray, name: str = Q_PROJ) 
 
 def load_from(tensors: dict[str, torch.Tensor]):
     return lambda k: tensors[k]
+
+
+def exact_lora(path: Path, rows: int, cols: int, seed: int = 3) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A rank-4 PEFT LoRA on q_proj whose factors are multiples of 1/8: B @ A is exact in float32."""
+    rng = np.random.default_rng(seed)
+    a = (rng.integers(-2, 3, (4, cols)) / 8).astype(np.float32)
+    b = (rng.integers(-2, 3, (rows, 4)) / 8).astype(np.float32)
+    return write_adapter(path, a, b), a, b
+
+
+def refused_merge(base: Path, lora: Path, out: Path, *options: str) -> list[str]:
+    """stderr lines of a `loratool merge` that must exit 2 with one Error line, no traceback, no output."""
+    res = subprocess.run([sys.executable, "-m", "loratool", "merge", str(base), str(lora), "-o", str(out), *options],
+                         capture_output=True, text=True)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and not out.exists()
+    lines = res.stderr.strip().splitlines()
+    assert lines[0].startswith("Error:"), lines
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,10 +200,8 @@ def test_merge_into_a_gpt_oss_base_keeps_the_mxfp4_experts(tmp_path):
     from loratool.ops.merge import merge
 
     base, tensors, _ = gpt_oss_base(tmp_path)
-    rng = np.random.default_rng(3)
-    a = (rng.integers(-2, 3, (4, 64)) / 8).astype(np.float32)
-    b = (rng.integers(-2, 3, (48, 4)) / 8).astype(np.float32)
-    report = merge(base, [write_adapter(tmp_path / "lora", a, b)], tmp_path / "out")
+    lora, a, b = exact_lora(tmp_path / "lora", 48, 64, seed=3)
+    report = merge(base, [lora], tmp_path / "out")
     assert report.merged == 1
     got = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert list(got) == list(load_file(str(base / "model.safetensors")))  # nothing added or lost
@@ -193,16 +213,10 @@ def test_merge_into_a_gpt_oss_base_keeps_the_mxfp4_experts(tmp_path):
 
 def test_dequantized_output_of_a_gpt_oss_base_is_refused_by_name(tmp_path):
     base, _, _ = gpt_oss_base(tmp_path)
-    rng = np.random.default_rng(3)
-    lora = write_adapter(tmp_path / "lora", (rng.integers(-2, 3, (4, 64)) / 8).astype(np.float32),
-                         (rng.integers(-2, 3, (48, 4)) / 8).astype(np.float32))
-    res = subprocess.run([sys.executable, "-m", "loratool", "merge", str(base), str(lora), "-o", str(tmp_path / "o"),
-                          "--dtype", "bf16"], capture_output=True, text=True)
-    assert res.returncode == 2, res.stderr
-    lines = res.stderr.strip().splitlines()
-    assert lines[0].startswith("Error:") and EXPERTS + "_blocks" in lines[0] and "MXFP4" in lines[0], lines
+    lora, _, _ = exact_lora(tmp_path / "lora", 48, 64, seed=3)
+    lines = refused_merge(base, lora, tmp_path / "o", "--dtype", "bf16")
+    assert EXPERTS + "_blocks" in lines[0] and "mxfp4 (gpt-oss)" in lines[0], lines
     assert lines[1].startswith("Hint:") and "--dtype keep" in lines[1]
-    assert "Traceback" not in res.stderr and not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow
@@ -233,10 +247,8 @@ def test_transformers_loads_the_merged_gpt_oss_checkpoint(tmp_path):
                                {"quant_method": "mxfp4", "modules_to_not_convert": [
                                    "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
                                    "lm_head"]})
-    rng = np.random.default_rng(5)
-    a = (rng.integers(-2, 3, (4, 64)) / 8).astype(np.float32)
-    b = (rng.integers(-2, 3, (64, 4)) / 8).astype(np.float32)
-    merge(base, [write_adapter(tmp_path / "lora", a, b)], tmp_path / "out")
+    lora, a, b = exact_lora(tmp_path / "lora", 64, 64, seed=5)
+    merge(base, [lora], tmp_path / "out")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", quantization_config=Mxfp4Config(dequantize=True),
                                                  dtype=torch.float32)
     experts = model.model.layers[0].mlp.experts
@@ -245,3 +257,223 @@ def test_transformers_loads_the_merged_gpt_oss_checkpoint(tmp_path):
         assert np.array_equal(seen, want[f"model.layers.0.mlp.experts.{name}"]), (name, transformers.__version__)
     q = model.model.layers[0].self_attn.q_proj.weight.detach().numpy()
     assert np.array_equal(q, (sd[Q_PROJ + ".weight"].numpy() + b @ a).astype(np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# NVFP4: compressed-tensors (its own compressor is the reference) and ModelOpt (numpy below)
+
+LINEAR = "model.layers.0.mlp.down_proj"
+E2M1_BOUNDS = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], np.float32)
+
+
+def ct_scheme():
+    pytest.importorskip("compressed_tensors")  # in the test extras; skipped where it does not install
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    return preset_name_to_scheme("NVFP4", ["Linear"])
+
+
+def ct_compress(w: torch.Tensor, global_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """compressed-tensors' NVFP4: its global scale (unless given), its group scales, its compressor."""
+    scheme = ct_scheme()
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
+
+    g = generate_gparam(w.min(), w.max()) if global_scale is None else global_scale
+    groups = w.reshape(w.shape[0], -1, 16)
+    scale, _ = calculate_qparams(groups.amin(-1), groups.amax(-1), scheme.weights, global_scale=g)
+    return NVFP4PackedCompressor.compress({"weight": w, "weight_scale": scale, "weight_global_scale": g}, scheme)
+
+
+def ct_decompress(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    scheme = ct_scheme()
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+
+    return NVFP4PackedCompressor.decompress(dict(tensors), scheme)["weight"]
+
+
+def e2m1_values(codes: np.ndarray) -> np.ndarray:
+    mag = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float32)[codes & 7]
+    return np.where(codes & 8, -mag, mag).astype(np.float32)
+
+
+def ref_modelopt(w: np.ndarray, s2: np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """ModelOpt's NVFP4QTensor.quantize with weights_scaling_factor_2 = s2, in numpy (torch only for the
+    fp8 cast): block scale amax / (6 · s2) (0 -> 1) in fp8, e2m1 by its bounds with ties to even."""
+    rows, cols = w.shape
+    blocks = w.reshape(rows, cols // 16, 16)
+    amax = np.abs(blocks).max(-1)
+    s = (amax / (np.float32(6.0) * s2)).astype(np.float32)
+    s[s == 0] = 1.0
+    s8 = torch.from_numpy(np.minimum(s, np.float32(448))).to(torch.float8_e4m3fn)
+    eff = (s8.float().numpy() * s2).astype(np.float32)
+    scaled = (blocks / eff[..., None]).astype(np.float32).reshape(rows, cols)
+    mag = np.abs(scaled)
+    ordinal = np.searchsorted(E2M1_BOUNDS, mag, side="left") + np.isin(mag, E2M1_BOUNDS[[1, 3, 5]])
+    codes = (ordinal | (np.where(scaled < 0, 8, 0))).astype(np.uint8)
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8), s8.view(torch.uint8).numpy()
+
+
+def modelopt_dequant(packed: np.ndarray, s8_bits: np.ndarray, s2: np.float32) -> np.ndarray:
+    codes = np.stack([packed & 0xF, packed >> 4], -1).reshape(packed.shape[0], -1)
+    eff = (torch.from_numpy(s8_bits).view(torch.float8_e4m3fn).float().numpy() * s2).astype(np.float32)
+    return (e2m1_values(codes).reshape(eff.shape[0], -1, 16) * eff[..., None]).reshape(codes.shape)
+
+
+def nvfp4_base(tmp_path: Path, layout: str, *, rows: int = 48, cols: int = 64, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    w[0, :16] = 0  # an all-zero block
+    tensors: dict[str, torch.Tensor] = {"model.norm.weight": torch.ones(cols)}
+    if layout == "compressed-tensors":
+        tensors |= {f"{Q_PROJ}.{k}": v for k, v in ct_compress(torch.from_numpy(w)).items()}
+        qcfg = {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized"}
+    else:
+        s2 = np.float32(np.abs(w).max() / np.float32(6.0 * 448.0))
+        packed, s8 = ref_modelopt(w, s2)
+        tensors |= {Q_PROJ + ".weight": torch.from_numpy(packed),
+                    Q_PROJ + ".weight_scale": torch.from_numpy(s8).view(torch.float8_e4m3fn),
+                    Q_PROJ + ".weight_scale_2": torch.tensor(s2), Q_PROJ + ".input_scale": torch.tensor(0.0125)}
+        qcfg = {"quant_method": "modelopt", "quant_algo": "NVFP4"}
+    return save_quantized_base(tmp_path, "base", tensors, {"model_type": "llama"}, qcfg), tensors
+
+
+def test_nvfp4_compressed_tensors_dequantize_equals_its_decompressor(tmp_path):
+    base, tensors = nvfp4_base(tmp_path, "compressed-tensors")
+    s = detect(open_checkpoint(base)).of(Q_PROJ + ".weight_packed")
+    assert s is not None and s.supported and s.scheme == "nvfp4" and s.shape == (48, 64)
+    assert s.changing == [Q_PROJ + ".weight_scale"]
+    got = dequantize(s, tensors[Q_PROJ + ".weight_packed"], load_from(tensors))
+    want = ct_decompress({k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(Q_PROJ)})
+    assert got.dtype == torch.float32 and torch.equal(got.to(want.dtype), want)  # it decompresses to bf16
+    # and in float32, numpy: e2m1 · (fp8 scale / global scale)
+    packed = tensors[Q_PROJ + ".weight_packed"].numpy()
+    codes = np.stack([packed & 0xF, packed >> 4], -1).reshape(48, 64)
+    eff = (tensors[Q_PROJ + ".weight_scale"].float().numpy() / tensors[Q_PROJ + ".weight_global_scale"].numpy())
+    assert np.array_equal(got.numpy(), (e2m1_values(codes).reshape(48, 4, 16) * eff[..., None]).reshape(48, 64))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_nvfp4_compressed_tensors_requantize_equals_its_compressor(tmp_path, seed):
+    """Block scales recomputed by compressed-tensors' own calculate_qparams with the stored global scale
+    (kept: llm-compressor gives fused q/k/v and gate/up one), packed by its own compressor."""
+    base, tensors = nvfp4_base(tmp_path, "compressed-tensors", seed=seed)
+    s = detect(open_checkpoint(base)).of(Q_PROJ + ".weight_packed")
+    assert s is not None
+    load = load_from(tensors)
+    w = dequantize(s, tensors[Q_PROJ + ".weight_packed"], load)
+    delta = (np.random.default_rng(seed + 5).integers(-4, 5, w.shape) / 16).astype(np.float32)
+    new = torch.from_numpy((w.numpy() + delta).astype(np.float32))
+    outs, read_back = requantize(s, new, load)
+    want = ct_compress(new, tensors[Q_PROJ + ".weight_global_scale"])
+    assert set(outs) == {Q_PROJ + ".weight_packed", Q_PROJ + ".weight_scale"}
+    assert torch.equal(outs[Q_PROJ + ".weight_packed"], want["weight_packed"])
+    assert torch.equal(outs[Q_PROJ + ".weight_scale"].view(torch.uint8), want["weight_scale"].view(torch.uint8))
+    assert torch.equal(read_back.to(torch.bfloat16), ct_decompress(want | {
+        "weight_global_scale": tensors[Q_PROJ + ".weight_global_scale"]}))
+
+
+def test_nvfp4_ties_and_negative_zero_follow_compressed_tensors():
+    from loratool.storage import Storage, quantize
+
+    g = torch.tensor([448.0 * 6.0 / 6.0])  # global scale 448: a block of amax 6 gets fp8 scale 448 -> eff 1
+    row = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -5.0, -0.1, 0.1, 5.5, -6.0, 0.0])
+    w = torch.stack([row, -row, row * 0.5, torch.zeros(16)])
+    s = Storage(Q_PROJ + ".weight_packed", "nvfp4", "uint8", (4, 16),
+                {"scale": "s", "global_scale": "g"}, (16,), {"layout": "compressed-tensors"})
+    outs = quantize(s, w, load_from({"g": g}))
+    want = ct_compress(w, g)
+    assert torch.equal(outs[Q_PROJ + ".weight_packed"], want["weight_packed"])
+    assert torch.equal(outs["s"].view(torch.uint8), want["weight_scale"].view(torch.uint8))
+
+
+def test_nvfp4_modelopt_merge_equals_the_reference_bit_for_bit(tmp_path):
+    from loratool.ops.merge import merge
+
+    base, tensors = nvfp4_base(tmp_path, "modelopt")
+    storage = detect(open_checkpoint(base))
+    s = storage.of(Q_PROJ + ".weight")
+    assert s is not None and s.scheme == "nvfp4" and s.params["layout"] == "modelopt" and s.shape == (48, 64)
+    assert storage.unsupported == []
+    s2 = np.float32(tensors[Q_PROJ + ".weight_scale_2"].numpy())
+    deq = modelopt_dequant(tensors[Q_PROJ + ".weight"].numpy(), tensors[Q_PROJ + ".weight_scale"].view(
+        torch.uint8).numpy(), s2)
+    lora, a, b = exact_lora(tmp_path / "lora", 48, 64, seed=3)
+    report = merge(base, [lora], tmp_path / "out", stats=True)
+    assert report.merged == 1 and report.tensors[0].storage == "nvfp4"
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    packed, s8 = ref_modelopt((deq + b @ a).astype(np.float32), s2)
+    assert np.array_equal(got[Q_PROJ + ".weight"].numpy(), packed)
+    assert np.array_equal(got[Q_PROJ + ".weight_scale"].view(torch.uint8).numpy(), s8)
+    for k in (Q_PROJ + ".weight_scale_2", Q_PROJ + ".input_scale"):  # kept
+        assert torch.equal(got[k], tensors[k]), k
+    # the realized delta is measured on what a loader reads back
+    written = modelopt_dequant(packed, s8, s2)
+    dd = b @ a
+    retained = float(((written - deq) * dd).sum() / (dd * dd).sum())
+    assert report.realized[0][1] == pytest.approx(retained, rel=1e-4)
+
+
+def test_nvfp4_modelopt_stochastic_rounding_is_seeded(tmp_path):
+    from loratool.ops.merge import merge
+
+    base, _ = nvfp4_base(tmp_path, "modelopt")
+    lora, _, _ = exact_lora(tmp_path / "lora", 48, 64, seed=3)
+    outs = []
+    for i, seed in enumerate((1, 1, 2)):
+        merge(base, [lora], tmp_path / f"o{i}", rounding="stochastic", seed=seed)
+        outs.append(load_file(str(tmp_path / f"o{i}" / "model.safetensors"))[Q_PROJ + ".weight"])
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+
+
+def test_nvfp4_modelopt_dequantized_output(tmp_path):
+    from loratool.ops.merge import merge
+
+    base, tensors = nvfp4_base(tmp_path, "modelopt")
+    s2 = np.float32(tensors[Q_PROJ + ".weight_scale_2"].numpy())
+    deq = modelopt_dequant(tensors[Q_PROJ + ".weight"].numpy(), tensors[Q_PROJ + ".weight_scale"].view(
+        torch.uint8).numpy(), s2)
+    lora, a, b = exact_lora(tmp_path / "lora", 48, 64, seed=3)
+    merge(base, [lora], tmp_path / "out", dtype="fp32")
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(got) == {Q_PROJ + ".weight", "model.norm.weight"}  # the scales are left out
+    assert np.array_equal(got[Q_PROJ + ".weight"].numpy(), (deq + b @ a).astype(np.float32))
+
+
+def test_nvfp4_compressed_tensors_dequantized_output_is_refused_by_name(tmp_path):
+    base, _ = nvfp4_base(tmp_path, "compressed-tensors")
+    lora, _, _ = exact_lora(tmp_path / "lora", 48, 64, seed=3)
+    lines = refused_merge(base, lora, tmp_path / "o", "--dtype", "bf16")
+    assert Q_PROJ + ".weight_packed" in lines[0] and "nvfp4" in lines[0], lines
+
+
+def test_nvfp4_compressed_tensors_merge_equals_its_compressor(tmp_path):
+    """A merge into `<m>.weight_packed` (the adapter names `<m>`): the written tensors are
+    compressed-tensors' own compression of dequant(W) + ΔW with the stored global scale."""
+    from loratool.ops.merge import merge
+
+    base, tensors = nvfp4_base(tmp_path, "compressed-tensors", seed=2)
+    s = detect(open_checkpoint(base)).of(Q_PROJ + ".weight_packed")
+    assert s is not None
+    deq = dequantize(s, tensors[Q_PROJ + ".weight_packed"], load_from(tensors)).numpy()
+    lora, a, b = exact_lora(tmp_path / "lora", 48, 64, seed=4)
+    report = merge(base, [lora], tmp_path / "out")
+    assert report.merged == 1
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert list(got) == list(load_file(str(base / "model.safetensors")))
+    want = ct_compress(torch.from_numpy((deq + b @ a).astype(np.float32)), tensors[Q_PROJ + ".weight_global_scale"])
+    assert torch.equal(got[Q_PROJ + ".weight_packed"], want["weight_packed"])
+    assert torch.equal(got[Q_PROJ + ".weight_scale"].view(torch.uint8), want["weight_scale"].view(torch.uint8))
+    assert torch.equal(got[Q_PROJ + ".weight_global_scale"], tensors[Q_PROJ + ".weight_global_scale"])
+
+
+@pytest.mark.parametrize("layout", ["compressed-tensors", "modelopt"])
+def test_validate_base_matches_an_nvfp4_base(tmp_path, layout):
+    base, _ = nvfp4_base(tmp_path, layout)
+    lora, _, _ = exact_lora(tmp_path / "lora", 48, 64, seed=3)
+    res = subprocess.run([sys.executable, "-m", "loratool", "validate", str(lora), "--base", str(base), "--json"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["base_storage"]["schemes"] == {"nvfp4": 1} and doc["base_storage"]["unsupported"] == []
+    assert doc["matched"] == 1
