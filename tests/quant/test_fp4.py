@@ -477,3 +477,46 @@ def test_validate_base_matches_an_nvfp4_base(tmp_path, layout):
     doc = json.loads(res.stdout)
     assert doc["base_storage"]["schemes"] == {"nvfp4": 1} and doc["base_storage"]["unsupported"] == []
     assert doc["matched"] == 1
+
+
+@pytest.mark.slow
+def test_transformers_loads_the_merged_compressed_tensors_nvfp4_checkpoint(tmp_path):
+    """A tiny Llama saved by transformers and compressed to NVFP4 by compressed-tensors, with the
+    config its QuantizationConfig writes: after the merge transformers loads it (dequantize=True, its
+    CPU path) and sees q_proj as compressed-tensors' compression of dequant(W) + ΔW, k_proj as it was."""
+    pytest.importorskip("transformers")
+    ct_scheme()
+    from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig, LlamaConfig, LlamaForCausalLM
+
+    from loratool.ops.merge import merge
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=64)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "f32")
+    stored: dict[str, torch.Tensor] = {}
+    for k, v in load_file(str(tmp_path / "f32" / "model.safetensors")).items():
+        if k.endswith("_proj.weight"):
+            stored |= {k[: -len("weight")] + part: t for part, t in ct_compress(v.float()).items()}
+        else:
+            stored[k] = v
+    qcfg = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme("NVFP4A16", ["Linear"])},
+                              format="nvfp4-pack-quantized", quantization_status="compressed", ignore=["lm_head"])
+    base = save_quantized_base(tmp_path, "nvfp4", stored, json.loads((tmp_path / "f32" / "config.json").read_text()),
+                               qcfg.model_dump(mode="json") | {"quant_method": "compressed-tensors"})
+    s = detect(open_checkpoint(base)).of(Q_PROJ + ".weight_packed")
+    assert s is not None
+    deq = dequantize(s, stored[Q_PROJ + ".weight_packed"], load_from(stored)).numpy()
+    lora, a, b = exact_lora(tmp_path / "lora", 64, 64, seed=6)
+    merge(base, [lora], tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32,
+                                                 quantization_config=CompressedTensorsConfig(dequantize=True))
+    attn = model.model.layers[0].self_attn
+    g = stored[Q_PROJ + ".weight_global_scale"]
+    merged = ct_compress(torch.from_numpy((deq + b @ a).astype(np.float32)), g)
+    want = ct_decompress(merged | {"weight_global_scale": g})
+    assert torch.equal(attn.q_proj.weight.detach().to(want.dtype), want)
+    k_proj = "model.layers.0.self_attn.k_proj"
+    before = ct_decompress({k.rsplit(".", 1)[1]: v for k, v in stored.items() if k.startswith(k_proj + ".weight")})
+    assert torch.equal(attn.k_proj.weight.detach().to(before.dtype), before)
