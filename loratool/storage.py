@@ -27,6 +27,12 @@ recognised from its dtype, its sibling tensors and config.json's `quantization_c
                 The tensor scale is kept (the exporters share it across fused q/k/v and gate/up); the block
                 scales are recomputed as each quantizer does
 
+    comfy_fp8   ComfyUI mixed precision, a layer whose `<m>.comfy_quant` JSON says "float8_e4m3fn" or
+                "float8_e5m2": `<m>.weight` fp8, `<m>.weight_scale` float32 scalar, W = q · s; requantized
+                as ComfyUI requantizes a patched layer (scale recalculated: amax / max); the marker and
+                `input_scale` copied. Other comfy_quant formats (nvfp4 with swizzled block scales, int8,
+                mxfp8, ...) are refused by their format name
+
 Everything else that is recognisably quantized (GPTQ, AWQ, HQQ, EXL2, compressed-tensors int,
 fp8 with a `weight_scale`, ...) is "known but unsupported": merge refuses it up front, never passing
 the delta through wrong. Dequantization is exact (float32); quantize() writes the same scheme back,
@@ -56,7 +62,7 @@ if TYPE_CHECKING:
 
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
-SUPPORTED = ("fp8", "fp8_scaled", "fp8_block", "bnb_nf4", "bnb_fp4", "bnb_int8", "mxfp4", "nvfp4")
+SUPPORTED = ("fp8", "fp8_scaled", "fp8_block", "bnb_nf4", "bnb_fp4", "bnb_int8", "mxfp4", "nvfp4", "comfy_fp8")
 
 # the suffix of a packed weight tensor -> its scheme (all refused)
 _UNSUPPORTED_WEIGHTS = {
@@ -93,7 +99,7 @@ class Storage:
         """The sibling keys whose values a requantization recomputes (written with the weight)."""
         roles = {"fp8_block": ("scale_inv",), "bnb_nf4": ("absmax", "nested_absmax"),
                  "bnb_fp4": ("absmax", "nested_absmax"), "bnb_int8": ("scb",),
-                 "mxfp4": ("scales",), "nvfp4": ("scale",)}.get(self.scheme, ())
+                 "mxfp4": ("scales",), "nvfp4": ("scale",), "comfy_fp8": ("scale",)}.get(self.scheme, ())
         return [self.siblings[r] for r in roles if r in self.siblings]
 
     @property
@@ -211,7 +217,8 @@ def _read_json_tensor(info: TensorInfo) -> dict[str, Any]:
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         from loratool.errors import FormatError
 
-        raise FormatError(f"{info.path}: '{info.key}' is not the JSON bitsandbytes writes ({e})") from None
+        raise FormatError(f"{info.path}: '{info.key}' is not the JSON its writer (bitsandbytes, ComfyUI) stores ({e})"
+                          ) from None
     if not isinstance(doc, dict):
         from loratool.errors import FormatError
 
@@ -275,7 +282,8 @@ def detect(ckpt: Checkpoint, *, read_small: bool = True) -> BaseStorage:
                             sib, block, params, supported=ok))
         if key in base.tensors:
             continue
-        nv = _nvfp4(key, tensors)
+        # the comfy_quant marker first: ComfyUI's nvfp4 has ModelOpt's key names but swizzled block scales
+        nv = _comfy_quant(key, tensors, read_small) or _nvfp4(key, tensors)
         if nv is not None:
             add(nv)
             continue
@@ -389,6 +397,30 @@ def _nvfp4(key: str, tensors: dict[str, TensorInfo]) -> Storage | None:
     return None
 
 
+_COMFY_FP8 = {"float8_e4m3fn": "float8_e4m3fn", "float8_e5m2": "float8_e5m2"}  # comfy_quant format -> dtype
+
+
+def _comfy_quant(key: str, tensors: dict[str, TensorInfo], read_small: bool) -> Storage | None:
+    """ComfyUI mixed precision: `<m>.comfy_quant` (uint8 JSON bytes, {"format": ...}) names the layer's
+    scheme. fp8 formats (`<m>.weight` fp8, `<m>.weight_scale` float32 scalar, optionally
+    `<m>.input_scale`) are supported: W = q · weight_scale; other formats (nvfp4's swizzled block scales,
+    int8, mxfp8, ...) stay refused by name. None when `key` has no marker."""
+    if not key.endswith(".weight") or key[: -len("weight")] + "comfy_quant" not in tensors:
+        return None
+    stem = key[: -len(".weight")]
+    info, marker = tensors[key], tensors[stem + ".comfy_quant"]
+    fmt = str(_read_json_tensor(marker).get("format")) if read_small else info.dtype
+    sib = {"marker": marker.key}
+    for role, suffix in (("scale", ".weight_scale"), ("scale_2", ".weight_scale_2"), ("input_scale", ".input_scale")):
+        if stem + suffix in tensors:
+            sib[role] = stem + suffix
+    scale = tensors.get(stem + ".weight_scale")
+    ok = (fmt in _COMFY_FP8 and info.dtype == _COMFY_FP8[fmt] and scale is not None and math.prod(scale.shape) == 1
+          and scale.dtype in FLOAT_DTYPES)
+    scheme = "comfy_fp8" if ok else f"ComfyUI mixed precision (comfy_quant format {fmt})"
+    return Storage(key, scheme, info.dtype, info.shape, sib, params={"format": fmt}, supported=ok)
+
+
 # ---------------------------------------------------------------------------------------------
 # dequantize / quantize one weight (with its siblings)
 
@@ -422,6 +454,8 @@ def dequantize(s: Storage, stored: torch.Tensor, load: Load) -> torch.Tensor:
         return int8_row_dequantize(stored, load(s.siblings["scb"]))
     if s.scheme == "mxfp4":
         return _mxfp4_dequantize(s, stored, load)
+    if s.scheme == "comfy_fp8":
+        return stored.to(torch.float32) * load(s.siblings["scale"]).to(torch.float32).reshape(())
     if s.scheme == "nvfp4":
         from loratool.maths.fp4 import nvfp4_dequantize, unpack_low_first
 
@@ -488,6 +522,12 @@ def quantize(s: Storage, w: torch.Tensor, load: Load, *, generator: torch.Genera
         return {s.key: q, s.siblings["scb"]: scb.reshape(old.shape).to(old.dtype)}
     if s.scheme == "mxfp4":
         return _mxfp4_quantize(s, w, generator)
+    if s.scheme == "comfy_fp8":
+        from loratool.maths.quant import tensor_fp8_quantize
+
+        q, scale = tensor_fp8_quantize(w, s.dtype, generator=generator)
+        old_scale = load(s.siblings["scale"])
+        return {s.key: q, s.siblings["scale"]: scale.reshape(old_scale.shape).to(old_scale.dtype)}
     if s.scheme == "nvfp4":
         from loratool.maths.fp4 import nvfp4_quantize, pack_low_first
 

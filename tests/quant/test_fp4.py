@@ -520,3 +520,82 @@ def test_transformers_loads_the_merged_compressed_tensors_nvfp4_checkpoint(tmp_p
     k_proj = "model.layers.0.self_attn.k_proj"
     before = ct_decompress({k.rsplit(".", 1)[1]: v for k, v in stored.items() if k.startswith(k_proj + ".weight")})
     assert torch.equal(attn.k_proj.weight.detach().to(before.dtype), before)
+
+
+# ---------------------------------------------------------------------------------------------
+# ComfyUI mixed precision (comfy_quant): each layer in its own format, numpy references
+
+
+def comfy_marker(fmt: str) -> torch.Tensor:
+    return torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
+
+
+def ref_comfy_fp8(w: np.ndarray, fmt: str) -> tuple[np.ndarray, np.float32]:
+    """ComfyUI's requantization of a patched fp8 layer (scale="recalculate"): scale = amax / max,
+    q = fp8(clamp(w · (1 / scale))), with this repository's numpy fp8 rounding (tests/ops)."""
+    from ops.test_merge_quantized import fp8_values, ref_fp8_bits
+
+    top = np.float32(fp8_values(fmt)[-1])
+    scale = np.float32(np.abs(w).max() / top)
+    return ref_fp8_bits((w * (np.float32(1) / scale)).astype(np.float32), fmt), scale
+
+
+def comfy_base(tmp_path: Path, fmt: str, *, seed: int = 0):
+    """One ComfyUI file: q_proj in `fmt` (marker, weight_scale, input_scale), k_proj bf16, v_proj in
+    float8_e5m2, o_proj in nvfp4 (its swizzled block scales: refused, so not in the merged tests)."""
+    from ops.test_merge_quantized import fp8_decode
+
+    rng = np.random.default_rng(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    deq = {}
+    for name, f in ((Q_PROJ, fmt), ("model.layers.0.self_attn.v_proj", "float8_e5m2")):
+        w = rng.standard_normal((48, 64)).astype(np.float32)
+        bits, scale = ref_comfy_fp8(w, f)
+        tensors |= {name + ".weight": torch.from_numpy(bits).view(getattr(torch, f)),
+                    name + ".weight_scale": torch.tensor(scale), name + ".input_scale": torch.tensor(0.5),
+                    name + ".comfy_quant": comfy_marker(f)}
+        deq[name] = (fp8_decode(bits, f) * scale).astype(np.float32)
+    tensors["model.layers.0.self_attn.k_proj.weight"] = torch.randn(48, 64).bfloat16()
+    path = tmp_path / "comfy.safetensors"
+    save_file(tensors, str(path))
+    return path, tensors, deq
+
+
+@pytest.mark.parametrize("fmt", ["float8_e4m3fn", "float8_e5m2"])
+def test_comfy_quant_fp8_layer_merges_in_its_own_format(tmp_path, fmt):
+    from ops.test_merge_quantized import as_np
+
+    from loratool.ops.merge import merge
+
+    base, tensors, deq = comfy_base(tmp_path, fmt)
+    storage = detect(open_checkpoint(base))
+    s = storage.of(Q_PROJ + ".weight")
+    assert s is not None and s.scheme == "comfy_fp8" and s.params["format"] == fmt
+    assert storage.unsupported == [] and Q_PROJ + ".comfy_quant" in storage.siblings
+    lora, a, b = exact_lora(tmp_path / "lora", 48, 64)
+    report = merge(base, [lora], tmp_path / "out.safetensors", stats=True)
+    assert report.merged == 1 and report.tensors[0].storage == "comfy_fp8"
+    got = load_file(str(tmp_path / "out.safetensors"))
+    assert list(got) == list(load_file(str(base)))
+    bits, scale = ref_comfy_fp8((deq[Q_PROJ] + b @ a).astype(np.float32), fmt)
+    assert np.array_equal(as_np(got[Q_PROJ + ".weight"]), bits)
+    assert got[Q_PROJ + ".weight_scale"].dtype == torch.float32 and float(got[Q_PROJ + ".weight_scale"]) == scale
+    for k, v in tensors.items():  # the marker, input_scale and every other layer: as stored
+        if k not in (Q_PROJ + ".weight", Q_PROJ + ".weight_scale"):
+            assert torch.equal(got[k].view(torch.uint8) if got[k].dim() else got[k],
+                               v.view(torch.uint8) if v.dim() else v), k
+
+
+def test_comfy_quant_nvfp4_layer_is_refused_by_its_format(tmp_path):
+    """ComfyUI's nvfp4 has ModelOpt's key names, but its block scales are in cuBLAS's swizzled layout
+    and its nibbles high first: for a (128, 64) weight the swizzled scales have ModelOpt's (128, 4)
+    shape, and the marker alone keeps them from being read as ModelOpt's."""
+    base, tensors, _ = comfy_base(tmp_path, "float8_e4m3fn")
+    o_proj = "model.layers.0.self_attn.o_proj"
+    tensors |= {o_proj + ".weight": torch.zeros(128, 32, dtype=torch.uint8),
+                o_proj + ".weight_scale": torch.zeros(128, 4).to(torch.float8_e4m3fn),
+                o_proj + ".weight_scale_2": torch.tensor(1.0), o_proj + ".comfy_quant": comfy_marker("nvfp4")}
+    save_file(tensors, str(base))
+    lora, _, _ = exact_lora(tmp_path / "lora", 48, 64)
+    lines = refused_merge(base, lora, tmp_path / "out.safetensors")
+    assert o_proj + ".weight" in lines[0] and "comfy_quant format nvfp4" in lines[0], lines
