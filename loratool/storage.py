@@ -30,8 +30,12 @@ recognised from its dtype, its sibling tensors and config.json's `quantization_c
     comfy_fp8   ComfyUI mixed precision, a layer whose `<m>.comfy_quant` JSON says "float8_e4m3fn" or
                 "float8_e5m2": `<m>.weight` fp8, `<m>.weight_scale` float32 scalar, W = q · s; requantized
                 as ComfyUI requantizes a patched layer (scale recalculated: amax / max); the marker and
-                `input_scale` copied. Other comfy_quant formats (nvfp4 with swizzled block scales, int8,
-                mxfp8, ...) are refused by their format name
+                `input_scale` copied
+    comfy_nvfp4 ComfyUI mixed precision "nvfp4" (comfy-kitchen's layout): `<m>.weight` uint8 (rows, cols/2),
+                codes high nibble first; `<m>.weight_scale` fp8 block scales in cuBLAS's swizzled 128 × 4
+                tile layout; `<m>.weight_scale_2` float32: W = e2m1 · (s2 · s); requantized with s2
+                recalculated (amax / (448 · 6)) as ComfyUI does. Other comfy_quant formats (int8, mxfp8,
+                ...) are refused by their format name
 
 Everything else that is recognisably quantized (GPTQ, AWQ, HQQ, EXL2, compressed-tensors int,
 fp8 with a `weight_scale`, ...) is "known but unsupported": merge refuses it up front, never passing
@@ -62,7 +66,8 @@ if TYPE_CHECKING:
 
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
-SUPPORTED = ("fp8", "fp8_scaled", "fp8_block", "bnb_nf4", "bnb_fp4", "bnb_int8", "mxfp4", "nvfp4", "comfy_fp8")
+SUPPORTED = ("fp8", "fp8_scaled", "fp8_block", "bnb_nf4", "bnb_fp4", "bnb_int8", "mxfp4", "nvfp4", "comfy_fp8",
+             "comfy_nvfp4")
 
 # the suffix of a packed weight tensor -> its scheme (all refused)
 _UNSUPPORTED_WEIGHTS = {
@@ -99,7 +104,8 @@ class Storage:
         """The sibling keys whose values a requantization recomputes (written with the weight)."""
         roles = {"fp8_block": ("scale_inv",), "bnb_nf4": ("absmax", "nested_absmax"),
                  "bnb_fp4": ("absmax", "nested_absmax"), "bnb_int8": ("scb",),
-                 "mxfp4": ("scales",), "nvfp4": ("scale",), "comfy_fp8": ("scale",)}.get(self.scheme, ())
+                 "mxfp4": ("scales",), "nvfp4": ("scale",), "comfy_fp8": ("scale",),
+                 "comfy_nvfp4": ("scale", "scale_2")}.get(self.scheme, ())
         return [self.siblings[r] for r in roles if r in self.siblings]
 
     @property
@@ -415,10 +421,20 @@ def _comfy_quant(key: str, tensors: dict[str, TensorInfo], read_small: bool) -> 
         if stem + suffix in tensors:
             sib[role] = stem + suffix
     scale = tensors.get(stem + ".weight_scale")
+    bad = Storage(key, f"ComfyUI mixed precision (comfy_quant format {fmt})", info.dtype, info.shape, sib,
+                  params={"format": fmt}, supported=False)
+    if fmt == "nvfp4":
+        glob = tensors.get(stem + ".weight_scale_2")
+        rows, half = info.shape if len(info.shape) == 2 else (0, 0)
+        swizzled = (-(-rows // 128) * 128, -(-(2 * half // 16) // 4) * 4)
+        if (info.dtype != "uint8" or not rows or (2 * half) % 16 or scale is None or glob is None
+                or scale.dtype != "float8_e4m3fn" or tuple(scale.shape) != swizzled or math.prod(glob.shape) != 1
+                or glob.dtype != "float32"):
+            return bad
+        return Storage(key, "comfy_nvfp4", info.dtype, (rows, 2 * half), sib, (16,), {"format": fmt, "layout": "comfy"})
     ok = (fmt in _COMFY_FP8 and info.dtype == _COMFY_FP8[fmt] and scale is not None and math.prod(scale.shape) == 1
           and scale.dtype in FLOAT_DTYPES)
-    scheme = "comfy_fp8" if ok else f"ComfyUI mixed precision (comfy_quant format {fmt})"
-    return Storage(key, scheme, info.dtype, info.shape, sib, params={"format": fmt}, supported=ok)
+    return Storage(key, "comfy_fp8", info.dtype, info.shape, sib, params={"format": fmt}) if ok else bad
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,6 +472,12 @@ def dequantize(s: Storage, stored: torch.Tensor, load: Load) -> torch.Tensor:
         return _mxfp4_dequantize(s, stored, load)
     if s.scheme == "comfy_fp8":
         return stored.to(torch.float32) * load(s.siblings["scale"]).to(torch.float32).reshape(())
+    if s.scheme == "comfy_nvfp4":
+        from loratool.maths.fp4 import from_blocked, nvfp4_dequantize, unpack_high_first
+
+        rows, cols = s.shape
+        block = from_blocked(load(s.siblings["scale"]), rows, cols // 16)
+        return nvfp4_dequantize(unpack_high_first(stored), block, load(s.siblings["scale_2"]), "comfy")
     if s.scheme == "nvfp4":
         from loratool.maths.fp4 import nvfp4_dequantize, unpack_low_first
 
@@ -528,6 +550,15 @@ def quantize(s: Storage, w: torch.Tensor, load: Load, *, generator: torch.Genera
         q, scale = tensor_fp8_quantize(w, s.dtype, generator=generator)
         old_scale = load(s.siblings["scale"])
         return {s.key: q, s.siblings["scale"]: scale.reshape(old_scale.shape).to(old_scale.dtype)}
+    if s.scheme == "comfy_nvfp4":
+        from loratool.maths.fp4 import E2M1_MAX, FP8_E4M3_MAX, nvfp4_quantize, pack_high_first, to_blocked
+
+        amax = torch.maximum(w.amax(), -w.amin()).to(torch.float32)
+        tensor_scale = amax / (FP8_E4M3_MAX * E2M1_MAX) if float(amax) > 0 else torch.tensor(1.0)  # recalculated
+        codes, block = nvfp4_quantize(w, tensor_scale, "comfy", generator=generator)
+        old_global = load(s.siblings["scale_2"])
+        return {s.key: pack_high_first(codes), s.siblings["scale"]: to_blocked(block),
+                s.siblings["scale_2"]: tensor_scale.reshape(old_global.shape)}
     if s.scheme == "nvfp4":
         from loratool.maths.fp4 import nvfp4_quantize, pack_low_first
 

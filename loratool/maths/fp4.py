@@ -144,7 +144,9 @@ def nvfp4_quantize(w: torch.Tensor, global_scale: torch.Tensor, layout: str, *,
     compressed-tensors (calculate_qparams with a global scale g): s = g · (amax / 6), saturated to
         ±448 and rounded to fp8; a zero scale becomes fp8's eps 0.125;
     ModelOpt (NVFP4QTensor.quantize with weights_scaling_factor_2 s2): s = amax / (6 · s2) rounded to
-        fp8 (saturated at 448, where ModelOpt would overflow); a zero scale becomes 1.
+        fp8 (saturated at 448, where ModelOpt would overflow); a zero scale becomes 1;
+    comfy (comfy-kitchen's quantize_nvfp4 with per-tensor scale g): s = (amax / 6) / g saturated at 448,
+        rounded to fp8; a zero block keeps scale 0 and codes 0.
 
     Then each value x / eff (eff = nvfp4_effective_scale) is rounded to e2m1, ties to the even code,
     a negative value rounding to zero keeping its sign (both quantizers).
@@ -158,9 +160,44 @@ def nvfp4_quantize(w: torch.Tensor, global_scale: torch.Tensor, layout: str, *,
     if layout == "compressed-tensors":
         s = (g * (amax / E2M1_MAX)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
         s = torch.where(s.to(torch.float32) == 0, torch.tensor(0.125), s.to(torch.float32)).to(torch.float8_e4m3fn)
+    elif layout == "comfy":  # comfy-kitchen's quantize_nvfp4: (amax / 6) / g, saturated; a zero block stays 0
+        s = ((amax / E2M1_MAX) / g).clamp(max=FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     else:
         s = amax / (E2M1_MAX * g)
         s = torch.where(s == 0, torch.ones_like(s), s).clamp(max=FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-    eff = nvfp4_effective_scale(s, global_scale, layout)
-    scaled = (blocks / eff.unsqueeze(-1)).reshape(rows, cols)
+    eff = nvfp4_effective_scale(s, global_scale, layout).unsqueeze(-1)
+    scaled = torch.where(eff > 0, blocks / torch.where(eff > 0, eff, torch.ones_like(eff)), 0.0).reshape(rows, cols)
     return e2m1_round(scaled, ties="even", signed_zero=True, generator=generator), s
+
+
+def to_blocked(scales: torch.Tensor) -> torch.Tensor:
+    """(rows, cols) block scales in cuBLAS's swizzled layout (ComfyUI's stored nvfp4 `weight_scale`):
+    padded with zeros to (⌈rows/128⌉·128, ⌈cols/4⌉·4), tiles of 128 × 4 row-major, the byte of (r, c)
+    inside a tile at (r % 32) · 16 + (r // 32) · 4 + c % 4; returned in the padded 2-D shape."""
+    import torch
+
+    rows, cols = scales.shape
+    rp, cp = -(-rows // 128) * 128, -(-cols // 4) * 4
+    padded = torch.zeros((rp, cp), dtype=scales.dtype, device=scales.device)
+    padded[:rows, :cols] = scales
+    tiles = padded.reshape(rp // 128, 128, cp // 4, 4).permute(0, 2, 1, 3)  # (tr, tc, 128, 4)
+    inner = tiles.reshape(rp // 128, cp // 4, 4, 32, 4).transpose(2, 3)  # row r = 32 · (r // 32) + r % 32
+    return inner.reshape(rp, cp).contiguous()
+
+
+def from_blocked(blocked: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The inverse of to_blocked: the (rows, cols) scales of a swizzled tensor."""
+    rp, cp = -(-rows // 128) * 128, -(-cols // 4) * 4
+    inner = blocked.reshape(rp // 128, cp // 4, 32, 4, 4).transpose(2, 3)  # (tr, tc, 4, 32, 4)
+    return inner.reshape(rp // 128, cp // 4, 128, 4).permute(0, 2, 1, 3).reshape(rp, cp)[:rows, :cols]
+
+
+def pack_high_first(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes (..., n) -> uint8 (..., n / 2), code 2j in the high nibble of byte j (comfy-kitchen)."""
+    return pack_low_first(codes.reshape(*codes.shape[:-1], -1, 2).flip(-1).reshape(codes.shape))
+
+
+def unpack_high_first(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., m) -> uint8 codes (..., 2m), the high nibble of each byte first."""
+    codes = unpack_low_first(packed)
+    return codes.reshape(*codes.shape[:-1], -1, 2).flip(-1).reshape(codes.shape)

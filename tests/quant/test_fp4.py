@@ -586,16 +586,97 @@ def test_comfy_quant_fp8_layer_merges_in_its_own_format(tmp_path, fmt):
                                v.view(torch.uint8) if v.dim() else v), k
 
 
-def test_comfy_quant_nvfp4_layer_is_refused_by_its_format(tmp_path):
-    """ComfyUI's nvfp4 has ModelOpt's key names, but its block scales are in cuBLAS's swizzled layout
-    and its nibbles high first: for a (128, 64) weight the swizzled scales have ModelOpt's (128, 4)
-    shape, and the marker alone keeps them from being read as ModelOpt's."""
+def test_comfy_quant_int8_layer_is_refused_by_its_format(tmp_path):
     base, tensors, _ = comfy_base(tmp_path, "float8_e4m3fn")
     o_proj = "model.layers.0.self_attn.o_proj"
-    tensors |= {o_proj + ".weight": torch.zeros(128, 32, dtype=torch.uint8),
-                o_proj + ".weight_scale": torch.zeros(128, 4).to(torch.float8_e4m3fn),
-                o_proj + ".weight_scale_2": torch.tensor(1.0), o_proj + ".comfy_quant": comfy_marker("nvfp4")}
+    tensors |= {o_proj + ".weight": torch.zeros(48, 64, dtype=torch.int8), o_proj + ".weight_scale": torch.tensor(1.0),
+                o_proj + ".comfy_quant": comfy_marker("int8_tensorwise")}
     save_file(tensors, str(base))
     lora, _, _ = exact_lora(tmp_path / "lora", 48, 64)
     lines = refused_merge(base, lora, tmp_path / "out.safetensors")
-    assert o_proj + ".weight" in lines[0] and "comfy_quant format nvfp4" in lines[0], lines
+    assert o_proj + ".weight" in lines[0] and "comfy_quant format int8_tensorwise" in lines[0], lines
+
+
+def test_comfy_quant_nvfp4_is_never_read_as_modelopt(tmp_path):
+    """ComfyUI's nvfp4 has ModelOpt's key names, but swizzled block scales and high-first nibbles: for a
+    (128, 64) weight the swizzled scales have ModelOpt's (128, 4) shape, and the marker decides."""
+    o_proj = "model.layers.0.self_attn.o_proj"
+    tensors = {o_proj + ".weight": torch.zeros(128, 32, dtype=torch.uint8),
+               o_proj + ".weight_scale": torch.zeros(128, 4).to(torch.float8_e4m3fn),
+               o_proj + ".weight_scale_2": torch.tensor(1.0), o_proj + ".comfy_quant": comfy_marker("nvfp4")}
+    save_file(tensors, str(tmp_path / "c.safetensors"))
+    s = detect(open_checkpoint(tmp_path / "c.safetensors")).of(o_proj + ".weight")
+    assert s is not None and s.scheme == "comfy_nvfp4" and s.params["layout"] == "comfy"
+
+
+def ref_swizzle(s: np.ndarray) -> np.ndarray:
+    """cuBLAS's block-scale layout, from its definition: 128 x 4 tiles of 512 bytes, row-major over
+    tiles, the byte of (r, c) inside a tile at (r % 32) · 16 + (r // 32) · 4 + c % 4; zero padded."""
+    rows, cols = s.shape
+    rp, cp = -(-rows // 128) * 128, -(-cols // 4) * 4
+    flat = np.zeros(rp * cp, s.dtype)
+    for r in range(rows):
+        for c in range(cols):
+            tile = (r // 128) * (cp // 4) + c // 4
+            flat[tile * 512 + (r % 128 % 32) * 16 + (r % 128 // 32) * 4 + c % 4] = s[r, c]
+    return flat.reshape(rp, cp)
+
+
+def ref_comfy_nvfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.float32]:
+    """comfy-kitchen's quantize_nvfp4 (eager) with scale="recalculate", in numpy (torch for the fp8
+    cast): g = amax / (448 · 6); block fp8 = min((amax_b / 6) / g, 448); x / (g · fp8) to e2m1 (ties
+    to even, sign kept), codes high nibble first; the fp8 scales swizzled."""
+    rows, cols = w.shape
+    g = np.float32(np.abs(w).max() / np.float32(448.0 * 6.0))
+    blocks = w.reshape(rows, cols // 16, 16)
+    s = np.minimum((np.abs(blocks).max(-1) / np.float32(6.0)).astype(np.float32) / g, np.float32(448))
+    s8 = torch.from_numpy(s.astype(np.float32)).to(torch.float8_e4m3fn)
+    total = (g * s8.float().numpy()).astype(np.float32)
+    scaled = np.where(total[..., None] > 0, blocks / np.where(total > 0, total, 1)[..., None], 0)
+    mag = np.abs(scaled.astype(np.float32)).reshape(rows, cols)
+    ordinal = np.searchsorted(E2M1_BOUNDS, mag, side="left") + np.isin(mag, E2M1_BOUNDS[[1, 3, 5]])
+    codes = (ordinal | np.where(scaled.reshape(rows, cols) < 0, 8, 0)).astype(np.uint8)
+    packed = ((codes[:, 0::2] << 4) | codes[:, 1::2]).astype(np.uint8)
+    return packed, ref_swizzle(s8.view(torch.uint8).numpy()), g
+
+
+def comfy_nvfp4_dequant(packed: np.ndarray, swizzled: np.ndarray, g: np.float32, rows: int, cols: int) -> np.ndarray:
+    codes = np.stack([packed >> 4, packed & 0xF], -1).reshape(rows, cols)
+    s8 = np.zeros((rows, cols // 16), np.uint8)
+    flat = swizzled.reshape(-1)
+    for r in range(rows):
+        for c in range(cols // 16):
+            s8[r, c] = flat[((r // 128) * (swizzled.shape[1] // 4) + c // 4) * 512 + (r % 32) * 16
+                            + (r % 128 // 32) * 4 + c % 4]
+    total = (g * torch.from_numpy(s8).view(torch.float8_e4m3fn).float().numpy()).astype(np.float32)
+    return (e2m1_values(codes).reshape(rows, -1, 16) * total[..., None]).reshape(rows, cols)
+
+
+@pytest.mark.parametrize("shape", [(48, 64), (160, 96)])  # partial 128-row and 4-column scale tiles
+def test_comfy_quant_nvfp4_layer_merges_in_its_own_format(tmp_path, shape):
+    from loratool.ops.merge import merge
+
+    rows, cols = shape
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal(shape).astype(np.float32)
+    w[1, 16:32] = 0  # an all-zero block keeps scale 0
+    packed, swizzled, g = ref_comfy_nvfp4(w)
+    tensors = {Q_PROJ + ".weight": torch.from_numpy(packed),
+               Q_PROJ + ".weight_scale": torch.from_numpy(swizzled).view(torch.float8_e4m3fn),
+               Q_PROJ + ".weight_scale_2": torch.tensor(g), Q_PROJ + ".input_scale": torch.tensor(0.25),
+               Q_PROJ + ".comfy_quant": comfy_marker("nvfp4"), "model.norm.weight": torch.ones(cols)}
+    base = tmp_path / "comfy.safetensors"
+    save_file(tensors, str(base))
+    s = detect(open_checkpoint(base)).of(Q_PROJ + ".weight")
+    assert s is not None and s.scheme == "comfy_nvfp4" and s.shape == shape
+    deq = comfy_nvfp4_dequant(packed, swizzled, g, rows, cols)
+    assert np.array_equal(dequantize(s, tensors[Q_PROJ + ".weight"], load_from(tensors)).numpy(), deq)
+    lora, a, b = exact_lora(tmp_path / "lora", rows, cols)
+    merge(base, [lora], tmp_path / "out.safetensors")
+    got = load_file(str(tmp_path / "out.safetensors"))
+    want_packed, want_scales, want_g = ref_comfy_nvfp4((deq + b @ a).astype(np.float32))
+    assert np.array_equal(got[Q_PROJ + ".weight"].numpy(), want_packed)
+    assert np.array_equal(got[Q_PROJ + ".weight_scale"].view(torch.uint8).numpy(), want_scales)
+    assert float(got[Q_PROJ + ".weight_scale_2"]) == want_g
+    for k in (Q_PROJ + ".input_scale", Q_PROJ + ".comfy_quant"):
+        assert torch.equal(got[k], tensors[k]), k
