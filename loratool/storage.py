@@ -109,6 +109,12 @@ class Storage:
         return [self.siblings[r] for r in roles if r in self.siblings]
 
     @property
+    def stochastic(self) -> bool:
+        """Whether quantize() honours a generator (--rounding stochastic): the fp8 and e2m1 schemes."""
+        return (self.scheme.startswith("fp8") or self.dtype in FP8_DTYPES
+                or self.scheme in ("mxfp4", "nvfp4", "comfy_nvfp4"))
+
+    @property
     def name(self) -> str:
         """The weight's key as the model names it: compressed-tensors' `<m>.weight_packed` is `<m>.weight`."""
         return self.key[: -len("_packed")] if self.key.endswith(".weight_packed") else self.key

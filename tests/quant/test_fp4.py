@@ -680,3 +680,20 @@ def test_comfy_quant_nvfp4_layer_merges_in_its_own_format(tmp_path, shape):
     assert float(got[Q_PROJ + ".weight_scale_2"]) == want_g
     for k in (Q_PROJ + ".input_scale", Q_PROJ + ".comfy_quant"):
         assert torch.equal(got[k], tensors[k]), k
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("layout", ["compressed-tensors", "modelopt"])
+def test_verify_accepts_an_nvfp4_merge_and_refuses_an_unmerged_copy(tmp_path, layout, rounding):
+    import shutil
+
+    from loratool.ops.merge import merge
+    from loratool.ops.verify import verify
+
+    base, _ = nvfp4_base(tmp_path, layout)
+    lora, _, _ = exact_lora(tmp_path / "lora", 48, 64)
+    merge(base, [lora], tmp_path / "out", rounding=rounding, seed=3 if rounding == "stochastic" else None)
+    report = verify(tmp_path / "out", base, [lora])
+    assert report.ok, [t.to_dict() for t in report.findings]
+    shutil.copytree(base, tmp_path / "copy")
+    assert not verify(tmp_path / "copy", base, [lora]).ok
