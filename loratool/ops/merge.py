@@ -385,8 +385,8 @@ def merge(
 ) -> MergeReport:
     """Merge adapters into a base checkpoint and write a complete copy of it.
 
-    A quantized base (fp8, ComfyUI scaled fp8, block fp8, bitsandbytes nf4/fp4/int8; see storage.py)
-    is dequantized exactly, merged in float32 and quantized back with the same scheme, tensor by
+    A quantized base (fp8, ComfyUI scaled fp8 and comfy_quant, block fp8, bitsandbytes nf4/fp4/int8, NVFP4,
+    MXFP4; see storage.py) is dequantized exactly, merged in float32 and quantized back with the same scheme, tensor by
     tensor; with a --dtype other than keep it is written dequantized instead. Every merged tensor's
     realized delta is measured (report.realized): retained = <R, ΔW> / ||ΔW||² with R the change
     the stored result makes.
@@ -404,7 +404,7 @@ def merge(
         allow_unmatched: skip modules that match no base weight (with a warning) instead of failing.
         stats: keep per merged tensor the delta norm, relative change, cast error, retention
             (report.tensors, for --report).
-        rounding: nearest (ties to even) | stochastic, for fp8 storage.
+        rounding: nearest (ties to even) | stochastic, for fp8 and fp4 (e2m1: MXFP4, NVFP4) storage.
         seed: the stochastic rounding seed (default 0); each tensor draws from its own stream.
         min_retained: below this retention a merged tensor is a warning (an error with strict).
         strict: refuse (write nothing) when a tensor keeps less than min_retained of its delta.
