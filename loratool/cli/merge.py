@@ -35,7 +35,7 @@ from loratool.io.writers import write_text_output
 @click.option("--report", "report_file", type=OutputPath(), default=None,
               help="Write per-tensor statistics (delta norm, relative change, cast error, retained delta) as JSON.")
 @click.option("--rounding", type=click.Choice(["nearest", "stochastic"]), default="nearest", show_default=True,
-              help="How merged values round back to fp8 storage (stochastic: unbiased, seeded).")
+              help="How merged values round back to fp8 / fp4 storage (stochastic: unbiased, seeded).")
 @click.option("--seed", type=int, default=None, help="Seed for --rounding stochastic (default 0).")
 @click.option("--min-retained", type=float, default=0.5, show_default=True,
               help="Warn when a merged tensor keeps less than this share of its delta after rounding.")

@@ -602,7 +602,7 @@ def _check_quantized(info: TensorInfo, found: TensorInfo, ctx: _Context, check: 
 
     from loratool.maths.compare import requant_numbers
     from loratool.maths.merge import merged_tensor
-    from loratool.storage import FP8_DTYPES, dequantize, requantize
+    from loratool.storage import dequantize, requantize
 
     key = info.key
     st, st_found = ctx.base_storage.of(key), ctx.merged_storage.of(key)
@@ -622,7 +622,7 @@ def _check_quantized(info: TensorInfo, found: TensorInfo, ctx: _Context, check: 
         x = w
     if st is not None and not ctx.dequantizing:
         refs = [requantize(st, x, ctx.load_base)[1]]
-        if st.scheme.startswith("fp8") or st.dtype in FP8_DTYPES:  # merge --rounding stochastic: same grid
+        if st.stochastic:  # merge --rounding stochastic: same grid
             gen = torch.Generator(device="cpu").manual_seed(0)
             refs.append(requantize(st, x, ctx.load_base, generator=gen)[1])
     else:  # written as plain floats: one rounding to the output dtype
