@@ -59,7 +59,7 @@ def _blocks(qtype: str, x: Arr) -> Arr:
 
 def dequantize(qtype: str, raw: Arr) -> Arr:
     """float32 (rows, columns) of the blocks in raw uint8 (rows, bytes per row) of GGML type qtype."""
-    size, nbytes = GGML_BLOCKS[qtype]
+    nbytes = GGML_BLOCKS[qtype][1]
     rows = raw.shape[0] if raw.ndim > 1 else 1
     b = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, nbytes)
     out = _DEQUANT[qtype](b)
@@ -173,7 +173,7 @@ def _dq8_0(b: Arr) -> Arr:
 
 def _make_qx_quants(X: Arr, nmax: int) -> tuple[Arr, Arr]:
     """(scale (groups,), L (n, groups) in 0..2·nmax-1): make_qx_quants with rmse_type 1, no weights."""
-    n, g = X.shape
+    g = X.shape[1]
     amax_i = np.abs(X).argmax(axis=0)
     mx = X[amax_i, np.arange(g)]
     zero = np.abs(mx) < _EPS
@@ -284,10 +284,10 @@ def _make_qkx2_quants(X: Arr, Wt: Arr, nmax: int, rmin: float, rdelta: float, ns
             this_min = np.where(clamp, _F32(0), this_min).astype(_F32)
             this_scale = np.where(clamp, sum_xl / np.where(clamp, sum_l2, _F32(1)), this_scale).astype(_F32)
         cur = error(this_scale, this_min, lv)
-        take = pos & (cur < best)
+        take: Arr = pos & (cur < best)
         if take.any():
             L = np.where(take, lv, L)
-            best = np.where(take, cur, best).astype(_F32)
+            best = np.asarray(np.where(take, cur, best), dtype=_F32)
             scale = np.where(take, this_scale, scale).astype(_F32)
             mn = np.where(take, this_min, mn).astype(_F32)
     scale = np.where(flat, _F32(0), scale).astype(_F32)
@@ -427,7 +427,7 @@ def _q3_k(x: Arr) -> Arr:
 
 def _unpack_scales_q3(sb: Arr) -> Arr:
     low = np.concatenate([sb[:, :8] & 0xF, sb[:, :8] >> 4], axis=1)  # (nb, 16)
-    j = np.arange(16)
+    j: Arr = np.arange(16)
     high = (sb[:, 8 + j % 4] >> (2 * (j // 4)).astype(np.uint8)) & 3
     return (low | (high << 4)).astype(np.int8) - np.int8(32)
 

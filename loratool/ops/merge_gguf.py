@@ -1,10 +1,13 @@
-"""merge into a GGUF base (llama.cpp / Ollama model files), through the gguf package.
+"""merge into a GGUF base (llama.cpp / Ollama model files, and the image-model GGUF files such as
+city96's FLUX / Wan / Qwen-Image ones), read and written through the gguf package.
 
-Each adapted tensor is dequantized with the gguf package, the deltas are added in float32, and the
-result is written in the tensor's own type where the package can quantize to it; when it cannot (the
-k-quants, i-quants, ...), the merge is refused before anything is written unless `dtype` names an
-output type (F32, F16 or BF16) for the adapted tensors. Every other tensor and every key-value is
-copied as it is. The tensors are streamed: one is in memory at a time.
+Each adapted tensor goes through its storage descriptor (storage.gguf_storage: F32, F16, BF16, the
+legacy quants and the K-quants), like a quantized safetensors base: dequantized, the deltas added in
+float32, and requantized in its own GGML type as ggml's reference quantizer does (maths/ggml.py), or
+written as F32 / F16 / BF16 when `dtype` names one. A type without a descriptor (the i-quants, ...)
+is refused by name before anything is written. Every other tensor and every key-value is copied as
+it is. An adapted tensor is processed a block of whole rows at a time, straight into the output, so
+memory is bounded by a block, not by a float32 copy of the tensor.
 
 Adapters in transformers naming are laid out for the base first (formats.gguf_layout: the gguf
 package's tensor-name map for the base's architecture, llama's q/k row permutation), so their
@@ -18,9 +21,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from loratool.adapter import Adapter
+from loratool.adapter import Adapter, LoraModule
 from loratool.errors import IncompatibleError
+from loratool.maths.merge import realized_delta
 from loratool.ops.merge_report import MergeReport, Progress, TensorStat
+from loratool.storage import GGUF_FLOATS, Storage, dequantize, gguf_storage, requantize
 
 # loratool's --dtype names -> GGML types for the adapted tensors
 GGUF_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
@@ -37,37 +42,8 @@ def is_gguf(path: Path) -> bool:
         return False
 
 
-def _can_quantize(gguf: Any, qtype: Any) -> bool:
-    import numpy as np
-
-    if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-        return True
-    block, _ = gguf.GGML_QUANT_SIZES[qtype]
-    try:
-        gguf.quants.quantize(np.zeros((1, block), dtype=np.float32), qtype)
-    except Exception:  # NotImplementedError, gguf.quants.QuantError (k-quants need whole super-blocks), ...
-        return False
-    return True
-
-
-def _encode(gguf: Any, values: Any, qtype: Any) -> Any:
-    """float32 values (numpy order) as the raw array add_tensor / write_tensor_data expect for qtype."""
-    import numpy as np
-
-    if qtype == gguf.GGMLQuantizationType.F32:
-        return values.astype(np.float32)
-    if qtype == gguf.GGMLQuantizationType.F16:
-        return values.astype(np.float16)
-    return gguf.quants.quantize(values.astype(np.float32), qtype)
-
-
-def _decode(gguf: Any, t: Any) -> Any:
-    import numpy as np
-
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-    if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-        return np.array(t.data, dtype=np.float32).reshape(shape)
-    return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
+# values per row block of an adapted tensor (float32: 4 MiB per working copy)
+BLOCK_ELEMENTS = 1 << 20
 
 
 def _copy_fields(gguf: Any, reader: Any, writer: Any) -> None:
@@ -102,12 +78,10 @@ def merge_into_gguf(
             write without --dtype, unmerge; FormatError, OutputExistsError.
     """
     import numpy as np
-    import torch
 
     from loratool.formats import gguf_layout, read, require_plain
     from loratool.formats.gguf_file import _gguf, gguf_reader
     from loratool.io.outputs import atomic_output
-    from loratool.maths.delta import delta as module_delta
 
     gguf = _gguf()
     if dtype != "keep" and dtype not in GGUF_DTYPES:
@@ -151,18 +125,17 @@ def merge_into_gguf(
     report.unmatched = unmatched
     if not plan:
         raise IncompatibleError(f"nothing to merge: no adapter module matches {base}")
-    out_type = {}
+    stores: dict[str, tuple[Storage, Storage]] = {}  # key -> (as the base stores it, as the output will)
     for key in plan:
-        qtype = tensors[key].tensor_type
-        if dtype != "keep":
-            qtype = gguf.GGMLQuantizationType[GGUF_DTYPES[dtype]]
-        if not _can_quantize(gguf, qtype):
+        t = tensors[key]
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        src = gguf_storage(key, t.tensor_type.name, shape)
+        if not src.supported:
             raise IncompatibleError(
-                f"{base}: '{key}' is {qtype.name}, which the gguf package cannot quantize to",
-                hint="pass --dtype fp16 (or fp32, bf16) to write the merged tensors in that type; the others keep "
-                "theirs",
-            )
-        out_type[key] = qtype
+                f"{base}: '{key}' is {src.dtype}, a GGUF type loratool cannot dequantize and requantize",
+                hint="merge into a GGUF base in F16, BF16, Q8_0, a legacy quant (Q4_0..Q5_1) or a K-quant "
+                "(Q2_K..Q6_K), or into the safetensors base, then quantize the merged model with llama.cpp")
+        stores[key] = (src, src if dtype == "keep" else gguf_storage(key, GGUF_DTYPES[dtype], shape))
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
     total = sum(int(t.n_bytes) for t in reader.tensors)
     done = 0
@@ -170,7 +143,7 @@ def merge_into_gguf(
         writer = gguf.GGUFWriter(tmp, arch)
         _copy_fields(gguf, reader, writer)
         for t in reader.tensors:  # infos first: sizes follow from shape and type, no data needed yet
-            qtype = out_type.get(t.name, t.tensor_type)
+            qtype = gguf.GGMLQuantizationType[stores[t.name][1].dtype] if t.name in stores else t.tensor_type
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
             if qtype in _PLAIN(gguf):
                 np_dtype = np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16
@@ -183,28 +156,16 @@ def merge_into_gguf(
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for t in reader.tensors:  # then the data, one tensor in memory at a time
+        for t in reader.tensors:  # then the data, one tensor at a time, an adapted one a row block at a time
             if t.name not in plan:
                 writer.write_tensor_data(t.data)
                 report.copied += 1
             else:
-                w = _decode(gguf, t)
-                acc = np.zeros_like(w, dtype=np.float32)
-                for a, name, weight in plan[t.name]:
-                    acc += weight * module_delta(a.modules[name], dtype=torch.float32).numpy()
-                new = w + acc
-                if not np.isfinite(new).all():
-                    raise IncompatibleError(f"{base}: merging into '{t.name}' gives NaN or Inf")
-                qtype = out_type[t.name]
-                data = _encode(gguf, new, qtype)
+                src, dst = stores[t.name]
+                rows = _MergedRows(base, t, src, dst, [(a.modules[n], w) for a, n, w in plan[t.name]])
+                writer.write_tensor_data(rows)  # duck-typed: the writer asks nbytes, then tofile()
                 if stats:
-                    back = _decode_raw(gguf, data, qtype, new.shape)
-                    report.tensors.append(TensorStat(
-                        t.name, Path(out).name, sorted({n for _, n, _ in plan[t.name]}),
-                        float(np.linalg.norm(acc)),
-                        float(np.linalg.norm(back - w)) / max(float(np.linalg.norm(w)), 1e-30),
-                        float(np.abs(back - new).max()) if new.size else 0.0))
-                writer.write_tensor_data(data)
+                    report.tensors.append(rows.stat(Path(out).name, sorted({n for _, n, _ in plan[t.name]})))
                 report.merged += 1
             done += int(t.n_bytes)
             if progress:
@@ -219,10 +180,72 @@ def _PLAIN(gguf: Any) -> tuple[Any, ...]:
     return (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
 
 
-def _decode_raw(gguf: Any, data: Any, qtype: Any, shape: tuple[int, ...]) -> Any:
-    import numpy as np
+class _MergedRows:
+    """One adapted tensor's merged data, as GGUFWriter.write_tensor_data takes an array (nbytes, tofile),
+    computed a block of whole rows at a time: dequantize the stored rows (src), add each module's rows of
+    ΔW in float32, requantize (dst), write; the realized delta is summed as it goes."""
 
-    if qtype in _PLAIN(gguf):
-        return data.astype(np.float32).reshape(shape)
-    return gguf.quants.dequantize(data, qtype).astype(np.float32).reshape(shape)
+    def __init__(self, base: Path, t: Any, src: Storage, dst: Storage, terms: list[tuple[LoraModule, float]]):
+        self.base, self.t, self.src, self.dst, self.terms = base, t, src, dst, terms
+        rows_out = math.prod(dst.shape[:-1])
+        self.nbytes = int(t.n_bytes) if dst is src else _row_bytes(dst) * rows_out
+        self.dd = self.de = self.ee = self.wn = self.worst = 0.0
 
+    def tofile(self, fp: Any) -> None:
+        import numpy as np
+        import torch
+
+        from loratool.maths.delta import delta, delta_rows, factors
+
+        shape = self.src.shape
+        cols = shape[-1]
+        nrows = math.prod(shape[:-1])
+        raw = self.t.data.reshape(nrows, -1)  # the stored rows (memory-mapped)
+        lowrank = []  # (up, down, scale · weight, transposed) of the modules whose rows delta_rows forms
+        dense = []  # weight · ΔW (rows, cols) of the others (conv, 3-D weights)
+        for m, weight in self.terms:
+            if len(shape) == 2 and m.kind != "conv":
+                up, down = factors(m, dtype=torch.float32)
+                lowrank.append((up, down, m.scale * weight, m.kind == "embedding" or m.fan_in_fan_out))
+            else:
+                dense.append(delta(m, dtype=torch.float32).reshape(nrows, cols) * weight)
+        step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+        for start in range(0, nrows, step):
+            stop = min(nrows, start + step)
+            w = dequantize(self.src, torch.from_numpy(np.array(raw[start:stop])), _no_siblings)
+            new = w.clone()
+            for up, down, scale, transposed in lowrank:
+                new += delta_rows(up, down, scale, start, stop, transposed=transposed)
+            for d in dense:
+                new += d[start:stop]
+            if not bool(torch.isfinite(new).all()):
+                raise IncompatibleError(f"{self.base}: merging into '{self.t.name}' gives NaN or Inf "
+                                        f"(rows {start}..{stop - 1})")
+            outs, back = requantize(self.dst, new, _no_siblings)
+            stored = outs[self.dst.key]
+            fp.write(stored.contiguous().view(torch.uint8).numpy().tobytes())
+            self.wn += float(torch.dot(w.view(-1), w.view(-1)))
+            dd, de, ee, worst = realized_delta(w, new, back)
+            self.dd, self.de, self.ee = self.dd + dd * dd, self.de + de, self.ee + ee * ee
+            self.worst = max(self.worst, worst)
+
+    def stat(self, file: str, modules: list[str]) -> TensorStat:
+        dd = self.dd
+        return TensorStat(self.t.name, file, modules, math.sqrt(dd), math.sqrt(dd) / max(math.sqrt(self.wn), 1e-30),
+                          self.worst, self.de / dd if dd > 0 else None,
+                          math.sqrt(self.ee) / math.sqrt(dd) if dd > 0 else None,
+                          f"gguf {self.src.dtype}" + (f" -> {self.dst.dtype}" if self.dst is not self.src else ""))
+
+
+def _row_bytes(s: Storage) -> int:
+    from loratool.maths.ggml import GGML_BLOCKS
+
+    cols = s.shape[-1]
+    if s.dtype in GGUF_FLOATS:
+        return cols * {"F32": 4, "F16": 2, "BF16": 2}[s.dtype]
+    values, size = GGML_BLOCKS[s.dtype]
+    return cols // values * size
+
+
+def _no_siblings(key: str) -> Any:
+    raise AssertionError(f"a GGUF tensor has no sibling tensors ({key})")  # pragma: no cover
