@@ -92,8 +92,13 @@ def merge_into_gguf(
         raise IncompatibleError(f"{base}: is a GGUF adapter, not a model to merge into")
     tensors = {t.name: t for t in reader.tensors}
     report = MergeReport(Path(out), base, list(adapters), weights, False, dtype, "cpu")
-    # module deltas per base tensor name
-    plan: dict[str, list[tuple[Adapter, str, float]]] = {}
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    # an architecture the gguf package names tensors for (llama, qwen2, ...) gets its layout; the others
+    # (city96's flux, wan, qwen_image, ... files) hold the model's own tensor names, matched like a
+    # safetensors base's keys (keymap, with the family's fused <-> split relations)
+    llm = arch in gguf.MODEL_ARCH_NAMES.values()
+    # module deltas per base tensor name: (module, weight, its rows of a fused tensor or None)
+    plan: dict[str, list[tuple[LoraModule, float, tuple[int, int] | None]]] = {}
     unmatched: list[str] = []
     for path, w in zip(adapters, weights):
         a = read(path, allow_pickle=allow_pickle)
@@ -106,6 +111,10 @@ def merge_into_gguf(
                                     hint=f"loratool convert {path} --to peft --dora-to-lora HF_BASE -o PLAIN first")
         if [k for k in a.extras if ".base_layer." not in k]:
             raise IncompatibleError(f"{path}: modules_to_save tensors are not merged into GGUF bases")
+        if not llm and a.source_format != "gguf":
+            for key, m, span in _match_image_model(path, base, a, tensors, unmatched):
+                plan.setdefault(key, []).append((m, w, span))
+            continue
         if a.source_format != "gguf":
             a = gguf_layout(a, base)  # refuses modules the base has no tensor for, by name
         for name, m in a.modules.items():
@@ -118,7 +127,7 @@ def merge_into_gguf(
             if shape != tuple(m.base_shape):
                 raise IncompatibleError(f"{path}: module '{name}' needs a base weight of shape {m.base_shape} but "
                                         f"{base}: '{key}' is {shape}")
-            plan.setdefault(key, []).append((a, name, w))
+            plan.setdefault(key, []).append((m, w, None))
     if unmatched and not allow_unmatched:
         raise IncompatibleError(f"{adapters[0]}: {len(unmatched)} module(s) match no tensor of {base}: "
                                 f"{', '.join(unmatched[:6])}", hint="pass --allow-unmatched to skip them")
@@ -136,7 +145,6 @@ def merge_into_gguf(
                 hint="merge into a GGUF base in F16, BF16, Q8_0, a legacy quant (Q4_0..Q5_1) or a K-quant "
                 "(Q2_K..Q6_K), or into the safetensors base, then quantize the merged model with llama.cpp")
         stores[key] = (src, src if dtype == "keep" else gguf_storage(key, GGUF_DTYPES[dtype], shape))
-    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
     total = sum(int(t.n_bytes) for t in reader.tensors)
     done = 0
     with atomic_output(Path(out), force=force, directory=False, inputs=[base, *adapters]) as tmp:
@@ -162,10 +170,10 @@ def merge_into_gguf(
                 report.copied += 1
             else:
                 src, dst = stores[t.name]
-                rows = _MergedRows(base, t, src, dst, [(a.modules[n], w) for a, n, w in plan[t.name]])
+                rows = _MergedRows(base, t, src, dst, plan[t.name])
                 writer.write_tensor_data(rows)  # duck-typed: the writer asks nbytes, then tofile()
                 if stats:
-                    report.tensors.append(rows.stat(Path(out).name, sorted({n for _, n, _ in plan[t.name]})))
+                    report.tensors.append(rows.stat(Path(out).name, sorted({m.name for m, _, _ in plan[t.name]})))
                 report.merged += 1
             done += int(t.n_bytes)
             if progress:
@@ -185,7 +193,8 @@ class _MergedRows:
     computed a block of whole rows at a time: dequantize the stored rows (src), add each module's rows of
     ΔW in float32, requantize (dst), write; the realized delta is summed as it goes."""
 
-    def __init__(self, base: Path, t: Any, src: Storage, dst: Storage, terms: list[tuple[LoraModule, float]]):
+    def __init__(self, base: Path, t: Any, src: Storage, dst: Storage,
+                 terms: list[tuple[LoraModule, float, tuple[int, int] | None]]):
         self.base, self.t, self.src, self.dst, self.terms = base, t, src, dst, terms
         rows_out = math.prod(dst.shape[:-1])
         self.nbytes = int(t.n_bytes) if dst is src else _row_bytes(dst) * rows_out
@@ -201,23 +210,31 @@ class _MergedRows:
         cols = shape[-1]
         nrows = math.prod(shape[:-1])
         raw = self.t.data.reshape(nrows, -1)  # the stored rows (memory-mapped)
-        lowrank = []  # (up, down, scale · weight, transposed) of the modules whose rows delta_rows forms
-        dense = []  # weight · ΔW (rows, cols) of the others (conv, 3-D weights)
-        for m, weight in self.terms:
+        lowrank = []  # (up, down, scale · weight, transposed, first row) of the modules delta_rows forms
+        dense = []  # (weight · ΔW (rows, cols), first row) of the others (conv, 3-D weights)
+        for m, weight, span in self.terms:
+            first = span[0] if span else 0  # a part's rows of a fused weight (families/layout.py)
             if len(shape) == 2 and m.kind != "conv":
                 up, down = factors(m, dtype=torch.float32)
-                lowrank.append((up, down, m.scale * weight, m.kind == "embedding" or m.fan_in_fan_out))
+                lowrank.append((up, down, m.scale * weight, m.kind == "embedding" or m.fan_in_fan_out, first))
             else:
-                dense.append(delta(m, dtype=torch.float32).reshape(nrows, cols) * weight)
+                d = delta(m, dtype=torch.float32)
+                dense.append((d.reshape(-1, cols) * weight, first))
         step = max(1, BLOCK_ELEMENTS // max(cols, 1))
         for start in range(0, nrows, step):
             stop = min(nrows, start + step)
             w = dequantize(self.src, torch.from_numpy(np.array(raw[start:stop])), _no_siblings)
             new = w.clone()
-            for up, down, scale, transposed in lowrank:
-                new += delta_rows(up, down, scale, start, stop, transposed=transposed)
-            for d in dense:
-                new += d[start:stop]
+            for up, down, scale, transposed, first in lowrank:
+                n = down.shape[1] if transposed else up.shape[0]  # the module's rows of W
+                lo, hi = max(start, first), min(stop, first + n)
+                if lo < hi:
+                    new[lo - start:hi - start] += delta_rows(up, down, scale, lo - first, hi - first,
+                                                             transposed=transposed)
+            for d, first in dense:
+                lo, hi = max(start, first), min(stop, first + d.shape[0])
+                if lo < hi:
+                    new[lo - start:hi - start] += d[lo - first:hi - first]
             if not bool(torch.isfinite(new).all()):
                 raise IncompatibleError(f"{self.base}: merging into '{self.t.name}' gives NaN or Inf "
                                         f"(rows {start}..{stop - 1})")
@@ -249,3 +266,32 @@ def _row_bytes(s: Storage) -> int:
 
 def _no_siblings(key: str) -> Any:
     raise AssertionError(f"a GGUF tensor has no sibling tensors ({key})")  # pragma: no cover
+
+
+def _match_image_model(path: Path, base: Path, adapter: Adapter, tensors: dict[str, Any], unmatched: list[str]
+                       ) -> list[tuple[str, LoraModule, tuple[int, int] | None]]:
+    """(tensor name, module, rows of a fused tensor or None) for each module of an adapter merged into an
+    image-model GGUF, matched by keymap against the tensors' names and logical shapes as a safetensors
+    base is; unmatched modules are added to `unmatched`, mismatches and ambiguities refused."""
+    from loratool.io.header import TensorInfo
+    from loratool.keymap import match_to_base
+
+    infos = {name: TensorInfo(name, "float32", tuple(int(d) for d in reversed(t.shape.tolist())), base, 0, 0)
+             for name, t in tensors.items()}
+    match, targets, layout = match_to_base(list(adapter.modules.values()), infos, where=base)
+    if layout is not None and layout.refused is not None:
+        raise layout.refused
+    if match.ambiguous:
+        name, keys = next(iter(match.ambiguous.items()))
+        raise IncompatibleError(f"{path}: module '{name}' matches several tensors of {base}: {', '.join(keys[:4])}")
+    if match.shape_mismatch:
+        name, key, want, got = match.shape_mismatch[0]
+        raise IncompatibleError(f"{path}: module '{name}' needs a base weight of shape {tuple(want)} but "
+                                f"{base}: '{key}' is {tuple(got)}")
+    unmatched += match.unmatched
+    out = []
+    for _, m, key, rows in targets:
+        if not isinstance(m, LoraModule):
+            raise IncompatibleError(f"{path}: '{m.name}' is a LyCORIS module, not merged into GGUF bases")
+        out.append((key, m, rows))
+    return out

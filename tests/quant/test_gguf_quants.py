@@ -253,3 +253,89 @@ def test_row_blocks_bound_the_memory_of_a_tensor(tmp_path, monkeypatch):
     assert code == 0, err
     # (256, 512): 4 blocks of 64 rows; (512, 256): 128 rows a block; 2 + 4 + 4 blocks in all
     assert sorted(seen) == sorted([64] * 8 + [128] * 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# image-model GGUF files (city96's FLUX / Wan / Qwen-Image): the model's own tensor names, an
+# architecture the gguf package has no tensor-name map for; small tensors left in F16
+
+HID = 256
+FLUX = {"double_blocks.0.img_attn.qkv.weight": ((3 * HID, HID), "Q4_K"),
+        "double_blocks.0.img_attn.proj.weight": ((HID, HID), "Q8_0"),
+        "double_blocks.0.img_mlp.0.weight": ((2 * HID, HID), "F16"),
+        "double_blocks.0.img_attn.norm.query_norm.scale": ((HID,), "F32")}
+
+
+def write_flux_gguf(path: Path) -> dict[str, np.ndarray]:
+    """A FLUX-shaped GGUF as city96's convert.py writes one (general.architecture flux, BFL names)."""
+    rng = np.random.default_rng(5)
+    w = gguf.GGUFWriter(path, "flux")
+    values = {}
+    for key, (shape, name) in FLUX.items():
+        x = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        if name == "F32":
+            w.add_tensor(key, x)
+        elif name == "F16":
+            x = x.astype(np.float16)
+            w.add_tensor(key, x)
+        else:
+            raw = gguf.quants.quantize(x, qtype(name)) if name in LEGACY else ggml.quantize(name, x)
+            w.add_tensor(key, raw, raw_shape=gguf.quant_shape_to_byte_shape(shape, qtype(name)), raw_dtype=qtype(name))
+            x = gguf.quants.dequantize(raw, qtype(name))
+        values[key] = x.astype(np.float32)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return values
+
+
+def eighths(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    return rng.integers(-4, 5, shape).astype(np.float32) / 8
+
+
+def test_image_model_gguf_merges_kohya_and_split_diffusers_loras(tmp_path):
+    base = tmp_path / "flux1-dev-Q4_K.gguf"
+    before = write_flux_gguf(base)
+    rng = np.random.default_rng(6)
+    r = 4
+    # kohya, BFL names: the fused qkv and proj directly (alpha = rank: scale 1)
+    kohya, want = {}, {k: np.zeros(s, np.float32) for k, (s, _) in FLUX.items()}
+    for stem, key in (("lora_unet_double_blocks_0_img_attn_qkv", "double_blocks.0.img_attn.qkv.weight"),
+                      ("lora_unet_double_blocks_0_img_attn_proj", "double_blocks.0.img_attn.proj.weight"),
+                      ("lora_unet_double_blocks_0_img_mlp_0", "double_blocks.0.img_mlp.0.weight")):
+        rows = FLUX[key][0][0]
+        a, b = eighths(rng, (r, HID)), eighths(rng, (rows, r))
+        kohya.update({f"{stem}.lora_down.weight": a, f"{stem}.lora_up.weight": b,
+                      f"{stem}.alpha": np.array(r, np.float32)})
+        want[key] += b @ a
+    save_file(kohya, str(tmp_path / "kohya.safetensors"))
+    # diffusers, split q / k / v: each lands on its third of the fused qkv rows
+    diffusers = {}
+    for i, part in enumerate(("to_q", "to_k", "to_v")):
+        a, b = eighths(rng, (r, HID)), eighths(rng, (HID, r))
+        diffusers[f"transformer.transformer_blocks.0.attn.{part}.lora_A.weight"] = a
+        diffusers[f"transformer.transformer_blocks.0.attn.{part}.lora_B.weight"] = b
+        want["double_blocks.0.img_attn.qkv.weight"][i * HID:(i + 1) * HID] += 0.5 * (b @ a)
+    save_file(diffusers, str(tmp_path / "diffusers.safetensors"))
+    out = tmp_path / "merged.gguf"
+    code, _, err = run_cli(["merge", base, tmp_path / "kohya.safetensors", tmp_path / "diffusers.safetensors",
+                            "-o", out, "--weights", "1,0.5"])
+    assert code == 0, err
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.architecture"].contents() == "flux"
+    after = {t.name: t for t in reader.tensors}
+    for key, (shape, name) in FLUX.items():
+        t = after[key]
+        assert t.tensor_type == qtype(name), key
+        new = before[key] + want[key]
+        if name in ("F32", "F16"):
+            expect = new.astype(np.float16 if name == "F16" else np.float32)
+            assert np.array_equal(np.asarray(t.data).reshape(shape), expect), key
+        elif name in LEGACY:
+            assert np.array_equal(np.asarray(t.data), gguf.quants.quantize(new, qtype(name)).reshape(t.data.shape))
+        elif REF.is_file():  # llama.cpp's own quantizer
+            assert np.array_equal(np.asarray(t.data).reshape(shape[0], -1), llama_cpp_quantize(name, new)), key
+        else:  # the round trip through the gguf package's decoder, within Q4_K's rounding
+            got = gguf.quants.dequantize(np.asarray(t.data), qtype(name)).reshape(shape)
+            assert np.linalg.norm(got - new) / np.linalg.norm(new) < 0.08
