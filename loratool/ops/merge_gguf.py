@@ -81,6 +81,7 @@ def merge_into_gguf(
 
     from loratool.formats import gguf_layout, read, require_plain
     from loratool.formats.gguf_file import _gguf, gguf_reader
+    from loratool.io.header import open_input
     from loratool.io.outputs import atomic_output
 
     gguf = _gguf()
@@ -147,7 +148,9 @@ def merge_into_gguf(
         stores[key] = (src, src if dtype == "keep" else gguf_storage(key, GGUF_DTYPES[dtype], shape))
     total = sum(int(t.n_bytes) for t in reader.tensors)
     done = 0
-    with atomic_output(Path(out), force=force, directory=False, inputs=[base, *adapters]) as tmp:
+    with atomic_output(Path(out), force=force, directory=False, inputs=[base, *adapters]) as tmp, \
+            open_input(base) as data:  # tensor bytes are read, not touched through the reader's map
+        fd = data.fileno()
         writer = gguf.GGUFWriter(tmp, arch)
         _copy_fields(gguf, reader, writer)
         for t in reader.tensors:  # infos first: sizes follow from shape and type, no data needed yet
@@ -166,12 +169,12 @@ def merge_into_gguf(
         writer.write_ti_data_to_file()
         for t in reader.tensors:  # then the data, one tensor at a time, an adapted one a row block at a time
             if t.name not in plan:
-                writer.write_tensor_data(t.data)
+                writer.write_tensor_data(_Copied(fd, t))  # duck-typed: the writer asks nbytes, then tofile()
                 report.copied += 1
             else:
                 src, dst = stores[t.name]
-                rows = _MergedRows(base, t, src, dst, plan[t.name])
-                writer.write_tensor_data(rows)  # duck-typed: the writer asks nbytes, then tofile()
+                rows = _MergedRows(base, fd, t, src, dst, plan[t.name])
+                writer.write_tensor_data(rows)
                 if stats:
                     report.tensors.append(rows.stat(Path(out).name, sorted({m.name for m, _, _ in plan[t.name]})))
                 report.merged += 1
@@ -188,14 +191,34 @@ def _PLAIN(gguf: Any) -> tuple[Any, ...]:
     return (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
 
 
+# bytes per read of a copied tensor
+COPY_CHUNK = 16 << 20
+
+
+class _Copied:
+    """A tensor copied as it is stored, as GGUFWriter.write_tensor_data takes an array (nbytes, tofile),
+    read from the base a chunk at a time: a memory-mapped copy would keep every page of the base
+    resident in this process."""
+
+    def __init__(self, fd: int, t: Any):
+        self.fd, self.start, self.nbytes = fd, int(t.data_offset), int(t.n_bytes)
+
+    def tofile(self, fp: Any) -> None:
+        from loratool.pipeline import read_range
+
+        buf = bytearray(min(COPY_CHUNK, self.nbytes))
+        for off in range(0, self.nbytes, COPY_CHUNK):
+            fp.write(read_range(self.fd, self.start + off, min(COPY_CHUNK, self.nbytes - off), buf))
+
+
 class _MergedRows:
     """One adapted tensor's merged data, as GGUFWriter.write_tensor_data takes an array (nbytes, tofile),
     computed a block of whole rows at a time: dequantize the stored rows (src), add each module's rows of
     ΔW in float32, requantize (dst), write; the realized delta is summed as it goes."""
 
-    def __init__(self, base: Path, t: Any, src: Storage, dst: Storage,
+    def __init__(self, base: Path, fd: int, t: Any, src: Storage, dst: Storage,
                  terms: list[tuple[LoraModule, float, tuple[int, int] | None]]):
-        self.base, self.t, self.src, self.dst, self.terms = base, t, src, dst, terms
+        self.base, self.fd, self.t, self.src, self.dst, self.terms = base, fd, t, src, dst, terms
         rows_out = math.prod(dst.shape[:-1])
         self.nbytes = int(t.n_bytes) if dst is src else _row_bytes(dst) * rows_out
         self.dd = self.de = self.ee = self.wn = self.worst = 0.0
@@ -205,11 +228,13 @@ class _MergedRows:
         import torch
 
         from loratool.maths.delta import delta, delta_rows, factors
+        from loratool.pipeline import read_range
 
         shape = self.src.shape
         cols = shape[-1]
         nrows = math.prod(shape[:-1])
-        raw = self.t.data.reshape(nrows, -1)  # the stored rows (memory-mapped)
+        row_bytes = int(self.t.n_bytes) // nrows
+        stored_dtype = {"F32": np.float32, "F16": np.float16}.get(self.src.dtype, np.uint8)  # BF16: raw bytes
         lowrank = []  # (up, down, scale · weight, transposed, first row) of the modules delta_rows forms
         dense = []  # (weight · ΔW (rows, cols), first row) of the others (conv, 3-D weights)
         for m, weight, span in self.terms:
@@ -223,7 +248,9 @@ class _MergedRows:
         step = max(1, BLOCK_ELEMENTS // max(cols, 1))
         for start in range(0, nrows, step):
             stop = min(nrows, start + step)
-            w = dequantize(self.src, torch.from_numpy(np.array(raw[start:stop])), _no_siblings)
+            raw = read_range(self.fd, int(self.t.data_offset) + start * row_bytes, (stop - start) * row_bytes)
+            w = dequantize(self.src, torch.from_numpy(np.frombuffer(raw, dtype=stored_dtype).reshape(stop - start, -1)),
+                           _no_siblings)
             new = w.clone()
             for up, down, scale, transposed, first in lowrank:
                 n = down.shape[1] if transposed else up.shape[0]  # the module's rows of W
