@@ -265,3 +265,44 @@ def test_round_trip_peft_gguf_peft_identical_deltas(tmp_path, capsys):
     assert set(got) == set(want)
     for n in want:
         np.testing.assert_allclose(got[n], want[n], rtol=1e-6, atol=1e-7 * np.abs(want[n]).max())
+
+
+def test_header_scan_reads_a_prefix_and_grows_it_for_long_key_values(tmp_path, monkeypatch):
+    # check_gguf reads the first _HEADER_SCAN_FIRST bytes, not the file (whose tensor data may be GBs),
+    # and reads 8 times more while the key-values and tensor infos run past what it has
+    from loratool.formats import gguf_file
+    from loratool.io import header
+
+    reads = []
+    real = header.open_input
+
+    class Counted:  # the file check_gguf opens, its reads counted
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def fileno(self):
+            return self.f.fileno()
+
+        def read(self, n):
+            reads.append(n)
+            return self.f.read(n)
+
+    monkeypatch.setattr(header, "open_input", lambda p: Counted(real(p)))
+    monkeypatch.setattr(gguf_file, "_HEADER_SCAN_FIRST", 4096)
+    path = tmp_path / "vocab.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_array("tokenizer.ggml.tokens", [f"token{i}" for i in range(20_000)])  # about 300 kB of key-values
+    w.add_tensor("blk.0.ffn_up.weight", np.ones((256, 4096), np.float32))  # 4 MB of data after them
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    gguf_file.check_gguf(path)
+    assert reads == [4096, 4096 * 8, 4096 * 64, 4096 * 512]  # 2 MB is the first prefix that holds them
+    assert gguf_file.gguf_reader(path).fields["tokenizer.ggml.tokens"].contents()[-1] == "token19999"

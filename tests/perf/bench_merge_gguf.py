@@ -18,15 +18,11 @@ Run: python tests/perf/bench_merge_gguf.py [--layers 16] [--workdir /tmp/bench_m
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from bench_merge_quantized import HEADS, HIDDEN, INTER, KV, VOCAB, rss_of
+from bench_merge_quantized import HEADS, HIDDEN, INTER, KV, VOCAB, bench_args, finish, make_adapter, run_rows
 
 # GGUF tensor (numpy order: rows, columns) per layer, with the transformers module it adapts
 KV_ROWS = KV * HIDDEN // HEADS
@@ -85,36 +81,12 @@ def make_base(path: Path, layers: int) -> int:
     return params
 
 
-def make_adapter(root: Path, layers: int) -> None:
-    import torch
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    tensors = {}
-    for layer in range(layers):
-        for (out, inp), module in (v for v in LAYER.values() if v[1]):
-            stem = f"base_model.model.model.layers.{layer}.{module}"
-            tensors[f"{stem}.lora_A.weight"] = torch.randn(16, inp) / inp**0.5
-            tensors[f"{stem}.lora_B.weight"] = torch.randn(out, 16) * 0.01
-    root.mkdir(parents=True)
-    save_file(tensors, str(root / "adapter_model.safetensors"))
-    (root / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}))
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--workdir", default="/tmp/bench_merge_gguf")
-    ap.add_argument("--keep", action="store_true")
-    args = ap.parse_args()
-    work = Path(args.workdir)
-    if work.exists():
-        shutil.rmtree(work)
+    args, work = bench_args("/tmp/bench_merge_gguf")
     work.mkdir(parents=True)
     base, adapter = work / "base.gguf", work / "adapter"
     params = make_base(base, args.layers)
-    make_adapter(adapter, args.layers)
+    make_adapter(adapter, args.layers, tuple(m for _, m in LAYER.values() if m))
     subprocess.run(["sync"], check=True)
     lt = [sys.executable, "-m", "loratool", "merge", str(base), str(adapter)]
     rows = {
@@ -123,21 +95,13 @@ def main() -> None:
         "loratool merge --dtype bf16": [*lt, "-o", str(work / "bf16.gguf"), "--dtype", "bf16", "--json"],
     }
     print(f"{args.layers} layers, {params / 1e9:.2f}B params, {base.stat().st_size / 1e9:.2f} GB (Q4_K, output Q6_K)")
-    for name, cmd in rows.items():
-        wall, peak, out = rss_of(cmd)
-        extra = ""
-        if out.strip():
-            doc = json.loads(out)
-            extra = f" | {doc['merged_tensors']} merged, output {doc['size'] / 1e9:.2f} GB"
-        print(f"  {name}: {wall:.1f} s, peak RSS {peak:.0f} MB{extra}", flush=True)
+    run_rows(rows)
     import gguf
 
     layout = [[(t.name, t.tensor_type, tuple(t.shape)) for t in gguf.GGUFReader(p).tensors]
               for p in (base, work / "q4k.gguf")]
     assert layout[0] == layout[1], "the merged GGUF does not mirror the base"
-    print(f"machine: {os.cpu_count()} cpus; load average {os.getloadavg()}")
-    if not args.keep:
-        shutil.rmtree(work)
+    finish(args, work)
 
 
 if __name__ == "__main__":
