@@ -37,6 +37,11 @@ recognised from its dtype, its sibling tensors and config.json's `quantization_c
                 recalculated (amax / (448 · 6)) as ComfyUI does. Other comfy_quant formats (int8, mxfp8,
                 ...) are refused by their format name
 
+    gguf        a tensor of a GGUF model file (llama.cpp, the city96 image-model files), by its GGML
+                type: F32, F16, BF16, the legacy Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 and the K-quants
+                Q2_K..Q6_K, stored as raw blocks (rows, bytes per row); requantized as ggml's own
+                reference quantizer does (maths/ggml.py), on any run of whole rows
+
 Everything else that is recognisably quantized (GPTQ, AWQ, HQQ, EXL2, compressed-tensors int,
 fp8 with a `weight_scale`, ...) is "known but unsupported": merge refuses it up front, never passing
 the delta through wrong. Dequantization is exact (float32); quantize() writes the same scheme back,
@@ -457,6 +462,8 @@ def dequantize(s: Storage, stored: torch.Tensor, load: Load) -> torch.Tensor:
 
     if s.scheme == "fp8":
         return stored.to(torch.float32)
+    if s.scheme == "gguf":
+        return _gguf_dequantize(s, stored)
     if s.scheme == "fp8_scaled":
         scale = load(s.siblings["scale"]).to(torch.float32)
         if scale.numel() == 1:
@@ -520,6 +527,8 @@ def quantize(s: Storage, w: torch.Tensor, load: Load, *, generator: torch.Genera
 
     if s.scheme == "fp8":
         return {s.key: round_fp8(w, s.dtype, generator=generator)}
+    if s.scheme == "gguf":
+        return {s.key: _gguf_quantize(s, w)}
     if s.scheme == "fp8_scaled":
         scale = load(s.siblings["scale"]).to(torch.float32)
         scale = scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1, *([1] * (w.dim() - 1)))
@@ -602,3 +611,42 @@ def requantize(s: Storage, w: torch.Tensor, load: Load, *, generator: torch.Gene
     """
     outs = quantize(s, w, load, generator=generator)
     return outs, dequantize(s, outs[s.key], lambda k: outs[k] if k in outs else load(k))
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF tensors: a descriptor per GGML type; the block maths is maths/ggml.py
+
+GGUF_FLOATS = ("F32", "F16", "BF16")
+GGUF_QUANTS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+def gguf_storage(key: str, ggml_type: str, shape: tuple[int, ...]) -> Storage:
+    """The descriptor of a GGUF tensor of GGML type `ggml_type` (its name: "Q4_K", "F16", ...) and
+    logical shape (numpy order, the last axis contiguous). Other types (the i-quants, TQ*, MXFP4, ...)
+    are known but unsupported."""
+    supported = ggml_type in GGUF_FLOATS + GGUF_QUANTS
+    return Storage(key, "gguf" if supported else f"gguf {ggml_type}", ggml_type, tuple(shape), supported=supported)
+
+
+def _gguf_dequantize(s: Storage, stored: torch.Tensor) -> torch.Tensor:
+    """stored: whole rows as the file holds them (raw uint8 (rows, bytes per row) for the block types)."""
+    import torch
+
+    if s.dtype == "BF16" and stored.dtype in (torch.uint8, torch.int16, torch.uint16):
+        stored = stored.contiguous().view(torch.bfloat16)
+    if s.dtype in GGUF_FLOATS:
+        return stored.to(torch.float32)
+    from loratool.maths.ggml import dequantize as ggml_dequantize
+
+    return torch.from_numpy(ggml_dequantize(s.dtype, stored.reshape(stored.shape[0], -1).numpy()))
+
+
+def _gguf_quantize(s: Storage, w: torch.Tensor) -> torch.Tensor:
+    """w float32 (rows, columns) -> the rows as stored: float of the GGML type, or raw uint8 blocks."""
+    import torch
+
+    if s.dtype in GGUF_FLOATS:
+        return w.to({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[s.dtype])
+    from loratool.maths.ggml import quantize as ggml_quantize
+
+    return torch.from_numpy(ggml_quantize(s.dtype, w.reshape(w.shape[0], -1).contiguous().numpy()))
