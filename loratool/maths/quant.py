@@ -1,7 +1,7 @@
 """Quantized storage: exact dequantization to float32 and requantization with the same scheme, for
 fp8 rounding (to nearest or stochastic) and block-scaled fp8, bitsandbytes' blockwise 4-bit codebooks
 (NF4) with packed nibbles, and LLM.int8 rows. The descriptors that choose among
-these live in storage.py. No I/O.
+these live in loratool/storage/. No I/O.
 """
 
 from __future__ import annotations
@@ -262,3 +262,18 @@ def int_quantize(w: torch.Tensor, bits: int, groups: int, scale_dtype: torch.dty
     q = torch.round(torch.clamp(x, qmin, qmax)).to(torch.int8)
     return q, (scale.reshape(1) if per_tensor else scale), (zero.reshape(1) if per_tensor and zero is not None
                                                                else zero)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-tensor fp8 with a recomputed scale (ComfyUI comfy_quant "float8_e4m3fn" / "float8_e5m2")
+
+
+def tensor_fp8_quantize(w: torch.Tensor, dtype: str, *, generator: torch.Generator | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale float32 0-d) as ComfyUI requantizes a patched layer (scale="recalculate"):
+    scale = amax / max, q = w · (1 / scale) saturated and rounded to fp8; an all-zero tensor keeps scale 1."""
+    import torch
+
+    amax = torch.maximum(w.amax(), -w.amin()).to(torch.float32) if w.numel() else torch.tensor(0.0)
+    scale = amax / fp8_max(dtype) if float(amax) > 0 else torch.tensor(1.0)
+    return round_fp8(w * (1.0 / scale), dtype, generator=generator), scale.reshape(())

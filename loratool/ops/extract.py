@@ -163,11 +163,11 @@ def _load(info: TensorInfo, src: Any) -> torch.Tensor:
     from loratool.io.tensors import load_tensor
     from loratool.storage import dequantize
 
-    key = src[1].aliases.get(info.key, info.key) if src is not None else info.key  # `<m>.weight_packed`
-    if src is None or src[1].of(key) is None:
+    if src is None or src[1].of(info.key) is None:
         return load_tensor(info)
     ckpt, store = src
-    return dequantize(store.of(key), load_tensor(ckpt.tensors[key]), lambda k: load_tensor(ckpt.tensors[k]))
+    return dequantize(store.of(info.key), load_tensor(ckpt.tensors[info.key]),
+                      lambda k: load_tensor(ckpt.tensors[k]))
 
 
 def _leaf(name: str) -> str:
@@ -325,8 +325,11 @@ def extract(
     for c, where in ((base_ckpt, base), (tuned_ckpt, tuned)):
         stores[id(c)].refuse_unsupported(Path(where))
     report = ExtractReport(Path(out), Path(base), Path(tuned), fmt, rank, threshold, device)
-    quantized = {k for st in stores.values() for k in st.tensors}
-    views = [dataclasses.replace(c, tensors=stores[id(c)].logical(c.tensors)) for c in (base_ckpt, tuned_ckpt)]
+    # compared under the names the model uses (`<m>.weight` for a packed `<m>.weight_packed`); each
+    # TensorInfo keeps its stored key, which _load reads
+    quantized = {s.name for st in stores.values() for s in st.tensors.values()}
+    views = [dataclasses.replace(c, tensors=stores[id(c)].logical(c.tensors, renamed=True))
+             for c in (base_ckpt, tuned_ckpt)]
     pairs = _plan(views[0], views[1], modules=modules, embeddings=embeddings, report=report, quantized=quantized)
     readers = {id(views[0]): (base_ckpt, stores[id(base_ckpt)]), id(views[1]): (tuned_ckpt, stores[id(tuned_ckpt)])}
     for pair in pairs:

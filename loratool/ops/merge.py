@@ -381,11 +381,12 @@ def read_and_plan(op: str, adapters: Sequence[str | os.PathLike[str]], weights: 
         loaded.append(a)
     per_module, mw_warnings = adapter_module_weights(loaded, module_weights, blocks)
     plan, warnings = plan_merge(loaded, weights, ckpt, allow_unmatched=allow_unmatched, unmerge=unmerge,
-                                tensors=storage.logical(ckpt.tensors), module_weights=per_module)
-    tables: list[dict[str, Any]] = [plan.deltas, plan.biases, plan.replacements] if storage.aliases else []
-    for table in tables:
-        for logical in [k for k in table if k in storage.aliases]:  # back to the stored key (`<m>.weight_packed`)
-            table[storage.aliases[logical]] = table.pop(logical)
+                                tensors=storage.logical(ckpt.tensors, renamed=True), module_weights=per_module)
+    for logical, stored in storage.stored_keys.items():  # planned on `<m>.weight`, stored as `<m>.weight_packed`
+        if logical in plan.deltas:
+            plan.deltas[stored] = plan.deltas.pop(logical)
+        if logical in plan.replacements:
+            plan.replacements[stored] = plan.replacements.pop(logical)
     for key, contribs in [*plan.deltas.items(), *plan.biases.items()]:
         info = ckpt.tensors[key]
         if storage.of(key) is None and info.dtype not in _FLOAT:  # bool, integer: not a weight to add to
@@ -452,11 +453,11 @@ def merge(
 ) -> MergeReport:
     """Merge adapters into a base checkpoint and write a complete copy of it.
 
-    A quantized base (fp8, ComfyUI scaled fp8, block fp8, bitsandbytes nf4/fp4/int8; see storage.py)
-    is dequantized exactly, merged in float32 and quantized back with the same scheme, tensor by
-    tensor; with a --dtype other than keep it is written dequantized instead. Every merged tensor's
-    realized delta is measured (report.realized): retained = <R, ΔW> / ||ΔW||² with R the change
-    the stored result makes.
+    A quantized base (fp8, ComfyUI scaled fp8 and comfy_quant, block fp8, bitsandbytes nf4/fp4/int8, NVFP4,
+    MXFP4, compressed-tensors int; see loratool/storage/) is dequantized exactly, merged in float32 and
+    quantized back with the same scheme, tensor by tensor (by row blocks where the scheme splits); with a
+    --dtype other than keep it is written dequantized instead. Every merged tensor's realized delta is
+    measured (report.realized): retained = <R, ΔW> / ||ΔW||² with R the change the stored result makes.
 
     Args:
         base: a .safetensors file, a directory with model.safetensors, a sharded directory, or a GGUF
@@ -471,7 +472,7 @@ def merge(
         allow_unmatched: skip modules that match no base weight (with a warning) instead of failing.
         stats: keep per merged tensor the delta norm, relative change, cast error, retention
             (report.tensors, for --report).
-        rounding: nearest (ties to even) | stochastic, for fp8 storage.
+        rounding: nearest (ties to even) | stochastic, for fp8 and fp4 (e2m1: MXFP4, NVFP4) storage.
         seed: the stochastic rounding seed (default 0); each tensor draws from its own stream.
         min_retained: below this retention a merged tensor is a warning (an error with strict).
         strict: refuse (write nothing) when a tensor keeps less than min_retained of its delta.
@@ -561,11 +562,8 @@ def _merge(
         raise IncompatibleError(f"nothing to merge: no adapter module matches {base_path}",
                                 hint="check with: loratool validate ADAPTER --base BASE")
     dequantizing = dtype != "keep" and storage.quantized
-    if dequantizing and storage.aliases:
-        first = next(iter(storage.aliases.values()))
-        raise IncompatibleError(f"{base_path}: --dtype {dtype} would write '{first}' ({storage.line()}) as plain "
-                                "floats under its packed key name",
-                                hint="merge with --dtype keep (the weights stay packed, scales recomputed)")
+    if dequantizing:
+        storage.refuse_dequantized_output(base_path)
     setup = _Setup(plan, storage, ckpt, dtype, device, unmerge, stats, rounding, seed, qlora_base, dequantizing)
     if dequantizing:
         setup.dropped = set(storage.siblings) | set(storage.markers)

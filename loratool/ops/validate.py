@@ -208,7 +208,7 @@ def _check_base(adapter: Adapter, base: Path, findings: Findings) -> tuple[dict[
 
     ckpt = open_checkpoint(base)
     storage = detect(ckpt)
-    tensors = storage.logical(ckpt.tensors)  # quantized weights with their logical shapes, scales left out
+    tensors = storage.logical(ckpt.tensors, renamed=True)  # quantized weights as merge sees them, scales left out
     for s in storage.unsupported[:1]:
         more = f" ({len(storage.unsupported)} tensors)" if len(storage.unsupported) > 1 else ""
         findings.error("unsupported-base-storage", None,

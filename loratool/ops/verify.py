@@ -23,7 +23,7 @@ rounding of the stored dtype (u·||MERGED||_F, u = 2⁻⁸ bf16, 2⁻¹¹ fp16, 
 delta so small that σ_k > 0.04 cannot be told from rounding: `too small to tell` (a warning).
 A tensor whose dtype differs from the expected one (the base's, or --dtype) is a finding too.
 
-Quantized storage (fp8, scaled / block fp8, bitsandbytes nf4 / fp4 / int8; storage.py) cannot hold
+Quantized storage (fp8, scaled / block fp8, bitsandbytes nf4 / fp4 / int8; loratool/storage/) cannot hold
 W + ΔW exactly: merge writes Q(dequant(W) + ΔW). Both checkpoints' weights are read dequantized
 (storage.dequantize), X = W + ΔW is formed with merge's own arithmetic (one dense delta, as merge
 does), and the references Q(X) read back (storage.requantize: nearest, and for fp8 schemes one
@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 from loratool.errors import IncompatibleError
 from loratool.io.checkpoint import Checkpoint
 from loratool.io.header import TensorInfo
+from loratool.ops.merge_report import run_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -161,9 +162,7 @@ class VerifyReport:
         doc: dict[str, Any] = {
             "schema": SCHEMA,
             "merged": str(self.merged),
-            "base": str(self.base),
-            "adapters": [str(a) for a in self.adapters],
-            "weights": self.weights,
+            **run_inputs(self.base, self.adapters, self.weights),
             "dtype": self.dtype,
             "device": self.device,
             "storage": self.storage,
@@ -461,7 +460,7 @@ def verify(
 ) -> VerifyReport:
     """Check, tensor by tensor, that MERGED = BASE + Σ w_i·ΔW_i (what `loratool merge` writes).
 
-    A quantized base (storage.py schemes) is read dequantized, and each merged tensor is checked
+    A quantized base (loratool/storage/ schemes) is read dequantized, and each merged tensor is checked
     against the requantization of BASE + Σ w_i·ΔW_i with the base's scheme, within twice the error
     that requantization makes (module docstring).
 
@@ -603,7 +602,7 @@ def _check_quantized(info: TensorInfo, found: TensorInfo, ctx: _Context, check: 
 
     from loratool.maths.compare import requant_numbers
     from loratool.maths.merge import merged_tensor
-    from loratool.storage import FP8_DTYPES, dequantize, requantize
+    from loratool.storage import dequantize, requantize
 
     key = info.key
     st, st_found = ctx.base_storage.of(key), ctx.merged_storage.of(key)
@@ -623,7 +622,7 @@ def _check_quantized(info: TensorInfo, found: TensorInfo, ctx: _Context, check: 
         x = w
     if st is not None and not ctx.dequantizing:
         refs = [requantize(st, x, ctx.load_base)[1]]
-        if st.scheme.startswith("fp8") or st.dtype in FP8_DTYPES:  # merge --rounding stochastic: same grid
+        if st.stochastic:  # merge --rounding stochastic: same grid
             gen = torch.Generator(device="cpu").manual_seed(0)
             refs.append(requantize(st, x, ctx.load_base, generator=gen)[1])
     else:  # written as plain floats: one rounding to the output dtype
