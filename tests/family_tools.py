@@ -72,3 +72,34 @@ def fuse_equals_merge(model: Any, kohya_tensors: dict[str, torch.Tensor], tmp_pa
         torch.testing.assert_close(fused[k], v, rtol=1e-6, atol=1e-6)
         changed += not torch.equal(v, state[k])
     return wrapped, changed, read(lora)
+
+
+def adapter_names(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The module names of a LoRA state dict (any dialect's suffixes and PEFT's prefix removed)."""
+    return sorted({k.split(".lora_")[0].removesuffix(".alpha").removesuffix(".diff_b").removeprefix("base_model.model.")
+                   for k in tensors})
+
+
+def round_trip_is_identity(tmp_path: Path, tensors: dict[str, torch.Tensor], target: str, family: str) -> None:
+    """`tensors` (a kohya file) converted to `target` and back to kohya (--family `family`) is the same
+    file bit for bit: the same keys, the same tensors."""
+    from loratool.ops.convert import convert
+
+    src = write(tmp_path, "k.safetensors", tensors)
+    mid = tmp_path / ("mid" if target == "peft" else "mid.safetensors")
+    convert(src, mid, to=target)
+    back = tmp_path / "back.safetensors"
+    convert(mid, back, to="kohya", family=family)
+    a, b = load_file_(src), load_file_(back)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def load_file_(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def linears(model: Any) -> dict[str, tuple[int, ...]]:
+    """name -> weight shape of every nn.Linear of a torch model (what a LoRA may target)."""
+    return {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}

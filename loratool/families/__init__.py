@@ -87,10 +87,10 @@ class Detection:
 
 
 def families() -> tuple[Family, ...]:
-    from loratool.families import flux, hunyuan_video, ltx, qwen_image, sd1, sd3, sdxl, wan
+    from loratool.families import flux, hunyuan_video, kandinsky5, ltx, qwen_image, sd1, sd3, sdxl, wan
 
     return (flux.FAMILY, sd3.FAMILY, wan.FAMILY, hunyuan_video.FAMILY, qwen_image.FAMILY, ltx.FAMILY, sd1.FAMILY,
-            sdxl.FAMILY)
+            sdxl.FAMILY, kandinsky5.FAMILY)
 
 
 def get(name: str) -> Family:
@@ -139,6 +139,7 @@ _METADATA_FAMILIES = (
     (re.compile(r"hunyuan", re.I), "hunyuan-video"),
     (re.compile(r"qwen", re.I), "qwen-image"),
     (re.compile(r"ltx", re.I), "ltx-video"),
+    (re.compile(r"kandinsky.?5", re.I), "kandinsky-5"),
     (re.compile(r"^wan", re.I), "wan"),
 )
 
