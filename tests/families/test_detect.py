@@ -88,10 +88,11 @@ def test_inspect_says_ambiguous(tmp_path: Path) -> None:
     r = CliRunner().invoke(cli, ["inspect", str(src)])
     assert r.exit_code == 0, r.output
     line = next(x for x in r.output.splitlines() if x.startswith("family"))
-    assert ("ambiguous: flux.1 (diffusers) or sd3 (diffusers) or hunyuan-video (diffusers) or qwen-image (diffusers) "
-            "(convert needs --family)") in line
+    assert "ambiguous: flux.1 (diffusers) or sd3 (diffusers) or hunyuan-video (diffusers) or qwen-image (diffusers)" \
+        in line
     doc = json.loads(CliRunner().invoke(cli, ["inspect", str(src), "--json"]).output)
     assert doc["family"]["ambiguous"] and doc["family"]["family"] is None
+    assert doc["family"]["tied"] == ["flux.1", "sd3", "hunyuan-video", "qwen-image", "qwen-image-2"]
 
 
 def _flux_attention_names(double: int, single: int) -> list[str]:
