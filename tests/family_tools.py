@@ -103,3 +103,23 @@ def load_file_(path: Path) -> dict[str, torch.Tensor]:
 def linears(model: Any) -> dict[str, tuple[int, ...]]:
     """name -> weight shape of every nn.Linear of a torch model (what a LoRA may target)."""
     return {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def lora_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A kohya-suffixed state dict as diffusers' converters take it from a trainer: `lora_A` / `lora_B`
+    for `lora_down` / `lora_up`, alpha tensors dropped (use alpha = rank)."""
+    return {k.replace(".lora_down.", ".lora_A.").replace(".lora_up.", ".lora_B."): v.clone()
+            for k, v in tensors.items() if not k.endswith(".alpha")}
+
+
+def converter_agrees(theirs: dict[str, torch.Tensor], ours_path: Path) -> set[str]:
+    """diffusers' converter output `theirs` names the modules of our diffusers file at `ours_path`, with
+    the same deltas (B @ A; 1e-6). Returns the module names."""
+    ours = read(ours_path)
+    names = {k.rsplit(".lora_", 1)[0] for k in theirs}
+    assert names == set(ours.modules)
+    for name in names:
+        m = ours.modules[name]
+        want = theirs[name + ".lora_B.weight"].double() @ theirs[name + ".lora_A.weight"].double()
+        torch.testing.assert_close(m.up.load().double() @ m.down.load().double() * m.scale, want, rtol=1e-6, atol=1e-9)
+    return names

@@ -87,10 +87,22 @@ class Detection:
 
 
 def families() -> tuple[Family, ...]:
-    from loratool.families import flux, hunyuan_video, kandinsky5, ltx, qwen_image, qwen_image2, sd1, sd3, sdxl, wan
+    from loratool.families import (
+        flux,
+        hunyuan_video,
+        kandinsky5,
+        ltx,
+        ltx2,
+        qwen_image,
+        qwen_image2,
+        sd1,
+        sd3,
+        sdxl,
+        wan,
+    )
 
     return (flux.FAMILY, sd3.FAMILY, wan.FAMILY, hunyuan_video.FAMILY, qwen_image.FAMILY, ltx.FAMILY, sd1.FAMILY,
-            sdxl.FAMILY, kandinsky5.FAMILY, qwen_image2.FAMILY)
+            sdxl.FAMILY, kandinsky5.FAMILY, qwen_image2.FAMILY, ltx2.FAMILY)
 
 
 def get(name: str) -> Family:
@@ -139,6 +151,7 @@ _METADATA_FAMILIES = (
     (re.compile(r"hunyuan", re.I), "hunyuan-video"),
     (re.compile(r"qwen.?image.?2(?:\.\d+|1)?(?!\d)", re.I), "qwen-image-2"),  # not Qwen-Image-2512
     (re.compile(r"qwen", re.I), "qwen-image"),
+    (re.compile(r"ltx.?2(?:\.\d+)?(?![\db])|ltxav", re.I), "ltx-2"),
     (re.compile(r"ltx", re.I), "ltx-video"),
     (re.compile(r"kandinsky.?5", re.I), "kandinsky-5"),
     (re.compile(r"^wan", re.I), "wan"),
