@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import unet_tools as u
 from comfy_keymap import comfy_accepted_keys, hunyuan_video_modules, not_loaded, unet_to_diffusers
-from family_tools import fixture_families, write
+from family_tools import ROOT, deltas, fixture_families, write
 from safetensors import safe_open
 
 from loratool.ops.convert import convert
@@ -94,3 +95,34 @@ def test_the_map_refuses_what_comfyui_refuses() -> None:
                                "transformer_blocks.0.attn.to_q.lora_B.weight"], flux) == []
     assert comfy_accepted_keys("flux", flux)["lora_transformer_single_transformer_blocks_0_proj_mlp"] == \
         "diffusion_model.single_blocks.0.linear1.weight"
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 25 defect 1: --for comfyui on a family file in diffusers names goes by the family's table
+
+
+@pytest.mark.parametrize("family", ["sd1", "flux.1"])
+def test_for_comfyui_on_a_diffusers_family_file(tmp_path: Path, family: str) -> None:
+    """`convert --for comfyui` asked for --family and then refused it; it now names the modules from
+    the family's table (ComfyUI reads kohya's names), every key one ComfyUI loads, deltas kept."""
+    if family == "sd1":
+        src = ROOT / "fixtures" / "diffusers_sd.safetensors"
+        model, config = "sd1", UNET_CONFIGS["sd1"]
+        base = [m + ".weight" for m in sorted(set(unet_to_diffusers(config).values()))]
+    else:
+        src = write(tmp_path, "d.safetensors", ff.flux_lora("diffusers", double=2, single=2))
+        model, config, base = "flux", None, [m + ".weight" for m in ff.flux_shapes(16, 2, 2)]
+    out = tmp_path / "c.safetensors"
+    # the tiny FLUX.1 file's names fit HunyuanVideo too: --family, which --for refused, says which
+    report = convert(src, out, for_runtime="comfyui", family=None if family == "sd1" else family)
+    assert report.to_dict()["runtime"] == "comfyui"
+    with safe_open(str(out), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    assert not_loaded(model, keys, base, unet_config=config) == []
+    back = tmp_path / "d2.safetensors"
+    convert(out, back, to="diffusers", family=family)
+    want, got = deltas(src), deltas(back)
+    assert set(want) == set(got)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
