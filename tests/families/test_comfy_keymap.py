@@ -64,7 +64,8 @@ def _case(name: str) -> tuple[str, str, dict[str, Any], list[str], dict[str, Any
 
 # issue 25 defect 2: HunyuanVideo is written in Tencent's names, not ComfyUI's (fixed in the next commit)
 _HV = pytest.param("hunyuan-video", marks=pytest.mark.xfail(strict=True, reason="issue 25 defect 2"))
-FAMILIES = ["flux.1", "wan", "qwen-image", "ltx-video", "sd3", _HV, "sd1", "sdxl", "kandinsky-5", "qwen-image-2", "ltx-2"]
+FAMILIES = ["flux.1", "wan", "qwen-image", "ltx-video", "sd3", _HV, "sd1", "sdxl", "kandinsky-5", "qwen-image-2",
+            "ltx-2"]
 
 
 @pytest.mark.parametrize("target", ["comfyui", "kohya"])
