@@ -123,3 +123,36 @@ def converter_agrees(theirs: dict[str, torch.Tensor], ours_path: Path) -> set[st
         want = theirs[name + ".lora_B.weight"].double() @ theirs[name + ".lora_A.weight"].double()
         torch.testing.assert_close(m.up.load().double() @ m.down.load().double() * m.scale, want, rtol=1e-6, atol=1e-9)
     return names
+
+
+def merge_equals_numpy(tmp_path: Path, family: str, shapes: dict[str, tuple[int, int]], prefix: str = "") -> int:
+    """A ComfyUI-named LoRA of `family` (modules `shapes`, original layout) merged by loratool into a
+    single-file base in the original layout (keys under `prefix`, e.g. ComfyUI's `model.diffusion_model.`)
+    equals W + (alpha / rank) · up @ down computed here in numpy (float64; 1e-6), every other tensor
+    unchanged. Returns how many weights the merge changed."""
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    from loratool.ops.merge import merge
+
+    gen = torch.Generator().manual_seed(3)
+    base = {f"{prefix}{p}.weight": torch.randn(s, generator=gen) * 0.1 for p, s in shapes.items()}
+    base[f"{prefix}extra_norm.weight"] = torch.ones(4)
+    base_path = tmp_path / "base.safetensors"
+    save_file(base, str(base_path))
+    rank, alpha = 4, 2.0
+    t = fixture_families.family_lora(family, shapes, "comfyui", rank=rank, alpha=alpha, seed=13)
+    lora = write(tmp_path, "c.safetensors", t)
+    out = tmp_path / "merged.safetensors"
+    merge(base_path, [lora], out)
+    got = load_file(str(out))
+    assert set(got) == set(base)
+    changed = 0
+    for p in shapes:
+        up = t[f"diffusion_model.{p}.lora_up.weight"].double().numpy()
+        down = t[f"diffusion_model.{p}.lora_down.weight"].double().numpy()
+        want = base[f"{prefix}{p}.weight"].double().numpy() + alpha / rank * (up @ down)
+        np.testing.assert_allclose(got[f"{prefix}{p}.weight"].double().numpy(), want, rtol=0, atol=1e-6)
+        changed += 1
+    assert torch.equal(got[f"{prefix}extra_norm.weight"], base[f"{prefix}extra_norm.weight"])
+    return changed

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from family_tools import adapter_names, fixture_families, fuse_equals_merge, linears, round_trip_is_identity, write
+from family_tools import (
+    adapter_names,
+    fixture_families,
+    fuse_equals_merge,
+    linears,
+    merge_equals_numpy,
+    round_trip_is_identity,
+    write,
+)
 
 from loratool.families import detect
 from loratool.ops.inspect import inspect_adapter
@@ -47,6 +55,12 @@ def test_other_families_keep_their_detection() -> None:
 @pytest.mark.parametrize("target", ["diffusers", "peft", "comfyui", "kohya"])
 def test_round_trip_through_every_dialect(tmp_path: Path, target: str) -> None:
     round_trip_is_identity(tmp_path, hv15_lora("kohya", seed=5, biases=True), target, "hunyuan-video-1.5")
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_merge_into_the_original_layout_equals_numpy(tmp_path: Path, prefix: str) -> None:
+    shapes = hv15_shapes()
+    assert merge_equals_numpy(tmp_path, "hunyuan-video-1.5", shapes, prefix) == len(shapes)
 
 
 # ---------------------------------------------------------------------------------------------

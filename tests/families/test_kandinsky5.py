@@ -18,6 +18,7 @@ from family_tools import (
     fixture_families,
     fuse_equals_merge,
     linears,
+    merge_equals_numpy,
     round_trip_is_identity,
     write,
 )
@@ -67,6 +68,12 @@ def test_kohya_names_are_the_dotted_paths(tmp_path: Path) -> None:
     want = {"transformer." + p: dk["lora_unet_" + p.replace(".", "_")] for p in kandinsky5_shapes()}
     assert set(dd) == set(want) and all(torch.equal(dd[n], want[n]) for n in want)
     assert adapter_names(kandinsky5_lora("comfyui"))[0].startswith("diffusion_model.")
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_merge_into_the_original_layout_equals_numpy(tmp_path: Path, prefix: str) -> None:
+    shapes = kandinsky5_shapes()
+    assert merge_equals_numpy(tmp_path, "kandinsky-5", shapes, prefix) == len(shapes)
 
 
 # ---------------------------------------------------------------------------------------------

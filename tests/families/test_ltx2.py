@@ -19,6 +19,7 @@ from family_tools import (
     fuse_equals_merge,
     linears,
     lora_state,
+    merge_equals_numpy,
     round_trip_is_identity,
     write,
 )
@@ -67,6 +68,12 @@ def test_video_half_alone_fits_ltx_video_too() -> None:
 @pytest.mark.parametrize("target", ["diffusers", "peft", "comfyui", "kohya"])
 def test_round_trip_through_every_dialect(tmp_path: Path, target: str) -> None:
     round_trip_is_identity(tmp_path, ltx2_lora("kohya", seed=5, biases=True), target, "ltx-2")
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_merge_into_the_original_layout_equals_numpy(tmp_path: Path, prefix: str) -> None:
+    shapes = ltx2_shapes()
+    assert merge_equals_numpy(tmp_path, "ltx-2", shapes, prefix) == len(shapes)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from family_tools import (
     fuse_equals_merge,
     linears,
     lora_state,
+    merge_equals_numpy,
     round_trip_is_identity,
     write,
 )
@@ -93,6 +94,12 @@ def test_diffusers_gate_and_up_fuse_exactly(tmp_path: Path) -> None:
     want = torch.cat([dd["transformer.transformer_blocks.0.img_mlp.gate_layer"],
                       dd["transformer.transformer_blocks.0.img_mlp.proj"]])
     torch.testing.assert_close(dc["diffusion_model.transformer_blocks.0.img_mlp.gate_up"], want, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_merge_into_the_original_layout_equals_numpy(tmp_path: Path, prefix: str) -> None:
+    shapes = qwen_image2_shapes()
+    assert merge_equals_numpy(tmp_path, "qwen-image-2", shapes, prefix) == len(shapes)
 
 
 # ---------------------------------------------------------------------------------------------
