@@ -133,6 +133,7 @@ def merge_equals_numpy(tmp_path: Path, family: str, shapes: dict[str, tuple[int,
     import numpy as np
     from safetensors.torch import load_file, save_file
 
+    from loratool.families import get as get_family
     from loratool.ops.merge import merge
 
     gen = torch.Generator().manual_seed(3)
@@ -148,9 +149,11 @@ def merge_equals_numpy(tmp_path: Path, family: str, shapes: dict[str, tuple[int,
     got = load_file(str(out))
     assert set(got) == set(base)
     changed = 0
+    fam = get_family(family)
     for p in shapes:
-        up = t[f"diffusion_model.{p}.lora_up.weight"].double().numpy()
-        down = t[f"diffusion_model.{p}.lora_down.weight"].double().numpy()
+        name = fam.name_in("comfyui", p, original=True)  # ComfyUI's spelling where it has its own
+        up = t[f"{name}.lora_up.weight"].double().numpy()
+        down = t[f"{name}.lora_down.weight"].double().numpy()
         want = base[f"{prefix}{p}.weight"].double().numpy() + alpha / rank * (up @ down)
         np.testing.assert_allclose(got[f"{prefix}{p}.weight"].double().numpy(), want, rtol=0, atol=1e-6)
         changed += 1

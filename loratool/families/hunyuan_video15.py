@@ -36,6 +36,7 @@ FAMILY = Family(
         one("vision_in.proj.1", "image_embedder.linear_1"),
         one("vision_in.proj.3", "image_embedder.linear_2"),
     ),
+    respell=hunyuan_video.FAMILY.respell,  # ComfyUI's names for 1.0's modules, as there
     blocks={"double_blocks": 54, "transformer_blocks": 54, "txt_in": 2, "context_embedder": 2},
     base_layouts={
         "tencent": "double_blocks.0.img_attn_q.weight (HunyuanVideo-1.5/transformer/<variant>/*.safetensors; "

@@ -20,6 +20,7 @@ from family_tools import ROOT, deltas, fixture_families, write
 from safetensors import safe_open
 
 from loratool.ops.convert import convert
+from loratool.ops.inspect import inspect_adapter
 
 ff = fixture_families
 
@@ -66,11 +67,8 @@ def _case(name: str) -> tuple[str, str, dict[str, Any], list[str], dict[str, Any
     return name, name, u.lora(name, "kohya"), sorted(set(unet_to_diffusers(config).values())), config
 
 
-# issue 25 defect 2: HunyuanVideo is written in Tencent's names, not ComfyUI's (fixed in the next commit)
-_HV = pytest.param("hunyuan-video", marks=pytest.mark.xfail(strict=True, reason="issue 25 defect 2"))
-_HV15 = pytest.param("hunyuan-video-1.5", marks=pytest.mark.xfail(strict=True, reason="issue 25 defect 2, as 1.0"))
-FAMILIES = ["flux.1", "wan", "qwen-image", "ltx-video", "sd3", _HV, "sd1", "sdxl", "kandinsky-5", "qwen-image-2",
-            "ltx-2", _HV15]
+FAMILIES = ["flux.1", "wan", "qwen-image", "ltx-video", "sd3", "hunyuan-video", "sd1", "sdxl", "kandinsky-5",
+            "qwen-image-2", "ltx-2", "hunyuan-video-1.5"]
 
 
 @pytest.mark.parametrize("target", ["comfyui", "kohya"])
@@ -138,3 +136,41 @@ def test_for_comfyui_on_a_diffusers_family_file(tmp_path: Path, family: str) -> 
     assert set(want) == set(got)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 25 defect 2: HunyuanVideo in the names ComfyUI's key map takes
+
+
+@pytest.mark.parametrize("target", ["comfyui", "kohya"])
+def test_musubi_hunyuan_file_is_written_in_names_comfyui_loads(tmp_path: Path, target: str) -> None:
+    """A musubi-tuner kohya file (Tencent's names, dots as underscores: `img_mod_linear`, `img_mlp_fc1`,
+    `time_in_mlp_0`) is read, and written in names ComfyUI loads: all 31 modules (before: the 8
+    embedders under comfyui and 17 of 31 under kohya were left unloaded); the deltas are the same
+    and our output says it is HunyuanVideo (its block names are FLUX.1's under kohya)."""
+    shapes = ff.hunyuan_video_shapes()
+    gen = torch.Generator().manual_seed(3)
+    musubi: dict[str, torch.Tensor] = {}
+    for path, (o, i) in shapes.items():
+        stem = "lora_unet_" + path.replace(".", "_")
+        musubi[stem + ".lora_down.weight"] = torch.randn(2, i, generator=gen)
+        musubi[stem + ".lora_up.weight"] = torch.randn(o, 2, generator=gen)
+        musubi[stem + ".alpha"] = torch.tensor(1.0)
+    src = write(tmp_path, "musubi.safetensors", musubi)
+    out = tmp_path / "out.safetensors"
+    convert(src, out, to=target, family="hunyuan-video")
+    with safe_open(str(out), "pt") as f:
+        keys = list(f.keys())
+    assert len({k.rsplit(".", 2)[0] for k in keys if k.endswith(".lora_down.weight")}) == len(shapes) == 31
+    assert not_loaded("hunyuan-video", keys, [m + ".weight" for m in hunyuan_video_modules(1, 1, 1)]) == []
+    assert not_loaded("hunyuan-video", list(musubi), [m + ".weight" for m in hunyuan_video_modules(1, 1, 1)])
+    want = {k.removeprefix("lora_unet_"): v for k, v in deltas(src).items()}
+    back = tmp_path / "back.safetensors"
+    convert(out, back, to="kohya")  # detected from our own metadata, not --family
+    got = deltas(back)
+    assert len(got) == 31 and inspect_adapter(out).to_dict()["family"]["family"] == "hunyuan-video"
+    assert "lora_unet_double_blocks_0_img_mod_lin" in got and "lora_unet_time_in_in_layer" in got
+    assert torch.equal(got["lora_unet_time_in_in_layer"], want["time_in_mlp_0"])
+    assert torch.equal(got["lora_unet_double_blocks_0_img_mlp_0"], want["double_blocks_0_img_mlp_fc1"])
+    for name, d in got.items():  # every module's delta, whatever its name
+        assert any(torch.equal(d, w) for w in want.values()), name
