@@ -11,7 +11,8 @@ diffusers' `context_embedder_2.linear_1`..`linear_3`) and the SigLIP projection 
 Tencent's 1.5 checkpoint stores q, k and v apart (`img_attn_q`, ...), but ComfyUI loads 1.5 into its
 HunyuanVideo 1.0 model class (`HunyuanVideo15` subclasses `HunyuanVideo` in `comfy/model_base.py`),
 whose attention is one fused `img_attn.qkv`, and its key map takes 1.0's names: so this table's
-original side is 1.0's (fused `img_attn_qkv`), spelled for ComfyUI and kohya as 1.0 is (`respell`). LoRAs naming the split
+original side is 1.0's (fused `img_attn_qkv`), spelled for ComfyUI and kohya as 1.0 is
+(`respell`). LoRAs naming the split
 checkpoint modules (musubi-tuner's `lora_unet_double_blocks_0_img_attn_q`) are not read yet.
 """
 
