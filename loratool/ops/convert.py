@@ -396,11 +396,13 @@ def _lycoris_to_lora(
     shapes: dict[str, tuple[int, ...]] = {}
     if base is not None:
         from loratool.io.checkpoint import open_checkpoint
-        from loratool.keymap import match_modules
+        from loratool.keymap import match_to_base
 
         ckpt = open_checkpoint(base)
-        match = match_modules(list(adapter.lycoris.values()), ckpt.tensors)
-        shapes = {n: tuple(ckpt.tensors[k].shape) for n, k in match.matched.items()}
+        # as merge places them: by the key rules, or through the family's other layout (kohya SGM names
+        # onto a diffusers U-Net folder), where a module is a plain rename of one base weight
+        _, targets, _ = match_to_base(list(adapter.lycoris.values()), ckpt.tensors, where=adapter.path)
+        shapes = {n: tuple(ckpt.tensors[k].shape) for n, _, k, rows in targets if rows is None}
     modules = dict(adapter.modules)
     kept: dict[str, LycoModule] = {}
     rows: dict[str, tuple[str, int, float]] = {}
@@ -437,9 +439,10 @@ def _lycoris_to_lora(
             hint="convert to kohya (--to kohya keeps .diff/.w_norm/.diff_b tensors, which ComfyUI loads)"
             + ("; a full 2-D diff becomes LoRA with --rank N" if lm.algo == "full" else ""),
         )
+    fix = f"--base {base} has no weight for them" if base is not None else \
+        "Pass --base to write them in the conv layout"
     warnings = [f"{len(flattened)} LyCORIS module(s) look like convolutions stored flattened "
-                f"({', '.join(flattened[:3])}); their LoRA factors are 2-D (out, in·kh·kw). Pass --base to "
-                "write them in the conv layout"] if flattened else []
+                f"({', '.join(flattened[:3])}); their LoRA factors are 2-D (out, in·kh·kw). {fix}"] if flattened else []
     return adapter.with_modules(modules, lycoris=kept), rows, warnings
 
 
