@@ -276,6 +276,14 @@ def convert(
         adapter = prepared.adapter
         report.runtime, report.prepared = runtime.name, prepared.to_dict()
         report.warnings.extend(prepared.warnings)
+    elif to in ("kohya", "comfyui"):  # written for ComfyUI: say what it would apply wrongly, as --for does
+        from loratool.ops.runtime import get_runtime, unservable_dora
+
+        misaxed, what = unservable_dora(adapter.modules, get_runtime("comfyui"))
+        if misaxed:
+            report.warnings.append(
+                f"ComfyUI cannot serve {what}: {_listing(misaxed)}; it applies them wrongly (--for comfyui refuses "
+                "them; --dora-to-lora BASE writes the closest plain LoRA for that base)")
     # a runtime that needs one rank for every module takes the names as they are: a family's split /
     # fuse would change the ranks it was prepared to
     other_mode = dora_to_lora is not None or (runtime is not None and runtime.one_rank)
