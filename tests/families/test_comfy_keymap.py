@@ -18,6 +18,7 @@ import unet_tools as u
 from comfy_keymap import comfy_accepted_keys, hunyuan_video_modules, not_loaded, unet_to_diffusers
 from family_tools import ROOT, deltas, fixture_families, write
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from loratool.ops.convert import convert
 from loratool.ops.inspect import inspect_adapter
@@ -174,3 +175,31 @@ def test_musubi_hunyuan_file_is_written_in_names_comfyui_loads(tmp_path: Path, t
     assert torch.equal(got["lora_unet_double_blocks_0_img_mlp_0"], want["double_blocks_0_img_mlp_fc1"])
     for name, d in got.items():  # every module's delta, whatever its name
         assert any(torch.equal(d, w) for w in want.values()), name
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 25 defect 6: DiffSynth-Studio's `<module>.lora_A.default.weight` (no prefix)
+
+
+def test_diffsynth_file_is_read_and_converts(tmp_path: Path) -> None:
+    """DiffSynth-Studio saves peft's state dict with the adapter name left in and no prefix; ComfyUI
+    loads it (`.lora_B.default.weight`); loratool read it as holding no LoRA tensors. Now: Qwen-Image's
+    modules (the peft-style names), alpha = rank as ComfyUI applies it, and --to comfyui keeps the
+    factors bit for bit in names ComfyUI loads."""
+    shapes = ff.qwen_image_shapes(16, 2)
+    t = {k.removeprefix("base_model.model.").replace(".lora_A.weight", ".lora_A.default.weight")
+         .replace(".lora_B.weight", ".lora_B.default.weight"): v for k, v in ff.qwen_image_lora("peft").items()}
+    base = [m + ".weight" for m in shapes]
+    assert not_loaded("qwen-image", list(t), base) == []  # what ComfyUI takes
+    src = write(tmp_path, "diffsynth.safetensors", t)
+    fam = inspect_adapter(src).to_dict()["family"]
+    assert (fam["family"], fam["matched"], fam["total"]) == ("qwen-image", 34, 34)
+    out = tmp_path / "c.safetensors"
+    report = convert(src, out, to="comfyui")
+    assert all(r.scale == 1.0 for r in report.modules)
+    got = load_file(str(out))
+    assert not_loaded("qwen-image", list(got), base) == []
+    for k, v in t.items():
+        stem, role = k.split(".lora_")
+        mine = f"diffusion_model.{stem}." + ("lora_down.weight" if role.startswith("A") else "lora_up.weight")
+        assert torch.equal(got[mine], v), k
