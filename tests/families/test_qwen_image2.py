@@ -102,6 +102,20 @@ def test_merge_into_the_original_layout_equals_numpy(tmp_path: Path, prefix: str
     assert merge_equals_numpy(tmp_path, "qwen-image-2", shapes, prefix) == len(shapes)
 
 
+def test_diffsynth_names_are_read(tmp_path: Path) -> None:
+    """DiffSynth-Studio saves `<diffusers path>.lora_A.default.weight` with no prefix (alpha = rank): the
+    family is named, and `--to comfyui` fuses its gate / up pair to the deltas' rows."""
+    t = {k.removeprefix("base_model.model.").replace(".weight", ".default.weight"): v
+         for k, v in qwen_image2_lora("peft", seed=6).items()}
+    src = write(tmp_path, "ds.safetensors", t)
+    fam = inspect_adapter(src).to_dict()["family"]
+    assert fam["family"] == "qwen-image-2" and fam["confident"]
+    convert(src, tmp_path / "c.safetensors", to="comfyui")
+    dd, dc = deltas(src), deltas(tmp_path / "c.safetensors")
+    want = torch.cat([dd["transformer_blocks.0.img_mlp.gate_layer"], dd["transformer_blocks.0.img_mlp.proj"]])
+    torch.testing.assert_close(dc["diffusion_model.transformer_blocks.0.img_mlp.gate_up"], want, rtol=1e-6, atol=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------
 # diffusers itself
 
