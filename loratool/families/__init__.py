@@ -26,6 +26,7 @@ nothing in this package reads or writes files.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 
@@ -87,10 +88,23 @@ class Detection:
 
 
 def families() -> tuple[Family, ...]:
-    from loratool.families import flux, hunyuan_video, ltx, qwen_image, sd1, sd3, sdxl, wan
+    from loratool.families import (
+        flux,
+        hunyuan_video,
+        hunyuan_video15,
+        kandinsky5,
+        ltx,
+        ltx2,
+        qwen_image,
+        qwen_image2,
+        sd1,
+        sd3,
+        sdxl,
+        wan,
+    )
 
     return (flux.FAMILY, sd3.FAMILY, wan.FAMILY, hunyuan_video.FAMILY, qwen_image.FAMILY, ltx.FAMILY, sd1.FAMILY,
-            sdxl.FAMILY)
+            sdxl.FAMILY, kandinsky5.FAMILY, qwen_image2.FAMILY, ltx2.FAMILY, hunyuan_video15.FAMILY)
 
 
 def get(name: str) -> Family:
@@ -136,9 +150,13 @@ _METADATA_FAMILIES = (
     (re.compile(r"sd_?v?1|stable-diffusion-v1|sd-?1\.5|sd15", re.I), "sd1"),
     (re.compile(r"sd_?v?3|stable-diffusion-v3|stable-diffusion-3", re.I), "sd3"),
     (re.compile(r"flux", re.I), "flux.1"),
+    (re.compile(r"hunyuan.?video.?1[._]?5|hunyuanvideo15|hy_?video_?1_?5", re.I), "hunyuan-video-1.5"),
     (re.compile(r"hunyuan", re.I), "hunyuan-video"),
+    (re.compile(r"qwen.?image.?2(?:\.\d+|1)?(?!\d)", re.I), "qwen-image-2"),  # not Qwen-Image-2512
     (re.compile(r"qwen", re.I), "qwen-image"),
+    (re.compile(r"ltx.?2(?:\.\d+)?(?![\db])|ltxav", re.I), "ltx-2"),
     (re.compile(r"ltx", re.I), "ltx-video"),
+    (re.compile(r"kandinsky.?5", re.I), "kandinsky-5"),
     (re.compile(r"^wan", re.I), "wan"),
 )
 
@@ -152,6 +170,12 @@ def metadata_family(metadata: dict[str, str] | None) -> tuple[str, str] | None:
         for pattern, family in _METADATA_FAMILIES:
             if pattern.search(value):
                 return family, f"{key} says {value}"
+    try:  # a file loratool wrote by a family's table says which
+        said = json.loads((metadata or {}).get("loratool.params", "")).get("family")
+    except (ValueError, AttributeError):
+        return None
+    if isinstance(said, str) and said in {f.name for f in families()}:
+        return said, f"loratool.params says family {said}"
     return None
 
 
@@ -194,6 +218,15 @@ def detect(names: list[str], metadata: dict[str, str] | None = None) -> Detectio
             why = [f"{said[1]}; the names fit {' and '.join(tied)} alike"]
             return Detection(fam.name, dialect, best, len(names), hits[:3], candidates,
                              [n for n in names if n not in set(hits)], why, [fam.name])
+        # one family's own spelling, the others' only as a loader's respelling (FLUX.1's kohya names are
+        # HunyuanVideo's only as ComfyUI names HunyuanVideo's modules): that family's
+        own = [(f, d, h) for n, f, d, h in scores if n == best and f.name in tied
+               and all(f.identify(x, d, canonical=True) is not None for x in h)]
+        if len({f.name for f, _, _ in own}) == 1:
+            fam, dialect, hits = own[0]
+            why = [f"not {t}: the names are {fam.name}'s own ({dialect}); {t}'s are spelled so only for ComfyUI"
+                   for t in tied if t != fam.name]
+            return Detection(fam.name, dialect, best, len(names), hits[:3], candidates, unmatched, why, [fam.name])
         return Detection(None, None, best, len(names), hits[:3], candidates, unmatched, tied=tied)
     # per other family that fits part: a name of ours it has in no dialect, or one past its block count
     reasons: list[str] = []

@@ -21,6 +21,12 @@ from loratool.families.model import ADDED_QKV, Family, one, qkv, shift_scale
 
 _REFINER = "txt_in.individual_token_refiner.blocks.{i}"
 _REFINER_D = "context_embedder.token_refiner.refiner_blocks.{i}"
+_EMBEDDERS = (("time_in.mlp.0", "time_in.in_layer"), ("time_in.mlp.2", "time_in.out_layer"),
+              ("guidance_in.mlp.0", "guidance_in.in_layer"), ("guidance_in.mlp.2", "guidance_in.out_layer"),
+              ("t_embedder.mlp.0", "t_embedder.in_layer"), ("t_embedder.mlp.2", "t_embedder.out_layer"),
+              ("c_embedder.linear_1", "c_embedder.in_layer"), ("c_embedder.linear_2", "c_embedder.out_layer"))
+_BLOCKS = (("_mod.linear", "_mod.lin"), ("modulation.linear", "modulation.lin"), ("mlp.fc1", "mlp.0"),
+           ("mlp.fc2", "mlp.2"))
 
 
 FAMILY = Family(
@@ -75,6 +81,11 @@ FAMILY = Family(
         one("final_layer.linear", "proj_out"),
         shift_scale("final_layer.adaLN_modulation.1", "norm_out.linear"),
     ),
+    # ComfyUI loads the checkpoint into its own module names (comfy/ldm/hunyuan_video/model.py: FLUX.1's
+    # blocks, `MLPEmbedder` in_layer / out_layer) and its key map (comfy/lora.py) takes Tencent's block
+    # names under `diffusion_model.` but only its own for the embedders, and only its own under
+    # `lora_unet_`: files are written in those (musubi-tuner's Tencent spellings are read too)
+    respell={"comfyui": _EMBEDDERS, "kohya": (*_EMBEDDERS, *_BLOCKS)},
     blocks={"double_blocks": 20, "single_blocks": 40, "transformer_blocks": 20, "single_transformer_blocks": 40,
             "txt_in": 2, "context_embedder": 2},
     base_layouts={

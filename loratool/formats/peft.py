@@ -51,6 +51,9 @@ _SUFFIXES: tuple[tuple[str, str, bool], ...] = (
     (".lora_embedding_B", "up", True),
     (".lora_magnitude_vector.weight", "magnitude", False),
     (".lora_magnitude_vector", "magnitude", False),
+    # DiffSynth-Studio saves peft's state dict with the adapter's name ("default") left in, no prefix
+    (".lora_A.default.weight", "down", False),
+    (".lora_B.default.weight", "up", False),
 )
 
 # LoraConfig defaults that matter for reading (peft's own defaults)
