@@ -15,8 +15,9 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt_oss": ("GptOssConfig", dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
                                      layer_types=["sliding_attention", "full_attention"], **ATTN)),
     "mixtral": ("MixtralConfig", dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, **ATTN)),
-    "qwen2_moe": ("Qwen2MoeConfig", dict(intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=24,
-                                         num_experts=4, num_experts_per_tok=2, **ATTN)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(intermediate_size=64, moe_intermediate_size=16,
+                                         shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+                                         **ATTN)),
 }
 PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
