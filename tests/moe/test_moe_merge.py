@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from clirun import run_cli
-from moe_models import make_adapter, make_base, peft_model
+from moe_models import make_adapter, make_base, peft_model, per_expert_model
 from safetensors.torch import load_file, save_file
 
 IDS = (torch.arange(24).reshape(3, 8) * 7) % 64
@@ -99,3 +99,24 @@ def test_merge_refuses_base_with_other_expert_count(moe_dir: Path, tmp_path: Pat
     errors = [ln for ln in r.err.splitlines() if ln.startswith("Error:")]
     assert len(errors) == 1 and "experts.gate_up_proj[" in errors[0] and "(8, 32, 32)" in errors[0], r.err
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_per_expert_target_modules_equals_peft(moe_dir: Path, tmp_path: Path) -> None:
+    """A per-expert adapter (`experts.3.w1`, peft target_modules on one Linear per expert) into Mixtral's
+    per-expert checkpoint: tensor for tensor what peft's merge_and_unload makes of the same Linears."""
+    import peft
+
+    base = moe_dir / "mixtral" / "base"
+    torch.manual_seed(3)
+    pm = peft.get_peft_model(per_expert_model(base), peft.LoraConfig(
+        r=2, lora_alpha=3, target_modules=["w1", "w2", "w3"], init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "lora")
+    want = {k + ".weight": m.weight for k, m in pm.merge_and_unload().named_modules()
+            if isinstance(m, torch.nn.Linear)}
+    assert len(want) == 2 * 4 * 3
+    r = run_cli(["merge", str(base), str(tmp_path / "lora"), "-o", str(tmp_path / "out")])
+    assert r.code == 0, r.err
+    got, original = load_file(tmp_path / "out" / "model.safetensors"), load_file(base / "model.safetensors")
+    for k, t in want.items():
+        assert not torch.equal(got[k], original[k]), k
+        torch.testing.assert_close(got[k], t.detach(), rtol=1e-6, atol=1e-6, msg=k)
