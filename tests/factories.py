@@ -210,3 +210,14 @@ def build_base(
     return path
 
 
+
+
+def save_quantized_base(root: Path, name: str, tensors: Mapping[str, torch.Tensor], config: Mapping[str, object],
+                        quantization_config: Mapping[str, object]) -> Path:
+    """A model folder `root/name` as transformers saves a quantized model: model.safetensors (with
+    the `format: pt` metadata transformers reads) and config.json with its `quantization_config`."""
+    base = root / name
+    base.mkdir(parents=True)
+    save_file(dict(tensors), str(base / "model.safetensors"), metadata={"format": "pt"})
+    (base / "config.json").write_text(json.dumps({**config, "quantization_config": dict(quantization_config)}))
+    return base

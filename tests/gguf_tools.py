@@ -4,11 +4,17 @@ writer). The shapes are those of a Llama with the sizes below."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
 HEADS, KV_HEADS, HIDDEN, LAYERS = 4, 2, 32, 2
+
+LLAMA_CPP_VERSION = "0.3.36"  # the llama-cpp-python sdist whose vendor/llama.cpp the runtime tests build
+# where tests/runtimes/build_llama_cpp.sh and build_ggml_quants.sh install their programs (bin/)
+LLAMA_CPP_DIR = Path(os.environ.get("LORATOOL_LLAMA_CPP_DIR",
+                                    Path.home() / ".cache" / "loratool-tests" / f"llama.cpp-{LLAMA_CPP_VERSION}"))
 
 
 def write_llama_gguf(path: Path, *, tied: bool = False, qtype=None, seed: int = 0) -> Path:

@@ -181,6 +181,13 @@ blocks_option = click.option(
 
 
 
+def output_options(f):  # type: ignore[no-untyped-def]
+    """--force, --json and -q: whether OUT may be replaced, and how the result is shown."""
+    for opt in reversed((force_option, json_option, quiet_option)):
+        f = opt(f)
+    return f
+
+
 def weighting_options(f):  # type: ignore[no-untyped-def]
     """--weights, --module-weights and --blocks: how much of each adapter, module and block applies."""
     for opt in reversed((weights_option, module_weights_option, blocks_option)):

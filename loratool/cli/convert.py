@@ -6,12 +6,10 @@ from loratool.cli._options import (
     RuntimeTarget,
     allow_pickle_option,
     allow_variant_option,
-    force_option,
     input_path,
-    json_option,
     out_option,
+    output_options,
     preflight,
-    quiet_option,
 )
 from loratool.formats import writable_formats
 
@@ -43,9 +41,7 @@ from loratool.formats import writable_formats
 @click.option("--rank", "-r", "rank", type=click.IntRange(min=1), default=None,
               help="LyCORIS modules become LoRA of at most this rank (best truncation, error reported); "
               "default: exact.")
-@force_option
-@json_option
-@quiet_option
+@output_options
 @allow_pickle_option
 @allow_variant_option
 @click.option("--initial-adapter", "initial_adapter", default=None, type=click.Path(),

@@ -4,12 +4,10 @@ import click
 
 from loratool.cli._options import (
     device_option,
-    force_option,
     input_path,
-    json_option,
     out_option,
+    output_options,
     preflight,
-    quiet_option,
 )
 from loratool.ops.extract import output_formats
 
@@ -32,9 +30,7 @@ from loratool.ops.extract import output_formats
 @click.option("--format", "fmt", type=click.Choice(output_formats()), default="peft", show_default=True,
               help="Output format.")
 @device_option
-@force_option
-@json_option
-@quiet_option
+@output_options
 def extract(base: str, tuned: str, out: str, rank: int | None, threshold: float | None, modules: str | None,
             embeddings: bool, save_changed: bool, fmt: str, device: str, force: bool, as_json: bool,
             quiet: bool) -> int:

@@ -11,12 +11,10 @@ from loratool.cli._options import (
     allow_variant_option,
     check_adapter_args,
     device_option,
-    force_option,
-    json_option,
     out_option,
+    output_options,
     parse_weights,
     preflight,
-    quiet_option,
     weighting_options,
 )
 from loratool.errors import LoratoolError
@@ -37,16 +35,14 @@ from loratool.io.writers import write_text_output
 @click.option("--report", "report_file", type=OutputPath(), default=None,
               help="Write per-tensor statistics (delta norm, relative change, cast error, retained delta) as JSON.")
 @click.option("--rounding", type=click.Choice(["nearest", "stochastic"]), default="nearest", show_default=True,
-              help="How merged values round back to fp8 storage (stochastic: unbiased, seeded).")
+              help="How merged values round back to fp8 / fp4 storage (stochastic: unbiased, seeded).")
 @click.option("--seed", type=int, default=None, help="Seed for --rounding stochastic (default 0).")
 @click.option("--min-retained", type=float, default=0.5, show_default=True,
               help="Warn when a merged tensor keeps less than this share of its delta after rounding.")
 @click.option("--strict", is_flag=True, help="Refuse (write nothing) when a tensor keeps less than --min-retained.")
 @click.option("--qlora-base", type=click.Choice(["nf4"]), default=None,
               help="Merge into dequant(quant_nf4(W)), the base a QLoRA adapter was trained on.")
-@force_option
-@json_option
-@quiet_option
+@output_options
 @allow_pickle_option
 @allow_variant_option
 def merge(base: str, adapters: tuple[str, ...], out: str, weights: str | None, module_weights: str | None,

@@ -88,10 +88,23 @@ class Detection:
 
 
 def families() -> tuple[Family, ...]:
-    from loratool.families import flux, hunyuan_video, ltx, qwen_image, sd1, sd3, sdxl, wan
+    from loratool.families import (
+        flux,
+        hunyuan_video,
+        hunyuan_video15,
+        kandinsky5,
+        ltx,
+        ltx2,
+        qwen_image,
+        qwen_image2,
+        sd1,
+        sd3,
+        sdxl,
+        wan,
+    )
 
     return (flux.FAMILY, sd3.FAMILY, wan.FAMILY, hunyuan_video.FAMILY, qwen_image.FAMILY, ltx.FAMILY, sd1.FAMILY,
-            sdxl.FAMILY)
+            sdxl.FAMILY, kandinsky5.FAMILY, qwen_image2.FAMILY, ltx2.FAMILY, hunyuan_video15.FAMILY)
 
 
 def get(name: str) -> Family:
@@ -137,9 +150,13 @@ _METADATA_FAMILIES = (
     (re.compile(r"sd_?v?1|stable-diffusion-v1|sd-?1\.5|sd15", re.I), "sd1"),
     (re.compile(r"sd_?v?3|stable-diffusion-v3|stable-diffusion-3", re.I), "sd3"),
     (re.compile(r"flux", re.I), "flux.1"),
+    (re.compile(r"hunyuan.?video.?1[._]?5|hunyuanvideo15|hy_?video_?1_?5", re.I), "hunyuan-video-1.5"),
     (re.compile(r"hunyuan", re.I), "hunyuan-video"),
+    (re.compile(r"qwen.?image.?2(?:\.\d+|1)?(?!\d)", re.I), "qwen-image-2"),  # not Qwen-Image-2512
     (re.compile(r"qwen", re.I), "qwen-image"),
+    (re.compile(r"ltx.?2(?:\.\d+)?(?![\db])|ltxav", re.I), "ltx-2"),
     (re.compile(r"ltx", re.I), "ltx-video"),
+    (re.compile(r"kandinsky.?5", re.I), "kandinsky-5"),
     (re.compile(r"^wan", re.I), "wan"),
 )
 

@@ -30,6 +30,11 @@ _STRING, _ARRAY = 8, 9
 _MAX_DIMS = 4  # GGML_MAX_DIMS
 _MAX_ARRAY_DEPTH = 8
 _HEADER_SCAN_LIMIT = 1 << 30  # the key-values and tensor infos of a real model are a few MB
+_HEADER_SCAN_FIRST = 8 << 20  # read first; a scan that needs more reads 8 times as much, up to the limit
+
+
+class _NeedMore(Exception):
+    """The scan reached the end of the bytes read so far, not of the file nor of the limit."""
 
 
 class _Scan:
@@ -45,8 +50,10 @@ class _Scan:
 
     def take(self, n: int, what: str) -> bytes:
         if n < 0 or n > len(self.data) - self.pos:
-            if self.pos + n > self.size:
+            if n < 0 or self.pos + n > self.size:
                 raise self.fail(f"{what} of {n:,} bytes runs past the end of the {self.size:,}-byte file")
+            if len(self.data) < min(self.size, _HEADER_SCAN_LIMIT):
+                raise _NeedMore
             raise self.fail(f"{what} of {n:,} bytes: key-values beyond {_HEADER_SCAN_LIMIT:,} bytes")
         out = self.data[self.pos:self.pos + n]
         self.pos += n
@@ -71,7 +78,7 @@ class _Scan:
             etype = self.uint(4, f"array type of '{key}'")
             count = self.uint(8, f"array length of '{key}'")
             least = _VALUE_SIZE.get(etype, 8)  # a string or an array takes 8 bytes at least
-            if count * least > len(self.data) - self.pos:
+            if count * least > min(self.size, _HEADER_SCAN_LIMIT) - self.pos:
                 raise self.fail(f"'{key}' claims {count:,} array elements, more than the file can hold")
             if etype in _VALUE_SIZE:
                 self.take(count * _VALUE_SIZE[etype], f"array '{key}'")
@@ -95,12 +102,21 @@ def check_gguf(path: Path) -> None:
     """
     from loratool.io.header import open_input
 
-    try:
-        with open_input(path) as f:
-            size = os.fstat(f.fileno()).st_size
-            data = f.read(min(size, _HEADER_SCAN_LIMIT))
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+    want = _HEADER_SCAN_FIRST
+    while True:  # a prefix of the file, not the whole of it: the tensor data is not read here
+        try:
+            with open_input(path) as f:
+                size = os.fstat(f.fileno()).st_size
+                data = f.read(min(size, want, _HEADER_SCAN_LIMIT))
+        except OSError as e:
+            raise FormatError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+        try:
+            return _scan(path, data, size)
+        except _NeedMore:
+            want *= 8
+
+
+def _scan(path: Path, data: bytes, size: int) -> None:
     s = _Scan(path, data, size)
     if s.take(4, "magic") != b"GGUF":
         raise s.fail("no GGUF magic")

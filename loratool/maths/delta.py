@@ -42,6 +42,16 @@ def delta(
     return d.reshape(module.base_shape)
 
 
+def delta_rows(up: torch.Tensor, down: torch.Tensor, scale: float, start: int, stop: int, *, transposed: bool
+               ) -> torch.Tensor:
+    """Rows start:stop of delta() for a 2-D base weight, from factors() and module.scale: a linear's rows
+    of up, or (transposed: an embedding, fan_in_fan_out) columns of down. Each element is the same
+    r-term dot product as in delta(), so a tensor merged block by block needs no dense ΔW."""
+    if transposed:
+        return ((up @ down[:, start:stop]) * scale).T  # (out, r) @ (r, k) -> (out, k), then (k, out)
+    return (up[start:stop] @ down) * scale  # (k, r) @ (r, in) -> (k, in)
+
+
 def dora_eps(module: LoraModule | LycoModule) -> float:
     """What the DoRA weight norm gets added before dividing, as the tools that write the module add it.
 

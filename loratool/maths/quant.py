@@ -176,3 +176,18 @@ def nf4_roundtrip(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
     code = torch.tensor(NF4_CODE, dtype=torch.float32, device=w.device)
     codes, absmax = codebook_quantize(w, code, blocksize)
     return codebook_dequantize(codes, absmax, code, blocksize, w.numel()).reshape(w.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-tensor fp8 with a recomputed scale (ComfyUI comfy_quant "float8_e4m3fn" / "float8_e5m2")
+
+
+def tensor_fp8_quantize(w: torch.Tensor, dtype: str, *, generator: torch.Generator | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale float32 0-d) as ComfyUI requantizes a patched layer (scale="recalculate"):
+    scale = amax / max, q = w · (1 / scale) saturated and rounded to fp8; an all-zero tensor keeps scale 1."""
+    import torch
+
+    amax = torch.maximum(w.amax(), -w.amin()).to(torch.float32) if w.numel() else torch.tensor(0.0)
+    scale = amax / fp8_max(dtype) if float(amax) > 0 else torch.tensor(1.0)
+    return round_fp8(w * (1.0 / scale), dtype, generator=generator), scale.reshape(())

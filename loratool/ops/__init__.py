@@ -29,6 +29,11 @@ class Row:
         return dict(self.__dict__)
 
 
+def written(out: Path, fmt: str) -> dict[str, Any]:
+    """The head of the --json document of a command that writes an adapter (combine, rescale, resize)."""
+    return {"schema": 1, "out": str(out), "format": fmt}
+
+
 def output_size(path: Path) -> int:
     """Bytes written: a file's size, or the sum over a directory's files."""
     if path.is_dir():

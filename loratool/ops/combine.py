@@ -36,13 +36,12 @@ from typing import TYPE_CHECKING, Any
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import IncompatibleError
 from loratool.io.tensors import TensorRef
-from loratool.ops import Progress, Row, output_size
+from loratool.ops import Progress, Row, output_size, written
 from loratool.ops.resize import target_dtype
 
 if TYPE_CHECKING:
     import torch
 
-SCHEMA = 1
 
 METHODS: tuple[str, ...] = ("cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune", "linear")
 DENSE: tuple[str, ...] = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -84,9 +83,7 @@ class CombineReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "schema": SCHEMA,
-            "out": str(self.out),
-            "format": self.format,
+            **written(self.out, self.format),
             "method": self.method,
             "weights": self.weights,
             "rank": self.rank,
@@ -418,7 +415,7 @@ def combine_module(
     module = LoraModule(
         name=m0.name, down=TensorRef.from_tensor(new_down), up=TensorRef.from_tensor(new_up), alpha=float(k),
         alpha_source=alpha_source,  # type: ignore[arg-type]
-        rslora=False, bias=bias, kind=m0.kind, fan_in_fan_out=m0.fan_in_fan_out,
+        rslora=False, bias=bias, kind=m0.kind, fan_in_fan_out=m0.fan_in_fan_out, expert=m0.expert,
     )
     return module, k, kept, rel_error
 

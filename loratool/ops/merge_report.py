@@ -11,6 +11,11 @@ from typing import Any
 from loratool.ops import Row
 
 SCHEMA = 1
+
+
+def run_inputs(base: Path, adapters: list[Path], weights: list[float]) -> dict[str, Any]:
+    """The inputs of a merge or verify run, as their --json documents give them."""
+    return {"base": str(base), "adapters": [str(a) for a in adapters], "weights": weights}
 Progress = Callable[[int, int], None]
 
 
@@ -73,9 +78,7 @@ class MergeReport:
         doc: dict[str, Any] = {
             "schema": SCHEMA,
             "out": str(self.out),
-            "base": str(self.base),
-            "adapters": [str(a) for a in self.adapters],
-            "weights": self.weights,
+            **run_inputs(self.base, self.adapters, self.weights),
             "unmerge": self.unmerge,
             "dtype": self.dtype,
             "device": self.device,

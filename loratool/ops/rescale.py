@@ -16,10 +16,9 @@ from typing import Any
 from loratool.adapter import LoraModule, scale_for
 from loratool.errors import IncompatibleError
 from loratool.io.tensors import TensorRef
-from loratool.ops import Row, output_size
+from loratool.ops import Row, output_size, written
 from loratool.ops.resize import select
 
-SCHEMA = 1
 MODES = ("factor", "alpha", "normalize", "to_rslora", "from_rslora")
 
 
@@ -47,9 +46,7 @@ class RescaleReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "schema": SCHEMA,
-            "out": str(self.out),
-            "format": self.format,
+            **written(self.out, self.format),
             "mode": self.mode,
             "value": self.value,
             "num_modules": len(self.modules) + len(self.skipped) + len(self.removed),

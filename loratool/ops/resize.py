@@ -17,10 +17,8 @@ from typing import Any
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import IncompatibleError
 from loratool.io.tensors import TensorRef
-from loratool.ops import Progress, Row, output_size
+from loratool.ops import Progress, Row, output_size, written
 from loratool.patterns import SafePattern, compile_pattern
-
-SCHEMA = 1
 
 
 @dataclass
@@ -55,9 +53,7 @@ class ResizeReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "schema": SCHEMA,
-            "out": str(self.out),
-            "format": self.format,
+            **written(self.out, self.format),
             "method": self.method,
             "threshold": self.threshold,
             "rank": self.rank,

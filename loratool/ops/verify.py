@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 from loratool.errors import IncompatibleError
 from loratool.io.checkpoint import Checkpoint
 from loratool.io.header import TensorInfo
+from loratool.ops.merge_report import run_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -161,9 +162,7 @@ class VerifyReport:
         doc: dict[str, Any] = {
             "schema": SCHEMA,
             "merged": str(self.merged),
-            "base": str(self.base),
-            "adapters": [str(a) for a in self.adapters],
-            "weights": self.weights,
+            **run_inputs(self.base, self.adapters, self.weights),
             "dtype": self.dtype,
             "device": self.device,
             "storage": self.storage,
@@ -299,15 +298,26 @@ def _check_lowrank(w: torch.Tensor, m: torch.Tensor, contribs: list[Contribution
     flip = transposed.pop()
     import torch
 
+    experts = w.dim() == 3 and all(mod.expert is not None for mod in loras)
     terms = []
     for c, mod in zip(contribs, loras):
         up, down = factors(mod)  # (out, r), (r, in·k), float32
         up = up.double() * (c.weight * mod.scale)
-        if c.rows is not None:  # a part of a fused weight: B padded with zero rows, still low rank
+        if experts and c.rows is not None:
+            # expert e of a fused (E, d1, d2) weight: rows e·d1:(e+1)·d1 of its (E·d1, d2) view, where
+            # it is up @ down, or (up @ down)ᵀ = downᵀ @ upᵀ when the weight holds experts (in, out)
+            if flip:
+                up, down = down.T.double(), up.T
+            full = torch.zeros((w.shape[0] * w.shape[1], up.shape[1]), dtype=up.dtype)
+            full[c.rows[0] * w.shape[1]:c.rows[1] * w.shape[1]] = up
+            up = full
+        elif c.rows is not None:  # a part of a fused weight: B padded with zero rows, still low rank
             full = torch.zeros((w.shape[0], up.shape[1]), dtype=up.dtype)
             full[c.rows[0]:c.rows[1]] = up
             up = full
         terms.append((up, down.double()))
+    if experts:
+        w, m, flip = w.reshape(-1, w.shape[-1]), m.reshape(-1, m.shape[-1]), False
 
     # 16-bit tensors: float32 is exact for R and precise enough (maths.compare.realized_projection)
     work = torch.float32 if unit >= UNIT_ROUNDOFF["float16"] and {w.dtype, m.dtype} <= {
@@ -603,7 +613,7 @@ def _check_quantized(info: TensorInfo, found: TensorInfo, ctx: _Context, check: 
 
     from loratool.maths.compare import requant_numbers
     from loratool.maths.merge import merged_tensor
-    from loratool.storage import FP8_DTYPES, dequantize, requantize
+    from loratool.storage import dequantize, requantize
 
     key = info.key
     st, st_found = ctx.base_storage.of(key), ctx.merged_storage.of(key)
@@ -623,7 +633,7 @@ def _check_quantized(info: TensorInfo, found: TensorInfo, ctx: _Context, check: 
         x = w
     if st is not None and not ctx.dequantizing:
         refs = [requantize(st, x, ctx.load_base)[1]]
-        if st.scheme.startswith("fp8") or st.dtype in FP8_DTYPES:  # merge --rounding stochastic: same grid
+        if st.stochastic:  # merge --rounding stochastic: same grid
             gen = torch.Generator(device="cpu").manual_seed(0)
             refs.append(requantize(st, x, ctx.load_base, generator=gen)[1])
     else:  # written as plain floats: one rounding to the output dtype

@@ -52,13 +52,24 @@ def _case(name: str) -> tuple[str, str, dict[str, Any], list[str], dict[str, Any
     if name == "sd3":
         shapes = ff.sd3_shapes(16, 2, dual=(0,))
         return "sd3", name, ff.family_lora(name, shapes, "kohya"), list(shapes), None
+    if name in ("kandinsky-5", "qwen-image-2", "ltx-2"):  # ComfyUI's checkpoint names are the fixtures' originals
+        shapes = {"kandinsky-5": ff.kandinsky5_shapes, "qwen-image-2": ff.qwen_image2_shapes,
+                  "ltx-2": ff.ltx2_shapes}[name]()
+        # ComfyUI's LTXAV is no LTXV subclass (comfy/model_base.py): only the rules every model gets
+        model = {"kandinsky-5": "kandinsky5", "qwen-image-2": "qwen-image", "ltx-2": "generic"}[name]
+        return model, name, ff.family_lora(name, shapes, "kohya"), list(shapes), None
+    if name == "hunyuan-video-1.5":  # ComfyUI loads 1.5 into its 1.0 class (comfy/model_base.py)
+        mods = [m for m in hunyuan_video_modules(2, 0, 1) if not m.startswith(("vector_in.", "guidance_in."))]
+        mods += ["byt5_in.fc1", "byt5_in.fc2", "byt5_in.fc3", "vision_in.proj.1", "vision_in.proj.3"]
+        return "hunyuan-video", name, ff.hunyuan_video15_lora("kohya", double=2), mods, None
     if name == "hunyuan-video":
         return ("hunyuan-video", name, ff.hunyuan_video_lora("kohya"), hunyuan_video_modules(1, 1, 1), None)
     config = UNET_CONFIGS[name]
     return name, name, u.lora(name, "kohya"), sorted(set(unet_to_diffusers(config).values())), config
 
 
-FAMILIES = ["flux.1", "wan", "qwen-image", "ltx-video", "sd3", "hunyuan-video", "sd1", "sdxl"]
+FAMILIES = ["flux.1", "wan", "qwen-image", "ltx-video", "sd3", "hunyuan-video", "sd1", "sdxl", "kandinsky-5",
+            "qwen-image-2", "ltx-2", "hunyuan-video-1.5"]
 
 
 @pytest.mark.parametrize("target", ["comfyui", "kohya"])

@@ -54,8 +54,9 @@ def test_a_distinctive_module_decides(extra: str, family: str, reason: str) -> N
 
 
 def test_past_every_family_is_unknown() -> None:
-    det = detect(["lora_unet_double_blocks_20_img_attn_qkv"])  # HunyuanVideo has 20, FLUX.1 19
+    det = detect(["lora_unet_double_blocks_54_img_attn_qkv"])  # HunyuanVideo 1.5 has 54, 1.0 20, FLUX.1 19
     assert det.family is None and not det.ambiguous and det.describe() == "unknown"
+    assert detect(["lora_unet_double_blocks_20_img_attn_qkv"]).family == "hunyuan-video-1.5"
 
 
 def test_wan_names_are_wans_alone() -> None:
@@ -88,10 +89,12 @@ def test_inspect_says_ambiguous(tmp_path: Path) -> None:
     r = CliRunner().invoke(cli, ["inspect", str(src)])
     assert r.exit_code == 0, r.output
     line = next(x for x in r.output.splitlines() if x.startswith("family"))
-    assert ("ambiguous: flux.1 (diffusers) or sd3 (diffusers) or hunyuan-video (diffusers) or qwen-image (diffusers) "
-            "(convert needs --family)") in line
+    assert "ambiguous: flux.1 (diffusers) or sd3 (diffusers) or hunyuan-video (diffusers) or qwen-image (diffusers)" \
+        in line
     doc = json.loads(CliRunner().invoke(cli, ["inspect", str(src), "--json"]).output)
     assert doc["family"]["ambiguous"] and doc["family"]["family"] is None
+    assert doc["family"]["tied"] == ["flux.1", "sd3", "hunyuan-video", "qwen-image", "qwen-image-2",
+                                     "hunyuan-video-1.5"]
 
 
 def _flux_attention_names(double: int, single: int) -> list[str]:

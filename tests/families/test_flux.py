@@ -52,8 +52,9 @@ def test_detect_family_and_dialect(tmp_path: Path, dialect: str) -> None:
 
 def test_hunyuan_block_indices_are_not_flux() -> None:
     det = detect(["lora_unet_double_blocks_19_img_attn_qkv", "lora_unet_double_blocks_0_img_attn_qkv"])
-    assert (det.family, det.matched, det.total) == ("hunyuan-video", 2, 2)
-    assert det.reasons == ["not flux.1: lora_unet_double_blocks_19_img_attn_qkv is in double_blocks 19, past its 19"]
+    # HunyuanVideo 1.0 (20 double blocks) or 1.5 (54): both have these names; FLUX.1 (19) is out
+    assert det.ambiguous and det.tied == ["hunyuan-video", "hunyuan-video-1.5"] and det.matched == det.total == 2
+    assert ("flux.1", "kohya", 1) in det.candidates
 
 
 def _fused_delta(d: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:

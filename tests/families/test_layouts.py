@@ -292,6 +292,10 @@ FAMILY_SHAPES = {
     "qwen-image": lambda: fixture_families.qwen_image_shapes(16, 2),
     "hunyuan-video": lambda: fixture_families.hunyuan_video_shapes(),
     "ltx-video": lambda: fixture_families.ltx_shapes(),
+    "kandinsky-5": lambda: fixture_families.kandinsky5_shapes(),
+    "qwen-image-2": lambda: fixture_families.qwen_image2_shapes(),
+    "ltx-2": lambda: fixture_families.ltx2_shapes(),
+    "hunyuan-video-1.5": lambda: fixture_families.hunyuan_video15_shapes(),
     "sd1": lambda: fixture_families.unet_shapes("sd1"),
     "sdxl": lambda: fixture_families.unet_shapes("sdxl", (8, 16, 32), depth=(1, 2, 2)),  # blocks 2-9: the same
 }

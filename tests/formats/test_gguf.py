@@ -232,30 +232,27 @@ def test_merge_into_gguf_base_is_dequantized_base_plus_delta(make_adapter, tmp_p
             assert after[name].tensor_type == t.tensor_type and np.array_equal(after[name].data, t.data), name
 
 
-def test_merge_refuses_a_type_it_cannot_requantize_unless_dtype(make_adapter, tmp_path, capsys):
-    # a Q4_K tensor (the gguf package dequantizes k-quants but cannot quantize them)
-    q4k = gguf.GGMLQuantizationType.Q4_K
-    path = tmp_path / "q4k.gguf"
+def test_merge_refuses_a_type_without_a_storage_descriptor_even_with_dtype(make_adapter, tmp_path, capsys):
+    # an IQ2_XXS tensor: no descriptor dequantizes it, so neither keeping it nor writing it as F16 is offered
+    iq = gguf.GGMLQuantizationType.IQ2_XXS
+    path = tmp_path / "iq.gguf"
     w = gguf.GGUFWriter(path, "llama")
     w.add_block_count(1)
     w.add_head_count(4)
     w.add_head_count_kv(4)
-    block, size = gguf.GGML_QUANT_SIZES[q4k]
+    block, size = gguf.GGML_QUANT_SIZES[iq]
     shape = (64, 256)
     raw = np.zeros((64, 256 // block * size), dtype=np.uint8)
-    w.add_tensor("blk.0.ffn_up.weight", raw, raw_shape=gguf.quant_shape_to_byte_shape(shape, q4k), raw_dtype=q4k)
+    w.add_tensor("blk.0.ffn_up.weight", raw, raw_shape=gguf.quant_shape_to_byte_shape(shape, iq), raw_dtype=iq)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     src = make_adapter(modules={"model.layers.0.mlp.up_proj": shape}, rank=4, alpha=8)
-    code, _, err = run_cli(["merge", path, src, "-o", tmp_path / "x.gguf"])
-    assert code == 2 and "Q4_K" in err and "--dtype" in err and not (tmp_path / "x.gguf").exists()
-    code, _, err = run_cli(["merge", path, src, "-o", tmp_path / "y.gguf", "--dtype", "fp16"])
-    assert code == 0, err
-    t = gguf.GGUFReader(tmp_path / "y.gguf").tensors[0]
-    assert t.tensor_type == gguf.GGMLQuantizationType.F16
-    np.testing.assert_allclose(_dequant(t), peft_deltas(src)["model.layers.0.mlp.up_proj"], rtol=2e-3, atol=2e-3)
+    for extra, out in (([], "x.gguf"), (["--dtype", "fp16"], "y.gguf")):
+        code, _, err = run_cli(["merge", path, src, "-o", tmp_path / out, *extra])
+        assert code == 2 and "'blk.0.ffn_up.weight' is IQ2_XXS" in err and "Hint:" in err, err
+        assert not (tmp_path / out).exists()
 
 
 def test_round_trip_peft_gguf_peft_identical_deltas(tmp_path, capsys):
@@ -268,3 +265,44 @@ def test_round_trip_peft_gguf_peft_identical_deltas(tmp_path, capsys):
     assert set(got) == set(want)
     for n in want:
         np.testing.assert_allclose(got[n], want[n], rtol=1e-6, atol=1e-7 * np.abs(want[n]).max())
+
+
+def test_header_scan_reads_a_prefix_and_grows_it_for_long_key_values(tmp_path, monkeypatch):
+    # check_gguf reads the first _HEADER_SCAN_FIRST bytes, not the file (whose tensor data may be GBs),
+    # and reads 8 times more while the key-values and tensor infos run past what it has
+    from loratool.formats import gguf_file
+    from loratool.io import header
+
+    reads = []
+    real = header.open_input
+
+    class Counted:  # the file check_gguf opens, its reads counted
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def fileno(self):
+            return self.f.fileno()
+
+        def read(self, n):
+            reads.append(n)
+            return self.f.read(n)
+
+    monkeypatch.setattr(header, "open_input", lambda p: Counted(real(p)))
+    monkeypatch.setattr(gguf_file, "_HEADER_SCAN_FIRST", 4096)
+    path = tmp_path / "vocab.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_array("tokenizer.ggml.tokens", [f"token{i}" for i in range(20_000)])  # about 300 kB of key-values
+    w.add_tensor("blk.0.ffn_up.weight", np.ones((256, 4096), np.float32))  # 4 MB of data after them
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    gguf_file.check_gguf(path)
+    assert reads == [4096, 4096 * 8, 4096 * 64, 4096 * 512]  # 2 MB is the first prefix that holds them
+    assert gguf_file.gguf_reader(path).fields["tokenizer.ggml.tokens"].contents()[-1] == "token19999"

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from factories import save_quantized_base
 from safetensors.torch import load_file, save_file
 
 from loratool.ops.merge import merge
@@ -536,13 +537,9 @@ def test_transformers_loads_the_merged_block_fp8_checkpoint(tmp_path):
             deqs[k] = ref_block_dequant(bits, inv)
         else:
             quantized[k] = v
-    base = tmp_path / "fp8"
-    base.mkdir()
-    save_file(quantized, str(base / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((tmp_path / "bf" / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
-                                     "weight_block_size": list(BLOCK), "fmt": "e4m3"}
-    (base / "config.json").write_text(json.dumps(config))
+    base = save_quantized_base(tmp_path, "fp8", quantized, json.loads((tmp_path / "bf" / "config.json").read_text()),
+                               {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                "weight_block_size": list(BLOCK), "fmt": "e4m3"})
     a, b = exact_factors(4, seed=9, scale=0.25, out=64, inp=64)
     lora = write_adapter(tmp_path / "lora", a, b)
     merge(base, [lora], tmp_path / "out")
@@ -646,8 +643,8 @@ def test_qlora_base_is_refused_on_a_quantized_base(tmp_path):
 @pytest.mark.parametrize(("keys", "scheme"), [
     ({KEY + ".qweight": ((IN // 8, OUT), torch.int32), KEY + ".qzeros": ((1, OUT // 8), torch.int32),
       KEY + ".scales": ((1, OUT), torch.float16)}, "GPTQ/AWQ"),
-    ({KEY + ".weight": ((OUT, IN // 2), torch.uint8), KEY + ".weight_scale": ((OUT, IN // 16), torch.float8_e4m3fn),
-      KEY + ".weight_scale_2": ((), torch.float32)}, "nvfp4"),
+    ({KEY + ".weight": ((OUT, IN // 2), torch.uint8), KEY + ".weight_scale": ((OUT, IN // 32), torch.float8_e4m3fn),
+      KEY + ".weight_scale_2": ((), torch.float32)}, "nvfp4"),  # a block scale per 32 values: not NVFP4's 16
     ({KEY + ".weight_packed": ((OUT, IN // 8), torch.int32), KEY + ".weight_scale": ((OUT, 1), torch.bfloat16)},
      "compressed-tensors"),
 ])

@@ -18,7 +18,8 @@ Check: per module, ||B@A (loratool) − B@A (peft)||_F / ||B@A (peft)||_F, compu
 for the worst module, both against a float64 dense SVD of the exact sum (the difference is peft's
 float32 rounding where σ_16 ≈ σ_17 makes the rank-16 subspace ill-conditioned).
 
-Run: python tests/perf/bench_combine.py [--layers 16] [--keep DIR]
+Run: python tests/perf/bench_combine.py [--layers 16] [--keep DIR] [--loratool-only [--repeat N]]
+(--loratool-only: time loratool's runs only, e.g. to compare two versions of loratool back to back.)
 """
 
 from __future__ import annotations
@@ -145,6 +146,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--keep", type=Path, default=None, help="build into this directory and keep it")
+    ap.add_argument("--loratool-only", action="store_true", help="skip peft (and the check)")
+    ap.add_argument("--repeat", type=int, default=1, help="with --loratool-only: runs of loratool")
     args = ap.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench_combine_"))
     try:
@@ -160,8 +163,12 @@ def main() -> None:
             shutil.rmtree(root / out, ignore_errors=True)
         ours_cmd = [sys.executable, "-m", "loratool", "combine", str(a), str(b), "-o", str(root / "ours"),
                     "--weights", "0.5,0.5", "--method", "svd", "--rank", "16", "--device", "cpu", "-q"]
-        t_ours, m_ours = measure(ours_cmd)
-        print(f"loratool combine svd : {t_ours:8.2f} s  peak RSS {m_ours:8.0f} MB")
+        for _ in range(args.repeat if args.loratool_only else 1):
+            shutil.rmtree(root / "ours", ignore_errors=True)
+            t_ours, m_ours = measure(ours_cmd)
+            print(f"loratool combine svd : {t_ours:8.2f} s  peak RSS {m_ours:8.0f} MB")
+        if args.loratool_only:
+            return
         t_peft, m_peft = measure([sys.executable, "-c", PEFT, str(root / "base"), str(a), str(b), str(root / "peft")])
         print(f"peft svd (whole)     : {t_peft:8.2f} s  peak RSS {m_peft:8.0f} MB")
         load = " ".join(f"{x:.2f}" for x in os.getloadavg())

@@ -88,7 +88,8 @@ def make_base(root: Path, layers: int) -> int:
     return params
 
 
-def make_adapter(root: Path, layers: int) -> None:
+def make_adapter(root: Path, layers: int, targets: tuple[str, ...] | None = None) -> None:
+    """A PEFT r16 adapter on `targets` (module suffixes such as "self_attn.q_proj"; default all seven)."""
     import torch
     from safetensors.torch import save_file
 
@@ -97,6 +98,7 @@ def make_adapter(root: Path, layers: int) -> None:
               "self_attn.v_proj": (KV * head, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
               "mlp.gate_proj": (INTER, HIDDEN), "mlp.up_proj": (INTER, HIDDEN), "mlp.down_proj": (HIDDEN, INTER)}
     tensors = {}
+    shapes = {n: s for n, s in shapes.items() if targets is None or n in targets}
     for layer in range(layers):
         for name, (out, inp) in shapes.items():
             stem = f"base_model.model.model.layers.{layer}.{name}"
@@ -106,7 +108,7 @@ def make_adapter(root: Path, layers: int) -> None:
     save_file(tensors, str(root / "adapter_model.safetensors"))
     (root / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "r": 16, "lora_alpha": 32,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}))
+        "target_modules": [n.split(".")[-1] for n in shapes]}))
 
 
 def rss_of(cmd: list[str]) -> tuple[float, float, str]:
@@ -124,15 +126,42 @@ def rss_of(cmd: list[str]) -> tuple[float, float, str]:
     return float(wall), int(peak_kb) / 1024, rest
 
 
-def main() -> None:
+def bench_args(workdir: str) -> tuple[argparse.Namespace, Path]:
+    """--layers, --workdir (emptied), --keep: the options of the quantized-merge benchmarks."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--workdir", default="/tmp/bench_merge_fp8")
+    ap.add_argument("--workdir", default=workdir)
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     work = Path(args.workdir)
     if work.exists():
         shutil.rmtree(work)
+    return args, work
+
+
+def run_rows(rows: dict[str, list[str]]) -> None:
+    """Each contender once (rss_of), one line each; a merge's --json adds its summary."""
+    for name, cmd in rows.items():
+        wall, peak, out = rss_of(cmd)
+        extra = ""
+        if out.strip():
+            doc = json.loads(out)
+            extra = f" | {doc['merged_tensors']} merged"
+            if doc.get("min_retained") is not None:
+                extra += f", min retained {doc['min_retained']:.3f}, max rel. error {doc['max_rel_error']:.3g}"
+            extra += f", output {doc['size'] / 1e9:.2f} GB"
+        print(f"  {name}: {wall:.1f} s, peak RSS {peak:.0f} MB{extra}", flush=True)
+
+
+def finish(args: argparse.Namespace, work: Path) -> None:
+    """The machine's line, then the work directory removed unless --keep."""
+    print(f"machine: {os.cpu_count()} cpus; load average {os.getloadavg()}")
+    if not args.keep:
+        shutil.rmtree(work)
+
+
+def main() -> None:
+    args, work = bench_args("/tmp/bench_merge_fp8")
     base, adapter = work / "base", work / "adapter"
     params = make_base(base, args.layers)
     make_adapter(adapter, args.layers)
@@ -146,22 +175,13 @@ def main() -> None:
         "loratool merge --dtype bf16": [*lt, "-o", str(work / "bf16"), "--dtype", "bf16", "--json"],
     }
     print(f"{args.layers} layers, {params / 1e9:.2f}B params, {size / 1e9:.2f} GB in {shards} shards (block fp8)")
-    for name, cmd in rows.items():
-        wall, peak, out = rss_of(cmd)
-        extra = ""
-        if out.strip():
-            doc = json.loads(out)
-            extra = (f" | {doc['merged_tensors']} merged, min retained {doc['min_retained']:.3f}, "
-                     f"max rel. error {doc['max_rel_error']:.3g}, output {doc['size'] / 1e9:.2f} GB")
-        print(f"  {name}: {wall:.1f} s, peak RSS {peak:.0f} MB{extra}", flush=True)
+    run_rows(rows)
     from loratool.io.checkpoint import open_checkpoint
 
     a, b = open_checkpoint(base), open_checkpoint(work / "fp8")
     layout = [[(k, i.shape, i.dtype) for k, i in c.tensors.items()] for c in (a, b)]
     assert layout[0] == layout[1], "the merged checkpoint does not mirror the base"
-    print(f"machine: {os.cpu_count()} cpus; load average {os.getloadavg()}")
-    if not args.keep:
-        shutil.rmtree(work)
+    finish(args, work)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ SVDs, write). The dense approach runs in-process, as kohya does it: load every t
 up @ down in float32 per module, torch.linalg.svd, pick the rank, truncate (not even writing).
 Then: same ranks, deltas agreeing to 1e-4 relative.
 
-Run: python tests/perf/bench_resize.py [--layers 16] [--threads N]
+Run: python tests/perf/bench_resize.py [--layers 16] [--threads N] [--loratool-only]
+(--loratool-only: time loratool's runs only, e.g. to compare two versions of loratool back to back.)
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--loratool-only", action="store_true", help="skip the dense reference (and the check)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -158,7 +160,12 @@ def main() -> None:
             ("sv_fro 0.9", ["--method", "sv_fro", "--threshold", "0.9"], "sv_fro", 0.9),
         ):
             out = Path(tmp) / f"out_{len(results)}"
-            t_ours = min(ours(src, out if i == 0 else Path(tmp) / f"o{len(results)}_{i}", flags) for i in range(3))
+            times = [ours(src, out if i == 0 else Path(tmp) / f"o{len(results)}_{i}", flags) for i in range(3)]
+            t_ours = min(times)
+            if args.loratool_only:
+                results.append((label, t_ours, 0.0, 0.0, []))
+                print(f"{label:12s} loratool {t_ours:7.2f} s  (runs: {', '.join(f'{t:.2f}' for t in times)})")
+                continue
             t_dense, ranks, deltas = dense_resize(src, method, threshold, 16)
             worst = compare(out, ranks, deltas)
             kept = sorted(set(ranks.values()))

@@ -17,23 +17,20 @@ of the tensor's largest magnitude (at least 1e-6 absolute); the largest differen
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from clirun import run_cli
-from gguf_tools import write_llama_gguf
+from gguf_tools import LLAMA_CPP_DIR, LLAMA_CPP_VERSION, write_llama_gguf
 
 from loratool.runtimes import RUNTIMES
 
 gguf = pytest.importorskip("gguf")
 
-VERSION = "0.3.36"  # the llama-cpp-python sdist whose vendor/llama.cpp loratool's llama.cpp record was read from
-DIR = Path(os.environ.get("LORATOOL_LLAMA_CPP_DIR",
-                          Path.home() / ".cache" / "loratool-tests" / f"llama.cpp-{VERSION}"))
-EXPORT_LORA = DIR / "bin" / "llama-export-lora"
+VERSION = LLAMA_CPP_VERSION  # the sdist whose vendor/llama.cpp loratool's llama.cpp record was read from
+EXPORT_LORA = LLAMA_CPP_DIR / "bin" / "llama-export-lora"
 
 pytestmark = pytest.mark.slow
 needs_binary = pytest.mark.skipif(not EXPORT_LORA.is_file(),
