@@ -19,7 +19,7 @@ checkpoint modules (musubi-tuner's `lora_unet_double_blocks_0_img_attn_q`) are n
 from __future__ import annotations
 
 from loratool.families import hunyuan_video
-from loratool.families.model import Family, one
+from loratool.families.model import Family, renames
 
 _SHARED = ("double_blocks.", "txt_in.", "img_in.", "final_layer.")
 
@@ -29,13 +29,15 @@ FAMILY = Family(
     relations=(
         *(r for r in hunyuan_video.FAMILY.relations if r.original.startswith(_SHARED)),
         # 1.0's timestep embedder is diffusers' time_text_embed.*, 1.5's time_embed.*
-        one("time_in.mlp.0", "time_embed.timestep_embedder.linear_1"),
-        one("time_in.mlp.2", "time_embed.timestep_embedder.linear_2"),
-        one("byt5_in.fc1", "context_embedder_2.linear_1"),
-        one("byt5_in.fc2", "context_embedder_2.linear_2"),
-        one("byt5_in.fc3", "context_embedder_2.linear_3"),
-        one("vision_in.proj.1", "image_embedder.linear_1"),
-        one("vision_in.proj.3", "image_embedder.linear_2"),
+        *renames("""
+            time_in.mlp.0     time_embed.timestep_embedder.linear_1
+            time_in.mlp.2     time_embed.timestep_embedder.linear_2
+            byt5_in.fc1       context_embedder_2.linear_1
+            byt5_in.fc2       context_embedder_2.linear_2
+            byt5_in.fc3       context_embedder_2.linear_3
+            vision_in.proj.1  image_embedder.linear_1
+            vision_in.proj.3  image_embedder.linear_2
+        """),
     ),
     respell=hunyuan_video.FAMILY.respell,  # ComfyUI's names for 1.0's modules, as there
     blocks={"double_blocks": 54, "transformer_blocks": 54, "txt_in": 2, "context_embedder": 2},

@@ -19,7 +19,7 @@ LTX-Video 0.9 (ltx.py) has the video half's names: a file with only those fits b
 
 from __future__ import annotations
 
-from loratool.families.model import Family, one
+from loratool.families.model import Family, one, renames
 
 _ATTNS = ("attn1", "attn2", "audio_attn1", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn")
 # original embedder -> diffusers embedder; each has emb.timestep_embedder.linear_1 / linear_2 and linear
@@ -43,8 +43,10 @@ FAMILY = Family(
         *(one(f"{_B}.{t}", f"{_B}.{t}") for t in ("scale_shift_table", "audio_scale_shift_table")),
         one(f"{_B}.scale_shift_table_a2v_ca_video", f"{_B}.video_a2v_cross_attn_scale_shift_table"),
         one(f"{_B}.scale_shift_table_a2v_ca_audio", f"{_B}.audio_a2v_cross_attn_scale_shift_table"),
-        one("patchify_proj", "proj_in"),
-        one("audio_patchify_proj", "audio_proj_in"),
+        *renames("""
+            patchify_proj        proj_in
+            audio_patchify_proj  audio_proj_in
+        """),
         *(one(f"{o}.{p}", f"{d}.{p}") for o, d in _EMBEDDERS.items()
           for p in ("emb.timestep_embedder.linear_1", "emb.timestep_embedder.linear_2", "linear")),
         *(one(f"{c}.{p}", f"{c}.{p}") for c in ("caption_projection", "audio_caption_projection")

@@ -53,6 +53,16 @@ def one(original: str, diffusers: str) -> Relation:
     return Relation(original, (("all", "rest"),), ((diffusers, ("all",)),))
 
 
+def renames(table: str) -> tuple[Relation, ...]:
+    """Plain renames written as a two-column table, one module per line: the original path, then
+    the diffusers path (`{i}`: the block index)."""
+    rows = [line.split() for line in table.splitlines() if line.strip()]
+    bad = [r for r in rows if len(r) != 2]
+    if bad:
+        raise ValueError(f"a renames table row is not two paths: {bad[0]}")
+    return tuple(one(original, diffusers) for original, diffusers in rows)
+
+
 QKV = (("q", "h"), ("k", "h"), ("v", "h"))
 # the context (text) stream's q, k, v in diffusers' joint attention
 ADDED_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")
