@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from loratool.families.model import DIALECTS, DIFFUSERS, ORIGINAL, ORIGINAL_SIDE, Family, Relation, one
 
 __all__ = ["DIALECTS", "DIFFUSERS", "ORIGINAL", "ORIGINAL_SIDE", "Detection", "Family", "Relation", "detect",
-           "families", "get", "one", "same_conversion"]
+           "families", "get", "not_known", "one", "same_conversion"]
 
 
 @dataclass
@@ -66,9 +66,16 @@ class Detection:
     def ambiguous(self) -> bool:
         return len(self.tied) > 1
 
+    @property
+    def partial(self) -> bool:
+        """The best family names some of the modules but not all: not a known family, only the closest."""
+        return self.family is not None and 0 < self.matched < self.total and not self.ambiguous
+
     def to_dict(self) -> dict[str, object]:
         return {
-            "family": self.family, "dialect": self.dialect, "matched": self.matched, "total": self.total,
+            # a family only when its names cover the file: a partial fit is the closest family, never the family
+            "family": None if self.partial else self.family, "closest": self.family if self.partial else None,
+            "dialect": self.dialect, "matched": self.matched, "total": self.total,
             "ambiguous": self.ambiguous, "tied": self.tied, "confident": self.confident, "evidence": self.evidence,
             "reasons": self.reasons,
             "candidates": [{"family": f, "dialect": d, "matched": n} for f, d, n in self.candidates],
@@ -82,8 +89,19 @@ class Detection:
             return "ambiguous: " + " or ".join(f"{f} ({best[f]})" for f in self.tied)
         if self.family is None:
             return "unknown"
-        part = "" if self.matched == self.total else f", {self.matched} of {self.total} modules"
-        return f"{self.family}, {self.dialect} dialect{part}"
+        if self.partial:
+            return not_known(self.family, self.dialect, self.matched, self.total, self.unmatched)
+        return f"{self.family}, {self.dialect} dialect"
+
+
+def not_known(family: str, dialect: str | None, matched: int, total: int, unmatched: list[str]) -> str:
+    """'not a known family; closest flux.1 (kohya, 46 of 56 modules); these are not FLUX.1 modules: a, b, c
+    (and 7 more)': what inspect and convert say of a file that one family's names only partly cover."""
+    title = get(family).title.split(" (")[0]
+    rest = total - matched - 3
+    shown = ", ".join(unmatched[:3]) + (f" (and {rest} more)" if rest > 0 else "")
+    return (f"not a known family; closest {family} ({dialect}, {matched} of {total} modules); "
+            f"these are not {title} modules: {shown}")
 
 
 def families() -> tuple[Family, ...]:

@@ -497,6 +497,14 @@ def _family_for(adapter: Adapter, to: str, family: str | None, other_mode: bool,
         raise IncompatibleError(
             f"{adapter.path}: its module names fit {' and '.join(det.tied)} equally ({det.describe()}), and "
             f"their {to} names differ", hint="pass " + " or ".join(f"--family {f}" for f in det.tied))
+    if det.partial and to in FAMILY_TARGETS and not other_mode:
+        # one family's names cover part of the file: writing those by its table and the rest by the
+        # generic rules would mix two models' names (a FLUX.2 file is FLUX.1's double / single blocks
+        # and modules FLUX.1 lacks)
+        raise IncompatibleError(
+            f"{adapter.path}: {det.describe()}",
+            hint=f"pass --family {det.family} to convert its {det.family} modules, if it is {det.family} with "
+                 "modules the table lacks (known: " + ", ".join(f.name for f in families.families()) + ")")
     if to == "comfyui":
         raise IncompatibleError(
             f"{adapter.path}: comfyui names are written from a model family's table, and this adapter is "

@@ -120,3 +120,39 @@ def test_a_full_diffusers_flux_lora_converts_to_kohya_without_family(tmp_path: P
     convert(src, out, to="kohya")
     names = {k.split(".", 1)[0] for k in load_file(str(out))}
     assert "lora_unet_double_blocks_18_img_attn_qkv" in names and "lora_unet_single_blocks_37_linear1" in names
+
+
+def _partly_flux(tmp_path: Path) -> Path:
+    """FLUX.1's kohya modules and three no family has (a model loratool has no table for)."""
+    t = family_lora("flux.1", flux_shapes(16, 1, 1), "kohya")
+    for n in ("lora_unet_future_modulation_lin", "lora_unet_future_in", "lora_unet_future_out", "lora_unet_future_x"):
+        t[f"{n}.lora_down.weight"], t[f"{n}.lora_up.weight"] = torch.zeros(2, 16), torch.zeros(16, 2)
+    src = tmp_path / "unknown.safetensors"
+    save_file(t, str(src))
+    return src
+
+
+def test_a_partial_fit_is_not_a_known_family(tmp_path: Path) -> None:
+    """Issue 25: a file one family's names only partly cover was labelled 'flux.1, 13 of 17 modules'."""
+    src = _partly_flux(tmp_path)
+    r = CliRunner().invoke(cli, ["inspect", str(src)])
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if x.startswith("family"))
+    assert "not a known family; closest flux.1 (kohya, 13 of 17 modules); these are not FLUX.1 modules: " \
+           "lora_unet_future_in, lora_unet_future_modulation_lin, lora_unet_future_out (and 1 more)" in \
+           " ".join(r.output.split()), r.output
+    assert "flux.1, kohya dialect" not in line
+    doc = json.loads(CliRunner().invoke(cli, ["inspect", str(src), "--json"]).output)["family"]
+    assert doc["family"] is None and doc["closest"] == "flux.1" and not doc["confident"]
+    assert (doc["matched"], doc["total"]) == (13, 17)
+
+
+@pytest.mark.parametrize("to", ["diffusers", "comfyui", "kohya", "peft"])
+def test_convert_refuses_a_partial_fit_by_name(tmp_path: Path, to: str) -> None:
+    src = _partly_flux(tmp_path)
+    r = CliRunner().invoke(cli, ["convert", str(src), "--to", to, "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2, r.output
+    err = r.stderr if hasattr(r, "stderr") else r.output
+    first = err.splitlines()[0]
+    assert first.startswith(f"Error: {src}: not a known family; closest flux.1") and "lora_unet_future_in" in first
+    assert not (tmp_path / "o").exists()
