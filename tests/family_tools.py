@@ -72,3 +72,20 @@ def fuse_equals_merge(model: Any, kohya_tensors: dict[str, torch.Tensor], tmp_pa
         torch.testing.assert_close(fused[k], v, rtol=1e-6, atol=1e-6)
         changed += not torch.equal(v, state[k])
     return wrapped, changed, read(lora)
+
+
+def round_trips(src: Path, target: str, family: str, tmp_path: Path, back_to: str = "kohya") -> None:
+    """`src` converted to `target`, then back to `back_to` (src's own dialect) with --family: every
+    tensor of `src` again, bit for bit."""
+    from safetensors.torch import load_file
+
+    from loratool.ops.convert import convert
+
+    mid = tmp_path / ("mid" if target == "peft" else "mid.safetensors")
+    convert(src, mid, to=target)
+    back = tmp_path / "back.safetensors"
+    convert(mid, back, to=back_to, family=family)
+    a, b = load_file(str(src)), load_file(str(back))
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -27,12 +27,14 @@ nothing in this package reads or writes files.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from loratool.families.model import DIALECTS, DIFFUSERS, ORIGINAL, ORIGINAL_SIDE, Family, Relation, one
 
 __all__ = ["DIALECTS", "DIFFUSERS", "ORIGINAL", "ORIGINAL_SIDE", "Detection", "Family", "Relation", "detect",
-           "families", "get", "not_known", "one", "same_conversion"]
+           "families", "get", "module_shapes", "not_known", "one", "same_conversion"]
 
 
 @dataclass
@@ -105,10 +107,10 @@ def not_known(family: str, dialect: str | None, matched: int, total: int, unmatc
 
 
 def families() -> tuple[Family, ...]:
-    from loratool.families import flux, hunyuan_video, ltx, qwen_image, sd1, sd3, sdxl, wan
+    from loratool.families import flux, flux2, hunyuan_video, ltx, qwen_image, sd1, sd3, sdxl, wan
 
-    return (flux.FAMILY, sd3.FAMILY, wan.FAMILY, hunyuan_video.FAMILY, qwen_image.FAMILY, ltx.FAMILY, sd1.FAMILY,
-            sdxl.FAMILY)
+    return (flux.FAMILY, flux2.FAMILY, sd3.FAMILY, wan.FAMILY, hunyuan_video.FAMILY, qwen_image.FAMILY, ltx.FAMILY,
+            sd1.FAMILY, sdxl.FAMILY)
 
 
 def get(name: str) -> Family:
@@ -153,6 +155,7 @@ _METADATA_FAMILIES = (
     (re.compile(r"sdxl|stable-diffusion-xl", re.I), "sdxl"),
     (re.compile(r"sd_?v?1|stable-diffusion-v1|sd-?1\.5|sd15", re.I), "sd1"),
     (re.compile(r"sd_?v?3|stable-diffusion-v3|stable-diffusion-3", re.I), "sd3"),
+    (re.compile(r"flux[._-]?2", re.I), "flux.2"),
     (re.compile(r"flux", re.I), "flux.1"),
     (re.compile(r"hunyuan", re.I), "hunyuan-video"),
     (re.compile(r"qwen", re.I), "qwen-image"),
@@ -173,18 +176,26 @@ def metadata_family(metadata: dict[str, str] | None) -> tuple[str, str] | None:
     return None
 
 
-def detect(names: list[str], metadata: dict[str, str] | None = None) -> Detection:
+def module_shapes(modules: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    """name -> (out, in) of an adapter's modules (LoRA or LyCORIS), for `detect`'s `shapes`."""
+    return {n: (m.out_features, m.in_features) for n, m in modules.items()}
+
+
+def detect(names: list[str], metadata: dict[str, str] | None = None,
+           shapes: Mapping[str, tuple[int, int]] | None = None) -> Detection:
     """The family and dialect whose module names cover the most of `names` (header only, no torch).
 
     Families that cover the same number of names are tied: the detection is ambiguous and names
     none, unless the header's training metadata (`ss_base_model_version`, `modelspec.architecture`,
     `ss_architecture`) names one of them. Otherwise the best family wins, with a reason against
-    every other family that fits part.
+    every other family that fits part. `shapes` (name -> (out, in), from the header) rules out a
+    family whose module of that name has other rows (FLUX.2's (9h, h) `linear1` is not FLUX.1's).
     """
+    shapes = shapes or {}
     scores: list[tuple[int, Family, str, list[str]]] = []
     for fam in families():
         for dialect in fam.dialects:
-            hits = [n for n in names if fam.identify(n, dialect) is not None]
+            hits = [n for n in names if fam.identify(n, dialect, shapes.get(n)) is not None]
             if hits:
                 scores.append((len(hits), fam, dialect, hits))
     scores.sort(key=lambda s: -s[0])  # stable: families() order among equals
@@ -223,8 +234,12 @@ def detect(names: list[str], metadata: dict[str, str] | None = None) -> Detectio
         reason = f"not {other.name}: it names {n_other} of the modules ({other_dialect}), {fam.name} {best}"
         past = False
         for name in hits:
-            if any(other.identify(name, d) is not None for d in DIALECTS):
+            if any(other.identify(name, d, shapes.get(name)) is not None for d in DIALECTS):
                 continue
+            if any(other.identify(name, d) is not None for d in DIALECTS):  # its name, not its shape
+                out, width = shapes[name]
+                reason = f"not {other.name}: {name} is ({out}, {width}), not one of its shapes"
+                break
             over = other.over_limit(name)
             if over is not None:
                 if not past:

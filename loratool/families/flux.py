@@ -26,7 +26,7 @@ FAMILY = Family(
             ("transformer_blocks.{i}.attn.to_v", ("v",)),
         )),
         one("double_blocks.{i}.img_attn.proj", "transformer_blocks.{i}.attn.to_out.0"),
-        one("double_blocks.{i}.img_mlp.0", "transformer_blocks.{i}.ff.net.0.proj"),
+        one("double_blocks.{i}.img_mlp.0", "transformer_blocks.{i}.ff.net.0.proj", "4h"),
         one("double_blocks.{i}.img_mlp.2", "transformer_blocks.{i}.ff.net.2"),
         one("double_blocks.{i}.img_mod.lin", "transformer_blocks.{i}.norm1.linear"),
         # double blocks: text stream
@@ -36,16 +36,17 @@ FAMILY = Family(
             ("transformer_blocks.{i}.attn.add_v_proj", ("v",)),
         )),
         one("double_blocks.{i}.txt_attn.proj", "transformer_blocks.{i}.attn.to_add_out"),
-        one("double_blocks.{i}.txt_mlp.0", "transformer_blocks.{i}.ff_context.net.0.proj"),
+        one("double_blocks.{i}.txt_mlp.0", "transformer_blocks.{i}.ff_context.net.0.proj", "4h"),
         one("double_blocks.{i}.txt_mlp.2", "transformer_blocks.{i}.ff_context.net.2"),
         one("double_blocks.{i}.txt_mod.lin", "transformer_blocks.{i}.norm1_context.linear"),
         # single blocks
+        # (7h, h): FLUX.2's linear1 of the same name is (9h, h), and detection tells them apart by it
         Relation("single_blocks.{i}.linear1", (*QKV, ("mlp", "4h")), (  # FLUX.1's mlp_ratio is 4
             ("single_transformer_blocks.{i}.attn.to_q", ("q",)),
             ("single_transformer_blocks.{i}.attn.to_k", ("k",)),
             ("single_transformer_blocks.{i}.attn.to_v", ("v",)),
             ("single_transformer_blocks.{i}.proj_mlp", ("mlp",)),
-        )),
+        ), rows="7h"),
         one("single_blocks.{i}.linear2", "single_transformer_blocks.{i}.proj_out"),
         one("single_blocks.{i}.modulation.lin", "single_transformer_blocks.{i}.norm.linear"),
         # embedders and the final layer

@@ -55,7 +55,7 @@ FAMILY = Family(
             ("single_transformer_blocks.{i}.attn.to_k", ("k",)),
             ("single_transformer_blocks.{i}.attn.to_v", ("v",)),
             ("single_transformer_blocks.{i}.proj_mlp", ("mlp",)),
-        )),
+        ), rows="7h"),  # FLUX.2's linear1 (same kohya name) is (9h, h)
         one("single_blocks.{i}.linear2", "single_transformer_blocks.{i}.proj_out"),
         one("single_blocks.{i}.modulation.linear", "single_transformer_blocks.{i}.norm.linear"),
         one("single_blocks.{i}.q_norm", "single_transformer_blocks.{i}.attn.norm_q"),

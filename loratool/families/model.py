@@ -48,9 +48,9 @@ class Relation:
         return len(self.split) == 1 and tuple(c for c, _ in self.chunks) == self.split[0][1]
 
 
-def one(original: str, diffusers: str) -> Relation:
-    """A relation that is a plain rename."""
-    return Relation(original, (("all", "rest"),), ((diffusers, ("all",)),))
+def one(original: str, diffusers: str, rows: str | None = None) -> Relation:
+    """A relation that is a plain rename (for modules of `rows` output rows only, when given)."""
+    return Relation(original, (("all", "rest"),), ((diffusers, ("all",)),), rows)
 
 
 @dataclass(frozen=True)
@@ -150,11 +150,11 @@ class Family:
         """
         exact, templated, anyone = self._lookup[dialect]
         found: list[tuple[int, Relation, int | None, str | None]] = [
-            (order, rel, None, split) for order, rel, split in exact.get(name, ()) if rel.fits(shape)]
+            (order, rel, None, split) for order, rel, split in exact.get(name, ()) if _fits(rel, split, shape)]
         if anyone is not None and anyone.match(name):
             for order, rx, rel, split in templated:
                 m = rx.match(name)
-                if m and rel.fits(shape):
+                if m and _fits(rel, split, shape):
                     found.append((order, rel, int(m.group(1)), split))
                     break
         if not found:
@@ -177,3 +177,10 @@ class Family:
                     if limit is not None and int(m.group(1)) >= limit:
                         return segment, int(m.group(1)), limit
         return None
+
+
+def _fits(rel: Relation, split: str | None, shape: tuple[int, int] | None) -> bool:
+    """Whether a module of `shape` named as `rel`'s original module (split None) or its diffusers
+    module `split` fits the relation's rows: a split part holds only some of the rows (FLUX.1's `to_q`
+    of a (7h, h) `linear1`), so only a module holding every row is checked."""
+    return rel.fits(shape if split is None or len(rel.split) == 1 else None)

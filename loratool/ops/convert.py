@@ -469,13 +469,14 @@ def _family_for(adapter: Adapter, to: str, family: str | None, other_mode: bool,
         return None
     # full / norm / bias diffs (kept as they are where the target holds them) move with the family's names
     names = [*adapter.modules, *adapter.lycoris]
-    det = families.detect(names, adapter.metadata)
+    shapes = families.module_shapes({**adapter.modules, **adapter.lycoris})
+    det = families.detect(names, adapter.metadata, shapes)
     te = text_encoder_modules(adapter)
     if te and det.matched and set(det.unmatched) <= set(te):
         # a transformer LoRA with text-encoder modules beside it (kohya FLUX.1 files often have
         # lora_te1_ CLIP-L ones): the family is judged on the rest; those go by the naming rules
         names = [n for n in names if n not in te]
-        det = families.detect(names, adapter.metadata)
+        det = families.detect(names, adapter.metadata, shapes)
     if family is None and adapter.family is not None and to in FAMILY_TARGETS and not other_mode:
         family = adapter.family  # the format itself says which model it is for (XLabs: FLUX.1)
     if family is not None:

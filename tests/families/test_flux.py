@@ -41,6 +41,8 @@ def test_detect_family_and_dialect(tmp_path: Path, dialect: str) -> None:
         assert fam["family"] == "flux.1" and fam["dialect"] == dialect and fam["matched"] == fam["total"]
         assert fam["confident"] and fam["evidence"]
         assert dialect == "comfyui" or fam["reasons"] == [
+            # FLUX.2's MLP input of the same name is SwiGLU: (6h, h), not FLUX.1's (4h, h)
+            "not flux.2: lora_unet_double_blocks_0_img_mlp_0 is (64, 16), not one of its shapes",
             "not hunyuan-video: lora_unet_double_blocks_0_img_mlp_0 is not one of its modules"]
     else:
         # every diffusers-side name of these blocks is HunyuanVideo's too: ambiguous, no family
@@ -51,7 +53,8 @@ def test_detect_family_and_dialect(tmp_path: Path, dialect: str) -> None:
 def test_hunyuan_block_indices_are_not_flux() -> None:
     det = detect(["lora_unet_double_blocks_19_img_attn_qkv", "lora_unet_double_blocks_0_img_attn_qkv"])
     assert (det.family, det.matched, det.total) == ("hunyuan-video", 2, 2)
-    assert det.reasons == ["not flux.1: lora_unet_double_blocks_19_img_attn_qkv is in double_blocks 19, past its 19"]
+    assert det.reasons == ["not flux.1: lora_unet_double_blocks_19_img_attn_qkv is in double_blocks 19, past its 19",
+                           "not flux.2: lora_unet_double_blocks_19_img_attn_qkv is in double_blocks 19, past its 8"]
 
 
 def _fused_delta(d: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
