@@ -107,10 +107,10 @@ def not_known(family: str, dialect: str | None, matched: int, total: int, unmatc
 
 
 def families() -> tuple[Family, ...]:
-    from loratool.families import flux, flux2, hunyuan_video, ltx, qwen_image, sd1, sd3, sdxl, wan
+    from loratool.families import chroma, flux, flux2, hunyuan_video, ltx, qwen_image, sd1, sd3, sdxl, wan
 
-    return (flux.FAMILY, flux2.FAMILY, sd3.FAMILY, wan.FAMILY, hunyuan_video.FAMILY, qwen_image.FAMILY, ltx.FAMILY,
-            sd1.FAMILY, sdxl.FAMILY)
+    return (flux.FAMILY, flux2.FAMILY, chroma.FAMILY, sd3.FAMILY, wan.FAMILY, hunyuan_video.FAMILY, qwen_image.FAMILY,
+            ltx.FAMILY, sd1.FAMILY, sdxl.FAMILY)
 
 
 def get(name: str) -> Family:
@@ -156,6 +156,7 @@ _METADATA_FAMILIES = (
     (re.compile(r"sd_?v?1|stable-diffusion-v1|sd-?1\.5|sd15", re.I), "sd1"),
     (re.compile(r"sd_?v?3|stable-diffusion-v3|stable-diffusion-3", re.I), "sd3"),
     (re.compile(r"flux[._-]?2", re.I), "flux.2"),
+    (re.compile(r"chroma", re.I), "chroma"),
     (re.compile(r"flux", re.I), "flux.1"),
     (re.compile(r"hunyuan", re.I), "hunyuan-video"),
     (re.compile(r"qwen", re.I), "qwen-image"),
@@ -217,6 +218,11 @@ def detect(names: list[str], metadata: dict[str, str] | None = None,
             why = [f"not {t}: the modules fill all of {fam.name}'s {filled}, of which {t} has more"
                    for t in tied if t != fam.name]
             return Detection(fam.name, dialect, best, len(names), hits[:3], candidates, unmatched, why, [fam.name])
+        filling = list(dict.fromkeys(f.name for f, _, _, _ in full))
+        if 1 < len(filling) < len(tied):
+            # several families' blocks are all there (FLUX.1 and Chroma have the same blocks): the
+            # tie is theirs, not the families with more blocks
+            tied = filling
         said = metadata_family(metadata)
         if said is not None and said[0] in tied:  # the names fit both; the header says which model it was for
             fam, dialect, hits = next((f, d, h) for n, f, d, h in scores if n == best and f.name == said[0])

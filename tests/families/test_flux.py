@@ -42,11 +42,13 @@ def test_detect_family_and_dialect(tmp_path: Path, dialect: str) -> None:
         assert fam["confident"] and fam["evidence"]
         assert dialect == "comfyui" or fam["reasons"] == [
             # FLUX.2's MLP input of the same name is SwiGLU: (6h, h), not FLUX.1's (4h, h)
+            "not chroma: lora_unet_double_blocks_0_img_mod_lin is not one of its modules",  # pruned in Chroma
             "not flux.2: lora_unet_double_blocks_0_img_mlp_0 is (64, 16), not one of its shapes",
             "not hunyuan-video: lora_unet_double_blocks_0_img_mlp_0 is not one of its modules"]
     else:
         # every diffusers-side name of these blocks is HunyuanVideo's too: ambiguous, no family
         assert fam["family"] is None and fam["ambiguous"] and not fam["confident"]
+        # (the modulations rule Chroma out)
         assert fam["tied"] == ["flux.1", "hunyuan-video"] and fam["matched"] == fam["total"]
 
 
@@ -54,7 +56,8 @@ def test_hunyuan_block_indices_are_not_flux() -> None:
     det = detect(["lora_unet_double_blocks_19_img_attn_qkv", "lora_unet_double_blocks_0_img_attn_qkv"])
     assert (det.family, det.matched, det.total) == ("hunyuan-video", 2, 2)
     assert det.reasons == ["not flux.1: lora_unet_double_blocks_19_img_attn_qkv is in double_blocks 19, past its 19",
-                           "not flux.2: lora_unet_double_blocks_19_img_attn_qkv is in double_blocks 19, past its 8"]
+                           "not flux.2: lora_unet_double_blocks_19_img_attn_qkv is in double_blocks 19, past its 8",
+                           "not chroma: lora_unet_double_blocks_19_img_attn_qkv is in double_blocks 19, past its 19"]
 
 
 def _fused_delta(d: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:

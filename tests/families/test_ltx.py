@@ -36,7 +36,7 @@ def test_detect_family_and_dialect(tmp_path: Path, dialect: str) -> None:
 def test_feed_forward_alone_is_ambiguous() -> None:
     """LTX-Video's ff names on the diffusers side are FLUX.1's, SD3's and HunyuanVideo's too."""
     det = detect(["transformer.transformer_blocks.0.ff.net.0.proj", "transformer.transformer_blocks.0.ff.net.2"])
-    assert det.ambiguous and det.tied == ["flux.1", "sd3", "hunyuan-video", "ltx-video"]
+    assert det.ambiguous and det.tied == ["flux.1", "chroma", "sd3", "hunyuan-video", "ltx-video"]
     # a block past FLUX.1's 19, HunyuanVideo's 20 and SD3.5 large's 38 is LTX-Video's (48 in the 13B model)
     det = detect(["transformer.transformer_blocks.0.ff.net.0.proj", "transformer.transformer_blocks.40.ff.net.2"])
     assert det.family == "ltx-video" and det.confident
