@@ -249,8 +249,9 @@ def plan_merge(
             if match.ambiguous:
                 what += f", {len(match.ambiguous)} ambiguous"
             if not allow_unmatched:
+                base_name = ckpt.files[0] if len(ckpt.files) == 1 else ckpt.root  # the file, when there is one
                 raise IncompatibleError(
-                    f"{file}: {what} module(s) of {len(mods)} in {ckpt.root}: {listing}",
+                    f"{file}: {what} module(s) of {len(mods)} in {base_name}: {listing}",
                     hint="merging would silently skip them; check the base with: loratool validate ADAPTER --base "
                     "BASE, or pass --allow-unmatched to merge the rest",
                 )

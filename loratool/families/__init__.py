@@ -26,6 +26,7 @@ nothing in this package reads or writes files.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -174,6 +175,12 @@ def metadata_family(metadata: dict[str, str] | None) -> tuple[str, str] | None:
         for pattern, family in _METADATA_FAMILIES:
             if pattern.search(value):
                 return family, f"{key} says {value}"
+    try:  # a file loratool wrote by a family's table says which
+        said = json.loads((metadata or {}).get("loratool.params", "")).get("family")
+    except (ValueError, AttributeError):
+        return None
+    if isinstance(said, str) and said in {f.name for f in families()}:
+        return said, f"loratool.params says family {said}"
     return None
 
 
@@ -229,6 +236,15 @@ def detect(names: list[str], metadata: dict[str, str] | None = None,
             why = [f"{said[1]}; the names fit {' and '.join(tied)} alike"]
             return Detection(fam.name, dialect, best, len(names), hits[:3], candidates,
                              [n for n in names if n not in set(hits)], why, [fam.name])
+        # one family's own spelling, the others' only as a loader's respelling (FLUX.1's kohya names are
+        # HunyuanVideo's only as ComfyUI names HunyuanVideo's modules): that family's
+        own = [(f, d, h) for n, f, d, h in scores if n == best and f.name in tied
+               and all(f.identify(x, d, canonical=True) is not None for x in h)]
+        if len({f.name for f, _, _ in own}) == 1:
+            fam, dialect, hits = own[0]
+            why = [f"not {t}: the names are {fam.name}'s own ({dialect}); {t}'s are spelled so only for ComfyUI"
+                   for t in tied if t != fam.name]
+            return Detection(fam.name, dialect, best, len(names), hits[:3], candidates, unmatched, why, [fam.name])
         return Detection(None, None, best, len(names), hits[:3], candidates, unmatched, tied=tied)
     # per other family that fits part: a name of ours it has in no dialect, or one past its block count
     reasons: list[str] = []

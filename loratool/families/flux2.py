@@ -20,25 +20,19 @@ them (diffusers' LoRA converter renames it without the swap).
 
 from __future__ import annotations
 
-from loratool.families.model import Family, Relation, one
-
-QKV = (("q", "h"), ("k", "h"), ("v", "h"))
-
-
-def _qkv(original: str, names: tuple[str, str, str]) -> Relation:
-    return Relation(original, QKV, tuple((f"transformer_blocks.{{i}}.attn.{n}", (c,)) for n, c in zip(names, "qkv")))
-
+from loratool.families.model import Family, one, qkv, shift_scale
 
 FAMILY = Family(
     name="flux.2",
     title="FLUX.2 (dev, Klein)",
     relations=(
         # double blocks
-        _qkv("double_blocks.{i}.img_attn.qkv", ("to_q", "to_k", "to_v")),
+        qkv("double_blocks.{i}.img_attn.qkv", "transformer_blocks.{i}.attn"),
         one("double_blocks.{i}.img_attn.proj", "transformer_blocks.{i}.attn.to_out.0"),
         one("double_blocks.{i}.img_mlp.0", "transformer_blocks.{i}.ff.linear_in", "6h"),
         one("double_blocks.{i}.img_mlp.2", "transformer_blocks.{i}.ff.linear_out"),
-        _qkv("double_blocks.{i}.txt_attn.qkv", ("add_q_proj", "add_k_proj", "add_v_proj")),
+        qkv("double_blocks.{i}.txt_attn.qkv", "transformer_blocks.{i}.attn",
+            ("add_q_proj", "add_k_proj", "add_v_proj")),
         one("double_blocks.{i}.txt_attn.proj", "transformer_blocks.{i}.attn.to_add_out"),
         one("double_blocks.{i}.txt_mlp.0", "transformer_blocks.{i}.ff_context.linear_in", "6h"),
         one("double_blocks.{i}.txt_mlp.2", "transformer_blocks.{i}.ff_context.linear_out"),
@@ -57,8 +51,7 @@ FAMILY = Family(
         one("guidance_in.in_layer", "time_guidance_embed.guidance_embedder.linear_1"),
         one("guidance_in.out_layer", "time_guidance_embed.guidance_embedder.linear_2"),
         one("final_layer.linear", "proj_out"),
-        Relation("final_layer.adaLN_modulation.1", (("shift", "half"), ("scale", "half")),
-                 (("norm_out.linear", ("scale", "shift")),)),
+        shift_scale("final_layer.adaLN_modulation.1", "norm_out.linear"),
     ),
     blocks={"double_blocks": 8, "single_blocks": 48, "transformer_blocks": 8, "single_transformer_blocks": 48},
     base_layouts={

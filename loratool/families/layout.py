@@ -76,6 +76,9 @@ def base_layout(family: Family, keys: Sequence[str]) -> BaseLayout | None:
     ranked = counts.most_common()
     (side, prefix), n = ranked[0]
     if len(ranked) > 1 and ranked[1][1] == n and ranked[1][0][0] != side:
+        if ranked[1][0][1] == prefix and all(r.is_plain and r.split[0][0] == r.original for r in family.relations):
+            # one name per module on both sides (Qwen-Image): either side is the same map
+            return BaseLayout(family, "original", prefix, n)
         return None  # names both sides share (a family whose every module is a rename): no side to map to
     return BaseLayout(family, side, prefix, n)
 

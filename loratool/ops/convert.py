@@ -258,16 +258,7 @@ def convert(
         raise IncompatibleError(f"{path}: holds no LoRA modules to convert")
     report = ConvertReport(Path(out), Path(path), adapter.source_format, to, Path(base) if base is not None else None,
                            warnings=variant_warnings + lyco_warnings)
-    # with --base the modules are named by the base's keys where every module matches one (a kohya SD
-    # file into its single-file checkpoint's names); otherwise (or with --family) by the family's table
-    by_base = base is not None and family is None and to in FAMILY_TARGETS and _matches_base(adapter, Path(base))
-    fam = None if by_base else \
-        _family_for(adapter, to, family, runtime is not None or dora_to_lora is not None, report.warnings)
-    if fam is not None:
-        return _convert_family(adapter, report, fam[0], fam[1], to, out, force=force, fuse_rank=fuse_rank, say=say)
     as_read = adapter.modules  # the report shows each module's rank, alpha and scale as read
-    layout_base: str | None = None
-    origin: dict[str, str] = {}  # a module renamed before target_names -> its name as read
     if dora_to_lora is not None:
         from loratool.ops.runtime import dora_to_lora as fold
 
@@ -279,10 +270,23 @@ def convert(
     if runtime is not None:
         from loratool.ops.runtime import prepare_for
 
+        # the preparation works on modules, not names: a runtime that reads a family's names (ComfyUI:
+        # kohya's; diffusers) gets them from the family's table after it
         prepared = prepare_for(adapter, runtime, drop=drop, allow_variant=allow_variant)
         adapter = prepared.adapter
         report.runtime, report.prepared = runtime.name, prepared.to_dict()
         report.warnings.extend(prepared.warnings)
+    # a runtime that needs one rank for every module takes the names as they are: a family's split /
+    # fuse would change the ranks it was prepared to
+    other_mode = dora_to_lora is not None or (runtime is not None and runtime.one_rank)
+    # with --base the modules are named by the base's keys where every module matches one (a kohya SD
+    # file into its single-file checkpoint's names); otherwise (or with --family) by the family's table
+    by_base = base is not None and family is None and to in FAMILY_TARGETS and _matches_base(adapter, Path(base))
+    fam = None if by_base else _family_for(adapter, to, family, other_mode, report.warnings)
+    if fam is not None:
+        return _convert_family(adapter, report, fam[0], fam[1], to, out, force=force, fuse_rank=fuse_rank, say=say)
+    layout_base: str | None = None
+    origin: dict[str, str] = {}  # a module renamed before target_names -> its name as read
     # a format with names (and row order) of its own leaves or takes them against the base (GGUF)
     source = get_format(adapter.source_format) if adapter.source_format in format_names() else None
     if source is not None and source.layout_in is not None and to != adapter.source_format:
@@ -597,6 +601,8 @@ def _convert_family(adapter: Adapter, report: ConvertReport, fam: Any, source: s
                                      metadata=adapter.metadata if adapter.source_format == to == "kohya" else {},
                                      source_format=to, source_modules=(), lycoris=conv.lycoris)
     params = {"to": to, "family": fam.name, "from_dialect": source, "fuse_rank": fuse_rank}
+    if report.runtime is not None:
+        params["for"] = report.runtime
     say(f"writing and re-reading {Path(out).name}")
     written = write(converted, out, fmt=to, force=force, op="convert", params=params, sources=adapter.files)
     report.size = sum(f.stat().st_size for f in written.iterdir() if f.is_file()) if written.is_dir() else \

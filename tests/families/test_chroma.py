@@ -37,14 +37,14 @@ def test_inspect_names_chroma_not_flux1(tmp_path: Path, dialect: str) -> None:
 def test_a_modulation_module_says_flux1_and_blocks_alone_fit_both(tmp_path: Path) -> None:
     f1 = write(tmp_path, "f1.safetensors", fixture_families.flux_lora("kohya"))
     fam = inspect_adapter(f1).to_dict()["family"]
-    assert fam["family"] == "flux.1"
-    assert "not chroma: lora_unet_double_blocks_0_img_mod_lin is not one of its modules" in fam["reasons"]
+    assert fam["family"] == "flux.1" and fam["matched"] == fam["total"] == 13
+    assert {"family": "chroma", "dialect": "kohya", "matched": 10} in fam["candidates"]  # not its modulations
     blocks = {k: v for k, v in chroma_lora("kohya").items() if "_blocks_" in k}
     path = write(tmp_path, "b.safetensors", blocks)
     fam = inspect_adapter(path).to_dict()["family"]
-    # the same names and shapes in both: ambiguous (never FLUX.1), and convert needs no --family
+    # the same names and shapes in both (and HunyuanVideo's kohya spelling): ambiguous, never FLUX.1
     assert fam["family"] is None and fam["ambiguous"] and {"flux.1", "chroma"} <= set(fam["tied"])
-    assert not fam["convert_needs_family"]
+    assert "flux.2" not in fam["tied"]  # FLUX.2's blocks have other shapes
     # the header's training metadata settles it
     path = write(tmp_path, "m.safetensors", blocks, {"ss_base_model_version": "chroma"})
     assert inspect_adapter(path).to_dict()["family"]["family"] == "chroma"
