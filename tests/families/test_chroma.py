@@ -94,6 +94,7 @@ def test_merge_into_the_bfl_base_equals_numpy(tmp_path: Path) -> None:
 diffusers = pytest.importorskip("diffusers")
 
 
+@pytest.mark.slow
 def test_our_diffusers_output_loads_and_fuses_like_our_merge(tmp_path: Path) -> None:
     from diffusers import ChromaTransformer2DModel
 

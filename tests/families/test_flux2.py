@@ -142,6 +142,7 @@ def _same_deltas(theirs: dict[str, torch.Tensor], ours_path: Path, skip: set[str
     return names
 
 
+@pytest.mark.slow
 def test_diffusers_kohya_converter_agrees_with_ours(tmp_path: Path) -> None:
     from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux2_lora_to_diffusers
 
@@ -155,6 +156,7 @@ def test_diffusers_kohya_converter_agrees_with_ours(tmp_path: Path) -> None:
     assert len(names) == 2 * 12 + 2 * 2 + 5
 
 
+@pytest.mark.slow
 def test_diffusers_bfl_converter_agrees_with_ours_except_its_unswapped_final_modulation(tmp_path: Path) -> None:
     """ai-toolkit's `diffusion_model.` files: diffusers renames final_layer.adaLN_modulation.1 to
     norm_out.linear without the (shift, scale) -> (scale, shift) swap its checkpoint converter makes;
@@ -185,6 +187,7 @@ def _tiny_flux2(guidance: bool = True) -> object:
                                    guidance_embeds=guidance)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("guidance", [True, False], ids=["dev", "klein"])
 def test_our_diffusers_output_loads_and_fuses_like_our_merge(tmp_path: Path, guidance: bool) -> None:
     model = _tiny_flux2(guidance)
@@ -197,6 +200,7 @@ def test_our_diffusers_output_loads_and_fuses_like_our_merge(tmp_path: Path, gui
         assert tuple(state[name.removeprefix("transformer.") + ".weight"].shape) == m.base_shape, name
 
 
+@pytest.mark.slow
 def test_the_fixture_shapes_are_the_model_shapes() -> None:
     from loratool.families import get
 
