@@ -89,3 +89,21 @@ def round_trips(src: Path, target: str, family: str, tmp_path: Path, back_to: st
     assert set(a) == set(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def fuses_whole(model: Any, kohya_tensors: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    """`fuse_equals_merge`, and every module of our diffusers file wrapped by diffusers (no unexpected
+    or missing keys), changing its weight, at the model's own shape."""
+    wrapped, changed, ours = fuse_equals_merge(model, kohya_tensors, tmp_path)
+    assert len(wrapped) == len(ours.modules) and changed == len(wrapped)
+    state = model.state_dict()
+    for name, m in ours.modules.items():
+        assert tuple(state[name.removeprefix("transformer.") + ".weight"].shape) == m.base_shape, name
+
+
+def diffusers_deltas(path: Path) -> Any:
+    """name -> float64 numpy B @ A of a diffusers-dialect file written with alpha = rank (scale 1)."""
+    from safetensors.torch import load_file
+
+    t = {k: v.double().numpy() for k, v in load_file(str(path)).items()}
+    return lambda name: t[f"transformer.{name}.lora_B.weight"] @ t[f"transformer.{name}.lora_A.weight"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from family_tools import deltas, fixture_families, fuse_equals_merge, round_trips, write
+from family_tools import deltas, diffusers_deltas, fixture_families, fuses_whole, round_trips, write
 from safetensors.torch import load_file
 
 from loratool.families import detect
@@ -76,10 +76,7 @@ def test_merge_into_the_bfl_base_equals_numpy(tmp_path: Path) -> None:
     out = tmp_path / "m.safetensors"
     assert not merge(bpath, [lora], out).unmatched
     got = load_file(str(out))
-    t = {k: v.double().numpy() for k, v in load_file(str(lora)).items()}
-
-    def d(name: str) -> np.ndarray:
-        return t[f"transformer.{name}.lora_B.weight"] @ t[f"transformer.{name}.lora_A.weight"]  # alpha = rank
+    d = diffusers_deltas(lora)
 
     want = np.concatenate([d(f"single_transformer_blocks.0.attn.to_{x}") for x in "qkv"]
                           + [d("single_transformer_blocks.0.proj_mlp")])
@@ -103,8 +100,4 @@ def test_our_diffusers_output_loads_and_fuses_like_our_merge(tmp_path: Path) -> 
                                      attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
                                      axes_dims_rope=(2, 2, 4), approximator_num_channels=8,
                                      approximator_hidden_dim=16, approximator_layers=2)
-    wrapped, changed, ours = fuse_equals_merge(model, chroma_lora("kohya", rank=4, alpha=2.0, seed=9), tmp_path)
-    assert len(wrapped) == len(ours.modules) and changed == len(wrapped)
-    state = model.state_dict()
-    for name, m in ours.modules.items():
-        assert tuple(state[name.removeprefix("transformer.") + ".weight"].shape) == m.base_shape, name
+    fuses_whole(model, chroma_lora("kohya", rank=4, alpha=2.0, seed=9), tmp_path)

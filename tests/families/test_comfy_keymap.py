@@ -56,13 +56,17 @@ def _case(name: str) -> tuple[str, str, dict[str, Any], list[str], dict[str, Any
         # names, which its generic rules map; the source is the diffusers dialect, so the qkv fuse is written
         shapes = ff.flux2_shapes(double=2, single=2) if name == "flux.2" else ff.chroma_shapes(double=2, single=2)
         return "generic", name, ff.family_lora(name, shapes, "diffusers"), list(shapes), None
+    if name == "z-image":  # ComfyUI's lumina2 model (NextDiT): the single-file names, generic rules
+        shapes = ff.z_image_shapes()
+        return "lumina2", name, ff.family_lora(name, shapes, "diffusers"), list(shapes), None
     if name == "hunyuan-video":
         return ("hunyuan-video", name, ff.hunyuan_video_lora("kohya"), hunyuan_video_modules(1, 1, 1), None)
     config = UNET_CONFIGS[name]
     return name, name, u.lora(name, "kohya"), sorted(set(unet_to_diffusers(config).values())), config
 
 
-FAMILIES = ["flux.1", "flux.2", "chroma", "wan", "qwen-image", "ltx-video", "sd3", "hunyuan-video", "sd1", "sdxl"]
+FAMILIES = ["flux.1", "flux.2", "chroma", "z-image", "wan", "qwen-image", "ltx-video", "sd3", "hunyuan-video", "sd1",
+            "sdxl"]
 
 
 @pytest.mark.parametrize("target", ["comfyui", "kohya"])

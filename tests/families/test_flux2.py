@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from family_tools import deltas, fixture_families, fuse_equals_merge, round_trips, write
+from family_tools import deltas, diffusers_deltas, fixture_families, fuses_whole, round_trips, write
 from safetensors.torch import load_file
 
 from loratool.families import detect
@@ -105,10 +105,7 @@ def test_merge_into_the_bfl_base_equals_numpy(tmp_path: Path) -> None:
     report = merge(bpath, [lora], out)
     assert not report.unmatched
     got = load_file(str(out))
-    t = {k: v.double().numpy() for k, v in load_file(str(lora)).items()}
-
-    def d(name: str) -> np.ndarray:
-        return t[f"transformer.{name}.lora_B.weight"] @ t[f"transformer.{name}.lora_A.weight"]  # alpha = rank
+    d = diffusers_deltas(lora)
 
     want_qkv = np.concatenate([d(f"transformer_blocks.0.attn.to_{x}") for x in "qkv"])
     np.testing.assert_allclose(got["double_blocks.0.img_attn.qkv.weight"].double().numpy(),
@@ -192,12 +189,7 @@ def _tiny_flux2(guidance: bool = True) -> object:
 def test_our_diffusers_output_loads_and_fuses_like_our_merge(tmp_path: Path, guidance: bool) -> None:
     model = _tiny_flux2(guidance)
     tensors = flux2_lora("kohya", double=2, single=2, rank=4, alpha=2.0, seed=9, guidance=guidance)
-    wrapped, changed, ours = fuse_equals_merge(model, tensors, tmp_path)
-    assert len(wrapped) == len(ours.modules)  # every module placed: no unexpected / missing keys
-    assert changed == len(wrapped)
-    state = model.state_dict()  # the generated shapes are the model's
-    for name, m in ours.modules.items():
-        assert tuple(state[name.removeprefix("transformer.") + ".weight"].shape) == m.base_shape, name
+    fuses_whole(model, tensors, tmp_path)
 
 
 @pytest.mark.slow
