@@ -108,10 +108,23 @@ def not_known(family: str, dialect: str | None, matched: int, total: int, unmatc
 
 
 def families() -> tuple[Family, ...]:
-    from loratool.families import chroma, flux, flux2, hunyuan_video, ltx, qwen_image, sd1, sd3, sdxl, wan, z_image
+    from loratool.families import (
+        chroma,
+        flux,
+        flux2,
+        hidream,
+        hunyuan_video,
+        ltx,
+        qwen_image,
+        sd1,
+        sd3,
+        sdxl,
+        wan,
+        z_image,
+    )
 
     return (flux.FAMILY, flux2.FAMILY, chroma.FAMILY, sd3.FAMILY, wan.FAMILY, hunyuan_video.FAMILY, qwen_image.FAMILY,
-            ltx.FAMILY, z_image.FAMILY, sd1.FAMILY, sdxl.FAMILY)
+            ltx.FAMILY, z_image.FAMILY, hidream.FAMILY, sd1.FAMILY, sdxl.FAMILY)
 
 
 def get(name: str) -> Family:
@@ -159,6 +172,7 @@ _METADATA_FAMILIES = (
     (re.compile(r"flux[._-]?2", re.I), "flux.2"),
     (re.compile(r"chroma", re.I), "chroma"),
     (re.compile(r"z[._-]?image|lumina", re.I), "z-image"),
+    (re.compile(r"hidream", re.I), "hidream"),
     (re.compile(r"flux", re.I), "flux.1"),
     (re.compile(r"hunyuan", re.I), "hunyuan-video"),
     (re.compile(r"qwen", re.I), "qwen-image"),

@@ -59,14 +59,17 @@ def _case(name: str) -> tuple[str, str, dict[str, Any], list[str], dict[str, Any
     if name == "z-image":  # ComfyUI's lumina2 model (NextDiT): the single-file names, generic rules
         shapes = ff.z_image_shapes()
         return "lumina2", name, ff.family_lora(name, shapes, "diffusers"), list(shapes), None
+    if name == "hidream":  # ComfyUI's hidream model keeps diffusers' names
+        shapes = ff.hidream_shapes()
+        return "hidream", name, ff.family_lora(name, shapes, "diffusers"), list(shapes), None
     if name == "hunyuan-video":
         return ("hunyuan-video", name, ff.hunyuan_video_lora("kohya"), hunyuan_video_modules(1, 1, 1), None)
     config = UNET_CONFIGS[name]
     return name, name, u.lora(name, "kohya"), sorted(set(unet_to_diffusers(config).values())), config
 
 
-FAMILIES = ["flux.1", "flux.2", "chroma", "z-image", "wan", "qwen-image", "ltx-video", "sd3", "hunyuan-video", "sd1",
-            "sdxl"]
+FAMILIES = ["flux.1", "flux.2", "chroma", "z-image", "hidream", "wan", "qwen-image", "ltx-video", "sd3",
+            "hunyuan-video", "sd1", "sdxl"]
 
 
 @pytest.mark.parametrize("target", ["comfyui", "kohya"])
