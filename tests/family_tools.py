@@ -159,3 +159,36 @@ def merge_equals_numpy(tmp_path: Path, family: str, shapes: dict[str, tuple[int,
         changed += 1
     assert torch.equal(got[f"{prefix}extra_norm.weight"], base[f"{prefix}extra_norm.weight"])
     return changed
+def round_trips(src: Path, target: str, family: str, tmp_path: Path, back_to: str = "kohya") -> None:
+    """`src` converted to `target`, then back to `back_to` (src's own dialect) with --family: every
+    tensor of `src` again, bit for bit."""
+    from safetensors.torch import load_file
+
+    from loratool.ops.convert import convert
+
+    mid = tmp_path / ("mid" if target == "peft" else "mid.safetensors")
+    convert(src, mid, to=target)
+    back = tmp_path / "back.safetensors"
+    convert(mid, back, to=back_to, family=family)
+    a, b = load_file(str(src)), load_file(str(back))
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def fuses_whole(model: Any, kohya_tensors: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    """`fuse_equals_merge`, and every module of our diffusers file wrapped by diffusers (no unexpected
+    or missing keys), changing its weight, at the model's own shape."""
+    wrapped, changed, ours = fuse_equals_merge(model, kohya_tensors, tmp_path)
+    assert len(wrapped) == len(ours.modules) and changed == len(wrapped)
+    state = model.state_dict()
+    for name, m in ours.modules.items():
+        assert tuple(state[name.removeprefix("transformer.") + ".weight"].shape) == m.base_shape, name
+
+
+def diffusers_deltas(path: Path) -> Any:
+    """name -> float64 numpy B @ A of a diffusers-dialect file written with alpha = rank (scale 1)."""
+    from safetensors.torch import load_file
+
+    t = {k: v.double().numpy() for k, v in load_file(str(path)).items()}
+    return lambda name: t[f"transformer.{name}.lora_B.weight"] @ t[f"transformer.{name}.lora_A.weight"]

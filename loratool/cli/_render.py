@@ -362,7 +362,7 @@ def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool,
     if architecture:
         t.add_row("architecture", architecture)
     fam = doc.get("family") or {}
-    if fam.get("family") or fam.get("ambiguous"):
+    if fam.get("family") or fam.get("ambiguous") or fam.get("closest"):
         t.add_row("family", _family_text(fam))
     t.add_row("rank", rank_txt if ranks["min"] is not None else "-")
     t.add_row("alpha", _counts(alphas, 6) if len(alphas) > 1 else next(iter(alphas), "-"))
@@ -416,7 +416,11 @@ def _family_text(fam: dict[str, Any]) -> str:
         how = " (convert needs --family)" if fam.get("convert_needs_family", True) else \
             " (their tables convert these names alike)"
         return "ambiguous: " + " or ".join(f"{f} ({best[f]})" for f in fam["tied"]) + how
-    part = "" if fam["matched"] == fam["total"] else f", {fam['matched']} of {fam['total']} modules"
+    if fam.get("closest"):  # one family's names cover part of the file: it is not that family
+        from loratool.families import not_known
+
+        return not_known(fam["closest"], fam["dialect"], fam["matched"], fam["total"], fam["unmatched"])
+    part = ""
     te = fam.get("text_encoder_modules") or 0
     if te:
         part += f", and {te} text-encoder module{'s' if te > 1 else ''}"

@@ -11,7 +11,7 @@ single block's `linear1` holds q, k, v and the MLP input (`proj_mlp`, the rest o
 
 from __future__ import annotations
 
-from loratool.families.model import ADDED_QKV, Family, qkv, renames, shift_scale
+from loratool.families.model import ADDED_QKV, Family, one, qkv, renames, shift_scale
 
 FAMILY = Family(
     name="flux.1",
@@ -19,23 +19,24 @@ FAMILY = Family(
     relations=(
         # double blocks: image stream
         qkv("double_blocks.{i}.img_attn.qkv", "transformer_blocks.{i}.attn"),
+        one("double_blocks.{i}.img_attn.proj", "transformer_blocks.{i}.attn.to_out.0"),
+        one("double_blocks.{i}.img_mlp.0", "transformer_blocks.{i}.ff.net.0.proj", "4h"),
         *renames("""
-            double_blocks.{i}.img_attn.proj  transformer_blocks.{i}.attn.to_out.0
-            double_blocks.{i}.img_mlp.0      transformer_blocks.{i}.ff.net.0.proj
-            double_blocks.{i}.img_mlp.2      transformer_blocks.{i}.ff.net.2
-            double_blocks.{i}.img_mod.lin    transformer_blocks.{i}.norm1.linear
+            double_blocks.{i}.img_mlp.2    transformer_blocks.{i}.ff.net.2
+            double_blocks.{i}.img_mod.lin  transformer_blocks.{i}.norm1.linear
         """),
         # double blocks: text stream
         qkv("double_blocks.{i}.txt_attn.qkv", "transformer_blocks.{i}.attn", ADDED_QKV),
+        one("double_blocks.{i}.txt_attn.proj", "transformer_blocks.{i}.attn.to_add_out"),
+        one("double_blocks.{i}.txt_mlp.0", "transformer_blocks.{i}.ff_context.net.0.proj", "4h"),
         *renames("""
-            double_blocks.{i}.txt_attn.proj  transformer_blocks.{i}.attn.to_add_out
-            double_blocks.{i}.txt_mlp.0      transformer_blocks.{i}.ff_context.net.0.proj
-            double_blocks.{i}.txt_mlp.2      transformer_blocks.{i}.ff_context.net.2
-            double_blocks.{i}.txt_mod.lin    transformer_blocks.{i}.norm1_context.linear
+            double_blocks.{i}.txt_mlp.2    transformer_blocks.{i}.ff_context.net.2
+            double_blocks.{i}.txt_mod.lin  transformer_blocks.{i}.norm1_context.linear
         """),
         # single blocks
+        # (7h, h): FLUX.2's linear1 of the same name is (9h, h), and detection tells them apart by it
         qkv("single_blocks.{i}.linear1", "single_transformer_blocks.{i}.attn",  # FLUX.1's mlp_ratio is 4
-            extra=(("mlp", "4h", "single_transformer_blocks.{i}.proj_mlp"),)),
+            extra=(("mlp", "4h", "single_transformer_blocks.{i}.proj_mlp"),), rows="7h"),
         *renames("""
             single_blocks.{i}.linear2         single_transformer_blocks.{i}.proj_out
             single_blocks.{i}.modulation.lin  single_transformer_blocks.{i}.norm.linear

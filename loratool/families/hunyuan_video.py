@@ -56,7 +56,7 @@ FAMILY = Family(
         """),
         # single blocks
         qkv("single_blocks.{i}.linear1", "single_transformer_blocks.{i}.attn",  # mlp_width_ratio 4
-            extra=(("mlp", "4h", "single_transformer_blocks.{i}.proj_mlp"),)),
+            extra=(("mlp", "4h", "single_transformer_blocks.{i}.proj_mlp"),), rows="7h"),  # FLUX.2's is (9h, h)
         *renames("""
             single_blocks.{i}.linear2            single_transformer_blocks.{i}.proj_out
             single_blocks.{i}.modulation.linear  single_transformer_blocks.{i}.norm.linear

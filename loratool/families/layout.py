@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from loratool.adapter import LoraModule, LycoModule
 from loratool.errors import IncompatibleError
-from loratool.families import detect, get
+from loratool.families import detect, get, module_shapes
 from loratool.families.model import Family, Relation
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ def map_to_base(modules: Sequence[Module], base: dict[str, TensorInfo], *, where
     the plan's `refused` says why.
     """
     names = [m.name for m in modules]
-    found = detect(names)
+    found = detect(names, shapes=module_shapes({m.name: m for m in modules}))
     if found.family is None and not found.ambiguous:  # ambiguous: the tied families are tried below
         return None
     keys = list(base)

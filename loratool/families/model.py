@@ -48,9 +48,9 @@ class Relation:
         return len(self.split) == 1 and tuple(c for c, _ in self.chunks) == self.split[0][1]
 
 
-def one(original: str, diffusers: str) -> Relation:
-    """A relation that is a plain rename."""
-    return Relation(original, (("all", "rest"),), ((diffusers, ("all",)),))
+def one(original: str, diffusers: str, rows: str | None = None) -> Relation:
+    """A relation that is a plain rename (for modules of `rows` output rows only, when given)."""
+    return Relation(original, (("all", "rest"),), ((diffusers, ("all",)),), rows)
 
 
 def renames(table: str) -> tuple[Relation, ...]:
@@ -69,12 +69,13 @@ ADDED_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")
 
 
 def qkv(original: str, attn: str, names: tuple[str, str, str] = ("to_q", "to_k", "to_v"),
-        *, extra: tuple[tuple[str, str, str], ...] = ()) -> Relation:
+        *, extra: tuple[tuple[str, str, str], ...] = (), rows: str | None = None) -> Relation:
     """A fused attention input: q, k, v (h rows each) in `original`, diffusers' `attn.<name>` modules
     (to_q / to_k / to_v, or the context stream's add_q_proj / ...); `extra` chunks follow v as
-    (chunk, size, diffusers path), e.g. a single block's MLP input."""
+    (chunk, size, diffusers path), e.g. a single block's MLP input; `rows` as Relation's."""
     split = tuple((f"{attn}.{n}", (c,)) for n, c in zip(names, "qkv"))
-    return Relation(original, (*QKV, *((c, n) for c, n, _ in extra)), (*split, *((d, (c,)) for c, _, d in extra)))
+    return Relation(original, (*QKV, *((c, n) for c, n, _ in extra)), (*split, *((d, (c,)) for c, _, d in extra)),
+                    rows)
 
 
 def shift_scale(original: str, diffusers: str) -> Relation:
@@ -200,11 +201,11 @@ class Family:
         """
         exact, templated, anyone = (self._canonical if canonical else self._lookup)[dialect]
         found: list[tuple[int, Relation, int | None, str | None]] = [
-            (order, rel, None, split) for order, rel, split in exact.get(name, ()) if rel.fits(shape)]
+            (order, rel, None, split) for order, rel, split in exact.get(name, ()) if _fits(rel, split, shape)]
         if anyone is not None and anyone.match(name):
             for order, rx, rel, split in templated:
                 m = rx.match(name)
-                if m and rel.fits(shape):
+                if m and _fits(rel, split, shape):
                     found.append((order, rel, int(m.group(1)), split))
                     break
         if not found:
@@ -227,3 +228,10 @@ class Family:
                     if limit is not None and int(m.group(1)) >= limit:
                         return segment, int(m.group(1)), limit
         return None
+
+
+def _fits(rel: Relation, split: str | None, shape: tuple[int, int] | None) -> bool:
+    """Whether a module of `shape` named as `rel`'s original module (split None) or its diffusers
+    module `split` fits the relation's rows: a split part holds only some of the rows (FLUX.1's `to_q`
+    of a (7h, h) `linear1`), so only a module holding every row is checked."""
+    return rel.fits(shape if split is None or len(rel.split) == 1 else None)

@@ -276,7 +276,7 @@ def _refuse_two_dialects(adapters: list[Adapter], groups: dict[str, list[tuple[i
     for i, a in enumerate(adapters):
         te = text_encoder_modules(a)
         names = [n for n in [*a.modules, *a.lycoris] if n not in te]
-        det = families.detect(names, a.metadata)
+        det = families.detect(names, a.metadata, families.module_shapes({**a.modules, **a.lycoris}))
         if not names or det.matched != det.total:
             continue
         fams = {det.family} if det.family else set(det.tied)

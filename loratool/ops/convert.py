@@ -484,13 +484,14 @@ def _family_for(adapter: Adapter, to: str, family: str | None, other_mode: bool,
         return None
     # full / norm / bias diffs (kept as they are where the target holds them) move with the family's names
     names = [*adapter.modules, *adapter.lycoris]
-    det = families.detect(names, adapter.metadata)
+    shapes = families.module_shapes({**adapter.modules, **adapter.lycoris})
+    det = families.detect(names, adapter.metadata, shapes)
     te = text_encoder_modules(adapter)
     if te and det.matched and set(det.unmatched) <= set(te):
         # a transformer LoRA with text-encoder modules beside it (kohya FLUX.1 files often have
         # lora_te1_ CLIP-L ones): the family is judged on the rest; those go by the naming rules
         names = [n for n in names if n not in te]
-        det = families.detect(names, adapter.metadata)
+        det = families.detect(names, adapter.metadata, shapes)
     if family is None and adapter.family is not None and to in FAMILY_TARGETS and not other_mode:
         family = adapter.family  # the format itself says which model it is for (XLabs: FLUX.1)
     if family is not None:
@@ -523,6 +524,14 @@ def _family_for(adapter: Adapter, to: str, family: str | None, other_mode: bool,
             f"{adapter.path}: {det.matched} of its {det.total} modules are {det.family} ({det.dialect}) names, which "
             f"the family's table converts, but {len(strays)} are not the family's: {listing}",
             hint=f"those {len(strays)} load nowhere as named: remove them, or convert them on their own")
+    if det.partial and to in FAMILY_TARGETS and not other_mode:
+        # one family's names cover part of the file: writing those by its table and the rest by the
+        # generic rules would mix two models' names (a FLUX.2 file is FLUX.1's double / single blocks
+        # and modules FLUX.1 lacks)
+        raise IncompatibleError(
+            f"{adapter.path}: {det.describe()}",
+            hint=f"pass --family {det.family} to convert its {det.family} modules, if it is {det.family} with "
+                 "modules the table lacks (known: " + ", ".join(f.name for f in families.families()) + ")")
     if to == "comfyui":
         raise IncompatibleError(
             f"{adapter.path}: comfyui names are written from a model family's table, and this adapter is "

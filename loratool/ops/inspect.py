@@ -155,15 +155,16 @@ def _experts(mods: list[LoraModule]) -> list[dict[str, Any]]:
 def _family(a: Adapter) -> dict[str, Any]:
     """The family detection, judged (as convert judges it) without the text-encoder modules an
     image LoRA may carry beside its transformer's; their count is `text_encoder_modules`."""
-    from loratool.families import detect, get, same_conversion
+    from loratool.families import detect, get, module_shapes, same_conversion
     from loratool.ops.convert import FAMILY_TARGETS, text_encoder_modules
 
     te = text_encoder_modules(a)
     names = [*a.modules, *a.lycoris]
-    det = detect(names, a.metadata)
+    shapes = module_shapes({**a.modules, **a.lycoris})
+    det = detect(names, a.metadata, shapes)
     if te and det.matched and set(det.unmatched) <= te:
         names = [n for n in names if n not in te]
-        det = detect(names, a.metadata)
+        det = detect(names, a.metadata, shapes)
     else:
         te = set()
     needs = False

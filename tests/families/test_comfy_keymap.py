@@ -62,14 +62,25 @@ def _case(name: str) -> tuple[str, str, dict[str, Any], list[str], dict[str, Any
         mods = [m for m in hunyuan_video_modules(2, 0, 1) if not m.startswith(("vector_in.", "guidance_in."))]
         mods += ["byt5_in.fc1", "byt5_in.fc2", "byt5_in.fc3", "vision_in.proj.1", "vision_in.proj.3"]
         return "hunyuan-video", name, ff.hunyuan_video15_lora("kohya", double=2), mods, None
+    if name in ("flux.2", "chroma"):
+        # ComfyUI loads both with FLUX.1's model code (comfy/ldm/flux, comfy/ldm/chroma) under their BFL
+        # names, which its generic rules map; the source is the diffusers dialect, so the qkv fuse is written
+        shapes = ff.flux2_shapes(double=2, single=2) if name == "flux.2" else ff.chroma_shapes(double=2, single=2)
+        return "generic", name, ff.family_lora(name, shapes, "diffusers"), list(shapes), None
+    if name == "z-image":  # ComfyUI's lumina2 model (NextDiT): the single-file names, generic rules
+        shapes = ff.z_image_shapes()
+        return "lumina2", name, ff.family_lora(name, shapes, "diffusers"), list(shapes), None
+    if name == "hidream":  # ComfyUI's hidream model keeps diffusers' names
+        shapes = ff.hidream_shapes()
+        return "hidream", name, ff.family_lora(name, shapes, "diffusers"), list(shapes), None
     if name == "hunyuan-video":
         return ("hunyuan-video", name, ff.hunyuan_video_lora("kohya"), hunyuan_video_modules(1, 1, 1), None)
     config = UNET_CONFIGS[name]
     return name, name, u.lora(name, "kohya"), sorted(set(unet_to_diffusers(config).values())), config
 
 
-FAMILIES = ["flux.1", "wan", "qwen-image", "ltx-video", "sd3", "hunyuan-video", "sd1", "sdxl", "kandinsky-5",
-            "qwen-image-2", "ltx-2", "hunyuan-video-1.5"]
+FAMILIES = ["flux.1", "flux.2", "chroma", "z-image", "hidream", "wan", "qwen-image", "ltx-video", "sd3",
+            "hunyuan-video", "sd1", "sdxl", "kandinsky-5", "qwen-image-2", "ltx-2", "hunyuan-video-1.5"]
 
 
 @pytest.mark.parametrize("target", ["comfyui", "kohya"])

@@ -47,6 +47,7 @@ def test_detect_family_and_dialect(tmp_path: Path, dialect: str) -> None:
     else:
         # every diffusers-side name of these blocks is HunyuanVideo's too: ambiguous, no family
         assert fam["family"] is None and fam["ambiguous"] and not fam["confident"]
+        # (the modulations rule Chroma out)
         assert fam["tied"] == ["flux.1", "hunyuan-video"] and fam["matched"] == fam["total"]
 
 

@@ -287,6 +287,10 @@ def test_diffusers_fuse_lora_agrees_in_both_layouts(tmp_path):
 
 FAMILY_SHAPES = {
     "flux.1": lambda: fixture_families.flux_shapes(16, 1, 1),
+    "flux.2": lambda: fixture_families.flux2_shapes(),
+    "chroma": lambda: fixture_families.chroma_shapes(),
+    "z-image": lambda: fixture_families.z_image_shapes(),
+    "hidream": lambda: fixture_families.hidream_shapes(),
     "sd3": lambda: fixture_families.sd3_shapes(16, 2, dual=(0,)),
     "wan": lambda: fixture_families.wan_shapes(),
     "qwen-image": lambda: fixture_families.qwen_image_shapes(16, 2),

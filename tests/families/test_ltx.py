@@ -41,7 +41,7 @@ def test_feed_forward_alone_is_ambiguous() -> None:
     """LTX-Video's ff names on the diffusers side are FLUX.1's, SD3's and HunyuanVideo's too."""
     det = detect(["transformer.transformer_blocks.0.ff.net.0.proj", "transformer.transformer_blocks.0.ff.net.2"])
     assert det.ambiguous
-    assert det.tied == ["flux.1", "sd3", "hunyuan-video", "ltx-video", "ltx-2", "hunyuan-video-1.5"]
+    assert det.tied == ["flux.1", "chroma", "sd3", "hunyuan-video", "ltx-video", "ltx-2", "hunyuan-video-1.5"]
     # a block past FLUX.1's 19, HunyuanVideo's 20 and SD3.5 large's 38 is LTX-Video's (48 in the 13B model),
     # LTX-2's (48) or HunyuanVideo 1.5's (54)
     det = detect(["transformer.transformer_blocks.0.ff.net.0.proj", "transformer.transformer_blocks.40.ff.net.2"])
