@@ -147,7 +147,8 @@ def test_convert_and_back(tmp_path: Path, name: str, via: str, back_to: str, fam
     convert(mid, back, to=back_to, family=family)
     got = loratool_deltas(back)
     src_names = list(read(src).modules)
-    written = {n: _kohya_sdxl_name(n) if name == "onetrainer_sdxl" else n for n in src_names}
+    written = {n: _kohya_sdxl_name(n) if name == "onetrainer_sdxl" else
+               _kohya_hunyuan_name(n) if name == "musubi_hunyuan_video" else n for n in src_names}
     assert set(got) == set(written.values())
     for n in src_names:
         stem = next(k for k in ref if k.removeprefix("base_model.model.") == n)
@@ -161,6 +162,18 @@ def _kohya_sdxl_name(name: str) -> str:
     fam = get("sdxl")
     ident = fam.identify(name, "onetrainer")
     return name if ident is None else fam.name_in("kohya", ident[0].original, original=True)
+
+
+def _kohya_hunyuan_name(name: str) -> str:
+    """A musubi-tuner HunyuanVideo name (Tencent's spelling) as loratool writes kohya: ComfyUI's
+    module names (issue 25: `img_mod_linear` -> `img_mod_lin`, `time_in_mlp_0` -> `time_in_in_layer`)."""
+    from loratool.families import get
+
+    fam = get("hunyuan-video")
+    ident = fam.identify(name, "kohya")
+    assert ident is not None and ident[2] is None
+    path = ident[0].original if ident[1] is None else ident[0].original.replace("{i}", str(ident[1]))
+    return fam.name_in("kohya", path, original=True)
 
 
 @pytest.mark.parametrize(("name", "to", "what"), [

@@ -362,7 +362,7 @@ def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool,
     if architecture:
         t.add_row("architecture", architecture)
     fam = doc.get("family") or {}
-    if fam.get("family") or fam.get("ambiguous"):
+    if fam.get("family") or fam.get("ambiguous") or fam.get("closest"):
         t.add_row("family", _family_text(fam))
     t.add_row("rank", rank_txt if ranks["min"] is not None else "-")
     t.add_row("alpha", _counts(alphas, 6) if len(alphas) > 1 else next(iter(alphas), "-"))
@@ -382,6 +382,10 @@ def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool,
     t.add_row("fan_in_fan_out", _yes(doc["fan_in_fan_out"]))
     t.add_row("kinds", _counts(doc["kinds"]) or "-")
     t.add_row("targets", _counts(doc["targets"]) or "-")
+    for e in doc.get("experts") or []:  # experts of fused MoE parameters (docs/moe.md)
+        ranks = ", ".join(f"{n} at rank {r}" for r, n in e["ranks"].items())
+        t.add_row("experts", f"{e['parameter']}: {e['parameters']} parameter(s) × "
+                  f"{'/'.join(str(c) for c in e['experts'])} experts ({ranks})")
     t.add_row("dtypes", _counts(doc["dtypes"]) or "-")
     t.add_row("LoRA params", f"{doc['lora_params']:,}")
     t.add_row("file size", human_size(doc["file_size"]))
@@ -412,7 +416,11 @@ def _family_text(fam: dict[str, Any]) -> str:
         how = " (convert needs --family)" if fam.get("convert_needs_family", True) else \
             " (their tables convert these names alike)"
         return "ambiguous: " + " or ".join(f"{f} ({best[f]})" for f in fam["tied"]) + how
-    part = "" if fam["matched"] == fam["total"] else f", {fam['matched']} of {fam['total']} modules"
+    if fam.get("closest"):  # one family's names cover part of the file: it is not that family
+        from loratool.families import not_known
+
+        return not_known(fam["closest"], fam["dialect"], fam["matched"], fam["total"], fam["unmatched"])
+    part = ""
     te = fam.get("text_encoder_modules") or 0
     if te:
         part += f", and {te} text-encoder module{'s' if te > 1 else ''}"

@@ -26,13 +26,16 @@ nothing in this package reads or writes files.
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from loratool.families.model import DIALECTS, DIFFUSERS, ORIGINAL, ORIGINAL_SIDE, Family, Relation, one
 
 __all__ = ["DIALECTS", "DIFFUSERS", "ORIGINAL", "ORIGINAL_SIDE", "Detection", "Family", "Relation", "detect",
-           "families", "get", "one", "same_conversion"]
+           "families", "get", "module_shapes", "not_known", "one", "same_conversion"]
 
 
 @dataclass
@@ -66,9 +69,16 @@ class Detection:
     def ambiguous(self) -> bool:
         return len(self.tied) > 1
 
+    @property
+    def partial(self) -> bool:
+        """The best family names some of the modules but not all: not a known family, only the closest."""
+        return self.family is not None and 0 < self.matched < self.total and not self.ambiguous
+
     def to_dict(self) -> dict[str, object]:
         return {
-            "family": self.family, "dialect": self.dialect, "matched": self.matched, "total": self.total,
+            # a family only when its names cover the file: a partial fit is the closest family, never the family
+            "family": None if self.partial else self.family, "closest": self.family if self.partial else None,
+            "dialect": self.dialect, "matched": self.matched, "total": self.total,
             "ambiguous": self.ambiguous, "tied": self.tied, "confident": self.confident, "evidence": self.evidence,
             "reasons": self.reasons,
             "candidates": [{"family": f, "dialect": d, "matched": n} for f, d, n in self.candidates],
@@ -82,15 +92,44 @@ class Detection:
             return "ambiguous: " + " or ".join(f"{f} ({best[f]})" for f in self.tied)
         if self.family is None:
             return "unknown"
-        part = "" if self.matched == self.total else f", {self.matched} of {self.total} modules"
-        return f"{self.family}, {self.dialect} dialect{part}"
+        if self.partial:
+            return not_known(self.family, self.dialect, self.matched, self.total, self.unmatched)
+        return f"{self.family}, {self.dialect} dialect"
+
+
+def not_known(family: str, dialect: str | None, matched: int, total: int, unmatched: list[str]) -> str:
+    """'not a known family; closest flux.1 (kohya, 46 of 56 modules); these are not FLUX.1 modules: a, b, c
+    (and 7 more)': what inspect and convert say of a file that one family's names only partly cover."""
+    title = get(family).title.split(" (")[0]
+    rest = total - matched - 3
+    shown = ", ".join(unmatched[:3]) + (f" (and {rest} more)" if rest > 0 else "")
+    return (f"not a known family; closest {family} ({dialect}, {matched} of {total} modules); "
+            f"these are not {title} modules: {shown}")
 
 
 def families() -> tuple[Family, ...]:
-    from loratool.families import flux, hunyuan_video, ltx, qwen_image, sd1, sd3, sdxl, wan
+    from loratool.families import (
+        chroma,
+        flux,
+        flux2,
+        hidream,
+        hunyuan_video,
+        hunyuan_video15,
+        kandinsky5,
+        ltx,
+        ltx2,
+        qwen_image,
+        qwen_image2,
+        sd1,
+        sd3,
+        sdxl,
+        wan,
+        z_image,
+    )
 
-    return (flux.FAMILY, sd3.FAMILY, wan.FAMILY, hunyuan_video.FAMILY, qwen_image.FAMILY, ltx.FAMILY, sd1.FAMILY,
-            sdxl.FAMILY)
+    return (flux.FAMILY, flux2.FAMILY, chroma.FAMILY, sd3.FAMILY, wan.FAMILY, hunyuan_video.FAMILY, qwen_image.FAMILY,
+            ltx.FAMILY, z_image.FAMILY, hidream.FAMILY, sd1.FAMILY, sdxl.FAMILY, kandinsky5.FAMILY, qwen_image2.FAMILY,
+            ltx2.FAMILY, hunyuan_video15.FAMILY)
 
 
 def get(name: str) -> Family:
@@ -135,10 +174,18 @@ _METADATA_FAMILIES = (
     (re.compile(r"sdxl|stable-diffusion-xl", re.I), "sdxl"),
     (re.compile(r"sd_?v?1|stable-diffusion-v1|sd-?1\.5|sd15", re.I), "sd1"),
     (re.compile(r"sd_?v?3|stable-diffusion-v3|stable-diffusion-3", re.I), "sd3"),
+    (re.compile(r"flux[._-]?2", re.I), "flux.2"),
+    (re.compile(r"chroma", re.I), "chroma"),
+    (re.compile(r"z[._-]?image|lumina", re.I), "z-image"),
+    (re.compile(r"hidream", re.I), "hidream"),
     (re.compile(r"flux", re.I), "flux.1"),
+    (re.compile(r"hunyuan.?video.?1[._]?5|hunyuanvideo15|hy_?video_?1_?5", re.I), "hunyuan-video-1.5"),
     (re.compile(r"hunyuan", re.I), "hunyuan-video"),
+    (re.compile(r"qwen.?image.?2(?:\.\d+|1)?(?!\d)", re.I), "qwen-image-2"),  # not Qwen-Image-2512
     (re.compile(r"qwen", re.I), "qwen-image"),
+    (re.compile(r"ltx.?2(?:\.\d+)?(?![\db])|ltxav", re.I), "ltx-2"),
     (re.compile(r"ltx", re.I), "ltx-video"),
+    (re.compile(r"kandinsky.?5", re.I), "kandinsky-5"),
     (re.compile(r"^wan", re.I), "wan"),
 )
 
@@ -152,21 +199,35 @@ def metadata_family(metadata: dict[str, str] | None) -> tuple[str, str] | None:
         for pattern, family in _METADATA_FAMILIES:
             if pattern.search(value):
                 return family, f"{key} says {value}"
+    try:  # a file loratool wrote by a family's table says which
+        said = json.loads((metadata or {}).get("loratool.params", "")).get("family")
+    except (ValueError, AttributeError):
+        return None
+    if isinstance(said, str) and said in {f.name for f in families()}:
+        return said, f"loratool.params says family {said}"
     return None
 
 
-def detect(names: list[str], metadata: dict[str, str] | None = None) -> Detection:
+def module_shapes(modules: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    """name -> (out, in) of an adapter's modules (LoRA or LyCORIS), for `detect`'s `shapes`."""
+    return {n: (m.out_features, m.in_features) for n, m in modules.items()}
+
+
+def detect(names: list[str], metadata: dict[str, str] | None = None,
+           shapes: Mapping[str, tuple[int, int]] | None = None) -> Detection:
     """The family and dialect whose module names cover the most of `names` (header only, no torch).
 
     Families that cover the same number of names are tied: the detection is ambiguous and names
     none, unless the header's training metadata (`ss_base_model_version`, `modelspec.architecture`,
     `ss_architecture`) names one of them. Otherwise the best family wins, with a reason against
-    every other family that fits part.
+    every other family that fits part. `shapes` (name -> (out, in), from the header) rules out a
+    family whose module of that name has other rows (FLUX.2's (9h, h) `linear1` is not FLUX.1's).
     """
+    shapes = shapes or {}
     scores: list[tuple[int, Family, str, list[str]]] = []
     for fam in families():
         for dialect in fam.dialects:
-            hits = [n for n in names if fam.identify(n, dialect) is not None]
+            hits = [n for n in names if fam.identify(n, dialect, shapes.get(n)) is not None]
             if hits:
                 scores.append((len(hits), fam, dialect, hits))
     scores.sort(key=lambda s: -s[0])  # stable: families() order among equals
@@ -188,12 +249,26 @@ def detect(names: list[str], metadata: dict[str, str] | None = None) -> Detectio
             why = [f"not {t}: the modules fill all of {fam.name}'s {filled}, of which {t} has more"
                    for t in tied if t != fam.name]
             return Detection(fam.name, dialect, best, len(names), hits[:3], candidates, unmatched, why, [fam.name])
+        filling = list(dict.fromkeys(f.name for f, _, _, _ in full))
+        if 1 < len(filling) < len(tied):
+            # several families' blocks are all there (FLUX.1 and Chroma have the same blocks): the
+            # tie is theirs, not the families with more blocks
+            tied = filling
         said = metadata_family(metadata)
         if said is not None and said[0] in tied:  # the names fit both; the header says which model it was for
             fam, dialect, hits = next((f, d, h) for n, f, d, h in scores if n == best and f.name == said[0])
             why = [f"{said[1]}; the names fit {' and '.join(tied)} alike"]
             return Detection(fam.name, dialect, best, len(names), hits[:3], candidates,
                              [n for n in names if n not in set(hits)], why, [fam.name])
+        # one family's own spelling, the others' only as a loader's respelling (FLUX.1's kohya names are
+        # HunyuanVideo's only as ComfyUI names HunyuanVideo's modules): that family's
+        own = [(f, d, h) for n, f, d, h in scores if n == best and f.name in tied
+               and all(f.identify(x, d, canonical=True) is not None for x in h)]
+        if len({f.name for f, _, _ in own}) == 1:
+            fam, dialect, hits = own[0]
+            why = [f"not {t}: the names are {fam.name}'s own ({dialect}); {t}'s are spelled so only for ComfyUI"
+                   for t in tied if t != fam.name]
+            return Detection(fam.name, dialect, best, len(names), hits[:3], candidates, unmatched, why, [fam.name])
         return Detection(None, None, best, len(names), hits[:3], candidates, unmatched, tied=tied)
     # per other family that fits part: a name of ours it has in no dialect, or one past its block count
     reasons: list[str] = []
@@ -205,8 +280,12 @@ def detect(names: list[str], metadata: dict[str, str] | None = None) -> Detectio
         reason = f"not {other.name}: it names {n_other} of the modules ({other_dialect}), {fam.name} {best}"
         past = False
         for name in hits:
-            if any(other.identify(name, d) is not None for d in DIALECTS):
+            if any(other.identify(name, d, shapes.get(name)) is not None for d in DIALECTS):
                 continue
+            if any(other.identify(name, d) is not None for d in DIALECTS):  # its name, not its shape
+                out, width = shapes[name]
+                reason = f"not {other.name}: {name} is ({out}, {width}), not one of its shapes"
+                break
             over = other.over_limit(name)
             if over is not None:
                 if not past:

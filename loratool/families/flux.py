@@ -11,7 +11,7 @@ single block's `linear1` holds q, k, v and the MLP input (`proj_mlp`, the rest o
 
 from __future__ import annotations
 
-from loratool.families.model import ADDED_QKV, Family, one, qkv, shift_scale
+from loratool.families.model import ADDED_QKV, Family, one, qkv, renames, shift_scale
 
 FAMILY = Family(
     name="flux.1",
@@ -20,30 +20,39 @@ FAMILY = Family(
         # double blocks: image stream
         qkv("double_blocks.{i}.img_attn.qkv", "transformer_blocks.{i}.attn"),
         one("double_blocks.{i}.img_attn.proj", "transformer_blocks.{i}.attn.to_out.0"),
-        one("double_blocks.{i}.img_mlp.0", "transformer_blocks.{i}.ff.net.0.proj"),
-        one("double_blocks.{i}.img_mlp.2", "transformer_blocks.{i}.ff.net.2"),
-        one("double_blocks.{i}.img_mod.lin", "transformer_blocks.{i}.norm1.linear"),
+        one("double_blocks.{i}.img_mlp.0", "transformer_blocks.{i}.ff.net.0.proj", "4h"),
+        *renames("""
+            double_blocks.{i}.img_mlp.2    transformer_blocks.{i}.ff.net.2
+            double_blocks.{i}.img_mod.lin  transformer_blocks.{i}.norm1.linear
+        """),
         # double blocks: text stream
         qkv("double_blocks.{i}.txt_attn.qkv", "transformer_blocks.{i}.attn", ADDED_QKV),
         one("double_blocks.{i}.txt_attn.proj", "transformer_blocks.{i}.attn.to_add_out"),
-        one("double_blocks.{i}.txt_mlp.0", "transformer_blocks.{i}.ff_context.net.0.proj"),
-        one("double_blocks.{i}.txt_mlp.2", "transformer_blocks.{i}.ff_context.net.2"),
-        one("double_blocks.{i}.txt_mod.lin", "transformer_blocks.{i}.norm1_context.linear"),
+        one("double_blocks.{i}.txt_mlp.0", "transformer_blocks.{i}.ff_context.net.0.proj", "4h"),
+        *renames("""
+            double_blocks.{i}.txt_mlp.2    transformer_blocks.{i}.ff_context.net.2
+            double_blocks.{i}.txt_mod.lin  transformer_blocks.{i}.norm1_context.linear
+        """),
         # single blocks
+        # (7h, h): FLUX.2's linear1 of the same name is (9h, h), and detection tells them apart by it
         qkv("single_blocks.{i}.linear1", "single_transformer_blocks.{i}.attn",  # FLUX.1's mlp_ratio is 4
-            extra=(("mlp", "4h", "single_transformer_blocks.{i}.proj_mlp"),)),
-        one("single_blocks.{i}.linear2", "single_transformer_blocks.{i}.proj_out"),
-        one("single_blocks.{i}.modulation.lin", "single_transformer_blocks.{i}.norm.linear"),
+            extra=(("mlp", "4h", "single_transformer_blocks.{i}.proj_mlp"),), rows="7h"),
+        *renames("""
+            single_blocks.{i}.linear2         single_transformer_blocks.{i}.proj_out
+            single_blocks.{i}.modulation.lin  single_transformer_blocks.{i}.norm.linear
+        """),
         # embedders and the final layer
-        one("img_in", "x_embedder"),
-        one("txt_in", "context_embedder"),
-        one("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
-        one("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
-        one("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
-        one("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
-        one("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
-        one("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
-        one("final_layer.linear", "proj_out"),
+        *renames("""
+            img_in                 x_embedder
+            txt_in                 context_embedder
+            time_in.in_layer       time_text_embed.timestep_embedder.linear_1
+            time_in.out_layer      time_text_embed.timestep_embedder.linear_2
+            vector_in.in_layer     time_text_embed.text_embedder.linear_1
+            vector_in.out_layer    time_text_embed.text_embedder.linear_2
+            guidance_in.in_layer   time_text_embed.guidance_embedder.linear_1
+            guidance_in.out_layer  time_text_embed.guidance_embedder.linear_2
+            final_layer.linear     proj_out
+        """),
         shift_scale("final_layer.adaLN_modulation.1", "norm_out.linear"),
     ),
     blocks={"double_blocks": 19, "single_blocks": 38, "transformer_blocks": 19, "single_transformer_blocks": 38},

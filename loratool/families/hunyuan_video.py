@@ -17,10 +17,16 @@ rows each), a single block's `linear1` (q, k, v and the MLP input), the token re
 
 from __future__ import annotations
 
-from loratool.families.model import ADDED_QKV, Family, one, qkv, shift_scale
+from loratool.families.model import ADDED_QKV, Family, one, qkv, renames, shift_scale
 
 _REFINER = "txt_in.individual_token_refiner.blocks.{i}"
 _REFINER_D = "context_embedder.token_refiner.refiner_blocks.{i}"
+_EMBEDDERS = (("time_in.mlp.0", "time_in.in_layer"), ("time_in.mlp.2", "time_in.out_layer"),
+              ("guidance_in.mlp.0", "guidance_in.in_layer"), ("guidance_in.mlp.2", "guidance_in.out_layer"),
+              ("t_embedder.mlp.0", "t_embedder.in_layer"), ("t_embedder.mlp.2", "t_embedder.out_layer"),
+              ("c_embedder.linear_1", "c_embedder.in_layer"), ("c_embedder.linear_2", "c_embedder.out_layer"))
+_BLOCKS = (("_mod.linear", "_mod.lin"), ("modulation.linear", "modulation.lin"), ("mlp.fc1", "mlp.0"),
+           ("mlp.fc2", "mlp.2"))
 
 
 FAMILY = Family(
@@ -29,34 +35,42 @@ FAMILY = Family(
     relations=(
         # double blocks: image stream
         qkv("double_blocks.{i}.img_attn_qkv", "transformer_blocks.{i}.attn"),
-        one("double_blocks.{i}.img_attn_proj", "transformer_blocks.{i}.attn.to_out.0"),
-        one("double_blocks.{i}.img_mlp.fc1", "transformer_blocks.{i}.ff.net.0.proj"),
-        one("double_blocks.{i}.img_mlp.fc2", "transformer_blocks.{i}.ff.net.2"),
-        one("double_blocks.{i}.img_mod.linear", "transformer_blocks.{i}.norm1.linear"),
-        one("double_blocks.{i}.img_attn_q_norm", "transformer_blocks.{i}.attn.norm_q"),
-        one("double_blocks.{i}.img_attn_k_norm", "transformer_blocks.{i}.attn.norm_k"),
+        *renames("""
+            double_blocks.{i}.img_attn_proj    transformer_blocks.{i}.attn.to_out.0
+            double_blocks.{i}.img_mlp.fc1      transformer_blocks.{i}.ff.net.0.proj
+            double_blocks.{i}.img_mlp.fc2      transformer_blocks.{i}.ff.net.2
+            double_blocks.{i}.img_mod.linear   transformer_blocks.{i}.norm1.linear
+            double_blocks.{i}.img_attn_q_norm  transformer_blocks.{i}.attn.norm_q
+            double_blocks.{i}.img_attn_k_norm  transformer_blocks.{i}.attn.norm_k
+        """),
         # double blocks: text stream
         qkv("double_blocks.{i}.txt_attn_qkv", "transformer_blocks.{i}.attn",
              ADDED_QKV),
-        one("double_blocks.{i}.txt_attn_proj", "transformer_blocks.{i}.attn.to_add_out"),
-        one("double_blocks.{i}.txt_mlp.fc1", "transformer_blocks.{i}.ff_context.net.0.proj"),
-        one("double_blocks.{i}.txt_mlp.fc2", "transformer_blocks.{i}.ff_context.net.2"),
-        one("double_blocks.{i}.txt_mod.linear", "transformer_blocks.{i}.norm1_context.linear"),
-        one("double_blocks.{i}.txt_attn_q_norm", "transformer_blocks.{i}.attn.norm_added_q"),
-        one("double_blocks.{i}.txt_attn_k_norm", "transformer_blocks.{i}.attn.norm_added_k"),
+        *renames("""
+            double_blocks.{i}.txt_attn_proj    transformer_blocks.{i}.attn.to_add_out
+            double_blocks.{i}.txt_mlp.fc1      transformer_blocks.{i}.ff_context.net.0.proj
+            double_blocks.{i}.txt_mlp.fc2      transformer_blocks.{i}.ff_context.net.2
+            double_blocks.{i}.txt_mod.linear   transformer_blocks.{i}.norm1_context.linear
+            double_blocks.{i}.txt_attn_q_norm  transformer_blocks.{i}.attn.norm_added_q
+            double_blocks.{i}.txt_attn_k_norm  transformer_blocks.{i}.attn.norm_added_k
+        """),
         # single blocks
         qkv("single_blocks.{i}.linear1", "single_transformer_blocks.{i}.attn",  # mlp_width_ratio 4
-            extra=(("mlp", "4h", "single_transformer_blocks.{i}.proj_mlp"),)),
-        one("single_blocks.{i}.linear2", "single_transformer_blocks.{i}.proj_out"),
-        one("single_blocks.{i}.modulation.linear", "single_transformer_blocks.{i}.norm.linear"),
-        one("single_blocks.{i}.q_norm", "single_transformer_blocks.{i}.attn.norm_q"),
-        one("single_blocks.{i}.k_norm", "single_transformer_blocks.{i}.attn.norm_k"),
+            extra=(("mlp", "4h", "single_transformer_blocks.{i}.proj_mlp"),), rows="7h"),  # FLUX.2's is (9h, h)
+        *renames("""
+            single_blocks.{i}.linear2            single_transformer_blocks.{i}.proj_out
+            single_blocks.{i}.modulation.linear  single_transformer_blocks.{i}.norm.linear
+            single_blocks.{i}.q_norm             single_transformer_blocks.{i}.attn.norm_q
+            single_blocks.{i}.k_norm             single_transformer_blocks.{i}.attn.norm_k
+        """),
         # the text token refiner
-        one("txt_in.input_embedder", "context_embedder.proj_in"),
-        one("txt_in.t_embedder.mlp.0", "context_embedder.time_text_embed.timestep_embedder.linear_1"),
-        one("txt_in.t_embedder.mlp.2", "context_embedder.time_text_embed.timestep_embedder.linear_2"),
-        one("txt_in.c_embedder.linear_1", "context_embedder.time_text_embed.text_embedder.linear_1"),
-        one("txt_in.c_embedder.linear_2", "context_embedder.time_text_embed.text_embedder.linear_2"),
+        *renames("""
+            txt_in.input_embedder       context_embedder.proj_in
+            txt_in.t_embedder.mlp.0     context_embedder.time_text_embed.timestep_embedder.linear_1
+            txt_in.t_embedder.mlp.2     context_embedder.time_text_embed.timestep_embedder.linear_2
+            txt_in.c_embedder.linear_1  context_embedder.time_text_embed.text_embedder.linear_1
+            txt_in.c_embedder.linear_2  context_embedder.time_text_embed.text_embedder.linear_2
+        """),
         qkv(f"{_REFINER}.self_attn_qkv", f"{_REFINER_D}.attn"),
         one(f"{_REFINER}.self_attn_proj", f"{_REFINER_D}.attn.to_out.0"),
         one(f"{_REFINER}.mlp.fc1", f"{_REFINER_D}.ff.net.0.proj"),
@@ -65,16 +79,23 @@ FAMILY = Family(
         one(f"{_REFINER}.norm1", f"{_REFINER_D}.norm1"),
         one(f"{_REFINER}.norm2", f"{_REFINER_D}.norm2"),
         # embedders and the final layer
-        one("img_in.proj", "x_embedder.proj"),
-        one("time_in.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
-        one("time_in.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
-        one("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
-        one("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
-        one("guidance_in.mlp.0", "time_text_embed.guidance_embedder.linear_1"),
-        one("guidance_in.mlp.2", "time_text_embed.guidance_embedder.linear_2"),
-        one("final_layer.linear", "proj_out"),
+        *renames("""
+            img_in.proj          x_embedder.proj
+            time_in.mlp.0        time_text_embed.timestep_embedder.linear_1
+            time_in.mlp.2        time_text_embed.timestep_embedder.linear_2
+            vector_in.in_layer   time_text_embed.text_embedder.linear_1
+            vector_in.out_layer  time_text_embed.text_embedder.linear_2
+            guidance_in.mlp.0    time_text_embed.guidance_embedder.linear_1
+            guidance_in.mlp.2    time_text_embed.guidance_embedder.linear_2
+            final_layer.linear   proj_out
+        """),
         shift_scale("final_layer.adaLN_modulation.1", "norm_out.linear"),
     ),
+    # ComfyUI loads the checkpoint into its own module names (comfy/ldm/hunyuan_video/model.py: FLUX.1's
+    # blocks, `MLPEmbedder` in_layer / out_layer) and its key map (comfy/lora.py) takes Tencent's block
+    # names under `diffusion_model.` but only its own for the embedders, and only its own under
+    # `lora_unet_`: files are written in those (musubi-tuner's Tencent spellings are read too)
+    respell={"comfyui": _EMBEDDERS, "kohya": (*_EMBEDDERS, *_BLOCKS)},
     blocks={"double_blocks": 20, "single_blocks": 40, "transformer_blocks": 20, "single_transformer_blocks": 40,
             "txt_in": 2, "context_embedder": 2},
     base_layouts={

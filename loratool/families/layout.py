@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from loratool.adapter import LoraModule, LycoModule
 from loratool.errors import IncompatibleError
-from loratool.families import detect, get
+from loratool.families import detect, get, module_shapes
 from loratool.families.model import Family, Relation
 
 if TYPE_CHECKING:
@@ -76,6 +76,9 @@ def base_layout(family: Family, keys: Sequence[str]) -> BaseLayout | None:
     ranked = counts.most_common()
     (side, prefix), n = ranked[0]
     if len(ranked) > 1 and ranked[1][1] == n and ranked[1][0][0] != side:
+        if ranked[1][0][1] == prefix and all(r.is_plain and r.split[0][0] == r.original for r in family.relations):
+            # one name per module on both sides (Qwen-Image): either side is the same map
+            return BaseLayout(family, "original", prefix, n)
         return None  # names both sides share (a family whose every module is a rename): no side to map to
     return BaseLayout(family, side, prefix, n)
 
@@ -120,7 +123,7 @@ def map_to_base(modules: Sequence[Module], base: dict[str, TensorInfo], *, where
     the plan's `refused` says why.
     """
     names = [m.name for m in modules]
-    found = detect(names)
+    found = detect(names, shapes=module_shapes({m.name: m for m in modules}))
     if found.family is None and not found.ambiguous:  # ambiguous: the tied families are tried below
         return None
     keys = list(base)
@@ -160,7 +163,7 @@ def _offsets(rel: Relation, total: int, width: int, where: str) -> dict[str, tup
     return out
 
 
-def _rows_of(m: LoraModule, spans: list[tuple[int, int]], name: str) -> LoraModule:
+def rows_of(m: LoraModule, spans: list[tuple[int, int]], name: str) -> LoraModule:
     """m with B (and its bias) cut to `spans` of its rows, concatenated; A shared. Lazy, exact."""
     from loratool.io.tensors import TensorRef
 
@@ -250,10 +253,10 @@ def _map(modules: Sequence[Module], family: Family, dialect: str, layout: BaseLa
             start = 0  # several chunks in this module: one piece of B per chunk, each to its rows
             for c in chunks:
                 n = spans[c][1] - spans[c][0]
-                aim(m.name, _rows_of(m, [(start, start + n)], m.name), fused_key, spans[c])
+                aim(m.name, rows_of(m, [(start, start + n)], m.name), fused_key, spans[c])
                 start += n
         else:  # a fused module into the split base weights: B split by rows, A shared
             spans = _offsets(rel, m.out_features, m.in_features, m.name)
             for template, chunks in rel.split:
-                aim(m.name, _rows_of(m, [spans[c] for c in chunks], m.name), layout.key(_fill(template, i)))
+                aim(m.name, rows_of(m, [spans[c] for c in chunks], m.name), layout.key(_fill(template, i)))
     return plan

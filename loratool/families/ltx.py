@@ -11,7 +11,7 @@ and video) is another model, not this table.
 
 from __future__ import annotations
 
-from loratool.families.model import Family, one
+from loratool.families.model import Family, one, renames
 
 _SAME = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -23,17 +23,19 @@ FAMILY = Family(
           for a in ("attn1", "attn2") for p in _SAME),
         *(one(f"transformer_blocks.{{i}}.{a}.{o}_norm", f"transformer_blocks.{{i}}.{a}.norm_{o}")
           for a in ("attn1", "attn2") for o in ("q", "k")),
-        one("transformer_blocks.{i}.ff.net.0.proj", "transformer_blocks.{i}.ff.net.0.proj"),
-        one("transformer_blocks.{i}.ff.net.2", "transformer_blocks.{i}.ff.net.2"),
-        one("transformer_blocks.{i}.scale_shift_table", "transformer_blocks.{i}.scale_shift_table"),
-        one("patchify_proj", "proj_in"),
-        one("adaln_single.emb.timestep_embedder.linear_1", "time_embed.emb.timestep_embedder.linear_1"),
-        one("adaln_single.emb.timestep_embedder.linear_2", "time_embed.emb.timestep_embedder.linear_2"),
-        one("adaln_single.linear", "time_embed.linear"),
-        one("caption_projection.linear_1", "caption_projection.linear_1"),
-        one("caption_projection.linear_2", "caption_projection.linear_2"),
-        one("proj_out", "proj_out"),
-        one("scale_shift_table", "scale_shift_table"),
+        *renames("""
+            transformer_blocks.{i}.ff.net.0.proj         transformer_blocks.{i}.ff.net.0.proj
+            transformer_blocks.{i}.ff.net.2              transformer_blocks.{i}.ff.net.2
+            transformer_blocks.{i}.scale_shift_table     transformer_blocks.{i}.scale_shift_table
+            patchify_proj                                proj_in
+            adaln_single.emb.timestep_embedder.linear_1  time_embed.emb.timestep_embedder.linear_1
+            adaln_single.emb.timestep_embedder.linear_2  time_embed.emb.timestep_embedder.linear_2
+            adaln_single.linear                          time_embed.linear
+            caption_projection.linear_1                  caption_projection.linear_1
+            caption_projection.linear_2                  caption_projection.linear_2
+            proj_out                                     proj_out
+            scale_shift_table                            scale_shift_table
+        """),
     ),
     blocks={"transformer_blocks": 48},
     base_layouts={

@@ -48,9 +48,19 @@ class Relation:
         return len(self.split) == 1 and tuple(c for c, _ in self.chunks) == self.split[0][1]
 
 
-def one(original: str, diffusers: str) -> Relation:
-    """A relation that is a plain rename."""
-    return Relation(original, (("all", "rest"),), ((diffusers, ("all",)),))
+def one(original: str, diffusers: str, rows: str | None = None) -> Relation:
+    """A relation that is a plain rename (for modules of `rows` output rows only, when given)."""
+    return Relation(original, (("all", "rest"),), ((diffusers, ("all",)),), rows)
+
+
+def renames(table: str) -> tuple[Relation, ...]:
+    """Plain renames written as a two-column table, one module per line: the original path, then
+    the diffusers path (`{i}`: the block index)."""
+    rows = [line.split() for line in table.splitlines() if line.strip()]
+    bad = [r for r in rows if len(r) != 2]
+    if bad:
+        raise ValueError(f"a renames table row is not two paths: {bad[0]}")
+    return tuple(one(original, diffusers) for original, diffusers in rows)
 
 
 QKV = (("q", "h"), ("k", "h"), ("v", "h"))
@@ -59,18 +69,23 @@ ADDED_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")
 
 
 def qkv(original: str, attn: str, names: tuple[str, str, str] = ("to_q", "to_k", "to_v"),
-        *, extra: tuple[tuple[str, str, str], ...] = ()) -> Relation:
+        *, extra: tuple[tuple[str, str, str], ...] = (), rows: str | None = None) -> Relation:
     """A fused attention input: q, k, v (h rows each) in `original`, diffusers' `attn.<name>` modules
     (to_q / to_k / to_v, or the context stream's add_q_proj / ...); `extra` chunks follow v as
-    (chunk, size, diffusers path), e.g. a single block's MLP input."""
+    (chunk, size, diffusers path), e.g. a single block's MLP input; `rows` as Relation's."""
     split = tuple((f"{attn}.{n}", (c,)) for n, c in zip(names, "qkv"))
-    return Relation(original, (*QKV, *((c, n) for c, n, _ in extra)), (*split, *((d, (c,)) for c, _, d in extra)))
+    return Relation(original, (*QKV, *((c, n) for c, n, _ in extra)), (*split, *((d, (c,)) for c, _, d in extra)),
+                    rows)
 
 
 def shift_scale(original: str, diffusers: str) -> Relation:
     """A final-layer modulation: (shift, scale) halves in the original, (scale, shift) in diffusers'
     AdaLayerNormContinuous."""
     return Relation(original, (("shift", "half"), ("scale", "half")), ((diffusers, ("scale", "shift")),))
+
+
+_Lookup = tuple[dict[str, list[tuple[int, Relation, str | None]]],
+                list[tuple[int, re.Pattern[str], Relation, str | None]], re.Pattern[str] | None]
 
 
 @dataclass(frozen=True)
@@ -103,6 +118,10 @@ class Family:
     sides: dict[str, tuple[str, ...]] = field(default_factory=dict)
     single_text_encoder: bool = False
     original_layout: str = "BFL / ComfyUI single-file"  # what the original layout is called in messages
+    # original-side paths as a dialect writes them where its loader's names differ from the checkpoint's:
+    # dialect -> ordered (old, new) substring replacements (HunyuanVideo's embedders as ComfyUI names
+    # them); the checkpoint's spelling is still read
+    respell: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
 
     def sides_of(self, dialect: str) -> tuple[str, ...]:
         """The sides whose names `dialect` may use for this family, the written one first."""
@@ -120,8 +139,12 @@ class Family:
         """The dialects that have names for this family."""
         return tuple(d for d in DIALECTS if self.sides_of(d))
 
-    def name_in(self, dialect: str, path: str, *, original: bool) -> str:
-        """A module path (original or diffusers side, block index filled in) as `dialect` names it."""
+    def name_in(self, dialect: str, path: str, *, original: bool, respelled: bool = True) -> str:
+        """A module path (original or diffusers side, block index filled in) as `dialect` names it
+        (`respelled=False`: an original-side path in the checkpoint's spelling, which is read too)."""
+        if original and respelled:
+            for old, new in self.respell.get(dialect, ()):
+                path = path.replace(old, new)
         if dialect == "kohya":
             return self.kohya_prefix + path.replace(".", "_")
         if dialect == "comfyui":
@@ -133,13 +156,19 @@ class Family:
         return path
 
     @cached_property
-    def _lookup(self) -> dict[str, tuple[dict[str, list[tuple[int, Relation, str | None]]],
-                                         list[tuple[int, re.Pattern[str], Relation, str | None]],
-                                         re.Pattern[str] | None]]:
+    def _lookup(self) -> dict[str, _Lookup]:
         """dialect -> (fixed name -> [(order, relation, diffusers template or None for the original
         side)], the names with a block index `{i}` as regexes in order, one regex matching any of
         those or None). A U-Net's relations are a thousand fixed names: looked up, not tried one by one;
-        most names tried are not this family's."""
+        most names tried are not this family's. Both spellings of a respelled name are there."""
+        return self._build_lookup((True, False))
+
+    @cached_property
+    def _canonical(self) -> dict[str, _Lookup]:
+        """`_lookup` with the checkpoint's spelling only (no `respell`)."""
+        return self._build_lookup((False,)) if self.respell else self._lookup
+
+    def _build_lookup(self, spellings: tuple[bool, ...]) -> dict[str, _Lookup]:
         out = {}
         for dialect in DIALECTS:
             exact: dict[str, list[tuple[int, Relation, str | None]]] = {}
@@ -150,31 +179,33 @@ class Family:
                 for side in self.sides_of(dialect):
                     sides += [(rel.original, None)] if side == ORIGINAL else [(t, t) for t, _ in rel.split]
                 for template, split in sides:
-                    named = self.name_in(dialect, template, original=split is None)
-                    if "{i}" in named:
-                        rx = re.escape(named).replace(re.escape("{i}"), r"(\d+)")
-                        templated.append((order, re.compile(rx + "$"), rel, split))
-                    else:
-                        exact.setdefault(named, []).append((order, rel, split))
+                    for named in dict.fromkeys(self.name_in(dialect, template, original=split is None, respelled=r)
+                                               for r in spellings):
+                        if "{i}" in named:
+                            rx = re.escape(named).replace(re.escape("{i}"), r"(\d+)")
+                            templated.append((order, re.compile(rx + "$"), rel, split))
+                        else:
+                            exact.setdefault(named, []).append((order, rel, split))
                     order += 1
             anyone = re.compile("|".join(f"(?:{rx.pattern})" for _, rx, _, _ in templated)) if templated else None
             out[dialect] = (exact, templated, anyone)
         return out
 
-    def identify(self, name: str, dialect: str, shape: tuple[int, int] | None = None
+    def identify(self, name: str, dialect: str, shape: tuple[int, int] | None = None, *, canonical: bool = False
                  ) -> tuple[Relation, int | None, str | None] | None:
         """(relation, block index, diffusers template or None for the original side) of a module name.
 
         `shape` (out, in) picks between relations that share a name but differ by shape (`rows`);
         without it the first relation of the name is returned (enough to detect a family).
+        `canonical`: the checkpoint's spelling only, not a `respell`ed one.
         """
-        exact, templated, anyone = self._lookup[dialect]
+        exact, templated, anyone = (self._canonical if canonical else self._lookup)[dialect]
         found: list[tuple[int, Relation, int | None, str | None]] = [
-            (order, rel, None, split) for order, rel, split in exact.get(name, ()) if rel.fits(shape)]
+            (order, rel, None, split) for order, rel, split in exact.get(name, ()) if _fits(rel, split, shape)]
         if anyone is not None and anyone.match(name):
             for order, rx, rel, split in templated:
                 m = rx.match(name)
-                if m and rel.fits(shape):
+                if m and _fits(rel, split, shape):
                     found.append((order, rel, int(m.group(1)), split))
                     break
         if not found:
@@ -197,3 +228,10 @@ class Family:
                     if limit is not None and int(m.group(1)) >= limit:
                         return segment, int(m.group(1)), limit
         return None
+
+
+def _fits(rel: Relation, split: str | None, shape: tuple[int, int] | None) -> bool:
+    """Whether a module of `shape` named as `rel`'s original module (split None) or its diffusers
+    module `split` fits the relation's rows: a split part holds only some of the rows (FLUX.1's `to_q`
+    of a (7h, h) `linear1`), so only a module holding every row is checked."""
+    return rel.fits(shape if split is None or len(rel.split) == 1 else None)

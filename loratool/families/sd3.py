@@ -20,7 +20,7 @@ embedding convolution (diffusers `pos_embed.proj`).
 
 from __future__ import annotations
 
-from loratool.families.model import ADDED_QKV, Family, Relation, one, qkv, shift_scale
+from loratool.families.model import ADDED_QKV, Family, Relation, one, qkv, renames, shift_scale
 
 # (shift, scale) on the original side, (scale, shift) in diffusers' AdaLayerNormContinuous
 SHIFT_SCALE = (("shift", "half"), ("scale", "half"))
@@ -33,28 +33,34 @@ FAMILY = Family(
         qkv("joint_blocks.{i}.x_block.attn.qkv", "transformer_blocks.{i}.attn"),
         one("joint_blocks.{i}.x_block.attn.proj", "transformer_blocks.{i}.attn.to_out.0"),
         qkv("joint_blocks.{i}.x_block.attn2.qkv", "transformer_blocks.{i}.attn2"),
-        one("joint_blocks.{i}.x_block.attn2.proj", "transformer_blocks.{i}.attn2.to_out.0"),
-        one("joint_blocks.{i}.x_block.mlp.fc1", "transformer_blocks.{i}.ff.net.0.proj"),
-        one("joint_blocks.{i}.x_block.mlp.fc2", "transformer_blocks.{i}.ff.net.2"),
-        one("joint_blocks.{i}.x_block.adaLN_modulation.1", "transformer_blocks.{i}.norm1.linear"),
+        *renames("""
+            joint_blocks.{i}.x_block.attn2.proj          transformer_blocks.{i}.attn2.to_out.0
+            joint_blocks.{i}.x_block.mlp.fc1             transformer_blocks.{i}.ff.net.0.proj
+            joint_blocks.{i}.x_block.mlp.fc2             transformer_blocks.{i}.ff.net.2
+            joint_blocks.{i}.x_block.adaLN_modulation.1  transformer_blocks.{i}.norm1.linear
+        """),
         # text stream
         qkv("joint_blocks.{i}.context_block.attn.qkv", "transformer_blocks.{i}.attn", ADDED_QKV),
-        one("joint_blocks.{i}.context_block.attn.proj", "transformer_blocks.{i}.attn.to_add_out"),
-        one("joint_blocks.{i}.context_block.mlp.fc1", "transformer_blocks.{i}.ff_context.net.0.proj"),
-        one("joint_blocks.{i}.context_block.mlp.fc2", "transformer_blocks.{i}.ff_context.net.2"),
+        *renames("""
+            joint_blocks.{i}.context_block.attn.proj  transformer_blocks.{i}.attn.to_add_out
+            joint_blocks.{i}.context_block.mlp.fc1    transformer_blocks.{i}.ff_context.net.0.proj
+            joint_blocks.{i}.context_block.mlp.fc2    transformer_blocks.{i}.ff_context.net.2
+        """),
         Relation("joint_blocks.{i}.context_block.adaLN_modulation.1", (("all", "rest"),),
                  (("transformer_blocks.{i}.norm1_context.linear", ("all",)),), rows="6h"),
         # the last (pre-only) block
         Relation("joint_blocks.{i}.context_block.adaLN_modulation.1", SHIFT_SCALE,
                  (("transformer_blocks.{i}.norm1_context.linear", ("scale", "shift")),), rows="2h"),
         # embedders and the final layer
-        one("x_embedder.proj", "pos_embed.proj"),
-        one("context_embedder", "context_embedder"),
-        one("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
-        one("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
-        one("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
-        one("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
-        one("final_layer.linear", "proj_out"),
+        *renames("""
+            x_embedder.proj     pos_embed.proj
+            context_embedder    context_embedder
+            t_embedder.mlp.0    time_text_embed.timestep_embedder.linear_1
+            t_embedder.mlp.2    time_text_embed.timestep_embedder.linear_2
+            y_embedder.mlp.0    time_text_embed.text_embedder.linear_1
+            y_embedder.mlp.2    time_text_embed.text_embedder.linear_2
+            final_layer.linear  proj_out
+        """),
         shift_scale("final_layer.adaLN_modulation.1", "norm_out.linear"),
     ),
     blocks={"joint_blocks": 38, "transformer_blocks": 38},

@@ -14,7 +14,7 @@ affine cross-attention norm) is diffusers' `norm2`; `modulation` is diffusers' `
 
 from __future__ import annotations
 
-from loratool.families.model import Family, one
+from loratool.families.model import Family, one, renames
 
 _ATTN = (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out.0"), ("norm_q", "norm_q"), ("norm_k", "norm_k"))
 
@@ -25,26 +25,30 @@ FAMILY = Family(
         *(one(f"blocks.{{i}}.self_attn.{o}", f"blocks.{{i}}.attn1.{d}") for o, d in _ATTN),
         *(one(f"blocks.{{i}}.cross_attn.{o}", f"blocks.{{i}}.attn2.{d}") for o, d in _ATTN),
         # I2V: the image context's key / value projections
-        one("blocks.{i}.cross_attn.k_img", "blocks.{i}.attn2.add_k_proj"),
-        one("blocks.{i}.cross_attn.v_img", "blocks.{i}.attn2.add_v_proj"),
-        one("blocks.{i}.cross_attn.norm_k_img", "blocks.{i}.attn2.norm_added_k"),
-        one("blocks.{i}.ffn.0", "blocks.{i}.ffn.net.0.proj"),
-        one("blocks.{i}.ffn.2", "blocks.{i}.ffn.net.2"),
-        one("blocks.{i}.norm3", "blocks.{i}.norm2"),
-        one("blocks.{i}.modulation", "blocks.{i}.scale_shift_table"),
+        *renames("""
+            blocks.{i}.cross_attn.k_img       blocks.{i}.attn2.add_k_proj
+            blocks.{i}.cross_attn.v_img       blocks.{i}.attn2.add_v_proj
+            blocks.{i}.cross_attn.norm_k_img  blocks.{i}.attn2.norm_added_k
+            blocks.{i}.ffn.0                  blocks.{i}.ffn.net.0.proj
+            blocks.{i}.ffn.2                  blocks.{i}.ffn.net.2
+            blocks.{i}.norm3                  blocks.{i}.norm2
+            blocks.{i}.modulation             blocks.{i}.scale_shift_table
+        """),
         # embedders and the head
-        one("patch_embedding", "patch_embedding"),
-        one("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
-        one("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
-        one("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
-        one("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
-        one("time_projection.1", "condition_embedder.time_proj"),
-        one("img_emb.proj.0", "condition_embedder.image_embedder.norm1"),
-        one("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),
-        one("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2"),
-        one("img_emb.proj.4", "condition_embedder.image_embedder.norm2"),
-        one("head.head", "proj_out"),
-        one("head.modulation", "scale_shift_table"),
+        *renames("""
+            patch_embedding    patch_embedding
+            text_embedding.0   condition_embedder.text_embedder.linear_1
+            text_embedding.2   condition_embedder.text_embedder.linear_2
+            time_embedding.0   condition_embedder.time_embedder.linear_1
+            time_embedding.2   condition_embedder.time_embedder.linear_2
+            time_projection.1  condition_embedder.time_proj
+            img_emb.proj.0     condition_embedder.image_embedder.norm1
+            img_emb.proj.1     condition_embedder.image_embedder.ff.net.0.proj
+            img_emb.proj.3     condition_embedder.image_embedder.ff.net.2
+            img_emb.proj.4     condition_embedder.image_embedder.norm2
+            head.head          proj_out
+            head.modulation    scale_shift_table
+        """),
     ),
     blocks={"blocks": 40},
     base_layouts={

@@ -276,7 +276,7 @@ def _refuse_two_dialects(adapters: list[Adapter], groups: dict[str, list[tuple[i
     for i, a in enumerate(adapters):
         te = text_encoder_modules(a)
         names = [n for n in [*a.modules, *a.lycoris] if n not in te]
-        det = families.detect(names, a.metadata)
+        det = families.detect(names, a.metadata, families.module_shapes({**a.modules, **a.lycoris}))
         if not names or det.matched != det.total:
             continue
         fams = {det.family} if det.family else set(det.tied)
@@ -415,7 +415,7 @@ def combine_module(
     module = LoraModule(
         name=m0.name, down=TensorRef.from_tensor(new_down), up=TensorRef.from_tensor(new_up), alpha=float(k),
         alpha_source=alpha_source,  # type: ignore[arg-type]
-        rslora=False, bias=bias, kind=m0.kind, fan_in_fan_out=m0.fan_in_fan_out,
+        rslora=False, bias=bias, kind=m0.kind, fan_in_fan_out=m0.fan_in_fan_out, expert=m0.expert,
     )
     return module, k, kept, rel_error
 

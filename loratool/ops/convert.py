@@ -258,16 +258,7 @@ def convert(
         raise IncompatibleError(f"{path}: holds no LoRA modules to convert")
     report = ConvertReport(Path(out), Path(path), adapter.source_format, to, Path(base) if base is not None else None,
                            warnings=variant_warnings + lyco_warnings)
-    # with --base the modules are named by the base's keys where every module matches one (a kohya SD
-    # file into its single-file checkpoint's names); otherwise (or with --family) by the family's table
-    by_base = base is not None and family is None and to in FAMILY_TARGETS and _matches_base(adapter, Path(base))
-    fam = None if by_base else \
-        _family_for(adapter, to, family, runtime is not None or dora_to_lora is not None, report.warnings)
-    if fam is not None:
-        return _convert_family(adapter, report, fam[0], fam[1], to, out, force=force, fuse_rank=fuse_rank, say=say)
     as_read = adapter.modules  # the report shows each module's rank, alpha and scale as read
-    layout_base: str | None = None
-    origin: dict[str, str] = {}  # a module renamed before target_names -> its name as read
     if dora_to_lora is not None:
         from loratool.ops.runtime import dora_to_lora as fold
 
@@ -279,10 +270,31 @@ def convert(
     if runtime is not None:
         from loratool.ops.runtime import prepare_for
 
+        # the preparation works on modules, not names: a runtime that reads a family's names (ComfyUI:
+        # kohya's; diffusers) gets them from the family's table after it
         prepared = prepare_for(adapter, runtime, drop=drop, allow_variant=allow_variant)
         adapter = prepared.adapter
         report.runtime, report.prepared = runtime.name, prepared.to_dict()
         report.warnings.extend(prepared.warnings)
+    elif to in ("kohya", "comfyui"):  # written for ComfyUI: say what it would apply wrongly, as --for does
+        from loratool.ops.runtime import get_runtime, unservable_dora
+
+        misaxed, what = unservable_dora(adapter.modules, get_runtime("comfyui"))
+        if misaxed:
+            report.warnings.append(
+                f"ComfyUI cannot serve {what}: {_listing(misaxed)}; it applies them wrongly (--for comfyui refuses "
+                "them; --dora-to-lora BASE writes the closest plain LoRA for that base)")
+    # a runtime that needs one rank for every module takes the names as they are: a family's split /
+    # fuse would change the ranks it was prepared to
+    other_mode = dora_to_lora is not None or (runtime is not None and runtime.one_rank)
+    # with --base the modules are named by the base's keys where every module matches one (a kohya SD
+    # file into its single-file checkpoint's names); otherwise (or with --family) by the family's table
+    by_base = base is not None and family is None and to in FAMILY_TARGETS and _matches_base(adapter, Path(base))
+    fam = None if by_base else _family_for(adapter, to, family, other_mode, report.warnings)
+    if fam is not None:
+        return _convert_family(adapter, report, fam[0], fam[1], to, out, force=force, fuse_rank=fuse_rank, say=say)
+    layout_base: str | None = None
+    origin: dict[str, str] = {}  # a module renamed before target_names -> its name as read
     # a format with names (and row order) of its own leaves or takes them against the base (GGUF)
     source = get_format(adapter.source_format) if adapter.source_format in format_names() else None
     if source is not None and source.layout_in is not None and to != adapter.source_format:
@@ -392,11 +404,13 @@ def _lycoris_to_lora(
     shapes: dict[str, tuple[int, ...]] = {}
     if base is not None:
         from loratool.io.checkpoint import open_checkpoint
-        from loratool.keymap import match_modules
+        from loratool.keymap import match_to_base
 
         ckpt = open_checkpoint(base)
-        match = match_modules(list(adapter.lycoris.values()), ckpt.tensors)
-        shapes = {n: tuple(ckpt.tensors[k].shape) for n, k in match.matched.items()}
+        # as merge places them: by the key rules, or through the family's other layout (kohya SGM names
+        # onto a diffusers U-Net folder), where a module is a plain rename of one base weight
+        _, targets, _ = match_to_base(list(adapter.lycoris.values()), ckpt.tensors, where=adapter.path)
+        shapes = {n: tuple(ckpt.tensors[k].shape) for n, _, k, rows in targets if rows is None}
     modules = dict(adapter.modules)
     kept: dict[str, LycoModule] = {}
     rows: dict[str, tuple[str, int, float]] = {}
@@ -433,9 +447,10 @@ def _lycoris_to_lora(
             hint="convert to kohya (--to kohya keeps .diff/.w_norm/.diff_b tensors, which ComfyUI loads)"
             + ("; a full 2-D diff becomes LoRA with --rank N" if lm.algo == "full" else ""),
         )
+    fix = f"--base {base} has no weight for them" if base is not None else \
+        "Pass --base to write them in the conv layout"
     warnings = [f"{len(flattened)} LyCORIS module(s) look like convolutions stored flattened "
-                f"({', '.join(flattened[:3])}); their LoRA factors are 2-D (out, in·kh·kw). Pass --base to "
-                "write them in the conv layout"] if flattened else []
+                f"({', '.join(flattened[:3])}); their LoRA factors are 2-D (out, in·kh·kw). {fix}"] if flattened else []
     return adapter.with_modules(modules, lycoris=kept), rows, warnings
 
 
@@ -469,13 +484,14 @@ def _family_for(adapter: Adapter, to: str, family: str | None, other_mode: bool,
         return None
     # full / norm / bias diffs (kept as they are where the target holds them) move with the family's names
     names = [*adapter.modules, *adapter.lycoris]
-    det = families.detect(names, adapter.metadata)
+    shapes = families.module_shapes({**adapter.modules, **adapter.lycoris})
+    det = families.detect(names, adapter.metadata, shapes)
     te = text_encoder_modules(adapter)
     if te and det.matched and set(det.unmatched) <= set(te):
         # a transformer LoRA with text-encoder modules beside it (kohya FLUX.1 files often have
         # lora_te1_ CLIP-L ones): the family is judged on the rest; those go by the naming rules
         names = [n for n in names if n not in te]
-        det = families.detect(names, adapter.metadata)
+        det = families.detect(names, adapter.metadata, shapes)
     if family is None and adapter.family is not None and to in FAMILY_TARGETS and not other_mode:
         family = adapter.family  # the format itself says which model it is for (XLabs: FLUX.1)
     if family is not None:
@@ -497,6 +513,25 @@ def _family_for(adapter: Adapter, to: str, family: str | None, other_mode: bool,
         raise IncompatibleError(
             f"{adapter.path}: its module names fit {' and '.join(det.tied)} equally ({det.describe()}), and "
             f"their {to} names differ", hint="pass " + " or ".join(f"--family {f}" for f in det.tied))
+    strays = [n for n in det.unmatched if n not in te]
+    if (det.family is not None and det.dialect is not None and to in ("diffusers", "peft", "comfyui")
+            and not other_mode and strays and det.matched > len(strays)
+            and families.get(det.family).writes_original(det.dialect)):
+        # a family's file with a few modules of no family's (a diffusers-named stray in a kohya SDXL
+        # file): name those, not the hundreds the family's table would convert
+        listing = ", ".join(strays[:6]) + (f", ... ({len(strays)} in all)" if len(strays) > 6 else "")
+        raise IncompatibleError(
+            f"{adapter.path}: {det.matched} of its {det.total} modules are {det.family} ({det.dialect}) names, which "
+            f"the family's table converts, but {len(strays)} are not the family's: {listing}",
+            hint=f"those {len(strays)} load nowhere as named: remove them, or convert them on their own")
+    if det.partial and to in FAMILY_TARGETS and not other_mode:
+        # one family's names cover part of the file: writing those by its table and the rest by the
+        # generic rules would mix two models' names (a FLUX.2 file is FLUX.1's double / single blocks
+        # and modules FLUX.1 lacks)
+        raise IncompatibleError(
+            f"{adapter.path}: {det.describe()}",
+            hint=f"pass --family {det.family} to convert its {det.family} modules, if it is {det.family} with "
+                 "modules the table lacks (known: " + ", ".join(f.name for f in families.families()) + ")")
     if to == "comfyui":
         raise IncompatibleError(
             f"{adapter.path}: comfyui names are written from a model family's table, and this adapter is "
@@ -588,6 +623,8 @@ def _convert_family(adapter: Adapter, report: ConvertReport, fam: Any, source: s
                                      metadata=adapter.metadata if adapter.source_format == to == "kohya" else {},
                                      source_format=to, source_modules=(), lycoris=conv.lycoris)
     params = {"to": to, "family": fam.name, "from_dialect": source, "fuse_rank": fuse_rank}
+    if report.runtime is not None:
+        params["for"] = report.runtime
     say(f"writing and re-reading {Path(out).name}")
     written = write(converted, out, fmt=to, force=force, op="convert", params=params, sources=adapter.files)
     report.size = sum(f.stat().st_size for f in written.iterdir() if f.is_file()) if written.is_dir() else \

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -254,6 +255,18 @@ def _listing(names: list[str], limit: int = 4) -> str:
     return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
+def unservable_dora(modules: Mapping[str, LoraModule], rt: Runtime) -> tuple[list[str], str]:
+    """The DoRA modules `rt` cannot apply (any, when it has no DoRA; else those whose magnitude is on
+    an axis it does not normalise along) and what they are, in words."""
+    names = [n for n, m in modules.items()
+             if m.magnitude is not None and (not rt.dora or m.dora_axis not in rt.dora_axes)]
+    if not names:
+        return [], ""
+    what = "DoRA magnitudes" if not rt.dora else (
+        f"DoRA magnitudes per {_AXIS[modules[names[0]].dora_axis]} (it normalises per {_AXIS[rt.dora_axes[0]]})")
+    return names, what
+
+
 def prepare_for(adapter: Adapter, rt: Runtime, *, drop: bool = False, allow_variant: bool = False) -> Prepared:
     """The adapter `rt` serves exactly (see the module docstring).
 
@@ -325,12 +338,8 @@ def prepare_for(adapter: Adapter, rt: Runtime, *, drop: bool = False, allow_vari
         refuse_or_drop(f"LoRA on {kind} modules", names, "those layers stay as in the base model")
         for n in names:
             modules.pop(n)
-    # magnitudes the runtime cannot apply: any, or those on the axis it does not normalise along
-    names = [n for n, m in modules.items()
-             if m.magnitude is not None and (not rt.dora or m.dora_axis not in rt.dora_axes)]
+    names, what = unservable_dora(modules, rt)
     if names:
-        what = "DoRA magnitudes" if not rt.dora else (
-            f"DoRA magnitudes per {_AXIS[modules[names[0]].dora_axis]} (it normalises per {_AXIS[rt.dora_axes[0]]})")
         refuse_or_drop(what, names,
                        "those modules now apply their plain LoRA delta without DoRA's renormalisation, so outputs "
                        "differ from the DoRA adapter",

@@ -40,18 +40,22 @@ def test_detect_family_and_dialect(tmp_path: Path, dialect: str) -> None:
         # FLUX.1's own names: HunyuanVideo's kohya names share the attention ones, not img_mlp_0
         assert fam["family"] == "flux.1" and fam["dialect"] == dialect and fam["matched"] == fam["total"]
         assert fam["confident"] and fam["evidence"]
+        # kohya: HunyuanVideo's kohya files are written in ComfyUI's names, FLUX.1's (issue 25): the
+        # names are FLUX.1's own spelling, HunyuanVideo's only as respelled for ComfyUI
         assert dialect == "comfyui" or fam["reasons"] == [
-            "not hunyuan-video: lora_unet_double_blocks_0_img_mlp_0 is not one of its modules"]
+            "not hunyuan-video: the names are flux.1's own (kohya); hunyuan-video's are spelled so only for ComfyUI"]
     else:
         # every diffusers-side name of these blocks is HunyuanVideo's too: ambiguous, no family
         assert fam["family"] is None and fam["ambiguous"] and not fam["confident"]
+        # (the modulations rule Chroma out)
         assert fam["tied"] == ["flux.1", "hunyuan-video"] and fam["matched"] == fam["total"]
 
 
 def test_hunyuan_block_indices_are_not_flux() -> None:
     det = detect(["lora_unet_double_blocks_19_img_attn_qkv", "lora_unet_double_blocks_0_img_attn_qkv"])
-    assert (det.family, det.matched, det.total) == ("hunyuan-video", 2, 2)
-    assert det.reasons == ["not flux.1: lora_unet_double_blocks_19_img_attn_qkv is in double_blocks 19, past its 19"]
+    # HunyuanVideo 1.0 (20 double blocks) or 1.5 (54): both have these names; FLUX.1 (19) is out
+    assert det.ambiguous and det.tied == ["hunyuan-video", "hunyuan-video-1.5"] and det.matched == det.total == 2
+    assert ("flux.1", "kohya", 1) in det.candidates
 
 
 def _fused_delta(d: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
@@ -123,8 +127,11 @@ def test_round_trip_through_every_dialect(tmp_path: Path, target: str) -> None:
 
 def test_diffusers_side_to_kohya_needs_the_family(tmp_path: Path) -> None:
     src = write(tmp_path, "d.safetensors", flux_lora("diffusers"))
-    with pytest.raises(IncompatibleError, match=r"flux\.1") as e:
-        convert(src, tmp_path / "k.safetensors", to="kohya")
+    # FLUX.1 and HunyuanVideo write these blocks under the same kohya names (ComfyUI's): no --family needed
+    report = convert(src, tmp_path / "k.safetensors", to="kohya")
+    assert any("fit flux.1 and hunyuan-video equally" in w for w in report.warnings)
+    with pytest.raises(IncompatibleError, match=r"flux\.1") as e:  # their comfyui names differ
+        convert(src, tmp_path / "c0.safetensors", to="comfyui")
     assert "--family flux.1" in (e.value.hint or "")
     with pytest.raises(IncompatibleError, match="comfyui"):
         convert(write(tmp_path, "x.safetensors", {"lora_unet_foo.lora_down.weight": torch.ones(1, 2),

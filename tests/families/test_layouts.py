@@ -287,11 +287,19 @@ def test_diffusers_fuse_lora_agrees_in_both_layouts(tmp_path):
 
 FAMILY_SHAPES = {
     "flux.1": lambda: fixture_families.flux_shapes(16, 1, 1),
+    "flux.2": lambda: fixture_families.flux2_shapes(),
+    "chroma": lambda: fixture_families.chroma_shapes(),
+    "z-image": lambda: fixture_families.z_image_shapes(),
+    "hidream": lambda: fixture_families.hidream_shapes(),
     "sd3": lambda: fixture_families.sd3_shapes(16, 2, dual=(0,)),
     "wan": lambda: fixture_families.wan_shapes(),
     "qwen-image": lambda: fixture_families.qwen_image_shapes(16, 2),
     "hunyuan-video": lambda: fixture_families.hunyuan_video_shapes(),
     "ltx-video": lambda: fixture_families.ltx_shapes(),
+    "kandinsky-5": lambda: fixture_families.kandinsky5_shapes(),
+    "qwen-image-2": lambda: fixture_families.qwen_image2_shapes(),
+    "ltx-2": lambda: fixture_families.ltx2_shapes(),
+    "hunyuan-video-1.5": lambda: fixture_families.hunyuan_video15_shapes(),
     "sd1": lambda: fixture_families.unet_shapes("sd1"),
     "sdxl": lambda: fixture_families.unet_shapes("sdxl", (8, 16, 32), depth=(1, 2, 2)),  # blocks 2-9: the same
 }

@@ -87,6 +87,54 @@ def test_diffusers_side_to_kohya_by_detection(tmp_path: Path) -> None:
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("dialect", ["comfyui", "kohya", "diffusers"])
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_merges_into_a_bare_key_base(tmp_path: Path, dialect: str, prefix: str) -> None:
+    """ComfyUI's diffusion_models layout (`img_in.weight`, bare or under model.diffusion_model.) names
+    Qwen-Image's modules as diffusers does: every dialect's file merges into it, equal to numpy
+    (issue 25 defect 3: a comfyui-named file had all 34 modules unmatched)."""
+    from safetensors.torch import save_file
+
+    from loratool.ops.merge import merge
+
+    shapes = qwen_image_shapes(16, 2)
+    gen = torch.Generator().manual_seed(1)
+    base = {prefix + k + ".weight": torch.randn(*s, generator=gen) for k, s in shapes.items()}
+    (tmp_path / "base").mkdir()
+    save_file(base, str(tmp_path / "base" / "qwen_image_fp32.safetensors"))
+    t = qwen_image_lora(dialect, seed=4)
+    src = write(tmp_path, "l.safetensors", t)
+    merge(tmp_path / "base", [src], tmp_path / "merged")
+    got = load_file(str(tmp_path / "merged" / "qwen_image_fp32.safetensors"))
+    stems = {k.rsplit(".lora_", 1)[0] for k in t if ".lora_" in k}
+    assert len(stems) == len(shapes) == 34
+    for stem in stems:
+        down = t[stem + (".lora_A.weight" if dialect == "diffusers" else ".lora_down.weight")].double().numpy()
+        up = t[stem + (".lora_B.weight" if dialect == "diffusers" else ".lora_up.weight")].double().numpy()
+        alpha = 4.0 if dialect == "diffusers" else float(t[stem + ".alpha"])
+        path = stem.removeprefix("diffusion_model.").removeprefix("transformer.")
+        if dialect == "kohya":
+            path = next(p for p in shapes if "lora_unet_" + p.replace(".", "_") == stem)
+        key = prefix + path + ".weight"
+        want = base[key].double().numpy() + (alpha / down.shape[0]) * up @ down
+        assert abs(got[key].double().numpy() - want).max() < 1e-5, key
+
+
+def test_unmatched_merge_names_the_base_file(tmp_path: Path) -> None:
+    """The unmatched-modules error names the base's weights file, not its folder."""
+    from safetensors.torch import save_file
+
+    from loratool.errors import IncompatibleError
+    from loratool.ops.merge import merge
+
+    (tmp_path / "base").mkdir()
+    save_file({"img_in.weight": torch.zeros(16, 16)}, str(tmp_path / "base" / "qwen.safetensors"))
+    src = write(tmp_path, "l.safetensors", qwen_image_lora("comfyui"))
+    with pytest.raises(IncompatibleError) as e:
+        merge(tmp_path / "base", [src], tmp_path / "merged")
+    assert f"in {tmp_path / 'base' / 'qwen.safetensors'}:" in str(e.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # diffusers itself
 

@@ -136,3 +136,22 @@ def test_convert_with_a_base_of_the_other_layout_uses_the_table(tmp_path: Path) 
     report = convert(src, tmp_path / "d.safetensors", to="diffusers", base=unet)
     assert {m.placed_by for m in report.modules} == {"sdxl kohya"}
     assert any(m.new_name.startswith("unet.down_blocks.") for m in report.modules)
+
+
+@pytest.mark.parametrize("to", ["diffusers", "comfyui"])
+def test_stray_modules_are_the_ones_named(tmp_path: Path, to: str) -> None:
+    """A kohya SDXL file with 794 good modules and 2 stray diffusers-named ones: the error names the 2
+    strays, not the 794 (issue 25 defect 5)."""
+    from loratool.errors import IncompatibleError
+
+    t = u.lora("sdxl", "kohya")
+    strays = ["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
+              "lora_unet_mid_block_attentions_0_proj_in"]
+    for s in strays:
+        t[s + ".lora_down.weight"], t[s + ".lora_up.weight"] = torch.ones(4, 16), torch.ones(16, 4)
+    assert len({k.split(".")[0] for k in t}) == 796
+    with pytest.raises(IncompatibleError) as e:
+        convert(write(tmp_path, "s.safetensors", t), tmp_path / "o.safetensors", to=to)
+    msg = str(e.value)
+    assert "794 of its 796 modules are sdxl (kohya)" in msg and "2 are not the family's" in msg
+    assert all(s in msg for s in strays) and "input_blocks" not in msg

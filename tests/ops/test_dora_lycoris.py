@@ -340,6 +340,25 @@ def test_comfyui_applies_only_per_column_dora(tmp_path: Path) -> None:
     assert load_file(str(tmp_path / "ok.safetensors"))[f"{STEM}.dora_scale"].shape == (1, 12)
 
 
+@pytest.mark.parametrize("to", ["kohya"])  # comfyui: the same check, but it needs a family file
+def test_to_comfyui_or_kohya_warns_of_per_row_dora_as_for_comfyui_refuses_it(tmp_path: Path, to: str) -> None:
+    """--to comfyui / kohya write a per-output-row magnitude (the format holds it), with the words
+    --for comfyui refuses it with (issue 25 defect 5); per-column DoRA writes without a warning."""
+    per_column, _, t, _ = onetrainer_dora(tmp_path, conv=False)
+    per_row = tmp_path / "rows.safetensors"
+    rows = {k: torch.from_numpy(v).float() for k, v in t.items()}
+    rows[f"{STEM}.dora_scale"] = rows[f"{STEM}.dora_scale"].reshape(-1, 1)
+    save_file(rows, str(per_row))
+    with pytest.raises(IncompatibleError) as info:
+        convert(per_row, tmp_path / "f.safetensors", for_runtime="comfyui")
+    words = "DoRA magnitudes per output row (it normalises per input column)"
+    assert words in str(info.value)
+    report = convert(per_row, tmp_path / "c.safetensors", to=to)
+    assert any(words in w and STEM in w for w in report.warnings), report.warnings
+    ok = convert(per_column, tmp_path / "ok.safetensors", to=to)
+    assert not any("DoRA" in w for w in ok.warnings)
+
+
 def test_a_weight_scales_the_delta_inside_the_norm_with_a_warning(tmp_path: Path) -> None:
     adapter, base, t, w = onetrainer_dora(tmp_path, conv=False)
     out = tmp_path / "m.safetensors"
