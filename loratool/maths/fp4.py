@@ -1,7 +1,7 @@
 """4-bit float (e2m1) storage: exact dequantization to float32 and requantization, for the OCP
 microscaling MXFP4 scheme (32 values share one e8m0 power-of-two scale) and NVIDIA's NVFP4 (16
 values share one fp8 e4m3 scale, under one float32 scale per tensor). The descriptors that choose
-among these live in storage.py. No I/O.
+among these live in loratool/storage/. No I/O.
 
 e2m1 codes: bit 3 is the sign, bits 0..2 index E2M1_LEVELS; a value that rounds to zero is +0.
 """

@@ -7,7 +7,7 @@ change survived the stored dtype. DoRA terms go through delta.dora_normalise. No
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -177,15 +177,22 @@ def _block_pool(threads: int) -> Any:
     return _BLOCK_POOL[1]
 
 
-def _merge_rows(rows_in: torch.Tensor, up: torch.Tensor, down: torch.Tensor, scales: tuple[float, ...],
-                rows_out: torch.Tensor, start: int, stop: int, step: int, work: Workspace | None, w_norm: bool
-                ) -> tuple[float, float, float, float, float, float, float]:
+# rows_in(start, stop) -> W's rows in float32; rows_out(start, stop, W') -> what the storage holds for W'
+ReadRows = Callable[[int, int], "torch.Tensor"]
+StoreRows = Callable[[int, int, "torch.Tensor"], "torch.Tensor"]
+
+
+def _merge_rows(rows_in: torch.Tensor | ReadRows, up: torch.Tensor, down: torch.Tensor, scales: tuple[float, ...],
+                rows_out: torch.Tensor | StoreRows, start: int, stop: int, step: int, work: Workspace | None,
+                w_norm: bool) -> tuple[float, float, float, float, float, float, float]:
     """Rows start:stop of merge_blocked, block by block: (dd, de, ee, wn, worst, lo, hi). Each
     block's rows of B @ A are formed here, then multiplied by each of `scales` in turn (peft's
     `(B @ A) * scale`, then the weight).
 
     A 16-bit W enters each operation as it is stored: mixed-dtype operations compute in float32,
     and widening is exact, so `W + d` here is the float32 sum merged_tensor forms from a widened copy.
+    rows_in and rows_out may be functions instead (a quantized weight: dequantize the block's rows,
+    requantize W' and give back what it reads as).
     """
     import torch
 
@@ -194,7 +201,7 @@ def _merge_rows(rows_in: torch.Tensor, up: torch.Tensor, down: torch.Tensor, sca
         work = getattr(_BLOCK_LOCAL, "work", None)
         if work is None:
             work = _BLOCK_LOCAL.work = Workspace()
-    cols = rows_in.shape[1]
+    cols = down.shape[1]  # (r, in·k): the columns of W viewed as rows
     wb = work.get("block_w", (step, cols), torch.float32, "cpu")
     nb = work.get("block_new", (step, cols), torch.float32, "cpu")
     eb = work.get("block_err", (step, cols), torch.float32, "cpu")
@@ -204,7 +211,7 @@ def _merge_rows(rows_in: torch.Tensor, up: torch.Tensor, down: torch.Tensor, sca
         e = min(stop, s + step)
         k = e - s
         dw, new, err = wb[:k], nb[:k], eb[:k]
-        w = rows_in[s:e]
+        w = rows_in(s, e) if callable(rows_in) else rows_in[s:e]
         torch.mm(up[s:e], down, out=err)  # this block's rows of B @ A (err is free until below)
         for f in scales:  # ΔW = (B @ A) · scale
             err.mul_(f)
@@ -214,8 +221,11 @@ def _merge_rows(rows_in: torch.Tensor, up: torch.Tensor, down: torch.Tensor, sca
             lo, hi = min(lo, mn) if math.isfinite(mn) else mn, max(hi, mx) if math.isfinite(mx) else mx
             break  # the caller refuses the tensor: nothing more to measure
         lo, hi = min(lo, mn), max(hi, mx)
-        rows_out[s:e].copy_(new)  # the cast
-        torch.sub(rows_out[s:e], new, out=err)  # R − ΔW: the storage's rounding of the sum
+        if callable(rows_out):  # requantized: R − ΔW is what it reads back as, minus W'
+            torch.sub(rows_out(s, e, new), new, out=err)
+        else:
+            rows_out[s:e].copy_(new)  # the cast
+            torch.sub(rows_out[s:e], new, out=err)  # R − ΔW: the storage's rounding of the sum
         if w_norm:
             dw.copy_(w)
             wn += float(torch.dot(dw.view(-1), dw.view(-1)))
@@ -246,15 +256,37 @@ def merge_blocked(stored: torch.Tensor, module: LoraModule, factor: float, out: 
     to `threads` workers (default: torch's thread count, at most BLOCK_WORKERS), each single-threaded
     (see _block_pool). ‖W‖ (w_norm) costs one more pass per block: only the statistics report uses it.
     """
+    rows_in = stored.reshape(stored.shape[0], -1)
+    rows_out = out.view(out.shape[0], -1)
+    n, cols = rows_in.shape
+    return _blocked(rows_in, rows_out, n, max(1, block // max(cols, 1)), module, factor, work=work,
+                    threads=threads, w_norm=w_norm)
+
+
+def merge_blocked_through(rows_in: ReadRows, rows_out: StoreRows, shape: tuple[int, ...], module: LoraModule,
+                          factor: float, *, rows: int, work: Workspace, block: int = BLOCK_ELEMENTS,
+                          threads: int | None = None, w_norm: bool = True) -> BlockedMerge:
+    """merge_blocked for a weight read and stored through functions, in blocks of a multiple of `rows`
+    rows (a quantized weight: a block shares no scale with rows outside it, so it dequantizes and
+    requantizes alone, bit for bit as the whole tensor would). Memory: a few blocks, never a float32
+    copy of the tensor. rows_in(start, stop) gives W's rows in float32, shaped (k, cols);
+    rows_out(start, stop, W') stores them and gives back what they read as (float32). threads=1 keeps
+    the blocks in row order (a seeded stochastic rounding draws its stream in that order).
+    """
+    n, cols = shape[0], math.prod(shape[1:])
+    step = rows * max(1, block // max(cols * rows, 1))
+    return _blocked(rows_in, rows_out, n, step, module, factor, work=work, threads=threads, w_norm=w_norm)
+
+
+def _blocked(rows_in: torch.Tensor | ReadRows, rows_out: torch.Tensor | StoreRows, n: int, step: int,
+             module: LoraModule, factor: float, *, work: Workspace, threads: int | None, w_norm: bool
+             ) -> BlockedMerge:
+    """merge_blocked's and merge_blocked_through's loop: row ranges of `step`-row blocks over the workers."""
     import torch
 
     up, down = factors(module)
     up, down = up.contiguous(), down.contiguous()
     scales = (module.scale,) if factor == 1.0 else (module.scale, factor)
-    rows_in = stored.reshape(stored.shape[0], -1)
-    rows_out = out.view(out.shape[0], -1)
-    n, cols = rows_in.shape
-    step = max(1, block // max(cols, 1))
     threads = threads or min(torch.get_num_threads(), BLOCK_WORKERS)
     blocks = -(-n // step)
     if threads <= 1 or blocks < 2:

@@ -1,7 +1,7 @@
 """Quantized storage: exact dequantization to float32 and requantization with the same scheme, for
 fp8 rounding (to nearest or stochastic) and block-scaled fp8, bitsandbytes' blockwise 4-bit codebooks
 (NF4) with packed nibbles, and LLM.int8 rows. The descriptors that choose among
-these live in storage.py. No I/O.
+these live in loratool/storage/. No I/O.
 """
 
 from __future__ import annotations
@@ -176,6 +176,92 @@ def nf4_roundtrip(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
     code = torch.tensor(NF4_CODE, dtype=torch.float32, device=w.device)
     codes, absmax = codebook_quantize(w, code, blocksize)
     return codebook_dequantize(codes, absmax, code, blocksize, w.numel()).reshape(w.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# compressed-tensors integer weights (pack-quantized): W = (q − zp) · scale per channel, group or tensor
+
+
+def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed `bits`-bit integers (rows, cols) -> int32 (rows, ceil(cols·bits/32)), compressed-tensors'
+    dense packing: q + 2^(bits−1) (unsigned), 32 values per `bits` words, value i at bit i·bits of its
+    row's stream, low bits first, a value split across two words where it crosses one."""
+    import torch
+
+    rows, cols = q.shape
+    v = q.to(torch.int64) + (1 << (bits - 1))
+    pad = -cols % 32
+    if pad:
+        v = torch.nn.functional.pad(v, (0, pad))
+    start = torch.arange(v.shape[1], dtype=torch.int64) * bits
+    word, off = start // 32, start % 32
+    words = torch.zeros(rows, v.shape[1] * bits // 32 + 1, dtype=torch.int64)
+    words.index_add_(1, word, (v << off) & 0xFFFFFFFF)
+    spill = off + bits > 32
+    if bool(spill.any()):
+        words.index_add_(1, word[spill] + 1, v[:, spill] >> (32 - off[spill]))
+    words = words[:, : -(-cols * bits // 32)]
+    return (words - ((words >> 31) & 1) * (1 << 32)).to(torch.int32)  # two's complement, as int32 holds it
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """pack_int32's inverse: int32 (rows, words) -> signed int64 values (rows, cols)."""
+    import torch
+
+    w = packed.to(torch.int64) & 0xFFFFFFFF
+    w = torch.nn.functional.pad(w, (0, 1))
+    start = torch.arange(cols, dtype=torch.int64) * bits
+    word, off = start // 32, start % 32
+    v = (w[:, word] >> off) | (w[:, word + 1] << (32 - off))
+    return (v & ((1 << bits) - 1)) - (1 << (bits - 1))
+
+
+def _per_column(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A (rows, groups) scale or zero point, (1,) for a tensor, (rows, 1) for channels, spread over columns."""
+    t = t.reshape(1, 1) if t.numel() == 1 else t.reshape(rows, -1)
+    return t.repeat_interleave(cols // t.shape[1], dim=1) if t.shape[1] > 1 else t
+
+
+def int_dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """compressed-tensors' W = (q − zp) · scale, rounded to the scale's dtype as its dequantize rounds
+    it, in float32. q (rows, cols); scale and zero (rows, groups), (rows, 1) or one value."""
+    import torch
+
+    rows, cols = q.shape
+    x = q.to(torch.float32)
+    if zero is not None:
+        x = x - _per_column(zero.to(torch.float32), rows, cols)
+    return (x * _per_column(scale.to(torch.float32), rows, cols)).to(scale.dtype).to(torch.float32)
+
+
+def int_quantize(w: torch.Tensor, bits: int, groups: int, scale_dtype: torch.dtype, *, symmetric: bool,
+                 per_tensor: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(q int8 (rows, cols), scale (rows, groups) in scale_dtype, zero int8 or None) for w (float32), as
+    compressed-tensors' min-max observer and calculate_qparams make them: min and max per group (0
+    always inside), symmetric scale = max|·| / ((2^bits − 1) / 2), asymmetric scale = (max − min) /
+    (2^bits − 1) and zp = round(clamp(−2^(bits−1) − min / scale)); a zero scale becomes float32's eps;
+    the scale is stored in scale_dtype, and q = round(clamp(w / stored scale + zp)) (half to even)."""
+    import torch
+
+    rows, cols = w.shape
+    g = w.reshape(1, 1, -1) if per_tensor else w.reshape(rows, groups, cols // groups)
+    lo = torch.clamp(g.amin(dim=-1), max=0.0)
+    hi = torch.clamp(g.amax(dim=-1), min=0.0)
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    span = float((1 << bits) - 1)
+    zero: torch.Tensor | None = None
+    if symmetric:
+        scale = torch.maximum(lo.abs(), hi) / (span / 2)
+    else:
+        scale = (hi - lo) / span
+        zero = torch.round(torch.clamp(qmin - lo / scale, qmin, qmax).clamp(-128, 127)).to(torch.int8)
+    scale = torch.where(scale == 0, torch.finfo(torch.float32).eps, scale).to(scale_dtype)
+    x = w / _per_column(scale, rows, cols).to(torch.float32)
+    if zero is not None:
+        x = x + _per_column(zero.to(torch.float32), rows, cols)
+    q = torch.round(torch.clamp(x, qmin, qmax)).to(torch.int8)
+    return q, (scale.reshape(1) if per_tensor else scale), (zero.reshape(1) if per_tensor and zero is not None
+                                                               else zero)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -333,8 +333,11 @@ def extract(
     for c, where in ((base_ckpt, base), (tuned_ckpt, tuned)):
         stores[id(c)].refuse_unsupported(Path(where))
     report = ExtractReport(Path(out), Path(base), Path(tuned), fmt, rank, threshold, device)
-    quantized = {k for st in stores.values() for k in st.tensors}
-    views = [dataclasses.replace(c, tensors=stores[id(c)].logical(c.tensors)) for c in (base_ckpt, tuned_ckpt)]
+    # compared under the names the model uses (`<m>.weight` for a packed `<m>.weight_packed`); each
+    # TensorInfo keeps its stored key, which _load reads
+    quantized = {s.name for st in stores.values() for s in st.tensors.values()}
+    views = [dataclasses.replace(c, tensors=stores[id(c)].logical(c.tensors, renamed=True))
+             for c in (base_ckpt, tuned_ckpt)]
     pairs = _plan(views[0], views[1], modules=modules, embeddings=embeddings, report=report, quantized=quantized)
     readers = {id(views[0]): (base_ckpt, stores[id(base_ckpt)]), id(views[1]): (tuned_ckpt, stores[id(tuned_ckpt)])}
     for pair in pairs:

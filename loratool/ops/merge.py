@@ -32,12 +32,22 @@ from loratool.io.checkpoint import Checkpoint
 from loratool.io.copies import BackgroundSha256
 from loratool.io.header import TensorInfo
 from loratool.keymap import Contribution, MergePlan, plan_merge
-from loratool.maths.merge import Workspace, merged_tensor, realized_delta
+from loratool.maths.merge import BlockedMerge, Workspace, merged_tensor, realized_delta
 from loratool.maths.quant import nf4_roundtrip
 from loratool.ops import Phase
 from loratool.ops.merge_report import MergeReport, Progress, TensorStat
 from loratool.pipeline import Buffers, Cast, Compute, copy_other_files, gc_paused, stream_file
-from loratool.storage import FP8_DTYPES, BaseStorage, dequantize, detect, quantize, requantize
+from loratool.storage import (
+    FP8_DTYPES,
+    BaseStorage,
+    Storage,
+    block_rows,
+    dequantize,
+    detect,
+    quantize,
+    requantize,
+    row_blocks,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -154,6 +164,9 @@ def _tensor_step(setup: _Setup, report: MergeReport, *, name: str, work: Workspa
             assert stored is not None
             contribs = plan.deltas.get(key) or plan.biases[key]
             blocked = _blocked_term(setup, key, s, stored, contribs, cast)
+            if blocked is not None and s is not None:
+                return _merge_quantized_blocked(setup, report, name=name, s=s, stored=stored, term=blocked,
+                                                out_dtype=out_dtype, cast=cast, work=work, generator=generator)
             if blocked is not None:
                 return _merge_blocked(setup, report, name=name, key=key, stored=stored, term=blocked,
                                       out_dtype=out_dtype, cast=cast, work=work)
@@ -208,21 +221,33 @@ def _tensor_step(setup: _Setup, report: MergeReport, *, name: str, work: Workspa
         report.copied += 1  # as stored: byte for byte, cast to --dtype, or dequantized
         if s is not None and setup.dequantize:
             assert stored is not None
-            return cast(dequantize(s, stored, setup.load), out_dtype)
+            blocks = row_blocks(s, stored, setup.load) if hasattr(cast, "buffer") else None
+            if blocks is None:
+                return cast(dequantize(s, stored, setup.load), out_dtype)
+            from loratool.maths.merge import BLOCK_ELEMENTS  # read now: tests make blocks small
+
+            out = cast.buffer(s.shape, out_dtype)  # type: ignore[attr-defined]
+            rows = out.view(out.shape[0], -1)
+            step = blocks.rows * max(1, BLOCK_ELEMENTS // (blocks.rows * rows.shape[1]))
+            for a in range(0, rows.shape[0], step):  # a float32 block at a time, never the whole tensor
+                rows[a:a + step].copy_(blocks.dequantize(a, min(a + step, rows.shape[0])))
+            return out
         return None
 
     return compute
 
 
-def _blocked_term(setup: _Setup, key: str, s: object, stored: torch.Tensor | None, contribs: list[Contribution],
-                  cast: Cast) -> Contribution | None:
+def _blocked_term(setup: _Setup, key: str, s: Storage | None, stored: torch.Tensor | None,
+                  contribs: list[Contribution], cast: Cast) -> Contribution | None:
     """The one contribution of a tensor that maths.merge.merge_blocked can merge, or None.
 
     The common case, on the CPU: one plain LoRA (no DoRA, no LyCORIS, not transposed) into a float
-    tensor stored as it is (no quantization, no QLoRA round trip), written to a float dtype. A float64
-    tensor is not: merge_blocked works in float32, merged_tensor keeps float64.
+    tensor stored as it is (no QLoRA round trip), written to a float dtype, or into a quantized tensor
+    whose scheme splits into row blocks (storage.block_rows). A float64 tensor is not: merge_blocked
+    works in float32, merged_tensor keeps float64.
     """
-    if not _blockable(setup, key, s, stored, cast) or len(contribs) != 1 or stored is None or stored.dim() < 2:
+    if not _blockable(setup, key, s, stored, cast) or len(contribs) != 1 or stored is None or len(
+            s.shape if s is not None else stored.shape) < 2:
         return None
     c = contribs[0]
     m = c.module
@@ -232,22 +257,26 @@ def _blocked_term(setup: _Setup, key: str, s: object, stored: torch.Tensor | Non
     return c
 
 
-def _blockable(setup: _Setup, key: str, s: object, stored: torch.Tensor | None, cast: Cast) -> bool:
-    """Whether the tensor can go through maths.merge.merge_blocked at all: a float tensor (not float64)
-    stored as it is (no quantization, no QLoRA round trip), merged on the CPU into an output slot."""
-    return not (s is not None or setup.qlora_base or setup.device != "cpu" or key not in setup.plan.deltas
-                or not hasattr(cast, "buffer") or stored is None or not stored.is_floating_point()
-                or str(stored.dtype) == "torch.float64")
+def _blockable(setup: _Setup, key: str, s: Storage | None, stored: torch.Tensor | None, cast: Cast) -> bool:
+    """Whether the tensor can be merged by blocks at all: merged on the CPU into an output slot, no QLoRA
+    round trip, and either a float tensor (not float64) stored as it is (maths.merge.merge_blocked) or a
+    quantized one whose scheme splits into row blocks (storage.block_rows, merge_blocked_through)."""
+    if (setup.qlora_base or setup.device != "cpu" or key not in setup.plan.deltas or not hasattr(cast, "buffer")
+            or stored is None):
+        return False
+    if s is not None:
+        return block_rows(s) is not None
+    return stored.is_floating_point() and str(stored.dtype) != "torch.float64"
 
 
-def _expert_terms(setup: _Setup, key: str, s: object, stored: torch.Tensor | None, contribs: list[Contribution],
+def _expert_terms(setup: _Setup, key: str, s: Storage | None, stored: torch.Tensor | None, contribs: list[Contribution],
                   cast: Cast) -> list[Contribution] | None:
     """The contributions of a fused (E, d1, d2) expert tensor that merge_blocked can merge expert by
     expert (one plain LoRA per expert, every expert once; docs/moe.md), in expert order, or None."""
     from loratool.adapter import LoraModule
 
-    if not _blockable(setup, key, s, stored, cast) or stored is None or stored.dim() != 3:
-        return None
+    if s is not None or not _blockable(setup, key, s, stored, cast) or stored is None or stored.dim() != 3:
+        return None  # a float tensor only: a quantized one goes whole
     by_expert: dict[int, Contribution] = {}
     for c in contribs:
         m = c.module
@@ -316,19 +345,60 @@ def _merge_blocked(setup: _Setup, report: MergeReport, *, name: str, key: str, s
     r = merge_blocked(stored, term.module, factor, out, work=work,  # type: ignore[arg-type]
                       w_norm=setup.stats)
     _range_or_raise(r.lo, r.hi, out_dtype, key, [term])
+    _count_blocked(report, r, key=key, name=name, term=term, storage="float", stats=setup.stats)
+    assert out.dtype == getattr(torch, out_dtype)
+    return out
+
+
+def _count_blocked(report: MergeReport, r: BlockedMerge, *, key: str, name: str, term: Contribution, storage: str,
+                   stats: bool) -> None:
+    """A blocked merge's realized delta into the report (what the whole-tensor path counts in compute)."""
     retained = r.de_sum / (r.dd_root * r.dd_root) if r.dd_root > 0 else None
     rel_error = r.err_norm / r.dd_root if r.dd_root > 0 else None
     report.realized.append((key, retained, rel_error, r.worst))
     changed = r.dd_root * r.dd_root + 2 * (r.de_sum - r.dd_root * r.dd_root) + r.err_norm * r.err_norm
     if r.dd_root > 0 and changed > 1e-12 * r.dd_root * r.dd_root:
         report.changed += 1
-    if setup.stats:
+    if stats:
         report.tensors.append(TensorStat(
             key, name, [term.module.name], r.dd_root, r.dd_root / max(r.w_norm, 1e-30),
-            r.worst, retained, rel_error, "float"))
+            r.worst, retained, rel_error, storage))
     report.merged += 1
-    assert out.dtype == getattr(torch, out_dtype)
-    return out
+
+
+def _merge_quantized_blocked(setup: _Setup, report: MergeReport, *, name: str, s: Storage, stored: torch.Tensor,
+                             term: Contribution, out_dtype: str, cast: Cast, work: Workspace,
+                             generator: torch.Generator | None) -> torch.Tensor | dict[str, torch.Tensor]:
+    """One quantized tensor by row blocks (storage.row_blocks): each block dequantized, merged in
+    float32 and requantized (or cast, with --dtype), so memory holds a few blocks, not a float32 copy
+    of the tensor. The same bits as the whole-tensor path: no block shares a scale with another, and
+    a seeded stochastic rounding draws its stream block after block, in row order."""
+    from loratool.maths.merge import BLOCK_ELEMENTS, merge_blocked_through  # read now: tests make blocks small
+
+    blocks = row_blocks(s, stored, setup.load)
+    assert blocks is not None
+    out = cast.buffer(s.shape if setup.dequantize else stored.shape,  # type: ignore[attr-defined]
+                      out_dtype)
+    if setup.dequantize:
+        rows = out.view(out.shape[0], -1)
+
+        def store(a: int, z: int, new: torch.Tensor) -> torch.Tensor:
+            rows[a:z].copy_(new)
+            return rows[a:z]
+        limit = out_dtype
+    else:
+        blocks.output(out)
+
+        def store(a: int, z: int, new: torch.Tensor) -> torch.Tensor:
+            return blocks.requantize(a, z, new, generator=generator)
+        limit = s.dtype if s.scheme == "fp8" else "float32"
+    factor = (-1.0 if setup.unmerge else 1.0) * term.weight
+    r = merge_blocked_through(blocks.dequantize, store, s.shape, term.module, factor,  # type: ignore[arg-type]
+                              rows=blocks.rows, block=BLOCK_ELEMENTS, work=work, w_norm=setup.stats,
+                              threads=1 if generator is not None else None)
+    _range_or_raise(r.lo, r.hi, limit, s.key, [term])
+    _count_blocked(report, r, key=s.key, name=name, term=term, storage=s.describe(), stats=setup.stats)
+    return out if setup.dequantize else dict(blocks.outs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,10 +528,10 @@ def merge(
     """Merge adapters into a base checkpoint and write a complete copy of it.
 
     A quantized base (fp8, ComfyUI scaled fp8 and comfy_quant, block fp8, bitsandbytes nf4/fp4/int8, NVFP4,
-    MXFP4; see storage.py) is dequantized exactly, merged in float32 and quantized back with the same scheme, tensor by
-    tensor; with a --dtype other than keep it is written dequantized instead. Every merged tensor's
-    realized delta is measured (report.realized): retained = <R, ΔW> / ||ΔW||² with R the change
-    the stored result makes.
+    MXFP4, compressed-tensors int; see loratool/storage/) is dequantized exactly, merged in float32 and
+    quantized back with the same scheme, tensor by tensor (by row blocks where the scheme splits); with a
+    --dtype other than keep it is written dequantized instead. Every merged tensor's realized delta is
+    measured (report.realized): retained = <R, ΔW> / ||ΔW||² with R the change the stored result makes.
 
     Args:
         base: a .safetensors file, a directory with model.safetensors, a sharded directory, or a GGUF

@@ -23,7 +23,7 @@ rounding of the stored dtype (u·||MERGED||_F, u = 2⁻⁸ bf16, 2⁻¹¹ fp16, 
 delta so small that σ_k > 0.04 cannot be told from rounding: `too small to tell` (a warning).
 A tensor whose dtype differs from the expected one (the base's, or --dtype) is a finding too.
 
-Quantized storage (fp8, scaled / block fp8, bitsandbytes nf4 / fp4 / int8; storage.py) cannot hold
+Quantized storage (fp8, scaled / block fp8, bitsandbytes nf4 / fp4 / int8; loratool/storage/) cannot hold
 W + ΔW exactly: merge writes Q(dequant(W) + ΔW). Both checkpoints' weights are read dequantized
 (storage.dequantize), X = W + ΔW is formed with merge's own arithmetic (one dense delta, as merge
 does), and the references Q(X) read back (storage.requantize: nearest, and for fp8 schemes one
@@ -471,7 +471,7 @@ def verify(
 ) -> VerifyReport:
     """Check, tensor by tensor, that MERGED = BASE + Σ w_i·ΔW_i (what `loratool merge` writes).
 
-    A quantized base (storage.py schemes) is read dequantized, and each merged tensor is checked
+    A quantized base (loratool/storage/ schemes) is read dequantized, and each merged tensor is checked
     against the requantization of BASE + Σ w_i·ΔW_i with the base's scheme, within twice the error
     that requantization makes (module docstring).
 

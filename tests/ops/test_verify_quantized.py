@@ -1,7 +1,7 @@
 """verify on quantized bases (issue #18): fp8, ComfyUI scaled fp8, block fp8, bitsandbytes nf4/fp4/int8.
 
 The bases and the independent merged files are made with the numpy reference quantization of
-tests/ops/test_merge_quantized.py (not loratool's code): MERGED = Q(dequant(W) + B@A) with the
+tests/quant_refs.py (not loratool's code): MERGED = Q(dequant(W) + B@A) with the
 base's scheme. The adapters' factors are multiples of 1/8, so B@A is exact in float32. A right
 merge must verify (`merged`, bit for bit the reference requantization); an unmerged copy, a merge
 at half weight, and an edited scale must fail with exit 1.
@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import torch
 from clirun import run_cli
-from safetensors.torch import load_file, save_file
-from test_merge_quantized import (
+from quant_refs import (
     E4M3,
     E5M2,
     FP4_LEVELS,
@@ -37,6 +36,7 @@ from test_merge_quantized import (
     unpack,
     write_adapter,
 )
+from safetensors.torch import load_file, save_file
 
 from loratool.ops.merge import merge
 from loratool.ops.verify import verify

@@ -533,7 +533,7 @@ def comfy_marker(fmt: str) -> torch.Tensor:
 def ref_comfy_fp8(w: np.ndarray, fmt: str) -> tuple[np.ndarray, np.float32]:
     """ComfyUI's requantization of a patched fp8 layer (scale="recalculate"): scale = amax / max,
     q = fp8(clamp(w · (1 / scale))), with this repository's numpy fp8 rounding (tests/ops)."""
-    from ops.test_merge_quantized import fp8_values, ref_fp8_bits
+    from quant_refs import fp8_values, ref_fp8_bits
 
     top = np.float32(fp8_values(fmt)[-1])
     scale = np.float32(np.abs(w).max() / top)
@@ -543,7 +543,7 @@ def ref_comfy_fp8(w: np.ndarray, fmt: str) -> tuple[np.ndarray, np.float32]:
 def comfy_base(tmp_path: Path, fmt: str, *, seed: int = 0):
     """One ComfyUI file: q_proj in `fmt` (marker, weight_scale, input_scale), k_proj bf16, v_proj in
     float8_e5m2, o_proj in nvfp4 (its swizzled block scales: refused, so not in the merged tests)."""
-    from ops.test_merge_quantized import fp8_decode
+    from quant_refs import fp8_decode
 
     rng = np.random.default_rng(seed)
     tensors: dict[str, torch.Tensor] = {}
@@ -563,7 +563,7 @@ def comfy_base(tmp_path: Path, fmt: str, *, seed: int = 0):
 
 @pytest.mark.parametrize("fmt", ["float8_e4m3fn", "float8_e5m2"])
 def test_comfy_quant_fp8_layer_merges_in_its_own_format(tmp_path, fmt):
-    from ops.test_merge_quantized import as_np
+    from quant_refs import as_np
 
     from loratool.ops.merge import merge
 
@@ -697,3 +697,50 @@ def test_verify_accepts_an_nvfp4_merge_and_refuses_an_unmerged_copy(tmp_path, la
     assert report.ok, [t.to_dict() for t in report.findings]
     shutil.copytree(base, tmp_path / "copy")
     assert not verify(tmp_path / "copy", base, [lora]).ok
+
+
+@pytest.mark.parametrize("layout", ["compressed-tensors", "modelopt"])
+def test_nvfp4_merges_by_row_blocks_with_the_whole_tensors_bits(tmp_path, monkeypatch, layout):
+    """NVFP4 splits by rows (its block scales lie along a row, the tensor scale is kept): blocks of 8
+    rows give the reference's bits (nearest), and a seeded stochastic merge draws the same stream as
+    the whole-tensor path."""
+    import loratool.maths.merge as kernels
+    import loratool.ops.merge as merge_op
+    import loratool.storage as storage
+    from loratool.ops.merge import merge
+
+    rows: list[int] = []
+    whole_rows = storage.RowBlocks.dequantize
+
+    def spy(self, start, stop):
+        rows.append(stop - start)
+        return whole_rows(self, start, stop)
+
+    monkeypatch.setattr(storage.RowBlocks, "dequantize", spy)
+    monkeypatch.setattr(kernels, "BLOCK_ELEMENTS", 8 * 64)
+    base, tensors = nvfp4_base(tmp_path, layout, seed=1)
+    weight = Q_PROJ + (".weight_packed" if layout == "compressed-tensors" else ".weight")
+    s = detect(open_checkpoint(base)).of(weight)
+    assert s is not None
+    deq = dequantize(s, tensors[weight], load_from(tensors)).numpy()
+    lora, a, b = exact_lora(tmp_path / "lora", 48, 64, seed=4)
+    merge(base, [lora], tmp_path / "out")
+    assert rows and max(rows) == 8 and sum(rows) == 48  # by blocks, never the whole tensor
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    new = (deq + b @ a).astype(np.float32)
+    if layout == "compressed-tensors":
+        want = ct_compress(torch.from_numpy(new), tensors[Q_PROJ + ".weight_global_scale"])
+        packed, s8 = want["weight_packed"].numpy(), want["weight_scale"].view(torch.uint8).numpy()
+    else:
+        packed, s8 = ref_modelopt(new, np.float32(tensors[Q_PROJ + ".weight_scale_2"].numpy()))
+    assert np.array_equal(got[weight].numpy(), packed)
+    assert np.array_equal(got[Q_PROJ + ".weight_scale"].view(torch.uint8).numpy(), s8)
+
+    merge(base, [lora], tmp_path / "blocks", rounding="stochastic", seed=5)
+    monkeypatch.setattr(merge_op, "block_rows", lambda s: None)  # the whole-tensor path
+    merge(base, [lora], tmp_path / "whole", rounding="stochastic", seed=5)
+    blocks = load_file(str(tmp_path / "blocks" / "model.safetensors"))
+    whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    for k in (weight, Q_PROJ + ".weight_scale"):
+        assert torch.equal(blocks[k].view(torch.uint8), whole[k].view(torch.uint8)), k
+    assert not torch.equal(blocks[weight], got[weight])  # stochastic rounding did change some codes
