@@ -20,6 +20,31 @@ DoraAxis = Literal["out", "in"]
 LycoAlgo = Literal["loha", "lokr", "tucker", "full", "norm", "bias"]
 
 
+@dataclass(frozen=True)
+class Expert:
+    """Where a module sits in an expert-indexed (fused 3-D) parameter: docs/moe.md.
+
+    One expert of a parameter such as `model.layers.0.mlp.experts.gate_up_proj` (shape
+    (count, out, in), or (count, in, out) where the model stores experts transposed, as gpt-oss does)
+    is one ordinary LoraModule: its own down (r, in), up (out, r) and scale, ΔW_e = s · up @ down as
+    a map from in to out. The module is named `expert_name(param, index)`.
+
+    Attributes:
+        param: the fused parameter's path in the base model (no `.weight`).
+        index: this expert's index along the parameter's first axis.
+        count: how many experts the parameter holds.
+    """
+
+    param: str
+    index: int
+    count: int
+
+
+def expert_name(param: str, index: int) -> str:
+    """The canonical module name of one expert of a fused parameter: `...experts.gate_up_proj[3]`."""
+    return f"{param}[{index}]"
+
+
 @dataclass
 class LoraModule:
     """One adapted layer: ΔW = scale · up @ down (reshaped per kind).
@@ -37,7 +62,10 @@ class LoraModule:
         bias: a bias delta added to the base bias, or None: PEFT's lora_B.bias (scaled like the
             weight delta) or, with bias_scaled False, a ComfyUI/LyCORIS `.diff_b` (added as it is).
         kind: linear, conv or embedding.
-        fan_in_fan_out: the base weight is stored (in, out) (GPT-2 Conv1D).
+        fan_in_fan_out: the base weight is stored (in, out) (GPT-2 Conv1D; an expert of a
+            transposed fused parameter, once matched to its base).
+        expert: for one expert of a fused 3-D parameter (PEFT target_parameters), where it sits;
+            None for every other module (per-expert modules such as `experts.3.w1` are ordinary).
     """
 
     name: str
@@ -52,6 +80,7 @@ class LoraModule:
     fan_in_fan_out: bool = False
     bias_scaled: bool = True
     dora_axis: DoraAxis = "out"
+    expert: Expert | None = None
 
     @property
     def rank(self) -> int:

@@ -29,6 +29,7 @@ from loratool.formats._common import (
     open_tensor_file,
 )
 from loratool.formats.names import PEFT_PREFIX
+from loratool.formats.peft_experts import stack_experts, take_expert_params, wrapper_keys
 from loratool.formats.registry import Capabilities, Format
 from loratool.formats.tensorfile import TensorFile
 from loratool.io.paths import folder_file
@@ -325,6 +326,21 @@ def from_tensors(
         rm = raw.setdefault(name, RawModule())
         rm.put(role, ref, key, name, findings, tf.path)
         rm.embedding = rm.embedding or embedding
+    expert_modules: dict[str, LoraModule] = {}
+    if config.get("target_parameters"):
+        def rank_of(path: str) -> int | None:
+            key = rank_lookup.key(path)
+            return (_int(rank_pattern[key], f"rank_pattern['{key}']", where, findings)
+                    if key is not None else r_default)
+
+        def alpha_of(path: str) -> tuple[float, str]:
+            key = alpha_lookup.key(path)
+            if key is not None:
+                return _num(alpha_pattern[key], f"alpha_pattern['{key}']", where, findings), "pattern"
+            return alpha_default, "config"
+
+        expert_modules = take_expert_params(raw, config, rank_of=rank_of, alpha_of=alpha_of, rslora=rslora,
+                                            findings=findings, where=tf.path)
     wrapped = _wrapped_layers(raw)
 
     modules: dict[str, LoraModule] = {}
@@ -370,6 +386,7 @@ def from_tensors(
                                f"{tf.path}: use_dora is true but module '{name}' has no lora_magnitude_vector")
                 continue
         modules[name] = module
+    modules.update(expert_modules)
     for name, ref in alpha_tensors.items():  # an alpha without its module is an extra full tensor
         extras[name + ".alpha"] = ref
     _fold_wrapped_copies(wrapped, raw, modules, extras, unsupported, findings, tf.path)
@@ -554,7 +571,10 @@ def build_config(adapter: Adapter) -> tuple[dict[str, Any], dict[str, float]]:
     alpha_pattern under their exact (escaped) names. use_rslora is per adapter in PEFT, so when
     modules disagree, rslora modules get their alpha converted to keep the scale exactly.
     """
-    mods = list(adapter.modules.values())
+    every = list(adapter.modules.values())
+    plain = [m for m in every if m.expert is None]
+    stacks = stack_experts([m for m in every if m.expert is not None], adapter.path)
+    mods = plain + [one for _, one in stacks.values()]  # a fused parameter's r and alpha: one of its experts
     use_rslora = bool(mods) and all(m.rslora for m in mods)
     alphas = {m.name: (m.alpha if m.rslora == use_rslora else _converted_alpha(m, use_rslora)) for m in mods}
     r = Counter(m.rank for m in mods).most_common(1)[0][0] if mods else _DEFAULT_R
@@ -567,9 +587,9 @@ def build_config(adapter: Adapter) -> tuple[dict[str, Any], dict[str, float]]:
     alpha_pattern = {key[m.name]: _number(alphas[m.name]) for m in mods if alphas[m.name] != alpha}
 
     config: dict[str, Any] = dict(adapter.config) if adapter.source_format == "peft" else {}
-    names = [m.name for m in mods]
+    names = [m.name for m in plain]
     targets = config.get("target_modules")
-    if set(names) != set(adapter.source_modules) or not _targets_cover(targets, names):
+    if set(adapter.modules) != set(adapter.source_modules) or not _targets_cover(targets, names):
         # the source's target_modules may name layers this adapter no longer holds (peft would
         # create them, randomly initialised with init_lora_weights=false): list exact paths instead
         targets = sorted(names)
@@ -592,6 +612,12 @@ def build_config(adapter: Adapter) -> tuple[dict[str, Any], dict[str, float]]:
         base_model_name_or_path=adapter.base_model or config.get("base_model_name_or_path"),
         lora_bias=any(m.bias is not None for m in mods),
     )
+    if stacks:
+        params = config.get("target_parameters")
+        if set(adapter.modules) != set(adapter.source_modules) or not _targets_cover(params, list(stacks)):
+            config["target_parameters"] = sorted(stacks)
+    else:
+        config.pop("target_parameters", None)
     config.setdefault("task_type", None)
     config.setdefault("bias", "none")
     config.setdefault("lora_dropout", 0.0)
@@ -645,8 +671,17 @@ def module_tensors(key: str, m: LoraModule) -> dict[str, Any]:
 def state_dict(adapter: Adapter, prefix: str = PREFIX) -> dict[str, Any]:
     """Tensors in PEFT key layout. The factors are stored as they are (alpha carries the scale)."""
     out: dict[str, Any] = {}
+    experts = []
     for m in adapter.modules.values():
+        if m.expert is not None:
+            experts.append(m)
+            continue
         out.update(module_tensors(prefix + m.name, m))
+    if experts:
+        stacks = stack_experts(experts, adapter.path)
+        keys = wrapper_keys(list(stacks))
+        for param, (stacked, _) in stacks.items():
+            out.update(module_tensors(prefix + keys[param], stacked))
     for key, ref in adapter.extras.items():
         out[prefix + key] = ref.load()
     return out
@@ -675,6 +710,8 @@ def write_file(adapter: Adapter, out_file: Path, metadata: dict[str, str], prefi
 
     config, alphas = build_config(adapter)
     for m in adapter.modules.values():
+        if m.name not in alphas:
+            continue
         assert abs(scale_for(alphas[m.name], m.rank, config["use_rslora"]) - m.scale) <= 1e-9 * max(1, abs(m.scale))
     meta = {}
     if adapter.source_format == "peft" and adapter.key_prefix is not None:
@@ -702,7 +739,8 @@ FORMAT = Format(
     name="peft",
     summary="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)",
     naming="path",
-    capabilities=Capabilities(bias=True, extras=True, fan_in_fan_out=True, embedding=True, dora=True, directory=True),
+    capabilities=Capabilities(bias=True, extras=True, fan_in_fan_out=True, embedding=True, dora=True, directory=True,
+                              experts=True),
     detect=_detect,
     read_file=from_file,
     detect_dir=_is_adapter_dir,

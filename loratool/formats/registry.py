@@ -52,6 +52,7 @@ class Capabilities:
         diffs: LyCORIS full / norm / bias diffs kept as they are (`.diff`, `.w_norm`, `.diff_b`:
             kohya files, which ComfyUI loads). LoHa / LoKr / Tucker modules no writer holds: they
             are converted to LoRA first (convert --to lora).
+        experts: experts of fused 3-D parameters (PEFT target_parameters; docs/moe.md).
     """
 
     bias: bool = False
@@ -65,6 +66,7 @@ class Capabilities:
     metadata: bool = True
     directory: bool = False
     diffs: bool = False
+    experts: bool = False
 
 
 # readers: (the opened tensor file, findings) -> Adapter; directory readers: (path, allow_pickle, findings)
@@ -177,6 +179,8 @@ def _module_needs(m: object) -> list[tuple[str, str]]:
         needs.append(("embedding", "is an embedding layer"))
     if m.kind == "conv":
         needs.append(("conv", "is a conv layer"))
+    if m.expert is not None:
+        needs.append(("experts", "is an expert of a fused MoE parameter (PEFT target_parameters)"))
     if m.fan_in_fan_out:
         needs.append(("fan_in_fan_out", "is a fan_in_fan_out (GPT-2 Conv1D) layer"))
     if m.magnitude is not None and m.dora_axis == "in":
