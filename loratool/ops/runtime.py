@@ -233,9 +233,8 @@ def _fused_modules(adapter: Adapter) -> dict[str, list[LoraModule]]:
     """The experts of each fused 3-D parameter (PEFT target_parameters), by parameter."""
     out: dict[str, list[LoraModule]] = {}
     for m in adapter.modules.values():
-        expert = getattr(m, "expert", None)  # TEMP until issue-26a's LoraModule.expert is merged
-        if expert is not None:
-            out.setdefault(expert.param, []).append(m)
+        if m.expert is not None:
+            out.setdefault(m.expert.param, []).append(m)
     return out
 
 
@@ -303,20 +302,16 @@ def _target_names(adapter: Adapter) -> set[str] | None:
     return {str(t).split(".")[-1] for t in targets}
 
 
-def _fused_order(adapter: Adapter, params: list[str]) -> dict[str, list[str]]:
-    """The fused parameters of each experts container in PEFT's nesting order (target_parameters' order: the
-    first listed is the innermost wrapper, saved as `experts.base_layer`)."""
-    listed = adapter.config.get("target_parameters") or []
-    order = [str(t) for t in listed] if isinstance(listed, list) else []
+def _fused_order(params: list[str]) -> dict[str, list[str]]:
+    """The fused parameters of each experts container in the order peft nests their wrappers (the first
+    innermost, saved as `experts.base_layer`; families.moe.param_order)."""
+    from loratool.families.moe import param_order
 
-    def rank(param: str) -> int:
-        return next((i for i, t in enumerate(order) if param == t or param.endswith("." + t)), len(order))
-
-    out: dict[str, list[str]] = {}
-    for param in sorted(params, key=rank):
+    leaves: dict[str, list[str]] = {}
+    for param in params:
         parent, _, leaf = param.rpartition(".")
-        out.setdefault(parent, []).append(leaf)
-    return out
+        leaves.setdefault(parent, []).append(leaf)
+    return {parent: param_order(names) for parent, names in leaves.items()}
 
 
 def _fused_findings(adapter: Adapter, rt: Runtime, fused: dict[str, list[LoraModule]], findings: Findings) -> None:
@@ -337,13 +332,14 @@ def _fused_findings(adapter: Adapter, rt: Runtime, fused: dict[str, list[LoraMod
                          f"unless started with {rt.moe_fused_flag}{_src(rt, 'moe_fused')}")
     if rt.moe_fused_order:
         want = list(rt.moe_fused_order)
-        for parent, leaves in _fused_order(adapter, list(fused)).items():
+        for parent, leaves in _fused_order(list(fused)).items():
             if leaves != want:
                 findings.error("runtime-moe", parent,
                                f"{where}: {rt.label} reads '{parent}.base_layer' as {want[0]} and '{parent}' as "
                                f"{want[-1]} and needs both; this adapter adapts {' then '.join(leaves)} there "
-                               f"(target_parameters order){_src(rt, 'moe_fused_order')}; fix: target_parameters "
-                               f"listing {' then '.join(want)}, each adapted")
+                               f"(peft's nesting order){_src(rt, 'moe_fused_order')}; fix: adapt "
+                               f"{' and '.join(want)} both (target_parameters), or merge the adapter into the base "
+                               f"(loratool merge {where} BASE -o OUT)")
 
 
 def _src_of(rule: Refusal, rt: Runtime) -> str:

@@ -123,3 +123,34 @@ def test_convert_for_vllm_pads_experts_to_one_rank_per_projection_exactly(per_ex
         assert after.modules[name].rank == (8 if name.endswith("up_proj") else 4)
         torch.testing.assert_close(delta(after.modules[name]), delta(m), rtol=1e-6, atol=1e-7)
     assert not _codes(validate_adapter(out, for_runtime="vllm"), "runtime-moe")
+
+
+# --- fused 3-D expert parameters: adapters made by peft itself (target_parameters), tests/moe/moe_models.py
+
+
+def test_fused_experts_per_runtime(moe_dir):
+    lora = moe_dir / "qwen3_moe" / "lora"
+    vllm = validate_adapter(lora, for_runtime="vllm")
+    assert not _codes(vllm, "runtime-moe")
+    warned = _codes(vllm, "runtime-setting")
+    assert len(warned) == 1 and "--enable-mixed-moe-lora-format" in warned[0].message
+    assert "GptOssForCausalLM" in warned[0].message
+    for runtime, source in (("sglang", "lora_manager.py:765-797"), ("llama.cpp", "get_base_tensor_name")):
+        hits = _codes(validate_adapter(lora, for_runtime=runtime), "runtime-moe")
+        assert len(hits) == 1 and "no reader for fused expert LoRA" in hits[0].message and source in hits[0].message
+        assert hits[0].module == "model.layers.0.mlp.experts.gate_up_proj"
+    # no false errors from the adapter's own checks
+    assert not [f for f in vllm.findings if f.severity == "error"]
+
+
+@pytest.mark.parametrize("only", ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+def test_vllm_needs_gate_up_and_down_fused(moe_dir, tmp_path, only):
+    from moe_models import make_adapter as peft_adapter
+
+    out = tmp_path / "one"
+    peft_adapter(moe_dir / "qwen3_moe" / "base", out, target_parameters=[only])
+    hits = _codes(validate_adapter(out, for_runtime="vllm"), "runtime-moe")
+    assert sorted(f.module for f in hits) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    leaf = only.rsplit(".", 1)[1]
+    assert "reads 'model.layers.0.mlp.experts.base_layer' as gate_up_proj" in hits[0].message
+    assert f"adapts {leaf} there" in hits[0].message and "model_manager.py:983-992" in hits[0].message
