@@ -153,6 +153,12 @@ def _fit_layout(m: LoraModule, shape: tuple[int, ...]) -> LoraModule:
     return m
 
 
+def _origin(modules: dict[str, LoraModule], order: list[str]) -> dict[str, str]:
+    """Each module's name as read, where a layout renamed modules one for one (a layout that splits or
+    fuses modules, such as GGUF's expert stacks, changes their count: then none)."""
+    return dict(zip(modules, order)) if len(modules) == len(order) else {}
+
+
 def convert(
     path: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -288,11 +294,11 @@ def convert(
     if source is not None and source.layout_in is not None and to != adapter.source_format:
         order = list(adapter.modules)
         adapter = source.layout_in(adapter, Path(base) if base is not None else None, Path(path))
-        origin = dict(zip(adapter.modules, order))
+        origin = _origin(adapter.modules, order)
     if target.layout_out is not None and adapter.source_format != to:
         order = list(adapter.modules)
         adapter = target.layout_out(adapter, Path(base) if base is not None else None, Path(path))
-        origin = dict(zip(adapter.modules, order))  # the target's name -> the module name as read
+        origin = _origin(adapter.modules, order)  # the target's name -> the module name as read
         layout_base = source_label(base) if base is not None else None  # provenance keeps it
         base = None  # used: the names are the target's now, not the checkpoint's
     # peft's save_embedding_layers copies of a LoRA layer's base weight (`.base_layer.`) go only
@@ -329,7 +335,7 @@ def convert(
         fitted = _fit_layout(m, shapes[matched[name]]) if matched is not None else m
         modules[new] = fitted.with_(name=new)
         read_as = origin.get(name, name)
-        orig = as_read[read_as]
+        orig = as_read.get(read_as, m)  # a module a layout split or fused: as written
         algo, exact, err = lyco_rows.get(name, ("lora", None, 0.0))
         report.modules.append(ModuleConvert(read_as, new, fitted.kind, orig.rank, orig.alpha, orig.scale, by, algo,
                                             exact, err))

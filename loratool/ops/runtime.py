@@ -251,7 +251,9 @@ def moe_findings(adapter: Adapter, rt: Runtime, findings: Findings) -> None:
     if per and rt.moe_experts is not None:
         _per_expert_findings(adapter, rt, per, findings)
     fused = _fused_modules(adapter)
-    if fused and rt.moe_fused is not None:
+    # the facts describe how each runtime reads PEFT's target_parameters layout; a GGUF file's expert stacks
+    # are llama.cpp's own (src/llama-graph.cpp build_lora_mm_id)
+    if fused and rt.moe_fused is not None and adapter.source_format == "peft":
         _fused_findings(adapter, rt, fused, findings)
 
 
@@ -319,11 +321,12 @@ def _fused_findings(adapter: Adapter, rt: Runtime, fused: dict[str, list[LoraMod
     first = next(iter(fused))
     count = len(fused[first])
     if rt.moe_fused == "no":
+        fix = (f"{_fix(adapter, rt, ' --base BASE')} (writes its own {rt.writes} expert tensors)"
+               if rt.writes != "peft" else "serve per-expert modules (experts.N.<projection>)")
         findings.error("runtime-moe", first,
                        f"{where}: {rt.label} has no reader for fused expert LoRA (PEFT target_parameters) such as "
                        f"'{first}' ({count} experts; {len(fused)} parameter(s) in all){_src(rt, 'moe_fused')}; fix: "
-                       f"serve per-expert modules (experts.N.<projection>) or merge the adapter into the base "
-                       f"(loratool merge {where} BASE -o OUT)")
+                       f"{fix}, or merge the adapter into the base (loratool merge {where} BASE -o OUT)")
         return
     if rt.moe_fused == "models":
         findings.warning("runtime-setting", first,

@@ -139,6 +139,8 @@ def test_fused_experts_per_runtime(moe_dir):
         hits = _codes(validate_adapter(lora, for_runtime=runtime), "runtime-moe")
         assert len(hits) == 1 and "no reader for fused expert LoRA" in hits[0].message and source in hits[0].message
         assert hits[0].module == "model.layers.0.mlp.experts.gate_up_proj"
+        if runtime == "llama.cpp":  # loratool writes llama.cpp's expert stacks itself (tests/moe/test_gguf_experts.py)
+            assert "--for llama.cpp -o OUT --base BASE" in hits[0].message
     # no false errors from the adapter's own checks
     assert not [f for f in vllm.findings if f.severity == "error"]
 
