@@ -23,7 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loratool.adapter import Expert, LoraModule, expert_name
+from loratool.adapter import AlphaSource, Expert, LoraModule, expert_name
 from loratool.errors import IncompatibleError
 from loratool.formats._common import Findings, RawModule, build_module
 from loratool.formats.peft_experts import _Loaded
@@ -52,8 +52,10 @@ def _expert(stack: _Loaded, e: int) -> torch.Tensor:
     return stack.get()[e].clone()
 
 
-def split_stack(name: str, rm: RawModule, *, alpha: float, findings: Findings, where: Path) -> dict[str, LoraModule]:
-    """The experts of one GGUF stack (lora_a (E, r, in), lora_b (E, out, r)), one module each."""
+def split_stack(name: str, rm: RawModule, *, alpha: float, findings: Findings, where: Path,
+                alpha_source: AlphaSource = "metadata") -> dict[str, LoraModule]:
+    """The experts of one stack (lora_a (E, r, in), lora_b (E, out, r): GGUF's, and mlx-lm's LoRASwitchLinear),
+    one module each; alpha 0 means alpha = rank (scale 1)."""
     assert rm.down is not None and rm.up is not None
     a, b = rm.down.shape, rm.up.shape
     if len(a) != 3 or len(b) != 3 or a[0] != b[0] or a[1] != b[2]:
@@ -70,7 +72,7 @@ def split_stack(name: str, rm: RawModule, *, alpha: float, findings: Findings, w
             up=TensorRef.computed((b[1], rank), rm.up.dtype, partial(_expert, up_stack, e), f"{rm.up.source} [{e}]"),
             keys=rm.keys)
         label = expert_name(name, e)
-        m = build_module(label, one, alpha=alpha or float(rank), alpha_source="metadata", rslora=False,
+        m = build_module(label, one, alpha=alpha or float(rank), alpha_source=alpha_source, rslora=False,
                          fan_in_fan_out=False, findings=findings, where=where)
         if m is not None:
             out[label] = m.with_(expert=Expert(name, e, count))
@@ -81,7 +83,9 @@ def split_stack(name: str, rm: RawModule, *, alpha: float, findings: Findings, w
 # transformers names -> GGUF stacks
 
 
-def _rows(t: TensorRef, part: int, parts: int, interleaved: bool) -> TensorRef:
+def part_rows(t: TensorRef, part: int, parts: int, interleaved: bool) -> TensorRef:
+    """Rows of part `part` of `parts` (a fused gate_up_proj's gate or up): equal consecutive blocks, or every
+    parts-th row from `part` where the model interleaves them (gpt-oss)."""
     full = t.load()
     rows = full[part::parts] if interleaved else full.chunk(parts, dim=0)[part]
     return TensorRef.from_tensor(rows.contiguous())
@@ -101,7 +105,7 @@ def expert_targets(key: str, m: LoraModule, interleaved: frozenset[str]) -> list
         if m.out_features % len(parts):
             raise IncompatibleError(f"'{m.name}': {leaf} has {m.out_features} rows, not {len(parts)} equal parts")
         inter = leaf in interleaved
-        return [(f"{head}.{p}", m.expert.index, m.with_(up=_rows(m.up, i, len(parts), inter)))
+        return [(f"{head}.{p}", m.expert.index, m.with_(up=part_rows(m.up, i, len(parts), inter)))
                 for i, p in enumerate(parts)]
     hit = _PER_EXPERT.match(key)
     if hit is None:
