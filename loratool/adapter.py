@@ -129,8 +129,9 @@ class LoraModule:
 
     @property
     def short_name(self) -> str:
-        """The last component of the module name (q_proj, to_k, ...), for summaries."""
-        return short_name(self.name)
+        """The last component of the module name (q_proj, to_k, ...; an expert's parameter, gate_up_proj),
+        for summaries."""
+        return short_name(self.expert.param if self.expert is not None else self.name)
 
     def with_(self, **changes: Any) -> LoraModule:
         return replace(self, **changes)

@@ -6,6 +6,9 @@ where there is one, the tensor key. The CLI maps them to exit code 2; anything e
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 
 class LoratoolError(Exception):
     """A failure the user can act on.
@@ -38,6 +41,19 @@ class HubError(LoratoolError):
 
 class OutputExistsError(LoratoolError):
     """The output path exists and --force was not given."""
+
+
+def optional_module(name: str, *, needed_by: str, extra: str, error: type[LoratoolError] | None = None) -> Any:
+    """Import the optional package `name` (lazily, where it is needed); when it is not installed, a
+    LoratoolError (or `error`) saying what needs it and how to install it. loratool is installed
+    from a checkout, not from the package index, so the hint names the package and the extra."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise (error or LoratoolError)(
+            f"{needed_by} needs the '{name}' package, which is not installed",
+            hint=f"pip install {name}  (or, in a loratool checkout: pip install -e '.[{extra}]')",
+        ) from None
 
 
 class LoratoolWarning(UserWarning):

@@ -132,8 +132,93 @@ def match_modules(modules: Sequence[LoraModule | LycoModule], base: dict[str, Te
 Target = tuple[str, "LoraModule | LycoModule", str, "tuple[int, int] | None"]  # (module name, module, key, rows)
 
 
-def match_to_base(modules: Sequence[LoraModule | LycoModule], base: dict[str, TensorInfo], *, where: object
-                  ) -> tuple[Match, list[Target], LayoutPlan | None]:
+def match_experts(modules: Sequence[LoraModule], base: dict[str, TensorInfo], *, transposed: bool | None = None
+                  ) -> tuple[Match, list[Target]]:
+    """Match experts of fused parameters (LoraModule.expert; docs/moe.md) to a base.
+
+    A base holding the fused parameter (gpt-oss; a transformers state dict) takes expert e's ΔW at
+    index e, transposed where it stores experts (in, out); `transposed` decides for a square expert
+    (config.json's model_type: moe_transposed). A base storing one Linear per expert (Qwen-MoE,
+    Mixtral on disk: families.moe.STORED) takes ΔW_e split by rows into its parts (gate, up), A shared.
+
+    Returns:
+        (the match, one target per (expert or row part, base key); a fused target's rows are (e, e + 1)).
+    """
+    from loratool.families.layout import rows_of
+    from loratool.families.moe import stored_parts
+
+    index = KeyIndex(list(base))
+    result = Match()
+    targets: list[Target] = []
+    for m in modules:
+        e = m.expert
+        assert e is not None
+        fused = [k for k in (e.param, *_prefix_variants(e.param)) if k in base]
+        if fused:
+            key = fused[0]
+            shape = tuple(base[key].shape)
+            plain = shape == (e.count, m.out_features, m.in_features)
+            flipped = shape == (e.count, m.in_features, m.out_features)
+            if not (plain or flipped):
+                result.shape_mismatch.append((m.name, key, (e.count, m.out_features, m.in_features), shape))
+                continue
+            flip = bool(transposed) if plain and flipped else flipped
+            result.matched[m.name] = key
+            targets.append((m.name, m.with_(fan_in_fan_out=flip), key, (e.index, e.index + 1)))
+            continue
+        found = False
+        for _, paths in stored_parts(e.param, e.index):
+            keys = [index.candidates(p) for p in paths]
+            if not all(len(k) == 1 for k in keys):
+                continue
+            found = True
+            rows = m.out_features // len(paths)
+            want = (rows, m.in_features)
+            bad = [(k[0], tuple(base[k[0]].shape)) for k in keys if tuple(base[k[0]].shape) != want]
+            if rows * len(paths) != m.out_features or bad:
+                key, got = bad[0] if bad else (keys[0][0], tuple(base[keys[0][0]].shape))
+                result.shape_mismatch.append((m.name, key, want, got))
+                break
+            result.matched[m.name] = keys[0][0]
+            for i, k in enumerate(keys):
+                part = m if len(paths) == 1 else rows_of(m, [(i * rows, (i + 1) * rows)], m.name)
+                targets.append((m.name, part.with_(expert=None), k[0], None))
+            break
+        if not found:
+            result.unmatched.append(m.name)
+    return result, targets
+
+
+def moe_transposed(root: Path) -> bool | None:
+    """Whether the model at `root` stores fused experts (in, out) (config.json's model_type; None: no config)."""
+    import json
+
+    from loratool.families.moe import TRANSPOSED_MODEL_TYPES
+
+    try:
+        config = json.loads((root / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return isinstance(config, dict) and config.get("model_type") in TRANSPOSED_MODEL_TYPES
+
+
+def match_to_base(modules: Sequence[LoraModule | LycoModule], base: dict[str, TensorInfo], *, where: object,
+                  transposed: bool | None = None) -> tuple[Match, list[Target], LayoutPlan | None]:
+    """Experts of fused parameters through match_experts, the rest through _match_to_base."""
+    experts = [m for m in modules if isinstance(m, LoraModule) and m.expert is not None]
+    if not experts:
+        return _match_to_base(modules, base, where=where)
+    rest = [m for m in modules if not (isinstance(m, LoraModule) and m.expert is not None)]
+    match, targets, crossed = _match_to_base(rest, base, where=where)
+    em, et = match_experts(experts, base, transposed=transposed)
+    match.matched.update(em.matched)
+    match.unmatched += em.unmatched
+    match.shape_mismatch += em.shape_mismatch
+    return match, targets + et, crossed
+
+
+def _match_to_base(modules: Sequence[LoraModule | LycoModule], base: dict[str, TensorInfo], *, where: object
+                   ) -> tuple[Match, list[Target], LayoutPlan | None]:
     """match_modules, then, when some modules do not match, the other layout of their model family.
 
     An image-model adapter in one side's dialect and a base in the other layout (split q/k/v
@@ -234,7 +319,7 @@ def plan_merge(
         per_module = module_weights[n_adapter] if module_weights is not None else {}
         mods: list[LoraModule | LycoModule] = [*adapter.modules.values(), *adapter.lycoris.values()]
         plan.num_modules += len(mods)
-        match, targets, crossed = match_to_base(mods, base, where=where)
+        match, targets, crossed = match_to_base(mods, base, where=where, transposed=moe_transposed(ckpt.root))
         if crossed is not None:
             if crossed.refused is not None:
                 raise crossed.refused

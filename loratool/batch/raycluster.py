@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from loratool.batch.items import Outcome, Task
-from loratool.errors import IncompatibleError
+from loratool.errors import IncompatibleError, optional_module
 
 Runner = Callable[[list[str], str], tuple[int, str, str]]
 
@@ -51,12 +51,7 @@ def _run_task(runner: Runner, task: Task, memory: int | None) -> Outcome:
 
 
 def _ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise IncompatibleError("--executor ray needs Ray, which is not installed",
-                                hint="pip install 'loratool[ray]'") from None
-    return ray
+    return optional_module("ray", needed_by="--executor ray", extra="ray", error=IncompatibleError)
 
 
 def run_ray(tasks: list[Task], runner: Runner, *, jobs: int = 1, timeout: float | None = None,

@@ -180,6 +180,14 @@ blocks_option = click.option(
 )
 
 
+
+def weighting_options(f):  # type: ignore[no-untyped-def]
+    """--weights, --module-weights and --blocks: how much of each adapter, module and block applies."""
+    for opt in reversed((weights_option, module_weights_option, blocks_option)):
+        f = opt(f)
+    return f
+
+
 def preflight(*, out: str | None = None, force: bool = False, kind: str | None = None,
               inputs: tuple[str | None, ...] | list[str | None] = (), device: str | None = None,
               module_weights: str | None = None, blocks: str | None = None, modules: str | None = None) -> None:

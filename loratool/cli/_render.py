@@ -382,6 +382,10 @@ def render_inspect(doc: dict[str, Any], *, modules: bool, spectrum: bool,
     t.add_row("fan_in_fan_out", _yes(doc["fan_in_fan_out"]))
     t.add_row("kinds", _counts(doc["kinds"]) or "-")
     t.add_row("targets", _counts(doc["targets"]) or "-")
+    for e in doc.get("experts") or []:  # experts of fused MoE parameters (docs/moe.md)
+        ranks = ", ".join(f"{n} at rank {r}" for r, n in e["ranks"].items())
+        t.add_row("experts", f"{e['parameter']}: {e['parameters']} parameter(s) × "
+                  f"{'/'.join(str(c) for c in e['experts'])} experts ({ranks})")
     t.add_row("dtypes", _counts(doc["dtypes"]) or "-")
     t.add_row("LoRA params", f"{doc['lora_params']:,}")
     t.add_row("file size", human_size(doc["file_size"]))

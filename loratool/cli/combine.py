@@ -4,15 +4,13 @@ import click
 
 from loratool.cli._options import (
     allow_variant_option,
-    blocks_option,
     check_adapter_args,
     device_option,
     dtype_option,
     input_path,
-    module_weights_option,
     parse_weights,
     preflight,
-    weights_option,
+    weighting_options,
     write_options,
 )
 from loratool.errors import IncompatibleError
@@ -21,9 +19,7 @@ from loratool.ops.combine import METHODS, check_options
 
 @click.command()
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
-@weights_option
-@module_weights_option
-@blocks_option
+@weighting_options
 @click.option("--method", type=click.Choice(METHODS), default="cat", show_default=True,
               help="cat / svd: exact sum (svd truncated to --rank); ties, dare_*, magnitude_prune: peft's "
                    "merge methods on dense deltas, then truncated; linear: peft's factor averaging (inexact).")

@@ -9,17 +9,15 @@ from loratool.cli._options import (
     OutputPath,
     allow_pickle_option,
     allow_variant_option,
-    blocks_option,
     check_adapter_args,
     device_option,
     force_option,
     json_option,
-    module_weights_option,
     out_option,
     parse_weights,
     preflight,
     quiet_option,
-    weights_option,
+    weighting_options,
 )
 from loratool.errors import LoratoolError
 from loratool.io.outputs import atomic_output, check_output
@@ -30,9 +28,7 @@ from loratool.io.writers import write_text_output
 @click.argument("base", type=click.Path())
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
 @out_option
-@weights_option
-@module_weights_option
-@blocks_option
+@weighting_options
 @click.option("--dtype", type=click.Choice(["keep", "bf16", "fp16", "fp32"]), default="keep", show_default=True,
               help="dtype of the output's floating tensors.")
 @device_option

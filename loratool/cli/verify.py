@@ -4,15 +4,13 @@ import click
 
 from loratool.cli._options import (
     allow_pickle_option,
-    blocks_option,
     check_adapter_args,
     device_option,
     json_option,
-    module_weights_option,
     parse_weights,
     preflight,
     quiet_option,
-    weights_option,
+    weighting_options,
 )
 
 
@@ -20,9 +18,7 @@ from loratool.cli._options import (
 @click.argument("merged", type=click.Path())
 @click.option("--base", required=True, type=click.Path(), help="The base checkpoint MERGED was made from.")
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
-@weights_option
-@module_weights_option
-@blocks_option
+@weighting_options
 @click.option("--dtype", type=click.Choice(["keep", "bf16", "fp16", "fp32"]), default="keep", show_default=True,
               help="The dtype merge was asked for; tensors stored in another dtype are findings.")
 @device_option

@@ -11,41 +11,27 @@ single block's `linear1` holds q, k, v and the MLP input (`proj_mlp`, the rest o
 
 from __future__ import annotations
 
-from loratool.families.model import Family, Relation, one
-
-QKV = (("q", "h"), ("k", "h"), ("v", "h"))
+from loratool.families.model import ADDED_QKV, Family, one, qkv, shift_scale
 
 FAMILY = Family(
     name="flux.1",
     title="FLUX.1 (dev, schnell)",
     relations=(
         # double blocks: image stream
-        Relation("double_blocks.{i}.img_attn.qkv", QKV, (
-            ("transformer_blocks.{i}.attn.to_q", ("q",)),
-            ("transformer_blocks.{i}.attn.to_k", ("k",)),
-            ("transformer_blocks.{i}.attn.to_v", ("v",)),
-        )),
+        qkv("double_blocks.{i}.img_attn.qkv", "transformer_blocks.{i}.attn"),
         one("double_blocks.{i}.img_attn.proj", "transformer_blocks.{i}.attn.to_out.0"),
         one("double_blocks.{i}.img_mlp.0", "transformer_blocks.{i}.ff.net.0.proj"),
         one("double_blocks.{i}.img_mlp.2", "transformer_blocks.{i}.ff.net.2"),
         one("double_blocks.{i}.img_mod.lin", "transformer_blocks.{i}.norm1.linear"),
         # double blocks: text stream
-        Relation("double_blocks.{i}.txt_attn.qkv", QKV, (
-            ("transformer_blocks.{i}.attn.add_q_proj", ("q",)),
-            ("transformer_blocks.{i}.attn.add_k_proj", ("k",)),
-            ("transformer_blocks.{i}.attn.add_v_proj", ("v",)),
-        )),
+        qkv("double_blocks.{i}.txt_attn.qkv", "transformer_blocks.{i}.attn", ADDED_QKV),
         one("double_blocks.{i}.txt_attn.proj", "transformer_blocks.{i}.attn.to_add_out"),
         one("double_blocks.{i}.txt_mlp.0", "transformer_blocks.{i}.ff_context.net.0.proj"),
         one("double_blocks.{i}.txt_mlp.2", "transformer_blocks.{i}.ff_context.net.2"),
         one("double_blocks.{i}.txt_mod.lin", "transformer_blocks.{i}.norm1_context.linear"),
         # single blocks
-        Relation("single_blocks.{i}.linear1", (*QKV, ("mlp", "4h")), (  # FLUX.1's mlp_ratio is 4
-            ("single_transformer_blocks.{i}.attn.to_q", ("q",)),
-            ("single_transformer_blocks.{i}.attn.to_k", ("k",)),
-            ("single_transformer_blocks.{i}.attn.to_v", ("v",)),
-            ("single_transformer_blocks.{i}.proj_mlp", ("mlp",)),
-        )),
+        qkv("single_blocks.{i}.linear1", "single_transformer_blocks.{i}.attn",  # FLUX.1's mlp_ratio is 4
+            extra=(("mlp", "4h", "single_transformer_blocks.{i}.proj_mlp"),)),
         one("single_blocks.{i}.linear2", "single_transformer_blocks.{i}.proj_out"),
         one("single_blocks.{i}.modulation.lin", "single_transformer_blocks.{i}.norm.linear"),
         # embedders and the final layer
@@ -58,8 +44,7 @@ FAMILY = Family(
         one("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
         one("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
         one("final_layer.linear", "proj_out"),
-        Relation("final_layer.adaLN_modulation.1", (("shift", "half"), ("scale", "half")),
-                 (("norm_out.linear", ("scale", "shift")),)),
+        shift_scale("final_layer.adaLN_modulation.1", "norm_out.linear"),
     ),
     blocks={"double_blocks": 19, "single_blocks": 38, "transformer_blocks": 19, "single_transformer_blocks": 38},
     base_layouts={

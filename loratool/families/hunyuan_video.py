@@ -17,15 +17,10 @@ rows each), a single block's `linear1` (q, k, v and the MLP input), the token re
 
 from __future__ import annotations
 
-from loratool.families.model import Family, Relation, one
+from loratool.families.model import ADDED_QKV, Family, one, qkv, shift_scale
 
-QKV = (("q", "h"), ("k", "h"), ("v", "h"))
 _REFINER = "txt_in.individual_token_refiner.blocks.{i}"
 _REFINER_D = "context_embedder.token_refiner.refiner_blocks.{i}"
-
-
-def _qkv(original: str, diffusers: str, names: tuple[str, str, str] = ("to_q", "to_k", "to_v")) -> Relation:
-    return Relation(original, QKV, tuple((f"{diffusers}.{n}", (c,)) for n, c in zip(names, "qkv")))
 
 
 FAMILY = Family(
@@ -33,7 +28,7 @@ FAMILY = Family(
     title="HunyuanVideo",
     relations=(
         # double blocks: image stream
-        _qkv("double_blocks.{i}.img_attn_qkv", "transformer_blocks.{i}.attn"),
+        qkv("double_blocks.{i}.img_attn_qkv", "transformer_blocks.{i}.attn"),
         one("double_blocks.{i}.img_attn_proj", "transformer_blocks.{i}.attn.to_out.0"),
         one("double_blocks.{i}.img_mlp.fc1", "transformer_blocks.{i}.ff.net.0.proj"),
         one("double_blocks.{i}.img_mlp.fc2", "transformer_blocks.{i}.ff.net.2"),
@@ -41,8 +36,8 @@ FAMILY = Family(
         one("double_blocks.{i}.img_attn_q_norm", "transformer_blocks.{i}.attn.norm_q"),
         one("double_blocks.{i}.img_attn_k_norm", "transformer_blocks.{i}.attn.norm_k"),
         # double blocks: text stream
-        _qkv("double_blocks.{i}.txt_attn_qkv", "transformer_blocks.{i}.attn",
-             ("add_q_proj", "add_k_proj", "add_v_proj")),
+        qkv("double_blocks.{i}.txt_attn_qkv", "transformer_blocks.{i}.attn",
+             ADDED_QKV),
         one("double_blocks.{i}.txt_attn_proj", "transformer_blocks.{i}.attn.to_add_out"),
         one("double_blocks.{i}.txt_mlp.fc1", "transformer_blocks.{i}.ff_context.net.0.proj"),
         one("double_blocks.{i}.txt_mlp.fc2", "transformer_blocks.{i}.ff_context.net.2"),
@@ -50,12 +45,8 @@ FAMILY = Family(
         one("double_blocks.{i}.txt_attn_q_norm", "transformer_blocks.{i}.attn.norm_added_q"),
         one("double_blocks.{i}.txt_attn_k_norm", "transformer_blocks.{i}.attn.norm_added_k"),
         # single blocks
-        Relation("single_blocks.{i}.linear1", (*QKV, ("mlp", "4h")), (  # mlp_width_ratio 4
-            ("single_transformer_blocks.{i}.attn.to_q", ("q",)),
-            ("single_transformer_blocks.{i}.attn.to_k", ("k",)),
-            ("single_transformer_blocks.{i}.attn.to_v", ("v",)),
-            ("single_transformer_blocks.{i}.proj_mlp", ("mlp",)),
-        )),
+        qkv("single_blocks.{i}.linear1", "single_transformer_blocks.{i}.attn",  # mlp_width_ratio 4
+            extra=(("mlp", "4h", "single_transformer_blocks.{i}.proj_mlp"),)),
         one("single_blocks.{i}.linear2", "single_transformer_blocks.{i}.proj_out"),
         one("single_blocks.{i}.modulation.linear", "single_transformer_blocks.{i}.norm.linear"),
         one("single_blocks.{i}.q_norm", "single_transformer_blocks.{i}.attn.norm_q"),
@@ -66,7 +57,7 @@ FAMILY = Family(
         one("txt_in.t_embedder.mlp.2", "context_embedder.time_text_embed.timestep_embedder.linear_2"),
         one("txt_in.c_embedder.linear_1", "context_embedder.time_text_embed.text_embedder.linear_1"),
         one("txt_in.c_embedder.linear_2", "context_embedder.time_text_embed.text_embedder.linear_2"),
-        _qkv(f"{_REFINER}.self_attn_qkv", f"{_REFINER_D}.attn"),
+        qkv(f"{_REFINER}.self_attn_qkv", f"{_REFINER_D}.attn"),
         one(f"{_REFINER}.self_attn_proj", f"{_REFINER_D}.attn.to_out.0"),
         one(f"{_REFINER}.mlp.fc1", f"{_REFINER_D}.ff.net.0.proj"),
         one(f"{_REFINER}.mlp.fc2", f"{_REFINER_D}.ff.net.2"),
@@ -82,8 +73,7 @@ FAMILY = Family(
         one("guidance_in.mlp.0", "time_text_embed.guidance_embedder.linear_1"),
         one("guidance_in.mlp.2", "time_text_embed.guidance_embedder.linear_2"),
         one("final_layer.linear", "proj_out"),
-        Relation("final_layer.adaLN_modulation.1", (("shift", "half"), ("scale", "half")),
-                 (("norm_out.linear", ("scale", "shift")),)),
+        shift_scale("final_layer.adaLN_modulation.1", "norm_out.linear"),
     ),
     blocks={"double_blocks": 20, "single_blocks": 40, "transformer_blocks": 20, "single_transformer_blocks": 40,
             "txt_in": 2, "context_embedder": 2},

@@ -160,7 +160,7 @@ def _offsets(rel: Relation, total: int, width: int, where: str) -> dict[str, tup
     return out
 
 
-def _rows_of(m: LoraModule, spans: list[tuple[int, int]], name: str) -> LoraModule:
+def rows_of(m: LoraModule, spans: list[tuple[int, int]], name: str) -> LoraModule:
     """m with B (and its bias) cut to `spans` of its rows, concatenated; A shared. Lazy, exact."""
     from loratool.io.tensors import TensorRef
 
@@ -250,10 +250,10 @@ def _map(modules: Sequence[Module], family: Family, dialect: str, layout: BaseLa
             start = 0  # several chunks in this module: one piece of B per chunk, each to its rows
             for c in chunks:
                 n = spans[c][1] - spans[c][0]
-                aim(m.name, _rows_of(m, [(start, start + n)], m.name), fused_key, spans[c])
+                aim(m.name, rows_of(m, [(start, start + n)], m.name), fused_key, spans[c])
                 start += n
         else:  # a fused module into the split base weights: B split by rows, A shared
             spans = _offsets(rel, m.out_features, m.in_features, m.name)
             for template, chunks in rel.split:
-                aim(m.name, _rows_of(m, [spans[c] for c in chunks], m.name), layout.key(_fill(template, i)))
+                aim(m.name, rows_of(m, [spans[c] for c in chunks], m.name), layout.key(_fill(template, i)))
     return plan

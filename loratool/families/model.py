@@ -53,6 +53,26 @@ def one(original: str, diffusers: str) -> Relation:
     return Relation(original, (("all", "rest"),), ((diffusers, ("all",)),))
 
 
+QKV = (("q", "h"), ("k", "h"), ("v", "h"))
+# the context (text) stream's q, k, v in diffusers' joint attention
+ADDED_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")
+
+
+def qkv(original: str, attn: str, names: tuple[str, str, str] = ("to_q", "to_k", "to_v"),
+        *, extra: tuple[tuple[str, str, str], ...] = ()) -> Relation:
+    """A fused attention input: q, k, v (h rows each) in `original`, diffusers' `attn.<name>` modules
+    (to_q / to_k / to_v, or the context stream's add_q_proj / ...); `extra` chunks follow v as
+    (chunk, size, diffusers path), e.g. a single block's MLP input."""
+    split = tuple((f"{attn}.{n}", (c,)) for n, c in zip(names, "qkv"))
+    return Relation(original, (*QKV, *((c, n) for c, n, _ in extra)), (*split, *((d, (c,)) for c, _, d in extra)))
+
+
+def shift_scale(original: str, diffusers: str) -> Relation:
+    """A final-layer modulation: (shift, scale) halves in the original, (scale, shift) in diffusers'
+    AdaLayerNormContinuous."""
+    return Relation(original, (("shift", "half"), ("scale", "half")), ((diffusers, ("scale", "shift")),))
+
+
 @dataclass(frozen=True)
 class Family:
     """A model family: its relations and its base checkpoint layouts.

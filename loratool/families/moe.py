@@ -19,6 +19,8 @@ from dataclasses import dataclass
 # parameters (named_parameters), the first innermost: these are the orders transformers' expert
 # modules define them in. A name not listed comes after these, in the config's order.
 PARAM_ORDER = ("gate_up_proj", "gate_up_proj_bias", "gate_proj", "up_proj", "down_proj", "down_proj_bias")
+# the fused expert weights (3-D) a LoRA can adapt: extract decomposes them per expert
+EXPERT_PARAMS = frozenset(p for p in PARAM_ORDER if not p.endswith("_bias"))
 
 # model_type (config.json) whose fused expert parameters hold each expert as (in, out):
 # `@use_experts_implementation(is_transposed=True)` in transformers 5

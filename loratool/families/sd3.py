@@ -20,9 +20,8 @@ embedding convolution (diffusers `pos_embed.proj`).
 
 from __future__ import annotations
 
-from loratool.families.model import Family, Relation, one
+from loratool.families.model import ADDED_QKV, Family, Relation, one, qkv, shift_scale
 
-QKV = (("q", "h"), ("k", "h"), ("v", "h"))
 # (shift, scale) on the original side, (scale, shift) in diffusers' AdaLayerNormContinuous
 SHIFT_SCALE = (("shift", "half"), ("scale", "half"))
 
@@ -31,27 +30,15 @@ FAMILY = Family(
     title="Stable Diffusion 3 / 3.5 (medium, large)",
     relations=(
         # image stream
-        Relation("joint_blocks.{i}.x_block.attn.qkv", QKV, (
-            ("transformer_blocks.{i}.attn.to_q", ("q",)),
-            ("transformer_blocks.{i}.attn.to_k", ("k",)),
-            ("transformer_blocks.{i}.attn.to_v", ("v",)),
-        )),
+        qkv("joint_blocks.{i}.x_block.attn.qkv", "transformer_blocks.{i}.attn"),
         one("joint_blocks.{i}.x_block.attn.proj", "transformer_blocks.{i}.attn.to_out.0"),
-        Relation("joint_blocks.{i}.x_block.attn2.qkv", QKV, (
-            ("transformer_blocks.{i}.attn2.to_q", ("q",)),
-            ("transformer_blocks.{i}.attn2.to_k", ("k",)),
-            ("transformer_blocks.{i}.attn2.to_v", ("v",)),
-        )),
+        qkv("joint_blocks.{i}.x_block.attn2.qkv", "transformer_blocks.{i}.attn2"),
         one("joint_blocks.{i}.x_block.attn2.proj", "transformer_blocks.{i}.attn2.to_out.0"),
         one("joint_blocks.{i}.x_block.mlp.fc1", "transformer_blocks.{i}.ff.net.0.proj"),
         one("joint_blocks.{i}.x_block.mlp.fc2", "transformer_blocks.{i}.ff.net.2"),
         one("joint_blocks.{i}.x_block.adaLN_modulation.1", "transformer_blocks.{i}.norm1.linear"),
         # text stream
-        Relation("joint_blocks.{i}.context_block.attn.qkv", QKV, (
-            ("transformer_blocks.{i}.attn.add_q_proj", ("q",)),
-            ("transformer_blocks.{i}.attn.add_k_proj", ("k",)),
-            ("transformer_blocks.{i}.attn.add_v_proj", ("v",)),
-        )),
+        qkv("joint_blocks.{i}.context_block.attn.qkv", "transformer_blocks.{i}.attn", ADDED_QKV),
         one("joint_blocks.{i}.context_block.attn.proj", "transformer_blocks.{i}.attn.to_add_out"),
         one("joint_blocks.{i}.context_block.mlp.fc1", "transformer_blocks.{i}.ff_context.net.0.proj"),
         one("joint_blocks.{i}.context_block.mlp.fc2", "transformer_blocks.{i}.ff_context.net.2"),
@@ -68,7 +55,7 @@ FAMILY = Family(
         one("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
         one("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
         one("final_layer.linear", "proj_out"),
-        Relation("final_layer.adaLN_modulation.1", SHIFT_SCALE, (("norm_out.linear", ("scale", "shift")),)),
+        shift_scale("final_layer.adaLN_modulation.1", "norm_out.linear"),
     ),
     blocks={"joint_blocks": 38, "transformer_blocks": 38},
     base_layouts={

@@ -11,19 +11,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from loratool.errors import FormatError, LoratoolError
+from loratool.errors import FormatError, optional_module
 from loratool.formats.tensorfile import TensorFile
 from loratool.io.tensors import TensorRef
 
 
 def _gguf() -> Any:
     """The gguf package, imported lazily; a clear error when it is not installed."""
-    try:
-        import gguf
-    except ImportError:
-        raise LoratoolError("GGUF needs the 'gguf' package, which is not installed",
-                            hint="pip install 'loratool[gguf]'  (or: pip install gguf)") from None
-    return gguf
+    return optional_module("gguf", needed_by="GGUF", extra="gguf")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from loratool.hub.urls import (
     DEFAULT_REVISION,
     HF_SCHEME,
     HfUrl,
+    RepoFiles,
     _check_repo_id,
     check_repo_file,
     is_hf_url,
@@ -32,36 +33,18 @@ PEFT_CONFIG = "adapter_config.json"
 
 
 @dataclass
-class PullResult:
+class PullResult(RepoFiles):
     """What `pull` fetched and where it lies; to_dict() is the --json document."""
 
-    repo_id: str
-    revision: str  # as asked (default branch when none was)
-    commit: str | None  # the commit the files come from
     subfolder: str | None
     path: Path  # local directory (or file) to pass to other commands
-    files: list[str]  # relative to the repo root
-    size: int
     cached_only: bool  # True: path is inside the HF cache; False: copied to -o
     described: Described
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema": 1,
-            "repo_id": self.repo_id,
-            "revision": self.revision,
-            "commit": self.commit,
-            "subfolder": self.subfolder,
-            "path": str(self.path),
-            "in_cache": self.cached_only,
-            "files": self.files,
-            "size": self.size,
-            "kind": self.described.kind,
-            "summary": self.described.summary,
-            "note": self.described.note,
-            "warnings": [],
-        }
-
+        d = self.described
+        return self._document({"subfolder": self.subfolder, "path": str(self.path), "in_cache": self.cached_only},
+                              {"kind": d.kind, "summary": d.summary, "note": d.note, "warnings": []})
 
 
 def resolve_path(path_str: str | os.PathLike[str], *, token: str | None = None, endpoint: str | None = None,
@@ -321,8 +304,9 @@ def pull(repo_id: str, revision: str | None = None, subfolder: str | None = None
     if out_dir is not None:
         path = _copy_out(fetched, Path(out_dir), force=force)
     size = sum((fetched.snapshot / f).stat().st_size for f in fetched.files if (fetched.snapshot / f).exists())
-    return PullResult(repo_id, revision or DEFAULT_REVISION, _commit_of(fetched.snapshot), sub or None, path,
-                      fetched.files, size, out_dir is None, (describe or describe_files)(path))
+    return PullResult(repo_id, revision or DEFAULT_REVISION, _commit_of(fetched.snapshot), fetched.files, size,
+                      subfolder=sub or None, path=path, cached_only=out_dir is None,
+                      described=(describe or describe_files)(path))
 
 
 def _copy_out(fetched: _Fetched, out: Path, *, force: bool) -> Path:

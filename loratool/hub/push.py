@@ -14,20 +14,15 @@ from loratool.hub._env import _api, _endpoint, _offline, _timeout, _token
 from loratool.hub.card import check_base_model, fix_front_matter, hub_model_id, model_card
 from loratool.hub.describe import Describe, describe_files
 from loratool.hub.errors import _boundary
-from loratool.hub.urls import _NAME, DEFAULT_REVISION, HF_SCHEME, _check_repo_id
+from loratool.hub.urls import _NAME, DEFAULT_REVISION, HF_SCHEME, RepoFiles, _check_repo_id
 
 
 @dataclass
-class PushResult:
-    """What `push` committed; to_dict() is the --json document."""
+class PushResult(RepoFiles):
+    """What `push` committed; to_dict() is the --json document. `files` include README.md when generated."""
 
-    repo_id: str
-    revision: str  # the branch pushed to
-    commit: str
     commit_url: str
     url: str  # the repo page
-    files: list[str]  # paths in the repo, README.md included when generated
-    size: int
     card: str  # generated | replaced | kept | uploaded (the README.md came with the files)
     created_repo: bool
     created_branch: bool
@@ -35,22 +30,10 @@ class PushResult:
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema": 1,
-            "repo_id": self.repo_id,
-            "revision": self.revision,
-            "commit": self.commit,
-            "commit_url": self.commit_url,
-            "url": self.url,
-            "files": self.files,
-            "size": self.size,
-            "card": self.card,
-            "created_repo": self.created_repo,
-            "created_branch": self.created_branch,
-            "new_commit": self.changed,
-            "warnings": self.warnings,
-        }
-
+        return self._document({"commit_url": self.commit_url, "url": self.url},
+                              {"card": self.card, "created_repo": self.created_repo,
+                               "created_branch": self.created_branch, "new_commit": self.changed,
+                               "warnings": self.warnings})
 
 
 def _upload_files(path: Path) -> list[tuple[str, Path]]:
@@ -196,6 +179,7 @@ def push(path: str | os.PathLike[str], repo_id: str, private: bool = False, revi
             repo_id, ops, commit_message=message or f"Upload {src.name} with loratool", revision=branch,
         )
     size = sum(f.stat().st_size for _, f in files)
-    return PushResult(repo_id, branch, commit.oid, commit.commit_url, f"{ep}/{repo_id}", names, size, card,
-                      created_repo, created_branch, commit.oid != head, warnings)
+    return PushResult(repo_id, branch, commit.oid, names, size, commit_url=commit.commit_url, url=f"{ep}/{repo_id}",
+                      card=card, created_repo=created_repo, created_branch=created_branch,
+                      changed=commit.oid != head, warnings=warnings)
 

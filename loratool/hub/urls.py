@@ -7,6 +7,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 from loratool.errors import HubError
@@ -147,3 +148,19 @@ def check_repo_file(name: str, where: str) -> str:
                        hint="refusing a name that could lead outside its folder; the repository listing is corrupt "
                        "or hostile")
     return name
+
+
+@dataclass
+class RepoFiles:
+    """What a pull or a push moved: the repo, the revision asked for, the commit, the files, their size."""
+
+    repo_id: str
+    revision: str
+    commit: str | None
+    files: list[str]  # paths in the repo
+    size: int
+
+    def _document(self, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+        """The --json document: these fields, with the command's own `before` and `after` the files."""
+        head = {"schema": 1, "repo_id": self.repo_id, "revision": self.revision, "commit": self.commit}
+        return {**head, **before, "files": self.files, "size": self.size, **after}

@@ -23,7 +23,7 @@ import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, Required, TypedDict, Unpack
 
 from loratool.errors import FormatError, IncompatibleError, LoratoolError, LoratoolWarning, OutputExistsError
 from loratool.io.claims import _PID_MAX, _RENAME_EXCHANGE, _RENAME_NOREPLACE, _alive, _Claim, _renameat2
@@ -268,16 +268,19 @@ def _in_temporary(p: Path, tmp: Path) -> bool:
         return True
 
 
+class OutputChecks(TypedDict):
+    """What check_output is told about an output (atomic_output passes it on): force, whether it is
+    a directory, the run's inputs and other outputs it must not be, and what it is (for messages)."""
+
+    force: Required[bool]
+    directory: Required[bool]
+    inputs: NotRequired[Iterable[str | os.PathLike[str]]]
+    others: NotRequired[Iterable[str | os.PathLike[str]]]
+    kind: NotRequired[str | None]
+
+
 @contextlib.contextmanager
-def atomic_output(
-    out: str | os.PathLike[str],
-    *,
-    force: bool,
-    directory: bool,
-    inputs: Iterable[str | os.PathLike[str]] = (),
-    others: Iterable[str | os.PathLike[str]] = (),
-    kind: str | None = None,
-) -> Iterator[Path]:
+def atomic_output(out: str | os.PathLike[str], **checks: Unpack[OutputChecks]) -> Iterator[Path]:
     """Yield a temporary sibling of `out`; move it into place only when the block completes.
 
     The output is checked (check_output), then claimed: a lock file beside it, held for the whole
@@ -294,7 +297,8 @@ def atomic_output(
             is writing it. IncompatibleError: see check_output. LoratoolError: the folder cannot be
             written (read-only, permission, disk full).
     """
-    check_output(out, force=force, directory=directory, inputs=inputs, others=others, kind=kind)
+    check_output(out, **checks)
+    force, directory, kind = checks["force"], checks["directory"], checks.get("kind")
     shown = Path(out)
     target = Path(os.path.abspath(out))
     parent = target.parent

@@ -60,7 +60,8 @@ def merged_tensor(
     magnitude), W' = m ⊙ (W + acc) / ‖W + acc‖, the norm per output row or per input column
     (dora_normalise). `terms` are (module, weight) pairs, or (module,
     weight, rows): the delta then covers rows start:stop of W only (one part of a fused weight,
-    families/layout.py), and only those rows are computed; with `bias` the deltas are the modules'
+    families/layout.py; or expert e of a fused 3-D expert weight, rows e:e+1, docs/moe.md), and only
+    those rows are computed; with `bias` the deltas are the modules'
     lora_B biases (scale · bias).
 
     Plain LoRA takes the fast path: each delta is formed and added in place into a float32 copy of W
@@ -96,7 +97,9 @@ def merged_tensor(
             if weight != 1.0 or unmerge:
                 d.mul_(sign * weight)
             transposed = module.kind == "embedding" or module.fan_in_fan_out  # W is (in, out)
-            target.add_(d.T if transposed else d)
+            d = d.T if transposed else d
+            # one expert of a fused (E, out, in) weight: rows e:e+1 of its (E, out·in) view
+            target.add_(d if d.shape == target.shape else d.reshape(target.shape))
             del d
         return w, new, None
     w = stored.to(device=device, dtype=acc_dtype)

@@ -418,7 +418,7 @@ def combine_module(
     module = LoraModule(
         name=m0.name, down=TensorRef.from_tensor(new_down), up=TensorRef.from_tensor(new_up), alpha=float(k),
         alpha_source=alpha_source,  # type: ignore[arg-type]
-        rslora=False, bias=bias, kind=m0.kind, fan_in_fan_out=m0.fan_in_fan_out,
+        rslora=False, bias=bias, kind=m0.kind, fan_in_fan_out=m0.fan_in_fan_out, expert=m0.expert,
     )
     return module, k, kept, rel_error
 

@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loratool.adapter import Adapter, Kind, LoraModule
+from loratool.adapter import Adapter, Expert, Kind, LoraModule, expert_name
 from loratool.errors import IncompatibleError
+from loratool.families.moe import EXPERT_PARAMS
 from loratool.io.checkpoint import Checkpoint
 from loratool.io.copies import BackgroundSha256
 from loratool.io.header import TensorInfo, read_side_file
@@ -178,6 +179,9 @@ def _plan(base: Checkpoint, tuned: Checkpoint, *, modules: str | None, embedding
           report: ExtractReport, quantized: set[str] | None = None) -> list[_Pair]:
     """The tensor pairs to compare, in the base's order. Raises on a shape mismatch it would use."""
     from loratool.formats import is_transposed_layer  # GPT-2 Conv1D layers store their weight (in, out)
+    from loratool.keymap import moe_transposed
+
+    transposed_experts = moe_transposed(base.root)
 
     rx = None
     if modules is not None:
@@ -226,6 +230,10 @@ def _plan(base: Checkpoint, tuned: Checkpoint, *, modules: str | None, embedding
             pairs.append(_Pair(key, module, "lora", bi, ti, kind=kind, transposed=is_embedding or conv1d))
         elif len(bi.shape) == 1:
             pairs.append(_Pair(key, module, "vector", bi, ti))
+        elif len(bi.shape) == 3 and ".experts" in module and leaf in EXPERT_PARAMS:
+            # a fused MoE expert parameter (E, out, in), (E, in, out) where the model stores experts
+            # transposed (docs/moe.md): one LoRA per expert, named `<key>[e]`
+            pairs.append(_Pair(key, key, "experts", bi, ti, transposed=bool(transposed_experts)))
         else:
             pairs.append(_Pair(key, module, "skip", bi, ti, reason="not a layer's weight"))
     if rx is not None and not selected:
@@ -426,7 +434,7 @@ def _extract(
     base_name = cfg.get("_name_or_path") or None
     archs = cfg.get("architectures") or []
     config: dict[str, Any] = {
-        "target_modules": _target_modules(list(lora), base_ckpt),
+        "target_modules": _target_modules([n for n, m in lora.items() if m.expert is None], base_ckpt),
         "r": max((m.rank for m in lora.values()), default=None),  # the rest go to rank_pattern
         "base_model_name_or_path": base_name,
         "task_type": "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in archs) else None,
@@ -467,7 +475,19 @@ def _one(
         report.changed.append(ChangedTensor(pair.key, list(pair.base.shape), "skipped", pair.reason, rel))
         return
     shape = tuple(pair.base.shape)
+    if pair.role == "experts":  # expert e's ΔW_e (out, in) is d[e], or d[e]ᵀ when stored (in, out)
+        for e in range(shape[0]):
+            _decompose(pair, expert_name(pair.key, e), d[e].T if pair.transposed else d[e], shape[1:],
+                       rank, threshold, exact_max_dim, lora, rows, rel, Expert(pair.key, e, shape[0]))
+        return
     m = d.T if pair.transposed else d.reshape(shape[0], -1)  # (out, in·k); embedding (dim, vocab)
+    _decompose(pair, pair.module, m, shape, rank, threshold, exact_max_dim, lora, rows, rel, None)
+
+
+def _decompose(pair: _Pair, name: str, m: torch.Tensor, shape: tuple[int, ...], rank: int | None,
+               threshold: float | None, exact_max_dim: int, lora: dict[str, LoraModule],
+               rows: dict[str, ModuleExtract], rel: float, expert: Expert | None) -> None:
+    """The truncated SVD of one ΔW as (out, in·k) `m`, stored as the LoRA module `name`."""
     u, s, vh, method, total = truncated_svd(m, rank, threshold, exact_max_dim=exact_max_dim)
     k = s.shape[0]
     root = s.sqrt()
@@ -477,10 +497,9 @@ def _one(
         up = up.reshape(shape[0], k, *([1] * (len(shape) - 2)))  # (out, k, 1, 1)
         down = down.reshape(k, *shape[1:])  # (k, in, kh, kw)
     kept = min(1.0, float((s.double() ** 2).sum()) / total) if total > 0 else 1.0
-    lora[pair.module] = LoraModule(
-        name=pair.module, down=TensorRef.from_tensor(down.contiguous()), up=TensorRef.from_tensor(up.contiguous()),
+    lora[name] = LoraModule(
+        name=name, down=TensorRef.from_tensor(down.contiguous()), up=TensorRef.from_tensor(up.contiguous()),
         alpha=float(k), alpha_source="config", kind=pair.kind,
-        fan_in_fan_out=pair.transposed and pair.kind == "linear",
+        fan_in_fan_out=pair.transposed and pair.kind == "linear" and expert is None, expert=expert,
     )
-    rows[pair.module] = ModuleExtract(pair.module, pair.kind, list(shape), k, kept, math.sqrt(max(0.0, 1.0 - kept)),
-                                      rel, method)
+    rows[name] = ModuleExtract(name, pair.kind, list(shape), k, kept, math.sqrt(max(0.0, 1.0 - kept)), rel, method)

@@ -55,6 +55,7 @@ class InspectReport:
             "kinds": dict(Counter(m.kind for m in mods).most_common()),
             "dora_axes": dict(Counter(m.dora_axis for m in mods if m.magnitude is not None).most_common()),
             "dtypes": dict(Counter(t.dtype for m in mods for t in (m.down, m.up)).most_common()),
+            "experts": _experts(mods),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,6 +80,8 @@ class InspectReport:
                 "dtype": m.dtype,
                 "down_shape": list(m.down.shape),
                 "up_shape": list(m.up.shape),
+                "expert": None if m.expert is None else {
+                    "param": m.expert.param, "index": m.expert.index, "count": m.expert.count},
             }
             if m.name in self.spectra:
                 sp = self.spectra[m.name]
@@ -132,6 +135,21 @@ class InspectReport:
             "warnings": self.warnings,
             "modules": modules,
         }
+
+
+def _experts(mods: list[LoraModule]) -> list[dict[str, Any]]:
+    """Experts of fused parameters (docs/moe.md) by parameter name: how many parameters (one per
+    layer), experts per parameter, and the ranks of the experts."""
+    groups: dict[str, list[LoraModule]] = {}
+    for m in mods:
+        if m.expert is not None:
+            groups.setdefault(m.short_name, []).append(m)
+    return [{
+        "parameter": name,
+        "parameters": len({m.expert.param for m in group if m.expert}),
+        "experts": sorted({m.expert.count for m in group if m.expert}),
+        "ranks": dict(sorted(Counter(m.rank for m in group).items())),
+    } for name, group in groups.items()]
 
 
 def _family(a: Adapter) -> dict[str, Any]:

@@ -203,7 +203,7 @@ def _checkable(t: torch.Tensor) -> torch.Tensor:
 def _check_base(adapter: Adapter, base: Path, findings: Findings) -> tuple[dict[str, str], dict[str, Any]]:
     from loratool.formats import extra_base_key
     from loratool.io.checkpoint import open_checkpoint
-    from loratool.keymap import KeyIndex, match_to_base
+    from loratool.keymap import KeyIndex, match_to_base, moe_transposed
     from loratool.storage import detect
 
     ckpt = open_checkpoint(base)
@@ -216,7 +216,7 @@ def _check_base(adapter: Adapter, base: Path, findings: Findings) -> tuple[dict[
                        hint="merge into the unquantized (16-bit) base, then quantize the merged model")
     # the same matching as merge: an image LoRA in the other layout of its family maps through its relations
     match, _, crossed = match_to_base([*adapter.modules.values(), *adapter.lycoris.values()], tensors,
-                                      where=adapter.path)
+                                      where=adapter.path, transposed=moe_transposed(ckpt.root))
     if crossed is not None and crossed.refused is not None:
         findings.error("unmatched-module", None, str(crossed.refused), hint=crossed.refused.hint)
     for name in match.unmatched:

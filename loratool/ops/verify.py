@@ -299,15 +299,26 @@ def _check_lowrank(w: torch.Tensor, m: torch.Tensor, contribs: list[Contribution
     flip = transposed.pop()
     import torch
 
+    experts = w.dim() == 3 and all(mod.expert is not None for mod in loras)
     terms = []
     for c, mod in zip(contribs, loras):
         up, down = factors(mod)  # (out, r), (r, in·k), float32
         up = up.double() * (c.weight * mod.scale)
-        if c.rows is not None:  # a part of a fused weight: B padded with zero rows, still low rank
+        if experts and c.rows is not None:
+            # expert e of a fused (E, d1, d2) weight: rows e·d1:(e+1)·d1 of its (E·d1, d2) view, where
+            # it is up @ down, or (up @ down)ᵀ = downᵀ @ upᵀ when the weight holds experts (in, out)
+            if flip:
+                up, down = down.T.double(), up.T
+            full = torch.zeros((w.shape[0] * w.shape[1], up.shape[1]), dtype=up.dtype)
+            full[c.rows[0] * w.shape[1]:c.rows[1] * w.shape[1]] = up
+            up = full
+        elif c.rows is not None:  # a part of a fused weight: B padded with zero rows, still low rank
             full = torch.zeros((w.shape[0], up.shape[1]), dtype=up.dtype)
             full[c.rows[0]:c.rows[1]] = up
             up = full
         terms.append((up, down.double()))
+    if experts:
+        w, m, flip = w.reshape(-1, w.shape[-1]), m.reshape(-1, m.shape[-1]), False
 
     # 16-bit tensors: float32 is exact for R and precise enough (maths.compare.realized_projection)
     work = torch.float32 if unit >= UNIT_ROUNDOFF["float16"] and {w.dtype, m.dtype} <= {

@@ -15,6 +15,9 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt_oss": ("GptOssConfig", dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
                                      layer_types=["sliding_attention", "full_attention"], **ATTN)),
     "mixtral": ("MixtralConfig", dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, **ATTN)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(intermediate_size=64, moe_intermediate_size=16,
+                                         shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+                                         **ATTN)),
 }
 PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
@@ -73,3 +76,28 @@ def expert_wrappers(pm: Any) -> dict[str, Any]:
             module = name.replace(".base_layer", "")
             out[f"{module}.{mod.parameter_name}"] = mod
     return out
+
+
+def per_expert_model(checkpoint: Path) -> Any:
+    """A torch model holding a Mixtral checkpoint's experts as it stores them on disk, one Linear per
+    expert (`model.layers.{i}.block_sparse_moe.experts.{e}.w1/w2/w3`), as transformers 4 built them:
+    what per-expert `target_modules` adapters were trained on. Weights loaded from `checkpoint`."""
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = load_file(checkpoint / "model.safetensors")
+    root = torch.nn.Module()
+    for key, t in tensors.items():
+        if ".experts." not in key:
+            continue
+        *path, last, _ = key.split(".")
+        node = root
+        for part in path:
+            if not hasattr(node, part):
+                node.add_module(part, torch.nn.Module())
+            node = getattr(node, part)
+        linear = torch.nn.Linear(t.shape[1], t.shape[0], bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(t)
+        node.add_module(last, linear)
+    return root
