@@ -116,7 +116,8 @@ def _match_base(adapter: Adapter, base: Path) -> tuple[dict[str, str], dict[str,
     from loratool.keymap import match_modules
 
     ckpt = open_checkpoint(base)
-    match = match_modules(list(adapter.modules.values()), ckpt.tensors)
+    # experts of fused parameters keep their names (the parameter's path, docs/moe.md): a layout put them there
+    match = match_modules([m for m in adapter.modules.values() if m.expert is None], ckpt.tensors)
     match.refuse_shape_mismatch(adapter.path, base)
     problems = [*match.unmatched, *(f"{n} (ambiguous: {', '.join(k)})" for n, k in match.ambiguous.items())]
     if problems:
@@ -332,7 +333,7 @@ def convert(
     kept_lyco: dict[str, LycoModule] = {}
     for name, m in adapter.modules.items():
         new, by = names[name]
-        fitted = _fit_layout(m, shapes[matched[name]]) if matched is not None else m
+        fitted = _fit_layout(m, shapes[matched[name]]) if matched is not None and name in matched else m
         modules[new] = fitted.with_(name=new)
         read_as = origin.get(name, name)
         orig = as_read.get(read_as, m)  # a module a layout split or fused: as written

@@ -109,16 +109,27 @@ def test_gguf_back_to_the_per_expert_checkpoint_names(moe_dir, tmp_path, name):
 
 def test_gpt_oss_gguf_back_to_its_fused_parameters_bit_exact(moe_dir, tmp_path):
     """gpt-oss keeps its experts fused on disk: gate and up (alternate rows) are fused back with their
-    shared down, giving peft's own factors again."""
-    src = read(moe_dir / "gpt_oss" / "lora")
-    back = from_gguf_layout(read(_to_gguf(moe_dir, "gpt_oss", tmp_path)), moe_dir / "gpt_oss" / "base")
+    shared down, giving peft's own factors again, and peft loads the result with the same logits."""
+    from moe_models import peft_model
+
+    base, lora = moe_dir / "gpt_oss" / "base", moe_dir / "gpt_oss" / "lora"
+    src = read(lora)
+    assert from_gguf_layout(read(_to_gguf(moe_dir, "gpt_oss", tmp_path)), base).modules.keys() == src.modules.keys()
+    back = tmp_path / "back"
+    r = run_cli(["convert", tmp_path / "gpt_oss.gguf", "--to", "peft", "--base", base, "-o", back])
+    assert r.code == 0, r.err
+    got = read(back)
     experts = {n: m for n, m in src.modules.items() if m.expert is not None}
     assert len(experts) == 16
     for n, m in experts.items():
-        b = back.modules[n]
+        b = got.modules[n]
         assert b.expert == m.expert
         assert torch.equal(b.down.load(), m.down.load()) and torch.equal(b.up.load(), m.up.load())
         assert b.scale == m.scale
+    tokens = torch.tensor([[3, 17, 42, 5, 8, 1, 60, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(base, back)(tokens).logits, peft_model(base, lora)(tokens).logits,
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", MODELS)
