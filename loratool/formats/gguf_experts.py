@@ -59,7 +59,7 @@ def split_stack(name: str, rm: RawModule, *, alpha: float, findings: Findings, w
     assert rm.down is not None and rm.up is not None
     a, b = rm.down.shape, rm.up.shape
     if len(a) != 3 or len(b) != 3 or a[0] != b[0] or a[1] != b[2]:
-        findings.error("shape-mismatch", name, f"{where}: expert stack '{name}' has lora_a {a} and lora_b {b}; "
+        findings.error("rank-mismatch", name, f"{where}: expert stack '{name}' has lora_a {a} and lora_b {b}; "
                        "expected (E, r, in) and (E, out, r)")
         return {}
     count, rank = a[0], a[1]
