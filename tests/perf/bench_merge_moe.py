@@ -18,23 +18,16 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-from bench_merge import rss_of
+import bench_merge
+from bench_merge import run_contenders, summary
 
-PEFT_SCRIPT = textwrap.dedent("""
-    import sys, torch
-    from transformers import GptOssForCausalLM
-    from peft import PeftModel
-    base, adapter, out = sys.argv[1:4]
-    model = GptOssForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
-    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    model.save_pretrained(out, max_shard_size="1GB")
-""")
+# the dense benchmark's peft contender, on gpt-oss
+PEFT_SCRIPT = bench_merge.PEFT_SCRIPT.replace("LlamaForCausalLM", "GptOssForCausalLM")
 
 MAKE_SCRIPT = textwrap.dedent("""
     import sys, torch
@@ -96,23 +89,8 @@ def main() -> None:
     base, adapter = d / "base", d / "adapter"
     params = int(subprocess.run([sys.executable, "-c", MAKE_SCRIPT, str(args.layers), str(args.experts), str(base),
                                  str(adapter)], check=True, capture_output=True, text=True).stdout.split()[-1])
-    size = sum(f.stat().st_size for f in base.iterdir())
-    shards = len(list(base.glob("*.safetensors")))
-    subprocess.run(["sync"], check=True)
-    runs: dict[str, list[tuple[float, float]]] = {"cp": [], "ours": [], "peft": []}
-    commands = {
-        "cp": ["cp", "-r", str(base), str(d / "cp")],
-        "ours": [sys.executable, "-m", "loratool", "merge", str(base), str(adapter), "-o", str(d / "ours"), "-q"],
-        "peft": [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(d / "peft")],
-    }
-    for i in range(args.repeat):
-        for name, cmd in commands.items():
-            if i:  # keep the last run's outputs for the comparison below
-                shutil.rmtree(d / name, ignore_errors=True)
-                subprocess.run(["sync"], check=True)
-            runs[name].append(rss_of(cmd))
-    t_cp, t_ours, t_peft = (statistics.median(w for w, _ in runs[n]) for n in ("cp", "ours", "peft"))
-    rss_ours, rss_peft = (max(r for _, r in runs[n]) for n in ("ours", "peft"))
+    size, shards, runs = run_contenders(d, base, adapter, PEFT_SCRIPT, args.repeat)
+    t_cp, t_ours, t_peft, rss_ours, rss_peft = summary(runs)
     compared, differing, worst = compare(d / "ours", d / "peft")
     print(f"gpt-oss, {args.layers} layers x {args.experts} experts, {params / 1e9:.2f}B params, {size / 1e9:.2f} GB "
           f"in {shards} shards: cp+sync {t_cp:.1f} s | loratool {t_ours:.1f} s, peak {rss_ours:.0f} MB | "
