@@ -157,6 +157,10 @@ def match_experts(modules: Sequence[LoraModule], base: dict[str, TensorInfo], *,
         if fused:
             key = fused[0]
             shape = tuple(base[key].shape)
+            if e.count == 1 and shape == (m.out_features, m.in_features):  # a 2-D parameter (peft: one "expert")
+                result.matched[m.name] = key
+                targets.append((m.name, m.with_(expert=None), key, None))
+                continue
             plain = shape == (e.count, m.out_features, m.in_features)
             flipped = shape == (e.count, m.in_features, m.out_features)
             if not (plain or flipped):
@@ -167,7 +171,7 @@ def match_experts(modules: Sequence[LoraModule], base: dict[str, TensorInfo], *,
             targets.append((m.name, m.with_(fan_in_fan_out=flip), key, (e.index, e.index + 1)))
             continue
         found = False
-        for _, paths in stored_parts(e.param, e.index):
+        for layout, paths in stored_parts(e.param, e.index):
             keys = [index.candidates(p) for p in paths]
             if not all(len(k) == 1 for k in keys):
                 continue
@@ -179,6 +183,13 @@ def match_experts(modules: Sequence[LoraModule], base: dict[str, TensorInfo], *,
                 key, got = bad[0] if bad else (keys[0][0], tuple(base[keys[0][0]].shape))
                 result.shape_mismatch.append((m.name, key, want, got))
                 break
+            count = _stored_count(index, layout, e.param, e.count) if e.index == e.count - 1 else e.count
+            if count != e.count:  # the base has experts past the adapter's last: not the model it was made for
+                last = next(ps[0] for lay, ps in stored_parts(e.param, count - 1) if lay == layout)
+                key = index.candidates(last)[0]
+                result.shape_mismatch.append((m.name, key, (e.count, m.out_features, m.in_features),
+                                              (count, m.out_features, m.in_features)))
+                break
             result.matched[m.name] = keys[0][0]
             for i, k in enumerate(keys):
                 part = m if len(paths) == 1 else rows_of(m, [(i * rows, (i + 1) * rows)], m.name)
@@ -187,6 +198,16 @@ def match_experts(modules: Sequence[LoraModule], base: dict[str, TensorInfo], *,
         if not found:
             result.unmatched.append(m.name)
     return result, targets
+
+
+def _stored_count(index: KeyIndex, layout: str, param: str, at_least: int) -> int:
+    """How many experts a per-expert checkpoint holds in `layout` for the fused `param` (>= at_least)."""
+    from loratool.families.moe import stored_parts
+
+    count = at_least
+    while any(lay == layout and index.candidates(ps[0]) for lay, ps in stored_parts(param, count)):
+        count += 1
+    return count
 
 
 def moe_transposed(root: Path) -> bool | None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loratool.adapter import Adapter
+from loratool.adapter import Adapter, LoraModule
 from loratool.errors import FormatError, IncompatibleError, LoratoolError
 from loratool.io.checkpoint import Checkpoint
 from loratool.io.copies import BackgroundSha256
@@ -157,6 +157,10 @@ def _tensor_step(setup: _Setup, report: MergeReport, *, name: str, work: Workspa
             if blocked is not None:
                 return _merge_blocked(setup, report, name=name, key=key, stored=stored, term=blocked,
                                       out_dtype=out_dtype, cast=cast, work=work)
+            experts = _expert_terms(setup, key, s, stored, contribs, cast)
+            if experts is not None:
+                return _merge_experts(setup, report, name=name, key=key, stored=stored, terms=experts,
+                                      out_dtype=out_dtype, cast=cast, work=work)
             base = stored
             if s is not None:
                 base = dequantize(s, stored, setup.load)
@@ -218,11 +222,7 @@ def _blocked_term(setup: _Setup, key: str, s: object, stored: torch.Tensor | Non
     tensor stored as it is (no quantization, no QLoRA round trip), written to a float dtype. A float64
     tensor is not: merge_blocked works in float32, merged_tensor keeps float64.
     """
-    from loratool.adapter import LoraModule
-
-    if (s is not None or setup.qlora_base or setup.device != "cpu" or key not in setup.plan.deltas
-            or len(contribs) != 1 or not hasattr(cast, "buffer") or stored is None
-            or not stored.is_floating_point() or str(stored.dtype) == "torch.float64" or stored.dim() < 2):
+    if not _blockable(setup, key, s, stored, cast) or len(contribs) != 1 or stored is None or stored.dim() < 2:
         return None
     c = contribs[0]
     m = c.module
@@ -230,6 +230,78 @@ def _blocked_term(setup: _Setup, key: str, s: object, stored: torch.Tensor | Non
             or c.rows is not None:  # a part of a fused weight (families/layout.py): merged_tensor adds its rows
         return None
     return c
+
+
+def _blockable(setup: _Setup, key: str, s: object, stored: torch.Tensor | None, cast: Cast) -> bool:
+    """Whether the tensor can go through maths.merge.merge_blocked at all: a float tensor (not float64)
+    stored as it is (no quantization, no QLoRA round trip), merged on the CPU into an output slot."""
+    return not (s is not None or setup.qlora_base or setup.device != "cpu" or key not in setup.plan.deltas
+                or not hasattr(cast, "buffer") or stored is None or not stored.is_floating_point()
+                or str(stored.dtype) == "torch.float64")
+
+
+def _expert_terms(setup: _Setup, key: str, s: object, stored: torch.Tensor | None, contribs: list[Contribution],
+                  cast: Cast) -> list[Contribution] | None:
+    """The contributions of a fused (E, d1, d2) expert tensor that merge_blocked can merge expert by
+    expert (one plain LoRA per expert, every expert once; docs/moe.md), in expert order, or None."""
+    from loratool.adapter import LoraModule
+
+    if not _blockable(setup, key, s, stored, cast) or stored is None or stored.dim() != 3:
+        return None
+    by_expert: dict[int, Contribution] = {}
+    for c in contribs:
+        m = c.module
+        if (not isinstance(m, LoraModule) or m.expert is None or m.magnitude is not None or c.rows is None
+                or c.rows[1] != c.rows[0] + 1 or c.rows[0] in by_expert):
+            return None
+        by_expert[c.rows[0]] = c
+    if sorted(by_expert) != list(range(stored.shape[0])):
+        return None
+    return [by_expert[e] for e in range(stored.shape[0])]
+
+
+def _merge_experts(setup: _Setup, report: MergeReport, *, name: str, key: str, stored: torch.Tensor,
+                   terms: list[Contribution], out_dtype: str, cast: Cast, work: Workspace) -> torch.Tensor:
+    """A fused expert tensor through merge_blocked one expert slice at a time: never a float32 copy of
+    the whole (E, d1, d2) tensor. An expert stored (in, out) merges (up @ down)ᵀ = downᵀ @ upᵀ."""
+    import torch
+
+    from loratool.io.tensors import TensorRef
+    from loratool.maths.merge import merge_blocked
+
+    out = cast.buffer(stored.shape, out_dtype)  # type: ignore[attr-defined]
+    sign = -1.0 if setup.unmerge else 1.0
+    dd = de = ee = wn = worst = 0.0
+    lo, hi = math.inf, -math.inf
+    for e, term in enumerate(terms):
+        m = term.module
+        assert isinstance(m, LoraModule)
+        if m.fan_in_fan_out:
+            m = m.with_(up=TensorRef.from_tensor(m.down.load().T), down=TensorRef.from_tensor(m.up.load().T),
+                        fan_in_fan_out=False)
+        r = merge_blocked(stored[e], m, sign * term.weight, out[e], work=work, w_norm=setup.stats)
+        dd += r.dd_root * r.dd_root
+        de += r.de_sum
+        ee += r.err_norm * r.err_norm
+        wn += r.w_norm * r.w_norm
+        worst = max(worst, r.worst)
+        lo = r.lo if not math.isfinite(r.lo) and r.lo != math.inf else min(lo, r.lo)
+        hi = r.hi if not math.isfinite(r.hi) and r.hi != -math.inf else max(hi, r.hi)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            break
+    _range_or_raise(lo, hi, out_dtype, key, terms)
+    dd_root, err_norm = math.sqrt(dd), math.sqrt(ee)
+    retained = de / dd if dd > 0 else None
+    rel_error = err_norm / dd_root if dd_root > 0 else None
+    report.realized.append((key, retained, rel_error, worst))
+    if dd_root > 0 and dd + 2 * (de - dd) + ee > 1e-12 * dd:
+        report.changed += 1
+    if setup.stats:
+        report.tensors.append(TensorStat(key, name, sorted({t.module.name for t in terms}), dd_root,
+                                         dd_root / max(math.sqrt(wn), 1e-30), worst, retained, rel_error, "float"))
+    report.merged += 1
+    assert out.dtype == getattr(torch, out_dtype)
+    return out
 
 
 def _merge_blocked(setup: _Setup, report: MergeReport, *, name: str, key: str, stored: torch.Tensor,

@@ -65,3 +65,28 @@ def test_validate_against_a_base_with_other_expert_shapes(moe_dir: Path, tmp_pat
     bad = sorted(f.module for f in report.errors if f.code == "base-shape-mismatch")
     assert bad == ["model.layers.0.mlp.experts.down_proj[0]", "model.layers.1.mlp.experts.down_proj[0]"]
     assert "experts.0.down_proj.weight" in report.errors[0].message
+
+
+def test_validate_against_a_per_expert_base_with_more_experts(moe_dir: Path, tmp_path: Path) -> None:
+    """An adapter for 4 experts against a per-expert checkpoint of 6: the last expert's modules say so."""
+    base = tmp_path / "base"
+    make_base("qwen3_moe", base)
+    tensors = load_file(base / "model.safetensors")
+    for k in [k for k in tensors if ".experts.3." in k]:
+        for e in (4, 5):
+            tensors[k.replace(".experts.3.", f".experts.{e}.")] = tensors[k].clone()
+    save_file(tensors, base / "model.safetensors", {"format": "pt"})
+    report = validate_adapter(moe_dir / "qwen3_moe" / "lora", base=base)
+    bad = [f for f in report.errors if f.code == "base-shape-mismatch"]
+    assert sorted(f.module for f in bad) == [f"model.layers.{i}.mlp.experts.{p}[3]"
+                                             for i in (0, 1) for p in ("down_proj", "gate_up_proj")]
+    down = next(f.message for f in bad if f.module == "model.layers.1.mlp.experts.down_proj[3]")
+    assert "(4, 32, 16)" in down and "(6, 32, 16)" in down and "'model.layers.1.mlp.experts.5.down_proj.weight'" in down
+
+
+def test_formats_without_experts_refuse_them_by_name(moe_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "k.safetensors"
+    r = run_cli(["convert", str(moe_dir / "qwen3_moe" / "lora"), "--to", "kohya", "-o", str(out)])
+    assert r.code == 2
+    assert "experts.gate_up_proj[0]" in r.err and "expert of a fused MoE parameter" in r.err, r.err
+    assert not out.exists()

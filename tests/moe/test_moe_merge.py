@@ -120,3 +120,15 @@ def test_merge_per_expert_target_modules_equals_peft(moe_dir: Path, tmp_path: Pa
     for k, t in want.items():
         assert not torch.equal(got[k], original[k]), k
         torch.testing.assert_close(got[k], t.detach(), rtol=1e-6, atol=1e-6, msg=k)
+
+
+def test_fused_experts_expert_by_expert_and_whole_tensor_agree(moe_dir: Path, tmp_path: Path) -> None:
+    """One adapter merges a fused tensor one expert slice at a time (merge_blocked); two adapters on the
+    same tensor take the whole-tensor kernel (merged_tensor): 0.5 + 0.5 of one adapter equals it once."""
+    base, lora = moe_dir / "gpt_oss" / "base", moe_dir / "gpt_oss" / "lora"
+    assert run_cli(["merge", str(base), str(lora), "-o", str(tmp_path / "one")]).code == 0
+    r = run_cli(["merge", str(base), str(lora), str(lora), "--weights", "0.5,0.5", "-o", str(tmp_path / "two")])
+    assert r.code == 0, r.err
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-6, atol=1e-6, msg=k)
