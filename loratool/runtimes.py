@@ -114,6 +114,21 @@ class Runtime:
         bias_flag: the server option without which bias deltas are dropped ("" when none).
         conv: conv-layer LoRA is loaded.
         refuses: config settings the runtime refuses at load, in its own words.
+        moe_experts: per-expert LoRA modules (`...experts.N.<projection>`) are loaded (stacked per projection);
+            None where loratool has not read the release's MoE code (then nothing is claimed).
+        moe_expert_ranks: "projection" when the experts of one projection must share one rank (they are
+            stacked into one tensor), "any" otherwise.
+        moe_all_experts: every expert of a layer needs LoRA on each of its projections (the stack is built
+            only from a full set).
+        moe_projections: the projections target_modules must name for the expert LoRA to be applied at all,
+            each with the target_modules names the runtime counts as it; () when any subset is applied.
+        moe_fused: what happens to fused 3-D expert LoRA (PEFT target_parameters): "loads"; "models" (served
+            only for the model classes in moe_fused_models, elsewhere refused unless moe_fused_flag);
+            "no" (no reader for it); None: not read.
+        moe_fused_models: with "models", the transformers architectures it is served for.
+        moe_fused_flag: with "models", the server option that serves it for other models ("" when none).
+        moe_fused_order: the fused parameters the runtime expects, in PEFT's nesting order (the first listed is
+            the innermost, saved as `experts.base_layer`); () when it reads the parameter names.
         notes: anything else the docs should say.
         facts: the facts this view was built from (for docs and sources).
     """
@@ -141,6 +156,14 @@ class Runtime:
     bias_flag: str = ""
     conv: bool = False
     refuses: tuple[Refusal, ...] = ()
+    moe_experts: bool | None = None
+    moe_expert_ranks: Literal["projection", "any"] = "any"
+    moe_all_experts: bool = False
+    moe_projections: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    moe_fused: Literal["loads", "models", "no"] | None = None
+    moe_fused_models: tuple[str, ...] = ()
+    moe_fused_flag: str = ""
+    moe_fused_order: tuple[str, ...] = ()
     notes: str = ""
     facts: tuple[Fact, ...] = ()
 
@@ -287,6 +310,27 @@ _VLLM = Record(
                                 "refuse"), f"{_VP}:84-85 (0.34.0)", since=_V_NEW),
         Fact("refuses", Refusal("use_qalora", "set", "vLLM does not support QALoRA.", "refuse"),
              f"{_VP}:86-87 (0.34.0)", since=_V_NEW),
+        # mixture-of-experts LoRA (read in the 0.34.0 wheel only; older releases are not claimed)
+        Fact("moe_experts", True, "vllm/lora/utils.py:400-437 process_packed_modules_mapping, "
+             "vllm/lora/lora_weights.py:163-210 pack_moe (0.34.0): experts.N.<w1|w2|w3 / gate|down|up_proj>",
+             since="0.34.0"),
+        Fact("moe_expert_ranks", "projection", "vllm/lora/lora_weights.py:178-184 (0.34.0): 'The experts of "
+             "{module_name} have different LoRA ranks for the same projection, which is not supported.'",
+             since="0.34.0"),
+        Fact("moe_fused", "models", "vllm/lora/model_manager.py:151-155, 975-1037 _stack_moe_lora_weights, "
+             "1326-1345 _validate_moe_lora_format (0.34.0)", since="0.34.0"),
+        # the classes that set is_3d_moe_weight (vllm/model_executor/models/, read from vllm-project/vllm on GitHub
+        # on the date in CHECKED: gpt_oss.py, qwen3_vl_moe.py, qwen3_5.py, glm4_moe_lite.py, interns1_pro.py)
+        Fact("moe_fused_models", ("GptOssForCausalLM", "Qwen3VLMoeForConditionalGeneration",
+                                  "Qwen3_5MoeForConditionalGeneration", "Glm4MoeLiteForCausalLM",
+                                  "InternS1ProForConditionalGeneration"),
+             "vllm/model_executor/models/gpt_oss.py, qwen3_vl_moe.py, qwen3_5.py, glm4_moe_lite.py, interns1_pro.py "
+             "(is_3d_moe_weight = True)", since="0.34.0"),
+        Fact("moe_fused_flag", "--enable-mixed-moe-lora-format (with is_3d_lora_weight=True on the LoRA request)",
+             "vllm/config/lora.py:74-79, vllm/lora/model_manager.py:1326-1345 (0.34.0)", since="0.34.0"),
+        Fact("moe_fused_order", ("gate_up_proj", "down_proj"), "vllm/lora/model_manager.py:983-992 (0.34.0): "
+             "'experts.base_layer is the gate_up_proj and experts is the down_proj', both asserted present; "
+             f"{_VP}:147-153", since="0.34.0"),
     ),
 )
 
@@ -307,6 +351,15 @@ _SGLANG = Record(
                                 "tensors"), f"{_SG}/lora_manager.py:349-352 (0.5.23)"),
         Fact("refuses", Refusal("target_modules", "missing", "KeyError: 'target_modules'", "drop"),
              f"{_SG}/lora_config.py:42 (0.5.23)"),
+        Fact("moe_experts", True, f"{_SG}/lora.py:35-38 (_ROUTED_EXPERT_PATTERN), 372-386 (w1/w3/w2 renamed "
+             "gate/up/down_proj), 462-500 normalize_gate_up_proj (0.5.23)"),
+        Fact("moe_projections", (("gate_up_proj", ("gate_proj", "up_proj", "gate_up_proj")),
+                                 ("down_proj", ("down_proj",))), f"{_SG}/lora_manager.py:1159-1183 (0.5.23): the "
+             "FusedMoE layers get a LoRA wrapper only when the target modules, normalised by "
+             f"{_SG}/utils.py:277-327 (gate_proj / up_proj -> gate_up_proj), include gate_up_proj and down_proj"),
+        Fact("moe_fused", "no", f"{_SG}/lora.py:35-38, {_SG}/lora_manager.py:765-797 (0.5.23): expert LoRA is read "
+             "as per-expert experts.N.<proj> weights or 3-D experts.<proj> stacks (expert axis first); PEFT "
+             "target_parameters' flat experts[.base_layer].lora_A (r·E, in) layout is neither"),
     ),
 )
 
@@ -328,6 +381,16 @@ _LLAMA = Record(
              "adapter.lora.alpha); use_rslora, rank_pattern and alpha_pattern are not read"),
         Fact("dora_refused", True, "convert_lora_to_gguf.py:470-482: any tensor but lora_A / lora_B (a DoRA "
              "magnitude, a modules_to_save copy; layer norms excepted) ends the conversion"),
+        Fact("moe_experts", True, "conversion/qwen.py:119-141 (Qwen2MoeModel.modify_tensors; deepseek.py, llama.py "
+             "alike): experts.N.<proj> torch.stack-ed into blk.N.ffn_<proj>_exps, which LoraTorchTensor "
+             "(convert_lora_to_gguf.py:234-241) turns into lora_a (E, r, in), lora_b (E, out, r); "
+             "src/llama-graph.cpp:1574-1591 build_lora_mm_id"),
+        Fact("moe_expert_ranks", "projection", "convert_lora_to_gguf.py:234-241: torch.stack of the experts' "
+             "lora_A / lora_B needs one shape"),
+        Fact("moe_all_experts", True, "conversion/qwen.py:128-156: a layer's experts are stacked only once all "
+             "n_experts·3 tensors arrived; 'Unprocessed experts' otherwise"),
+        Fact("moe_fused", "no", "convert_lora_to_gguf.py:269-276 get_base_tensor_name: PEFT target_parameters "
+             "keys become experts.base_layer.weight / experts.weight, which no GGUF tensor name maps"),
     ),
 )
 

@@ -30,7 +30,16 @@ from typing import TYPE_CHECKING, Any
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import FormatError, IncompatibleError, LoratoolError, scrub
+from loratool.families.moe import INTERLEAVED
 from loratool.formats._common import Findings, build_module, group_tensors
+from loratool.formats.gguf_experts import (
+    as_stack_member,
+    expert_targets,
+    is_stack,
+    split_stack,
+    stacked_factors,
+    to_checkpoint_names,
+)
 from loratool.formats.gguf_file import _gguf, gguf_reader
 from loratool.formats.registry import Capabilities, Format
 from loratool.formats.tensorfile import TensorFile
@@ -56,7 +65,16 @@ ARCH_OF_HF: dict[str, str] = {
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
     "Phi3ForCausalLM": "phi3",
+    # mixture of experts (expert stacks: formats/gguf_experts.py)
+    "MixtralForCausalLM": "llama",
+    "Qwen2MoeForCausalLM": "qwen2moe",
+    "Qwen3MoeForCausalLM": "qwen3moe",
+    "GptOssForCausalLM": "gpt-oss",
+    "DeepseekV2ForCausalLM": "deepseek2",
+    "DeepseekV3ForCausalLM": "deepseek2",
 }
+# config.json keys that give a MoE model's expert count, as convert_hf_to_gguf.py reads them
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 # architectures whose converter permutes the q / k rows (LlamaModel.permute)
 PERMUTED_QK = frozenset({"llama"})
 
@@ -87,12 +105,14 @@ def from_file(tf: TensorFile, findings: Findings) -> Adapter:
     if raw_alpha is None:
         findings.warning("alpha-missing", None, f"{tf.path}: no {ALPHA_KEY}; llama.cpp applies scale 1")
     raw, unsupported = group_tensors(tf, split_key, findings)
+    modules: dict[str, LoraModule] = {}
+    for name in [n for n, rm in raw.items() if is_stack(n) and rm.down is not None and rm.up is not None]:
+        modules.update(split_stack(name, raw.pop(name), alpha=alpha, findings=findings, where=tf.path))
     embedding = raw.get("token_embd")
     if embedding is not None:
         embedding.embedding = True
         if embedding.down is not None:  # stored (n_vocab, r): peft's lora_embedding_A is (r, n_vocab)
             embedding.down = TensorRef.from_tensor(embedding.down.load().T.contiguous())
-    modules: dict[str, LoraModule] = {}
     for name, rm in raw.items():
         r = rm.down.shape[0] if rm.down is not None else None
         # alpha 0 means scale 1 in llama.cpp: alpha = rank
@@ -119,6 +139,8 @@ class ArchInfo:
     heads: int | None
     kv_heads: int | None
     tensors: frozenset[str] | None = None  # the base's tensor names, when the base is a GGUF model
+    experts: int | None = None  # experts per MoE layer (None: not a MoE model, or not stated)
+    interleaved: frozenset[str] = frozenset()  # fused expert parameters whose parts alternate row by row
 
 
 def arch_info(base: Path) -> ArchInfo:
@@ -143,7 +165,8 @@ def arch_info(base: Path) -> ArchInfo:
             raise FormatError(f"{base}: GGUF file without {ARCH_KEY}")
         return ArchInfo(arch, int(value(f"{arch}.block_count") or 0), value(f"{arch}.attention.head_count"),
                         value(f"{arch}.attention.head_count_kv") or value(f"{arch}.attention.head_count"),
-                        frozenset(t.name for t in reader.tensors))
+                        frozenset(t.name for t in reader.tensors), value(f"{arch}.expert_count") or None,
+                        INTERLEAVED.get(arch.replace("-", "_"), frozenset()))
     from loratool.io.header import read_side_file
 
     cfg_path = base if base.name == "config.json" else folder_file(base, "config.json")
@@ -166,7 +189,9 @@ def arch_info(base: Path) -> ArchInfo:
                                 hint=f"supported: {', '.join(sorted(ARCH_OF_HF))}")
     heads = _config_int(cfg, "num_attention_heads", cfg_path)
     kv_heads = _config_int(cfg, "num_key_value_heads", cfg_path)
-    return ArchInfo(ARCH_OF_HF[hf], _config_int(cfg, "num_hidden_layers", cfg_path) or 0, heads, kv_heads or heads)
+    experts = next((n for n in (_config_int(cfg, k, cfg_path) for k in EXPERT_COUNT_KEYS) if n), None)
+    return ArchInfo(ARCH_OF_HF[hf], _config_int(cfg, "num_hidden_layers", cfg_path) or 0, heads, kv_heads or heads,
+                    experts=experts, interleaved=INTERLEAVED.get(str(cfg.get("model_type")), frozenset()))
 
 
 def _reason(e: BaseException) -> str:
@@ -217,6 +242,16 @@ def to_gguf_layout(adapter: Adapter, info: ArchInfo) -> Adapter:
             if key.startswith(prefix):
                 key = key.replace(prefix, repl, 1)
                 break
+        experts = expert_targets(key, m, info.interleaved)
+        if experts is not None:
+            for stacked, index, part in experts:
+                target = tmap.get_name(stacked + ".weight", try_suffixes=(".weight",))
+                if target is None or (info.tensors is not None and target not in info.tensors):
+                    unknown.append(name)
+                    break
+                one = as_stack_member(target.removesuffix(".weight"), index, info.experts, part)
+                modules[one.name] = one
+            continue
         target = tmap.get_name(key + ".weight", try_suffixes=(".weight",))
         if target is None or (info.tensors is not None and target not in info.tensors):
             unknown.append(name)
@@ -275,7 +310,17 @@ def write(adapter: Adapter, out_file: Path, metadata: dict[str, str]) -> None:
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
     for k, v in metadata.items():
         writer.add_string(scrub(k), scrub(v))  # no Hub token in an output (errors.scrub)
+    stacks: dict[str, list[LoraModule]] = {}
+    for m in adapter.modules.values():
+        if m.expert is not None:
+            stacks.setdefault(m.expert.param, []).append(m)
+    for param, mods in stacks.items():
+        down_stack, up_stack = stacked_factors(mods, float(alpha), adapter.path)
+        writer.add_tensor(f"{param}.weight.lora_a", _array(down_stack))  # (E, r, in)
+        writer.add_tensor(f"{param}.weight.lora_b", _array(up_stack))  # (E, out, r)
     for name, m in adapter.modules.items():
+        if m.expert is not None:
+            continue
         if m.kind not in ("linear", "embedding") or m.fan_in_fan_out:
             raise IncompatibleError(
                 f"{adapter.path}: module '{name}' is a {m.kind} layer, which GGUF adapters cannot hold")
@@ -314,7 +359,7 @@ FORMAT = Format(
     naming="path",
     # per-module scales are held by baking them into lora_b against the file's one alpha
     capabilities=Capabilities(bias=False, extras=False, fan_in_fan_out=False, embedding=True, conv=False, dora=False,
-                              per_module_alpha=True, metadata=True, directory=False),
+                              per_module_alpha=True, metadata=True, directory=False, experts=True),
     detect=_detect,
     read_file=from_file,
     write=write,
@@ -350,9 +395,18 @@ def from_gguf_layout(adapter: Adapter, base: Path) -> Adapter:
     reverse: dict[str, list[str]] = {}
     for hf, (_, name) in gguf.get_tensor_name_map(arch_enum, max(info.blocks, 1)).mapping.items():
         reverse.setdefault(name, []).append(hf)
-    modules: dict[str, LoraModule] = {}
     problems: list[str] = []
+    stacks: dict[str, list[LoraModule]] = {}
+    for m in adapter.modules.values():
+        if m.expert is not None:
+            stacks.setdefault(m.expert.param, []).append(m)
+    experts = to_checkpoint_names(stacks, reverse, keys, info.interleaved, problems)
+    modules: dict[str, LoraModule] = {}
     for name, m in adapter.modules.items():
+        if m.expert is not None:
+            if name in experts:
+                modules[experts[name].name] = experts[name]
+            continue
         hits = [hf for hf in reverse.get(name, []) if hf + ".weight" in keys]
         if len(hits) != 1:
             problems.append(f"{name} ({'no' if not hits else len(hits)} match(es))")

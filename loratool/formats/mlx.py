@@ -17,16 +17,24 @@ Facts read from ml-explore/mlx-lm (mlx_lm/tuner/lora.py, mlx_lm/tuner/dora.py, m
 
 One rank and one scale is all the format can say, so the writer is handed an adapter already made
 uniform (ops.runtime.prepare_for pads ranks and bakes scales, both exact).
+
+Mixture-of-experts models (mlx_lm/models/qwen3_moe.py, qwen2_moe.py, mixtral.py, gpt_oss.py; tuner/lora.py
+LoRASwitchLinear): mlx-lm stacks a layer's experts into SwitchLinear layers (`mlp.switch_mlp.gate_proj`,
+Mixtral `block_sparse_moe.switch_mlp.*`, gpt-oss `mlp.experts.*`) and their LoRA is 3-D and NOT transposed:
+`lora_a` (E, r, in), `lora_b` (E, out, r), ΔW_e = scale · lora_b[e] @ lora_a[e]. Each expert is read as one
+module `model.layers.0.mlp.switch_mlp.gate_proj[3]` (docs/moe.md) and written stacked back (bit-exact);
+`layout_out` / `layout_in` rename transformers' experts to and from these stacks (SWITCH below).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loratool.adapter import Adapter, LoraModule
+from loratool.adapter import Adapter, Expert, LoraModule, expert_name
 from loratool.errors import FormatError, IncompatibleError
 from loratool.formats._common import (
     Findings,
@@ -36,6 +44,7 @@ from loratool.formats._common import (
     open_tensor_file,
     split_by_suffix,
 )
+from loratool.formats.gguf_experts import SPLIT, part_rows, split_stack, stacked_factors
 from loratool.formats.registry import Capabilities, Format
 from loratool.formats.tensorfile import TensorFile
 from loratool.io.paths import folder_file
@@ -123,11 +132,15 @@ def from_tensors(tf: TensorFile, config: dict[str, Any], findings: Findings, *, 
                        f"{config_path}: lora_parameters.scale must be a number, got {scale!r}", exc=FormatError)
         scale = DEFAULT_SCALE
     raw: dict[str, RawModule] = {}
+    switch: dict[str, RawModule] = {}  # 3-D factors of SwitchLinear layers (experts stacked, not transposed)
     unsupported: list[str] = []
     for key, ref in tf.tensors.items():
         parts = split_key(key)
+        if parts is not None and parts[1] != "magnitude" and len(ref.shape) == 3:
+            switch.setdefault(parts[0], RawModule()).put(parts[1], ref, key, parts[0], findings, tf.path)
+            continue
         if parts is None or (parts[1] != "magnitude" and len(ref.shape) != 2):
-            unsupported.append(key)  # quantized LoRA (lora_a_scales ...), MoE switch layers (3-D), full weights
+            unsupported.append(key)  # quantized LoRA (lora_a_scales ...), full weights
             continue
         name, role = parts
         if role != "magnitude":
@@ -136,6 +149,20 @@ def from_tensors(tf: TensorFile, config: dict[str, Any], findings: Findings, *, 
         rm.put(role, ref, key, name, findings, tf.path)
         rm.embedding = bool(_EMBEDDING.search(name))
     modules: dict[str, LoraModule] = {}
+    for name, rm in switch.items():
+        if rm.down is None or rm.up is None or len(rm.down.shape) != 3:
+            unsupported.extend(rm.keys)
+            continue
+        experts = split_stack(name, rm, alpha=float(scale) * rm.down.shape[1], alpha_source="config",
+                              findings=findings, where=tf.path)
+        bad = [n for n, m in experts.items() if isinstance(rank, int) and m.rank != rank]
+        if bad:
+            findings.error("config-rank-mismatch", name,
+                           f"{tf.path}: switch layer '{name}' has rank {experts[bad[0]].rank} but {CONFIG_NAME} "
+                           f"lora_parameters.rank says {rank}",
+                           hint="mlx-lm builds every layer with the config's rank and will refuse the file")
+            continue
+        modules.update(experts)
     for name, rm in raw.items():
         if rm.down is None and rm.up is None:
             unsupported.extend(rm.keys)
@@ -209,7 +236,16 @@ def write(adapter: Adapter, out_dir: Path, metadata: dict[str, str]) -> None:
     check_writable(adapter)
     mods = list(adapter.modules.values())
     tensors: dict[str, Any] = {}
+    stacks: dict[str, list[LoraModule]] = {}
     for m in mods:
+        if m.expert is not None:
+            stacks.setdefault(m.expert.param, []).append(m)
+    for param, experts in stacks.items():  # one rank and scale (check_writable): nothing to bake
+        down, up = stacked_factors(experts, experts[0].scale * experts[0].rank, adapter.path)
+        tensors[param + ".lora_a"], tensors[param + ".lora_b"] = down, up  # (E, r, in), (E, out, r)
+    for m in mods:
+        if m.expert is not None:
+            continue
         tensors[m.name + ".lora_a"] = m.down.load().T.contiguous()  # (r, in) -> (in, r)
         tensors[m.name + ".lora_b"] = m.up.load().T.contiguous()  # (out, r) -> (r, out)
         if m.magnitude is not None:
@@ -223,7 +259,7 @@ def write(adapter: Adapter, out_dir: Path, metadata: dict[str, str]) -> None:
             "rank": mods[0].rank,
             "scale": mods[0].scale,
             "dropout": 0.0,
-            "keys": sorted({layer_key(m.name) for m in mods}),
+            "keys": sorted({layer_key(m.expert.param if m.expert else m.name) for m in mods}),
         },
     }
     if adapter.base_model:
@@ -239,11 +275,134 @@ FORMAT = Format(
     name="mlx",
     summary="mlx-lm adapter directory (adapters.safetensors + adapter_config.json; factors transposed, one scale)",
     naming="path",
-    capabilities=Capabilities(embedding=True, conv=False, dora=True, per_module_alpha=False, directory=True),
+    capabilities=Capabilities(embedding=True, conv=False, dora=True, per_module_alpha=False, directory=True,
+                              experts=True),
     detect=_detect,
     read_file=from_file,
     detect_dir=is_mlx_dir,
     read_dir=lambda path, allow_pickle, findings: read(path, findings=findings),
     write=write,
     suffix="",
+    layout_in=lambda adapter, base, source: from_switch_layout(adapter),
+    layout_out=lambda adapter, base, source: to_switch_layout(adapter, base),
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers experts <-> mlx-lm SwitchLinear stacks
+
+
+@dataclass(frozen=True)
+class Switch:
+    """How mlx-lm stacks one kind of transformers expert container (its models' `sanitize`).
+
+    Attributes:
+        experts: the per-expert container's tail in transformers (`mlp.experts`: `mlp.experts.3.gate_proj`).
+        switch: mlx-lm's SwitchGLU path for it (`mlp.switch_mlp`).
+        parts: transformers projection name -> mlx-lm's.
+        model_types: config.json model_type values whose fused experts (`mlp.experts.gate_up_proj`) go here.
+    """
+
+    experts: str
+    switch: str
+    parts: tuple[tuple[str, str], ...]
+    model_types: frozenset[str] = frozenset()
+
+
+_PROJ = (("gate_proj", "gate_proj"), ("up_proj", "up_proj"), ("down_proj", "down_proj"))
+SWITCH: tuple[Switch, ...] = (
+    Switch("mlp.experts", "mlp.switch_mlp", _PROJ),  # qwen3_moe.py:262-277, qwen2_moe.py, deepseek_v3.py sanitize
+    # mixtral.py:208-223
+    Switch("block_sparse_moe.experts", "block_sparse_moe.switch_mlp",
+           (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")), frozenset({"mixtral"})),
+    # gpt_oss.py:115-121, 226-250: SwitchGLU named `experts`, gate_up split by alternate rows
+    Switch("mlp.experts", "mlp.experts", _PROJ, frozenset({"gpt_oss"})),
+)
+_PER_EXPERT = re.compile(r"^(?P<head>.*?)(?P<tail>[a-z_]+\.experts)\.(?P<index>\d+)\.(?P<proj>[^.]+)$")
+
+
+def _model_type(base: Path | None) -> str | None:
+    if base is None:
+        return None
+    from loratool.io.header import read_side_file
+
+    cfg_path = base if base.name == "config.json" else folder_file(base, "config.json")
+    try:
+        cfg = json.loads(read_side_file(cfg_path).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return cfg.get("model_type") if isinstance(cfg, dict) and isinstance(cfg.get("model_type"), str) else None
+
+
+def to_switch_layout(adapter: Adapter, base: Path | None) -> Adapter:
+    """Expert modules as mlx-lm's SwitchLinear stacks (`mlp.switch_mlp.gate_proj[3]`): per-expert modules by
+    their container (every expert of a stack present), fused PEFT target_parameters experts by the base's
+    model_type (a fused gate_up_proj split into gate and up, sharing the expert's down: exact).
+
+    Raises:
+        IncompatibleError: a stack with experts missing (mlx-lm's layer holds all of them), or fused experts
+            without a base config to tell the model.
+    """
+    from loratool.families.moe import INTERLEAVED
+
+    per: dict[str, dict[int, str]] = {}  # switch parameter -> expert index -> module name
+    for name, m in adapter.modules.items():
+        hit = _PER_EXPERT.match(name)
+        if m.expert is None and hit is not None:
+            sw = next((s for s in SWITCH if s.experts == hit["tail"] and s.switch != s.experts), None)
+            proj = dict(sw.parts).get(hit["proj"]) if sw is not None else None
+            if sw is not None and proj is not None:
+                per.setdefault(f"{hit['head']}{sw.switch}.{proj}", {})[int(hit["index"])] = name
+    placed: dict[str, Expert] = {}
+    for param, experts in per.items():
+        count = max(experts) + 1
+        if sorted(experts) != list(range(count)):
+            raise IncompatibleError(f"{adapter.path}: '{param}' would stack experts {sorted(experts)[:8]}; mlx-lm's "
+                                    "switch layer holds every expert", hint="merge the adapter into the base instead")
+        placed.update({name: Expert(param, e, count) for e, name in experts.items()})
+    model_type = _model_type(base)
+    modules: dict[str, LoraModule] = {}
+    for name, m in adapter.modules.items():  # in the adapter's order
+        if name in placed:
+            ex = placed[name]
+            modules[expert_name(ex.param, ex.index)] = m.with_(name=expert_name(ex.param, ex.index), expert=ex)
+            continue
+        if m.expert is None:
+            modules[name] = m
+            continue
+        if model_type is None:
+            raise IncompatibleError(f"{adapter.path}: fused expert module '{name}' goes into mlx-lm's switch layers "
+                                    "by the model's type", hint="pass --base with the model's config.json")
+        head, _, leaf = m.expert.param.rpartition(".")
+        sw = next((s for s in SWITCH if model_type in s.model_types), SWITCH[0])
+        container = head.removesuffix("mlp.experts") + sw.switch if head.endswith("mlp.experts") else head
+        names = SPLIT.get(leaf, (leaf,))
+        inter = leaf in INTERLEAVED.get(model_type, frozenset())
+        for i, part in enumerate(names):
+            one = m.with_(up=part_rows(m.up, i, len(names), inter)) if len(names) > 1 else m
+            ex = Expert(f"{container}.{part}", m.expert.index, m.expert.count)
+            modules[expert_name(ex.param, ex.index)] = one.with_(name=expert_name(ex.param, ex.index), expert=ex)
+    return adapter.with_modules(modules)
+
+
+def from_switch_layout(adapter: Adapter) -> Adapter:
+    """mlx-lm switch-layer experts back as transformers' per-expert modules (`mlp.experts.3.gate_proj`,
+    Mixtral `block_sparse_moe.experts.3.w1`), the names transformers checkpoints store.
+
+    Raises:
+        IncompatibleError: experts of a switch layer no transformers checkpoint stores per expert (gpt-oss).
+    """
+    modules: dict[str, LoraModule] = {}
+    for name, m in adapter.modules.items():
+        if m.expert is None:
+            modules[name] = m
+            continue
+        head, _, proj = m.expert.param.rpartition(".")
+        sw = next((s for s in SWITCH if head == s.switch or head.endswith("." + s.switch)), None)
+        back = {v: k for k, v in sw.parts}.get(proj) if sw is not None and sw.switch != sw.experts else None
+        if sw is None or back is None:
+            raise IncompatibleError(f"{adapter.path}: MLX expert module '{name}' has no per-expert transformers name",
+                                    hint="gpt-oss keeps its experts fused; merge the adapter instead")
+        new = f"{head.removesuffix(sw.switch)}{sw.experts}.{m.expert.index}.{back}"
+        modules[new] = m.with_(name=new, expert=None)
+    return adapter.with_modules(modules)

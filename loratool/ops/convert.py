@@ -116,7 +116,8 @@ def _match_base(adapter: Adapter, base: Path) -> tuple[dict[str, str], dict[str,
     from loratool.keymap import match_modules
 
     ckpt = open_checkpoint(base)
-    match = match_modules(list(adapter.modules.values()), ckpt.tensors)
+    # experts of fused parameters keep their names (the parameter's path, docs/moe.md): a layout put them there
+    match = match_modules([m for m in adapter.modules.values() if m.expert is None], ckpt.tensors)
     match.refuse_shape_mismatch(adapter.path, base)
     problems = [*match.unmatched, *(f"{n} (ambiguous: {', '.join(k)})" for n, k in match.ambiguous.items())]
     if problems:
@@ -151,6 +152,12 @@ def _fit_layout(m: LoraModule, shape: tuple[int, ...]) -> LoraModule:
         up = m.up.load().reshape(m.out_features, m.rank, *ones)
         return m.with_(down=TensorRef.from_tensor(down), up=TensorRef.from_tensor(up), kind="conv")
     return m
+
+
+def _origin(modules: dict[str, LoraModule], order: list[str]) -> dict[str, str]:
+    """Each module's name as read, where a layout renamed modules one for one (a layout that splits or
+    fuses modules, such as GGUF's expert stacks, changes their count: then none)."""
+    return dict(zip(modules, order)) if len(modules) == len(order) else {}
 
 
 def convert(
@@ -300,11 +307,11 @@ def convert(
     if source is not None and source.layout_in is not None and to != adapter.source_format:
         order = list(adapter.modules)
         adapter = source.layout_in(adapter, Path(base) if base is not None else None, Path(path))
-        origin = dict(zip(adapter.modules, order))
+        origin = _origin(adapter.modules, order)
     if target.layout_out is not None and adapter.source_format != to:
         order = list(adapter.modules)
         adapter = target.layout_out(adapter, Path(base) if base is not None else None, Path(path))
-        origin = dict(zip(adapter.modules, order))  # the target's name -> the module name as read
+        origin = _origin(adapter.modules, order)  # the target's name -> the module name as read
         layout_base = source_label(base) if base is not None else None  # provenance keeps it
         base = None  # used: the names are the target's now, not the checkpoint's
     # peft's save_embedding_layers copies of a LoRA layer's base weight (`.base_layer.`) go only
@@ -338,10 +345,10 @@ def convert(
     kept_lyco: dict[str, LycoModule] = {}
     for name, m in adapter.modules.items():
         new, by = names[name]
-        fitted = _fit_layout(m, shapes[matched[name]]) if matched is not None else m
+        fitted = _fit_layout(m, shapes[matched[name]]) if matched is not None and name in matched else m
         modules[new] = fitted.with_(name=new)
         read_as = origin.get(name, name)
-        orig = as_read[read_as]
+        orig = as_read.get(read_as, m)  # a module a layout split or fused: as written
         algo, exact, err = lyco_rows.get(name, ("lora", None, 0.0))
         report.modules.append(ModuleConvert(read_as, new, fitted.kind, orig.rank, orig.alpha, orig.scale, by, algo,
                                             exact, err))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -203,6 +204,7 @@ def runtime_findings(adapter: Adapter, rt: Runtime, findings: Findings) -> None:
                 findings.error("runtime-misscales", name,
                                f"{where}: {rt.label} scales module '{name}' by {got:.6g}, the adapter by {m.scale:.6g} "
                                f"({ratio:.4g}x){_src(rt, 'patterns')}; fix: {fix}")
+    moe_findings(adapter, rt, findings)
     if rt.rank_settings and adapter.modules:
         top = max(m.rank for m in adapter.modules.values())
         setting = next((s for s in rt.rank_settings if s >= top), None)
@@ -210,6 +212,138 @@ def runtime_findings(adapter: Adapter, rt: Runtime, findings: Findings) -> None:
             findings.warning("runtime-setting", None,
                              f"{where}: rank {top} needs {rt.name} started with --max-lora-rank {setting} or more "
                              "(default 16)")
+
+
+# ---------------------------------------------------------------------------------------------
+# mixture-of-experts LoRA (docs/moe.md): per-expert modules and fused 3-D expert parameters
+
+_PER_EXPERT = re.compile(r"^(?P<parent>.+\.experts)\.(?P<index>\d+)\.(?P<proj>[^.]+)$")
+
+
+def per_expert_modules(modules: dict[str, LoraModule]) -> dict[str, dict[str, dict[int, LoraModule]]]:
+    """Per-expert modules (`model.layers.0.mlp.experts.3.gate_proj`) by experts container, projection, index."""
+    out: dict[str, dict[str, dict[int, LoraModule]]] = {}
+    for name, m in modules.items():
+        hit = _PER_EXPERT.match(name)
+        if hit is not None:
+            out.setdefault(hit["parent"], {}).setdefault(hit["proj"], {})[int(hit["index"])] = m
+    return out
+
+
+def _fused_modules(adapter: Adapter) -> dict[str, list[LoraModule]]:
+    """The experts of each fused 3-D parameter (PEFT target_parameters), by parameter."""
+    out: dict[str, list[LoraModule]] = {}
+    for m in adapter.modules.values():
+        if m.expert is not None:
+            out.setdefault(m.expert.param, []).append(m)
+    return out
+
+
+def _ranks(modules: dict[int, LoraModule]) -> str:
+    by_rank: dict[int, list[int]] = {}
+    for i, m in sorted(modules.items()):
+        by_rank.setdefault(m.rank, []).append(i)
+    return ", ".join(f"rank {r} (experts {_listing([str(i) for i in idx], 3)})" for r, idx in sorted(by_rank.items()))
+
+
+def moe_findings(adapter: Adapter, rt: Runtime, findings: Findings) -> None:
+    """What `rt` does with the adapter's expert LoRA: per-expert modules and fused 3-D parameters."""
+    per = per_expert_modules(adapter.modules)
+    if per and rt.moe_experts is not None:
+        _per_expert_findings(adapter, rt, per, findings)
+    fused = _fused_modules(adapter)
+    # the facts describe how each runtime reads PEFT's target_parameters layout; a GGUF file's expert stacks
+    # are llama.cpp's own (src/llama-graph.cpp build_lora_mm_id)
+    if fused and rt.moe_fused is not None and adapter.source_format == "peft":
+        _fused_findings(adapter, rt, fused, findings)
+
+
+def _per_expert_findings(adapter: Adapter, rt: Runtime, per: dict[str, dict[str, dict[int, LoraModule]]],
+                         findings: Findings) -> None:
+    where = adapter.path
+    if not rt.moe_experts:
+        findings.error("runtime-moe", None, f"{where}: {rt.label} does not load per-expert LoRA modules "
+                       f"(e.g. '{next(iter(per))}'){_src(rt, 'moe_experts')}")
+        return
+    for parent, projs in per.items():
+        if rt.moe_expert_ranks == "projection":
+            for proj, experts in projs.items():
+                if len({m.rank for m in experts.values()}) > 1:
+                    findings.error("runtime-moe", f"{parent}.*.{proj}",
+                                   f"{where}: {rt.label} stacks the experts of one projection into one tensor, so they "
+                                   f"need one rank; '{parent}.N.{proj}' has {_ranks(experts)}"
+                                   f"{_src(rt, 'moe_expert_ranks')}; fix: {_fix(adapter, rt)} (pads each projection's "
+                                   "experts to its largest rank with zeros, exact)")
+        if rt.moe_all_experts:
+            indices = sorted({i for experts in projs.values() for i in experts})
+            missing = [f"{i}.{proj}" for i in indices for proj in sorted(projs) if i not in projs[proj]]
+            if missing:
+                findings.error("runtime-moe", parent,
+                               f"{where}: {rt.label} stacks a layer's expert LoRA only from every expert's "
+                               f"{' / '.join(sorted(projs))}; '{parent}' lacks {_listing(missing)}"
+                               f"{_src(rt, 'moe_all_experts')}; fix: merge the adapter into the base instead "
+                               f"(loratool merge {where} BASE -o OUT)")
+    if rt.moe_projections:
+        named = _target_names(adapter)
+        lacking = [proj for proj, names in rt.moe_projections if named is not None and not named & set(names)]
+        if lacking:
+            findings.error("runtime-ignores", None,
+                           f"{where}: {rt.label} applies expert LoRA only when target_modules name "
+                           + " and ".join(f"{proj} (or {' / '.join(n for n in names if n != proj) or proj})"
+                                          for proj, names in rt.moe_projections)
+                           + f"; this adapter's name none for {', '.join(lacking)}, so the LoRA of "
+                           f"{len(per)} experts container(s) such as '{next(iter(per))}' is not applied"
+                           f"{_src(rt, 'moe_projections')}; fix: train (or combine) LoRA on every expert "
+                           "projection, or merge the adapter into the base (loratool merge)")
+
+
+def _target_names(adapter: Adapter) -> set[str] | None:
+    """The last name component of each PEFT target_modules entry (None: a string such as 'all-linear')."""
+    targets = adapter.config.get("target_modules")
+    if isinstance(targets, str) or not isinstance(targets, list):
+        return None
+    return {str(t).split(".")[-1] for t in targets}
+
+
+def _fused_order(params: list[str]) -> dict[str, list[str]]:
+    """The fused parameters of each experts container in the order peft nests their wrappers (the first
+    innermost, saved as `experts.base_layer`; families.moe.param_order)."""
+    from loratool.families.moe import param_order
+
+    leaves: dict[str, list[str]] = {}
+    for param in params:
+        parent, _, leaf = param.rpartition(".")
+        leaves.setdefault(parent, []).append(leaf)
+    return {parent: param_order(names) for parent, names in leaves.items()}
+
+
+def _fused_findings(adapter: Adapter, rt: Runtime, fused: dict[str, list[LoraModule]], findings: Findings) -> None:
+    where = adapter.path
+    first = next(iter(fused))
+    count = len(fused[first])
+    if rt.moe_fused == "no":
+        fix = (f"{_fix(adapter, rt, ' --base BASE')} (writes its own {rt.writes} expert tensors)"
+               if rt.writes != "peft" else "serve per-expert modules (experts.N.<projection>)")
+        findings.error("runtime-moe", first,
+                       f"{where}: {rt.label} has no reader for fused expert LoRA (PEFT target_parameters) such as "
+                       f"'{first}' ({count} experts; {len(fused)} parameter(s) in all){_src(rt, 'moe_fused')}; fix: "
+                       f"{fix}, or merge the adapter into the base (loratool merge {where} BASE -o OUT)")
+        return
+    if rt.moe_fused == "models":
+        findings.warning("runtime-setting", first,
+                         f"{where}: {rt.label} serves fused expert LoRA (PEFT target_parameters, e.g. '{first}') as "
+                         f"it is only on {', '.join(rt.moe_fused_models)}; on other MoE models it refuses the adapter "
+                         f"unless started with {rt.moe_fused_flag}{_src(rt, 'moe_fused')}")
+    if rt.moe_fused_order:
+        want = list(rt.moe_fused_order)
+        for parent, leaves in _fused_order(list(fused)).items():
+            if leaves != want:
+                findings.error("runtime-moe", parent,
+                               f"{where}: {rt.label} reads '{parent}.base_layer' as {want[0]} and '{parent}' as "
+                               f"{want[-1]} and needs both; this adapter adapts {' then '.join(leaves)} there "
+                               f"(peft's nesting order){_src(rt, 'moe_fused_order')}; fix: adapt "
+                               f"{' and '.join(want)} both (target_parameters), or merge the adapter into the base "
+                               f"(loratool merge {where} BASE -o OUT)")
 
 
 def _src_of(rule: Refusal, rt: Runtime) -> str:
@@ -243,12 +377,13 @@ class Prepared:
     alpha: float | None = None  # the one alpha every module now has
     baked: list[str] = field(default_factory=list)  # modules whose scale went into their up factor
     widened: list[str] = field(default_factory=list)  # 16-bit up factors written as float32 (see maths.bake.bake_scale)
+    padded: list[str] = field(default_factory=list)  # experts zero-padded to their projection's one rank (exact)
     dropped: list[str] = field(default_factory=list)  # modules or tensors removed with --drop
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"rank": self.rank, "alpha": self.alpha, "baked": self.baked, "widened": self.widened,
-                "dropped": self.dropped}
+                "padded": self.padded, "dropped": self.dropped}
 
 
 def _listing(names: list[str], limit: int = 4) -> str:
@@ -366,10 +501,32 @@ def prepare_for(adapter: Adapter, rt: Runtime, *, drop: bool = False, allow_vari
     config["modules_to_save"] = heads or None
     if not any(m.bias is not None for m in modules.values()):
         config.pop("lora_bias", None)
+    if rt.moe_expert_ranks == "projection":
+        modules = pad_expert_ranks(modules, prepared)
     if rt.scale_rule == "direct_scale" or (rt.scale_rule == "peft_global" and not rt.patterns):
         modules = uniform(modules, prepared)
     prepared.adapter = adapter.with_modules(modules, extras=extras, config=config)
     return prepared
+
+
+def pad_expert_ranks(modules: dict[str, LoraModule], prepared: Prepared) -> dict[str, LoraModule]:
+    """The experts of each projection (`experts.N.up_proj` for every N) at one rank, their largest: a
+    lower-rank expert gets zero rows in down and zero columns in up, and alpha = scale · rank (plain, not
+    rsLoRA), so its delta is unchanged (exact)."""
+    from loratool.maths.bake import pad_rank
+
+    out = dict(modules)
+    for projs in per_expert_modules(modules).values():
+        for experts in projs.values():
+            top = max(m.rank for m in experts.values())
+            for m in experts.values():
+                if m.rank == top:
+                    continue
+                up, down = pad_rank(m.up.load(), m.down.load(), top)
+                out[m.name] = m.with_(up=TensorRef.from_tensor(up), down=TensorRef.from_tensor(down),
+                                      alpha=m.scale * top, rslora=False, alpha_source="config")
+                prepared.padded.append(m.name)
+    return out
 
 
 def uniform(modules: dict[str, LoraModule], prepared: Prepared) -> dict[str, LoraModule]:

@@ -80,6 +80,36 @@ def compare(a: Path, b: Path) -> int:
     return differing
 
 
+def run_contenders(d: Path, base: Path, adapter: Path, peft_script: str, repeat: int
+                   ) -> tuple[int, int, dict[str, list[tuple[float, float]]]]:
+    """`cp -r`, loratool merge and `peft_script`, each `repeat` times, alternating: the base's size in bytes,
+    its shard count, and (wall s, peak MB) per run. Outputs go to d/cp, d/ours, d/peft; the last run's are
+    kept for comparison."""
+    size = sum(f.stat().st_size for f in base.iterdir())
+    shards = len(list(base.glob("*.safetensors")))
+    subprocess.run(["sync"], check=True)
+    runs: dict[str, list[tuple[float, float]]] = {"cp": [], "ours": [], "peft": []}
+    commands = {
+        "cp": ["cp", "-r", str(base), str(d / "cp")],
+        "ours": [sys.executable, "-m", "loratool", "merge", str(base), str(adapter), "-o", str(d / "ours"), "-q"],
+        "peft": [sys.executable, "-c", peft_script, str(base), str(adapter), str(d / "peft")],
+    }
+    for i in range(repeat):
+        for name, cmd in commands.items():
+            if i:  # keep the last run's outputs for the comparison
+                shutil.rmtree(d / name, ignore_errors=True)
+                subprocess.run(["sync"], check=True)
+            runs[name].append(rss_of(cmd))
+    return size, shards, runs
+
+
+def summary(runs: dict[str, list[tuple[float, float]]]) -> tuple[float, float, float, float, float]:
+    """Median wall time of cp, loratool and peft, and the largest peak RSS of loratool and peft."""
+    t_cp, t_ours, t_peft = (statistics.median(w for w, _ in runs[n]) for n in ("cp", "ours", "peft"))
+    rss_ours, rss_peft = (max(r for _, r in runs[n]) for n in ("ours", "peft"))
+    return t_cp, t_ours, t_peft, rss_ours, rss_peft
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, nargs="+", default=[16, 8])
@@ -97,23 +127,8 @@ def main() -> None:
         base, adapter = d / "base", d / "adapter"
         params = int(subprocess.run([sys.executable, "-c", MAKE_SCRIPT, str(layers), str(base), str(adapter)],
                                     check=True, capture_output=True, text=True).stdout.split()[-1])
-        size = sum(f.stat().st_size for f in base.iterdir())
-        shards = len(list(base.glob("*.safetensors")))
-        subprocess.run(["sync"], check=True)
-        runs: dict[str, list[tuple[float, float]]] = {"cp": [], "ours": [], "peft": []}
-        commands = {
-            "cp": ["cp", "-r", str(base), str(d / "cp")],
-            "ours": [sys.executable, "-m", "loratool", "merge", str(base), str(adapter), "-o", str(d / "ours"), "-q"],
-            "peft": [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(d / "peft")],
-        }
-        for i in range(args.repeat):
-            for name, cmd in commands.items():
-                if i:  # keep the last run's outputs for the comparison below
-                    shutil.rmtree(d / name, ignore_errors=True)
-                    subprocess.run(["sync"], check=True)
-                runs[name].append(rss_of(cmd))
-        t_cp, t_ours, t_peft = (statistics.median(w for w, _ in runs[n]) for n in ("cp", "ours", "peft"))
-        rss_ours, rss_peft = (max(r for _, r in runs[n]) for n in ("ours", "peft"))
+        size, shards, runs = run_contenders(d, base, adapter, PEFT_SCRIPT, args.repeat)
+        t_cp, t_ours, t_peft, rss_ours, rss_peft = summary(runs)
         spread = {n: " ".join(f"{w:.1f}" for w, _ in runs[n]) for n in runs}
         differing = compare(d / "ours", d / "peft")
         rows.append((layers, params, size, shards, t_cp, t_ours, rss_ours, t_peft, rss_peft, differing))
