@@ -19,7 +19,7 @@ for the worst module, both against a float64 dense SVD of the exact sum (the dif
 float32 rounding where σ_16 ≈ σ_17 makes the rank-16 subspace ill-conditioned).
 
 Run: python tests/perf/bench_combine.py [--layers 16] [--keep DIR] [--loratool-only [--repeat N]]
-(--loratool-only: time loratool's runs only, e.g. to compare two versions of loratool back to back.)
+(--loratool-only: time loratool's runs only; with --code DIR, those of the checkout DIR: two versions back to back.)
 """
 
 from __future__ import annotations
@@ -87,9 +87,9 @@ MEASURE = textwrap.dedent("""
 """)
 
 
-def measure(cmd: list[str]) -> tuple[float, float]:
+def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS in MB) of one whole-process command."""
-    res = subprocess.run([sys.executable, "-c", MEASURE, *cmd], check=True, stdout=subprocess.PIPE, text=True)
+    res = subprocess.run([sys.executable, "-c", MEASURE, *cmd], check=True, stdout=subprocess.PIPE, text=True, env=env)
     wall, kib = res.stdout.split()[-2:]
     return float(wall), int(kib) * 1024 / 1e6
 
@@ -148,6 +148,7 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, default=None, help="build into this directory and keep it")
     ap.add_argument("--loratool-only", action="store_true", help="skip peft (and the check)")
     ap.add_argument("--repeat", type=int, default=1, help="with --loratool-only: runs of loratool")
+    ap.add_argument("--code", type=Path, default=None, help="with --loratool-only: run the loratool of this checkout")
     args = ap.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench_combine_"))
     try:
@@ -165,7 +166,7 @@ def main() -> None:
                     "--weights", "0.5,0.5", "--method", "svd", "--rank", "16", "--device", "cpu", "-q"]
         for _ in range(args.repeat if args.loratool_only else 1):
             shutil.rmtree(root / "ours", ignore_errors=True)
-            t_ours, m_ours = measure(ours_cmd)
+            t_ours, m_ours = measure(ours_cmd, {**os.environ, "PYTHONPATH": str(args.code)} if args.code else None)
             print(f"loratool combine svd : {t_ours:8.2f} s  peak RSS {m_ours:8.0f} MB")
         if args.loratool_only:
             return

@@ -10,7 +10,7 @@ up @ down in float32 per module, torch.linalg.svd, pick the rank, truncate (not 
 Then: same ranks, deltas agreeing to 1e-4 relative.
 
 Run: python tests/perf/bench_resize.py [--layers 16] [--threads N] [--loratool-only]
-(--loratool-only: time loratool's runs only, e.g. to compare two versions of loratool back to back.)
+(--loratool-only: time loratool's runs only; with --code DIR, those of the checkout DIR: two versions back to back.)
 """
 
 from __future__ import annotations
@@ -98,6 +98,9 @@ def dense_resize(path: Path, method: str | None, threshold: float | None, rank: 
     return time.perf_counter() - t0, ranks, deltas
 
 
+CODE_ENV: dict[str, str] | None = None  # --code: the environment that runs another checkout's loratool
+
+
 def ours(path: Path, out: Path, args: list[str]) -> float:
     t0 = time.perf_counter()
     subprocess.run(
@@ -118,6 +121,7 @@ def ours(path: Path, out: Path, args: list[str]) -> float:
         ],
         check=True,
         stdout=subprocess.DEVNULL,
+        env=CODE_ENV,
     )
     return time.perf_counter() - t0
 
@@ -143,7 +147,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--loratool-only", action="store_true", help="skip the dense reference (and the check)")
+    ap.add_argument("--code", type=Path, default=None, help="with --loratool-only: run the loratool of this checkout")
     args = ap.parse_args()
+    if args.code:
+        global CODE_ENV
+        CODE_ENV = {**os.environ, "PYTHONPATH": str(args.code)}
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
