@@ -520,17 +520,6 @@ def _family_for(adapter: Adapter, to: str, family: str | None, other_mode: bool,
         raise IncompatibleError(
             f"{adapter.path}: its module names fit {' and '.join(det.tied)} equally ({det.describe()}), and "
             f"their {to} names differ", hint="pass " + " or ".join(f"--family {f}" for f in det.tied))
-    strays = [n for n in det.unmatched if n not in te]
-    if (det.family is not None and det.dialect is not None and to in ("diffusers", "peft", "comfyui")
-            and not other_mode and strays and det.matched > len(strays)
-            and families.get(det.family).writes_original(det.dialect)):
-        # a family's file with a few modules of no family's (a diffusers-named stray in a kohya SDXL
-        # file): name those, not the hundreds the family's table would convert
-        listing = ", ".join(strays[:6]) + (f", ... ({len(strays)} in all)" if len(strays) > 6 else "")
-        raise IncompatibleError(
-            f"{adapter.path}: {det.matched} of its {det.total} modules are {det.family} ({det.dialect}) names, which "
-            f"the family's table converts, but {len(strays)} are not the family's: {listing}",
-            hint=f"those {len(strays)} load nowhere as named: remove them, or convert them on their own")
     if det.partial and to in FAMILY_TARGETS and not other_mode:
         # one family's names cover part of the file: writing those by its table and the rest by the
         # generic rules would mix two models' names (a FLUX.2 file is FLUX.1's double / single blocks
