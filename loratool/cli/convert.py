@@ -11,6 +11,7 @@ from loratool.cli._options import (
     output_options,
     preflight,
 )
+from loratool.families import families
 from loratool.formats import writable_formats
 
 
@@ -33,7 +34,7 @@ from loratool.formats import writable_formats
               help="The base model: kohya names are placed by its keys, every module must match one of its "
               "weights, and factors take its layout (linear or 1x1 conv).")
 @click.option("--family", "family", default=None,
-              help="The model family (flux.1, sd3, wan, hunyuan-video, ltx-video, qwen-image, sd1, sdxl): convert "
+              help=f"The model family ({', '.join(f.name for f in families())}): convert "
               "between its dialects by its table, splitting and fusing modules exactly; detected from the names when "
               "they fit one family best.")
 @click.option("--fuse-rank", "fuse_rank", type=click.IntRange(min=1), default=None,
