@@ -158,6 +158,8 @@ class LycoModule:
             tucker or full module, or None: W' = m ⊙ (W + ΔW) / (‖W + ΔW‖ + eps) with the norm per
             output row (dora_axis "out", LyCORIS wd_on_out=True) or per input column ("in").
         dora_axis: the axis of the magnitude ("out" or "in").
+        parameter: a full diff of the parameter `name` itself (lightx2v's Wan `.diff_m`: the diff of
+            `blocks.N.modulation`), not of `name.weight`; kept through renames for the writers.
     """
 
     name: str
@@ -169,6 +171,7 @@ class LycoModule:
     keys: tuple[str, ...] = ()
     magnitude: TensorRef | None = None
     dora_axis: DoraAxis = "out"
+    parameter: bool = False
 
     @property
     def rank(self) -> int:

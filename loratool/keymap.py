@@ -104,6 +104,14 @@ class KeyIndex:
         stem = _norm(strip_known_prefix(name))
         return [k for s, ks in self.stems.items() if s == stem or s.endswith("_" + stem) for k in ks]
 
+    def parameter(self, name: str) -> list[str]:
+        """The base key that is `name` itself (a parameter not called `.weight`, as Wan's
+        `blocks.N.modulation`): exact, through the known prefix rules, else every key that one name
+        ends with, dot-separated (`diffusion_model.blocks.0.modulation` <-> `blocks.0.modulation`)."""
+        exact = [k for k in (name, *_prefix_variants(name)) if k in self.keys][:1]
+        return exact or sorted(k for k in self.keys if not k.endswith(".weight") and (
+            name.endswith("." + k) or k.endswith("." + name)))
+
 
 def _prefix_variants(name: str) -> list[str]:
     return [name[len(p):] for p in _PREFIXES if name.startswith(p)]
@@ -115,6 +123,8 @@ def match_modules(modules: Sequence[LoraModule | LycoModule], base: dict[str, Te
     result = Match()
     for m in modules:
         cands = index.candidates(m.name)
+        if not cands and isinstance(m, LycoModule) and m.parameter:
+            cands = index.parameter(m.name)
         if not cands:
             result.unmatched.append(m.name)
         elif len(cands) > 1:
