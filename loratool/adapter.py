@@ -323,6 +323,9 @@ class Adapter:
             None for a PEFT directory and for the kohya / diffusers dialects (always one file).
         family: the model family the format itself implies (an XLabs file is FLUX.1), else None
             (families.detect guesses from the names).
+        reshapes: module name -> the shape its base weight takes before the delta is added, zero-padded
+            (a BFL FLUX.1 Depth / Canny control LoRA widens `img_in` from 64 to 128 input channels;
+            ComfyUI's `.reshape_weight`).
     """
 
     modules: dict[str, LoraModule]
@@ -338,6 +341,7 @@ class Adapter:
     lycoris: dict[str, LycoModule] = field(default_factory=dict)
     key_prefix: str | None = None
     family: str | None = None
+    reshapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def ranks(self) -> list[int]:

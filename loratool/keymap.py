@@ -317,6 +317,35 @@ class MergePlan:
     unmatched: list[str] = field(default_factory=list)
     num_modules: int = 0
     layouts: list[str] = field(default_factory=list)  # adapters mapped onto the base's other layout (families)
+    reshaped: dict[str, tuple[int, ...]] = field(default_factory=dict)  # base key -> its zero-padded new shape
+
+
+def _widened(adapter: Adapter, match: Match, plan: MergePlan, base: dict[str, TensorInfo]) -> list[Target]:
+    """The shape mismatches the adapter's `reshapes` account for (a BFL control LoRA's wider img_in),
+    taken out of `match` and returned as targets; each base key's new shape goes into plan.reshaped.
+
+    Raises:
+        IncompatibleError: two adapters widen one base weight to different shapes, or the new shape
+            is smaller than the base weight in some dimension (ComfyUI's pad_tensor_to_shape refuses it too).
+    """
+    targets: list[Target] = []
+    for item in list(match.shape_mismatch):
+        name, key, _, have = item
+        new = adapter.reshapes.get(name)
+        m = adapter.modules.get(name)
+        if new is None or m is None or len(new) != len(have) or tuple(m.base_shape) != tuple(new):
+            continue
+        if any(n < h for n, h in zip(new, have)):
+            raise IncompatibleError(f"{adapter.path}: module '{name}' would shrink {key} from {tuple(have)} to "
+                                    f"{tuple(new)}; a reshape only widens a base weight (zero-padded)")
+        if plan.reshaped.get(key, tuple(new)) != tuple(new):
+            raise IncompatibleError(f"{adapter.path}: module '{name}' widens {key} to {tuple(new)} but another "
+                                    f"adapter widens it to {plan.reshaped[key]}")
+        match.shape_mismatch.remove(item)
+        match.matched[name] = key
+        plan.reshaped[key] = tuple(new)
+        targets.append((name, m, key, None))
+    return targets
 
 
 def _is_float(dtype: str) -> bool:
@@ -356,6 +385,7 @@ def plan_merge(
                 raise crossed.refused
             if crossed.crossed or crossed.renamed:
                 plan.layouts.append(crossed.describe())
+        targets += _widened(adapter, match, plan, base)
         match.refuse_shape_mismatch(where)
         problems = [*match.unmatched, *match.ambiguous]
         if problems:

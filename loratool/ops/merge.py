@@ -113,7 +113,7 @@ class _Setup:
             target = OUT_DTYPES[self.dtype]
             assert target is not None
             return target, s.shape
-        return _out_dtype(info, self.dtype), info.shape
+        return _out_dtype(info, self.dtype), self.plan.reshaped.get(info.key, info.shape)
 
     def needs_bytes(self, info: TensorInfo) -> bool:
         key = info.key
@@ -166,6 +166,13 @@ def _tensor_step(setup: _Setup, report: MergeReport, *, name: str, work: Workspa
                 base = dequantize(s, stored, setup.load)
             if setup.qlora_base and key in plan.deltas:
                 base = nf4_roundtrip(base.to(torch.float32))
+            if key in plan.reshaped:  # a control LoRA's wider img_in: the new input channels start at zero
+                if s is not None:
+                    raise IncompatibleError(f"{setup.ckpt.root}: '{key}' is stored {s.describe()}; widening it to "
+                                            f"{plan.reshaped[key]} (a control LoRA) needs a plain float base")
+                wide = torch.zeros(plan.reshaped[key], dtype=base.dtype)
+                wide[tuple(slice(0, d) for d in base.shape)] = base
+                base = wide
             w32, new, _ = merged_tensor(base, [c.term for c in contribs], device=setup.device,
                                         unmerge=setup.unmerge, bias=key in plan.biases, work=work)
             limit = out_dtype if not requantizing else (s.dtype if s is not None and s.scheme == "fp8" else "float32")
@@ -236,6 +243,7 @@ def _blockable(setup: _Setup, key: str, s: object, stored: torch.Tensor | None, 
     """Whether the tensor can go through maths.merge.merge_blocked at all: a float tensor (not float64)
     stored as it is (no quantization, no QLoRA round trip), merged on the CPU into an output slot."""
     return not (s is not None or setup.qlora_base or setup.device != "cpu" or key not in setup.plan.deltas
+                or key in setup.plan.reshaped  # widened first (a control LoRA's img_in): merged_tensor
                 or not hasattr(cast, "buffer") or stored is None or not stored.is_floating_point()
                 or str(stored.dtype) == "torch.float64")
 
