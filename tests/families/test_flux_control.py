@@ -117,3 +117,20 @@ def test_a_base_wider_than_the_reshape_is_refused(tmp_path: Path) -> None:
         merge(_save(tmp_path / "base.safetensors", base), [_save(tmp_path / "d.safetensors", control_lora())],
               tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("target", ["comfyui", "kohya", "diffusers", "peft"])
+def test_conversion_is_refused_by_name(tmp_path: Path, target: str) -> None:
+    """No writer keeps the widening yet (ComfyUI's .reshape_weight / .set_weight / .diff_b, diffusers'
+    x_embedder names): convert names the module or the family problem and writes nothing."""
+    from loratool.errors import IncompatibleError
+    from loratool.formats import check_writable
+    from loratool.ops.convert import convert
+
+    src = _save(tmp_path / "depth.safetensors", control_lora())
+    out = tmp_path / ("p" if target == "peft" else "o.safetensors")
+    with pytest.raises(IncompatibleError, match=r"img_in|double_blocks\.0"):
+        convert(src, out, to=target)
+    assert not out.exists()
+    with pytest.raises(IncompatibleError, match=r"module 'img_in' widens its base weight to \(16, 8\)"):
+        check_writable(read(src), target)
