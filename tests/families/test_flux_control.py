@@ -134,3 +134,47 @@ def test_conversion_is_refused_by_name(tmp_path: Path, target: str) -> None:
     assert not out.exists()
     with pytest.raises(IncompatibleError, match=r"module 'img_in' widens its base weight to \(16, 8\)"):
         check_writable(read(src), target)
+
+
+def test_diffusers_converter_reads_the_control_pieces_as_loratool_does(tmp_path: Path) -> None:
+    """diffusers' own `_convert_bfl_flux_control_lora_to_diffusers` (FLUX.1's 19 + 38 blocks, so the
+    file is full-sized in names, tiny in width) on the same file: its x_embedder LoRA is our img_in
+    module (down, up, bias delta), and its norm_q / norm_k / norm_added_q / norm_added_k weights are the
+    `_norm.scale` tensors loratool replaces the base's with."""
+    from diffusers.loaders.lora_conversion_utils import _convert_bfl_flux_control_lora_to_diffusers
+
+    from fixtures.families import flux_shapes
+
+    g = torch.Generator().manual_seed(7)
+    shapes = flux_shapes(H, 19, 38)
+    shapes.update({"img_in": (H, C_CONTROL), "txt_in": (H, 8), "time_in.in_layer": (H, 8), "time_in.out_layer": (H, H),
+                   "vector_in.in_layer": (H, 8), "vector_in.out_layer": (H, H), "guidance_in.in_layer": (H, 8),
+                   "guidance_in.out_layer": (H, H), "final_layer.linear": (4, H),
+                   "final_layer.adaLN_modulation.1": (2 * H, H)})
+    for i in range(38):  # the converter splits linear1 at FLUX.1's real widths (3 x 3072 + 12288 rows)
+        shapes[f"single_blocks.{i}.linear1"] = (3 * 3072 + 12288, H)
+    t: dict[str, torch.Tensor] = {}
+    for name, (out_f, in_f) in shapes.items():
+        t[f"{name}.lora_A.weight"] = torch.randn(R, in_f, generator=g)
+        t[f"{name}.lora_B.weight"] = torch.randn(out_f, R, generator=g)
+        t[f"{name}.lora_B.bias"] = torch.randn(out_f, generator=g)
+    norms = {}
+    for i in range(19):
+        for s, (q, k) in (("img", ("norm_q", "norm_k")), ("txt", ("norm_added_q", "norm_added_k"))):
+            norms[f"double_blocks.{i}.{s}_attn.norm.query_norm.scale"] = f"transformer_blocks.{i}.attn.{q}.weight"
+            norms[f"double_blocks.{i}.{s}_attn.norm.key_norm.scale"] = f"transformer_blocks.{i}.attn.{k}.weight"
+    for i in range(38):
+        norms[f"single_blocks.{i}.norm.query_norm.scale"] = f"single_transformer_blocks.{i}.attn.norm_q.weight"
+        norms[f"single_blocks.{i}.norm.key_norm.scale"] = f"single_transformer_blocks.{i}.attn.norm_k.weight"
+    for key in norms:
+        t[key] = torch.randn(H // 2, generator=g)
+    theirs = _convert_bfl_flux_control_lora_to_diffusers(dict(t))
+    ours = read(_save(tmp_path / "depth.safetensors", t))
+    assert not ours.unsupported and ours.reshapes == {"img_in": (H, C_CONTROL)}
+    m = ours.modules["img_in"]
+    assert m.bias is not None and m.scale == 1.0
+    assert torch.equal(theirs["transformer.x_embedder.lora_A.weight"], m.down.load())
+    assert torch.equal(theirs["transformer.x_embedder.lora_B.weight"], m.up.load())
+    assert torch.equal(theirs["transformer.x_embedder.lora_B.bias"], m.bias.load())
+    for bfl, diffusers_key in norms.items():
+        assert torch.equal(theirs["transformer." + diffusers_key], ours.extras[bfl].load()), bfl
