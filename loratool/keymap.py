@@ -320,6 +320,16 @@ class MergePlan:
     reshaped: dict[str, tuple[int, ...]] = field(default_factory=dict)  # base key -> its zero-padded new shape
 
 
+def reshaped(adapter: Adapter, name: str, have: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape the adapter's `reshapes` give module `name`'s base weight (now `have`), when that
+    explains the module's wider delta; None otherwise."""
+    new = adapter.reshapes.get(name)
+    m = adapter.modules.get(name)
+    if new is None or m is None or len(new) != len(have) or tuple(m.base_shape) != tuple(new):
+        return None
+    return tuple(new)
+
+
 def _widened(adapter: Adapter, match: Match, plan: MergePlan, base: dict[str, TensorInfo]) -> list[Target]:
     """The shape mismatches the adapter's `reshapes` account for (a BFL control LoRA's wider img_in),
     taken out of `match` and returned as targets; each base key's new shape goes into plan.reshaped.
@@ -331,9 +341,9 @@ def _widened(adapter: Adapter, match: Match, plan: MergePlan, base: dict[str, Te
     targets: list[Target] = []
     for item in list(match.shape_mismatch):
         name, key, _, have = item
-        new = adapter.reshapes.get(name)
+        new = reshaped(adapter, name, have)
         m = adapter.modules.get(name)
-        if new is None or m is None or len(new) != len(have) or tuple(m.base_shape) != tuple(new):
+        if new is None or m is None:
             continue
         if any(n < h for n, h in zip(new, have)):
             raise IncompatibleError(f"{adapter.path}: module '{name}' would shrink {key} from {tuple(have)} to "

@@ -178,3 +178,16 @@ def test_diffusers_converter_reads_the_control_pieces_as_loratool_does(tmp_path:
     assert torch.equal(theirs["transformer.x_embedder.lora_B.bias"], m.bias.load())
     for bfl, diffusers_key in norms.items():
         assert torch.equal(theirs["transformer." + diffusers_key], ours.extras[bfl].load()), bfl
+
+
+@pytest.mark.parametrize(("c_in", "ok"), [(C_IN, True), (C_CONTROL, True), (2 * C_CONTROL, False)])
+def test_validate_base_agrees_with_merge(tmp_path: Path, c_in: int, ok: bool) -> None:
+    """validate --base accepts the bases merge widens (and the already wide one), and reports the
+    img_in mismatch of a base wider than the control LoRA."""
+    from loratool.ops.validate import validate_adapter
+
+    src = _save(tmp_path / "depth.safetensors", control_lora())
+    report = validate_adapter(src, base=_save(tmp_path / "base.safetensors", flux_base(c_in))).to_dict()
+    assert report["ok"] is ok
+    errors = [f for f in report["findings"] if f["severity"] == "error"]
+    assert [f["code"] for f in errors] == ([] if ok else ["base-shape-mismatch"])
