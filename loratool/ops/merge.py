@@ -153,7 +153,8 @@ def _tensor_step(setup: _Setup, report: MergeReport, *, name: str, work: Workspa
         if key in plan.deltas or key in plan.biases:
             assert stored is not None
             contribs = plan.deltas.get(key) or plan.biases[key]
-            blocked = _blocked_term(setup, key, s, stored, contribs, cast)
+            # a widened weight (a control LoRA's img_in) is padded first, then goes through merged_tensor
+            blocked = None if key in plan.reshaped else _blocked_term(setup, key, s, stored, contribs, cast)
             if blocked is not None:
                 return _merge_blocked(setup, report, name=name, key=key, stored=stored, term=blocked,
                                       out_dtype=out_dtype, cast=cast, work=work)
@@ -243,7 +244,6 @@ def _blockable(setup: _Setup, key: str, s: object, stored: torch.Tensor | None, 
     """Whether the tensor can go through maths.merge.merge_blocked at all: a float tensor (not float64)
     stored as it is (no quantization, no QLoRA round trip), merged on the CPU into an output slot."""
     return not (s is not None or setup.qlora_base or setup.device != "cpu" or key not in setup.plan.deltas
-                or key in setup.plan.reshaped  # widened first (a control LoRA's img_in): merged_tensor
                 or not hasattr(cast, "buffer") or stored is None or not stored.is_floating_point()
                 or str(stored.dtype) == "torch.float64")
 
