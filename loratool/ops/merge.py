@@ -153,8 +153,7 @@ def _tensor_step(setup: _Setup, report: MergeReport, *, name: str, work: Workspa
         if key in plan.deltas or key in plan.biases:
             assert stored is not None
             contribs = plan.deltas.get(key) or plan.biases[key]
-            # a widened weight (a control LoRA's img_in) is padded first, then goes through merged_tensor
-            blocked = None if key in plan.reshaped else _blocked_term(setup, key, s, stored, contribs, cast)
+            blocked = _blocked_term(setup, key, s, stored, contribs, cast)
             if blocked is not None:
                 return _merge_blocked(setup, report, name=name, key=key, stored=stored, term=blocked,
                                       out_dtype=out_dtype, cast=cast, work=work)
@@ -234,6 +233,8 @@ def _blocked_term(setup: _Setup, key: str, s: object, stored: torch.Tensor | Non
         return None
     c = contribs[0]
     m = c.module
+    if key in setup.plan.reshaped:  # a widened weight (a control LoRA's img_in) is padded, then merged_tensor
+        return None
     if not isinstance(m, LoraModule) or m.magnitude is not None or m.kind == "embedding" or m.fan_in_fan_out \
             or c.rows is not None:  # a part of a fused weight (families/layout.py): merged_tensor adds its rows
         return None
