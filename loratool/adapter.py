@@ -158,6 +158,8 @@ class LycoModule:
             tucker or full module, or None: W' = m ⊙ (W + ΔW) / (‖W + ΔW‖ + eps) with the norm per
             output row (dora_axis "out", LyCORIS wd_on_out=True) or per input column ("in").
         dora_axis: the axis of the magnitude ("out" or "in").
+        parameter: a full diff of the parameter `name` itself (lightx2v's Wan `.diff_m`: the diff of
+            `blocks.N.modulation`), not of `name.weight`; kept through renames for the writers.
     """
 
     name: str
@@ -169,6 +171,7 @@ class LycoModule:
     keys: tuple[str, ...] = ()
     magnitude: TensorRef | None = None
     dora_axis: DoraAxis = "out"
+    parameter: bool = False
 
     @property
     def rank(self) -> int:
@@ -320,6 +323,9 @@ class Adapter:
             None for a PEFT directory and for the kohya / diffusers dialects (always one file).
         family: the model family the format itself implies (an XLabs file is FLUX.1), else None
             (families.detect guesses from the names).
+        reshapes: module name -> the shape its base weight takes before the delta is added, zero-padded
+            (a BFL FLUX.1 Depth / Canny control LoRA widens `img_in` from 64 to 128 input channels;
+            ComfyUI's `.reshape_weight`).
     """
 
     modules: dict[str, LoraModule]
@@ -335,6 +341,7 @@ class Adapter:
     lycoris: dict[str, LycoModule] = field(default_factory=dict)
     key_prefix: str | None = None
     family: str | None = None
+    reshapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def ranks(self) -> list[int]:

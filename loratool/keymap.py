@@ -104,6 +104,14 @@ class KeyIndex:
         stem = _norm(strip_known_prefix(name))
         return [k for s, ks in self.stems.items() if s == stem or s.endswith("_" + stem) for k in ks]
 
+    def parameter(self, name: str) -> list[str]:
+        """The base key that is `name` itself (a parameter not called `.weight`, as Wan's
+        `blocks.N.modulation`): exact, through the known prefix rules, else every key that one name
+        ends with, dot-separated (`diffusion_model.blocks.0.modulation` <-> `blocks.0.modulation`)."""
+        exact = [k for k in (name, *_prefix_variants(name)) if k in self.keys][:1]
+        return exact or sorted(k for k in self.keys if not k.endswith(".weight") and (
+            name.endswith("." + k) or k.endswith("." + name)))
+
 
 def _prefix_variants(name: str) -> list[str]:
     return [name[len(p):] for p in _PREFIXES if name.startswith(p)]
@@ -115,6 +123,8 @@ def match_modules(modules: Sequence[LoraModule | LycoModule], base: dict[str, Te
     result = Match()
     for m in modules:
         cands = index.candidates(m.name)
+        if not cands and isinstance(m, LycoModule) and m.parameter:
+            cands = index.parameter(m.name)
         if not cands:
             result.unmatched.append(m.name)
         elif len(cands) > 1:
@@ -307,6 +317,45 @@ class MergePlan:
     unmatched: list[str] = field(default_factory=list)
     num_modules: int = 0
     layouts: list[str] = field(default_factory=list)  # adapters mapped onto the base's other layout (families)
+    reshaped: dict[str, tuple[int, ...]] = field(default_factory=dict)  # base key -> its zero-padded new shape
+
+
+def reshaped(adapter: Adapter, name: str, have: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape the adapter's `reshapes` give module `name`'s base weight (now `have`), when that
+    explains the module's wider delta; None otherwise."""
+    new = adapter.reshapes.get(name)
+    m = adapter.modules.get(name)
+    if new is None or m is None or len(new) != len(have) or tuple(m.base_shape) != tuple(new):
+        return None
+    return tuple(new)
+
+
+def _widened(adapter: Adapter, match: Match, plan: MergePlan, base: dict[str, TensorInfo]) -> list[Target]:
+    """The shape mismatches the adapter's `reshapes` account for (a BFL control LoRA's wider img_in),
+    taken out of `match` and returned as targets; each base key's new shape goes into plan.reshaped.
+
+    Raises:
+        IncompatibleError: two adapters widen one base weight to different shapes, or the new shape
+            is smaller than the base weight in some dimension (ComfyUI's pad_tensor_to_shape refuses it too).
+    """
+    targets: list[Target] = []
+    for item in list(match.shape_mismatch):
+        name, key, _, have = item
+        new = reshaped(adapter, name, have)
+        m = adapter.modules.get(name)
+        if new is None or m is None:
+            continue
+        if any(n < h for n, h in zip(new, have)):
+            raise IncompatibleError(f"{adapter.path}: module '{name}' would shrink {key} from {tuple(have)} to "
+                                    f"{tuple(new)}; a reshape only widens a base weight (zero-padded)")
+        if plan.reshaped.get(key, tuple(new)) != tuple(new):
+            raise IncompatibleError(f"{adapter.path}: module '{name}' widens {key} to {tuple(new)} but another "
+                                    f"adapter widens it to {plan.reshaped[key]}")
+        match.shape_mismatch.remove(item)
+        match.matched[name] = key
+        plan.reshaped[key] = tuple(new)
+        targets.append((name, m, key, None))
+    return targets
 
 
 def _is_float(dtype: str) -> bool:
@@ -346,6 +395,7 @@ def plan_merge(
                 raise crossed.refused
             if crossed.crossed or crossed.renamed:
                 plan.layouts.append(crossed.describe())
+        targets += _widened(adapter, match, plan, base)
         match.refuse_shape_mismatch(where)
         problems = [*match.unmatched, *match.ambiguous]
         if problems:

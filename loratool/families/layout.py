@@ -190,6 +190,9 @@ def _map(modules: Sequence[Module], family: Family, dialect: str, layout: BaseLa
 
     def aim(source: str, m: Module, key: str, rows: tuple[int, int] | None = None) -> None:
         info = base.get(key)
+        if info is None and isinstance(m, LycoModule) and m.parameter and key.endswith(".weight"):
+            key = key[: -len(".weight")]  # a whole diff of a parameter not called weight (Wan's modulation)
+            info = base.get(key)
         if info is None:
             plan.unmatched.append(source)
             return

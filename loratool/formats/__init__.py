@@ -167,6 +167,7 @@ def read(path: str | os.PathLike[str], *, allow_pickle: bool = False, findings: 
         fmt = _classify(tf)
         assert fmt.read_file is not None
         adapter = fmt.read_file(tf, findings)
+        adapter.reshapes.update(_bfl_control_reshapes(adapter))
     _check_duplicates(adapter, findings)
     # A file of only LyCORIS/other tensors is readable: inspect and validate report it by name and
     # operations refuse it through require_plain, which names the key.
@@ -175,6 +176,18 @@ def read(path: str | os.PathLike[str], *, allow_pickle: bool = False, findings: 
                        hint="expected lora_A/lora_B (PEFT, diffusers) or lora_down/lora_up (kohya) tensors",
                        exc=FormatError)
     return adapter
+
+
+def _bfl_control_reshapes(adapter: Adapter) -> dict[str, tuple[int, ...]]:
+    """A BFL FLUX.1 control LoRA (flux1-depth-dev-lora, flux1-canny-dev-lora: BFL names without a
+    prefix, the RMSNorm `*_norm.scale` tensors saved whole) widens `img_in`: its lora_A takes the
+    image and the control latents (128 channels) where FLUX.1-dev's img_in takes 64. ComfyUI
+    (comfy/lora_convert.py convert_lora_bfl_control) recognises the file the same way and pads img_in
+    with zeros to (lora_B rows, lora_A columns)."""
+    m = adapter.modules.get("img_in")
+    if m is None or m.kind != "linear" or not any(k.endswith("_norm.scale") for k in adapter.extras):
+        return {}
+    return {m.name: (m.out_features, m.in_features)}
 
 
 def _check_duplicates(adapter: Adapter, findings: Findings) -> None:

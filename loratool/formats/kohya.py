@@ -288,6 +288,12 @@ def state_dict(adapter: Adapter, stem_of: Any = None) -> dict[str, Any]:
             bias = m.bias.load()
             out[stem + ".diff_b"] = bias if m.bias_scale == 1.0 else (bias.float() * m.bias_scale).to(bias.dtype)
     for lm in adapter.lycoris.values():
+        if stem_of is kohya_name and lm.parameter:
+            # ComfyUI maps lora_unet_ names to `.weight` parameters only: the diff would be dropped
+            raise IncompatibleError(
+                f"{adapter.path}: '{lm.keys[0] if lm.keys else lm.name}' is the full diff of a parameter not called "
+                "weight (lightx2v's .diff_m), which kohya (lora_unet_) names cannot address in ComfyUI's key map",
+                hint="convert with --to comfyui, which writes it as '<block>.modulation.diff' (ComfyUI loads it)")
         stem = stem_of(lm.name)
         if lm.algo not in _RAW_ROLES or stem + _RAW_ROLES[lm.algo][0][1] in out:
             raise ValueError(f"LyCORIS module {lm.name} ({lm.algo}) cannot be written as kohya diffs")

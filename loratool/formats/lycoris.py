@@ -9,6 +9,7 @@ writes them:
     LoKr   .lokr_w1 | .lokr_w1_a .lokr_w1_b ; .lokr_w2 | .lokr_w2_a .lokr_w2_b [.lokr_t2] ; .alpha
     LoCon  .lora_down.weight .lora_mid.weight .lora_up.weight .alpha   (Tucker / CP conv)
     full   .diff [.diff_b]          norm   .w_norm [.b_norm]           bias only   .diff_b
+    Wan    <block>.diff_m   (lightx2v: the full diff of the block's `modulation` parameter)
 
 `.diff_b` beside a plain `.lora_down/.lora_up` pair is that LoRA's unscaled bias delta (ComfyUI's
 reading); the kohya reader keeps it on the LoraModule. `.dora_scale` beside a LoHa, LoKr, Tucker
@@ -41,8 +42,18 @@ _ROLES: tuple[tuple[str, LycoAlgo | None, str], ...] = (
 )
 
 
+# suffix -> the parameter (not `.weight`) whose whole diff it holds: lightx2v's Wan distill LoRAs store
+# `diffusion_model.blocks.N.diff_m`, the diff of `blocks.N.modulation` (a (1, 6, dim) nn.Parameter).
+# Read as a full diff of the module `<stem>.modulation`, the name ComfyUI's key map loads `.diff` under.
+PARAMETER_DIFFS = {".diff_m": "modulation"}
+
+
 def split_key(key: str) -> tuple[str, LycoAlgo | None, str] | None:
-    """'x.hada_w1_a' -> ('x', 'loha', 'w1a'); None for keys that are not LyCORIS/LoRA roles."""
+    """'x.hada_w1_a' -> ('x', 'loha', 'w1a'); 'blocks.0.diff_m' -> ('blocks.0.modulation', 'full', 'diff');
+    None for keys that are not LyCORIS/LoRA roles."""
+    for suffix, param in PARAMETER_DIFFS.items():
+        if key.endswith(suffix):
+            return f"{key[: -len(suffix)]}.{param}", "full", "diff"
     for suffix, algo, role in _ROLES:
         if key.endswith(suffix):
             return key[: -len(suffix)], algo, role
@@ -132,7 +143,8 @@ def read_modules(
                                "expected a scalar")
                 continue
             alpha = alpha_ref.scalar()
-        module = LycoModule(name, algo, refs, alpha, "tensor" if alpha is not None else "implied", bias, keys)
+        module = LycoModule(name, algo, refs, alpha, "tensor" if alpha is not None else "implied", bias, keys,
+                            parameter=algo == "full" and name.rsplit(".", 1)[-1] in PARAMETER_DIFFS.values())
         if bias is not None and module.delta_shape and module.out_features != bias.shape[0]:
             findings.error("bad-shape", name, f"{where}: module '{name}': bias diff has {bias.shape[0]} values "
                            f"but the weight delta has {module.out_features} outputs")

@@ -254,6 +254,8 @@ def convert(
     if to == "lora":
         to = written_as(adapter.source_format)
     target = get_format(to, writing=True)
+    if adapter.reshapes:  # a control LoRA: refused by name before the family renames
+        check_writable(adapter, target.name)
     if rank is not None and rank < 1:
         raise IncompatibleError(f"--rank {rank}: must be at least 1")
     lyco_rows: dict[str, tuple[str, int, float]] = {}

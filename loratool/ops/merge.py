@@ -123,7 +123,7 @@ class _Setup:
             target = OUT_DTYPES[self.dtype]
             assert target is not None
             return target, s.shape
-        return _out_dtype(info, self.dtype), info.shape
+        return _out_dtype(info, self.dtype), self.plan.reshaped.get(info.key, info.shape)
 
     def needs_bytes(self, info: TensorInfo) -> bool:
         key = info.key
@@ -179,6 +179,13 @@ def _tensor_step(setup: _Setup, report: MergeReport, *, name: str, work: Workspa
                 base = dequantize(s, stored, setup.load)
             if setup.qlora_base and key in plan.deltas:
                 base = nf4_roundtrip(base.to(torch.float32))
+            if key in plan.reshaped:  # a control LoRA's wider img_in: the new input channels start at zero
+                if s is not None:
+                    raise IncompatibleError(f"{setup.ckpt.root}: '{key}' is stored {s.describe()}; widening it to "
+                                            f"{plan.reshaped[key]} (a control LoRA) needs a plain float base")
+                wide = torch.zeros(plan.reshaped[key], dtype=base.dtype)
+                wide[tuple(slice(0, d) for d in base.shape)] = base
+                base = wide
             w32, new, _ = merged_tensor(base, [c.term for c in contribs], device=setup.device,
                                         unmerge=setup.unmerge, bias=key in plan.biases, work=work)
             limit = out_dtype if not requantizing else (s.dtype if s is not None and s.scheme == "fp8" else "float32")
@@ -251,6 +258,8 @@ def _blocked_term(setup: _Setup, key: str, s: Storage | None, stored: torch.Tens
         return None
     c = contribs[0]
     m = c.module
+    if key in setup.plan.reshaped:  # a widened weight (a control LoRA's img_in) is padded, then merged_tensor
+        return None
     if not isinstance(m, LoraModule) or m.magnitude is not None or m.kind == "embedding" or m.fan_in_fan_out \
             or c.rows is not None:  # a part of a fused weight (families/layout.py): merged_tensor adds its rows
         return None

@@ -203,7 +203,7 @@ def _checkable(t: torch.Tensor) -> torch.Tensor:
 def _check_base(adapter: Adapter, base: Path, findings: Findings) -> tuple[dict[str, str], dict[str, Any]]:
     from loratool.formats import extra_base_key
     from loratool.io.checkpoint import open_checkpoint
-    from loratool.keymap import KeyIndex, match_to_base, moe_transposed
+    from loratool.keymap import KeyIndex, match_to_base, moe_transposed, reshaped
     from loratool.storage import detect
 
     ckpt = open_checkpoint(base)
@@ -226,6 +226,9 @@ def _check_base(adapter: Adapter, base: Path, findings: Findings) -> tuple[dict[
         findings.error("ambiguous-module", name,
                        f"{adapter.path}: module '{name}' matches {len(keys)} base weights: {', '.join(keys[:4])}")
     for name, key, want, got in match.shape_mismatch:
+        new = reshaped(adapter, name, tuple(got))
+        if new is not None and all(n >= h for n, h in zip(new, got)):
+            continue  # a control LoRA's wider img_in: merge zero-pads the base weight to `new`
         findings.error("base-shape-mismatch", name,
                        f"{adapter.path}: module '{name}' needs a base weight of shape {want} "
                        f"but {base}: '{key}' is {got}")

@@ -193,3 +193,87 @@ def test_our_diffusers_output_loads_and_fuses_like_our_merge(tmp_path: Path) -> 
     wrapped, changed, ours = fuse_equals_merge(model, tensors, tmp_path)
     assert len(wrapped) == len(ours.modules) == 20  # every module placed: no unexpected / missing keys
     assert changed == 2 * len(wrapped)  # every weight and (diff_b) every bias
+
+
+def _lightx2v(tmp_path: Path, layers: int = 2) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A lightx2v-style Wan distill LoRA: ComfyUI names plus `diffusion_model.blocks.N.diff_m`, the
+    whole diff of each block's (1, 6, dim) `modulation` parameter (Comfy-Org/ComfyUI issue 8922 lists
+    the keys of lightx2v/Wan2.1-I2V-14B-480P-StepDistill-CfgDistill-Lightx2v's loras)."""
+    t = wan_lora("comfyui", layers=layers)
+    g = torch.Generator().manual_seed(4)
+    for i in range(layers):
+        t[f"diffusion_model.blocks.{i}.diff_m"] = torch.randn(1, 6, 16, generator=g)
+    return write(tmp_path, "lightx2v.safetensors", t), t
+
+
+def test_diff_m_is_read_as_the_whole_diff_of_the_modulation(tmp_path: Path) -> None:
+    src, _ = _lightx2v(tmp_path)
+    a = read(src)
+    assert not a.unsupported
+    m = a.lycoris["diffusion_model.blocks.1.modulation"]
+    assert (m.algo, m.parameter, m.delta_shape) == ("full", True, (1, 6, 16))
+    assert m.keys == ("diffusion_model.blocks.1.diff_m",)
+    fam = inspect_adapter(src).to_dict()["family"]
+    assert fam["family"] == "wan" and fam["matched"] == fam["total"]
+
+
+@pytest.mark.parametrize("layout", ["wan-ai", "comfyui", "diffusers"])
+def test_diff_m_merges_exactly(tmp_path: Path, layout: str) -> None:
+    """W' = W + diff for each block's modulation (numpy, float64 reference), the LoRA modules as
+    usual; in a diffusers base the modulation is `blocks.N.scale_shift_table`."""
+    import numpy as np
+
+    from loratool.families import get as get_family
+    from loratool.ops.merge import merge
+
+    src, t = _lightx2v(tmp_path)
+    fam = get_family("wan")
+    shapes = wan_shapes(16, 32, 2)
+    g = torch.Generator().manual_seed(9)
+    prefix = "model.diffusion_model." if layout == "comfyui" else ""
+
+    def diffusers_path(p: str) -> str:
+        ident = fam.identify("diffusion_model." + p, "comfyui")
+        assert ident is not None
+        rel, i, _ = ident
+        return rel.split[0][0].replace("{i}", str(i))
+
+    name = {p: (diffusers_path(p) if layout == "diffusers" else p) for p in shapes}
+    base = {f"{prefix}{name[p]}.weight": torch.randn(s, generator=g) for p, s in shapes.items()}
+    mod = {i: f"{prefix}blocks.{i}.{'scale_shift_table' if layout == 'diffusers' else 'modulation'}" for i in range(2)}
+    for i in range(2):
+        base[mod[i]] = torch.randn(1, 6, 16, generator=g)
+    base_path = write(tmp_path, "base.safetensors", base)
+    out = tmp_path / "merged.safetensors"
+    merge(base_path, [src], out)
+    got = load_file(str(out))
+    for i in range(2):
+        want = base[mod[i]].double().numpy() + t[f"diffusion_model.blocks.{i}.diff_m"].double().numpy()
+        np.testing.assert_allclose(got[mod[i]].double().numpy(), want, rtol=0, atol=1e-6)
+    q = "blocks.0.self_attn.q"
+    up, down = (t[f"diffusion_model.{q}.lora_{s}.weight"].double().numpy() for s in ("up", "down"))
+    np.testing.assert_allclose(got[f"{prefix}{name[q]}.weight"].double().numpy(),
+                               base[f"{prefix}{name[q]}.weight"].double().numpy() + 2.0 / 4 * up @ down, atol=1e-6)
+
+
+def test_diff_m_converts_where_the_target_holds_it(tmp_path: Path) -> None:
+    """--to comfyui writes `<block>.modulation.diff`, a key ComfyUI's key map loads (its generic rule for
+    parameters not called weight; `load_lora` applies `.diff` as a whole diff), and reads back the same;
+    kohya, diffusers and peft cannot address the parameter: refused by name, never dropped."""
+    from comfy_keymap import not_loaded
+
+    src, t = _lightx2v(tmp_path)
+    out = tmp_path / "c.safetensors"
+    convert(src, out, to="comfyui")
+    got = load_file(str(out))
+    for i in range(2):
+        assert torch.equal(got[f"diffusion_model.blocks.{i}.modulation.diff"], t[f"diffusion_model.blocks.{i}.diff_m"])
+    base_keys = [f"{p}.weight" for p in wan_shapes(16, 32, 2)] + [f"blocks.{i}.modulation" for i in range(2)]
+    assert not_loaded("wan", got, base_keys) == []
+    assert not_loaded("wan", t, base_keys) == ["diffusion_model.blocks.0.diff_m", "diffusion_model.blocks.1.diff_m"]
+    again = read(out).lycoris["diffusion_model.blocks.0.modulation"]
+    assert again.parameter and torch.equal(again.tensors["diff"].load(), t["diffusion_model.blocks.0.diff_m"])
+    for target, name in [("kohya", "k.safetensors"), ("diffusers", "d.safetensors"), ("peft", "p")]:
+        with pytest.raises(IncompatibleError, match=r"blocks\.0\.(diff_m|modulation)"):
+            convert(src, tmp_path / name, to=target)
+        assert not (tmp_path / name).exists()
