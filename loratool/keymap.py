@@ -222,15 +222,13 @@ def _stored_count(index: KeyIndex, layout: str, param: str, at_least: int) -> in
 
 def moe_transposed(root: Path) -> bool | None:
     """Whether the model at `root` stores fused experts (in, out) (config.json's model_type; None: no config)."""
-    import json
-
     from loratool.families.moe import TRANSPOSED_MODEL_TYPES
+    from loratool.storage import model_config
 
-    try:
-        config = json.loads((root / "config.json").read_text())
-    except (OSError, ValueError):
+    config = model_config(root)
+    if config is None:
         return None
-    return isinstance(config, dict) and config.get("model_type") in TRANSPOSED_MODEL_TYPES
+    return config.get("model_type") in TRANSPOSED_MODEL_TYPES
 
 
 def match_to_base(modules: Sequence[LoraModule | LycoModule], base: dict[str, TensorInfo], *, where: object,

@@ -110,7 +110,9 @@ _UNSUPPORTED_SIBLINGS = {
 _SUPPORTED_METHODS = ("fp8", "bitsandbytes", "mxfp4", "compressed-tensors", "modelopt")
 
 
-def _config(root: Path) -> dict[str, Any] | None:
+def model_config(root: Path) -> dict[str, Any] | None:
+    """config.json beside a checkpoint, or None where there is none or it is not a readable JSON object
+    (a link out of the folder, a FIFO, an absurd size or nesting: read_side_file's bounds)."""
     from loratool.io.header import read_side_file
     from loratool.io.paths import folder_file
 
@@ -135,7 +137,7 @@ def detect(ckpt: Checkpoint, *, read_small: bool = True) -> BaseStorage:
         FormatError: a bnb quant_state that is not JSON.
     """
     tensors = ckpt.tensors
-    cfg = _config(ckpt.root)
+    cfg = model_config(ckpt.root)
     qcfg = cfg.get("quantization_config") if cfg else None
     qcfg = qcfg if isinstance(qcfg, dict) else None
     method = str(qcfg.get("quant_method")) if qcfg and qcfg.get("quant_method") is not None else None
