@@ -13,7 +13,7 @@ from loratool.io.tensors import TensorRef
 from loratool.maths.combine import disjoint_merge, majority_sign_mask, merge_dense, prune, weighted_concat
 from loratool.maths.compare import product_fro_norm
 from loratool.maths.delta import delta, factors
-from loratool.maths.merge import Workspace, merge_blocked, merged_tensor, realized_delta
+from loratool.maths.merge import Workspace, merge_blocked, merge_blocked_many, merged_tensor, realized_delta
 from loratool.maths.svd import choose_rank, energy_rank, fro_retained, lowrank_svd, singular_values, truncate_dense
 
 
@@ -221,6 +221,36 @@ def test_merge_blocked_against_the_whole_tensor_path_and_float64(dtype, shape, b
     assert r.worst <= 2 * worst + 1e-6 * dd_root  # the largest storage rounding stays a rounding
     assert r.w_norm == pytest.approx(w_norm, rel=1e-5)
     assert (r.lo, r.hi) == pytest.approx(tuple(float(v) for v in torch.aminmax(new)), rel=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_merge_blocked_many_is_merge_blocked_of_each(threads):
+    """Many jobs queued at once (the experts of a fused tensor) give each job's merge_blocked bits and
+    figures, in job order, and never write outside each job's output; a failure while the jobs are
+    made comes up as it is."""
+    g = torch.Generator().manual_seed(1)
+    stored = torch.randn(6, 40, 24, generator=g).to(torch.bfloat16)
+    jobs = []
+    for e in range(6):
+        m = LoraModule(f"e{e}", TensorRef.from_tensor(torch.randn(2 + e % 3, 24, generator=g)),
+                       TensorRef.from_tensor(torch.randn(40, 2 + e % 3, generator=g)), alpha=4.0)
+        jobs.append((stored[e], m, 1.0 if e % 2 else -0.5))
+    out = torch.zeros(7, 40, 24, dtype=torch.bfloat16)  # row 6: never a job's
+    got = merge_blocked_many([(w, m, f, out[e]) for e, (w, m, f) in enumerate(jobs)], work=Workspace(), block=200,
+                             threads=threads)
+    for e, (w, m, f) in enumerate(jobs):
+        one = torch.empty(40, 24, dtype=torch.bfloat16)
+        want = merge_blocked(w, m, f, one, work=Workspace(), block=200, threads=threads)
+        assert torch.equal(out[e].view(torch.int16), one.view(torch.int16))
+        assert got[e] == want
+    assert not out[6].any()
+
+    def failing():  # type: ignore[no-untyped-def]
+        yield stored[0], jobs[0][1], 1.0, out[0]
+        raise RuntimeError("factors unreadable")
+
+    with pytest.raises(RuntimeError, match="unreadable"):
+        merge_blocked_many(failing(), work=Workspace(), block=200, threads=threads)
 
 
 def test_merge_blocked_stops_at_nan():

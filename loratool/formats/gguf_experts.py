@@ -49,7 +49,7 @@ def is_stack(name: str) -> bool:
 
 
 def _expert(stack: _Loaded, e: int) -> torch.Tensor:
-    return stack.get()[e].clone()
+    return stack.take(lambda t: t[e].clone())
 
 
 def split_stack(name: str, rm: RawModule, *, alpha: float, findings: Findings, where: Path,
@@ -63,7 +63,7 @@ def split_stack(name: str, rm: RawModule, *, alpha: float, findings: Findings, w
                        "expected (E, r, in) and (E, out, r)")
         return {}
     count, rank = a[0], a[1]
-    down_stack, up_stack = _Loaded(rm.down), _Loaded(rm.up)  # each read once, shared by its experts
+    down_stack, up_stack = _Loaded(rm.down, count), _Loaded(rm.up, count)  # read once for its experts' slices
     out: dict[str, LoraModule] = {}
     for e in range(count):
         one = RawModule(

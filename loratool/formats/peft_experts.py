@@ -31,26 +31,35 @@ WRAPPED = ".base_layer"
 
 
 class _Loaded:
-    """A stacked factor loaded once and shared by the experts sliced from it."""
+    """A stacked factor loaded once for the experts sliced from it, and let go once each has taken its
+    slice (`uses` slices): held for the whole run, every fused factor of the adapter stayed in memory
+    to the end of a merge. A later slice loads it again."""
 
-    __slots__ = ("_t", "ref")
+    __slots__ = ("_served", "_t", "ref", "uses")
 
-    def __init__(self, ref: TensorRef) -> None:
+    def __init__(self, ref: TensorRef, uses: int) -> None:
         self.ref = ref
+        self.uses = uses
         self._t: Any = None
+        self._served = 0
 
-    def get(self) -> Any:
+    def take(self, part: Callable[[Any], Any]) -> Any:
+        """part(the stacked tensor), a copy that does not keep the stack alive."""
         if self._t is None:
             self._t = self.ref.load()
-        return self._t
+        out = part(self._t)
+        self._served += 1
+        if self._served >= self.uses:
+            self._t, self._served = None, 0
+        return out
 
 
 def _rows(stack: _Loaded, start: int, count: int) -> Any:
-    return stack.get()[start:start + count].clone()
+    return stack.take(lambda t: t[start:start + count].clone())
 
 
 def _cols(stack: _Loaded, index: int, step: int) -> Any:
-    return stack.get()[:, index::step].contiguous()
+    return stack.take(lambda t: t[:, index::step].contiguous())
 
 
 def _unwrap(name: str) -> tuple[str, int]:
@@ -128,7 +137,7 @@ def take_expert_params(
 def split_experts(stacked: LoraModule, param: str, rank: int) -> dict[str, LoraModule]:
     """peft's stacked factors of one parameter -> one module per expert (lazy slices)."""
     count = stacked.rank // rank
-    a, b = _Loaded(stacked.down), _Loaded(stacked.up)
+    a, b = _Loaded(stacked.down, count), _Loaded(stacked.up, count)
     out: dict[str, LoraModule] = {}
     for e in range(count):
         name = expert_name(param, e)

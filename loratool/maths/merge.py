@@ -7,8 +7,10 @@ change survived the stored dtype. DoRA terms go through delta.dora_normalise. No
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from loratool.maths.delta import delta, dora_eps, dora_normalise, factors
@@ -256,11 +258,8 @@ def merge_blocked(stored: torch.Tensor, module: LoraModule, factor: float, out: 
     to `threads` workers (default: torch's thread count, at most BLOCK_WORKERS), each single-threaded
     (see _block_pool). ‖W‖ (w_norm) costs one more pass per block: only the statistics report uses it.
     """
-    rows_in = stored.reshape(stored.shape[0], -1)
-    rows_out = out.view(out.shape[0], -1)
-    n, cols = rows_in.shape
-    return _blocked(rows_in, rows_out, n, max(1, block // max(cols, 1)), module, factor, work=work,
-                    threads=threads, w_norm=w_norm)
+    return merge_blocked_many([(stored, module, factor, out)], work=work, block=block, threads=threads,
+                              w_norm=w_norm)[0]
 
 
 def merge_blocked_through(rows_in: ReadRows, rows_out: StoreRows, shape: tuple[int, ...], module: LoraModule,
@@ -275,13 +274,37 @@ def merge_blocked_through(rows_in: ReadRows, rows_out: StoreRows, shape: tuple[i
     """
     n, cols = shape[0], math.prod(shape[1:])
     step = rows * max(1, block // max(cols * rows, 1))
-    return _blocked(rows_in, rows_out, n, step, module, factor, work=work, threads=threads, w_norm=w_norm)
+    return _blocked(rows_in, rows_out, n, step, module, factor, work=work, threads=threads, w_norm=w_norm)()
+
+
+def merge_blocked_many(jobs: Iterable[tuple[torch.Tensor, LoraModule, float, torch.Tensor]], *, work: Workspace,
+                       block: int = BLOCK_ELEMENTS, threads: int | None = None, w_norm: bool = True
+                       ) -> list[BlockedMerge]:
+    """merge_blocked of each (stored, module, factor, out), in order, the same bits and results: every
+    job's row ranges are queued to the workers before any is waited for, so they never idle while
+    the next job's factors are made (the 64 small experts of a fused tensor: waiting after each had
+    the workers idle for a fifth of the merge)."""
+    finish: list[Callable[[], BlockedMerge]] = []
+    try:
+        for stored, module, factor, out in jobs:
+            rows_in = stored.reshape(stored.shape[0], -1)
+            rows_out = out.view(out.shape[0], -1)
+            n, cols = rows_in.shape
+            finish.append(_blocked(rows_in, rows_out, n, max(1, block // max(cols, 1)), module, factor,
+                                   work=work, threads=threads, w_norm=w_norm))
+    except BaseException:
+        for f in finish:  # no worker may still write into an output the caller gives up
+            with suppress(Exception):  # the first failure is the one raised
+                f()
+        raise
+    return [f() for f in finish]
 
 
 def _blocked(rows_in: torch.Tensor | ReadRows, rows_out: torch.Tensor | StoreRows, n: int, step: int,
              module: LoraModule, factor: float, *, work: Workspace, threads: int | None, w_norm: bool
-             ) -> BlockedMerge:
-    """merge_blocked's and merge_blocked_through's loop: row ranges of `step`-row blocks over the workers."""
+             ) -> Callable[[], BlockedMerge]:
+    """merge_blocked's and merge_blocked_through's loop: row ranges of `step`-row blocks over the workers,
+    queued now; the function returned waits for them and sums their results."""
     import torch
 
     up, down = factors(module)
@@ -290,13 +313,18 @@ def _blocked(rows_in: torch.Tensor | ReadRows, rows_out: torch.Tensor | StoreRow
     threads = threads or min(torch.get_num_threads(), BLOCK_WORKERS)
     blocks = -(-n // step)
     if threads <= 1 or blocks < 2:
-        parts = [_merge_rows(rows_in, up, down, scales, rows_out, 0, n, step, work, w_norm)]
-    else:
-        pool = _block_pool(threads)
-        per = -(-blocks // (threads * 4))  # a few ranges per worker, for balance
-        ranges = [(b * step, min(n, (b + per) * step)) for b in range(0, blocks, per)]
-        parts = [f.result() for f in [pool.submit(_merge_rows, rows_in, up, down, scales, rows_out, a, z, step,
-                                                  None, w_norm) for a, z in ranges]]
+        done = _merge_rows(rows_in, up, down, scales, rows_out, 0, n, step, work, w_norm)
+        return partial(_summed, [done])
+    pool = _block_pool(threads)
+    per = -(-blocks // (threads * 4))  # a few ranges per worker, for balance
+    ranges = [(b * step, min(n, (b + per) * step)) for b in range(0, blocks, per)]
+    futures = [pool.submit(_merge_rows, rows_in, up, down, scales, rows_out, a, z, step, None, w_norm)
+               for a, z in ranges]
+    return lambda: _summed([f.result() for f in futures])
+
+
+def _summed(parts: list[tuple[float, float, float, float, float, float, float]]) -> BlockedMerge:
+    """The row ranges' (dd, de, ee, wn, worst, lo, hi) -> the tensor's BlockedMerge."""
     dd = sum(p[0] for p in parts)
     de = sum(p[1] for p in parts)
     ee = sum(p[2] for p in parts)

@@ -20,7 +20,7 @@ import os
 import secrets
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -305,19 +305,24 @@ def _merge_experts(setup: _Setup, report: MergeReport, *, name: str, key: str, s
     import torch
 
     from loratool.io.tensors import TensorRef
-    from loratool.maths.merge import merge_blocked
+    from loratool.maths.merge import merge_blocked_many
 
     out = cast.buffer(stored.shape, out_dtype)  # type: ignore[attr-defined]
     sign = -1.0 if setup.unmerge else 1.0
     dd = de = ee = wn = worst = 0.0
     lo, hi = math.inf, -math.inf
-    for e, term in enumerate(terms):
-        m = term.module
-        assert isinstance(m, LoraModule)
-        if m.fan_in_fan_out:
-            m = m.with_(up=TensorRef.from_tensor(m.down.load().T), down=TensorRef.from_tensor(m.up.load().T),
-                        fan_in_fan_out=False)
-        r = merge_blocked(stored[e], m, sign * term.weight, out[e], work=work, w_norm=setup.stats)
+
+    def jobs() -> Iterator[tuple[torch.Tensor, LoraModule, float, torch.Tensor]]:
+        for e, term in enumerate(terms):
+            m = term.module
+            assert isinstance(m, LoraModule)
+            if m.fan_in_fan_out:
+                m = m.with_(up=TensorRef.from_tensor(m.down.load().T), down=TensorRef.from_tensor(m.up.load().T),
+                            fan_in_fan_out=False)
+            yield stored[e], m, sign * term.weight, out[e]
+
+    # every expert queued before any is waited for: the workers merge expert e while e + 1's factors are made
+    for r in merge_blocked_many(jobs(), work=work, w_norm=setup.stats):
         dd += r.dd_root * r.dd_root
         de += r.de_sum
         ee += r.err_norm * r.err_norm

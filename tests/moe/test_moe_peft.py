@@ -74,3 +74,35 @@ def test_unequal_expert_ranks_are_padded_exactly(moe_dir: Path, tmp_path: Path) 
     back = loratool.read(write(changed, tmp_path / "out", fmt="peft"))
     for n, mod in changed.modules.items():
         torch.testing.assert_close(delta(back.modules[n]), delta(mod), rtol=1e-6, atol=1e-6)
+
+
+def test_stacked_factors_are_read_once_and_let_go() -> None:
+    """Each expert's factors are slices of the stacked ones (rows e·r:(e+1)·r of lora_A, columns e::E of
+    lora_B), read once for all experts and not kept once every expert has its slice (held, every fused
+    factor of an adapter stayed in memory to the end of a merge); a later slice reads it again."""
+    import gc
+    import weakref
+
+    from loratool.adapter import LoraModule
+    from loratool.formats.peft_experts import split_experts
+
+    g = torch.Generator().manual_seed(0)
+    experts, r = 4, 2
+    a, b = torch.randn(experts * r, 6, generator=g), torch.randn(5, r * experts, generator=g)
+    reads: list[weakref.ref[torch.Tensor]] = []
+
+    def reading(t: torch.Tensor) -> TensorRef:
+        def load() -> torch.Tensor:
+            copy = t.clone()
+            reads.append(weakref.ref(copy))
+            return copy
+        return TensorRef.computed(tuple(t.shape), "float32", load, "stack")
+
+    stacked = LoraModule("p", reading(a), reading(b), alpha=4.0)
+    mods = list(split_experts(stacked, "layers.0.experts.gate_up_proj", r).values())
+    for e, m in enumerate(mods):
+        assert torch.equal(m.down.load(), a[e * r:(e + 1) * r])
+        assert torch.equal(m.up.load(), b[:, e::experts])
+    gc.collect()
+    assert len(reads) == 2 and all(ref() is None for ref in reads)  # read once each, then let go
+    assert torch.equal(mods[1].up.load(), b[:, 1::experts]) and len(reads) == 3
