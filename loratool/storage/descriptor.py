@@ -55,8 +55,13 @@ class Storage:
 
     @property
     def name(self) -> str:
-        """The weight's key as the model names it: compressed-tensors' `<m>.weight_packed` is `<m>.weight`."""
-        return self.key[: -len("_packed")] if self.key.endswith(".weight_packed") else self.key
+        """The weight's key as the model names it: compressed-tensors' `<m>.weight_packed` is `<m>.weight`,
+        gpt-oss's MXFP4 `<p>_blocks` is transformers' parameter `<p>`."""
+        if self.key.endswith(".weight_packed"):
+            return self.key[: -len("_packed")]
+        if self.params.get("layout") == "gpt-oss" and self.key.endswith("_blocks"):
+            return self.key[: -len("_blocks")]
+        return self.key
 
     @property
     def dropped(self) -> list[str]:

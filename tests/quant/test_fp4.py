@@ -744,3 +744,54 @@ def test_nvfp4_merges_by_row_blocks_with_the_whole_tensors_bits(tmp_path, monkey
     for k in (weight, Q_PROJ + ".weight_scale"):
         assert torch.equal(blocks[k].view(torch.uint8), whole[k].view(torch.uint8)), k
     assert not torch.equal(blocks[weight], got[weight])  # stochastic rounding did change some codes
+
+
+def test_gpt_oss_mxfp4_experts_merge_a_peft_target_parameters_adapter(tmp_path):
+    """A peft `target_parameters` LoRA on gpt-oss's fused experts, merged into the experts stored MXFP4 as
+    gpt-oss ships them: the result is gguf's MXFP4 of what peft's merge_and_unload gives on the dequantized
+    model, bit for bit (factors are multiples of 1/8, so W + ΔW is exact in float32 on both sides)."""
+    pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    from loratool.ops.merge import merge
+
+    cfg = GptOssConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
+                       vocab_size=64, layer_types=["full_attention"])
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(cfg)
+    stored, params = {}, ("gate_up_proj", "down_proj")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(params):  # the model peft merges into holds what the MXFP4 base dequantizes to
+                p.copy_(torch.from_numpy(gguf_dequant(p.detach().numpy())))
+    for k, v in model.state_dict().items():
+        if k.endswith(params):
+            blocks, scales = ref_mxfp4(v.numpy())
+            stored[k + "_blocks"], stored[k + "_scales"] = torch.from_numpy(blocks), torch.from_numpy(scales)
+        else:
+            stored[k] = v.contiguous()
+    model.config.save_pretrained(tmp_path / "cfg")
+    base = save_quantized_base(tmp_path, "mxfp4", stored, json.loads((tmp_path / "cfg" / "config.json").read_text()),
+                               {"quant_method": "mxfp4", "modules_to_not_convert": [
+                                   "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+                                   "lm_head"]})
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=4, target_modules=[],
+                                                      target_parameters=[f"mlp.experts.{p}" for p in params]))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randint(-2, 3, p.shape, generator=gen).float() / 8)
+    lora.save_pretrained(tmp_path / "lora")
+    want = {k: v for k, v in lora.merge_and_unload().state_dict().items() if k.endswith(params)}
+    assert len(want) == 2
+
+    merge(base, [tmp_path / "lora"], tmp_path / "out")
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for k, w in want.items():
+        blocks, scales = ref_mxfp4(w.detach().numpy())
+        assert not np.array_equal(blocks, stored[k + "_blocks"].numpy())  # the delta moved codes
+        assert np.array_equal(got[k + "_blocks"].numpy(), blocks), k
+        assert np.array_equal(got[k + "_scales"].numpy(), scales), k
