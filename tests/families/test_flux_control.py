@@ -260,3 +260,26 @@ def test_validate_base_agrees_with_merge(tmp_path: Path, c_in: int, ok: bool) ->
     assert report["ok"] is ok
     errors = [f for f in report["findings"] if f["severity"] == "error"]
     assert [f["code"] for f in errors] == ([] if ok else ["base-shape-mismatch"])
+
+
+def test_comfy_spelling_validates_like_the_bfl_file(tmp_path: Path) -> None:
+    """validate --base on ComfyUI's spelling: the same verdicts as on BFL's file (widened base accepted,
+    a wider base reported)."""
+    from loratool.ops.validate import validate_adapter
+
+    src = _save(tmp_path / "comfy.safetensors", comfy_spelling(control_lora()))
+    for c_in, ok in ((C_IN, True), (2 * C_CONTROL, False)):
+        report = validate_adapter(src, base=_save(tmp_path / f"b{c_in}.safetensors", flux_base(c_in))).to_dict()
+        assert report["ok"] is ok, c_in
+
+
+def test_comfyui_refuses_a_control_lora_whose_scale_is_not_one(tmp_path: Path) -> None:
+    """ComfyUI's spelling holds no alpha: a module at another scale is refused by name, not written wrong."""
+    from loratool.errors import IncompatibleError
+    from loratool.formats import check_writable
+
+    a = read(_save(tmp_path / "depth.safetensors", control_lora()))
+    a.modules["img_in"].alpha = 2.0 * a.modules["img_in"].rank
+    assert a.modules["img_in"].scale == 2.0
+    with pytest.raises(IncompatibleError, match=r"module 'img_in' .* has scale 2\.0"):
+        check_writable(a, "comfyui")
