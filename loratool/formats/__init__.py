@@ -163,7 +163,7 @@ def read(path: str | os.PathLike[str], *, allow_pickle: bool = False, findings: 
         assert fmt.read_dir is not None
         adapter = fmt.read_dir(p, allow_pickle, findings)
     else:
-        tf = open_tensor_file(p, allow_pickle=allow_pickle, findings=findings)
+        tf = from_comfy_control(open_tensor_file(p, allow_pickle=allow_pickle, findings=findings))
         fmt = _classify(tf)
         assert fmt.read_file is not None
         adapter = fmt.read_file(tf, findings)
@@ -188,6 +188,42 @@ def _bfl_control_reshapes(adapter: Adapter) -> dict[str, tuple[int, ...]]:
     if m is None or m.kind != "linear" or not any(k.endswith("_norm.scale") for k in adapter.extras):
         return {}
     return {m.name: (m.out_features, m.in_features)}
+
+
+def from_comfy_control(tf: TensorFile) -> TensorFile:
+    """A BFL FLUX.1 control LoRA in ComfyUI's spelling of it (kohya.control_state_dict: `diffusion_model.`,
+    `.diff_b`, `.set_weight`, `.reshape_weight`) under BFL's own keys, which the readers know; any
+    other file as it is.
+
+    Raises:
+        FormatError: a `.reshape_weight` that is not the (lora_B rows, lora_A columns) of its module.
+    """
+    pre = kohya.COMFY_CONTROL_PREFIX
+    shapes = [k for k in tf.tensors if k.startswith(pre) and k.endswith(".reshape_weight")]
+    if not shapes or not all(k.startswith(pre) for k in tf.tensors):
+        return tf
+    tensors = {}
+    for key, ref in tf.tensors.items():
+        if key in shapes:
+            continue
+        name = key.removeprefix(pre)
+        for bfl, comfy in kohya.COMFY_CONTROL_SUFFIXES:
+            if name.endswith(comfy):
+                name = name.removesuffix(comfy) + bfl
+                break
+        tensors[name] = ref
+    for key in shapes:
+        module = key.removeprefix(pre).removesuffix(".reshape_weight")
+        a, b = tensors.get(module + ".lora_A.weight"), tensors.get(module + ".lora_B.weight")
+        value = tf.tensors[key]
+        got = tuple(int(x) for x in value.load().flatten().tolist()) if len(value.shape) == 1 else None
+        if a is None or b is None or got != (b.shape[0], a.shape[-1]):
+            want = "a LoRA for its module" if a is None or b is None else f"({b.shape[0]}, {a.shape[-1]})"
+            raise FormatError(f"{tf.path}: tensor '{key}' holds {got if got is not None else value.shape}, "
+                              f"but ComfyUI's control-LoRA spelling needs {want}",
+                              hint="it must be the module's (lora_B rows, lora_A columns), as ComfyUI's "
+                              "convert_lora_bfl_control writes it")
+    return TensorFile(tf.path, tensors, tf.metadata)
 
 
 def _check_duplicates(adapter: Adapter, findings: Findings) -> None:

@@ -314,8 +314,42 @@ _RAW_ROLES: dict[str, tuple[tuple[str, str], ...]] = {
 
 def write_comfyui(adapter: Adapter, out_file: Path, metadata: dict[str, str]) -> None:
     """Write `adapter` with its module names as they are (ComfyUI / BFL: `diffusion_model.double_blocks.0.
-    img_attn.qkv.lora_down.weight`), kohya suffixes and float32 alphas."""
+    img_attn.qkv.lora_down.weight`), kohya suffixes and float32 alphas; a BFL FLUX.1 control LoRA in
+    ComfyUI's own spelling of it (control_state_dict)."""
+    if adapter.reshapes:
+        from loratool.io.writers import save_tensors
+
+        save_tensors(out_file, control_state_dict(adapter), dict(metadata))
+        return
     write(adapter, out_file, metadata, stem_of=lambda name: name)
+
+
+# ComfyUI's spelling of a BFL FLUX.1 control LoRA, as comfy/lora_convert.py convert_lora_bfl_control
+# (comfyanonymous/ComfyUI at ee9834b8ca0d339c2bc0be3cf6ea8db02bc698df) writes it: every BFL key under
+# `diffusion_model.`, `.lora_B.bias` -> `.diff_b`, `_norm.scale` -> `_norm.scale.set_weight`, and
+# `<module>.reshape_weight` an integer tensor of the module's new base shape. Read back in
+# formats.from_comfy_control.
+COMFY_CONTROL_PREFIX = "diffusion_model."
+COMFY_CONTROL_SUFFIXES = ((".lora_B.bias", ".diff_b"), ("_norm.scale", "_norm.scale.set_weight"))
+
+
+def control_state_dict(adapter: Adapter) -> dict[str, Any]:
+    """The tensors of a control LoRA (scales 1: check_writable) in ComfyUI's spelling of it."""
+    import torch
+
+    out: dict[str, Any] = {}
+    for m in adapter.modules.values():
+        key = COMFY_CONTROL_PREFIX + m.name
+        out[key + ".lora_A.weight"] = m.down.load()
+        out[key + ".lora_B.weight"] = m.up.load()
+        if m.bias is not None:
+            out[key + ".diff_b"] = m.bias.load()
+    for name, ref in adapter.extras.items():
+        stored = name + ".set_weight" if name.endswith("_norm.scale") else name
+        out[COMFY_CONTROL_PREFIX + stored] = ref.load()
+    for name, shape in adapter.reshapes.items():
+        out[f"{COMFY_CONTROL_PREFIX}{name}.reshape_weight"] = torch.tensor(list(shape), dtype=torch.int64)
+    return out
 
 
 def write(adapter: Adapter, out_file: Path, metadata: dict[str, str], stem_of: Any = None) -> None:

@@ -235,16 +235,25 @@ def check_writable(adapter: Adapter, name: str, *, extras: bool = True) -> None:
         if not caps.diffs:
             subject, _, count = problems.get("diffs", (f"module '{lm.name}'", f"is a LyCORIS {lm.algo} diff", 0))
             problems["diffs"] = (subject, f"is a LyCORIS {lm.algo} diff", count + 1)
+    if adapter.reshapes and fmt.name == "comfyui":
+        # ComfyUI's own spelling of a control LoRA (kohya.write_comfyui) keeps the widening, the bias
+        # deltas and the saved norms; its lora_A / lora_B carry no alpha, so every scale must be 1
+        odd = next((m.name for m in adapter.modules.values() if m.scale != 1.0), None)
+        if odd is not None:
+            raise IncompatibleError(
+                f"{where}module '{odd}' of a BFL FLUX.1 control LoRA has scale {adapter.modules[odd].scale} "
+                "(alpha / rank), but ComfyUI's spelling of it holds no alpha (scale 1)",
+                hint="merge it into FLUX.1-dev instead (loratool merge BASE ADAPTER -o OUT)")
+        return
     if adapter.reshapes:
-        # no writer keeps a control LoRA's widening yet: ComfyUI's spelling (.reshape_weight, .set_weight,
-        # .diff_b) and diffusers' (x_embedder, norm_q / norm_k weights) are not written, and peft cannot
-        # load an img_in LoRA wider than its base layer
+        # no other writer keeps a control LoRA's widening: diffusers' spelling (x_embedder, norm_q /
+        # norm_k weights) is not written, and peft cannot load an img_in LoRA wider than its base layer
         module, shape = next(iter(adapter.reshapes.items()))
         raise IncompatibleError(
             f"{where}module '{module}' widens its base weight to {shape} (a BFL FLUX.1 control LoRA), "
             f"which loratool does not write as {fmt.name} yet",
-            hint="merge it into FLUX.1-dev instead (loratool merge BASE ADAPTER -o OUT); ComfyUI and diffusers "
-            "load the original file as it is")
+            hint="write it with --to comfyui, or merge it into FLUX.1-dev (loratool merge BASE ADAPTER -o OUT); "
+            "ComfyUI and diffusers load the original file as it is")
     if extras and adapter.extras and not caps.extras:
         problems["extras"] = (f"full tensor '{next(iter(adapter.extras))}'", "is a modules_to_save tensor",
                               len(adapter.extras))

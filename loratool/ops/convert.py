@@ -254,8 +254,17 @@ def convert(
     if to == "lora":
         to = written_as(adapter.source_format)
     target = get_format(to, writing=True)
-    if adapter.reshapes:  # a control LoRA: refused by name before the family renames
+    if adapter.reshapes:  # a control LoRA: ComfyUI's spelling of it as it is; other targets refused by name
         check_writable(adapter, target.name)
+        report = ConvertReport(Path(out), Path(path), adapter.source_format, to, None, warnings=variant_warnings,
+                               extras=sorted(adapter.extras))
+        report.modules = [ModuleConvert(m.name, m.name, m.kind, m.rank, m.alpha, m.scale, "name")
+                          for m in adapter.modules.values()]
+        say(f"writing and re-reading {Path(out).name}")
+        written = write(adapter, out, fmt=target.name, force=force, op="convert", params={"to": to},
+                        sources=adapter.files)
+        report.size = output_size(written)
+        return report
     if rank is not None and rank < 1:
         raise IncompatibleError(f"--rank {rank}: must be at least 1")
     lyco_rows: dict[str, tuple[str, int, float]] = {}

@@ -119,10 +119,79 @@ def test_a_base_wider_than_the_reshape_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "m.safetensors").exists()
 
 
-@pytest.mark.parametrize("target", ["comfyui", "kohya", "diffusers", "peft"])
+def comfy_spelling(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI's convert_lora_bfl_control, done here from its rules (comfyanonymous/ComfyUI
+    comfy/lora_convert.py at ee9834b8ca0d339c2bc0be3cf6ea8db02bc698df): `diffusion_model.` before every
+    key, `.lora_B.bias` -> `.diff_b`, `_norm.scale` -> `_norm.scale.set_weight`, and
+    `diffusion_model.img_in.reshape_weight` = [img_in lora_B rows, img_in lora_A columns] (int64)."""
+    out = {}
+    for k, v in t.items():
+        if k.endswith(".lora_B.bias"):
+            k = k[: -len(".lora_B.bias")] + ".diff_b"
+        elif k.endswith("_norm.scale"):
+            k = k + ".set_weight"
+        out["diffusion_model." + k] = v
+    out["diffusion_model.img_in.reshape_weight"] = torch.tensor(
+        [t["img_in.lora_B.weight"].shape[0], t["img_in.lora_A.weight"].shape[1]])
+    return out
+
+
+def test_comfy_spelling_reads_and_merges_as_the_bfl_file(tmp_path: Path) -> None:
+    """The same LoRA in ComfyUI's spelling reads to the same modules, bias deltas, norms and widening,
+    and merges into FLUX.1-dev to the same bytes as BFL's file."""
+    t = control_lora()
+    bfl, comfy = _save(tmp_path / "bfl.safetensors", t), _save(tmp_path / "comfy.safetensors", comfy_spelling(t))
+    a, b = read(bfl), read(comfy)
+    assert not b.unsupported and b.reshapes == a.reshapes == {"img_in": (H, C_CONTROL)}
+    assert set(b.modules) == set(a.modules) and set(b.extras) == set(a.extras)
+    for name, m in a.modules.items():
+        n = b.modules[name]
+        assert torch.equal(n.down.load(), m.down.load()) and torch.equal(n.up.load(), m.up.load())
+        assert (n.bias is None) == (m.bias is None) and n.scale == m.scale == 1.0
+        if m.bias is not None and n.bias is not None:
+            assert torch.equal(n.bias.load(), m.bias.load())
+    base = _save(tmp_path / "base.safetensors", flux_base(C_IN))
+    merge(base, [bfl], tmp_path / "m1.safetensors")
+    merge(base, [comfy], tmp_path / "m2.safetensors")
+    one, two = load_file(str(tmp_path / "m1.safetensors")), load_file(str(tmp_path / "m2.safetensors"))
+    assert set(one) == set(two) == set(flux_base(C_IN))
+    for key in one:
+        assert one[key].dtype == two[key].dtype and torch.equal(one[key], two[key]), key
+
+
+def test_comfy_spelling_with_a_wrong_reshape_weight_is_refused_by_name(tmp_path: Path) -> None:
+    from loratool.errors import FormatError
+
+    c = comfy_spelling(control_lora())
+    c["diffusion_model.img_in.reshape_weight"] = torch.tensor([H, C_IN])
+    with pytest.raises(FormatError, match=r"'diffusion_model\.img_in\.reshape_weight' holds \(16, 4\).*\(16, 8\)"):
+        read(_save(tmp_path / "bad.safetensors", c))
+
+
+def test_convert_to_comfyui_writes_comfys_spelling(tmp_path: Path) -> None:
+    """convert --to comfyui of BFL's file (and of ComfyUI's own) writes exactly ComfyUI's conversion, key
+    for key, tensor for tensor; ComfyUI's key map (tests/comfy_keymap.py) loads every key."""
+    from comfy_keymap import not_loaded
+
+    from loratool.ops.convert import convert
+
+    t = control_lora()
+    want = comfy_spelling(t)
+    for src in (_save(tmp_path / "bfl.safetensors", t), _save(tmp_path / "comfy.safetensors", want)):
+        out = tmp_path / f"out-{src.stem}.safetensors"
+        convert(src, out, to="comfyui")
+        got = load_file(str(out))
+        assert set(got) == set(want)
+        for key, v in want.items():
+            assert got[key].dtype == v.dtype and torch.equal(got[key], v), key
+        assert not_loaded("flux", got, flux_base(C_IN)) == []
+        assert read(out).reshapes == {"img_in": (H, C_CONTROL)}
+
+
+@pytest.mark.parametrize("target", ["kohya", "diffusers", "peft"])
 def test_conversion_is_refused_by_name(tmp_path: Path, target: str) -> None:
-    """No writer keeps the widening yet (ComfyUI's .reshape_weight / .set_weight / .diff_b, diffusers'
-    x_embedder names): convert names the module or the family problem and writes nothing."""
+    """No other writer keeps the widening (diffusers' x_embedder names, peft's wider img_in): convert
+    names the module or the family problem and writes nothing."""
     from loratool.errors import IncompatibleError
     from loratool.formats import check_writable
     from loratool.ops.convert import convert
@@ -191,3 +260,26 @@ def test_validate_base_agrees_with_merge(tmp_path: Path, c_in: int, ok: bool) ->
     assert report["ok"] is ok
     errors = [f for f in report["findings"] if f["severity"] == "error"]
     assert [f["code"] for f in errors] == ([] if ok else ["base-shape-mismatch"])
+
+
+def test_comfy_spelling_validates_like_the_bfl_file(tmp_path: Path) -> None:
+    """validate --base on ComfyUI's spelling: the same verdicts as on BFL's file (widened base accepted,
+    a wider base reported)."""
+    from loratool.ops.validate import validate_adapter
+
+    src = _save(tmp_path / "comfy.safetensors", comfy_spelling(control_lora()))
+    for c_in, ok in ((C_IN, True), (2 * C_CONTROL, False)):
+        report = validate_adapter(src, base=_save(tmp_path / f"b{c_in}.safetensors", flux_base(c_in))).to_dict()
+        assert report["ok"] is ok, c_in
+
+
+def test_comfyui_refuses_a_control_lora_whose_scale_is_not_one(tmp_path: Path) -> None:
+    """ComfyUI's spelling holds no alpha: a module at another scale is refused by name, not written wrong."""
+    from loratool.errors import IncompatibleError
+    from loratool.formats import check_writable
+
+    a = read(_save(tmp_path / "depth.safetensors", control_lora()))
+    a.modules["img_in"].alpha = 2.0 * a.modules["img_in"].rank
+    assert a.modules["img_in"].scale == 2.0
+    with pytest.raises(IncompatibleError, match=r"module 'img_in' .* has scale 2\.0"):
+        check_writable(a, "comfyui")
