@@ -703,7 +703,7 @@ def test_readme_says_how_long_the_suite_takes_and_how_to_skip_the_slow_tests():
     import tomllib
 
     readme = " ".join(_text(README).split())
-    assert "about 10 minutes" in readme and "-m \"not slow\"" in readme
+    assert "about 12 minutes" in readme and "-m \"not slow\"" in readme
     markers = tomllib.loads(_text(ROOT / "pyproject.toml"))["tool"]["pytest"]["ini_options"]["markers"]
     assert any(m.startswith("slow:") for m in markers)
     assert "placeholder" not in readme.lower()
