@@ -31,20 +31,26 @@ from loratool.maths.merge import Workspace
 if TYPE_CHECKING:
     import torch
 
-# compute(info, stored, cast) -> the tensor to write, or None for "as stored" (copied byte for
+# compute(info, stored, cast, rows) -> the tensor to write, or None for "as stored" (copied byte for
 # byte when its bytes were not read, else cast to the output dtype), or a dict holding this key's
 # tensor and those of later or reserved entries it determines (a quantized weight's recomputed
 # scales). `stored` is None when needs_bytes(info) is false; cast(new, dtype) copies a result into
-# a reused output slot.
+# a reused output slot. rows is None for the whole tensor, or (start, stop) of its first axis for a
+# tensor streamed by pieces (`pieces`): `stored` is then those rows and the result is the output's.
 Cast = Callable[["torch.Tensor", str], "torch.Tensor"]
-Compute = Callable[[TensorInfo, "torch.Tensor | None", Cast], "torch.Tensor | dict[str, torch.Tensor] | None"]
+Compute = Callable[[TensorInfo, "torch.Tensor | None", Cast, "tuple[int, int] | None"],
+                   "torch.Tensor | dict[str, torch.Tensor] | None"]
+# pieces(info) -> row ranges of the first axis, in order and covering it, to read, compute and write the
+# tensor by (memory then holds a few pieces, not the tensor), or None to take it whole
+Pieces = Callable[[TensorInfo], "list[tuple[int, int]] | None"]
 # out_entry(info) -> (dtype, shape) written for this tensor, or None to leave it out
 OutEntry = Callable[[TensorInfo], "tuple[str, tuple[int, ...]] | None"]
 
 
 @contextlib.contextmanager
 def gc_paused() -> Iterator[None]:
-    """The cyclic garbage collector off while files stream, back on (as it was) afterwards.
+    """The cyclic garbage collector off while files stream (or torch is imported), back on (as it
+    was) afterwards.
 
     The per-block tensor objects of a merge trigger collections that walk every object the torch
     import created (a few percent of a merge's CPU time); the pipeline makes no reference cycles
@@ -72,14 +78,23 @@ def read_range(fd: int, start: int, n: int, into: bytearray | None = None) -> by
     return buf if into is None else view
 
 
-def tensor_from(data: bytearray | memoryview, info: TensorInfo) -> torch.Tensor:
-    """A tensor viewing `data` (no copy), with info's dtype and shape."""
+def tensor_from(data: bytearray | memoryview, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """A tensor viewing `data` (no copy), with info's dtype and shape (rows start:stop of it, if given)."""
     import torch
 
     dtype = getattr(torch, info.dtype)
+    shape = info.shape if rows is None else (rows[1] - rows[0], *info.shape[1:])
     if not len(data):
-        return torch.empty(info.shape, dtype=dtype)
-    return torch.frombuffer(data, dtype=dtype).reshape(info.shape)
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _piece_range(info: TensorInfo, rows: tuple[int, int] | None) -> tuple[int, int]:
+    """(file offset, byte count) of rows start:stop of a tensor (all of it for None)."""
+    if rows is None:
+        return info.start, info.nbytes
+    row = info.nbytes // info.shape[0]
+    return info.start + rows[0] * row, (rows[1] - rows[0]) * row
 
 
 @dataclass
@@ -131,6 +146,7 @@ def stream_file(
     needs_bytes: Callable[[TensorInfo], bool],
     compute: Compute,
     produced_by: Callable[[str], str | None] = lambda key: None,
+    pieces: Pieces = lambda info: None,
     tick: Callable[[int], None],
     digest: Future[str],
     buffers: Buffers,
@@ -140,7 +156,8 @@ def stream_file(
     A reader reads tensor i+1, the calling thread computes tensor i, a writer writes tensor i-1;
     the file's sha256 (for the provenance, patched over `placeholder` in the header) comes from
     `digest`, computed alongside. Byte buffers are reused in rotation (two for reading, two for
-    cast results), so memory stays at a few times the largest tensor.
+    cast results), so memory stays at a few times the largest tensor; a tensor that `pieces` splits
+    goes through the three stages piece by piece, so only its pieces count.
 
     A tensor that `produced_by` names another key for (a scale recomputed with its weight) is
     written from the stash when that key came first, or reserved and filled in place when it comes
@@ -153,7 +170,12 @@ def stream_file(
 
     layout = {i.key: out_entry(i) for i in src.tensors.values()}
     order = [i for i in sorted(src.tensors.values(), key=lambda i: i.start) if layout[i.key] is not None]
-    position = {i.key: n for n, i in enumerate(order)}
+    # what goes through the stages: a tensor, or one piece of a tensor that `pieces` splits
+    units: list[tuple[TensorInfo, tuple[int, int] | None]] = []
+    for info in order:
+        split = pieces(info) if needs_bytes(info) and produced_by(info.key) is None else None
+        units.extend((info, rows) for rows in split) if split else units.append((info, None))
+    position = {info.key: n for n, (info, rows) in reversed(list(enumerate(units)))}  # a tensor's first unit
     entries = [(i.key, *layout[i.key]) for i in order]  # type: ignore[misc]
     writer = StreamingWriter(dst, entries, meta, header_order=[k for k in src.tensors if layout[k] is not None])
     reserved: set[str] = set()
@@ -163,20 +185,20 @@ def stream_file(
     writes = ThreadPoolExecutor(max_workers=1)  # one worker: writes strictly in file order
     pending: list[Future[None]] = []
 
-    largest = max((i.nbytes for i in order if needs_bytes(i)), default=0)
+    largest = max((_piece_range(i, rows)[1] for i, rows in units if needs_bytes(i)), default=0)
     in_bufs = buffers.read_buffers(largest) if largest else []
     out_slots = buffers.out_slots
     timings = buffers.timings
 
     def read(n: int) -> bytearray | memoryview | None:
-        """Tensor n's bytes (in buffer n % 2) when they are needed; None for those copied as they are."""
-        info = order[n]
-        return read_range(fd, info.start, info.nbytes, into=in_bufs[n % 2]) if needs_bytes(info) else None
+        """Unit n's bytes (in buffer n % 2) when they are needed; None for those copied as they are."""
+        info, rows = units[n]
+        return read_range(fd, *_piece_range(info, rows), into=in_bufs[n % 2]) if needs_bytes(info) else None
 
     def fetch(n: int) -> Future[bytearray | memoryview | None] | None:
-        # buffer n % 2 was last used by tensor n - 2: the main thread is done with it (it converts
-        # a tensor's bytes before it asks for the next one)
-        return reader.submit(read, n) if n < len(order) else None
+        # buffer n % 2 was last used by unit n - 2: the main thread is done with it (it converts
+        # a unit's bytes before it asks for the next one)
+        return reader.submit(read, n) if n < len(units) else None
 
     def submit(fn: Callable[..., None], *args: Any) -> Future[None]:
         while pending and pending[0].done():
@@ -215,7 +237,7 @@ def stream_file(
         tick(skipped)  # tensors left out of the output (a dequantized base's scales)
     try:
         ahead = fetch(0)
-        for n, info in enumerate(order):
+        for n, (info, rows) in enumerate(units):
             assert ahead is not None
             t = time.perf_counter()
             data = ahead.result()
@@ -224,6 +246,24 @@ def stream_file(
             wait_before = timings.write_wait
             ahead = fetch(n + 1)  # into the other buffer: read the next tensor meanwhile
             key = info.key
+            if rows is not None:  # one piece of a tensor: computed and written on its own
+                slot_used.clear()
+                cast = cast_into_slot(n)
+                assert data is not None
+                part = tensor_from(data, info, rows)
+                del data
+                piece = compute(info, part, cast, rows)
+                assert piece is not None and not isinstance(piece, dict)
+                del part
+                timings.compute += time.perf_counter() - t_read - (timings.write_wait - wait_before)
+                fut = submit(writer.write_piece, key, piece, rows[1] == info.shape[0])
+                for slot in slot_used:
+                    out_slots[slot] = (out_slots[slot][0], fut)
+                if rows[1] == info.shape[0]:
+                    buffers.written.add(key)
+                del piece
+                tick(_piece_range(info, rows)[1])
+                continue
             if key in stash:  # computed with an earlier tensor
                 submit(writer.write, key, stash.pop(key))
                 buffers.written.add(key)
@@ -239,7 +279,7 @@ def stream_file(
             cast = cast_into_slot(n)
             stored = tensor_from(data, info) if data is not None else None
             del data
-            result = compute(info, stored, cast)
+            result = compute(info, stored, cast, None)
             out: torch.Tensor | None
             if isinstance(result, dict):
                 out = result.pop(key)

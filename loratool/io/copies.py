@@ -137,6 +137,20 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def cache_lead(floor: int = 1 << 30) -> int:
+    """How far a second reader of the same files may run ahead of the first and still find the bytes in the
+    page cache: a quarter of the memory the kernel says is available (Linux /proc/meminfo), `floor` at least
+    (and where that cannot be read)."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return max(floor, int(line.split()[1]) * 1024 // 4)
+    except (OSError, ValueError, IndexError):
+        pass
+    return floor
+
+
 class BackgroundSha256:
     """sha256 of whole files, computed in a daemon thread while other work goes on (provenance).
 

@@ -174,6 +174,7 @@ class StreamingWriter:
         self.path = Path(path)
         self._entries = entries
         self._next = 0
+        self._rows = 0  # rows of entry _next written so far by write_piece
         self._header = _header_bytes(entries, metadata or {}, header_order)
         self._reserved: dict[str, tuple[int, str, tuple[int, ...]]] = {}  # key -> (file offset, dtype, shape)
         self._deferred: list[tuple[int, bytes]] = []  # (offset, bytes) written at close (direct mode)
@@ -206,6 +207,24 @@ class StreamingWriter:
             t = tensor.detach().to("cpu").contiguous().reshape(-1).view(_torch().uint8)
             self._put(memoryview(t.numpy()).cast("B"))  # type: ignore[arg-type]
         self._next += 1
+
+    def write_piece(self, key: str, piece: torch.Tensor, last: bool) -> None:
+        """Append the next rows of `key` (pieces in order, the last one with last=True): a tensor streamed
+        by pieces, never whole in memory. The pieces must add up to the tensor, dtype and trailing shape."""
+        exp_key, exp_dtype, exp_shape = self._entries[self._next]
+        got_dtype = str(piece.dtype).removeprefix("torch.")
+        if key != exp_key or got_dtype != exp_dtype or tuple(piece.shape[1:]) != exp_shape[1:]:
+            raise ValueError(f"writer expected rows of {exp_key} {exp_dtype} {exp_shape}, got {key} {got_dtype} "
+                             f"{tuple(piece.shape)}")
+        self._rows += piece.shape[0]
+        if self._rows > exp_shape[0] or (last and self._rows != exp_shape[0]):
+            raise ValueError(f"writer got {self._rows} rows of {exp_key}, which has {exp_shape[0]}")
+        if piece.numel():
+            t = piece.detach().to("cpu").contiguous().reshape(-1).view(_torch().uint8)
+            self._put(memoryview(t.numpy()).cast("B"))  # type: ignore[arg-type]
+        if last:
+            self._rows = 0
+            self._next += 1
 
     def reserve(self, key: str) -> None:
         """Leave `key`'s bytes for later (write_at), keeping the file order: the next entry follows it."""

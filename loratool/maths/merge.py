@@ -191,8 +191,9 @@ def _merge_rows(rows_in: torch.Tensor | ReadRows, up: torch.Tensor, down: torch.
     block's rows of B @ A are formed here, then multiplied by each of `scales` in turn (peft's
     `(B @ A) * scale`, then the weight).
 
-    A 16-bit W enters each operation as it is stored: mixed-dtype operations compute in float32,
-    and widening is exact, so `W + d` here is the float32 sum merged_tensor forms from a widened copy.
+    A 16-bit W is widened into a float32 block first (exact), and so are the values written: the
+    sums and differences below are then the float32 ones merged_tensor forms from widened copies, and
+    plain float32 operations are two to three times faster than the mixed-dtype ones doing the same.
     rows_in and rows_out may be functions instead (a quantized weight: dequantize the block's rows,
     requantize W' and give back what it reads as).
     """
@@ -214,6 +215,8 @@ def _merge_rows(rows_in: torch.Tensor | ReadRows, up: torch.Tensor, down: torch.
         k = e - s
         dw, new, err = wb[:k], nb[:k], eb[:k]
         w = rows_in(s, e) if callable(rows_in) else rows_in[s:e]
+        if w.dtype != torch.float32:
+            w = dw.copy_(w)  # widened (exact); dw holds W until ΔW overwrites it below
         torch.mm(up[s:e], down, out=err)  # this block's rows of B @ A (err is free until below)
         for f in scales:  # ΔW = (B @ A) · scale
             err.mul_(f)
@@ -226,12 +229,13 @@ def _merge_rows(rows_in: torch.Tensor | ReadRows, up: torch.Tensor, down: torch.
         if callable(rows_out):  # requantized: R − ΔW is what it reads back as, minus W'
             torch.sub(rows_out(s, e, new), new, out=err)
         else:
-            rows_out[s:e].copy_(new)  # the cast
-            torch.sub(rows_out[s:e], new, out=err)  # R − ΔW: the storage's rounding of the sum
+            out = rows_out[s:e]
+            out.copy_(new)  # the cast
+            torch.sub(out if out.dtype == torch.float32 else err.copy_(out), new,
+                      out=err)  # R − ΔW: the storage's rounding of the sum
         if w_norm:
-            dw.copy_(w)
-            wn += float(torch.dot(dw.view(-1), dw.view(-1)))
-        torch.sub(new, w, out=dw)  # ΔW = W' − W, as realized_delta forms it
+            wn += float(torch.dot(w.reshape(-1), w.reshape(-1)))
+        torch.sub(new, w, out=dw)  # ΔW = W' − W, as realized_delta forms it (over the widened W: elementwise)
         dv, ev = dw.view(-1), err.view(-1)
         dd += float(torch.dot(dv, dv))
         de += float(torch.dot(dv, ev))
@@ -243,7 +247,7 @@ def _merge_rows(rows_in: torch.Tensor | ReadRows, up: torch.Tensor, down: torch.
 
 def merge_blocked(stored: torch.Tensor, module: LoraModule, factor: float, out: torch.Tensor, *,
                   work: Workspace, block: int = BLOCK_ELEMENTS, threads: int | None = None,
-                  w_norm: bool = True) -> BlockedMerge:
+                  w_norm: bool = True, first: int = 0) -> BlockedMerge:
     """W' = W + factor · ΔW of one plain LoRA into `out` (the stored output dtype), on the CPU, by
     row blocks that stay in cache.
 
@@ -257,9 +261,11 @@ def merge_blocked(stored: torch.Tensor, module: LoraModule, factor: float, out: 
     float32 sum, never more. One pass over memory instead of about ten whole-tensor passes; row ranges go
     to `threads` workers (default: torch's thread count, at most BLOCK_WORKERS), each single-threaded
     (see _block_pool). ‖W‖ (w_norm) costs one more pass per block: only the statistics report uses it.
+    `stored` and `out` may be rows first:first + len(stored) of the weight (a tensor streamed by pieces):
+    a piece that starts on a block's edge gives the same bits as the whole tensor there.
     """
     return merge_blocked_many([(stored, module, factor, out)], work=work, block=block, threads=threads,
-                              w_norm=w_norm)[0]
+                              w_norm=w_norm, first=first)[0]
 
 
 def merge_blocked_through(rows_in: ReadRows, rows_out: StoreRows, shape: tuple[int, ...], module: LoraModule,
@@ -278,8 +284,8 @@ def merge_blocked_through(rows_in: ReadRows, rows_out: StoreRows, shape: tuple[i
 
 
 def merge_blocked_many(jobs: Iterable[tuple[torch.Tensor, LoraModule, float, torch.Tensor]], *, work: Workspace,
-                       block: int = BLOCK_ELEMENTS, threads: int | None = None, w_norm: bool = True
-                       ) -> list[BlockedMerge]:
+                       block: int = BLOCK_ELEMENTS, threads: int | None = None, w_norm: bool = True,
+                       first: int = 0) -> list[BlockedMerge]:
     """merge_blocked of each (stored, module, factor, out), in order, the same bits and results: every
     job's row ranges are queued to the workers before any is waited for, so they never idle while
     the next job's factors are made (the 64 small experts of a fused tensor: waiting after each had
@@ -291,7 +297,7 @@ def merge_blocked_many(jobs: Iterable[tuple[torch.Tensor, LoraModule, float, tor
             rows_out = out.view(out.shape[0], -1)
             n, cols = rows_in.shape
             finish.append(_blocked(rows_in, rows_out, n, max(1, block // max(cols, 1)), module, factor,
-                                   work=work, threads=threads, w_norm=w_norm))
+                                   work=work, threads=threads, w_norm=w_norm, first=first))
     except BaseException:
         for f in finish:  # no worker may still write into an output the caller gives up
             with suppress(Exception):  # the first failure is the one raised
@@ -301,14 +307,15 @@ def merge_blocked_many(jobs: Iterable[tuple[torch.Tensor, LoraModule, float, tor
 
 
 def _blocked(rows_in: torch.Tensor | ReadRows, rows_out: torch.Tensor | StoreRows, n: int, step: int,
-             module: LoraModule, factor: float, *, work: Workspace, threads: int | None, w_norm: bool
-             ) -> Callable[[], BlockedMerge]:
+             module: LoraModule, factor: float, *, work: Workspace, threads: int | None, w_norm: bool,
+             first: int = 0) -> Callable[[], BlockedMerge]:
     """merge_blocked's and merge_blocked_through's loop: row ranges of `step`-row blocks over the workers,
-    queued now; the function returned waits for them and sums their results."""
+    queued now; the function returned waits for them and sums their results. The rows are the weight's
+    first:first + n (up's rows are taken from there)."""
     import torch
 
     up, down = factors(module)
-    up, down = up.contiguous(), down.contiguous()
+    up, down = up.contiguous()[first:first + n], down.contiguous()
     scales = (module.scale,) if factor == 1.0 else (module.scale, factor)
     threads = threads or min(torch.get_num_threads(), BLOCK_WORKERS)
     blocks = -(-n // step)
@@ -334,6 +341,13 @@ def _summed(parts: list[tuple[float, float, float, float, float, float, float]])
     lo = next((v for v in los if not math.isfinite(v) and v != math.inf), min(los))
     hi = next((v for v in his if not math.isfinite(v) and v != -math.inf), max(his))
     return BlockedMerge(math.sqrt(dd), dd + de, math.sqrt(ee), worst, math.sqrt(wn), lo, hi)
+
+
+def joined(parts: Sequence[BlockedMerge]) -> BlockedMerge:
+    """The BlockedMerge of a tensor merged in parts (pieces of rows, or experts): sums of squares and
+    inner products add, the extremes combine, and a NaN bound from any part stays."""
+    return _summed([(p.dd_root * p.dd_root, p.de_sum - p.dd_root * p.dd_root, p.err_norm * p.err_norm,
+                     p.w_norm * p.w_norm, p.worst, p.lo, p.hi) for p in parts])
 
 
 def realized_delta(w: torch.Tensor, new: torch.Tensor, written: torch.Tensor) -> tuple[float, float, float, float]:

@@ -4,9 +4,10 @@ Three pieces, each in its own home: the plan (which base tensor receives which d
 headers only) is keymap.plan_merge; the per-tensor maths (float32, in reused buffers) is
 maths.merge.merged_tensor; the streaming read/compute/write over each base file is
 pipeline.stream_file, with a fourth thread computing the base files' sha256 from the start
-(while torch is imported), at most 1 GiB ahead of the merge. This module ties them together: it
-decides per tensor what is written (merged, replaced by a modules_to_save copy, cast, or copied
-byte for byte), checks the result, and reports.
+(while torch is imported), no further ahead of the merge than the page cache keeps. This module
+ties them together: it decides per tensor what is written (merged, replaced by a modules_to_save
+copy, cast, or copied byte for byte; a large tensor by pieces of rows), checks the result, and
+reports.
 
 The output mirrors the base: same file names, shard split, header key order, data order and
 dtypes (unless --dtype), the index, and every other file. Peak memory is a few times the largest
@@ -23,13 +24,14 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import FormatError, IncompatibleError, LoratoolError
 from loratool.io.checkpoint import Checkpoint
-from loratool.io.copies import BackgroundSha256
+from loratool.io.copies import BackgroundSha256, cache_lead
 from loratool.io.header import TensorInfo
 from loratool.keymap import Contribution, MergePlan, plan_merge
 from loratool.maths.merge import BlockedMerge, Workspace, merged_tensor, realized_delta
@@ -147,7 +149,9 @@ def _tensor_step(setup: _Setup, report: MergeReport, *, name: str, work: Workspa
     """What each tensor of one base file becomes: merged, replaced, or as stored (counted in report)."""
     plan = setup.plan
 
-    def compute(info: TensorInfo, stored: torch.Tensor | None, cast: Cast
+    parts: dict[str, list[BlockedMerge]] = {}  # a tensor merged by pieces: what its pieces so far measured
+
+    def compute(info: TensorInfo, stored: torch.Tensor | None, cast: Cast, rows: tuple[int, int] | None = None
                 ) -> torch.Tensor | dict[str, torch.Tensor] | None:
         import torch
 
@@ -163,17 +167,18 @@ def _tensor_step(setup: _Setup, report: MergeReport, *, name: str, work: Workspa
         if key in plan.deltas or key in plan.biases:
             assert stored is not None
             contribs = plan.deltas.get(key) or plan.biases[key]
-            blocked = _blocked_term(setup, key, s, stored, contribs, cast)
+            slotted = hasattr(cast, "buffer")  # an output slot to fill block by block (the pipeline's)
+            blocked = _blocked_term(setup, info, s, contribs, blocks=slotted)
             if blocked is not None and s is not None:
                 return _merge_quantized_blocked(setup, report, name=name, s=s, stored=stored, term=blocked,
                                                 out_dtype=out_dtype, cast=cast, work=work, generator=generator)
-            if blocked is not None:
-                return _merge_blocked(setup, report, name=name, key=key, stored=stored, term=blocked,
-                                      out_dtype=out_dtype, cast=cast, work=work)
-            experts = _expert_terms(setup, key, s, stored, contribs, cast)
-            if experts is not None:
-                return _merge_experts(setup, report, name=name, key=key, stored=stored, terms=experts,
-                                      out_dtype=out_dtype, cast=cast, work=work)
+            experts = None if blocked is not None else _expert_terms(setup, info, s, contribs, blocks=slotted)
+            if blocked is not None or experts is not None:
+                return _merge_piece(setup, report, name=name, info=info, stored=stored,
+                                    rows=rows or (0, info.shape[0]), terms=experts or [blocked],  # type: ignore[list-item]
+                                    experts=experts is not None, out_dtype=out_dtype, cast=cast, work=work,
+                                    parts=parts.setdefault(key, []))
+            assert rows is None, "a tensor streamed by pieces is merged by blocks"
             base = stored
             if s is not None:
                 base = dequantize(s, stored, setup.load)
@@ -234,27 +239,29 @@ def _tensor_step(setup: _Setup, report: MergeReport, *, name: str, work: Workspa
             from loratool.maths.merge import BLOCK_ELEMENTS  # read now: tests make blocks small
 
             out = cast.buffer(s.shape, out_dtype)  # type: ignore[attr-defined]
-            rows = out.view(out.shape[0], -1)
-            step = blocks.rows * max(1, BLOCK_ELEMENTS // (blocks.rows * rows.shape[1]))
-            for a in range(0, rows.shape[0], step):  # a float32 block at a time, never the whole tensor
-                rows[a:a + step].copy_(blocks.dequantize(a, min(a + step, rows.shape[0])))
+            flat = out.view(out.shape[0], -1)
+            step = blocks.rows * max(1, BLOCK_ELEMENTS // (blocks.rows * flat.shape[1]))
+            for a in range(0, flat.shape[0], step):  # a float32 block at a time, never the whole tensor
+                flat[a:a + step].copy_(blocks.dequantize(a, min(a + step, flat.shape[0])))
             return out
         return None
 
     return compute
 
 
-def _blocked_term(setup: _Setup, key: str, s: Storage | None, stored: torch.Tensor | None,
-                  contribs: list[Contribution], cast: Cast) -> Contribution | None:
+def _blocked_term(setup: _Setup, info: TensorInfo, s: Storage | None, contribs: list[Contribution], *,
+                  blocks: bool) -> Contribution | None:
     """The one contribution of a tensor that maths.merge.merge_blocked can merge, or None.
 
     The common case, on the CPU: one plain LoRA (no DoRA, no LyCORIS, not transposed) into a float
     tensor stored as it is (no QLoRA round trip), written to a float dtype, or into a quantized tensor
     whose scheme splits into row blocks (storage.block_rows). A float64 tensor is not: merge_blocked
-    works in float32, merged_tensor keeps float64.
+    works in float32, merged_tensor keeps float64. `blocks`: its bytes are at hand and an output slot
+    can be filled block by block.
     """
-    if not _blockable(setup, key, s, stored, cast) or len(contribs) != 1 or stored is None or len(
-            s.shape if s is not None else stored.shape) < 2:
+    key = info.key
+    if not _blockable(setup, info, s, blocks=blocks) or len(contribs) != 1 or len(
+            s.shape if s is not None else info.shape) < 2:
         return None
     c = contribs[0]
     m = c.module
@@ -266,25 +273,25 @@ def _blocked_term(setup: _Setup, key: str, s: Storage | None, stored: torch.Tens
     return c
 
 
-def _blockable(setup: _Setup, key: str, s: Storage | None, stored: torch.Tensor | None, cast: Cast) -> bool:
+def _blockable(setup: _Setup, info: TensorInfo, s: Storage | None, *, blocks: bool) -> bool:
     """Whether the tensor can be merged by blocks at all: merged on the CPU into an output slot, no QLoRA
     round trip, and either a float tensor (not float64) stored as it is (maths.merge.merge_blocked) or a
     quantized one whose scheme splits into row blocks (storage.block_rows, merge_blocked_through)."""
-    if (setup.qlora_base or setup.device != "cpu" or key not in setup.plan.deltas or not hasattr(cast, "buffer")
-            or stored is None):
+    import torch
+
+    if setup.qlora_base or setup.device != "cpu" or info.key not in setup.plan.deltas or not blocks:
         return False
     if s is not None:
         return block_rows(s) is not None
-    return stored.is_floating_point() and str(stored.dtype) != "torch.float64"
+    dtype = getattr(torch, info.dtype, None)
+    return isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype != torch.float64
 
 
-def _expert_terms(setup: _Setup, key: str, s: Storage | None, stored: torch.Tensor | None, contribs: list[Contribution],
-                  cast: Cast) -> list[Contribution] | None:
+def _expert_terms(setup: _Setup, info: TensorInfo, s: Storage | None, contribs: list[Contribution], *,
+                  blocks: bool) -> list[Contribution] | None:
     """The contributions of a fused (E, d1, d2) expert tensor that merge_blocked can merge expert by
     expert (one plain LoRA per expert, every expert once; docs/moe.md), in expert order, or None."""
-    from loratool.adapter import LoraModule
-
-    if s is not None or not _blockable(setup, key, s, stored, cast) or stored is None or stored.dim() != 3:
+    if s is not None or not _blockable(setup, info, s, blocks=blocks) or len(info.shape) != 3:
         return None  # a float tensor only: a quantized one goes whole
     by_expert: dict[int, Contribution] = {}
     for c in contribs:
@@ -293,27 +300,64 @@ def _expert_terms(setup: _Setup, key: str, s: Storage | None, stored: torch.Tens
                 or c.rows[1] != c.rows[0] + 1 or c.rows[0] in by_expert):
             return None
         by_expert[c.rows[0]] = c
-    if sorted(by_expert) != list(range(stored.shape[0])):
+    if sorted(by_expert) != list(range(info.shape[0])):
         return None
-    return [by_expert[e] for e in range(stored.shape[0])]
+    return [by_expert[e] for e in range(info.shape[0])]
 
 
-def _merge_experts(setup: _Setup, report: MergeReport, *, name: str, key: str, stored: torch.Tensor,
-                   terms: list[Contribution], out_dtype: str, cast: Cast, work: Workspace) -> torch.Tensor:
-    """A fused expert tensor through merge_blocked one expert slice at a time: never a float32 copy of
-    the whole (E, d1, d2) tensor. An expert stored (in, out) merges (up @ down)ᵀ = downᵀ @ upᵀ."""
+PIECE_BYTES = 16 << 20  # stored bytes per piece of a tensor streamed by pieces (pipeline.Pieces)
+
+
+def _pieces(setup: _Setup, info: TensorInfo) -> list[tuple[int, int]] | None:
+    """Row ranges to stream a tensor by (read, merged and written piece by piece, so memory holds a few
+    pieces, not the tensor), or None to take it whole: a tensor larger than a piece that _merge_piece
+    merges, cut between experts of a fused expert tensor, else on merge_blocked's block edges (the
+    same blocks, so the same bits, as the whole tensor)."""
+    from loratool.maths.merge import BLOCK_ELEMENTS  # read now: tests make blocks small
+
+    contribs = setup.plan.deltas.get(info.key)
+    s = setup.storage.of(info.key)
+    if not contribs or s is not None or info.nbytes <= PIECE_BYTES or not info.shape[0]:
+        return None
+    if _blocked_term(setup, info, s, contribs, blocks=True) is not None:
+        unit = max(1, BLOCK_ELEMENTS // max(math.prod(info.shape[1:]), 1))
+    elif _expert_terms(setup, info, s, contribs, blocks=True) is not None:
+        unit = 1
+    else:
+        return None
+    n = info.shape[0]
+    # two blocks at least: a lone block runs on the calling thread, with torch's threads, where the BLAS may
+    # order a product's terms otherwise than the workers do for the same block of the whole tensor
+    per = max(2 * unit, PIECE_BYTES // (info.nbytes // n) // unit * unit)
+    if per >= n:
+        return None
+    cuts = list(range(0, n, per))
+    if n - cuts[-1] <= unit:  # a tail of one block: with the piece before it
+        cuts.pop()
+    return [(a, z) for a, z in zip(cuts, [*cuts[1:], n])]
+
+
+def _merge_piece(setup: _Setup, report: MergeReport, *, name: str, info: TensorInfo, stored: torch.Tensor,
+                 rows: tuple[int, int], terms: list[Contribution], experts: bool, out_dtype: str, cast: Cast,
+                 work: Workspace, parts: list[BlockedMerge]) -> torch.Tensor:
+    """Rows start:stop of a tensor (all of it, or one piece: `stored` holds them) through
+    maths.merge.merge_blocked into an output slot: W' written straight into the output dtype, never a
+    float32 copy of the tensor. Either one plain LoRA (terms: its one contribution), or a fused (E, d1,
+    d2) expert tensor, one expert slice at a time (terms: one per expert; an expert stored (in, out)
+    merges (up @ down)ᵀ = downᵀ @ upᵀ). What each piece measured collects in `parts`; the last piece
+    counts the tensor in the report."""
     import torch
 
     from loratool.io.tensors import TensorRef
-    from loratool.maths.merge import merge_blocked_many
+    from loratool.maths.merge import BLOCK_ELEMENTS, joined, merge_blocked_many  # read now: tests make blocks small
 
+    key = info.key
     out = cast.buffer(stored.shape, out_dtype)  # type: ignore[attr-defined]
     sign = -1.0 if setup.unmerge else 1.0
-    dd = de = ee = wn = worst = 0.0
-    lo, hi = math.inf, -math.inf
+    start, stop = rows
 
     def jobs() -> Iterator[tuple[torch.Tensor, LoraModule, float, torch.Tensor]]:
-        for e, term in enumerate(terms):
+        for e, term in enumerate(terms[start:stop]):
             m = term.module
             assert isinstance(m, LoraModule)
             if m.fan_in_fan_out:
@@ -321,50 +365,25 @@ def _merge_experts(setup: _Setup, report: MergeReport, *, name: str, key: str, s
                             fan_in_fan_out=False)
             yield stored[e], m, sign * term.weight, out[e]
 
-    # every expert queued before any is waited for: the workers merge expert e while e + 1's factors are made
-    for r in merge_blocked_many(jobs(), work=work, w_norm=setup.stats):
-        dd += r.dd_root * r.dd_root
-        de += r.de_sum
-        ee += r.err_norm * r.err_norm
-        wn += r.w_norm * r.w_norm
-        worst = max(worst, r.worst)
-        lo = r.lo if not math.isfinite(r.lo) and r.lo != math.inf else min(lo, r.lo)
-        hi = r.hi if not math.isfinite(r.hi) and r.hi != -math.inf else max(hi, r.hi)
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            break
-    _range_or_raise(lo, hi, out_dtype, key, terms)
-    dd_root, err_norm = math.sqrt(dd), math.sqrt(ee)
-    retained = de / dd if dd > 0 else None
-    rel_error = err_norm / dd_root if dd_root > 0 else None
-    report.realized.append((key, retained, rel_error, worst))
-    if dd_root > 0 and dd + 2 * (de - dd) + ee > 1e-12 * dd:
-        report.changed += 1
-    if setup.stats:
-        report.tensors.append(TensorStat(key, name, sorted({t.module.name for t in terms}), dd_root,
-                                         dd_root / max(math.sqrt(wn), 1e-30), worst, retained, rel_error, "float"))
-    report.merged += 1
+    if experts:  # every expert queued before any is waited for: the workers merge e while e + 1's factors are made
+        done = merge_blocked_many(jobs(), work=work, block=BLOCK_ELEMENTS, w_norm=setup.stats)
+    else:
+        m = terms[0].module
+        assert isinstance(m, LoraModule)
+        done = merge_blocked_many([(stored, m, sign * terms[0].weight, out)], work=work, block=BLOCK_ELEMENTS,
+                                  w_norm=setup.stats, first=start)
+    piece = joined(done)
+    _range_or_raise(piece.lo, piece.hi, out_dtype, key, terms)
+    parts.append(piece)
+    if stop == info.shape[0]:
+        _count_blocked(report, joined(parts), key=key, name=name, names=sorted({t.module.name for t in terms}),
+                       storage="float", stats=setup.stats)
+        parts.clear()
     assert out.dtype == getattr(torch, out_dtype)
     return out
 
 
-def _merge_blocked(setup: _Setup, report: MergeReport, *, name: str, key: str, stored: torch.Tensor,
-                   term: Contribution, out_dtype: str, cast: Cast, work: Workspace) -> torch.Tensor:
-    """One tensor through maths.merge.merge_blocked: the same bits as merged_tensor + cast, in one pass."""
-    import torch
-
-    from loratool.maths.merge import merge_blocked
-
-    out = cast.buffer(stored.shape, out_dtype)  # type: ignore[attr-defined]
-    factor = (-1.0 if setup.unmerge else 1.0) * term.weight
-    r = merge_blocked(stored, term.module, factor, out, work=work,  # type: ignore[arg-type]
-                      w_norm=setup.stats)
-    _range_or_raise(r.lo, r.hi, out_dtype, key, [term])
-    _count_blocked(report, r, key=key, name=name, term=term, storage="float", stats=setup.stats)
-    assert out.dtype == getattr(torch, out_dtype)
-    return out
-
-
-def _count_blocked(report: MergeReport, r: BlockedMerge, *, key: str, name: str, term: Contribution, storage: str,
+def _count_blocked(report: MergeReport, r: BlockedMerge, *, key: str, name: str, names: list[str], storage: str,
                    stats: bool) -> None:
     """A blocked merge's realized delta into the report (what the whole-tensor path counts in compute)."""
     retained = r.de_sum / (r.dd_root * r.dd_root) if r.dd_root > 0 else None
@@ -374,9 +393,8 @@ def _count_blocked(report: MergeReport, r: BlockedMerge, *, key: str, name: str,
     if r.dd_root > 0 and changed > 1e-12 * r.dd_root * r.dd_root:
         report.changed += 1
     if stats:
-        report.tensors.append(TensorStat(
-            key, name, [term.module.name], r.dd_root, r.dd_root / max(r.w_norm, 1e-30),
-            r.worst, retained, rel_error, storage))
+        report.tensors.append(TensorStat(key, name, names, r.dd_root, r.dd_root / max(r.w_norm, 1e-30), r.worst,
+                                         retained, rel_error, storage))
     report.merged += 1
 
 
@@ -411,7 +429,7 @@ def _merge_quantized_blocked(setup: _Setup, report: MergeReport, *, name: str, s
                               rows=blocks.rows, block=BLOCK_ELEMENTS, work=work, w_norm=setup.stats,
                               threads=1 if generator is not None else None)
     _range_or_raise(r.lo, r.hi, limit, s.key, [term])
-    _count_blocked(report, r, key=s.key, name=name, term=term, storage=s.describe(), stats=setup.stats)
+    _count_blocked(report, r, key=s.key, name=name, names=[term.module.name], storage=s.describe(), stats=setup.stats)
     return out if setup.dequantize else dict(blocks.outs)
 
 
@@ -606,8 +624,9 @@ def merge(
                                 "name it *.safetensors",
                                 hint=f"give -o a folder name (e.g. -o {Path(out).with_suffix('')})")
     # the base's sha256 starts now, while torch is imported and the adapters are read (a core is
-    # idle then), and later stays at most 1 GiB ahead of the merge, so the disk is read once
-    sha256 = BackgroundSha256(list(ckpt.files), lead=1 << 30)
+    # idle then), and later stays no further ahead of the merge than the page cache keeps (a quarter
+    # of the available memory, 1 GiB at least), so the disk is read once
+    sha256 = BackgroundSha256(list(ckpt.files), lead=cache_lead())
     try:
         return _merge(ckpt, sha256, base_path, adapters, out, weights, dtype=dtype, device=device, unmerge=unmerge,
                       allow_unmatched=allow_unmatched, force=force, allow_pickle=allow_pickle, stats=stats,
@@ -631,7 +650,8 @@ def _merge(
     from loratool.io.outputs import atomic_output
 
     say("loading torch")
-    device = resolve_device(device)
+    with gc_paused():  # importing torch makes no garbage worth collecting: ~15% of the import's CPU time
+        device = resolve_device(device)
     storage = detect(ckpt)
     storage.refuse_unsupported(base_path)  # up front: never a delta added to bytes we cannot read
     if qlora_base and storage.quantized:
@@ -695,7 +715,8 @@ def _merge(
                     step = _tensor_step(setup, report, name=name, work=buffers.work)
                     finishing.append(stream_file(
                         src, dst, meta, placeholder, out_entry=setup.out_entry, needs_bytes=setup.needs_bytes,
-                        compute=step, produced_by=setup.produced.get, tick=tick, digest=digest, buffers=buffers))
+                        compute=step, produced_by=setup.produced.get, pieces=partial(_pieces, setup), tick=tick,
+                        digest=digest, buffers=buffers))
                 t = time.perf_counter()
                 for fut in finishing:
                     fut.result()
@@ -735,7 +756,7 @@ def _stash_early_siblings(setup: _Setup, headers: list[Any], buffers: Buffers) -
         scratch = MergeReport(Path(), Path(), [], [], False, setup.dtype, setup.device)
         step = _tensor_step(replace(setup, stats=False), scratch, name="", work=buffers.work)
         stored = setup.load(key) if setup.needs_bytes(info) else None
-        result = step(info, stored, lambda t, d: t.to(getattr(__import__("torch"), d)))
+        result = step(info, stored, lambda t, d: t.to(getattr(__import__("torch"), d)), None)
         if isinstance(result, dict):
             for k, t in result.items():
                 if k != key and file_of.get(k, -1) < file_of[key]:

@@ -132,3 +132,33 @@ def test_fused_experts_expert_by_expert_and_whole_tensor_agree(moe_dir: Path, tm
     one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-6, atol=1e-6, msg=k)
+
+
+def test_fused_experts_streamed_by_pieces_equal_peft_and_the_whole_tensor(moe_dir: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fused expert tensor larger than a piece (ops.merge.PIECE_BYTES, here made tiny) is read, merged
+    and written a few experts at a time: the same bits as the tensor merged whole, and peft's result."""
+    import loratool.ops.merge as ops_merge
+    from loratool.io.writers import StreamingWriter
+
+    base, lora = moe_dir / "gpt_oss" / "base", moe_dir / "gpt_oss" / "lora"
+    assert run_cli(["merge", str(base), str(lora), "-o", str(tmp_path / "whole")]).code == 0
+    pieces: list[tuple[str, int]] = []
+    real = StreamingWriter.write_piece
+
+    def spy(self, key, tensor, last):  # type: ignore[no-untyped-def]
+        pieces.append((key, tensor.shape[0]))
+        return real(self, key, tensor, last)
+
+    monkeypatch.setattr(ops_merge, "PIECE_BYTES", 1)  # two experts a piece, the least it cuts
+    monkeypatch.setattr(StreamingWriter, "write_piece", spy)
+    _check(base, lora, tmp_path)  # into tmp_path / "ours": equals peft, tensors and logits
+    fused = {k for k, _ in pieces}
+    assert fused and all(k.endswith(("experts.gate_up_proj", "experts.down_proj")) for k in fused)
+    original = load_file(base / "model.safetensors")
+    for k in fused:
+        assert sum(n for key, n in pieces if key == k) == original[k].shape[0]
+        assert len([n for key, n in pieces if key == k]) > 1
+    whole, cut = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "ours" / "model.safetensors")
+    for k in whole:
+        assert torch.equal(whole[k], cut[k]), k

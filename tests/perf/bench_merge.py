@@ -7,7 +7,10 @@ adapter on q,k,v,o,gate,up,down. Each contender runs whole-process in a subproce
 tensor (bit-identical expected: both add the fp32 delta once into bf16).
 
 Each contender runs --repeat times (default 3), alternating, its output removed and `sync` run
-between runs; the table reports the median wall time and the largest peak RSS.
+between runs; the table reports the median wall time and the largest peak RSS. loratool's bytecode
+is compiled first (compileall), as an installed package's is and as peft's and transformers' are: an
+editable checkout run with PYTHONDONTWRITEBYTECODE=1 (this machine sets it) would otherwise compile
+loratool's sources again in every run, about 0.5 s.
 
 Run: python tests/perf/bench_merge.py [--layers 16 8] [--repeat 3] [--workdir /tmp/bench_merge] [--keep]
 """
@@ -85,6 +88,10 @@ def run_contenders(d: Path, base: Path, adapter: Path, peft_script: str, repeat:
     """`cp -r`, loratool merge and `peft_script`, each `repeat` times, alternating: the base's size in bytes,
     its shard count, and (wall s, peak MB) per run. Outputs go to d/cp, d/ours, d/peft; the last run's are
     kept for comparison."""
+    import loratool
+
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(Path(loratool.__file__).parent)], check=True,
+                   stdout=subprocess.DEVNULL)
     size = sum(f.stat().st_size for f in base.iterdir())
     shards = len(list(base.glob("*.safetensors")))
     subprocess.run(["sync"], check=True)
