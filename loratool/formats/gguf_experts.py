@@ -231,14 +231,22 @@ def to_checkpoint_names(stacks: dict[str, list[LoraModule]], reverse: dict[str, 
             problems.append(f"{path} expert {e} (has {len(parts)} of its {len(SPLIT[leaf])} parts)")
             continue
         ordered = [parts[i] for i in range(len(parts))]
-        up, down, scale = _fuse(ordered, leaf in interleaved)
         first = ordered[0]
         assert first.expert is not None
-        rank = down.shape[0]
-        name = expert_name(path, e)
-        same = rank == first.rank and scale == first.scale
-        out[first.name] = first.with_(name=name, up=TensorRef.from_tensor(up.to(first.up.load().dtype) if same else up),
-                                down=TensorRef.from_tensor(down if same else down.to(up.dtype)),
-                                alpha=first.alpha if same else float(rank) * scale, rslora=False,
-                                expert=Expert(path, e, first.expert.count))
+        out[first.name] = fused_expert(ordered, Expert(path, e, first.expert.count), leaf in interleaved)
     return out
+
+
+def fused_expert(parts: list[LoraModule], expert: Expert, interleaved: bool) -> LoraModule:
+    """One expert of a fused parameter (`expert`) from its parts in row order (gate, up): the parts' shared
+    down kept, same rank and scale, where they share it (what a split wrote: bit-exact), else their downs
+    stacked with a block-diagonal up (rank = sum, scales folded into up: exact)."""
+    up, down, scale = _fuse(parts, interleaved)
+    first = parts[0]
+    rank = down.shape[0]
+    same = rank == first.rank and scale == first.scale
+    return first.with_(name=expert_name(expert.param, expert.index),
+                       up=TensorRef.from_tensor(up.to(first.up.load().dtype) if same else up),
+                       down=TensorRef.from_tensor(down if same else down.to(up.dtype)),
+                       alpha=first.alpha if same else float(rank) * scale, rslora=first.rslora if same else False,
+                       expert=expert)

@@ -116,10 +116,17 @@ def _match_base(adapter: Adapter, base: Path) -> tuple[dict[str, str], dict[str,
     from loratool.keymap import match_modules
 
     ckpt = open_checkpoint(base)
-    # experts of fused parameters keep their names (the parameter's path, docs/moe.md): a layout put them there
+    # experts of fused parameters keep their names (the parameter's path, docs/moe.md), matched below
     match = match_modules([m for m in adapter.modules.values() if m.expert is None], ckpt.tensors)
     match.refuse_shape_mismatch(adapter.path, base)
     problems = [*match.unmatched, *(f"{n} (ambiguous: {', '.join(k)})" for n, k in match.ambiguous.items())]
+    experts = [m for m in adapter.modules.values() if m.expert is not None]
+    if experts:  # each against its fused tensor (shape, expert count) or its per-expert Linears
+        from loratool.keymap import match_experts, moe_transposed
+
+        by_expert, _ = match_experts(experts, ckpt.tensors, transposed=moe_transposed(ckpt.root))
+        by_expert.refuse_shape_mismatch(adapter.path, base)
+        problems += by_expert.unmatched
     if problems:
         raise IncompatibleError(
             f"{adapter.path}: {len(problems)} module(s) match no single weight of {base}: {_listing(problems)}",
@@ -211,6 +218,7 @@ def convert(
     """
     from loratool.formats import (
         check_writable,
+        experts_for_checkpoint,
         format_names,
         get_format,
         read,
@@ -319,6 +327,13 @@ def convert(
         order = list(adapter.modules)
         adapter = source.layout_in(adapter, Path(base) if base is not None else None, Path(path))
         origin = _origin(adapter.modules, order)
+    if base is not None and target.layout_out is None and target.capabilities.experts:
+        # experts as the checkpoint stores them: fused (target_parameters) or one Linear per expert
+        order = list(adapter.modules)
+        adapter = experts_for_checkpoint(adapter, Path(base))
+        if list(adapter.modules) != order:
+            renamed = _origin(adapter.modules, order)
+            origin = {new: origin.get(old, old) for new, old in renamed.items()}
     if target.layout_out is not None and adapter.source_format != to:
         order = list(adapter.modules)
         adapter = target.layout_out(adapter, Path(base) if base is not None else None, Path(path))
