@@ -178,7 +178,7 @@ def _fuse(parts: list[LoraModule], interleaved: bool) -> tuple[torch.Tensor, tor
     if same_scale and all(torch.equal(downs[0], d) for d in downs[1:]):
         up = torch.stack(ups, dim=1).reshape(-1, ups[0].shape[1]) if interleaved else torch.cat(ups, dim=0)
         return up, downs[0], parts[0].scale
-    pairs = [factors(p) for p in parts]  # scale folded into up, float32
+    pairs = [(u * p.scale, d) for p, (u, d) in ((p, factors(p)) for p in parts)]  # float32, scale folded into up
     rows = sum(u.shape[0] for u, _ in pairs)
     rank = sum(d.shape[0] for _, d in pairs)
     up = torch.zeros(rows, rank, dtype=torch.float32)
