@@ -167,6 +167,25 @@ def _origin(modules: dict[str, LoraModule], order: list[str]) -> dict[str, str]:
     return dict(zip(modules, order)) if len(modules) == len(order) else {}
 
 
+def _expert_origin(after: Adapter, before: Adapter) -> dict[str, str]:
+    """Each module's name before experts_for_checkpoint: a per-expert Linear split from a fused expert ->
+    that expert, a fused expert -> its first per-expert part."""
+    from loratool.adapter import expert_name
+    from loratool.families.moe import fused_part, stored_parts
+
+    out: dict[str, str] = {}
+    for name, m in after.modules.items():
+        if name in before.modules:
+            candidates = [name]
+        elif m.expert is None:
+            hit = fused_part(name)
+            candidates = [expert_name(hit.param, hit.index)] if hit is not None else []
+        else:
+            candidates = [paths[0] for _, paths in stored_parts(m.expert.param, m.expert.index)]
+        out[name] = next((c for c in candidates if c in before.modules), name)
+    return out
+
+
 def convert(
     path: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -329,11 +348,10 @@ def convert(
         origin = _origin(adapter.modules, order)
     if base is not None and target.layout_out is None and target.capabilities.experts:
         # experts as the checkpoint stores them: fused (target_parameters) or one Linear per expert
-        order = list(adapter.modules)
+        before = adapter
         adapter = experts_for_checkpoint(adapter, Path(base))
-        if list(adapter.modules) != order:
-            renamed = _origin(adapter.modules, order)
-            origin = {new: origin.get(old, old) for new, old in renamed.items()}
+        if list(adapter.modules) != list(before.modules):
+            origin = {new: origin.get(old, old) for new, old in _expert_origin(adapter, before).items()}
     if target.layout_out is not None and adapter.source_format != to:
         order = list(adapter.modules)
         adapter = target.layout_out(adapter, Path(base) if base is not None else None, Path(path))
