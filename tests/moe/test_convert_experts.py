@@ -219,3 +219,30 @@ def test_fused_experts_that_fit_no_base_weight_are_refused(moe_dir, fused_qwen, 
     errors = [ln for ln in r.err.splitlines() if ln.startswith("Error:")]
     assert len(errors) == 1 and "experts.gate_up_proj[0]" in errors[0] and "(8, 32, 32)" in errors[0], r.err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("via_gguf", [False, True])
+def test_per_expert_adapter_into_gpt_oss_fuses_interleaved_rows(moe_dir, make_adapter, tmp_path, via_gguf):
+    """gpt-oss keeps gate and up interleaved in its fused gate_up_proj: per-expert gate / up modules with their
+    own A (scale 2) become rows 0::2 / 1::2 of the fused expert's delta, directly or through a GGUF file."""
+    base = moe_dir / "gpt_oss" / "base"
+    modules = {f"model.layers.{i}.mlp.experts.{e}.{p}": s
+               for i in range(2) for e in range(4) for p, s in SHAPES.items()}
+    src_path = make_adapter(modules=modules, rank=2, alpha=4)
+    src = read(src_path)
+    if via_gguf:
+        gguf_file = tmp_path / "a.gguf"
+        assert run_cli(["convert", src_path, "--to", "gguf", "--base", base, "-o", gguf_file]).code == 0
+        src_path = gguf_file
+    got = read(_convert(src_path, base, tmp_path / "out"))
+    for layer in range(2):
+        for e in range(4):
+            gu = delta(got.modules[f"model.layers.{layer}.mlp.experts.gate_up_proj[{e}]"])
+            gate, up = (delta(src.modules[f"model.layers.{layer}.mlp.experts.{e}.{p}"])
+                        for p in ("gate_proj", "up_proj"))
+            assert gate.abs().max() > 0.1
+            torch.testing.assert_close(gu[0::2], gate, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(gu[1::2], up, rtol=1e-6, atol=1e-7)
+            dn = got.modules[f"model.layers.{layer}.mlp.experts.down_proj[{e}]"]
+            want = delta(src.modules[f"model.layers.{layer}.mlp.experts.{e}.down_proj"])
+            torch.testing.assert_close(delta(dn), want, rtol=1e-6, atol=1e-7)
