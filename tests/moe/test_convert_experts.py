@@ -246,3 +246,13 @@ def test_per_expert_adapter_into_gpt_oss_fuses_interleaved_rows(moe_dir, make_ad
             dn = got.modules[f"model.layers.{layer}.mlp.experts.down_proj[{e}]"]
             want = delta(src.modules[f"model.layers.{layer}.mlp.experts.{e}.down_proj"])
             torch.testing.assert_close(delta(dn), want, rtol=1e-6, atol=1e-7)
+
+
+def test_fused_experts_against_a_base_without_experts_are_refused(moe_dir, make_base, tmp_path):
+    base = make_base({f"model.layers.{i}.self_attn.q_proj.weight": (32, 32) for i in range(2)})
+    r = run_cli(["convert", moe_dir / "qwen3_moe" / "lora", "--to", "peft", "--base", base, "-o", tmp_path / "out"])
+    assert r.code == 2 and "Traceback" not in r.err
+    errors = [ln for ln in r.err.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1 and "16 module(s) match no single weight" in errors[0]
+    assert "model.layers.0.mlp.experts.down_proj[0]" in errors[0] and "Hint:" in r.err
+    assert not (tmp_path / "out").exists()
