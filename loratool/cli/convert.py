@@ -32,7 +32,7 @@ from loratool.formats import writable_formats
 @out_option
 @click.option("--base", default=None, type=click.Path(),
               help="The base model: kohya names are placed by its keys, every module must match one of its "
-              "weights, and factors take its layout (linear or 1x1 conv).")
+              "weights, and factors take its layout (linear or 1x1 conv; MoE experts: fused or one per expert Linear).")
 @click.option("--family", "family", default=None,
               help=f"The model family ({', '.join(f.name for f in families())}): convert "
               "between its dialects by its table, splitting and fusing modules exactly; detected from the names when "

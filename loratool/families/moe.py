@@ -13,6 +13,7 @@ fused tensors. Nothing here reads files.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # peft nests one ParamWrapper per targeted parameter of a module, in the order the module defines its
@@ -71,3 +72,38 @@ def stored_parts(param: str, index: int) -> list[tuple[str, list[str]]]:
             head = param[: len(param) - len(s.fused)]
             out.append((s.stored, [head + s.stored.format(e=index, part=p) for p in s.parts]))
     return out
+
+
+@dataclass(frozen=True)
+class StoredPart:
+    """A per-expert Linear of a checkpoint placed in the fused parameter it is part of (STORED read backwards).
+
+    Attributes:
+        param: the fused parameter's path, e.g. `model.layers.0.mlp.experts.gate_up_proj`.
+        index: the expert.
+        part: its place among the parameter's parts (gate 0, up 1), of `parts`.
+    """
+
+    param: str
+    index: int
+    part: int
+    parts: int
+
+
+def _stored_pattern(s: StoredExperts) -> re.Pattern[str]:
+    body = re.escape(s.stored).replace(re.escape("{e}"), r"(?P<e>\d+)").replace(
+        re.escape("{part}"), "(?P<part>" + "|".join(map(re.escape, s.parts)) + ")")
+    return re.compile(r"^(?P<head>(?:.*\.)?)" + body + "$")
+
+
+_STORED_PATTERNS = tuple((s, _stored_pattern(s)) for s in STORED)
+
+
+def fused_part(module: str) -> StoredPart | None:
+    """Where the per-expert module path `module` (`model.layers.0.mlp.experts.3.up_proj`, Mixtral
+    `...block_sparse_moe.experts.3.w3`) sits in transformers' fused parameter, or None for another module."""
+    for s, rx in _STORED_PATTERNS:
+        hit = rx.match(module)
+        if hit is not None:
+            return StoredPart(hit["head"] + s.fused, int(hit["e"]), s.parts.index(hit["part"]), len(s.parts))
+    return None

@@ -20,7 +20,7 @@ from typing import Any
 
 from loratool.adapter import Adapter
 from loratool.errors import FormatError, IncompatibleError
-from loratool.formats import diffusers, gguf, kohya, mlx, peft, xlabs
+from loratool.formats import diffusers, expert_layout, gguf, kohya, mlx, peft, xlabs
 from loratool.formats._common import (
     PICKLE_SUFFIXES,
     Finding,
@@ -43,7 +43,7 @@ from loratool.formats.tensorfile import TensorFile
 
 __all__ = [
     "LYCO_NAMES", "PICKLE_SUFFIXES", "Capabilities", "Finding", "Findings", "Format", "check_writable", "detect",
-    "extra_base_key", "format_names", "get_format", "gguf_layout", "is_transposed_layer",
+    "experts_for_checkpoint", "extra_base_key", "format_names", "get_format", "gguf_layout", "is_transposed_layer",
     "output_is_directory", "provenance",
     "read", "require_plain", "source_label", "unsupported_family", "writable_formats", "write",
 ]
@@ -71,6 +71,12 @@ def gguf_layout(adapter: Adapter, base: Path) -> Adapter:
     """The adapter with GGUF tensor names and layout for the architecture of `base` (a transformers
     config / model directory or a GGUF model file); see formats/gguf.py."""
     return gguf.to_gguf_layout(adapter, gguf.arch_info(base))
+
+
+def experts_for_checkpoint(adapter: Adapter, base: Path) -> Adapter:
+    """The adapter's experts in the layout the checkpoint `base` stores them: fused parameters (PEFT
+    target_parameters) or one Linear per expert, converted exactly; see formats/expert_layout.py."""
+    return expert_layout.experts_for_checkpoint(adapter, base)
 
 
 def extra_base_key(extra: str) -> str:

@@ -167,30 +167,22 @@ def stacked_factors(mods: list[LoraModule], alpha: float, where: object) -> tupl
 
 def _fuse(parts: list[LoraModule], interleaved: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(up, down, scale) of one expert of a fused parameter from its parts (rows in order): the parts'
-    down kept when they share it (what a split wrote), else stacked with a block-diagonal up (rank = sum)."""
+    down kept when they share it (what a split wrote), else stacked with a block-diagonal up (rank = sum,
+    maths.fuse.block_diagonal_fuse); interleaved: the parts' rows alternate (gpt-oss)."""
     import torch
 
-    from loratool.maths.delta import factors
+    from loratool.maths.fuse import block_diagonal_fuse
 
     downs = [p.down.load() for p in parts]
     ups = [p.up.load() for p in parts]
-    same_scale = len({p.scale for p in parts}) == 1
-    if same_scale and all(torch.equal(downs[0], d) for d in downs[1:]):
-        up = torch.stack(ups, dim=1).reshape(-1, ups[0].shape[1]) if interleaved else torch.cat(ups, dim=0)
-        return up, downs[0], parts[0].scale
-    pairs = [factors(p) for p in parts]  # scale folded into up, float32
-    rows = sum(u.shape[0] for u, _ in pairs)
-    rank = sum(d.shape[0] for _, d in pairs)
-    up = torch.zeros(rows, rank, dtype=torch.float32)
-    col = 0
-    for i, (u, d) in enumerate(pairs):
-        if interleaved:
-            up[i::len(pairs), col:col + d.shape[0]] = u
-        else:
-            start = sum(x.shape[0] for x, _ in pairs[:i])
-            up[start:start + u.shape[0], col:col + d.shape[0]] = u
-        col += d.shape[0]
-    return up, torch.cat([d for _, d in pairs], dim=0), 1.0
+    if len({p.scale for p in parts}) == 1 and all(torch.equal(downs[0], d) for d in downs[1:]):
+        up, down, scale = torch.cat(ups, dim=0), downs[0], parts[0].scale
+    else:
+        up, down, scale = block_diagonal_fuse([(u, d, p.scale) for u, d, p in zip(ups, downs, parts)],
+                                              [u.shape[0] for u in ups])
+    if interleaved:  # [part 0 rows; part 1 rows] -> row k of part i at k·parts + i
+        up = up.reshape(len(parts), -1, up.shape[1]).transpose(0, 1).reshape(-1, up.shape[1])
+    return up.contiguous(), down, scale
 
 
 def to_checkpoint_names(stacks: dict[str, list[LoraModule]], reverse: dict[str, list[str]], keys: set[str],
@@ -231,14 +223,22 @@ def to_checkpoint_names(stacks: dict[str, list[LoraModule]], reverse: dict[str, 
             problems.append(f"{path} expert {e} (has {len(parts)} of its {len(SPLIT[leaf])} parts)")
             continue
         ordered = [parts[i] for i in range(len(parts))]
-        up, down, scale = _fuse(ordered, leaf in interleaved)
         first = ordered[0]
         assert first.expert is not None
-        rank = down.shape[0]
-        name = expert_name(path, e)
-        same = rank == first.rank and scale == first.scale
-        out[first.name] = first.with_(name=name, up=TensorRef.from_tensor(up.to(first.up.load().dtype) if same else up),
-                                down=TensorRef.from_tensor(down if same else down.to(up.dtype)),
-                                alpha=first.alpha if same else float(rank) * scale, rslora=False,
-                                expert=Expert(path, e, first.expert.count))
+        out[first.name] = fused_expert(ordered, Expert(path, e, first.expert.count), leaf in interleaved)
     return out
+
+
+def fused_expert(parts: list[LoraModule], expert: Expert, interleaved: bool) -> LoraModule:
+    """One expert of a fused parameter (`expert`) from its parts in row order (gate, up): the parts' shared
+    down kept, same rank and scale, where they share it (what a split wrote: bit-exact), else their downs
+    stacked with a block-diagonal up (rank = sum, scales folded into up: exact)."""
+    up, down, scale = _fuse(parts, interleaved)
+    first = parts[0]
+    rank = down.shape[0]
+    same = rank == first.rank and scale == first.scale
+    return first.with_(name=expert_name(expert.param, expert.index),
+                       up=TensorRef.from_tensor(up.to(first.up.load().dtype) if same else up),
+                       down=TensorRef.from_tensor(down if same else down.to(up.dtype)),
+                       alpha=first.alpha if same else float(rank) * scale, rslora=first.rslora if same else False,
+                       expert=expert)

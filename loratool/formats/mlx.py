@@ -283,7 +283,7 @@ FORMAT = Format(
     read_dir=lambda path, allow_pickle, findings: read(path, findings=findings),
     write=write,
     suffix="",
-    layout_in=lambda adapter, base, source: from_switch_layout(adapter),
+    layout_in=lambda adapter, base, source: from_switch_layout(adapter, base),
     layout_out=lambda adapter, base, source: to_switch_layout(adapter, base),
 )
 
@@ -385,12 +385,14 @@ def to_switch_layout(adapter: Adapter, base: Path | None) -> Adapter:
     return adapter.with_modules(modules)
 
 
-def from_switch_layout(adapter: Adapter) -> Adapter:
+def from_switch_layout(adapter: Adapter, base: Path | None = None) -> Adapter:
     """mlx-lm switch-layer experts back as transformers' per-expert modules (`mlp.experts.3.gate_proj`,
-    Mixtral `block_sparse_moe.experts.3.w1`), the names transformers checkpoints store.
+    Mixtral `block_sparse_moe.experts.3.w1`), the names transformers checkpoints store. gpt-oss's checkpoint
+    keeps its experts fused: with `base`, its switch experts get the same per-expert names, which
+    formats.expert_layout fuses back into the base's `gate_up_proj` / `down_proj` (exact).
 
     Raises:
-        IncompatibleError: experts of a switch layer no transformers checkpoint stores per expert (gpt-oss).
+        IncompatibleError: experts of a switch layer mlx-lm does not name, or gpt-oss's without a base.
     """
     modules: dict[str, LoraModule] = {}
     for name, m in adapter.modules.items():
@@ -399,10 +401,14 @@ def from_switch_layout(adapter: Adapter) -> Adapter:
             continue
         head, _, proj = m.expert.param.rpartition(".")
         sw = next((s for s in SWITCH if head == s.switch or head.endswith("." + s.switch)), None)
-        back = {v: k for k, v in sw.parts}.get(proj) if sw is not None and sw.switch != sw.experts else None
+        back = {v: k for k, v in sw.parts}.get(proj) if sw is not None else None
         if sw is None or back is None:
-            raise IncompatibleError(f"{adapter.path}: MLX expert module '{name}' has no per-expert transformers name",
-                                    hint="gpt-oss keeps its experts fused; merge the adapter instead")
+            raise IncompatibleError(f"{adapter.path}: MLX expert module '{name}' has no transformers name")
+        if sw.switch == sw.experts and base is None:
+            raise IncompatibleError(f"{adapter.path}: MLX expert module '{name}' is a switch layer of a model whose "
+                                    "checkpoint keeps its experts fused (gpt-oss: gate and up interleaved in "
+                                    "gate_up_proj)", hint="pass --base with the model's checkpoint: its experts are "
+                                    "written as the fused parameters it holds (peft target_parameters)")
         new = f"{head.removesuffix(sw.switch)}{sw.experts}.{m.expert.index}.{back}"
         modules[new] = m.with_(name=new, expert=None)
     return adapter.with_modules(modules)

@@ -116,10 +116,17 @@ def _match_base(adapter: Adapter, base: Path) -> tuple[dict[str, str], dict[str,
     from loratool.keymap import match_modules
 
     ckpt = open_checkpoint(base)
-    # experts of fused parameters keep their names (the parameter's path, docs/moe.md): a layout put them there
+    # experts of fused parameters keep their names (the parameter's path, docs/moe.md), matched below
     match = match_modules([m for m in adapter.modules.values() if m.expert is None], ckpt.tensors)
     match.refuse_shape_mismatch(adapter.path, base)
     problems = [*match.unmatched, *(f"{n} (ambiguous: {', '.join(k)})" for n, k in match.ambiguous.items())]
+    experts = [m for m in adapter.modules.values() if m.expert is not None]
+    if experts:  # each against its fused tensor (shape, expert count) or its per-expert Linears
+        from loratool.keymap import match_experts, moe_transposed
+
+        by_expert, _ = match_experts(experts, ckpt.tensors, transposed=moe_transposed(ckpt.root))
+        by_expert.refuse_shape_mismatch(adapter.path, base)
+        problems += by_expert.unmatched
     if problems:
         raise IncompatibleError(
             f"{adapter.path}: {len(problems)} module(s) match no single weight of {base}: {_listing(problems)}",
@@ -158,6 +165,25 @@ def _origin(modules: dict[str, LoraModule], order: list[str]) -> dict[str, str]:
     """Each module's name as read, where a layout renamed modules one for one (a layout that splits or
     fuses modules, such as GGUF's expert stacks, changes their count: then none)."""
     return dict(zip(modules, order)) if len(modules) == len(order) else {}
+
+
+def _expert_origin(after: Adapter, before: Adapter) -> dict[str, str]:
+    """Each module's name before experts_for_checkpoint: a per-expert Linear split from a fused expert ->
+    that expert, a fused expert -> its first per-expert part."""
+    from loratool.adapter import expert_name
+    from loratool.families.moe import fused_part, stored_parts
+
+    out: dict[str, str] = {}
+    for name, m in after.modules.items():
+        if name in before.modules:
+            candidates = [name]
+        elif m.expert is None:
+            hit = fused_part(name)
+            candidates = [expert_name(hit.param, hit.index)] if hit is not None else []
+        else:
+            candidates = [paths[0] for _, paths in stored_parts(m.expert.param, m.expert.index)]
+        out[name] = next((c for c in candidates if c in before.modules), name)
+    return out
 
 
 def convert(
@@ -211,6 +237,7 @@ def convert(
     """
     from loratool.formats import (
         check_writable,
+        experts_for_checkpoint,
         format_names,
         get_format,
         read,
@@ -319,6 +346,12 @@ def convert(
         order = list(adapter.modules)
         adapter = source.layout_in(adapter, Path(base) if base is not None else None, Path(path))
         origin = _origin(adapter.modules, order)
+    if base is not None and target.layout_out is None and target.capabilities.experts:
+        # experts as the checkpoint stores them: fused (target_parameters) or one Linear per expert
+        before = adapter
+        adapter = experts_for_checkpoint(adapter, Path(base))
+        if list(adapter.modules) != list(before.modules):
+            origin = {new: origin.get(old, old) for new, old in _expert_origin(adapter, before).items()}
     if target.layout_out is not None and adapter.source_format != to:
         order = list(adapter.modules)
         adapter = target.layout_out(adapter, Path(base) if base is not None else None, Path(path))
