@@ -16,6 +16,7 @@ import gc
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,10 +37,13 @@ if TYPE_CHECKING:
 # tensor and those of later or reserved entries it determines (a quantized weight's recomputed
 # scales). `stored` is None when needs_bytes(info) is false; cast(new, dtype) copies a result into
 # a reused output slot. rows is None for the whole tensor, or (start, stop) of its first axis for a
-# tensor streamed by pieces (`pieces`): `stored` is then those rows and the result is the output's.
+# tensor streamed by pieces (`pieces`): `stored` is then those rows, and the result is Pending.
 Cast = Callable[["torch.Tensor", str], "torch.Tensor"]
+# (the output's rows, settle, inputs free): a piece still being computed elsewhere. settle() waits for it (and
+# may raise), on the writer's thread, before its rows are written; `stored` may be reused once the event is set.
+Pending = tuple["torch.Tensor", Callable[[], None], threading.Event]
 Compute = Callable[[TensorInfo, "torch.Tensor | None", Cast, "tuple[int, int] | None"],
-                   "torch.Tensor | dict[str, torch.Tensor] | None"]
+                   "torch.Tensor | dict[str, torch.Tensor] | Pending | None"]
 # pieces(info) -> row ranges of the first axis, in order and covering it, to read, compute and write the
 # tensor by (memory then holds a few pieces, not the tensor), or None to take it whole
 Pieces = Callable[[TensorInfo], "list[tuple[int, int]] | None"]
@@ -123,6 +127,10 @@ class Buffers:
     # two cast-result slots, each busy until the write that uses it is done
     out_slots: list[tuple[Workspace, Future[None] | None]] = field(
         default_factory=lambda: [(Workspace(), None), (Workspace(), None)])
+    # four more for pieces (a piece is small): the writer, which waits for a piece's rows and then for the
+    # disk, may fall behind by a few pieces without holding up the workers
+    piece_slots: list[tuple[Workspace, Future[None] | None]] = field(
+        default_factory=lambda: [(Workspace(), None) for _ in range(4)])
     reads: list[bytearray] = field(default_factory=list)
     # tensors computed before their turn (siblings of a weight that comes earlier), and the keys
     # already written: a later computation of the same key is dropped (computations are seeded)
@@ -190,15 +198,19 @@ def stream_file(
     out_slots = buffers.out_slots
     timings = buffers.timings
 
-    def read(n: int) -> bytearray | memoryview | None:
+    in_use: list[threading.Event | None] = [None, None]  # a piece still computed from read buffer 0 or 1
+
+    def read(n: int, busy: threading.Event | None) -> bytearray | memoryview | None:
         """Unit n's bytes (in buffer n % 2) when they are needed; None for those copied as they are."""
         info, rows = units[n]
+        if busy is not None:
+            busy.wait()  # no worker reads the piece before it in this buffer any more
         return read_range(fd, *_piece_range(info, rows), into=in_bufs[n % 2]) if needs_bytes(info) else None
 
     def fetch(n: int) -> Future[bytearray | memoryview | None] | None:
-        # buffer n % 2 was last used by unit n - 2: the main thread is done with it (it converts
-        # a unit's bytes before it asks for the next one)
-        return reader.submit(read, n) if n < len(units) else None
+        # buffer n % 2 was last used by unit n - 2: the main thread is done with it (it converts a
+        # unit's bytes before it asks for the next one), and a piece's computation once it has settled
+        return reader.submit(read, n, in_use[n % 2]) if n < len(units) else None
 
     def submit(fn: Callable[..., None], *args: Any) -> Future[None]:
         while pending and pending[0].done():
@@ -209,10 +221,10 @@ def stream_file(
 
     slot_used: list[int] = []  # the output slot the current tensor's result lives in, if any
 
-    def cast_into_slot(n: int) -> Cast:
+    def cast_into_slot(n: int, out_slots: list[tuple[Workspace, Future[None] | None]]) -> Cast:
         def slot_buffer(shape: tuple[int, ...] | torch.Size, dtype: str) -> torch.Tensor:
             """The output slot that is free again, as an uninitialised tensor to be filled."""
-            slot = n % 2
+            slot = n % len(out_slots)
             ws, busy = out_slots[slot]
             if busy is not None:
                 t = time.perf_counter()
@@ -246,24 +258,27 @@ def stream_file(
             wait_before = timings.write_wait
             ahead = fetch(n + 1)  # into the other buffer: read the next tensor meanwhile
             key = info.key
-            if rows is not None:  # one piece of a tensor: computed and written on its own
+            if rows is not None:  # one piece of a tensor: computed (on the workers, meanwhile) and written on its own
                 slot_used.clear()
-                cast = cast_into_slot(n)
+                cast = cast_into_slot(n, buffers.piece_slots)
                 assert data is not None
                 part = tensor_from(data, info, rows)
                 del data
-                piece = compute(info, part, cast, rows)
-                assert piece is not None and not isinstance(piece, dict)
-                del part
+                result = compute(info, part, cast, rows)
+                assert isinstance(result, tuple)
+                piece, settle, free = result
+                del part, result
                 timings.compute += time.perf_counter() - t_read - (timings.write_wait - wait_before)
-                fut = submit(writer.write_piece, key, piece, rows[1] == info.shape[0])
+                fut = submit(_write_piece, writer, key, piece, rows[1] == info.shape[0], settle)
+                in_use[n % 2] = free
                 for slot in slot_used:
-                    out_slots[slot] = (out_slots[slot][0], fut)
+                    buffers.piece_slots[slot] = (buffers.piece_slots[slot][0], fut)
                 if rows[1] == info.shape[0]:
                     buffers.written.add(key)
                 del piece
                 tick(_piece_range(info, rows)[1])
                 continue
+            in_use[n % 2] = None
             if key in stash:  # computed with an earlier tensor
                 submit(writer.write, key, stash.pop(key))
                 buffers.written.add(key)
@@ -276,7 +291,7 @@ def stream_file(
                 tick(info.nbytes)
                 continue
             slot_used.clear()
-            cast = cast_into_slot(n)
+            cast = cast_into_slot(n, out_slots)
             stored = tensor_from(data, info) if data is not None else None
             del data
             result = compute(info, stored, cast, None)
@@ -290,6 +305,7 @@ def stream_file(
                     elif other not in buffers.written:
                         stash[other] = value
             else:
+                assert not isinstance(result, tuple), "a whole tensor's result is ready"
                 out = result
             if out is None and stored is not None:  # a dtype change only
                 entry = layout[key]
@@ -318,6 +334,9 @@ def stream_file(
         done = submit(finish)
     except BaseException:
         writes.shutdown(wait=True, cancel_futures=True)  # no write may touch the file after abort
+        for busy in in_use:  # a cancelled piece never settles: the reader must not wait for it
+            if busy is not None:
+                busy.set()
         writer.abort()
         os.close(fd)
         raise
@@ -325,6 +344,13 @@ def stream_file(
         reader.shutdown(wait=True, cancel_futures=True)
     writes.shutdown(wait=False)  # its thread finishes the queued writes and finish(), then ends
     return done
+
+
+def _write_piece(writer: StreamingWriter, key: str, piece: torch.Tensor, last: bool, settle: Callable[[], None]
+                 ) -> None:
+    """On the writer's thread: wait for a piece's rows (settle), then append them to the file."""
+    settle()
+    writer.write_piece(key, piece, last)
 
 
 def copy_other_files(ckpt: Checkpoint, tmp: Path, *, dtype_changed: bool, dropped: set[str] | None = None,

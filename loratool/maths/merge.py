@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,8 @@ from loratool.maths.delta import delta, dora_eps, dora_normalise, factors
 from loratool.maths.lycoris import lyco_delta
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     import torch
 
     from loratool.adapter import LoraModule, LycoModule
@@ -290,28 +291,73 @@ def merge_blocked_many(jobs: Iterable[tuple[torch.Tensor, LoraModule, float, tor
     job's row ranges are queued to the workers before any is waited for, so they never idle while
     the next job's factors are made (the 64 small experts of a fused tensor: waiting after each had
     the workers idle for a fifth of the merge)."""
+    return queue_blocked_many(jobs, work=work, block=block, threads=threads, w_norm=w_norm, first=first)()
+
+
+def queue_blocked_many(jobs: Iterable[tuple[torch.Tensor, LoraModule, float, torch.Tensor]], *, work: Workspace,
+                       block: int = BLOCK_ELEMENTS, threads: int | None = None, w_norm: bool = True,
+                       first: int = 0, on_done: Callable[[], None] | None = None) -> Callable[[], list[BlockedMerge]]:
+    """merge_blocked_many's jobs queued to the workers, not waited for: the function returned waits for
+    them and gives their results. The caller keeps every input and output alive, and unchanged, until then
+    (a job too small for the workers runs here, now, on the calling thread). on_done() is called, on
+    whichever thread finishes last, once no worker reads an input any more (the inputs may be reused)."""
     finish: list[Callable[[], BlockedMerge]] = []
+    futures: list[Future[Any]] = []
     try:
         for stored, module, factor, out in jobs:
             rows_in = stored.reshape(stored.shape[0], -1)
             rows_out = out.view(out.shape[0], -1)
             n, cols = rows_in.shape
             finish.append(_blocked(rows_in, rows_out, n, max(1, block // max(cols, 1)), module, factor,
-                                   work=work, threads=threads, w_norm=w_norm, first=first))
+                                   work=work, threads=threads, w_norm=w_norm, first=first, futures=futures))
     except BaseException:
-        for f in finish:  # no worker may still write into an output the caller gives up
-            with suppress(Exception):  # the first failure is the one raised
-                f()
+        _all_of(finish)  # no worker may still write into an output the caller gives up
         raise
-    return [f() for f in finish]
+    if on_done is not None:
+        _when_all(futures, on_done)
+    return partial(_all_of, finish, reraise=True)
+
+
+def _when_all(futures: list[Future[Any]], fn: Callable[[], None]) -> None:
+    """fn() once every future is done (now, if none is pending)."""
+    import threading
+
+    if not futures:
+        fn()
+        return
+    left, lock = [len(futures)], threading.Lock()
+
+    def one(_: Future[Any]) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            fn()
+
+    for f in futures:
+        f.add_done_callback(one)
+
+
+def _all_of(finish: list[Callable[[], BlockedMerge]], reraise: bool = False) -> list[BlockedMerge]:
+    """Every job waited for (none left writing into an output), then the first failure raised (reraise)."""
+    done: list[BlockedMerge] = []
+    failed: BaseException | None = None
+    for f in finish:
+        try:
+            done.append(f())
+        except BaseException as e:  # raised below, after the rest have finished
+            failed = failed or e
+    if failed is not None and reraise:
+        raise failed
+    return done
 
 
 def _blocked(rows_in: torch.Tensor | ReadRows, rows_out: torch.Tensor | StoreRows, n: int, step: int,
              module: LoraModule, factor: float, *, work: Workspace, threads: int | None, w_norm: bool,
-             first: int = 0) -> Callable[[], BlockedMerge]:
+             first: int = 0, futures: list[Future[Any]] | None = None) -> Callable[[], BlockedMerge]:
     """merge_blocked's and merge_blocked_through's loop: row ranges of `step`-row blocks over the workers,
     queued now; the function returned waits for them and sums their results. The rows are the weight's
-    first:first + n (up's rows are taken from there)."""
+    first:first + n (up's rows are taken from there). The workers' futures are added to `futures`."""
     import torch
 
     up, down = factors(module)
@@ -325,9 +371,11 @@ def _blocked(rows_in: torch.Tensor | ReadRows, rows_out: torch.Tensor | StoreRow
     pool = _block_pool(threads)
     per = -(-blocks // (threads * 4))  # a few ranges per worker, for balance
     ranges = [(b * step, min(n, (b + per) * step)) for b in range(0, blocks, per)]
-    futures = [pool.submit(_merge_rows, rows_in, up, down, scales, rows_out, a, z, step, None, w_norm)
-               for a, z in ranges]
-    return lambda: _summed([f.result() for f in futures])
+    queued = [pool.submit(_merge_rows, rows_in, up, down, scales, rows_out, a, z, step, None, w_norm)
+              for a, z in ranges]
+    if futures is not None:
+        futures.extend(queued)
+    return lambda: _summed([f.result() for f in queued])
 
 
 def _summed(parts: list[tuple[float, float, float, float, float, float, float]]) -> BlockedMerge:

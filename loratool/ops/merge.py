@@ -31,14 +31,14 @@ from typing import TYPE_CHECKING, Any
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import FormatError, IncompatibleError, LoratoolError
 from loratool.io.checkpoint import Checkpoint
-from loratool.io.copies import BackgroundSha256, cache_lead
+from loratool.io.copies import BackgroundSha256, cache_lead, sha256_file
 from loratool.io.header import TensorInfo
 from loratool.keymap import Contribution, MergePlan, plan_merge
 from loratool.maths.merge import BlockedMerge, Workspace, merged_tensor, realized_delta
 from loratool.maths.quant import nf4_roundtrip
 from loratool.ops import Phase
 from loratool.ops.merge_report import MergeReport, Progress, TensorStat
-from loratool.pipeline import Buffers, Cast, Compute, copy_other_files, gc_paused, stream_file
+from loratool.pipeline import Buffers, Cast, Compute, Pending, copy_other_files, gc_paused, stream_file
 from loratool.storage import (
     FP8_DTYPES,
     BaseStorage,
@@ -115,6 +115,8 @@ class _Setup:
     qlora_base: str | None
     dequantize: bool  # --dtype on a quantized base: write plain floats, leave the scales out
     dropped: set[str] = field(default_factory=set)  # keys the output leaves out
+    # tensors merged by pieces whose last piece may still be settling: (its event, what counts it)
+    settling: list[tuple[Any, Callable[[], None]]] = field(default_factory=list)
     produced: dict[str, str] = field(default_factory=dict)  # recomputed sibling key -> its weight key
 
     def out_entry(self, info: TensorInfo) -> tuple[str, tuple[int, ...]] | None:
@@ -149,11 +151,16 @@ def _tensor_step(setup: _Setup, report: MergeReport, *, name: str, work: Workspa
     """What each tensor of one base file becomes: merged, replaced, or as stored (counted in report)."""
     plan = setup.plan
 
-    parts: dict[str, list[BlockedMerge]] = {}  # a tensor merged by pieces: what its pieces so far measured
+    parts: dict[str, list[tuple[int, BlockedMerge]]] = {}  # a tensor merged by pieces: (rows, what they measured)
 
     def compute(info: TensorInfo, stored: torch.Tensor | None, cast: Cast, rows: tuple[int, int] | None = None
-                ) -> torch.Tensor | dict[str, torch.Tensor] | None:
+                ) -> torch.Tensor | dict[str, torch.Tensor] | Pending | None:
+        import threading
+
         import torch
+
+        if rows is None or rows[0] == 0:  # a new tensor: those merged by pieces before it are counted first
+            _count_settled(setup)
 
         key = info.key
         s = setup.storage.of(key)
@@ -174,10 +181,20 @@ def _tensor_step(setup: _Setup, report: MergeReport, *, name: str, work: Workspa
                                                 out_dtype=out_dtype, cast=cast, work=work, generator=generator)
             experts = None if blocked is not None else _expert_terms(setup, info, s, contribs, blocks=slotted)
             if blocked is not None or experts is not None:
-                return _merge_piece(setup, report, name=name, info=info, stored=stored,
-                                    rows=rows or (0, info.shape[0]), terms=experts or [blocked],  # type: ignore[list-item]
-                                    experts=experts is not None, out_dtype=out_dtype, cast=cast, work=work,
-                                    parts=parts.setdefault(key, []))
+                free = None if rows is None else threading.Event()
+                out, settle, count = _merge_piece(
+                    setup, report, name=name, info=info, stored=stored, rows=rows or (0, info.shape[0]),
+                    terms=experts or [blocked], experts=experts is not None,  # type: ignore[list-item]
+                    out_dtype=out_dtype, cast=cast, work=work, parts=parts.setdefault(key, []),
+                    inputs_free=None if free is None else free.set)
+                if rows is None:
+                    settle()
+                    count()
+                    return out
+                assert free is not None
+                if rows[1] < info.shape[0]:
+                    return out, settle, free
+                return out, _last_piece(setup, settle, count), free
             assert rows is None, "a tensor streamed by pieces is merged by blocks"
             base = stored
             if s is not None:
@@ -339,20 +356,28 @@ def _pieces(setup: _Setup, info: TensorInfo) -> list[tuple[int, int]] | None:
 
 def _merge_piece(setup: _Setup, report: MergeReport, *, name: str, info: TensorInfo, stored: torch.Tensor,
                  rows: tuple[int, int], terms: list[Contribution], experts: bool, out_dtype: str, cast: Cast,
-                 work: Workspace, parts: list[BlockedMerge]) -> torch.Tensor:
+                 work: Workspace, parts: list[tuple[int, BlockedMerge]], inputs_free: Callable[[], None] | None = None
+                 ) -> tuple[torch.Tensor, Callable[[], None], Callable[[], None]]:
     """Rows start:stop of a tensor (all of it, or one piece: `stored` holds them) through
     maths.merge.merge_blocked into an output slot: W' written straight into the output dtype, never a
     float32 copy of the tensor. Either one plain LoRA (terms: its one contribution), or a fused (E, d1,
     d2) expert tensor, one expert slice at a time (terms: one per expert; an expert stored (in, out)
-    merges (up @ down)ᵀ = downᵀ @ upᵀ). What each piece measured collects in `parts`; the last piece
-    counts the tensor in the report."""
+    merges (up @ down)ᵀ = downᵀ @ upᵀ).
+
+    The rows are queued to the block workers, not waited for: (the output slot, settle, count).
+    settle() waits for them and checks the range (raises IncompatibleError); the slot must stay as it is
+    until then, and `stored` until inputs_free() is called (from whichever thread finishes last). What
+    each piece measured collects in `parts`; count() puts the tensor in the report once every piece has
+    settled (on the calling thread: the report is not thread-safe).
+    """
     import torch
 
     from loratool.io.tensors import TensorRef
-    from loratool.maths.merge import BLOCK_ELEMENTS, joined, merge_blocked_many  # read now: tests make blocks small
+    from loratool.maths.merge import BLOCK_ELEMENTS, joined, queue_blocked_many  # read now: tests make blocks small
 
     key = info.key
     out = cast.buffer(stored.shape, out_dtype)  # type: ignore[attr-defined]
+    assert out.dtype == getattr(torch, out_dtype)
     sign = -1.0 if setup.unmerge else 1.0
     start, stop = rows
 
@@ -366,21 +391,51 @@ def _merge_piece(setup: _Setup, report: MergeReport, *, name: str, info: TensorI
             yield stored[e], m, sign * term.weight, out[e]
 
     if experts:  # every expert queued before any is waited for: the workers merge e while e + 1's factors are made
-        done = merge_blocked_many(jobs(), work=work, block=BLOCK_ELEMENTS, w_norm=setup.stats)
+        finish = queue_blocked_many(jobs(), work=work, block=BLOCK_ELEMENTS, w_norm=setup.stats,
+                                    on_done=inputs_free)
     else:
         m = terms[0].module
         assert isinstance(m, LoraModule)
-        done = merge_blocked_many([(stored, m, sign * terms[0].weight, out)], work=work, block=BLOCK_ELEMENTS,
-                                  w_norm=setup.stats, first=start)
-    piece = joined(done)
-    _range_or_raise(piece.lo, piece.hi, out_dtype, key, terms)
-    parts.append(piece)
-    if stop == info.shape[0]:
-        _count_blocked(report, joined(parts), key=key, name=name, names=sorted({t.module.name for t in terms}),
-                       storage="float", stats=setup.stats)
+        finish = queue_blocked_many([(stored, m, sign * terms[0].weight, out)], work=work, block=BLOCK_ELEMENTS,
+                                    w_norm=setup.stats, first=start, on_done=inputs_free)
+
+    def settle() -> None:
+        piece = joined(finish())
+        _range_or_raise(piece.lo, piece.hi, out_dtype, key, terms)
+        parts.append((stop - start, piece))
+
+    def count() -> None:
+        if sum(n for n, _ in parts) == info.shape[0]:  # every piece settled (else the merge is failing)
+            _count_blocked(report, joined([p for _, p in parts]), key=key, name=name,
+                           names=sorted({t.module.name for t in terms}), storage="float", stats=setup.stats)
         parts.clear()
-    assert out.dtype == getattr(torch, out_dtype)
-    return out
+
+    return out, settle, count
+
+
+def _last_piece(setup: _Setup, settle: Callable[[], None], count: Callable[[], None]) -> Callable[[], None]:
+    """settle for a tensor's last piece: once it has run (on the pipeline's writer thread, after the earlier
+    pieces), the tensor is ready to be counted, which _count_settled does on the calling thread."""
+    import threading
+
+    done = threading.Event()
+
+    def last() -> None:
+        try:
+            settle()
+        finally:
+            done.set()
+
+    setup.settling.append((done, count))
+    return last
+
+
+def _count_settled(setup: _Setup) -> None:
+    """The tensors merged by pieces so far into the report, in file order: waits for their last pieces."""
+    while setup.settling:
+        done, count = setup.settling.pop(0)
+        done.wait()
+        count()
 
 
 def _count_blocked(report: MergeReport, r: BlockedMerge, *, key: str, name: str, names: list[str], storage: str,
@@ -437,12 +492,14 @@ def _merge_quantized_blocked(setup: _Setup, report: MergeReport, *, name: str, s
 # files
 
 
-def _provenance(params: dict[str, Any], adapters: list[Adapter], base_file: Path) -> tuple[dict[str, str], str]:
-    """Metadata for one output file; the base file's sha256 is a placeholder patched after streaming."""
+def _provenance(params: dict[str, Any], adapter_hashes: dict[str, str], base_file: Path
+                ) -> tuple[dict[str, str], str]:
+    """Metadata for one output file; the base file's sha256 is a placeholder patched after streaming.
+    The adapters' files are hashed once per merge (adapter_hashes), not once per output file."""
     from loratool.formats import provenance
 
     placeholder = secrets.token_hex(32)
-    meta = provenance("merge", params, [f for a in adapters for f in a.files], hashes={str(base_file): placeholder})
+    meta = provenance("merge", params, [], hashes={str(base_file): placeholder, **adapter_hashes})
     return meta, placeholder
 
 
@@ -700,6 +757,7 @@ def _merge(
     with atomic_output(out, force=force, directory=not single_file, inputs=[base_path, *ckpt.files, *adapters],
                        kind="model") as tmp:
         headers = [read_header(f) for f in ckpt.files]
+        adapter_hashes = {str(f): sha256_file(f) for a in loaded for f in a.files if f.is_file()}
         buffers = Buffers()
         _stash_early_siblings(setup, headers, buffers)
         finishing: list[Future[None]] = []
@@ -709,7 +767,7 @@ def _merge(
                     sha256.advance(src.size - sum(i.nbytes for i in src.tensors.values()))  # header: not ticked
                     dst = tmp if single_file else tmp / src.path.relative_to(ckpt.root)
                     dst.parent.mkdir(parents=True, exist_ok=True)
-                    meta, placeholder = _provenance(params, loaded, src.path)
+                    meta, placeholder = _provenance(params, adapter_hashes, src.path)
                     meta = {**src.metadata, **meta}
                     name = Path(out).name if single_file else str(src.path.relative_to(ckpt.root))
                     step = _tensor_step(setup, report, name=name, work=buffers.work)
@@ -721,6 +779,7 @@ def _merge(
                 for fut in finishing:
                     fut.result()
                 buffers.timings.finish_wait += time.perf_counter() - t
+                _count_settled(setup)
             except BaseException:
                 wait(finishing)  # an earlier file may still be finishing: let it end before tmp is removed
                 raise
