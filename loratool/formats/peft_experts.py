@@ -12,6 +12,11 @@ B in columns e::E (the column index is k·E + e). ΔW_e = s · B_e @ A_e with s 
 sqrt(r) with use_rslora) where r and alpha are the config's for the parameter path (rank_pattern /
 alpha_pattern are matched against `model.layers.0.mlp.experts.gate_up_proj`). Each expert is read as
 one LoraModule with `expert` set (adapter.Expert); docs/moe.md.
+
+peft (0.21 for Qwen3-MoE / Mixtral, 0.22 for Qwen2-MoE too) turns target_modules names such as
+`gate_proj` into bare target parameters (`gate_up_proj`) with rank_pattern / alpha_pattern
+`.*\\.gate_up_proj` of 2·r / 2·alpha: the same layout, read through the same patterns; a bare name
+claims no module that target_modules names.
 """
 
 from __future__ import annotations
