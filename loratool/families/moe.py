@@ -1,7 +1,8 @@
 """Mixture-of-experts layouts as data: fused 3-D expert parameters and how checkpoints store them.
 
-Facts from transformers 5 (`models/*/modeling_*.py`, `conversion_mapping.py`) and peft 0.21
-(`tuners/lora/layer.py` ParamWrapper, `tuners/tuners_utils.py` `_inject_parameters`); docs/moe.md has
+Facts from transformers 5 (`models/*/modeling_*.py`, `conversion_mapping.py`) and peft 0.21 / 0.22
+(`tuners/lora/layer.py` ParamWrapper, `tuners/tuners_utils.py` `_inject_parameters`,
+`utils/transformers_weight_conversion.py`); docs/moe.md has
 the whole picture. In memory, transformers holds each MoE block's experts as fused parameters,
 `<block>.experts.gate_up_proj` (E, 2·I, H) and `<block>.experts.down_proj` (E, H, I), each expert as a
 Linear weight (out, in); gpt-oss and a few others store them transposed, (E, in, out), and gpt-oss
@@ -26,6 +27,13 @@ EXPERT_PARAMS = frozenset(p for p in PARAM_ORDER if not p.endswith("_bias"))
 # model_type (config.json) whose fused expert parameters hold each expert as (in, out):
 # `@use_experts_implementation(is_transposed=True)` in transformers 5
 TRANSPOSED_MODEL_TYPES = frozenset({"gpt_oss", "aria", "ergo", "openai_privacy_filter"})
+
+# target_modules names peft converts into target_parameters on a fused-expert model (peft
+# utils/transformers_weight_conversion.py `_MOE_TARGET_MODULE_MAPPING`: Mixtral-style w1/w2/w3, Qwen2-MoE-style
+# gate_proj/up_proj/down_proj, the router `gate`), adding a rank_pattern / alpha_pattern `.*\.gate_up_proj` of
+# 2·r / 2·alpha when both halves of gate_up_proj are named; peft 0.21 for the types transformers maps onto
+# those two, 0.22 also for qwen2_moe itself, and 0.22 keeps a name that matches only Linears (docs/moe.md)
+PEFT_CONVERTED_TARGETS = frozenset({"gate", "w1", "w2", "w3", "gate_proj", "up_proj", "down_proj"})
 
 # model_type -> fused parameters whose parts alternate row by row (gpt-oss `_apply_gate`: gate_up[..., ::2])
 INTERLEAVED: dict[str, frozenset[str]] = {"gpt_oss": frozenset({"gate_up_proj"})}

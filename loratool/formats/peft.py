@@ -17,6 +17,7 @@ from typing import Any
 
 from loratool.adapter import Adapter, LoraModule, scale_for
 from loratool.errors import FormatError
+from loratool.families.moe import PEFT_CONVERTED_TARGETS
 from loratool.formats._common import (
     Findings,
     HeaderConfig,
@@ -342,7 +343,8 @@ def from_tensors(
                 return _num(alpha_pattern[key], f"alpha_pattern['{key}']", where, findings), "pattern"
             return alpha_default, "config"
 
-        expert_modules = take_expert_params(raw, config, rank_of=rank_of, alpha_of=alpha_of, rslora=rslora,
+        expert_modules = take_expert_params(raw, config, rank_of=rank_of, alpha_of=alpha_of,
+                                            module_target=lambda m: _targets_cover(targets, [m]), rslora=rslora,
                                             findings=findings, where=tf.path)
     wrapped = _wrapped_layers(raw)
 
@@ -592,9 +594,13 @@ def build_config(adapter: Adapter) -> tuple[dict[str, Any], dict[str, float]]:
     config: dict[str, Any] = dict(adapter.config) if adapter.source_format == "peft" else {}
     names = [m.name for m in plain]
     targets = config.get("target_modules")
-    if set(adapter.modules) != set(adapter.source_modules) or not _targets_cover(targets, names):
+    if (set(adapter.modules) != set(adapter.source_modules) or not _targets_cover(targets, names)
+            or (stacks and _peft_converts(targets))):
         # the source's target_modules may name layers this adapter no longer holds (peft would
-        # create them, randomly initialised with init_lora_weights=false): list exact paths instead
+        # create them, randomly initialised with init_lora_weights=false): list exact paths instead.
+        # Beside experts, a name like `gate_proj` makes peft (0.21 for Qwen3-MoE / Mixtral, 0.22 for
+        # Qwen2-MoE too) add target_parameters and a rank_pattern `.*\.gate_up_proj` of 2·r, which need
+        # not describe our factors (a 0.21 file, a resize); exact Linear paths leave it nothing to do
         targets = sorted(names)
     # `<layer>.base_layer.weight` extras are peft's save_embedding_layers copies of a LoRA layer's
     # base weight: they load straight into the base layer, and naming them in modules_to_save would
@@ -651,6 +657,13 @@ def _targets_cover(targets: Any, names: list[str]) -> bool:
     if isinstance(targets, list) and targets:
         return all(any(n == t or n.endswith("." + t) for t in targets) for n in names)
     return False
+
+
+def _peft_converts(targets: Any) -> bool:
+    """Whether peft may turn some of `target_modules` into target_parameters (families.moe)."""
+    if not isinstance(targets, list):
+        return bool(targets)  # a regex: peft resolves it to leaf names first
+    return any(t.rpartition(".")[2] in PEFT_CONVERTED_TARGETS for t in targets if isinstance(t, str))
 
 
 def _converted_alpha(m: LoraModule, to_rslora: bool) -> float:

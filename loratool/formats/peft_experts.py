@@ -12,6 +12,11 @@ B in columns e::E (the column index is k·E + e). ΔW_e = s · B_e @ A_e with s 
 sqrt(r) with use_rslora) where r and alpha are the config's for the parameter path (rank_pattern /
 alpha_pattern are matched against `model.layers.0.mlp.experts.gate_up_proj`). Each expert is read as
 one LoraModule with `expert` set (adapter.Expert); docs/moe.md.
+
+peft (0.21 for Qwen3-MoE / Mixtral, 0.22 for Qwen2-MoE too) turns target_modules names such as
+`gate_proj` into bare target parameters (`gate_up_proj`) with rank_pattern / alpha_pattern
+`.*\\.gate_up_proj` of 2·r / 2·alpha: the same layout, read through the same patterns; a bare name
+claims no module that target_modules names.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from loratool.formats._common import Findings, RawModule, build_module
 from loratool.io.tensors import TensorRef
 
 WRAPPED = ".base_layer"
+# parameters of ordinary layers (a Linear's own weight): peft wraps them 2-D, not as experts
+PLAIN_PARAMS = ("weight", "bias")
 
 
 class _Loaded:
@@ -81,12 +88,15 @@ def _params_of(module: str, targets: list[str]) -> list[str]:
 
 def take_expert_params(
     raw: dict[str, RawModule], config: dict[str, Any], *, rank_of: Callable[[str], int | None],
-    alpha_of: Callable[[str], tuple[float, str]], rslora: bool, findings: Findings, where: Path,
+    alpha_of: Callable[[str], tuple[float, str]], module_target: Callable[[str], bool], rslora: bool,
+    findings: Findings, where: Path,
 ) -> dict[str, LoraModule]:
     """Take the target_parameters wrappers out of `raw` and return one LoraModule per expert.
 
     rank_of(param path) is the config's rank for it (rank_pattern, else r); alpha_of the alpha and
-    where it came from.
+    where it came from; module_target(module path) whether target_modules names that module (then its
+    LoRA is an ordinary module's: peft refuses a module targeted both ways, and a bare parameter name
+    such as peft's `gate_up_proj` would otherwise claim every module).
     """
     targets = config.get("target_parameters") or []
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
@@ -98,7 +108,7 @@ def take_expert_params(
     groups: dict[str, dict[int, str]] = {}
     for name in raw:
         module, depth = _unwrap(name)
-        if _params_of(module, targets):
+        if _params_of(module, targets) and not module_target(module):
             groups.setdefault(module, {})[depth] = name
     out: dict[str, LoraModule] = {}
     for module, by_depth in groups.items():
@@ -116,6 +126,13 @@ def take_expert_params(
             name = by_depth[depth]
             rm = raw.pop(name)
             path = f"{module}.{param}"
+            if param in PLAIN_PARAMS:
+                findings.error("unsupported-type", path,
+                               f"{where}: target_parameters wraps the 2-D parameter '{path}' (peft 0.22 does this "
+                               "for a router `gate` in target_modules); loratool reads only fused 3-D expert "
+                               "parameters", hint="train the adapter without the router in target_modules",
+                               exc=FormatError)
+                continue
             alpha, source = alpha_of(path)
             stacked = build_module(name, rm, alpha=alpha, alpha_source=source,  # type: ignore[arg-type]
                                    rslora=rslora, fan_in_fan_out=False, findings=findings, where=where)
