@@ -2,11 +2,12 @@
 
 One base file is rewritten tensor by tensor, in on-disk order, in three stages in step: a reader
 thread reads tensor i+1, the calling thread computes tensor i, a writer thread writes tensor i-1
-(and finishes a file, header patch and fsync, while the next file is computed). Tensors without a
-change are copied byte for byte in the kernel. Read buffers and cast-result slots are reused from
-tensor to tensor (and across files), so peak memory is a few times the largest tensor, whatever
-the model or shard size. What each tensor becomes is the caller's business (`compute`); this
-module only moves bytes.
+(and finishes a file, header patch and fsync, while the next file is computed). A tensor the caller
+splits (`pieces`) goes through the stages piece by piece, each piece computed on the caller's
+workers while the next is read and queued. Tensors without a change are copied byte for byte in the
+kernel. Read buffers and cast-result slots are reused from tensor to tensor (and across files), so
+peak memory is a few times the largest tensor that is not split, whatever the model or shard size.
+What each tensor becomes is the caller's business (`compute`); this module only moves bytes.
 """
 
 from __future__ import annotations
