@@ -333,8 +333,11 @@ def convert(
     # fuse would change the ranks it was prepared to
     other_mode = dora_to_lora is not None or (runtime is not None and runtime.one_rank)
     # with --base the modules are named by the base's keys where every module matches one (a kohya SD
-    # file into its single-file checkpoint's names); otherwise (or with --family) by the family's table
-    by_base = base is not None and family is None and to in FAMILY_TARGETS and _matches_base(adapter, Path(base))
+    # file into its single-file checkpoint's names); otherwise (or with --family) by the family's table.
+    # Never comfyui: ComfyUI maps its own spellings (`diffusion_model.…`, `lora_unet_…`, `lora_te1_…`),
+    # not a checkpoint's keys (`model.diffusion_model.…`, `conditioner.embedders.0.…` load nowhere there)
+    by_base = (base is not None and family is None and to in FAMILY_TARGETS and to != "comfyui"
+               and _matches_base(adapter, Path(base)))
     fam = None if by_base else _family_for(adapter, to, family, other_mode, report.warnings)
     if fam is not None:
         return _convert_family(adapter, report, fam[0], fam[1], to, out, force=force, fuse_rank=fuse_rank, say=say)

@@ -214,3 +214,20 @@ def test_diffsynth_file_is_read_and_converts(tmp_path: Path) -> None:
         stem, role = k.split(".lora_")
         mine = f"diffusion_model.{stem}." + ("lora_down.weight" if role.startswith("A") else "lora_up.weight")
         assert torch.equal(got[mine], v), k
+
+
+def test_comfyui_names_ignore_a_single_file_checkpoint_s_keys(tmp_path: Path) -> None:
+    """--base a single-file SDXL checkpoint (`model.diffusion_model.…`, `conditioner.embedders.0.…`): the
+    comfyui file keeps ComfyUI's own spelling (the checkpoint's keys load nowhere in ComfyUI), the same
+    tensors as without --base, and every U-Net key is one ComfyUI loads."""
+    src, base = ROOT / "fixtures" / "kohya_sd.safetensors", ROOT / "fixtures" / "base_sd.safetensors"
+    convert(src, tmp_path / "plain.safetensors", to="comfyui")
+    convert(src, tmp_path / "based.safetensors", to="comfyui", base=base)
+    plain, based = load_file(str(tmp_path / "plain.safetensors")), load_file(str(tmp_path / "based.safetensors"))
+    assert list(plain) == list(based) and all(torch.equal(plain[k], based[k]) for k in plain)
+    assert all(k.startswith(("diffusion_model.", "lora_te1_", "lora_te2_")) for k in based), list(based)
+    with safe_open(str(base), "pt") as f:
+        names = list(f.keys())
+    model_keys = [k.removeprefix("model.") for k in names if k.startswith("model.diffusion_model.")]
+    unet = [k for k in based if k.startswith("diffusion_model.")]
+    assert unet and not_loaded("generic", unet, model_keys) == []
